@@ -1,0 +1,49 @@
+"""Shared test set-up.
+
+Zennit (a test-only reference for the LRP rules) imports torchvision at import time for
+its ResNet canonizers, and PyPI's torchvision does not load beside the pinned CPU torch.
+The LRP rules we compare against need none of it, so zennit is imported once here with a
+minimal stand-in registered for the import only, then the stand-in is removed again (so
+other libraries still see torchvision as absent).
+"""
+
+import contextlib
+import importlib.util
+import sys
+import types
+
+import torch
+
+torch.set_num_threads(2)
+
+
+def _import_zennit() -> None:
+    if importlib.util.find_spec("zennit") is None or "zennit" in sys.modules:
+        return
+    if importlib.util.find_spec("torchvision") is not None:
+        import zennit  # noqa: F401
+        return
+    import lightning  # noqa: F401  (settle torchmetrics' optional-import checks first)
+
+    tv = types.ModuleType("torchvision")
+    models = types.ModuleType("torchvision.models")
+    resnet = types.ModuleType("torchvision.models.resnet")
+
+    class _Absent(torch.nn.Module):
+        """Placeholder for torchvision's ResNet blocks (never instantiated in our tests)."""
+
+    resnet.Bottleneck = resnet.BasicBlock = _Absent
+    tv.models, models.resnet = models, resnet
+    stubs = {"torchvision": tv, "torchvision.models": models, "torchvision.models.resnet": resnet}
+    sys.modules.update(stubs)
+    try:
+        with contextlib.suppress(ImportError):
+            import zennit  # noqa: F401
+            import zennit.composites  # noqa: F401
+            import zennit.rules  # noqa: F401
+    finally:
+        for name in stubs:
+            sys.modules.pop(name, None)
+
+
+_import_zennit()
