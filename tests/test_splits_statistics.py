@@ -1,0 +1,99 @@
+"""Splits (reproducible, disjoint, saved) and statistics (atom references, scale/shift)."""
+
+import numpy as np
+import pytest
+
+from atomlens.data import DataError, PackedDataset
+from atomlens.data.splits import load_split, random_split, save_split
+from atomlens.data.statistics import composition, fit_atomrefs, residual_stats
+
+
+def test_random_split_reproducible_and_disjoint():
+    a = random_split(100, 60, 20, seed=3)
+    b = random_split(100, 60, 20, seed=3)
+    c = random_split(100, 60, 20, seed=4)
+    assert {k: len(v) for k, v in a.items()} == {"train": 60, "val": 20, "test": 20}
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["train"], c["train"])
+    everything = np.concatenate(list(a.values()))
+    assert len(np.unique(everything)) == 100
+
+
+def test_random_split_fractions_and_explicit_test():
+    split = random_split(1000, 0.8, 0.1, 50, seed=0)
+    assert [len(split[k]) for k in ("train", "val", "test")] == [800, 100, 50]
+    assert len(np.intersect1d(split["train"], split["test"])) == 0
+
+
+@pytest.mark.parametrize("sizes", [(80, 30, None), (50, 30, 30), (1.5, 10, None), (-1, 2, None)])
+def test_random_split_rejects_impossible_sizes(sizes):
+    with pytest.raises(DataError):
+        random_split(100, *sizes)
+
+
+def test_split_save_load_roundtrip(tmp_path):
+    split = random_split(50, 30, 10, seed=1)
+    path = save_split(tmp_path / "split.npz", split)
+    back = load_split(path, n=50)
+    assert sorted(back) == ["test", "train", "val"]
+    for k in split:
+        np.testing.assert_array_equal(split[k], back[k])
+    with pytest.raises(DataError, match="out of range"):
+        load_split(path, n=10)
+    (tmp_path / "bad.npz").write_bytes(path.read_bytes()[:40])
+    with pytest.raises(DataError, match="bad.npz"):
+        load_split(tmp_path / "bad.npz")
+
+
+def _synthetic(n=200, seed=0, noise=0.0):
+    """Random molecules of H, C, N, O with E = sum of known per-element energies."""
+    rng = np.random.default_rng(seed)
+    refs = {1: -13.6, 6: -1029.5, 7: -1485.3, 8: -2042.6}
+    structures, energies, gaps = [], [], []
+    for _ in range(n):
+        k = int(rng.integers(2, 9))
+        z = rng.choice(list(refs), size=k)
+        r = np.arange(k)[:, None] * np.array([1.3, 0.0, 0.0]) + rng.normal(0, 0.05, (k, 3))
+        structures.append((z, r))
+        energies.append(sum(refs[int(a)] for a in z) + noise * rng.normal())
+        gaps.append(rng.normal(5.0, 0.5))
+    data = PackedDataset.from_structures(structures, {"energy": energies, "gap": gaps},
+                                         {"energy": "eV", "gap": "eV"})
+    return data, refs
+
+
+def test_fit_atomrefs_recovers_known_energies():
+    data, refs = _synthetic()
+    idx = np.arange(150)
+    atomrefs = fit_atomrefs(data, idx, "energy", max_z=10)
+    assert atomrefs.shape == (11,)
+    for z, e in refs.items():
+        assert atomrefs[z] == pytest.approx(e, abs=1e-8)
+    assert np.count_nonzero(atomrefs) == 4
+    mean, std = residual_stats(data, idx, "energy", atomrefs)
+    assert abs(mean) < 1e-9 and std < 1e-9
+
+
+def test_composition_counts_and_residual_stats():
+    data, _ = _synthetic(n=20, noise=0.1, seed=1)
+    counts = composition(data, np.arange(20), max_z=8)
+    np.testing.assert_array_equal(counts.sum(1), data.n_atoms_per)
+    atomrefs = fit_atomrefs(data, np.arange(20), "energy", max_z=8)
+    mean, std = residual_stats(data, np.arange(20), "energy", atomrefs, per_atom=True)
+    expected = (np.asarray(data.targets["energy"]) - counts @ atomrefs) / data.n_atoms_per
+    assert mean == pytest.approx(expected.mean()) and std == pytest.approx(expected.std())
+    # intensive target: plain mean and std, no references
+    mean, std = residual_stats(data, np.arange(10), "gap", None, per_atom=False)
+    gaps = np.asarray(data.targets["gap"][:10])
+    assert mean == pytest.approx(gaps.mean()) and std == pytest.approx(gaps.std())
+
+
+def test_statistics_errors():
+    data, _ = _synthetic(n=5)
+    with pytest.raises(DataError, match="max_z"):
+        fit_atomrefs(data, np.arange(5), "energy", max_z=6)
+    with pytest.raises(DataError, match="empty"):
+        fit_atomrefs(data, [], "energy")
+    with pytest.raises(DataError, match="not in the dataset"):
+        fit_atomrefs(data, np.arange(5), "U0")
