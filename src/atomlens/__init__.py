@@ -1,1 +1,23 @@
+"""atomlens: deep learning for quantum chemistry that you can look inside.
+
+SchNet and DTNN models of molecular energies, forces and properties; chemical insight from
+trained models (atomic energies, local chemical potentials, rings, isomers); and
+PatternNet / PatternAttribution explanations for PyTorch networks.
+
+Units inside atomlens: eV, Angstrom, eV/Angstrom.
+"""
+
 __version__ = "0.1.0"
+
+from .models import AtomisticModel, ModelConfig, build_model, load_model, save_model  # noqa: E402
+
+__all__ = ["AtomisticModel", "ModelConfig", "build_model", "load_model", "save_model",
+           "__version__"]
+
+
+def __getattr__(name):
+    if name == "Calculator":  # the ASE calculator pulls in ASE; import on first use
+        from .calculator import Calculator
+
+        return Calculator
+    raise AttributeError(f"module 'atomlens' has no attribute {name!r}")

@@ -12,6 +12,8 @@ field                  shape, dtype                meaning (unit)
 ``structure_index``    (n_atoms,) int64            which structure each atom belongs to
 ``n_atoms_per``        (n_structures,) int64       atoms per structure
 ``pair_i, pair_j``     (n_pairs,) int64            directed pairs i<-j within the cutoff
+``symmetric_pairs``    python bool                 True: pairs [0:n/2] have i<j and
+                                                   [n/2:n] are the same pairs reversed
 ``n_structures``       python int                  number of structures (known on the
                                                    host, so forward never syncs)
 ``targets``            dict name -> tensor         per-structure (n_structures,) or
@@ -38,6 +40,7 @@ class Batch:
     pair_j: torch.Tensor
     n_structures: int
     targets: dict[str, torch.Tensor] = field(default_factory=dict)
+    symmetric_pairs: bool = True
 
     def to(self, device=None, dtype=None) -> "Batch":
         """Move to a device; ``dtype`` applies to floating-point fields only."""

@@ -334,3 +334,11 @@ def make_loader(data: PackedDataset, indices: np.ndarray, batch_size: int, cutof
 
 def _identity(batch: Batch) -> Batch:
     return batch
+
+
+def dataset_from_atoms(atoms_list, source: str = "<atoms>") -> PackedDataset:
+    """Pack ASE Atoms objects (validated: elements, NaN, overlaps) without targets."""
+    if not isinstance(atoms_list, (list, tuple)):
+        atoms_list = [atoms_list]
+    return PackedDataset.from_structures(
+        [(a.get_atomic_numbers(), a.get_positions()) for a in atoms_list], source=source)

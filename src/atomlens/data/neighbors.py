@@ -14,7 +14,11 @@ def molecular_pairs(
     positions: torch.Tensor | None = None,
     cutoff: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All directed pairs (i, j), i != j, of atoms in the same structure.
+    """All directed pairs (i, j), i != j, of atoms in the same structure, in symmetric layout.
+
+    The first half of the returned pairs has i < j, the second half is the same pairs
+    reversed, so a model may evaluate pair functions of the distance once per unordered pair
+    (``n_pairs // 2`` is a shape, known without a host sync).
 
     Args:
         n_atoms_per: (n_structures,) atoms per structure; atoms are stored contiguously.
@@ -34,10 +38,12 @@ def molecular_pairs(
     row_start = torch.cumsum(row_len, 0) - row_len
     local_j = torch.arange(pair_i.shape[0], device=device) - row_start[pair_i]
     pair_j = offsets[structure[pair_i]] + local_j
-    keep = pair_i != pair_j
+    keep = pair_i < pair_j
+    pair_i, pair_j = pair_i[keep], pair_j[keep]
     if cutoff is not None:
         if positions is None:
             raise ValueError("positions are needed to filter pairs by a cutoff")
         d2 = (positions[pair_i] - positions[pair_j]).pow(2).sum(-1)
-        keep &= d2 < cutoff * cutoff
-    return pair_i[keep], pair_j[keep]
+        near = d2 < cutoff * cutoff
+        pair_i, pair_j = pair_i[near], pair_j[near]
+    return torch.cat([pair_i, pair_j]), torch.cat([pair_j, pair_i])

@@ -1,0 +1,9 @@
+"""Models: SchNet and DTNN representations, the atomistic model around them, save/load."""
+
+from .dtnn import DTNN
+from .io import load_model, save_model
+from .potential import AtomisticModel, ModelConfig, build_model
+from .schnet import SchNet
+
+__all__ = ["DTNN", "SchNet", "AtomisticModel", "ModelConfig", "build_model", "load_model",
+           "save_model"]

@@ -1,0 +1,77 @@
+"""DTNN: deep tensor neural network (Schütt et al., Nat. Commun. 8, 13890, 2017).
+
+    c_i^(0) = C_{Z_i}
+    d_hat_ij,k = exp(-(d_ij - k Delta_mu)^2 / (2 sigma^2))
+    v_ij = tanh( W^fc ( (W^cf c_j + b^f1) ∘ (W^df d_hat_ij + b^f2) ) )      (factorised tensor layer)
+    c_i^(t+1) = c_i^(t) + sum_{j != i} v_ij^(t)                            (T passes)
+
+A smooth cosine cutoff (default 20 Angstrom, the end of the paper's distance expansion)
+multiplies v_ij, so atoms farther apart do not interact at all: two distant copies of a
+molecule have exactly twice its energy (size extensivity).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import CosineCutoff, GaussianRBF, scatter_sum
+
+
+class DTNNInteraction(nn.Module):
+    """v_ij = tanh(W^fc((W^cf c_j + b^f1) ∘ (W^df d_hat_ij + b^f2)))."""
+
+    def __init__(self, n_atom_basis: int, n_factors: int, n_rbf: int):
+        super().__init__()
+        self.coefficient_to_factor = nn.Linear(n_atom_basis, n_factors)  # W^cf, b^f1
+        self.distance_to_factor = nn.Linear(n_rbf, n_factors)  # W^df, b^f2
+        self.factor_to_coefficient = nn.Linear(n_factors, n_atom_basis, bias=False)  # W^fc
+
+    def forward(self, c, rbf, f_cut, pair_i, pair_j, symmetric: bool) -> torch.Tensor:
+        distance_factor = self.distance_to_factor(rbf)
+        if symmetric:
+            distance_factor = torch.cat([distance_factor, distance_factor])
+            f_cut = torch.cat([f_cut, f_cut])
+        v = torch.tanh(self.factor_to_coefficient(
+            self.coefficient_to_factor(c)[pair_j] * distance_factor))
+        return scatter_sum(v * f_cut[:, None], pair_i, c.shape[0])
+
+
+class DTNN(nn.Module):
+    """DTNN representation: atomic numbers and positions -> coefficient vectors (n_atoms, B).
+
+    Args:
+        n_atom_basis: B, size of the atom coefficient vectors.
+        n_interactions: T, interaction passes.
+        n_factors: size of the factorised tensor layer.
+        n_rbf, rbf_stop, rbf_gamma: Gaussian distance expansion (paper: 0-20 Angstrom every
+            0.2 Angstrom, sigma = 0.2 Angstrom, i.e. gamma = 1 / (2 sigma^2) = 12.5).
+        cutoff: cosine cutoff in Angstrom (``None``: interact at any distance).
+        shared_interactions: one set of interaction weights for all passes.
+    """
+
+    def __init__(self, n_atom_basis: int = 30, n_interactions: int = 3, n_factors: int = 60,
+                 n_rbf: int = 101, cutoff: float | None = 20.0, rbf_stop: float | None = 20.0,
+                 rbf_gamma: float | None = 12.5, shared_interactions: bool = False,
+                 max_z: int = 100):
+        super().__init__()
+        self.n_atom_basis, self.cutoff = n_atom_basis, cutoff
+        self.embedding = nn.Embedding(max_z + 1, n_atom_basis, padding_idx=0)
+        self.rbf = GaussianRBF(n_rbf, rbf_stop if rbf_stop is not None else cutoff, gamma=rbf_gamma)
+        self.cutoff_fn = CosineCutoff(cutoff) if cutoff is not None else None
+        n_distinct = 1 if shared_interactions else n_interactions
+        blocks = [DTNNInteraction(n_atom_basis, n_factors, n_rbf) for _ in range(n_distinct)]
+        self.interactions = nn.ModuleList(blocks)
+        self.n_interactions = n_interactions
+
+    def forward(self, numbers, positions, pair_i, pair_j, symmetric: bool = True) -> torch.Tensor:
+        c = self.embedding(numbers)
+        half = pair_i.shape[0] // 2 if symmetric else pair_i.shape[0]
+        i, j = pair_i[:half], pair_j[:half]
+        d = (positions[i] - positions[j]).norm(dim=-1)
+        rbf = self.rbf(d)
+        f_cut = self.cutoff_fn(d) if self.cutoff_fn is not None else torch.ones_like(d)
+        for t in range(self.n_interactions):
+            block = self.interactions[t % len(self.interactions)]
+            c = c + block(c, rbf, f_cut, pair_i, pair_j, symmetric)
+        return c

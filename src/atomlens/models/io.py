@@ -1,0 +1,77 @@
+"""Saving and loading models: a folder with ``config.json`` + ``model.safetensors``.
+
+Nothing is pickled: the architecture is rebuilt from the JSON config and the weights (and
+fitted statistics, which are buffers) are read with safetensors. The folder may also hold
+``split.npz`` (the data split used for training) and ``training.json`` (the training config
+and final metrics), both written by the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from .potential import AtomisticModel, build_model
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+def save_model(model: AtomisticModel, path: str | os.PathLike, extra_files: dict | None = None,
+               metadata: dict | None = None) -> Path:
+    """Write ``model`` to folder ``path`` atomically (no half-written model ever appears).
+
+    ``extra_files`` maps file names to callables ``write(path)`` run inside the new folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        doc = {"atomlens_version": __version__, "model": model.config.to_dict(),
+               "metadata": metadata or {}}
+        (tmp / CONFIG).write_text(json.dumps(doc, indent=1))
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"atomlens_version": __version__})
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{path}: not an atomlens model folder (no {CONFIG})")
+    try:
+        return json.loads((path / CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path / CONFIG}: damaged model config ({err})") from err
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> AtomisticModel:
+    """Rebuild a saved model from its config and safetensors weights, in eval mode."""
+    path = Path(path)
+    doc = read_config(path)
+    model = build_model(doc["model"])
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise ValueError(f"{path / WEIGHTS}: damaged or missing weights ({err})") from err
+    model.load_state_dict(state)
+    model.metadata = doc.get("metadata", {})
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device).eval()

@@ -1,0 +1,67 @@
+"""Building blocks shared by the representations: activations, radial bases, cutoffs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+LN2 = math.log(2.0)
+
+
+def shifted_softplus(x: torch.Tensor) -> torch.Tensor:
+    """ssp(x) = ln(0.5 e^x + 0.5) = softplus(x) - ln 2, so that ssp(0) = 0."""
+    return nn.functional.softplus(x) - LN2
+
+
+class ShiftedSoftplus(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return shifted_softplus(x)
+
+
+ACTIVATIONS = {"ssp": ShiftedSoftplus, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+def activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+class GaussianRBF(nn.Module):
+    """e_k(d) = exp(-gamma (d - mu_k)^2), mu_k evenly spaced from ``start`` to ``stop``.
+
+    ``gamma`` in 1/Angstrom^2; by default 1 / (2 spacing^2), i.e. Gaussians of width one
+    spacing. SchNet (NeurIPS): 300 centres on 0-30 Angstrom, gamma = 10. DTNN: centres every
+    0.2 Angstrom, sigma = 0.2 (gamma = 12.5).
+    """
+
+    def __init__(self, n_rbf: int, stop: float, start: float = 0.0, gamma: float | None = None):
+        super().__init__()
+        centres = torch.linspace(start, stop, n_rbf)
+        spacing = (stop - start) / max(n_rbf - 1, 1)
+        self.gamma = float(gamma) if gamma is not None else 0.5 / spacing**2
+        self.register_buffer("centres", centres)
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-self.gamma * (d[:, None] - self.centres) ** 2)
+
+
+class CosineCutoff(nn.Module):
+    """f(d) = 0.5 (cos(pi d / r_c) + 1) for d < r_c, else 0 (smooth at the cutoff)."""
+
+    def __init__(self, cutoff: float):
+        super().__init__()
+        self.cutoff = float(cutoff)
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        f = 0.5 * (torch.cos(d * (math.pi / self.cutoff)) + 1.0)
+        return f * (d < self.cutoff).to(d.dtype)
+
+
+def scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """out[k] = sum of values[n] with index[n] == k; ``size`` rows."""
+    out = values.new_zeros((size,) + values.shape[1:])
+    return out.index_add_(0, index, values)

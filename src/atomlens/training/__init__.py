@@ -1,0 +1,8 @@
+"""Training: configuration and presets, the Lightning task, orchestration and evaluation."""
+
+from .config import PRESETS, TrainConfig, load_config, preset
+from .evaluate import evaluate, predict_dataset
+from .train import train
+
+__all__ = ["PRESETS", "TrainConfig", "load_config", "preset", "train", "evaluate",
+           "predict_dataset"]

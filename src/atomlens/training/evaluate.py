@@ -1,0 +1,42 @@
+"""Evaluation of a trained model on a split, outside any training framework."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data.dataset import PackedDataset, make_loader
+from ..models.potential import AtomisticModel
+
+
+def predict_dataset(model: AtomisticModel, data: PackedDataset, indices: np.ndarray,
+                    batch_size: int = 100, forces: bool = False) -> dict[str, np.ndarray]:
+    """Predictions for ``indices`` in order: ``{target: (n,), "atomic": (n_atoms,), "forces"}``."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    parts: dict[str, list] = {}
+    loader = make_loader(data, indices, batch_size, model.cutoff, shuffle=False, dtype=dtype)
+    for batch in loader:
+        batch = batch.to(device)
+        with torch.set_grad_enabled(forces):
+            out = model(batch, forces=forces)
+        for key, value in out.items():
+            parts.setdefault(key, []).append(value.detach().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def evaluate(model: AtomisticModel, data: PackedDataset, indices: np.ndarray,
+             batch_size: int = 100, forces: bool = False) -> dict[str, float]:
+    """MAE and RMSE of the target (and forces) on ``indices``, in internal units."""
+    pred = predict_dataset(model, data, indices, batch_size, forces)
+    target = model.target
+    ref = np.asarray(data.targets[target])[indices]
+    err = pred[target] - ref
+    metrics = {f"{target}_mae": float(np.abs(err).mean()),
+               f"{target}_rmse": float(np.sqrt((err**2).mean()))}
+    if forces:
+        atoms = data._atom_index(np.asarray(indices))
+        ferr = pred["forces"] - np.asarray(data.targets["forces"])[atoms]
+        metrics["forces_mae"] = float(np.abs(ferr).mean())
+        metrics["forces_rmse"] = float(np.sqrt((ferr**2).mean()))
+    return metrics

@@ -1,0 +1,181 @@
+"""Training orchestration: data -> split -> fitted statistics -> model -> Lightning -> saved model.
+
+The output folder ``config.out`` holds
+
+* ``split.npz``           the split (written first, reused on ``resume``)
+* ``train_config.yaml``   the full training configuration
+* ``checkpoints/``        Lightning checkpoints (``last.ckpt`` for resuming a killed run)
+* ``logs/``               CSV metrics; ``tb/`` TensorBoard event files
+* ``model/``              the final model (config.json + model.safetensors + split.npz)
+* ``metrics.json``        test metrics of the final model
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import (EarlyStopping, LearningRateMonitor, ModelCheckpoint,
+                                         TQDMProgressBar, WeightAveraging)
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+from ..data.dataset import DataError, PackedDataset, make_loader
+from ..data.splits import load_split, random_split, save_split
+from ..data.statistics import fit_atomrefs, residual_stats
+from ..models.io import save_model
+from ..models.potential import AtomisticModel, build_model
+from .config import TrainConfig, save_config
+from .evaluate import evaluate
+from .module import AtomisticTask
+
+
+def load_dataset(config: TrainConfig) -> PackedDataset:
+    """The data set named by ``config.data``, with the target checked."""
+    if config.data == "qm9":
+        from ..data.sources.qm9 import load_qm9
+
+        data = load_qm9()
+    elif Path(config.data).is_dir():
+        data = PackedDataset.load(config.data)
+    else:
+        from ..data.sources import read_any
+
+        kwargs = {}
+        if config.energy_unit:
+            kwargs["energy_unit"] = config.energy_unit
+        if config.length_unit:
+            kwargs["length_unit"] = config.length_unit
+        data = read_any(config.data, **kwargs)
+    if config.target not in data.targets:
+        raise DataError(f"{config.data}: unknown target {config.target!r}; "
+                        f"this data set has {sorted(data.targets)}")
+    if config.forces and "forces" not in data.targets:
+        raise DataError(f"{config.data}: forces requested but the data set has no forces")
+    if config.max_structures is not None and config.max_structures < len(data):
+        data = data.subset(np.arange(config.max_structures))
+    return data
+
+
+def fit_statistics(model: AtomisticModel, data: PackedDataset, train_idx: np.ndarray) -> None:
+    """Atom references (extensive targets) and residual shift/scale from the training split."""
+    target = model.target
+    if model.config.aggregation == "sum":
+        atomref = fit_atomrefs(data, train_idx, target, max_z=model.config.max_z)
+        mean, std = residual_stats(data, train_idx, target, atomref, per_atom=True)
+    else:
+        atomref = None
+        values = np.asarray(data.targets[target])[train_idx]
+        mean, std = float(values.mean()), float(values.std())
+    model.set_statistics(atomref, shift=mean, scale=std if std > 0 else 1.0)
+
+
+class PackedDataModule(pl.LightningDataModule):
+    """Loaders over one packed data set; each DDP rank takes its share of every global batch."""
+
+    def __init__(self, data: PackedDataset, split: dict[str, np.ndarray], cutoff: float | None,
+                 batch_size: int, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        self.data, self.split, self.cutoff = data, split, cutoff
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+
+    def _loader(self, name: str, shuffle: bool):
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        return make_loader(self.data, self.split[name], self.batch_size, self.cutoff,
+                           shuffle=shuffle, seed=self.seed, rank=rank, world_size=world,
+                           num_workers=self.num_workers)
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("val", False)
+
+    def test_dataloader(self):
+        return self._loader("test", False)
+
+
+def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[str, np.ndarray]:
+    path = out / "split.npz"
+    if resume and path.exists():
+        return load_split(path)
+    split = random_split(n, config.n_train, config.n_val, config.n_test, seed=config.seed)
+    save_split(path, split)
+    return split
+
+
+def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None = None) -> dict:
+    """Train a model as ``config`` says; returns the test metrics (internal units).
+
+    With ``resume=True`` a run killed half-way goes on from ``checkpoints/last.ckpt``.
+    """
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    if config.model.target != config.target:
+        config = config.updated(**{"model.target": config.target})
+    data = data if data is not None else load_dataset(config)
+    unit = data.units.get(config.target, "")
+    if unit and config.model.unit != unit:
+        config = config.updated(**{"model.unit": unit})
+    save_config(config, out / "train_config.yaml")
+    split = _make_split(config, len(data), out, resume)
+
+    model = build_model(config.model)
+    fit_statistics(model, data, split["train"])
+    task = AtomisticTask(model, forces=config.forces, rho=config.rho, lr=config.lr,
+                         lr_factor=config.lr_factor, lr_patience=config.lr_patience,
+                         lr_min=config.lr_min)
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_loss",
+                                 save_top_k=1, save_last=True)
+    callbacks = [checkpoint, EarlyStopping("val_loss", patience=config.early_stopping_patience),
+                 LearningRateMonitor("epoch")]
+    if config.progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    if config.ema_decay:
+        callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)))
+    max_time = ({"minutes": config.max_minutes} if config.max_minutes else None)
+    trainer = pl.Trainer(
+        accelerator=config.device, devices=config.devices, num_nodes=config.num_nodes,
+        strategy=config.strategy, precision=config.precision, max_epochs=config.max_epochs,
+        max_time=max_time, callbacks=callbacks,
+        logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
+        inference_mode=False, use_distributed_sampler=False, enable_progress_bar=config.progress,
+        enable_model_summary=False, check_val_every_n_epoch=config.check_val_every,
+        log_every_n_steps=10, default_root_dir=out, deterministic=False)
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if resume and last.exists() else None
+    datamodule = PackedDataModule(data, split, model.cutoff, config.batch_size, config.seed,
+                                  config.num_workers)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+    if trainer.global_rank != 0:
+        return {}
+    best = checkpoint.best_model_path
+    if best and Path(best).exists():
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        task.load_state_dict(state)
+    model = task.model.cpu().float().eval()
+    metrics = evaluate(model, data, split["test"], batch_size=config.batch_size,
+                       forces=config.forces) if len(split["test"]) else {}
+    metrics.update(epochs=trainer.current_epoch, n_train=len(split["train"]),
+                   n_val=len(split["val"]), n_test=len(split["test"]), unit=unit)
+    save_model(model, out / "model",
+               extra_files={"split.npz": lambda p: save_split(p, split),
+                            "train_config.yaml": lambda p: save_config(config, p)},
+               metadata={"units": dict(data.units), "metrics": _plain(metrics),
+                         "data": config.data})
+    (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=1))
+    return metrics
+
+
+def _plain(d: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (np.floating, float)) and math.isfinite(v) else v)
+            for k, v in d.items()}
