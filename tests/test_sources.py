@@ -94,3 +94,163 @@ def test_packed_dataset_rejects_bad_structures():
         PackedDataset.from_structures([(water, np.where(r == 0.96, np.nan, r))])
     with pytest.raises(DataError, match="overlapping"):
         PackedDataset.from_structures([(water, np.array([[0.0, 0, 0], [0.01, 0, 0], [1, 1, 0]]))])
+
+
+# ---------------------------------------------------------------------------------- MD17
+def _water_frames(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    z = np.array([8, 1, 1])
+    base = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    R = base + rng.normal(0, 0.02, (n, 3, 3))
+    E = rng.normal(-47000.0, 1.0, n)  # kcal/mol
+    F = rng.normal(0, 20.0, (n, 3, 3))  # kcal/mol/Angstrom
+    return z, R, E, F
+
+
+def test_md17_units_converted_and_roundtrip(tmp_path):
+    from atomlens.data.sources.md17 import read_md17, write_md17
+
+    z, R, E, F = _water_frames()
+    path = tmp_path / "water.npz"
+    np.savez(path, z=z, R=R, E=E[:, None], F=F, e_unit="kcal/mol", r_unit="Ang",
+             f_unit="kcal/mol/Ang", name="water")
+    data = read_md17(path)
+    assert len(data) == 4 and data.units["energy"] == "eV"
+    assert data.targets["energy"][0] == pytest.approx(E[0] / 23.060548, rel=1e-7)
+    np.testing.assert_allclose(data.targets["forces"][:3], F[0] / 23.060548, rtol=1e-7)
+    np.testing.assert_array_equal(data.positions[3:6], R[1])
+    assert data.meta["name"] == "water"
+
+    out = write_md17(tmp_path / "out" / "copy.npz", data, name="water")
+    with np.load(out, allow_pickle=False) as back:
+        np.testing.assert_allclose(back["E"][:, 0], E, rtol=1e-12)
+        np.testing.assert_allclose(back["F"], F, rtol=1e-12)
+        assert str(back["e_unit"]) == "kcal/mol" and len(str(back["md5"])) == 32
+    assert [p.name for p in out.parent.iterdir()] == ["copy.npz"]  # no temp file left
+    again = read_md17(out)
+    np.testing.assert_allclose(again.targets["forces"], data.targets["forces"], rtol=1e-12)
+
+
+def test_md17_missing_units_need_declaring(tmp_path):
+    from atomlens.data.sources.md17 import read_md17
+
+    z, R, E, F = _water_frames()
+    path = tmp_path / "bare.npz"
+    np.savez(path, z=z, R=R, E=E, F=F)
+    with pytest.raises(DataError, match=r"bare\.npz.*energy_unit="):
+        read_md17(path)
+    a = read_md17(path, energy_unit="kcal/mol", length_unit="Angstrom")
+    b = read_md17(path, assume_md17_units=True)
+    np.testing.assert_allclose(a.targets["energy"], b.targets["energy"])
+    c = read_md17(path, energy_unit="eV", length_unit="Angstrom")
+    assert c.targets["energy"][0] == pytest.approx(E[0])
+
+
+def test_md17_truncated_and_malformed(tmp_path):
+    from atomlens.data.sources.md17 import read_md17
+
+    z, R, E, F = _water_frames()
+    good = tmp_path / "good.npz"
+    np.savez(good, z=z, R=R, E=E, F=F, e_unit="kcal/mol", r_unit="Ang")
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"cut\.npz"):
+        read_md17(cut)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, z=z[:2], R=R, E=E, e_unit="kcal/mol", r_unit="Ang")
+    with pytest.raises(DataError, match=r"wrong\.npz: R has shape"):
+        read_md17(wrong)
+    with pytest.raises(DataError, match="not found"):
+        read_md17(tmp_path / "absent.npz")
+
+
+# ---------------------------------------------------------------------------------- ISO17
+def _write_iso17_db(path, n_frames=3, drop_forces=False):
+    from ase import Atoms
+    from ase.db import connect
+
+    z, R, E, F = _water_frames(n_frames)
+    with connect(str(path)) as db:
+        for k in range(n_frames):
+            data = {} if drop_forces else {"atomic_forces": F[k] / 23.06}
+            db.write(Atoms(numbers=z, positions=R[k]), data=data, total_energy=E[k] / 23.06,
+                     qm9_index=3, frame=k)
+    return z, R, E / 23.06, F / 23.06
+
+
+def test_iso17_reader_and_writer(tmp_path):
+    from atomlens.data.sources import read_any
+    from atomlens.data.sources.iso17 import read_iso17, write_iso17
+
+    _, _, E, F = _write_iso17_db(tmp_path / "iso.db")
+    data = read_iso17(tmp_path / "iso.db")
+    assert len(data) == 3
+    np.testing.assert_allclose(data.targets["energy"], E)
+    np.testing.assert_allclose(data.targets["forces"].reshape(3, 3, 3), F)
+    assert list(data.extras["frame"]) == [0, 1, 2] and set(data.extras["qm9_index"]) == {3}
+    write_iso17(tmp_path / "copy.db", data)
+    again = read_any(tmp_path / "copy.db")  # dispatches to the ISO17 reader
+    np.testing.assert_allclose(again.targets["forces"], data.targets["forces"])
+    assert list(again.extras["frame"]) == [0, 1, 2]
+
+
+def test_iso17_errors(tmp_path):
+    from atomlens.data.sources.iso17 import read_iso17
+
+    _write_iso17_db(tmp_path / "noforces.db", drop_forces=True)
+    with pytest.raises(DataError, match=r"noforces\.db: row 1 has no data\['atomic_forces'\]"):
+        read_iso17(tmp_path / "noforces.db")
+    (tmp_path / "junk.db").write_bytes(b"SQLite format 3\x00" + b"\x01" * 300)
+    with pytest.raises(DataError, match=r"junk\.db"):
+        read_iso17(tmp_path / "junk.db")
+    with pytest.raises(DataError, match="not found"):
+        read_iso17(tmp_path / "absent.db")
+    assert not (tmp_path / "absent.db").exists()
+
+
+# ---------------------------------------------------------------------------------- ASE files
+def test_extxyz_roundtrip(tmp_path):
+    from atomlens.data.sources import read_any
+    from atomlens.data.sources.ase_files import read_ase, write_ase
+
+    z, R, E, F = _water_frames(3)
+    data = PackedDataset.from_structures(
+        [(z, r) for r in R], {"energy": E / 23.06, "forces": list(F / 23.06)},
+        {"energy": "eV", "forces": "eV/Angstrom"})
+    path = write_ase(tmp_path / "water.extxyz", data)
+    back = read_ase(path)
+    np.testing.assert_allclose(back.targets["energy"], data.targets["energy"], rtol=1e-10)
+    np.testing.assert_allclose(back.targets["forces"], data.targets["forces"], atol=1e-7)
+    np.testing.assert_allclose(back.positions, data.positions, atol=1e-7)
+    # declared units are converted: the same numbers read as kcal/mol and nm
+    scaled = read_any(path, energy_unit="kcal/mol", length_unit="nm")
+    np.testing.assert_allclose(scaled.positions, 10 * back.positions)
+    np.testing.assert_allclose(scaled.targets["forces"], back.targets["forces"] / 23.060548 / 10,
+                               rtol=1e-6)
+    write_ase(tmp_path / "water.db", data)
+    np.testing.assert_allclose(read_any(tmp_path / "water.db").targets["energy"],
+                               data.targets["energy"])
+
+
+def test_ase_file_errors(tmp_path):
+    from atomlens.data.sources.ase_files import read_ase
+
+    good = "3\nwater\nO 0.0 0.0 0.0\nH 0.96 0.0 0.0\nH -0.24 0.93 0.0\n"
+    (tmp_path / "cut.xyz").write_text(good + good[:30])
+    with pytest.raises(DataError, match=r"cut\.xyz"):
+        read_ase(tmp_path / "cut.xyz")
+    (tmp_path / "alien.xyz").write_text(good.replace("O 0.0", "Qq 0.0"))
+    with pytest.raises(DataError, match=r"alien\.xyz"):
+        read_ase(tmp_path / "alien.xyz")
+    (tmp_path / "nan.xyz").write_text(good.replace("0.96", "nan"))
+    with pytest.raises(DataError, match=r"nan\.xyz.*NaN"):
+        read_ase(tmp_path / "nan.xyz")
+    (tmp_path / "clash.xyz").write_text(good.replace("0.96", "0.01"))
+    with pytest.raises(DataError, match=r"clash\.xyz.*overlapping"):
+        read_ase(tmp_path / "clash.xyz")
+    (tmp_path / "empty.xyz").write_text("")
+    with pytest.raises(DataError, match=r"empty\.xyz"):
+        read_ase(tmp_path / "empty.xyz")
+    with pytest.raises(DataError, match="not found"):
+        read_ase(tmp_path / "absent.xyz")
+    assert len(read_ase(tmp_path / "cut.xyz", index=0)) == 1  # the intact first frame

@@ -1,0 +1,106 @@
+"""``atomlens sample``: new reference data by ab initio molecular dynamics.
+
+A thin layer over :mod:`atomlens.data.sampling` and the writers in
+:mod:`atomlens.data.sources`. Examples::
+
+    atomlens sample --smiles CCO --frames 1000 --out ethanol.npz
+    atomlens sample --xyz start.xyz --temperature 300 --frames 200 --out traj.db
+    atomlens sample --isomers CCOC=O COCC=O OCCC=O --frames 300 --out iso_sets/
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``sample`` subcommand on ``subparsers`` (from ``add_subparsers``)."""
+    parser = subparsers.add_parser(
+        "sample", help="sample reference data by ab initio MD (GFN2-xTB by default)",
+        description="Langevin MD with an ab initio calculator; energies (eV) and forces "
+                    "(eV/Angstrom) of every stored frame are written as an MD17 .npz "
+                    "(kcal/mol, Angstrom, units recorded) or an ISO17-layout ASE .db (eV). "
+                    "With --isomers, --out is a folder that receives ISO17-style "
+                    "reference.db, test_within.db and test_other.db.")
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument("--xyz", help="start structure: any file ASE reads (first frame)")
+    start.add_argument("--smiles", help="start structure from SMILES (RDKit ETKDG + MMFF)")
+    start.add_argument("--isomers", nargs="+", metavar="SMILES",
+                       help="ISO17-style sets from several isomers")
+    parser.add_argument("--temperature", type=float, default=500.0, help="K (default 500)")
+    parser.add_argument("--frames", type=int, default=1000,
+                        help="frames to store (per isomer with --isomers; default 1000)")
+    parser.add_argument("--every", type=int, default=5, help="MD steps between frames (5)")
+    parser.add_argument("--timestep", type=float, default=0.5, help="time step, fs (0.5)")
+    parser.add_argument("--equilibration", type=float, default=1000.0,
+                        help="discarded equilibration time, fs (1000)")
+    parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    parser.add_argument("--method", default="gfn2", choices=["gfn2", "gfn1", "pyscf"],
+                        help="level of theory (gfn2: GFN2-xTB via tblite; pyscf needs PySCF)")
+    parser.add_argument("--relax", type=float, default=None, metavar="FMAX",
+                        help="relax the start structure first, to FMAX eV/Angstrom")
+    parser.add_argument("--reference-isomers", type=int, default=None,
+                        help="isomers in reference/test_within (default 80%%)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.add_argument("--out", required=True, help="out.npz | out.db | folder (--isomers)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sampling described by ``args``; returns the exit status."""
+    from .data.dataset import DataError
+    from .data.sampling import (
+        make_calculator,
+        molecule_from_smiles,
+        relax,
+        sample_isomers,
+        sample_md,
+    )
+    from .data.sources.iso17 import write_iso17
+    from .data.sources.md17 import write_md17
+
+    md = {"temperature": args.temperature, "n_frames": args.frames, "every": args.every,
+          "timestep_fs": args.timestep, "equilibration_fs": args.equilibration,
+          "friction": args.friction}
+    out = Path(args.out)
+    try:
+        if args.isomers:
+            if out.suffix:
+                raise DataError(f"--out {out}: with --isomers give a folder for the three sets")
+            sets = sample_isomers(args.isomers, args.reference_isomers, method=args.method,
+                                  relax_fmax=args.relax, seed=args.seed, **md)
+            for name, data in sets.items():
+                write_iso17(out / f"{name}.db", data)
+                print(f"{out / f'{name}.db'}: {len(data)} frames")
+            return 0
+        if out.suffix not in (".npz", ".db"):
+            raise DataError(f"--out {out}: use .npz (MD17 layout) or .db (ISO17 layout)")
+        calculator = make_calculator(args.method)
+        if args.smiles:
+            atoms = molecule_from_smiles(args.smiles, seed=args.seed)
+        else:
+            from ase.io import read
+
+            try:
+                atoms = read(args.xyz, index=0)
+            except Exception as err:
+                raise DataError(f"{args.xyz}: cannot read a start structure ({err})") from err
+        if args.relax is not None:
+            atoms = relax(atoms, calculator, fmax=args.relax)
+        data = sample_md(atoms, calculator, seed=args.seed, **md)
+        if out.suffix == ".npz":
+            write_md17(out, data, name=args.smiles or Path(args.xyz).stem,
+                       theory=args.method, md_T=args.temperature, md_dt_fs=args.timestep,
+                       md_every_steps=args.every, md_equil_fs=args.equilibration,
+                       md_friction_per_fs=args.friction, seed=args.seed)
+        else:
+            write_iso17(out, data)
+        energy = data.targets["energy"]
+        print(f"{out}: {len(data)} frames of {int(data.n_atoms_per[0])} atoms, "
+              f"energy {energy.min():.4f} .. {energy.max():.4f} eV")
+        return 0
+    except (DataError, ImportError, ValueError) as err:
+        print(f"atomlens sample: error: {err}")
+        return 2

@@ -1,0 +1,115 @@
+"""ISO17-layout ASE databases: one row per frame of isomer trajectories.
+
+Per row: atomic numbers and positions (Angstrom), ``total_energy`` (key-value pair, eV),
+``data['atomic_forces']`` ((n, 3), eV/Angstrom), and optional key-value pairs such as
+``qm9_index`` (the isomer) and ``frame`` (index in its trajectory), which become extras.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..dataset import DataError, PackedDataset
+from . import atomic_output
+
+ENERGY_KEY = "total_energy"
+FORCES_KEY = "atomic_forces"
+
+
+def _open(path: Path):
+    from ase.db import connect
+
+    if not path.is_file():  # ase.db.connect would silently create an empty database
+        raise DataError(f"{path}: file not found")
+    return connect(str(path), type="db")
+
+
+def is_iso17_db(path: str | os.PathLike) -> bool:
+    """True when the first row of the ASE database has ``total_energy`` (ISO17 layout)."""
+    try:
+        with _open(Path(path)) as db:
+            for row in db.select(limit=1):
+                return ENERGY_KEY in row.key_value_pairs
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"{path}: not a readable ASE database ({err})") from err
+    return False
+
+
+def read_iso17(path: str | os.PathLike) -> PackedDataset:
+    """Read an ISO17-layout ASE database into a :class:`PackedDataset`.
+
+    Returns:
+        Targets ``energy`` (eV, per structure) and ``forces`` (eV/Angstrom, per atom);
+        extras: every other key-value pair that all rows carry (``qm9_index``, ``frame``, ...)
+        and ``row_id`` (the database row id).
+
+    Raises:
+        DataError: naming the file (and row) for a missing file, a damaged database, or a
+            row without ``total_energy`` / ``data['atomic_forces']``.
+    """
+    path = Path(path)
+    structures, energies, forces, ids, pairs = [], [], [], [], []
+    try:
+        with _open(path) as db:
+            for row in db.select():
+                kvp = row.key_value_pairs
+                if ENERGY_KEY not in kvp:
+                    raise DataError(f"{path}: row {row.id} has no {ENERGY_KEY!r} key-value pair "
+                                    f"(not the ISO17 layout; try read_ase)")
+                data = row.data
+                if FORCES_KEY not in data:
+                    raise DataError(f"{path}: row {row.id} has no data[{FORCES_KEY!r}]")
+                structures.append((row.numbers, row.positions))
+                energies.append(kvp[ENERGY_KEY])
+                forces.append(np.asarray(data[FORCES_KEY], dtype=np.float64))
+                ids.append(row.id)
+                pairs.append(kvp)
+    except DataError:
+        raise
+    except Exception as err:  # sqlite3.DatabaseError, ValueError, ...
+        raise DataError(f"{path}: not a readable ASE database, damaged or truncated "
+                        f"({type(err).__name__}: {err})") from err
+    if not structures:
+        raise DataError(f"{path}: the database is empty")
+    for (z, _), f, row_id in zip(structures, forces, ids):
+        if f.shape != (len(z), 3):
+            raise DataError(f"{path}: row {row_id} has forces of shape {f.shape} for {len(z)} atoms")
+    common = set(pairs[0]).difference({ENERGY_KEY}).intersection(*pairs[1:])
+    extras = {k: [p[k] for p in pairs] for k in sorted(common)}
+    extras["row_id"] = ids
+    return PackedDataset.from_structures(
+        structures, {"energy": energies, "forces": forces},
+        {"energy": "eV", "forces": "eV/Angstrom"}, extras,
+        meta={"source_file": path.name, "layout": "ISO17"}, source=str(path))
+
+
+def write_iso17(path: str | os.PathLike, dataset: PackedDataset, energy_key: str = "energy",
+                forces_key: str = "forces") -> Path:
+    """Write ``dataset`` as an ISO17-layout ASE database (eV, eV/Angstrom), atomically.
+
+    Per-structure extras of number or string type (``qm9_index``, ``frame``, ``smiles``,
+    ...) are stored as key-value pairs; ``row_id`` is not (the database assigns ids).
+    """
+    from ase import Atoms
+    from ase.db import connect
+
+    path = Path(path)
+    if energy_key not in dataset.targets or forces_key not in dataset.targets:
+        raise DataError(f"{path}: ISO17 layout needs targets {energy_key!r} and {forces_key!r}")
+    energy = np.asarray(dataset.targets[energy_key], np.float64)
+    forces = np.asarray(dataset.targets[forces_key], np.float64)
+    extras = {k: np.asarray(v) for k, v in dataset.extras.items() if k != "row_id"}
+    with atomic_output(path) as tmp, connect(str(tmp), type="db", append=False) as db:
+        for m in range(len(dataset)):
+            a, b = int(dataset.offsets[m]), int(dataset.offsets[m + 1])
+            atoms = Atoms(numbers=np.asarray(dataset.numbers[a:b]),
+                          positions=np.asarray(dataset.positions[a:b]))
+            pairs = {k: v[m].item() for k, v in extras.items()}
+            db.write(atoms, data={FORCES_KEY: forces[a:b]}, total_energy=float(energy[m]),
+                     **pairs)
+    return path
