@@ -75,7 +75,11 @@ def read_md17(path: str | os.PathLike, energy_unit: str | None = None,
         stored = str(arrays[key]) if key in arrays else None
         if stored is not None and given is not None:
             factor = units.energy_factor if kind == "energy" else units.length_factor
-            if factor(stored) != factor(given):
+            try:
+                disagree = factor(stored) != factor(given)
+            except ValueError as err:
+                raise DataError(f"{path}: {err}") from err
+            if disagree:
                 raise DataError(f"{path}: file says {key}={stored!r} but {kind}_unit={given!r} "
                                 f"was passed")
         chosen = stored or given or (MD17_UNITS[kind] if assume_md17_units else None)
