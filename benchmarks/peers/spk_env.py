@@ -1,0 +1,61 @@
+"""A separate virtual environment with SchNetPack, for the peer comparisons.
+
+SchNetPack is never a dependency of atomlens: the comparison benchmarks run it in its own
+venv (``benchmarks/.venv-schnetpack``, ignored by git) through a subprocess, so its pins
+cannot disturb the project's environment. Both use the same torch release.
+
+    python benchmarks/peers/spk_env.py      # create it (idempotent) and print its python
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+SCHNETPACK_VERSION = "2.1.1"
+TORCH_VERSION = "2.13.0"
+VENV = Path(__file__).resolve().parents[1] / ".venv-schnetpack"
+#: schnetpack 2.1.1's own runtime requirements, less two that cannot be met or are not needed:
+#: it pins ``sympy<=1.12`` while torch 2.13 needs ``sympy>=1.13.3`` (sympy is used by torch's
+#: compiler, not by SchNetPack's SchNet path), and it lists the dev tools black and pre-commit.
+#: So these are installed first and SchNetPack itself with ``--no-deps``.
+DEPENDENCIES = ["numpy>=2.0.0", "ase>=3.21", "h5py", "pyyaml", "hydra-core>=1.1.0",
+                "pytorch-lightning>=2.0.0", "torchmetrics", "hydra-colorlog>=1.1.0", "rich",
+                "fasteners", "dirsync", "torch-ema", "matscipy>=1.1.0", "tensorboard>=2.17.1",
+                "tensorboardX>=2.6.2.2", "tqdm", "protobuf"]
+
+
+def venv_python(path: Path = VENV) -> Path:
+    return path / "bin" / "python"
+
+
+def _ready(python: Path) -> bool:
+    if not python.exists():
+        return False
+    check = ("import importlib.metadata as m; "
+             f"assert m.version('schnetpack') == '{SCHNETPACK_VERSION}'; "
+             f"assert m.version('torch').startswith('{TORCH_VERSION}')")
+    return subprocess.run([str(python), "-c", check], capture_output=True,
+                          check=False).returncode == 0
+
+
+def ensure_venv(path: Path = VENV, quiet: bool = True) -> Path:
+    """Create the SchNetPack venv if it is missing or incomplete; return its python."""
+    python = venv_python(path)
+    if _ready(python):
+        return python
+    if not python.exists():
+        venv.EnvBuilder(with_pip=True, clear=True).create(path)
+    pip = [str(python), "-m", "pip", "install", *(["-q"] if quiet else [])]
+    subprocess.run([*pip, f"torch=={TORCH_VERSION}", *DEPENDENCIES], check=True)
+    subprocess.run([*pip, "--no-deps", f"schnetpack=={SCHNETPACK_VERSION}"], check=True)
+    if not _ready(python):
+        raise RuntimeError(f"{path}: schnetpack=={SCHNETPACK_VERSION} with "
+                           f"torch=={TORCH_VERSION} could not be installed")
+    return python
+
+
+if __name__ == "__main__":
+    print(ensure_venv(quiet="-v" not in sys.argv))

@@ -1,0 +1,325 @@
+"""QM9 benchmarks: accuracy under a wall-clock budget, throughput, and the SchNetPack comparison.
+
+Accuracy (the QM9 protocol: ``n_train`` molecules, 1,000 for validation, the rest for test)::
+
+    python benchmarks/qm9.py --model schnet --target U0 --n-train 10000 --minutes 30
+
+Throughput (molecules per second, batch size 100, 2 torch threads, end to end including the
+atomlens data pipeline, and for the model alone)::
+
+    python benchmarks/qm9.py --throughput            # atomlens only
+    python benchmarks/qm9.py --throughput --peers    # side by side with SchNetPack 2.1.1
+
+Each result is one JSON line on stdout; progress goes to stderr. ``--peers`` runs
+``benchmarks/peers/schnetpack_qm9.py`` in SchNetPack's own venv (see ``peers/spk_env.py``) as a
+worker process and interleaves its repeats with atomlens's, so that both see the same load on
+a shared machine; the ratio atomlens / SchNetPack is taken per repeat and its median reported.
+
+What one "training step" is, for both libraries: forward pass, mean squared error of U0,
+backward pass and one Adam step, in a plain loop (no Lightning), on random batches drawn from
+the same 5,000 QM9 molecules. "End to end" adds the data pipeline (reading, batching and the
+neighbour list); "model" reuses batches built beforehand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atomlens import units
+from atomlens.data.dataset import PackedDataset, make_loader
+from atomlens.data.sources.qm9 import load_qm9
+from atomlens.models.potential import ModelConfig, build_model
+from atomlens.training.config import preset
+from atomlens.training.train import fit_statistics, train
+
+HERE = Path(__file__).resolve().parent
+PRESETS = {"schnet": "qm9-u0-schnet", "schnet-neurips": "qm9-u0-schnet-neurips",
+           "dtnn": "qm9-u0-dtnn"}
+#: throughput settings: name -> SchNet hyperparameters (SchNetPack's QM9 defaults, and a small one)
+SETTINGS = {
+    "128/6": {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20,
+              "cutoff": 5.0},
+    "64/3": {"n_atom_basis": 64, "n_interactions": 3, "n_filters": 64, "n_rbf": 20,
+             "cutoff": 5.0},
+}
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def machine() -> dict:
+    """Where and when a figure was taken: cores, threads, load (1-minute average)."""
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "load_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------------------------- accuracy
+def accuracy(args) -> dict:
+    """Train with the model's QM9 preset for ``args.minutes`` and evaluate on the test split."""
+    config = preset(PRESETS[args.model]).updated(
+        target=args.target, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+        max_minutes=args.minutes, seed=args.seed, threads=args.threads, progress=False,
+        device="cpu",
+        out=args.out or f"runs/bench-qm9-{args.model}-{args.target}-{args.n_train}")
+    data = load_qm9()
+    start = time.perf_counter()
+    metrics = train(config, data=data)
+    wall = time.perf_counter() - start
+    mae, rmse = metrics[f"{args.target}_mae"], metrics[f"{args.target}_rmse"]
+    record = {"benchmark": "qm9", "model": args.model, "preset": PRESETS[args.model],
+              "target": args.target, "n_train": metrics["n_train"], "n_val": metrics["n_val"],
+              "n_test": metrics["n_test"], "epochs": metrics["epochs"],
+              "budget_minutes": args.minutes, "wall_s": round(wall, 1)}
+    if metrics.get("unit") == "eV":
+        record.update(test_mae_meV=round(mae * 1e3, 2), test_rmse_meV=round(rmse * 1e3, 2),
+                      test_mae_kcal_mol=round(mae / units.KCAL_MOL_EV, 4))
+    else:
+        record.update(test_mae=mae, test_rmse=rmse, unit=metrics.get("unit"))
+    record.update(out=str(config.out), **machine())
+    emit(record)
+    return record
+
+
+# -------------------------------------------------------------------------------- throughput
+class AtomlensBench:
+    """Times atomlens training steps and inference on random batches of fixed molecules."""
+
+    library = "atomlens"
+
+    def __init__(self, data: PackedDataset, indices: np.ndarray, batch_size: int, seed: int = 0):
+        self.data, self.indices, self.batch_size, self.seed = data, indices, batch_size, seed
+        self.setups: dict[str, dict] = {}
+
+    def _setup(self, setting: str) -> dict:
+        if setting in self.setups:
+            return self.setups[setting]
+        kwargs = SETTINGS[setting]
+        torch.manual_seed(self.seed)
+        model = build_model(ModelConfig(representation="schnet", representation_kwargs=kwargs,
+                                        head_hidden=kwargs["n_atom_basis"] // 2, target="U0"))
+        fit_statistics(model, self.data, self.indices)
+        loader = make_loader(self.data, self.indices, self.batch_size, model.cutoff,
+                             shuffle=True, seed=self.seed)
+        state = {"model": model, "loader": loader, "iterator": iter(loader),
+                 "optimizer": torch.optim.Adam(model.parameters(), lr=5e-4)}
+        state["fixed"] = [self._next(state) for _ in range(10)]
+        self.setups[setting] = state
+        for mode in ("train", "infer"):  # warm-up: allocator, first-call overheads
+            for pipeline in ("e2e", "model"):
+                self._run(state, mode, pipeline, 3)
+        return state
+
+    @staticmethod
+    def _next(state: dict):
+        try:
+            return next(state["iterator"])
+        except StopIteration:  # next epoch, reshuffled
+            state["iterator"] = iter(state["loader"])
+            return next(state["iterator"])
+
+    def _run(self, state: dict, mode: str, pipeline: str, n_batches: int) -> int:
+        model, optimizer, fixed = state["model"], state["optimizer"], state["fixed"]
+        molecules = 0
+        for k in range(n_batches):
+            batch = self._next(state) if pipeline == "e2e" else fixed[k % len(fixed)]
+            if mode == "train":
+                model.train()
+                optimizer.zero_grad(set_to_none=True)
+                loss = (model(batch)["U0"] - batch.targets["U0"]).pow(2).mean()
+                loss.backward()
+                optimizer.step()
+            else:
+                model.eval()
+                with torch.inference_mode():
+                    model(batch)
+            molecules += batch.n_structures
+        return molecules
+
+    def measure(self, setting: str, mode: str, pipeline: str, seconds: float) -> dict:
+        """Run batches for at least ``seconds`` (and 3 batches); molecules per second."""
+        state = self._setup(setting)
+        molecules, batches, start = 0, 0, time.perf_counter()
+        while batches < 3 or time.perf_counter() - start < seconds:
+            molecules += self._run(state, mode, pipeline, 1)
+            batches += 1
+        wall = time.perf_counter() - start
+        return {"mol_per_s": molecules / wall, "wall_s": wall, "n_batches": batches}
+
+
+class PeerWorker:
+    """A peer benchmark in its own process, driven by one JSON command per line."""
+
+    def __init__(self, library: str, cmd: list[str], env: dict):
+        self.library = library
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env=env)
+        self.info = self._read()  # the worker announces itself when ready
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.library} worker exited (code {self.process.wait()})")
+        return json.loads(line)
+
+    def measure(self, setting: str, mode: str, pipeline: str, seconds: float) -> dict:
+        command = {"setting": setting, "hyperparameters": SETTINGS[setting], "mode": mode,
+                   "pipeline": pipeline, "seconds": seconds}
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def start_schnetpack(data: PackedDataset, indices: np.ndarray, args) -> PeerWorker:
+    """Write the benchmark molecules for SchNetPack and start its worker in its venv."""
+    sys.path.insert(0, str(HERE / "peers"))
+    from spk_env import ensure_venv
+
+    python = ensure_venv()
+    workdir = Path(args.peer_dir or tempfile.mkdtemp(prefix="atomlens-qm9-peers-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    molecules = data.subset(indices)
+    npz = workdir / f"qm9-{len(indices)}-seed{args.seed}.npz"
+    np.savez(npz, numbers=np.asarray(molecules.numbers), positions=np.asarray(molecules.positions),
+             offsets=molecules.offsets, U0=np.asarray(molecules.targets["U0"]))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = [str(python), str(HERE / "peers" / "schnetpack_qm9.py"), "--molecules", str(npz),
+           "--db", str(npz.with_suffix(".db")), "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads), "--seed", str(args.seed),
+           "--neighbor-list", args.neighbor_list, "--serve"]
+    log(f"starting SchNetPack worker: {' '.join(cmd)}")
+    return PeerWorker("schnetpack", cmd, env)
+
+
+def throughput(args) -> list[dict]:
+    """Interleaved repeats of every (setting, mode, pipeline) for atomlens and the peers."""
+    data = load_qm9()
+    rng = np.random.default_rng(args.seed)
+    indices = np.sort(rng.choice(len(data), size=args.n_molecules, replace=False))
+    benches = [AtomlensBench(data, indices, args.batch_size, args.seed)]
+    if args.peers:
+        benches.append(start_schnetpack(data, indices, args))
+    settings = args.settings.split(",")
+    cases = [(s, m, p) for s in settings for m in ("train", "infer") for p in ("e2e", "model")]
+    times: dict[tuple, dict[str, list[float]]] = {c: {b.library: [] for b in benches} for c in cases}
+    loads: list[float] = []
+    try:
+        for r in range(args.repeats):
+            for case in cases:
+                # alternate who goes first, so a drift in load favours neither
+                for bench in benches if r % 2 == 0 else benches[::-1]:
+                    result = bench.measure(*case, seconds=args.seconds)
+                    times[case][bench.library].append(result["mol_per_s"])
+                    log(f"repeat {r} {bench.library:10s} {' '.join(case):20s} "
+                        f"{result['mol_per_s']:8.1f} mol/s  load {os.getloadavg()[0]:.2f}")
+                loads.append(os.getloadavg()[0])
+    finally:
+        for bench in benches:
+            if isinstance(bench, PeerWorker):
+                bench.close()
+    env = machine()
+    env["load_1min"] = {"min": round(min(loads), 2), "max": round(max(loads), 2)}
+    env["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    records = []
+    for (setting, mode, pipeline), per_library in times.items():
+        record = {"benchmark": "qm9-throughput", "setting": setting,
+                  "hyperparameters": SETTINGS[setting], "mode": mode, "pipeline": pipeline,
+                  "batch_size": args.batch_size, "n_molecules": args.n_molecules,
+                  "repeats": args.repeats}
+        for library, values in per_library.items():
+            record[f"{library}_mol_per_s"] = round(statistics.median(values), 1)
+            record[f"{library}_range"] = [round(min(values), 1), round(max(values), 1)]
+        if args.peers:
+            ours, theirs = per_library["atomlens"], per_library["schnetpack"]
+            ratios = [a / b for a, b in zip(ours, theirs)]
+            record["ratio_atomlens_schnetpack"] = round(statistics.median(ratios), 2)
+            record["ratio_range"] = [round(min(ratios), 2), round(max(ratios), 2)]
+        record.update(env)
+        if args.peers:
+            record["schnetpack"] = benches[1].info
+        emit(record)
+        records.append(record)
+    return records
+
+
+# --------------------------------------------------------------------------------- profiling
+def profile(args) -> None:
+    """torch.profiler table of atomlens training steps (end to end) at one setting."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    data = load_qm9()
+    indices = np.sort(np.random.default_rng(args.seed).choice(len(data), args.n_molecules,
+                                                              replace=False))
+    bench = AtomlensBench(data, indices, args.batch_size, args.seed)
+    setting = args.settings.split(",")[0]
+    state = bench._setup(setting)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        bench._run(state, "train", args.profile_pipeline, args.profile_steps)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(PRESETS), default="schnet")
+    parser.add_argument("--target", default="U0")
+    parser.add_argument("--n-train", type=int, default=10000)
+    parser.add_argument("--n-val", type=int, default=1000)
+    parser.add_argument("--n-test", type=int, default=None,
+                        help="test molecules (default: all the rest)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training budget (wall clock)")
+    parser.add_argument("--out", default=None, help="run folder (default runs/bench-qm9-...)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--throughput", action="store_true", help="measure molecules per second")
+    parser.add_argument("--peers", action="store_true", help="also SchNetPack, interleaved")
+    parser.add_argument("--settings", default="128/6,64/3", help=f"of {sorted(SETTINGS)}")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--n-molecules", type=int, default=5000,
+                        help="throughput: random QM9 molecules the batches are drawn from")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per timed measurement")
+    parser.add_argument("--neighbor-list", choices=["matscipy", "ase"], default="matscipy",
+                        help="SchNetPack's neighbour-list transform")
+    parser.add_argument("--peer-dir", default=None, help="where the SchNetPack db is written")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler table of training steps at the first setting")
+    parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument("--profile-pipeline", choices=["e2e", "model"], default="e2e")
+    parser.add_argument("--profile-rows", type=int, default=30)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(args)
+    elif args.throughput or args.peers:
+        throughput(args)
+    else:
+        accuracy(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
