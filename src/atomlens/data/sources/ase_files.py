@@ -134,8 +134,12 @@ def read_any(path: str | os.PathLike, **kwargs) -> PackedDataset:
         from .iso17 import is_iso17_db, read_iso17
 
         if is_iso17_db(path):
-            if kwargs:
-                raise DataError(f"{path}: ISO17-layout databases take no reader options "
-                                f"(got {sorted(kwargs)})")
+            # the ISO17 layout is eV and Angstrom by definition; other options do not apply
+            declared = {"energy_unit": "eV", "length_unit": "Angstrom"}
+            for key, value in kwargs.items():
+                factor = units.energy_factor if key == "energy_unit" else units.length_factor
+                if key not in declared or factor(value) != 1.0:
+                    raise DataError(f"{path}: ISO17-layout databases are in eV and Angstrom; "
+                                    f"option {key}={value!r} does not apply")
             return read_iso17(path)
     return read_ase(path, **kwargs)
