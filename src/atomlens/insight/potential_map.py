@@ -1,0 +1,189 @@
+"""Local chemical potential Omega_A(r): the energy of a probe atom of type A placed at r.
+
+Following the DTNN paper (Schütt et al., Nat. Commun. 8, 13890, 2017), a probe atom of
+element A is put at r into the field of the molecule. The probe *receives* the messages of the
+molecule's atoms in every interaction pass, but sends none, so the molecule's coefficient
+vectors are those of the molecule alone:
+
+    c_A^(0) = C_A,    c_A^(t+1) = c_A^(t) + sum_j v(c_j^(t), d(r, R_j))   (j: molecule atoms)
+    Omega_A(r) = scale * head(c_A^(T)) + shift + atomref[A]                    (eV)
+
+Equivalently, Omega_A(r) = E(molecule + probe, probe -> molecule messages removed) - E(molecule).
+
+All probe positions go into one batch: the molecule's atoms, then the probes, with the
+molecule's own pairs plus the directed pairs probe <- atom (``symmetric_pairs=False``; no
+probe -> atom and no probe - probe pairs). Thousands of grid points are evaluated in one
+vectorised forward pass, chunked to bound memory.
+
+``reference`` chooses the zero of the energy scale:
+
+* ``"none"``: Omega_A(r) as above (includes the element reference atomref[A] and the shift);
+* ``"atomref"``: Omega_A(r) - atomref[A];
+* ``"isolated"``: Omega_A(r) - Omega_A(infinity), the probe's interaction energy with the
+  molecule (zero beyond the cutoff; the isolated probe atom is one model evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ase.data import atomic_numbers
+
+from ..data.neighbors import molecular_pairs
+from ..models.potential import AtomisticModel
+from .atomic import model_device_dtype
+
+REFERENCES = ("none", "atomref", "isolated")
+PLANES = ("xy", "xz", "yz", "principal")
+
+
+def _probe_number(probe: str | int) -> int:
+    if isinstance(probe, (int, np.integer)):
+        return int(probe)
+    try:
+        return atomic_numbers[probe]
+    except KeyError:
+        raise ValueError(f"unknown probe element {probe!r}") from None
+
+
+@torch.no_grad()
+def probe_energies(model: AtomisticModel, atoms, points: np.ndarray, probe: str | int = "C",
+                   reference: str = "none", chunk_size: int = 2048) -> np.ndarray:
+    """Omega_A(r) (eV) at ``points`` (..., 3) Angstrom for the molecule ``atoms``.
+
+    Returns an array of the shape of ``points`` without its last axis.
+    """
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, not {reference!r}")
+    z_probe = _probe_number(probe)
+    device, dtype = model_device_dtype(model)
+    points = np.asarray(points, dtype=np.float64)
+    shape = points.shape[:-1]
+    flat = torch.as_tensor(points.reshape(-1, 3), dtype=dtype, device=device)
+    numbers = torch.as_tensor(atoms.get_atomic_numbers(), dtype=torch.int64, device=device)
+    positions = torch.as_tensor(atoms.get_positions(), dtype=dtype, device=device)
+    n = numbers.shape[0]
+    cutoff = model.cutoff
+    mol_i, mol_j = molecular_pairs(torch.tensor([n], device=device), positions, cutoff)
+    out = []
+    for start in range(0, flat.shape[0], chunk_size):
+        probes = flat[start:start + chunk_size]
+        m = probes.shape[0]
+        # every (probe, atom) pair within the cutoff, probe <- atom only
+        p_idx, a_idx = torch.meshgrid(torch.arange(m, device=device),
+                                      torch.arange(n, device=device), indexing="ij")
+        p_idx, a_idx = p_idx.reshape(-1), a_idx.reshape(-1)
+        if cutoff is not None:
+            near = (probes[p_idx] - positions[a_idx]).pow(2).sum(-1) < cutoff * cutoff
+            p_idx, a_idx = p_idx[near], a_idx[near]
+        all_numbers = torch.cat([numbers, numbers.new_full((m,), z_probe)])
+        all_positions = torch.cat([positions, probes])
+        pair_i = torch.cat([mol_i, p_idx + n])
+        pair_j = torch.cat([mol_j, a_idx])
+        features = model.representation(all_numbers, all_positions, pair_i, pair_j, False)
+        out.append(model.atomic_contributions(features[n:], all_numbers[n:]))
+    omega = torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
+    if reference == "atomref":
+        omega = omega - float(model.atomref[z_probe])
+    elif reference == "isolated":
+        omega = omega - isolated_atom_energy(model, z_probe)
+    return omega.reshape(shape)
+
+
+@torch.no_grad()
+def isolated_atom_energy(model: AtomisticModel, z: int) -> float:
+    """The model's energy of a lone atom of element ``z`` (eV): Omega_A far from everything."""
+    device, dtype = model_device_dtype(model)
+    numbers = torch.tensor([z], device=device)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    features = model.representation(numbers, torch.zeros(1, 3, dtype=dtype, device=device),
+                                     empty, empty, False)
+    return float(model.atomic_contributions(features, numbers)[0])
+
+
+@dataclass
+class PotentialMap:
+    """Omega_A on a grid. ``points`` has shape ``values.shape + (3,)`` (Angstrom)."""
+
+    values: np.ndarray  # eV, (n1, n2) for a plane or (nx, ny, nz) for a box
+    points: np.ndarray
+    probe: str
+    reference: str
+    origin: np.ndarray  # (3,) first grid point, Angstrom
+    axes: np.ndarray  # (k, 3) grid step vectors (Angstrom), k = values.ndim
+    atoms: object = None
+
+    @property
+    def spacing(self) -> float:
+        return float(np.linalg.norm(self.axes[0]))
+
+
+def plane_axes(atoms, plane: str = "principal") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two orthonormal in-plane directions and the normal for ``plane``.
+
+    ``"principal"`` is the plane of the two largest principal axes of the atom positions (the
+    molecular plane of a flat molecule).
+    """
+    if plane not in PLANES:
+        raise ValueError(f"plane must be one of {PLANES}, not {plane!r}")
+    if plane == "principal":
+        pos = atoms.get_positions()
+        centred = pos - pos.mean(0)
+        if len(pos) < 3:
+            u, v, w = np.eye(3)
+        else:
+            _, _, vt = np.linalg.svd(centred, full_matrices=True)
+            u, v = vt[0], vt[1]
+            w = np.cross(u, v)
+        return u, v, w
+    e = np.eye(3)
+    a, b = {"xy": (0, 1), "xz": (0, 2), "yz": (1, 2)}[plane]
+    return e[a], e[b], np.cross(e[a], e[b])
+
+
+def plane_grid(atoms, plane: str = "principal", spacing: float = 0.1, padding: float = 3.0,
+               height: float = 0.0):
+    """Grid points on a plane through the atoms' centroid (shifted ``height`` along its normal).
+
+    Returns ``points (n1, n2, 3)``, ``origin (3,)`` and the step vectors ``(2, 3)``.
+    """
+    if spacing <= 0:
+        raise ValueError("spacing must be positive")
+    u, v, w = plane_axes(atoms, plane)
+    pos = atoms.get_positions()
+    centre = pos.mean(0) + height * w
+    s, t = (pos - centre) @ u, (pos - centre) @ v
+    s_axis = np.arange(s.min() - padding, s.max() + padding + 1e-9, spacing)
+    t_axis = np.arange(t.min() - padding, t.max() + padding + 1e-9, spacing)
+    points = centre + s_axis[:, None, None] * u + t_axis[None, :, None] * v
+    return points, points[0, 0].copy(), np.stack([u * spacing, v * spacing])
+
+
+def box_grid(atoms, spacing: float = 0.2, padding: float = 3.0):
+    """Cartesian grid around the atoms: ``points (nx, ny, nz, 3)``, ``origin``, step vectors."""
+    if spacing <= 0:
+        raise ValueError("spacing must be positive")
+    pos = atoms.get_positions()
+    lo, hi = pos.min(0) - padding, pos.max(0) + padding
+    axes = [np.arange(lo[k], hi[k] + 1e-9, spacing) for k in range(3)]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    return points, points[0, 0, 0].copy(), np.eye(3) * spacing
+
+
+def potential_map(model: AtomisticModel, atoms, probe: str = "C", plane: str | None = "principal",
+                  grid: np.ndarray | None = None, spacing: float = 0.1, padding: float = 3.0,
+                  height: float = 0.0, reference: str = "none", chunk_size: int = 2048
+                  ) -> PotentialMap:
+    """Omega_A on a plane (``plane`` = xy, xz, yz or principal), a 3D box (``plane=None``) or
+    on given ``grid`` points (..., 3)."""
+    if grid is not None:
+        points = np.asarray(grid, dtype=np.float64)
+        origin, axes = points.reshape(-1, 3)[0], np.zeros((points.ndim - 1, 3))
+    elif plane is None:
+        points, origin, axes = box_grid(atoms, spacing, padding)
+    else:
+        points, origin, axes = plane_grid(atoms, plane, spacing, padding, height)
+    values = probe_energies(model, atoms, points, probe, reference, chunk_size)
+    return PotentialMap(values, points, str(probe), reference, origin, axes, atoms)

@@ -1,0 +1,218 @@
+"""DTNN chemical insight: invariances, atomic energies, local chemical potential maps, cube files,
+size extensivity, rings, isomers and the ``atomlens insight`` commands (tiny data only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+from atomlens.data.batch import Batch
+from atomlens.data.dataset import dataset_from_atoms
+from atomlens.data.neighbors import molecular_pairs
+from atomlens.insight import atomic_energies, extensivity, isolated_atom_energy, probe_energies
+from atomlens.insight.potential_map import potential_map
+from atomlens.models import build_model
+
+REP_KWARGS = {
+    "dtnn": {"n_atom_basis": 12, "n_interactions": 2, "n_factors": 10, "n_rbf": 25,
+             "cutoff": 5.0, "rbf_stop": 5.0, "rbf_gamma": 12.5},
+    "schnet": {"n_atom_basis": 12, "n_interactions": 2, "n_filters": 12, "n_rbf": 10,
+               "cutoff": 5.0},
+}
+
+
+def tiny_model(representation: str = "dtnn", seed: int = 0, dtype=torch.float64, **overrides):
+    """An untrained model with non-trivial statistics (so atomref/shift/scale are exercised)."""
+    torch.manual_seed(seed)
+    kwargs = dict(REP_KWARGS[representation], **overrides)
+    model = build_model({"representation": representation, "representation_kwargs": kwargs,
+                         "head_hidden": 6, "head_activation": "tanh", "target": "U0"})
+    # larger weights than the default init, so interactions matter at the 1e-3 level
+    with torch.no_grad():
+        for p in model.representation.parameters():
+            p.mul_(3.0)
+    atomref = np.zeros(101)
+    atomref[[1, 6, 7, 8]] = [-13.6, -1029.0, -1485.0, -2042.0]
+    model.set_statistics(atomref, shift=-0.4, scale=0.8)
+    return model.to(dtype).eval()
+
+
+def batch_of(atoms_list, model, symmetric=True) -> Batch:
+    data = dataset_from_atoms(atoms_list)
+    return data.batch(range(len(data)), model.cutoff, torch.float64)
+
+
+def total_energy(model, numbers, positions, pair_i, pair_j, symmetric=False) -> torch.Tensor:
+    features = model.representation(numbers, positions, pair_i, pair_j, symmetric)
+    return model.atomic_contributions(features, numbers)
+
+
+# --------------------------------------------------------------------------- DTNN model
+def random_rotation(seed: int) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    return q * np.sign(np.linalg.det(q))
+
+
+@torch.no_grad()
+def test_dtnn_invariant_to_rotation_translation_permutation():
+    model = tiny_model("dtnn")
+    atoms = molecule("CH3CH2OH")
+    e0 = model.predict(atoms)["U0"][0]
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ random_rotation(1).T + np.array([3.0, -1.0, 7.5])
+    assert model.predict(moved)["U0"][0] == pytest.approx(e0, abs=1e-10)
+    perm = np.random.default_rng(2).permutation(len(atoms))
+    shuffled = atoms[perm]
+    out = model.predict(shuffled)
+    assert out["U0"][0] == pytest.approx(e0, abs=1e-10)
+    # atomic energies follow their atoms
+    np.testing.assert_allclose(out["atomic"], model.predict(atoms)["atomic"][perm], atol=1e-10)
+    # and the model is not trivially constant: a distortion changes the energy
+    bent = atoms.copy()
+    bent.positions[0] += [0.2, 0.0, 0.0]
+    assert abs(model.predict(bent)["U0"][0] - e0) > 1e-4
+
+
+@torch.no_grad()
+def test_dtnn_molecule_alone_equals_molecule_in_batch():
+    model = tiny_model("dtnn")
+    frames = [molecule(name) for name in ("C6H6", "CH3CH2OH", "H2O", "CH3CN")]
+    together = model.predict(frames)
+    for k, atoms in enumerate(frames):
+        alone = model.predict(atoms)
+        assert together["U0"][k] == pytest.approx(alone["U0"][0], abs=1e-10)
+
+
+# --------------------------------------------------------------------------- atomic energies
+@pytest.mark.parametrize("rep", ["dtnn", "schnet"])
+def test_atomic_energies_sum_to_total(rep):
+    model = tiny_model(rep)
+    frames = [molecule("C6H6"), molecule("CH3CH2OH")]
+    tables = atomic_energies(model, frames)
+    totals = model.predict(frames)["U0"]
+    for table, total in zip(tables, totals):
+        assert table.energies.sum() == pytest.approx(total, abs=1e-9)
+        assert table.total == pytest.approx(total, abs=1e-12)
+        np.testing.assert_allclose(table.relative, table.energies - table.references)
+    one = atomic_energies(model, frames[0])
+    np.testing.assert_allclose(one.energies, tables[0].energies, atol=1e-12)
+    # the six carbons of benzene are equivalent by symmetry
+    carbons = one.energies[one.numbers == 6]
+    assert np.ptp(carbons) < 1e-5  # (ASE's coordinates are symmetric to ~1e-6 Angstrom)
+    assert "sum" in one.table()
+
+
+# --------------------------------------------------------------------------- potential map
+@torch.no_grad()
+def explicit_probe_energy(model, atoms, point, z_probe, outgoing: bool):
+    """E(molecule + probe) - E(molecule) from whole-structure model evaluations.
+
+    With ``outgoing=False`` the pairs j=probe (messages from the probe to the molecule) are
+    removed from the full pair list of molecule + probe.
+    """
+    numbers = torch.tensor(list(atoms.get_atomic_numbers()) + [z_probe])
+    positions = torch.tensor(np.vstack([atoms.get_positions(), point]), dtype=torch.float64)
+    n = len(atoms)
+    i, j = molecular_pairs(torch.tensor([n + 1]), positions, model.cutoff)
+    if not outgoing:
+        keep = j != n
+        i, j = i[keep], j[keep]
+    with_probe = total_energy(model, numbers, positions, i, j)
+    i0, j0 = molecular_pairs(torch.tensor([n]), positions[:n], model.cutoff)
+    alone = total_energy(model, numbers[:n], positions[:n], i0, j0)
+    return float(with_probe.sum() - alone.sum()), with_probe, alone
+
+
+@pytest.mark.parametrize("rep", ["dtnn", "schnet"])
+def test_potential_equals_explicit_probe_calculation(rep):
+    model = tiny_model(rep)
+    atoms = molecule("CH3CH2OH")
+    points = np.array([[0.3, 1.9, 0.5], [-1.5, -1.0, 1.2], [2.2, 0.1, -0.7], [0.0, 0.0, 2.5]])
+    omega = probe_energies(model, atoms, points, "C")
+    for point, value in zip(points, omega):
+        explicit, with_probe, alone = explicit_probe_energy(model, atoms, point, 6, False)
+        assert value == pytest.approx(explicit, abs=1e-9)
+        # the probe leaves the molecule's atomic energies untouched
+        np.testing.assert_allclose(with_probe[:-1].numpy(), alone.numpy(), atol=1e-10)
+        # with the probe's outgoing messages the molecule feels it: not Omega any more
+        coupled, *_ = explicit_probe_energy(model, atoms, point, 6, True)
+        assert abs(coupled - value) > 1e-4
+
+
+@torch.no_grad()
+def test_one_pass_probe_energy_needs_no_disabled_messages_but_two_passes_do():
+    """With T = 1 the probe's own atomic energy cannot depend on its outgoing messages; with
+    T = 2 it does (the molecule's pass-1 coefficients then carry the probe's influence)."""
+    atoms = molecule("H2O")
+    point = np.array([0.4, 1.3, 0.6])
+    for passes, same in ((1, True), (2, False)):
+        model = tiny_model("schnet", n_interactions=passes)
+        omega = probe_energies(model, atoms, point[None], "N")[0]
+        _, with_probe, _ = explicit_probe_energy(model, atoms, point, 7, True)
+        assert bool(abs(float(with_probe[-1]) - omega) < 1e-10) is same
+
+
+def test_potential_map_chunking_references_and_far_field():
+    model = tiny_model("dtnn")
+    atoms = molecule("C6H6")
+    pmap = potential_map(model, atoms, probe="O", plane="principal", spacing=0.5, padding=1.0)
+    again = potential_map(model, atoms, probe="O", plane="principal", spacing=0.5, padding=1.0,
+                          chunk_size=7)
+    np.testing.assert_allclose(pmap.values, again.values, atol=1e-10)
+    assert pmap.values.shape == pmap.points.shape[:-1] and pmap.values.ndim == 2
+    # benzene lies in the principal plane: every point of the map is in the plane of the atoms
+    normal = np.cross(pmap.axes[0], pmap.axes[1])
+    offsets = (pmap.points.reshape(-1, 3) - atoms.positions.mean(0)) @ normal
+    assert np.abs(offsets).max() < 1e-8
+    # variants differ by constants
+    atomref = probe_energies(model, atoms, pmap.points, "O", reference="atomref")
+    np.testing.assert_allclose(pmap.values - atomref, model.atomref[8].item(), atol=1e-9)
+    far = np.array([[40.0, 0.0, 0.0], [0.0, -30.0, 10.0]])  # beyond the 5 Angstrom cutoff
+    np.testing.assert_allclose(probe_energies(model, atoms, far, "O"),
+                               isolated_atom_energy(model, 8), atol=1e-10)
+    np.testing.assert_allclose(probe_energies(model, atoms, far, "O", reference="isolated"), 0.0,
+                               atol=1e-10)
+    with pytest.raises(ValueError):
+        probe_energies(model, atoms, far, "O", reference="vacuum")
+
+
+def test_cube_file_round_trips_through_ase(tmp_path):
+    import ase.io
+    from ase.io.cube import read_cube_data
+
+    from atomlens.insight.cube import read_cube, write_cube
+
+    model = tiny_model("dtnn")
+    atoms = molecule("H2O")
+    pmap = potential_map(model, atoms, probe="H", plane=None, spacing=0.4, padding=1.5)
+    assert pmap.values.ndim == 3
+    path = write_cube(tmp_path / "omega.cube", pmap)
+    data, read_atoms = read_cube_data(str(path))
+    np.testing.assert_allclose(data, pmap.values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(read_atoms.positions, atoms.positions, atol=1e-5)
+    assert list(read_atoms.numbers) == list(atoms.numbers)
+    doc = read_cube(path)
+    np.testing.assert_allclose(doc["origin"], pmap.origin, atol=1e-5)
+    np.testing.assert_allclose(doc["spacing"], pmap.axes, atol=1e-5)
+    assert len(ase.io.read(str(path))) == len(atoms)
+    with pytest.raises(ValueError):
+        write_cube(tmp_path / "flat.cube", potential_map(model, atoms, spacing=0.5))
+
+
+# --------------------------------------------------------------------------- extensivity
+@pytest.mark.parametrize("rep", ["dtnn", "schnet"])
+def test_size_extensivity_beyond_cutoff_and_not_within(rep):
+    model = tiny_model(rep)
+    atoms = molecule("CH3CH2OH")
+    far = extensivity(model, atoms)
+    assert far.separation >= model.cutoff
+    assert far.passed() and abs(far.difference) < 1e-9
+    near = extensivity(model, atoms, separation=2.0)
+    assert 2.0 <= near.separation < 3.0
+    assert not near.passed() and abs(near.difference) > 1e-4
+    no_cutoff = tiny_model("schnet", cutoff=None, rbf_stop=8.0)
+    with pytest.raises(ValueError):
+        extensivity(no_cutoff, atoms)
+    assert not extensivity(no_cutoff, atoms, separation=8.0).passed()
