@@ -57,5 +57,23 @@ def ensure_venv(path: Path = VENV, quiet: bool = True) -> Path:
     return python
 
 
+def import_schnetpack():
+    """Import SchNetPack inside its venv, after the one shim it needs on torch 2.13.
+
+    SchNetPack 2.1.1 imports the type variable ``T_co`` from
+    ``torch.utils.data.dataloader``, which newer torch no longer defines there; it is only a
+    typing annotation, so an equivalent ``TypeVar`` is put back before the import.
+    """
+    from typing import TypeVar
+
+    from torch.utils.data import dataloader
+
+    if not hasattr(dataloader, "T_co"):
+        dataloader.T_co = TypeVar("T_co", covariant=True)
+    import schnetpack
+
+    return schnetpack
+
+
 if __name__ == "__main__":
     print(ensure_venv(quiet="-v" not in sys.argv))
