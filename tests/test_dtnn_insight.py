@@ -3,6 +3,8 @@ size extensivity, rings, isomers and the ``atomlens insight`` commands (tiny dat
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -216,3 +218,197 @@ def test_size_extensivity_beyond_cutoff_and_not_within(rep):
     with pytest.raises(ValueError):
         extensivity(no_cutoff, atoms)
     assert not extensivity(no_cutoff, atoms, separation=8.0).passed()
+
+
+# --------------------------------------------------------------------------- rings
+def rdkit_molecule(smiles: str, seed: int = 0, shuffle: bool = True):
+    """3D structure of ``smiles`` (RDKit ETKDG + MMFF), atoms shuffled unless told otherwise."""
+    from ase import Atoms
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    assert AllChem.EmbedMolecule(mol, randomSeed=seed) == 0
+    AllChem.MMFFOptimizeMolecule(mol)
+    atoms = Atoms(numbers=[a.GetAtomicNum() for a in mol.GetAtoms()],
+                  positions=mol.GetConformer().GetPositions())
+    if shuffle:
+        atoms = atoms[np.random.default_rng(seed).permutation(len(atoms))]
+    return atoms
+
+
+RING_CASES = [("c1ccccc1", "benzene", True, 6), ("c1ccncc1", "pyridine", True, 5),
+              ("C1CCCCC1", "cyclohexane", False, 12), ("c1ccoc1", "furan", True, 4),
+              ("c1cc[nH]c1", "pyrrole", True, 5), ("C1=CCCCC1", "cyclohexene", False, 10),
+              ("c1cncnc1", "pyrimidine", True, 4), ("c1cnccn1", "pyrazine", True, 4),
+              ("c1cnc[nH]1", "imidazole", True, 4), ("C1CCOC1", "oxolane", False, 8)]
+
+
+@pytest.mark.parametrize("smiles,name,aromatic,n_h", RING_CASES)
+def test_find_rings_on_rdkit_geometries_with_shuffled_atoms(smiles, name, aromatic, n_h):
+    from atomlens.insight.rings import bond_graph, find_rings
+
+    atoms = rdkit_molecule(smiles)
+    rings = find_rings(smiles, atoms.numbers, atoms.positions)
+    assert [(r.name, r.aromatic) for r in rings] == [(name, aromatic)]
+    ring = rings[0]
+    # ring indices refer to the shuffled geometry: they form a bonded cycle of heavy atoms
+    bonds = {frozenset(b) for b in bond_graph(atoms.numbers, atoms.positions)}
+    cycle = ring.atoms + ring.atoms[:1]
+    assert all(frozenset(p) in bonds for p in itertools.pairwise(cycle))
+    assert (atoms.numbers[ring.atoms] > 1).all() and (atoms.numbers[ring.hydrogens] == 1).all()
+    assert len(ring.hydrogens) == n_h
+
+
+def test_find_rings_rejects_geometry_that_does_not_match_smiles():
+    from atomlens.insight.rings import find_rings
+
+    ethanol = rdkit_molecule("CCO")
+    assert find_rings("CCO", ethanol.numbers, ethanol.positions) == []
+    assert find_rings("COC", ethanol.numbers, ethanol.positions) is None  # same formula
+    assert find_rings("c1ccccc1", ethanol.numbers, ethanol.positions) is None
+
+
+def ring_dataset(tmp_path=None):
+    """Tiny packed data set with SMILES and a U0 target, shuffled atom orders."""
+    from atomlens.data.dataset import PackedDataset
+
+    smiles = ["c1ccccc1", "C1CCCCC1", "c1ccncc1", "CCO", "COC", "Cc1ccccc1", "OC1CCCCC1",
+              "C1CCOC1"]
+    frames = [rdkit_molecule(s, seed=k) for k, s in enumerate(smiles)]
+    data = PackedDataset.from_structures(
+        [(a.numbers, a.positions) for a in frames],
+        targets={"U0": [-100.0 * len(a) + 0.1 * k for k, a in enumerate(frames)]},
+        units={"U0": "eV"}, extras={"smiles": np.array(smiles), "index": np.arange(len(smiles))})
+    if tmp_path is not None:
+        data.save(tmp_path / "rings_data")
+    return data
+
+
+def test_ring_analysis_sums_relative_atomic_energies_and_ranks_types():
+    from atomlens.insight.rings import ring_analysis
+
+    data = ring_dataset()
+    indices = np.array([0, 1, 2, 5, 6])
+    atomref = np.zeros(101)
+    atomref[[1, 6, 7, 8]] = [-10.0, -1000.0, -1400.0, -2000.0]
+    # relative energies E_i - atomref: H -0.5, C -2, N -3 eV
+    atom = data._atom_index(indices)
+    numbers = np.asarray(data.numbers[atom]).astype(int)
+    relative = np.where(numbers == 1, -0.5, -2.0) + np.where(numbers == 7, -1.0, 0.0)
+    analysis = ring_analysis(data, indices, atomref[numbers] + relative, atomref)
+    assert analysis.n_unmatched == 0 and analysis.n_molecules == 5
+    by_name = {r["name"]: r for r in analysis.ranking}
+    assert sorted(by_name) == ["benzene", "cyclohexane", "pyridine"]
+    # benzene and toluene's ring; cyclohexane and cyclohexanol's ring
+    assert by_name["benzene"]["count"] == 2 and by_name["cyclohexane"]["count"] == 2
+    assert by_name["benzene"]["ring"] == pytest.approx(-12.0)
+    assert by_name["benzene"]["ring_h"] == pytest.approx(-12.0 - 0.5 * (6 + 5) / 2)
+    assert by_name["cyclohexane"]["ring_h"] == pytest.approx(-12.0 - 0.5 * (12 + 11) / 2)
+    assert by_name["pyridine"]["ring"] == pytest.approx(-13.0)
+    assert analysis.ranking[0]["name"] == "pyridine"  # the N adds -1 eV: lowest per atom
+    assert analysis.ranking[0]["per_atom"] == pytest.approx(-13.0 / 6)
+    assert "pyridine" in analysis.table()
+    with pytest.raises(ValueError):
+        ring_analysis(data, indices, relative[:-1], atomref)
+
+
+# --------------------------------------------------------------------------- isomers
+def test_isomer_statistics_on_synthetic_energies():
+    from atomlens.insight.isomers import analyse_isomers
+
+    reference = np.array([2.0, 0.0, 1.0, 3.0])
+    good = analyse_isomers(reference, reference + 5.0 + np.array([0.1, 0.0, -0.2, 0.3]))
+    assert good.spearman == pytest.approx(1.0)
+    assert good.lowest == 1
+    np.testing.assert_allclose(good.relative_reference, [2.0, 0.0, 1.0, 3.0])
+    np.testing.assert_allclose(good.relative_predicted, [2.1, 0.0, 0.8, 3.3])
+    assert good.relative_mae == pytest.approx((0.1 + 0.0 + 0.2 + 0.3) / 4)
+    assert good.mae == pytest.approx(5.0 + (0.1 - 0.2 + 0.3) / 4)
+    bad = analyse_isomers(reference, -reference)
+    assert bad.spearman == pytest.approx(-1.0)
+    with pytest.raises(ValueError):
+        analyse_isomers(reference[:1], reference[:1])
+
+
+def test_isomer_indices_by_formula_in_any_order():
+    from atomlens.insight.isomers import formulas, isomer_indices, parse_formula
+
+    data = ring_dataset()
+    assert list(formulas(data)) == ["C6H6", "C6H12", "C5H5N", "C2H6O", "C2H6O", "C7H8",
+                                    "C6H12O", "C4H8O"]
+    np.testing.assert_array_equal(isomer_indices(data, "OC2H6"), [3, 4])
+    assert parse_formula("H2O") == "H2O" and parse_formula("O2H10C7") == "C7H10O2"
+    with pytest.raises(ValueError):
+        parse_formula("Xx3")
+
+
+# --------------------------------------------------------------------------- command line
+def run_insight(argv: list[str]) -> int:
+    import argparse
+
+    from atomlens import cli_insight
+
+    parser = argparse.ArgumentParser(prog="atomlens")
+    cli_insight.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["insight", *argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from atomlens.models.io import save_model
+
+    path = tmp_path_factory.mktemp("model") / "dtnn"
+    save_model(tiny_model("dtnn", dtype=torch.float32), path)
+    return path
+
+
+def test_cli_atomic_energies_potential_map_extensivity(tmp_path, saved_model, capsys):
+    import ase.io
+    from ase.io.cube import read_cube_data
+
+    xyz = tmp_path / "mols.xyz"
+    ase.io.write(xyz, [molecule("CH3CH2OH"), molecule("C6H6")])
+    assert run_insight(["atomic-energies", str(saved_model), str(xyz),
+                        "--out", str(tmp_path / "ae.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "C2H6O" in printed and "C6H6" in printed and "sum" in printed
+    assert (tmp_path / "ae_0.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "ae_1.png").is_file()
+
+    assert run_insight(["potential-map", str(saved_model), str(xyz), "--index", "1",
+                        "--probe", "H", "--spacing", "0.4", "--out", str(tmp_path / "pm.png"),
+                        "--cube", str(tmp_path / "pm.cube"), "--cube-spacing", "0.6",
+                        "--reference", "isolated"]) == 0
+    assert (tmp_path / "pm.png").read_bytes()[:4] == b"\x89PNG"
+    data, atoms = read_cube_data(str(tmp_path / "pm.cube"))
+    assert data.ndim == 3 and len(atoms) == 12 and np.isfinite(data).all()
+
+    assert run_insight(["extensivity", str(saved_model), str(xyz)]) == 0
+    assert "size-extensive" in capsys.readouterr().out
+    assert run_insight(["extensivity", str(saved_model), str(xyz), "--separation", "1.5"]) == 1
+
+
+def test_cli_rings_and_isomers_on_a_tiny_data_set(tmp_path, saved_model, capsys):
+    ring_dataset(tmp_path)
+    data = str(tmp_path / "rings_data")
+    assert run_insight(["rings", str(saved_model), "--data", data, "--min-count", "1",
+                        "--out", str(tmp_path / "rings.png"),
+                        "--json", str(tmp_path / "rings.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "benzene" in printed and "cyclohexane" in printed and "oxolane" in printed
+    assert (tmp_path / "rings.png").read_bytes()[:4] == b"\x89PNG"
+    import json
+
+    doc = json.loads((tmp_path / "rings.json").read_text())
+    assert doc["n_molecules"] == 6 and doc["n_unmatched"] == 0  # the 6 molecules with rings
+    assert run_insight(["isomers", str(saved_model), "--data", data, "--formula", "C2H6O",
+                        "--out", str(tmp_path / "iso.png"), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["n_isomers"] == 2 and line["formula"] == "C2H6O"
+    assert (tmp_path / "iso.png").is_file()
+    with pytest.raises(ValueError):
+        run_insight(["isomers", str(saved_model), "--data", data, "--formula", "C9H20"])
+    with pytest.raises(FileNotFoundError):
+        run_insight(["rings", str(saved_model), "--data", data, "--split", "test"])

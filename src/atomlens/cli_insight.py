@@ -1,0 +1,263 @@
+"""``atomlens insight``: chemical insight from a trained model (thin layer over atomlens.insight).
+
+    atomlens insight atomic-energies MODEL STRUCTURES [--out PNG]
+    atomlens insight potential-map   MODEL STRUCTURE --probe C [--plane principal] [--out PNG]
+                                     [--cube OUT.cube]
+    atomlens insight rings           MODEL [--data qm9] [--max-molecules N] [--out PNG]
+    atomlens insight isomers         MODEL [--formula C7H10O2] [--out PNG]
+    atomlens insight extensivity     MODEL STRUCTURE [--separation D]
+
+A STRUCTURE is any ASE-readable file, or ``qm9:N`` for the QM9 molecule with index N.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("insight", help="atomic energies, chemical potential maps, rings, "
+                                              "isomers, size extensivity (DTNN paper)")
+    sub = p.add_subparsers(dest="insight_command", required=True)
+
+    a = sub.add_parser("atomic-energies", help="per-atom energies of structures")
+    a.add_argument("model", help="model folder (or the training output folder)")
+    a.add_argument("structures", help="ASE-readable file or qm9:N")
+    a.add_argument("--index", default=":", help="which frames of the file (ASE index syntax)")
+    a.add_argument("--out", help="PNG of the molecule coloured by E_i - atomref[Z_i] "
+                                 "(several structures: OUT_<k>.png)")
+    a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a.set_defaults(func=run_atomic_energies)
+
+    m = sub.add_parser("potential-map", help="local chemical potential Omega_A(r) of a probe atom")
+    m.add_argument("model")
+    m.add_argument("structure", help="ASE-readable file (first frame unless --index) or qm9:N")
+    m.add_argument("--index", default="0")
+    m.add_argument("--probe", default="C", help="probe element (C, H, N, O, ...)")
+    m.add_argument("--plane", default="principal", choices=["principal", "xy", "xz", "yz"],
+                   help="plane of the 2D map through the centroid (principal: molecular plane)")
+    m.add_argument("--height", type=float, default=0.0,
+                   help="shift the plane along its normal (Angstrom)")
+    m.add_argument("--spacing", type=float, default=0.1, help="2D grid spacing (Angstrom)")
+    m.add_argument("--padding", type=float, default=3.0, help="margin around the atoms (Angstrom)")
+    m.add_argument("--reference", default="none", choices=["none", "atomref", "isolated"],
+                   help="zero of the energy: none (Omega incl. atomref and shift), atomref "
+                        "(Omega - atomref[A]), isolated (Omega - Omega of the lone probe atom)")
+    m.add_argument("--out", help="PNG contour plot (default: potential_<probe>.png)")
+    m.add_argument("--cube", help="also write a 3D Gaussian cube file")
+    m.add_argument("--cube-spacing", type=float, default=0.2, help="3D grid spacing (Angstrom)")
+    m.add_argument("--chunk-size", type=int, default=2048, help="probe points per forward pass")
+    m.set_defaults(func=run_potential_map)
+
+    r = sub.add_parser("rings", help="rank ring types by summed atomic energies (QM9 subset)")
+    r.add_argument("model")
+    _add_data_options(r)
+    r.add_argument("--max-molecules", type=int, default=10000,
+                   help="molecules with rings to analyse, drawn at random (0: all)")
+    r.add_argument("--sizes", default="5,6", help="ring sizes, comma separated")
+    r.add_argument("--min-count", type=int, default=3, help="ring types seen fewer times are left out")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", default="rings.png", help="PNG of the ranking")
+    r.add_argument("--json", help="write the ranking and per-ring records to this JSON file")
+    r.set_defaults(func=run_rings)
+
+    i = sub.add_parser("isomers", help="predicted vs reference energies of one formula's isomers")
+    i.add_argument("model")
+    _add_data_options(i)
+    i.add_argument("--formula", default="C7H10O2")
+    i.add_argument("--out", default="isomers.png", help="scatter PNG of relative energies")
+    i.add_argument("--json", action="store_true", help="print one JSON line")
+    i.set_defaults(func=run_isomers)
+
+    e = sub.add_parser("extensivity", help="E(two copies beyond the cutoff) = 2 E(one)?")
+    e.add_argument("model")
+    e.add_argument("structure", help="ASE-readable file (first frame unless --index) or qm9:N")
+    e.add_argument("--index", default="0")
+    e.add_argument("--separation", type=float,
+                   help="closest distance between the copies (Angstrom; default cutoff + 1)")
+    e.set_defaults(func=run_extensivity)
+
+
+def _add_data_options(p) -> None:
+    p.add_argument("--data", default="qm9", help="'qm9' or a packed data set folder")
+    p.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
+                   help="only molecules of this split of the model's training data")
+
+
+# --------------------------------------------------------------------------- helpers
+def _load(model_path: str):
+    from .cli import model_folder
+    from .models.io import load_model, read_config
+
+    folder = model_folder(model_path)
+    model = load_model(folder)
+    return model, folder, read_config(folder)["model"].get("unit", "eV")
+
+
+def _structures(spec: str, index: str = ":") -> list:
+    """Frames of an ASE-readable file, or the QM9 molecule ``qm9:N`` (N = QM9 index)."""
+    if spec.startswith("qm9:"):
+        from .data.dataset import DataError
+        from .data.sources.qm9 import load_qm9
+
+        data = load_qm9()
+        try:
+            wanted = int(spec[4:])
+        except ValueError:
+            raise DataError(f"{spec}: expected qm9:N with N an integer QM9 index") from None
+        rows = np.nonzero(np.asarray(data.extras["index"]) == wanted)[0]
+        if len(rows) == 0:
+            raise DataError(f"{spec}: no QM9 molecule with index {wanted}")
+        return [data.atoms(int(rows[0]))]
+    from .cli import read_structures
+
+    return read_structures(spec, index)
+
+
+def _dataset(spec: str):
+    from .data.dataset import PackedDataset
+
+    if spec == "qm9":
+        from .data.sources.qm9 import load_qm9
+
+        return load_qm9()
+    return PackedDataset.load(spec)
+
+
+def _split_indices(folder: Path, split: str, n: int) -> np.ndarray:
+    if split == "all":
+        return np.arange(n)
+    from .data.splits import load_split
+
+    path = folder / "split.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the model folder has no split; use --split all")
+    return np.asarray(load_split(path)[split])
+
+
+# --------------------------------------------------------------------------- commands
+def run_atomic_energies(args) -> int:
+    from .insight.atomic import atomic_energies
+    from .insight.plots import atomic_energy_plot
+
+    model, _, unit = _load(args.model)
+    frames = _structures(args.structures, args.index)
+    tables = atomic_energies(model, frames)
+    if args.json:
+        print(json.dumps([{"formula": t.formula, "total": t.total, "atoms": t.rows()}
+                          for t in tables]))
+    else:
+        print("\n\n".join(t.table(unit) for t in tables))
+    if args.out:
+        out = Path(args.out)
+        for k, t in enumerate(tables):
+            path = out if len(tables) == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}")
+            atomic_energy_plot(t.numbers, t.positions, t.relative, path, unit=unit,
+                               title=f"{t.formula}: atomic energies E_i - atomref[Z_i]")
+            print(f"figure: {path}")
+    return 0
+
+
+def run_potential_map(args) -> int:
+    from .insight.cube import write_cube
+    from .insight.plots import potential_map_plot
+    from .insight.potential_map import potential_map
+
+    model, _, unit = _load(args.model)
+    atoms = _structures(args.structure, args.index)[0]
+    pmap = potential_map(model, atoms, probe=args.probe, plane=args.plane, spacing=args.spacing,
+                         padding=args.padding, height=args.height, reference=args.reference,
+                         chunk_size=args.chunk_size)
+    v = pmap.values
+    print(f"Omega_{args.probe} on {v.shape[0]} x {v.shape[1]} points ({args.plane} plane, "
+          f"spacing {args.spacing} Angstrom, reference {args.reference}): "
+          f"min {v.min():.4f}, median {np.median(v):.4f}, max {v.max():.4f} {unit}")
+    out = Path(args.out or f"potential_{args.probe}.png")
+    potential_map_plot(pmap, out, unit=unit, title=f"{atoms.get_chemical_formula()}: local "
+                       f"chemical potential of a {args.probe} probe ({args.plane} plane)")
+    print(f"figure: {out}")
+    if args.cube:
+        box = potential_map(model, atoms, probe=args.probe, plane=None, spacing=args.cube_spacing,
+                            padding=args.padding, reference=args.reference,
+                            chunk_size=args.chunk_size)
+        write_cube(args.cube, box)
+        print(f"cube file: {args.cube} ({'x'.join(map(str, box.values.shape))} points)")
+    return 0
+
+
+def run_rings(args) -> int:
+    from .insight.plots import ring_ranking_plot
+    from .insight.rings import ring_analysis
+    from .training.evaluate import predict_dataset
+
+    model, folder, unit = _load(args.model)
+    data = _dataset(args.data)
+    indices = _split_indices(folder, args.split, len(data))
+    if "smiles" not in data.extras:
+        raise ValueError(f"{args.data}: the data set has no SMILES; rings need them")
+    smiles = np.asarray(data.extras["smiles"])[indices]
+    # ring closures are digits in SMILES: a cheap filter before any RDKit work
+    has_ring = np.array([any(c.isdigit() for c in str(s)) for s in smiles], dtype=bool)
+    indices = indices[has_ring]
+    if args.max_molecules and len(indices) > args.max_molecules:
+        rng = np.random.default_rng(args.seed)
+        indices = np.sort(rng.choice(indices, args.max_molecules, replace=False))
+    if len(indices) == 0:
+        raise ValueError("no molecule with a ring in the chosen data")
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    atomic = predict_dataset(model, data, indices)["atomic"].astype(np.float64)
+    atomref = model.atomref.detach().cpu().numpy().astype(np.float64)
+    analysis = ring_analysis(data, indices, atomic, atomref, sizes, args.min_count)
+    print(analysis.table())
+    if analysis.ranking:
+        ring_ranking_plot(analysis, args.out, unit=unit,
+                          title=f"{model.config.representation.upper()}: ring energies "
+                                f"({len(indices)} molecules; red: aromatic)")
+        print(f"figure: {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ranking": analysis.ranking,
+                                               "records": analysis.records,
+                                               "n_molecules": analysis.n_molecules,
+                                               "n_unmatched": analysis.n_unmatched}))
+        print(f"written {args.json}")
+    return 0
+
+
+def run_isomers(args) -> int:
+    from .insight.isomers import isomer_analysis
+    from .insight.plots import isomer_plot
+
+    model, folder, unit = _load(args.model)
+    data = _dataset(args.data)
+    indices = _split_indices(folder, args.split, len(data))
+    analysis = isomer_analysis(model, data, args.formula,
+                               None if args.split == "all" else indices)
+    summary = analysis.summary()
+    if args.json:
+        print(json.dumps({"split": args.split, "unit": unit, **summary}))
+    else:
+        print(f"{summary['n_isomers']} isomers of {summary['formula']} ({args.split}): "
+              f"Spearman {summary['spearman']:.4f}, MAE of relative energies "
+              f"{summary['relative_mae_eV'] * 1000:.1f} meV, MAE {summary['mae_eV'] * 1000:.1f} "
+              f"meV; lowest isomer (reference) #{summary['lowest_index']}, predicted lowest "
+              f"#{summary['predicted_lowest_index']}")
+    isomer_plot(analysis, args.out, unit=unit)
+    print(f"figure: {args.out}")
+    return 0
+
+
+def run_extensivity(args) -> int:
+    from .insight.extensivity import extensivity
+
+    model, _, unit = _load(args.model)
+    atoms = _structures(args.structure, args.index)[0]
+    result = extensivity(model, atoms, args.separation)
+    ok = result.passed()
+    print(f"{atoms.get_chemical_formula()}: E = {result.single:.6f} {unit}; two copies "
+          f"{result.separation:.2f} Angstrom apart (cutoff {result.cutoff}): "
+          f"E = {result.pair:.6f} {unit}; E(2) - 2 E(1) = {result.difference:.3e} {unit} -> "
+          f"{'size-extensive' if ok else 'NOT size-extensive'}")
+    return 0 if ok else 1
