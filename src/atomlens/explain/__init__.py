@@ -1,0 +1,37 @@
+"""Explanations of unmodified PyTorch models: rules attached by hooks, selected by name.
+
+>>> from atomlens.explain import explain, fit_patterns
+>>> patterns = fit_patterns(model, train_loader)
+>>> relevance = explain(model, x, "patternattribution", target=3, patterns=patterns)
+
+Methods (:data:`METHODS`): gradient, gradient_x_input, integrated_gradients, smoothgrad,
+deconvnet, guided_backprop, lrp_epsilon, lrp_alphabeta, lrp_alpha2_beta1, patternnet,
+patternattribution. See ``docs/explain.md``.
+"""
+
+from .canonizers import canonized, merged_batchnorm
+from .methods import METHODS, Explainer, Method, explain
+from .molecular import explain_atomwise
+from .patterns import Patterns, PatternStatistics, fit_patterns
+from .perturbation import PerturbationResult, perturbation_curve
+from .quality import ESTIMATORS, signal_quality
+from .rules import Composite, Rule
+
+__all__ = [
+    "ESTIMATORS",
+    "METHODS",
+    "Composite",
+    "Explainer",
+    "Method",
+    "PatternStatistics",
+    "Patterns",
+    "PerturbationResult",
+    "Rule",
+    "canonized",
+    "explain",
+    "explain_atomwise",
+    "fit_patterns",
+    "merged_batchnorm",
+    "perturbation_curve",
+    "signal_quality",
+]
