@@ -70,6 +70,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         state = load_file(str(path / WEIGHTS))
     except Exception as err:  # safetensors raises several types for damaged files
         raise ValueError(f"{path / WEIGHTS}: damaged or missing weights ({err})") from err
+    saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    if saved_dtype is not None:
+        model.to(saved_dtype)  # load without rounding, then convert if asked
     model.load_state_dict(state)
     model.metadata = doc.get("metadata", {})
     if dtype is not None:

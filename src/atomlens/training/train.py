@@ -134,8 +134,12 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
                          lr_factor=config.lr_factor, lr_patience=config.lr_patience,
                          lr_min=config.lr_min)
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_loss",
-                                 save_top_k=1, save_last=True)
-    callbacks = [checkpoint, EarlyStopping("val_loss", patience=config.early_stopping_patience),
+                                 save_top_k=1, enable_version_counter=False)
+    # the latest state after every epoch, whether or not it is the best: what a resume needs
+    latest = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None,
+                             save_top_k=1, save_on_train_epoch_end=True,
+                             enable_version_counter=False)
+    callbacks = [checkpoint, latest, EarlyStopping("val_loss", patience=config.early_stopping_patience),
                  LearningRateMonitor("epoch")]
     if config.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))

@@ -1,0 +1,111 @@
+"""Physics and consistency of the SchNet and DTNN models."""
+
+import numpy as np
+import pytest
+import torch
+
+from atomlens.data import PackedDataset, molecular_pairs
+from atomlens.models import load_model, save_model
+from helpers import qm9_sample, random_model, random_rotation
+
+
+@pytest.fixture(scope="module")
+def data():
+    return qm9_sample()
+
+
+@pytest.mark.parametrize("rep", ["schnet", "dtnn"])
+def test_energy_invariant_to_rotation_translation_permutation(data, rep):
+    model = random_model(rep)
+    batch = data.batch([0, 1, 2], cutoff=model.cutoff, dtype=torch.float64)
+    energy = model(batch)["energy"]
+
+    rot = random_rotation(1)
+    moved = data.subset([0, 1, 2])
+    moved.positions = np.asarray(moved.positions) @ rot.numpy().T + np.array([3.0, -7.0, 11.0])
+    energy_moved = model(moved.batch([0, 1, 2], model.cutoff, torch.float64))["energy"]
+    torch.testing.assert_close(energy_moved, energy, rtol=0, atol=1e-9)
+
+    # permute atoms inside the first molecule
+    one = data.subset([0])
+    perm = np.random.default_rng(0).permutation(len(one.numbers))
+    permuted = PackedDataset(np.asarray(one.numbers)[perm], np.asarray(one.positions)[perm],
+                             one.offsets, units=one.units)
+    e1 = model(one.batch([0], model.cutoff, torch.float64))["energy"]
+    e2 = model(permuted.batch([0], model.cutoff, torch.float64))["energy"]
+    torch.testing.assert_close(e2, e1, rtol=0, atol=1e-9)
+    assert abs(float(e1[0].detach() - energy[0].detach())) < 1e-9
+
+
+@pytest.mark.parametrize("rep", ["schnet", "dtnn"])
+def test_molecule_alone_equals_molecule_in_batch(data, rep):
+    model = random_model(rep)
+    together = model(data.batch(range(10), model.cutoff, torch.float64))
+    for m in (0, 4, 9):
+        alone = model(data.batch([m], model.cutoff, torch.float64))
+        torch.testing.assert_close(alone["energy"][0], together["energy"][m], rtol=0, atol=1e-9)
+
+
+def test_float32_batch_matches_float64_within_tolerance(data):
+    model = random_model("schnet")
+    e64 = model(data.batch(range(5), model.cutoff, torch.float64))["energy"]
+    e32 = model.float()(data.batch(range(5), model.cutoff, torch.float32))["energy"]
+    torch.testing.assert_close(e32.double(), e64, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("rep", ["schnet", "dtnn"])
+def test_save_load_identical_predictions(tmp_path, data, rep):
+    model = random_model(rep)
+    path = save_model(model, tmp_path / "m")
+    assert {p.name for p in path.iterdir()} == {"config.json", "model.safetensors"}
+    loaded = load_model(path, dtype=torch.float64)
+    batch = data.batch(range(6), model.cutoff, torch.float64)
+    torch.testing.assert_close(loaded(batch)["energy"], model(batch)["energy"], rtol=0, atol=0)
+    torch.testing.assert_close(loaded.atomref, model.atomref)
+
+
+def test_load_rejects_damaged_files(tmp_path):
+    model = random_model("schnet")
+    path = save_model(model, tmp_path / "m")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="damaged"):
+        load_model(path)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "nothing")
+
+
+def test_atomic_contributions_sum_to_total(data):
+    model = random_model("schnet")
+    out = model(data.batch([3, 5], model.cutoff, torch.float64))
+    n0 = int(data.n_atoms_per[3])
+    torch.testing.assert_close(out["atomic"][:n0].sum(), out["energy"][0])
+
+
+def test_intensive_target_uses_mean_pooling(data):
+    model = random_model("schnet", aggregation="mean", target="homo")
+    batch = data.batch([0, 1], model.cutoff, torch.float64)
+    out = model(batch)
+    n0 = int(data.n_atoms_per[0])
+    torch.testing.assert_close(out["homo"][0], out["atomic"][:n0].mean())
+
+
+def test_pairs_symmetric_layout_and_cutoff():
+    pos = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [6.0, 0, 0], [0.0, 0, 0], [0.0, 2, 0]])
+    i, j = molecular_pairs(torch.tensor([3, 2]), pos, cutoff=5.5)
+    half = len(i) // 2
+    assert torch.equal(i[:half], j[half:]) and torch.equal(j[:half], i[half:])
+    assert (i[:half] < j[:half]).all()
+    pairs = {(int(a), int(b)) for a, b in zip(i, j)}
+    # 0-1 (1 A) and 1-2 (5 A) within the cutoff, 0-2 (6 A) not; 3-4 in the second molecule
+    assert pairs == {(0, 1), (1, 0), (1, 2), (2, 1), (3, 4), (4, 3)}
+
+
+def test_model_is_smooth_at_the_cutoff():
+    """The cosine cutoff makes the energy continuous when a pair crosses the cutoff."""
+    model = random_model("schnet")
+    energies = []
+    for d in (4.999, 5.001):
+        data = PackedDataset.from_structures([(np.array([6, 8]), np.array([[0, 0, 0], [d, 0, 0]]))])
+        energies.append(float(model(data.batch([0], model.cutoff, torch.float64))["energy"][0]))
+    assert abs(energies[0] - energies[1]) < 1e-6
