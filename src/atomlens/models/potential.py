@@ -91,7 +91,12 @@ class AtomisticModel(nn.Module):
         return self.head(features).squeeze(-1) * self.scale + self.shift + self.atomref[numbers]
 
     def forward(self, batch: Batch, forces: bool = False) -> dict[str, torch.Tensor]:
-        """Predict ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3)}``."""
+        """Predict ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3)}``.
+
+        ``batch`` is a :class:`~atomlens.data.Batch`, or ASE ``Atoms`` (one or a list).
+        """
+        if not isinstance(batch, Batch):
+            batch = self.batch_from_atoms(batch)
         positions = batch.positions
         if forces and not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
@@ -114,14 +119,18 @@ class AtomisticModel(nn.Module):
         ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3)}`` in the
         model's units (eV, eV/Angstrom for energy models).
         """
+        batch = self.batch_from_atoms(atoms)
+        with torch.set_grad_enabled(forces):
+            out = self(batch, forces=forces)
+        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+    def batch_from_atoms(self, atoms) -> Batch:
+        """A validated batch of ASE ``Atoms`` on this model's device and dtype."""
         from ..data.dataset import dataset_from_atoms
 
         data = dataset_from_atoms(atoms)
         p = next(self.parameters())
-        batch = data.batch(range(len(data)), self.cutoff, p.dtype).to(p.device)
-        with torch.set_grad_enabled(forces):
-            out = self(batch, forces=forces)
-        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+        return data.batch(range(len(data)), self.cutoff, p.dtype).to(p.device)
 
 
 def build_model(config: ModelConfig | dict) -> AtomisticModel:
