@@ -1,0 +1,66 @@
+"""The atomlens command: train -> evaluate -> predict, and clear errors for bad input."""
+
+import ase.build
+import ase.io
+import pytest
+import yaml
+
+from atomlens.cli import main
+from helpers import qm9_sample
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    packed = qm9_sample().save(root / "packed")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": str(packed), "target": "U0", "n_train": 20, "n_val": 10, "n_test": 10,
+        "batch_size": 10, "max_epochs": 2, "device": "cpu",
+        "model": {"representation": "schnet", "head_hidden": 8,
+                  "representation_kwargs": {"n_atom_basis": 16, "n_interactions": 1,
+                                            "n_filters": 16, "n_rbf": 10, "cutoff": 5.0}}}))
+    assert main(["train", str(config), "--out", str(root / "run"), "--no-progress"]) == 0
+    return root
+
+
+def test_train_evaluate(trained, capsys):
+    assert (trained / "run" / "model" / "model.safetensors").is_file()
+    assert main(["evaluate", str(trained / "run"), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "U0_MAE" in out and "meV" in out and "kcal/mol" in out
+
+
+def test_predict_writes_per_atom_contributions(trained, tmp_path, capsys):
+    structures = tmp_path / "mols.xyz"
+    ase.io.write(structures, [ase.build.molecule("CH4"), ase.build.molecule("H2O")])
+    result = tmp_path / "pred.extxyz"
+    assert main(["predict", str(trained / "run"), str(structures), "--out", str(result)]) == 0
+    out = capsys.readouterr().out
+    assert "CH4" in out and "H2O" in out
+    frames = ase.io.read(result, ":")
+    for atoms in frames:
+        assert atoms.arrays["atomic_U0"].sum() == pytest.approx(atoms.info["U0"], rel=1e-6)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("3\ncomment\nC 0 0 0\nH 1 0 0\n", "cannot read"),          # truncated
+    ("2\ncomment\nXx 0 0 0\nH 1 0 0\n", "cannot read"),         # unknown element
+    ("2\ncomment\nC 0 0 0\nH 0 0 0\n", "overlapping"),          # two atoms at one place
+    ("2\ncomment\nC nan 0 0\nH 1 0 0\n", "non-finite"),         # NaN coordinates
+])
+def test_predict_bad_input_is_a_clear_error(trained, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.xyz"
+    bad.write_text(content)
+    result = tmp_path / "never.extxyz"
+    assert main(["predict", str(trained / "run"), str(bad), "--out", str(result)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.xyz" in err and message in err
+    assert not result.exists()
+
+
+def test_unknown_target_and_missing_files(trained, capsys):
+    assert main(["train", "--data", str(trained / "packed"), "--target", "E_foo",
+                 "--out", str(trained / "x")]) == 2
+    assert "unknown target" in capsys.readouterr().err
+    assert main(["predict", str(trained / "nothing"), "x.xyz"]) == 2
