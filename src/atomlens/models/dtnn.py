@@ -29,11 +29,14 @@ class DTNNInteraction(nn.Module):
 
     def forward(self, c, rbf, f_cut, pair_i, pair_j, symmetric: bool) -> torch.Tensor:
         distance_factor = self.distance_to_factor(rbf)
-        if symmetric:
-            distance_factor = torch.cat([distance_factor, distance_factor])
-            f_cut = torch.cat([f_cut, f_cut])
-        v = torch.tanh(self.factor_to_coefficient(
-            self.coefficient_to_factor(c)[pair_j] * distance_factor))
+        coefficient_factor = torch.index_select(self.coefficient_to_factor(c), 0, pair_j)
+        if symmetric:  # one distance factor per unordered pair serves both directions
+            n_factors = distance_factor.shape[1]
+            product = (coefficient_factor.view(2, -1, n_factors) * distance_factor).view(-1, n_factors)
+            f_cut = f_cut.repeat(2)
+        else:
+            product = coefficient_factor * distance_factor
+        v = torch.tanh(self.factor_to_coefficient(product))
         return scatter_sum(v * f_cut[:, None], pair_i, c.shape[0])
 
 

@@ -28,11 +28,13 @@ class SchNetInteraction(nn.Module):
 
     def forward(self, x, rbf, f_cut, pair_i, pair_j, symmetric: bool) -> torch.Tensor:
         filters = self.filter_network(rbf) * f_cut[:, None]
-        if symmetric:  # one filter per unordered pair serves both directions
-            filters = torch.cat([filters, filters])
         y = self.in2f(x)
-        y = scatter_sum(y[pair_j] * filters, pair_i, x.shape[0])
-        return self.f2out(y)
+        messages = torch.index_select(y, 0, pair_j)
+        if symmetric:  # one filter per unordered pair serves both directions (no copy)
+            messages = (messages.view(2, -1, y.shape[1]) * filters).view(-1, y.shape[1])
+        else:
+            messages = messages * filters
+        return self.f2out(scatter_sum(messages, pair_i, x.shape[0]))
 
 
 class SchNet(nn.Module):
