@@ -66,7 +66,7 @@ def _max_correlation(y: Tensor, d: Tensor) -> float:
     y, d = y - y.mean(), d - d.mean(0)
     if d.abs().max() <= 1e-12 * (1 + y.abs().max()):
         return 0.0
-    v = torch.linalg.lstsq(d, y[:, None], driver="gelsd").solution
+    v = torch.linalg.lstsq(d, y[:, None], rcond=1e-10, driver="gelsd").solution
     fit = (d @ v)[:, 0]
     norm = fit.norm() * y.norm()
     return float((fit @ y) / norm) if norm > 0 else 0.0
@@ -114,7 +114,13 @@ def signal_quality(
             direction = torch.where(
                 (z[:, k] > 0)[:, None], layer_patterns["a_plus"][k], layer_patterns["a_minus"][k]
             )
+        if estimator != "w":  # w^T a = 1 holds analytically, restore it after float32 storage
+            direction = direction / (direction @ weight[k])[:, None]
         distractor = x - y[:, k : k + 1] * direction
+        # w^T d = 0 analytically for every estimator; drop the rounding residue, which
+        # least squares would otherwise find perfectly correlated with y
+        unit = weight[k] / weight[k].norm()
+        distractor = distractor - (distractor @ unit)[:, None] * unit
         rho[k] = 1.0 - _max_correlation(y[:, k], distractor)
     return SignalQuality(name, estimator, rho, float(rho.mean()))
 

@@ -1,0 +1,363 @@
+"""Tests of atomlens.explain: the paper's toy problem, closed forms, agreement with
+Captum and Zennit, conservation, streaming pattern statistics, canonizer, molecular
+heads and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from atomlens.explain import (
+    METHODS,
+    Explainer,
+    Patterns,
+    PatternStatistics,
+    canonized,
+    explain,
+    explain_atomwise,
+    fit_patterns,
+    perturbation_curve,
+    signal_quality,
+)
+
+torch.set_num_threads(2)
+
+
+def small_cnn(bias: bool = True) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=bias),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1, bias=bias),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 10, bias=bias),
+        nn.ReLU(),
+        nn.Linear(10, 5, bias=bias),
+    ).eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def toy_data(n: int = 20000):
+    """x = a_s y + a_d eps with the filter w = (1, -1): w^T a_d = 0, w^T a_s = 1."""
+    generator = torch.Generator().manual_seed(0)
+    signal_direction = torch.tensor([1.0, 0.0])
+    distractor_direction = torch.tensor([1.0, 1.0])
+    y = torch.randn(n, generator=generator)
+    eps = torch.randn(n, generator=generator)
+    x = y[:, None] * signal_direction + eps[:, None] * distractor_direction
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -1.0]]))
+    return model, x, y, signal_direction
+
+
+def test_linear_toy_problem():
+    model, x, y, signal_direction = toy_data()
+    assert torch.allclose(model(x)[:, 0], y, atol=1e-5)  # the filter recovers y
+    gradient = explain(model, x[:5], "gradient", target=0)
+    assert torch.allclose(gradient, torch.tensor([1.0, -1.0]).expand(5, 2))  # w, not a_s
+    patterns = fit_patterns(model, x.split(1000))
+    assert torch.allclose(patterns[""]["a"][0], signal_direction, atol=0.03)
+    signal = explain(model, x[:5], "patternnet", target=0, patterns=patterns)
+    assert torch.allclose(signal, y[:5, None] * signal_direction, atol=0.05)
+    rho = {e: signal_quality(model, "", e, x, patterns).mean for e in ("x", "w", "a", "a+-")}
+    assert rho["a"] > 0.97 and rho["a+-"] > 0.97
+    # S_w leaves d = (1, 1)(y / 2 + eps): corr(y, d) = 0.5 / sqrt(1.25)
+    assert rho["w"] == pytest.approx(1 - 0.5 / math.sqrt(1.25), abs=0.02)
+    assert rho["w"] < rho["a"] - 0.4
+    assert math.isnan(rho["x"])  # S_x leaves no distractor: the criterion is undefined
+
+
+def correlated_data(n: int, dim: int, seed: int = 0, offset: float = 0.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dim, dim, generator=generator)
+    return torch.randn(n, dim, generator=generator) @ mixing + offset
+
+
+def test_patternattribution_closed_form_one_layer():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    x = correlated_data(4000, 5)
+    patterns = fit_patterns(model, x)
+    # the pattern is a = cov[x, y] / (w^T cov[x, y]), computed here directly
+    with torch.no_grad():
+        y = model(x).double()
+    xd = x.double() - x.double().mean(0)
+    covariance = (y - y.mean(0)).T @ xd / len(x)
+    expected = covariance / (covariance * model.weight.double()).sum(1, keepdim=True)
+    assert torch.allclose(patterns[""]["a"].double(), expected, atol=1e-5)
+    inputs, target = x[:7], 2
+    relevance = explain(model, inputs, "patternattribution", target, patterns, pattern_type="a")
+    with torch.no_grad():
+        output = model(inputs)[:, target]
+    closed_form = model.weight[target] * patterns[""]["a"][target] * output[:, None]
+    assert torch.allclose(relevance, closed_form.detach(), atol=1e-5)
+    assert torch.allclose(relevance.sum(1), output, atol=1e-4)  # w^T a = 1: conserved
+    # two-component patterns: a_+ where the output is positive, a_- elsewhere
+    relevance = explain(model, inputs, "patternattribution", target, patterns)
+    chosen = torch.where(
+        (output > 0)[:, None], patterns[""]["a_plus"][target], patterns[""]["a_minus"][target]
+    )
+    assert torch.allclose(relevance, (model.weight[target] * chosen * output[:, None]).detach())
+
+
+def test_conservation():
+    model = small_cnn(bias=False)
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        output = model(x)
+    target = output.argmax(1)
+    relevance = explain(model, x, "lrp_epsilon", target=target, epsilon=1e-9)
+    selected = output.gather(1, target[:, None])[:, 0]
+    assert torch.allclose(relevance.sum((1, 2, 3)), selected, rtol=1e-4, atol=1e-5)
+    # PatternAttribution conserves through linear layers (w^T a = 1 for every neuron)
+    torch.manual_seed(0)
+    deep_linear = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2))
+    data = correlated_data(3000, 6)
+    patterns = fit_patterns(deep_linear, data.split(500))
+    relevance = explain(deep_linear, data[:5], "patternattribution", 1, patterns, pattern_type="a")
+    with torch.no_grad():
+        assert torch.allclose(relevance.sum(1), deep_linear(data[:5])[:, 1], atol=1e-4)
+
+
+def test_agrees_with_captum(images):
+    captum = pytest.importorskip("captum.attr")
+    model = small_cnn()
+    target = model(images).argmax(1)
+    reference = {
+        "gradient": captum.Saliency(model).attribute(images, target=target, abs=False),
+        "integrated_gradients": captum.IntegratedGradients(model).attribute(
+            images, target=target, n_steps=50
+        ),
+        "guided_backprop": captum.GuidedBackprop(model).attribute(images, target=target),
+        "deconvnet": captum.Deconvolution(model).attribute(images, target=target),
+    }
+    for method, expected in reference.items():
+        ours = explain(model, images, method, target=target)
+        assert torch.allclose(ours, expected.detach(), atol=1e-5), method
+
+
+def _import_zennit():
+    """Zennit imports torchvision at import time for its ResNet canonizers only; stub
+    the two classes it names when torchvision is absent (not a dependency here)."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        stub = {
+            name: types.ModuleType(name)
+            for name in ("torchvision", "torchvision.models", "torchvision.models.resnet")
+        }
+        stub["torchvision.models.resnet"].Bottleneck = type("Bottleneck", (nn.Module,), {})
+        stub["torchvision.models.resnet"].BasicBlock = type("BasicBlock", (nn.Module,), {})
+        for name, module in stub.items():
+            sys.modules.setdefault(name, module)
+    return pytest.importorskip("zennit")
+
+
+def test_agrees_with_zennit(images):
+    _import_zennit()
+    from zennit.attribution import Gradient
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import AlphaBeta, Epsilon, Norm
+
+    model = small_cnn()
+    with torch.no_grad():
+        output = model(images)
+    target = output.argmax(1)
+    seed = torch.zeros_like(output).scatter(1, target[:, None], output.gather(1, target[:, None]))
+    cases = [
+        ("lrp_epsilon", Epsilon(0.01), {"epsilon": 0.01}),
+        ("lrp_alphabeta", AlphaBeta(1.0, 0.0), {}),
+        ("lrp_alpha2_beta1", AlphaBeta(2.0, 1.0), {}),
+    ]
+    for method, rule, options in cases:
+        # average pooling is a linear layer: Zennit's Norm rule is our gradient through it
+        composite = LayerMapComposite([((nn.Linear, nn.Conv2d), rule), (nn.AvgPool2d, Norm())])
+        with Gradient(model, composite) as attributor:
+            _, expected = attributor(images.clone().requires_grad_(True), seed)
+        ours = explain(model, images, method, target=target, **options)
+        assert torch.allclose(ours, expected, atol=1e-5), method
+
+
+def test_streaming_statistics_equal_one_pass():
+    from atomlens.explain.patterns import LayerStatistics
+
+    # the accumulator itself, in float64, on data far from zero mean
+    x = correlated_data(1000, 5, offset=1e4).double()
+    y = x @ torch.randn(5, 3, dtype=torch.float64) - 2e4
+    whole, streamed = LayerStatistics(3, 5), LayerStatistics(3, 5)
+    whole.update(x, y)
+    for rows in torch.arange(1000).split(37):
+        streamed.update(x[rows], y[rows])
+    for key, moments in whole.regimes.items():
+        other = streamed.regimes[key]
+        assert torch.equal(moments.count, other.count)
+        assert torch.allclose(moments.mean_x, other.mean_x, rtol=1e-12)
+        scale = moments.comoment.abs().max()
+        assert torch.allclose(moments.comoment, other.comoment, rtol=1e-9, atol=1e-9 * scale)
+    # through the model hooks: one pass over batches against one batch
+    model = small_cnn()
+    data = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    streamed = PatternStatistics(model)
+    for batch in data.split(7):
+        streamed.update(batch)
+    whole = PatternStatistics(model)
+    whole.update(data)
+    patterns, streamed_patterns = whole.patterns(), streamed.patterns()
+    for name in patterns:
+        assert (
+            whole.statistics[name]
+            .regimes["a"]
+            .count.equal(streamed.statistics[name].regimes["a"].count)
+        )
+        for key, pattern in patterns[name].items():
+            assert torch.allclose(pattern, streamed_patterns[name][key], rtol=1e-4, atol=1e-5)
+
+
+def test_patterns_save_load(tmp_path):
+    model = small_cnn()
+    patterns = fit_patterns(model, torch.rand(16, 1, 8, 8))
+    patterns.save(tmp_path / "patterns.safetensors")
+    loaded = Patterns.load(tmp_path / "patterns.safetensors")
+    assert loaded.keys() == patterns.keys()
+    for name in patterns:
+        assert patterns[name]["a_plus"].shape == dict(model.named_modules())[name].weight.shape
+        for key in patterns[name]:
+            assert torch.equal(loaded[name][key], patterns[name][key])
+
+
+def bn_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1, bias=False),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(192, 4),
+        nn.BatchNorm1d(4),
+        nn.Dropout(0.5),
+        nn.Linear(4, 2),
+    )
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # non-trivial running statistics
+            model(torch.rand(32, 1, 8, 8) * 3 + 1)
+        for module in model:
+            if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 2.0)
+                module.bias.uniform_(-1.0, 1.0)
+    return model.eval()
+
+
+def test_batchnorm_canonizer_preserves_and_restores():
+    model = bn_model()
+    x = torch.rand(5, 1, 8, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(x)
+        with canonized(model):
+            inside = model(x)
+            assert model[0].bias is not None and float(model[1].running_var.sum()) == 3.0
+        after = model(x)
+    assert torch.allclose(before, inside, atol=1e-5)
+    assert torch.equal(before, after)
+    assert model[0].bias is None
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    model.train()  # the explainer uses eval mode and restores the caller's mode
+    explain(model, x, "lrp_epsilon")
+    assert model.training
+
+
+def test_hooks_are_removed_and_errors(images):
+    model = small_cnn()
+    patterns = fit_patterns(model, images)
+    for method in METHODS:
+        relevance = explain(model, images, method, patterns=patterns, n_steps=4, n_samples=2)
+        assert relevance.shape == images.shape and torch.isfinite(relevance).all(), method
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError):
+        Explainer(model, "no_such_method")
+    with pytest.raises(ValueError):
+        explain(model, images, "patternnet")
+    gradient = explain(model, images, "gradient", target=1)
+    assert torch.allclose(explain(model, images, "smoothgrad", 1, noise_level=0.0), gradient)
+
+
+class ShiftedSoftplus(nn.Module):
+    def forward(self, x):
+        return nn.functional.softplus(x) - math.log(2.0)
+
+
+@pytest.mark.parametrize("activation", [ShiftedSoftplus(), nn.Tanh()])
+def test_explain_atomwise(activation):
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(6, 8, bias=False), activation, nn.Linear(8, 1, bias=False))
+    features = torch.randn(5, 6)
+    with torch.no_grad():
+        energies = head(features)[:, 0]
+        zero = head(torch.zeros(1, 6))[0, 0]
+    ig = explain_atomwise(head, features, "integrated_gradients")
+    assert ig.shape == (5,) and torch.allclose(ig, energies - zero, atol=1e-4)
+    # the ratio rule is LRP's pass rule: without biases LRP-0 conserves the energy
+    lrp = explain_atomwise(head, features, "lrp_epsilon", epsilon=1e-9)
+    assert torch.allclose(lrp, energies, atol=1e-4)
+    gxi = explain_atomwise(head, features, "gradient_x_input")
+    assert gxi.shape == (5,)
+    patterns = fit_patterns(head, torch.randn(500, 6))
+    pa = explain_atomwise(head, features, "patternattribution", patterns=patterns)
+    assert pa.shape == (5,) and torch.isfinite(pa).all()
+    with pytest.raises(ValueError):
+        explain_atomwise(head, features, "guided_backprop")
+
+
+def test_perturbation_curve(images):
+    model = small_cnn()
+    relevance = explain(model, images, "gradient_x_input")
+    result = perturbation_curve(model, images, relevance, patch=2, replacement="noise")
+    assert result.curve.shape == (17,) and math.isfinite(result.auc)
+    with torch.no_grad():
+        start = model(images).max(1).values.mean()
+    assert torch.isclose(result.curve[0], start)
+
+
+def test_cli_smoke(tmp_path):
+    from atomlens import cli_explain
+
+    parser = argparse.ArgumentParser()
+    cli_explain.add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["explain", "--out", str(tmp_path), "--epochs", "1", "--n-images", "2"]
+        + ["--n-perturbation", "16", "--n-quality", "100"]
+    )
+    assert args.func(args) == 0
+    for name in (
+        "explanations.png",
+        "patterns.safetensors",
+        "digits_cnn.safetensors",
+        "quality.json",
+        "quality.csv",
+        "perturbation.json",
+        "perturbation.csv",
+    ):
+        assert (tmp_path / name).stat().st_size > 0, name
+    model_path = tmp_path / "digits_cnn.safetensors"
+    args = parser.parse_args(
+        ["explain", "--out", str(tmp_path / "again"), "--model", str(model_path)]
+        + ["--n-images", "1", "--n-perturbation", "4", "--n-quality", "20"]
+    )
+    assert args.func(args) == 0
