@@ -1,0 +1,129 @@
+"""An ASE calculator around a trained atomlens energy model.
+
+    E = sum_i E_i          energy (eV), atomic energies E_i ("energies", eV)
+    F_i = -dE/dR_i         forces (eV/Angstrom), by autograd through the one energy model
+
+Built for molecular dynamics of one molecule, where the model runs thousands of times on the
+same atoms: the atoms are validated (elements, NaN, overlapping atoms, no periodic cell) once,
+when the calculator first sees them or when their numbers change; each later call only turns
+the positions into a tensor, picks the pairs within the cutoff from a cached list of all pairs,
+and runs the model. No packed dataset, no per-step validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import ClassVar
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator as AseCalculator
+from ase.calculators.calculator import all_changes
+
+from .data.batch import Batch
+from .data.dataset import DataError, dataset_from_atoms
+from .models.potential import AtomisticModel
+from .units import energy_factor
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
+
+
+class Calculator(AseCalculator):
+    """ASE calculator for an atomlens energy model (energies in eV, forces in eV/Angstrom).
+
+    Args:
+        model: an :class:`~atomlens.models.AtomisticModel` or the path of a saved model folder
+            (or of the training output folder holding ``model/``).
+        device: torch device to run on (``"cpu"``, ``"cuda"``, ...).
+        dtype: ``"float64"`` (or ``torch.float64``) for tight finite-difference checks and
+            energy conservation tests; ``None`` keeps the model's own dtype. A model passed
+            in is copied, never changed, when device or dtype differ from its own.
+
+    ``implemented_properties``: ``energy``, ``free_energy`` (= energy), ``forces`` and
+    ``energies`` (atomic energies E_i, which sum to the energy).
+    """
+
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "energies"]
+
+    def __init__(self, model: AtomisticModel | str | os.PathLike, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype | None = None, **kwargs):
+        super().__init__(**kwargs)
+        dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
+        if isinstance(model, (str, os.PathLike)):
+            from .cli import model_folder
+            from .models.io import load_model
+
+            model = load_model(model_folder(model), device=device, dtype=dtype)
+        else:
+            param = next(model.parameters())
+            if model.training or param.device != torch.device(device) or (
+                    dtype is not None and param.dtype != dtype):
+                model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        config = model.config
+        if config.aggregation != "sum":
+            raise ValueError(f"the model predicts {config.target!r} as a mean over atoms; an "
+                             f"ASE calculator needs an extensive energy model")
+        try:
+            self.energy_to_ev = energy_factor(config.unit)
+        except ValueError:
+            raise ValueError(f"the model predicts {config.target!r} in {config.unit!r}, not an "
+                             f"energy; the calculator needs an energy model") from None
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self._numbers: np.ndarray | None = None  # the numbers the cached tensors belong to
+
+    # ------------------------------------------------------------------ set-up per molecule
+    def _prepare(self, atoms) -> None:
+        """Validate ``atoms`` and cache the tensors that depend only on their numbers."""
+        if atoms.pbc.any():
+            raise DataError("atomlens models describe isolated molecules; the atoms are "
+                            "periodic (set atoms.pbc = False)")
+        numbers = atoms.get_atomic_numbers()
+        if len(numbers) and numbers.max() > self.model.config.max_z:
+            raise DataError(f"element Z={int(numbers.max())} is beyond the model's "
+                            f"max_z={self.model.config.max_z}")
+        dataset_from_atoms([atoms], source="Calculator")  # elements, NaN, overlapping atoms
+        n = len(numbers)
+        i, j = torch.triu_indices(n, n, offset=1, device=self.device)
+        self._upper = (i, j)  # all unordered pairs; filtered by the cutoff at every call
+        self._batch_numbers = torch.as_tensor(numbers, dtype=torch.int64, device=self.device)
+        self._structure_index = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._n_atoms_per = torch.tensor([n], dtype=torch.int64, device=self.device)
+        self._numbers = numbers.copy()
+
+    def batch(self, atoms) -> Batch:
+        """The one-structure :class:`~atomlens.data.Batch` of ``atoms`` (pairs within the cutoff)."""
+        numbers = atoms.numbers
+        if self._numbers is None or len(numbers) != len(self._numbers) or (
+                numbers != self._numbers).any():
+            self._prepare(atoms)
+        positions = atoms.positions
+        if not np.isfinite(positions).all():
+            raise DataError("Calculator: the atoms have non-finite (NaN/inf) positions")
+        positions = torch.as_tensor(positions, dtype=self.dtype, device=self.device)
+        i, j = self._upper
+        cutoff = self.model.cutoff
+        if cutoff is not None:
+            near = (positions[i] - positions[j]).pow(2).sum(-1) < cutoff * cutoff
+            i, j = i[near], j[near]
+        return Batch(numbers=self._batch_numbers, positions=positions,
+                     structure_index=self._structure_index, n_atoms_per=self._n_atoms_per,
+                     pair_i=torch.cat([i, j]), pair_j=torch.cat([j, i]), n_structures=1)
+
+    # ------------------------------------------------------------------ ASE interface
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        if "numbers" in system_changes or "pbc" in system_changes:
+            self._numbers = None
+        forces = "forces" in properties
+        batch = self.batch(self.atoms)
+        with torch.set_grad_enabled(forces):
+            out = self.model(batch, forces=forces)
+        factor = self.energy_to_ev
+        energy = float(out[self.model.target].detach()[0]) * factor
+        self.results = {"energy": energy, "free_energy": energy,
+                        "energies": out["atomic"].detach().cpu().double().numpy() * factor}
+        if forces:
+            self.results["forces"] = out["forces"].cpu().double().numpy() * factor

@@ -1,0 +1,63 @@
+"""``atomlens md``: molecular dynamics with a trained model (a thin layer over :mod:`atomlens.md`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "md", help="molecular dynamics with a trained energy model (ASE integrators)",
+        description="Run NVE (velocity Verlet) or Langevin (NVT) dynamics of one molecule with "
+                    "a trained atomlens model; write a trajectory and a CSV energy log.")
+    p.add_argument("model", help="model folder (or the training output folder)")
+    p.add_argument("structure", help="start structure: any ASE-readable file (xyz, extxyz, db, "
+                                     "traj, ...)")
+    p.add_argument("--index", default="0", help="which frame of the structure file (ASE syntax)")
+    p.add_argument("--ensemble", choices=["nve", "langevin"], default="nve")
+    p.add_argument("--temperature", type=float, default=300.0,
+                   help="initial Maxwell-Boltzmann and thermostat temperature, K (default 300)")
+    p.add_argument("--steps", type=int, default=1000, help="number of MD steps (default 1000)")
+    p.add_argument("--timestep", type=float, default=0.5, help="time step, fs (default 0.5)")
+    p.add_argument("--friction", type=float, default=0.01,
+                   help="Langevin friction, 1/fs (default 0.01)")
+    p.add_argument("--interval", type=int, default=10,
+                   help="write trajectory frames and log rows every n steps (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
+    p.add_argument("--out", default="md.traj",
+                   help="trajectory: .traj (ASE) or extxyz for other suffixes (default md.traj)")
+    p.add_argument("--log", default="md.csv",
+                   help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--float64", action="store_true", help="run the model in float64")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from .cli import model_folder, read_structures
+    from .md import run_md
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    frames = read_structures(args.structure, args.index)
+    if len(frames) != 1:
+        raise ValueError(f"{args.structure}: --index {args.index!r} selects {len(frames)} "
+                         f"structures; MD needs one")
+    atoms = frames[0]
+    atoms.calc = None
+    log = run_md(model_folder(args.model), atoms, ensemble=args.ensemble,
+                 temperature_K=args.temperature, timestep_fs=args.timestep, steps=args.steps,
+                 friction=args.friction, trajectory=args.out, logfile=args.log,
+                 interval=args.interval, seed=args.seed, device=args.device,
+                 dtype="float64" if args.float64 else None)
+    drift = log.drift(len(atoms))
+    print(f"{args.ensemble.upper()} MD of {atoms.get_chemical_formula()}: {args.steps} steps of "
+          f"{args.timestep} fs ({args.steps * args.timestep / 1000:.3g} ps)")
+    print(f"  mean T = {sum(log.temperature) / len(log.temperature):.1f} K; E_tot drift "
+          f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom, std "
+          f"{drift['std_eV_per_atom'] * 1000:.3f} meV/atom")
+    print(f"  trajectory: {Path(args.out)}  log: {Path(args.log)}")
+    return 0

@@ -1,0 +1,111 @@
+"""The ASE calculator agrees with direct model calls; it validates atoms once, not per step."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+from helpers import random_model
+
+import atomlens
+from atomlens.data import DataError
+from atomlens.data.dataset import dataset_from_atoms
+from atomlens.models import save_model
+
+
+def _two_ethanols() -> Atoms:
+    """Two ethanol molecules 6 Angstrom apart: some pairs lie beyond a 5 Angstrom cutoff."""
+    first = molecule("CH3CH2OH")
+    second = first.copy()
+    second.translate([6.0, 0.5, 0.0])
+    return first + second
+
+
+def _direct(model, atoms, dtype=torch.float64):
+    batch = dataset_from_atoms([atoms]).batch([0], model.cutoff, dtype)
+    out = model(batch, forces=True)
+    return {k: v.detach().numpy() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("representation", ["schnet", "dtnn"])
+def test_calculator_matches_model(representation):
+    model = random_model(representation)
+    atoms = _two_ethanols()
+    atoms.rattle(0.05, seed=1)
+    atoms.calc = atomlens.Calculator(model, dtype="float64")
+    ref = _direct(model, atoms)
+    assert atoms.get_potential_energy() == pytest.approx(ref["energy"][0], rel=1e-12, abs=1e-10)
+    np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(atoms.calc.get_property("energies", atoms), ref["atomic"],
+                               rtol=1e-10, atol=1e-10)
+    assert atoms.calc.get_property("energies", atoms).sum() == pytest.approx(
+        atoms.get_potential_energy(), rel=1e-12)
+    # model.predict is the other public route and must agree too
+    pred = model.predict(atoms, forces=True)
+    np.testing.assert_allclose(pred["forces"], atoms.get_forces(), rtol=1e-10, atol=1e-10)
+
+
+def test_calculator_from_saved_model_and_float32(tmp_path):
+    model = random_model("schnet")
+    save_model(model.float(), tmp_path / "model")
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = atomlens.Calculator(tmp_path, dtype="float64")  # training folder layout too
+    assert atoms.calc.dtype == torch.float64
+    e64, f64 = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.calc = atomlens.Calculator(tmp_path / "model")
+    assert atoms.calc.dtype == torch.float32
+    assert atoms.get_potential_energy() == pytest.approx(e64, abs=1e-3)
+    np.testing.assert_allclose(atoms.get_forces(), f64, atol=1e-4)
+    assert atoms.get_forces().dtype == np.float64
+
+
+def test_calculator_does_not_change_the_model():
+    model = random_model("schnet").float().train()
+    atoms = molecule("H2O")
+    atoms.calc = atomlens.Calculator(model, dtype="float64")
+    atoms.get_forces()
+    assert model.training and next(model.parameters()).dtype == torch.float32
+
+
+def test_calculator_follows_changes_of_positions_and_numbers():
+    model = random_model("schnet")
+    calc = atomlens.Calculator(model, dtype="float64")
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = calc
+    e0 = atoms.get_potential_energy()
+    atoms.positions[0] += 0.05
+    e1 = atoms.get_potential_energy()
+    assert e1 != e0 and e1 == pytest.approx(_direct(model, atoms)["energy"][0], rel=1e-12)
+    water = molecule("H2O")
+    water.calc = calc  # same calculator, new molecule: the cached tensors are rebuilt
+    assert water.get_potential_energy() == pytest.approx(_direct(model, water)["energy"][0],
+                                                         rel=1e-12)
+    assert len(water.get_forces()) == 3
+
+
+def test_calculator_refuses_bad_atoms():
+    model = random_model("schnet")
+    calc = atomlens.Calculator(model)
+    overlapping = Atoms("OHH", positions=[[0, 0, 0], [0, 0, 0.01], [0, 0.9, 0.3]])
+    overlapping.calc = calc
+    with pytest.raises(DataError, match="overlapping"):
+        overlapping.get_potential_energy()
+    periodic = molecule("H2O", vacuum=3.0, pbc=True)
+    periodic.calc = calc
+    with pytest.raises(DataError, match="periodic"):
+        periodic.get_potential_energy()
+    atoms = molecule("H2O")
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    atoms.positions[1, 0] = np.nan
+    with pytest.raises(DataError, match="non-finite"):
+        atoms.get_forces()
+
+
+def test_calculator_needs_an_energy_model():
+    intensive = random_model("schnet", aggregation="mean", target="gap")
+    with pytest.raises(ValueError, match="extensive"):
+        atomlens.Calculator(intensive)
+    dipole = random_model("schnet", target="mu", unit="D")
+    with pytest.raises(ValueError, match="energy model"):
+        atomlens.Calculator(dipole)
