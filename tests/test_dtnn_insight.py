@@ -293,7 +293,7 @@ def test_ring_analysis_sums_relative_atomic_energies_and_ranks_types():
     atomref = np.zeros(101)
     atomref[[1, 6, 7, 8]] = [-10.0, -1000.0, -1400.0, -2000.0]
     # relative energies E_i - atomref: H -0.5, C -2, N -3 eV
-    atom = data._atom_index(indices)
+    atom = data.atom_index(indices)
     numbers = np.asarray(data.numbers[atom]).astype(int)
     relative = np.where(numbers == 1, -0.5, -2.0) + np.where(numbers == 7, -1.0, 0.0)
     analysis = ring_analysis(data, indices, atomref[numbers] + relative, atomref)

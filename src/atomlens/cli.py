@@ -254,8 +254,12 @@ def run_demo(args) -> int:
     test = load_split(folder / "split.npz")["test"]
     pred = predict_dataset(model, data, test)[model.target]
     ref = np.asarray(data.targets[model.target])[test]
-    png = parity_plot(ref, pred, Path(config.out) / "parity.png",
-                      title=f"SchNet, QM9 U0, n_train={int(config.n_train)}", unit="eV")
+    # plot energies relative to the fitted per-element references, where the errors show
+    atomref = model.atomref.numpy()[np.asarray(data.numbers)[data.atom_index(test)]]
+    baseline = np.add.reduceat(atomref, np.concatenate([[0], np.cumsum(data.n_atoms_per[test])[:-1]]))
+    png = parity_plot(ref - baseline, pred - baseline, Path(config.out) / "parity.png",
+                      title=f"SchNet, QM9 U0 minus fitted atom references, "
+                            f"n_train={int(config.n_train)}", unit="eV")
     mae = metrics[f"{model.target}_mae"]
     print(f"test MAE (U0, {len(test)} molecules): {mae * 1000:.1f} meV = "
           f"{mae / KCAL_MOL_EV:.2f} kcal/mol")

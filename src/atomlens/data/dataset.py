@@ -125,7 +125,7 @@ class PackedDataset:
         for start in range(0, n, chunk):
             idx = np.arange(start, min(n, start + chunk))
             c = torch.from_numpy(counts[idx])
-            p = torch.from_numpy(pos[self._atom_index(idx)])
+            p = torch.from_numpy(pos[self.atom_index(idx)])
             i, j = molecular_pairs(c, p, cutoff=MIN_DISTANCE)
             if len(i):
                 a = int(i[0]) + int(self.offsets[start])
@@ -150,7 +150,8 @@ class PackedDataset:
         return self.targets[name].shape[0] == self.numbers.shape[0] and (
             self.targets[name].ndim > 1 or len(self) != self.numbers.shape[0])
 
-    def _atom_index(self, idx: np.ndarray) -> np.ndarray:
+    def atom_index(self, idx: np.ndarray) -> np.ndarray:
+        """Rows of the per-atom arrays that belong to structures ``idx``, in order."""
         starts = self.offsets[idx]
         counts = self.offsets[idx + 1] - starts
         shift = np.repeat(starts - (np.cumsum(counts) - counts), counts)
@@ -160,7 +161,7 @@ class PackedDataset:
               dtype: torch.dtype = torch.float32) -> Batch:
         """Gather the structures ``idx`` into one :class:`Batch` (pairs within ``cutoff``)."""
         idx = np.asarray(idx, dtype=np.int64)
-        atom = self._atom_index(idx)
+        atom = self.atom_index(idx)
         counts = torch.from_numpy(self.offsets[idx + 1] - self.offsets[idx])
         positions = torch.from_numpy(np.asarray(self.positions[atom])).to(dtype)
         pair_i, pair_j = molecular_pairs(counts, positions, cutoff)
@@ -197,7 +198,7 @@ class PackedDataset:
     def subset(self, idx: Sequence[int] | np.ndarray) -> "PackedDataset":
         """A new in-memory dataset of the structures ``idx``."""
         idx = np.asarray(idx, dtype=np.int64)
-        atom = self._atom_index(idx)
+        atom = self.atom_index(idx)
         counts = self.offsets[idx + 1] - self.offsets[idx]
         targets = {k: np.asarray(v[atom] if self.is_per_atom(k) else v[idx])
                    for k, v in self.targets.items()}

@@ -21,7 +21,7 @@ from .dataset import DataError, PackedDataset
 
 def _structure_rows(dataset: PackedDataset, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row of each atom in ``indices`` order, atomic number of that atom)."""
-    atom = dataset._atom_index(indices)
+    atom = dataset.atom_index(indices)
     counts = dataset.offsets[indices + 1] - dataset.offsets[indices]
     rows = np.repeat(np.arange(len(indices)), counts)
     return rows, np.asarray(dataset.numbers[atom]).astype(np.int64)

@@ -35,7 +35,7 @@ def evaluate(model: AtomisticModel, data: PackedDataset, indices: np.ndarray,
     metrics = {f"{target}_mae": float(np.abs(err).mean()),
                f"{target}_rmse": float(np.sqrt((err**2).mean()))}
     if forces:
-        atoms = data._atom_index(np.asarray(indices))
+        atoms = data.atom_index(np.asarray(indices))
         ferr = pred["forces"] - np.asarray(data.targets["forces"])[atoms]
         metrics["forces_mae"] = float(np.abs(ferr).mean())
         metrics["forces_rmse"] = float(np.sqrt((ferr**2).mean()))
