@@ -1,0 +1,250 @@
+"""Forces are -dE/dR of the energy model; MD with a trained model conserves energy; MD17 and
+ISO17 files feed the energy+force training path; the ``atomlens md`` command runs."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from helpers import random_model, random_rotation
+
+import atomlens
+from atomlens import units
+from atomlens.cli import main
+from atomlens.data import PackedDataset
+from atomlens.data.dataset import dataset_from_atoms
+from atomlens.md import run_md
+from atomlens.models import load_model, save_model
+from atomlens.training.config import TrainConfig
+from atomlens.training.train import load_dataset, train
+
+SMALL_SCHNET = {"representation": "schnet", "head_hidden": 16, "target": "energy",
+                "representation_kwargs": {"n_atom_basis": 32, "n_interactions": 2,
+                                          "n_filters": 32, "n_rbf": 20, "cutoff": 5.0}}
+
+
+def _energy_and_forces(model, atoms):
+    batch = dataset_from_atoms([atoms]).batch([0], model.cutoff, torch.float64)
+    out = model(batch, forces=True)
+    return out["energy"][0].detach(), out["forces"].detach()
+
+
+def _aspirin_like():
+    """Ethanol plus a displaced water: 12 atoms, some pairs beyond a 5 Angstrom cutoff."""
+    atoms = molecule("CH3CH2OH") + molecule("H2O")
+    atoms.positions[9:] += [3.5, 1.0, 0.5]
+    atoms.rattle(0.05, seed=3)
+    return atoms
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Molecules of a few atoms: one torch thread is fastest (and immune to a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ forces = -grad E
+@pytest.mark.parametrize("representation", ["schnet", "dtnn"])
+def test_forces_are_minus_the_finite_difference_gradient(representation):
+    model = random_model(representation, seed=1)
+    atoms = _aspirin_like()
+    _, forces = _energy_and_forces(model, atoms)
+    # h = 1e-4 Angstrom: truncation error O(h^2) ~ 1e-8 eV/A; round-off of the ~ -6000 eV
+    # total (large atom references) eps |E| / h ~ 1e-8 eV/A
+    h = 1e-4
+    numeric = torch.zeros_like(forces)
+    for a in range(len(atoms)):
+        for k in range(3):
+            shifted = atoms.copy()
+            shifted.positions[a, k] += h
+            e_plus, _ = _energy_and_forces(model, shifted)
+            shifted.positions[a, k] -= 2 * h
+            e_minus, _ = _energy_and_forces(model, shifted)
+            numeric[a, k] = -(e_plus - e_minus) / (2 * h)
+    assert forces.abs().max() > 1e-3  # the check is not vacuous
+    torch.testing.assert_close(forces, numeric, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("representation", ["schnet", "dtnn"])
+def test_forces_rotate_with_the_molecule(representation):
+    model = random_model(representation, seed=2)
+    atoms = _aspirin_like()
+    energy, forces = _energy_and_forces(model, atoms)
+    rotation = random_rotation(seed=5)
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ rotation.numpy().T + [1.0, -2.0, 0.5]
+    energy_r, forces_r = _energy_and_forces(model, moved)
+    torch.testing.assert_close(energy_r, energy, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(forces_r, forces @ rotation.T, rtol=1e-9, atol=1e-10)
+    # and the total force vanishes (translation invariance)
+    torch.testing.assert_close(forces.sum(0), torch.zeros(3, dtype=torch.float64), atol=1e-10,
+                               rtol=0)
+
+
+# ------------------------------------------------------------------ energy conservation
+@pytest.fixture(scope="module")
+def xtb_ethanol():
+    """200 GFN2-xTB frames of ethanol at 500 K (Langevin, one every 4 steps of 0.5 fs)."""
+    from threadpoolctl import threadpool_limits
+
+    from atomlens.data.sampling import make_calculator, relax, sample_md
+
+    calc = make_calculator("gfn2")
+    # xTB on one thread: on a busy machine its OpenMP barriers cost ~20x per step otherwise
+    with threadpool_limits(1, user_api="openmp"):
+        start = relax(molecule("CH3CH2OH"), calc, fmax=0.05)
+        return sample_md(start, calc, temperature=500.0, n_frames=200, every=4,
+                         equilibration_fs=50.0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained_ethanol(xtb_ethanol, tmp_path_factory):
+    """A small SchNet trained on energies and forces for at most 30 s (about 100 epochs)."""
+    out = tmp_path_factory.mktemp("ethanol")
+    config = TrainConfig.from_dict({
+        "data": "sampled", "target": "energy", "forces": True, "rho": 0.01, "n_train": 160,
+        "n_val": 40, "n_test": 0, "batch_size": 10, "lr": 2e-3, "lr_patience": 5,
+        "max_epochs": 120, "max_minutes": 0.5, "out": str(out), "progress": False,
+        "threads": 1,  # batches of 10 ethanols are too small to split over threads
+        "model": SMALL_SCHNET})
+    threads = torch.get_num_threads()
+    try:
+        train(config, data=xtb_ethanol)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_nve_md_with_a_trained_model_conserves_energy(xtb_ethanol, trained_ethanol):
+    """1 ps of NVE at 0.5 fs (2000 steps) in float64, 300 K velocities on the model's minimum.
+
+    The start is an xTB frame relaxed with the model (BFGS, fmax 0.05 eV/A), so a model
+    trained for half a minute is not driven into regions its 160 frames never saw.
+    Bound: |E_tot(end) - E_tot(0)| < 0.5 meV/atom and std(E_tot) < 0.25 meV/atom, while the
+    potential energy swings with a std above 1 meV/atom (energy does flow between E_pot and
+    E_kin). Measured over 3 training seeds x 2 start frames: drift 0.04-0.14 meV/atom, std
+    0.016-0.036 meV/atom, E_pot std 3-5 meV/atom.
+    """
+    from ase.optimize import BFGS
+
+    model = load_model(trained_ethanol / "model")
+    atoms = xtb_ethanol.atoms(0)
+    atoms.info.clear()
+    atoms.arrays.pop("forces", None)
+    atoms.calc = atomlens.Calculator(model, dtype="float64")
+    BFGS(atoms, logfile=None).run(fmax=0.05, steps=200)
+    log = run_md(atoms.calc, atoms, ensemble="nve", temperature_K=300.0, timestep_fs=0.5,
+                 steps=2000, interval=5, seed=0)
+    n = len(atoms)
+    drift = log.drift(n)
+    assert len(log.etot) == 401 and log.time_fs[-1] == pytest.approx(1000.0)
+    assert np.std(log.epot) / n > 1e-3  # the molecule really moves
+    assert drift["drift_eV_per_atom"] < 5e-4, drift
+    assert drift["std_eV_per_atom"] < 2.5e-4, drift
+    assert 50.0 < np.mean(log.temperature) < 400.0
+
+
+def test_langevin_md_writes_trajectory_and_log(tmp_path):
+    model = random_model("schnet", seed=3)
+    atoms = molecule("CH3CH2OH")
+    calc = atomlens.Calculator(model)
+    log = run_md(calc, atoms, ensemble="langevin", temperature_K=400.0, timestep_fs=0.5,
+                 steps=20, friction=0.02, trajectory=tmp_path / "md.traj",
+                 logfile=tmp_path / "md.csv", interval=5, seed=4)
+    from ase.io import read
+
+    frames = read(tmp_path / "md.traj", index=":")
+    assert len(frames) == 5 and len(log.time_fs) == 5
+    np.testing.assert_allclose(frames[-1].positions, atoms.positions)
+    assert frames[-1].get_potential_energy() == pytest.approx(log.epot[-1])
+    rows = list(csv.DictReader((tmp_path / "md.csv").read_text().splitlines()))
+    assert list(rows[0]) == ["time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K"]
+    assert float(rows[-1]["time_fs"]) == pytest.approx(10.0)
+    assert float(rows[2]["etot_eV"]) == pytest.approx(float(rows[2]["epot_eV"])
+                                                      + float(rows[2]["ekin_eV"]), rel=1e-8)
+    with pytest.raises(ValueError, match="ensemble"):
+        run_md(calc, atoms, ensemble="npt", steps=1)
+
+
+# ------------------------------------------------------------------ MD17 / ISO17 through training
+def _teacher_frames(n_frames=40, seed=0):
+    """Rattled water frames labelled by a random 'teacher' model (eV, eV/Angstrom)."""
+    teacher = random_model("schnet", seed=7)
+    rng = np.random.default_rng(seed)
+    base = molecule("H2O")
+    frames = []
+    for _ in range(n_frames):
+        atoms = base.copy()
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        out = teacher.predict(atoms, forces=True)
+        frames.append((atoms, float(out["energy"][0]), out["forces"]))
+    return frames
+
+
+def _md17_config(data, out, **overrides):
+    return TrainConfig.from_dict({
+        "data": str(data), "target": "energy", "forces": True, "n_train": 20, "n_val": 10,
+        "batch_size": 10, "max_epochs": 2, "out": str(out), "progress": False, "threads": 1,
+        "model": SMALL_SCHNET, **overrides})
+
+
+def test_md17_file_through_training(tmp_path):
+    frames = _teacher_frames()
+    kcal = 1.0 / units.KCAL_MOL_EV  # kcal/mol per eV
+    path = tmp_path / "water.npz"
+    np.savez(path, z=frames[0][0].numbers, R=np.stack([a.positions for a, _, _ in frames]),
+             E=np.array([[e * kcal] for _, e, _ in frames]),
+             F=np.stack([f * kcal for _, _, f in frames]))  # no unit keys, like MD17 itself
+    config = _md17_config(path, tmp_path / "run", energy_unit="kcal/mol",
+                          length_unit="Angstrom")
+    data = load_dataset(config)
+    np.testing.assert_allclose(data.targets["energy"], [e for _, e, _ in frames], rtol=1e-12)
+    np.testing.assert_allclose(data.targets["forces"],
+                               np.concatenate([f for _, _, f in frames]), rtol=1e-10, atol=1e-12)
+    assert data.units["energy"] == "eV" and data.units["forces"] == "eV/Angstrom"
+    metrics = train(config)
+    assert {"energy_mae", "forces_mae"} <= set(metrics) and metrics["unit"] == "eV"
+    model = load_model(tmp_path / "run" / "model")
+    assert model.config.unit == "eV"
+    # energies of the model are in eV: near the teacher's, far from the kcal/mol numbers
+    pred = model.predict(frames[0][0])["energy"][0]
+    assert abs(pred - frames[0][1]) < 5.0 < abs(pred - frames[0][1] * kcal)
+
+
+def test_iso17_file_through_training(tmp_path):
+    from atomlens.data.sources import write_iso17
+
+    frames = _teacher_frames()
+    dataset = PackedDataset.from_structures(
+        [(a.numbers, a.positions) for a, _, _ in frames],
+        {"energy": [e for _, e, _ in frames], "forces": [f for _, _, f in frames]},
+        {"energy": "eV", "forces": "eV/Angstrom"})
+    path = write_iso17(tmp_path / "reference.db", dataset)
+    config = _md17_config(path, tmp_path / "run")
+    data = load_dataset(config)
+    np.testing.assert_allclose(data.targets["energy"], dataset.targets["energy"], rtol=1e-12)
+    np.testing.assert_allclose(data.targets["forces"], dataset.targets["forces"], rtol=1e-12)
+    metrics = train(config)
+    assert np.isfinite(metrics["forces_mae"])
+
+
+# ------------------------------------------------------------------ CLI
+def test_md_command(tmp_path, capsys):
+    model = random_model("schnet", seed=4).float()
+    save_model(model, tmp_path / "model")
+    molecule("CH3CH2OH").write(tmp_path / "ethanol.xyz")
+    code = main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "10",
+                 "--timestep", "0.5", "--interval", "5", "--ensemble", "nve", "--float64",
+                 "--out", str(tmp_path / "md.extxyz"), "--log", str(tmp_path / "md.csv")])
+    assert code == 0
+    assert "E_tot drift" in capsys.readouterr().out
+    from ase.io import read
+
+    frames = read(tmp_path / "md.extxyz", index=":")
+    assert len(frames) == 3 and "forces" in frames[-1].calc.results
+    assert len((tmp_path / "md.csv").read_text().splitlines()) == 4
+    assert main(["md", str(tmp_path / "model"), str(tmp_path / "missing.xyz")]) == 2
