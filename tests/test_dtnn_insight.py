@@ -402,7 +402,7 @@ def test_cli_rings_and_isomers_on_a_tiny_data_set(tmp_path, saved_model, capsys)
     import json
 
     doc = json.loads((tmp_path / "rings.json").read_text())
-    assert doc["n_molecules"] == 6 and doc["n_unmatched"] == 0  # the 6 molecules with rings
+    assert doc["n_molecules"] == 6 and doc["n_unmatched"] == 0  # the molecules with 5-, 6-rings
     assert run_insight(["isomers", str(saved_model), "--data", data, "--formula", "C2H6O",
                         "--out", str(tmp_path / "iso.png"), "--json"]) == 0
     line = json.loads(capsys.readouterr().out.splitlines()[0])
@@ -412,3 +412,11 @@ def test_cli_rings_and_isomers_on_a_tiny_data_set(tmp_path, saved_model, capsys)
         run_insight(["isomers", str(saved_model), "--data", data, "--formula", "C9H20"])
     with pytest.raises(FileNotFoundError):
         run_insight(["rings", str(saved_model), "--data", data, "--split", "test"])
+
+
+def test_has_rings_filters_smiles_by_ring_size():
+    from atomlens.insight.rings import has_rings
+
+    smiles = np.array(["CCO", "C1CC1", "c1ccccc1", "C1CCOC1", "not a smiles 1"])
+    np.testing.assert_array_equal(has_rings(smiles, (5, 6)), [False, False, True, True, False])
+    np.testing.assert_array_equal(has_rings(smiles, (3,)), [False, True, False, False, False])

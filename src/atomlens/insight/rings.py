@@ -161,6 +161,22 @@ def find_rings(smiles: str, numbers: np.ndarray, positions: np.ndarray,
     return rings
 
 
+def has_rings(smiles: np.ndarray, sizes: tuple[int, ...] = (5, 6)) -> np.ndarray:
+    """Boolean mask: which SMILES have a ring of one of ``sizes`` (no geometry needed)."""
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    mask = np.zeros(len(smiles), dtype=bool)
+    for k, s in enumerate(smiles):
+        s = str(s)
+        if not any(c.isdigit() for c in s):  # ring closures are digits: no digit, no ring
+            continue
+        mol = Chem.MolFromSmiles(s)
+        if mol is not None:
+            mask[k] = any(len(r) in sizes for r in mol.GetRingInfo().AtomRings())
+    return mask
+
+
 @dataclass
 class RingAnalysis:
     """Per-ring records and the ranking of ring types by mean energy per ring atom."""
