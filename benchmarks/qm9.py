@@ -57,6 +57,10 @@ SETTINGS = {
 }
 
 
+#: wall time, or the CPU time of the calling thread (all the work when torch has one thread)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
@@ -106,8 +110,10 @@ class AtomlensBench:
 
     library = "atomlens"
 
-    def __init__(self, data: PackedDataset, indices: np.ndarray, batch_size: int, seed: int = 0):
+    def __init__(self, data: PackedDataset, indices: np.ndarray, batch_size: int, seed: int = 0,
+                 warmup: int = 2):
         self.data, self.indices, self.batch_size, self.seed = data, indices, batch_size, seed
+        self.warmup = warmup
         self.setups: dict[str, dict] = {}
 
     def _setup(self, setting: str) -> dict:
@@ -126,7 +132,7 @@ class AtomlensBench:
         self.setups[setting] = state
         for mode in ("train", "infer"):  # warm-up: allocator, first-call overheads
             for pipeline in ("e2e", "model"):
-                self._run(state, mode, pipeline, 3)
+                self._run(state, mode, pipeline, self.warmup)
         return state
 
     @staticmethod
@@ -155,14 +161,20 @@ class AtomlensBench:
             molecules += batch.n_structures
         return molecules
 
-    def measure(self, setting: str, mode: str, pipeline: str, seconds: float) -> dict:
-        """Run batches for at least ``seconds`` (and 3 batches); molecules per second."""
+    def measure(self, setting: str, mode: str, pipeline: str, seconds: float,
+                min_batches: int = 3, clock: str = "wall") -> dict:
+        """Run batches for at least ``seconds`` and ``min_batches``; molecules per second.
+
+        ``clock="cpu"`` counts this thread's CPU time instead of wall time (with one torch
+        thread, all the work): a figure that other jobs on a shared machine do not change.
+        """
         state = self._setup(setting)
-        molecules, batches, start = 0, 0, time.perf_counter()
-        while batches < 3 or time.perf_counter() - start < seconds:
+        now = CLOCKS[clock]
+        molecules, batches, start = 0, 0, now()
+        while batches < min_batches or now() - start < seconds:
             molecules += self._run(state, mode, pipeline, 1)
             batches += 1
-        wall = time.perf_counter() - start
+        wall = now() - start
         return {"mol_per_s": molecules / wall, "wall_s": wall, "n_batches": batches}
 
 
@@ -181,9 +193,11 @@ class PeerWorker:
             raise RuntimeError(f"{self.library} worker exited (code {self.process.wait()})")
         return json.loads(line)
 
-    def measure(self, setting: str, mode: str, pipeline: str, seconds: float) -> dict:
+    def measure(self, setting: str, mode: str, pipeline: str, seconds: float,
+                min_batches: int = 3, clock: str = "wall") -> dict:
         command = {"setting": setting, "hyperparameters": SETTINGS[setting], "mode": mode,
-                   "pipeline": pipeline, "seconds": seconds}
+                   "pipeline": pipeline, "seconds": seconds, "min_batches": min_batches,
+                   "clock": clock}
         self.process.stdin.write(json.dumps(command) + "\n")
         self.process.stdin.flush()
         return self._read()
@@ -209,7 +223,7 @@ def start_schnetpack(data: PackedDataset, indices: np.ndarray, args) -> PeerWork
     cmd = [str(python), str(HERE / "peers" / "schnetpack_qm9.py"), "--molecules", str(npz),
            "--db", str(npz.with_suffix(".db")), "--batch-size", str(args.batch_size),
            "--threads", str(args.threads), "--seed", str(args.seed),
-           "--neighbor-list", args.neighbor_list, "--serve"]
+           "--neighbor-list", args.neighbor_list, "--warmup", str(args.warmup), "--serve"]
     log(f"starting SchNetPack worker: {' '.join(cmd)}")
     return PeerWorker("schnetpack", cmd, env)
 
@@ -219,7 +233,7 @@ def throughput(args) -> list[dict]:
     data = load_qm9()
     rng = np.random.default_rng(args.seed)
     indices = np.sort(rng.choice(len(data), size=args.n_molecules, replace=False))
-    benches = [AtomlensBench(data, indices, args.batch_size, args.seed)]
+    benches = [AtomlensBench(data, indices, args.batch_size, args.seed, args.warmup)]
     if args.peers:
         benches.append(start_schnetpack(data, indices, args))
     settings = args.settings.split(",")
@@ -231,7 +245,8 @@ def throughput(args) -> list[dict]:
             for case in cases:
                 # alternate who goes first, so a drift in load favours neither
                 for bench in benches if r % 2 == 0 else benches[::-1]:
-                    result = bench.measure(*case, seconds=args.seconds)
+                    result = bench.measure(*case, seconds=args.seconds,
+                                           min_batches=args.min_batches, clock=args.clock)
                     times[case][bench.library].append(result["mol_per_s"])
                     log(f"repeat {r} {bench.library:10s} {' '.join(case):20s} "
                         f"{result['mol_per_s']:8.1f} mol/s  load {os.getloadavg()[0]:.2f}")
@@ -248,7 +263,9 @@ def throughput(args) -> list[dict]:
         record = {"benchmark": "qm9-throughput", "setting": setting,
                   "hyperparameters": SETTINGS[setting], "mode": mode, "pipeline": pipeline,
                   "batch_size": args.batch_size, "n_molecules": args.n_molecules,
-                  "repeats": args.repeats}
+                  "clock": args.clock, "repeats": args.repeats,
+                  "min_batches": args.min_batches,
+                  "min_seconds": args.seconds}
         for library, values in per_library.items():
             record[f"{library}_mol_per_s"] = round(statistics.median(values), 1)
             record[f"{library}_range"] = [round(min(values), 1), round(max(values), 1)]
@@ -274,7 +291,7 @@ def profile(args) -> None:
     data = load_qm9()
     indices = np.sort(np.random.default_rng(args.seed).choice(len(data), args.n_molecules,
                                                               replace=False))
-    bench = AtomlensBench(data, indices, args.batch_size, args.seed)
+    bench = AtomlensBench(data, indices, args.batch_size, args.seed, args.warmup)
     setting = args.settings.split(",")[0]
     state = bench._setup(setting)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -302,6 +319,11 @@ def main(argv=None) -> int:
                         help="throughput: random QM9 molecules the batches are drawn from")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0, help="per timed measurement")
+    parser.add_argument("--min-batches", type=int, default=3, help="per timed measurement")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: CPU time of the main thread (needs --threads 1); "
+                             "immune to other jobs on a shared machine")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches per case")
     parser.add_argument("--neighbor-list", choices=["matscipy", "ase"], default="matscipy",
                         help="SchNetPack's neighbour-list transform")
     parser.add_argument("--peer-dir", default=None, help="where the SchNetPack db is written")
@@ -311,6 +333,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-pipeline", choices=["e2e", "model"], default="e2e")
     parser.add_argument("--profile-rows", type=int, default=30)
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts one thread's CPU time: use it with --threads 1")
     torch.set_num_threads(args.threads)
     if args.profile:
         profile(args)
