@@ -325,6 +325,7 @@ def test_isomer_statistics_on_synthetic_energies():
     np.testing.assert_allclose(good.relative_predicted, [2.1, 0.0, 0.8, 3.3])
     assert good.relative_mae == pytest.approx((0.1 + 0.0 + 0.2 + 0.3) / 4)
     assert good.mae == pytest.approx(5.0 + (0.1 - 0.2 + 0.3) / 4)
+    assert good.centred_mae == pytest.approx(np.mean(np.abs(np.array([0.1, 0.0, -0.2, 0.3]) - 0.05)))
     bad = analyse_isomers(reference, -reference)
     assert bad.spearman == pytest.approx(-1.0)
     with pytest.raises(ValueError):

@@ -251,8 +251,9 @@ def run_isomers(args) -> int:
     else:
         print(f"{summary['n_isomers']} isomers of {summary['formula']} ({args.split}): "
               f"Spearman {summary['spearman']:.4f}, MAE of relative energies "
-              f"{summary['relative_mae_eV'] * 1000:.1f} meV, MAE {summary['mae_eV'] * 1000:.1f} "
-              f"meV; lowest isomer (reference) #{summary['lowest_index']}, predicted lowest "
+              f"{summary['relative_mae_eV'] * 1000:.1f} meV (w.r.t. the lowest isomer), "
+              f"{summary['centred_mae_eV'] * 1000:.1f} meV (centred), MAE "
+              f"{summary['mae_eV'] * 1000:.1f} meV; lowest isomer (reference) #{summary['lowest_index']}, predicted lowest "
               f"#{summary['predicted_lowest_index']}")
     isomer_plot(analysis, args.out, unit=unit)
     print(f"figure: {args.out}")

@@ -6,7 +6,9 @@ reference energy:
     dE_ref(m)  = E_ref(m)  - E_ref(m0)          dE_pred(m) = E_pred(m) - E_pred(m0)      (eV)
 
 reported: the Spearman rank correlation of E_pred with E_ref, the MAE of the relative energies
-dE_pred - dE_ref, and the MAE of the energies themselves.
+dE_pred - dE_ref, and the MAE of the energies themselves. The relative MAE carries the error of
+the one molecule m0 into every term; the *centred* MAE, mean |err - mean(err)| with
+err = E_pred - E_ref, is the error of relative energies free of any one reference molecule.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class IsomerAnalysis:
     spearman: float
     relative_mae: float  # MAE of dE_pred - dE_ref (eV)
     mae: float  # MAE of E_pred - E_ref (eV)
+    centred_mae: float  # mean |err - mean(err)| (eV)
 
     @property
     def lowest(self) -> int:
@@ -82,7 +85,8 @@ class IsomerAnalysis:
     def summary(self) -> dict:
         return {"formula": self.formula, "n_isomers": len(self.indices),
                 "spearman": self.spearman, "relative_mae_eV": self.relative_mae,
-                "mae_eV": self.mae, "lowest_index": int(self.indices[self.lowest]),
+                "mae_eV": self.mae, "centred_mae_eV": self.centred_mae,
+                "lowest_index": int(self.indices[self.lowest]),
                 "predicted_lowest_index": int(self.indices[int(np.argmin(self.predicted))])}
 
 
@@ -103,9 +107,10 @@ def analyse_isomers(reference: np.ndarray, predicted: np.ndarray, indices: np.nd
     rel_pred = predicted - predicted[lowest]
     rho = float(spearmanr(reference, predicted).statistic)
     indices = np.arange(len(reference)) if indices is None else np.asarray(indices)
+    err = predicted - reference
     return IsomerAnalysis(formula, indices, reference, predicted, rho,
-                          float(np.abs(rel_pred - rel_ref).mean()),
-                          float(np.abs(predicted - reference).mean()))
+                          float(np.abs(rel_pred - rel_ref).mean()), float(np.abs(err).mean()),
+                          float(np.abs(err - err.mean()).mean()))
 
 
 def isomer_analysis(model, data, formula: str = "C7H10O2", indices: np.ndarray | None = None,

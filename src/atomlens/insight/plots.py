@@ -169,7 +169,8 @@ def isomer_plot(analysis, path: str | Path, title: str = "", unit: str = "eV") -
     fig, ax = plt.subplots(figsize=(4.8, 4.5), dpi=120)
     ax.scatter(ref, pred, s=3, alpha=0.4,
                label=f"{len(ref)} isomers\nSpearman {analysis.spearman:.3f}\n"
-                     f"MAE(rel.) {analysis.relative_mae * 1000:.0f} meV")
+                     f"MAE(rel.) {analysis.relative_mae * 1000:.0f} meV\n"
+                     f"MAE(centred) {analysis.centred_mae * 1000:.0f} meV")
     lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_xlabel(f"reference E - E_min ({unit})")
