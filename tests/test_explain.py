@@ -140,13 +140,13 @@ def test_agrees_with_captum(images):
     reference = {
         "gradient": captum.Saliency(model).attribute(images, target=target, abs=False),
         "integrated_gradients": captum.IntegratedGradients(model).attribute(
-            images, target=target, n_steps=50
+            images, target=target, n_steps=20
         ),
         "guided_backprop": captum.GuidedBackprop(model).attribute(images, target=target),
         "deconvnet": captum.Deconvolution(model).attribute(images, target=target),
     }
     for method, expected in reference.items():
-        ours = explain(model, images, method, target=target)
+        ours = explain(model, images, method, target=target, n_steps=20)
         assert torch.allclose(ours, expected.detach(), atol=1e-5), method
 
 
@@ -335,9 +335,15 @@ def test_perturbation_curve(images):
     assert torch.isclose(result.curve[0], start)
 
 
-def test_cli_smoke(tmp_path):
+def test_cli_smoke(tmp_path, monkeypatch):
     from atomlens import cli_explain
+    from atomlens.explain.digits import Digits, load_digits_data
 
+    def small_digits(**kwargs) -> Digits:  # keep the smoke test small
+        data = load_digits_data(**kwargs)
+        return Digits(data.x_train[:200], data.y_train[:200], data.x_test[:40], data.y_test[:40])
+
+    monkeypatch.setattr(cli_explain, "load_digits_data", small_digits)
     parser = argparse.ArgumentParser()
     cli_explain.add_parser(parser.add_subparsers())
     args = parser.parse_args(
@@ -361,3 +367,24 @@ def test_cli_smoke(tmp_path):
         + ["--n-images", "1", "--n-perturbation", "4", "--n-quality", "20"]
     )
     assert args.func(args) == 0
+
+
+def test_conv1d_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Flatten(),
+        nn.Linear(12, 4, bias=False),
+    ).eval()
+    x = torch.rand(5, 2, 8)
+    patterns = fit_patterns(model, x)
+    assert patterns["0"]["a"].shape == model[0].weight.shape
+    for method in METHODS:
+        relevance = explain(model, x, method, patterns=patterns, n_steps=4, n_samples=2)
+        assert relevance.shape == x.shape and torch.isfinite(relevance).all(), method
+    with torch.no_grad():
+        output = model(x).max(1).values
+    relevance = explain(model, x, "lrp_epsilon", epsilon=1e-9)
+    assert torch.allclose(relevance.sum((1, 2)), output, rtol=1e-4, atol=1e-5)
