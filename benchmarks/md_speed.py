@@ -1,0 +1,221 @@
+"""Speed of energy+force training and of molecular dynamics, atomlens against SchNetPack 2.1.1.
+
+(a) training throughput (structures/s): forward, forces by autograd, loss
+    rho * MSE(E) + (1 - rho) * <|F - F^|^2>, double backward and one Adam step, through each
+    library's own data pipeline, on aspirin (21 atoms) at batch sizes 10 and 32;
+(b) MD speed (steps/s): ASE ``VelocityVerlet`` (0.5 fs) on one aspirin with each library's
+    ASE calculator (``atomlens.Calculator``; ``schnetpack.interfaces.SpkCalculator``).
+
+Both use SchNetPack-style SchNet hyperparameters: 128 features, 6 interactions, 128 filters,
+20 Gaussians, 5 Angstrom cosine cutoff, an atom-wise head 128 -> 64 -> 1, float32 and the same
+number of torch threads. SchNetPack runs in its own venv (``benchmarks/peers/spk_env.py``)
+through a subprocess. Prints one JSON object per measurement and one per ratio.
+
+    python benchmarks/md_speed.py --threads 2            # atomlens and SchNetPack
+    python benchmarks/md_speed.py --no-peer --profile    # atomlens only, with a profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+HYPERPARAMETERS = {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20,
+                   "cutoff": 5.0}
+ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
+
+
+def aspirin_frames(data: Path, n: int = 500) -> dict:
+    """``n`` aspirin frames (eV, Angstrom) from md17-xtb, or rattled copies of an RDKit one."""
+    from atomlens.units import KCAL_MOL_EV
+
+    path = data / "md17-xtb" / "aspirin.npz"
+    if path.is_file():
+        d = np.load(path)
+        return {"z": d["z"], "R": d["R"][:n], "E": d["E"][:n, 0] * KCAL_MOL_EV,
+                "F": d["F"][:n] * KCAL_MOL_EV}
+    from atomlens.data.sampling import molecule_from_smiles  # no data: labels are random
+
+    atoms = molecule_from_smiles(ASPIRIN)
+    rng = np.random.default_rng(0)
+    positions = atoms.positions + rng.normal(scale=0.05, size=(n, len(atoms), 3))
+    return {"z": atoms.numbers, "R": positions, "E": rng.normal(size=n),
+            "F": rng.normal(size=(n, len(atoms), 3))}
+
+
+def build_model():
+    from atomlens.models import build_model as build
+
+    torch.manual_seed(0)
+    return build({"representation": "schnet", "representation_kwargs": HYPERPARAMETERS,
+                  "head_hidden": 64, "target": "energy"})
+
+
+#: wall time, or this thread's CPU time (with one torch thread: immune to a busy machine)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def training_throughput(frames: dict, batch_size: int, seconds: float, rho: float = 0.01,
+                        warmup: int = 3, clock: str = "wall") -> dict:
+    from atomlens.data import PackedDataset, make_loader
+
+    n = len(frames["R"])
+    data = PackedDataset.from_structures(
+        [(frames["z"], r) for r in frames["R"]],
+        {"energy": frames["E"] - frames["E"].mean(), "forces": list(frames["F"])},
+        {"energy": "eV", "forces": "eV/Angstrom"})
+    model = build_model().train()
+    loader = make_loader(data, np.arange(n), batch_size, model.cutoff, shuffle=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
+
+    def batches():
+        while True:
+            yield from loader
+
+    stream = batches()
+
+    def step() -> int:
+        batch = next(stream)
+        optimizer.zero_grad(set_to_none=True)
+        pred = model(batch, forces=True)
+        loss = (rho * (pred["energy"] - batch.targets["energy"]).pow(2).mean()
+                + (1 - rho) * (pred["forces"] - batch.targets["forces"]).pow(2).sum(-1).mean())
+        loss.backward()
+        optimizer.step()
+        return batch.n_structures
+
+    for _ in range(warmup):
+        step()
+    now = CLOCKS[clock]
+    structures, steps, start = 0, 0, now()
+    while steps < 5 or now() - start < seconds:
+        structures += step()
+        steps += 1
+    wall = now() - start
+    return {"structures_per_s": structures / wall, "steps": steps, "wall_s": wall}
+
+
+def md_atoms(frames: dict):
+    from ase import Atoms
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    atoms = Atoms(numbers=frames["z"], positions=frames["R"][0])
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    return atoms
+
+
+def md_speed(frames: dict, steps: int, clock: str = "wall") -> dict:
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    import atomlens
+
+    atoms = md_atoms(frames)
+    atoms.calc = atomlens.Calculator(build_model().eval())
+    dyn = VelocityVerlet(atoms, 0.5 * units.fs)
+    dyn.run(10)  # warm-up
+    now = CLOCKS[clock]
+    start = now()
+    dyn.run(steps)
+    wall = now() - start
+    return {"steps_per_s": steps / wall, "steps": steps, "wall_s": wall}
+
+
+def profile(frames: dict, batch_size: int) -> None:
+    """torch.profiler tables of 50 MD force calls and 5 training steps (to stderr)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    import atomlens
+
+    atoms = md_atoms(frames)
+    atoms.calc = atomlens.Calculator(build_model().eval())
+    atoms.get_forces()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(50):
+            atoms.positions[0, 0] += 1e-4
+            atoms.get_forces()
+    print("== MD: 50 force calls of aspirin", file=sys.stderr)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20),
+          file=sys.stderr)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        training_throughput(frames, batch_size, seconds=0.0, warmup=0)
+    print(f"== training: 5 steps at batch size {batch_size}", file=sys.stderr)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20),
+          file=sys.stderr)
+
+
+def run_peer(frames: dict, args) -> list[dict]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+    from spk_env import ensure_venv
+
+    python = ensure_venv()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "frames.npz"
+        np.savez(path, **frames)
+        command = [str(python), str(Path(__file__).resolve().parent / "peers" / "schnetpack_md.py"),
+                   "--frames", str(path), "--threads", str(args.threads), "--seconds",
+                   str(args.seconds), "--md-steps", str(args.md_steps), "--clock", args.clock, "--batch-sizes",
+                   *map(str, args.batch_sizes), "--hyperparameters", json.dumps(HYPERPARAMETERS)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"SchNetPack worker failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA,
+                        help="folder holding md17-xtb/ (default: ../shared/data)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 32])
+    parser.add_argument("--seconds", type=float, default=20.0, help="per training measurement")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: count this thread's CPU time (needs --threads 1)")
+    parser.add_argument("--md-steps", type=int, default=500)
+    parser.add_argument("--no-peer", action="store_true", help="skip SchNetPack")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler tables to stderr")
+    args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts one thread's CPU time: use it with --threads 1")
+    torch.set_num_threads(args.threads)
+    frames = aspirin_frames(args.data)
+    common = {"library": "atomlens", "threads": args.threads, "clock": args.clock,
+              "n_atoms": len(frames["z"]), **HYPERPARAMETERS}
+    ours: dict[tuple, float] = {}
+    for batch_size in args.batch_sizes:
+        result = training_throughput(frames, batch_size, args.seconds, clock=args.clock)
+        ours["train", batch_size] = result["structures_per_s"]
+        print(json.dumps({"measure": "train", "batch_size": batch_size, **common, **result}),
+              flush=True)
+    result = md_speed(frames, args.md_steps, clock=args.clock)
+    ours["md", None] = result["steps_per_s"]
+    print(json.dumps({"measure": "md", **common, **result}), flush=True)
+    if args.profile:
+        profile(frames, args.batch_sizes[0])
+    if args.no_peer:
+        return 0
+    for peer in run_peer(frames, args):
+        print(json.dumps(peer), flush=True)
+        key = (peer["measure"], peer.get("batch_size"))
+        rate = "structures_per_s" if peer["measure"] == "train" else "steps_per_s"
+        target = 3.0 if peer["measure"] == "train" else 5.0
+        ratio = ours[key] / peer[rate]
+        print(json.dumps({"measure": f"{peer['measure']}_ratio", "batch_size": key[1],
+                          "threads": args.threads, "clock": args.clock, "atomlens_over_schnetpack": ratio,
+                          "target": target, "met": ratio >= target}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
