@@ -24,6 +24,8 @@ neighbour list); "model" reuses batches built beforehand.
 from __future__ import annotations
 
 import argparse
+import collections
+import csv
 import json
 import os
 import platform
@@ -93,6 +95,7 @@ def accuracy(args) -> dict:
     record = {"benchmark": "qm9", "model": args.model, "preset": PRESETS[args.model],
               "target": args.target, "n_train": metrics["n_train"], "n_val": metrics["n_val"],
               "n_test": metrics["n_test"], "epochs": metrics["epochs"],
+              "optimizer_steps": _optimizer_steps(Path(config.out)),
               "budget_minutes": args.minutes, "wall_s": round(wall, 1)}
     if metrics.get("unit") == "eV":
         record.update(test_mae_meV=round(mae * 1e3, 2), test_rmse_meV=round(rmse * 1e3, 2),
@@ -102,6 +105,16 @@ def accuracy(args) -> dict:
     record.update(out=str(config.out), **machine())
     emit(record)
     return record
+
+
+def _optimizer_steps(out: Path) -> int | None:
+    """Training steps done, from the run's CSV log (``epochs`` counts epochs begun)."""
+    logs = sorted((out / "logs").glob("version_*/metrics.csv"), key=lambda f: f.stat().st_mtime)
+    if not logs:
+        return None
+    with logs[-1].open() as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("step")]
+    return max(steps) + 1 if steps else None
 
 
 # -------------------------------------------------------------------------------- throughput
@@ -284,19 +297,50 @@ def throughput(args) -> list[dict]:
 
 # --------------------------------------------------------------------------------- profiling
 def profile(args) -> None:
-    """torch.profiler table of atomlens training steps (end to end) at one setting."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    """Where a training step's time goes, at the first of ``--settings``.
 
+    ``--clock wall``: torch.profiler's table. ``--clock cpu`` (use with ``--threads 1``): every
+    aten op timed by the CPU time of the thread, grouped by op and by whether its inputs have
+    a pair dimension; unlike wall time this does not change when other jobs share the cores.
+    """
     data = load_qm9()
     indices = np.sort(np.random.default_rng(args.seed).choice(len(data), args.n_molecules,
                                                               replace=False))
     bench = AtomlensBench(data, indices, args.batch_size, args.seed, args.warmup)
     setting = args.settings.split(",")[0]
     state = bench._setup(setting)
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    if args.clock == "wall":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            bench._run(state, "train", args.profile_pipeline, args.profile_steps)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total",
+                                        row_limit=args.profile_rows))
+        return
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n_atoms = state["fixed"][0].n_atoms
+    spent: dict[tuple[str, str], int] = collections.defaultdict(int)
+
+    class OpCPUTime(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            start = time.thread_time_ns()
+            out = func(*args, **(kwargs or {}))
+            pairs = any(isinstance(a, torch.Tensor) and a.dim() and a.shape[0] > 2 * n_atoms
+                        for a in args)
+            spent[(func.__name__.split(".")[0], "pairs" if pairs else "atoms")] += (
+                time.thread_time_ns() - start)
+            return out
+
+    start = time.thread_time_ns()
+    with OpCPUTime():
         bench._run(state, "train", args.profile_pipeline, args.profile_steps)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+    total = time.thread_time_ns() - start
+    print(f"{args.profile_steps} training steps ({setting}, {args.profile_pipeline}): "
+          f"{total / 1e9:.2f} CPU-s; outside aten ops {1 - sum(spent.values()) / total:.1%}")
+    for (op, kind), ns in sorted(spent.items(), key=lambda kv: -kv[1])[:args.profile_rows]:
+        print(f"{op:28s} {kind:6s} {ns / total:6.1%}")
 
 
 def main(argv=None) -> int:
@@ -333,7 +377,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-pipeline", choices=["e2e", "model"], default="e2e")
     parser.add_argument("--profile-rows", type=int, default=30)
     args = parser.parse_args(argv)
-    if args.clock == "cpu" and args.threads != 1:
+    if args.clock == "cpu" and args.threads != 1 and not args.profile:
         parser.error("--clock cpu counts one thread's CPU time: use it with --threads 1")
     torch.set_num_threads(args.threads)
     if args.profile:
