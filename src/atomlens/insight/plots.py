@@ -136,24 +136,26 @@ def potential_map_plot(potential, path: str | Path, title: str = "", unit: str =
     return path
 
 
-def ring_ranking_plot(analysis, path: str | Path, title: str = "", max_types: int = 20,
+def ring_ranking_plot(analysis, path: str | Path, title: str = "", max_types: int = 60,
                       unit: str = "eV") -> Path:
     """Mean ring energy per ring atom by ring type (most stable on top), with spreads."""
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ranking = analysis.ranking[:max_types]
-    fig, ax = plt.subplots(figsize=(7, 0.32 * len(ranking) + 1.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 0.2 * len(ranking) + 1.5), dpi=110)
     y = np.arange(len(ranking))[::-1]
     colors = ["tab:red" if r["aromatic"] else "tab:blue" for r in ranking]
     ax.barh(y, [r["per_atom"] for r in ranking], xerr=[r["per_atom_sd"] for r in ranking],
             color=colors, alpha=0.8, error_kw={"lw": 0.8})
-    ax.set_yticks(y, [f"{r['name']} (n={r['count']})" for r in ranking], fontsize=7)
+    ax.set_yticks(y, [f"{r['name']} (n={r['count']})" for r in ranking], fontsize=6)
+    ax.axvline(0.0, color="k", lw=0.6)
     ax.set_xlabel(f"mean ring energy per ring atom, sum(E_i - atomref[Z_i]) / size ({unit})")
     ax.set_title(title or "ring types by stability (red: aromatic)", fontsize=9)
     lo = min(r["per_atom"] - r["per_atom_sd"] for r in ranking)
     hi = max(r["per_atom"] + r["per_atom_sd"] for r in ranking)
-    ax.set_xlim(lo - 0.05 * (hi - lo + 1e-9), min(hi, 0.0) + 0.05 * (hi - lo + 1e-9))
+    ax.set_xlim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+    ax.set_ylim(-0.7, len(ranking) - 0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
