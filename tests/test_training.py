@@ -129,3 +129,20 @@ def test_unknown_target_is_a_clear_error(tmp_path, data):
         load_dataset(TrainConfig(data=str(folder), target="E0"))
     with pytest.raises(DataError, match="no forces"):
         load_dataset(TrainConfig(data=str(folder), target="U0", forces=True))
+
+
+def test_refit_offset_recovers_a_constant_per_atom_shift(data):
+    from atomlens.training.evaluate import predict_dataset
+    from atomlens.training.train import refit_offset
+    from helpers import random_model
+
+    model = random_model("schnet")
+    idx = np.arange(12)
+    sub = data.subset(idx)
+    pred = predict_dataset(model, sub, idx)["energy"]
+    sub.targets = {"energy": pred + 0.3 * sub.n_atoms_per}
+    sub.units["energy"] = "eV"
+    delta = refit_offset(model, sub, idx)
+    assert delta == pytest.approx(-0.3, abs=1e-9)
+    np.testing.assert_allclose(predict_dataset(model, sub, idx)["energy"],
+                               sub.targets["energy"], atol=1e-8)

@@ -114,13 +114,11 @@ PRESETS: dict[str, dict] = {
                               "head_hidden": 32, "target": "U0"}},
     # MD17 protocol: energies + forces, SchNetPack's 0.01 / 0.99 weighting
     "md17-schnet": {"target": "energy", "forces": True, "rho": 0.01, "n_train": 1000,
-                    "n_val": 1000, "batch_size": 10, "lr": 5e-4, "energy_unit": "kcal/mol",
-                    "length_unit": "Angstrom",
+                    "n_val": 1000, "batch_size": 10, "lr": 5e-4,
                     "model": {"representation": "schnet", "representation_kwargs": SCHNETPACK_SCHNET,
                               "head_hidden": 64, "target": "energy"}},
     "md17-dtnn": {"target": "energy", "forces": True, "rho": 0.01, "n_train": 1000,
-                  "n_val": 1000, "batch_size": 10, "lr": 1e-3, "energy_unit": "kcal/mol",
-                  "length_unit": "Angstrom",
+                  "n_val": 1000, "batch_size": 10, "lr": 1e-3,
                   "model": {"representation": "dtnn", "representation_kwargs": PAPER_DTNN,
                             "head_hidden": 15, "head_activation": "tanh", "target": "energy"}},
 }
