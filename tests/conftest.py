@@ -21,7 +21,7 @@ def _import_zennit() -> None:
     if importlib.util.find_spec("zennit") is None or "zennit" in sys.modules:
         return
     if importlib.util.find_spec("torchvision") is not None:
-        import zennit  # noqa: F401
+        import zennit
         return
     import lightning  # noqa: F401  (settle torchmetrics' optional-import checks first)
 
@@ -38,8 +38,8 @@ def _import_zennit() -> None:
     sys.modules.update(stubs)
     try:
         with contextlib.suppress(ImportError):
-            import zennit  # noqa: F401
-            import zennit.composites  # noqa: F401
+            import zennit
+            import zennit.composites
             import zennit.rules  # noqa: F401
     finally:
         for name in stubs:

@@ -4,9 +4,9 @@ import ase.build
 import ase.io
 import pytest
 import yaml
+from helpers import qm9_sample
 
 from atomlens.cli import main
-from helpers import qm9_sample
 
 
 @pytest.fixture(scope="module")

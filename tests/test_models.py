@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from helpers import qm9_sample, random_model, random_rotation
 
 from atomlens.data import PackedDataset, molecular_pairs
 from atomlens.models import load_model, save_model
-from helpers import qm9_sample, random_model, random_rotation
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import qm9_sample
 
 from atomlens.data.splits import load_split
 from atomlens.models import load_model
 from atomlens.training import TrainConfig, evaluate, load_config, preset, train
 from atomlens.training.module import AtomisticTask
 from atomlens.training.train import fit_statistics
-from helpers import qm9_sample
 
 TINY_MODEL = {"representation": "schnet", "head_hidden": 16,
               "representation_kwargs": {"n_atom_basis": 32, "n_interactions": 2, "n_filters": 32,
@@ -95,7 +95,7 @@ def test_ema_training_runs(tmp_path, data):
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
 def test_ddp_two_processes_match_single_process(tmp_path, data):
     """2 CPU processes (gloo) on the same global batches give the single-process weights."""
-    common = dict(max_epochs=2, batch_size=10, lr=1e-3, seed=3)
+    common = {"max_epochs": 2, "batch_size": 10, "lr": 1e-3, "seed": 3}
     single = tiny_config(tmp_path / "single", **common)
     train(single, data=data)
     ddp = tiny_config(tmp_path / "ddp", strategy="ddp_spawn", devices=2, **common)
@@ -132,9 +132,10 @@ def test_unknown_target_is_a_clear_error(tmp_path, data):
 
 
 def test_refit_offset_recovers_a_constant_per_atom_shift(data):
+    from helpers import random_model
+
     from atomlens.training.evaluate import predict_dataset
     from atomlens.training.train import refit_offset
-    from helpers import random_model
 
     model = random_model("schnet")
     idx = np.arange(12)

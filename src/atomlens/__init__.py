@@ -9,10 +9,16 @@ Units inside atomlens: eV, Angstrom, eV/Angstrom.
 
 __version__ = "0.1.0"
 
-from .models import AtomisticModel, ModelConfig, build_model, load_model, save_model  # noqa: E402
+from .models import AtomisticModel, ModelConfig, build_model, load_model, save_model
 
-__all__ = ["AtomisticModel", "ModelConfig", "build_model", "load_model", "save_model",
-           "__version__"]
+__all__ = [
+    "AtomisticModel",
+    "ModelConfig",
+    "__version__",
+    "build_model",
+    "load_model",
+    "save_model",
+]
 
 
 def __getattr__(name):

@@ -77,6 +77,8 @@ def _add_train(sub) -> None:
     p.add_argument("--num-nodes", type=int)
     p.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
     p.add_argument("--threads", type=int)
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the representation (energy training only)")
     p.add_argument("--seed", type=int)
     p.add_argument("--energy-unit", help="unit of energies in a data file without unit metadata")
     p.add_argument("--length-unit", help="unit of lengths in a data file without unit metadata")
@@ -109,7 +111,8 @@ def config_from_args(args):
     overrides = {k: getattr(args, k) for k in (
         "data", "target", "forces", "rho", "n_train", "n_val", "n_test", "max_structures",
         "batch_size", "lr", "max_epochs", "max_minutes", "ema_decay", "early_stopping_patience",
-        "device", "num_nodes", "strategy", "threads", "seed", "energy_unit", "length_unit", "out")}
+        "device", "num_nodes", "strategy", "threads", "compile", "seed", "energy_unit",
+        "length_unit", "out")}
     overrides["devices"] = devices
     if args.no_progress:
         overrides["progress"] = False
@@ -237,12 +240,12 @@ def _add_demo(sub) -> None:
 
 
 def run_demo(args) -> int:
+    from .data.splits import load_split
     from .insight.plots import parity_plot
     from .models.io import load_model
     from .training.config import preset
     from .training.evaluate import predict_dataset
     from .training.train import load_dataset, train
-    from .data.splits import load_split
 
     config = preset("qm9-u0-demo").updated(out=args.out, max_minutes=args.minutes)
     print("atomlens demo: SchNet on QM9 U0 "

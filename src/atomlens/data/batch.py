@@ -42,7 +42,7 @@ class Batch:
     targets: dict[str, torch.Tensor] = field(default_factory=dict)
     symmetric_pairs: bool = True
 
-    def to(self, device=None, dtype=None) -> "Batch":
+    def to(self, device=None, dtype=None) -> Batch:
         """Move to a device; ``dtype`` applies to floating-point fields only."""
 
         def move(t: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ class PackedDataset:
         extras: dict[str, Sequence] | None = None,
         meta: dict | None = None,
         source: str = "<memory>",
-    ) -> "PackedDataset":
+    ) -> PackedDataset:
         """Pack a list of ``(numbers, positions)``; per-atom targets are lists of arrays."""
         if len(structures) == 0:
             raise DataError(f"{source}: the dataset is empty")
@@ -126,7 +126,7 @@ class PackedDataset:
             idx = np.arange(start, min(n, start + chunk))
             c = torch.from_numpy(counts[idx])
             p = torch.from_numpy(pos[self.atom_index(idx)])
-            i, j = molecular_pairs(c, p, cutoff=MIN_DISTANCE)
+            i, _ = molecular_pairs(c, p, cutoff=MIN_DISTANCE)
             if len(i):
                 a = int(i[0]) + int(self.offsets[start])
                 m = int(np.searchsorted(self.offsets, a, side="right") - 1)
@@ -195,7 +195,7 @@ class PackedDataset:
             atoms.info[name] = values[m].item() if hasattr(values[m], "item") else values[m]
         return atoms
 
-    def subset(self, idx: Sequence[int] | np.ndarray) -> "PackedDataset":
+    def subset(self, idx: Sequence[int] | np.ndarray) -> PackedDataset:
         """A new in-memory dataset of the structures ``idx``."""
         idx = np.asarray(idx, dtype=np.int64)
         atom = self.atom_index(idx)
@@ -208,7 +208,7 @@ class PackedDataset:
             {k: np.asarray(v[idx]) for k, v in self.extras.items()}, dict(self.meta))
 
     @staticmethod
-    def concatenate(parts: Iterable["PackedDataset"]) -> "PackedDataset":
+    def concatenate(parts: Iterable[PackedDataset]) -> PackedDataset:
         parts = list(parts)
         if not parts:
             raise DataError("nothing to concatenate: the dataset is empty")
@@ -253,7 +253,7 @@ class PackedDataset:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True) -> "PackedDataset":
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> PackedDataset:
         """Open a packed folder written by :meth:`save` (memory-mapped by default)."""
         path = Path(path)
         meta_file = path / "meta.json"

@@ -5,5 +5,12 @@ from .io import load_model, save_model
 from .potential import AtomisticModel, ModelConfig, build_model
 from .schnet import SchNet
 
-__all__ = ["DTNN", "SchNet", "AtomisticModel", "ModelConfig", "build_model", "load_model",
-           "save_model"]
+__all__ = [
+           "DTNN",
+           "AtomisticModel",
+           "ModelConfig",
+           "SchNet",
+           "build_model",
+           "load_model",
+           "save_model",
+]

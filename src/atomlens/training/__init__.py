@@ -4,5 +4,12 @@ from .config import PRESETS, TrainConfig, load_config, preset
 from .evaluate import evaluate, predict_dataset
 from .train import train
 
-__all__ = ["PRESETS", "TrainConfig", "load_config", "preset", "train", "evaluate",
-           "predict_dataset"]
+__all__ = [
+           "PRESETS",
+           "TrainConfig",
+           "evaluate",
+           "load_config",
+           "predict_dataset",
+           "preset",
+           "train",
+]

@@ -52,13 +52,16 @@ class TrainConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     threads: int | None = None
+    #: torch.compile the representation (CPU: ~1.4x faster energy training at 128/6 after a
+    #: compile of a few minutes; not for force training, which needs double backward)
+    compile: bool = False
     num_workers: int = 0
     out: str = "runs/model"
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
@@ -70,7 +73,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def updated(self, **overrides) -> "TrainConfig":
+    def updated(self, **overrides) -> TrainConfig:
         d = self.to_dict()
         for key, value in overrides.items():
             if value is None:
@@ -139,7 +142,7 @@ def load_config(path: str | Path) -> TrainConfig:
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML/JSON ({err})") from err
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: a training config must be a mapping of keys to values")
+        raise ValueError(f"{path}: a training config must be a mapping of keys to values")  # noqa: TRY004
     base = doc.pop("preset", None)
     if base is None:
         return TrainConfig.from_dict(doc)

@@ -19,8 +19,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import (EarlyStopping, LearningRateMonitor, ModelCheckpoint,
-                                         TQDMProgressBar, WeightAveraging)
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+    WeightAveraging,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
@@ -147,6 +152,11 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
 
     model = build_model(config.model)
     fit_statistics(model, data, split["train"])
+    if config.compile:
+        if config.forces:
+            raise ValueError("compile: torch.compile does not support the double backward of "
+                             "force training; train with compile: false")
+        model.representation.compile(dynamic=True)  # in place: state-dict keys unchanged
     task = AtomisticTask(model, forces=config.forces, rho=config.rho, lr=config.lr,
                          lr_factor=config.lr_factor, lr_patience=config.lr_patience,
                          lr_min=config.lr_min)
