@@ -73,6 +73,3 @@ class AtomisticTask(pl.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch",
                                  "frequency": 1, "strict": False}}
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch.to(device)

@@ -121,6 +121,9 @@ class PackedDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test", False)
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch.to(device)
+
 
 def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[str, np.ndarray]:
     path = out / "split.npz"
