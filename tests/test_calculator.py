@@ -109,3 +109,23 @@ def test_calculator_needs_an_energy_model():
     dipole = random_model("schnet", target="mu", unit="D")
     with pytest.raises(ValueError, match="energy model"):
         atomlens.Calculator(dipole)
+
+
+def test_compiled_calculator_matches_eager_including_pairs_beyond_the_cutoff():
+    """compile=True keeps all pairs (fixed shapes); the smooth cutoff makes that exact."""
+    import ase.build
+
+    model = random_model("schnet")
+    atoms = ase.build.molecule("CH3CH2OH")
+    atoms.positions[0] += [4.0, 0.0, 0.0]  # some pairs now lie beyond the 5 Angstrom cutoff
+    eager = atomlens.Calculator(model, dtype="float64")
+    compiled = atomlens.Calculator(model, dtype="float64", compile=True)
+    for step in range(2):
+        atoms.positions += np.random.default_rng(step).normal(scale=0.05, size=(len(atoms), 3))
+        eager.calculate(atoms, ["energy", "forces"])
+        compiled.calculate(atoms, ["energy", "forces"])
+        assert compiled.results["energy"] == pytest.approx(eager.results["energy"], abs=1e-9)
+        np.testing.assert_allclose(compiled.results["forces"], eager.results["forces"], atol=1e-9)
+        np.testing.assert_allclose(compiled.results["energies"], eager.results["energies"],
+                                   atol=1e-9)
+    assert next(model.parameters()).requires_grad  # the caller's model is left alone

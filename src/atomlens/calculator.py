@@ -40,6 +40,11 @@ class Calculator(AseCalculator):
             energy conservation tests; ``None`` keeps the model's own dtype. A model passed
             in is copied, never changed, when device or dtype differ from its own.
 
+        compile: compile energy + forces (``torch.func`` gradient, ``torch.compile``) for
+            fast repeated calls on one molecule, e.g. MD (~1.6x per step on the CPU, after a
+            compile of ~30 s per molecule). All pairs are then kept and the smooth cutoff
+            zeroes those beyond it, so the shapes stay fixed while the atoms move.
+
     ``implemented_properties``: ``energy``, ``free_energy`` (= energy), ``forces`` and
     ``energies`` (atomic energies E_i, which sum to the energy).
     """
@@ -47,7 +52,7 @@ class Calculator(AseCalculator):
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "energies"]
 
     def __init__(self, model: AtomisticModel | str | os.PathLike, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, **kwargs):
+                 dtype: str | torch.dtype | None = None, compile: bool = False, **kwargs):
         super().__init__(**kwargs)
         dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
         if isinstance(model, (str, os.PathLike)):
@@ -73,6 +78,9 @@ class Calculator(AseCalculator):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._numbers: np.ndarray | None = None  # the numbers the cached tensors belong to
+        self.compile = compile
+        if compile:  # a private, frozen copy: torch.func differentiates w.r.t. positions only
+            self.model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ set-up per molecule
     def _prepare(self, atoms) -> None:
@@ -92,6 +100,27 @@ class Calculator(AseCalculator):
         self._structure_index = torch.zeros(n, dtype=torch.int64, device=self.device)
         self._n_atoms_per = torch.tensor([n], dtype=torch.int64, device=self.device)
         self._numbers = numbers.copy()
+        if self.compile:
+            self._compiled = torch.compile(self._energy_forces_function(), dynamic=False)
+
+    def _energy_forces_function(self):
+        """positions -> (energy, forces, atomic energies) on all pairs, for torch.compile."""
+        model, numbers = self.model, self._batch_numbers
+        i, j = self._upper
+        pair_i, pair_j = torch.cat([i, j]), torch.cat([j, i])
+
+        def energy(positions):
+            features = model.representation(numbers, positions, pair_i, pair_j, True)
+            atomic = model.atomic_contributions(features, numbers)
+            return atomic.sum(), atomic
+
+        grad_and_value = torch.func.grad_and_value(energy, has_aux=True)
+
+        def energy_forces(positions):
+            gradient, (total, atomic) = grad_and_value(positions)
+            return total, -gradient, atomic
+
+        return energy_forces
 
     def batch(self, atoms) -> Batch:
         """The one-structure :class:`~atomlens.data.Batch` of ``atoms`` (pairs within the cutoff)."""
@@ -118,6 +147,9 @@ class Calculator(AseCalculator):
         if "numbers" in system_changes or "pbc" in system_changes:
             self._numbers = None
         forces = "forces" in properties
+        if self.compile:
+            self._calculate_compiled()
+            return
         batch = self.batch(self.atoms)
         with torch.set_grad_enabled(forces):
             out = self.model(batch, forces=forces)
@@ -127,3 +159,18 @@ class Calculator(AseCalculator):
                         "energies": out["atomic"].detach().cpu().double().numpy() * factor}
         if forces:
             self.results["forces"] = out["forces"].cpu().double().numpy() * factor
+
+    def _calculate_compiled(self) -> None:
+        numbers = self.atoms.numbers
+        if self._numbers is None or len(numbers) != len(self._numbers) or (
+                numbers != self._numbers).any():
+            self._prepare(self.atoms)
+        if not np.isfinite(self.atoms.positions).all():
+            raise DataError("Calculator: the atoms have non-finite (NaN/inf) positions")
+        positions = torch.as_tensor(self.atoms.positions, dtype=self.dtype, device=self.device)
+        energy, forces, atomic = self._compiled(positions)
+        factor = self.energy_to_ev
+        energy = float(energy) * factor
+        self.results = {"energy": energy, "free_energy": energy,
+                        "energies": atomic.cpu().double().numpy() * factor,
+                        "forces": forces.cpu().double().numpy() * factor}

@@ -53,14 +53,14 @@ class MDLog:
                 "std_eV_per_atom": float(etot.std() / n_atoms)}
 
 
-def _calculator(model_or_calc, device, dtype):
+def _calculator(model_or_calc, device, dtype, compile=False):
     from ase.calculators.calculator import BaseCalculator
 
     if isinstance(model_or_calc, BaseCalculator):
         return model_or_calc
     from .calculator import Calculator
 
-    return Calculator(model_or_calc, device=device, dtype=dtype)
+    return Calculator(model_or_calc, device=device, dtype=dtype, compile=compile)
 
 
 def _trajectory_writer(path: Path, atoms, stack: contextlib.ExitStack):
@@ -87,7 +87,8 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
            timestep_fs: float = 0.5, steps: int = 1000, friction: float = 0.01,
            trajectory: str | os.PathLike | None = None, logfile: str | os.PathLike | None = None,
            interval: int = 1, seed: int | None = 0, initialize_velocities: bool = True,
-           device: str = "cpu", dtype: str | None = None, threads: int | None = 1) -> MDLog:
+           device: str = "cpu", dtype: str | None = None, threads: int | None = 1,
+           compile: bool = False) -> MDLog:
     """Run molecular dynamics of ``atoms`` (changed in place) with an atomlens model.
 
     Args:
@@ -110,6 +111,7 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
             tens of atoms runs fastest on one thread (its tensors are too small to split,
             and on a busy machine thread barriers cost more than the model), ``None`` keeps
             the current setting.
+        compile: torch.compile the model's energy and forces (see :class:`Calculator`).
 
     Returns:
         :class:`MDLog` of the logged steps (step 0 included).
@@ -123,7 +125,7 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
         raise ValueError(f"ensemble must be 'nve' or 'langevin', not {ensemble!r}")
     if steps < 0 or timestep_fs <= 0 or interval < 1:
         raise ValueError("steps must be >= 0, timestep_fs > 0 and interval >= 1")
-    atoms.calc = _calculator(model_or_calc, device, dtype)
+    atoms.calc = _calculator(model_or_calc, device, dtype, compile)
     rng = np.random.default_rng(seed)
     if initialize_velocities:
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
