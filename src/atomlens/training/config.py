@@ -107,7 +107,7 @@ PRESETS: dict[str, dict] = {
                     "model": {"representation": "dtnn", "representation_kwargs": PAPER_DTNN,
                               "head_hidden": 15, "head_activation": "tanh", "target": "U0"}},
     # a quick CPU demo: small SchNet, a few minutes on 2 cores
-    "qm9-u0-demo": {"data": "qm9", "target": "U0", "n_train": 4000, "n_val": 500, "n_test": 2000,
+    "qm9-u0-demo": {"data": "qm9", "target": "U0", "n_train": 10000, "n_val": 1000, "n_test": 5000,
                     "batch_size": 50, "lr": 2e-3, "lr_patience": 3, "max_minutes": 6.0,
                     "early_stopping_patience": 10,
                     "model": {"representation": "schnet",
