@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..fileio import atomic_folder
 from .batch import Batch
 from .neighbors import molecular_pairs
 
@@ -226,9 +225,7 @@ class PackedDataset:
     def save(self, path: str | os.PathLike) -> Path:
         """Write to folder ``path`` atomically (a half-written folder never appears)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_folder(path) as tmp:
             np.save(tmp / "numbers.npy", np.asarray(self.numbers, dtype=np.int16))
             np.save(tmp / "positions.npy", np.asarray(self.positions, dtype=np.float64))
             np.save(tmp / "offsets.npy", np.asarray(self.offsets, dtype=np.int64))
@@ -244,12 +241,6 @@ class PackedDataset:
                     "targets": sorted(self.targets), "extras": sorted(self.extras),
                     "meta": self.meta}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import CosineCutoff, GaussianRBF, scatter_sum
+from ..nn import CosineCutoff, GaussianRBF, pair_expansion, scatter_sum
 
 
 class DTNNInteraction(nn.Module):
@@ -74,11 +74,7 @@ class DTNN(nn.Module):
 
     def forward(self, numbers, positions, pair_i, pair_j, symmetric: bool = True) -> torch.Tensor:
         c = self.embedding(numbers)
-        half = pair_i.shape[0] // 2 if symmetric else pair_i.shape[0]
-        i, j = pair_i[:half], pair_j[:half]
-        d = (positions[i] - positions[j]).norm(dim=-1)
-        rbf = self.rbf(d)
-        f_cut = self.cutoff_fn(d) if self.cutoff_fn is not None else torch.ones_like(d)
+        rbf, f_cut = pair_expansion(self.rbf, self.cutoff_fn, positions, pair_i, pair_j, symmetric)
         for t in range(self.n_interactions):
             block = self.interactions[t % len(self.interactions)]
             c = c + block(c, rbf, f_cut, pair_i, pair_j, symmetric)

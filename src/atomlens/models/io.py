@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..fileio import atomic_folder
 from .potential import AtomisticModel, build_model
 
 CONFIG = "config.json"
@@ -31,9 +30,7 @@ def save_model(model: AtomisticModel, path: str | os.PathLike, extra_files: dict
     ``extra_files`` maps file names to callables ``write(path)`` run inside the new folder.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         doc = {"atomlens_version": __version__, "model": model.config.to_dict(),
                "metadata": metadata or {}}
         (tmp / CONFIG).write_text(json.dumps(doc, indent=1))
@@ -41,12 +38,6 @@ def save_model(model: AtomisticModel, path: str | os.PathLike, extra_files: dict
         save_file(state, str(tmp / WEIGHTS), metadata={"atomlens_version": __version__})
         for name, write in (extra_files or {}).items():
             write(tmp / name)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import CosineCutoff, GaussianRBF, ShiftedSoftplus, scatter_sum
+from ..nn import CosineCutoff, GaussianRBF, ShiftedSoftplus, pair_expansion, scatter_sum
 
 
 class SchNetInteraction(nn.Module):
@@ -63,11 +63,7 @@ class SchNet(nn.Module):
 
     def forward(self, numbers, positions, pair_i, pair_j, symmetric: bool = True) -> torch.Tensor:
         x = self.embedding(numbers)
-        half = pair_i.shape[0] // 2 if symmetric else pair_i.shape[0]
-        i, j = pair_i[:half], pair_j[:half]
-        d = (positions[i] - positions[j]).norm(dim=-1)
-        rbf = self.rbf(d)
-        f_cut = self.cutoff_fn(d) if self.cutoff_fn is not None else torch.ones_like(d)
+        rbf, f_cut = pair_expansion(self.rbf, self.cutoff_fn, positions, pair_i, pair_j, symmetric)
         for interaction in self.interactions:
             x = x + interaction(x, rbf, f_cut, pair_i, pair_j, symmetric)
         return x

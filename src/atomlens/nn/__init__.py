@@ -61,6 +61,20 @@ class CosineCutoff(nn.Module):
         return f * (d < self.cutoff).to(d.dtype)
 
 
+def pair_expansion(rbf: GaussianRBF, cutoff_fn: CosineCutoff | None, positions: torch.Tensor,
+                   pair_i: torch.Tensor, pair_j: torch.Tensor, symmetric: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Radial basis and cutoff of the pair distances, once per unordered pair if ``symmetric``.
+
+    Returns ``(rbf(d), f_cut(d))`` for the first half of the pairs (symmetric layout) or for
+    all of them; ``f_cut`` is 1 where there is no cutoff function.
+    """
+    half = pair_i.shape[0] // 2 if symmetric else pair_i.shape[0]
+    d = (positions[pair_i[:half]] - positions[pair_j[:half]]).norm(dim=-1)
+    f_cut = cutoff_fn(d) if cutoff_fn is not None else torch.ones_like(d)
+    return rbf(d), f_cut
+
+
 def scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """out[k] = sum of values[n] with index[n] == k; ``size`` rows."""
     out = values.new_zeros((size,) + values.shape[1:])
