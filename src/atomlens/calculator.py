@@ -56,10 +56,9 @@ class Calculator(AseCalculator):
         super().__init__(**kwargs)
         dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
         if isinstance(model, (str, os.PathLike)):
-            from .cli import model_folder
             from .models.io import load_model
 
-            model = load_model(model_folder(model), device=device, dtype=dtype)
+            model = load_model(model, device=device, dtype=dtype)
         else:
             param = next(model.parameters())
             if model.training or param.device != torch.device(device) or (

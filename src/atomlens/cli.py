@@ -22,14 +22,6 @@ SUBCOMMAND_MODULES = ["atomlens.cli_sample", "atomlens.cli_md", "atomlens.cli_in
 
 
 # --------------------------------------------------------------------------- helpers
-def model_folder(path: str | Path) -> Path:
-    """Accept a training output folder or the model folder inside it."""
-    path = Path(path)
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    return path
-
-
 def describe_error(value_ev: float, unit: str) -> str:
     """An error in the target's unit, with meV and kcal/mol for energies."""
     if unit == "eV":
@@ -143,7 +135,7 @@ def _add_evaluate(sub) -> None:
 
 def run_evaluate(args) -> int:
     from .data.splits import load_split
-    from .models.io import load_model, read_config
+    from .models.io import load_model, model_folder, read_config
     from .training.config import TrainConfig, load_config
     from .training.evaluate import evaluate
     from .training.train import load_dataset
@@ -202,7 +194,7 @@ def read_structures(path: str, index: str = ":"):
 
 def run_predict(args) -> int:
     from .data.dataset import dataset_from_atoms
-    from .models.io import load_model, read_config
+    from .models.io import load_model, model_folder, read_config
 
     folder = model_folder(args.model)
     model = load_model(folder)

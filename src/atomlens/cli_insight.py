@@ -102,8 +102,7 @@ def _add_data_options(p) -> None:
 def _load(model_path: str, dtype: str = "float64"):
     import torch
 
-    from .cli import model_folder
-    from .models.io import load_model, read_config
+    from .models.io import load_model, model_folder, read_config
 
     folder = model_folder(model_path)
     model = load_model(folder, dtype=getattr(torch, dtype))

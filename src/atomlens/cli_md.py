@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from .cli import model_folder, read_structures
+    from .cli import read_structures
     from .md import run_md
 
     if args.threads:
@@ -50,7 +50,7 @@ def run(args) -> int:
                          f"structures; MD needs one")
     atoms = frames[0]
     atoms.calc = None
-    log = run_md(model_folder(args.model), atoms, ensemble=args.ensemble,
+    log = run_md(args.model, atoms, ensemble=args.ensemble,
                  temperature_K=args.temperature, timestep_fs=args.timestep, steps=args.steps,
                  friction=args.friction, trajectory=args.out, logfile=args.log,
                  interval=args.interval, seed=args.seed, device=args.device,

@@ -8,11 +8,11 @@ the exact molecules a model was trained on travel with it.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_file
 from .dataset import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -71,15 +71,8 @@ def save_split(path: str | os.PathLike, split: dict[str, np.ndarray]) -> Path:
     """Write ``split`` to ``path`` (``.npz``) atomically: temp file, then rename."""
     path = Path(path)
     check_split(split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **{k: np.asarray(v, dtype=np.int64) for k, v in split.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **{k: np.asarray(v, dtype=np.int64) for k, v in split.items()})
     return path
 
 

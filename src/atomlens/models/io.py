@@ -41,6 +41,14 @@ def save_model(model: AtomisticModel, path: str | os.PathLike, extra_files: dict
     return path
 
 
+def model_folder(path: str | os.PathLike) -> Path:
+    """Accept a training output folder (holding ``model/``) or the model folder itself."""
+    path = Path(path)
+    if (path / "model" / CONFIG).is_file():
+        return path / "model"
+    return path
+
+
 def read_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not (path / CONFIG).is_file():
@@ -53,8 +61,11 @@ def read_config(path: str | os.PathLike) -> dict:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> AtomisticModel:
-    """Rebuild a saved model from its config and safetensors weights, in eval mode."""
-    path = Path(path)
+    """Rebuild a saved model from its config and safetensors weights, in eval mode.
+
+    ``path`` is the model folder or the training output folder that holds it.
+    """
+    path = model_folder(path)
     doc = read_config(path)
     model = build_model(doc["model"])
     try:

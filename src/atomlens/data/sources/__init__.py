@@ -12,12 +12,7 @@ reading one format does not import the others.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import os
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 _EXPORTS = {
     "QM9_TARGETS": "qm9", "load_qm9": "qm9", "read_qm9_csv": "qm9",
@@ -26,7 +21,7 @@ _EXPORTS = {
     "read_ase": "ase_files", "write_ase": "ase_files", "read_any": "ase_files",
 }
 
-__all__ = ["QM9_TARGETS", "atomic_output", "load_qm9", "read_any", "read_ase", "read_iso17",
+__all__ = ["QM9_TARGETS", "load_qm9", "read_any", "read_ase", "read_iso17",
            "read_md17", "read_qm9_csv", "write_ase", "write_iso17", "write_md17"]
 
 
@@ -34,22 +29,3 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix); rename it over ``path`` on success.
-
-    Writers use it so that a crash never leaves a half-written file under the real name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    tmp.unlink()  # writers such as ase.db want to create the file themselves
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ... import units
+from ...fileio import atomic_file
 from ..dataset import DataError, PackedDataset
-from . import atomic_output
 
 
 def _value(atoms, key: str, per_atom: bool):
@@ -109,7 +109,7 @@ def write_ase(path: str | os.PathLike, dataset: PackedDataset, energy_key: str =
         if results:
             atoms.calc = SinglePointCalculator(atoms, **results)
         frames.append(atoms)
-    with atomic_output(path) as tmp:
+    with atomic_file(path) as tmp:
         write(str(tmp), frames, format=format)
     return Path(path)
 

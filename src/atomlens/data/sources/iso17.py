@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...fileio import atomic_file
 from ..dataset import DataError, PackedDataset
-from . import atomic_output
 
 ENERGY_KEY = "total_energy"
 FORCES_KEY = "atomic_forces"
@@ -104,7 +104,7 @@ def write_iso17(path: str | os.PathLike, dataset: PackedDataset, energy_key: str
     energy = np.asarray(dataset.targets[energy_key], np.float64)
     forces = np.asarray(dataset.targets[forces_key], np.float64)
     extras = {k: np.asarray(v) for k, v in dataset.extras.items() if k != "row_id"}
-    with atomic_output(path) as tmp, connect(str(tmp), type="db", append=False) as db:
+    with atomic_file(path) as tmp, connect(str(tmp), type="db", append=False) as db:
         for m in range(len(dataset)):
             a, b = int(dataset.offsets[m]), int(dataset.offsets[m + 1])
             atoms = Atoms(numbers=np.asarray(dataset.numbers[a:b]),

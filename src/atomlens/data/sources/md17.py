@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ... import units
+from ...fileio import atomic_file
 from ..dataset import DataError, PackedDataset
-from . import atomic_output
 
 #: MD17's units, for ``assume_md17_units=True``
 MD17_UNITS = {"energy": "kcal/mol", "length": "Angstrom"}
@@ -156,6 +156,6 @@ def write_md17(path: str | os.PathLike, dataset: PackedDataset, energy_key: str 
     for key, value in metadata.items():
         arrays[key] = np.str_(value) if isinstance(value, str) else np.asarray(value)
     arrays["md5"] = np.str_(sgdml_md5(arrays))
-    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, **arrays)
     return Path(path)
