@@ -10,6 +10,9 @@ Units inside atomlens: eV, Angstrom, eV/Angstrom.
 __version__ = "0.1.0"
 
 from .models import AtomisticModel, ModelConfig, build_model, load_model, save_model
+from .runtime import tune_allocator
+
+tune_allocator()  # keep freed memory in the process: see atomlens.runtime
 
 __all__ = [
     "AtomisticModel",

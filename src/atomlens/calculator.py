@@ -59,11 +59,8 @@ class Calculator(AseCalculator):
             from .models.io import load_model
 
             model = load_model(model, device=device, dtype=dtype)
-        else:
-            param = next(model.parameters())
-            if model.training or param.device != torch.device(device) or (
-                    dtype is not None and param.dtype != dtype):
-                model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        else:  # a private copy: the caller's model is never changed
+            model = copy.deepcopy(model).to(device=device, dtype=dtype)
         config = model.config
         if config.aggregation != "sum":
             raise ValueError(f"the model predicts {config.target!r} as a mean over atoms; an "
@@ -78,8 +75,13 @@ class Calculator(AseCalculator):
         self.device, self.dtype = param.device, param.dtype
         self._numbers: np.ndarray | None = None  # the numbers the cached tensors belong to
         self.compile = compile
-        if compile:  # a private, frozen copy: torch.func differentiates w.r.t. positions only
-            self.model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # frozen: gradients w.r.t. positions only, and the filter tables (SchNet) computed once
+        # instead of at every call
+        self.model.eval().requires_grad_(False)
+        self._representation_kwargs: dict = {}
+        if getattr(self.model.representation, "filter_spacing", None) is not None:
+            with torch.no_grad():
+                self._representation_kwargs["tables"] = self.model.representation.filter_tables()
 
     # ------------------------------------------------------------------ set-up per molecule
     def _prepare(self, atoms) -> None:
@@ -102,16 +104,22 @@ class Calculator(AseCalculator):
         if self.compile:
             self._compiled = torch.compile(self._energy_forces_function(), dynamic=False)
 
+    def _energy(self, positions: torch.Tensor, pair_i: torch.Tensor, pair_j: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(energy, atomic energies) in the model's unit, from symmetric-layout pairs."""
+        numbers = self._batch_numbers
+        features = self.model.representation(numbers, positions, pair_i, pair_j, True,
+                                             **self._representation_kwargs)
+        atomic = self.model.atomic_contributions(features, numbers)
+        return atomic.sum(), atomic
+
     def _energy_forces_function(self):
         """positions -> (energy, forces, atomic energies) on all pairs, for torch.compile."""
-        model, numbers = self.model, self._batch_numbers
         i, j = self._upper
         pair_i, pair_j = torch.cat([i, j]), torch.cat([j, i])
 
         def energy(positions):
-            features = model.representation(numbers, positions, pair_i, pair_j, True)
-            atomic = model.atomic_contributions(features, numbers)
-            return atomic.sum(), atomic
+            return self._energy(positions, pair_i, pair_j)
 
         grad_and_value = torch.func.grad_and_value(energy, has_aux=True)
 
@@ -141,6 +149,27 @@ class Calculator(AseCalculator):
                      pair_i=torch.cat([i, j]), pair_j=torch.cat([j, i]), n_structures=1)
 
     # ------------------------------------------------------------------ ASE interface
+    def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
+        """What changed since the last calculation, of what the model depends on.
+
+        ASE's generic check compares every per-atom array with ``np.isclose`` (a third of an
+        MD step's time for a small molecule); the model sees only numbers, positions, cell
+        and pbc, so only those are compared (magnetic moments and charges are ignored).
+        """
+        old = self.atoms
+        if old is None or len(old) != len(atoms):
+            return list(all_changes)
+        changes = []
+        if not np.array_equal(old.positions, atoms.positions):
+            changes.append("positions")
+        if not np.array_equal(old.numbers, atoms.numbers):
+            changes.append("numbers")
+        if not np.array_equal(old.cell.array, atoms.cell.array):
+            changes.append("cell")
+        if not np.array_equal(old.pbc, atoms.pbc):
+            changes.append("pbc")
+        return changes
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         if "numbers" in system_changes or "pbc" in system_changes:
@@ -150,14 +179,17 @@ class Calculator(AseCalculator):
             self._calculate_compiled()
             return
         batch = self.batch(self.atoms)
+        positions = batch.positions.requires_grad_(forces)
         with torch.set_grad_enabled(forces):
-            out = self.model(batch, forces=forces)
+            total, atomic = self._energy(positions, batch.pair_i, batch.pair_j)
+            if forces:
+                (gradient,) = torch.autograd.grad(total, positions)
         factor = self.energy_to_ev
-        energy = float(out[self.model.target].detach()[0]) * factor
+        energy = float(total.detach()) * factor
         self.results = {"energy": energy, "free_energy": energy,
-                        "energies": out["atomic"].detach().cpu().double().numpy() * factor}
+                        "energies": atomic.detach().cpu().double().numpy() * factor}
         if forces:
-            self.results["forces"] = out["forces"].cpu().double().numpy() * factor
+            self.results["forces"] = -gradient.cpu().double().numpy() * factor
 
     def _calculate_compiled(self) -> None:
         numbers = self.atoms.numbers

@@ -9,6 +9,8 @@ from torch import nn
 
 LN2 = math.log(2.0)
 
+from .hermite import hermite_coefficients, hermite_lookup  # noqa: E402
+
 
 def shifted_softplus(x: torch.Tensor) -> torch.Tensor:
     """ssp(x) = ln(0.5 e^x + 0.5) = softplus(x) - ln 2, so that ssp(0) = 0."""
@@ -48,6 +50,12 @@ class GaussianRBF(nn.Module):
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         return torch.exp(-self.gamma * (d[:, None] - self.centres) ** 2)
 
+    def value_and_derivative(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(e(d), de/dd)``, both ``(len(d), n_rbf)``."""
+        diff = d[:, None] - self.centres
+        e = torch.exp(-self.gamma * diff**2)
+        return e, -2.0 * self.gamma * diff * e
+
 
 class CosineCutoff(nn.Module):
     """f(d) = 0.5 (cos(pi d / r_c) + 1) for d < r_c, else 0 (smooth at the cutoff)."""
@@ -59,6 +67,11 @@ class CosineCutoff(nn.Module):
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         f = 0.5 * (torch.cos(d * (math.pi / self.cutoff)) + 1.0)
         return f * (d < self.cutoff).to(d.dtype)
+
+    def value_and_derivative(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f(d), df/dd)`` for ``d <= cutoff`` (both vanish at the cutoff)."""
+        phase = d * (math.pi / self.cutoff)
+        return 0.5 * (torch.cos(phase) + 1.0), (-0.5 * math.pi / self.cutoff) * torch.sin(phase)
 
 
 def pair_expansion(rbf: GaussianRBF, cutoff_fn: CosineCutoff | None, positions: torch.Tensor,

@@ -1,0 +1,127 @@
+"""Tabulated functions of one variable: piecewise cubic Hermite polynomials on a uniform grid.
+
+A table holds, for every interval ``k`` between grid nodes, the coefficients of
+``p_k(t) = c0 + c1 t + c2 t^2 + c3 t^3`` (``t`` in [0, 1]) for ``F`` functions at once. A
+lookup at grid coordinate ``x`` is a weighted sum of the four coefficient rows of interval
+``floor(x)``, one ``embedding_bag`` call that reads the table (small, cache-resident) and
+writes the ``(P, F)`` result: no ``(P, 4, F)`` intermediate. Derivatives of every order
+w.r.t. ``x`` and the table are lookups and scatters again, so force training (double
+backward) works.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import embedding_bag
+
+_OFFSETS = torch.arange(4)
+
+
+def hermite_coefficients(values: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """Table ``(n_nodes - 1, 4, F)`` from values and slopes ``(n_nodes, F)`` at the nodes.
+
+    ``slopes`` are the derivatives already multiplied by the node spacing. Value and first
+    derivative are continuous across nodes (C1), so forces from a tabulated energy are too.
+    """
+    v0, v1, m0, m1 = values[:-1], values[1:], slopes[:-1], slopes[1:]
+    return torch.stack([v0, m0, 3.0 * (v1 - v0) - 2.0 * m0 - m1, 2.0 * (v0 - v1) + m0 + m1], 1)
+
+
+#: d^order/dt^order of [1, t, t^2, t^3] = _FACTORS[order] * t ** _EXPONENTS[order]
+_FACTORS = torch.tensor([[1.0, 1, 1, 1], [0, 1, 2, 3], [0, 0, 2, 6], [0, 0, 0, 6], [0, 0, 0, 0]])
+_EXPONENTS = torch.tensor([[0.0, 1, 2, 3], [0, 0, 1, 2], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+
+
+def _weights(x: torch.Tensor, n: int, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the flattened table and the weights d^order/dt^order [1, t, t^2, t^3]."""
+    k = x.floor().clamp_(max=n - 1)
+    order = min(order, 4)
+    factors = _FACTORS[order].to(x.device, x.dtype)
+    w = (x - k)[:, None].pow(_EXPONENTS[order].to(x.device, x.dtype)) * factors
+    rows = k.long()[:, None] * 4 + _OFFSETS.to(x.device)
+    return rows, w
+
+
+def _engine_needs(tensor: torch.Tensor) -> bool:
+    """Whether the running backward pass goes on into ``tensor``'s graph.
+
+    ``torch.autograd.grad(E, positions)`` (forces) need not scatter into the filter tables
+    although they require grad; custom Functions are not told, so ask the engine.
+    """
+    node = tensor.grad_fn
+    if node is None:
+        return True
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):  # not inside a backward pass, or an older torch
+        return True
+
+
+class _Lookup(torch.autograd.Function):
+    """y[p] = sum_s w_s(t_p) table[4 k_p + s], the ``order``-th t-derivative of the cubic."""
+
+    @staticmethod
+    def forward(table, x, order):
+        rows, w = _weights(x, table.shape[0] // 4, order)
+        return embedding_bag(rows, table, per_sample_weights=w, mode="sum")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        table, x, order = inputs
+        ctx.save_for_backward(table, x)
+        ctx.order = order
+
+    @staticmethod
+    def backward(ctx, grad):
+        table, x = ctx.saved_tensors
+        grad_table = grad_x = None
+        if ctx.needs_input_grad[0] and _engine_needs(table):
+            grad_table = _Scatter.apply(grad, x, ctx.order, table.shape[0])
+        if ctx.needs_input_grad[1]:
+            grad_x = (grad * _Lookup.apply(table, x, ctx.order + 1)).sum(1)
+        return grad_table, grad_x, None
+
+
+class _Scatter(torch.autograd.Function):
+    """The transpose of :class:`_Lookup` w.r.t. the table: out[4 k_p + s] += w_s(t_p) g[p]."""
+
+    @staticmethod
+    def forward(grad, x, order, n_rows):
+        rows, w = _weights(x, n_rows // 4, order)
+        out = grad.new_zeros((n_rows, grad.shape[1]))
+        for s in range(4):  # four (P, F) scatters beat one of (4P, F) (no (P, 4, F) product)
+            if order <= s:
+                out.index_add_(0, rows[:, s], grad * w[:, s, None])
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, x, order, _ = inputs
+        ctx.save_for_backward(grad, x)
+        ctx.order = order
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad, x = ctx.saved_tensors
+        grad_grad = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_grad = _Lookup.apply(grad_out, x, ctx.order)
+        if ctx.needs_input_grad[1]:
+            grad_x = (grad * _Lookup.apply(grad_out, x, ctx.order + 1)).sum(1)
+        return grad_grad, grad_x, None, None
+
+
+def hermite_lookup(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Evaluate the tabulated functions at grid coordinates ``x`` (``d / spacing``): ``(P, F)``.
+
+    ``table`` is ``(n_intervals, 4, F)`` from :func:`hermite_coefficients`; ``x`` beyond the
+    last node reads the last node's value (zero gradient). Differentiable to any order.
+    """
+    n = table.shape[0]
+    x = x.clamp(0.0, float(n))
+    if torch.compiler.is_compiling():  # plain ops, which the compiler fuses into one loop
+        k = x.detach().floor().clamp(max=n - 1)
+        t = (x - k)[:, None]
+        c = table[k.long()]
+        return c[:, 0] + t * (c[:, 1] + t * (c[:, 2] + t * c[:, 3]))
+    return _Lookup.apply(table.reshape(4 * n, -1), x, 0)
