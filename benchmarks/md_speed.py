@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -123,7 +124,7 @@ def md_speed(frames: dict, steps: int, clock: str = "wall", compile: bool = Fals
     atoms = md_atoms(frames)
     atoms.calc = atomlens.Calculator(build_model().eval(), compile=compile)
     dyn = VelocityVerlet(atoms, 0.5 * units.fs)
-    dyn.run(10)  # warm-up (and, with compile, the one-off compilation)
+    dyn.run(50)  # warm-up (and, with compile, the one-off compilation)
     now = CLOCKS[clock]
     start = now()
     dyn.run(steps)
@@ -167,7 +168,12 @@ def run_peer(frames: dict, args) -> list[dict]:
                    "--frames", str(path), "--threads", str(args.threads), "--seconds",
                    str(args.seconds), "--md-steps", str(args.md_steps), "--clock", args.clock, "--batch-sizes",
                    *map(str, args.batch_sizes), "--hyperparameters", json.dumps(HYPERPARAMETERS)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        env = dict(os.environ)
+        if args.peer_malloc:  # the allocator settings atomlens makes for itself
+            from atomlens.runtime import allocator_environment
+
+            env.update(allocator_environment())
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"SchNetPack worker failed:\n{done.stderr[-3000:]}")
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -184,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu: count this thread's CPU time (needs --threads 1)")
     parser.add_argument("--md-steps", type=int, default=500)
     parser.add_argument("--no-peer", action="store_true", help="skip SchNetPack")
+    parser.add_argument("--peer-malloc", action="store_true",
+                        help="run SchNetPack with atomlens's glibc malloc settings too")
     parser.add_argument("--compile", action="store_true",
                         help="also MD with atomlens.Calculator(compile=True)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables to stderr")
@@ -212,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_peer:
         return 0
     for peer in run_peer(frames, args):
+        peer["malloc_tuned"] = args.peer_malloc
         print(json.dumps(peer), flush=True)
         key = (peer["measure"], peer.get("batch_size"))
         rate = "structures_per_s" if peer["measure"] == "train" else "steps_per_s"

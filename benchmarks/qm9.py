@@ -233,6 +233,10 @@ def start_schnetpack(data: PackedDataset, indices: np.ndarray, args) -> PeerWork
     np.savez(npz, numbers=np.asarray(molecules.numbers), positions=np.asarray(molecules.positions),
              offsets=molecules.offsets, U0=np.asarray(molecules.targets["U0"]))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.peer_malloc:  # the allocator settings atomlens makes for itself (atomlens.runtime)
+        from atomlens.runtime import allocator_environment
+
+        env.update(allocator_environment())
     cmd = [str(python), str(HERE / "peers" / "schnetpack_qm9.py"), "--molecules", str(npz),
            "--db", str(npz.with_suffix(".db")), "--batch-size", str(args.batch_size),
            "--threads", str(args.threads), "--seed", str(args.seed),
@@ -290,6 +294,7 @@ def throughput(args) -> list[dict]:
         record.update(env)
         if args.peers:
             record["schnetpack"] = benches[1].info
+            record["peer_malloc_tuned"] = args.peer_malloc
         emit(record)
         records.append(record)
     return records
@@ -370,6 +375,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per case")
     parser.add_argument("--neighbor-list", choices=["matscipy", "ase"], default="matscipy",
                         help="SchNetPack's neighbour-list transform")
+    parser.add_argument("--peer-malloc", action="store_true",
+                        help="run SchNetPack with atomlens's glibc malloc settings too")
     parser.add_argument("--peer-dir", default=None, help="where the SchNetPack db is written")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler table of training steps at the first setting")

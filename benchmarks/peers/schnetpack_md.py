@@ -124,7 +124,7 @@ def md_speed(spk, frames: dict, hp: dict, steps: int, workdir: Path,
     atoms.calc = calc
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
     dyn = VelocityVerlet(atoms, 0.5 * units.fs)
-    dyn.run(10)  # warm-up
+    dyn.run(50)  # warm-up
     now = CLOCKS[clock]
     start = now()
     dyn.run(steps)

@@ -171,7 +171,11 @@ class Calculator(AseCalculator):
         return changes
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
-        super().calculate(atoms, properties, system_changes)
+        if atoms is not None:  # ASE copies the atoms at every call; an MD step moves only atoms
+            if self.atoms is not None and set(system_changes) <= {"positions"}:
+                self.atoms.positions[:] = atoms.positions
+            else:
+                self.atoms = atoms.copy()
         if "numbers" in system_changes or "pbc" in system_changes:
             self._numbers = None
         forces = "forces" in properties

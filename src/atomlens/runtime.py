@@ -42,3 +42,9 @@ def tune_allocator(force: bool = False) -> bool:
                   and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
                   and mallopt(_M_TOP_PAD, TOP_PAD))
     return _tuned
+
+
+def allocator_environment() -> dict[str, str]:
+    """The same glibc settings as environment variables, for another process (benchmarks)."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), "MALLOC_TOP_PAD_": str(TOP_PAD)}

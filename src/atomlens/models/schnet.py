@@ -25,6 +25,7 @@ from ..nn import (
     CosineCutoff,
     GaussianRBF,
     ShiftedSoftplus,
+    cfconv_symmetric,
     hermite_coefficients,
     hermite_lookup,
     pair_expansion,
@@ -63,11 +64,9 @@ class SchNetInteraction(nn.Module):
         else:
             filters = self.filter_network(rbf) * f_cut[:, None]
         y = self.in2f(x)
-        messages = torch.index_select(y, 0, pair_j)
-        if symmetric:  # one filter per unordered pair serves both directions (no copy)
-            messages = (messages.view(2, -1, y.shape[1]) * filters).view(-1, y.shape[1])
-        else:
-            messages = messages * filters
+        if symmetric:  # one filter per unordered pair serves both directions
+            return self.f2out(cfconv_symmetric(y, filters, pair_i, pair_j))
+        messages = torch.index_select(y, 0, pair_j) * filters
         return self.f2out(scatter_sum(messages, pair_i, x.shape[0]))
 
 

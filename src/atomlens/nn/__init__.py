@@ -7,9 +7,14 @@ import math
 import torch
 from torch import nn
 
+from .cfconv import cfconv_symmetric
+from .hermite import hermite_coefficients, hermite_lookup
+
 LN2 = math.log(2.0)
 
-from .hermite import hermite_coefficients, hermite_lookup  # noqa: E402
+__all__ = ["LN2", "CosineCutoff", "GaussianRBF", "ShiftedSoftplus", "activation",
+           "cfconv_symmetric",           "hermite_coefficients", "hermite_lookup", "pair_expansion", "scatter_sum",
+           "shifted_softplus"]
 
 
 def shifted_softplus(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import embedding_bag
 
-_OFFSETS = torch.arange(4)
+from . import kernels
+from .kernels import FusedKernel
 
 
 def hermite_coefficients(values: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
@@ -27,19 +28,21 @@ def hermite_coefficients(values: torch.Tensor, slopes: torch.Tensor) -> torch.Te
     return torch.stack([v0, m0, 3.0 * (v1 - v0) - 2.0 * m0 - m1, 2.0 * (v0 - v1) + m0 + m1], 1)
 
 
-#: d^order/dt^order of [1, t, t^2, t^3] = _FACTORS[order] * t ** _EXPONENTS[order]
-_FACTORS = torch.tensor([[1.0, 1, 1, 1], [0, 1, 2, 3], [0, 0, 2, 6], [0, 0, 0, 6], [0, 0, 0, 0]])
-_EXPONENTS = torch.tensor([[0.0, 1, 2, 3], [0, 0, 1, 2], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
-
-
 def _weights(x: torch.Tensor, n: int, order: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the flattened table and the weights d^order/dt^order [1, t, t^2, t^3]."""
-    k = x.floor().clamp_(max=n - 1)
-    order = min(order, 4)
-    factors = _FACTORS[order].to(x.device, x.dtype)
-    w = (x - k)[:, None].pow(_EXPONENTS[order].to(x.device, x.dtype)) * factors
-    rows = k.long()[:, None] * 4 + _OFFSETS.to(x.device)
-    return rows, w
+    k = x.floor().clamp(max=n - 1)
+    t = x - k
+    one = torch.ones_like(t)
+    if order == 0:
+        w = [one, t, t * t, t * t * t]
+    elif order == 1:
+        w = [0 * one, one, 2 * t, 3 * t * t]
+    elif order == 2:
+        w = [0 * one, 0 * one, 2 * one, 6 * t]
+    else:
+        w = [0 * one, 0 * one, 0 * one, (6 if order == 3 else 0) * one]
+    rows = k.long()[:, None] * 4 + torch.arange(4, device=x.device)
+    return rows, torch.stack(w, 1)
 
 
 def _engine_needs(tensor: torch.Tensor) -> bool:
@@ -57,13 +60,39 @@ def _engine_needs(tensor: torch.Tensor) -> bool:
         return True
 
 
+def _lookup_eager(table, x, order):
+    rows, w = _weights(x, table.shape[0] // 4, order)
+    return embedding_bag(rows, table, per_sample_weights=w, mode="sum")
+
+
+def _lookup_plain(table, x, order):
+    rows, w = _weights(x, table.shape[0] // 4, order)
+    return (table[rows] * w[:, :, None]).sum(1)
+
+
+def _dot_plain(grad, table, x, order):
+    """sum_f grad[p, f] * lookup(table, x, order)[p, f]: the gradient w.r.t. x."""
+    return (grad * _lookup_plain(table, x, order)).sum(1)
+
+
+def _scatter_plain(grad, x, order, n_rows):
+    rows, w = _weights(x, n_rows // 4, order)
+    out = grad.new_zeros((n_rows, grad.shape[1]))
+    return out.index_add_(0, rows.view(-1), (w[:, :, None] * grad[:, None, :]).flatten(0, 1))
+
+
+_dot = FusedKernel(_dot_plain)
+_scatter = FusedKernel(_scatter_plain)
+
+
 class _Lookup(torch.autograd.Function):
     """y[p] = sum_s w_s(t_p) table[4 k_p + s], the ``order``-th t-derivative of the cubic."""
 
     @staticmethod
     def forward(table, x, order):
-        rows, w = _weights(x, table.shape[0] // 4, order)
-        return embedding_bag(rows, table, per_sample_weights=w, mode="sum")
+        if torch.compiler.is_compiling():
+            return _lookup_plain(table, x, order)
+        return _lookup_eager(table, x, order)  # embedding_bag beats a compiled gather here
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -78,8 +107,34 @@ class _Lookup(torch.autograd.Function):
         if ctx.needs_input_grad[0] and _engine_needs(table):
             grad_table = _Scatter.apply(grad, x, ctx.order, table.shape[0])
         if ctx.needs_input_grad[1]:
-            grad_x = (grad * _Lookup.apply(table, x, ctx.order + 1)).sum(1)
+            grad_x = _Dot.apply(grad, table, x, ctx.order + 1)
         return grad_table, grad_x, None
+
+
+class _Dot(torch.autograd.Function):
+    """d[p] = sum_f g[p, f] lookup(table, x, order)[p, f]."""
+
+    @staticmethod
+    def forward(grad, table, x, order):
+        return _dot(grad, table, x, order, size=grad.numel())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, table, x, order = inputs
+        ctx.save_for_backward(grad, table, x)
+        ctx.order = order
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad, table, x = ctx.saved_tensors
+        grad_grad = grad_table = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_grad = _Lookup.apply(table, x, ctx.order) * grad_out[:, None]
+        if ctx.needs_input_grad[1] and _engine_needs(table):
+            grad_table = _Scatter.apply(grad * grad_out[:, None], x, ctx.order, table.shape[0])
+        if ctx.needs_input_grad[2]:
+            grad_x = _Dot.apply(grad, table, x, ctx.order + 1) * grad_out
+        return grad_grad, grad_table, grad_x, None
 
 
 class _Scatter(torch.autograd.Function):
@@ -87,12 +142,7 @@ class _Scatter(torch.autograd.Function):
 
     @staticmethod
     def forward(grad, x, order, n_rows):
-        rows, w = _weights(x, n_rows // 4, order)
-        out = grad.new_zeros((n_rows, grad.shape[1]))
-        for s in range(4):  # four (P, F) scatters beat one of (4P, F) (no (P, 4, F) product)
-            if order <= s:
-                out.index_add_(0, rows[:, s], grad * w[:, s, None])
-        return out
+        return _scatter(grad, x, order, n_rows, size=grad.numel())
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -107,7 +157,7 @@ class _Scatter(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_grad = _Lookup.apply(grad_out, x, ctx.order)
         if ctx.needs_input_grad[1]:
-            grad_x = (grad * _Lookup.apply(grad_out, x, ctx.order + 1)).sum(1)
+            grad_x = _Dot.apply(grad, grad_out, x, ctx.order + 1)
         return grad_grad, grad_x, None, None
 
 
@@ -119,7 +169,8 @@ def hermite_lookup(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     n = table.shape[0]
     x = x.clamp(0.0, float(n))
-    if torch.compiler.is_compiling():  # plain ops, which the compiler fuses into one loop
+    if torch.compiler.is_compiling() or x.shape[0] * table.shape[2] < kernels.MIN_FUSED_SIZE:
+        # small (one molecule) or inside torch.compile: plain autograd, least overhead
         k = x.detach().floor().clamp(max=n - 1)
         t = (x - k)[:, None]
         c = table[k.long()]

@@ -1,0 +1,155 @@
+"""Tabulated SchNet filters: the same model as the direct evaluation, to float32 rounding."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import qm9_sample, random_model
+
+from atomlens.data import PackedDataset
+from atomlens.nn import hermite_coefficients, hermite_lookup
+from atomlens.runtime import tune_allocator
+
+
+@pytest.fixture(scope="module")
+def data():
+    return qm9_sample()
+
+
+def sharp_model(spacing):
+    """A SchNet with filter networks sharper than at initialisation (a harder table)."""
+    model = random_model("schnet")
+    with torch.no_grad():
+        for block in model.representation.interactions:
+            for layer in (block.filter_network[0], block.filter_network[2]):
+                layer.weight.mul_(3.0)
+    model.representation.filter_spacing = spacing
+    return model
+
+
+def reference_cubic(table, x):
+    k = x.detach().floor().clamp(max=table.shape[0] - 1)
+    t = (x - k)[:, None]
+    c = table[k.long()]
+    return c[:, 0] + t * (c[:, 1] + t * (c[:, 2] + t * c[:, 3]))
+
+
+def test_hermite_lookup_is_the_cubic_and_differentiable_twice():
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(6, 4, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
+    x = (torch.rand(9, dtype=torch.float64, generator=gen) * 5.8 + 0.1).requires_grad_(True)
+    torch.testing.assert_close(hermite_lookup(table, x), reference_cubic(table, x))
+    assert torch.autograd.gradcheck(hermite_lookup, (table, x))
+    assert torch.autograd.gradgradcheck(hermite_lookup, (table, x))
+    # beyond the last node: the last node's value, no gradient
+    far = torch.tensor([6.0, 9.0], dtype=torch.float64, requires_grad=True)
+    out = hermite_lookup(table, far)
+    torch.testing.assert_close(out[1], out[0])
+    (grad,) = torch.autograd.grad(out[1].sum(), far)
+    assert grad[1] == 0
+
+
+def test_hermite_table_reproduces_a_function_and_its_derivative():
+    grid = torch.linspace(0.0, 5.0, 501, dtype=torch.float64)
+    f = torch.stack([torch.sin(3 * grid), torch.exp(-grid**2)], 1)
+    df = torch.stack([3 * torch.cos(3 * grid), -2 * grid * torch.exp(-grid**2)], 1)
+    table = hermite_coefficients(f, df * 0.01)
+    r = torch.linspace(0.003, 4.99, 997, dtype=torch.float64, requires_grad=True)
+    values = hermite_lookup(table, r / 0.01)
+    exact = torch.stack([torch.sin(3 * r), torch.exp(-r**2)], 1)
+    assert (values - exact).abs().max() < 1e-8
+    (slope,) = torch.autograd.grad(values[:, 0].sum(), r)
+    assert (slope - 3 * torch.cos(3 * r)).abs().max() < 1e-5
+
+
+def test_tabulated_model_matches_direct_evaluation(data):
+    batch = data.batch(range(8), 5.0, torch.float64)
+    direct = sharp_model(None)(batch, forces=True)
+    errors = {}
+    for spacing in (0.02, 0.01):
+        tabulated = sharp_model(spacing)(batch, forces=True)
+        torch.testing.assert_close(tabulated["energy"], direct["energy"], rtol=0, atol=1e-6)
+        errors[spacing] = float((tabulated["forces"] - direct["forces"]).abs().max())
+    scale = float(direct["forces"].abs().max())
+    assert errors[0.01] < 1e-6 * scale
+    assert errors[0.02] / errors[0.01] > 8  # cubic Hermite: error ~ spacing^4
+
+
+def test_tabulated_training_gradients_match_direct(data):
+    batch = data.batch(range(4), 5.0, torch.float64)
+    grads = []
+    for spacing in (None, 0.01):
+        model = sharp_model(spacing).train()
+        out = model(batch, forces=True)
+        loss = out["energy"].pow(2).sum() + out["forces"].pow(2).sum()  # double backward
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_tabulated_forces_are_continuous_across_grid_nodes():
+    model = sharp_model(0.01)
+    node = 1.37  # a grid node of the 0.01 Angstrom table
+    forces = []
+    for d in (node - 1e-9, node + 1e-9):
+        dimer = PackedDataset(np.array([6, 8]), np.array([[0.0, 0, 0], [d, 0, 0]]),
+                              np.array([0, 2]))
+        forces.append(model(dimer.batch([0], 5.0, torch.float64), forces=True)["forces"])
+    torch.testing.assert_close(forces[0], forces[1], rtol=1e-6, atol=1e-9)
+
+
+def test_allocator_tuning_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("ATOMLENS_TUNE_MALLOC", "0")
+    assert tune_allocator(force=True) is False
+    monkeypatch.delenv("ATOMLENS_TUNE_MALLOC")
+    import sys
+
+    if sys.platform.startswith("linux"):
+        assert tune_allocator(force=True) is True
+
+
+@pytest.fixture
+def always_fused(monkeypatch):
+    from atomlens.nn import kernels
+
+    monkeypatch.setattr(kernels, "MIN_FUSED_SIZE", 0)
+    assert kernels.fused_enabled()
+    yield kernels
+    assert kernels.fused_enabled(), "the fused kernels failed to compile and were switched off"
+
+
+def test_fused_kernels_have_exact_first_and_second_derivatives(always_fused):
+    from atomlens.nn import cfconv_symmetric
+
+    gen = torch.Generator().manual_seed(1)
+    table = torch.randn(6, 4, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
+    x = (torch.rand(9, dtype=torch.float64, generator=gen) * 5.8 + 0.1).requires_grad_(True)
+    torch.testing.assert_close(hermite_lookup(table, x), reference_cubic(table, x))
+    assert torch.autograd.gradcheck(hermite_lookup, (table, x))
+    assert torch.autograd.gradgradcheck(hermite_lookup, (table, x))
+
+    features = torch.randn(6, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    filters = torch.randn(8, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    a, b = torch.randint(0, 6, (8,), generator=gen), torch.randint(0, 6, (8,), generator=gen)
+    pair_i, pair_j = torch.cat([a, b]), torch.cat([b, a])
+
+    def conv(features, filters):
+        return cfconv_symmetric(features, filters, pair_i, pair_j)
+
+    expected = torch.zeros(6, 3, dtype=torch.float64).index_add_(
+        0, pair_i, features[pair_j] * torch.cat([filters, filters]))
+    torch.testing.assert_close(conv(features, filters), expected)
+    assert torch.autograd.gradcheck(conv, (features, filters))
+    assert torch.autograd.gradgradcheck(conv, (features, filters))
+
+
+def test_force_training_step_is_the_same_fused_or_plain(data, always_fused):
+    batch = data.batch(range(6), 5.0, torch.float64)
+    grads = []
+    for fused in (True, False):
+        always_fused.set_fused(fused)
+        model = sharp_model(0.01).train()
+        out = model(batch, forces=True)
+        (out["energy"].pow(2).sum() + out["forces"].pow(2).sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    always_fused.set_fused(True)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
