@@ -10,7 +10,7 @@ model carries them. Forces are the gradient of the one energy model, never a sep
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -60,9 +60,14 @@ class AtomisticModel(nn.Module):
                              f"known: {sorted(REPRESENTATIONS)}")
         if config.aggregation not in ("sum", "mean"):
             raise ValueError(f"aggregation must be 'sum' or 'mean', not {config.aggregation!r}")
-        self.config = config
         kwargs = dict(config.representation_kwargs, max_z=config.max_z)
         self.representation = REPRESENTATIONS[config.representation](**kwargs)
+        spacing = getattr(self.representation, "filter_spacing", None)
+        if spacing is not None and "filter_spacing" not in config.representation_kwargs:
+            # the saved config names the evaluation it was built with, not a default
+            config = replace(config, representation_kwargs={**config.representation_kwargs,
+                                                            "filter_spacing": spacing})
+        self.config = config
         n_features = self.representation.n_atom_basis
         self.head = nn.Sequential(
             nn.Linear(n_features, config.head_hidden), activation(config.head_activation),
