@@ -30,7 +30,7 @@ def _pair_product_plain(u, v, a, b):
     return u[a] * v[b] + u[b] * v[a]
 
 
-_cfconv = FusedKernel(_cfconv_plain)
+_cfconv = FusedKernel(_cfconv_plain, scatters=True)
 _pair_product = FusedKernel(_pair_product_plain)
 
 

@@ -82,7 +82,7 @@ def _scatter_plain(grad, x, order, n_rows):
 
 
 _dot = FusedKernel(_dot_plain)
-_scatter = FusedKernel(_scatter_plain)
+_scatter = FusedKernel(_scatter_plain, scatters=True)
 
 
 class _Lookup(torch.autograd.Function):
