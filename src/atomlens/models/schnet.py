@@ -57,12 +57,8 @@ class SchNetInteraction(nn.Module):
         spacing = grid[1] - grid[0]
         return hermite_coefficients(w * f[:, None], (dw * f[:, None] + w * df[:, None]) * spacing)
 
-    def forward(self, x, rbf, f_cut, pair_i, pair_j, symmetric: bool) -> torch.Tensor:
-        """``rbf``/``f_cut`` are the expanded pairs, or ``(table, d / spacing)`` if tabulated."""
-        if isinstance(rbf, tuple):
-            filters = hermite_lookup(*rbf)
-        else:
-            filters = self.filter_network(rbf) * f_cut[:, None]
+    def forward(self, x, filters, pair_i, pair_j, symmetric: bool) -> torch.Tensor:
+        """``filters``: W(r) of the pairs (of the unordered pairs if ``symmetric``)."""
         y = self.in2f(x)
         if symmetric:  # one filter per unordered pair serves both directions
             return self.f2out(cfconv_symmetric(y, filters, pair_i, pair_j))
@@ -116,16 +112,19 @@ class SchNet(nn.Module):
     def forward(self, numbers, positions, pair_i, pair_j, symmetric: bool = True,
                 tables: list[torch.Tensor] | None = None) -> torch.Tensor:
         x = self.embedding(numbers)
-        if self.filter_spacing is None and tables is None:
-            rbf, f_cut = pair_expansion(self.rbf, self.cutoff_fn, positions, pair_i, pair_j,
-                                        symmetric)
-            expansions = [(rbf, f_cut)] * len(self.interactions)
-        else:
+        tabulated = self.filter_spacing is not None or tables is not None
+        if tabulated:
             tables = self.filter_tables() if tables is None else tables
             half = pair_i.shape[0] // 2 if symmetric else pair_i.shape[0]
             d = (positions[pair_i[:half]] - positions[pair_j[:half]]).norm(dim=-1)
-            x_grid = d * (tables[0].shape[0] / self.cutoff)
-            expansions = [((table, x_grid), None) for table in tables]
-        for interaction, (rbf, f_cut) in zip(self.interactions, expansions):
-            x = x + interaction(x, rbf, f_cut, pair_i, pair_j, symmetric)
+            x_grid = d * (tables[0].shape[0] / self.cutoff)  # distance in node spacings
+        else:
+            rbf, f_cut = pair_expansion(self.rbf, self.cutoff_fn, positions, pair_i, pair_j,
+                                        symmetric)
+        for k, interaction in enumerate(self.interactions):
+            if tabulated:
+                filters = hermite_lookup(tables[k], x_grid)
+            else:
+                filters = interaction.filter_network(rbf) * f_cut[:, None]
+            x = x + interaction(x, filters, pair_i, pair_j, symmetric)
         return x
