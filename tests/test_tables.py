@@ -33,13 +33,19 @@ def reference_cubic(table, x):
     return c[:, 0] + t * (c[:, 1] + t * (c[:, 2] + t * c[:, 3]))
 
 
-def test_hermite_lookup_is_the_cubic_and_differentiable_twice():
-    gen = torch.Generator().manual_seed(0)
+def check_lookup(gen):
+    """hermite_lookup is the cubic and has exact first and second derivatives; the table."""
     table = torch.randn(6, 4, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
     x = (torch.rand(9, dtype=torch.float64, generator=gen) * 5.8 + 0.1).requires_grad_(True)
     torch.testing.assert_close(hermite_lookup(table, x), reference_cubic(table, x))
     assert torch.autograd.gradcheck(hermite_lookup, (table, x))
     assert torch.autograd.gradgradcheck(hermite_lookup, (table, x))
+    return table
+
+
+def test_hermite_lookup_is_the_cubic_and_differentiable_twice():
+    gen = torch.Generator().manual_seed(0)
+    table = check_lookup(gen)
     # beyond the last node: the last node's value, no gradient
     far = torch.tensor([6.0, 9.0], dtype=torch.float64, requires_grad=True)
     out = hermite_lookup(table, far)
@@ -121,11 +127,7 @@ def test_fused_kernels_have_exact_first_and_second_derivatives(always_fused):
     from atomlens.nn import cfconv_symmetric
 
     gen = torch.Generator().manual_seed(1)
-    table = torch.randn(6, 4, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
-    x = (torch.rand(9, dtype=torch.float64, generator=gen) * 5.8 + 0.1).requires_grad_(True)
-    torch.testing.assert_close(hermite_lookup(table, x), reference_cubic(table, x))
-    assert torch.autograd.gradcheck(hermite_lookup, (table, x))
-    assert torch.autograd.gradgradcheck(hermite_lookup, (table, x))
+    check_lookup(gen)
 
     features = torch.randn(6, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     filters = torch.randn(8, 3, dtype=torch.float64, generator=gen, requires_grad=True)

@@ -79,6 +79,4 @@ def cfconv_symmetric(x: torch.Tensor, filters: torch.Tensor, pair_i: torch.Tenso
     if not torch.compiler.is_compiling() and filters.numel() >= kernels.MIN_FUSED_SIZE:
         return _CFConv.apply(x, filters, a, b)
     # small (one molecule), or inside torch.compile, which fuses the plain formula itself
-    messages = torch.index_select(x, 0, pair_j).view(2, half, x.shape[1]) * filters
-    y = torch.zeros_like(x)
-    return y.index_add_(0, pair_i, messages.view(-1, x.shape[1]))
+    return _cfconv_plain(x, filters, a, b)

@@ -90,8 +90,6 @@ class _Lookup(torch.autograd.Function):
 
     @staticmethod
     def forward(table, x, order):
-        if torch.compiler.is_compiling():
-            return _lookup_plain(table, x, order)
         return _lookup_eager(table, x, order)  # embedding_bag beats a compiled gather here
 
     @staticmethod
@@ -169,10 +167,7 @@ def hermite_lookup(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     n = table.shape[0]
     x = x.clamp(0.0, float(n))
-    if torch.compiler.is_compiling() or x.shape[0] * table.shape[2] < kernels.MIN_FUSED_SIZE:
-        # small (one molecule) or inside torch.compile: plain autograd, least overhead
-        k = x.detach().floor().clamp(max=n - 1)
-        t = (x - k)[:, None]
-        c = table[k.long()]
-        return c[:, 0] + t * (c[:, 1] + t * (c[:, 2] + t * c[:, 3]))
-    return _Lookup.apply(table.reshape(4 * n, -1), x, 0)
+    table = table.reshape(4 * n, -1)
+    if torch.compiler.is_compiling() or x.shape[0] * table.shape[1] < kernels.MIN_FUSED_SIZE:
+        return _lookup_plain(table, x, 0)  # small, or under torch.compile: plain autograd
+    return _Lookup.apply(table, x, 0)
