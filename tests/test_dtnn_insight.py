@@ -10,7 +10,7 @@ import pytest
 import torch
 from ase.build import molecule
 
-from atomlens.data.batch import Batch
+from atomlens.data.batch import Batch, Pairs
 from atomlens.data.dataset import dataset_from_atoms
 from atomlens.data.neighbors import molecular_pairs
 from atomlens.insight import atomic_energies, extensivity, isolated_atom_energy, probe_energies
@@ -47,8 +47,7 @@ def batch_of(atoms_list, model, symmetric=True) -> Batch:
 
 
 def total_energy(model, numbers, positions, pair_i, pair_j, symmetric=False) -> torch.Tensor:
-    features = model.representation(numbers, positions, pair_i, pair_j, symmetric)
-    return model.atomic_contributions(features, numbers)
+    return model.atomic_energies(numbers, positions, Pairs(pair_i, pair_j, None, symmetric))
 
 
 # --------------------------------------------------------------------------- DTNN model

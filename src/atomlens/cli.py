@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .units import KCAL_MOL_EV
+from .units import EV_A3_GPA, KCAL_MOL_EV
 
 #: modules that add subcommands through ``add_parser(subparsers)``
 SUBCOMMAND_MODULES = ["atomlens.cli_sample", "atomlens.cli_md", "atomlens.cli_insight",
@@ -38,6 +38,10 @@ def _print_metrics(metrics: dict, target: str, unit: str) -> None:
     for key in ("forces_mae", "forces_rmse"):
         if key in metrics:
             print(f"{key.upper():>16}: {describe_error(metrics[key], 'eV/Angstrom')}")
+    for key in ("stress_mae", "stress_rmse"):
+        if key in metrics:
+            print(f"{key.upper():>16}: {metrics[key] * 1000:.3f} meV/Angstrom^3 = "
+                  f"{metrics[key] * EV_A3_GPA:.4f} GPa")
 
 
 # --------------------------------------------------------------------------- train
@@ -54,6 +58,10 @@ def _add_train(sub) -> None:
                                     "alpha, r2, cv; MD data: energy)")
     p.add_argument("--forces", action="store_true", default=None, help="train on forces too")
     p.add_argument("--rho", type=float, help="energy weight of the energy+force loss")
+    p.add_argument("--stress", action="store_true", default=None,
+                   help="train on the stress of periodic cells too (eV/Angstrom^3)")
+    p.add_argument("--stress-weight", type=float,
+                   help="weight of the stress term of the loss (default 100)")
     p.add_argument("--n-train", type=float)
     p.add_argument("--n-val", type=float)
     p.add_argument("--n-test", type=float)
@@ -101,7 +109,7 @@ def config_from_args(args):
     if devices is not None and str(devices).isdigit():
         devices = int(devices)
     overrides = {k: getattr(args, k) for k in (
-        "data", "target", "forces", "rho", "n_train", "n_val", "n_test", "max_structures",
+        "data", "target", "forces", "rho", "stress", "stress_weight", "n_train", "n_val", "n_test", "max_structures",
         "batch_size", "lr", "max_epochs", "max_minutes", "ema_decay", "early_stopping_patience",
         "device", "num_nodes", "strategy", "threads", "compile", "seed", "energy_unit",
         "length_unit", "out")}
@@ -153,7 +161,8 @@ def run_evaluate(args) -> int:
     else:
         indices = load_split(folder / "split.npz")[args.split]
     forces = bool(config.forces) and "forces" in data.targets
-    metrics = evaluate(model, data, indices, args.batch_size, forces=forces)
+    stress = bool(config.stress) and "stress" in data.targets
+    metrics = evaluate(model, data, indices, args.batch_size, forces=forces, stress=stress)
     unit = read_config(folder)["model"].get("unit", "")
     if args.json:
         print(json.dumps({"split": args.split, "n": len(indices), "unit": unit, **metrics}))

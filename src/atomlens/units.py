@@ -11,6 +11,7 @@ KCAL_MOL_EV = 1.0 / 23.060547830619026  # 1 kcal/mol in eV
 KJ_MOL_EV = 1.0 / 96.48533212331
 BOHR_ANGSTROM = 0.529177210903
 DEBYE_EAU = 0.393430307  # 1 debye in e*bohr
+EV_A3_GPA = 160.21766208  # 1 eV/Angstrom^3 in GPa (stress)
 
 #: energy units -> factor to eV
 ENERGY = {"eV": 1.0, "meV": 1e-3, "hartree": HARTREE_EV, "Ha": HARTREE_EV,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from ase.data import atomic_numbers
 
+from ..data.batch import Pairs
 from ..data.neighbors import molecular_pairs
 from ..models.potential import AtomisticModel
 from .atomic import model_device_dtype
@@ -80,10 +81,9 @@ def probe_energies(model: AtomisticModel, atoms, points: np.ndarray, probe: str 
             p_idx, a_idx = p_idx[near], a_idx[near]
         all_numbers = torch.cat([numbers, numbers.new_full((m,), z_probe)])
         all_positions = torch.cat([positions, probes])
-        pair_i = torch.cat([mol_i, p_idx + n])
-        pair_j = torch.cat([mol_j, a_idx])
-        features = model.representation(all_numbers, all_positions, pair_i, pair_j, False)
-        out.append(model.atomic_contributions(features[n:], all_numbers[n:]))
+        pairs = Pairs(torch.cat([mol_i, p_idx + n]), torch.cat([mol_j, a_idx]), None,
+                      symmetric=False)
+        out.append(model.atomic_energies(all_numbers, all_positions, pairs)[n:])
     omega = torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
     if reference == "atomref":
         omega = omega - float(model.atomref[z_probe])
@@ -98,9 +98,8 @@ def isolated_atom_energy(model: AtomisticModel, z: int) -> float:
     device, dtype = model_device_dtype(model)
     numbers = torch.tensor([z], device=device)
     empty = torch.zeros(0, dtype=torch.int64, device=device)
-    features = model.representation(numbers, torch.zeros(1, 3, dtype=dtype, device=device),
-                                     empty, empty, False)
-    return float(model.atomic_contributions(features, numbers)[0])
+    positions = torch.zeros(1, 3, dtype=dtype, device=device)
+    return float(model.atomic_energies(numbers, positions, Pairs(empty, empty, None, False))[0])
 
 
 @dataclass

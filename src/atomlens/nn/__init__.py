@@ -13,7 +13,7 @@ from .hermite import hermite_coefficients, hermite_lookup
 LN2 = math.log(2.0)
 
 __all__ = ["LN2", "CosineCutoff", "GaussianRBF", "ShiftedSoftplus", "activation",
-           "cfconv_symmetric",           "hermite_coefficients", "hermite_lookup", "pair_expansion", "scatter_sum",
+           "cfconv_symmetric", "hermite_coefficients", "hermite_lookup", "scatter_sum",
            "shifted_softplus"]
 
 
@@ -77,20 +77,6 @@ class CosineCutoff(nn.Module):
         """``(f(d), df/dd)`` for ``d <= cutoff`` (both vanish at the cutoff)."""
         phase = d * (math.pi / self.cutoff)
         return 0.5 * (torch.cos(phase) + 1.0), (-0.5 * math.pi / self.cutoff) * torch.sin(phase)
-
-
-def pair_expansion(rbf: GaussianRBF, cutoff_fn: CosineCutoff | None, positions: torch.Tensor,
-                   pair_i: torch.Tensor, pair_j: torch.Tensor, symmetric: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Radial basis and cutoff of the pair distances, once per unordered pair if ``symmetric``.
-
-    Returns ``(rbf(d), f_cut(d))`` for the first half of the pairs (symmetric layout) or for
-    all of them; ``f_cut`` is 1 where there is no cutoff function.
-    """
-    half = pair_i.shape[0] // 2 if symmetric else pair_i.shape[0]
-    d = (positions[pair_i[:half]] - positions[pair_j[:half]]).norm(dim=-1)
-    f_cut = cutoff_fn(d) if cutoff_fn is not None else torch.ones_like(d)
-    return rbf(d), f_cut
 
 
 def scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:

@@ -27,6 +27,11 @@ class TrainConfig:
     #: train on forces too: loss = rho ||E - E^||^2 + (1 - rho) <||F - F^||^2>_atoms
     forces: bool = False
     rho: float = 0.01
+    #: train on the stress of periodic cells too: + stress_weight <||sigma - sigma^||^2>
+    #: (sigma in eV/Angstrom^3; 100 weighs a 0.01 eV/Angstrom^3 (1.6 GPa) error like a
+    #: 0.1 eV/Angstrom force error)
+    stress: bool = False
+    stress_weight: float = 100.0
     #: split sizes (ints, or fractions of the data set); test = the rest unless given
     n_train: float = 10000
     n_val: float = 1000

@@ -2,6 +2,7 @@
 
     loss = rho * <(Y - Y^)^2>_structures + (1 - rho) * <||F_i - F^_i||^2>_atoms   (with forces)
     loss = <(Y - Y^)^2>_structures                                               (without)
+         + w_sigma * <||sigma - sigma^||_F^2>_structures       (with stress, periodic cells)
 
 Values are in the model's internal units (eV, eV/Angstrom); metrics are reported in them
 too and converted for display only.
@@ -20,27 +21,33 @@ from ..models.potential import AtomisticModel
 class AtomisticTask(pl.LightningModule):
     def __init__(self, model: AtomisticModel, forces: bool = False, rho: float = 0.01,
                  lr: float = 5e-4, lr_factor: float = 0.5, lr_patience: int = 25,
-                 lr_min: float = 1e-6):
+                 lr_min: float = 1e-6, stress: bool = False, stress_weight: float = 100.0):
         super().__init__()
         self.model = model
         self.forces, self.rho = forces, rho
+        self.stress, self.stress_weight = stress, stress_weight
         self.lr, self.lr_factor, self.lr_patience, self.lr_min = lr, lr_factor, lr_patience, lr_min
         self.target = model.target
-        names = [self.target] + (["forces"] if forces else [])
+        names = self.names = ([self.target] + (["forces"] if forces else [])
+                              + (["stress"] if stress else []))
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}_{kind}": (MeanAbsoluteError() if kind == "mae"
                                        else MeanSquaredError(squared=False))
             for stage in ("val", "test") for name in names for kind in ("mae", "rmse")})
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.model(batch, forces=self.forces)
+        return self.model(batch, forces=self.forces, stress=self.stress)
 
     def loss(self, batch: Batch, pred: dict[str, torch.Tensor]) -> torch.Tensor:
         energy_error = (pred[self.target] - batch.targets[self.target]).pow(2).mean()
-        if not self.forces:
-            return energy_error
-        force_error = (pred["forces"] - batch.targets["forces"]).pow(2).sum(-1).mean()
-        return self.rho * energy_error + (1.0 - self.rho) * force_error
+        loss = energy_error
+        if self.forces:
+            force_error = (pred["forces"] - batch.targets["forces"]).pow(2).sum(-1).mean()
+            loss = self.rho * energy_error + (1.0 - self.rho) * force_error
+        if self.stress:
+            stress_error = (pred["stress"] - batch.targets["stress"]).pow(2).sum((1, 2)).mean()
+            loss = loss + self.stress_weight * stress_error
+        return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, self(batch))
@@ -52,8 +59,7 @@ class AtomisticTask(pl.LightningModule):
             pred = self(batch)
         self.log(f"{stage}_loss", self.loss(batch, pred).detach(), batch_size=batch.n_structures,
                  sync_dist=True)
-        names = [self.target] + (["forces"] if self.forces else [])
-        for name in names:
+        for name in self.names:
             for kind in ("mae", "rmse"):
                 metric = self.metrics[f"{stage}_{name}_{kind}"]
                 metric(pred[name].detach(), batch.targets[name])

@@ -61,6 +61,8 @@ def load_dataset(config: TrainConfig) -> PackedDataset:
                         f"this data set has {sorted(data.targets)}")
     if config.forces and "forces" not in data.targets:
         raise DataError(f"{config.data}: forces requested but the data set has no forces")
+    if config.stress and "stress" not in data.targets:
+        raise DataError(f"{config.data}: stress requested but the data set has no stress")
     if config.max_structures is not None and config.max_structures < len(data):
         data = data.subset(np.arange(config.max_structures))
     return data
@@ -162,7 +164,8 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
         model.representation.compile(dynamic=True)  # in place: state-dict keys unchanged
     task = AtomisticTask(model, forces=config.forces, rho=config.rho, lr=config.lr,
                          lr_factor=config.lr_factor, lr_patience=config.lr_patience,
-                         lr_min=config.lr_min)
+                         lr_min=config.lr_min, stress=config.stress,
+                         stress_weight=config.stress_weight)
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_loss",
                                  save_top_k=1, enable_version_counter=False)
     # the latest state after every epoch, whether or not it is the best: what a resume needs
@@ -200,7 +203,7 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
     if config.forces and model.config.aggregation == "sum":
         refit_offset(model, data, split["train"], config.batch_size)
     metrics = evaluate(model, data, split["test"], batch_size=config.batch_size,
-                       forces=config.forces) if len(split["test"]) else {}
+                       forces=config.forces, stress=config.stress) if len(split["test"]) else {}
     metrics.update(epochs=trainer.current_epoch, n_train=len(split["train"]),
                    n_val=len(split["val"]), n_test=len(split["test"]), unit=unit)
     save_model(model, out / "model",

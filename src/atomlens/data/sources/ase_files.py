@@ -1,8 +1,9 @@
 """Anything ASE reads or writes (xyz, extxyz, ASE db, ...), plus :func:`read_any`.
 
-Energies and forces are taken from each frame's calculator results (how ASE stores them
-for extxyz and db files) or from ``atoms.info`` / ``atoms.arrays``, under the keys given.
-Units are declared by the caller (default eV and Angstrom) and converted on reading.
+Energies, forces and stress are taken from each frame's calculator results (how ASE stores
+them for extxyz and db files) or from ``atoms.info`` / ``atoms.arrays``, under the keys
+given. Periodic frames (extxyz ``Lattice`` + ``pbc``, ASE db rows with a cell) keep their
+cell. Units are declared by the caller (default eV and Angstrom) and converted on reading.
 """
 
 from __future__ import annotations
@@ -26,9 +27,17 @@ def _value(atoms, key: str, per_atom: bool):
     return store.get(key)
 
 
+def _stress_matrix(value) -> np.ndarray:
+    """ASE stores stress as Voigt (xx, yy, zz, yz, xz, xy) or as a 3x3 matrix."""
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    value = np.asarray(value, dtype=np.float64)
+    return voigt_6_to_full_3x3_stress(value) if value.shape == (6,) else value.reshape(3, 3)
+
+
 def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: str = "forces",
              energy_unit: str = "eV", length_unit: str = "Angstrom", index: str | int = ":",
-             format: str | None = None) -> PackedDataset:
+             format: str | None = None, stress_key: str = "stress") -> PackedDataset:
     """Read frames with :func:`ase.io.read` into a :class:`PackedDataset`.
 
     Args:
@@ -38,8 +47,9 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
         index: which frames (ASE syntax: ``":"`` all, ``"::10"``, ``0``, ...).
 
     Returns:
-        Targets ``energy`` (eV) and ``forces`` (eV/Angstrom) when every frame has them;
-        frames where only some have a value are refused. Extras: ``frame`` (position in the
+        Targets ``energy`` (eV), ``forces`` (eV/Angstrom) and ``stress`` (eV/Angstrom^3,
+        3x3, ASE's sign) when every frame has them; frames where only some have a value are
+        refused. Cells and pbc of periodic frames. Extras: ``frame`` (position in the
         file) and the scalar ``info`` entries all frames share.
     """
     from ase.io import read
@@ -61,15 +71,20 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
     if not frames:
         raise DataError(f"{path}: no structures in the file")
     structures = [(a.numbers, a.positions * r_factor) for a in frames]
+    periodic = any(a.pbc.any() for a in frames)
     targets, target_units = {}, {}
     for key, name, per_atom, factor, unit in (
             (energy_key, "energy", False, e_factor, "eV"),
-            (forces_key, "forces", True, e_factor / r_factor, "eV/Angstrom")):
+            (forces_key, "forces", True, e_factor / r_factor, "eV/Angstrom"),
+            (stress_key, "stress", False, e_factor / r_factor**3, "eV/Angstrom^3")):
         values = [_value(a, key, per_atom) for a in frames]
         have = [v is not None for v in values]
         if all(have):
-            targets[name] = [np.asarray(v, dtype=np.float64) * factor for v in values]
-            if not per_atom:
+            if name == "stress":
+                targets[name] = [_stress_matrix(v) * factor for v in values]
+            else:
+                targets[name] = [np.asarray(v, dtype=np.float64) * factor for v in values]
+            if name == "energy":
                 targets[name] = [float(np.ravel(v)[0]) for v in targets[name]]
             target_units[name] = unit
         elif any(have):
@@ -85,7 +100,9 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
         structures, targets, target_units, extras,
         meta={"source_file": path.name,
               "source_units": {"energy": energy_unit, "positions": length_unit}},
-        source=str(path))
+        source=str(path), per_atom=[k for k in targets if k == "forces"],
+        cells=[a.cell.array * r_factor for a in frames] if periodic else None,
+        pbc=[a.pbc for a in frames] if periodic else None)
 
 
 def write_ase(path: str | os.PathLike, dataset: PackedDataset, energy_key: str = "energy",
@@ -106,6 +123,10 @@ def write_ase(path: str | os.PathLike, dataset: PackedDataset, energy_key: str =
             results["energy"] = atoms.info.pop(energy_key)
         if forces_key in atoms.arrays:
             results["forces"] = atoms.arrays.pop(forces_key)
+        if "stress" in atoms.info:
+            from ase.stress import full_3x3_to_voigt_6_stress
+
+            results["stress"] = full_3x3_to_voigt_6_stress(atoms.info.pop("stress"))
         if results:
             atoms.calc = SinglePointCalculator(atoms, **results)
         frames.append(atoms)
