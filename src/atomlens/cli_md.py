@@ -8,13 +8,17 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "md", help="molecular dynamics with a trained energy model (ASE integrators)",
-        description="Run NVE (velocity Verlet) or Langevin (NVT) dynamics of one molecule with "
-                    "a trained atomlens model; write a trajectory and a CSV energy log.")
+        description="Run NVE (velocity Verlet), Langevin (NVT) or, for periodic cells, NPT "
+                    "(isotropic MTK barostat) dynamics with a trained atomlens model; write a "
+                    "trajectory and a CSV energy log.")
     p.add_argument("model", help="model folder (or the training output folder)")
     p.add_argument("structure", help="start structure: any ASE-readable file (xyz, extxyz, db, "
                                      "traj, ...)")
     p.add_argument("--index", default="0", help="which frame of the structure file (ASE syntax)")
-    p.add_argument("--ensemble", choices=["nve", "langevin"], default="nve")
+    p.add_argument("--ensemble", choices=["nve", "langevin", "npt"], default="nve",
+                   help="nve, langevin (NVT) or npt (periodic cells only)")
+    p.add_argument("--pressure", type=float, default=1.01325,
+                   help="NPT pressure, bar (default 1.01325 = 1 atm)")
     p.add_argument("--temperature", type=float, default=300.0,
                    help="initial Maxwell-Boltzmann and thermostat temperature, K (default 300)")
     p.add_argument("--steps", type=int, default=1000, help="number of MD steps (default 1000)")
@@ -55,12 +59,16 @@ def run(args) -> int:
                  temperature_K=args.temperature, timestep_fs=args.timestep, steps=args.steps,
                  friction=args.friction, trajectory=args.out, logfile=args.log,
                  interval=args.interval, seed=args.seed, device=args.device,
-                 dtype="float64" if args.float64 else None, compile=args.compile)
+                 dtype="float64" if args.float64 else None, compile=args.compile,
+                 pressure_bar=args.pressure)
     drift = log.drift(len(atoms))
     print(f"{args.ensemble.upper()} MD of {atoms.get_chemical_formula()}: {args.steps} steps of "
           f"{args.timestep} fs ({args.steps * args.timestep / 1000:.3g} ps)")
     print(f"  mean T = {sum(log.temperature) / len(log.temperature):.1f} K; E_tot drift "
           f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom, std "
           f"{drift['std_eV_per_atom'] * 1000:.3f} meV/atom")
+    if log.volume:
+        print(f"  volume {log.volume[0]:.2f} -> {log.volume[-1]:.2f} Angstrom^3 (mean "
+              f"{sum(log.volume) / len(log.volume):.2f})")
     print(f"  trajectory: {Path(args.out)}  log: {Path(args.log)}")
     return 0

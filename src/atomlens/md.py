@@ -2,6 +2,9 @@
 
     NVE:       velocity Verlet;  E_tot = E_pot + E_kin is conserved up to the integration error
     Langevin:  dp = F dt - gamma p dt + sqrt(2 m gamma k_B T) dW   (canonical ensemble at T)
+    NPT:       periodic cells at temperature T and pressure P: ASE's isotropic
+               Martyna-Tobias-Klein integrator (Nose-Hoover chains for T, an MTK barostat
+               for the volume), driven by the model's stress
 
 Velocities start from a Maxwell-Boltzmann distribution at ``temperature_K`` with zero total
 momentum and angular momentum (unless ``initialize_velocities=False`` keeps the atoms' own).
@@ -24,6 +27,7 @@ import torch
 from ase import units as ase_units
 
 LOG_COLUMNS = ("time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K")
+ENSEMBLES = ("nve", "langevin", "npt")
 
 
 def kinetic_temperature(atoms) -> float:
@@ -41,10 +45,15 @@ class MDLog:
     ekin: list[float] = field(default_factory=list)
     etot: list[float] = field(default_factory=list)
     temperature: list[float] = field(default_factory=list)
+    #: cell volume (Angstrom^3) of periodic systems; empty for molecules
+    volume: list[float] = field(default_factory=list)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {name: np.asarray(getattr(self, attr)) for name, attr in zip(
+        out = {name: np.asarray(getattr(self, attr)) for name, attr in zip(
             LOG_COLUMNS, ("time_fs", "epot", "ekin", "etot", "temperature"))}
+        if self.volume:
+            out["volume_A3"] = np.asarray(self.volume)
+        return out
 
     def drift(self, n_atoms: int) -> dict[str, float]:
         """Energy conservation: |E_tot(end) - E_tot(0)| and std(E_tot), in eV per atom."""
@@ -88,15 +97,17 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
            trajectory: str | os.PathLike | None = None, logfile: str | os.PathLike | None = None,
            interval: int = 1, seed: int | None = 0, initialize_velocities: bool = True,
            device: str = "cpu", dtype: str | None = None, threads: int | None = 1,
-           compile: bool = False) -> MDLog:
+           compile: bool = False, pressure_bar: float = 1.01325,
+           barostat_time_fs: float | None = None) -> MDLog:
     """Run molecular dynamics of ``atoms`` (changed in place) with an atomlens model.
 
     Args:
         model_or_calc: an :class:`~atomlens.models.AtomisticModel`, a saved model folder, or
             an ASE calculator (e.g. an :class:`atomlens.Calculator` already set up).
-        atoms: ASE ``Atoms`` of one molecule (positions in Angstrom).
-        ensemble: ``"nve"`` (velocity Verlet) or ``"langevin"`` (NVT, thermostat at
-            ``temperature_K``).
+        atoms: ASE ``Atoms`` of one molecule or one periodic cell (positions in Angstrom).
+        ensemble: ``"nve"`` (velocity Verlet), ``"langevin"`` (NVT, thermostat at
+            ``temperature_K``) or ``"npt"`` (periodic cells: temperature and pressure
+            controlled, the cell's volume moves; isotropic MTK barostat).
         temperature_K: Maxwell-Boltzmann temperature of the initial velocities, and the
             thermostat temperature for Langevin (K).
         timestep_fs: time step (fs). steps: number of steps.
@@ -112,6 +123,9 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
             and on a busy machine thread barriers cost more than the model), ``None`` keeps
             the current setting.
         compile: torch.compile the model's energy and forces (see :class:`Calculator`).
+        pressure_bar: NPT target pressure (bar; 1.01325 bar = 1 atm).
+        barostat_time_fs: NPT barostat time scale (fs; default 1000 time steps); the
+            thermostat's is 100 time steps.
 
     Returns:
         :class:`MDLog` of the logged steps (step 0 included).
@@ -121,8 +135,11 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
 
-    if ensemble not in ("nve", "langevin"):
-        raise ValueError(f"ensemble must be 'nve' or 'langevin', not {ensemble!r}")
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {ENSEMBLES}, not {ensemble!r}")
+    if ensemble == "npt" and not atoms.pbc.all():
+        raise ValueError("NPT needs a cell periodic in all three directions; the atoms have "
+                         f"pbc={atoms.pbc.tolist()}")
     if steps < 0 or timestep_fs <= 0 or interval < 1:
         raise ValueError("steps must be >= 0, timestep_fs > 0 and interval >= 1")
     atoms.calc = _calculator(model_or_calc, device, dtype, compile)
@@ -130,27 +147,37 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     if initialize_velocities:
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
         Stationary(atoms)
-        if len(atoms) > 2:
+        if len(atoms) > 2 and not atoms.pbc.any():  # no angular momentum in a periodic cell
             ZeroRotation(atoms)
     dt = timestep_fs * ase_units.fs
+    constraints = list(atoms.constraints)
     if ensemble == "nve":
         dyn = VelocityVerlet(atoms, dt)
+    elif ensemble == "npt":
+        from ase.md.nose_hoover_chain import IsotropicMTKNPT
+
+        if constraints:
+            raise ValueError("NPT (ASE's MTK integrator) does not support constraints")
+        pdamp = (barostat_time_fs or 1000 * timestep_fs) * ase_units.fs
+        dyn = IsotropicMTKNPT(atoms, dt, temperature_K=temperature_K,
+                              pressure_au=pressure_bar * ase_units.bar, tdamp=100 * dt,
+                              pdamp=pdamp)
     else:
         # the thermostat's noise would move the centre of mass: fix it by a constraint
         # (ASE's fixcm=True option is deprecated as not sampling NVT exactly)
-        constraints = list(atoms.constraints)
         if not any(isinstance(c, FixCom) for c in constraints):
             atoms.set_constraint(constraints + [FixCom()])
         dyn = Langevin(atoms, dt, temperature_K=temperature_K,
                        friction=friction / ase_units.fs, fixcm=False, rng=rng)
 
     log = MDLog()
+    periodic = bool(atoms.pbc.all())
     stack = contextlib.ExitStack()
     writer = None
     if logfile is not None:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
         writer = csv.writer(stack.enter_context(open(logfile, "w", newline="")))  # noqa: SIM115
-        writer.writerow(LOG_COLUMNS)
+        writer.writerow(LOG_COLUMNS + (("volume_A3",) if periodic else ()))
 
     def record() -> None:
         epot = atoms.get_potential_energy()  # cached from the step's force call
@@ -159,6 +186,9 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
         for values, value in zip((log.time_fs, log.epot, log.ekin, log.etot, log.temperature),
                                  row):
             values.append(float(value))
+        if periodic:
+            log.volume.append(float(atoms.get_volume()))
+            row = (*row, log.volume[-1])
         if writer is not None:
             writer.writerow([f"{v:.10g}" for v in row])
 
