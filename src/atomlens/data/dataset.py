@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fileio import atomic_folder
+from ..fileio import atomic_folder, recover_folder
 from .batch import Batch
 from .neighbors import molecular_pairs
 
@@ -247,6 +247,7 @@ class PackedDataset:
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> PackedDataset:
         """Open a packed folder written by :meth:`save` (memory-mapped by default)."""
         path = Path(path)
+        recover_folder(path)  # a save killed between its two renames
         meta_file = path / "meta.json"
         if not meta_file.is_file():
             raise DataError(f"{path}: not a packed atomlens dataset (no meta.json)")

@@ -1,0 +1,96 @@
+"""Faults and bad input, one section per class of issue 11: each gives a clear error or a
+correct result, and no command loses an existing model, dataset or trajectory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_model
+
+from atomlens import fileio
+from atomlens.models import load_model
+from atomlens.models.io import save_model
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (for debris left by a killed writer)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _same_weights(a, b) -> bool:
+    return all(v.equal(b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+# --------------------------------------------------------------- 1. interrupted saves
+@pytest.fixture
+def saved(tmp_path):
+    model = random_model("schnet", seed=1)
+    save_model(model, tmp_path / "model")
+    return model, tmp_path / "model"
+
+
+@pytest.mark.parametrize("failing_call", [0, 1])
+def test_failed_rename_keeps_the_previous_model(saved, monkeypatch, failing_call):
+    """The rename aside (call 0) or the rename in (call 1) fails: the old model still loads."""
+    old, path = saved
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) - 1 == failing_call:
+            raise OSError("injected rename failure")
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        save_model(random_model("schnet", seed=2), path)
+    monkeypatch.undo()
+    loaded = load_model(path)
+    assert _same_weights(loaded, old)
+    assert [p.name for p in path.parent.iterdir()] == ["model"]  # no debris
+
+
+def test_failed_write_keeps_the_previous_model(saved):
+    old, path = saved
+
+    def broken(p):
+        raise OSError("disk full (injected)")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_model(random_model("schnet", seed=2), path, extra_files={"split.npz": broken})
+    assert _same_weights(load_model(path), old)
+    assert [p.name for p in path.parent.iterdir()] == ["model"]
+
+
+def test_kill_between_the_renames_is_recovered_on_the_next_start(saved):
+    """A writer killed after the rename aside left no ``model/``: loading renames it back,
+    and debris of dead writers is removed; a live writer's folders are left alone."""
+    old, path = saved
+    host = fileio._host()
+    aside = path.parent / f".model.old-{host}-{_dead_pid()}-abc123"
+    os.replace(path, aside)
+    tmp = path.parent / f".model.tmp-{host}-{_dead_pid()}-def456"
+    tmp.mkdir()
+    live = path.parent / f".model.tmp-{host}-{os.getppid()}-ghi789"
+    live.mkdir()
+    loaded = load_model(path)
+    assert _same_weights(loaded, old)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(["model", live.name])
+
+
+def test_saved_folders_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        save_model(random_model("schnet"), tmp_path / "model")
+    finally:
+        os.umask(previous)
+    assert oct((tmp_path / "model").stat().st_mode & 0o777) == oct(0o755)
+    for name in ("config.json", "model.safetensors"):
+        assert oct((tmp_path / "model" / name).stat().st_mode & 0o777) == oct(0o644)
