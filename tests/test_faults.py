@@ -94,3 +94,85 @@ def test_saved_folders_follow_the_umask(tmp_path):
     assert oct((tmp_path / "model").stat().st_mode & 0o777) == oct(0o755)
     for name in ("config.json", "model.safetensors"):
         assert oct((tmp_path / "model" / name).stat().st_mode & 0o777) == oct(0o644)
+
+
+# --------------------------------------------------------------- 2. guarded --out
+@pytest.fixture(scope="module")
+def qm9():
+    from helpers import qm9_sample
+
+    return qm9_sample()
+
+
+def _tiny(out, **kw):
+    from atomlens.training import TrainConfig
+
+    base = {"target": "U0", "n_train": 20, "n_val": 10, "n_test": 10, "batch_size": 10,
+            "max_epochs": 1, "progress": False, "out": str(out), "device": "cpu",
+            "model": {"representation": "schnet", "head_hidden": 8,
+                      "representation_kwargs": {"n_atom_basis": 8, "n_interactions": 1,
+                                                "n_filters": 8, "n_rbf": 8, "cutoff": 4.0}}}
+    return TrainConfig.from_dict({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def finished_run(qm9, tmp_path_factory):
+    from atomlens.training import train
+
+    out = tmp_path_factory.mktemp("guard") / "run"
+    train(_tiny(out), data=qm9)
+    return out
+
+
+def test_a_second_run_on_a_used_folder_is_refused(qm9, finished_run):
+    from atomlens.training import train
+    from atomlens.training.run_folder import RunFolderError
+
+    before = (finished_run / "train_config.yaml").read_text()
+    with pytest.raises(RunFolderError, match="not empty.*--resume.*--overwrite"):
+        train(_tiny(finished_run, lr=1e-2), data=qm9)
+    assert (finished_run / "train_config.yaml").read_text() == before  # the good run's config
+    with pytest.raises(RunFolderError, match=r"n_train: 20 -> 25"):
+        train(_tiny(finished_run, n_train=25, max_epochs=2), resume=True, data=qm9)
+    assert (finished_run / "train_config.yaml").read_text() == before
+
+
+def test_concurrent_run_and_resume_without_checkpoint(qm9, tmp_path, finished_run):
+    from atomlens.training import run_folder, train
+
+    with run_folder.locked(tmp_path / "busy"), pytest.raises(
+            run_folder.RunFolderError, match="another atomlens train is running"):
+        train(_tiny(tmp_path / "busy"), data=qm9)
+    with pytest.raises(run_folder.RunFolderError, match="nothing to resume"):
+        train(_tiny(tmp_path / "fresh"), resume=True, data=qm9)
+
+
+def test_resume_refuses_a_foreign_or_hostile_checkpoint(qm9, tmp_path, finished_run):
+    import shutil
+
+    from atomlens.training import train
+    from atomlens.training.run_folder import RunFolderError
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    last = out / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["atomlens_fingerprint"] = "another run"
+    torch.save(checkpoint, last)
+    with pytest.raises(RunFolderError, match="not written by the run"):
+        train(_tiny(out, max_epochs=2), resume=True, data=qm9)
+    torch.save({"state_dict": {}, "payload": fileio.Path("x")}, last)  # a pickled object
+    with pytest.raises(RunFolderError, match="refusing it") as err:
+        train(_tiny(out, max_epochs=2), resume=True, data=qm9)
+    assert "weights_only=False" not in str(err.value)
+
+
+def test_overwrite_replaces_the_run(qm9, tmp_path, finished_run):
+    import shutil
+
+    from atomlens.training import train
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    train(_tiny(out, seed=5), data=qm9, overwrite=True)
+    assert "seed: 5" in (out / "train_config.yaml").read_text()

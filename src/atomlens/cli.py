@@ -76,6 +76,8 @@ def _add_train(sub) -> None:
     p.add_argument("--length-unit", help="unit of lengths in a data file without unit metadata")
     p.add_argument("--out", help="output folder")
     p.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.ckpt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty OUT (else it is refused)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
 
@@ -115,7 +117,7 @@ def run_train(args) -> int:
     from .training.train import train
 
     config = config_from_args(args)
-    metrics = train(config, resume=args.resume)
+    metrics = train(config, resume=args.resume, overwrite=args.overwrite)
     if metrics:
         print(f"model saved in {Path(config.out) / 'model'}")
         _print_metrics(metrics, config.target, metrics.get("unit", ""))
@@ -228,6 +230,7 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a SchNet on QM9 U0 for a few minutes (CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, help="training budget (default: the preset's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT")
     p.set_defaults(func=run_demo)
 
 
@@ -243,7 +246,7 @@ def run_demo(args) -> int:
     print("atomlens demo: SchNet on QM9 U0 "
           f"(n_train={int(config.n_train)}, budget {config.max_minutes} min on the CPU)")
     data = load_dataset(config)
-    metrics = train(config, data=data)
+    metrics = train(config, data=data, overwrite=args.overwrite)
     folder = Path(config.out) / "model"
     model = load_model(folder)
     test = load_split(folder / "split.npz")["test"]

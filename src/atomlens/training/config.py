@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from ..fileio import atomic_file
 from ..models.potential import ModelConfig
 
 
@@ -154,4 +155,5 @@ def load_config(path: str | Path) -> TrainConfig:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
