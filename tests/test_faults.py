@@ -176,3 +176,69 @@ def test_overwrite_replaces_the_run(qm9, tmp_path, finished_run):
     shutil.copytree(finished_run, out)
     train(_tiny(out, seed=5), data=qm9, overwrite=True)
     assert "seed: 5" in (out / "train_config.yaml").read_text()
+
+
+# --------------------------------------------------------------- 3. md: validate first, no loss
+@pytest.fixture(scope="module")
+def stiff_model(tmp_path_factory):
+    """A random model with strong forces: stable at 0.5 fs, blown up at 100 fs."""
+    torch.set_num_threads(1)
+    model = random_model("schnet")
+    model.scale.fill_(8.0)
+    return save_model(model, tmp_path_factory.mktemp("md") / "model")
+
+
+@pytest.fixture
+def ethanol(tmp_path):
+    import ase.build
+    import ase.io
+
+    path = tmp_path / "ethanol.xyz"
+    ase.io.write(path, ase.build.molecule("CH3CH2OH"))
+    return path
+
+
+def test_md_blow_up_exits_non_zero_and_keeps_earlier_outputs(stiff_model, ethanol, tmp_path,
+                                                              capsys):
+    from atomlens.cli import main
+
+    out = tmp_path / "run" / "md.traj"
+    common = ["md", str(stiff_model), str(ethanol), "--out", str(out)]
+    assert main([*common, "--steps", "20", "--timestep", "0.5"]) == 0
+    log = out.with_suffix(".csv")  # beside --out, not in the working folder
+    before = out.read_bytes(), log.read_bytes()
+    assert main([*common, "--steps", "50", "--timestep", "100"]) != 0
+    err = capsys.readouterr().err
+    assert "drifted" in err and "shorten the time step" in err
+    assert (out.read_bytes(), log.read_bytes()) == before
+    assert (out.parent / "md.unstable.traj").is_file()
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--temperature", "-5"], "temperature must be finite and >= 0 K"),
+    (["--timestep", "nan"], "time step must be finite and > 0 fs"),
+    (["--ensemble", "langevin", "--friction", "-1"], "friction must be finite and >= 0"),
+    (["--max-temperature", "1"], "above the limit of 1 K"),
+])
+def test_md_bad_settings_are_named(stiff_model, ethanol, tmp_path, capsys, extra, message):
+    from atomlens.cli import main
+
+    out = tmp_path / "md.traj"
+    assert main(["md", str(stiff_model), str(ethanol), "--steps", "5", "--out", str(out),
+                 *extra]) != 0
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not out.with_suffix(".csv").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("1\n\nH 0 0 0\n", "at least two atoms"),
+    ("2\n\nH 0 0 0\nH nan 0 0\n", "non-finite"),
+])
+def test_md_bad_structures_are_named(stiff_model, tmp_path, capsys, content, message):
+    from atomlens.cli import main
+
+    path = tmp_path / "bad.xyz"
+    path.write_text(content)
+    assert main(["md", str(stiff_model), str(path), "--out", str(tmp_path / "md.traj")]) != 0
+    assert message in capsys.readouterr().err
