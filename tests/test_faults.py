@@ -242,3 +242,42 @@ def test_md_bad_structures_are_named(stiff_model, tmp_path, capsys, content, mes
     path.write_text(content)
     assert main(["md", str(stiff_model), str(path), "--out", str(tmp_path / "md.traj")]) != 0
     assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- 4. units never guessed
+def test_ase_file_with_energies_and_no_unit_is_refused(tmp_path):
+    import ase.build
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from atomlens.data import DataError
+    from atomlens.data.sources import read_any
+
+    water = ase.build.molecule("H2O")
+    water.calc = SinglePointCalculator(water, energy=-1.0, forces=np.zeros((3, 3)))
+    for suffix in (".extxyz", ".db"):
+        path = tmp_path / f"water{suffix}"
+        ase.io.write(path, [water])
+        with pytest.raises(DataError, match="does not state their unit"):
+            read_any(path)
+        assert read_any(path, energy_unit="kcal/mol").targets["energy"][0] == pytest.approx(
+            -0.0433641, rel=1e-5)
+    water.info["energy_unit"] = "hartree"  # stated in the file
+    ase.io.write(tmp_path / "stated.extxyz", [water])
+    assert read_any(tmp_path / "stated.extxyz").targets["energy"][0] == pytest.approx(
+        -27.211386, rel=1e-7)
+    water.info["force_unit"] = "eV/Angstrom"  # contradicts hartree / Angstrom
+    ase.io.write(tmp_path / "mixed.extxyz", [water])
+    with pytest.raises(DataError, match="not energy unit / length unit"):
+        read_any(tmp_path / "mixed.extxyz")
+
+
+def test_npz_force_unit_must_be_energy_per_length(tmp_path):
+    from atomlens.data import DataError
+    from atomlens.data.sources import read_md17
+
+    path = tmp_path / "bad.npz"
+    np.savez(path, z=[8, 1, 1], R=[[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]], E=[1.0],
+             F=np.zeros((1, 3, 3)), e_unit="kcal/mol", r_unit="Angstrom", f_unit="eV/Angstrom")
+    with pytest.raises(DataError, match="not energy unit / length unit"):
+        read_md17(path)
