@@ -281,3 +281,35 @@ def test_npz_force_unit_must_be_energy_per_length(tmp_path):
              F=np.zeros((1, 3, 3)), e_unit="kcal/mol", r_unit="Angstrom", f_unit="eV/Angstrom")
     with pytest.raises(DataError, match="not energy unit / length unit"):
         read_md17(path)
+
+
+# --------------------------------------------------------------- 5. data on disk checked
+def _corrupt(folder, name, change, keep_checksums=False):
+    import json
+
+    array = np.load(folder / name)
+    change(array)
+    np.save(folder / name, array)
+    if not keep_checksums:  # as if written by an older atomlens, or checksums updated
+        meta = json.loads((folder / "meta.json").read_text())
+        meta.pop("checksums")
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(("name", "change", "message"), [
+    ("positions.npy", lambda a: a.__setitem__((5, 1), np.nan), "structure 0 has non-finite"),
+    ("target.U0.npy", lambda a: a.__setitem__(3, np.inf), "target 'U0' has non-finite"),
+    ("numbers.npy", lambda a: a.__setitem__(7, 0), "unknown element"),
+    ("offsets.npy", lambda a: a.__setitem__(4, a[2]), "offsets not increasing"),
+    ("offsets.npy", lambda a: a.__setitem__(-1, a[-1] - 1), "offsets must run from 0"),
+])
+def test_corrupted_packed_dataset_is_refused_on_load(qm9, tmp_path, name, change, message):
+    from atomlens.data import DataError, PackedDataset
+
+    folder = qm9.save(tmp_path / "packed")
+    _corrupt(folder, name, change, keep_checksums=True)
+    with pytest.raises(DataError, match=f"{name} changed since it was written"):
+        PackedDataset.load(folder)
+    _corrupt(folder, name, lambda a: None)
+    with pytest.raises(DataError, match=message):
+        PackedDataset.load(folder)
