@@ -128,6 +128,8 @@ def test_a_second_run_on_a_used_folder_is_refused(qm9, finished_run):
     from atomlens.training import train
     from atomlens.training.run_folder import RunFolderError
 
+    elements = load_model(finished_run).metadata["elements"]  # recorded for class 6
+    assert {1, 6} <= set(elements) <= {1, 6, 7, 8, 9}
     before = (finished_run / "train_config.yaml").read_text()
     with pytest.raises(RunFolderError, match="not empty.*--resume.*--overwrite"):
         train(_tiny(finished_run, lr=1e-2), data=qm9)
@@ -313,3 +315,55 @@ def test_corrupted_packed_dataset_is_refused_on_load(qm9, tmp_path, name, change
     _corrupt(folder, name, lambda a: None)
     with pytest.raises(DataError, match=message):
         PackedDataset.load(folder)
+
+
+# --------------------------------------------------------------- 6. no silent extrapolation
+@pytest.fixture
+def chon_model(tmp_path):
+    return save_model(random_model("schnet"), tmp_path / "model",
+                      metadata={"elements": [1, 6, 7, 8]})
+
+
+def test_unknown_elements_are_refused_unless_allowed(chon_model, tmp_path, capsys):
+    import ase.build
+    import ase.io
+
+    from atomlens import Calculator
+    from atomlens.cli import main
+    from atomlens.data import DataError
+
+    silane = ase.build.molecule("SiH4")
+    model = load_model(chon_model)
+    with pytest.raises(DataError, match=r"element\(s\) Si never seen in training"):
+        model.predict(silane)
+    with pytest.warns(UserWarning, match="Si never seen"):
+        assert np.isfinite(model.predict(silane, allow_unknown_elements=True)["energy"]).all()
+    silane.calc = Calculator(chon_model)
+    with pytest.raises(DataError, match="Si never seen"):
+        silane.get_potential_energy()
+    path = tmp_path / "silane.xyz"
+    ase.io.write(path, silane)
+    assert main(["predict", str(chon_model), str(path)]) == 2
+    assert "--allow-unknown-elements" in capsys.readouterr().err
+    assert main(["predict", str(chon_model), str(path), "--allow-unknown-elements"]) == 0
+
+
+def test_nan_weights_are_a_clear_error(tmp_path, capsys):
+    import ase.build
+    import ase.io
+
+    from atomlens.cli import main
+
+    model = random_model("schnet")
+    with torch.no_grad():
+        model.head[0].weight[0, 0] = float("nan")
+    folder = save_model(model, tmp_path / "model")
+    with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) weights in \['head.0.weight'\]"):
+        load_model(folder)
+    ase.io.write(tmp_path / "water.xyz", ase.build.molecule("H2O"))
+    assert main(["predict", str(folder), str(tmp_path / "water.xyz")]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    from atomlens.models.guards import check_finite
+
+    with pytest.raises(ValueError, match="non-finite .* energy"):
+        check_finite({"energy": np.array([np.nan]), "atomic": np.zeros(3)})

@@ -23,6 +23,7 @@ from ase.calculators.calculator import all_changes
 
 from .data.batch import Batch
 from .data.dataset import DataError, dataset_from_atoms
+from .models.guards import check_elements, check_finite
 from .models.potential import AtomisticModel
 from .units import energy_factor
 
@@ -40,6 +41,8 @@ class Calculator(AseCalculator):
             energy conservation tests; ``None`` keeps the model's own dtype. A model passed
             in is copied, never changed, when device or dtype differ from its own.
 
+        allow_unknown_elements: elements absent from the model's training data are refused
+            unless this is True (then a warning; see :mod:`atomlens.models.guards`).
         compile: compile energy + forces (``torch.func`` gradient, ``torch.compile``) for
             fast repeated calls on one molecule, e.g. MD: aspirin runs ~3.5x as many steps
             per second on one CPU thread, after a compile of a few seconds per molecule. All
@@ -55,7 +58,8 @@ class Calculator(AseCalculator):
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "energies"]
 
     def __init__(self, model: AtomisticModel | str | os.PathLike, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, compile: bool = False, **kwargs):
+                 dtype: str | torch.dtype | None = None, compile: bool = False,
+                 allow_unknown_elements: bool = False, **kwargs):
         super().__init__(**kwargs)
         dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
         if isinstance(model, (str, os.PathLike)):
@@ -78,6 +82,7 @@ class Calculator(AseCalculator):
         self.device, self.dtype = param.device, param.dtype
         self._numbers: np.ndarray | None = None  # the numbers the cached tensors belong to
         self.compile = compile
+        self.allow_unknown_elements = allow_unknown_elements
         # frozen: gradients w.r.t. positions only, and the filter tables (SchNet) computed once
         # instead of at every call
         self.model.eval().requires_grad_(False)
@@ -97,6 +102,7 @@ class Calculator(AseCalculator):
             raise DataError(f"element Z={int(numbers.max())} is beyond the model's "
                             f"max_z={self.model.config.max_z}")
         dataset_from_atoms([atoms], source="Calculator")  # elements, NaN, overlapping atoms
+        check_elements(self.model, numbers, self.allow_unknown_elements, "Calculator")
         n = len(numbers)
         i, j = torch.triu_indices(n, n, offset=1, device=self.device)
         self._upper = (i, j)  # all unordered pairs; filtered by the cutoff at every call
@@ -197,6 +203,7 @@ class Calculator(AseCalculator):
                         "energies": atomic.detach().cpu().double().numpy() * factor}
         if forces:
             self.results["forces"] = -gradient.cpu().double().numpy() * factor
+        check_finite(self.results, "Calculator")
 
     def _calculate_compiled(self) -> None:
         numbers = self.atoms.numbers
@@ -212,3 +219,4 @@ class Calculator(AseCalculator):
         self.results = {"energy": energy, "free_energy": energy,
                         "energies": atomic.cpu().double().numpy() * factor,
                         "forces": forces.cpu().double().numpy() * factor}
+        check_finite(self.results, "Calculator")

@@ -173,6 +173,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--index", default=":", help="which frames (ASE index syntax)")
     p.add_argument("--forces", action="store_true", help="also predict forces")
     p.add_argument("--out", help="write results as extxyz (per-atom contributions as arrays)")
+    p.add_argument("--allow-unknown-elements", action="store_true",
+                   help="predict for elements the model was not trained on (a warning)")
     p.set_defaults(func=run_predict)
 
 
@@ -203,7 +205,8 @@ def run_predict(args) -> int:
     unit = read_config(folder)["model"].get("unit", "")
     frames = read_structures(args.file, args.index)
     dataset_from_atoms(frames, source=args.file)  # validates before any output is written
-    out = model.predict(frames, forces=args.forces)
+    out = model.predict(frames, forces=args.forces,
+                        allow_unknown_elements=args.allow_unknown_elements)
     start = 0
     for k, atoms in enumerate(frames):
         n = len(atoms)

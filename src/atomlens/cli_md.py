@@ -35,6 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-drift", type=float, default=0.1,
                    help="NVE: stop (exit 1) when the total energy drifts by more than this, "
                         "eV/atom (default 0.1); Langevin has no conserved energy")
+    p.add_argument("--allow-unknown-elements", action="store_true",
+                   help="run with elements the model was not trained on (a warning)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--float64", action="store_true", help="run the model in float64")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -65,7 +67,8 @@ def run(args) -> int:
                  friction=args.friction, trajectory=args.out, logfile=args.log,
                  interval=args.interval, seed=args.seed, device=args.device,
                  dtype="float64" if args.float64 else None, compile=args.compile,
-                 max_temperature_K=args.max_temperature, max_drift_eV_per_atom=args.max_drift)
+                 max_temperature_K=args.max_temperature, max_drift_eV_per_atom=args.max_drift,
+                 allow_unknown_elements=args.allow_unknown_elements)
     drift = log.drift(len(atoms))
     print(f"{args.ensemble.upper()} MD of {atoms.get_chemical_formula()}: {args.steps} steps of "
           f"{args.timestep} fs ({args.steps * args.timestep / 1000:.3g} ps)")

@@ -53,14 +53,15 @@ class MDLog:
                 "std_eV_per_atom": float(etot.std() / n_atoms)}
 
 
-def _calculator(model_or_calc, device, dtype, compile=False):
+def _calculator(model_or_calc, device, dtype, compile=False, allow_unknown_elements=False):
     from ase.calculators.calculator import BaseCalculator
 
     if isinstance(model_or_calc, BaseCalculator):
         return model_or_calc
     from .calculator import Calculator
 
-    return Calculator(model_or_calc, device=device, dtype=dtype, compile=compile)
+    return Calculator(model_or_calc, device=device, dtype=dtype, compile=compile,
+                      allow_unknown_elements=allow_unknown_elements)
 
 
 def _trajectory_writer(path: Path, atoms, stack: contextlib.ExitStack):
@@ -89,7 +90,7 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
            interval: int = 1, seed: int | None = 0, initialize_velocities: bool = True,
            device: str = "cpu", dtype: str | None = None, threads: int | None = 1,
            compile: bool = False, max_temperature_K: float | None = None,
-           max_drift_eV_per_atom: float = 0.1) -> MDLog:
+           max_drift_eV_per_atom: float = 0.1, allow_unknown_elements: bool = False) -> MDLog:
     """Run molecular dynamics of ``atoms`` (changed in place) with an atomlens model.
 
     Args:
@@ -117,6 +118,7 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
             exceeds this (K; default the larger of 2000 K and 5 x ``temperature_K``).
         max_drift_eV_per_atom: NVE only: stop when |E_tot - E_tot(0)| / n_atoms exceeds
             this (eV/atom; a stable run at 0.5 fs drifts by meV/atom).
+        allow_unknown_elements: run with elements absent from the training data (warning).
 
     The settings and the first force call are checked before any output is opened; the
     outputs are written to temporary files and renamed at the end (or at a Ctrl-C), so an
@@ -132,7 +134,7 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     from ase.md.verlet import VelocityVerlet
 
     _check_settings(atoms, ensemble, temperature_K, timestep_fs, steps, friction, interval)
-    atoms.calc = _calculator(model_or_calc, device, dtype, compile)
+    atoms.calc = _calculator(model_or_calc, device, dtype, compile, allow_unknown_elements)
     # the first force call validates atoms and model before anything is written
     atoms.get_forces()
     if max_temperature_K is None:

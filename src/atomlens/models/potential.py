@@ -118,16 +118,23 @@ class AtomisticModel(nn.Module):
         return out
 
 
-    def predict(self, atoms, forces: bool = False) -> dict:
+    def predict(self, atoms, forces: bool = False, allow_unknown_elements: bool = False) -> dict:
         """Predict for one ASE ``Atoms`` or a list of them; returns numpy arrays.
 
         ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3)}`` in the
-        model's units (eV, eV/Angstrom for energy models).
+        model's units (eV, eV/Angstrom for energy models). Elements absent from the training
+        data are refused (a warning with ``allow_unknown_elements``); non-finite outputs are
+        an error (see :mod:`atomlens.models.guards`).
         """
+        from .guards import check_elements, check_finite
+
         batch = self.batch_from_atoms(atoms)
+        check_elements(self, batch.numbers.cpu().numpy(), allow_unknown_elements)
         with torch.set_grad_enabled(forces):
             out = self(batch, forces=forces)
-        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+        out = {k: v.detach().cpu().numpy() for k, v in out.items()}
+        check_finite(out)
+        return out
 
     def batch_from_atoms(self, atoms) -> Batch:
         """A validated batch of ASE ``Atoms`` on this model's device and dtype."""

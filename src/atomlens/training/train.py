@@ -226,7 +226,9 @@ def _train(config: TrainConfig, resume: bool, data: PackedDataset | None) -> dic
                extra_files={"split.npz": lambda p: save_split(p, split),
                             "train_config.yaml": lambda p: save_config(config, p)},
                metadata={"units": dict(data.units), "metrics": _plain(metrics),
-                         "data": config.data})
+                         "data": config.data,
+                         "elements": np.unique(np.asarray(data.numbers)[
+                             data.atom_index(split["train"])]).tolist()})
     (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=1))
     return metrics
 
