@@ -367,3 +367,119 @@ def test_nan_weights_are_a_clear_error(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="non-finite .* energy"):
         check_finite({"energy": np.array([np.nan]), "atomic": np.zeros(3)})
+
+
+# --------------------------------------------------------------- 7./8. clear messages
+def _message(argv, capsys) -> str:
+    from atomlens.cli import main
+
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_paths_of_the_wrong_kind_are_named(chon_model, ethanol, tmp_path, capsys):
+    assert "is a folder, a file is expected" in _message(
+        ["md", str(chon_model), str(tmp_path), "--out", str(tmp_path / "x.traj")], capsys)
+    assert "is a file; a model is a folder" in _message(
+        ["predict", str(ethanol), str(ethanol)], capsys)
+    assert "no such file" in _message(["predict", str(chon_model), str(tmp_path / "no.xyz")],
+                                      capsys)
+    err = _message(["predict", str(chon_model), str(ethanol), "--out",
+                    str(tmp_path / "missing" / "p.extxyz")], capsys)
+    assert "No such file or directory" in err and "missing" in err
+    (tmp_path / "cfg.yaml").write_text("target: U0\n")
+    assert "is a file; the output of a run is a folder" in _message(
+        ["train", str(tmp_path / "cfg.yaml"), "--out", str(ethanol)], capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes regardless of modes")
+def test_unreadable_and_read_only_paths_are_named(chon_model, ethanol, tmp_path, capsys):
+    ethanol.chmod(0)
+    assert "no permission to read it" in _message(["predict", str(chon_model), str(ethanol)],
+                                                  capsys)
+    ethanol.chmod(0o644)
+    locked = tmp_path / "ro"
+    locked.mkdir(mode=0o555)
+    assert "Permission denied" in _message(
+        ["md", str(chon_model), str(ethanol), "--steps", "1", "--out",
+         str(locked / "md.traj")], capsys)
+
+
+def test_config_and_weights_that_do_not_fit(chon_model):
+    import json
+
+    doc = json.loads((chon_model / "config.json").read_text())
+    doc["model"]["representation_kwargs"]["n_atom_basis"] = 32
+    (chon_model / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="weights do not fit the architecture"):
+        load_model(chon_model)
+    doc["model"]["representation_kwargs"]["n_atoms_basis"] = 32  # a misspelt key
+    (chon_model / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="cannot rebuild the model"):
+        load_model(chon_model)
+
+
+def test_split_sizes_error_suggests_n_train():
+    from atomlens.data import DataError
+    from atomlens.data.splits import random_split
+
+    with pytest.raises(DataError, match=r"n_train=2000 \+ n_val=100 = 2100 exceed the "
+                                        r"dataset's 200 structures.*--n-train 100"):
+        random_split(200, 2000, 100)
+
+
+# --------------------------------------------------------------- 9. configs checked when read
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "the config file is empty"),
+    ("batch_size: '32'\n", "batch_size must be an integer, not str '32'"),
+    ("batch_size: -10\n", "batch_size must be >= 1, not -10"),
+    ("rho: 2\n", r"rho must be in \[0, 1\]"),
+    ("max_epochs: 0\n", "max_epochs must be >= 1"),
+    ("lr: .nan\n", "lr must be > 0, not nan"),
+    ("forces: 1\n", "forces must be true or false"),
+    ("model: 3\n", "model must be a mapping"),
+    ("model:\n  head_hidden: 0\n", "model.head_hidden must be >= 1"),
+    ("preset: qm9-u0-schnet\nmodel:\n  representation_kwargs:\n    filter_spacing: 1.0e-9\n",
+     "table nodes"),
+])
+def test_bad_config_values_are_refused_when_read(tmp_path, text, message):
+    from atomlens.training import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        cfg = load_config(path)
+        from atomlens.models import build_model
+
+        build_model(cfg.model)  # the filter_spacing bound is the model's own
+    assert "c.yaml" in str(err.value) or "table nodes" in str(err.value)
+
+
+def test_nested_settings_merge_over_a_preset(tmp_path):
+    from atomlens.training import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: qm9-u0-schnet-neurips\nmodel:\n  representation_kwargs:\n"
+                    "    n_rbf: 50\n")
+    kwargs = load_config(path).model.representation_kwargs
+    assert kwargs["n_rbf"] == 50
+    assert (kwargs["n_interactions"], kwargs["n_filters"], kwargs["rbf_stop"]) == (3, 64, 30.0)
+    path.write_text("preset: qm9-u0-schnet\nmodel:\n  representation: dtnn\n"
+                    "  representation_kwargs: {n_atom_basis: 8}\n")
+    assert load_config(path).model.representation_kwargs == {"n_atom_basis": 8}
+
+
+# --------------------------------------------------------------- 10. bounded sizes
+def test_grid_sizes_are_bounded():
+    import ase.build
+
+    from atomlens.insight.potential_map import box_grid, plane_grid
+
+    water = ase.build.molecule("H2O")
+    with pytest.raises(ValueError, match="grid points, more than 1,000,000"):
+        plane_grid(water, spacing=1e-4)
+    with pytest.raises(ValueError, match="grid points"):
+        box_grid(water, spacing=0.01)
+    with pytest.raises(ValueError, match="positive number"):
+        plane_grid(water, spacing=float("nan"))
+    assert plane_grid(water, spacing=0.5)[0].shape[-1] == 3

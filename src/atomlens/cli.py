@@ -183,9 +183,9 @@ def read_structures(path: str, index: str = ":"):
     import ase.io
 
     from .data.dataset import DataError
+    from .fileio import check_readable
 
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
+    check_readable(path)
     try:
         frames = ase.io.read(path, index=index)
     except Exception as err:  # ASE raises many types for bad files
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, FileNotFoundError, ValueError) as err:
+    except (DataError, OSError, ValueError) as err:  # OSError: missing, unreadable, read-only
         print(f"atomlens {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -171,8 +171,13 @@ def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
     (``what="folder"``); else an :class:`OSError` subclass whose message names the path and
     the problem (missing, a folder where a file is expected, or no read permission)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    except PermissionError:
+        raise PermissionError(f"{path}: no permission to reach it (a folder on its path is "
+                              f"not accessible)") from None
     if what == "file" and path.is_dir():
         raise IsADirectoryError(f"{path}: is a folder, a file is expected")
     if what == "folder" and not path.is_dir():

@@ -53,6 +53,8 @@ def is_primary_process() -> bool:
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on run folder ``out`` (created if needed) for the block."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: is a file; the output of a run is a folder")
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / LOCK, "a")  # noqa: SIM115 (closed below, after the unlock)
     try:
@@ -170,7 +172,7 @@ def load_checkpoint(path: Path) -> dict:
     """A Lightning checkpoint read without running code (tensors and plain values only)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for objects, RuntimeError/EOFError if damaged
+    except Exception as err:  # noqa: BLE001 (UnpicklingError for objects, others if damaged)
         raise RunFolderError(f"{path}: not a checkpoint atomlens can read safely: it is "
                              f"damaged, or holds objects other than tensors and plain values "
                              f"(which would run code when loaded); refusing it "

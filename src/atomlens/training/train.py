@@ -34,9 +34,9 @@ from ..data.splits import load_split, random_split, save_split
 from ..data.statistics import fit_atomrefs, residual_stats
 from ..models.io import save_model
 from ..models.potential import AtomisticModel, build_model
+from . import run_folder
 from .config import TrainConfig, save_config
 from .evaluate import evaluate, predict_dataset
-from . import run_folder
 from .module import AtomisticTask
 
 

@@ -173,6 +173,7 @@ def read_any(path: str | os.PathLike, **kwargs) -> PackedDataset:
         return PackedDataset.load(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    check_readable(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         from .md17 import read_md17
