@@ -26,6 +26,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from .data.batch import Batch, Pairs
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import VerletList
+from .models.guards import check_elements, check_finite
 from .models.potential import AtomisticModel
 from .nn.geometry import apply_strain
 from .units import energy_factor
@@ -44,6 +45,8 @@ class Calculator(AseCalculator):
             energy conservation tests; ``None`` keeps the model's own dtype. A model passed
             in is copied, never changed, when device or dtype differ from its own.
 
+        allow_unknown_elements: elements absent from the model's training data are refused
+            unless this is True (then a warning; see :mod:`atomlens.models.guards`).
         compile: compile energy + forces (``torch.func`` gradient, ``torch.compile``) for
             fast repeated calls on one molecule, e.g. MD: aspirin runs ~3.5x as many steps
             per second on one CPU thread, after a compile of a few seconds per molecule. All
@@ -64,7 +67,7 @@ class Calculator(AseCalculator):
 
     def __init__(self, model: AtomisticModel | str | os.PathLike, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype | None = None, compile: bool = False,
-                 skin: float = 1.0, **kwargs):
+                 skin: float = 1.0, allow_unknown_elements: bool = False, **kwargs):
         super().__init__(**kwargs)
         dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
         if isinstance(model, (str, os.PathLike)):
@@ -87,6 +90,7 @@ class Calculator(AseCalculator):
         self.device, self.dtype = param.device, param.dtype
         self._numbers: np.ndarray | None = None  # the numbers the cached tensors belong to
         self.compile = compile
+        self.allow_unknown_elements = allow_unknown_elements
         # frozen: gradients w.r.t. positions only, and the weight-only state (SchNet's filter
         # tables) computed once instead of at every call
         self.model.eval().requires_grad_(False)
@@ -111,6 +115,7 @@ class Calculator(AseCalculator):
             raise DataError("compile=True is for molecules; run periodic cells without it")
         # elements, NaN, overlapping atoms (with periodic images), the cell
         dataset_from_atoms([atoms], source="Calculator")
+        check_elements(self.model, numbers, self.allow_unknown_elements, "Calculator")
         n = len(numbers)
         self._batch_numbers = torch.as_tensor(numbers, dtype=torch.int64, device=self.device)
         self._structure_index = torch.zeros(n, dtype=torch.int64, device=self.device)
@@ -234,6 +239,7 @@ class Calculator(AseCalculator):
         if stress:
             virial = gradients[1][0].cpu().double().numpy() * factor
             self.results["stress"] = full_3x3_to_voigt_6_stress(virial / self.atoms.get_volume())
+        check_finite(self.results, "Calculator")
 
     def _calculate_compiled(self) -> None:
         if self._changed_structure(self.atoms):
@@ -247,3 +253,4 @@ class Calculator(AseCalculator):
         self.results = {"energy": energy, "free_energy": energy,
                         "energies": atomic.cpu().double().numpy() * factor,
                         "forces": forces.cpu().double().numpy() * factor}
+        check_finite(self.results, "Calculator")

@@ -84,6 +84,8 @@ def _add_train(sub) -> None:
     p.add_argument("--length-unit", help="unit of lengths in a data file without unit metadata")
     p.add_argument("--out", help="output folder")
     p.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.ckpt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty OUT (else it is refused)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
 
@@ -123,7 +125,7 @@ def run_train(args) -> int:
     from .training.train import train
 
     config = config_from_args(args)
-    metrics = train(config, resume=args.resume)
+    metrics = train(config, resume=args.resume, overwrite=args.overwrite)
     if metrics:
         print(f"model saved in {Path(config.out) / 'model'}")
         _print_metrics(metrics, config.target, metrics.get("unit", ""))
@@ -180,6 +182,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--index", default=":", help="which frames (ASE index syntax)")
     p.add_argument("--forces", action="store_true", help="also predict forces")
     p.add_argument("--out", help="write results as extxyz (per-atom contributions as arrays)")
+    p.add_argument("--allow-unknown-elements", action="store_true",
+                   help="predict for elements the model was not trained on (a warning)")
     p.set_defaults(func=run_predict)
 
 
@@ -188,9 +192,9 @@ def read_structures(path: str, index: str = ":"):
     import ase.io
 
     from .data.dataset import DataError
+    from .fileio import check_readable
 
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
+    check_readable(path)
     try:
         frames = ase.io.read(path, index=index)
     except Exception as err:  # ASE raises many types for bad files
@@ -210,7 +214,8 @@ def run_predict(args) -> int:
     unit = read_config(folder)["model"].get("unit", "")
     frames = read_structures(args.file, args.index)
     dataset_from_atoms(frames, source=args.file)  # validates before any output is written
-    out = model.predict(frames, forces=args.forces)
+    out = model.predict(frames, forces=args.forces,
+                        allow_unknown_elements=args.allow_unknown_elements)
     start = 0
     for k, atoms in enumerate(frames):
         n = len(atoms)
@@ -237,6 +242,7 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a SchNet on QM9 U0 for a few minutes (CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, help="training budget (default: the preset's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT")
     p.set_defaults(func=run_demo)
 
 
@@ -252,7 +258,7 @@ def run_demo(args) -> int:
     print("atomlens demo: SchNet on QM9 U0 "
           f"(n_train={int(config.n_train)}, budget {config.max_minutes} min on the CPU)")
     data = load_dataset(config)
-    metrics = train(config, data=data)
+    metrics = train(config, data=data, overwrite=args.overwrite)
     folder = Path(config.out) / "model"
     model = load_model(folder)
     test = load_split(folder / "split.npz")["test"]
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, FileNotFoundError, ValueError) as err:
+    except (DataError, OSError, ValueError) as err:  # OSError: missing, unreadable, read-only
         print(f"atomlens {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -30,8 +30,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
     p.add_argument("--out", default="md.traj",
                    help="trajectory: .traj (ASE) or extxyz for other suffixes (default md.traj)")
-    p.add_argument("--log", default="md.csv",
-                   help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K")
+    p.add_argument("--log", default=None,
+                   help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K "
+                        "(default: beside --out, with suffix .csv)")
+    p.add_argument("--max-temperature", type=float, default=None,
+                   help="stop (exit 1) when the temperature exceeds this, K (default: the "
+                        "larger of 2000 K and 5 x --temperature)")
+    p.add_argument("--max-drift", type=float, default=0.1,
+                   help="NVE: stop (exit 1) when the total energy drifts by more than this, "
+                        "eV/atom (default 0.1); Langevin has no conserved energy")
+    p.add_argument("--allow-unknown-elements", action="store_true",
+                   help="run with elements the model was not trained on (a warning)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--float64", action="store_true", help="run the model in float64")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -55,12 +64,15 @@ def run(args) -> int:
                          f"structures; MD needs one")
     atoms = frames[0]
     atoms.calc = None
+    if args.log is None:
+        args.log = str(Path(args.out).with_suffix(".csv"))
     log = run_md(args.model, atoms, ensemble=args.ensemble,
                  temperature_K=args.temperature, timestep_fs=args.timestep, steps=args.steps,
                  friction=args.friction, trajectory=args.out, logfile=args.log,
                  interval=args.interval, seed=args.seed, device=args.device,
                  dtype="float64" if args.float64 else None, compile=args.compile,
-                 pressure_bar=args.pressure)
+                 max_temperature_K=args.max_temperature, max_drift_eV_per_atom=args.max_drift,
+                 allow_unknown_elements=args.allow_unknown_elements, pressure_bar=args.pressure)
     drift = log.drift(len(atoms))
     print(f"{args.ensemble.upper()} MD of {atoms.get_chemical_formula()}: {args.steps} steps of "
           f"{args.timestep} fs ({args.steps * args.timestep / 1000:.3g} ps)")

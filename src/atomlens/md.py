@@ -62,14 +62,15 @@ class MDLog:
                 "std_eV_per_atom": float(etot.std() / n_atoms)}
 
 
-def _calculator(model_or_calc, device, dtype, compile=False):
+def _calculator(model_or_calc, device, dtype, compile=False, allow_unknown_elements=False):
     from ase.calculators.calculator import BaseCalculator
 
     if isinstance(model_or_calc, BaseCalculator):
         return model_or_calc
     from .calculator import Calculator
 
-    return Calculator(model_or_calc, device=device, dtype=dtype, compile=compile)
+    return Calculator(model_or_calc, device=device, dtype=dtype, compile=compile,
+                      allow_unknown_elements=allow_unknown_elements)
 
 
 def _trajectory_writer(path: Path, atoms, stack: contextlib.ExitStack):
@@ -98,7 +99,8 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
            interval: int = 1, seed: int | None = 0, initialize_velocities: bool = True,
            device: str = "cpu", dtype: str | None = None, threads: int | None = 1,
            compile: bool = False, pressure_bar: float = 1.01325,
-           barostat_time_fs: float | None = None) -> MDLog:
+           barostat_time_fs: float | None = None, max_temperature_K: float | None = None,
+           max_drift_eV_per_atom: float = 0.1, allow_unknown_elements: bool = False) -> MDLog:
     """Run molecular dynamics of ``atoms`` (changed in place) with an atomlens model.
 
     Args:
@@ -126,6 +128,16 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
         pressure_bar: NPT target pressure (bar; 1.01325 bar = 1 atm).
         barostat_time_fs: NPT barostat time scale (fs; default 1000 time steps); the
             thermostat's is 100 time steps.
+        max_temperature_K: stop with :class:`MDUnstableError` when the kinetic temperature
+            exceeds this (K; default the larger of 2000 K and 5 x ``temperature_K``).
+        max_drift_eV_per_atom: NVE only: stop when |E_tot - E_tot(0)| / n_atoms exceeds
+            this (eV/atom; a stable run at 0.5 fs drifts by meV/atom).
+        allow_unknown_elements: run with elements absent from the training data (warning).
+
+    The settings and the first force call are checked before any output is opened; the
+    outputs are written to temporary files and renamed at the end (or at a Ctrl-C), so an
+    earlier run's files are replaced only by a complete run. A run stopped as unstable
+    keeps what it wrote under ``NAME.unstable.SUFFIX``.
 
     Returns:
         :class:`MDLog` of the logged steps (step 0 included).
@@ -135,14 +147,12 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
 
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"ensemble must be one of {ENSEMBLES}, not {ensemble!r}")
-    if ensemble == "npt" and not atoms.pbc.all():
-        raise ValueError("NPT needs a cell periodic in all three directions; the atoms have "
-                         f"pbc={atoms.pbc.tolist()}")
-    if steps < 0 or timestep_fs <= 0 or interval < 1:
-        raise ValueError("steps must be >= 0, timestep_fs > 0 and interval >= 1")
-    atoms.calc = _calculator(model_or_calc, device, dtype, compile)
+    _check_settings(atoms, ensemble, temperature_K, timestep_fs, steps, friction, interval)
+    atoms.calc = _calculator(model_or_calc, device, dtype, compile, allow_unknown_elements)
+    # the first force call validates atoms and model before anything is written
+    atoms.get_forces()
+    if max_temperature_K is None:
+        max_temperature_K = max(2000.0, 5.0 * temperature_K)
     rng = np.random.default_rng(seed)
     if initialize_velocities:
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
@@ -172,11 +182,14 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
 
     log = MDLog()
     periodic = bool(atoms.pbc.all())
+    # outputs are written to temporary files beside their names and renamed at the end, so
+    # a failed run never truncates the results of an earlier one
+    outputs = {Path(p): _temporary(Path(p)) for p in (trajectory, logfile) if p is not None}
     stack = contextlib.ExitStack()
     writer = None
     if logfile is not None:
-        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
-        writer = csv.writer(stack.enter_context(open(logfile, "w", newline="")))  # noqa: SIM115
+        handle = stack.enter_context(open(outputs[Path(logfile)], "w", newline=""))  # noqa: SIM115
+        writer = csv.writer(handle)
         writer.writerow(LOG_COLUMNS + (("volume_A3",) if periodic else ()))
 
     def record() -> None:
@@ -192,17 +205,101 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
         if writer is not None:
             writer.writerow([f"{v:.10g}" for v in row])
 
+    dyn.attach(_stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K,
+                                max_drift_eV_per_atom), interval=1)
     dyn.attach(record, interval=interval)
     previous_threads = torch.get_num_threads()
-    with stack:
-        if trajectory is not None:
-            dyn.attach(_trajectory_writer(Path(trajectory), atoms, stack), interval=interval)
-        try:
-            if threads:
-                torch.set_num_threads(threads)
-            dyn.run(steps)
-        finally:
-            torch.set_num_threads(previous_threads)
-            if ensemble == "langevin":
-                atoms.set_constraint(constraints)
+    try:
+        with stack:
+            if trajectory is not None:
+                dyn.attach(_trajectory_writer(outputs[Path(trajectory)], atoms, stack),
+                           interval=interval)
+            try:
+                if threads:
+                    torch.set_num_threads(threads)
+                dyn.run(steps)
+            finally:
+                torch.set_num_threads(previous_threads)
+                if ensemble == "langevin":
+                    atoms.set_constraint(constraints)
+    except KeyboardInterrupt:  # a clean stop: what was computed is kept
+        _publish(outputs)
+        raise
+    except MDUnstableError as err:
+        kept = _publish(outputs, tag=".unstable")
+        where = f"; the run up to the stop is in {', '.join(map(str, kept))}" if kept else ""
+        raise MDUnstableError(f"{err}{where}") from None
+    except BaseException:
+        for tmp in outputs.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    _publish(outputs)
     return log
+
+
+class MDUnstableError(ValueError):
+    """The dynamics left the sane range (temperature or energy drift): the time step is too
+    long or the model is used outside its training range."""
+
+
+def _check_settings(atoms, ensemble, temperature_K, timestep_fs, steps, friction, interval):
+    """Refuse settings that cannot give meaningful dynamics, naming the value."""
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {ENSEMBLES}, not {ensemble!r}")
+    if ensemble == "npt" and not atoms.pbc.all():
+        raise ValueError("NPT needs a cell periodic in all three directions; the atoms have "
+                         f"pbc={atoms.pbc.tolist()}")
+    if len(atoms) < 2:
+        raise ValueError(f"MD needs at least two atoms; the structure has {len(atoms)} "
+                         f"(a single atom has no interactions to follow)")
+    checks = ((temperature_K, "temperature", "K", lambda v: v >= 0, ">= 0"),
+              (timestep_fs, "time step", "fs", lambda v: v > 0, "> 0"),
+              (friction, "friction", "1/fs", lambda v: v >= 0, ">= 0"))
+    for value, name, unit, ok, rule in checks:
+        if not (np.isfinite(value) and ok(value)):
+            raise ValueError(f"the {name} must be finite and {rule} {unit}, not {value}")
+    if steps < 0 or interval < 1:
+        raise ValueError(f"steps must be >= 0 and interval >= 1 (got {steps}, {interval})")
+
+
+def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K,
+                     max_drift_eV_per_atom):
+    """An observer that stops a run whose temperature or (NVE) energy drift leaves range.
+
+    Langevin dynamics has no conserved energy (the thermostat exchanges heat), so only the
+    temperature is checked there. Blown-up dynamics need not give NaN: atoms thrown beyond
+    the cutoff feel no force and fly apart at a finite, huge temperature.
+    """
+    start = {}
+
+    def check() -> None:
+        temperature = kinetic_temperature(atoms)
+        etot = atoms.get_potential_energy() + atoms.get_kinetic_energy()
+        start.setdefault("etot", etot)
+        hint = (f"at step {dyn.nsteps} ({dyn.nsteps * timestep_fs:g} fs); shorten the time "
+                f"step ({timestep_fs:g} fs now) or check that the model knows this molecule")
+        if not temperature <= max_temperature_K:
+            raise MDUnstableError(f"the temperature reached {temperature:.4g} K, above the "
+                                  f"limit of {max_temperature_K:g} K, {hint}")
+        drift = abs(etot - start["etot"]) / len(atoms)
+        if ensemble == "nve" and not drift <= max_drift_eV_per_atom:
+            raise MDUnstableError(f"the total energy drifted by {drift:.4g} eV/atom, above the "
+                                  f"limit of {max_drift_eV_per_atom:g} eV/atom, {hint}")
+
+    return check
+
+
+def _temporary(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def _publish(outputs: dict[Path, Path], tag: str = "") -> list[Path]:
+    """Rename the temporary outputs to their names (``tag`` inserted before the suffix)."""
+    done = []
+    for path, tmp in outputs.items():
+        if tmp.exists():
+            final = path.with_name(f"{path.stem}{tag}{path.suffix}")
+            os.replace(tmp, final)
+            done.append(final)
+    return done

@@ -47,3 +47,31 @@ def force_factor(unit: str) -> float:
 def convert_energy(value, from_unit: str, to_unit: str = "eV"):
     """Convert an energy (scalar or array) between units."""
     return value * (energy_factor(from_unit) / energy_factor(to_unit))
+
+
+def resolve_unit(kind: str, stored: str | None, given: str | None,
+                 default: str | None = None) -> str | None:
+    """The unit of a file's ``kind`` (``"energy"`` or ``"length"``) values: the one the file
+    states (``stored``) or the one the caller declares (``given``); if both are there they
+    must agree; if neither is, ``default`` (never a guess: ``None`` unless a format defines
+    the unit). Raises ValueError for unknown or disagreeing units."""
+    factor = energy_factor if kind == "energy" else length_factor
+    for unit in (stored, given, default):
+        if unit is not None:
+            factor(unit)
+    if stored is not None and given is not None and factor(stored) != factor(given):
+        raise ValueError(f"the file says its {kind} unit is {stored!r} but {given!r} was "
+                         f"declared")
+    return stored or given or default
+
+
+def check_force_unit(force_unit: str, energy_unit: str, length_unit: str) -> float:
+    """The factor of ``force_unit`` to eV/Angstrom, which must equal energy unit / length
+    unit (forces are the negative gradient of the energy); ValueError otherwise."""
+    factor = force_factor(force_unit)
+    expected = energy_factor(energy_unit) / length_factor(length_unit)
+    if abs(factor / expected - 1.0) > 1e-9:
+        raise ValueError(f"force unit {force_unit!r} is not energy unit / length unit "
+                         f"({energy_unit}/{length_unit}); the forces would not be the gradient "
+                         f"of the energies")
+    return factor

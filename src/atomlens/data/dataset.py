@@ -18,6 +18,7 @@ Batches are gathered with index arithmetic, so a training step runs no per-molec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fileio import atomic_folder
+from ..fileio import atomic_folder, recover_folder
 from .batch import Batch, Pairs
 from .neighbors import molecular_pairs, periodic_pairs
 
@@ -133,13 +134,27 @@ class PackedDataset:
     # ------------------------------------------------------------------ checks
     def validate(self, source: str = "<memory>") -> None:
         """Raise :class:`DataError` for empty data, bad elements, NaN or overlapping atoms."""
+        self.check_arrays(source)
+        self._check_overlaps(source)
+
+    def check_arrays(self, source: str = "<memory>") -> None:
+        """The vectorised checks of :meth:`validate` (all but overlapping atoms): sizes,
+        offsets, elements, finite positions and targets, units. Run on every load."""
         n = len(self)
-        if n == 0 or self.numbers.shape[0] == 0:
+        if n <= 0 or self.numbers.shape[0] == 0:
             raise DataError(f"{source}: the dataset is empty")
-        counts = np.diff(self.offsets)
+        offsets = np.asarray(self.offsets)
+        if self.numbers.ndim != 1 or self.positions.shape != (self.numbers.shape[0], 3):
+            raise DataError(f"{source}: numbers {self.numbers.shape} and positions "
+                            f"{self.positions.shape} do not fit (n_atoms,) and (n_atoms, 3)")
+        if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != self.numbers.shape[0]:
+            raise DataError(f"{source}: offsets must run from 0 to the number of atoms "
+                            f"({self.numbers.shape[0]}); they run from {offsets[0]} to "
+                            f"{offsets[-1]}")
+        counts = np.diff(offsets)
         if (counts <= 0).any():
             m = int(np.argmax(counts <= 0))
-            raise DataError(f"{source}: structure {m} has no atoms")
+            raise DataError(f"{source}: structure {m} has no atoms (offsets not increasing)")
         z = np.asarray(self.numbers)
         bad = (z < 1) | (z > MAX_Z)
         if bad.any():
@@ -161,16 +176,23 @@ class PackedDataset:
                 raise DataError(f"{source}: target {name!r} has non-finite values")
             if name not in self.units:
                 raise DataError(f"{source}: target {name!r} has no unit recorded")
+        for name, values in self.extras.items():
+            if values.shape[:1] != (n,):
+                raise DataError(f"{source}: extra {name!r} has shape {values.shape} for {n} "
+                                f"structures")
         if self.cell is not None:
             self._validate_cells(source)
-        # overlapping atoms: closest pair per chunk of structures, vectorised (periodic
-        # structures also against their images)
+
+    def _check_overlaps(self, source: str) -> None:
+        # periodic structures against their images too, from their neighbour lists
         for m in self.periodic_structures():
             i, j, _ = self.structure_pairs(m, MIN_DISTANCE)
             if len(i):
                 raise DataError(
                     f"{source}: structure {m} has two atoms (or an atom and a periodic image) "
                     f"closer than {MIN_DISTANCE} Angstrom (atoms {int(i[0])} and {int(j[0])})")
+        # closest pair per chunk of structures, vectorised
+        n, counts, pos = len(self), self.n_atoms_per, np.asarray(self.positions)
         chunk = 4096
         for start in range(0, n, chunk):
             idx = np.arange(start, min(n, start + chunk))
@@ -375,7 +397,8 @@ class PackedDataset:
                     "n_atoms": int(self.numbers.shape[0]), "units": self.units,
                     "targets": sorted(self.targets), "per_atom": sorted(self.per_atom),
                     "extras": sorted(self.extras), "periodic": self.cell is not None,
-                    "meta": self.meta}
+                    "meta": self.meta,
+                    "checksums": {p.name: file_checksum(p) for p in sorted(tmp.glob("*.npy"))}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         return path
 
@@ -383,6 +406,7 @@ class PackedDataset:
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> PackedDataset:
         """Open a packed folder written by :meth:`save` (memory-mapped by default)."""
         path = Path(path)
+        recover_folder(path)  # a save killed between its two renames
         meta_file = path / "meta.json"
         if not meta_file.is_file():
             raise DataError(f"{path}: not a packed atomlens dataset (no meta.json)")
@@ -399,12 +423,25 @@ class PackedDataset:
             cell = pbc = None
             if meta.get("periodic"):
                 cell, pbc = np.asarray(read("cell.npy")), np.asarray(read("pbc.npy"))
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+            changed = [name for name, value in meta.get("checksums", {}).items()
+                       if file_checksum(path / name) != value]
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise DataError(f"{path}: packed dataset is damaged or truncated ({err})") from err
+        if changed:
+            raise DataError(f"{path}: packed dataset is damaged: {', '.join(changed)} changed "
+                            f"since it was written (checksum in meta.json differs); rebuild it")
         if len(offsets) != meta["n_structures"] + 1 or numbers.shape[0] != meta["n_atoms"]:
             raise DataError(f"{path}: packed dataset is truncated (sizes disagree with meta.json)")
-        return cls(numbers, positions, np.asarray(offsets), targets, meta["units"], extras,
-                   meta.get("meta", {}), meta.get("per_atom"), cell, pbc)
+        dataset = cls(numbers, positions, np.asarray(offsets), targets, meta["units"], extras,
+                      meta.get("meta", {}), meta.get("per_atom"), cell, pbc)
+        dataset.check_arrays(str(path))
+        return dataset
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """A fast content hash of a file (BLAKE2b, 128 bit, hex), kept in ``meta.json``."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 class BatchSampler:

@@ -154,17 +154,26 @@ class AtomisticModel(nn.Module):
         return out
 
 
-    def predict(self, atoms, forces: bool = False, stress: bool = False) -> dict:
+    def predict(self, atoms, forces: bool = False, stress: bool = False,
+                allow_unknown_elements: bool = False) -> dict:
         """Predict for one ASE ``Atoms`` or a list of them; returns numpy arrays.
 
         ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3),
         "stress": (n_structures, 3, 3)}`` in the model's units (eV, eV/Angstrom,
-        eV/Angstrom^3 for energy models). Periodic ``Atoms`` keep their cell.
+        eV/Angstrom^3 for energy models). Periodic ``Atoms`` keep their cell. Elements
+        absent from the training data are refused (a warning with
+        ``allow_unknown_elements``); non-finite outputs are an error (see
+        :mod:`atomlens.models.guards`).
         """
+        from .guards import check_elements, check_finite
+
         batch = self.batch_from_atoms(atoms)
+        check_elements(self, batch.numbers.cpu().numpy(), allow_unknown_elements)
         with torch.set_grad_enabled(forces or stress):
             out = self(batch, forces=forces, stress=stress)
-        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+        out = {k: v.detach().cpu().numpy() for k, v in out.items()}
+        check_finite(out)
+        return out
 
     def batch_from_atoms(self, atoms) -> Batch:
         """A validated batch of ASE ``Atoms`` (cells and pbc kept) on this model's device."""

@@ -34,6 +34,10 @@ from ..nn import (
 from ..nn.geometry import pair_distances
 from .base import Representation, register
 
+#: the most grid nodes of a filter table (the tables take nodes x 4 x n_filters numbers
+#: per interaction; 20,000 nodes of 128 filters are 41 MB in float32)
+MAX_TABLE_NODES = 20_000
+
 
 class SchNetInteraction(nn.Module):
     """One interaction block: atom-wise -> cfconv -> atom-wise -> ssp -> atom-wise."""
@@ -97,8 +101,14 @@ class SchNet(Representation):
         self.cutoff_fn = CosineCutoff(cutoff) if cutoff is not None else None
         self.interactions = nn.ModuleList(
             SchNetInteraction(n_atom_basis, n_filters, n_rbf) for _ in range(n_interactions))
-        if filter_spacing is not None and filter_spacing <= 0:
+        if filter_spacing is not None and not (math.isfinite(filter_spacing) and filter_spacing > 0):
             raise ValueError(f"filter_spacing must be positive, not {filter_spacing}")
+        if cutoff is not None and filter_spacing is not None and (
+                cutoff / filter_spacing > MAX_TABLE_NODES):
+            raise ValueError(f"filter_spacing={filter_spacing:g} Angstrom gives "
+                             f"{cutoff / filter_spacing:.3g} table nodes per filter (the limit "
+                             f"is {MAX_TABLE_NODES:,}, {cutoff / MAX_TABLE_NODES:.2g} Angstrom "
+                             f"at cutoff {cutoff:g}); 0.01 Angstrom is already exact to float32")
         self.filter_spacing = filter_spacing if cutoff is not None else None
 
     def freeze(self) -> list[torch.Tensor] | None:

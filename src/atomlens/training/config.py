@@ -12,7 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from ..fileio import atomic_file, check_readable
 from ..models.potential import ModelConfig
+from .config_checks import check_train_config
 
 
 @dataclass
@@ -65,6 +67,9 @@ class TrainConfig:
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
 
+    def __post_init__(self):
+        check_train_config(self)  # types and ranges, see config_checks
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
@@ -73,6 +78,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         model = d.pop("model", {})
+        if not isinstance(model, (dict, ModelConfig)):
+            raise ValueError(f"training config: model must be a mapping of model settings, "  # noqa: TRY004
+                             f"not {type(model).__name__} {model!r}")
         return cls(**d, model=model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model))
 
     def to_dict(self) -> dict:
@@ -141,22 +149,43 @@ def preset(name: str) -> TrainConfig:
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read a YAML or JSON training config (``preset: name`` as a base is allowed)."""
-    path = Path(path)
+    path = check_readable(path)
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        doc = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid YAML/JSON ({err})") from err
+    if doc is None or doc == {}:
+        raise ValueError(f"{path}: the config file is empty; give the training settings (or "
+                         f"'preset: NAME' to start from a preset)")
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: a training config must be a mapping of keys to values")  # noqa: TRY004
-    base = doc.pop("preset", None)
-    if base is None:
-        return TrainConfig.from_dict(doc)
-    merged = preset(base).to_dict()
-    model = doc.pop("model", {})
-    merged.update(doc)
-    merged["model"].update(model)
-    return TrainConfig.from_dict(merged)
+    try:
+        base = doc.pop("preset", None)
+        if base is None:
+            return TrainConfig.from_dict(doc)
+        return TrainConfig.from_dict(merge_settings(preset(base).to_dict(), doc))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def merge_settings(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in, nested mappings key by key: overriding one
+    ``representation_kwargs`` entry keeps the others. A model that switches representation
+    takes its ``representation_kwargs`` whole (the other class's would not fit)."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        old = merged.get(key)
+        switched = (key == "model" and isinstance(value, dict) and "representation" in value
+                    and isinstance(old, dict) and value["representation"] != old.get("representation"))
+        if isinstance(value, dict) and isinstance(old, dict):
+            if switched:
+                old = {k: v for k, v in old.items() if k != "representation_kwargs"}
+            merged[key] = merge_settings(old, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

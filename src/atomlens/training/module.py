@@ -4,6 +4,10 @@
     loss = <(Y - Y^)^2>_structures                                               (without)
          + w_sigma * <||sigma - sigma^||_F^2>_structures       (with stress, periodic cells)
 
+The averages are over the global batch: with data-parallel training each rank sums its
+share and divides by the global counts, so unequal shares give the same gradient as one
+process.
+
 Values are in the model's internal units (eV, eV/Angstrom); metrics are reported in them
 too and converted for display only.
 """
@@ -38,20 +42,42 @@ class AtomisticTask(pl.LightningModule):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.model(batch, forces=self.forces, stress=self.stress)
 
-    def loss(self, batch: Batch, pred: dict[str, torch.Tensor]) -> torch.Tensor:
-        energy_error = (pred[self.target] - batch.targets[self.target]).pow(2).mean()
+    def loss(self, batch: Batch, pred: dict[str, torch.Tensor],
+             counts: tuple[float, float] | None = None) -> torch.Tensor:
+        """The loss of the module docstring; ``counts`` = (structures, atoms) of the whole
+        global batch when ``batch`` is one rank's share of it (default: ``batch`` itself),
+        so that sum_ranks loss_r = the global batch's loss whatever the shares."""
+        n_structures, n_atoms = counts or (batch.n_structures, batch.numbers.shape[0])
+        energy_error = (pred[self.target] - batch.targets[self.target]).pow(2).sum() / n_structures
         loss = energy_error
         if self.forces:
-            force_error = (pred["forces"] - batch.targets["forces"]).pow(2).sum(-1).mean()
+            force_error = (pred["forces"] - batch.targets["forces"]).pow(2).sum() / n_atoms
             loss = self.rho * energy_error + (1.0 - self.rho) * force_error
         if self.stress:
-            stress_error = (pred["stress"] - batch.targets["stress"]).pow(2).sum((1, 2)).mean()
+            stress_error = (pred["stress"] - batch.targets["stress"]).pow(2).sum() / n_structures
             loss = loss + self.stress_weight * stress_error
         return loss
 
+    def _global_counts(self, batch: Batch) -> tuple[float, float] | None:
+        """(structures, atoms) of the global batch, summed over the data-parallel ranks."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        local = torch.tensor([batch.n_structures, batch.numbers.shape[0]], dtype=torch.float64,
+                             device=self.device)
+        total = self.trainer.strategy.reduce(local, reduce_op="sum")
+        return float(total[0]), float(total[1])
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self(batch))
-        self.log("train_loss", loss, batch_size=batch.n_structures, prog_bar=True)
+        pred = self(batch)
+        counts = self._global_counts(batch)
+        loss = self.loss(batch, pred, counts)
+        shown = loss if counts is None else self.loss(batch, pred)  # this rank's own mean
+        self.log("train_loss", shown.detach(), batch_size=batch.n_structures, prog_bar=True)
+        if counts is not None:
+            # DDP averages the ranks' gradients; the ranks' losses add up to the global
+            # batch's loss, so scale by the world size: the average is then its gradient,
+            # also when the global batch does not split evenly over the ranks
+            loss = loss * self.trainer.world_size
         return loss
 
     def _evaluate(self, batch: Batch, stage: str) -> None:

@@ -34,6 +34,7 @@ from ..data.splits import load_split, random_split, save_split
 from ..data.statistics import fit_atomrefs, residual_stats
 from ..models.io import save_model
 from ..models.potential import AtomisticModel, build_model
+from . import run_folder
 from .config import TrainConfig, save_config
 from .evaluate import evaluate, predict_dataset
 from .module import AtomisticTask
@@ -130,19 +131,30 @@ class PackedDataModule(pl.LightningDataModule):
 def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[str, np.ndarray]:
     path = out / "split.npz"
     if resume and path.exists():
-        return load_split(path)
+        return load_split(path, n)
     split = random_split(n, config.n_train, config.n_val, config.n_test, seed=config.seed)
     save_split(path, split)
     return split
 
 
-def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None = None) -> dict:
+def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None = None,
+          overwrite: bool = False) -> dict:
     """Train a model as ``config`` says; returns the test metrics (internal units).
 
-    With ``resume=True`` a run killed half-way goes on from ``checkpoints/last.ckpt``.
+    With ``resume=True`` a run killed half-way goes on from ``checkpoints/last.ckpt``
+    (only if it is the same run: see :mod:`.run_folder`); a folder holding another run is
+    refused unless ``overwrite=True``. The folder is locked while the run lasts.
     """
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not run_folder.is_primary_process():  # the primary process guards the folder
+        return _train(config, resume, data)
+    with run_folder.locked(out):
+        run_folder.prepare(out, resume, overwrite)
+        return _train(config, resume, data)
+
+
+def _train(config: TrainConfig, resume: bool, data: PackedDataset | None) -> dict:
+    out = Path(config.out)
     if config.threads:
         torch.set_num_threads(config.threads)
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -152,8 +164,14 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
     unit = data.units.get(config.target, "")
     if unit and config.model.unit != unit:
         config = config.updated(**{"model.unit": unit})
-    save_config(config, out / "train_config.yaml")
     split = _make_split(config, len(data), out, resume)
+    fingerprint = run_folder.fingerprint(config, data, split)
+    if run_folder.is_primary_process():
+        if resume:
+            run_folder.check_resume(out, fingerprint)
+        else:
+            run_folder.record(out, fingerprint)
+        save_config(config, out / "train_config.yaml")
 
     model = build_model(config.model)
     fit_statistics(model, data, split["train"])
@@ -173,7 +191,8 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
                              save_top_k=1, save_on_train_epoch_end=True,
                              enable_version_counter=False)
     callbacks = [checkpoint, latest, EarlyStopping("val_loss", patience=config.early_stopping_patience),
-                 LearningRateMonitor("epoch")]
+                 LearningRateMonitor("epoch"),
+                 run_folder.FingerprintCallback(run_folder.digest(fingerprint))]
     if config.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if config.ema_decay:
@@ -210,7 +229,9 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
                extra_files={"split.npz": lambda p: save_split(p, split),
                             "train_config.yaml": lambda p: save_config(config, p)},
                metadata={"units": dict(data.units), "metrics": _plain(metrics),
-                         "data": config.data})
+                         "data": config.data,
+                         "elements": np.unique(np.asarray(data.numbers)[
+                             data.atom_index(split["train"])]).tolist()})
     (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=1))
     return metrics
 

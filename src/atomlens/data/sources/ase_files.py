@@ -3,7 +3,15 @@
 Energies, forces and stress are taken from each frame's calculator results (how ASE stores
 them for extxyz and db files) or from ``atoms.info`` / ``atoms.arrays``, under the keys
 given. Periodic frames (extxyz ``Lattice`` + ``pbc``, ASE db rows with a cell) keep their
-cell. Units are declared by the caller (default eV and Angstrom) and converted on reading.
+cell.
+
+Units are never guessed. The file may state them (``energy_unit``, ``length_unit`` and
+optionally ``force_unit`` in every frame's info line of an (ext)xyz file, or in an ASE
+database's metadata; :func:`write_ase` writes them), or the caller declares them; a file
+with energies and neither is refused. Positions are in Angstrom unless stated otherwise
+(ASE's own convention for every format it reads). Forces must be in energy unit / length
+unit, stress in energy unit / length unit^3. Values are converted to eV and Angstrom on
+reading.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ... import units
-from ...fileio import atomic_file
+from ...fileio import atomic_file, check_readable
 from ..dataset import DataError, PackedDataset
 
 
@@ -27,6 +35,27 @@ def _value(atoms, key: str, per_atom: bool):
     return store.get(key)
 
 
+UNIT_KEYS = ("energy_unit", "length_unit", "force_unit")
+
+
+def _stated_units(path: Path, frames) -> dict[str, str]:
+    """The units the file states: in every frame's ``info`` (xyz/extxyz) or in the metadata
+    of an ASE database."""
+    stated = {}
+    if path.suffix.lower() == ".db":
+        from ase.db import connect
+
+        stated.update({k: str(v) for k, v in connect(str(path)).metadata.items()
+                       if k in UNIT_KEYS})
+    for key in UNIT_KEYS:
+        values = {str(a.info[key]) for a in frames if key in a.info}
+        if len(values) > 1 or (values and not all(key in a.info for a in frames)):
+            raise DataError(f"{path}: the frames disagree on {key} ({sorted(values)})")
+        if values:
+            stated[key] = values.pop()
+    return stated
+
+
 def _stress_matrix(value) -> np.ndarray:
     """ASE stores stress as Voigt (xx, yy, zz, yz, xz, xy) or as a 3x3 matrix."""
     from ase.stress import voigt_6_to_full_3x3_stress
@@ -36,14 +65,17 @@ def _stress_matrix(value) -> np.ndarray:
 
 
 def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: str = "forces",
-             energy_unit: str = "eV", length_unit: str = "Angstrom", index: str | int = ":",
-             format: str | None = None, stress_key: str = "stress") -> PackedDataset:
+             energy_unit: str | None = None, length_unit: str | None = None,
+             index: str | int = ":", format: str | None = None,
+             stress_key: str = "stress") -> PackedDataset:
     """Read frames with :func:`ase.io.read` into a :class:`PackedDataset`.
 
     Args:
         path: any file ASE can read (format from the extension unless ``format`` is given).
         energy_key, forces_key: where energies and forces are stored.
-        energy_unit, length_unit: units of the file (forces: ``energy_unit/length_unit``).
+        energy_unit, length_unit: units of the file, for a file that does not state them
+            (if it does, they must agree); forces are in ``energy_unit/length_unit``. A file
+            with energies and no energy unit from either side is refused.
         index: which frames (ASE syntax: ``":"`` all, ``"::10"``, ``0``, ...).
 
     Returns:
@@ -55,12 +87,9 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
     from ase.io import read
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: file not found")
-    try:
-        e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
-    except ValueError as err:
-        raise DataError(f"{path}: {err}") from err
+    check_readable(path)
     try:
         frames = read(str(path), index=index, format=format)
     except Exception as err:  # each ASE format raises its own errors for bad input
@@ -70,6 +99,22 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
         frames = [frames]
     if not frames:
         raise DataError(f"{path}: no structures in the file")
+    stated = _stated_units(path, frames)
+    has_energy = any(_value(a, energy_key, False) is not None for a in frames)
+    try:
+        energy_unit = units.resolve_unit("energy", stated.get("energy_unit"), energy_unit,
+                                         None if has_energy else "eV")
+        length_unit = units.resolve_unit("length", stated.get("length_unit"), length_unit,
+                                         "Angstrom")
+        if energy_unit is None:
+            raise ValueError("the file has energies but does not state their unit; declare "
+                             "it (energy_unit=..., --energy-unit eV/kcal/mol/hartree/...) "
+                             "or store energy_unit in the file")
+        e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
+        units.check_force_unit(stated.get("force_unit", f"{energy_unit}/{length_unit}"),
+                               energy_unit, length_unit)
+    except ValueError as err:
+        raise DataError(f"{path}: {err}") from err
     structures = [(a.numbers, a.positions * r_factor) for a in frames]
     periodic = any(a.pbc.any() for a in frames)
     targets, target_units = {}, {}
@@ -92,7 +137,7 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
     # scalar info entries that every frame carries (ids, isomer labels, ...) become extras
     extras: dict = {"frame": np.arange(len(frames))}
     common = set(frames[0].info).intersection(*(a.info for a in frames[1:]))
-    for key in sorted(common - {energy_key}):
+    for key in sorted(common - {energy_key, *UNIT_KEYS}):
         values = [a.info[key] for a in frames]
         if all(isinstance(v, (int, float, str, np.integer, np.floating)) for v in values):
             extras[key] = values
@@ -110,7 +155,8 @@ def write_ase(path: str | os.PathLike, dataset: PackedDataset, energy_key: str =
     """Write ``dataset`` with :func:`ase.io.write` (eV, Angstrom), atomically.
 
     Energy and forces go into a :class:`~ase.calculators.singlepoint.SinglePointCalculator`
-    (as ASE's own files keep them); other targets and extras into ``info`` / ``arrays``.
+    (as ASE's own files keep them); other targets and extras into ``info`` / ``arrays``; the
+    units are stated in every frame's ``info`` (and, for ASE databases, in the metadata).
     """
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
@@ -118,6 +164,7 @@ def write_ase(path: str | os.PathLike, dataset: PackedDataset, energy_key: str =
     frames = []
     for m in range(len(dataset)):
         atoms = dataset.atoms(m)
+        atoms.info.update(energy_unit="eV", length_unit="Angstrom")
         results = {}
         if energy_key in atoms.info:
             results["energy"] = atoms.info.pop(energy_key)
@@ -132,6 +179,10 @@ def write_ase(path: str | os.PathLike, dataset: PackedDataset, energy_key: str =
         frames.append(atoms)
     with atomic_file(path) as tmp:
         write(str(tmp), frames, format=format)
+        if Path(path).suffix.lower() == ".db":
+            from ase.db import connect
+
+            connect(str(tmp)).metadata = {"energy_unit": "eV", "length_unit": "Angstrom"}
     return Path(path)
 
 
@@ -146,6 +197,7 @@ def read_any(path: str | os.PathLike, **kwargs) -> PackedDataset:
         return PackedDataset.load(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    check_readable(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         from .md17 import read_md17
