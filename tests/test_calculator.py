@@ -5,7 +5,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import molecule
-from helpers import random_model
+from helpers import MODELS, random_model
 
 import atomlens
 from atomlens.data import DataError
@@ -27,7 +27,7 @@ def _direct(model, atoms, dtype=torch.float64):
     return {k: v.detach().numpy() for k, v in out.items()}
 
 
-@pytest.mark.parametrize("representation", ["schnet", "dtnn"])
+@pytest.mark.parametrize("representation", MODELS)
 def test_calculator_matches_model(representation):
     model = random_model(representation)
     atoms = _two_ethanols()

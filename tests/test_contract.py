@@ -3,13 +3,15 @@
 from typing import ClassVar
 
 from contract import RepresentationContract
+from helpers import SMALL_MODELS
 
 from atomlens.models.base import representation_names
 
 
-def test_every_registered_representation_has_a_contract_class():
+def test_every_registered_representation_has_a_contract_class_and_a_small_model():
     tested = {cls.representation for cls in RepresentationContract.__subclasses__()}
     assert set(representation_names()) <= tested
+    assert set(representation_names()) == set(SMALL_MODELS)
 
 
 class TestSchNetTabulated(RepresentationContract):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from ase.build import molecule
-from helpers import random_model, random_rotation
+from helpers import MODELS, random_model, random_rotation
 
 import atomlens
 from atomlens import units
@@ -48,7 +48,7 @@ def one_thread():
 
 
 # ------------------------------------------------------------------ forces = -grad E
-@pytest.mark.parametrize("representation", ["schnet", "dtnn"])
+@pytest.mark.parametrize("representation", MODELS)
 def test_forces_are_minus_the_finite_difference_gradient(representation):
     model = random_model(representation, seed=1)
     atoms = _aspirin_like()
@@ -69,7 +69,7 @@ def test_forces_are_minus_the_finite_difference_gradient(representation):
     torch.testing.assert_close(forces, numeric, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("representation", ["schnet", "dtnn"])
+@pytest.mark.parametrize("representation", MODELS)
 def test_forces_rotate_with_the_molecule(representation):
     model = random_model(representation, seed=2)
     atoms = _aspirin_like()

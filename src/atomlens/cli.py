@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .models.base import representation_names
 from .units import EV_A3_GPA, KCAL_MOL_EV
 
 #: modules that add subcommands through ``add_parser(subparsers)``
@@ -51,7 +52,7 @@ def _add_train(sub) -> None:
                                    "(command-line options override the file).")
     p.add_argument("config", nargs="?", help="YAML/JSON training config")
     p.add_argument("--preset", help="named preset, e.g. qm9-u0-schnet, qm9-u0-dtnn, md17-schnet")
-    p.add_argument("--model", choices=["schnet", "dtnn"],
+    p.add_argument("--model", choices=representation_names(),
                    help="representation (switches to its default preset for the data)")
     p.add_argument("--data", help="'qm9' or a data file (MD17 .npz, ASE db, extxyz, packed folder)")
     p.add_argument("--target", help="target property (QM9: U0, U, H, G, homo, lumo, gap, zpve, mu, "
