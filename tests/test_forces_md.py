@@ -167,7 +167,9 @@ def test_langevin_md_writes_trajectory_and_log(tmp_path):
     assert float(rows[2]["etot_eV"]) == pytest.approx(float(rows[2]["epot_eV"])
                                                       + float(rows[2]["ekin_eV"]), rel=1e-8)
     with pytest.raises(ValueError, match="ensemble"):
-        run_md(calc, atoms, ensemble="npt", steps=1)
+        run_md(calc, atoms, ensemble="nvt", steps=1)
+    with pytest.raises(ValueError, match="periodic"):
+        run_md(calc, atoms, ensemble="npt", steps=1)  # NPT needs a cell
 
 
 # ------------------------------------------------------------------ MD17 / ISO17 through training

@@ -112,31 +112,18 @@ def _load(model_path: str, dtype: str = "float64"):
 def _structures(spec: str, index: str = ":") -> list:
     """Frames of an ASE-readable file, or the QM9 molecule ``qm9:N`` (N = QM9 index)."""
     if spec.startswith("qm9:"):
-        from .data.dataset import DataError
-        from .data.sources.qm9 import load_qm9
+        from .data.sources.open import open_dataset
 
-        data = load_qm9()
-        try:
-            wanted = int(spec[4:])
-        except ValueError:
-            raise DataError(f"{spec}: expected qm9:N with N an integer QM9 index") from None
-        rows = np.nonzero(np.asarray(data.extras["index"]) == wanted)[0]
-        if len(rows) == 0:
-            raise DataError(f"{spec}: no QM9 molecule with index {wanted}")
-        return [data.atoms(int(rows[0]))]
+        return [open_dataset(spec).atoms(0)]
     from .cli import read_structures
 
     return read_structures(spec, index)
 
 
 def _dataset(spec: str):
-    from .data.dataset import PackedDataset
+    from .data.sources.open import open_dataset
 
-    if spec == "qm9":
-        from .data.sources.qm9 import load_qm9
-
-        return load_qm9()
-    return PackedDataset.load(spec)
+    return open_dataset(spec)
 
 
 def _split_indices(folder: Path, split: str, n: int) -> np.ndarray:

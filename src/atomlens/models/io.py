@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
+from .._version import __version__
 from ..fileio import atomic_folder, recover_folder
 from .potential import AtomisticModel, build_model
 

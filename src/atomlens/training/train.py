@@ -41,22 +41,11 @@ from .module import AtomisticTask
 
 
 def load_dataset(config: TrainConfig) -> PackedDataset:
-    """The data set named by ``config.data``, with the target checked."""
-    if config.data == "qm9":
-        from ..data.sources.qm9 import load_qm9
+    """The data set named by ``config.data`` (any spec of :func:`open_dataset`), checked
+    for the target and the derivatives the config trains on."""
+    from ..data.sources.open import open_dataset
 
-        data = load_qm9()
-    elif Path(config.data).is_dir():
-        data = PackedDataset.load(config.data)
-    else:
-        from ..data.sources import read_any
-
-        kwargs = {}
-        if config.energy_unit:
-            kwargs["energy_unit"] = config.energy_unit
-        if config.length_unit:
-            kwargs["length_unit"] = config.length_unit
-        data = read_any(config.data, **kwargs)
+    data = open_dataset(config.data, config.energy_unit, config.length_unit)
     if config.target not in data.targets:
         raise DataError(f"{config.data}: unknown target {config.target!r}; "
                         f"this data set has {sorted(data.targets)}")
