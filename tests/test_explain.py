@@ -114,6 +114,43 @@ def test_patternattribution_closed_form_one_layer():
     assert torch.allclose(relevance, (model.weight[target] * chosen * output[:, None]).detach())
 
 
+def test_two_component_patterns_closed_form():
+    """a_+ = (E_+[x y] - E_+[x] E[y]) / (w^T E_+[x y] - w^T E_+[x] E[y]) with E[y] over ALL
+    samples (Kindermans et al. 2018), written here in numpy from the equation."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x = correlated_data(3000, 4, seed=1, offset=1.5)  # E_+[y] far from E[y]: forms differ
+    with torch.no_grad():  # both regimes well populated: 30 %, 50 %, 70 % positive
+        projection = x @ model.weight.T
+        model.bias.copy_(-projection.quantile(torch.tensor([0.7, 0.5, 0.3]), dim=0).diag())
+    patterns = fit_patterns(model, x.split(700))[""]
+    xs = x.double().numpy()
+    w = model.weight.detach().double().numpy()
+    y = xs @ w.T + model.bias.detach().double().numpy()
+    for key, regime in (("a_plus", y > 0), ("a_minus", y <= 0)):
+        for k in range(3):
+            rows = regime[:, k]
+            ex_plus, exy_plus = xs[rows].mean(0), (xs[rows] * y[rows, k : k + 1]).mean(0)
+            numerator = exy_plus - ex_plus * y[:, k].mean()
+            expected = numerator / (w[k] @ numerator)
+            ours = patterns[key][k].double().numpy()
+            np.testing.assert_allclose(ours, expected, rtol=2e-4, atol=1e-6)
+            # the earlier form with E_+[y] (the regime's own mean) is far from it here
+            own = exy_plus - ex_plus * y[rows, k].mean()
+            assert np.abs(own / (w[k] @ own) - expected).max() > 0.05 * np.abs(expected).max()
+    # what the form guarantees: cov[x - S_a+-(x), w^T x] = 0 over all samples
+    a = torch.where(
+        torch.from_numpy(y > 0)[:, :, None], patterns["a_plus"], patterns["a_minus"]
+    ).double()
+    projection = torch.from_numpy(xs @ w.T)
+    distractor = torch.from_numpy(xs)[:, None, :] - a * projection[:, :, None]
+    centred = distractor - distractor.mean(0)
+    covariance = (centred * (projection - projection.mean(0))[:, :, None]).mean(0)
+    assert covariance.abs().max() < 1e-4 * projection.std(0).max() * torch.from_numpy(xs).std()
+
+
 def test_conservation():
     model = small_cnn(bias=False)
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))

@@ -147,3 +147,50 @@ def test_refit_offset_recovers_a_constant_per_atom_shift(data):
     assert delta == pytest.approx(-0.3, abs=1e-9)
     np.testing.assert_allclose(predict_dataset(model, sub, idx)["energy"],
                                sub.targets["energy"], atol=1e-8)
+
+
+QM9_EXTENSIVE = {"U0", "U", "H", "G", "zpve", "cv", "alpha", "r2"}
+QM9_INTENSIVE = {"homo", "lumo", "gap", "mu"}
+
+
+@pytest.mark.parametrize("target", sorted(QM9_EXTENSIVE | QM9_INTENSIVE))
+def test_pooling_and_references_follow_the_data_declaration(tmp_path, data, target):
+    """Every QM9 target: sum pooling with per-element references when extensive, mean
+    pooling without references when intensive; the declaration survives save/load."""
+    from atomlens.models import build_model
+    from atomlens.training.train import adapt_to_data
+
+    loaded = type(data).load(data.save(tmp_path / "packed"))
+    extensive = target in QM9_EXTENSIVE
+    assert loaded.is_extensive(target) is extensive
+    config = adapt_to_data(tiny_config(tmp_path, target=target), loaded)
+    assert config.model.target == target and config.model.unit == loaded.units[target]
+    assert config.model.aggregation == ("sum" if extensive else "mean")
+    model = build_model(config.model).double()
+    idx = np.arange(30)
+    fit_statistics(model, loaded, idx)
+    assert bool(model.atomref.abs().sum() > 0) is extensive
+    # with the head silenced, each molecule's prediction is its pooled constant part
+    torch.nn.init.zeros_(model.head[-1].weight)
+    torch.nn.init.zeros_(model.head[-1].bias)
+    batch = loaded.batch(idx[:5], model.cutoff, torch.float64)
+    predicted = model(batch)[target].detach().numpy()
+    shift = float(model.shift)
+    if extensive:
+        refs = model.atomref.numpy()[batch.numbers.numpy()]
+        expected = np.bincount(batch.structure_index.numpy(), refs + shift)
+    else:
+        expected = np.full(5, shift)
+        values = np.asarray(loaded.targets[target])[idx]
+        assert shift == pytest.approx(values.mean())
+    np.testing.assert_allclose(predicted, expected, rtol=1e-10)
+
+
+def test_undeclared_targets_are_extensive(data):
+    from atomlens.data import DataError
+
+    energy = type(data)(data.numbers, data.positions, data.offsets,
+                        {"energy": np.asarray(data.targets["U0"])}, {"energy": "eV"})
+    assert energy.is_extensive("energy")
+    with pytest.raises(DataError, match="unknown target 'E0'"):
+        energy.is_extensive("E0")

@@ -66,6 +66,21 @@ def load_dataset(config: TrainConfig) -> PackedDataset:
     return data
 
 
+def adapt_to_data(config: TrainConfig, data: PackedDataset) -> TrainConfig:
+    """``config`` with the model's target, unit and pooling taken from the data.
+
+    Pooling follows the data's declaration (:meth:`PackedDataset.is_extensive`): sum for
+    extensive targets (with per-element references, see :func:`fit_statistics`), mean for
+    intensive ones (no references).
+    """
+    aggregation = "sum" if data.is_extensive(config.target) else "mean"
+    overrides = {"model.target": config.target, "model.aggregation": aggregation}
+    unit = data.units.get(config.target, "")
+    if unit:
+        overrides["model.unit"] = unit
+    return config.updated(**overrides)
+
+
 def fit_statistics(model: AtomisticModel, data: PackedDataset, train_idx: np.ndarray) -> None:
     """Atom references (extensive targets) and residual shift/scale from the training split."""
     target = model.target
@@ -144,12 +159,9 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
     if config.threads:
         torch.set_num_threads(config.threads)
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    if config.model.target != config.target:
-        config = config.updated(**{"model.target": config.target})
     data = data if data is not None else load_dataset(config)
+    config = adapt_to_data(config, data)
     unit = data.units.get(config.target, "")
-    if unit and config.model.unit != unit:
-        config = config.updated(**{"model.unit": unit})
     save_config(config, out / "train_config.yaml")
     split = _make_split(config, len(data), out, resume)
 
