@@ -202,16 +202,24 @@ def run_predict(args) -> int:
     frames = read_structures(args.file, args.index)
     dataset_from_atoms(frames, source=args.file)  # validates before any output is written
     out = model.predict(frames, forces=args.forces)
+    charges = "charges" in out  # a dipole model: per-atom partial charges (e)
     start = 0
     for k, atoms in enumerate(frames):
         n = len(atoms)
         atomic = out["atomic"][start:start + n]
         print(f"structure {k} ({atoms.get_chemical_formula()}): {model.target} = "
               f"{out[model.target][k]:.6f} {unit}")
+        if charges:
+            print(f"    dipole ({unit}): {np.array2string(out['dipole'][k], precision=6)}")
+            print("    el  q (e)")
         for symbol, value in zip(atoms.get_chemical_symbols(), atomic):
             print(f"    {symbol:>2} {value: .6f}")
         atoms.info[model.target] = float(out[model.target][k])
-        atoms.arrays[f"atomic_{model.target}"] = atomic
+        if charges:
+            atoms.arrays["predicted_charges"] = atomic
+            atoms.info["predicted_dipole"] = out["dipole"][k]
+        else:
+            atoms.arrays[f"atomic_{model.target}"] = atomic
         if args.forces:
             atoms.arrays["predicted_forces"] = out["forces"][start:start + n]
         start += n

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data.batch import Batch
 from ..nn import activation, scatter_sum
+from .dipole import DipoleMoment
 from .dtnn import DTNN
 from .schnet import SchNet
 
@@ -36,6 +37,8 @@ class ModelConfig:
     target: str = "energy"
     unit: str = "eV"
     aggregation: str = "sum"  # "sum": extensive, "mean": intensive
+    #: "scalar": pooled atomic contributions; "dipole": latent charges -> |mu| (dipole.py)
+    output: str = "scalar"
     max_z: int = 100
 
     @classmethod
@@ -60,6 +63,8 @@ class AtomisticModel(nn.Module):
                              f"known: {sorted(REPRESENTATIONS)}")
         if config.aggregation not in ("sum", "mean"):
             raise ValueError(f"aggregation must be 'sum' or 'mean', not {config.aggregation!r}")
+        if config.output not in ("scalar", "dipole"):
+            raise ValueError(f"output must be 'scalar' or 'dipole', not {config.output!r}")
         kwargs = dict(config.representation_kwargs, max_z=config.max_z)
         self.representation = REPRESENTATIONS[config.representation](**kwargs)
         spacing = getattr(self.representation, "filter_spacing", None)
@@ -75,6 +80,7 @@ class AtomisticModel(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("shift", torch.zeros(()))
         self.register_buffer("atomref", torch.zeros(config.max_z + 1))
+        self.dipole = DipoleMoment() if config.output == "dipole" else None
 
     @property
     def cutoff(self) -> float | None:
@@ -108,6 +114,10 @@ class AtomisticModel(nn.Module):
         features = self.representation(batch.numbers, positions, batch.pair_i, batch.pair_j,
                                        batch.symmetric_pairs)
         atomic = self.atomic_contributions(features, batch.numbers)
+        if self.dipole is not None:
+            if forces:
+                raise ValueError("a dipole model predicts no forces")
+            return self.dipole(atomic, batch, self.target)
         total = scatter_sum(atomic, batch.structure_index, batch.n_structures)
         if self.config.aggregation == "mean":
             total = total / batch.n_atoms_per.to(total.dtype)
