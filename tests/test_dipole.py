@@ -104,3 +104,25 @@ def test_train_mu_predicts_charges(tmp_path, data, capsys):
     assert abs(written.arrays["predicted_charges"].sum()) < 1e-5
     dipole = written.info["predicted_dipole"]
     assert np.linalg.norm(dipole) == pytest.approx(written.info["mu"], rel=1e-5)
+
+
+def test_insight_prints_charges_beside_atomic_energies(tmp_path, data, model, capsys):
+    import json
+
+    from atomlens.cli import main
+    from atomlens.insight import atomic_energies
+    from atomlens.models.io import save_model
+
+    save_model(model, tmp_path / "dipole")
+    save_model(random_model("schnet", seed=1), tmp_path / "energy")
+    path = tmp_path / "m.xyz"
+    data.atoms(2).write(path)
+    assert main(["insight", "atomic-energies", str(tmp_path / "energy"), str(path),
+                 "--charges", str(tmp_path / "dipole"), "--json"]) == 0
+    (table,) = json.loads(capsys.readouterr().out)
+    charges = [row["charge"] for row in table["atoms"]]
+    assert len(charges) == len(data.atoms(2)) and abs(sum(charges)) < 1e-9
+    expected = model.predict(data.atoms(2))["charges"]
+    np.testing.assert_allclose(charges, expected, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="not partial charges"):
+        atomic_energies(model, data.atoms(2), charge_model=random_model("schnet"))
