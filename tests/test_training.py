@@ -118,6 +118,7 @@ def test_config_files_and_presets(tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         preset("nope")
     assert preset("qm9-u0-dtnn").model.representation == "dtnn"
+    assert preset("qm9-u0-schnet").model.head_activation == "silu"  # SchNetPack 2.1.1 Atomwise
 
 
 def test_unknown_target_is_a_clear_error(tmp_path, data):

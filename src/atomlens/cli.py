@@ -148,7 +148,9 @@ def run_evaluate(args) -> int:
         config = config.updated(data=args.data)
     config = config.updated(max_structures=None) if args.data else config
     data = load_dataset(config)
-    if args.split == "all" or args.data:
+    # another data set is scored whole: its frames are not the model's split
+    split = "all" if args.data else args.split
+    if split == "all":
         indices = np.arange(len(data))
     else:
         indices = load_split(folder / "split.npz")[args.split]
@@ -156,9 +158,10 @@ def run_evaluate(args) -> int:
     metrics = evaluate(model, data, indices, args.batch_size, forces=forces)
     unit = read_config(folder)["model"].get("unit", "")
     if args.json:
-        print(json.dumps({"split": args.split, "n": len(indices), "unit": unit, **metrics}))
+        print(json.dumps({"split": split, "n": len(indices), "unit": unit, **metrics}))
     else:
-        print(f"{folder}: {model.target} on {len(indices)} structures ({args.split})")
+        label = "all frames" if split == "all" else f"{split} split"
+        print(f"{folder}: {model.target} on {len(indices)} structures ({label})")
         _print_metrics(metrics, model.target, unit)
     return 0
 
