@@ -5,6 +5,7 @@ heads and the CLI."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import types
@@ -213,20 +214,25 @@ def test_agrees_with_zennit(images):
     model = small_cnn()
     with torch.no_grad():
         output = model(images)
-    target = output.argmax(1)
-    seed = torch.zeros_like(output).scatter(1, target[:, None], output.gather(1, target[:, None]))
     cases = [
         ("lrp_epsilon", Epsilon(0.01), {"epsilon": 0.01}),
+        ("lrp_epsilon", Epsilon(0.5), {"epsilon": 0.5}),  # large: eps sign z visibly matters
         ("lrp_alphabeta", AlphaBeta(1.0, 0.0), {}),
         ("lrp_alpha2_beta1", AlphaBeta(2.0, 1.0), {}),
     ]
-    for method, rule, options in cases:
+    # the arg-max and the arg-min class: the smallest output is negative for most images, so
+    # negative z_j reach the output layer's rule (where eps * sign(z) and beta matter)
+    targets = (output.argmax(1), output.argmin(1))
+    assert (output.gather(1, targets[1][:, None]) < 0).any()
+    for target, (method, rule, options) in itertools.product(targets, cases):
+        seed = torch.zeros_like(output).scatter(1, target[:, None],
+                                                output.gather(1, target[:, None]))
         # average pooling is a linear layer: Zennit's Norm rule is our gradient through it
         composite = LayerMapComposite([((nn.Linear, nn.Conv2d), rule), (nn.AvgPool2d, Norm())])
         with Gradient(model, composite) as attributor:
             _, expected = attributor(images.clone().requires_grad_(True), seed)
         ours = explain(model, images, method, target=target, **options)
-        assert torch.allclose(ours, expected, atol=1e-5), method
+        assert torch.allclose(ours, expected, atol=1e-5), (method, options)
 
 
 def test_streaming_statistics_equal_one_pass():

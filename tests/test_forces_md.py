@@ -276,4 +276,11 @@ def test_md_command(tmp_path, capsys):
     frames = read(tmp_path / "md.extxyz", index=":")
     assert len(frames) == 3 and "forces" in frames[-1].calc.results
     assert len((tmp_path / "md.csv").read_text().splitlines()) == 4
+    # --compile runs the same trajectory (same seed) through the compiled calculator
+    assert main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "10",
+                 "--timestep", "0.5", "--interval", "5", "--ensemble", "nve", "--float64",
+                 "--compile", "--log", str(tmp_path / "compiled.csv")]) == 0
+    eager, compiled = (np.loadtxt(tmp_path / name, delimiter=",", skiprows=1)
+                       for name in ("md.csv", "compiled.csv"))
+    np.testing.assert_allclose(compiled, eager, rtol=1e-8, atol=1e-9)
     assert main(["md", str(tmp_path / "model"), str(tmp_path / "missing.xyz")]) == 2
