@@ -8,11 +8,11 @@ zero angular momentum), rescaled so that the kinetic temperature over the degree
 left is exactly ``temperature_K`` (unless ``initialize_velocities=False`` keeps the atoms'
 own): 3n - 6 for NVE (3n - 5 for a linear molecule), where both momenta stay zero, and 3n - 3
 for Langevin, whose noise moves the rotation but not the fixed centre of mass. (Removing the
-momenta while keeping the kinetic energy of 3n degrees of freedom, as before 0.3, started
-ethanol 12-25 % hot.) The trajectory goes to an ASE ``.traj`` file or to extxyz (any other
-suffix), with the model's energy and forces on every stored frame; a CSV log records time
-(fs), E_pot, E_kin, E_tot (eV) and the kinetic temperature T (K) over the same degrees of
-freedom, see :func:`kinetic_temperature` and :func:`degrees_of_freedom`.
+momenta while keeping, on average, the kinetic energy of 3n degrees of freedom, as before 0.3,
+started 3n/(3n - 3) hot: ethanol 12.5 %.) The trajectory goes to an ASE ``.traj`` file or
+to extxyz (any other suffix), with the model's energy and forces on every stored frame; a CSV
+log records time (fs), E_pot, E_kin, E_tot (eV) and the kinetic temperature T (K) over the
+same degrees of freedom, see :func:`kinetic_temperature` and :func:`degrees_of_freedom`.
 """
 
 from __future__ import annotations
