@@ -159,7 +159,9 @@ def run_evaluate(args) -> int:
         config = config.updated(data=args.data)
     config = config.updated(max_structures=None) if args.data else config
     data = load_dataset(config)
-    if args.split == "all" or args.data:
+    # another data set is scored whole: its frames are not the model's split
+    split = "all" if args.data else args.split
+    if split == "all":
         indices = np.arange(len(data))
     else:
         indices = load_split(folder / "split.npz")[args.split]
@@ -168,9 +170,10 @@ def run_evaluate(args) -> int:
     metrics = evaluate(model, data, indices, args.batch_size, forces=forces, stress=stress)
     unit = read_config(folder)["model"].get("unit", "")
     if args.json:
-        print(json.dumps({"split": args.split, "n": len(indices), "unit": unit, **metrics}))
+        print(json.dumps({"split": split, "n": len(indices), "unit": unit, **metrics}))
     else:
-        print(f"{folder}: {model.target} on {len(indices)} structures ({args.split})")
+        label = "all frames" if split == "all" else f"{split} split"
+        print(f"{folder}: {model.target} on {len(indices)} structures ({label})")
         _print_metrics(metrics, model.target, unit)
     return 0
 
@@ -217,16 +220,24 @@ def run_predict(args) -> int:
     dataset_from_atoms(frames, source=args.file)  # validates before any output is written
     out = model.predict(frames, forces=args.forces,
                         allow_unknown_elements=args.allow_unknown_elements)
+    charges = "charges" in out  # a dipole model: per-atom partial charges (e)
     start = 0
     for k, atoms in enumerate(frames):
         n = len(atoms)
         atomic = out["atomic"][start:start + n]
         print(f"structure {k} ({atoms.get_chemical_formula()}): {model.target} = "
               f"{out[model.target][k]:.6f} {unit}")
+        if charges:
+            print(f"    dipole ({unit}): {np.array2string(out['dipole'][k], precision=6)}")
+            print("    el  q (e)")
         for symbol, value in zip(atoms.get_chemical_symbols(), atomic):
             print(f"    {symbol:>2} {value: .6f}")
         atoms.info[model.target] = float(out[model.target][k])
-        atoms.arrays[f"atomic_{model.target}"] = atomic
+        if charges:
+            atoms.arrays["predicted_charges"] = atomic
+            atoms.info["predicted_dipole"] = out["dipole"][k]
+        else:
+            atoms.arrays[f"atomic_{model.target}"] = atomic
         if args.forces:
             atoms.arrays["predicted_forces"] = out["forces"][start:start + n]
         start += n

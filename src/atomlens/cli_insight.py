@@ -1,6 +1,6 @@
 """``atomlens insight``: chemical insight from a trained model (thin layer over atomlens.insight).
 
-    atomlens insight atomic-energies MODEL STRUCTURES [--out PNG]
+    atomlens insight atomic-energies MODEL STRUCTURES [--out PNG] [--charges DIPOLE_MODEL]
     atomlens insight potential-map   MODEL STRUCTURE --probe C [--plane principal] [--out PNG]
                                      [--cube OUT.cube]
     atomlens insight rings           MODEL [--data qm9] [--max-molecules N] [--out PNG]
@@ -30,6 +30,8 @@ def add_parser(subparsers) -> None:
     a.add_argument("--out", help="PNG of the molecule coloured by E_i - atomref[Z_i] "
                                  "(several structures: OUT_<k>.png)")
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a.add_argument("--charges", metavar="DIPOLE_MODEL",
+                   help="a dipole model (trained on QM9 mu): its partial charges q_i beside E_i")
     _add_dtype(a)
     a.set_defaults(func=run_atomic_energies)
 
@@ -144,7 +146,8 @@ def run_atomic_energies(args) -> int:
 
     model, _, unit = _load(args.model, args.dtype)
     frames = _structures(args.structures, args.index)
-    tables = atomic_energies(model, frames)
+    charge_model = _load(args.charges, args.dtype)[0] if args.charges else None
+    tables = atomic_energies(model, frames, charge_model=charge_model)
     if args.json:
         print(json.dumps([{"formula": t.formula, "total": t.total, "atoms": t.rows()}
                           for t in tables]))

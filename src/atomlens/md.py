@@ -6,12 +6,16 @@
                Martyna-Tobias-Klein integrator (Nose-Hoover chains for T, an MTK barostat
                for the volume), driven by the model's stress
 
-Velocities start from a Maxwell-Boltzmann distribution at ``temperature_K`` with zero total
-momentum and angular momentum (unless ``initialize_velocities=False`` keeps the atoms' own).
-The trajectory goes to an ASE ``.traj`` file or to extxyz (any other suffix), with the
-model's energy and forces on every stored frame; a CSV log records time (fs), E_pot, E_kin,
-E_tot (eV) and the kinetic temperature T (K) with 3n - 3 degrees of freedom (the total
-momentum is removed), see :func:`kinetic_temperature`.
+Velocities start from a Maxwell-Boltzmann distribution with zero total momentum (NVE: and
+zero angular momentum), rescaled so that the kinetic temperature over the degrees of freedom
+left is exactly ``temperature_K`` (unless ``initialize_velocities=False`` keeps the atoms'
+own): 3n - 6 for NVE (3n - 5 for a linear molecule), where both momenta stay zero, and 3n - 3
+for Langevin, whose noise moves the rotation but not the fixed centre of mass. (Removing the
+momenta while keeping, on average, the kinetic energy of 3n degrees of freedom, as before 0.3,
+started 3n/(3n - 3) hot: ethanol 12.5 %.) The trajectory goes to an ASE ``.traj`` file or
+to extxyz (any other suffix), with the model's energy and forces on every stored frame; a CSV
+log records time (fs), E_pot, E_kin, E_tot (eV) and the kinetic temperature T (K) over the
+same degrees of freedom, see :func:`kinetic_temperature` and :func:`degrees_of_freedom`.
 """
 
 from __future__ import annotations
@@ -30,9 +34,20 @@ LOG_COLUMNS = ("time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K")
 ENSEMBLES = ("nve", "langevin", "npt")
 
 
-def kinetic_temperature(atoms) -> float:
-    """T = 2 E_kin / (n_dof k_B), n_dof = 3n - 3 (the total momentum is zero and stays so)."""
-    n_dof = max(3 * len(atoms) - 3, 1)
+def degrees_of_freedom(atoms, rotation_removed: bool = False) -> int:
+    """3n - 3 (total momentum zero); with ``rotation_removed`` also the angular momentum:
+    3n - 6, or 3n - 5 for a linear molecule (at least 1)."""
+    n = len(atoms)
+    n_dof = 3 * n - 3
+    if rotation_removed and n > 1:
+        inertia = atoms.get_moments_of_inertia()
+        n_dof -= 2 if inertia.min() < 1e-8 * max(inertia.max(), 1e-30) else 3
+    return max(n_dof, 1)
+
+
+def kinetic_temperature(atoms, n_dof: int | None = None) -> float:
+    """T = 2 E_kin / (n_dof k_B) (K); ``n_dof`` by default 3n - 3 (zero total momentum)."""
+    n_dof = degrees_of_freedom(atoms) if n_dof is None else n_dof
     return 2.0 * atoms.get_kinetic_energy() / (n_dof * ase_units.kB)
 
 
@@ -154,11 +169,20 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     if max_temperature_K is None:
         max_temperature_K = max(2000.0, 5.0 * temperature_K)
     rng = np.random.default_rng(seed)
+    # NVE conserves a zero angular momentum; Langevin's noise does not (only the centre of
+    # mass is fixed), so its rotations are degrees of freedom the thermostat fills
+    # no angular momentum to remove in a periodic cell
+    rotation_removed = (ensemble == "nve" and initialize_velocities and len(atoms) > 2
+                        and not atoms.pbc.any())
+    n_dof = degrees_of_freedom(atoms, rotation_removed)
     if initialize_velocities:
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
-        Stationary(atoms)
-        if len(atoms) > 2 and not atoms.pbc.any():  # no angular momentum in a periodic cell
-            ZeroRotation(atoms)
+        Stationary(atoms, preserve_temperature=False)
+        if rotation_removed:
+            ZeroRotation(atoms, preserve_temperature=False)
+        drawn = kinetic_temperature(atoms, n_dof)
+        if drawn > 0:  # exactly temperature_K over the degrees of freedom left
+            atoms.set_momenta(atoms.get_momenta() * np.sqrt(temperature_K / drawn))
     dt = timestep_fs * ase_units.fs
     constraints = list(atoms.constraints)
     if ensemble == "nve":
@@ -195,7 +219,8 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     def record() -> None:
         epot = atoms.get_potential_energy()  # cached from the step's force call
         ekin = atoms.get_kinetic_energy()
-        row = (dyn.nsteps * timestep_fs, epot, ekin, epot + ekin, kinetic_temperature(atoms))
+        row = (dyn.nsteps * timestep_fs, epot, ekin, epot + ekin,
+               kinetic_temperature(atoms, n_dof))
         for values, value in zip((log.time_fs, log.epot, log.ekin, log.etot, log.temperature),
                                  row):
             values.append(float(value))

@@ -12,6 +12,8 @@ KJ_MOL_EV = 1.0 / 96.48533212331
 BOHR_ANGSTROM = 0.529177210903
 DEBYE_EAU = 0.393430307  # 1 debye in e*bohr
 EV_A3_GPA = 160.21766208  # 1 eV/Angstrom^3 in GPa (stress)
+#: 1 e*Angstrom in debye (= 1 / (DEBYE_EAU * BOHR_ANGSTROM) = 4.80320...)
+E_ANGSTROM_DEBYE = 1.0 / (DEBYE_EAU * BOHR_ANGSTROM)
 
 #: energy units -> factor to eV
 ENERGY = {"eV": 1.0, "meV": 1e-3, "hartree": HARTREE_EV, "Ha": HARTREE_EV,

@@ -251,6 +251,19 @@ class PackedDataset:
     def elements(self) -> np.ndarray:
         return np.unique(np.asarray(self.numbers))
 
+    def is_extensive(self, name: str) -> bool:
+        """Whether target ``name`` grows with the structure's size, as the data declares it.
+
+        The declaration is ``meta["extensive"][name]`` (QM9 declares all 12 targets); a
+        target the data does not declare (the energies of MD17, ISO17, extxyz files) is
+        extensive. This is the one place that decides pooling and atom references:
+        extensive targets are a sum of atomic contributions with per-element references,
+        intensive ones a mean over atoms without references.
+        """
+        if name not in self.targets:
+            raise DataError(f"unknown target {name!r}; this data set has {sorted(self.targets)}")
+        return bool(self.meta.get("extensive", {}).get(name, True))
+
     def is_per_atom(self, name: str) -> bool:
         """Whether target ``name`` has one row per atom (declared by the dataset)."""
         return name in self.per_atom

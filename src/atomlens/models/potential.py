@@ -22,6 +22,7 @@ from ..nn import activation, scatter_sum
 from ..nn.geometry import apply_strain, cell_volume
 from . import dtnn, schnet  # noqa: F401 (register the built-in representations)
 from .base import REPRESENTATIONS
+from .dipole import DipoleMoment
 
 
 @dataclass
@@ -37,6 +38,8 @@ class ModelConfig:
     target: str = "energy"
     unit: str = "eV"
     aggregation: str = "sum"  # "sum": extensive, "mean": intensive
+    #: "scalar": pooled atomic contributions; "dipole": latent charges -> |mu| (dipole.py)
+    output: str = "scalar"
     max_z: int = 100
 
     @classmethod
@@ -61,6 +64,8 @@ class AtomisticModel(nn.Module):
                              f"known: {sorted(REPRESENTATIONS)}")
         if config.aggregation not in ("sum", "mean"):
             raise ValueError(f"aggregation must be 'sum' or 'mean', not {config.aggregation!r}")
+        if config.output not in ("scalar", "dipole"):
+            raise ValueError(f"output must be 'scalar' or 'dipole', not {config.output!r}")
         kwargs = dict(config.representation_kwargs, max_z=config.max_z)
         self.representation = REPRESENTATIONS[config.representation](**kwargs)
         # the saved config names every setting the model was built with, defaults included
@@ -80,6 +85,7 @@ class AtomisticModel(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("shift", torch.zeros(()))
         self.register_buffer("atomref", torch.zeros(config.max_z + 1))
+        self.dipole = DipoleMoment() if config.output == "dipole" else None
 
     @property
     def cutoff(self) -> float | None:
@@ -138,6 +144,10 @@ class AtomisticModel(nn.Module):
             positions, pairs, _ = apply_strain(positions, pairs, batch.cell,
                                                batch.structure_index, strain)
         atomic = self.atomic_energies(batch.numbers, positions, pairs, frozen)
+        if self.dipole is not None:
+            if forces or stress:
+                raise ValueError("a dipole model predicts no forces or stress")
+            return self.dipole(atomic, batch, self.target)
         total = scatter_sum(atomic, batch.structure_index, batch.n_structures)
         if self.config.aggregation == "mean":
             total = total / batch.n_atoms_per.to(total.dtype)

@@ -47,10 +47,20 @@ class GaussianRBF(nn.Module):
 
     def __init__(self, n_rbf: int, stop: float, start: float = 0.0, gamma: float | None = None):
         super().__init__()
-        centres = torch.linspace(start, stop, n_rbf)
+        self.start, self.stop = float(start), float(stop)
         spacing = (stop - start) / max(n_rbf - 1, 1)
         self.gamma = float(gamma) if gamma is not None else 0.5 / spacing**2
-        self.register_buffer("centres", centres)
+        self.register_buffer("centres", torch.linspace(start, stop, n_rbf))
+
+    def _apply(self, fn, recurse=True):
+        # a float32 linspace converted to float64 keeps its float32 rounding (up to 1e-6
+        # Angstrom): lay the centres out again in the new dtype when it changes
+        dtype = self.centres.dtype
+        super()._apply(fn, recurse)
+        if self.centres.dtype != dtype and self.centres.is_floating_point():
+            self.centres = torch.linspace(self.start, self.stop, len(self.centres),
+                                          dtype=self.centres.dtype, device=self.centres.device)
+        return self
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         return torch.exp(-self.gamma * (d[:, None] - self.centres) ** 2)

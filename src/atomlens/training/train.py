@@ -58,9 +58,32 @@ def load_dataset(config: TrainConfig) -> PackedDataset:
     return data
 
 
+def adapt_to_data(config: TrainConfig, data: PackedDataset) -> TrainConfig:
+    """``config`` with the model's target, unit and pooling taken from the data.
+
+    Pooling follows the data's declaration (:meth:`PackedDataset.is_extensive`): sum for
+    extensive targets (with per-element references, see :func:`fit_statistics`), mean for
+    intensive ones (no references). A target in debye (QM9 ``mu``) is the norm of a dipole
+    vector and gets the ``"dipole"`` output (latent partial charges).
+    """
+    aggregation = "sum" if data.is_extensive(config.target) else "mean"
+    unit = data.units.get(config.target, "")
+    # a target in debye is a dipole moment norm: predicted from latent charges (dipole.py)
+    output = "dipole" if unit == "Debye" else "scalar"
+    overrides = {"model.target": config.target, "model.aggregation": aggregation,
+                 "model.output": output}
+    if unit:
+        overrides["model.unit"] = unit
+    return config.updated(**overrides)
+
+
 def fit_statistics(model: AtomisticModel, data: PackedDataset, train_idx: np.ndarray) -> None:
-    """Atom references (extensive targets) and residual shift/scale from the training split."""
+    """Atom references (extensive targets) and residual shift/scale from the training split
+    (none for a dipole model, whose head predicts charges in e)."""
     target = model.target
+    if model.config.output == "dipole":  # latent charges in e: no shift, scale or references
+        model.set_statistics(None, shift=0.0, scale=1.0)
+        return
     if model.config.aggregation == "sum":
         atomref = fit_atomrefs(data, train_idx, target, max_z=model.config.max_z)
         mean, std = residual_stats(data, train_idx, target, atomref, per_atom=True)
@@ -147,12 +170,9 @@ def _train(config: TrainConfig, resume: bool, data: PackedDataset | None) -> dic
     if config.threads:
         torch.set_num_threads(config.threads)
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    if config.model.target != config.target:
-        config = config.updated(**{"model.target": config.target})
     data = data if data is not None else load_dataset(config)
+    config = adapt_to_data(config, data)
     unit = data.units.get(config.target, "")
-    if unit and config.model.unit != unit:
-        config = config.updated(**{"model.unit": unit})
     split = _make_split(config, len(data), out, resume)
     fingerprint = run_folder.fingerprint(config, data, split)
     if run_folder.is_primary_process():
