@@ -9,7 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	# the tested CPU build first (PyPI's default torch is a CUDA build); the package itself
+	# states a range, so this pin lives here and not in pyproject.toml
+	$(BIN)/python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/python -m pip install -q -e '.[all,test]'
 	# test-only reference for LRP; --no-deps keeps torchvision (incompatible wheel) out
 	$(BIN)/python -m pip install -q --no-deps zennit==0.5.1
 	touch $(STAMP)

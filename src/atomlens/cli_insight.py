@@ -44,11 +44,12 @@ def add_parser(subparsers) -> None:
                    help="shift the plane along its normal (Angstrom)")
     m.add_argument("--spacing", type=float, default=0.1, help="2D grid spacing (Angstrom)")
     m.add_argument("--padding", type=float, default=3.0, help="margin around the atoms (Angstrom)")
-    m.add_argument("--reference", default="none", choices=["none", "atomref", "isolated"],
-                   help="zero of the energy: none (Omega incl. atomref and shift), atomref "
-                        "(Omega - atomref[A]), isolated (Omega - Omega of the lone probe atom)")
+    m.add_argument("--reference", default="isolated", choices=["none", "atomref", "isolated"],
+                   help="zero of the energy: isolated (Omega - Omega of the lone probe atom: "
+                        "the probe's interaction with the molecule, default), atomref "
+                        "(Omega - atomref[A]), none (Omega incl. atomref and shift)")
     m.add_argument("--out", help="PNG contour plot (default: potential_<probe>.png)")
-    m.add_argument("--cube", help="also write a 3D Gaussian cube file")
+    m.add_argument("--cube", help="also write a 3D Gaussian cube file (hartree, bohr)")
     m.add_argument("--cube-spacing", type=float, default=0.2, help="3D grid spacing (Angstrom)")
     m.add_argument("--chunk-size", type=int, default=2048, help="probe points per forward pass")
     _add_dtype(m)

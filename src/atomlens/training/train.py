@@ -5,7 +5,7 @@ The output folder ``config.out`` holds
 * ``split.npz``           the split (written first, reused on ``resume``)
 * ``train_config.yaml``   the full training configuration
 * ``checkpoints/``        Lightning checkpoints (``last.ckpt`` for resuming a killed run)
-* ``logs/``               CSV metrics; ``tb/`` TensorBoard event files
+* ``logs/``               CSV metrics; ``tb/`` TensorBoard event files (with ``atomlens[tensorboard]``)
 * ``model/``              the final model (config.json + model.safetensors + split.npz)
 * ``metrics.json``        test metrics of the final model
 """
@@ -180,7 +180,7 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
         accelerator=config.device, devices=config.devices, num_nodes=config.num_nodes,
         strategy=config.strategy, precision=config.precision, max_epochs=config.max_epochs,
         max_time=max_time, callbacks=callbacks,
-        logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
+        logger=_loggers(out),
         inference_mode=False, use_distributed_sampler=False, enable_progress_bar=config.progress,
         enable_model_summary=False, check_val_every_n_epoch=config.check_val_every,
         log_every_n_steps=10, default_root_dir=out, deterministic=False)
@@ -210,6 +210,16 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
                          "data": config.data})
     (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=1))
     return metrics
+
+
+def _loggers(out: Path) -> list:
+    """The CSV log always; TensorBoard event files too when tensorboard is installed."""
+    from .._optional import available
+
+    loggers = [CSVLogger(out, name="logs")]
+    if available("tensorboard"):
+        loggers.append(TensorBoardLogger(out, name="tb"))
+    return loggers
 
 
 def _plain(d: dict) -> dict:
