@@ -96,7 +96,7 @@ class Calculator(AseCalculator):
         if len(numbers) and numbers.max() > self.model.config.max_z:
             raise DataError(f"element Z={int(numbers.max())} is beyond the model's "
                             f"max_z={self.model.config.max_z}")
-        dataset_from_atoms([atoms], source="Calculator")  # elements, NaN, overlapping atoms
+        dataset_from_atoms([atoms], source="Calculator", targets=False)  # elements, NaN, overlaps
         n = len(numbers)
         i, j = torch.triu_indices(n, n, offset=1, device=self.device)
         self._upper = (i, j)  # all unordered pairs; filtered by the cutoff at every call

@@ -10,7 +10,8 @@ def add_parser(subparsers) -> None:
         "md", help="molecular dynamics with a trained energy model (ASE integrators)",
         description="Run NVE (velocity Verlet) or Langevin (NVT) dynamics of one molecule with "
                     "a trained atomlens model; write a trajectory and a CSV energy log.")
-    p.add_argument("model", help="model folder (or the training output folder)")
+    p.add_argument("model", help="model folder (or the training output folder), or an "
+                                 "ensemble folder (logs the members' spread)")
     p.add_argument("structure", help="start structure: any ASE-readable file (xyz, extxyz, db, "
                                      "traj, ...)")
     p.add_argument("--index", default="0", help="which frame of the structure file (ASE syntax)")
@@ -27,7 +28,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="md.traj",
                    help="trajectory: .traj (ASE) or extxyz for other suffixes (default md.traj)")
     p.add_argument("--log", default="md.csv",
-                   help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K")
+                   help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K "
+                        "(+ energy_std_eV, max_force_std_eV_A for an ensemble)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--float64", action="store_true", help="run the model in float64")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -62,5 +64,8 @@ def run(args) -> int:
     print(f"  mean T = {sum(log.temperature) / len(log.temperature):.1f} K; E_tot drift "
           f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom, std "
           f"{drift['std_eV_per_atom'] * 1000:.3f} meV/atom")
+    if log.energy_std:
+        print(f"  ensemble spread: energy std up to {max(log.energy_std) * 1000:.1f} meV, "
+              f"largest atomic force std {max(log.max_force_std):.3f} eV/Angstrom")
     print(f"  trajectory: {Path(args.out)}  log: {Path(args.log)}")
     return 0

@@ -8,7 +8,9 @@ momentum and angular momentum (unless ``initialize_velocities=False`` keeps the 
 The trajectory goes to an ASE ``.traj`` file or to extxyz (any other suffix), with the
 model's energy and forces on every stored frame; a CSV log records time (fs), E_pot, E_kin,
 E_tot (eV) and the kinetic temperature T (K) with 3n - 3 degrees of freedom (the total
-momentum is removed), see :func:`kinetic_temperature`.
+momentum is removed), see :func:`kinetic_temperature`. With an ensemble (an
+:class:`~atomlens.ensemble.EnsembleCalculator`, or an ensemble folder) the log also records
+the members' spread: ``energy_std_eV`` and ``max_force_std_eV_A``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 from ase import units as ase_units
 
 LOG_COLUMNS = ("time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K")
+#: logged in addition when the calculator is an ensemble (its uncertainty)
+SPREAD_COLUMNS = ("energy_std_eV", "max_force_std_eV_A")
 
 
 def kinetic_temperature(atoms) -> float:
@@ -41,10 +45,16 @@ class MDLog:
     ekin: list[float] = field(default_factory=list)
     etot: list[float] = field(default_factory=list)
     temperature: list[float] = field(default_factory=list)
+    #: ensembles only: spread of the members' energy (eV) and largest per-atom force
+    #: spread (eV/Angstrom)
+    energy_std: list[float] = field(default_factory=list)
+    max_force_std: list[float] = field(default_factory=list)
 
     def arrays(self) -> dict[str, np.ndarray]:
+        names = LOG_COLUMNS + (SPREAD_COLUMNS if self.energy_std else ())
         return {name: np.asarray(getattr(self, attr)) for name, attr in zip(
-            LOG_COLUMNS, ("time_fs", "epot", "ekin", "etot", "temperature"))}
+            names, ("time_fs", "epot", "ekin", "etot", "temperature", "energy_std",
+                    "max_force_std"))}
 
     def drift(self, n_atoms: int) -> dict[str, float]:
         """Energy conservation: |E_tot(end) - E_tot(0)| and std(E_tot), in eV per atom."""
@@ -59,7 +69,11 @@ def _calculator(model_or_calc, device, dtype, compile=False):
     if isinstance(model_or_calc, BaseCalculator):
         return model_or_calc
     from .calculator import Calculator
+    from .ensemble import MANIFEST, EnsembleCalculator
 
+    if isinstance(model_or_calc, (list, tuple)) or (
+            isinstance(model_or_calc, (str, os.PathLike)) and (Path(model_or_calc) / MANIFEST).is_file()):
+        return EnsembleCalculator(model_or_calc, device=device, dtype=dtype, compile=compile)
     return Calculator(model_or_calc, device=device, dtype=dtype, compile=compile)
 
 
@@ -92,8 +106,9 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     """Run molecular dynamics of ``atoms`` (changed in place) with an atomlens model.
 
     Args:
-        model_or_calc: an :class:`~atomlens.models.AtomisticModel`, a saved model folder, or
-            an ASE calculator (e.g. an :class:`atomlens.Calculator` already set up).
+        model_or_calc: an :class:`~atomlens.models.AtomisticModel`, a saved model folder, an
+            ensemble folder or list of models (-> :class:`~atomlens.ensemble.EnsembleCalculator`,
+            whose spread is logged), or an ASE calculator (e.g. an :class:`atomlens.Calculator`).
         atoms: ASE ``Atoms`` of one molecule (positions in Angstrom).
         ensemble: ``"nve"`` (velocity Verlet) or ``"langevin"`` (NVT, thermostat at
             ``temperature_K``).
@@ -145,19 +160,24 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
                        friction=friction / ase_units.fs, fixcm=False, rng=rng)
 
     log = MDLog()
+    spread = "energy_std" in getattr(atoms.calc, "implemented_properties", ())
     stack = contextlib.ExitStack()
     writer = None
     if logfile is not None:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
         writer = csv.writer(stack.enter_context(open(logfile, "w", newline="")))  # noqa: SIM115
-        writer.writerow(LOG_COLUMNS)
+        writer.writerow(LOG_COLUMNS + (SPREAD_COLUMNS if spread else ()))
 
     def record() -> None:
         epot = atoms.get_potential_energy()  # cached from the step's force call
         ekin = atoms.get_kinetic_energy()
         row = (dyn.nsteps * timestep_fs, epot, ekin, epot + ekin, kinetic_temperature(atoms))
-        for values, value in zip((log.time_fs, log.epot, log.ekin, log.etot, log.temperature),
-                                 row):
+        columns = [log.time_fs, log.epot, log.ekin, log.etot, log.temperature]
+        if spread:  # cached with the step's forces
+            row += (atoms.calc.get_property("energy_std", atoms),
+                    atoms.calc.get_property("max_force_std", atoms))
+            columns += [log.energy_std, log.max_force_std]
+        for values, value in zip(columns, row):
             values.append(float(value))
         if writer is not None:
             writer.writerow([f"{v:.10g}" for v in row])

@@ -328,9 +328,26 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
-def dataset_from_atoms(atoms_list, source: str = "<atoms>") -> PackedDataset:
-    """Pack ASE Atoms objects (validated: elements, NaN, overlaps) without targets."""
+def dataset_from_atoms(atoms_list, source: str = "<atoms>", energy_unit: str = "eV",
+                       length_unit: str = "Angstrom", force_unit: str | None = None,
+                       energy_key: str = "energy", forces_key: str = "forces",
+                       targets: bool = True) -> PackedDataset:
+    """Pack ASE ``Atoms`` (validated: elements, NaN, overlaps) with their energies and forces.
+
+    Energies and forces come from each structure's calculator results (e.g. a
+    ``SinglePointCalculator``, as ASE's extxyz and db readers leave them), else from
+    ``atoms.info[energy_key]`` and ``atoms.arrays[forces_key]``, in the declared units
+    (``force_unit`` defaults to ``energy_unit/length_unit``), and are stored as targets
+    ``energy`` (eV) and ``forces`` (eV/Angstrom) when every structure has them. Ready for
+    ``atomlens.training.train_model(config, data=...)``. ``targets=False`` packs the
+    geometry only (positions still converted from ``length_unit``).
+    """
+    from .sources.ase_files import pack_frames
+
     if not isinstance(atoms_list, (list, tuple)):
         atoms_list = [atoms_list]
-    return PackedDataset.from_structures(
-        [(a.get_atomic_numbers(), a.get_positions()) for a in atoms_list], source=source)
+    if len(atoms_list) == 0:
+        raise DataError(f"{source}: the dataset is empty")
+    keys = (energy_key, forces_key) if targets else (None, None)
+    return pack_frames(list(atoms_list), source, *keys, energy_unit=energy_unit,
+                       length_unit=length_unit, force_unit=force_unit)

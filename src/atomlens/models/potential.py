@@ -18,6 +18,7 @@ from torch import nn
 from ..data.batch import Batch
 from ..nn import activation, scatter_sum
 from .dtnn import DTNN
+from .prediction import Prediction
 from .schnet import SchNet
 
 REPRESENTATIONS = {"schnet": SchNet, "dtnn": DTNN}
@@ -99,6 +100,9 @@ class AtomisticModel(nn.Module):
         """Predict ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3)}``.
 
         ``batch`` is a :class:`~atomlens.data.Batch`, or ASE ``Atoms`` (one or a list).
+        The low-level, differentiable call: tensors in the model's dtype (float32 unless
+        converted) and unit, attached to the autograd graph when gradients are on (as
+        training needs). For numbers to read or store, use :meth:`predict`.
         """
         if not isinstance(batch, Batch):
             batch = self.batch_from_atoms(batch)
@@ -118,22 +122,26 @@ class AtomisticModel(nn.Module):
         return out
 
 
-    def predict(self, atoms, forces: bool = False) -> dict:
-        """Predict for one ASE ``Atoms`` or a list of them; returns numpy arrays.
+    def predict(self, atoms, forces: bool = False) -> Prediction:
+        """Predict for one ASE ``Atoms`` or a list of them: plain float64 numpy arrays.
 
         ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3)}`` in the
-        model's units (eV, eV/Angstrom for energy models).
+        model's units, named in ``result.units`` (eV, eV/Angstrom for energy models); the
+        atomic contributions sum to the target (extensive models). No autograd graph.
         """
         batch = self.batch_from_atoms(atoms)
         with torch.set_grad_enabled(forces):
             out = self(batch, forces=forces)
-        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+        unit = self.config.unit
+        units = {self.target: unit, "atomic": unit, "forces": f"{unit}/Angstrom"}
+        return Prediction({k: v.detach().cpu().double().numpy() for k, v in out.items()},
+                          {k: units[k] for k in out})
 
     def batch_from_atoms(self, atoms) -> Batch:
         """A validated batch of ASE ``Atoms`` on this model's device and dtype."""
         from ..data.dataset import dataset_from_atoms
 
-        data = dataset_from_atoms(atoms)
+        data = dataset_from_atoms(atoms, targets=False)
         p = next(self.parameters())
         return data.batch(range(len(data)), self.cutoff, p.dtype).to(p.device)
 

@@ -32,7 +32,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from ..data.dataset import DataError, PackedDataset, make_loader
 from ..data.splits import load_split, random_split, save_split
 from ..data.statistics import fit_atomrefs, residual_stats
-from ..models.io import save_model
+from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
 from .config import TrainConfig, save_config
 from .evaluate import evaluate, predict_dataset
@@ -77,6 +77,23 @@ def fit_statistics(model: AtomisticModel, data: PackedDataset, train_idx: np.nda
         values = np.asarray(data.targets[target])[train_idx]
         mean, std = float(values.mean()), float(values.std())
     model.set_statistics(atomref, shift=mean, scale=std if std > 0 else 1.0)
+
+
+def initial_model(config: TrainConfig, data: PackedDataset) -> AtomisticModel:
+    """The saved model ``config.init_from`` to fine-tune, checked against the data.
+
+    Its architecture, weights and fitted statistics (atom references, shift, scale) are
+    kept; ``config.refit_statistics`` refits the statistics on the new training split.
+    """
+    model = load_model(config.init_from).float().train()
+    if model.target != config.target:
+        raise ValueError(f"{config.init_from}: the model predicts {model.target!r}, the "
+                         f"training target is {config.target!r}")
+    unit = data.units.get(config.target, model.config.unit)
+    if unit != model.config.unit:
+        raise ValueError(f"{config.init_from}: the model predicts {model.config.unit}, "
+                         f"the data {config.target!r} is in {unit}")
+    return model
 
 
 def refit_offset(model: AtomisticModel, data: PackedDataset, train_idx: np.ndarray,
@@ -134,10 +151,14 @@ def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[st
     return split
 
 
-def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None = None) -> dict:
+def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None = None,
+          split: dict[str, np.ndarray] | None = None) -> dict:
     """Train a model as ``config`` says; returns the test metrics (internal units).
 
     With ``resume=True`` a run killed half-way goes on from ``checkpoints/last.ckpt``.
+    ``split`` (train/val/test indices of ``data``) replaces the random split, e.g. one
+    split shared by the members of an ensemble. Fine-tuning: ``config.init_from`` starts
+    from a saved model's weights and statistics (see :func:`initial_model`).
     """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,11 +171,23 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
     unit = data.units.get(config.target, "")
     if unit and config.model.unit != unit:
         config = config.updated(**{"model.unit": unit})
+    if config.init_from:
+        model = initial_model(config, data)
+        config = config.updated(model=model.config.to_dict())
     save_config(config, out / "train_config.yaml")
-    split = _make_split(config, len(data), out, resume)
+    if split is None:
+        split = _make_split(config, len(data), out, resume)
+    else:
+        save_split(out / "split.npz", split)
 
-    model = build_model(config.model)
-    fit_statistics(model, data, split["train"])
+    if not config.init_from:
+        model = build_model(config.model)
+        fit_statistics(model, data, split["train"])
+    elif config.refit_statistics:
+        fit_statistics(model, data, split["train"])
+    if config.freeze_representation:
+        # fine-tuning the head only: the representation's weights get no gradient
+        model.representation.requires_grad_(False)
     if config.compile:
         if config.forces:
             raise ValueError("compile: torch.compile does not support the double backward of "

@@ -48,8 +48,8 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
-    except ValueError as err:
+        units.energy_factor(energy_unit), units.length_factor(length_unit)
+    except ValueError as err:  # before reading a large file
         raise DataError(f"{path}: {err}") from err
     try:
         frames = read(str(path), index=index, format=format)
@@ -60,11 +60,34 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
         frames = [frames]
     if not frames:
         raise DataError(f"{path}: no structures in the file")
+    return pack_frames(frames, str(path), energy_key, forces_key, energy_unit, length_unit,
+                       meta={"source_file": path.name})
+
+
+def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energy",
+                forces_key: str | None = "forces", energy_unit: str = "eV",
+                length_unit: str = "Angstrom", force_unit: str | None = None,
+                meta: dict | None = None) -> PackedDataset:
+    """ASE ``Atoms`` -> :class:`PackedDataset`, energies and forces converted to eV, eV/Angstrom.
+
+    Values come from each frame's calculator results (``SinglePointCalculator``), else from
+    ``info[energy_key]`` / ``arrays[forces_key]``; a key of None skips that target. Units
+    are declared: ``energy_unit``, ``length_unit`` and ``force_unit`` (default
+    ``energy_unit/length_unit``). A target is kept when every frame has it; when only some
+    frames have it the data are refused (:class:`DataError` naming the frame).
+    """
+    try:
+        e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
+        f_factor = units.force_factor(force_unit) if force_unit else e_factor / r_factor
+    except ValueError as err:
+        raise DataError(f"{source}: {err}") from err
     structures = [(a.numbers, a.positions * r_factor) for a in frames]
     targets, target_units = {}, {}
     for key, name, per_atom, factor, unit in (
             (energy_key, "energy", False, e_factor, "eV"),
-            (forces_key, "forces", True, e_factor / r_factor, "eV/Angstrom")):
+            (forces_key, "forces", True, f_factor, "eV/Angstrom")):
+        if key is None:
+            continue
         values = [_value(a, key, per_atom) for a in frames]
         have = [v is not None for v in values]
         if all(have):
@@ -73,7 +96,7 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
                 targets[name] = [float(np.ravel(v)[0]) for v in targets[name]]
             target_units[name] = unit
         elif any(have):
-            raise DataError(f"{path}: frame {have.index(False)} has no {key!r} while others do")
+            raise DataError(f"{source}: frame {have.index(False)} has no {key!r} while others do")
     # scalar info entries that every frame carries (ids, isomer labels, ...) become extras
     extras: dict = {"frame": np.arange(len(frames))}
     common = set(frames[0].info).intersection(*(a.info for a in frames[1:]))
@@ -81,11 +104,12 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
         values = [a.info[key] for a in frames]
         if all(isinstance(v, (int, float, str, np.integer, np.floating)) for v in values):
             extras[key] = values
+    source_units = {"energy": energy_unit, "positions": length_unit}
+    if force_unit:
+        source_units["forces"] = force_unit
     return PackedDataset.from_structures(
         structures, targets, target_units, extras,
-        meta={"source_file": path.name,
-              "source_units": {"energy": energy_unit, "positions": length_unit}},
-        source=str(path))
+        meta={**(meta or {}), "source_units": source_units}, source=source)
 
 
 def write_ase(path: str | os.PathLike, dataset: PackedDataset, energy_key: str = "energy",
