@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
     a.add_argument("structures", help="ASE-readable file or qm9:N")
     a.add_argument("--index", default=":", help="which frames of the file (ASE index syntax)")
     a.add_argument("--out", help="PNG of the molecule coloured by E_i - atomref[Z_i] "
-                                 "(several structures: OUT_<k>.png)")
+                                 "(several structures: OUT_<k>.png), and beside it OUT.html: "
+                                 "an interactive 3D view of all structures (offline)")
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_dtype(a)
     a.set_defaults(func=run_atomic_energies)
@@ -165,12 +166,23 @@ def run_atomic_energies(args) -> int:
     else:
         print("\n\n".join(t.table(unit) for t in tables))
     if args.out:
+        from .insight.plots import to_milli
+        from .insight.viewer import write_viewer
+
         out = Path(args.out)
         for k, t in enumerate(tables):
             path = out if len(tables) == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}")
             atomic_energy_plot(t.numbers, t.positions, t.relative, path, unit=unit,
                                title=f"{t.formula}: atomic energies E_i - atomref[Z_i]")
             print(f"figure: {path}")
+        properties = []
+        for t in tables:
+            relative, small_unit = to_milli(t.relative, unit)
+            properties.append({"E_i - atomref[Z_i]": (relative, small_unit),
+                               "E_i": (t.energies, unit)})
+        view = write_viewer(out.with_suffix(".html"), frames, properties,
+                            title="atomlens atomic energies")
+        print(f"interactive 3D view: {view}")
     return 0
 
 

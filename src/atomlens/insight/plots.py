@@ -83,16 +83,15 @@ def principal_projection(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def centred_norm(values: np.ndarray):
     """A diverging colour norm with zero at the centre of the map (white in ``RdBu_r``).
 
-    Negative and positive values each get their own half of the map, so the sign of a
-    value reads from its hue whatever the range.
+    Symmetric, -max|v| .. +max|v|: the sign of a value reads from its hue, and equal
+    magnitudes get equal colour strength on both sides (a one-sided norm would paint a
+    -10 meV ripple as deep as a +500 meV peak).
     """
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import CenteredNorm
 
     values = np.asarray(values, dtype=np.float64)
     span = float(np.abs(values).max()) if values.size else 0.0
-    tiny = max(span, 1e-12) * 1e-3
-    return TwoSlopeNorm(vcenter=0.0, vmin=min(float(values.min()), -tiny),
-                        vmax=max(float(values.max()), tiny))
+    return CenteredNorm(vcenter=0.0, halfrange=span if span > 0 else 1.0)
 
 
 def to_milli(values, unit: str) -> tuple[np.ndarray, str]:
@@ -140,7 +139,7 @@ def potential_map_plot(potential, path: str | Path, title: str = "", unit: str =
     e.g. ``reference="isolated"``, for a meaningful zero). Colours are clipped to the
     ``clip`` percentiles: Omega diverges close to the nuclei.
     """
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     if potential.values.ndim != 2:
         raise ValueError("potential_map_plot needs a map on a plane")
@@ -161,7 +160,8 @@ def potential_map_plot(potential, path: str | Path, title: str = "", unit: str =
         norm, cmap = None, "viridis"
     levels = np.linspace(lo, hi, 25)
     fig, ax = _subplots(figsize=(6, 5), dpi=120)
-    cs = ax.contourf(s, t, clipped, levels=levels, cmap=cmap, norm=norm, extend="both")
+    # values are clipped already: no extension triangles (they would take the map's end colours)
+    cs = ax.contourf(s, t, clipped, levels=levels, cmap=cmap, norm=norm)
     ax.contour(s, t, clipped, levels=levels[::3], colors="k", linewidths=0.3)
     atoms = potential.atoms
     if atoms is not None:
@@ -172,8 +172,9 @@ def potential_map_plot(potential, path: str | Path, title: str = "", unit: str =
     ax.set_aspect("equal")
     ax.set_xlabel("Angstrom")
     ax.set_ylabel("Angstrom")
-    bar = fig.colorbar(cs, ax=ax, label=f"Omega_{potential.probe}(r) ({unit}; "
-                                        f"reference: {potential.reference})")
+    bar = fig.colorbar(cs, ax=ax, ticks=MaxNLocator(8),
+                       label=f"Omega_{potential.probe}(r) ({unit}; reference: "
+                             f"{potential.reference}; clipped to percentiles {clip[0]:g}-{clip[1]:g})")
     # an offset text ("-1.036e3") would sit on the title and hide the scale
     formatter = ScalarFormatter(useOffset=False)
     formatter.set_scientific(False)
