@@ -298,12 +298,11 @@ def run_predict(args) -> int:
             print(line)
         # own keys: the file's reference values (info, arrays, calculator) stay as they are
         store = {target: out[target][k]}
-        arrays = {f"atomic_{target}": out["atomic"][rows]}
-        if args.forces:
-            arrays["forces"] = out["forces"][rows]
+        names = {f"atomic_{target}": "atomic"} | ({"forces": "forces"} if args.forces else {})
         if std:
             store[f"{target}_std"] = out[f"{target}_std"][k]
-            arrays.update({f"{key}_std": out[f"{key}_std"][rows] for key in list(arrays)})
+            names |= {f"{name}_std": f"{key}_std" for name, key in names.items()}
+        arrays = {name: out[key][rows] for name, key in names.items()}
         for key, value in store.items():
             atoms.info[PREDICTION_PREFIX + key] = round(float(value), 6)
         for key, value in arrays.items():

@@ -48,7 +48,7 @@ def viewer_data(frames, properties: list[dict[str, tuple[np.ndarray, str]]],
             "symbols": [chemical_symbols[z] for z in numbers],
             "positions": np.round(atoms.positions - atoms.positions.mean(0), 4).tolist(),
             "radii": [round(float(covalent_radii[z]), 3) for z in numbers],
-            "colors": ["#%02x%02x%02x" % tuple(int(255 * c) for c in jmol_colors[z])
+            "colors": ["#" + "".join(f"{int(255 * c):02x}" for c in jmol_colors[z])
                        for z in numbers],
             "bonds": [[int(i), int(j)] for i, j in bond_graph(numbers, atoms.positions)],
             "properties": props,
