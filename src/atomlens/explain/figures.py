@@ -29,26 +29,27 @@ def explanation_grid(
     from matplotlib.figure import Figure
 
     n, methods = inputs.shape[0], list(explanations)
-    fig = Figure(figsize=(1.3 * (len(methods) + 1), 1.3 * n + 0.9))
+    height = 1.3 * n + 1.2  # inches: the grid, and 1.2 below it for the colour bar
+    fig = Figure(figsize=(1.3 * (len(methods) + 1), height))
     axes = fig.subplots(n, len(methods) + 1, squeeze=False)
     for row in range(n):
-        axes[row, 0].imshow(inputs[row].sum(0).detach().cpu(), cmap="gray_r")
+        axes[row, 0].imshow(inputs[row].sum(0).detach().cpu().numpy(), cmap="gray_r")
         text = [labels[row]] if labels is not None else []
         if predicted is not None:
             text.append(f"predicted {int(predicted[row])}")
         if text:
             axes[row, 0].set_ylabel("\n".join(text), fontsize=7)
         for col, method in enumerate(methods, start=1):
-            image = explanations[method][row].sum(0).detach().cpu()
-            scale = float(image.abs().max()) or 1.0
+            image = explanations[method][row].sum(0).detach().cpu().numpy()
+            scale = float(abs(image).max()) or 1.0
             axes[row, col].imshow(image / scale, cmap="bwr", vmin=-1.0, vmax=1.0)
     for col, title in enumerate(["input"] + methods):
         axes[0, col].set_title(title.replace("_", "\n"), fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout(rect=(0, 0.9 / (1.3 * n + 0.9), 1, 1))
-    bar_axes = fig.add_axes((0.25, 0.25 / (1.3 * n + 0.9), 0.5, 0.15 / (1.3 * n + 0.9)))
+    fig.tight_layout(rect=(0, 1.2 / height, 1, 1))
+    bar_axes = fig.add_axes((0.25, 0.6 / height, 0.5, 0.15 / height))
     bar = fig.colorbar(ScalarMappable(Normalize(-1.0, 1.0), "bwr"), cax=bar_axes,
                        orientation="horizontal")
     bar.set_label("relevance / max |relevance| of each map (red: for, blue: against the class)",
