@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -27,9 +29,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
     p.add_argument("--out", default="md.traj",
                    help="trajectory: .traj (ASE) or extxyz for other suffixes (default md.traj)")
-    p.add_argument("--log", default="md.csv",
+    p.add_argument("--log",
                    help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K "
-                        "(+ energy_std_eV, max_force_std_eV_A for an ensemble)")
+                        "(+ energy_std_eV, max_force_std_eV_A for an ensemble); default: "
+                        "beside the trajectory, OUT with the suffix .csv")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing trajectory or log (default: refuse)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--float64", action="store_true", help="run the model in float64")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -53,19 +58,30 @@ def run(args) -> int:
                          f"structures; MD needs one")
     atoms = frames[0]
     atoms.calc = None
+    log_path = Path(args.log) if args.log else Path(args.out).with_suffix(".csv")
+    if log_path == Path(args.out):
+        raise ValueError(f"{log_path}: the log and the trajectory would be one file")
+    existing = [str(p) for p in (Path(args.out), log_path) if p.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{', '.join(existing)} exist(s); give --overwrite or another --out")
     log = run_md(args.model, atoms, ensemble=args.ensemble,
                  temperature_K=args.temperature, timestep_fs=args.timestep, steps=args.steps,
-                 friction=args.friction, trajectory=args.out, logfile=args.log,
+                 friction=args.friction, trajectory=args.out, logfile=log_path,
                  interval=args.interval, seed=args.seed, device=args.device,
                  dtype="float64" if args.float64 else None, compile=args.compile)
-    drift = log.drift(len(atoms))
     print(f"{args.ensemble.upper()} MD of {atoms.get_chemical_formula()}: {args.steps} steps of "
           f"{args.timestep} fs ({args.steps * args.timestep / 1000:.3g} ps)")
-    print(f"  mean T = {sum(log.temperature) / len(log.temperature):.1f} K; E_tot drift "
-          f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom, std "
-          f"{drift['std_eV_per_atom'] * 1000:.3f} meV/atom")
+    temperature = np.asarray(log.temperature)
+    if args.ensemble == "nve":  # E_tot is conserved only without a thermostat
+        drift = log.drift(len(atoms))
+        print(f"  mean T = {temperature.mean():.1f} K; E_tot drift "
+              f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom, std "
+              f"{drift['std_eV_per_atom'] * 1000:.3f} meV/atom")
+    else:
+        print(f"  T = {temperature.mean():.1f} +- {temperature.std():.1f} K (thermostat "
+              f"{args.temperature:g} K; E_tot is not conserved under a thermostat)")
     if log.energy_std:
         print(f"  ensemble spread: energy std up to {max(log.energy_std) * 1000:.1f} meV, "
               f"largest atomic force std {max(log.max_force_std):.3f} eV/Angstrom")
-    print(f"  trajectory: {Path(args.out)}  log: {Path(args.log)}")
+    print(f"  trajectory: {Path(args.out)}  log: {log_path}")
     return 0

@@ -96,7 +96,7 @@ def export_program(model: AtomisticModel) -> torch.export.ExportedProgram:
 
     from .nn import kernels
 
-    function = EnergyAndForces(model.cpu())
+    function = EnergyAndForces(model).cpu()  # a copy: the caller's model stays where it is
     positions, numbers = _example(model)
     enabled = kernels.fused_enabled()
     kernels.set_fused(False)  # the plain formulas: the graph must not hold compiled kernels
