@@ -42,7 +42,9 @@ def viewer_data(frames, properties: list[dict[str, tuple[np.ndarray, str]]],
             if values.shape[0] != len(numbers):
                 raise ValueError(f"property {name!r} of structure {k} has {values.shape[0]} "
                                  f"values for {len(numbers)} atoms")
-            props[name] = {"values": [round(float(v), 6) for v in values], "unit": unit}
+            # decimals shown: meV are integers in practice, anything else gets 4
+            props[name] = {"values": [round(float(v), 6) for v in values], "unit": unit,
+                           "digits": 0 if unit == "meV" else 4}
         data.append({
             "title": titles[k] if titles else atoms.get_chemical_formula(),
             "symbols": [chemical_symbols[z] for z in numbers],
@@ -104,7 +106,7 @@ function colour(v, lo, hi) {
   const c = v < 0 ? mix(white, blue, lo < 0 ? v / lo : 0) : mix(white, red, hi > 0 ? v / hi : 0);
   return "rgb(" + c.join(",") + ")";
 }
-function fmt(x) { return Math.abs(x) >= 100 ? x.toFixed(0) : x.toPrecision(3); }
+function fmt(x, p) { return x.toFixed(p.digits); }
 function setup() {
   const m = DATA[k], names = Object.keys(m.properties), old = sel.value;
   sel.innerHTML = "<option>element</option>" + names.map(n => "<option>" + n + "</option>").join("");
@@ -115,8 +117,8 @@ function setup() {
 function draw() {
   const m = DATA[k], p = m.properties[sel.value];
   const lo = p ? Math.min(0, ...p.values) : 0, hi = p ? Math.max(0, ...p.values) : 0;
-  document.getElementById("lo").textContent = p ? fmt(lo) + " " + p.unit : "";
-  document.getElementById("hi").textContent = p ? fmt(hi) + " " + p.unit : "";
+  document.getElementById("lo").textContent = p ? fmt(lo, p) + " " + p.unit : "";
+  document.getElementById("hi").textContent = p ? fmt(hi, p) + " " + p.unit : "";
   document.getElementById("scale").style.display = p ? "" : "none";
   const extent = Math.max(2, ...m.positions.map(r => Math.hypot(...r))) + 1;
   const s = zoom * Math.min(cv.width, cv.height) / (2 * extent);
@@ -154,7 +156,7 @@ cv.onpointermove = e => {
   if (!hit) { tip.style.display = "none"; return; }
   const m = DATA[k];
   tip.textContent = m.symbols[hit.i] + " " + hit.i + Object.entries(m.properties).map(
-    ([n, p]) => "\\n" + n + ": " + fmt(p.values[hit.i]) + " " + p.unit).join("");
+    ([n, p]) => "\\n" + n + ": " + fmt(p.values[hit.i], p) + " " + p.unit).join("");
   tip.style.left = (e.pageX + 12) + "px"; tip.style.top = (e.pageY + 12) + "px";
   tip.style.display = "block";
 };
