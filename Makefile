@@ -1,6 +1,7 @@
 # atomlens: `make demo` sets up and runs the QM9 demo; `make test` sets up and runs the tests.
 PYTHON ?= python3
 VENV := .venv
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -9,7 +10,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	# the tested torch first: the package itself states a range, so the pin lives here.
+	# TORCH_INDEX=https://download.pytorch.org/whl/cpu fetches the CPU build from PyTorch's
+	# index instead of the package registry's default build
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e '.[all,test]'
 	# test-only reference for LRP; --no-deps keeps torchvision (incompatible wheel) out
 	$(BIN)/python -m pip install -q --no-deps zennit==0.5.1
 	touch $(STAMP)

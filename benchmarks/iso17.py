@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atomlens.models.base import representation_names
+from atomlens.registry import representation_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

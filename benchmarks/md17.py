@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from atomlens.models.base import representation_names
+from atomlens.registry import representation_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -4,6 +4,7 @@ import json
 
 import ase.build
 import ase.io
+import numpy as np
 import pytest
 import yaml
 from helpers import qm9_sample
@@ -57,7 +58,50 @@ def test_predict_writes_per_atom_contributions(trained, tmp_path, capsys):
     assert "CH4" in out and "H2O" in out
     frames = ase.io.read(result, ":")
     for atoms in frames:
-        assert atoms.arrays["atomic_U0"].sum() == pytest.approx(atoms.info["U0"], rel=1e-6)
+        assert atoms.arrays["atomlens_atomic_U0"].sum() == pytest.approx(
+            atoms.info["atomlens_U0"], rel=1e-6)
+    assert "atomic U0 (eV)" in out  # the per-atom lines have a header with the unit
+
+
+def energy_model_folder(tmp_path):
+    from helpers import random_model
+
+    from atomlens.models import save_model
+
+    return save_model(random_model("schnet", target="energy").float(), tmp_path / "model")
+
+
+def labelled_frames():
+    """Structures carrying reference energies and forces, as extxyz and md.traj hold them."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for k, name in enumerate(["CH3OH", "H2O"]):
+        atoms = ase.build.molecule(name)
+        forces = np.full((len(atoms), 3), 0.25 * (k + 1))
+        atoms.calc = SinglePointCalculator(atoms, energy=-100.0 - k, forces=forces)
+        frames.append(atoms)
+    return frames
+
+
+@pytest.mark.parametrize("suffix", ["extxyz", "traj"])
+def test_predict_keeps_reference_values(tmp_path, capsys, suffix):
+    model = energy_model_folder(tmp_path)
+    labelled = tmp_path / f"labelled.{suffix}"
+    ase.io.write(labelled, labelled_frames())
+    result = tmp_path / "pred.extxyz"
+    assert main(["predict", str(model), str(labelled), "--forces", "--out", str(result)]) == 0
+    out = capsys.readouterr().out
+    assert "atomic energy (eV)" in out and "(eV/Angstrom)" in out
+    for k, atoms in enumerate(ase.io.read(result, ":")):
+        # reference values untouched, predictions beside them
+        assert atoms.get_potential_energy() == pytest.approx(-100.0 - k)
+        np.testing.assert_allclose(atoms.get_forces(), 0.25 * (k + 1))
+        predicted = atoms.info["atomlens_energy"]
+        assert predicted != pytest.approx(-100.0 - k)
+        assert atoms.arrays["atomlens_forces"].shape == (len(atoms), 3)
+        assert atoms.arrays["atomlens_atomic_energy"].sum() == pytest.approx(predicted, abs=1e-4)
+        assert len(str(float(predicted)).split(".")[1]) <= 6  # no float32 noise digits
 
 
 @pytest.mark.parametrize("content, message", [

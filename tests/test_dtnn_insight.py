@@ -184,6 +184,7 @@ def test_cube_file_round_trips_through_ase(tmp_path):
     from ase.io.cube import read_cube_data
 
     from atomlens.insight.cube import read_cube, write_cube
+    from atomlens.units import HARTREE_EV
 
     model = tiny_model("dtnn")
     atoms = molecule("H2O")
@@ -191,10 +192,13 @@ def test_cube_file_round_trips_through_ase(tmp_path):
     assert pmap.values.ndim == 3
     path = write_cube(tmp_path / "omega.cube", pmap)
     data, read_atoms = read_cube_data(str(path))
-    np.testing.assert_allclose(data, pmap.values, rtol=1e-5, atol=1e-6)
+    # cube readers assume atomic units: the file holds hartree and says so
+    np.testing.assert_allclose(data * HARTREE_EV, pmap.values, rtol=1e-5, atol=1e-6)
+    assert "hartree" in path.read_text().splitlines()[0]
     np.testing.assert_allclose(read_atoms.positions, atoms.positions, atol=1e-5)
     assert list(read_atoms.numbers) == list(atoms.numbers)
     doc = read_cube(path)
+    np.testing.assert_allclose(doc["data"], pmap.values, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(doc["origin"], pmap.origin, atol=1e-5)
     np.testing.assert_allclose(doc["spacing"], pmap.axes, atol=1e-5)
     assert len(ase.io.read(str(path))) == len(atoms)

@@ -380,13 +380,14 @@ def test_perturbation_curve(images):
 
 def test_cli_smoke(tmp_path, monkeypatch):
     from atomlens import cli_explain
+    from atomlens.explain import digits
     from atomlens.explain.digits import Digits, load_digits_data
 
     def small_digits(**kwargs) -> Digits:  # keep the smoke test small
         data = load_digits_data(**kwargs)
         return Digits(data.x_train[:200], data.y_train[:200], data.x_test[:40], data.y_test[:40])
 
-    monkeypatch.setattr(cli_explain, "load_digits_data", small_digits)
+    monkeypatch.setattr(digits, "load_digits_data", small_digits)  # cli_explain imports it late
     parser = argparse.ArgumentParser()
     cli_explain.add_parser(parser.add_subparsers())
     args = parser.parse_args(

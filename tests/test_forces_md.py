@@ -286,3 +286,15 @@ def test_md_command(tmp_path, capsys):
                        for name in ("md.csv", "compiled.csv"))
     np.testing.assert_allclose(compiled, eager, rtol=1e-8, atol=1e-9)
     assert main(["md", str(tmp_path / "model"), str(tmp_path / "missing.xyz")]) == 2
+    # the log goes beside the trajectory; nothing is overwritten unless asked; a thermostatted
+    # run reports its temperature, not an energy drift
+    run = tmp_path / "runs" / "nvt.traj"
+    args = ["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "4",
+            "--interval", "2", "--ensemble", "langevin", "--out", str(run)]
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "E_tot drift" not in printed and "thermostat 300 K" in printed
+    assert (tmp_path / "runs" / "nvt.csv").is_file()
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0

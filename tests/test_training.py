@@ -9,7 +9,8 @@ from helpers import qm9_sample
 
 from atomlens.data.splits import load_split
 from atomlens.models import load_model
-from atomlens.training import TrainConfig, evaluate, load_config, preset, train
+from atomlens.training import TrainConfig, evaluate, load_config, preset
+from atomlens.training import train_model as train
 from atomlens.training.module import AtomisticTask
 from atomlens.training.train import fit_statistics
 

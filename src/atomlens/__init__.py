@@ -8,13 +8,14 @@ Units inside atomlens: eV, Angstrom, eV/Angstrom.
 """
 
 from ._version import __version__
-from .models import AtomisticModel, ModelConfig, build_model, load_model, save_model
 from .runtime import tune_allocator
 
 tune_allocator()  # keep freed memory in the process: see atomlens.runtime
 
 __all__ = [
     "AtomisticModel",
+    "Calculator",
+    "EnsembleCalculator",
     "ModelConfig",
     "__version__",
     "build_model",
@@ -22,10 +23,19 @@ __all__ = [
     "save_model",
 ]
 
+# imported on first use: `import atomlens` (and `atomlens --help`) must not pay for torch
+_LAZY = {"AtomisticModel": "models", "ModelConfig": "models", "build_model": "models",
+         "load_model": "models", "save_model": "models", "Calculator": "calculator",
+         "EnsembleCalculator": "ensemble"}
+
 
 def __getattr__(name):
-    if name == "Calculator":  # the ASE calculator pulls in ASE; import on first use
-        from .calculator import Calculator
+    if name in _LAZY:
+        import importlib
 
-        return Calculator
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'atomlens' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

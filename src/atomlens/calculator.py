@@ -114,7 +114,7 @@ class Calculator(AseCalculator):
         if periodic and self.compile:
             raise DataError("compile=True is for molecules; run periodic cells without it")
         # elements, NaN, overlapping atoms (with periodic images), the cell
-        dataset_from_atoms([atoms], source="Calculator")
+        dataset_from_atoms([atoms], source="Calculator", targets=False)
         check_elements(self.model, numbers, self.allow_unknown_elements, "Calculator")
         n = len(numbers)
         self._batch_numbers = torch.as_tensor(numbers, dtype=torch.int64, device=self.device)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .models.base import representation_names
+from .registry import representation_names
 from .units import EV_A3_GPA, KCAL_MOL_EV
 
 #: modules that add subcommands through ``add_parser(subparsers)``
 SUBCOMMAND_MODULES = ["atomlens.cli_sample", "atomlens.cli_md", "atomlens.cli_insight",
-                      "atomlens.cli_explain"]
+                      "atomlens.cli_explain", "atomlens.cli_export"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -46,48 +46,93 @@ def _print_metrics(metrics: dict, target: str, unit: str) -> None:
 
 
 # --------------------------------------------------------------------------- train
+class _TrainHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default: the value of :class:`TrainConfig` it overrides.
+
+    The options default to None (a value given in a config file or preset is kept unless
+    the option is given), so the defaults shown are read from ``TrainConfig`` and the
+    preset list from ``PRESETS``, when help is printed: ``atomlens --help`` imports
+    neither torch nor the training code.
+    """
+
+    def _get_help_string(self, action):
+        from .training.config import PRESETS, TrainConfig
+
+        text = action.help or ""
+        if action.dest == "preset":
+            return f"{text}; one of: {', '.join(sorted(PRESETS))}"
+        field = TrainConfig.__dataclass_fields__.get(action.dest)
+        # flags and options without a value by default say so in their own help text
+        value = getattr(field, "default", None)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return f"{text} (default: {value})"
+        return text
+
+
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a SchNet or DTNN model",
-                       description="Train from a YAML/JSON config, a preset, or both "
-                                   "(command-line options override the file).")
-    p.add_argument("config", nargs="?", help="YAML/JSON training config")
-    p.add_argument("--preset", help="named preset, e.g. qm9-u0-schnet, qm9-u0-dtnn, md17-schnet")
+    p = sub.add_parser(
+        "train", help="train a SchNet or DTNN model (or an ensemble, or fine-tune one)",
+        formatter_class=_TrainHelpFormatter,
+        description="Train from a YAML/JSON config, a preset, or both (command-line options "
+                    "override the file). Without a config or preset: qm9-u0-schnet for QM9, "
+                    "the TrainConfig defaults shown below for a data file.")
+    p.add_argument("config", nargs="?", help="YAML/JSON training config (TrainConfig fields)")
+    p.add_argument("--preset", help="named preset")
     p.add_argument("--model", choices=representation_names(),
                    help="representation (switches to its default preset for the data)")
     p.add_argument("--data", help="'qm9' or a data file (MD17 .npz, ASE db, extxyz, packed folder)")
     p.add_argument("--target", help="target property (QM9: U0, U, H, G, homo, lumo, gap, zpve, mu, "
                                     "alpha, r2, cv; MD data: energy)")
     p.add_argument("--forces", action="store_true", default=None, help="train on forces too")
-    p.add_argument("--rho", type=float, help="energy weight of the energy+force loss")
+    p.add_argument("--rho", type=float,
+                   help="energy weight of the loss rho*dE^2 + (1-rho)*dF^2 (with --forces)")
+    p.add_argument("--n-train", type=float, help="training structures (count, or fraction < 1)")
+    p.add_argument("--n-val", type=float, help="validation structures (count, or fraction < 1)")
+    p.add_argument("--n-test", type=float, help="test structures (default: all the rest)")
+    p.add_argument("--max-structures", type=int,
+                   help="use only the first n structures of the data (quick runs)")
+    p.add_argument("--batch-size", type=int, help="structures per batch")
+    p.add_argument("--lr", type=float, help="initial Adam learning rate")
+    p.add_argument("--epochs", type=int, dest="max_epochs", help="maximum number of epochs")
+    p.add_argument("--minutes", type=float, dest="max_minutes",
+                   help="wall-clock budget in minutes (none: until --epochs or --patience)")
+    p.add_argument("--ema-decay", type=float,
+                   help="keep an exponential moving average of the weights (e.g. 0.999)")
+    p.add_argument("--patience", type=int, dest="early_stopping_patience",
+                   help="stop after this many epochs without a better validation loss")
+    p.add_argument("--device", help="auto (a GPU when present), cpu, gpu")
     p.add_argument("--stress", action="store_true", default=None,
                    help="train on the stress of periodic cells too (eV/Angstrom^3)")
     p.add_argument("--stress-weight", type=float,
                    help="weight of the stress term of the loss (default 100)")
-    p.add_argument("--n-train", type=float)
-    p.add_argument("--n-val", type=float)
-    p.add_argument("--n-test", type=float)
-    p.add_argument("--max-structures", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--epochs", type=int, dest="max_epochs")
-    p.add_argument("--minutes", type=float, dest="max_minutes", help="wall-clock budget")
-    p.add_argument("--ema-decay", type=float, help="keep an exponential moving average of weights")
-    p.add_argument("--patience", type=int, dest="early_stopping_patience")
-    p.add_argument("--device", help="auto (default), cpu, gpu")
     p.add_argument("--devices", help="number of devices (DDP when > 1)")
-    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--num-nodes", type=int, help="number of machines (multi-node DDP)")
     p.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads (none: torch's choice)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the representation (energy training only)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--energy-unit", help="unit of energies in a data file without unit metadata")
-    p.add_argument("--length-unit", help="unit of lengths in a data file without unit metadata")
+    p.add_argument("--seed", type=int, help="seed of the split, the initial weights and the "
+                                            "batch order (ensemble member k: seed + k)")
+    p.add_argument("--energy-unit", help="unit of energies in a data file without unit metadata "
+                                         "(eV, meV, hartree, kcal/mol, kJ/mol)")
+    p.add_argument("--length-unit", help="unit of lengths in a data file without unit metadata "
+                                         "(Angstrom, bohr, nm)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.ckpt")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in a non-empty OUT (else it is refused)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="fine-tune: start from this saved model's weights and statistics "
+                        "(its architecture replaces the config's)")
+    p.add_argument("--refit-statistics", action="store_true", default=None,
+                   help="with --init-from: refit atom references and shift/scale on the new "
+                        "training split (default: keep the model's)")
+    p.add_argument("--freeze-representation", action="store_true", default=None,
+                   help="train the output head only; the representation keeps its weights")
+    p.add_argument("--ensemble", type=int, metavar="K",
+                   help="train K models with seeds seed..seed+K-1 on one split, into "
+                        "OUT/model_0..model_K-1 (+ OUT/ensemble.json)")
     p.set_defaults(func=run_train)
 
 
@@ -104,6 +149,10 @@ def config_from_args(args):
         config = preset("qm9-u0-dtnn")
     else:
         config = preset("qm9-u0-schnet") if (args.data in (None, "qm9")) else TrainConfig()
+    if args.init_from and not args.target:  # fine-tuning: the saved model's target
+        from .models.io import model_folder, read_config
+
+        config = config.updated(target=read_config(model_folder(args.init_from))["model"]["target"])
     if args.model and args.model != config.model.representation:
         base = "md17" if config.forces else "qm9-u0"
         switched = preset(f"{base}-{args.model}")
@@ -115,7 +164,7 @@ def config_from_args(args):
         "data", "target", "forces", "rho", "stress", "stress_weight", "n_train", "n_val", "n_test", "max_structures",
         "batch_size", "lr", "max_epochs", "max_minutes", "ema_decay", "early_stopping_patience",
         "device", "num_nodes", "strategy", "threads", "compile", "seed", "energy_unit",
-        "length_unit", "out")}
+        "length_unit", "out", "init_from", "refit_statistics", "freeze_representation")}
     overrides["devices"] = devices
     if args.no_progress:
         overrides["progress"] = False
@@ -126,6 +175,18 @@ def run_train(args) -> int:
     from .training.train import train
 
     config = config_from_args(args)
+    if args.ensemble:
+        from .training.ensemble import train_ensemble
+
+        if args.resume:
+            raise ValueError("--resume and --ensemble: resume each member as its own run")
+        members = train_ensemble(config, args.ensemble)
+        print(f"ensemble of {len(members)} models saved in {Path(config.out)} "
+              f"(model_0 .. model_{len(members) - 1}, ensemble.json)")
+        for k, metrics in enumerate(members):
+            print(f"model_{k}:")
+            _print_metrics(metrics, config.target, metrics.get("unit", ""))
+        return 0
     metrics = train(config, resume=args.resume, overwrite=args.overwrite)
     if metrics:
         print(f"model saved in {Path(config.out) / 'model'}")
@@ -180,12 +241,20 @@ def run_evaluate(args) -> int:
 
 # --------------------------------------------------------------------------- predict
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="predict for structures in any ASE-readable file")
-    p.add_argument("model")
-    p.add_argument("file", help="xyz, extxyz, ASE db, ... (anything ase.io.read reads)")
+    p = sub.add_parser(
+        "predict", help="predict for structures in any ASE-readable file",
+        description="Predict with one model, or with an ensemble (several models, or a folder "
+                    "written by 'atomlens train --ensemble K': mean and spread). Predictions "
+                    "are stored under their own keys (atomlens_<target>, "
+                    "atomlens_atomic_<target>, atomlens_forces, and *_std for ensembles), so "
+                    "reference values in the input file are kept beside them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", nargs="+",
+                   help="model folder(s), training output folder(s) or an ensemble folder")
+    p.add_argument("file", help="xyz, extxyz, ASE db, traj, ... (anything ase.io.read reads)")
     p.add_argument("--index", default=":", help="which frames (ASE index syntax)")
-    p.add_argument("--forces", action="store_true", help="also predict forces")
-    p.add_argument("--out", help="write results as extxyz (per-atom contributions as arrays)")
+    p.add_argument("--forces", action="store_true", help="also predict forces (eV/Angstrom)")
+    p.add_argument("--out", help="write the structures with the predictions as extxyz")
     p.add_argument("--allow-unknown-elements", action="store_true",
                    help="predict for elements the model was not trained on (a warning)")
     p.set_defaults(func=run_predict)
@@ -209,43 +278,71 @@ def read_structures(path: str, index: str = ":"):
     return frames
 
 
+#: prefix of every value ``atomlens predict`` stores in a structure (info / arrays keys)
+PREDICTION_PREFIX = "atomlens_"
+
+
 def run_predict(args) -> int:
     from .data.dataset import dataset_from_atoms
-    from .models.io import load_model, model_folder, read_config
+    from .ensemble import load_ensemble, predict_ensemble
 
-    folder = model_folder(args.model)
-    model = load_model(folder)
-    unit = read_config(folder)["model"].get("unit", "")
+    models = load_ensemble(args.model)
+    model, unit = models[0], models[0].config.unit
     frames = read_structures(args.file, args.index)
-    dataset_from_atoms(frames, source=args.file)  # validates before any output is written
-    out = model.predict(frames, forces=args.forces,
-                        allow_unknown_elements=args.allow_unknown_elements)
+    dataset_from_atoms(frames, source=args.file, targets=False)  # validate before any output
+    if len(models) == 1:
+        out = model.predict(frames, forces=args.forces,
+                            allow_unknown_elements=args.allow_unknown_elements)
+    else:
+        out = predict_ensemble(models, frames, forces=args.forces,
+                               allow_unknown_elements=args.allow_unknown_elements)
+    target, std = model.target, len(models) > 1
     charges = "charges" in out  # a dipole model: per-atom partial charges (e)
+    print(f"{'ensemble of ' + str(len(models)) + ' models' if std else 'model'}: {target} in "
+          f"{unit}" + (" (mean ± standard deviation of the members)" if std else ""))
     start = 0
     for k, atoms in enumerate(frames):
         n = len(atoms)
-        atomic = out["atomic"][start:start + n]
-        print(f"structure {k} ({atoms.get_chemical_formula()}): {model.target} = "
-              f"{out[model.target][k]:.6f} {unit}")
+        rows = slice(start, start + n)
+        spread = f" ± {out[f'{target}_std'][k]:.6f}" if std else ""
+        print(f"structure {k} ({atoms.get_chemical_formula()}): {target} = "
+              f"{out[target][k]:.6f}{spread} {unit}")
         if charges:
             print(f"    dipole ({unit}): {np.array2string(out['dipole'][k], precision=6)}")
-            print("    el  q (e)")
-        for symbol, value in zip(atoms.get_chemical_symbols(), atomic):
-            print(f"    {symbol:>2} {value: .6f}")
-        atoms.info[model.target] = float(out[model.target][k])
-        if charges:
-            atoms.arrays["predicted_charges"] = atomic
-            atoms.info["predicted_dipole"] = out["dipole"][k]
-        else:
-            atoms.arrays[f"atomic_{model.target}"] = atomic
+        column = "partial charge q (e)" if charges else f"atomic {target} ({unit})"
+        header = f"    {'atom':>4} {'el':>2} {column:>20}"
         if args.forces:
-            atoms.arrays["predicted_forces"] = out["forces"][start:start + n]
+            header += f"  {'F_x':>10} {'F_y':>10} {'F_z':>10} ({unit}/Angstrom)"
+        print(header)
+        for a, symbol in enumerate(atoms.get_chemical_symbols()):
+            line = f"    {a:>4} {symbol:>2} {out['atomic'][start + a]:>20.6f}"
+            if args.forces:
+                line += "  " + " ".join(f"{f:>10.6f}" for f in out["forces"][start + a])
+            print(line)
+        # own keys: the file's reference values (info, arrays, calculator) stay as they are
+        store = {target: out[target][k]}
+        names = ({"charges" if charges else f"atomic_{target}": "atomic"}
+                 | ({"forces": "forces"} if args.forces else {}))
+        if charges:  # the dipole vector (debye) beside its norm
+            atoms.info[PREDICTION_PREFIX + "dipole"] = np.round(out["dipole"][k], 6)
+        if std:
+            store[f"{target}_std"] = out[f"{target}_std"][k]
+            names |= {f"{name}_std": f"{key}_std" for name, key in names.items()}
+        arrays = {name: out[key][rows] for name, key in names.items()}
+        for key, value in store.items():
+            atoms.info[PREDICTION_PREFIX + key] = round(float(value), 6)
+        for key, value in arrays.items():
+            atoms.arrays[PREDICTION_PREFIX + key] = np.asarray(value, dtype=np.float64)
         start += n
     if args.out:
         import ase.io
 
-        ase.io.write(args.out, frames, format="extxyz")
-        print(f"written {args.out}")
+        from .fileio import atomic_file
+
+        with atomic_file(args.out) as tmp:
+            ase.io.write(tmp, frames, format="extxyz")
+        print(f"written {args.out} (predictions under atomlens_* keys, {unit}, "
+              f"{unit}/Angstrom)")
     return 0
 
 
@@ -292,7 +389,7 @@ def run_demo(args) -> int:
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="atomlens", description="Deep learning for quantum chemistry you can look inside.")
@@ -308,12 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before any heavy import: --help stays fast
+    from ._optional import MissingExtra
     from .data.dataset import DataError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, OSError, ValueError) as err:  # OSError: missing, unreadable, read-only
+    except (DataError, OSError, ValueError, MissingExtra) as err:  # OSError: missing, unreadable
         print(f"atomlens {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -15,13 +15,6 @@ import csv
 import json
 from pathlib import Path
 
-import torch
-
-from .explain import METHODS, explain, fit_patterns, perturbation_curve
-from .explain.digits import accuracy, load_digits_data, load_model, save_model, train_digits_cnn
-from .explain.figures import explanation_grid
-from .explain.quality import ESTIMATORS, quality_table
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``explain`` subcommand on an argparse ``subparsers`` object."""
@@ -71,6 +64,20 @@ def _print_table(title: str, rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the digits study; returns the exit code."""
+    # imported here: `atomlens --help` must not pay for torch and matplotlib
+    import torch
+
+    from .explain import METHODS, explain, fit_patterns, perturbation_curve
+    from .explain.digits import (
+        accuracy,
+        load_digits_data,
+        load_model,
+        save_model,
+        train_digits_cnn,
+    )
+    from .explain.figures import explanation_grid
+    from .explain.quality import ESTIMATORS, quality_table
+
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     images = data.x_test[: args.n_images]
     figure = {name: explain(model, images, name, patterns=patterns) for name in METHODS}
     labels = [f"label {int(y)}" for y in data.y_test[: args.n_images]]
-    explanation_grid(images, figure, out / "explanations.png", labels)
+    with torch.no_grad():
+        predicted = model(images).argmax(1).tolist()
+    explanation_grid(images, figure, out / "explanations.png", labels, predicted)
 
     quality = quality_table(model, data.x_train[: args.n_quality], patterns)
     _write_table(quality, out / "quality")

@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
     a.add_argument("structures", help="ASE-readable file or qm9:N")
     a.add_argument("--index", default=":", help="which frames of the file (ASE index syntax)")
     a.add_argument("--out", help="PNG of the molecule coloured by E_i - atomref[Z_i] "
-                                 "(several structures: OUT_<k>.png)")
+                                 "(several structures: OUT_<k>.png), and beside it OUT.html: "
+                                 "an interactive 3D view of all structures (offline)")
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a.add_argument("--charges", metavar="DIPOLE_MODEL",
                    help="a dipole model (trained on QM9 mu): its partial charges q_i beside E_i")
@@ -46,11 +47,12 @@ def add_parser(subparsers) -> None:
                    help="shift the plane along its normal (Angstrom)")
     m.add_argument("--spacing", type=float, default=0.1, help="2D grid spacing (Angstrom)")
     m.add_argument("--padding", type=float, default=3.0, help="margin around the atoms (Angstrom)")
-    m.add_argument("--reference", default="none", choices=["none", "atomref", "isolated"],
-                   help="zero of the energy: none (Omega incl. atomref and shift), atomref "
-                        "(Omega - atomref[A]), isolated (Omega - Omega of the lone probe atom)")
+    m.add_argument("--reference", default="isolated", choices=["none", "atomref", "isolated"],
+                   help="zero of the energy: isolated (Omega - Omega of the lone probe atom: "
+                        "the probe's interaction with the molecule, default), atomref "
+                        "(Omega - atomref[A]), none (Omega incl. atomref and shift)")
     m.add_argument("--out", help="PNG contour plot (default: potential_<probe>.png)")
-    m.add_argument("--cube", help="also write a 3D Gaussian cube file")
+    m.add_argument("--cube", help="also write a 3D Gaussian cube file (hartree, bohr)")
     m.add_argument("--cube-spacing", type=float, default=0.2, help="3D grid spacing (Angstrom)")
     m.add_argument("--chunk-size", type=int, default=2048, help="probe points per forward pass")
     _add_dtype(m)
@@ -154,12 +156,23 @@ def run_atomic_energies(args) -> int:
     else:
         print("\n\n".join(t.table(unit) for t in tables))
     if args.out:
+        from .insight.plots import to_milli
+        from .insight.viewer import write_viewer
+
         out = Path(args.out)
         for k, t in enumerate(tables):
             path = out if len(tables) == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}")
             atomic_energy_plot(t.numbers, t.positions, t.relative, path, unit=unit,
                                title=f"{t.formula}: atomic energies E_i - atomref[Z_i]")
             print(f"figure: {path}")
+        properties = []
+        for t in tables:
+            relative, small_unit = to_milli(t.relative, unit)
+            properties.append({"E_i - atomref[Z_i]": (relative, small_unit),
+                               "E_i": (t.energies, unit)})
+        view = write_viewer(out.with_suffix(".html"), frames, properties,
+                            title="atomlens atomic energies")
+        print(f"interactive 3D view: {view}")
     return 0
 
 

@@ -6,16 +6,19 @@
                Martyna-Tobias-Klein integrator (Nose-Hoover chains for T, an MTK barostat
                for the volume), driven by the model's stress
 
-Velocities start from a Maxwell-Boltzmann distribution with zero total momentum (NVE: and
-zero angular momentum), rescaled so that the kinetic temperature over the degrees of freedom
-left is exactly ``temperature_K`` (unless ``initialize_velocities=False`` keeps the atoms'
-own): 3n - 6 for NVE (3n - 5 for a linear molecule), where both momenta stay zero, and 3n - 3
-for Langevin, whose noise moves the rotation but not the fixed centre of mass. (Removing the
-momenta while keeping, on average, the kinetic energy of 3n degrees of freedom, as before 0.3,
-started 3n/(3n - 3) hot: ethanol 12.5 %.) The trajectory goes to an ASE ``.traj`` file or
-to extxyz (any other suffix), with the model's energy and forces on every stored frame; a CSV
-log records time (fs), E_pot, E_kin, E_tot (eV) and the kinetic temperature T (K) over the
-same degrees of freedom, see :func:`kinetic_temperature` and :func:`degrees_of_freedom`.
+Velocities start from a Maxwell-Boltzmann distribution with zero total momentum (NVE of a
+molecule: and zero angular momentum), rescaled so that the kinetic temperature over the
+degrees of freedom left is exactly ``temperature_K`` (unless ``initialize_velocities=False``
+keeps the atoms' own): 3n - 6 for NVE of a molecule (3n - 5 for a linear one), where both
+momenta stay zero, and 3n - 3 for Langevin, whose noise moves the rotation but not the fixed
+centre of mass, and for periodic cells. (Removing the momenta while keeping, on average, the
+kinetic energy of 3n degrees of freedom, as before 0.3, started 3n/(3n - 3) hot: ethanol
+12.5 %.) The trajectory goes to an ASE ``.traj`` file or to extxyz (any other suffix), with
+the model's energy and forces on every stored frame; a CSV log records time (fs), E_pot,
+E_kin, E_tot (eV) and the kinetic temperature T (K) over the same degrees of freedom, see
+:func:`kinetic_temperature` and :func:`degrees_of_freedom`, and the volume of a cell. With an
+ensemble (an :class:`~atomlens.ensemble.EnsembleCalculator`, or an ensemble folder) the log
+also records the members' spread: ``energy_std_eV`` and ``max_force_std_eV_A``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from ase import units as ase_units
 
 LOG_COLUMNS = ("time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K")
 ENSEMBLES = ("nve", "langevin", "npt")
+#: logged in addition when the calculator is an ensemble (its uncertainty)
+SPREAD_COLUMNS = ("energy_std_eV", "max_force_std_eV_A")
 
 
 def degrees_of_freedom(atoms, rotation_removed: bool = False) -> int:
@@ -62,10 +67,16 @@ class MDLog:
     temperature: list[float] = field(default_factory=list)
     #: cell volume (Angstrom^3) of periodic systems; empty for molecules
     volume: list[float] = field(default_factory=list)
+    #: ensembles only: spread of the members' energy (eV) and largest per-atom force
+    #: spread (eV/Angstrom)
+    energy_std: list[float] = field(default_factory=list)
+    max_force_std: list[float] = field(default_factory=list)
 
     def arrays(self) -> dict[str, np.ndarray]:
+        names = LOG_COLUMNS + (SPREAD_COLUMNS if self.energy_std else ())
         out = {name: np.asarray(getattr(self, attr)) for name, attr in zip(
-            LOG_COLUMNS, ("time_fs", "epot", "ekin", "etot", "temperature"))}
+            names, ("time_fs", "epot", "ekin", "etot", "temperature", "energy_std",
+                    "max_force_std"))}
         if self.volume:
             out["volume_A3"] = np.asarray(self.volume)
         return out
@@ -83,7 +94,12 @@ def _calculator(model_or_calc, device, dtype, compile=False, allow_unknown_eleme
     if isinstance(model_or_calc, BaseCalculator):
         return model_or_calc
     from .calculator import Calculator
+    from .ensemble import MANIFEST, EnsembleCalculator
 
+    if isinstance(model_or_calc, (list, tuple)) or (
+            isinstance(model_or_calc, (str, os.PathLike)) and (Path(model_or_calc) / MANIFEST).is_file()):
+        return EnsembleCalculator(model_or_calc, device=device, dtype=dtype, compile=compile,
+                                  allow_unknown_elements=allow_unknown_elements)
     return Calculator(model_or_calc, device=device, dtype=dtype, compile=compile,
                       allow_unknown_elements=allow_unknown_elements)
 
@@ -119,8 +135,9 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     """Run molecular dynamics of ``atoms`` (changed in place) with an atomlens model.
 
     Args:
-        model_or_calc: an :class:`~atomlens.models.AtomisticModel`, a saved model folder, or
-            an ASE calculator (e.g. an :class:`atomlens.Calculator` already set up).
+        model_or_calc: an :class:`~atomlens.models.AtomisticModel`, a saved model folder, an
+            ensemble folder or list of models (-> :class:`~atomlens.ensemble.EnsembleCalculator`,
+            whose spread is logged), or an ASE calculator (e.g. an :class:`atomlens.Calculator`).
         atoms: ASE ``Atoms`` of one molecule or one periodic cell (positions in Angstrom).
         ensemble: ``"nve"`` (velocity Verlet), ``"langevin"`` (NVT, thermostat at
             ``temperature_K``) or ``"npt"`` (periodic cells: temperature and pressure
@@ -206,6 +223,7 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
 
     log = MDLog()
     periodic = bool(atoms.pbc.all())
+    spread = "energy_std" in getattr(atoms.calc, "implemented_properties", ())
     # outputs are written to temporary files beside their names and renamed at the end, so
     # a failed run never truncates the results of an earlier one
     outputs = {Path(p): _temporary(Path(p)) for p in (trajectory, logfile) if p is not None}
@@ -214,15 +232,20 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     if logfile is not None:
         handle = stack.enter_context(open(outputs[Path(logfile)], "w", newline=""))  # noqa: SIM115
         writer = csv.writer(handle)
-        writer.writerow(LOG_COLUMNS + (("volume_A3",) if periodic else ()))
+        writer.writerow(LOG_COLUMNS + (SPREAD_COLUMNS if spread else ())
+                        + (("volume_A3",) if periodic else ()))
 
     def record() -> None:
         epot = atoms.get_potential_energy()  # cached from the step's force call
         ekin = atoms.get_kinetic_energy()
         row = (dyn.nsteps * timestep_fs, epot, ekin, epot + ekin,
                kinetic_temperature(atoms, n_dof))
-        for values, value in zip((log.time_fs, log.epot, log.ekin, log.etot, log.temperature),
-                                 row):
+        columns = [log.time_fs, log.epot, log.ekin, log.etot, log.temperature]
+        if spread:  # cached with the step's forces
+            row += (atoms.calc.get_property("energy_std", atoms),
+                    atoms.calc.get_property("max_force_std", atoms))
+            columns += [log.energy_std, log.max_force_std]
+        for values, value in zip(columns, row):
             values.append(float(value))
         if periodic:
             log.volume.append(float(atoms.get_volume()))

@@ -523,15 +523,29 @@ def _looks_per_atom(values: np.ndarray, n_structures: int, n_atoms: int) -> bool
     return values.shape[0] == n_atoms and (values.ndim > 1 or n_structures != n_atoms)
 
 
-def dataset_from_atoms(atoms_list, source: str = "<atoms>") -> PackedDataset:
-    """Pack ASE Atoms objects (validated: elements, NaN, overlaps, cells) without targets.
+def dataset_from_atoms(atoms_list, source: str = "<atoms>", energy_unit: str = "eV",
+                       length_unit: str = "Angstrom", force_unit: str | None = None,
+                       energy_key: str = "energy", forces_key: str = "forces",
+                       targets: bool = True, stress_key: str = "stress") -> PackedDataset:
+    """Pack ASE ``Atoms`` (validated: elements, NaN, overlaps, cells) with their energies,
+    forces and stress.
 
-    Periodic ``Atoms`` keep their cell and pbc; non-periodic ones are molecules.
+    Energies, forces and stress come from each structure's calculator results (e.g. a
+    ``SinglePointCalculator``, as ASE's extxyz and db readers leave them), else from
+    ``atoms.info[energy_key]``, ``atoms.arrays[forces_key]`` and ``atoms.info[stress_key]``,
+    in the declared units (``force_unit`` defaults to ``energy_unit/length_unit``, stress is
+    ``energy_unit/length_unit^3``), and are stored as targets ``energy`` (eV), ``forces``
+    (eV/Angstrom) and ``stress`` (eV/Angstrom^3) when every structure has them. Periodic
+    ``Atoms`` keep their cell and pbc. Ready for ``atomlens.training.train_model(config,
+    data=...)``. ``targets=False`` packs the geometry only (positions still converted from
+    ``length_unit``).
     """
+    from .sources.ase_files import pack_frames
+
     if not isinstance(atoms_list, (list, tuple)):
         atoms_list = [atoms_list]
-    periodic = any(a.pbc.any() for a in atoms_list)
-    return PackedDataset.from_structures(
-        [(a.get_atomic_numbers(), a.get_positions()) for a in atoms_list], source=source,
-        cells=[a.cell.array for a in atoms_list] if periodic else None,
-        pbc=[a.pbc for a in atoms_list] if periodic else None)
+    if len(atoms_list) == 0:
+        raise DataError(f"{source}: the dataset is empty")
+    keys = (energy_key, forces_key, stress_key) if targets else (None, None, None)
+    return pack_frames(list(atoms_list), source, *keys, energy_unit=energy_unit,
+                       length_unit=length_unit, force_unit=force_unit)

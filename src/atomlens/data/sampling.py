@@ -23,6 +23,7 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
 from .. import units
+from .._optional import require
 from .dataset import DataError, PackedDataset
 
 
@@ -50,6 +51,7 @@ def make_calculator(method: str = "gfn2", charge: int = 0, multiplicity: int = 1
     """
     method = method.lower()
     if method in ("gfn2", "gfn2-xtb", "gfn1", "gfn1-xtb"):
+        require("tblite.ase", f"the {method} calculator")
         from tblite.ase import TBLite
 
         name = "GFN2-xTB" if method.startswith("gfn2") else "GFN1-xTB"
@@ -98,6 +100,8 @@ class PySCFCalculator(Calculator):
 def molecule_from_smiles(smiles: str, seed: int = 0):
     """An :class:`ase.Atoms` with hydrogens from RDKit ETKDGv3 embedding + MMFF94 (Angstrom)."""
     from ase import Atoms
+
+    require("rdkit.Chem", "a structure from SMILES")
     from rdkit import Chem
     from rdkit.Chem import AllChem
 

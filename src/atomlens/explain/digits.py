@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .._optional import require
+
 
 def digits_cnn() -> nn.Sequential:
     """The untrained digits CNN (an ``nn.Sequential``, so BatchNorm can be folded)."""
@@ -45,6 +47,7 @@ class Digits:
 
 def load_digits_data(test_fraction: float = 0.2, seed: int = 0) -> Digits:
     """The 1,797 digits, shuffled with ``seed`` and split."""
+    require("sklearn.datasets", "the 8x8 digits data set")
     from sklearn.datasets import load_digits
 
     data = load_digits()

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._optional import require
+
 #: bonded when d < BOND_SCALE * (r_cov(a) + r_cov(b))
 BOND_SCALE = 1.2
 
@@ -63,6 +65,7 @@ def match_smiles(smiles: str, numbers: np.ndarray, positions: np.ndarray):
     graph does not match the SMILES."""
     import networkx as nx
     from networkx.algorithms.isomorphism import GraphMatcher
+    require("rdkit.Chem", "the ring analysis")
     from rdkit import Chem, RDLogger
 
     RDLogger.DisableLog("rdApp.*")
@@ -163,6 +166,7 @@ def find_rings(smiles: str, numbers: np.ndarray, positions: np.ndarray,
 
 def has_rings(smiles: np.ndarray, sizes: tuple[int, ...] = (5, 6)) -> np.ndarray:
     """Boolean mask: which SMILES have a ring of one of ``sizes`` (no geometry needed)."""
+    require("rdkit.Chem", "the ring analysis")
     from rdkit import Chem, RDLogger
 
     RDLogger.DisableLog("rdApp.*")

@@ -20,9 +20,9 @@ from torch import nn
 from ..data.batch import Batch, Pairs
 from ..nn import activation, scatter_sum
 from ..nn.geometry import apply_strain, cell_volume
-from . import dtnn, schnet  # noqa: F401 (register the built-in representations)
-from .base import REPRESENTATIONS
+from .base import representation_class
 from .dipole import DipoleMoment
+from .prediction import Prediction
 
 
 @dataclass
@@ -55,19 +55,18 @@ class ModelConfig:
 
 
 class AtomisticModel(nn.Module):
-    """A molecular property model speaking the :class:`~atomlens.data.Batch` structure."""
+    """A property model of molecules and periodic structures speaking the
+    :class:`~atomlens.data.Batch` structure."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.representation not in REPRESENTATIONS:
-            raise ValueError(f"unknown representation {config.representation!r}; "
-                             f"known: {sorted(REPRESENTATIONS)}")
+        representation = representation_class(config.representation)
         if config.aggregation not in ("sum", "mean"):
             raise ValueError(f"aggregation must be 'sum' or 'mean', not {config.aggregation!r}")
         if config.output not in ("scalar", "dipole"):
             raise ValueError(f"output must be 'scalar' or 'dipole', not {config.output!r}")
         kwargs = dict(config.representation_kwargs, max_z=config.max_z)
-        self.representation = REPRESENTATIONS[config.representation](**kwargs)
+        self.representation = representation(**kwargs)
         # the saved config names every setting the model was built with, defaults included
         # (so a later change of a default cannot change a saved model)
         built = {k: v for k, v in vars(self.representation).items() if k in _init_names(
@@ -128,7 +127,10 @@ class AtomisticModel(nn.Module):
 
         ``batch`` is a :class:`~atomlens.data.Batch`, or ASE ``Atoms`` (one or a list,
         periodic or not). Stress (eV/Angstrom^3, ASE's sign) needs periodic structures; it
-        is zero for structures without periodic directions.
+        is zero for structures without periodic directions. The low-level, differentiable
+        call: tensors in the model's dtype (float32 unless converted) and unit, attached to
+        the autograd graph when gradients are on (as training needs). For numbers to read or
+        store, use :meth:`predict`.
         """
         if not isinstance(batch, Batch):
             batch = self.batch_from_atoms(batch)
@@ -165,13 +167,14 @@ class AtomisticModel(nn.Module):
 
 
     def predict(self, atoms, forces: bool = False, stress: bool = False,
-                allow_unknown_elements: bool = False) -> dict:
-        """Predict for one ASE ``Atoms`` or a list of them; returns numpy arrays.
+                allow_unknown_elements: bool = False) -> Prediction:
+        """Predict for one ASE ``Atoms`` or a list of them: plain float64 numpy arrays.
 
         ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3),
-        "stress": (n_structures, 3, 3)}`` in the model's units (eV, eV/Angstrom,
-        eV/Angstrom^3 for energy models). Periodic ``Atoms`` keep their cell. Elements
-        absent from the training data are refused (a warning with
+        "stress": (n_structures, 3, 3)}`` in the model's units, named in ``result.units``
+        (eV, eV/Angstrom, eV/Angstrom^3 for energy models); the atomic contributions sum to
+        the target (extensive models). Periodic ``Atoms`` keep their cell. No autograd
+        graph. Elements absent from the training data are refused (a warning with
         ``allow_unknown_elements``); non-finite outputs are an error (see
         :mod:`atomlens.models.guards`).
         """
@@ -181,7 +184,13 @@ class AtomisticModel(nn.Module):
         check_elements(self, batch.numbers.cpu().numpy(), allow_unknown_elements)
         with torch.set_grad_enabled(forces or stress):
             out = self(batch, forces=forces, stress=stress)
-        out = {k: v.detach().cpu().numpy() for k, v in out.items()}
+        unit = self.config.unit
+        units = {self.target: unit, "atomic": unit, "forces": f"{unit}/Angstrom",
+                 "stress": f"{unit}/Angstrom^3", "dipole": unit, "charges": "e"}
+        if self.dipole is not None:
+            units["atomic"] = "e"  # a dipole model's atomic parts are partial charges
+        out = Prediction({k: v.detach().cpu().double().numpy() for k, v in out.items()},
+                         {k: units[k] for k in out})
         check_finite(out)
         return out
 
@@ -189,7 +198,7 @@ class AtomisticModel(nn.Module):
         """A validated batch of ASE ``Atoms`` (cells and pbc kept) on this model's device."""
         from ..data.dataset import dataset_from_atoms
 
-        data = dataset_from_atoms(atoms)
+        data = dataset_from_atoms(atoms, targets=False)
         p = next(self.parameters())
         return data.batch(range(len(data)), self.cutoff, p.dtype).to(p.device)
 

@@ -19,7 +19,8 @@ __all__ = ["LN2", "CosineCutoff", "GaussianRBF", "ShiftedSoftplus", "activation"
 
 def shifted_softplus(x: torch.Tensor) -> torch.Tensor:
     """ssp(x) = ln(0.5 e^x + 0.5) = softplus(x) - ln 2, so that ssp(0) = 0."""
-    return nn.functional.softplus(x) - LN2
+    # ln 2 as a literal (== LN2): TorchScript cannot read a module-level float
+    return nn.functional.softplus(x) - 0.6931471805599453
 
 
 class ShiftedSoftplus(nn.Module):

@@ -1,8 +1,15 @@
-"""Training: configuration and presets, the Lightning task, orchestration and evaluation."""
+"""Training: configuration and presets, the Lightning task, orchestration and evaluation.
 
+``train_model(config)`` trains one model (the function ``atomlens.training.train.train``);
+``atomlens.training.train`` is the module, so that ``import atomlens.training.train`` and
+its helpers (``load_dataset``, ``fit_statistics``) stay reachable.
+"""
+
+from . import train
 from .config import PRESETS, TrainConfig, load_config, preset
+from .ensemble import train_ensemble
 from .evaluate import evaluate, predict_dataset
-from .train import train
+from .train import train as train_model
 
 __all__ = [
            "PRESETS",
@@ -12,4 +19,6 @@ __all__ = [
            "predict_dataset",
            "preset",
            "train",
+           "train_ensemble",
+           "train_model",
 ]

@@ -65,6 +65,13 @@ class TrainConfig:
     num_workers: int = 0
     out: str = "runs/model"
     progress: bool = True
+    #: fine-tuning: start from this saved model (folder) instead of a new one; its
+    #: architecture replaces ``model`` and its statistics are kept unless refit
+    init_from: str | None = None
+    #: refit the atom references and shift/scale on the new training split
+    refit_statistics: bool = False
+    #: train the output head only (the representation's weights stay as loaded)
+    freeze_representation: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
@@ -93,6 +100,8 @@ class TrainConfig:
                 continue
             if key.startswith("model."):
                 d["model"][key[6:]] = value
+            elif key == "model":  # a whole ModelConfig (or its dict)
+                d["model"] = value.to_dict() if isinstance(value, ModelConfig) else dict(value)
             else:
                 d[key] = value
         return TrainConfig.from_dict(d)

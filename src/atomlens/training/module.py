@@ -99,7 +99,9 @@ class AtomisticTask(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        # frozen parameters (fine-tuning the head only) stay out of the optimiser
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=self.lr)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=self.lr_factor, patience=self.lr_patience, min_lr=self.lr_min)
         return {"optimizer": optimizer,

@@ -5,7 +5,7 @@ The output folder ``config.out`` holds
 * ``split.npz``           the split (written first, reused on ``resume``)
 * ``train_config.yaml``   the full training configuration
 * ``checkpoints/``        Lightning checkpoints (``last.ckpt`` for resuming a killed run)
-* ``logs/``               CSV metrics; ``tb/`` TensorBoard event files
+* ``logs/``               CSV metrics; ``tb/`` TensorBoard event files (with ``atomlens[tensorboard]``)
 * ``model/``              the final model (config.json + model.safetensors + split.npz)
 * ``metrics.json``        test metrics of the final model
 """
@@ -32,7 +32,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from ..data.dataset import DataError, PackedDataset, make_loader
 from ..data.splits import load_split, random_split, save_split
 from ..data.statistics import fit_atomrefs, residual_stats
-from ..models.io import save_model
+from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
 from . import run_folder
 from .config import TrainConfig, save_config
@@ -94,6 +94,23 @@ def fit_statistics(model: AtomisticModel, data: PackedDataset, train_idx: np.nda
     model.set_statistics(atomref, shift=mean, scale=std if std > 0 else 1.0)
 
 
+def initial_model(config: TrainConfig, data: PackedDataset) -> AtomisticModel:
+    """The saved model ``config.init_from`` to fine-tune, checked against the data.
+
+    Its architecture, weights and fitted statistics (atom references, shift, scale) are
+    kept; ``config.refit_statistics`` refits the statistics on the new training split.
+    """
+    model = load_model(config.init_from).float().train()
+    if model.target != config.target:
+        raise ValueError(f"{config.init_from}: the model predicts {model.target!r}, the "
+                         f"training target is {config.target!r}")
+    unit = data.units.get(config.target, model.config.unit)
+    if unit != model.config.unit:
+        raise ValueError(f"{config.init_from}: the model predicts {model.config.unit}, "
+                         f"the data {config.target!r} is in {unit}")
+    return model
+
+
 def refit_offset(model: AtomisticModel, data: PackedDataset, train_idx: np.ndarray,
                  batch_size: int = 100) -> float:
     """Least-squares per-atom offset of an extensive model on the training split.
@@ -150,22 +167,26 @@ def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[st
 
 
 def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None = None,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, split: dict[str, np.ndarray] | None = None) -> dict:
     """Train a model as ``config`` says; returns the test metrics (internal units).
 
     With ``resume=True`` a run killed half-way goes on from ``checkpoints/last.ckpt``
     (only if it is the same run: see :mod:`.run_folder`); a folder holding another run is
     refused unless ``overwrite=True``. The folder is locked while the run lasts.
+    ``split`` (train/val/test indices of ``data``) replaces the random split, e.g. one
+    split shared by the members of an ensemble. Fine-tuning: ``config.init_from`` starts
+    from a saved model's weights and statistics (see :func:`initial_model`).
     """
     out = Path(config.out)
     if not run_folder.is_primary_process():  # the primary process guards the folder
-        return _train(config, resume, data)
+        return _train(config, resume, data, split)
     with run_folder.locked(out):
         run_folder.prepare(out, resume, overwrite)
-        return _train(config, resume, data)
+        return _train(config, resume, data, split)
 
 
-def _train(config: TrainConfig, resume: bool, data: PackedDataset | None) -> dict:
+def _train(config: TrainConfig, resume: bool, data: PackedDataset | None,
+           split: dict[str, np.ndarray] | None) -> dict:
     out = Path(config.out)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -173,7 +194,13 @@ def _train(config: TrainConfig, resume: bool, data: PackedDataset | None) -> dic
     data = data if data is not None else load_dataset(config)
     config = adapt_to_data(config, data)
     unit = data.units.get(config.target, "")
-    split = _make_split(config, len(data), out, resume)
+    if config.init_from:
+        model = initial_model(config, data)
+        config = config.updated(model=model.config.to_dict())
+    if split is None:
+        split = _make_split(config, len(data), out, resume)
+    else:
+        save_split(out / "split.npz", split)
     fingerprint = run_folder.fingerprint(config, data, split)
     if run_folder.is_primary_process():
         if resume:
@@ -182,8 +209,14 @@ def _train(config: TrainConfig, resume: bool, data: PackedDataset | None) -> dic
             run_folder.record(out, fingerprint)
         save_config(config, out / "train_config.yaml")
 
-    model = build_model(config.model)
-    fit_statistics(model, data, split["train"])
+    if not config.init_from:
+        model = build_model(config.model)
+        fit_statistics(model, data, split["train"])
+    elif config.refit_statistics:
+        fit_statistics(model, data, split["train"])
+    if config.freeze_representation:
+        # fine-tuning the head only: the representation's weights get no gradient
+        model.representation.requires_grad_(False)
     if config.compile:
         if config.forces:
             raise ValueError("compile: torch.compile does not support the double backward of "
@@ -211,7 +244,7 @@ def _train(config: TrainConfig, resume: bool, data: PackedDataset | None) -> dic
         accelerator=config.device, devices=config.devices, num_nodes=config.num_nodes,
         strategy=config.strategy, precision=config.precision, max_epochs=config.max_epochs,
         max_time=max_time, callbacks=callbacks,
-        logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
+        logger=_loggers(out),
         inference_mode=False, use_distributed_sampler=False, enable_progress_bar=config.progress,
         enable_model_summary=False, check_val_every_n_epoch=config.check_val_every,
         log_every_n_steps=10, default_root_dir=out, deterministic=False)
@@ -243,6 +276,16 @@ def _train(config: TrainConfig, resume: bool, data: PackedDataset | None) -> dic
                              data.atom_index(split["train"])]).tolist()})
     (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=1))
     return metrics
+
+
+def _loggers(out: Path) -> list:
+    """The CSV log always; TensorBoard event files too when tensorboard is installed."""
+    from .._optional import available
+
+    loggers = [CSVLogger(out, name="logs")]
+    if available("tensorboard"):
+        loggers.append(TensorBoardLogger(out, name="tb"))
+    return loggers
 
 
 def _plain(d: dict) -> dict:

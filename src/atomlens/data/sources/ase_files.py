@@ -72,7 +72,7 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
 
     Args:
         path: any file ASE can read (format from the extension unless ``format`` is given).
-        energy_key, forces_key: where energies and forces are stored.
+        energy_key, forces_key, stress_key: where energies, forces and stress are stored.
         energy_unit, length_unit: units of the file, for a file that does not state them
             (if it does, they must agree); forces are in ``energy_unit/length_unit``. A file
             with energies and no energy unit from either side is refused.
@@ -110,18 +110,42 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
             raise ValueError("the file has energies but does not state their unit; declare "
                              "it (energy_unit=..., --energy-unit eV/kcal/mol/hartree/...) "
                              "or store energy_unit in the file")
-        e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
         units.check_force_unit(stated.get("force_unit", f"{energy_unit}/{length_unit}"),
                                energy_unit, length_unit)
     except ValueError as err:
         raise DataError(f"{path}: {err}") from err
+    return pack_frames(frames, str(path), energy_key, forces_key, stress_key, energy_unit,
+                       length_unit, meta={"source_file": path.name})
+
+
+def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energy",
+                forces_key: str | None = "forces", stress_key: str | None = "stress",
+                energy_unit: str = "eV", length_unit: str = "Angstrom",
+                force_unit: str | None = None, meta: dict | None = None) -> PackedDataset:
+    """ASE ``Atoms`` -> :class:`PackedDataset`: energies, forces and stress converted to eV,
+    eV/Angstrom and eV/Angstrom^3; cells and pbc of periodic frames kept.
+
+    Values come from each frame's calculator results (``SinglePointCalculator``), else from
+    ``info[energy_key]`` / ``arrays[forces_key]`` / ``info[stress_key]``; a key of None skips
+    that target. Units are declared: ``energy_unit``, ``length_unit`` and ``force_unit``
+    (default ``energy_unit/length_unit``; stress is ``energy_unit/length_unit^3``). A target
+    is kept when every frame has it; when only some frames have it the data are refused
+    (:class:`DataError` naming the frame).
+    """
+    try:
+        e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
+        f_factor = units.force_factor(force_unit) if force_unit else e_factor / r_factor
+    except ValueError as err:
+        raise DataError(f"{source}: {err}") from err
     structures = [(a.numbers, a.positions * r_factor) for a in frames]
     periodic = any(a.pbc.any() for a in frames)
     targets, target_units = {}, {}
     for key, name, per_atom, factor, unit in (
             (energy_key, "energy", False, e_factor, "eV"),
-            (forces_key, "forces", True, e_factor / r_factor, "eV/Angstrom"),
+            (forces_key, "forces", True, f_factor, "eV/Angstrom"),
             (stress_key, "stress", False, e_factor / r_factor**3, "eV/Angstrom^3")):
+        if key is None:
+            continue
         values = [_value(a, key, per_atom) for a in frames]
         have = [v is not None for v in values]
         if all(have):
@@ -133,19 +157,21 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
                 targets[name] = [float(np.ravel(v)[0]) for v in targets[name]]
             target_units[name] = unit
         elif any(have):
-            raise DataError(f"{path}: frame {have.index(False)} has no {key!r} while others do")
+            raise DataError(f"{source}: frame {have.index(False)} has no {key!r} while others do")
     # scalar info entries that every frame carries (ids, isomer labels, ...) become extras
     extras: dict = {"frame": np.arange(len(frames))}
     common = set(frames[0].info).intersection(*(a.info for a in frames[1:]))
-    for key in sorted(common - {energy_key, *UNIT_KEYS}):
+    for key in sorted(common - {energy_key, stress_key, *UNIT_KEYS}):
         values = [a.info[key] for a in frames]
         if all(isinstance(v, (int, float, str, np.integer, np.floating)) for v in values):
             extras[key] = values
+    source_units = {"energy": energy_unit, "positions": length_unit}
+    if force_unit:
+        source_units["forces"] = force_unit
     return PackedDataset.from_structures(
         structures, targets, target_units, extras,
-        meta={"source_file": path.name,
-              "source_units": {"energy": energy_unit, "positions": length_unit}},
-        source=str(path), per_atom=[k for k in targets if k == "forces"],
+        meta={**(meta or {}), "source_units": source_units}, source=source,
+        per_atom=[k for k in targets if k == "forces"],
         cells=[a.cell.array * r_factor for a in frames] if periodic else None,
         pbc=[a.pbc for a in frames] if periodic else None)
 

@@ -53,6 +53,7 @@ import numpy as np
 from ase.data import atomic_numbers
 
 from ... import units
+from ..._optional import require_installed
 from ..dataset import DataError, PackedDataset
 
 #: number of molecules in the qm9pack CSVs (QM9 minus the 3,054 that fail its consistency check)
@@ -92,9 +93,10 @@ def qm9pack_files() -> list[Path]:
     """Paths of ``qm9_part{1,2,3}.csv`` inside the installed ``qm9pack`` (not imported)."""
     # find_spec locates the package without running its __init__ (which needs pkg_resources);
     # importlib.resources.files("qm9pack") would import it.
+    require_installed("qm9pack", "QM9")
     spec = importlib.util.find_spec("qm9pack")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("QM9: the package 'qm9pack' is not installed (pip install qm9pack)")
+        raise DataError("QM9: the package 'qm9pack' is not a package folder")
     root = Path(next(iter(spec.submodule_search_locations))) / "data"
     files = [root / f"qm9_part{k}.csv" for k in (1, 2, 3)]
     missing = [str(f) for f in files if not f.is_file()]

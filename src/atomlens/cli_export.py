@@ -1,0 +1,32 @@
+"""``atomlens export``: a saved model as one file that runs without atomlens (torch.export)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="write a model's energy-and-forces program as a torch.export file (.pt2)",
+        description="Trace positions (n, 3) Angstrom + atomic numbers (n,) -> energy (eV), "
+                    "forces (eV/Angstrom) into a torch.export file, loadable with plain "
+                    "PyTorch: torch.export.load(PATH).module()(positions, numbers). "
+                    "Any number of atoms >= 2; the model's dtype (float32 unless --float64).")
+    p.add_argument("model", help="model folder (or the training output folder)")
+    p.add_argument("--out", default="model.pt2", help="output file (default model.pt2)")
+    p.add_argument("--float64", action="store_true", help="export in float64")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from .export import export_model
+    from .models.io import load_model
+
+    model = load_model(args.model, dtype=torch.float64 if args.float64 else None)
+    path = export_model(model, args.out)
+    print(f"exported {args.model} -> {path} ({Path(path).stat().st_size / 1e6:.1f} MB); load "
+          f"with torch.export.load({str(path)!r}).module()(positions, numbers) -> "
+          f"(energy eV, forces eV/Angstrom)")
+    return 0

@@ -1,0 +1,144 @@
+"""Fine-tuning from a saved model, ensembles (training, calculator, predict, MD spread)."""
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+from ase.build import molecule
+from helpers import qm9_sample, random_model
+from test_training import tiny_config
+
+from atomlens.calculator import Calculator
+from atomlens.cli import main
+from atomlens.ensemble import EnsembleCalculator, load_ensemble, predict_ensemble
+from atomlens.md import SPREAD_COLUMNS, run_md
+from atomlens.models import load_model, save_model
+from atomlens.training import train_ensemble, train_model
+from atomlens.training.train import fit_statistics
+
+
+@pytest.fixture(scope="module")
+def data():
+    return qm9_sample()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("base")
+    train_model(tiny_config(root, max_epochs=1), data=data)
+    return root / "run" / "model"
+
+
+def test_fine_tune_frozen_representation_keeps_weights_and_statistics(tmp_path, data, base):
+    before = load_model(base)
+    config = tiny_config(tmp_path, max_epochs=2, init_from=str(base), freeze_representation=True,
+                         model={"representation": "dtnn"})  # replaced by the saved model's
+    train_model(config, data=data)
+    after = load_model(tmp_path / "run" / "model")
+    assert after.config.representation == "schnet"
+    for key, value in before.representation.state_dict().items():
+        torch.testing.assert_close(after.representation.state_dict()[key], value, msg=key)
+    assert not torch.equal(after.head[0].weight, before.head[0].weight)  # the head trained
+    torch.testing.assert_close(after.atomref, before.atomref)  # statistics kept
+    assert float(after.scale) == float(before.scale)
+
+
+def test_fine_tune_refits_statistics_on_new_data(tmp_path, data, base):
+    new = data.subset(np.arange(40))
+    new.targets = {"U0": np.asarray(new.targets["U0"]) + 0.5 * new.n_atoms_per}  # 0.5 eV/atom
+    config = tiny_config(tmp_path, max_epochs=1, init_from=str(base), refit_statistics=True,
+                         lr=1e-9)
+    train_model(config, data=new)
+    tuned = load_model(tmp_path / "run" / "model")
+    expected = load_model(base)
+    split = np.load(tmp_path / "run" / "split.npz")
+    fit_statistics(expected, new, split["train"])
+    torch.testing.assert_close(tuned.atomref, expected.atomref)
+    assert not torch.allclose(tuned.atomref, load_model(base).atomref)
+
+
+def test_fine_tune_refuses_another_target(tmp_path, data, base):
+    with pytest.raises(ValueError, match="predicts 'U0'"):
+        train_model(tiny_config(tmp_path, target="U", init_from=str(base)), data=data)
+
+
+def test_train_ensemble_shares_the_split_and_differs_in_seed(tmp_path, data):
+    metrics = train_ensemble(tiny_config(tmp_path, max_epochs=1, seed=5), 2, data=data)
+    assert len(metrics) == 2
+    out = tmp_path / "run"
+    a, b = (np.load(out / f"model_{k}" / "split.npz") for k in (0, 1))
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(a[name], b[name])
+    models = load_ensemble(out)
+    assert len(models) == 2
+    assert not torch.equal(models[0].head[0].weight, models[1].head[0].weight)
+    assert yaml.safe_load((out / "model_1" / "train_config.yaml").read_text())["seed"] == 6
+
+
+def two_energy_models():
+    return [random_model("schnet", seed=s, target="energy") for s in (0, 1)]
+
+
+def test_ensemble_calculator_mean_and_spread():
+    models = two_energy_models()
+    atoms = molecule("CH3OH")
+    singles = [Calculator(m) for m in models]
+    energies = np.array([c.get_potential_energy(atoms) for c in singles])
+    forces = np.stack([c.get_forces(atoms) for c in singles])
+    calc = EnsembleCalculator(models)
+    atoms.calc = calc
+    assert atoms.get_potential_energy() == pytest.approx(energies.mean(), abs=1e-9)
+    # two members: the population standard deviation is half their difference
+    assert calc.get_property("energy_std") == pytest.approx(
+        abs(energies[0] - energies[1]) / 2, abs=1e-9)
+    np.testing.assert_allclose(atoms.get_forces(), forces.mean(0), atol=1e-9)
+    np.testing.assert_allclose(calc.get_property("forces_std"),
+                               np.abs(forces[0] - forces[1]) / 2, atol=1e-9)
+    per_atom = np.linalg.norm(np.abs(forces[0] - forces[1]) / 2, axis=1)
+    assert calc.get_property("max_force_std") == pytest.approx(per_atom.max(), abs=1e-9)
+    out = predict_ensemble(models, [atoms], forces=True)
+    assert out["energy_std"][0] == pytest.approx(calc.get_property("energy_std"), abs=1e-9)
+    with pytest.raises(ValueError, match="at least two"):
+        EnsembleCalculator(models[:1])
+
+
+def test_md_logs_the_ensemble_spread(tmp_path):
+    models = two_energy_models()
+    atoms = molecule("CH3OH")
+    start = [Calculator(m).get_potential_energy(atoms.copy()) for m in models]
+    log = run_md(models, atoms, steps=4, interval=2, logfile=tmp_path / "md.csv",
+                 dtype="float64")
+    table = np.genfromtxt(tmp_path / "md.csv", delimiter=",", names=True)
+    assert set(SPREAD_COLUMNS) <= set(table.dtype.names)
+    assert log.energy_std[0] == pytest.approx(abs(start[0] - start[1]) / 2, abs=1e-8)
+    np.testing.assert_allclose(table["energy_std_eV"], log.energy_std, rtol=1e-8)
+    assert (table["max_force_std_eV_A"] > 0).all()
+
+
+def test_cli_ensemble_train_predict(tmp_path, data, capsys):
+    packed = data.save(tmp_path / "packed")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, data=str(packed), max_epochs=1)
+                                     .to_dict()))
+    assert main(["train", str(config), "--ensemble", "2", "--out", str(tmp_path / "ens")]) == 0
+    assert (tmp_path / "ens" / "ensemble.json").is_file()
+    xyz = tmp_path / "mols.xyz"
+    ase.io.write(xyz, [molecule("CH4"), molecule("H2O")])
+    result = tmp_path / "pred.extxyz"
+    assert main(["predict", str(tmp_path / "ens"), str(xyz), "--out", str(result)]) == 0
+    assert "ensemble of 2 models" in capsys.readouterr().out
+    for atoms in ase.io.read(result, ":"):
+        assert atoms.info["atomlens_U0_std"] >= 0
+        assert atoms.arrays["atomlens_atomic_U0_std"].shape == (len(atoms),)
+    # fine-tuning from the command line, the target taken from the model
+    assert main(["train", "--data", str(packed), "--init-from", str(tmp_path / "ens" / "model_0"),
+                 "--freeze-representation", "--epochs", "1", "--n-train", "20", "--n-val", "10",
+                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "tuned")]) == 0
+    assert load_model(tmp_path / "tuned").target == "U0"
+
+
+def test_ensemble_members_from_paths(tmp_path):
+    for k, model in enumerate(two_energy_models()):
+        save_model(model, tmp_path / f"m{k}")
+    assert len(load_ensemble([tmp_path / "m0", tmp_path / "m1"])) == 2
