@@ -250,7 +250,7 @@ class RelevanceGraph:
 
     def subset_sums(self, subsets: Tensor, chunk: int = 256) -> Tensor:
         """``Z(U)`` (S,): relevance of all walks inside each atom set (rows of ``subsets``)."""
-        out = []
+        out = [self.head_bias.new_zeros(0)]
         for start in range(0, subsets.shape[0], chunk):
             sub = subsets[start : start + chunk]
             c = self.inputs[sub]
@@ -296,19 +296,31 @@ class RelevanceGraph:
         return walks, (self.head[last] * c).sum(1) + constant * self.head_bias[last]
 
 
+def connected_sets(neighbours: Tensor, order: int) -> Tensor:
+    """Atom sets ``(K, order)``, ascending, that walks can visit: single atoms, pairs within the
+    cutoff, triples with at least two such pairs (any other set has a zero n-body term)."""
+    n = neighbours.shape[0]
+    if order == 1:
+        return torch.arange(n)[:, None]
+    if order == 2:
+        return torch.nonzero(torch.triu(neighbours, 1))
+    triples = torch.tensor(list(itertools.combinations(range(n), 3)), dtype=torch.long).reshape(-1, 3)
+    i, j, k = triples.T
+    return triples[(neighbours[i, j].int() + neighbours[i, k].int() + neighbours[j, k].int()) >= 2]
+
+
 def n_body_terms(graph: RelevanceGraph, max_order: int = 3) -> dict[int, tuple[Tensor, Tensor]]:
     """One-, two- and (``max_order`` 3) three-body terms by Moebius inversion of ``Z(U)``.
 
-    Returns ``{order: (sets (K, order), relevances (K,))}``; only connected atom sets (pairs
-    within the cutoff; triples with at least two such pairs) are listed, the others vanish.
+    Returns ``{order: (sets (K, order), relevances (K,))}`` over :func:`connected_sets`.
     """
     n = graph.n_atoms
-    singles = torch.arange(n)[:, None]
+    singles = connected_sets(graph.neighbours, 1)
     one = graph.subset_sums(singles)
     result = {1: (singles, one)}
     if max_order < 2:
         return result
-    pairs = torch.nonzero(torch.triu(graph.neighbours, 1))
+    pairs = connected_sets(graph.neighbours, 2)
     two = graph.subset_sums(pairs) - one[pairs].sum(1)
     result[2] = (pairs, two)
     if max_order < 3:
@@ -316,10 +328,7 @@ def n_body_terms(graph: RelevanceGraph, max_order: int = 3) -> dict[int, tuple[T
     pair_lookup = torch.zeros(n, n, dtype=two.dtype)
     pair_lookup[pairs[:, 0], pairs[:, 1]] = two
     pair_lookup = pair_lookup + pair_lookup.T
-    triples = torch.tensor(list(itertools.combinations(range(n), 3)), dtype=torch.long).reshape(-1, 3)
-    i, j, k = triples.T
-    nb = graph.neighbours
-    triples = triples[(nb[i, j].int() + nb[i, k].int() + nb[j, k].int()) >= 2]
+    triples = connected_sets(graph.neighbours, 3)
     i, j, k = triples.T
     three = (graph.subset_sums(triples) - one[triples].sum(1)
              - pair_lookup[i, j] - pair_lookup[i, k] - pair_lookup[j, k])
@@ -476,7 +485,7 @@ def fit_molecule_patterns(model: nn.Module, batches: Iterable) -> Patterns:
     products: dict[str, _ProductStatistics] = {}
 
     def hook(block, args):
-        pair_i, pair_j = args[-3], args[-2]
+        pair_j = args[-2]
         if interaction_type(block) == "schnet":
             key, x = names[id(block)] + ".cfconv", block.in2f(args[0])[pair_j]
             u = args[1].repeat(2, 1) * x

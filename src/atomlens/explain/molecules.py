@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from .graph import (
     RelevanceGraph,
+    connected_sets,
     fit_molecule_patterns,
     interaction_type,
     lrp_epsilon_rules,
@@ -192,9 +193,9 @@ def explain_graph(graph: RelevanceGraph, max_walks: int, max_triple_atoms: int, 
         terms = {}
         for k in (1, 2, 3)[:order]:
             sums = walk_n_body(all_walks, relevance, k)
-            keys = sorted(sums)
-            sets = torch.tensor(keys, dtype=torch.long).reshape(-1, k)
-            terms[k] = (sets, torch.tensor([sums[key] for key in keys], dtype=torch.float64))
+            sets = connected_sets(graph.neighbours, k)
+            values = [sums.get(tuple(key), 0.0) for key in sets.tolist()]
+            terms[k] = (sets, torch.tensor(values, dtype=torch.float64))
         out["walks"], out["walk_relevance"] = _top_walks(all_walks, relevance, n_top_walks)
     else:
         if walks:
