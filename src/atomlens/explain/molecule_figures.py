@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from ase.data import chemical_symbols, covalent_radii
+from matplotlib import patheffects
 from matplotlib.colors import Normalize
 
 from .molecules import MoleculeExplanation
@@ -60,16 +61,16 @@ def molecule_figure(explanation: MoleculeExplanation, path: str | Path,
                 solid_capstyle="round", zorder=1)
     atom_values = e.atoms * scale
     atom_norm = _symmetric_norm(atom_values)
-    sizes = 900 * covalent_radii[e.numbers] ** 2
+    sizes = 300 + 700 * covalent_radii[e.numbers] ** 2
     ax.scatter(*xy.T, s=sizes, c=cmap(atom_norm(atom_values)), edgecolors="k", linewidths=0.8,
                zorder=2)
     for index, (x, y) in enumerate(xy):
         ax.text(x, y, chemical_symbols[e.numbers[index]], ha="center", va="center", fontsize=9,
-                zorder=3)
-    fig.colorbar(plt.cm.ScalarMappable(atom_norm, cmap), ax=ax, fraction=0.04,
+                zorder=3, path_effects=[patheffects.withStroke(linewidth=2.5, foreground="w")])
+    fig.colorbar(plt.cm.ScalarMappable(atom_norm, cmap), ax=ax, fraction=0.04, pad=0.02,
                  label="atom relevance R_i (meV)")
-    fig.colorbar(plt.cm.ScalarMappable(pair_norm, cmap), ax=ax, fraction=0.04,
-                 label="pair relevance R_ij (meV)")
+    fig.colorbar(plt.cm.ScalarMappable(pair_norm, cmap), ax=ax, fraction=0.05, pad=0.12,
+                 orientation="horizontal", label="pair relevance R_ij (meV)")
     ax.set_title(f"{e.method}: E = {e.energy:.3f} eV, explained E - ref = {e.explained:.3f} eV\n"
                  f"(ref: {e.reference_kind}; conservation error {e.conservation_error * scale:.3g} meV)",
                  fontsize=8)
