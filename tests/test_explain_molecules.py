@@ -51,6 +51,12 @@ def test_sum_rules(representation):
     assert ig.reference == pytest.approx(isolated, abs=1e-9)  # all pairs off = atoms alone
     assert ig.pair_relevance.sum() == pytest.approx(energy - isolated, abs=1e-6)
     assert abs(ig.conservation_error) < 1e-6
+    mbe = explain_molecule(model, ETHANOL, "many_body_expansion")
+    assert mbe.reference == pytest.approx(isolated, abs=1e-9)
+    np.testing.assert_allclose(mbe.one_body.sum(), isolated, atol=1e-9)
+    n_body = mbe.one_body.sum() + mbe.pair_relevance.sum() + mbe.triple_relevance.sum()
+    assert n_body + mbe.remainder == pytest.approx(energy, abs=1e-9)
+    assert abs(mbe.conservation_error) < 1e-9
     lrp = explain_molecule(model, ETHANOL, "lrp_epsilon", epsilon=0.05)
     assert abs(lrp.conservation_error) > 1e-6  # epsilon absorbs relevance: not conservative
 
@@ -104,8 +110,9 @@ def test_exact_recovery_on_an_analytic_model():
     np.testing.assert_allclose([pairs[tuple(p)] for p in walks.pairs.tolist()],
                                walks.pair_relevance, atol=1e-10)
     assert np.abs(walks.triple_relevance).max() < 1e-10  # one block: no three-body walks
-    # the energy is linear in the pair switches: gradient x input and IG give the pair terms
-    for method in ("gradient_x_input", "integrated_gradients"):
+    # the energy is linear in the pair switches: gradient x input, IG and the model's
+    # many-body expansion give the pair terms
+    for method in ("gradient_x_input", "integrated_gradients", "many_body_expansion"):
         e = explain_molecule(model, atoms, method, n_steps=4)
         np.testing.assert_allclose(e.pair_relevance, expected, atol=1e-10)
 
@@ -208,7 +215,8 @@ def test_switched_energy_interpolates_between_isolated_atoms_and_molecule():
     model = random_model("schnet")
     batch = model.batch_from_atoms(ETHANOL)
     half = batch.pair_i.shape[0] // 2
-    full = float(switched_energy(model, batch, torch.ones(half, dtype=torch.float64)))
+    with torch.no_grad():
+        full = float(switched_energy(model, batch, torch.ones(half, dtype=torch.float64)))
     assert full == pytest.approx(float(model.predict(ETHANOL)["energy"][0]))
     assert len(model.representation.interactions[0]._forward_pre_hooks) == 0  # hooks removed
 

@@ -16,6 +16,8 @@ lrp_gamma              LRP-gamma (0.25), ratio gates          approximate (gamma
 relevant_walks         LRP-0 walks (GNN-LRP)                  exact: sum = E - sum_i (shift
                                                              + atomref[Z_i])
 patternattribution     w * a, per-filter cfconv patterns      none: error measured
+many_body_expansion    the model with only the pairs inside   exact: sum = E - sum_i E_iso(Z_i)
+                       each atom set U switched on
 =====================  ====================================  ==================================
 
 *Pair switches*: the filter W(r_ij) of SchNet (the distance factor's cutoff of DTNN) is
@@ -23,7 +25,14 @@ multiplied by ``m_ij``, one switch per pair within the cutoff, attached by a for
 pre-hook. ``m = 0`` leaves every atom alone, so the Integrated Gradients reference is the
 sum of the model's isolated-atom energies and every pair term is an interaction energy;
 atom relevances are half of each atom's pair terms. Three-body terms are not defined for
-the switch methods (``triples`` is ``None``).
+these two methods (``triples`` is ``None``).
+
+*Many-body expansion*: not an attribution of a gradient but the model's own n-body expansion,
+``E(U)`` = the energy with only the pairs inside ``U`` switched on, and Moebius inversion over
+single atoms (the isolated-atom energies), pairs and triples; everything beyond three bodies
+is ``remainder``. One batched forward pass over all connected pairs and triples; atom
+relevances are the change of each atom's energy contribution ``y_i`` from isolated to the
+molecule (exact sum).
 
 *LRP methods* propagate relevance through the head and every interaction block
 (:mod:`.graph`); their reference is ``sum_i (shift + atomref[Z_i])``, their atom relevances
@@ -38,7 +47,8 @@ Explanations are computed on a float64 copy of the model, so LRP-0's conservatio
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -59,7 +69,7 @@ from .graph import (
 from .patterns import Patterns
 
 MOLECULE_METHODS = ("gradient_x_input", "integrated_gradients", "lrp_epsilon", "lrp_gamma",
-                    "relevant_walks", "patternattribution")
+                    "relevant_walks", "patternattribution", "many_body_expansion")
 SWITCH_METHODS = ("gradient_x_input", "integrated_gradients")
 
 
@@ -128,14 +138,18 @@ def pair_switches(model: nn.Module, mask: Tensor):
     return [block.register_forward_pre_hook(hook) for block in model.representation.interactions]
 
 
-def switched_energy(model: nn.Module, batch, mask: Tensor) -> Tensor:
-    """Energy (eV) with pair p's interaction scaled by ``mask[p]`` (0: pair switched off)."""
+def _switched(model: nn.Module, batch, mask: Tensor) -> dict[str, Tensor]:
     handles = pair_switches(model, mask)
     try:
-        return model(batch)[model.target].sum()
+        return model(batch)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def switched_energy(model: nn.Module, batch, mask: Tensor) -> Tensor:
+    """Energy (eV) with pair p's interaction scaled by ``mask[p]`` (0: pair switched off)."""
+    return _switched(model, batch, mask)[model.target].sum()
 
 
 def _switch_gradient(model, batch, mask: Tensor) -> Tensor:
@@ -161,6 +175,52 @@ def _explain_switches(model, batch, method: str, n_steps: int):
     atoms = torch.zeros(batch.n_atoms, dtype=ones.dtype)
     atoms.index_add_(0, pairs[:, 0], relevance / 2).index_add_(0, pairs[:, 1], relevance / 2)
     return pairs, relevance, atoms, isolated
+
+
+def _replicated(batch, copies: int):
+    """``copies`` copies of a one-molecule ``batch`` in one batch (symmetric pair layout)."""
+    n, half = batch.n_atoms, batch.pair_i.shape[0] // 2
+    shift = (torch.arange(copies) * n)[:, None]
+    first_i = (batch.pair_i[:half] + shift).reshape(-1)
+    first_j = (batch.pair_j[:half] + shift).reshape(-1)
+    return replace(batch, numbers=batch.numbers.repeat(copies),
+                   positions=batch.positions.repeat(copies, 1),
+                   structure_index=torch.arange(copies).repeat_interleave(n),
+                   n_atoms_per=batch.n_atoms_per.repeat(copies), n_structures=copies,
+                   pair_i=torch.cat([first_i, first_j]), pair_j=torch.cat([first_j, first_i]),
+                   targets={})
+
+
+def _many_body_expansion(model, batch, max_order: int):
+    """``({order: (sets, terms)}, atom relevances, isolated-atom energy sum)`` in eV."""
+    half = batch.pair_i.shape[0] // 2
+    a, b = batch.pair_i[:half], batch.pair_j[:half]
+    neighbours = torch.zeros(batch.n_atoms, batch.n_atoms, dtype=torch.bool)
+    neighbours[batch.pair_i, batch.pair_j] = True
+    sets = [connected_sets(neighbours, k) for k in range(2, max_order + 1)]
+    inside = [torch.zeros(len(s), batch.n_atoms, dtype=torch.bool).scatter_(1, s, True) for s in sets]
+    # structure 0: every pair off; 1: every pair on; then one per pair / triple
+    masks = torch.cat([torch.zeros(1, half), torch.ones(1, half)]
+                      + [(u[:, a] & u[:, b]).to(torch.float64) for u in inside]).to(batch.positions)
+    with torch.no_grad():
+        out = _switched(model, _replicated(batch, masks.shape[0]), masks.reshape(-1))
+    energies, atomic = out[model.target], out["atomic"].reshape(masks.shape[0], -1)
+    isolated = atomic[0]
+    terms = {1: (torch.arange(batch.n_atoms)[:, None], isolated)}
+    lookup = {(i,): float(e) for i, e in enumerate(isolated)}
+    offset = 2
+    for k, subsets in zip(range(2, max_order + 1), sets):
+        values = []
+        for row, key in enumerate(map(tuple, subsets.tolist())):
+            # Z(U) = E(U on) - E(all off) + sum_{i in U} E_iso(i); then Moebius over subsets
+            total = float(energies[offset + row] - energies[0]) + sum(lookup[(i,)] for i in key)
+            for size in range(1, k):
+                total -= sum(lookup.get(sub, 0.0) for sub in itertools.combinations(key, size))
+            lookup[key] = total
+            values.append(total)
+        terms[k] = (subsets, torch.tensor(values, dtype=torch.float64))
+        offset += len(subsets)
+    return terms, atomic[1] - isolated, float(isolated.sum())
 
 
 def _lrp_rules(method: str, options: dict, patterns: Patterns | None):
@@ -250,6 +310,18 @@ def explain_molecule(
             **common, reference=isolated,
             reference_kind="sum of the model's isolated-atom energies (all pairs switched off)",
             atoms=atom_relevance.numpy(), pairs=pairs.numpy(), pair_relevance=relevance.numpy())
+    if method == "many_body_expansion":
+        order = 3 if batch.n_atoms <= max_triple_atoms else 2
+        terms, atom_relevance, isolated = _many_body_expansion(model, batch, order)
+        listed = sum(float(terms[k][1].sum()) for k in terms)
+        return MoleculeExplanation(
+            **common, reference=isolated,
+            reference_kind="sum of the model's isolated-atom energies (all pairs switched off)",
+            atoms=atom_relevance.numpy(), one_body=terms[1][1].numpy(),
+            pairs=terms[2][0].numpy(), pair_relevance=terms[2][1].numpy(),
+            triples=terms[3][0].numpy() if order == 3 else None,
+            triple_relevance=terms[3][1].numpy() if order == 3 else None,
+            remainder=energy - listed)
     graph = relevance_graph(model, batch, _lrp_rules(method, options, patterns))
     parts = explain_graph(graph, max_walks, max_triple_atoms, n_top_walks,
                           walks=method == "relevant_walks")
