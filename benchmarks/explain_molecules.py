@@ -18,8 +18,11 @@ f3 = 1 below 1.65 Angstrom tapering to 0 at 1.95 Angstrom (bonded neighbours onl
 k3 = 0.5 eV, cos theta_0 = -1/3 (angles at C, N, O, F centres; none centred on H).
 Then every method explains ``--n-explain`` test molecules and we report, one JSON line per
 method: the Pearson correlation of the recovered R_ij with V(r_ij) over all pairs within the
-cutoff (pooled over the molecules, and the mean of the per-molecule correlations), of R_ijk
-with A_ijk over the triples (where the method gives them), the mean
+cutoff (pooled over the molecules; the mean of the per-molecule correlations; and pooled after
+subtracting the mean of each pair type, element pair x bonded or not, from both, since a
+model trained on near-equilibrium molecules can move a constant per bond type between its
+one-body and pair terms without changing any energy), of R_ijk with A_ijk over the triples
+(where the method gives them; pooled and within element triples), the mean
 conservation error, and a perturbation test: pairs are switched off (their filter set to
 zero, as if moved beyond the cutoff) most relevant first, and the area under the curve of the
 prediction change against the fraction switched off (eV; more negative = the method found
@@ -124,6 +127,24 @@ def pearson(x, y) -> float | None:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def pearson_within_types(x, y, types) -> float | None:
+    """Pearson correlation after subtracting the mean of each type from ``x`` and ``y``: what is
+    left once the (non-identifiable) constant per pair type is taken out."""
+    x, y, types = np.asarray(x, dtype=float), np.asarray(y, dtype=float), np.asarray(types)
+    for t in np.unique(types):
+        members = types == t
+        x[members] -= x[members].mean()
+        y[members] -= y[members].mean()
+    return pearson(x, y)
+
+
+def pair_type(numbers, positions, i: int, j: int) -> str:
+    """Element pair and whether it is bonded (closer than the covalent radii + 0.4 Angstrom)."""
+    zi, zj = sorted((int(numbers[i]), int(numbers[j])))
+    bonded = np.linalg.norm(positions[i] - positions[j]) < covalent_radii[zi] + covalent_radii[zj] + 0.4
+    return f"{zi}-{zj}-{'bond' if bonded else 'far'}"
+
+
 def perturbation_auc(model, atoms, pair_order: np.ndarray, n_points: int = 11) -> float:
     """Area under ``E(k most relevant pairs off) - E(none off)`` over the fraction k / P (eV)."""
     batch = model.batch_from_atoms(atoms)
@@ -191,11 +212,13 @@ def main() -> None:
         orders["true_terms"].append(pairs[np.argsort(-values)])
     for method in MOLECULE_METHODS:
         pair_x, pair_y, triple_x, triple_y, errors, orders[method] = [], [], [], [], [], []
-        per_molecule = []
+        per_molecule, types, triple_types = [], [], []
         for m in explained:
             result = explain_molecule(model, structures[m], method, patterns=patterns)
             true_pairs, true_triples = terms[m]
             true = [true_pairs[(i, j)] for i, j in result.pairs.tolist()]
+            atoms = structures[m]
+            types += [pair_type(atoms.numbers, atoms.positions, i, j) for i, j in result.pairs.tolist()]
             pair_x += result.pair_relevance.tolist()
             pair_y += true
             per_molecule.append(pearson(result.pair_relevance, true))
@@ -203,6 +226,7 @@ def main() -> None:
                 for key, r in zip(map(tuple, result.triples.tolist()), result.triple_relevance):
                     triple_x.append(r)
                     triple_y.append(true_triples.get(key, 0.0))
+                    triple_types.append("-".join(str(z) for z in sorted(atoms.numbers[list(key)])))
             errors.append(abs(result.conservation_error))
             orders[method].append(result.pairs[np.argsort(-result.pair_relevance)])
         print(json.dumps({
@@ -210,7 +234,10 @@ def main() -> None:
             "n_molecules": len(explained), "pair_pearson": _round(pearson(pair_x, pair_y)),
             "pair_pearson_per_molecule": _round(float(np.mean([r for r in per_molecule
                                                                if r is not None]))),
+            "pair_pearson_within_type": _round(pearson_within_types(pair_x, pair_y, types)),
             "triple_pearson": _round(pearson(triple_x, triple_y)) if triple_x else None,
+            "triple_pearson_within_type": _round(pearson_within_types(triple_x, triple_y, triple_types))
+            if triple_x else None,
             "conservation_mae_meV": round(1000 * float(np.mean(errors)), 4),
             "reference": result.reference_kind}), flush=True)
     for name, per_molecule in orders.items():
