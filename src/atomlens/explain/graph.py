@@ -195,6 +195,9 @@ def interaction_type(block: nn.Module) -> str:
 def record_interactions(model: nn.Module, batch) -> tuple[list[tuple[nn.Module, tuple]], Tensor]:
     """Run ``model(batch)`` and return the arguments of every interaction call, in order,
     and the representation's output features ``(n_atoms, F)``."""
+    if not batch.symmetric_pairs:
+        raise ValueError("molecular explanations need pairs in symmetric layout "
+                         "(batch.symmetric_pairs=True)")
     calls, features = [], []
     handles = [block.register_forward_pre_hook(lambda m, args: calls.append((m, args)))
                for block in model.representation.interactions]
@@ -205,9 +208,6 @@ def record_interactions(model: nn.Module, batch) -> tuple[list[tuple[nn.Module, 
     finally:
         for handle in handles:
             handle.remove()
-    if not batch.symmetric_pairs:
-        raise ValueError("molecular explanations need pairs in symmetric layout "
-                         "(batch.symmetric_pairs=True)")
     return calls, features[0]
 
 
@@ -248,9 +248,11 @@ class RelevanceGraph:
             g = g + torch.einsum("baef,bf->ae", self.transfers[t], g)
         return relevance + (self.inputs * g).sum(1)
 
-    def subset_sums(self, subsets: Tensor, chunk: int = 256) -> Tensor:
+    def subset_sums(self, subsets: Tensor) -> Tensor:
         """``Z(U)`` (S,): relevance of all walks inside each atom set (rows of ``subsets``)."""
         out = [self.head_bias.new_zeros(0)]
+        # chunks of ~2e7 gathered transfer entries (160 MB in float64)
+        chunk = max(1, int(2e7 / (subsets.shape[1] ** 2 * self.head.shape[1] ** 2)))
         for start in range(0, subsets.shape[0], chunk):
             sub = subsets[start : start + chunk]
             c = self.inputs[sub]
@@ -286,7 +288,12 @@ class RelevanceGraph:
             nxt = receivers[offsets[last[parent]] + local]
             a = last[parent]
             stay = nxt == a
-            moved = torch.einsum("pef,pe->pf", self.transfers[t][nxt, a], c[parent])
+            moved = torch.empty_like(c[parent])
+            chunk = max(1, int(2e7 / self.head.shape[1] ** 2))  # gathered (chunk, F, F) matrices
+            for k in range(0, parent.shape[0], chunk):
+                part = slice(k, k + chunk)
+                moved[part] = torch.einsum("pef,pe->pf", self.transfers[t][nxt[part], a[part]],
+                                           c[parent[part]])
             c_new = torch.where(stay[:, None], c[parent], moved)
             source = torch.where(stay[:, None], self.node_bias[t][nxt], self.pair_bias[t][nxt, a])
             c = c_new + constant[parent, None] * source
