@@ -6,7 +6,8 @@
 A small SchNet (2 interactions, cutoff 4 Angstrom) is trained on a *synthetic* energy of
 QM9 geometries (the first ``--n-train + --n-test`` molecules of ``load_qm9``, every atom
 displaced by Gaussian noise of ``--rattle`` Angstrom per coordinate, so that bond lengths and
-angles vary and the pair and angle terms are not fixed by the composition) whose
+angles vary), plus ``--n-fragments`` isolated atoms, dimers and bonded trimers in the training
+set only (they pin the one-body energies, which molecules alone leave free), whose
 decomposition is known:
 
     E = sum_{i<j} V_ZiZj(r_ij) + sum_{i<j<k} A_ijk
@@ -37,8 +38,10 @@ import time
 
 import numpy as np
 import torch
+from ase import Atoms
 from ase.data import covalent_radii
 
+from atomlens.data.dataset import dataset_from_atoms
 from atomlens.data.sources.qm9 import load_qm9
 from atomlens.explain.graph import fit_molecule_patterns
 from atomlens.explain.molecules import MOLECULE_METHODS, explain_molecule, switched_energy
@@ -49,6 +52,7 @@ CUTOFF = 4.0
 MORSE_DEPTH = {1: 0.15, 6: 0.3, 7: 0.25, 8: 0.2, 9: 0.1}  # eV
 MORSE_A = 1.6  # 1/Angstrom
 ANGLE_K, COS_THETA0 = 0.5, -1.0 / 3.0  # eV, tetrahedral
+ELEMENTS = [1, 6, 7, 8]  # fragments: H, C, N, O
 
 
 def cosine_cutoff(r: np.ndarray, cutoff: float) -> np.ndarray:
@@ -90,6 +94,27 @@ def true_terms(numbers: np.ndarray, positions: np.ndarray):
                 if total != 0.0:
                     triples[(i, j, k)] = total
     return pairs, triples
+
+
+def fragments(count: int, rng: np.random.Generator) -> list[Atoms]:
+    """Training-only fragments: isolated atoms (energy 0), dimers at 0.75-4 Angstrom and bonded
+    trimers around a heavy atom with angles of 60-180 degrees. Without them the one-body
+    energies are not fixed by the data (every QM9 atom has its usual number of bonds)."""
+    out = []
+    for k in range(count):
+        kind = k % 10
+        if kind == 0:
+            out.append(Atoms(numbers=[rng.choice(ELEMENTS)], positions=[[0.0, 0.0, 0.0]]))
+        elif kind < 6:
+            r = rng.uniform(0.75, 4.0)
+            out.append(Atoms(numbers=rng.choice(ELEMENTS, 2), positions=[[0, 0, 0], [r, 0, 0]]))
+        else:
+            r1, r2 = rng.uniform(0.9, 1.7, 2)
+            angle = np.radians(rng.uniform(60.0, 180.0))
+            numbers = [rng.choice(ELEMENTS[1:]), *rng.choice(ELEMENTS, 2)]
+            positions = [[0, 0, 0], [r1, 0, 0], [r2 * np.cos(angle), r2 * np.sin(angle), 0]]
+            out.append(Atoms(numbers=numbers, positions=positions))
+    return out
 
 
 def train(data, energies, train_idx, args):
@@ -172,19 +197,27 @@ def main() -> None:
     parser.add_argument("--n-explain", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rattle", type=float, default=0.05, help="Angstrom, per coordinate")
+    parser.add_argument("--n-fragments", type=int, default=600,
+                        help="isolated atoms, dimers and trimers added to the training set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-model", help="save the trained model to this folder")
     parser.add_argument("--model", help="load this model folder instead of training")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = args.n_train + args.n_test
-    data = load_qm9().subset(np.arange(n))
-    noise = np.random.default_rng(args.seed + 1).normal(0.0, args.rattle, data.positions.shape)
-    data.positions = data.positions + noise
-    structures = [data.atoms(m) for m in range(n)]
-    terms = [true_terms(a.numbers, a.positions) for a in structures]
+    qm9 = load_qm9()
+    rng = np.random.default_rng(args.seed + 1)
+    structures = []
+    for m in range(n):
+        atoms = qm9.atoms(m)
+        structures.append(Atoms(atoms.numbers, atoms.positions + rng.normal(0.0, args.rattle,
+                                                                            atoms.positions.shape)))
+    extra = fragments(args.n_fragments, rng)
+    data = dataset_from_atoms(structures + extra)
+    terms = [true_terms(a.numbers, a.positions) for a in structures + extra]
     energies = np.array([sum(p.values()) + sum(t.values()) for p, t in terms])
-    train_idx, test_idx = np.arange(args.n_train), np.arange(args.n_train, n)
+    train_idx = np.concatenate([np.arange(args.n_train), np.arange(n, n + len(extra))])
+    test_idx = np.arange(args.n_train, n)
     start = time.time()
     if args.model:
         model, epochs = load_model(args.model).eval(), 0
