@@ -27,12 +27,12 @@ def _label(numbers: np.ndarray, index: int) -> str:
 
 
 def projected(positions: np.ndarray) -> np.ndarray:
-    """Positions (n, 3) in Angstrom -> (n, 2) on the plane of the two largest principal axes."""
+    """Positions (n, 3) in Angstrom -> (n, 3) along the principal axes, largest first."""
     centred = positions - positions.mean(0)
     if len(positions) < 2:
-        return centred[:, :2]
+        return centred
     _, _, axes = np.linalg.svd(centred, full_matrices=False)
-    return centred @ axes[:2].T
+    return np.pad(centred @ axes.T, ((0, 0), (0, 3 - len(axes))))
 
 
 def _symmetric_norm(values: np.ndarray) -> Normalize:
@@ -48,7 +48,8 @@ def molecule_figure(explanation: MoleculeExplanation, path: str | Path,
     Pairs with ``|R_ij|`` below ``min_fraction`` of the largest are not drawn.
     """
     e, scale = explanation, 1000.0  # meV
-    xy = projected(e.positions)
+    coordinates = projected(e.positions)
+    xy, depth = coordinates[:, :2], coordinates[:, 2]
     cmap = plt.get_cmap("RdBu_r")
     fig, ax = plt.subplots(figsize=(7.5, 6))
     pair_values = e.pair_relevance * scale
@@ -62,11 +63,14 @@ def molecule_figure(explanation: MoleculeExplanation, path: str | Path,
     atom_values = e.atoms * scale
     atom_norm = _symmetric_norm(atom_values)
     sizes = 300 + 700 * covalent_radii[e.numbers] ** 2
-    ax.scatter(*xy.T, s=sizes, c=cmap(atom_norm(atom_values)), edgecolors="k", linewidths=0.8,
-               zorder=2)
-    for index, (x, y) in enumerate(xy):
-        ax.text(x, y, chemical_symbols[e.numbers[index]], ha="center", va="center", fontsize=9,
-                zorder=3, path_effects=[patheffects.withStroke(linewidth=2.5, foreground="w")])
+    # back to front along the third principal axis, so nearer atoms cover farther ones
+    for rank, index in enumerate(np.argsort(depth)):
+        z = 2 + rank / len(depth)
+        ax.scatter(*xy[index], s=sizes[index], color=cmap(atom_norm(atom_values[index])),
+                   edgecolors="k", linewidths=0.8, zorder=z)
+        ax.text(*xy[index], chemical_symbols[e.numbers[index]], ha="center", va="center",
+                fontsize=9, zorder=z + 0.5 / len(depth),
+                path_effects=[patheffects.withStroke(linewidth=2.5, foreground="w")])
     fig.colorbar(plt.cm.ScalarMappable(atom_norm, cmap), ax=ax, fraction=0.04, pad=0.02,
                  label="atom relevance R_i (meV)")
     fig.colorbar(plt.cm.ScalarMappable(pair_norm, cmap), ax=ax, fraction=0.05, pad=0.12,
