@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -229,7 +230,10 @@ def main() -> None:
         predicted = np.concatenate([model(data.batch(chunk, CUTOFF))["energy"].numpy()
                                     for chunk in np.array_split(test_idx, 4)])
     mae = float(np.abs(predicted - energies[test_idx]).mean())
-    print(json.dumps({"benchmark": "explain_molecules", "result": "model", "n_train": args.n_train,
+    print(json.dumps({"benchmark": "explain_molecules", "result": "model",
+                      "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                      "cores": os.cpu_count(), "threads": args.threads,
+                      "load_average": round(os.getloadavg()[0], 1), "n_train": args.n_train,
                       "epochs": epochs, "train_minutes_loaded_machine": round((time.time() - start) / 60, 1),
                       "test_mae_meV": round(1000 * mae, 1),
                       "target_std_meV": round(1000 * float(energies[test_idx].std()), 1)}), flush=True)
