@@ -369,6 +369,8 @@ def _linear_backward(rules: MoleculeRules, names, module, x) -> tuple[Tensor, Te
 
 
 def _schnet_block(rules, names, block, x, filters, pair_i, pair_j, n):
+    """Per-pair matrices, sender rule matrices and bias shares, node biases, extra pair biases
+    (as functionals of the gradient at the receiver's output) of one SchNet block."""
     in2f, (out1, activation, out2) = block.in2f, block.f2out
     y, b_in, beta_in = _linear_backward(rules, names, in2f, x)
     weights = filters.repeat(2, 1)  # symmetric layout: one filter per unordered pair
@@ -381,10 +383,11 @@ def _schnet_block(rules, names, block, x, filters, pair_i, pair_j, n):
     out_matrix = torch.einsum("bky,bk,bfk->byf", b1, gate, b2)
     node_bias = beta2 + torch.einsum("bfk,bk,bk->bf", b2, gate, beta1)
     per_pair = coefficients[:, :, None] * out_matrix[pair_i]  # (P, Ff, F): g_y_a from g_b
-    return per_pair, b_in[pair_j], beta_in[pair_j], node_bias
+    return per_pair, b_in[pair_j], beta_in[pair_j], node_bias, 0.0
 
 
 def _dtnn_block(rules, names, block, c, rbf, f_cut, pair_i, pair_j, n):
+    """The same for a DTNN block; the W^fc bias (none by default) is a per-pair source."""
     to_factor, to_coefficient = block.coefficient_to_factor, block.factor_to_coefficient
     factors, b_cf, beta_cf = _linear_backward(rules, names, to_factor, c)
     distance_factor = block.distance_to_factor(rbf).repeat(2, 1)  # a weight: depends on d only
@@ -411,15 +414,10 @@ def relevance_graph(model: nn.Module, batch, rules: MoleculeRules) -> RelevanceG
         inputs = None
         for block, args in calls:
             pair_i, pair_j = args[-3], args[-2]
-            if interaction_type(block) == "schnet":
-                x, filters = args[0], args[1]
-                per_pair, sender, sender_beta, node_bias = _schnet_block(
-                    rules, names, block, x, filters, pair_i, pair_j, n)
-                extra = 0.0
-            else:
-                x, rbf, f_cut = args[0], args[1], args[2]
-                per_pair, sender, sender_beta, node_bias, extra = _dtnn_block(
-                    rules, names, block, x, rbf, f_cut, pair_i, pair_j, n)
+            x = args[0]
+            build = _schnet_block if interaction_type(block) == "schnet" else _dtnn_block
+            per_pair, sender, sender_beta, node_bias, extra = build(
+                rules, names, block, *args[:-3], pair_i, pair_j, n)
             if inputs is None:
                 inputs = x if rules.times_input else torch.ones_like(x)
             transfer = x.new_zeros(n, n, x.shape[1], x.shape[1])
