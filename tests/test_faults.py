@@ -85,6 +85,17 @@ def test_kill_between_the_renames_is_recovered_on_the_next_start(saved):
     assert sorted(p.name for p in path.parent.iterdir()) == sorted(["model", live.name])
 
 
+def test_temporary_files_of_dead_writers_are_removed(tmp_path):
+    from atomlens.data.splits import load_split, save_split
+
+    debris = tmp_path / f".split.npz.tmp-{fileio._host()}-{_dead_pid()}-0a1b.npz"
+    debris.write_bytes(b"half written")
+    save_split(tmp_path / "split.npz", {"train": np.arange(3), "val": np.arange(3, 4),
+                                        "test": np.arange(4, 6)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split.npz"]
+    assert load_split(tmp_path / "split.npz")["test"].tolist() == [4, 5]
+
+
 def test_saved_folders_follow_the_umask(tmp_path):
     previous = os.umask(0o022)
     try:
@@ -417,6 +428,16 @@ def test_config_and_weights_that_do_not_fit(chon_model):
     (chon_model / "config.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="cannot rebuild the model"):
         load_model(chon_model)
+
+
+def test_negative_batch_size_and_fifo_are_named(qm9, chon_model, tmp_path, capsys):
+    from atomlens.data.dataset import make_loader
+
+    with pytest.raises(ValueError, match="batch size must be an integer >= 1, not -10"):
+        make_loader(qm9, np.arange(5), -10, 5.0)
+    fifo = tmp_path / "pipe.xyz"
+    os.mkfifo(fifo)
+    assert "not a regular file" in _message(["predict", str(chon_model), str(fifo)], capsys)
 
 
 def test_split_sizes_error_suggests_n_train():

@@ -260,8 +260,11 @@ def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K,
 
 
 def _temporary(path: Path) -> Path:
+    from .fileio import recover_folder, temporary_name
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    recover_folder(path)  # temporary files of killed runs
+    return temporary_name(path)
 
 
 def _publish(outputs: dict[Path, Path], tag: str = "") -> list[Path]:
