@@ -150,6 +150,23 @@ def test_a_second_run_on_a_used_folder_is_refused(qm9, finished_run):
     assert (finished_run / "train_config.yaml").read_text() == before
 
 
+def test_fingerprint_ignores_budgets_but_not_settings_data_or_split(qm9):
+    from atomlens.training.run_folder import digest, fingerprint
+
+    split = {"train": np.arange(20), "val": np.arange(20, 30), "test": np.arange(30, 40)}
+    base = digest(fingerprint(_tiny("a", n_train=20), qm9, split))
+    same = fingerprint(_tiny("b", n_train=20.0, max_epochs=9, max_minutes=3.0, device="auto"),
+                       qm9, split)
+    assert digest(same) == base
+    other_split = {**split, "train": np.arange(1, 21)}
+    changed = qm9.subset(np.arange(len(qm9)))
+    changed.targets["U0"] = changed.targets["U0"] + 1e-9
+    for different in (fingerprint(_tiny("a", lr=1e-2), qm9, split),
+                      fingerprint(_tiny("a"), qm9, other_split),
+                      fingerprint(_tiny("a"), changed, split)):
+        assert digest(different) != base
+
+
 def test_concurrent_run_and_resume_without_checkpoint(qm9, tmp_path, finished_run):
     from atomlens.training import run_folder, train
 
