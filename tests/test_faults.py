@@ -243,6 +243,12 @@ def test_md_blow_up_exits_non_zero_and_keeps_earlier_outputs(stiff_model, ethano
     assert (out.read_bytes(), log.read_bytes()) == before
     assert (out.parent / "md.unstable.traj").is_file()
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+    # an extxyz trajectory states its units, so it reads back as data without guessing
+    from atomlens.data.sources import read_any
+
+    xyz = tmp_path / "md.extxyz"
+    assert main([*common[:3], "--out", str(xyz), "--steps", "2", "--interval", "1"]) == 0
+    assert len(read_any(xyz).targets["energy"]) == 3
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -76,6 +76,8 @@ def _trajectory_writer(path: Path, atoms, stack: contextlib.ExitStack):
     from ase.io import write
 
     handle = stack.enter_context(open(path, "w"))  # noqa: SIM115 (the stack closes it)
+    # stated units: the trajectory reads back as data (read_ase) without a declaration
+    atoms.info.update(energy_unit="eV", length_unit="Angstrom")
 
     def append() -> None:
         write(handle, atoms, format="extxyz")
