@@ -40,10 +40,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing trajectory or log (default: refuse)")
     p.add_argument("--max-temperature", type=float, default=None,
-                   help="stop (exit 1) when the temperature exceeds this, K (default: the "
+                   help="stop (exit 2) when the temperature exceeds this, K (default: the "
                         "larger of 2000 K and 5 x --temperature)")
     p.add_argument("--max-drift", type=float, default=0.1,
-                   help="NVE: stop (exit 1) when the total energy drifts by more than this, "
+                   help="NVE: stop (exit 2) when the total energy drifts by more than this, "
                         "eV/atom (default 0.1); Langevin has no conserved energy")
     p.add_argument("--allow-unknown-elements", action="store_true",
                    help="run with elements the model was not trained on (a warning)")

@@ -116,6 +116,8 @@ def _trajectory_writer(path: Path, atoms, stack: contextlib.ExitStack):
     from ase.io import write
 
     handle = stack.enter_context(open(path, "w"))  # noqa: SIM115 (the stack closes it)
+    # stated units: the trajectory reads back as data (read_ase) without a declaration
+    atoms.info.update(energy_unit="eV", length_unit="Angstrom")
 
     def append() -> None:
         write(handle, atoms, format="extxyz")
@@ -338,8 +340,11 @@ def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K,
 
 
 def _temporary(path: Path) -> Path:
+    from .fileio import recover_folder, temporary_name
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    recover_folder(path)  # temporary files of killed runs
+    return temporary_name(path)
 
 
 def _publish(outputs: dict[Path, Path], tag: str = "") -> list[Path]:
