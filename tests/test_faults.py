@@ -128,7 +128,7 @@ def _tiny(out, **kw):
 
 @pytest.fixture(scope="module")
 def finished_run(qm9, tmp_path_factory):
-    from atomlens.training import train
+    from atomlens.training import train_model as train
 
     out = tmp_path_factory.mktemp("guard") / "run"
     train(_tiny(out), data=qm9)
@@ -136,7 +136,7 @@ def finished_run(qm9, tmp_path_factory):
 
 
 def test_a_second_run_on_a_used_folder_is_refused(qm9, finished_run):
-    from atomlens.training import train
+    from atomlens.training import train_model as train
     from atomlens.training.run_folder import RunFolderError
 
     elements = load_model(finished_run).metadata["elements"]  # recorded for class 6
@@ -168,7 +168,8 @@ def test_fingerprint_ignores_budgets_but_not_settings_data_or_split(qm9):
 
 
 def test_concurrent_run_and_resume_without_checkpoint(qm9, tmp_path, finished_run):
-    from atomlens.training import run_folder, train
+    from atomlens.training import run_folder
+    from atomlens.training import train_model as train
 
     with run_folder.locked(tmp_path / "busy"), pytest.raises(
             run_folder.RunFolderError, match="another atomlens train is running"):
@@ -180,7 +181,7 @@ def test_concurrent_run_and_resume_without_checkpoint(qm9, tmp_path, finished_ru
 def test_resume_refuses_a_foreign_or_hostile_checkpoint(qm9, tmp_path, finished_run):
     import shutil
 
-    from atomlens.training import train
+    from atomlens.training import train_model as train
     from atomlens.training.run_folder import RunFolderError
 
     out = tmp_path / "copy"
@@ -200,7 +201,7 @@ def test_resume_refuses_a_foreign_or_hostile_checkpoint(qm9, tmp_path, finished_
 def test_overwrite_replaces_the_run(qm9, tmp_path, finished_run):
     import shutil
 
-    from atomlens.training import train
+    from atomlens.training import train_model as train
 
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
@@ -538,7 +539,7 @@ def test_ddp_three_processes_uneven_shares_energy_and_forces(qm9, tmp_path):
     of 10 are shares of 4/3/3, 4/3/3 and 1/0/0 structures (and unequal atom counts; a rank
     with an empty share contributes zero gradients, not NaN)."""
     from atomlens.data import PackedDataset
-    from atomlens.training import train
+    from atomlens.training import train_model as train
 
     rng = np.random.default_rng(0)
     data = PackedDataset(qm9.numbers, qm9.positions, qm9.offsets,

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .explain.molecules import MOLECULE_METHODS
+from .registry import MOLECULE_METHODS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

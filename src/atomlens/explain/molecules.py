@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batch import Pairs
+from ..registry import MOLECULE_METHODS  # torch-free, for the command line
 from .graph import (
     RelevanceGraph,
     connected_sets,
@@ -69,8 +70,6 @@ from .graph import (
 )
 from .patterns import Patterns
 
-MOLECULE_METHODS = ("gradient_x_input", "integrated_gradients", "lrp_epsilon", "lrp_gamma",
-                    "relevant_walks", "patternattribution", "many_body_expansion")
 SWITCH_METHODS = ("gradient_x_input", "integrated_gradients")
 
 
