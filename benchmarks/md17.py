@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="keep the trained models here")
     args = parser.parse_args(argv)
+    from atomlens.runtime import configure
+
+    configure(threads=args.threads)  # before torch loads: threads, wait policy, allocator
 
     from atomlens.training.config import preset
     from atomlens.training.train import load_dataset, train

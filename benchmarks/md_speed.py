@@ -26,6 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from atomlens.runtime import configure, prepare_environment
+
+prepare_environment()  # before torch loads: libgomp reads its wait policy once
+
 import numpy as np
 import torch
 
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu counts one thread's CPU time: use it with --threads 1")
-    torch.set_num_threads(args.threads)
+    configure(threads=args.threads)
     frames = aspirin_frames(args.data)
     common = {"library": "atomlens", "threads": args.threads, "clock": args.clock,
               "n_atoms": len(frames["z"]), **HYPERPARAMETERS}

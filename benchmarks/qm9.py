@@ -37,6 +37,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from atomlens.runtime import configure, prepare_environment
+
+prepare_environment()  # before torch loads: libgomp reads its wait policy once
+
 import numpy as np
 import torch
 
@@ -386,7 +390,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1 and not args.profile:
         parser.error("--clock cpu counts one thread's CPU time: use it with --threads 1")
-    torch.set_num_threads(args.threads)
+    configure(threads=args.threads)
     if args.profile:
         profile(args)
     elif args.throughput or args.peers:

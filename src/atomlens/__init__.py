@@ -5,28 +5,29 @@ trained models (atomic energies, local chemical potentials, rings, isomers); and
 PatternNet / PatternAttribution explanations for PyTorch networks.
 
 Units inside atomlens: eV, Angstrom, eV/Angstrom.
+
+Importing atomlens changes no process-wide setting; :func:`atomlens.runtime.configure` sets
+threads, OpenMP wait policy and allocator (the ``atomlens`` command calls it). The names
+below are imported on first use, so ``import atomlens.runtime`` does not load torch.
 """
 
 __version__ = "0.2.0"
 
-from .models import AtomisticModel, ModelConfig, build_model, load_model, save_model
-from .runtime import tune_allocator
+#: public name -> module that defines it (imported on first use)
+_LAZY = {"AtomisticModel": ".models", "ModelConfig": ".models", "build_model": ".models",
+         "load_model": ".models", "save_model": ".models", "Calculator": ".calculator"}
 
-tune_allocator()  # keep freed memory in the process: see atomlens.runtime
-
-__all__ = [
-    "AtomisticModel",
-    "ModelConfig",
-    "__version__",
-    "build_model",
-    "load_model",
-    "save_model",
-]
+__all__ = ["AtomisticModel", "ModelConfig", "__version__", "build_model", "load_model",
+           "save_model"]
 
 
 def __getattr__(name):
-    if name == "Calculator":  # the ASE calculator pulls in ASE; import on first use
-        from .calculator import Calculator
+    if name in _LAZY:
+        import importlib
 
-        return Calculator
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'atomlens' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

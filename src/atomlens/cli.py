@@ -277,13 +277,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
+    _add_threads(parser)
     return parser
 
 
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` on every command that lacks it (nested subcommands included)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_threads(command)
+            return
+    if not any("--threads" in action.option_strings for action in parser._actions):
+        parser.add_argument("--threads", type=int,
+                            help="torch CPU threads (default: the CPUs available to atomlens)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import configure, prepare_environment
+
+    prepare_environment()  # before torch loads: libgomp reads its wait policy once
     from .data.dataset import DataError
 
     args = build_parser().parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        print(f"atomlens {args.command}: error: --threads must be >= 1, not {args.threads}",
+              file=sys.stderr)
+        return 2
+    configure(threads=args.threads)
     try:
         return args.func(args)
     except (DataError, FileNotFoundError, ValueError) as err:

@@ -30,7 +30,9 @@ def add_parser(subparsers) -> None:
                    help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K")
     p.add_argument("--device", default="cpu")
     p.add_argument("--float64", action="store_true", help="run the model in float64")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default 1: one molecule's tensors are too small "
+                        "to split)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile energy+forces: ~3.5x the steps/s after a compile of a "
                         "few seconds; worth it for runs of more than ~2,000 steps")
@@ -38,13 +40,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from .cli import read_structures
     from .md import run_md
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     frames = read_structures(args.structure, args.index)
     if len(frames) != 1:
         raise ValueError(f"{args.structure}: --index {args.index!r} selects {len(frames)} "
@@ -55,7 +53,8 @@ def run(args) -> int:
                  temperature_K=args.temperature, timestep_fs=args.timestep, steps=args.steps,
                  friction=args.friction, trajectory=args.out, logfile=args.log,
                  interval=args.interval, seed=args.seed, device=args.device,
-                 dtype="float64" if args.float64 else None, compile=args.compile)
+                 dtype="float64" if args.float64 else None, compile=args.compile,
+                 threads=args.threads or 1)
     drift = log.drift(len(atoms))
     print(f"{args.ensemble.upper()} MD of {atoms.get_chemical_formula()}: {args.steps} steps of "
           f"{args.timestep} fs ({args.steps * args.timestep / 1000:.3g} ps)")
