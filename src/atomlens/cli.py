@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,13 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--epochs", type=int, dest="max_epochs")
-    p.add_argument("--minutes", type=float, dest="max_minutes", help="wall-clock budget")
+    p.add_argument("--minutes", type=float, dest="max_minutes",
+                   help="wall-clock budget of the whole command, final evaluation included")
+    p.add_argument("--test-subset", type=int,
+                   help="final evaluation on at most this many random test structures "
+                        "(default 10000)")
+    p.add_argument("--full-test", action="store_true", default=None,
+                   help="final evaluation on the whole test split")
     p.add_argument("--ema-decay", type=float, help="keep an exponential moving average of weights")
     p.add_argument("--patience", type=int, dest="early_stopping_patience")
     p.add_argument("--device", help="auto (default), cpu, gpu")
@@ -104,7 +111,7 @@ def config_from_args(args):
         "data", "target", "forces", "rho", "n_train", "n_val", "n_test", "max_structures",
         "batch_size", "lr", "max_epochs", "max_minutes", "ema_decay", "early_stopping_patience",
         "device", "num_nodes", "strategy", "threads", "compile", "seed", "energy_unit",
-        "length_unit", "out")}
+        "length_unit", "out", "test_subset", "full_test")}
     overrides["devices"] = devices
     if args.no_progress:
         overrides["progress"] = False
@@ -115,7 +122,7 @@ def run_train(args) -> int:
     from .training.train import train
 
     config = config_from_args(args)
-    metrics = train(config, resume=args.resume)
+    metrics = train(config, resume=args.resume, started=args.started)
     if metrics:
         print(f"model saved in {Path(config.out) / 'model'}")
         _print_metrics(metrics, config.target, metrics.get("unit", ""))
@@ -296,6 +303,7 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .runtime import configure, prepare_environment
 
+    started = time.monotonic()  # budgets (train --minutes) count from here
     prepare_environment()  # before torch loads: libgomp reads its wait policy once
     from .data.dataset import DataError
 
@@ -304,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"atomlens {args.command}: error: --threads must be >= 1, not {args.threads}",
               file=sys.stderr)
         return 2
+    args.started = started
     configure(threads=args.threads)
     try:
         return args.func(args)

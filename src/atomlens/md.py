@@ -163,6 +163,11 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
             writer.writerow([f"{v:.10g}" for v in row])
 
     dyn.attach(record, interval=interval)
+    from tqdm.auto import tqdm
+
+    bar = stack.enter_context(tqdm(total=steps, desc=f"{ensemble.upper()} MD", unit="step",
+                                   leave=False, disable=None))  # a bar on a terminal only
+    dyn.attach(lambda: bar.update(1) if dyn.nsteps else None, interval=1)
     previous_threads = torch.get_num_threads()
     with stack:
         if trajectory is not None:

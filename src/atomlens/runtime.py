@@ -147,13 +147,6 @@ def allocator_environment() -> dict[str, str]:
             "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), "MALLOC_TOP_PAD_": str(TOP_PAD)}
 
 
-def peer_environment(threads: int) -> dict[str, str]:
-    """Environment for a peer benchmark process: the same threads and wait policy as ours."""
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    env.update({k: os.environ.get(k, v) for k, v in WAIT_ENVIRONMENT.items()})
-    return env
-
-
 # ----------------------------------------------------------------------------- all of it
 def configure(threads: int | None = None, allocator: bool = True) -> dict:
     """Wait policy, allocator and thread count for this process (see the module doc).

@@ -172,7 +172,12 @@ def sample_md(atoms, calculator, temperature: float = 500.0, n_frames: int = 100
                         friction=friction / ase_units.fs, fixcm=False, rng=rng)
     equilibration_steps = round(equilibration_fs / timestep_fs)
     structures, energies, forces = [], [], []
-    with _thread_limit(threads):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=equilibration_steps + n_frames * every, desc="sample MD", unit="step",
+               disable=None)
+    dynamics.attach(lambda: bar.update(1) if dynamics.nsteps else None, interval=1)
+    with _thread_limit(threads), bar:
         if equilibration_steps:
             dynamics.run(equilibration_steps)
         for _ in range(n_frames):

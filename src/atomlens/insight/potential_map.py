@@ -68,7 +68,10 @@ def probe_energies(model: AtomisticModel, atoms, points: np.ndarray, probe: str 
     cutoff = model.cutoff
     mol_i, mol_j = molecular_pairs(torch.tensor([n], device=device), positions, cutoff)
     out = []
-    for start in range(0, flat.shape[0], chunk_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, flat.shape[0], chunk_size), desc="potential map", unit="chunk",
+                      leave=False, disable=None):
         probes = flat[start:start + chunk_size]
         m = probes.shape[0]
         # every (probe, atom) pair within the cutoff, probe <- atom only

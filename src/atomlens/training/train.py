@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -34,8 +35,9 @@ from ..data.splits import load_split, random_split, save_split
 from ..data.statistics import fit_atomrefs, residual_stats
 from ..models.io import save_model
 from ..models.potential import AtomisticModel, build_model
+from .budget import BudgetStop
 from .config import TrainConfig, save_config
-from .evaluate import evaluate, predict_dataset
+from .evaluate import bounded_subset, evaluate, predict_dataset
 from .module import AtomisticTask
 
 
@@ -134,11 +136,16 @@ def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[st
     return split
 
 
-def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None = None) -> dict:
+def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None = None,
+          started: float | None = None) -> dict:
     """Train a model as ``config`` says; returns the test metrics (internal units).
 
     With ``resume=True`` a run killed half-way goes on from ``checkpoints/last.ckpt``.
+    ``config.max_minutes`` bounds everything from ``started`` (``time.monotonic()``; default:
+    now) to the saved model, the final evaluation included (see :mod:`.budget`).
     """
+    started = time.monotonic() if started is None else started
+    deadline = started + 60.0 * config.max_minutes if config.max_minutes else None
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.threads:
@@ -175,11 +182,19 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if config.ema_decay:
         callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)))
-    max_time = ({"minutes": config.max_minutes} if config.max_minutes else None)
+    test = split["test"] if config.full_test else bounded_subset(split["test"], config.test_subset,
+                                                                 config.seed)
+    refit = bool(config.forces and model.config.aggregation == "sum")
+    refit_idx = bounded_subset(split["train"], config.test_subset, config.seed) if refit else None
+    budget = None
+    if deadline is not None:
+        n_after = len(split["val"]) + len(test) + (len(refit_idx) if refit else 0)
+        budget = BudgetStop(deadline, n_after)
+        callbacks.append(budget)
     trainer = pl.Trainer(
         accelerator=config.device, devices=config.devices, num_nodes=config.num_nodes,
         strategy=config.strategy, precision=config.precision, max_epochs=config.max_epochs,
-        max_time=max_time, callbacks=callbacks,
+        callbacks=callbacks,
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
         inference_mode=False, use_distributed_sampler=False, enable_progress_bar=config.progress,
         enable_model_summary=False, check_val_every_n_epoch=config.check_val_every,
@@ -197,12 +212,15 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)
     model = task.model.cpu().float().eval()
-    if config.forces and model.config.aggregation == "sum":
-        refit_offset(model, data, split["train"], config.batch_size)
-    metrics = evaluate(model, data, split["test"], batch_size=config.batch_size,
-                       forces=config.forces) if len(split["test"]) else {}
+    if refit:
+        refit_offset(model, data, refit_idx, config.batch_size)
+    metrics = evaluate(model, data, test, batch_size=config.batch_size, forces=config.forces,
+                       progress=config.progress, deadline=deadline,
+                       seed=config.seed) if len(test) else {}
     metrics.update(epochs=trainer.current_epoch, n_train=len(split["train"]),
-                   n_val=len(split["val"]), n_test=len(split["test"]), unit=unit)
+                   n_val=len(split["val"]), n_test=len(split["test"]),
+                   n_test_evaluated=metrics.pop("n_evaluated", 0), unit=unit,
+                   stopped_by_budget=bool(budget and budget.stopped))
     save_model(model, out / "model",
                extra_files={"split.npz": lambda p: save_split(p, split),
                             "train_config.yaml": lambda p: save_config(config, p)},

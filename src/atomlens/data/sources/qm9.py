@@ -258,7 +258,10 @@ def read_qm9_csv(paths: str | os.PathLike | Iterable[str | os.PathLike] | None =
         raise DataError("QM9: no CSV files given")
     parts = []
     remaining = limit
-    for path in paths:
+    from tqdm.auto import tqdm
+
+    # packing all of QM9 takes tens of seconds: show it (on a terminal)
+    for path in tqdm(paths, desc="QM9: parsing CSV files", unit="file", disable=None):
         if remaining is not None and remaining <= 0:
             break
         part = _parse_file(path, remaining)
