@@ -138,3 +138,36 @@ def test_bad_input_is_named():
         BatchedMD(model, [periodic])
     with pytest.raises(ValueError, match="1 files for 4 trajectories"):
         BatchedMD(model, _systems()).run(1, logfiles=["x.csv"])
+
+
+def test_md_command_with_replicas(tmp_path, capsys):
+    from atomlens.cli import main
+    from atomlens.models import save_model
+
+    save_model(random_model("schnet", seed=4).float(), tmp_path / "model")
+    molecule("CH3CH2OH").write(tmp_path / "ethanol.xyz")
+    code = main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "4",
+                 "--interval", "2", "--replicas", "3", "--ensemble", "langevin",
+                 "--out", str(tmp_path / "md.traj"), "--log", str(tmp_path / "md.csv")])
+    assert code == 0
+    assert "3 trajectories" in capsys.readouterr().out
+    finals = [read(tmp_path / f"md.{k}.traj", index=-1) for k in range(3)]
+    assert all(len((tmp_path / f"md.{k}.csv").read_text().splitlines()) == 4 for k in range(3))
+    # replicas start alike and part: different velocities, different paths
+    assert np.abs(finals[0].positions - finals[1].positions).max() > 1e-4
+    assert main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"),
+                 "--replicas", "0"]) == 2
+
+
+def test_predict_in_chunks_equals_one_call():
+    from atomlens.cli import predict_in_chunks
+
+    model = random_model("schnet", seed=1)
+    frames = _systems() + _systems()[:3]
+    whole = model.predict(frames, forces=True)
+    chunked = predict_in_chunks(model, frames, forces=True, chunk=3)
+    assert set(chunked) == set(whole)
+    for key in whole:
+        np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="--chunk"):
+        predict_in_chunks(model, frames, chunk=0)

@@ -178,6 +178,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--index", default=":", help="which frames (ASE index syntax)")
     p.add_argument("--forces", action="store_true", help="also predict forces")
     p.add_argument("--out", help="write results as extxyz (per-atom contributions as arrays)")
+    p.add_argument("--chunk", type=int, default=1000,
+                   help="structures per model call (default 1000)")
     p.set_defaults(func=run_predict)
 
 
@@ -199,6 +201,23 @@ def read_structures(path: str, index: str = ":"):
     return frames
 
 
+def predict_in_chunks(model, frames: list, forces: bool = False, chunk: int = 1000) -> dict:
+    """``model.predict`` over ``chunk`` structures at a time (bounded memory, a progress bar
+    on a terminal); the same arrays as one call on all of them."""
+    from tqdm.auto import tqdm
+
+    if chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, not {chunk}")
+    parts: dict[str, list] = {}
+    with tqdm(total=len(frames), desc="predict", unit="structure", leave=False,
+              disable=None) as bar:
+        for start in range(0, len(frames), chunk):
+            for key, value in model.predict(frames[start:start + chunk], forces=forces).items():
+                parts.setdefault(key, []).append(value)
+            bar.update(min(chunk, len(frames) - start))
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
 def run_predict(args) -> int:
     from .data.dataset import dataset_from_atoms
     from .models.io import load_model, model_folder, read_config
@@ -208,7 +227,7 @@ def run_predict(args) -> int:
     unit = read_config(folder)["model"].get("unit", "")
     frames = read_structures(args.file, args.index)
     dataset_from_atoms(frames, source=args.file)  # validates before any output is written
-    out = model.predict(frames, forces=args.forces)
+    out = predict_in_chunks(model, frames, forces=args.forces, chunk=args.chunk)
     start = 0
     for k, atoms in enumerate(frames):
         n = len(atoms)

@@ -13,7 +13,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("model", help="model folder (or the training output folder)")
     p.add_argument("structure", help="start structure: any ASE-readable file (xyz, extxyz, db, "
                                      "traj, ...)")
-    p.add_argument("--index", default="0", help="which frame of the structure file (ASE syntax)")
+    p.add_argument("--index", default="0",
+                   help="which frame(s) of the structure file (ASE syntax; several frames run "
+                        "as a batch of trajectories)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="independent trajectories per structure (different initial "
+                        "velocities), all advanced by one model call per step")
     p.add_argument("--ensemble", choices=["nve", "langevin"], default="nve")
     p.add_argument("--temperature", type=float, default=300.0,
                    help="initial Maxwell-Boltzmann and thermostat temperature, K (default 300)")
@@ -44,9 +49,10 @@ def run(args) -> int:
     from .md import run_md
 
     frames = read_structures(args.structure, args.index)
-    if len(frames) != 1:
-        raise ValueError(f"{args.structure}: --index {args.index!r} selects {len(frames)} "
-                         f"structures; MD needs one")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, not {args.replicas}")
+    if len(frames) * args.replicas > 1:
+        return run_batched(args, frames)
     atoms = frames[0]
     atoms.calc = None
     log = run_md(args.model, atoms, ensemble=args.ensemble,
@@ -62,4 +68,34 @@ def run(args) -> int:
           f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom, std "
           f"{drift['std_eV_per_atom'] * 1000:.3f} meV/atom")
     print(f"  trajectory: {Path(args.out)}  log: {Path(args.log)}")
+    return 0
+
+
+def numbered(path: str, k: int, n: int) -> Path:
+    """``md.traj`` -> ``md.3.traj`` for trajectory 3 of several (zero-padded to n's width)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{k:0{len(str(n - 1))}d}{path.suffix}")
+
+
+def run_batched(args, frames) -> int:
+    """Several trajectories (frames x replicas) through :class:`atomlens.batched_md.BatchedMD`."""
+    from .batched_md import run_batched_md
+
+    systems = [atoms for atoms in frames for _ in range(args.replicas)]
+    n = len(systems)
+    trajectories = [numbered(args.out, k, n) for k in range(n)]
+    logfiles = [numbered(args.log, k, n) for k in range(n)]
+    logs = run_batched_md(
+        args.model, systems, steps=args.steps, trajectories=trajectories, logfiles=logfiles,
+        interval=args.interval, ensemble=args.ensemble, temperature_K=args.temperature,
+        timestep_fs=args.timestep, friction=args.friction, seed=args.seed, device=args.device,
+        dtype="float64" if args.float64 else None, compile=args.compile)
+    print(f"{args.ensemble.upper()} MD of {n} trajectories ({len(frames)} structures x "
+          f"{args.replicas} replicas): {args.steps} steps of {args.timestep} fs")
+    for k, (atoms, log) in enumerate(zip(systems, logs)):
+        drift = log.drift(len(atoms))
+        print(f"  {k}: {atoms.get_chemical_formula()} mean T = "
+              f"{sum(log.temperature) / len(log.temperature):.1f} K; E_tot drift "
+              f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom -> {trajectories[k]}, "
+              f"{logfiles[k]}")
     return 0
