@@ -7,6 +7,7 @@ within a wall-clock budget. Prints one JSON object per molecule: energy MAE (kca
 and force MAE (kcal/mol/Angstrom, meV/Angstrom).
 
     python benchmarks/md17.py --molecules ethanol aspirin --minutes 8
+    python benchmarks/md17.py --molecules aspirin --minutes 30 --peers   # and SchNetPack
 
 The data are GFN2-xTB, not the PBE+vdW-TS of the original MD17: figures are not comparable
 with published MD17 errors, only in kind.
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-patience", type=int, default=5,
                         help="epochs without improvement before halving the learning rate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peers", action="store_true",
+                        help="also train SchNetPack (its own loop, its venv) on the same split, "
+                             "threads and budget; report both test MAEs")
     parser.add_argument("--out", type=Path, help="keep the trained models here")
     args = parser.parse_args(argv)
     from atomlens.runtime import configure
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         energy, forces = metrics["energy_mae"], metrics["forces_mae"]
         refit = offset_refit_mae(Path(config.out) / "model", data)
-        print(json.dumps({
+        record = {
             "benchmark": "md17", "protocol": "MD17 random split (train/val/rest test)",
             "reference": "GFN2-xTB (shared/data/md17-xtb)", "molecule": name,
             "model": args.model, "preset": f"md17-{args.model}", "n_atoms": int(data.n_atoms_per[0]),
@@ -94,8 +98,16 @@ def main(argv: list[str] | None = None) -> int:
             "train_seconds": round(seconds, 1), "threads": args.threads, "seed": args.seed,
             "energy_mae_kcal_mol": energy / KCAL_MOL_EV, "energy_mae_meV": energy * 1000,
             "forces_mae_kcal_mol_A": forces / KCAL_MOL_EV, "forces_mae_meV_A": forces * 1000,
-            "energy_mae_offset_refit_kcal_mol": refit / KCAL_MOL_EV}),
-            flush=True)
+            "energy_mae_offset_refit_kcal_mol": refit / KCAL_MOL_EV,
+            "n_test_evaluated": metrics["n_test_evaluated"]}
+        if args.peers:  # SchNetPack on the same frames, split, threads and budget
+            from time_to_accuracy import schnetpack_run
+
+            peer = schnetpack_run(Path(config.out), data, args.minutes, args.threads, config)
+            record.update(schnetpack=peer,
+                          energy_mae_ratio_atomlens_schnetpack=energy / peer["energy_mae_eV"],
+                          forces_mae_ratio_atomlens_schnetpack=forces / peer["forces_mae_eV_A"])
+        print(json.dumps(record), flush=True)
     return 0
 
 

@@ -10,7 +10,16 @@ atomlens data pipeline, and for the model alone)::
     python benchmarks/qm9.py --throughput            # atomlens only
     python benchmarks/qm9.py --throughput --peers    # side by side with SchNetPack 2.1.1
 
-Each result is one JSON line on stdout; progress goes to stderr. ``--peers`` runs
+Time to accuracy, side by side (atomlens, then SchNetPack with its own training loop, on the
+same split, test subset, atom references, threads and budget)::
+
+    python benchmarks/qm9.py --peers --n-train 10000 --minutes 30
+
+Throughput beside N busy processes (loaded / idle per library in the same run)::
+
+    python benchmarks/qm9.py --throughput --peers --background 2
+
+Each result is one JSON line on stdout; progress goes to stderr. ``--throughput --peers`` runs
 ``benchmarks/peers/schnetpack_qm9.py`` in SchNetPack's own venv (see ``peers/spk_env.py``) as a
 worker process and interleaves its repeats with atomlens's, so that both see the same load on
 a shared machine; the ratio atomlens / SchNetPack is taken per repeat and its median reported.
@@ -89,6 +98,7 @@ def accuracy(args) -> dict:
     config = preset(PRESETS[args.model]).updated(
         target=args.target, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
         max_minutes=args.minutes, seed=args.seed, threads=args.threads, progress=False,
+        test_subset=args.test_subset,
         device="cpu",
         out=args.out or f"runs/bench-qm9-{args.model}-{args.target}-{args.n_train}")
     data = load_qm9()
@@ -106,7 +116,16 @@ def accuracy(args) -> dict:
                       test_mae_kcal_mol=round(mae / units.KCAL_MOL_EV, 4))
     else:
         record.update(test_mae=mae, test_rmse=rmse, unit=metrics.get("unit"))
-    record.update(out=str(config.out), **machine())
+    record.update(out=str(config.out), n_test_evaluated=metrics["n_test_evaluated"],
+                  **machine())
+    if args.peers:  # SchNetPack on the same molecules, split, threads and budget
+        from time_to_accuracy import schnetpack_run
+
+        peer = schnetpack_run(Path(config.out), data, args.minutes, args.threads, config)
+        record["schnetpack"] = peer
+        if metrics.get("unit") == "eV":
+            record["schnetpack_test_mae_meV"] = round(peer["energy_mae_eV"] * 1e3, 2)
+        record["mae_ratio_atomlens_schnetpack"] = round(mae / peer["energy_mae_eV"], 3)
     emit(record)
     return record
 
@@ -387,7 +406,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--throughput", action="store_true", help="measure molecules per second")
-    parser.add_argument("--peers", action="store_true", help="also SchNetPack, interleaved")
+    parser.add_argument("--peers", action="store_true",
+                        help="also SchNetPack: interleaved (--throughput), else trained side by "
+                             "side on the same split and budget (time to accuracy)")
+    parser.add_argument("--test-subset", type=int, default=10000,
+                        help="accuracy: test molecules evaluated (a random subset)")
     parser.add_argument("--settings", default="128/6,64/3", help=f"of {sorted(SETTINGS)}")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--n-molecules", type=int, default=5000,
@@ -423,7 +446,7 @@ def main(argv=None) -> int:
     configure(threads=args.threads)
     if args.profile:
         profile(args)
-    elif args.throughput or args.peers:
+    elif args.throughput:
         throughput(args)
     else:
         accuracy(args)
