@@ -142,7 +142,8 @@ class BatchedMD:
                                               mode=None if compile is True else compile)
             else:
                 self.compiled = torch.compile(function, dynamic=False, backend=COMPILE_BACKEND)
-        self.energies, self.forces = self.energy_and_forces()
+        with torch.no_grad():  # as in step(): one grad mode, one compiled graph
+            self.energies, self.forces = self.energy_and_forces()
 
     # ------------------------------------------------------------------ model
     @staticmethod
