@@ -9,7 +9,7 @@ recipe is SchNetPack's own: an ``ASEAtomsData`` db with the atom references in i
 ``AtomsDataModule`` with the given split, ``ASENeighborList`` + ``RemoveOffsets`` (atom
 references and the per-atom mean) + ``CastTo32``, SchNet with an ``Atomwise`` head (and
 ``Forces`` for energy+force training), ``AtomisticTask`` with MSE losses (energy weight
-``rho``), Adam with SchNetPack's ``ReduceLROnPlateau`` on the validation loss, and a
+``rho``), Adam with ``ReduceLROnPlateau`` on the validation loss, and a
 Lightning ``Trainer`` with ``max_time`` = the budget. The best checkpoint is then evaluated
 on the test split. Prints one JSON line: test MAEs in eV (and eV/Angstrom).
 """
@@ -112,7 +112,9 @@ def main(argv=None) -> int:
                                             metrics={"MAE": torchmetrics.MeanAbsoluteError()}))
     task = spk.task.AtomisticTask(
         model=model, outputs=outputs, optimizer_cls=torch.optim.Adam,
-        optimizer_args={"lr": args.lr}, scheduler_cls=spk.train.ReduceLROnPlateau,
+        # SchNetPack's ReduceLROnPlateau wrapper passes `verbose`, which torch 2.13's no
+        # longer takes: the torch class it wraps, with the same arguments
+        optimizer_args={"lr": args.lr}, scheduler_cls=torch.optim.lr_scheduler.ReduceLROnPlateau,
         scheduler_args={"factor": 0.5, "patience": args.lr_patience, "min_lr": 1e-6},
         scheduler_monitor="val_loss")
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=workdir / "checkpoints", monitor="val_loss",
@@ -124,7 +126,9 @@ def main(argv=None) -> int:
                          accelerator="cpu", devices=1)
     trainer.fit(task, datamodule=datamodule)
     trained_s = time.perf_counter() - started
-    results = trainer.test(task, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+    # the checkpoint (written by this run) pickles SchNetPack's model as a hyperparameter
+    results = trainer.test(task, datamodule=datamodule, ckpt_path="best", verbose=False,
+                           weights_only=False)[0]
     record = {"library": "schnetpack", "epochs": trainer.current_epoch,
               "optimizer_steps": trainer.global_step, "train_wall_s": round(trained_s, 1),
               "total_wall_s": round(time.perf_counter() - started, 1),
