@@ -28,7 +28,7 @@ def _fake_trainer():
 def test_reserve_is_eval_fraction_times_observed_cost():
     stop = BudgetStop(deadline=1e12, n_after=1000, eval_fraction=0.5, margin_s=5.0)
     assert stop.reserve() == 5.0  # nothing observed yet
-    stop.seconds, stop.structures = 2.0, 100  # 0.02 s per training structure
+    stop.recent.extend([3.0, 0.02, 0.02])  # a first batch that compiled, then 0.02 s each
     assert stop.reserve() == pytest.approx(0.5 * 0.02 * 1000 + 5.0)
 
 
@@ -38,7 +38,7 @@ def test_budget_stops_when_the_reserve_no_longer_fits():
     stop.on_train_batch_start(trainer, None, batch, 0)
     stop.on_train_batch_end(trainer, None, None, batch, 0)
     assert not trainer.should_stop  # a fast batch: 1000 predictions fit in 100 s
-    stop.seconds, stop.structures = 10.0, 10  # 1 s per structure: 500 s reserve
+    stop.recent.extend([1.0, 1.0])  # 1 s per structure: 500 s reserve
     stop.on_train_batch_end(trainer, None, None, batch, 1)
     assert trainer.should_stop and stop.stopped
 

@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     trainer = pl.Trainer(max_time={"seconds": remaining}, max_epochs=100000,
                          callbacks=[checkpoint], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=workdir,
-                         accelerator="cpu", devices=1)
+                         accelerator="cpu", devices=1,
+                         inference_mode=False)  # forces are gradients, also in test
     trainer.fit(task, datamodule=datamodule)
     trained_s = time.perf_counter() - started
     # the checkpoint (written by this run) pickles SchNetPack's model as a hyperparameter

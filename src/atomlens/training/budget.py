@@ -3,8 +3,9 @@
 Lightning's ``max_time`` bounds ``fit`` alone; what follows it (the final evaluation on the
 test split, the energy-offset refit of force training, saving) used to run unbounded after
 the budget. :class:`BudgetStop` ends training early enough to leave room for it: after every
-training batch it estimates the seconds per structure of a forward pass from the batches so
-far and stops when
+training batch it estimates the seconds per training structure t_structure (the median over
+the last 20 batches, so that the first batches' one-off compilation does not count) and stops
+when
 
     now + reserve >= deadline,   reserve = eval_fraction * t_structure * n_after + margin_s
 
@@ -16,7 +17,9 @@ estimate is short.
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 
 import lightning.pytorch as pl
 
@@ -38,13 +41,14 @@ class BudgetStop(pl.Callback):
                  margin_s: float = MARGIN_S):
         self.deadline, self.n_after = deadline, n_after
         self.eval_fraction, self.margin_s = eval_fraction, margin_s
-        self.seconds, self.structures = 0.0, 0
+        #: seconds per structure of the most recent training batches
+        self.recent: deque[float] = deque(maxlen=20)
         self._batch_start: float | None = None
         self.stopped = False
 
     def reserve(self) -> float:
         """Seconds kept for the work after training (the module doc's formula)."""
-        per_structure = self.seconds / self.structures if self.structures else 0.0
+        per_structure = statistics.median(self.recent) if self.recent else 0.0
         return self.eval_fraction * per_structure * self.n_after + self.margin_s
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -52,9 +56,8 @@ class BudgetStop(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.monotonic()
-        if self._batch_start is not None:
-            self.seconds += now - self._batch_start
-            self.structures += batch.n_structures
+        if self._batch_start is not None and batch.n_structures:
+            self.recent.append((now - self._batch_start) / batch.n_structures)
         # one decision for all ranks (DDP), else they would wait on each other forever
         if trainer.strategy.reduce_boolean_decision(now + self.reserve() >= self.deadline,
                                                     all=False):
