@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import units as ase_units
+from tqdm.auto import tqdm
 
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
@@ -266,8 +267,6 @@ class BatchedMD:
             if paths is not None and len(paths) != self.n_structures:
                 raise ValueError(f"{name}: {len(paths)} files for {self.n_structures} "
                                  f"trajectories")
-        from tqdm.auto import tqdm
-
         logs = [MDLog() for _ in range(self.n_structures)]
         with contextlib.ExitStack() as stack:
             writers = [self._trajectory_writer(Path(p), stack) for p in trajectories or []]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import units as ase_units
+from tqdm.auto import tqdm
 
 LOG_COLUMNS = ("time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K")
 
@@ -163,8 +164,6 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
             writer.writerow([f"{v:.10g}" for v in row])
 
     dyn.attach(record, interval=interval)
-    from tqdm.auto import tqdm
-
     bar = stack.enter_context(tqdm(total=steps, desc=f"{ensemble.upper()} MD", unit="step",
                                    leave=False, disable=None))  # a bar on a terminal only
     dyn.attach(lambda: bar.update(1) if dyn.nsteps else None, interval=1)

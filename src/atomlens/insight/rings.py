@@ -23,6 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 #: bonded when d < BOND_SCALE * (r_cov(a) + r_cov(b))
 BOND_SCALE = 1.2
@@ -227,8 +228,6 @@ def ring_analysis(data, indices: np.ndarray, atomic: np.ndarray, atomref: np.nda
     """
     if "smiles" not in data.extras:
         raise ValueError("the data set has no SMILES (extra 'smiles'); rings need them")
-    from tqdm.auto import tqdm
-
     records, unmatched, start = [], 0, 0
     for m in tqdm(np.asarray(indices), desc="rings", unit="molecule", leave=False, disable=None):
         a, b = int(data.offsets[m]), int(data.offsets[m + 1])
