@@ -4,8 +4,8 @@ R trajectories (replicas of one molecule, or different molecules) are packed int
 :class:`~atomlens.data.Batch`; every step computes the neighbour pairs of all of them once
 and their energies and forces in one model call, so a small molecule's per-call overhead
 is paid once for R trajectories instead of R times. Units as in ASE: positions in Angstrom,
-momenta p in amu Angstrom / t_ASE (t_ASE = ``ase.units.fs`` / 0.0982...), energies in eV,
-forces in eV/Angstrom; ``dt`` = ``timestep_fs * ase.units.fs``.
+momenta p in amu Angstrom / t_ASE (ASE's time unit, 10.18 fs: ``ase.units.fs`` = 0.0982
+t_ASE), energies in eV, forces in eV/Angstrom; ``dt`` = ``timestep_fs * ase.units.fs``.
 
 Velocity Verlet (NVE; the same update as ``ase.md.verlet.VelocityVerlet``)::
 
