@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="keep the trained model here")
     args = parser.parse_args(argv)
+    from atomlens.runtime import configure
+
+    configure(threads=args.threads)  # before torch loads: threads, wait policy, allocator
 
     from atomlens.data.sources import read_iso17
     from atomlens.models import load_model

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,13 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float, help="initial Adam learning rate")
     p.add_argument("--epochs", type=int, dest="max_epochs", help="maximum number of epochs")
     p.add_argument("--minutes", type=float, dest="max_minutes",
-                   help="wall-clock budget in minutes (none: until --epochs or --patience)")
+                   help="wall-clock budget of the whole command, final evaluation included "
+                        "(none: until --epochs or --patience)")
+    p.add_argument("--test-subset", type=int,
+                   help="final evaluation on at most this many random test structures "
+                        "(default 10000)")
+    p.add_argument("--full-test", action="store_true", default=None,
+                   help="final evaluation on the whole test split")
     p.add_argument("--ema-decay", type=float,
                    help="keep an exponential moving average of the weights (e.g. 0.999)")
     p.add_argument("--patience", type=int, dest="early_stopping_patience",
@@ -164,7 +171,8 @@ def config_from_args(args):
         "data", "target", "forces", "rho", "stress", "stress_weight", "n_train", "n_val", "n_test", "max_structures",
         "batch_size", "lr", "max_epochs", "max_minutes", "ema_decay", "early_stopping_patience",
         "device", "num_nodes", "strategy", "threads", "compile", "seed", "energy_unit",
-        "length_unit", "out", "init_from", "refit_statistics", "freeze_representation")}
+        "length_unit", "out", "init_from", "refit_statistics", "freeze_representation",
+        "test_subset", "full_test")}
     overrides["devices"] = devices
     if args.no_progress:
         overrides["progress"] = False
@@ -187,7 +195,7 @@ def run_train(args) -> int:
             print(f"model_{k}:")
             _print_metrics(metrics, config.target, metrics.get("unit", ""))
         return 0
-    metrics = train(config, resume=args.resume, overwrite=args.overwrite)
+    metrics = train(config, resume=args.resume, overwrite=args.overwrite, started=args.started)
     if metrics:
         print(f"model saved in {Path(config.out) / 'model'}")
         _print_metrics(metrics, config.target, metrics.get("unit", ""))
@@ -257,6 +265,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--out", help="write the structures with the predictions as extxyz")
     p.add_argument("--allow-unknown-elements", action="store_true",
                    help="predict for elements the model was not trained on (a warning)")
+    p.add_argument("--chunk", type=int, default=1000,
+                   help="structures per model call (default 1000)")
     p.set_defaults(func=run_predict)
 
 
@@ -282,6 +292,23 @@ def read_structures(path: str, index: str = ":"):
 PREDICTION_PREFIX = "atomlens_"
 
 
+def predict_in_chunks(predict, frames: list, chunk: int = 1000, **options) -> dict:
+    """``predict(frames, **options)`` over ``chunk`` structures at a time (bounded memory, a
+    progress bar on a terminal); the same arrays as one call on all of them."""
+    from tqdm.auto import tqdm
+
+    if chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, not {chunk}")
+    parts: dict[str, list] = {}
+    with tqdm(total=len(frames), desc="predict", unit="structure", leave=False,
+              disable=None) as bar:
+        for start in range(0, len(frames), chunk):
+            for key, value in predict(frames[start:start + chunk], **options).items():
+                parts.setdefault(key, []).append(value)
+            bar.update(min(chunk, len(frames) - start))
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
 def run_predict(args) -> int:
     from .data.dataset import dataset_from_atoms
     from .ensemble import load_ensemble, predict_ensemble
@@ -291,11 +318,12 @@ def run_predict(args) -> int:
     frames = read_structures(args.file, args.index)
     dataset_from_atoms(frames, source=args.file, targets=False)  # validate before any output
     if len(models) == 1:
-        out = model.predict(frames, forces=args.forces,
-                            allow_unknown_elements=args.allow_unknown_elements)
+        predict = model.predict
     else:
-        out = predict_ensemble(models, frames, forces=args.forces,
-                               allow_unknown_elements=args.allow_unknown_elements)
+        def predict(atoms, **options):
+            return predict_ensemble(models, atoms, **options)
+    out = predict_in_chunks(predict, frames, args.chunk, forces=args.forces,
+                            allow_unknown_elements=args.allow_unknown_elements)
     target, std = model.target, len(models) > 1
     charges = "charges" in out  # a dipole model: per-atom partial charges (e)
     print(f"{'ensemble of ' + str(len(models)) + ' models' if std else 'model'}: {target} in "
@@ -401,14 +429,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
+    _add_threads(parser)
     return parser
 
 
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` on every command that lacks it (nested subcommands included)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_threads(command)
+            return
+    if not any("--threads" in action.option_strings for action in parser._actions):
+        parser.add_argument("--threads", type=int,
+                            help="torch CPU threads (default: the CPUs available to atomlens)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import configure, prepare_environment
+
+    started = time.monotonic()  # budgets (train --minutes) count from here
+    prepare_environment()  # before torch loads: libgomp reads its wait policy once
     args = build_parser().parse_args(argv)  # before any heavy import: --help stays fast
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        print(f"atomlens {args.command}: error: --threads must be >= 1, not {args.threads}",
+              file=sys.stderr)
+        return 2
     from ._optional import MissingExtra
     from .data.dataset import DataError
 
+    args.started = started
+    configure(threads=getattr(args, "threads", None))
     try:
         return args.func(args)
     except (DataError, OSError, ValueError, MissingExtra) as err:  # OSError: missing, unreadable

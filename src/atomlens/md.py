@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import units as ase_units
+from tqdm.auto import tqdm
 
 LOG_COLUMNS = ("time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K")
 ENSEMBLES = ("nve", "langevin", "npt")
@@ -258,6 +259,9 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     dyn.attach(_stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K,
                                 max_drift_eV_per_atom), interval=1)
     dyn.attach(record, interval=interval)
+    bar = stack.enter_context(tqdm(total=steps, desc=f"{ensemble.upper()} MD", unit="step",
+                                   leave=False, disable=None))  # a bar on a terminal only
+    dyn.attach(lambda: bar.update(1) if dyn.nsteps else None, interval=1)
     previous_threads = torch.get_num_threads()
     try:
         with stack:
