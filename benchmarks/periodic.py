@@ -43,8 +43,8 @@ from atomlens.runtime import configure, prepare_environment
 
 prepare_environment()  # before torch loads: libgomp reads its wait policy once
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data" / "periodic"
