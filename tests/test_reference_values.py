@@ -19,6 +19,7 @@ Both: E = sum_i [scale (V2 act(V1 x_i + c1) + c2) + shift + atomref[Z_i]] (eV), 
 """
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -169,3 +170,7 @@ def test_energies_and_forces_equal_the_equations(case):
                                  numpy_activation)
         assert np.abs(expected_forces).max() > 0.1
         np.testing.assert_allclose(out["forces"], expected_forces, rtol=0, atol=2e-6)
+        # the general path: every directed pair on its own (probe maps use it)
+        batch = replace(model.batch_from_atoms(atoms), symmetric_pairs=False)
+        general = model(batch)["energy"].detach().numpy()
+        assert general[0] == pytest.approx(expected, rel=0, abs=tolerance)
