@@ -6,7 +6,8 @@
     sigma = (1/V) dY/d eps                                   stress of periodic cells
 
 ``scale``, ``shift`` and ``atomref`` are buffers fitted on the training split, so a saved
-model carries them. Forces are the gradient of the one energy model, never a separate head.
+model carries them. With ``output="dipole"`` the y_i are latent charges instead, and
+:class:`~atomlens.models.dipole.DipoleMoment` turns them into a dipole moment. Forces are the gradient of the one energy model, never a separate head.
 """
 
 from __future__ import annotations
