@@ -17,6 +17,7 @@ from atomlens.explain.graph import (
     _ProductStatistics,
     fit_molecule_patterns,
     lrp_epsilon_rules,
+    lrp_gamma_rules,
     n_body_terms,
     relevance_graph,
     walk_n_body,
@@ -187,6 +188,29 @@ def test_gamma_rule_matches_its_definition():
             denominator = z[r, j] + gamma * ((contributions * same).sum() + b_same)
             expected[r] += (contributions + gamma * contributions * same) / denominator * relevance_out[r, j]
     torch.testing.assert_close(x * g, expected)
+
+
+def test_pairwise_rules_match_their_definitions():
+    """cfconv rules: R_p = c_p x_p g_r must be the epsilon / gamma share of receiver r's R_r."""
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.randn(7, 2, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(7, 2, generator=generator, dtype=torch.float64)
+    receivers = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    relevance = torch.randn(3, 2, generator=generator, dtype=torch.float64)
+    u = weights * inputs
+    z = torch.zeros(3, 2, dtype=torch.float64).index_add_(0, receivers, u)
+    epsilon, gamma = 0.3, 0.4
+    c = lrp_epsilon_rules(epsilon).pairwise("cfconv", weights, inputs, receivers, 3)
+    expected = u * (relevance / (z + epsilon * torch.sign(z)))[receivers]
+    torch.testing.assert_close(inputs * c * (relevance / z)[receivers], expected)
+    c = lrp_gamma_rules(gamma).pairwise("cfconv", weights, inputs, receivers, 3)
+    for p in range(7):
+        r = int(receivers[p])
+        members = receivers == r
+        same = torch.sign(u[members]) == torch.sign(z[r])
+        share = (u[p] + gamma * u[p] * (torch.sign(u[p]) == torch.sign(z[r])))
+        share = share / (z[r] + gamma * (u[members] * same).sum(0)) * relevance[r]
+        torch.testing.assert_close(inputs[p] * c[p] * relevance[r] / z[r], share)
 
 
 def test_per_filter_pattern_is_the_signal_direction():
