@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from atomlens.models.base import representation_names
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget")
     parser.add_argument("--n-val", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--model", choices=["schnet", "dtnn"], default="schnet")
+    parser.add_argument("--model", choices=representation_names(), default="schnet")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr-patience", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from atomlens.models.base import representation_names
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 MOLECULES = ["ethanol", "malonaldehyde", "uracil", "aspirin"]
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget per molecule")
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-val", type=int, default=1000)
-    parser.add_argument("--model", choices=["schnet", "dtnn"], default="schnet")
+    parser.add_argument("--model", choices=representation_names(), default="schnet")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr-patience", type=int, default=5,
                         help="epochs without improvement before halving the learning rate")

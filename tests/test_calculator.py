@@ -5,7 +5,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import molecule
-from helpers import random_model
+from helpers import MODELS, random_model
 
 import atomlens
 from atomlens.data import DataError
@@ -27,7 +27,7 @@ def _direct(model, atoms, dtype=torch.float64):
     return {k: v.detach().numpy() for k, v in out.items()}
 
 
-@pytest.mark.parametrize("representation", ["schnet", "dtnn"])
+@pytest.mark.parametrize("representation", MODELS)
 def test_calculator_matches_model(representation):
     model = random_model(representation)
     atoms = _two_ethanols()
@@ -90,10 +90,14 @@ def test_calculator_refuses_bad_atoms():
     overlapping.calc = calc
     with pytest.raises(DataError, match="overlapping"):
         overlapping.get_potential_energy()
-    periodic = molecule("H2O", vacuum=3.0, pbc=True)
-    periodic.calc = calc
-    with pytest.raises(DataError, match="periodic"):
-        periodic.get_potential_energy()
+    flat = molecule("H2O", pbc=True)  # periodic, but the cell has no volume
+    flat.calc = calc
+    with pytest.raises(DataError, match="no volume"):
+        flat.get_potential_energy()
+    touching = Atoms("H", positions=[[0, 0, 0]], cell=[0.05, 3, 3], pbc=True)
+    touching.calc = calc  # an atom on top of its own periodic image
+    with pytest.raises(DataError, match="periodic image"):
+        touching.get_potential_energy()
     atoms = molecule("H2O")
     atoms.calc = calc
     atoms.get_potential_energy()

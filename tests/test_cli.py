@@ -1,5 +1,7 @@
 """The atomlens command: train -> evaluate -> predict, and clear errors for bad input."""
 
+import json
+
 import ase.build
 import ase.io
 import numpy as np
@@ -29,7 +31,22 @@ def test_train_evaluate(trained, capsys):
     assert (trained / "run" / "model" / "model.safetensors").is_file()
     assert main(["evaluate", str(trained / "run"), "--split", "test"]) == 0
     out = capsys.readouterr().out
-    assert "U0_MAE" in out and "meV" in out and "kcal/mol" in out
+    assert "U0_MAE" in out and "meV" in out and "kcal/mol" in out and "(test split)" in out
+    # the split is written to the output folder first (what resume reads) and with the model
+    from atomlens.data.splits import load_split
+
+    first, saved = (load_split(trained / "run" / name) for name in ("split.npz", "model/split.npz"))
+    assert first.keys() == saved.keys() == {"train", "val", "test"}
+    for key in first:
+        assert (first[key] == saved[key]).all()
+    assert sorted(len(v) for v in first.values()) == [10, 10, 20]
+    # another data set is scored on every frame and labelled so
+    assert main(["evaluate", str(trained / "run"), "--data", str(trained / "packed"),
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["split"] == "all" and doc["n"] == 40
+    assert main(["evaluate", str(trained / "run"), "--data", str(trained / "packed")]) == 0
+    assert "on 40 structures (all frames)" in capsys.readouterr().out
 
 
 def test_predict_writes_per_atom_contributions(trained, tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from ase.build import molecule
 
-from atomlens.data.batch import Batch
+from atomlens.data.batch import Batch, Pairs
 from atomlens.data.dataset import dataset_from_atoms
 from atomlens.data.neighbors import molecular_pairs
 from atomlens.insight import atomic_energies, extensivity, isolated_atom_energy, probe_energies
@@ -47,8 +47,7 @@ def batch_of(atoms_list, model, symmetric=True) -> Batch:
 
 
 def total_energy(model, numbers, positions, pair_i, pair_j, symmetric=False) -> torch.Tensor:
-    features = model.representation(numbers, positions, pair_i, pair_j, symmetric)
-    return model.atomic_contributions(features, numbers)
+    return model.atomic_energies(numbers, positions, Pairs(pair_i, pair_j, None, symmetric))
 
 
 # --------------------------------------------------------------------------- DTNN model
@@ -389,6 +388,17 @@ def test_cli_atomic_energies_potential_map_extensivity(tmp_path, saved_model, ca
     assert (tmp_path / "pm.png").read_bytes()[:4] == b"\x89PNG"
     data, atoms = read_cube_data(str(tmp_path / "pm.cube"))
     assert data.ndim == 3 and len(atoms) == 12 and np.isfinite(data).all()
+    # --reference isolated subtracts the lone probe's energy, "none" keeps the full Omega
+    assert run_insight(["potential-map", str(saved_model), str(xyz), "--index", "1",
+                        "--probe", "H", "--spacing", "0.4", "--out", str(tmp_path / "pm0.png"),
+                        "--cube", str(tmp_path / "pm0.cube"), "--cube-spacing", "0.6",
+                        "--reference", "none", "--dtype", "float64"]) == 0
+    full, _ = read_cube_data(str(tmp_path / "pm0.cube"))
+    from atomlens.models import load_model
+
+    lone = isolated_atom_energy(load_model(saved_model, dtype=torch.float64), 1)
+    assert abs(lone) > 1e-3
+    np.testing.assert_allclose(full - data, lone, rtol=0, atol=1e-5 * (1 + abs(lone)))
 
     assert run_insight(["extensivity", str(saved_model), str(xyz)]) == 0
     assert "size-extensive" in capsys.readouterr().out

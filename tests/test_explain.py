@@ -5,6 +5,7 @@ heads and the CLI."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import types
@@ -114,6 +115,43 @@ def test_patternattribution_closed_form_one_layer():
     assert torch.allclose(relevance, (model.weight[target] * chosen * output[:, None]).detach())
 
 
+def test_two_component_patterns_closed_form():
+    """a_+ = (E_+[x y] - E_+[x] E[y]) / (w^T E_+[x y] - w^T E_+[x] E[y]) with E[y] over ALL
+    samples (Kindermans et al. 2018), written here in numpy from the equation."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x = correlated_data(3000, 4, seed=1, offset=1.5)  # E_+[y] far from E[y]: forms differ
+    with torch.no_grad():  # both regimes well populated: 30 %, 50 %, 70 % positive
+        projection = x @ model.weight.T
+        model.bias.copy_(-projection.quantile(torch.tensor([0.7, 0.5, 0.3]), dim=0).diag())
+    patterns = fit_patterns(model, x.split(700))[""]
+    xs = x.double().numpy()
+    w = model.weight.detach().double().numpy()
+    y = xs @ w.T + model.bias.detach().double().numpy()
+    for key, regime in (("a_plus", y > 0), ("a_minus", y <= 0)):
+        for k in range(3):
+            rows = regime[:, k]
+            ex_plus, exy_plus = xs[rows].mean(0), (xs[rows] * y[rows, k : k + 1]).mean(0)
+            numerator = exy_plus - ex_plus * y[:, k].mean()
+            expected = numerator / (w[k] @ numerator)
+            ours = patterns[key][k].double().numpy()
+            np.testing.assert_allclose(ours, expected, rtol=2e-4, atol=1e-6)
+            # the earlier form with E_+[y] (the regime's own mean) is far from it here
+            own = exy_plus - ex_plus * y[rows, k].mean()
+            assert np.abs(own / (w[k] @ own) - expected).max() > 0.05 * np.abs(expected).max()
+    # what the form guarantees: cov[x - S_a+-(x), w^T x] = 0 over all samples
+    a = torch.where(
+        torch.from_numpy(y > 0)[:, :, None], patterns["a_plus"], patterns["a_minus"]
+    ).double()
+    projection = torch.from_numpy(xs @ w.T)
+    distractor = torch.from_numpy(xs)[:, None, :] - a * projection[:, :, None]
+    centred = distractor - distractor.mean(0)
+    covariance = (centred * (projection - projection.mean(0))[:, :, None]).mean(0)
+    assert covariance.abs().max() < 1e-4 * projection.std(0).max() * torch.from_numpy(xs).std()
+
+
 def test_conservation():
     model = small_cnn(bias=False)
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -176,20 +214,25 @@ def test_agrees_with_zennit(images):
     model = small_cnn()
     with torch.no_grad():
         output = model(images)
-    target = output.argmax(1)
-    seed = torch.zeros_like(output).scatter(1, target[:, None], output.gather(1, target[:, None]))
     cases = [
         ("lrp_epsilon", Epsilon(0.01), {"epsilon": 0.01}),
+        ("lrp_epsilon", Epsilon(0.5), {"epsilon": 0.5}),  # large: eps sign z visibly matters
         ("lrp_alphabeta", AlphaBeta(1.0, 0.0), {}),
         ("lrp_alpha2_beta1", AlphaBeta(2.0, 1.0), {}),
     ]
-    for method, rule, options in cases:
+    # the arg-max and the arg-min class: the smallest output is negative for most images, so
+    # negative z_j reach the output layer's rule (where eps * sign(z) and beta matter)
+    targets = (output.argmax(1), output.argmin(1))
+    assert (output.gather(1, targets[1][:, None]) < 0).any()
+    for target, (method, rule, options) in itertools.product(targets, cases):
+        seed = torch.zeros_like(output).scatter(1, target[:, None],
+                                                output.gather(1, target[:, None]))
         # average pooling is a linear layer: Zennit's Norm rule is our gradient through it
         composite = LayerMapComposite([((nn.Linear, nn.Conv2d), rule), (nn.AvgPool2d, Norm())])
         with Gradient(model, composite) as attributor:
             _, expected = attributor(images.clone().requires_grad_(True), seed)
         ours = explain(model, images, method, target=target, **options)
-        assert torch.allclose(ours, expected, atol=1e-5), method
+        assert torch.allclose(ours, expected, atol=1e-5), (method, options)
 
 
 def test_streaming_statistics_equal_one_pass():

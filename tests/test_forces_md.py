@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from ase.build import molecule
-from helpers import random_model, random_rotation
+from helpers import MODELS, random_model, random_rotation
 
 import atomlens
 from atomlens import units
@@ -48,7 +48,7 @@ def one_thread():
 
 
 # ------------------------------------------------------------------ forces = -grad E
-@pytest.mark.parametrize("representation", ["schnet", "dtnn"])
+@pytest.mark.parametrize("representation", MODELS)
 def test_forces_are_minus_the_finite_difference_gradient(representation):
     model = random_model(representation, seed=1)
     atoms = _aspirin_like()
@@ -69,7 +69,7 @@ def test_forces_are_minus_the_finite_difference_gradient(representation):
     torch.testing.assert_close(forces, numeric, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("representation", ["schnet", "dtnn"])
+@pytest.mark.parametrize("representation", MODELS)
 def test_forces_rotate_with_the_molecule(representation):
     model = random_model(representation, seed=2)
     atoms = _aspirin_like()
@@ -167,7 +167,38 @@ def test_langevin_md_writes_trajectory_and_log(tmp_path):
     assert float(rows[2]["etot_eV"]) == pytest.approx(float(rows[2]["epot_eV"])
                                                       + float(rows[2]["ekin_eV"]), rel=1e-8)
     with pytest.raises(ValueError, match="ensemble"):
-        run_md(calc, atoms, ensemble="npt", steps=1)
+        run_md(calc, atoms, ensemble="nvt", steps=1)
+    with pytest.raises(ValueError, match="periodic"):
+        run_md(calc, atoms, ensemble="npt", steps=1)  # NPT needs a cell
+
+
+def test_md_starts_at_the_requested_temperature_and_langevin_holds_it():
+    """The initial kinetic temperature is T over the degrees of freedom left (NVE: 3n - 6,
+    both momenta zero; Langevin: 3n - 3), and Langevin keeps the mean kinetic temperature at T
+    (measured 432, 400 and 401 K for 400 K with seeds 2, 3, 4; bound +-15 %)."""
+    from atomlens.md import degrees_of_freedom, kinetic_temperature
+
+    calc = atomlens.Calculator(random_model("schnet", seed=3))
+    atoms = molecule("CH3CH2OH")
+    assert degrees_of_freedom(atoms, rotation_removed=True) == 21
+    assert degrees_of_freedom(molecule("CO2"), rotation_removed=True) == 4  # linear: 3n - 5
+    log = run_md(calc, atoms, ensemble="nve", temperature_K=500.0, steps=0, seed=1)
+    assert log.temperature[0] == pytest.approx(500.0, rel=1e-9)
+    momenta = atoms.get_momenta()
+    np.testing.assert_allclose(momenta.sum(0), 0.0, atol=1e-12)
+    relative = atoms.positions - atoms.get_center_of_mass()
+    velocities = momenta / atoms.get_masses()[:, None]
+    angular = (np.cross(relative, velocities) * atoms.get_masses()[:, None]).sum(0)
+    np.testing.assert_allclose(angular, 0.0, atol=1e-10)
+    assert kinetic_temperature(atoms, 21) == pytest.approx(500.0, rel=1e-9)
+
+    atoms = molecule("CH3CH2OH")
+    log = run_md(calc, atoms, ensemble="langevin", temperature_K=400.0, steps=1500,
+                 friction=0.05, timestep_fs=0.5, seed=2)
+    assert log.temperature[0] == pytest.approx(400.0, rel=1e-9)
+    assert kinetic_temperature(atoms) == pytest.approx(log.temperature[-1])  # 3n - 3
+    mean = np.mean(log.temperature[100:])
+    assert 340.0 < mean < 460.0, mean
 
 
 # ------------------------------------------------------------------ MD17 / ISO17 through training
@@ -247,9 +278,15 @@ def test_md_command(tmp_path, capsys):
     frames = read(tmp_path / "md.extxyz", index=":")
     assert len(frames) == 3 and "forces" in frames[-1].calc.results
     assert len((tmp_path / "md.csv").read_text().splitlines()) == 4
+    # --compile runs the same trajectory (same seed) through the compiled calculator
+    assert main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "10",
+                 "--timestep", "0.5", "--interval", "5", "--ensemble", "nve", "--float64",
+                 "--compile", "--log", str(tmp_path / "compiled.csv")]) == 0
+    eager, compiled = (np.loadtxt(tmp_path / name, delimiter=",", skiprows=1)
+                       for name in ("md.csv", "compiled.csv"))
+    np.testing.assert_allclose(compiled, eager, rtol=1e-8, atol=1e-9)
     assert main(["md", str(tmp_path / "model"), str(tmp_path / "missing.xyz")]) == 2
-    # the log goes beside the trajectory; nothing is overwritten unless asked; a thermostatted
-    # run reports its temperature, not an energy drift
+    # a thermostatted run reports its temperature, not an energy drift
     run = tmp_path / "runs" / "nvt.traj"
     args = ["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "4",
             "--interval", "2", "--ensemble", "langevin", "--out", str(run)]
@@ -258,5 +295,3 @@ def test_md_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "E_tot drift" not in printed and "thermostat 300 K" in printed
     assert (tmp_path / "runs" / "nvt.csv").is_file()
-    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
-    assert main(args + ["--overwrite"]) == 0

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import qm9_sample, random_model, random_rotation
+from helpers import MODELS, qm9_sample, random_model, random_rotation
 
 from atomlens.data import PackedDataset, molecular_pairs
 from atomlens.models import load_model, save_model
@@ -14,7 +14,7 @@ def data():
     return qm9_sample()
 
 
-@pytest.mark.parametrize("rep", ["schnet", "dtnn"])
+@pytest.mark.parametrize("rep", MODELS)
 def test_energy_invariant_to_rotation_translation_permutation(data, rep):
     model = random_model(rep)
     batch = data.batch([0, 1, 2], cutoff=model.cutoff, dtype=torch.float64)
@@ -37,7 +37,7 @@ def test_energy_invariant_to_rotation_translation_permutation(data, rep):
     assert abs(float(e1[0].detach() - energy[0].detach())) < 1e-9
 
 
-@pytest.mark.parametrize("rep", ["schnet", "dtnn"])
+@pytest.mark.parametrize("rep", MODELS)
 def test_molecule_alone_equals_molecule_in_batch(data, rep):
     model = random_model(rep)
     together = model(data.batch(range(10), model.cutoff, torch.float64))
@@ -53,7 +53,7 @@ def test_float32_batch_matches_float64_within_tolerance(data):
     torch.testing.assert_close(e32.double(), e64, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("rep", ["schnet", "dtnn"])
+@pytest.mark.parametrize("rep", MODELS)
 def test_save_load_identical_predictions(tmp_path, data, rep):
     model = random_model(rep)
     path = save_model(model, tmp_path / "m")

@@ -101,3 +101,34 @@ def test_sampling_errors():
     except ImportError:
         with pytest.raises(ImportError, match="pip install pyscf"):
             make_calculator("pyscf")
+
+
+def test_periodic_cell_sampled_with_its_cell_and_stress(tmp_path):
+    """GFN1-xTB MD of a two-atom silicon cell through the CLI: cells and stress kept."""
+    from ase.build import bulk
+    from ase.io import write as ase_write
+
+    from atomlens.cli import main
+    from atomlens.data.sources import read_any
+
+    ase_write(tmp_path / "si.extxyz", bulk("Si", "diamond", a=5.43))
+    assert main(["sample", "--xyz", str(tmp_path / "si.extxyz"), "--frames", "2", "--every",
+                 "1", "--equilibration", "0", "--cells", "2", "--strain", "0.03",
+                 "--temperature", "300", "--out", str(tmp_path / "si_md.extxyz")]) == 0
+    data = read_any(tmp_path / "si_md.extxyz", energy_unit="eV", length_unit="Angstrom")
+    assert len(data) == 2 and data.pbc.all()
+    assert data.units["stress"] == "eV/Angstrom^3"
+    volumes = np.abs(np.linalg.det(data.cell))
+    assert volumes[0] != pytest.approx(volumes[1])  # the second copy is strained
+    # the stored stress is GFN1-xTB's for the stored cell and positions
+    from tblite.ase import TBLite
+
+    atoms = data.atoms(1)
+    atoms.calc = TBLite(method="GFN1-xTB", verbosity=0)
+    np.testing.assert_allclose(data.targets["stress"][1], atoms.get_stress(voigt=False),
+                               atol=1e-6)
+    with pytest.raises(SystemExit):
+        main(["sample", "--xyz", str(tmp_path / "si.extxyz"), "--out", str(tmp_path / "x.npz"),
+              "--cells", "x"])
+    assert main(["sample", "--xyz", str(tmp_path / "si.extxyz"), "--frames", "1",
+                 "--out", str(tmp_path / "si.npz")]) == 2  # cells need extxyz

@@ -222,8 +222,19 @@ def test_extxyz_roundtrip(tmp_path):
     np.testing.assert_allclose(back.targets["energy"], data.targets["energy"], rtol=1e-10)
     np.testing.assert_allclose(back.targets["forces"], data.targets["forces"], atol=1e-7)
     np.testing.assert_allclose(back.positions, data.positions, atol=1e-7)
-    # declared units are converted: the same numbers read as kcal/mol and nm
-    scaled = read_any(path, energy_unit="kcal/mol", length_unit="nm")
+    # the file states its units: a contradicting declaration is refused
+    with pytest.raises(DataError, match="says its energy unit is 'eV' but 'kcal/mol'"):
+        read_any(path, energy_unit="kcal/mol")
+    # a file without units is refused unless they are declared, and then converted
+    import ase.io
+
+    frames = ase.io.read(path, ":")
+    for atoms in frames:
+        del atoms.info["energy_unit"], atoms.info["length_unit"]
+    ase.io.write(tmp_path / "plain.extxyz", frames)
+    with pytest.raises(DataError, match="does not state their unit"):
+        read_any(tmp_path / "plain.extxyz")
+    scaled = read_any(tmp_path / "plain.extxyz", energy_unit="kcal/mol", length_unit="nm")
     np.testing.assert_allclose(scaled.positions, 10 * back.positions)
     np.testing.assert_allclose(scaled.targets["forces"], back.targets["forces"] / 23.060548 / 10,
                                rtol=1e-6)

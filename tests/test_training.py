@@ -1,7 +1,6 @@
-"""Training: overfitting, resuming a killed run, DDP equivalence, configs and presets."""
+"""Training: overfitting, resuming a killed run, configs and presets (DDP: test_faults.py)."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -88,23 +87,6 @@ def test_resume_continues_from_last_checkpoint(tmp_path, data):
     assert np.nanmin(metrics["epoch"]) >= 2  # the resumed run did not start again at epoch 0
 
 
-def test_ema_training_runs(tmp_path, data):
-    metrics = train(tiny_config(tmp_path, ema_decay=0.9), data=data)
-    assert np.isfinite(metrics["U0_mae"])
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
-def test_ddp_two_processes_match_single_process(tmp_path, data):
-    """2 CPU processes (gloo) on the same global batches give the single-process weights."""
-    common = {"max_epochs": 2, "batch_size": 10, "lr": 1e-3, "seed": 3}
-    single = tiny_config(tmp_path / "single", **common)
-    train(single, data=data)
-    ddp = tiny_config(tmp_path / "ddp", strategy="ddp_spawn", devices=2, **common)
-    train(ddp, data=data)
-    a = load_model(tmp_path / "single" / "run" / "model").state_dict()
-    b = load_model(tmp_path / "ddp" / "run" / "model").state_dict()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_config_files_and_presets(tmp_path):
@@ -119,6 +101,7 @@ def test_config_files_and_presets(tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         preset("nope")
     assert preset("qm9-u0-dtnn").model.representation == "dtnn"
+    assert preset("qm9-u0-schnet").model.head_activation == "silu"  # SchNetPack 2.1.1 Atomwise
 
 
 def test_unknown_target_is_a_clear_error(tmp_path, data):
@@ -148,3 +131,101 @@ def test_refit_offset_recovers_a_constant_per_atom_shift(data):
     assert delta == pytest.approx(-0.3, abs=1e-9)
     np.testing.assert_allclose(predict_dataset(model, sub, idx)["energy"],
                                sub.targets["energy"], atol=1e-8)
+
+
+QM9_EXTENSIVE = {"U0", "U", "H", "G", "zpve", "cv", "alpha", "r2"}
+QM9_INTENSIVE = {"homo", "lumo", "gap", "mu"}
+
+
+@pytest.mark.parametrize("target", sorted(QM9_EXTENSIVE | QM9_INTENSIVE))
+def test_pooling_and_references_follow_the_data_declaration(tmp_path, data, target):
+    """Every QM9 target: sum pooling with per-element references when extensive, mean
+    pooling without references when intensive; the declaration survives save/load."""
+    from atomlens.models import build_model
+    from atomlens.training.train import adapt_to_data
+
+    loaded = type(data).load(data.save(tmp_path / "packed"))
+    extensive = target in QM9_EXTENSIVE
+    assert loaded.is_extensive(target) is extensive
+    config = adapt_to_data(tiny_config(tmp_path, target=target), loaded)
+    assert config.model.target == target and config.model.unit == loaded.units[target]
+    assert config.model.aggregation == ("sum" if extensive else "mean")
+    assert config.model.output == ("dipole" if target == "mu" else "scalar")
+    if target == "mu":  # latent charges, tested in test_dipole.py
+        return
+    model = build_model(config.model).double()
+    idx = np.arange(30)
+    fit_statistics(model, loaded, idx)
+    assert bool(model.atomref.abs().sum() > 0) is extensive
+    # with the head silenced, each molecule's prediction is its pooled constant part
+    torch.nn.init.zeros_(model.head[-1].weight)
+    torch.nn.init.zeros_(model.head[-1].bias)
+    batch = loaded.batch(idx[:5], model.cutoff, torch.float64)
+    predicted = model(batch)[target].detach().numpy()
+    shift = float(model.shift)
+    if extensive:
+        refs = model.atomref.numpy()[batch.numbers.numpy()]
+        expected = np.bincount(batch.structure_index.numpy(), refs + shift)
+    else:
+        expected = np.full(5, shift)
+        values = np.asarray(loaded.targets[target])[idx]
+        assert shift == pytest.approx(values.mean())
+    np.testing.assert_allclose(predicted, expected, rtol=1e-10)
+
+
+def test_undeclared_targets_are_extensive(data):
+    from atomlens.data import DataError
+
+    energy = type(data)(data.numbers, data.positions, data.offsets,
+                        {"energy": np.asarray(data.targets["U0"])}, {"energy": "eV"})
+    assert energy.is_extensive("energy")
+    with pytest.raises(DataError, match="unknown target 'E0'"):
+        energy.is_extensive("E0")
+
+
+def test_energy_force_loss_weighting():
+    """loss = rho mean_m (E_m - E^_m)^2 + (1 - rho) mean_i |F_i - F^_i|^2, written out here."""
+    from helpers import random_model
+
+    from atomlens.data.batch import Batch, Pairs
+
+    rng = np.random.default_rng(0)
+    n_atoms = 7
+    targets = {"energy": torch.from_numpy(rng.normal(size=2)),
+               "forces": torch.from_numpy(rng.normal(size=(n_atoms, 3)))}
+    pred = {"energy": torch.from_numpy(rng.normal(size=2)),
+            "forces": torch.from_numpy(rng.normal(size=(n_atoms, 3)))}
+    batch = Batch(numbers=torch.ones(n_atoms, dtype=torch.long),
+                  positions=torch.zeros(n_atoms, 3), structure_index=torch.tensor([0] * 3 + [1] * 4),
+                  n_atoms_per=torch.tensor([3, 4]),
+                  pairs=Pairs(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
+                  n_structures=2, targets=targets)
+    energy = ((pred["energy"] - targets["energy"]).numpy() ** 2).mean()
+    force = ((pred["forces"] - targets["forces"]).numpy() ** 2).sum(1).mean()
+    for rho in (0.01, 0.3, 1.0):
+        task = AtomisticTask(random_model("schnet"), forces=True, rho=rho)
+        assert float(task.loss(batch, pred)) == pytest.approx(rho * energy + (1 - rho) * force)
+    assert float(AtomisticTask(random_model("schnet"), forces=False).loss(batch, pred)) == \
+        pytest.approx(energy)
+
+
+def test_ema_weights_are_what_is_saved(tmp_path, data):
+    """With EMA the saved model holds the averaged weights (the checkpoint's state), far from
+    the raw weights of the last step (kept beside them in the checkpoint); without EMA the
+    saved model is the raw weights."""
+
+    def head(state, prefix=""):
+        return torch.cat([v.flatten() for k, v in state.items()
+                          if k.startswith(prefix + "head")])
+
+    config = tiny_config(tmp_path, max_epochs=3, lr=1e-2)
+    for name, decay in (("plain", None), ("ema", 0.999)):
+        train(config.updated(out=str(tmp_path / name), ema_decay=decay), data=data)
+        saved = head(load_model(tmp_path / name).state_dict())
+        checkpoint = torch.load(tmp_path / name / "checkpoints" / "best.ckpt", weights_only=False)
+        assert torch.equal(saved, head(checkpoint["state_dict"], "model."))
+        if decay is None:
+            assert "current_model_state" not in checkpoint
+        else:
+            raw = head(checkpoint["current_model_state"], "model.")
+            assert (saved - raw).norm() > 0.05 * raw.norm()

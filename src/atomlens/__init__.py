@@ -7,8 +7,7 @@ PatternNet / PatternAttribution explanations for PyTorch networks.
 Units inside atomlens: eV, Angstrom, eV/Angstrom.
 """
 
-__version__ = "0.2.0"
-
+from ._version import __version__
 from .runtime import tune_allocator
 
 tune_allocator()  # keep freed memory in the process: see atomlens.runtime

@@ -1,13 +1,14 @@
-"""An ASE calculator around a trained atomlens energy model.
+"""An ASE calculator around a trained atomlens energy model, for molecules and periodic cells.
 
-    E = sum_i E_i          energy (eV), atomic energies E_i ("energies", eV)
-    F_i = -dE/dR_i         forces (eV/Angstrom), by autograd through the one energy model
+    E = sum_i E_i              energy (eV), atomic energies E_i ("energies", eV)
+    F_i = -dE/dR_i             forces (eV/Angstrom), by autograd through the one energy model
+    sigma = (1/V) dE/d eps     stress (eV/Angstrom^3, ASE's sign and Voigt order) of cells
 
-Built for molecular dynamics of one molecule, where the model runs thousands of times on the
-same atoms: the atoms are validated (elements, NaN, overlapping atoms, no periodic cell) once,
-when the calculator first sees them or when their numbers change; each later call only turns
-the positions into a tensor, picks the pairs within the cutoff from a cached list of all pairs,
-and runs the model. No packed dataset, no per-step validation.
+Built for molecular dynamics, where the model runs thousands of times on the same atoms: the
+atoms are validated (elements, NaN, overlapping atoms, cell) once, when the calculator first
+sees them or when their numbers or periodicity change; later calls reuse a Verlet neighbour
+list (pairs within cutoff + skin, rebuilt when an atom has moved half the skin or the cell
+changed) and the model's frozen state (SchNet's filter tables), and run the model.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator as AseCalculator
 from ase.calculators.calculator import all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
-from .data.batch import Batch
+from .data.batch import Batch, Pairs
 from .data.dataset import DataError, dataset_from_atoms
+from .data.neighbors import VerletList
+from .models.guards import check_elements, check_finite
 from .models.potential import AtomisticModel
+from .nn.geometry import apply_strain
 from .units import energy_factor
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
@@ -40,22 +45,29 @@ class Calculator(AseCalculator):
             energy conservation tests; ``None`` keeps the model's own dtype. A model passed
             in is copied, never changed, when device or dtype differ from its own.
 
+        allow_unknown_elements: elements absent from the model's training data are refused
+            unless this is True (then a warning; see :mod:`atomlens.models.guards`).
         compile: compile energy + forces (``torch.func`` gradient, ``torch.compile``) for
             fast repeated calls on one molecule, e.g. MD: aspirin runs ~3.5x as many steps
             per second on one CPU thread, after a compile of a few seconds per molecule. All
             pairs are then kept and the smooth cutoff zeroes those beyond it, so the shapes
-            stay fixed while the atoms move.
+            stay fixed while the atoms move. Molecules only (periodic cells run eagerly).
+        skin: Verlet-list skin (Angstrom): pairs within cutoff + skin are listed, and the
+            list is rebuilt only when an atom has moved more than skin / 2.
 
     SchNet filters are read from tables computed once (see :mod:`atomlens.models.schnet`).
 
-    ``implemented_properties``: ``energy``, ``free_energy`` (= energy), ``forces`` and
-    ``energies`` (atomic energies E_i, which sum to the energy).
+    ``implemented_properties``: ``energy``, ``free_energy`` (= energy), ``forces``,
+    ``energies`` (atomic energies E_i, which sum to the energy) and ``stress`` (periodic
+    cells).
     """
 
-    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "energies"]
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "energies",
+                                                   "stress"]
 
     def __init__(self, model: AtomisticModel | str | os.PathLike, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, compile: bool = False, **kwargs):
+                 dtype: str | torch.dtype | None = None, compile: bool = False,
+                 skin: float = 1.0, allow_unknown_elements: bool = False, **kwargs):
         super().__init__(**kwargs)
         dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
         if isinstance(model, (str, os.PathLike)):
@@ -78,51 +90,56 @@ class Calculator(AseCalculator):
         self.device, self.dtype = param.device, param.dtype
         self._numbers: np.ndarray | None = None  # the numbers the cached tensors belong to
         self.compile = compile
-        # frozen: gradients w.r.t. positions only, and the filter tables (SchNet) computed once
-        # instead of at every call
+        self.allow_unknown_elements = allow_unknown_elements
+        # frozen: gradients w.r.t. positions only, and the weight-only state (SchNet's filter
+        # tables) computed once instead of at every call
         self.model.eval().requires_grad_(False)
-        self._representation_kwargs: dict = {}
-        if getattr(self.model.representation, "filter_spacing", None) is not None:
-            with torch.no_grad():
-                self._representation_kwargs["tables"] = self.model.representation.filter_tables()
+        with torch.no_grad():
+            self._frozen = self.model.freeze()
+        self.skin = float(skin)
+        self._neighbors = VerletList(self.model.cutoff, self.skin)
+        self._pairs: Pairs | None = None
 
-    # ------------------------------------------------------------------ set-up per molecule
+    # ------------------------------------------------------------------ set-up per structure
     def _prepare(self, atoms) -> None:
         """Validate ``atoms`` and cache the tensors that depend only on their numbers."""
-        if atoms.pbc.any():
-            raise DataError("atomlens models describe isolated molecules; the atoms are "
-                            "periodic (set atoms.pbc = False)")
         numbers = atoms.get_atomic_numbers()
         if len(numbers) and numbers.max() > self.model.config.max_z:
             raise DataError(f"element Z={int(numbers.max())} is beyond the model's "
                             f"max_z={self.model.config.max_z}")
-        dataset_from_atoms([atoms], source="Calculator", targets=False)  # elements, NaN, overlaps
+        periodic = bool(atoms.pbc.any())
+        if periodic and self.model.cutoff is None:
+            raise DataError("the atoms are periodic, but the model has no cutoff: periodic "
+                            "cells need a model with a cutoff")
+        if periodic and self.compile:
+            raise DataError("compile=True is for molecules; run periodic cells without it")
+        # elements, NaN, overlapping atoms (with periodic images), the cell
+        dataset_from_atoms([atoms], source="Calculator", targets=False)
+        check_elements(self.model, numbers, self.allow_unknown_elements, "Calculator")
         n = len(numbers)
-        i, j = torch.triu_indices(n, n, offset=1, device=self.device)
-        self._upper = (i, j)  # all unordered pairs; filtered by the cutoff at every call
         self._batch_numbers = torch.as_tensor(numbers, dtype=torch.int64, device=self.device)
         self._structure_index = torch.zeros(n, dtype=torch.int64, device=self.device)
         self._n_atoms_per = torch.tensor([n], dtype=torch.int64, device=self.device)
         self._numbers = numbers.copy()
+        self._pbc = atoms.pbc.copy()
+        self._neighbors = VerletList(self.model.cutoff, self.skin)
         if self.compile:
+            i, j = torch.triu_indices(n, n, offset=1, device=self.device)
+            self._upper = (i, j)  # all pairs: fixed shapes for the compiled function
             self._compiled = torch.compile(self._energy_forces_function(), dynamic=False)
 
-    def _energy(self, positions: torch.Tensor, pair_i: torch.Tensor, pair_j: torch.Tensor
+    def _energy(self, positions: torch.Tensor, pairs: Pairs
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(energy, atomic energies) in the model's unit, from symmetric-layout pairs."""
-        numbers = self._batch_numbers
-        features = self.model.representation(numbers, positions, pair_i, pair_j, True,
-                                             **self._representation_kwargs)
-        atomic = self.model.atomic_contributions(features, numbers)
+        """(energy, atomic energies) in the model's unit."""
+        atomic = self.model.atomic_energies(self._batch_numbers, positions, pairs, self._frozen)
         return atomic.sum(), atomic
 
     def _energy_forces_function(self):
         """positions -> (energy, forces, atomic energies) on all pairs, for torch.compile."""
-        i, j = self._upper
-        pair_i, pair_j = torch.cat([i, j]), torch.cat([j, i])
+        pairs = Pairs.symmetric_from_half(*self._upper)
 
         def energy(positions):
-            return self._energy(positions, pair_i, pair_j)
+            return self._energy(positions, pairs)
 
         grad_and_value = torch.func.grad_and_value(energy, has_aux=True)
 
@@ -132,24 +149,34 @@ class Calculator(AseCalculator):
 
         return energy_forces
 
-    def batch(self, atoms) -> Batch:
-        """The one-structure :class:`~atomlens.data.Batch` of ``atoms`` (pairs within the cutoff)."""
+    def _changed_structure(self, atoms) -> bool:
         numbers = atoms.numbers
-        if self._numbers is None or len(numbers) != len(self._numbers) or (
-                numbers != self._numbers).any():
+        return (self._numbers is None or len(numbers) != len(self._numbers)
+                or (numbers != self._numbers).any() or (atoms.pbc != self._pbc).any())
+
+    def batch(self, atoms) -> Batch:
+        """The one-structure :class:`~atomlens.data.Batch` of ``atoms`` (Verlet-list pairs)."""
+        if self._changed_structure(atoms):
             self._prepare(atoms)
         positions = atoms.positions
         if not np.isfinite(positions).all():
             raise DataError("Calculator: the atoms have non-finite (NaN/inf) positions")
-        positions = torch.as_tensor(positions, dtype=self.dtype, device=self.device)
-        i, j = self._upper
-        cutoff = self.model.cutoff
-        if cutoff is not None:
-            near = (positions[i] - positions[j]).pow(2).sum(-1) < cutoff * cutoff
-            i, j = i[near], j[near]
-        return Batch(numbers=self._batch_numbers, positions=positions,
+        cell = atoms.cell.array
+        if self._neighbors.update(positions, cell, atoms.pbc) or self._pairs is None:
+            i, j, n_shift = (torch.as_tensor(a, device=self.device) for a in self._neighbors.pairs)
+            shifts = None
+            if atoms.pbc.any():
+                shifts = n_shift.to(self.dtype) @ torch.as_tensor(cell, dtype=self.dtype,
+                                                                  device=self.device)
+            self._pairs = Pairs.symmetric_from_half(i, j, shifts)
+        periodic = atoms.pbc.any()
+        return Batch(numbers=self._batch_numbers,
+                     positions=torch.as_tensor(positions, dtype=self.dtype, device=self.device),
                      structure_index=self._structure_index, n_atoms_per=self._n_atoms_per,
-                     pair_i=torch.cat([i, j]), pair_j=torch.cat([j, i]), n_structures=1)
+                     pairs=self._pairs, n_structures=1,
+                     cell=torch.as_tensor(cell, dtype=self.dtype, device=self.device)[None]
+                     if periodic else None,
+                     pbc=torch.as_tensor(atoms.pbc, device=self.device)[None] if periodic else None)
 
     # ------------------------------------------------------------------ ASE interface
     def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
@@ -182,26 +209,40 @@ class Calculator(AseCalculator):
         if "numbers" in system_changes or "pbc" in system_changes:
             self._numbers = None
         forces = "forces" in properties
+        stress = "stress" in properties
+        if stress and not self.atoms.pbc.all():
+            raise DataError("stress needs a cell periodic in all three directions")
         if self.compile:
             self._calculate_compiled()
             return
         batch = self.batch(self.atoms)
-        positions = batch.positions.requires_grad_(forces)
-        with torch.set_grad_enabled(forces):
-            total, atomic = self._energy(positions, batch.pair_i, batch.pair_j)
-            if forces:
-                (gradient,) = torch.autograd.grad(total, positions)
+        positions = batch.positions.requires_grad_(forces or stress)
+        pairs = batch.pairs
+        inputs = [positions]
+        with torch.set_grad_enabled(forces or stress):
+            if stress:
+                strain = torch.zeros_like(batch.cell).requires_grad_(True)
+                inputs.append(strain)
+                positions, pairs, _ = apply_strain(positions, pairs, batch.cell,
+                                                   batch.structure_index, strain)
+            total, atomic = self._energy(positions, pairs)
+            if forces or stress:
+                gradients = torch.autograd.grad(total, inputs)
         factor = self.energy_to_ev
         energy = float(total.detach()) * factor
+        if not np.isfinite(energy):
+            raise DataError("Calculator: the model gave a non-finite energy")
         self.results = {"energy": energy, "free_energy": energy,
                         "energies": atomic.detach().cpu().double().numpy() * factor}
         if forces:
-            self.results["forces"] = -gradient.cpu().double().numpy() * factor
+            self.results["forces"] = -gradients[0].cpu().double().numpy() * factor
+        if stress:
+            virial = gradients[1][0].cpu().double().numpy() * factor
+            self.results["stress"] = full_3x3_to_voigt_6_stress(virial / self.atoms.get_volume())
+        check_finite(self.results, "Calculator")
 
     def _calculate_compiled(self) -> None:
-        numbers = self.atoms.numbers
-        if self._numbers is None or len(numbers) != len(self._numbers) or (
-                numbers != self._numbers).any():
+        if self._changed_structure(self.atoms):
             self._prepare(self.atoms)
         if not np.isfinite(self.atoms.positions).all():
             raise DataError("Calculator: the atoms have non-finite (NaN/inf) positions")
@@ -212,3 +253,4 @@ class Calculator(AseCalculator):
         self.results = {"energy": energy, "free_energy": energy,
                         "energies": atomic.cpu().double().numpy() * factor,
                         "forces": forces.cpu().double().numpy() * factor}
+        check_finite(self.results, "Calculator")

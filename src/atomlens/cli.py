@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .units import KCAL_MOL_EV
+from .units import EV_A3_GPA, KCAL_MOL_EV
 
 #: modules that add subcommands through ``add_parser(subparsers)``
 SUBCOMMAND_MODULES = ["atomlens.cli_sample", "atomlens.cli_md", "atomlens.cli_insight",
@@ -38,6 +38,10 @@ def _print_metrics(metrics: dict, target: str, unit: str) -> None:
     for key in ("forces_mae", "forces_rmse"):
         if key in metrics:
             print(f"{key.upper():>16}: {describe_error(metrics[key], 'eV/Angstrom')}")
+    for key in ("stress_mae", "stress_rmse"):
+        if key in metrics:
+            print(f"{key.upper():>16}: {metrics[key] * 1000:.3f} meV/Angstrom^3 = "
+                  f"{metrics[key] * EV_A3_GPA:.4f} GPa")
 
 
 # --------------------------------------------------------------------------- train
@@ -56,6 +60,10 @@ class _TrainHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if action.dest == "preset":
             return f"{text}; one of: {', '.join(sorted(PRESETS))}"
+        if action.dest == "model":
+            from .models.base import representation_names
+
+            return f"{text}; one of: {', '.join(representation_names())}"
         field = TrainConfig.__dataclass_fields__.get(action.dest)
         # flags and options without a value by default say so in their own help text
         value = getattr(field, "default", None)
@@ -73,7 +81,9 @@ def _add_train(sub) -> None:
                     "the TrainConfig defaults shown below for a data file.")
     p.add_argument("config", nargs="?", help="YAML/JSON training config (TrainConfig fields)")
     p.add_argument("--preset", help="named preset")
-    p.add_argument("--model", choices=["schnet", "dtnn"],
+    # no argparse choices: the registry imports torch, which `atomlens --help` must not pay
+    # for; the names are listed in the help and checked in config_from_args
+    p.add_argument("--model",
                    help="representation (switches to its default preset for the data)")
     p.add_argument("--data", help="'qm9' or a data file (MD17 .npz, ASE db, extxyz, packed folder)")
     p.add_argument("--target", help="target property (QM9: U0, U, H, G, homo, lumo, gap, zpve, mu, "
@@ -81,6 +91,9 @@ def _add_train(sub) -> None:
     p.add_argument("--forces", action="store_true", default=None, help="train on forces too")
     p.add_argument("--rho", type=float,
                    help="energy weight of the loss rho*dE^2 + (1-rho)*dF^2 (with --forces)")
+    p.add_argument("--stress", action="store_true", default=None,
+                   help="train on the stress of periodic cells too (eV/Angstrom^3)")
+    p.add_argument("--stress-weight", type=float, help="weight of the stress term of the loss")
     p.add_argument("--n-train", type=float, help="training structures (count, or fraction < 1)")
     p.add_argument("--n-val", type=float, help="validation structures (count, or fraction < 1)")
     p.add_argument("--n-test", type=float, help="test structures (default: all the rest)")
@@ -110,6 +123,8 @@ def _add_train(sub) -> None:
                                          "(Angstrom, bohr, nm)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.ckpt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty OUT (else it is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--init-from", metavar="MODEL",
                    help="fine-tune: start from this saved model's weights and statistics "
@@ -138,6 +153,12 @@ def config_from_args(args):
         config = preset("qm9-u0-dtnn")
     else:
         config = preset("qm9-u0-schnet") if (args.data in (None, "qm9")) else TrainConfig()
+    if args.model:
+        from .models.base import representation_names
+
+        if args.model not in representation_names():
+            raise ValueError(f"--model {args.model!r}: unknown representation; known: "
+                             f"{', '.join(representation_names())}")
     if args.init_from and not args.target:  # fine-tuning: the saved model's target
         from .models.io import model_folder, read_config
 
@@ -150,7 +171,7 @@ def config_from_args(args):
     if devices is not None and str(devices).isdigit():
         devices = int(devices)
     overrides = {k: getattr(args, k) for k in (
-        "data", "target", "forces", "rho", "n_train", "n_val", "n_test", "max_structures",
+        "data", "target", "forces", "rho", "stress", "stress_weight", "n_train", "n_val", "n_test", "max_structures",
         "batch_size", "lr", "max_epochs", "max_minutes", "ema_decay", "early_stopping_patience",
         "device", "num_nodes", "strategy", "threads", "compile", "seed", "energy_unit",
         "length_unit", "out", "init_from", "refit_statistics", "freeze_representation")}
@@ -169,14 +190,14 @@ def run_train(args) -> int:
 
         if args.resume:
             raise ValueError("--resume and --ensemble: resume each member as its own run")
-        members = train_ensemble(config, args.ensemble)
+        members = train_ensemble(config, args.ensemble, overwrite=args.overwrite)
         print(f"ensemble of {len(members)} models saved in {Path(config.out)} "
               f"(model_0 .. model_{len(members) - 1}, ensemble.json)")
         for k, metrics in enumerate(members):
             print(f"model_{k}:")
             _print_metrics(metrics, config.target, metrics.get("unit", ""))
         return 0
-    metrics = train(config, resume=args.resume)
+    metrics = train(config, resume=args.resume, overwrite=args.overwrite)
     if metrics:
         print(f"model saved in {Path(config.out) / 'model'}")
         _print_metrics(metrics, config.target, metrics.get("unit", ""))
@@ -209,17 +230,21 @@ def run_evaluate(args) -> int:
         config = config.updated(data=args.data)
     config = config.updated(max_structures=None) if args.data else config
     data = load_dataset(config)
-    if args.split == "all" or args.data:
+    # another data set is scored whole: its frames are not the model's split
+    split = "all" if args.data else args.split
+    if split == "all":
         indices = np.arange(len(data))
     else:
         indices = load_split(folder / "split.npz")[args.split]
     forces = bool(config.forces) and "forces" in data.targets
-    metrics = evaluate(model, data, indices, args.batch_size, forces=forces)
+    stress = bool(config.stress) and "stress" in data.targets
+    metrics = evaluate(model, data, indices, args.batch_size, forces=forces, stress=stress)
     unit = read_config(folder)["model"].get("unit", "")
     if args.json:
-        print(json.dumps({"split": args.split, "n": len(indices), "unit": unit, **metrics}))
+        print(json.dumps({"split": split, "n": len(indices), "unit": unit, **metrics}))
     else:
-        print(f"{folder}: {model.target} on {len(indices)} structures ({args.split})")
+        label = "all frames" if split == "all" else f"{split} split"
+        print(f"{folder}: {model.target} on {len(indices)} structures ({label})")
         _print_metrics(metrics, model.target, unit)
     return 0
 
@@ -240,6 +265,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--index", default=":", help="which frames (ASE index syntax)")
     p.add_argument("--forces", action="store_true", help="also predict forces (eV/Angstrom)")
     p.add_argument("--out", help="write the structures with the predictions as extxyz")
+    p.add_argument("--allow-unknown-elements", action="store_true",
+                   help="predict for elements the model was not trained on (a warning)")
     p.set_defaults(func=run_predict)
 
 
@@ -248,9 +275,9 @@ def read_structures(path: str, index: str = ":"):
     import ase.io
 
     from .data.dataset import DataError
+    from .fileio import check_readable
 
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
+    check_readable(path)
     try:
         frames = ase.io.read(path, index=index)
     except Exception as err:  # ASE raises many types for bad files
@@ -274,10 +301,14 @@ def run_predict(args) -> int:
     frames = read_structures(args.file, args.index)
     dataset_from_atoms(frames, source=args.file, targets=False)  # validate before any output
     if len(models) == 1:
-        out = model.predict(frames, forces=args.forces)
+        out = model.predict(frames, forces=args.forces,
+                            allow_unknown_elements=args.allow_unknown_elements)
     else:
-        out = predict_ensemble(models, frames, forces=args.forces)
+        out = predict_ensemble(models, frames, forces=args.forces,
+                               allow_unknown_elements=args.allow_unknown_elements)
     target, std = model.target, len(models) > 1
+    charges = "charges" in out  # a dipole model: the per-atom values are partial charges (e)
+    atomic_name, atomic_unit = ("charges", "e") if charges else (f"atomic_{target}", unit)
     print(f"{'ensemble of ' + str(len(models)) + ' models' if std else 'model'}: {target} in "
           f"{unit}" + (" (mean ± standard deviation of the members)" if std else ""))
     start = 0
@@ -287,7 +318,9 @@ def run_predict(args) -> int:
         spread = f" ± {out[f'{target}_std'][k]:.6f}" if std else ""
         print(f"structure {k} ({atoms.get_chemical_formula()}): {target} = "
               f"{out[target][k]:.6f}{spread} {unit}")
-        header = f"    {'atom':>4} {'el':>2} {f'atomic {target} ({unit})':>20}"
+        if charges:
+            print(f"    dipole ({unit}): {np.array2string(out['dipole'][k], precision=6)}")
+        header = f"    {'atom':>4} {'el':>2} {f'{atomic_name} ({atomic_unit})':>20}"
         if args.forces:
             header += f"  {'F_x':>10} {'F_y':>10} {'F_z':>10} ({unit}/Angstrom)"
         print(header)
@@ -298,13 +331,15 @@ def run_predict(args) -> int:
             print(line)
         # own keys: the file's reference values (info, arrays, calculator) stay as they are
         store = {target: out[target][k]}
-        names = {f"atomic_{target}": "atomic"} | ({"forces": "forces"} if args.forces else {})
+        names = {atomic_name: "atomic"} | ({"forces": "forces"} if args.forces else {})
         if std:
             store[f"{target}_std"] = out[f"{target}_std"][k]
             names |= {f"{name}_std": f"{key}_std" for name, key in names.items()}
         arrays = {name: out[key][rows] for name, key in names.items()}
         for key, value in store.items():
             atoms.info[PREDICTION_PREFIX + key] = round(float(value), 6)
+        if charges and not std:
+            atoms.info[PREDICTION_PREFIX + "dipole"] = np.round(out["dipole"][k], 6)
         for key, value in arrays.items():
             atoms.arrays[PREDICTION_PREFIX + key] = np.asarray(value, dtype=np.float64)
         start += n
@@ -325,6 +360,7 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a SchNet on QM9 U0 for a few minutes (CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, help="training budget (default: the preset's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT")
     p.set_defaults(func=run_demo)
 
 
@@ -340,7 +376,7 @@ def run_demo(args) -> int:
     print("atomlens demo: SchNet on QM9 U0 "
           f"(n_train={int(config.n_train)}, budget {config.max_minutes} min on the CPU)")
     data = load_dataset(config)
-    metrics = train(config, data=data)
+    metrics = train(config, data=data, overwrite=args.overwrite)
     folder = Path(config.out) / "model"
     model = load_model(folder)
     test = load_split(folder / "split.npz")["test"]
@@ -384,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DataError, FileNotFoundError, ValueError, MissingExtra) as err:
+    except (DataError, OSError, ValueError, MissingExtra) as err:  # OSError: missing,
+        # unreadable, read-only files; MissingExtra: an optional package not installed
         print(f"atomlens {args.command}: error: {err}", file=sys.stderr)
         return 2
 

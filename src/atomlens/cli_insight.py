@@ -1,6 +1,6 @@
 """``atomlens insight``: chemical insight from a trained model (thin layer over atomlens.insight).
 
-    atomlens insight atomic-energies MODEL STRUCTURES [--out PNG]
+    atomlens insight atomic-energies MODEL STRUCTURES [--out PNG] [--charges DIPOLE_MODEL]
     atomlens insight potential-map   MODEL STRUCTURE --probe C [--plane principal] [--out PNG]
                                      [--cube OUT.cube]
     atomlens insight rings           MODEL [--data qm9] [--max-molecules N] [--out PNG]
@@ -31,6 +31,8 @@ def add_parser(subparsers) -> None:
                                  "(several structures: OUT_<k>.png), and beside it OUT.html: "
                                  "an interactive 3D view of all structures (offline)")
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a.add_argument("--charges", metavar="DIPOLE_MODEL",
+                   help="a dipole model (trained on QM9 mu): its partial charges q_i beside E_i")
     _add_dtype(a)
     a.set_defaults(func=run_atomic_energies)
 
@@ -114,31 +116,18 @@ def _load(model_path: str, dtype: str = "float64"):
 def _structures(spec: str, index: str = ":") -> list:
     """Frames of an ASE-readable file, or the QM9 molecule ``qm9:N`` (N = QM9 index)."""
     if spec.startswith("qm9:"):
-        from .data.dataset import DataError
-        from .data.sources.qm9 import load_qm9
+        from .data.sources.open import open_dataset
 
-        data = load_qm9()
-        try:
-            wanted = int(spec[4:])
-        except ValueError:
-            raise DataError(f"{spec}: expected qm9:N with N an integer QM9 index") from None
-        rows = np.nonzero(np.asarray(data.extras["index"]) == wanted)[0]
-        if len(rows) == 0:
-            raise DataError(f"{spec}: no QM9 molecule with index {wanted}")
-        return [data.atoms(int(rows[0]))]
+        return [open_dataset(spec).atoms(0)]
     from .cli import read_structures
 
     return read_structures(spec, index)
 
 
 def _dataset(spec: str):
-    from .data.dataset import PackedDataset
+    from .data.sources.open import open_dataset
 
-    if spec == "qm9":
-        from .data.sources.qm9 import load_qm9
-
-        return load_qm9()
-    return PackedDataset.load(spec)
+    return open_dataset(spec)
 
 
 def _split_indices(folder: Path, split: str, n: int) -> np.ndarray:
@@ -159,7 +148,8 @@ def run_atomic_energies(args) -> int:
 
     model, _, unit = _load(args.model, args.dtype)
     frames = _structures(args.structures, args.index)
-    tables = atomic_energies(model, frames)
+    charge_model = _load(args.charges, args.dtype)[0] if args.charges else None
+    tables = atomic_energies(model, frames, charge_model=charge_model)
     if args.json:
         print(json.dumps([{"formula": t.formula, "total": t.total, "atoms": t.rows()}
                           for t in tables]))

@@ -10,14 +10,18 @@ import numpy as np
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "md", help="molecular dynamics with a trained energy model (ASE integrators)",
-        description="Run NVE (velocity Verlet) or Langevin (NVT) dynamics of one molecule with "
-                    "a trained atomlens model; write a trajectory and a CSV energy log.")
+        description="Run NVE (velocity Verlet), Langevin (NVT) or, for periodic cells, NPT "
+                    "(isotropic MTK barostat) dynamics with a trained atomlens model; write a "
+                    "trajectory and a CSV energy log.")
     p.add_argument("model", help="model folder (or the training output folder), or an "
                                  "ensemble folder (logs the members' spread)")
     p.add_argument("structure", help="start structure: any ASE-readable file (xyz, extxyz, db, "
                                      "traj, ...)")
     p.add_argument("--index", default="0", help="which frame of the structure file (ASE syntax)")
-    p.add_argument("--ensemble", choices=["nve", "langevin"], default="nve")
+    p.add_argument("--ensemble", choices=["nve", "langevin", "npt"], default="nve",
+                   help="nve, langevin (NVT) or npt (periodic cells only)")
+    p.add_argument("--pressure", type=float, default=1.01325,
+                   help="NPT pressure, bar (default 1.01325 = 1 atm)")
     p.add_argument("--temperature", type=float, default=300.0,
                    help="initial Maxwell-Boltzmann and thermostat temperature, K (default 300)")
     p.add_argument("--steps", type=int, default=1000, help="number of MD steps (default 1000)")
@@ -29,12 +33,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
     p.add_argument("--out", default="md.traj",
                    help="trajectory: .traj (ASE) or extxyz for other suffixes (default md.traj)")
-    p.add_argument("--log",
+    p.add_argument("--log", default=None,
                    help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K "
-                        "(+ energy_std_eV, max_force_std_eV_A for an ensemble); default: "
-                        "beside the trajectory, OUT with the suffix .csv")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing trajectory or log (default: refuse)")
+                        "(+ energy_std_eV, max_force_std_eV_A for an ensemble; default: "
+                        "beside --out, with suffix .csv)")
+    p.add_argument("--max-temperature", type=float, default=None,
+                   help="stop (exit 1) when the temperature exceeds this, K (default: the "
+                        "larger of 2000 K and 5 x --temperature)")
+    p.add_argument("--max-drift", type=float, default=0.1,
+                   help="NVE: stop (exit 1) when the total energy drifts by more than this, "
+                        "eV/atom (default 0.1); Langevin has no conserved energy")
+    p.add_argument("--allow-unknown-elements", action="store_true",
+                   help="run with elements the model was not trained on (a warning)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--float64", action="store_true", help="run the model in float64")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -58,17 +68,15 @@ def run(args) -> int:
                          f"structures; MD needs one")
     atoms = frames[0]
     atoms.calc = None
-    log_path = Path(args.log) if args.log else Path(args.out).with_suffix(".csv")
-    if log_path == Path(args.out):
-        raise ValueError(f"{log_path}: the log and the trajectory would be one file")
-    existing = [str(p) for p in (Path(args.out), log_path) if p.exists()]
-    if existing and not args.overwrite:
-        raise ValueError(f"{', '.join(existing)} exist(s); give --overwrite or another --out")
+    if args.log is None:
+        args.log = str(Path(args.out).with_suffix(".csv"))
     log = run_md(args.model, atoms, ensemble=args.ensemble,
                  temperature_K=args.temperature, timestep_fs=args.timestep, steps=args.steps,
-                 friction=args.friction, trajectory=args.out, logfile=log_path,
+                 friction=args.friction, trajectory=args.out, logfile=args.log,
                  interval=args.interval, seed=args.seed, device=args.device,
-                 dtype="float64" if args.float64 else None, compile=args.compile)
+                 dtype="float64" if args.float64 else None, compile=args.compile,
+                 max_temperature_K=args.max_temperature, max_drift_eV_per_atom=args.max_drift,
+                 allow_unknown_elements=args.allow_unknown_elements, pressure_bar=args.pressure)
     print(f"{args.ensemble.upper()} MD of {atoms.get_chemical_formula()}: {args.steps} steps of "
           f"{args.timestep} fs ({args.steps * args.timestep / 1000:.3g} ps)")
     temperature = np.asarray(log.temperature)
@@ -80,8 +88,11 @@ def run(args) -> int:
     else:
         print(f"  T = {temperature.mean():.1f} +- {temperature.std():.1f} K (thermostat "
               f"{args.temperature:g} K; E_tot is not conserved under a thermostat)")
+    if log.volume:
+        print(f"  volume {log.volume[0]:.2f} -> {log.volume[-1]:.2f} Angstrom^3 (mean "
+              f"{sum(log.volume) / len(log.volume):.2f})")
     if log.energy_std:
         print(f"  ensemble spread: energy std up to {max(log.energy_std) * 1000:.1f} meV, "
               f"largest atomic force std {max(log.max_force_std):.3f} eV/Angstrom")
-    print(f"  trajectory: {Path(args.out)}  log: {log_path}")
+    print(f"  trajectory: {Path(args.out)}  log: {Path(args.log)}")
     return 0

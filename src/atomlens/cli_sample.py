@@ -6,6 +6,7 @@ A thin layer over :mod:`atomlens.data.sampling` and the writers in
     atomlens sample --smiles CCO --frames 1000 --out ethanol.npz
     atomlens sample --xyz start.xyz --temperature 300 --frames 200 --out traj.db
     atomlens sample --isomers CCOC=O COCC=O OCCC=O --frames 300 --out iso_sets/
+    atomlens sample --xyz si64.extxyz --method gfn1 --cells 4 --strain 0.02 --out si.extxyz
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "sample", help="sample reference data by ab initio MD (GFN2-xTB by default)",
         description="Langevin MD with an ab initio calculator; energies (eV) and forces "
                     "(eV/Angstrom) of every stored frame are written as an MD17 .npz "
-                    "(kcal/mol, Angstrom, units recorded) or an ISO17-layout ASE .db (eV). "
+                    "(kcal/mol, Angstrom, units recorded), an ISO17-layout ASE .db (eV) or extxyz "
+                    "(eV, Angstrom; the format for periodic cells, with cell and stress). A "
+                    "start structure with a cell is sampled with its cell (GFN1-xTB). "
                     "With --isomers, --out is a folder that receives ISO17-style "
                     "reference.db, test_within.db and test_other.db.")
     start = parser.add_mutually_exclusive_group(required=True)
@@ -36,14 +39,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--equilibration", type=float, default=1000.0,
                         help="discarded equilibration time, fs (1000)")
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
-    parser.add_argument("--method", default="gfn2", choices=["gfn2", "gfn1", "pyscf"],
-                        help="level of theory (gfn2: GFN2-xTB via tblite; pyscf needs PySCF)")
+    parser.add_argument("--method", default=None, choices=["gfn2", "gfn1", "pyscf"],
+                        help="level of theory (default: gfn2, GFN2-xTB via tblite, for "
+                             "molecules; gfn1, GFN1-xTB, for periodic cells; pyscf needs PySCF)")
     parser.add_argument("--relax", type=float, default=None, metavar="FMAX",
                         help="relax the start structure first, to FMAX eV/Angstrom")
     parser.add_argument("--reference-isomers", type=int, default=None,
                         help="isomers in reference/test_within (default 80%%)")
+    parser.add_argument("--cells", type=int, default=1,
+                        help="periodic start: sample this many randomly strained copies of "
+                             "the cell (default 1: the cell as given)")
+    parser.add_argument("--strain", type=float, default=0.02,
+                        help="standard deviation of the random strain with --cells (0.02)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument("--out", required=True, help="out.npz | out.db | folder (--isomers)")
+    parser.add_argument("--out", required=True,
+                        help="out.npz | out.db | out.extxyz | folder (--isomers)")
     parser.set_defaults(func=run)
     return parser
 
@@ -55,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
         make_calculator,
         molecule_from_smiles,
         relax,
+        sample_cells,
         sample_isomers,
         sample_md,
     )
+    from .data.sources.ase_files import write_ase
     from .data.sources.iso17 import write_iso17
     from .data.sources.md17 import write_md17
 
@@ -67,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         if args.isomers:
+            args.method = args.method or "gfn2"
             if out.suffix:
                 raise DataError(f"--out {out}: with --isomers give a folder for the three sets")
             sets = sample_isomers(args.isomers, args.reference_isomers, method=args.method,
@@ -75,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
                 write_iso17(out / f"{name}.db", data)
                 print(f"{out / f'{name}.db'}: {len(data)} frames")
             return 0
-        if out.suffix not in (".npz", ".db"):
-            raise DataError(f"--out {out}: use .npz (MD17 layout) or .db (ISO17 layout)")
-        calculator = make_calculator(args.method)
+        if out.suffix not in (".npz", ".db", ".extxyz"):
+            raise DataError(f"--out {out}: use .npz (MD17 layout), .db (ISO17 layout) or "
+                            f".extxyz")
         if args.smiles:
             atoms = molecule_from_smiles(args.smiles, seed=args.seed)
         else:
@@ -87,10 +100,24 @@ def run(args: argparse.Namespace) -> int:
                 atoms = read(args.xyz, index=0)
             except Exception as err:
                 raise DataError(f"{args.xyz}: cannot read a start structure ({err})") from err
+        periodic = bool(atoms.pbc.any())
+        if periodic and out.suffix != ".extxyz":
+            raise DataError(f"--out {out}: the start structure is periodic; write its cells "
+                            f"and stress to an .extxyz file")
+        if args.method is None:  # GFN1-xTB gives the stress of periodic cells
+            args.method = "gfn1" if periodic else "gfn2"
+        calculator = make_calculator(args.method)
+        atoms.calc = None
         if args.relax is not None:
             atoms = relax(atoms, calculator, fmax=args.relax)
-        data = sample_md(atoms, calculator, seed=args.seed, **md)
-        if out.suffix == ".npz":
+        if periodic and args.cells > 1:
+            data = sample_cells(atoms, calculator, n_cells=args.cells, strain=args.strain,
+                                seed=args.seed, **md)
+        else:
+            data = sample_md(atoms, calculator, seed=args.seed, **md)
+        if out.suffix == ".extxyz":
+            write_ase(out, data, format="extxyz")
+        elif out.suffix == ".npz":
             write_md17(out, data, name=args.smiles or Path(args.xyz).stem,
                        theory=args.method, md_T=args.temperature, md_dt_fs=args.timestep,
                        md_every_steps=args.every, md_equil_fs=args.equilibration,

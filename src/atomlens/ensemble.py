@@ -61,14 +61,17 @@ def mean_and_spread(values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return stacked.mean(0), stacked.std(0)
 
 
-def predict_ensemble(models: list, atoms, forces: bool = False) -> dict[str, np.ndarray]:
+def predict_ensemble(models: list, atoms, forces: bool = False,
+                     allow_unknown_elements: bool = False) -> dict[str, np.ndarray]:
     """Mean and spread of the members' predictions for one ``Atoms`` or a list.
 
     Keys: the target (n_structures,) and ``<target>_std``; ``atomic`` (n_atoms,) and
     ``atomic_std``; with ``forces`` also ``forces`` (n_atoms, 3) and ``forces_std``. Units as
     :meth:`~atomlens.models.AtomisticModel.predict` (eV, eV/Angstrom for energy models).
     """
-    predictions = [model.predict(atoms, forces=forces) for model in models]
+    predictions = [model.predict(atoms, forces=forces,
+                                 allow_unknown_elements=allow_unknown_elements)
+                   for model in models]
     target = models[0].target
     out = {}
     for key in [target, "atomic"] + (["forces"] if forces else []):
@@ -81,7 +84,8 @@ class EnsembleCalculator(AseCalculator):
 
     Args:
         models: models, or paths of model / training output / ensemble folders.
-        device, dtype, compile: as for :class:`atomlens.Calculator`, for every member.
+        device, dtype, compile, allow_unknown_elements: as for :class:`atomlens.Calculator`,
+            for every member.
 
     ``results``: ``energy``, ``free_energy``, ``forces``, ``energies`` (means of the
     members, eV and eV/Angstrom), ``energy_std`` (eV), ``forces_std`` (n_atoms, 3,
@@ -94,7 +98,7 @@ class EnsembleCalculator(AseCalculator):
         "energies_std", "max_force_std"]
 
     def __init__(self, models, device: str = "cpu", dtype=None, compile: bool = False,
-                 **kwargs):
+                 allow_unknown_elements: bool = False, **kwargs):
         super().__init__(**kwargs)
         from .calculator import Calculator
 
@@ -106,7 +110,8 @@ class EnsembleCalculator(AseCalculator):
             models += ensemble_members(paths)
         if len(models) < 2:
             raise ValueError(f"an ensemble needs at least two models, got {len(models)}")
-        self.members = [Calculator(m, device=device, dtype=dtype, compile=compile)
+        self.members = [Calculator(m, device=device, dtype=dtype, compile=compile,
+                                   allow_unknown_elements=allow_unknown_elements)
                         for m in models]
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:

@@ -1,11 +1,14 @@
-"""Neighbour pairs for isolated molecules, computed vectorised for a whole batch.
+"""Neighbour pairs: molecules by index arithmetic, periodic cells by a cell list (vesin).
 
 Molecules are small (QM9: at most 29 atoms), so all intra-molecular pairs are enumerated
-by index arithmetic (no per-molecule Python) and then filtered by the cutoff.
+by index arithmetic for a whole batch (no per-molecule Python) and then filtered by the
+cutoff. Periodic structures go through vesin's compiled cell list, one call per structure;
+packed datasets cache the result, and MD reuses it across steps (:class:`VerletList`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -47,3 +50,71 @@ def molecular_pairs(
         near = d2 < cutoff * cutoff
         pair_i, pair_j = pair_i[near], pair_j[near]
     return torch.cat([pair_i, pair_j]), torch.cat([pair_j, pair_i])
+
+
+def periodic_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each unordered pair within ``cutoff`` of one periodic structure, once: ``(i, j, n)``.
+
+    ``n`` (n_pairs, 3) int are the cell shifts of j's image, so that
+    r_ij = r_j - r_i + n_ij . cell < cutoff. Computed by vesin (a compiled cell list); cells
+    smaller than twice the cutoff give every image, an atom's own images included (i == j,
+    n != 0). Combine with :meth:`Pairs.symmetric_from_half` for the symmetric layout.
+
+    Args:
+        positions: (n_atoms, 3) Angstrom. cell: (3, 3) lattice vectors as rows (Angstrom).
+        pbc: (3,) bool, periodic directions. cutoff: Angstrom.
+    """
+    from vesin import NeighborList
+
+    if cutoff is None:
+        raise ValueError("periodic structures need a model with a cutoff")
+    pbc = np.asarray(pbc, dtype=bool)
+    cell = np.asarray(cell, dtype=np.float64)
+    if abs(np.linalg.det(cell)) < 1e-6:
+        raise ValueError(f"a periodic structure needs three independent cell vectors, not "
+                         f"{cell.tolist()}")
+    i, j, shifts = NeighborList(cutoff=float(cutoff), full_list=False).compute(
+        np.asarray(positions, dtype=np.float64), cell, pbc.tolist(), "ijS")
+    return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64)
+
+
+class VerletList:
+    """Pairs within ``cutoff + skin`` of one structure, reused until an atom moves skin / 2.
+
+    For molecular dynamics: the list is rebuilt when any atom has moved more than half the
+    skin since the last build (then no pair can have crossed into the cutoff unseen), or
+    when the cell, the periodicity or the atoms change. Pairs beyond the cutoff stay in the
+    list; the models' smooth cutoff gives them exactly zero weight.
+    """
+
+    def __init__(self, cutoff: float | None, skin: float = 1.0):
+        self.cutoff, self.skin = cutoff, float(skin)
+        self._reference: np.ndarray | None = None
+        self._cell = self._pbc = None
+        self.pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.builds = 0
+
+    def update(self, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> bool:
+        """Rebuild the list if needed; True when it was rebuilt."""
+        positions = np.asarray(positions, dtype=np.float64)
+        cell, pbc = np.asarray(cell, dtype=np.float64), np.asarray(pbc, dtype=bool)
+        if (self._reference is not None and self._reference.shape == positions.shape
+                and np.array_equal(cell, self._cell) and np.array_equal(pbc, self._pbc)):
+            moved = np.einsum("ax,ax->a", positions - self._reference,
+                              positions - self._reference).max(initial=0.0)
+            if moved <= (0.5 * self.skin) ** 2:
+                return False
+        reach = None if self.cutoff is None else self.cutoff + self.skin
+        if pbc.any():
+            self.pairs = periodic_pairs(positions, cell, pbc, reach)
+        else:
+            n = len(positions)
+            i, j = np.triu_indices(n, k=1)
+            if reach is not None:
+                d2 = ((positions[j] - positions[i]) ** 2).sum(-1)
+                i, j = i[d2 < reach * reach], j[d2 < reach * reach]
+            self.pairs = (i.astype(np.int64), j.astype(np.int64), np.zeros((len(i), 3), np.int64))
+        self._reference, self._cell, self._pbc = positions.copy(), cell.copy(), pbc.copy()
+        self.builds += 1
+        return True

@@ -4,9 +4,12 @@ The default level of theory is GFN2-xTB (``tblite``); PySCF DFT is available whe
 installed. Frames are sampled from Langevin dynamics (:class:`ase.md.langevin.Langevin`)
 started from Maxwell-Boltzmann velocities; each stored frame records the calculator's
 energy (eV) and raw forces (eV/Angstrom, without constraints), so ``F = -dE/dR`` holds for
-the stored data. :func:`sample_isomers` makes ISO17-style sets (reference, test_within,
-test_other); the results are written with :func:`~atomlens.data.sources.md17.write_md17`
-or :func:`~atomlens.data.sources.iso17.write_iso17`.
+the stored data. Periodic start structures are sampled with their cell and the stress of
+every frame (GFN1-xTB handles periodic cells); :func:`sample_cells` samples several
+randomly strained copies of a cell, so that a model sees the energy's volume dependence.
+:func:`sample_isomers` makes ISO17-style sets (reference, test_within, test_other); the
+results are written with :func:`~atomlens.data.sources.md17.write_md17`,
+:func:`~atomlens.data.sources.iso17.write_iso17` or (cells) ``write_ase`` as extxyz.
 """
 
 from __future__ import annotations
@@ -150,8 +153,9 @@ def sample_md(atoms, calculator, temperature: float = 500.0, n_frames: int = 100
             machine.
 
     Returns:
-        Targets ``energy`` (eV) and ``forces`` (eV/Angstrom, raw calculator forces); extras
-        ``frame``; the protocol in ``meta``.
+        Targets ``energy`` (eV) and ``forces`` (eV/Angstrom, raw calculator forces), and for
+        periodic ``atoms`` ``stress`` (eV/Angstrom^3) with the cell; extras ``frame``; the
+        protocol in ``meta``.
     """
     from ase import units as ase_units
     from ase.md import velocitydistribution as velocities
@@ -163,6 +167,13 @@ def sample_md(atoms, calculator, temperature: float = 500.0, n_frames: int = 100
 
     atoms = atoms.copy()
     atoms.calc = calculator
+    periodic = bool(atoms.pbc.any())
+    if periodic and not atoms.pbc.all():
+        raise DataError("sampling supports molecules and cells periodic in all three "
+                        f"directions, not pbc={atoms.pbc.tolist()}")
+    if periodic and "stress" not in getattr(calculator, "implemented_properties", ()):
+        raise DataError(f"{type(calculator).__name__} gives no stress for periodic cells; "
+                        "use method='gfn1' (GFN1-xTB)")
     if fix_com:
         atoms.set_constraint(FixCom())
     rng = np.random.default_rng(seed)
@@ -171,11 +182,12 @@ def sample_md(atoms, calculator, temperature: float = 500.0, n_frames: int = 100
     else:
         velocities.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
     velocities.Stationary(atoms)
-    velocities.ZeroRotation(atoms)
+    if not periodic:  # no angular momentum in a periodic cell
+        velocities.ZeroRotation(atoms)
     dynamics = Langevin(atoms, timestep_fs * ase_units.fs, temperature_K=temperature,
                         friction=friction / ase_units.fs, fixcm=False, rng=rng)
     equilibration_steps = round(equilibration_fs / timestep_fs)
-    structures, energies, forces = [], [], []
+    structures, energies, forces, stresses = [], [], [], []
     with _thread_limit(threads):
         if equilibration_steps:
             dynamics.run(equilibration_steps)
@@ -185,6 +197,8 @@ def sample_md(atoms, calculator, temperature: float = 500.0, n_frames: int = 100
             energies.append(atoms.get_potential_energy())
             # raw calculator forces (without FixCom), so that F = -dE/dR holds
             forces.append(atoms.get_forces(apply_constraint=False).copy())
+            if periodic:
+                stresses.append(atoms.get_stress(voigt=False).copy())
     meta = {"temperature_K": temperature, "timestep_fs": timestep_fs, "every_steps": every,
             "equilibration_fs": equilibration_fs, "friction_per_fs": friction, "seed": seed,
             "thermostat": "Langevin (ase.md.langevin)" + (", centre of mass fixed (FixCom)"
@@ -193,9 +207,42 @@ def sample_md(atoms, calculator, temperature: float = 500.0, n_frames: int = 100
     extras = {"frame": np.arange(n_frames)}
     if "smiles" in atoms.info:
         extras["smiles"] = [atoms.info["smiles"]] * n_frames
+    targets = {"energy": energies, "forces": forces}
+    target_units = {"energy": "eV", "forces": "eV/Angstrom"}
+    if periodic:
+        targets["stress"], target_units["stress"] = stresses, "eV/Angstrom^3"
     return PackedDataset.from_structures(
-        structures, {"energy": energies, "forces": forces},
-        {"energy": "eV", "forces": "eV/Angstrom"}, extras, meta, source="sample_md")
+        structures, targets, target_units, extras, meta, source="sample_md",
+        per_atom=["forces"], cells=[atoms.cell.array] * n_frames if periodic else None,
+        pbc=[atoms.pbc] * n_frames if periodic else None)
+
+
+def sample_cells(atoms, calculator, n_cells: int = 4, strain: float = 0.02, seed: int = 0,
+                 **md) -> PackedDataset:
+    """MD of ``n_cells`` randomly strained copies of a periodic cell, concatenated.
+
+    Copy ``k`` has its cell (and atoms) deformed by ``1 + eps``, eps a random symmetric
+    matrix with entries of standard deviation ``strain`` (the first copy is unstrained), and
+    is sampled by :func:`sample_md` with seed ``seed + k`` and the options ``md``; the
+    frames are split evenly. Extras: ``cell_index``.
+    """
+    if not atoms.pbc.all():
+        raise DataError("sample_cells needs a cell periodic in all three directions")
+    if n_cells < 1:
+        raise ValueError("n_cells must be at least 1")
+    n_frames = md.pop("n_frames", 100)
+    rng = np.random.default_rng(seed)
+    parts = []
+    for k in range(n_cells):
+        copy = atoms.copy()
+        if k:
+            eps = rng.normal(scale=strain, size=(3, 3))
+            copy.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
+        frames = sample_md(copy, calculator, n_frames=max(1, n_frames // n_cells),
+                           seed=seed + k, **md)
+        frames.extras["cell_index"] = np.full(len(frames), k)
+        parts.append(frames)
+    return PackedDataset.concatenate(parts)
 
 
 def sample_isomers(smiles_list: Sequence[str], n_reference_isomers: int | None = None,

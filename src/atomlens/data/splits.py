@@ -47,11 +47,16 @@ def random_split(n: int, n_train: float, n_val: float,
         raise DataError(f"cannot split an empty dataset (n={n})")
     train, val = _count(n_train, n, "n_train"), _count(n_val, n, "n_val")
     test = _count(n_test, n, "n_test")
+    given = test is not None
+    if train + val + (test or 0) > n:
+        parts = f"n_train={train} + n_val={val}" + (f" + n_test={test}" if given else "")
+        room = n - val - (test or 0)
+        hint = f"--n-train {room}, or " if room > 0 else ""
+        raise DataError(f"split sizes {parts} = {train + val + (test or 0)} exceed the "
+                        f"dataset's {n} structures; choose smaller sizes (e.g. {hint}"
+                        f"fractions such as --n-train 0.8 --n-val 0.1)")
     if test is None:
         test = n - train - val
-    if train + val + test > n or test < 0:
-        raise DataError(f"split sizes train={train} + val={val} + test={test} = "
-                        f"{train + val + max(test, 0)} exceed the dataset's {n} structures")
     order = np.random.default_rng(seed).permutation(n)
     cuts = np.cumsum([train, val, test])
     parts = np.split(order[:cuts[-1]], cuts[:-1])

@@ -5,10 +5,15 @@ For a neuron ``y = w^T x`` (per filter and over all positions for a convolution,
 
     a = cov[x, y] / (w^T cov[x, y])
 
-and the two-component estimator ``S_a+-`` uses ``a_+`` fitted only on samples with
-``y > 0`` and ``a_-`` on ``y <= 0`` (``y`` is the pre-activation, bias included; the
-bias does not change the covariance). Each pattern is stored with the shape of the
-layer's weight. The co-moments are accumulated per regime in float64 and merged batch
+and the two-component estimator ``S_a+-`` uses, for the samples with ``y > 0``,
+
+    a_+ = (E_+[x y] - E_+[x] E[y]) / (w^T E_+[x y] - w^T E_+[x] E[y])
+
+and likewise ``a_-`` for ``y <= 0``. ``E_+`` averages over the samples of the regime but
+``E[y]`` over *all* samples: the form follows from requiring ``cov[x - S(x), y] = 0``
+over all samples, split by regime (as in the authors' iNNvestigate 1.x ``PatternComputer``).
+``y`` is the pre-activation, bias included; the bias cancels in both estimators. Each
+pattern is stored with the shape of the layer's weight. The co-moments are accumulated per regime in float64 and merged batch
 by batch with the pairwise update of Chan et al., so one pass gives the same result as
 a single pass over all data at once.
 """
@@ -84,12 +89,20 @@ class Moments:
         self.mean_y += delta_y * weight[:, 0]
         self.count = total
 
-    def pattern(self, weight: Tensor) -> Tensor:
-        """``a_k = cov_k / (w_k^T cov_k)``, zero where ``w_k^T cov_k = var(y_k)`` vanishes."""
+    def pattern(self, weight: Tensor, mean_y_all: Tensor | None = None) -> Tensor:
+        """``a_k = c_k / (w_k^T c_k)``, zero where ``w_k^T c_k`` vanishes.
+
+        ``c_k = E_r[x y_k] - E_r[x] E[y_k]`` with ``E_r`` over the rows of this regime and
+        ``E`` over all rows (``mean_y_all``; by default this regime's own mean, which makes
+        ``c_k`` the covariance): ``c_k = cov_r[x, y_k] + E_r[x] (E_r[y_k] - E[y_k])``.
+        """
         covariance = self.comoment / self.count.clamp(min=1)[:, None]
-        variance_y = (covariance * weight).sum(1, keepdim=True)
-        valid = variance_y > 1e-12
-        return torch.where(valid, covariance / torch.where(valid, variance_y, 1.0), 0.0)
+        if mean_y_all is not None:
+            covariance = covariance + self.mean_x * (self.mean_y - mean_y_all)[:, None]
+        # for a regime w^T c_k can be negative (strongly negative bias), so test its size
+        scale = (covariance * weight).sum(1, keepdim=True)
+        valid = scale.abs() > 1e-12
+        return torch.where(valid, covariance / torch.where(valid, scale, 1.0), 0.0)
 
 
 class LayerStatistics:
@@ -107,8 +120,11 @@ class LayerStatistics:
 
     def patterns(self, weight: Tensor) -> dict[str, Tensor]:
         flat = weight.detach().double().reshape(weight.shape[0], -1)
+        mean_y_all = self.regimes["a"].mean_y  # E[y] over all rows, for both regimes
         return {
-            key: moments.pattern(flat).reshape(weight.shape).to(weight.dtype)
+            key: moments.pattern(flat, None if key == "a" else mean_y_all)
+            .reshape(weight.shape)
+            .to(weight.dtype)
             for key, moments in self.regimes.items()
         }
 

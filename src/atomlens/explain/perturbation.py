@@ -47,8 +47,9 @@ def perturbation_curve(
 ) -> PerturbationResult:
     """Degradation curve of ``model`` on images ``inputs`` (N, C, H, W) ordered by ``relevance``.
 
-    ``replacement`` is ``"mean"`` (the per-pixel mean of ``inputs``) or ``"noise"``
-    (uniform in the value range of ``inputs``, fixed ``seed``).
+    ``replacement`` is ``"mean"`` (the per-pixel mean of ``inputs``), ``"zero"`` or
+    ``"noise"`` (uniform in the value range of ``inputs``, fixed ``seed``; the choice of
+    Samek et al. 2017).
     """
     training = model.training
     model.eval()
@@ -57,6 +58,8 @@ def perturbation_curve(
         raise ValueError("image size must be a multiple of the patch size")
     if replacement == "mean":
         fill = inputs.mean(0, keepdim=True).expand_as(inputs)
+    elif replacement == "zero":
+        fill = torch.zeros_like(inputs)
     elif replacement == "noise":
         generator = torch.Generator().manual_seed(seed)
         fill = torch.rand(inputs.shape, generator=generator).to(inputs)

@@ -5,7 +5,8 @@
 The DTNN paper (Schütt et al., Nat. Commun. 8, 13890, 2017) reads E_i as the energy of atom i
 in its chemical environment; the atom references ``atomref[Z]`` are fitted per element on the
 training split, so ``E_i - atomref[Z_i]`` (the *relative* atomic energy) is what distinguishes
-a carbon in benzene from one in cyclohexane.
+a carbon in benzene from one in cyclohexane. A dipole model (``ModelConfig.output =
+"dipole"``) given as ``charge_model`` adds its latent partial charges ``q_i`` (e) beside them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class AtomicEnergies:
     references: np.ndarray  # (n_atoms,) atomref[Z_i], eV
     total: float  # sum_i E_i (eV)
     formula: str = ""
+    charges: np.ndarray | None = None  # (n_atoms,) partial charges q_i of a dipole model, e
 
     @property
     def relative(self) -> np.ndarray:
@@ -36,28 +38,40 @@ class AtomicEnergies:
         return self.energies - self.references
 
     def rows(self) -> list[dict]:
-        return [{"index": k, "symbol": s, "energy": float(e), "relative": float(r)}
+        rows = [{"index": k, "symbol": s, "energy": float(e), "relative": float(r)}
                 for k, (s, e, r) in enumerate(zip(self.symbols, self.energies, self.relative))]
+        if self.charges is not None:
+            for row, charge in zip(rows, self.charges):
+                row["charge"] = float(charge)
+        return rows
 
     def table(self, unit: str = "eV") -> str:
-        """A printable table: index, element, E_i, E_i - atomref[Z_i]; total last."""
+        """A printable table: index, element, E_i, E_i - atomref[Z_i] (and q_i); sums last."""
         title = f"{self.formula}: E = {self.total:.6f} {unit}, sum of {len(self.symbols)} atoms"
-        lines = [title,
-                 f"{'atom':>5} {'el':>3} {'E_i (' + unit + ')':>16} {'E_i - atomref':>15}"]
+        header = f"{'atom':>5} {'el':>3} {'E_i (' + unit + ')':>16} {'E_i - atomref':>15}"
+        charged = self.charges is not None
+        lines = [title, header + (f" {'q_i (e)':>10}" if charged else "")]
         for row in self.rows():
             lines.append(f"{row['index']:>5} {row['symbol']:>3} {row['energy']:>16.6f} "
-                         f"{row['relative']:>15.6f}")
+                         f"{row['relative']:>15.6f}"
+                         + (f" {row['charge']:>10.4f}" if charged else ""))
         lines.append(f"{'sum':>9} {float(self.energies.sum()):>16.6f} "
-                     f"{float(self.relative.sum()):>15.6f}")
+                     f"{float(self.relative.sum()):>15.6f}"
+                     + (f" {float(self.charges.sum()):>10.4f}" if charged else ""))
         return "\n".join(lines)
 
 
-def atomic_energies(model: AtomisticModel, atoms_or_list, batch_size: int = 100
+def atomic_energies(model: AtomisticModel, atoms_or_list, batch_size: int = 100,
+                    charge_model: AtomisticModel | None = None
                     ) -> AtomicEnergies | list[AtomicEnergies]:
     """Atomic energies E_i of one ASE ``Atoms`` (returns one table) or of a list (a list).
 
-    The E_i sum to the model's total energy exactly (same forward pass).
+    The E_i sum to the model's total energy exactly (same forward pass). ``charge_model``,
+    a dipole model, adds its partial charges q_i (e), which sum to the total charge.
     """
+    if charge_model is not None and charge_model.config.output != "dipole":
+        raise ValueError(f"the charge model predicts {charge_model.target!r}, not partial "
+                         "charges: give a model trained on a dipole target (QM9 mu)")
     single = not isinstance(atoms_or_list, (list, tuple))
     frames = [atoms_or_list] if single else list(atoms_or_list)
     atomref = model.atomref.detach().cpu().numpy().astype(np.float64)
@@ -65,6 +79,7 @@ def atomic_energies(model: AtomisticModel, atoms_or_list, batch_size: int = 100
     for start in range(0, len(frames), batch_size):
         chunk = frames[start:start + batch_size]
         out = model.predict(chunk)
+        charges = None if charge_model is None else charge_model.predict(chunk)["charges"]
         offset = 0
         for k, atoms in enumerate(chunk):
             n = len(atoms)
@@ -74,7 +89,8 @@ def atomic_energies(model: AtomisticModel, atoms_or_list, batch_size: int = 100
                 positions=atoms.get_positions(),
                 energies=out["atomic"][offset:offset + n].astype(np.float64),
                 references=atomref[numbers], total=float(out[model.target][k]),
-                formula=atoms.get_chemical_formula()))
+                formula=atoms.get_chemical_formula(),
+                charges=None if charges is None else charges[offset:offset + n]))
             offset += n
     return results[0] if single else results
 

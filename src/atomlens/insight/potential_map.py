@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from ase.data import atomic_numbers
 
+from ..data.batch import Pairs
 from ..data.neighbors import molecular_pairs
 from ..models.potential import AtomisticModel
 from .atomic import model_device_dtype
@@ -80,10 +81,9 @@ def probe_energies(model: AtomisticModel, atoms, points: np.ndarray, probe: str 
             p_idx, a_idx = p_idx[near], a_idx[near]
         all_numbers = torch.cat([numbers, numbers.new_full((m,), z_probe)])
         all_positions = torch.cat([positions, probes])
-        pair_i = torch.cat([mol_i, p_idx + n])
-        pair_j = torch.cat([mol_j, a_idx])
-        features = model.representation(all_numbers, all_positions, pair_i, pair_j, False)
-        out.append(model.atomic_contributions(features[n:], all_numbers[n:]))
+        pairs = Pairs(torch.cat([mol_i, p_idx + n]), torch.cat([mol_j, a_idx]), None,
+                      symmetric=False)
+        out.append(model.atomic_energies(all_numbers, all_positions, pairs)[n:])
     omega = torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
     if reference == "atomref":
         omega = omega - float(model.atomref[z_probe])
@@ -98,9 +98,8 @@ def isolated_atom_energy(model: AtomisticModel, z: int) -> float:
     device, dtype = model_device_dtype(model)
     numbers = torch.tensor([z], device=device)
     empty = torch.zeros(0, dtype=torch.int64, device=device)
-    features = model.representation(numbers, torch.zeros(1, 3, dtype=dtype, device=device),
-                                     empty, empty, False)
-    return float(model.atomic_contributions(features, numbers)[0])
+    positions = torch.zeros(1, 3, dtype=dtype, device=device)
+    return float(model.atomic_energies(numbers, positions, Pairs(empty, empty, None, False))[0])
 
 
 @dataclass
@@ -143,18 +142,32 @@ def plane_axes(atoms, plane: str = "principal") -> tuple[np.ndarray, np.ndarray,
     return e[a], e[b], np.cross(e[a], e[b])
 
 
+#: the most probe positions a map may have (each is one model evaluation)
+MAX_GRID_POINTS = 1_000_000
+
+
+def _check_grid_size(extent, spacing: float) -> None:
+    """Refuse a spacing that is not positive, or whose grid over ``extent`` (Angstrom per
+    axis) would exceed :data:`MAX_GRID_POINTS` (tens of GB and hours of model calls)."""
+    if not (np.isfinite(spacing) and spacing > 0):
+        raise ValueError(f"the grid spacing must be a positive number of Angstrom, not {spacing}")
+    n = float(np.prod([np.floor(e / spacing) + 1 for e in extent]))
+    if n > MAX_GRID_POINTS:
+        raise ValueError(f"a grid spacing of {spacing:g} Angstrom gives {n:.3g} grid points, "
+                         f"more than {MAX_GRID_POINTS:,}; choose a larger spacing")
+
+
 def plane_grid(atoms, plane: str = "principal", spacing: float = 0.1, padding: float = 3.0,
                height: float = 0.0):
     """Grid points on a plane through the atoms' centroid (shifted ``height`` along its normal).
 
     Returns ``points (n1, n2, 3)``, ``origin (3,)`` and the step vectors ``(2, 3)``.
     """
-    if spacing <= 0:
-        raise ValueError("spacing must be positive")
     u, v, w = plane_axes(atoms, plane)
     pos = atoms.get_positions()
     centre = pos.mean(0) + height * w
     s, t = (pos - centre) @ u, (pos - centre) @ v
+    _check_grid_size([s.max() - s.min() + 2 * padding, t.max() - t.min() + 2 * padding], spacing)
     s_axis = np.arange(s.min() - padding, s.max() + padding + 1e-9, spacing)
     t_axis = np.arange(t.min() - padding, t.max() + padding + 1e-9, spacing)
     points = centre + s_axis[:, None, None] * u + t_axis[None, :, None] * v
@@ -163,10 +176,9 @@ def plane_grid(atoms, plane: str = "principal", spacing: float = 0.1, padding: f
 
 def box_grid(atoms, spacing: float = 0.2, padding: float = 3.0):
     """Cartesian grid around the atoms: ``points (nx, ny, nz, 3)``, ``origin``, step vectors."""
-    if spacing <= 0:
-        raise ValueError("spacing must be positive")
     pos = atoms.get_positions()
     lo, hi = pos.min(0) - padding, pos.max(0) + padding
+    _check_grid_size(hi - lo, spacing)
     axes = [np.arange(lo[k], hi[k] + 1e-9, spacing) for k in range(3)]
     points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
     return points, points[0, 0, 0].copy(), np.eye(3) * spacing

@@ -15,7 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import CosineCutoff, GaussianRBF, pair_expansion, scatter_sum
+from ..data.batch import Pairs
+from ..nn import CosineCutoff, GaussianRBF, scatter_sum
+from ..nn.geometry import pair_distances
+from .base import Representation, register
 
 
 class DTNNInteraction(nn.Module):
@@ -27,20 +30,21 @@ class DTNNInteraction(nn.Module):
         self.distance_to_factor = nn.Linear(n_rbf, n_factors)  # W^df, b^f2
         self.factor_to_coefficient = nn.Linear(n_factors, n_atom_basis, bias=False)  # W^fc
 
-    def forward(self, c, rbf, f_cut, pair_i, pair_j, symmetric: bool) -> torch.Tensor:
+    def forward(self, c, rbf, f_cut, pairs: Pairs) -> torch.Tensor:
         distance_factor = self.distance_to_factor(rbf)
-        coefficient_factor = torch.index_select(self.coefficient_to_factor(c), 0, pair_j)
-        if symmetric:  # one distance factor per unordered pair serves both directions
+        coefficient_factor = torch.index_select(self.coefficient_to_factor(c), 0, pairs.j)
+        if pairs.symmetric:  # one distance factor per unordered pair serves both directions
             n_factors = distance_factor.shape[1]
             product = (coefficient_factor.view(2, -1, n_factors) * distance_factor).view(-1, n_factors)
             f_cut = f_cut.repeat(2)
         else:
             product = coefficient_factor * distance_factor
         v = torch.tanh(self.factor_to_coefficient(product))
-        return scatter_sum(v * f_cut[:, None], pair_i, c.shape[0])
+        return scatter_sum(v * f_cut[:, None], pairs.i, c.shape[0])
 
 
-class DTNN(nn.Module):
+@register("dtnn")
+class DTNN(Representation):
     """DTNN representation: atomic numbers and positions -> coefficient vectors (n_atoms, B).
 
     Args:
@@ -72,10 +76,13 @@ class DTNN(nn.Module):
         self.interactions = nn.ModuleList(blocks)
         self.n_interactions = n_interactions
 
-    def forward(self, numbers, positions, pair_i, pair_j, symmetric: bool = True) -> torch.Tensor:
+    def forward(self, numbers, positions, pairs: Pairs, frozen=None) -> torch.Tensor:
+        """Coefficient vectors ``(n_atoms, n_atom_basis)`` after T passes."""
         c = self.embedding(numbers)
-        rbf, f_cut = pair_expansion(self.rbf, self.cutoff_fn, positions, pair_i, pair_j, symmetric)
+        d = pair_distances(positions, pairs)
+        rbf = self.rbf(d)
+        f_cut = self.cutoff_fn(d) if self.cutoff_fn is not None else torch.ones_like(d)
         for t in range(self.n_interactions):
             block = self.interactions[t % len(self.interactions)]
-            c = c + block(c, rbf, f_cut, pair_i, pair_j, symmetric)
+            c = c + block(c, rbf, f_cut, pairs)
         return c

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
-from ..fileio import atomic_folder
+from .._version import __version__
+from ..fileio import atomic_folder, recover_folder
 from .potential import AtomisticModel, build_model
 
 CONFIG = "config.json"
@@ -42,8 +42,13 @@ def save_model(model: AtomisticModel, path: str | os.PathLike, extra_files: dict
 
 
 def model_folder(path: str | os.PathLike) -> Path:
-    """Accept a training output folder (holding ``model/``) or the model folder itself."""
+    """Accept a training output folder (holding ``model/``) or the model folder itself.
+
+    A save killed between its two renames is repaired first (see :func:`recover_folder`).
+    """
     path = Path(path)
+    for folder in (path, path / "model"):
+        recover_folder(folder)
     if (path / "model" / CONFIG).is_file():
         return path / "model"
     return path
@@ -51,6 +56,11 @@ def model_folder(path: str | os.PathLike) -> Path:
 
 def read_config(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model folder")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: is a file; a model is a folder holding {CONFIG} "
+                                 f"and {WEIGHTS}")
     if not (path / CONFIG).is_file():
         raise FileNotFoundError(f"{path}: not an atomlens model folder (no {CONFIG})")
     try:
@@ -67,7 +77,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     """
     path = model_folder(path)
     doc = read_config(path)
-    model = build_model(doc["model"])
+    try:
+        model = build_model(doc["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path / CONFIG}: cannot rebuild the model from this config "
+                         f"({type(err).__name__}: {err})") from err
     try:
         state = load_file(str(path / WEIGHTS))
     except Exception as err:  # safetensors raises several types for damaged files
@@ -75,7 +89,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
     if saved_dtype is not None:
         model.to(saved_dtype)  # load without rounding, then convert if asked
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing, unexpected or wrongly shaped tensors
+        raise ValueError(f"{path}: the weights do not fit the architecture in {CONFIG} "
+                         f"(config and weights from different models?): {err}") from err
+    bad = [name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise ValueError(f"{path / WEIGHTS}: non-finite (NaN/inf) weights in {bad[:5]}; the "
+                         f"model is broken (a diverged training?)")
     model.metadata = doc.get("metadata", {})
     if dtype is not None:
         model.to(dtype)

@@ -3,6 +3,7 @@
     y_i = scale * head(x_i) + shift + atomref[Z_i]           atomic contribution (target unit)
     Y   = sum_i y_i   (extensive)   or   mean_i y_i   (intensive)
     F_i = -dY/dR_i                                           (energy models only)
+    sigma = (1/V) dY/d eps                                   stress of periodic cells
 
 ``scale``, ``shift`` and ``atomref`` are buffers fitted on the training split, so a saved
 model carries them. Forces are the gradient of the one energy model, never a separate head.
@@ -11,17 +12,18 @@ model carries them. Forces are the gradient of the one energy model, never a sep
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..data.batch import Batch
+from ..data.batch import Batch, Pairs
 from ..nn import activation, scatter_sum
-from .dtnn import DTNN
+from ..nn.geometry import apply_strain, cell_volume
+from . import dtnn, schnet  # noqa: F401 (register the built-in representations)
+from .base import REPRESENTATIONS
+from .dipole import DipoleMoment
 from .prediction import Prediction
-from .schnet import SchNet
-
-REPRESENTATIONS = {"schnet": SchNet, "dtnn": DTNN}
 
 
 @dataclass
@@ -37,6 +39,8 @@ class ModelConfig:
     target: str = "energy"
     unit: str = "eV"
     aggregation: str = "sum"  # "sum": extensive, "mean": intensive
+    #: "scalar": pooled atomic contributions; "dipole": latent charges -> |mu| (dipole.py)
+    output: str = "scalar"
     max_z: int = 100
 
     @classmethod
@@ -61,13 +65,19 @@ class AtomisticModel(nn.Module):
                              f"known: {sorted(REPRESENTATIONS)}")
         if config.aggregation not in ("sum", "mean"):
             raise ValueError(f"aggregation must be 'sum' or 'mean', not {config.aggregation!r}")
+        if config.output not in ("scalar", "dipole"):
+            raise ValueError(f"output must be 'scalar' or 'dipole', not {config.output!r}")
         kwargs = dict(config.representation_kwargs, max_z=config.max_z)
         self.representation = REPRESENTATIONS[config.representation](**kwargs)
-        spacing = getattr(self.representation, "filter_spacing", None)
-        if spacing is not None and "filter_spacing" not in config.representation_kwargs:
-            # the saved config names the evaluation it was built with, not a default
+        # the saved config names every setting the model was built with, defaults included
+        # (so a later change of a default cannot change a saved model)
+        built = {k: v for k, v in vars(self.representation).items() if k in _init_names(
+            type(self.representation))}
+        missing = {k: v for k, v in built.items() if k not in config.representation_kwargs
+                   and k != "max_z" and _json_value(v)}
+        if missing:
             config = replace(config, representation_kwargs={**config.representation_kwargs,
-                                                            "filter_spacing": spacing})
+                                                            **missing})
         self.config = config
         n_features = self.representation.n_atom_basis
         self.head = nn.Sequential(
@@ -76,6 +86,7 @@ class AtomisticModel(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("shift", torch.zeros(()))
         self.register_buffer("atomref", torch.zeros(config.max_z + 1))
+        self.dipole = DipoleMoment() if config.output == "dipole" else None
 
     @property
     def cutoff(self) -> float | None:
@@ -93,57 +104,113 @@ class AtomisticModel(nn.Module):
         self.scale.fill_(float(scale))
 
     def atomic_contributions(self, features: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
-        """y_i = scale * head(x_i) + shift + atomref[Z_i], shape (n_atoms,)."""
+        """The head: y_i = scale * head(x_i) + shift + atomref[Z_i], shape (n_atoms,)."""
         return self.head(features).squeeze(-1) * self.scale + self.shift + self.atomref[numbers]
 
-    def forward(self, batch: Batch, forces: bool = False) -> dict[str, torch.Tensor]:
-        """Predict ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3)}``.
+    def atomic_energies(self, numbers: torch.Tensor, positions: torch.Tensor, pairs: Pairs,
+                        frozen: Any = None) -> torch.Tensor:
+        """Per-atom contributions y_i ``(n_atoms,)`` (eV for energy models) of any atoms.
 
-        ``batch`` is a :class:`~atomlens.data.Batch`, or ASE ``Atoms`` (one or a list).
-        The low-level, differentiable call: tensors in the model's dtype (float32 unless
-        converted) and unit, attached to the autograd graph when gradients are on (as
-        training needs). For numbers to read or store, use :meth:`predict`.
+        The one entry point for everything that needs the model's per-atom output without a
+        :class:`Batch` (the ASE calculator, potential maps, explanations, tests). ``frozen``
+        is :meth:`freeze`'s state for repeated calls with fixed weights.
+        """
+        features = self.representation(numbers, positions, pairs, frozen)
+        return self.atomic_contributions(features, numbers)
+
+    def freeze(self) -> Any:
+        """Weight-only state of the representation (SchNet's filter tables), or ``None``."""
+        return self.representation.freeze()
+
+    def forward(self, batch: Batch, forces: bool = False, stress: bool = False,
+                frozen: Any = None) -> dict[str, torch.Tensor]:
+        """Predict ``{target: (n_structures,), "atomic": (n_atoms,)}``, plus
+        ``"forces"`` ``(n_atoms, 3)`` and ``"stress"`` ``(n_structures, 3, 3)`` if asked.
+
+        ``batch`` is a :class:`~atomlens.data.Batch`, or ASE ``Atoms`` (one or a list,
+        periodic or not). Stress (eV/Angstrom^3, ASE's sign) needs periodic structures; it
+        is zero for structures without periodic directions. The low-level, differentiable
+        call: tensors in the model's dtype (float32 unless converted) and unit, attached to
+        the autograd graph when gradients are on (as training needs). For numbers to read
+        or store, use :meth:`predict`.
         """
         if not isinstance(batch, Batch):
             batch = self.batch_from_atoms(batch)
-        positions = batch.positions
-        if forces and not positions.requires_grad:
+        positions, pairs = batch.positions, batch.pairs
+        if (forces or stress) and not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
-        features = self.representation(batch.numbers, positions, batch.pair_i, batch.pair_j,
-                                       batch.symmetric_pairs)
-        atomic = self.atomic_contributions(features, batch.numbers)
+        inputs = [positions]
+        if stress:
+            if batch.cell is None:
+                raise ValueError("stress needs structures with a cell (periodic structures)")
+            strain = torch.zeros_like(batch.cell).requires_grad_(True)
+            inputs.append(strain)
+            positions, pairs, _ = apply_strain(positions, pairs, batch.cell,
+                                               batch.structure_index, strain)
+        atomic = self.atomic_energies(batch.numbers, positions, pairs, frozen)
+        if self.dipole is not None:
+            if forces or stress:
+                raise ValueError("a dipole model predicts no forces or stress")
+            return self.dipole(atomic, batch, self.target)
         total = scatter_sum(atomic, batch.structure_index, batch.n_structures)
         if self.config.aggregation == "mean":
             total = total / batch.n_atoms_per.to(total.dtype)
         out = {self.target: total, "atomic": atomic}
-        if forces:
-            (grad,) = torch.autograd.grad(total.sum(), positions, create_graph=self.training)
-            out["forces"] = -grad
+        if forces or stress:
+            grads = torch.autograd.grad(total.sum(), inputs, create_graph=self.training)
+            if forces:
+                out["forces"] = -grads[0]
+            if stress:
+                volume = cell_volume(batch.cell)
+                periodic = batch.pbc.any(dim=1) if batch.pbc is not None else volume > 0
+                safe = torch.where(periodic, volume, torch.ones_like(volume))
+                out["stress"] = grads[-1] / safe[:, None, None] * periodic[:, None, None]
         return out
 
 
-    def predict(self, atoms, forces: bool = False) -> Prediction:
+    def predict(self, atoms, forces: bool = False, stress: bool = False,
+                allow_unknown_elements: bool = False) -> Prediction:
         """Predict for one ASE ``Atoms`` or a list of them: plain float64 numpy arrays.
 
-        ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3)}`` in the
-        model's units, named in ``result.units`` (eV, eV/Angstrom for energy models); the
-        atomic contributions sum to the target (extensive models). No autograd graph.
+        ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3),
+        "stress": (n_structures, 3, 3)}`` in the model's units, named in ``result.units``
+        (eV, eV/Angstrom, eV/Angstrom^3 for energy models; a dipole model gives ``dipole``
+        and ``charges`` in e); the atomic contributions sum to the target (extensive
+        models). No autograd graph. Periodic ``Atoms`` keep their cell. Elements absent
+        from the training data are refused (a warning with ``allow_unknown_elements``);
+        non-finite outputs are an error (see :mod:`atomlens.models.guards`).
         """
+        from .guards import check_elements, check_finite
+
         batch = self.batch_from_atoms(atoms)
-        with torch.set_grad_enabled(forces):
-            out = self(batch, forces=forces)
+        check_elements(self, batch.numbers.cpu().numpy(), allow_unknown_elements)
+        with torch.set_grad_enabled(forces or stress):
+            out = self(batch, forces=forces, stress=stress)
+        out = {k: v.detach().cpu().double().numpy() for k, v in out.items()}
+        check_finite(out)
         unit = self.config.unit
-        units = {self.target: unit, "atomic": unit, "forces": f"{unit}/Angstrom"}
-        return Prediction({k: v.detach().cpu().double().numpy() for k, v in out.items()},
-                          {k: units[k] for k in out})
+        charges = "e" if self.dipole is not None else unit
+        units = {self.target: unit, "atomic": charges, "charges": "e", "dipole": unit,
+                 "forces": f"{unit}/Angstrom", "stress": f"{unit}/Angstrom^3"}
+        return Prediction(out, {k: units.get(k, "") for k in out})
 
     def batch_from_atoms(self, atoms) -> Batch:
-        """A validated batch of ASE ``Atoms`` on this model's device and dtype."""
+        """A validated batch of ASE ``Atoms`` (cells and pbc kept) on this model's device."""
         from ..data.dataset import dataset_from_atoms
 
         data = dataset_from_atoms(atoms, targets=False)
         p = next(self.parameters())
         return data.batch(range(len(data)), self.cutoff, p.dtype).to(p.device)
+
+
+def _init_names(cls) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def _json_value(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def build_model(config: ModelConfig | dict) -> AtomisticModel:

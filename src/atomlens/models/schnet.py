@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from ..data.batch import Pairs
 from ..nn import (
     LN2,
     CosineCutoff,
@@ -28,9 +29,14 @@ from ..nn import (
     cfconv_symmetric,
     hermite_coefficients,
     hermite_lookup,
-    pair_expansion,
     scatter_sum,
 )
+from ..nn.geometry import pair_distances
+from .base import Representation, register
+
+#: the most grid nodes of a filter table (the tables take nodes x 4 x n_filters numbers
+#: per interaction; 20,000 nodes of 128 filters are 41 MB in float32)
+MAX_TABLE_NODES = 20_000
 
 
 class SchNetInteraction(nn.Module):
@@ -57,16 +63,17 @@ class SchNetInteraction(nn.Module):
         spacing = grid[1] - grid[0]
         return hermite_coefficients(w * f[:, None], (dw * f[:, None] + w * df[:, None]) * spacing)
 
-    def forward(self, x, filters, pair_i, pair_j, symmetric: bool) -> torch.Tensor:
-        """``filters``: W(r) of the pairs (of the unordered pairs if ``symmetric``)."""
+    def forward(self, x, filters, pairs: Pairs) -> torch.Tensor:
+        """``filters``: W(r) of the evaluated pairs (the unordered ones if symmetric)."""
         y = self.in2f(x)
-        if symmetric:  # one filter per unordered pair serves both directions
-            return self.f2out(cfconv_symmetric(y, filters, pair_i, pair_j))
-        messages = torch.index_select(y, 0, pair_j) * filters
-        return self.f2out(scatter_sum(messages, pair_i, x.shape[0]))
+        if pairs.symmetric:  # one filter per unordered pair serves both directions
+            return self.f2out(cfconv_symmetric(y, filters, pairs.i, pairs.j))
+        messages = torch.index_select(y, 0, pairs.j) * filters
+        return self.f2out(scatter_sum(messages, pairs.i, x.shape[0]))
 
 
-class SchNet(nn.Module):
+@register("schnet")
+class SchNet(Representation):
     """SchNet representation: atomic numbers and positions -> atom features (n_atoms, F).
 
     Args:
@@ -94,37 +101,47 @@ class SchNet(nn.Module):
         self.cutoff_fn = CosineCutoff(cutoff) if cutoff is not None else None
         self.interactions = nn.ModuleList(
             SchNetInteraction(n_atom_basis, n_filters, n_rbf) for _ in range(n_interactions))
-        if filter_spacing is not None and filter_spacing <= 0:
+        if filter_spacing is not None and not (math.isfinite(filter_spacing) and filter_spacing > 0):
             raise ValueError(f"filter_spacing must be positive, not {filter_spacing}")
+        if cutoff is not None and filter_spacing is not None and (
+                cutoff / filter_spacing > MAX_TABLE_NODES):
+            raise ValueError(f"filter_spacing={filter_spacing:g} Angstrom gives "
+                             f"{cutoff / filter_spacing:.3g} table nodes per filter (the limit "
+                             f"is {MAX_TABLE_NODES:,}, {cutoff / MAX_TABLE_NODES:.2g} Angstrom "
+                             f"at cutoff {cutoff:g}); 0.01 Angstrom is already exact to float32")
         self.filter_spacing = filter_spacing if cutoff is not None else None
+
+    def freeze(self) -> list[torch.Tensor] | None:
+        """The filter tables (tabulated filters), to compute once for a frozen model."""
+        return self.filter_tables() if self.filter_spacing is not None else None
 
     def filter_tables(self) -> list[torch.Tensor]:
         """One Hermite table ``(n_intervals, 4, n_filters)`` per interaction block.
 
         Differentiable w.r.t. the weights (training recomputes them every step); a frozen
-        model can compute them once and pass them to :meth:`forward` (MD).
+        model computes them once (:meth:`freeze`) and passes them to :meth:`forward` (MD).
         """
         n = math.ceil(self.cutoff / self.filter_spacing - 1e-9)
         p = self.embedding.weight
         grid = torch.linspace(0.0, self.cutoff, n + 1, dtype=p.dtype, device=p.device)
         return [block.filter_table(self.rbf, self.cutoff_fn, grid) for block in self.interactions]
 
-    def forward(self, numbers, positions, pair_i, pair_j, symmetric: bool = True,
-                tables: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, numbers, positions, pairs: Pairs,
+                frozen: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Atom features ``(n_atoms, n_atom_basis)``; ``frozen``: tables from :meth:`freeze`."""
         x = self.embedding(numbers)
-        tabulated = self.filter_spacing is not None or tables is not None
+        d = pair_distances(positions, pairs)
+        tabulated = self.filter_spacing is not None or frozen is not None
         if tabulated:
-            tables = self.filter_tables() if tables is None else tables
-            half = pair_i.shape[0] // 2 if symmetric else pair_i.shape[0]
-            d = (positions[pair_i[:half]] - positions[pair_j[:half]]).norm(dim=-1)
+            tables = self.filter_tables() if frozen is None else frozen
             x_grid = d * (tables[0].shape[0] / self.cutoff)  # distance in node spacings
         else:
-            rbf, f_cut = pair_expansion(self.rbf, self.cutoff_fn, positions, pair_i, pair_j,
-                                        symmetric)
+            rbf = self.rbf(d)
+            f_cut = self.cutoff_fn(d) if self.cutoff_fn is not None else torch.ones_like(d)
         for k, interaction in enumerate(self.interactions):
             if tabulated:
                 filters = hermite_lookup(tables[k], x_grid)
             else:
                 filters = interaction.filter_network(rbf) * f_cut[:, None]
-            x = x + interaction(x, filters, pair_i, pair_j, symmetric)
+            x = x + interaction(x, filters, pairs)
         return x

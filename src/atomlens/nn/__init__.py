@@ -13,7 +13,7 @@ from .hermite import hermite_coefficients, hermite_lookup
 LN2 = math.log(2.0)
 
 __all__ = ["LN2", "CosineCutoff", "GaussianRBF", "ShiftedSoftplus", "activation",
-           "cfconv_symmetric",           "hermite_coefficients", "hermite_lookup", "pair_expansion", "scatter_sum",
+           "cfconv_symmetric", "hermite_coefficients", "hermite_lookup", "scatter_sum",
            "shifted_softplus"]
 
 
@@ -48,10 +48,20 @@ class GaussianRBF(nn.Module):
 
     def __init__(self, n_rbf: int, stop: float, start: float = 0.0, gamma: float | None = None):
         super().__init__()
-        centres = torch.linspace(start, stop, n_rbf)
+        self.start, self.stop = float(start), float(stop)
         spacing = (stop - start) / max(n_rbf - 1, 1)
         self.gamma = float(gamma) if gamma is not None else 0.5 / spacing**2
-        self.register_buffer("centres", centres)
+        self.register_buffer("centres", torch.linspace(start, stop, n_rbf))
+
+    def _apply(self, fn, recurse=True):
+        # a float32 linspace converted to float64 keeps its float32 rounding (up to 1e-6
+        # Angstrom): lay the centres out again in the new dtype when it changes
+        dtype = self.centres.dtype
+        super()._apply(fn, recurse)
+        if self.centres.dtype != dtype and self.centres.is_floating_point():
+            self.centres = torch.linspace(self.start, self.stop, len(self.centres),
+                                          dtype=self.centres.dtype, device=self.centres.device)
+        return self
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         return torch.exp(-self.gamma * (d[:, None] - self.centres) ** 2)
@@ -78,20 +88,6 @@ class CosineCutoff(nn.Module):
         """``(f(d), df/dd)`` for ``d <= cutoff`` (both vanish at the cutoff)."""
         phase = d * (math.pi / self.cutoff)
         return 0.5 * (torch.cos(phase) + 1.0), (-0.5 * math.pi / self.cutoff) * torch.sin(phase)
-
-
-def pair_expansion(rbf: GaussianRBF, cutoff_fn: CosineCutoff | None, positions: torch.Tensor,
-                   pair_i: torch.Tensor, pair_j: torch.Tensor, symmetric: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Radial basis and cutoff of the pair distances, once per unordered pair if ``symmetric``.
-
-    Returns ``(rbf(d), f_cut(d))`` for the first half of the pairs (symmetric layout) or for
-    all of them; ``f_cut`` is 1 where there is no cutoff function.
-    """
-    half = pair_i.shape[0] // 2 if symmetric else pair_i.shape[0]
-    d = (positions[pair_i[:half]] - positions[pair_j[:half]]).norm(dim=-1)
-    f_cut = cutoff_fn(d) if cutoff_fn is not None else torch.ones_like(d)
-    return rbf(d), f_cut
 
 
 def scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:

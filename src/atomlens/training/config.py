@@ -12,7 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from ..fileio import atomic_file, check_readable
 from ..models.potential import ModelConfig
+from .config_checks import check_train_config
 
 
 @dataclass
@@ -27,6 +29,11 @@ class TrainConfig:
     #: train on forces too: loss = rho ||E - E^||^2 + (1 - rho) <||F - F^||^2>_atoms
     forces: bool = False
     rho: float = 0.01
+    #: train on the stress of periodic cells too: + stress_weight <||sigma - sigma^||^2>
+    #: (sigma in eV/Angstrom^3; 100 weighs a 0.01 eV/Angstrom^3 (1.6 GPa) error like a
+    #: 0.1 eV/Angstrom force error)
+    stress: bool = False
+    stress_weight: float = 100.0
     #: split sizes (ints, or fractions of the data set); test = the rest unless given
     n_train: float = 10000
     n_val: float = 1000
@@ -67,6 +74,9 @@ class TrainConfig:
     freeze_representation: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
 
+    def __post_init__(self):
+        check_train_config(self)  # types and ranges, see config_checks
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
@@ -75,6 +85,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         model = d.pop("model", {})
+        if not isinstance(model, (dict, ModelConfig)):
+            raise ValueError(f"training config: model must be a mapping of model settings, "  # noqa: TRY004
+                             f"not {type(model).__name__} {model!r}")
         return cls(**d, model=model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model))
 
     def to_dict(self) -> dict:
@@ -102,10 +115,11 @@ PAPER_DTNN = {"n_atom_basis": 30, "n_interactions": 3, "n_factors": 60, "n_rbf":
               "cutoff": 20.0, "rbf_stop": 20.0, "rbf_gamma": 12.5}
 
 PRESETS: dict[str, dict] = {
-    # SchNetPack-style SchNet on QM9 U0 (128 features, 6 interactions, 5 Angstrom cutoff)
+    # SchNetPack-style SchNet on QM9 U0 (128 features, 6 interactions, 5 Angstrom cutoff);
+    # the head as SchNetPack 2.1.1's Atomwise: 128 -> 64 -> 1 with SiLU
     "qm9-u0-schnet": {"data": "qm9", "target": "U0", "batch_size": 100, "lr": 5e-4,
                       "model": {"representation": "schnet", "representation_kwargs": SCHNETPACK_SCHNET,
-                                "head_hidden": 64, "target": "U0"}},
+                                "head_hidden": 64, "head_activation": "silu", "target": "U0"}},
     # the NeurIPS 2017 setting: 64 features, 3 interactions, 300 Gaussians on 0-30 A, no cutoff
     "qm9-u0-schnet-neurips": {"data": "qm9", "target": "U0", "batch_size": 32, "lr": 1e-3,
                               "model": {"representation": "schnet",
@@ -145,22 +159,43 @@ def preset(name: str) -> TrainConfig:
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read a YAML or JSON training config (``preset: name`` as a base is allowed)."""
-    path = Path(path)
+    path = check_readable(path)
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        doc = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid YAML/JSON ({err})") from err
+    if doc is None or doc == {}:
+        raise ValueError(f"{path}: the config file is empty; give the training settings (or "
+                         f"'preset: NAME' to start from a preset)")
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: a training config must be a mapping of keys to values")  # noqa: TRY004
-    base = doc.pop("preset", None)
-    if base is None:
-        return TrainConfig.from_dict(doc)
-    merged = preset(base).to_dict()
-    model = doc.pop("model", {})
-    merged.update(doc)
-    merged["model"].update(model)
-    return TrainConfig.from_dict(merged)
+    try:
+        base = doc.pop("preset", None)
+        if base is None:
+            return TrainConfig.from_dict(doc)
+        return TrainConfig.from_dict(merge_settings(preset(base).to_dict(), doc))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def merge_settings(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in, nested mappings key by key: overriding one
+    ``representation_kwargs`` entry keeps the others. A model that switches representation
+    takes its ``representation_kwargs`` whole (the other class's would not fit)."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        old = merged.get(key)
+        switched = (key == "model" and isinstance(value, dict) and "representation" in value
+                    and isinstance(old, dict) and value["representation"] != old.get("representation"))
+        if isinstance(value, dict) and isinstance(old, dict):
+            if switched:
+                old = {k: v for k, v in old.items() if k != "representation_kwargs"}
+            merged[key] = merge_settings(old, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

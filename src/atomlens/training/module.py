@@ -2,6 +2,11 @@
 
     loss = rho * <(Y - Y^)^2>_structures + (1 - rho) * <||F_i - F^_i||^2>_atoms   (with forces)
     loss = <(Y - Y^)^2>_structures                                               (without)
+         + w_sigma * <||sigma - sigma^||_F^2>_structures       (with stress, periodic cells)
+
+The averages are over the global batch: with data-parallel training each rank sums its
+share and divides by the global counts, so unequal shares give the same gradient as one
+process.
 
 Values are in the model's internal units (eV, eV/Angstrom); metrics are reported in them
 too and converted for display only.
@@ -20,31 +25,59 @@ from ..models.potential import AtomisticModel
 class AtomisticTask(pl.LightningModule):
     def __init__(self, model: AtomisticModel, forces: bool = False, rho: float = 0.01,
                  lr: float = 5e-4, lr_factor: float = 0.5, lr_patience: int = 25,
-                 lr_min: float = 1e-6):
+                 lr_min: float = 1e-6, stress: bool = False, stress_weight: float = 100.0):
         super().__init__()
         self.model = model
         self.forces, self.rho = forces, rho
+        self.stress, self.stress_weight = stress, stress_weight
         self.lr, self.lr_factor, self.lr_patience, self.lr_min = lr, lr_factor, lr_patience, lr_min
         self.target = model.target
-        names = [self.target] + (["forces"] if forces else [])
+        names = self.names = ([self.target] + (["forces"] if forces else [])
+                              + (["stress"] if stress else []))
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}_{kind}": (MeanAbsoluteError() if kind == "mae"
                                        else MeanSquaredError(squared=False))
             for stage in ("val", "test") for name in names for kind in ("mae", "rmse")})
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.model(batch, forces=self.forces)
+        return self.model(batch, forces=self.forces, stress=self.stress)
 
-    def loss(self, batch: Batch, pred: dict[str, torch.Tensor]) -> torch.Tensor:
-        energy_error = (pred[self.target] - batch.targets[self.target]).pow(2).mean()
-        if not self.forces:
-            return energy_error
-        force_error = (pred["forces"] - batch.targets["forces"]).pow(2).sum(-1).mean()
-        return self.rho * energy_error + (1.0 - self.rho) * force_error
+    def loss(self, batch: Batch, pred: dict[str, torch.Tensor],
+             counts: tuple[float, float] | None = None) -> torch.Tensor:
+        """The loss of the module docstring; ``counts`` = (structures, atoms) of the whole
+        global batch when ``batch`` is one rank's share of it (default: ``batch`` itself),
+        so that sum_ranks loss_r = the global batch's loss whatever the shares."""
+        n_structures, n_atoms = counts or (batch.n_structures, batch.numbers.shape[0])
+        energy_error = (pred[self.target] - batch.targets[self.target]).pow(2).sum() / n_structures
+        loss = energy_error
+        if self.forces:
+            force_error = (pred["forces"] - batch.targets["forces"]).pow(2).sum() / n_atoms
+            loss = self.rho * energy_error + (1.0 - self.rho) * force_error
+        if self.stress:
+            stress_error = (pred["stress"] - batch.targets["stress"]).pow(2).sum() / n_structures
+            loss = loss + self.stress_weight * stress_error
+        return loss
+
+    def _global_counts(self, batch: Batch) -> tuple[float, float] | None:
+        """(structures, atoms) of the global batch, summed over the data-parallel ranks."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        local = torch.tensor([batch.n_structures, batch.numbers.shape[0]], dtype=torch.float64,
+                             device=self.device)
+        total = self.trainer.strategy.reduce(local, reduce_op="sum")
+        return float(total[0]), float(total[1])
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self(batch))
-        self.log("train_loss", loss, batch_size=batch.n_structures, prog_bar=True)
+        pred = self(batch)
+        counts = self._global_counts(batch)
+        loss = self.loss(batch, pred, counts)
+        shown = loss if counts is None else self.loss(batch, pred)  # this rank's own mean
+        self.log("train_loss", shown.detach(), batch_size=batch.n_structures, prog_bar=True)
+        if counts is not None:
+            # DDP averages the ranks' gradients; the ranks' losses add up to the global
+            # batch's loss, so scale by the world size: the average is then its gradient,
+            # also when the global batch does not split evenly over the ranks
+            loss = loss * self.trainer.world_size
         return loss
 
     def _evaluate(self, batch: Batch, stage: str) -> None:
@@ -52,8 +85,7 @@ class AtomisticTask(pl.LightningModule):
             pred = self(batch)
         self.log(f"{stage}_loss", self.loss(batch, pred).detach(), batch_size=batch.n_structures,
                  sync_dist=True)
-        names = [self.target] + (["forces"] if self.forces else [])
-        for name in names:
+        for name in self.names:
             for kind in ("mae", "rmse"):
                 metric = self.metrics[f"{stage}_{name}_{kind}"]
                 metric(pred[name].detach(), batch.targets[name])

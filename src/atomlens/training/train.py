@@ -34,41 +34,56 @@ from ..data.splits import load_split, random_split, save_split
 from ..data.statistics import fit_atomrefs, residual_stats
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
+from . import run_folder
 from .config import TrainConfig, save_config
 from .evaluate import evaluate, predict_dataset
 from .module import AtomisticTask
 
 
 def load_dataset(config: TrainConfig) -> PackedDataset:
-    """The data set named by ``config.data``, with the target checked."""
-    if config.data == "qm9":
-        from ..data.sources.qm9 import load_qm9
+    """The data set named by ``config.data`` (any spec of :func:`open_dataset`), checked
+    for the target and the derivatives the config trains on."""
+    from ..data.sources.open import open_dataset
 
-        data = load_qm9()
-    elif Path(config.data).is_dir():
-        data = PackedDataset.load(config.data)
-    else:
-        from ..data.sources import read_any
-
-        kwargs = {}
-        if config.energy_unit:
-            kwargs["energy_unit"] = config.energy_unit
-        if config.length_unit:
-            kwargs["length_unit"] = config.length_unit
-        data = read_any(config.data, **kwargs)
+    data = open_dataset(config.data, config.energy_unit, config.length_unit)
     if config.target not in data.targets:
         raise DataError(f"{config.data}: unknown target {config.target!r}; "
                         f"this data set has {sorted(data.targets)}")
     if config.forces and "forces" not in data.targets:
         raise DataError(f"{config.data}: forces requested but the data set has no forces")
+    if config.stress and "stress" not in data.targets:
+        raise DataError(f"{config.data}: stress requested but the data set has no stress")
     if config.max_structures is not None and config.max_structures < len(data):
         data = data.subset(np.arange(config.max_structures))
     return data
 
 
+def adapt_to_data(config: TrainConfig, data: PackedDataset) -> TrainConfig:
+    """``config`` with the model's target, unit and pooling taken from the data.
+
+    Pooling follows the data's declaration (:meth:`PackedDataset.is_extensive`): sum for
+    extensive targets (with per-element references, see :func:`fit_statistics`), mean for
+    intensive ones (no references). A target in debye (QM9 ``mu``) is the norm of a dipole
+    vector and gets the ``"dipole"`` output (latent partial charges).
+    """
+    aggregation = "sum" if data.is_extensive(config.target) else "mean"
+    unit = data.units.get(config.target, "")
+    # a target in debye is a dipole moment norm: predicted from latent charges (dipole.py)
+    output = "dipole" if unit == "Debye" else "scalar"
+    overrides = {"model.target": config.target, "model.aggregation": aggregation,
+                 "model.output": output}
+    if unit:
+        overrides["model.unit"] = unit
+    return config.updated(**overrides)
+
+
 def fit_statistics(model: AtomisticModel, data: PackedDataset, train_idx: np.ndarray) -> None:
-    """Atom references (extensive targets) and residual shift/scale from the training split."""
+    """Atom references (extensive targets) and residual shift/scale from the training split
+    (none for a dipole model, whose head predicts charges in e)."""
     target = model.target
+    if model.config.output == "dipole":  # latent charges in e: no shift, scale or references
+        model.set_statistics(None, shift=0.0, scale=1.0)
+        return
     if model.config.aggregation == "sum":
         atomref = fit_atomrefs(data, train_idx, target, max_z=model.config.max_z)
         mean, std = residual_stats(data, train_idx, target, atomref, per_atom=True)
@@ -145,40 +160,54 @@ class PackedDataModule(pl.LightningDataModule):
 def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[str, np.ndarray]:
     path = out / "split.npz"
     if resume and path.exists():
-        return load_split(path)
+        return load_split(path, n)
     split = random_split(n, config.n_train, config.n_val, config.n_test, seed=config.seed)
     save_split(path, split)
     return split
 
 
 def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None = None,
-          split: dict[str, np.ndarray] | None = None) -> dict:
+          overwrite: bool = False, split: dict[str, np.ndarray] | None = None) -> dict:
     """Train a model as ``config`` says; returns the test metrics (internal units).
 
-    With ``resume=True`` a run killed half-way goes on from ``checkpoints/last.ckpt``.
+    With ``resume=True`` a run killed half-way goes on from ``checkpoints/last.ckpt``
+    (only if it is the same run: see :mod:`.run_folder`); a folder holding another run is
+    refused unless ``overwrite=True``. The folder is locked while the run lasts.
     ``split`` (train/val/test indices of ``data``) replaces the random split, e.g. one
     split shared by the members of an ensemble. Fine-tuning: ``config.init_from`` starts
     from a saved model's weights and statistics (see :func:`initial_model`).
     """
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not run_folder.is_primary_process():  # the primary process guards the folder
+        return _train(config, resume, data, split)
+    with run_folder.locked(out):
+        run_folder.prepare(out, resume, overwrite)
+        return _train(config, resume, data, split)
+
+
+def _train(config: TrainConfig, resume: bool, data: PackedDataset | None,
+           split: dict[str, np.ndarray] | None = None) -> dict:
+    out = Path(config.out)
     if config.threads:
         torch.set_num_threads(config.threads)
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    if config.model.target != config.target:
-        config = config.updated(**{"model.target": config.target})
     data = data if data is not None else load_dataset(config)
+    config = adapt_to_data(config, data)
     unit = data.units.get(config.target, "")
-    if unit and config.model.unit != unit:
-        config = config.updated(**{"model.unit": unit})
     if config.init_from:
         model = initial_model(config, data)
         config = config.updated(model=model.config.to_dict())
-    save_config(config, out / "train_config.yaml")
     if split is None:
         split = _make_split(config, len(data), out, resume)
     else:
         save_split(out / "split.npz", split)
+    fingerprint = run_folder.fingerprint(config, data, split)
+    if run_folder.is_primary_process():
+        if resume:
+            run_folder.check_resume(out, fingerprint)
+        else:
+            run_folder.record(out, fingerprint)
+        save_config(config, out / "train_config.yaml")
 
     if not config.init_from:
         model = build_model(config.model)
@@ -195,7 +224,8 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
         model.representation.compile(dynamic=True)  # in place: state-dict keys unchanged
     task = AtomisticTask(model, forces=config.forces, rho=config.rho, lr=config.lr,
                          lr_factor=config.lr_factor, lr_patience=config.lr_patience,
-                         lr_min=config.lr_min)
+                         lr_min=config.lr_min, stress=config.stress,
+                         stress_weight=config.stress_weight)
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_loss",
                                  save_top_k=1, enable_version_counter=False)
     # the latest state after every epoch, whether or not it is the best: what a resume needs
@@ -203,7 +233,8 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
                              save_top_k=1, save_on_train_epoch_end=True,
                              enable_version_counter=False)
     callbacks = [checkpoint, latest, EarlyStopping("val_loss", patience=config.early_stopping_patience),
-                 LearningRateMonitor("epoch")]
+                 LearningRateMonitor("epoch"),
+                 run_folder.FingerprintCallback(run_folder.digest(fingerprint))]
     if config.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if config.ema_decay:
@@ -233,14 +264,16 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
     if config.forces and model.config.aggregation == "sum":
         refit_offset(model, data, split["train"], config.batch_size)
     metrics = evaluate(model, data, split["test"], batch_size=config.batch_size,
-                       forces=config.forces) if len(split["test"]) else {}
+                       forces=config.forces, stress=config.stress) if len(split["test"]) else {}
     metrics.update(epochs=trainer.current_epoch, n_train=len(split["train"]),
                    n_val=len(split["val"]), n_test=len(split["test"]), unit=unit)
     save_model(model, out / "model",
                extra_files={"split.npz": lambda p: save_split(p, split),
                             "train_config.yaml": lambda p: save_config(config, p)},
                metadata={"units": dict(data.units), "metrics": _plain(metrics),
-                         "data": config.data})
+                         "data": config.data,
+                         "elements": np.unique(np.asarray(data.numbers)[
+                             data.atom_index(split["train"])]).tolist()})
     (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=1))
     return metrics
 

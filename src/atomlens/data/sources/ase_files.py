@@ -1,8 +1,17 @@
 """Anything ASE reads or writes (xyz, extxyz, ASE db, ...), plus :func:`read_any`.
 
-Energies and forces are taken from each frame's calculator results (how ASE stores them
-for extxyz and db files) or from ``atoms.info`` / ``atoms.arrays``, under the keys given.
-Units are declared by the caller (default eV and Angstrom) and converted on reading.
+Energies, forces and stress are taken from each frame's calculator results (how ASE stores
+them for extxyz and db files) or from ``atoms.info`` / ``atoms.arrays``, under the keys
+given. Periodic frames (extxyz ``Lattice`` + ``pbc``, ASE db rows with a cell) keep their
+cell.
+
+Units are never guessed. The file may state them (``energy_unit``, ``length_unit`` and
+optionally ``force_unit`` in every frame's info line of an (ext)xyz file, or in an ASE
+database's metadata; :func:`write_ase` writes them), or the caller declares them; a file
+with energies and neither is refused. Positions are in Angstrom unless stated otherwise
+(ASE's own convention for every format it reads). Forces must be in energy unit / length
+unit, stress in energy unit / length unit^3. Values are converted to eV and Angstrom on
+reading.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ... import units
-from ...fileio import atomic_file
+from ...fileio import atomic_file, check_readable
 from ..dataset import DataError, PackedDataset
 
 
@@ -26,31 +35,61 @@ def _value(atoms, key: str, per_atom: bool):
     return store.get(key)
 
 
+UNIT_KEYS = ("energy_unit", "length_unit", "force_unit")
+
+
+def _stated_units(frames, source: str, path: Path | None = None) -> dict[str, str]:
+    """The units the frames state in every ``info`` (xyz/extxyz), or the metadata of the ASE
+    database ``path``."""
+    stated = {}
+    if path is not None and path.suffix.lower() == ".db":
+        from ase.db import connect
+
+        stated.update({k: str(v) for k, v in connect(str(path)).metadata.items()
+                       if k in UNIT_KEYS})
+    for key in UNIT_KEYS:
+        values = {str(a.info[key]) for a in frames if key in a.info}
+        if len(values) > 1 or (values and not all(key in a.info for a in frames)):
+            raise DataError(f"{source}: the frames disagree on {key} ({sorted(values)})")
+        if values:
+            stated[key] = values.pop()
+    return stated
+
+
+def _stress_matrix(value) -> np.ndarray:
+    """ASE stores stress as Voigt (xx, yy, zz, yz, xz, xy) or as a 3x3 matrix."""
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    value = np.asarray(value, dtype=np.float64)
+    return voigt_6_to_full_3x3_stress(value) if value.shape == (6,) else value.reshape(3, 3)
+
+
 def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: str = "forces",
-             energy_unit: str = "eV", length_unit: str = "Angstrom", index: str | int = ":",
-             format: str | None = None) -> PackedDataset:
+             energy_unit: str | None = None, length_unit: str | None = None,
+             index: str | int = ":", format: str | None = None,
+             stress_key: str = "stress") -> PackedDataset:
     """Read frames with :func:`ase.io.read` into a :class:`PackedDataset`.
 
     Args:
         path: any file ASE can read (format from the extension unless ``format`` is given).
         energy_key, forces_key: where energies and forces are stored.
-        energy_unit, length_unit: units of the file (forces: ``energy_unit/length_unit``).
+        energy_unit, length_unit: units of the file, for a file that does not state them
+            (if it does, they must agree); forces are in ``energy_unit/length_unit``. A file
+            with energies and no energy unit from either side is refused.
         index: which frames (ASE syntax: ``":"`` all, ``"::10"``, ``0``, ...).
 
     Returns:
-        Targets ``energy`` (eV) and ``forces`` (eV/Angstrom) when every frame has them;
-        frames where only some have a value are refused. Extras: ``frame`` (position in the
+        Targets ``energy`` (eV), ``forces`` (eV/Angstrom) and ``stress`` (eV/Angstrom^3,
+        3x3, ASE's sign) when every frame has them; frames where only some have a value are
+        refused. Cells and pbc of periodic frames. Extras: ``frame`` (position in the
         file) and the scalar ``info`` entries all frames share.
     """
     from ase.io import read
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: file not found")
-    try:
-        units.energy_factor(energy_unit), units.length_factor(length_unit)
-    except ValueError as err:  # before reading a large file
-        raise DataError(f"{path}: {err}") from err
+    check_readable(path)
     try:
         frames = read(str(path), index=index, format=format)
     except Exception as err:  # each ASE format raises its own errors for bad input
@@ -60,39 +99,61 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
         frames = [frames]
     if not frames:
         raise DataError(f"{path}: no structures in the file")
-    return pack_frames(frames, str(path), energy_key, forces_key, energy_unit, length_unit,
+    return pack_frames(frames, str(path), energy_key, forces_key, stress_key, energy_unit,
+                       length_unit, _stated_units(frames, str(path), path),
                        meta={"source_file": path.name})
 
 
 def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energy",
-                forces_key: str | None = "forces", energy_unit: str = "eV",
-                length_unit: str = "Angstrom", force_unit: str | None = None,
-                meta: dict | None = None) -> PackedDataset:
-    """ASE ``Atoms`` -> :class:`PackedDataset`, energies and forces converted to eV, eV/Angstrom.
+                forces_key: str | None = "forces", stress_key: str | None = "stress",
+                energy_unit: str | None = None, length_unit: str | None = None,
+                stated: dict[str, str] | None = None, meta: dict | None = None
+                ) -> PackedDataset:
+    """ASE ``Atoms`` -> :class:`PackedDataset`, values converted to eV and Angstrom.
 
-    Values come from each frame's calculator results (``SinglePointCalculator``), else from
-    ``info[energy_key]`` / ``arrays[forces_key]``; a key of None skips that target. Units
-    are declared: ``energy_unit``, ``length_unit`` and ``force_unit`` (default
-    ``energy_unit/length_unit``). A target is kept when every frame has it; when only some
-    frames have it the data are refused (:class:`DataError` naming the frame).
+    Energies, forces and stress come from each frame's calculator results (a
+    ``SinglePointCalculator``), else from ``info`` / ``arrays`` under the keys given (None
+    skips a target). Units: those the frames state (``stated``, or ``energy_unit`` /
+    ``length_unit`` in every frame's ``info``), else the declared ``energy_unit`` and
+    ``length_unit`` (positions default to Angstrom); energies without a unit are refused.
+    Forces are in energy unit / length unit, stress in energy unit / length unit^3. A
+    target is kept when every frame has it; when only some frames have it the data are
+    refused (:class:`DataError` naming the frame).
     """
+    stated = stated if stated is not None else _stated_units(frames, source)
+    has_energy = energy_key is not None and any(
+        _value(a, energy_key, False) is not None for a in frames)
     try:
+        energy_unit = units.resolve_unit("energy", stated.get("energy_unit"), energy_unit,
+                                         None if has_energy else "eV")
+        length_unit = units.resolve_unit("length", stated.get("length_unit"), length_unit,
+                                         "Angstrom")
+        if energy_unit is None:
+            raise ValueError("the structures have energies but no stated unit; declare it "
+                             "(energy_unit=..., --energy-unit eV/kcal/mol/hartree/...) or "
+                             "store energy_unit in the file")
         e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
-        f_factor = units.force_factor(force_unit) if force_unit else e_factor / r_factor
+        units.check_force_unit(stated.get("force_unit", f"{energy_unit}/{length_unit}"),
+                               energy_unit, length_unit)
     except ValueError as err:
         raise DataError(f"{source}: {err}") from err
     structures = [(a.numbers, a.positions * r_factor) for a in frames]
+    periodic = any(a.pbc.any() for a in frames)
     targets, target_units = {}, {}
     for key, name, per_atom, factor, unit in (
             (energy_key, "energy", False, e_factor, "eV"),
-            (forces_key, "forces", True, f_factor, "eV/Angstrom")):
+            (forces_key, "forces", True, e_factor / r_factor, "eV/Angstrom"),
+            (stress_key, "stress", False, e_factor / r_factor**3, "eV/Angstrom^3")):
         if key is None:
             continue
         values = [_value(a, key, per_atom) for a in frames]
         have = [v is not None for v in values]
         if all(have):
-            targets[name] = [np.asarray(v, dtype=np.float64) * factor for v in values]
-            if not per_atom:
+            if name == "stress":
+                targets[name] = [_stress_matrix(v) * factor for v in values]
+            else:
+                targets[name] = [np.asarray(v, dtype=np.float64) * factor for v in values]
+            if name == "energy":
                 targets[name] = [float(np.ravel(v)[0]) for v in targets[name]]
             target_units[name] = unit
         elif any(have):
@@ -100,16 +161,17 @@ def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energ
     # scalar info entries that every frame carries (ids, isomer labels, ...) become extras
     extras: dict = {"frame": np.arange(len(frames))}
     common = set(frames[0].info).intersection(*(a.info for a in frames[1:]))
-    for key in sorted(common - {energy_key}):
+    for key in sorted(common - {energy_key, *UNIT_KEYS}):
         values = [a.info[key] for a in frames]
         if all(isinstance(v, (int, float, str, np.integer, np.floating)) for v in values):
             extras[key] = values
-    source_units = {"energy": energy_unit, "positions": length_unit}
-    if force_unit:
-        source_units["forces"] = force_unit
     return PackedDataset.from_structures(
         structures, targets, target_units, extras,
-        meta={**(meta or {}), "source_units": source_units}, source=source)
+        meta={**(meta or {}),
+              "source_units": {"energy": energy_unit, "positions": length_unit}},
+        source=source, per_atom=[k for k in targets if k == "forces"],
+        cells=[a.cell.array * r_factor for a in frames] if periodic else None,
+        pbc=[a.pbc for a in frames] if periodic else None)
 
 
 def write_ase(path: str | os.PathLike, dataset: PackedDataset, energy_key: str = "energy",
@@ -117,7 +179,8 @@ def write_ase(path: str | os.PathLike, dataset: PackedDataset, energy_key: str =
     """Write ``dataset`` with :func:`ase.io.write` (eV, Angstrom), atomically.
 
     Energy and forces go into a :class:`~ase.calculators.singlepoint.SinglePointCalculator`
-    (as ASE's own files keep them); other targets and extras into ``info`` / ``arrays``.
+    (as ASE's own files keep them); other targets and extras into ``info`` / ``arrays``; the
+    units are stated in every frame's ``info`` (and, for ASE databases, in the metadata).
     """
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
@@ -125,16 +188,25 @@ def write_ase(path: str | os.PathLike, dataset: PackedDataset, energy_key: str =
     frames = []
     for m in range(len(dataset)):
         atoms = dataset.atoms(m)
+        atoms.info.update(energy_unit="eV", length_unit="Angstrom")
         results = {}
         if energy_key in atoms.info:
             results["energy"] = atoms.info.pop(energy_key)
         if forces_key in atoms.arrays:
             results["forces"] = atoms.arrays.pop(forces_key)
+        if "stress" in atoms.info:
+            from ase.stress import full_3x3_to_voigt_6_stress
+
+            results["stress"] = full_3x3_to_voigt_6_stress(atoms.info.pop("stress"))
         if results:
             atoms.calc = SinglePointCalculator(atoms, **results)
         frames.append(atoms)
     with atomic_file(path) as tmp:
         write(str(tmp), frames, format=format)
+        if Path(path).suffix.lower() == ".db":
+            from ase.db import connect
+
+            connect(str(tmp)).metadata = {"energy_unit": "eV", "length_unit": "Angstrom"}
     return Path(path)
 
 
@@ -149,6 +221,7 @@ def read_any(path: str | os.PathLike, **kwargs) -> PackedDataset:
         return PackedDataset.load(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    check_readable(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         from .md17 import read_md17

@@ -73,16 +73,11 @@ def read_md17(path: str | os.PathLike, energy_unit: str | None = None,
 
     def unit(key: str, given: str | None, kind: str) -> str:
         stored = str(arrays[key]) if key in arrays else None
-        if stored is not None and given is not None:
-            factor = units.energy_factor if kind == "energy" else units.length_factor
-            try:
-                disagree = factor(stored) != factor(given)
-            except ValueError as err:
-                raise DataError(f"{path}: {err}") from err
-            if disagree:
-                raise DataError(f"{path}: file says {key}={stored!r} but {kind}_unit={given!r} "
-                                f"was passed")
-        chosen = stored or given or (MD17_UNITS[kind] if assume_md17_units else None)
+        try:
+            chosen = units.resolve_unit(kind, stored, given,
+                                        MD17_UNITS[kind] if assume_md17_units else None)
+        except ValueError as err:
+            raise DataError(f"{path}: {key}: {err}") from err
         if chosen is None:
             raise DataError(f"{path}: the file does not state its {kind} unit ({key}); pass "
                             f"{kind}_unit=... (MD17 files use {MD17_UNITS[kind]!r}) or "
@@ -93,7 +88,7 @@ def read_md17(path: str | os.PathLike, energy_unit: str | None = None,
     f_unit = str(arrays["f_unit"]) if "f_unit" in arrays else f"{e_unit}/{r_unit}"
     try:
         e_factor, r_factor = units.energy_factor(e_unit), units.length_factor(r_unit)
-        f_factor = units.force_factor(f_unit)
+        f_factor = units.check_force_unit(f_unit, e_unit, r_unit)
     except ValueError as err:
         raise DataError(f"{path}: {err}") from err
 

@@ -310,7 +310,11 @@ def load_qm9(cache_dir: str | os.PathLike | None = None, rebuild: bool = False) 
             # another process may have finished the same build first; use its copy
             if not (folder / "meta.json").is_file():
                 raise
-    return PackedDataset.load(folder, mmap=True)
+    try:
+        return PackedDataset.load(folder, mmap=True)
+    except DataError as err:
+        raise DataError(f"{err}\n(the QM9 cache is rebuilt by: python -m "
+                        f"atomlens.data.sources.qm9 --rebuild)") from err
 
 
 def main(argv: Sequence[str] | None = None) -> int:

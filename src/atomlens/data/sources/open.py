@@ -1,0 +1,46 @@
+"""One resolver for every dataset spec the library and the command line accept.
+
+=================  =========================================================
+spec               meaning
+=================  =========================================================
+``qm9``            the QM9 set from ``qm9pack`` (cached packed copy)
+``qm9:N``          the QM9 molecule with QM9 index ``N`` alone
+a folder           a packed atomlens dataset (``meta.json`` + ``.npy`` files)
+a file             by kind: MD17 ``.npz``, ISO17-layout or ASE ``.db``, anything
+                   ASE reads (extxyz, xyz, traj, ...); see :func:`read_any`
+=================  =========================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..dataset import DataError, PackedDataset
+
+
+def open_dataset(spec: str, energy_unit: str | None = None,
+                 length_unit: str | None = None) -> PackedDataset:
+    """The dataset named by ``spec`` (see the module doc); units for files that need them."""
+    spec = str(spec)
+    if spec == "qm9" or spec.startswith("qm9:"):
+        from .qm9 import load_qm9
+
+        data = load_qm9()
+        if spec == "qm9":
+            return data
+        try:
+            wanted = int(spec[4:])
+        except ValueError:
+            raise DataError(f"{spec}: expected qm9:N with N an integer QM9 index") from None
+        rows = np.nonzero(np.asarray(data.extras["index"]) == wanted)[0]
+        if len(rows) == 0:
+            raise DataError(f"{spec}: no QM9 molecule with index {wanted}")
+        return data.subset(rows[:1])
+    if Path(spec).is_dir():
+        return PackedDataset.load(spec)
+    from .ase_files import read_any
+
+    units = {k: v for k, v in (("energy_unit", energy_unit), ("length_unit", length_unit)) if v}
+    return read_any(spec, **units)

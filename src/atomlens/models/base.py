@@ -1,0 +1,82 @@
+"""The representation contract, written once, and the registry of representations.
+
+A *representation* turns a structure into one feature vector per atom. Every model in
+atomlens (SchNet, DTNN, and any model added later) is a subclass of :class:`Representation`
+and meets this contract:
+
+* **Construction**: keyword arguments only, JSON-serialisable (they are stored in the saved
+  model's ``config.json``), including ``max_z``, the largest atomic number embedded.
+* **Attributes**: ``n_atom_basis`` (int, the feature size F), ``cutoff`` (float, Angstrom,
+  or ``None`` for a model that sees all pairs; periodic structures need a cutoff).
+* **forward(numbers, positions, pairs, frozen=None) -> features**
+
+  ============  =============================  ==========================================
+  argument      shape, dtype                   meaning
+  ============  =============================  ==========================================
+  numbers       (n_atoms,) int64               atomic numbers Z
+  positions     (n_atoms, 3) float             Angstrom; differentiable (forces, stress)
+  pairs         :class:`~atomlens.data.Pairs`  directed pairs i <- j with periodic shifts;
+                                               in the symmetric layout the second half is
+                                               the first reversed, and pair functions of
+                                               the distance may be evaluated on the first
+                                               half only
+  frozen        whatever :meth:`freeze`        precomputed state of a model whose weights
+                returned, or None              do not change (inference, MD)
+  returns       (n_atoms, n_atom_basis) float  per-atom features
+  ============  =============================  ==========================================
+
+  Distances are read with :func:`atomlens.nn.geometry.pair_vectors` (r_ij = r_j - r_i +
+  shift_ij), never from positions directly, so that periodic images and strain (stress)
+  work for every model. Pairs may include pairs beyond the cutoff (Verlet lists with a
+  skin): the model must give them exactly zero weight (a smooth cutoff does).
+* **freeze() -> object | None**: state that depends on the weights only (SchNet: its filter
+  tables), computed once by callers that run a frozen model many times; ``None`` if none.
+
+:data:`REPRESENTATIONS` maps a config name to its class; a new model is one file, one
+:func:`register` line, and one test class inheriting ``tests/contract.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.batch import Pairs
+
+REPRESENTATIONS: dict[str, type[Representation]] = {}
+
+
+class Representation(nn.Module):
+    """Base class of atomlens representations: see the module docstring for the contract."""
+
+    n_atom_basis: int
+    cutoff: float | None
+
+    def forward(self, numbers: torch.Tensor, positions: torch.Tensor, pairs: Pairs,
+                frozen: Any = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def freeze(self) -> Any:
+        """Weight-only state to pass as ``frozen`` while the weights stay fixed (default none)."""
+        return None
+
+
+def register(name: str):
+    """Class decorator: make a :class:`Representation` buildable as ``representation: name``."""
+
+    def add(cls: type[Representation]) -> type[Representation]:
+        if not issubclass(cls, Representation):
+            raise TypeError(f"{cls.__name__} is not a Representation")
+        REPRESENTATIONS[name] = cls
+        return cls
+
+    return add
+
+
+def representation_names() -> list[str]:
+    """The registered names, for command-line choices, benchmarks and tests."""
+    from . import dtnn, schnet  # noqa: F401 (registers the built-in models)
+
+    return sorted(REPRESENTATIONS)

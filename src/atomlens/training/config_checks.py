@@ -1,0 +1,128 @@
+"""Type and range checks of configurations, run whenever a config is built or read.
+
+Each field is checked against its annotation in the dataclass (``int`` refuses ``"32"`` and
+``True``; ``float`` takes integers too), then against a range rule, so a wrong value fails
+when the config is read, with its name and value, not as a traceback deep in training.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import fields
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+          dict: "a mapping", type(None): "null"}
+
+
+def _matches(value, kind) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # True is an int to Python, never a count or a rate here
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    if isinstance(kind, type):
+        return isinstance(value, kind)
+    return True  # nested dataclasses are checked on their own
+
+
+def _kinds(hint) -> tuple:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (typing.get_origin(hint) or hint,)
+
+
+def check_types(obj, where: str) -> None:
+    """Raise ValueError naming the first field whose value does not fit its annotation."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value, kinds = getattr(obj, f.name), _kinds(hints[f.name])
+        if not any(_matches(value, kind) for kind in kinds):
+            expected = " or ".join(_NAMES.get(k, getattr(k, "__name__", str(k))) for k in kinds)
+            raise ValueError(f"{where}{f.name} must be {expected}, not {type(value).__name__} "
+                             f"{value!r}")
+
+
+def check_ranges(obj, rules: dict, where: str) -> None:
+    """``rules``: field -> (test, description); None values pass (optional fields)."""
+    for name, (test, description) in rules.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        ok = test(value) if not isinstance(value, float) or math.isfinite(value) else False
+        if not ok:
+            raise ValueError(f"{where}{name} must be {description}, not {value!r}")
+
+
+def positive(value) -> bool:
+    return value > 0
+
+
+def at_least_one(value) -> bool:
+    return value >= 1
+
+
+def non_negative(value) -> bool:
+    return value >= 0
+
+
+TRAIN_RULES = {
+    "rho": (lambda v: 0 <= v <= 1, "in [0, 1] (the energy weight of the loss)"),
+    "n_train": (positive, "> 0 (a count, or a fraction of the data set)"),
+    "n_val": (non_negative, ">= 0"),
+    "n_test": (non_negative, ">= 0"),
+    "max_structures": (at_least_one, ">= 1"),
+    "batch_size": (at_least_one, ">= 1"),
+    "lr": (positive, "> 0"),
+    "lr_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "lr_patience": (non_negative, ">= 0"),
+    "lr_min": (non_negative, ">= 0"),
+    "max_epochs": (at_least_one, ">= 1"),
+    "max_minutes": (positive, "> 0"),
+    "early_stopping_patience": (non_negative, ">= 0"),
+    "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "check_val_every": (at_least_one, ">= 1"),
+    "devices": (lambda v: isinstance(v, str) or v >= 1, ">= 1 (or 'auto')"),
+    "num_nodes": (at_least_one, ">= 1"),
+    "threads": (at_least_one, ">= 1"),
+    "num_workers": (non_negative, ">= 0"),
+    "data": (bool, "a non-empty string"),
+    "target": (bool, "a non-empty string"),
+    "out": (bool, "a non-empty string"),
+}
+
+MODEL_RULES = {
+    "head_hidden": (at_least_one, ">= 1"),
+    "aggregation": (lambda v: v in ("sum", "mean"), "'sum' or 'mean'"),
+    "max_z": (lambda v: 1 <= v <= 118, "in [1, 118]"),
+}
+
+#: representation_kwargs: counts and lengths (Angstrom), None allowed where the class allows
+KWARG_RULES = {
+    **{name: (at_least_one, "an integer >= 1") for name in (
+        "n_atom_basis", "n_interactions", "n_filters", "n_rbf", "n_factors")},
+    **{name: (positive, "a positive number") for name in (
+        "cutoff", "rbf_stop", "rbf_gamma", "filter_spacing")},
+}
+
+
+def check_train_config(config) -> None:
+    """Types and ranges of a :class:`TrainConfig` and of its model configuration."""
+    check_types(config, "training config: ")
+    check_ranges(config, TRAIN_RULES, "training config: ")
+    check_types(config.model, "training config: model.")
+    check_ranges(config.model, MODEL_RULES, "training config: model.")
+    for name, value in config.model.representation_kwargs.items():
+        if name not in KWARG_RULES or value is None:
+            continue  # unknown names are refused by the representation class itself
+        test, description = KWARG_RULES[name]
+        integer = description.startswith("an integer")
+        wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else
+                                                               (int, float))
+        if wrong_type or not math.isfinite(value) or not test(value):
+            raise ValueError(f"training config: model.representation_kwargs.{name} must be "
+                             f"{description}, not {value!r}")

@@ -1,0 +1,189 @@
+"""Guarding a training output folder: one run at a time, no silent mixing of runs.
+
+* a lock file (``fcntl.flock``, released by the kernel when the process ends, however it
+  ends) keeps a second run out of a folder in use;
+* a new run refuses a folder that holds files, unless told to ``resume`` or to
+  ``overwrite``; ``resume`` needs a checkpoint to go on from;
+* a *fingerprint* of the run (its configuration minus the fields a resume may change,
+  the identity of the data, the split) is written to ``fingerprint.json`` when a run
+  starts and into every checkpoint; a resume recomputes it and refuses a mismatch, so a
+  checkpoint is never adopted by a run with other data, another split or another model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ..fileio import atomic_file
+
+LOCK = ".atomlens-train.lock"
+FINGERPRINT = "fingerprint.json"
+#: what a new run (``overwrite``) replaces; the model and logs of the old run stay until the
+#: new run writes its own (the model is replaced atomically at the end)
+RUN_FILES = ("checkpoints", "split.npz", FINGERPRINT, "train_config.yaml", "metrics.json")
+#: configuration fields a resumed run may change: budgets, display, hardware, paths
+RESUMABLE = frozenset({"data", "out", "max_epochs", "max_minutes", "early_stopping_patience",
+                       "check_val_every", "progress", "threads", "device", "devices",
+                       "num_nodes", "strategy", "num_workers", "compile"})
+CHECKPOINT_KEY = "atomlens_fingerprint"
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used as asked; the message says why and what to do."""
+
+
+def is_primary_process() -> bool:
+    """False in the extra processes a distributed launcher (Lightning, torchrun, SLURM)
+    starts; only the primary process guards and prepares the folder."""
+    return all(os.environ.get(name, "0") in ("", "0")
+               for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on run folder ``out`` (created if needed) for the block."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: is a file; the output of a run is a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK, "a")  # noqa: SIM115 (closed below, after the unlock)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderError(f"{out}: another atomlens train is running in this folder; "
+                                 f"wait for it to end or choose another --out") from None
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def prepare(out: Path, resume: bool, overwrite: bool) -> None:
+    """Check that ``out`` may be used as asked; with ``overwrite`` clear the old run's files."""
+    if resume and overwrite:
+        raise RunFolderError("--resume continues a run and --overwrite replaces it: give one")
+    last = out / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.is_file():
+            raise RunFolderError(f"{out}: nothing to resume ({last} does not exist); start a "
+                                 f"new run without --resume (add --overwrite if the folder "
+                                 f"holds files)")
+        return
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    if not entries:
+        return
+    if not overwrite:
+        raise RunFolderError(f"{out}: the folder is not empty ({', '.join(entries[:5])}"
+                             f"{', ...' if len(entries) > 5 else ''}); pass --resume to go on "
+                             f"with the run there, --overwrite to replace it, or choose "
+                             f"another --out")
+    for name in RUN_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def _digest(*arrays) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def fingerprint(config, data, split: dict[str, np.ndarray]) -> dict:
+    """What identifies a run: config (minus :data:`RESUMABLE`), data content, split."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}
+    targets = [np.asarray(data.targets[k]) for k in sorted(data.targets)]
+    return {"config": json.loads(json.dumps(settings, default=str)),
+            "data": {"n_structures": len(data),
+                     "content": _digest(np.asarray(data.numbers), np.asarray(data.positions),
+                                        np.asarray(data.offsets), *targets)},
+            "split": {name: _digest(np.asarray(split[name], dtype=np.int64))
+                      for name in sorted(split)}}
+
+
+def digest(print_: dict) -> str:
+    """A short hash of a fingerprint, stored in the checkpoints."""
+    return hashlib.blake2b(json.dumps(print_, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    out = []
+    for key in sorted(set(old["config"]) | set(new["config"])):
+        a, b = old["config"].get(key), new["config"].get(key)
+        if key == "model" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"model.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    if old["data"] != new["data"]:
+        out.append("the data set (its content differs)")
+    if old["split"] != new["split"]:
+        out.append("the split")
+    return out
+
+
+def record(out: Path, print_: dict) -> None:
+    """Write ``fingerprint.json`` of a new run."""
+    with atomic_file(out / FINGERPRINT) as tmp:
+        tmp.write_text(json.dumps(print_, indent=1))
+
+
+def check_resume(out: Path, print_: dict) -> None:
+    """Refuse to resume when the run in ``out`` (fingerprint file and last checkpoint) is not
+    the run described by ``print_``; a checkpoint that is not plain tensors is refused too."""
+    stored_file = out / FINGERPRINT
+    if not stored_file.is_file():
+        raise RunFolderError(f"{out}: the run there has no {FINGERPRINT} (made by an older "
+                             f"atomlens or not by atomlens), so resuming cannot be checked; "
+                             f"start afresh with --overwrite")
+    try:
+        stored = json.loads(stored_file.read_text())
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{stored_file}: damaged ({err})") from err
+    changed = _differences(stored, print_)
+    if changed:
+        raise RunFolderError(f"{out}: --resume with a different run than the one there: "
+                             f"{'; '.join(changed)}. Resume with the original settings "
+                             f"(only budgets such as max_epochs may change), or start afresh "
+                             f"with --overwrite or another --out")
+    last = out / "checkpoints" / "last.ckpt"
+    checkpoint = load_checkpoint(last)
+    if checkpoint.get(CHECKPOINT_KEY) != digest(print_):
+        raise RunFolderError(f"{last}: this checkpoint was not written by the run in {out} "
+                             f"(its fingerprint differs); refusing to resume from it")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint read without running code (tensors and plain values only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (UnpicklingError for objects, others if damaged)
+        raise RunFolderError(f"{path}: not a checkpoint atomlens can read safely: it is "
+                             f"damaged, or holds objects other than tensors and plain values "
+                             f"(which would run code when loaded); refusing it "
+                             f"({type(err).__name__})") from None
+
+
+class FingerprintCallback(Callback):
+    """Stores the run's fingerprint digest in every checkpoint."""
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.value

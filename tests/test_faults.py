@@ -1,0 +1,511 @@
+"""Faults and bad input, one section per class of issue 11: each gives a clear error or a
+correct result, and no command loses an existing model, dataset or trajectory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_model
+
+from atomlens import fileio
+from atomlens.models import load_model
+from atomlens.models.io import save_model
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (for debris left by a killed writer)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _same_weights(a, b) -> bool:
+    return all(v.equal(b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+# --------------------------------------------------------------- 1. interrupted saves
+@pytest.fixture
+def saved(tmp_path):
+    model = random_model("schnet", seed=1)
+    save_model(model, tmp_path / "model")
+    return model, tmp_path / "model"
+
+
+@pytest.mark.parametrize("failing_call", [0, 1])
+def test_failed_rename_keeps_the_previous_model(saved, monkeypatch, failing_call):
+    """The rename aside (call 0) or the rename in (call 1) fails: the old model still loads."""
+    old, path = saved
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) - 1 == failing_call:
+            raise OSError("injected rename failure")
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        save_model(random_model("schnet", seed=2), path)
+    monkeypatch.undo()
+    loaded = load_model(path)
+    assert _same_weights(loaded, old)
+    assert [p.name for p in path.parent.iterdir()] == ["model"]  # no debris
+
+
+def test_failed_write_keeps_the_previous_model(saved):
+    old, path = saved
+
+    def broken(p):
+        raise OSError("disk full (injected)")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_model(random_model("schnet", seed=2), path, extra_files={"split.npz": broken})
+    assert _same_weights(load_model(path), old)
+    assert [p.name for p in path.parent.iterdir()] == ["model"]
+
+
+def test_kill_between_the_renames_is_recovered_on_the_next_start(saved):
+    """A writer killed after the rename aside left no ``model/``: loading renames it back,
+    and debris of dead writers is removed; a live writer's folders are left alone."""
+    old, path = saved
+    host = fileio._host()
+    aside = path.parent / f".model.old-{host}-{_dead_pid()}-abc123"
+    os.replace(path, aside)
+    tmp = path.parent / f".model.tmp-{host}-{_dead_pid()}-def456"
+    tmp.mkdir()
+    live = path.parent / f".model.tmp-{host}-{os.getppid()}-ghi789"
+    live.mkdir()
+    loaded = load_model(path)
+    assert _same_weights(loaded, old)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(["model", live.name])
+
+
+def test_saved_folders_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        save_model(random_model("schnet"), tmp_path / "model")
+    finally:
+        os.umask(previous)
+    assert oct((tmp_path / "model").stat().st_mode & 0o777) == oct(0o755)
+    for name in ("config.json", "model.safetensors"):
+        assert oct((tmp_path / "model" / name).stat().st_mode & 0o777) == oct(0o644)
+
+
+# --------------------------------------------------------------- 2. guarded --out
+@pytest.fixture(scope="module")
+def qm9():
+    from helpers import qm9_sample
+
+    return qm9_sample()
+
+
+def _tiny(out, **kw):
+    from atomlens.training import TrainConfig
+
+    base = {"target": "U0", "n_train": 20, "n_val": 10, "n_test": 10, "batch_size": 10,
+            "max_epochs": 1, "progress": False, "out": str(out), "device": "cpu",
+            "model": {"representation": "schnet", "head_hidden": 8,
+                      "representation_kwargs": {"n_atom_basis": 8, "n_interactions": 1,
+                                                "n_filters": 8, "n_rbf": 8, "cutoff": 4.0}}}
+    return TrainConfig.from_dict({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def finished_run(qm9, tmp_path_factory):
+    from atomlens.training import train
+
+    out = tmp_path_factory.mktemp("guard") / "run"
+    train(_tiny(out), data=qm9)
+    return out
+
+
+def test_a_second_run_on_a_used_folder_is_refused(qm9, finished_run):
+    from atomlens.training import train
+    from atomlens.training.run_folder import RunFolderError
+
+    elements = load_model(finished_run).metadata["elements"]  # recorded for class 6
+    assert {1, 6} <= set(elements) <= {1, 6, 7, 8, 9}
+    before = (finished_run / "train_config.yaml").read_text()
+    with pytest.raises(RunFolderError, match="not empty.*--resume.*--overwrite"):
+        train(_tiny(finished_run, lr=1e-2), data=qm9)
+    assert (finished_run / "train_config.yaml").read_text() == before  # the good run's config
+    with pytest.raises(RunFolderError, match=r"n_train: 20 -> 25"):
+        train(_tiny(finished_run, n_train=25, max_epochs=2), resume=True, data=qm9)
+    assert (finished_run / "train_config.yaml").read_text() == before
+
+
+def test_concurrent_run_and_resume_without_checkpoint(qm9, tmp_path, finished_run):
+    from atomlens.training import run_folder, train
+
+    with run_folder.locked(tmp_path / "busy"), pytest.raises(
+            run_folder.RunFolderError, match="another atomlens train is running"):
+        train(_tiny(tmp_path / "busy"), data=qm9)
+    with pytest.raises(run_folder.RunFolderError, match="nothing to resume"):
+        train(_tiny(tmp_path / "fresh"), resume=True, data=qm9)
+
+
+def test_resume_refuses_a_foreign_or_hostile_checkpoint(qm9, tmp_path, finished_run):
+    import shutil
+
+    from atomlens.training import train
+    from atomlens.training.run_folder import RunFolderError
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    last = out / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["atomlens_fingerprint"] = "another run"
+    torch.save(checkpoint, last)
+    with pytest.raises(RunFolderError, match="not written by the run"):
+        train(_tiny(out, max_epochs=2), resume=True, data=qm9)
+    torch.save({"state_dict": {}, "payload": fileio.Path("x")}, last)  # a pickled object
+    with pytest.raises(RunFolderError, match="refusing it") as err:
+        train(_tiny(out, max_epochs=2), resume=True, data=qm9)
+    assert "weights_only=False" not in str(err.value)
+
+
+def test_overwrite_replaces_the_run(qm9, tmp_path, finished_run):
+    import shutil
+
+    from atomlens.training import train
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    train(_tiny(out, seed=5), data=qm9, overwrite=True)
+    assert "seed: 5" in (out / "train_config.yaml").read_text()
+
+
+# --------------------------------------------------------------- 3. md: validate first, no loss
+@pytest.fixture(scope="module")
+def stiff_model(tmp_path_factory):
+    """A random model with strong forces: stable at 0.5 fs, blown up at 100 fs."""
+    torch.set_num_threads(1)
+    model = random_model("schnet")
+    model.scale.fill_(8.0)
+    return save_model(model, tmp_path_factory.mktemp("md") / "model")
+
+
+@pytest.fixture
+def ethanol(tmp_path):
+    import ase.build
+    import ase.io
+
+    path = tmp_path / "ethanol.xyz"
+    ase.io.write(path, ase.build.molecule("CH3CH2OH"))
+    return path
+
+
+def test_md_blow_up_exits_non_zero_and_keeps_earlier_outputs(stiff_model, ethanol, tmp_path,
+                                                              capsys):
+    from atomlens.cli import main
+
+    out = tmp_path / "run" / "md.traj"
+    common = ["md", str(stiff_model), str(ethanol), "--out", str(out)]
+    assert main([*common, "--steps", "20", "--timestep", "0.5"]) == 0
+    log = out.with_suffix(".csv")  # beside --out, not in the working folder
+    before = out.read_bytes(), log.read_bytes()
+    assert main([*common, "--steps", "50", "--timestep", "100"]) != 0
+    err = capsys.readouterr().err
+    assert "drifted" in err and "shorten the time step" in err
+    assert (out.read_bytes(), log.read_bytes()) == before
+    assert (out.parent / "md.unstable.traj").is_file()
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--temperature", "-5"], "temperature must be finite and >= 0 K"),
+    (["--timestep", "nan"], "time step must be finite and > 0 fs"),
+    (["--ensemble", "langevin", "--friction", "-1"], "friction must be finite and >= 0"),
+    (["--max-temperature", "1"], "above the limit of 1 K"),
+])
+def test_md_bad_settings_are_named(stiff_model, ethanol, tmp_path, capsys, extra, message):
+    from atomlens.cli import main
+
+    out = tmp_path / "md.traj"
+    assert main(["md", str(stiff_model), str(ethanol), "--steps", "5", "--out", str(out),
+                 *extra]) != 0
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not out.with_suffix(".csv").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("1\n\nH 0 0 0\n", "at least two atoms"),
+    ("2\n\nH 0 0 0\nH nan 0 0\n", "non-finite"),
+])
+def test_md_bad_structures_are_named(stiff_model, tmp_path, capsys, content, message):
+    from atomlens.cli import main
+
+    path = tmp_path / "bad.xyz"
+    path.write_text(content)
+    assert main(["md", str(stiff_model), str(path), "--out", str(tmp_path / "md.traj")]) != 0
+    assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- 4. units never guessed
+def test_ase_file_with_energies_and_no_unit_is_refused(tmp_path):
+    import ase.build
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from atomlens.data import DataError
+    from atomlens.data.sources import read_any
+
+    water = ase.build.molecule("H2O")
+    water.calc = SinglePointCalculator(water, energy=-1.0, forces=np.zeros((3, 3)))
+    for suffix in (".extxyz", ".db"):
+        path = tmp_path / f"water{suffix}"
+        ase.io.write(path, [water])
+        with pytest.raises(DataError, match="does not state their unit"):
+            read_any(path)
+        assert read_any(path, energy_unit="kcal/mol").targets["energy"][0] == pytest.approx(
+            -0.0433641, rel=1e-5)
+    water.info["energy_unit"] = "hartree"  # stated in the file
+    ase.io.write(tmp_path / "stated.extxyz", [water])
+    assert read_any(tmp_path / "stated.extxyz").targets["energy"][0] == pytest.approx(
+        -27.211386, rel=1e-7)
+    water.info["force_unit"] = "eV/Angstrom"  # contradicts hartree / Angstrom
+    ase.io.write(tmp_path / "mixed.extxyz", [water])
+    with pytest.raises(DataError, match="not energy unit / length unit"):
+        read_any(tmp_path / "mixed.extxyz")
+
+
+def test_npz_force_unit_must_be_energy_per_length(tmp_path):
+    from atomlens.data import DataError
+    from atomlens.data.sources import read_md17
+
+    path = tmp_path / "bad.npz"
+    np.savez(path, z=[8, 1, 1], R=[[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]], E=[1.0],
+             F=np.zeros((1, 3, 3)), e_unit="kcal/mol", r_unit="Angstrom", f_unit="eV/Angstrom")
+    with pytest.raises(DataError, match="not energy unit / length unit"):
+        read_md17(path)
+
+
+# --------------------------------------------------------------- 5. data on disk checked
+def _corrupt(folder, name, change, keep_checksums=False):
+    import json
+
+    array = np.load(folder / name)
+    change(array)
+    np.save(folder / name, array)
+    if not keep_checksums:  # as if written by an older atomlens, or checksums updated
+        meta = json.loads((folder / "meta.json").read_text())
+        meta.pop("checksums")
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(("name", "change", "message"), [
+    ("positions.npy", lambda a: a.__setitem__((5, 1), np.nan), "structure 0 has non-finite"),
+    ("target.U0.npy", lambda a: a.__setitem__(3, np.inf), "target 'U0' has non-finite"),
+    ("numbers.npy", lambda a: a.__setitem__(7, 0), "unknown element"),
+    ("offsets.npy", lambda a: a.__setitem__(4, a[2]), "offsets not increasing"),
+    ("offsets.npy", lambda a: a.__setitem__(-1, a[-1] - 1), "offsets must run from 0"),
+])
+def test_corrupted_packed_dataset_is_refused_on_load(qm9, tmp_path, name, change, message):
+    from atomlens.data import DataError, PackedDataset
+
+    folder = qm9.save(tmp_path / "packed")
+    _corrupt(folder, name, change, keep_checksums=True)
+    with pytest.raises(DataError, match=f"{name} changed since it was written"):
+        PackedDataset.load(folder)
+    _corrupt(folder, name, lambda a: None)
+    with pytest.raises(DataError, match=message):
+        PackedDataset.load(folder)
+
+
+# --------------------------------------------------------------- 6. no silent extrapolation
+@pytest.fixture
+def chon_model(tmp_path):
+    return save_model(random_model("schnet"), tmp_path / "model",
+                      metadata={"elements": [1, 6, 7, 8]})
+
+
+def test_unknown_elements_are_refused_unless_allowed(chon_model, tmp_path, capsys):
+    import ase.build
+    import ase.io
+
+    from atomlens import Calculator
+    from atomlens.cli import main
+    from atomlens.data import DataError
+
+    silane = ase.build.molecule("SiH4")
+    model = load_model(chon_model)
+    with pytest.raises(DataError, match=r"element\(s\) Si never seen in training"):
+        model.predict(silane)
+    with pytest.warns(UserWarning, match="Si never seen"):
+        assert np.isfinite(model.predict(silane, allow_unknown_elements=True)["energy"]).all()
+    silane.calc = Calculator(chon_model)
+    with pytest.raises(DataError, match="Si never seen"):
+        silane.get_potential_energy()
+    path = tmp_path / "silane.xyz"
+    ase.io.write(path, silane)
+    assert main(["predict", str(chon_model), str(path)]) == 2
+    assert "--allow-unknown-elements" in capsys.readouterr().err
+    assert main(["predict", str(chon_model), str(path), "--allow-unknown-elements"]) == 0
+
+
+def test_nan_weights_are_a_clear_error(tmp_path, capsys):
+    import ase.build
+    import ase.io
+
+    from atomlens.cli import main
+
+    model = random_model("schnet")
+    with torch.no_grad():
+        model.head[0].weight[0, 0] = float("nan")
+    folder = save_model(model, tmp_path / "model")
+    with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) weights in \['head.0.weight'\]"):
+        load_model(folder)
+    ase.io.write(tmp_path / "water.xyz", ase.build.molecule("H2O"))
+    assert main(["predict", str(folder), str(tmp_path / "water.xyz")]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    from atomlens.models.guards import check_finite
+
+    with pytest.raises(ValueError, match="non-finite .* energy"):
+        check_finite({"energy": np.array([np.nan]), "atomic": np.zeros(3)})
+
+
+# --------------------------------------------------------------- 7./8. clear messages
+def _message(argv, capsys) -> str:
+    from atomlens.cli import main
+
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_paths_of_the_wrong_kind_are_named(chon_model, ethanol, tmp_path, capsys):
+    assert "is a folder, a file is expected" in _message(
+        ["md", str(chon_model), str(tmp_path), "--out", str(tmp_path / "x.traj")], capsys)
+    assert "is a file; a model is a folder" in _message(
+        ["predict", str(ethanol), str(ethanol)], capsys)
+    assert "no such file" in _message(["predict", str(chon_model), str(tmp_path / "no.xyz")],
+                                      capsys)
+    err = _message(["predict", str(chon_model), str(ethanol), "--out",
+                    str(tmp_path / "missing" / "p.extxyz")], capsys)
+    assert "No such file or directory" in err and "missing" in err
+    (tmp_path / "cfg.yaml").write_text("target: U0\n")
+    assert "is a file; the output of a run is a folder" in _message(
+        ["train", str(tmp_path / "cfg.yaml"), "--out", str(ethanol)], capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes regardless of modes")
+def test_unreadable_and_read_only_paths_are_named(chon_model, ethanol, tmp_path, capsys):
+    ethanol.chmod(0)
+    assert "no permission to read it" in _message(["predict", str(chon_model), str(ethanol)],
+                                                  capsys)
+    ethanol.chmod(0o644)
+    locked = tmp_path / "ro"
+    locked.mkdir(mode=0o555)
+    assert "Permission denied" in _message(
+        ["md", str(chon_model), str(ethanol), "--steps", "1", "--out",
+         str(locked / "md.traj")], capsys)
+
+
+def test_config_and_weights_that_do_not_fit(chon_model):
+    import json
+
+    doc = json.loads((chon_model / "config.json").read_text())
+    doc["model"]["representation_kwargs"]["n_atom_basis"] = 32
+    (chon_model / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="weights do not fit the architecture"):
+        load_model(chon_model)
+    doc["model"]["representation_kwargs"]["n_atoms_basis"] = 32  # a misspelt key
+    (chon_model / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="cannot rebuild the model"):
+        load_model(chon_model)
+
+
+def test_split_sizes_error_suggests_n_train():
+    from atomlens.data import DataError
+    from atomlens.data.splits import random_split
+
+    with pytest.raises(DataError, match=r"n_train=2000 \+ n_val=100 = 2100 exceed the "
+                                        r"dataset's 200 structures.*--n-train 100"):
+        random_split(200, 2000, 100)
+
+
+# --------------------------------------------------------------- 9. configs checked when read
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "the config file is empty"),
+    ("batch_size: '32'\n", "batch_size must be an integer, not str '32'"),
+    ("batch_size: -10\n", "batch_size must be >= 1, not -10"),
+    ("rho: 2\n", r"rho must be in \[0, 1\]"),
+    ("max_epochs: 0\n", "max_epochs must be >= 1"),
+    ("lr: .nan\n", "lr must be > 0, not nan"),
+    ("forces: 1\n", "forces must be true or false"),
+    ("model: 3\n", "model must be a mapping"),
+    ("model:\n  head_hidden: 0\n", "model.head_hidden must be >= 1"),
+    ("preset: qm9-u0-schnet\nmodel:\n  representation_kwargs:\n    filter_spacing: 1.0e-9\n",
+     "table nodes"),
+])
+def test_bad_config_values_are_refused_when_read(tmp_path, text, message):
+    from atomlens.training import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        cfg = load_config(path)
+        from atomlens.models import build_model
+
+        build_model(cfg.model)  # the filter_spacing bound is the model's own
+    assert "c.yaml" in str(err.value) or "table nodes" in str(err.value)
+
+
+def test_nested_settings_merge_over_a_preset(tmp_path):
+    from atomlens.training import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: qm9-u0-schnet-neurips\nmodel:\n  representation_kwargs:\n"
+                    "    n_rbf: 50\n")
+    kwargs = load_config(path).model.representation_kwargs
+    assert kwargs["n_rbf"] == 50
+    assert (kwargs["n_interactions"], kwargs["n_filters"], kwargs["rbf_stop"]) == (3, 64, 30.0)
+    path.write_text("preset: qm9-u0-schnet\nmodel:\n  representation: dtnn\n"
+                    "  representation_kwargs: {n_atom_basis: 8}\n")
+    assert load_config(path).model.representation_kwargs == {"n_atom_basis": 8}
+
+
+# --------------------------------------------------------------- 10. bounded sizes
+def test_grid_sizes_are_bounded():
+    import ase.build
+
+    from atomlens.insight.potential_map import box_grid, plane_grid
+
+    water = ase.build.molecule("H2O")
+    with pytest.raises(ValueError, match="grid points, more than 1,000,000"):
+        plane_grid(water, spacing=1e-4)
+    with pytest.raises(ValueError, match="grid points"):
+        box_grid(water, spacing=0.01)
+    with pytest.raises(ValueError, match="positive number"):
+        plane_grid(water, spacing=float("nan"))
+    assert plane_grid(water, spacing=0.5)[0].shape[-1] == 3
+
+
+# --------------------------------------------------------------- 11. distributed training
+@pytest.mark.ddp
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
+def test_ddp_three_processes_uneven_shares_energy_and_forces(qm9, tmp_path):
+    """DDP (gloo, 3 CPU processes) on energies + forces gives the single-process weights,
+    though no global batch splits evenly over the ranks: 21 training structures in batches
+    of 10 are shares of 4/3/3, 4/3/3 and 1/0/0 structures (and unequal atom counts; a rank
+    with an empty share contributes zero gradients, not NaN)."""
+    from atomlens.data import PackedDataset
+    from atomlens.training import train
+
+    rng = np.random.default_rng(0)
+    data = PackedDataset(qm9.numbers, qm9.positions, qm9.offsets,
+                         {"U0": qm9.targets["U0"],
+                          "forces": rng.normal(0.0, 0.5, (len(qm9.numbers), 3))},
+                         {"U0": "eV", "forces": "eV/Angstrom"})
+    common = {"forces": True, "rho": 0.5, "n_train": 21, "n_val": 3, "n_test": 0,
+              "max_epochs": 1, "lr": 1e-3, "seed": 3, "threads": 1}
+    train(_tiny(tmp_path / "single", **common), data=data)
+    train(_tiny(tmp_path / "ddp", strategy="ddp_spawn", devices=3, **common), data=data)
+    single = load_model(tmp_path / "single").state_dict()
+    ddp = load_model(tmp_path / "ddp").state_dict()
+    for key, value in single.items():
+        torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-6, msg=key)
