@@ -129,6 +129,7 @@ def test_training_module_and_function_are_both_reachable():
 
     assert callable(module.load_dataset) and callable(module.fit_statistics)
     assert atomlens.training.train_model is module.train
+    assert atomlens.training.train is module and callable(module)  # train(config) still runs
 
 
 # ---------------------------------------------------------------- help text

@@ -320,7 +320,8 @@ def run_predict(args) -> int:
               f"{out[target][k]:.6f}{spread} {unit}")
         if charges:
             print(f"    dipole ({unit}): {np.array2string(out['dipole'][k], precision=6)}")
-        header = f"    {'atom':>4} {'el':>2} {f'{atomic_name} ({atomic_unit})':>20}"
+        label = "charges" if charges else f"atomic {target}"
+        header = f"    {'atom':>4} {'el':>2} {f'{label} ({atomic_unit})':>20}"
         if args.forces:
             header += f"  {'F_x':>10} {'F_y':>10} {'F_z':>10} ({unit}/Angstrom)"
         print(header)
