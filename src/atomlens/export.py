@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .data.batch import Pairs
 from .fileio import atomic_file
 from .models.potential import AtomisticModel
 from .units import energy_factor
@@ -58,7 +59,7 @@ class EnergyAndForces(nn.Module):
 
     def __init__(self, model: AtomisticModel):
         super().__init__()
-        if model.config.aggregation != "sum":
+        if model.config.aggregation != "sum" or model.dipole is not None:
             raise ValueError(f"the model predicts {model.target!r} as a mean over atoms; "
                              f"export needs an extensive energy model")
         try:
@@ -71,10 +72,10 @@ class EnergyAndForces(nn.Module):
     def forward(self, positions: torch.Tensor, numbers: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         pair_i, pair_j = all_ordered_pairs(positions.shape[0], positions.device)
+        pairs = Pairs(pair_i, pair_j, None, symmetric=False)
 
         def energy(r: torch.Tensor) -> torch.Tensor:
-            features = self.model.representation(numbers, r, pair_i, pair_j, False)
-            return self.model.atomic_contributions(features, numbers).sum()
+            return self.model.atomic_energies(numbers, r, pairs).sum()
 
         gradient, total = torch.func.grad_and_value(energy)(positions)
         return total * self.energy_to_ev, -gradient * self.energy_to_ev
