@@ -42,7 +42,7 @@ def tiny_model(representation: str = "dtnn", seed: int = 0, dtype=torch.float64,
 
 
 def batch_of(atoms_list, model, symmetric=True) -> Batch:
-    data = dataset_from_atoms(atoms_list)
+    data = dataset_from_atoms(atoms_list, targets=False)
     return data.batch(range(len(data)), model.cutoff, torch.float64)
 
 

@@ -25,7 +25,7 @@ SMALL_SCHNET = {"representation": "schnet", "head_hidden": 16, "target": "energy
 
 
 def _energy_and_forces(model, atoms):
-    batch = dataset_from_atoms([atoms]).batch([0], model.cutoff, torch.float64)
+    batch = dataset_from_atoms([atoms], targets=False).batch([0], model.cutoff, torch.float64)
     out = model(batch, forces=True)
     return out["energy"][0].detach(), out["forces"].detach()
 
