@@ -116,7 +116,7 @@ def test_dataset_from_atoms_keeps_energies_and_forces_in_declared_units():
     assert data.targets["forces"][0, 0] == pytest.approx(27.211386245988 / 0.529177210903)
     np.testing.assert_allclose(data.positions[:3], plain[0].positions * 0.529177210903)
     assert "energy" not in dataset_from_atoms(frames, targets=False).targets
-    with pytest.raises(DataError, match="no stated unit"):  # units are never guessed
+    with pytest.raises(DataError, match="does not state their unit"):  # never guessed
         dataset_from_atoms(frames)
     frames[1].calc = None
     with pytest.raises(DataError, match="frame 1 has no 'energy'"):

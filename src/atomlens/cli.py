@@ -299,6 +299,12 @@ def run_predict(args) -> int:
     models = load_ensemble(args.model)
     model, unit = models[0], models[0].config.unit
     frames = read_structures(args.file, args.index)
+    if args.out and not Path(args.out).parent.is_dir():  # refused before any work, not created
+        import errno
+        import os
+
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
+                                str(Path(args.out).parent))
     dataset_from_atoms(frames, source=args.file, targets=False)  # validate before any output
     if len(models) == 1:
         out = model.predict(frames, forces=args.forces,

@@ -129,9 +129,9 @@ def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energ
         length_unit = units.resolve_unit("length", stated.get("length_unit"), length_unit,
                                          "Angstrom")
         if energy_unit is None:
-            raise ValueError("the structures have energies but no stated unit; declare it "
-                             "(energy_unit=..., --energy-unit eV/kcal/mol/hartree/...) or "
-                             "store energy_unit in the file")
+            raise ValueError("there are energies, but the data does not state their unit; "
+                             "declare it (energy_unit=..., --energy-unit "
+                             "eV/kcal/mol/hartree/...) or store energy_unit in the file")
         e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
         units.check_force_unit(stated.get("force_unit", f"{energy_unit}/{length_unit}"),
                                energy_unit, length_unit)
