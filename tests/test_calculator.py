@@ -22,7 +22,7 @@ def _two_ethanols() -> Atoms:
 
 
 def _direct(model, atoms, dtype=torch.float64):
-    batch = dataset_from_atoms([atoms]).batch([0], model.cutoff, dtype)
+    batch = dataset_from_atoms([atoms], targets=False).batch([0], model.cutoff, dtype)
     out = model(batch, forces=True)
     return {k: v.detach().numpy() for k, v in out.items()}
 

@@ -98,13 +98,13 @@ def test_train_mu_predicts_charges(tmp_path, data, capsys):
     assert main(["predict", str(tmp_path / "run"), str(path), "--out",
                  str(tmp_path / "out.extxyz")]) == 0
     printed = capsys.readouterr().out
-    assert "dipole" in printed and "q (e)" in printed
+    assert "dipole" in printed and "charges (e)" in printed
     import ase.io
 
     written = ase.io.read(tmp_path / "out.extxyz")
-    assert abs(written.arrays["predicted_charges"].sum()) < 1e-5
-    dipole = written.info["predicted_dipole"]
-    assert np.linalg.norm(dipole) == pytest.approx(written.info["mu"], rel=1e-5)
+    assert abs(written.arrays["atomlens_charges"].sum()) < 1e-5
+    dipole = written.info["atomlens_dipole"]
+    assert np.linalg.norm(dipole) == pytest.approx(written.info["atomlens_mu"], rel=1e-5)
 
 
 def test_insight_prints_charges_beside_atomic_energies(tmp_path, data, model, capsys):

@@ -110,14 +110,17 @@ def test_dataset_from_atoms_keeps_energies_and_forces_in_declared_units():
     for k, atoms in enumerate(plain):
         atoms.info["E"] = -1.0 * k
         atoms.arrays["F"] = np.ones((3, 3))
-    data = dataset_from_atoms(plain, energy_unit="hartree", force_unit="hartree/bohr",
+    data = dataset_from_atoms(plain, energy_unit="hartree", length_unit="bohr",
                               energy_key="E", forces_key="F")
     assert data.targets["energy"][1] == pytest.approx(-27.211386245988)
     assert data.targets["forces"][0, 0] == pytest.approx(27.211386245988 / 0.529177210903)
+    np.testing.assert_allclose(data.positions[:3], plain[0].positions * 0.529177210903)
     assert "energy" not in dataset_from_atoms(frames, targets=False).targets
+    with pytest.raises(DataError, match="does not state their unit"):  # never guessed
+        dataset_from_atoms(frames)
     frames[1].calc = None
     with pytest.raises(DataError, match="frame 1 has no 'energy'"):
-        dataset_from_atoms(frames)
+        dataset_from_atoms(frames, energy_unit="eV")
 
 
 def test_training_module_and_function_are_both_reachable():
@@ -126,6 +129,7 @@ def test_training_module_and_function_are_both_reachable():
 
     assert callable(module.load_dataset) and callable(module.fit_statistics)
     assert atomlens.training.train_model is module.train
+    assert atomlens.training.train is module and callable(module)  # train(config) still runs
 
 
 # ---------------------------------------------------------------- help text

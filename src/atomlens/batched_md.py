@@ -91,7 +91,7 @@ class BatchedMD:
             if atoms.pbc.any():
                 raise DataError(f"structure {k}: atomlens models describe isolated molecules; "
                                 f"the atoms are periodic (set atoms.pbc = False)")
-        dataset_from_atoms(systems, source="BatchedMD")  # elements, NaN, overlapping atoms
+        dataset_from_atoms(systems, source="BatchedMD", targets=False)  # elements, NaN, overlapping atoms
         self.model = self._private_model(model, device, dtype)
         self.energy_to_ev = energy_factor(self.model.config.unit)
         param = next(self.model.parameters())

@@ -62,6 +62,10 @@ class _TrainHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if action.dest == "preset":
             return f"{text}; one of: {', '.join(sorted(PRESETS))}"
+        if action.dest == "model":
+            from .models.base import representation_names
+
+            return f"{text}; one of: {', '.join(representation_names())}"
         field = TrainConfig.__dataclass_fields__.get(action.dest)
         # flags and options without a value by default say so in their own help text
         value = getattr(field, "default", None)
@@ -87,6 +91,9 @@ def _add_train(sub) -> None:
     p.add_argument("--forces", action="store_true", default=None, help="train on forces too")
     p.add_argument("--rho", type=float,
                    help="energy weight of the loss rho*dE^2 + (1-rho)*dF^2 (with --forces)")
+    p.add_argument("--stress", action="store_true", default=None,
+                   help="train on the stress of periodic cells too (eV/Angstrom^3)")
+    p.add_argument("--stress-weight", type=float, help="weight of the stress term of the loss")
     p.add_argument("--n-train", type=float, help="training structures (count, or fraction < 1)")
     p.add_argument("--n-val", type=float, help="validation structures (count, or fraction < 1)")
     p.add_argument("--n-test", type=float, help="test structures (default: all the rest)")
@@ -156,6 +163,12 @@ def config_from_args(args):
         config = preset("qm9-u0-dtnn")
     else:
         config = preset("qm9-u0-schnet") if (args.data in (None, "qm9")) else TrainConfig()
+    if args.model:
+        from .models.base import representation_names
+
+        if args.model not in representation_names():
+            raise ValueError(f"--model {args.model!r}: unknown representation; known: "
+                             f"{', '.join(representation_names())}")
     if args.init_from and not args.target:  # fine-tuning: the saved model's target
         from .models.io import model_folder, read_config
 
@@ -188,7 +201,7 @@ def run_train(args) -> int:
 
         if args.resume:
             raise ValueError("--resume and --ensemble: resume each member as its own run")
-        members = train_ensemble(config, args.ensemble)
+        members = train_ensemble(config, args.ensemble, overwrite=args.overwrite)
         print(f"ensemble of {len(members)} models saved in {Path(config.out)} "
               f"(model_0 .. model_{len(members) - 1}, ensemble.json)")
         for k, metrics in enumerate(members):
@@ -316,6 +329,12 @@ def run_predict(args) -> int:
     models = load_ensemble(args.model)
     model, unit = models[0], models[0].config.unit
     frames = read_structures(args.file, args.index)
+    if args.out and not Path(args.out).parent.is_dir():  # refused before any work, not created
+        import errno
+        import os
+
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
+                                str(Path(args.out).parent))
     dataset_from_atoms(frames, source=args.file, targets=False)  # validate before any output
     if len(models) == 1:
         predict = model.predict
@@ -325,7 +344,8 @@ def run_predict(args) -> int:
     out = predict_in_chunks(predict, frames, args.chunk, forces=args.forces,
                             allow_unknown_elements=args.allow_unknown_elements)
     target, std = model.target, len(models) > 1
-    charges = "charges" in out  # a dipole model: per-atom partial charges (e)
+    charges = "charges" in out  # a dipole model: the per-atom values are partial charges (e)
+    atomic_name, atomic_unit = ("charges", "e") if charges else (f"atomic_{target}", unit)
     print(f"{'ensemble of ' + str(len(models)) + ' models' if std else 'model'}: {target} in "
           f"{unit}" + (" (mean ± standard deviation of the members)" if std else ""))
     start = 0
@@ -337,8 +357,8 @@ def run_predict(args) -> int:
               f"{out[target][k]:.6f}{spread} {unit}")
         if charges:
             print(f"    dipole ({unit}): {np.array2string(out['dipole'][k], precision=6)}")
-        column = "partial charge q (e)" if charges else f"atomic {target} ({unit})"
-        header = f"    {'atom':>4} {'el':>2} {column:>20}"
+        label = "charges" if charges else f"atomic {target}"
+        header = f"    {'atom':>4} {'el':>2} {f'{label} ({atomic_unit})':>20}"
         if args.forces:
             header += f"  {'F_x':>10} {'F_y':>10} {'F_z':>10} ({unit}/Angstrom)"
         print(header)
@@ -349,8 +369,7 @@ def run_predict(args) -> int:
             print(line)
         # own keys: the file's reference values (info, arrays, calculator) stay as they are
         store = {target: out[target][k]}
-        names = ({"charges" if charges else f"atomic_{target}": "atomic"}
-                 | ({"forces": "forces"} if args.forces else {}))
+        names = {atomic_name: "atomic"} | ({"forces": "forces"} if args.forces else {})
         if charges:  # the dipole vector (debye) beside its norm
             atoms.info[PREDICTION_PREFIX + "dipole"] = np.round(out["dipole"][k], 6)
         if std:
@@ -359,6 +378,8 @@ def run_predict(args) -> int:
         arrays = {name: out[key][rows] for name, key in names.items()}
         for key, value in store.items():
             atoms.info[PREDICTION_PREFIX + key] = round(float(value), 6)
+        if charges and not std:
+            atoms.info[PREDICTION_PREFIX + "dipole"] = np.round(out["dipole"][k], 6)
         for key, value in arrays.items():
             atoms.arrays[PREDICTION_PREFIX + key] = np.asarray(value, dtype=np.float64)
         start += n
@@ -462,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     configure(threads=getattr(args, "threads", None))
     try:
         return args.func(args)
-    except (DataError, OSError, ValueError, MissingExtra) as err:  # OSError: missing, unreadable
+    except (DataError, OSError, ValueError, MissingExtra) as err:  # OSError: missing,
+        # unreadable, read-only files; MissingExtra: an optional package not installed
         print(f"atomlens {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -83,7 +83,7 @@ def run(args) -> int:
     args.log = str(log_path)
     log = run_md(args.model, atoms, ensemble=args.ensemble,
                  temperature_K=args.temperature, timestep_fs=args.timestep, steps=args.steps,
-                 friction=args.friction, trajectory=args.out, logfile=log_path,
+                 friction=args.friction, trajectory=args.out, logfile=args.log,
                  interval=args.interval, seed=args.seed, device=args.device,
                  dtype="float64" if args.float64 else None, compile=args.compile,
                  max_temperature_K=args.max_temperature, max_drift_eV_per_atom=args.max_drift,

@@ -84,7 +84,8 @@ class EnsembleCalculator(AseCalculator):
 
     Args:
         models: models, or paths of model / training output / ensemble folders.
-        device, dtype, compile: as for :class:`atomlens.Calculator`, for every member.
+        device, dtype, compile, allow_unknown_elements: as for :class:`atomlens.Calculator`,
+            for every member.
 
     ``results``: ``energy``, ``free_energy``, ``forces``, ``energies`` (means of the
     members, eV and eV/Angstrom), ``energy_std`` (eV), ``forces_std`` (n_atoms, 3,

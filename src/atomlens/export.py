@@ -59,7 +59,7 @@ class EnergyAndForces(nn.Module):
 
     def __init__(self, model: AtomisticModel):
         super().__init__()
-        if model.config.aggregation != "sum":
+        if model.config.aggregation != "sum" or model.dipole is not None:
             raise ValueError(f"the model predicts {model.target!r} as a mean over atoms; "
                              f"export needs an extensive energy model")
         try:
@@ -72,6 +72,7 @@ class EnergyAndForces(nn.Module):
     def forward(self, positions: torch.Tensor, numbers: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         pair_i, pair_j = all_ordered_pairs(positions.shape[0], positions.device)
+        pairs = Pairs(pair_i, pair_j, None, symmetric=False)
 
         pairs = Pairs(pair_i, pair_j, None, symmetric=False)
 

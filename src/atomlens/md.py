@@ -80,6 +80,9 @@ class MDLog:
                     "max_force_std"))}
         if self.volume:
             out["volume_A3"] = np.asarray(self.volume)
+        if self.energy_std:
+            out.update(zip(SPREAD_COLUMNS, map(np.asarray, (self.energy_std,
+                                                            self.max_force_std))))
         return out
 
     def drift(self, n_atoms: int) -> dict[str, float]:
@@ -98,7 +101,8 @@ def _calculator(model_or_calc, device, dtype, compile=False, allow_unknown_eleme
     from .ensemble import MANIFEST, EnsembleCalculator
 
     if isinstance(model_or_calc, (list, tuple)) or (
-            isinstance(model_or_calc, (str, os.PathLike)) and (Path(model_or_calc) / MANIFEST).is_file()):
+            isinstance(model_or_calc, (str, os.PathLike))
+            and (Path(model_or_calc) / MANIFEST).is_file()):
         return EnsembleCalculator(model_or_calc, device=device, dtype=dtype, compile=compile,
                                   allow_unknown_elements=allow_unknown_elements)
     return Calculator(model_or_calc, device=device, dtype=dtype, compile=compile,
@@ -253,6 +257,10 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
         if periodic:
             log.volume.append(float(atoms.get_volume()))
             row = (*row, log.volume[-1])
+        if spread:  # cached with the step's forces
+            log.energy_std.append(float(atoms.calc.get_property("energy_std", atoms)))
+            log.max_force_std.append(float(atoms.calc.get_property("max_force_std", atoms)))
+            row = (*row, log.energy_std[-1], log.max_force_std[-1])
         if writer is not None:
             writer.writerow([f"{v:.10g}" for v in row])
 

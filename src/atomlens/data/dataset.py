@@ -526,22 +526,22 @@ def _looks_per_atom(values: np.ndarray, n_structures: int, n_atoms: int) -> bool
     return values.shape[0] == n_atoms and (values.ndim > 1 or n_structures != n_atoms)
 
 
-def dataset_from_atoms(atoms_list, source: str = "<atoms>", energy_unit: str = "eV",
-                       length_unit: str = "Angstrom", force_unit: str | None = None,
-                       energy_key: str = "energy", forces_key: str = "forces",
-                       targets: bool = True, stress_key: str = "stress") -> PackedDataset:
+def dataset_from_atoms(atoms_list, source: str = "<atoms>", energy_unit: str | None = None,
+                       length_unit: str | None = None, energy_key: str = "energy",
+                       forces_key: str = "forces", stress_key: str = "stress",
+                       targets: bool = True) -> PackedDataset:
     """Pack ASE ``Atoms`` (validated: elements, NaN, overlaps, cells) with their energies,
     forces and stress.
 
-    Energies, forces and stress come from each structure's calculator results (e.g. a
-    ``SinglePointCalculator``, as ASE's extxyz and db readers leave them), else from
-    ``atoms.info[energy_key]``, ``atoms.arrays[forces_key]`` and ``atoms.info[stress_key]``,
-    in the declared units (``force_unit`` defaults to ``energy_unit/length_unit``, stress is
-    ``energy_unit/length_unit^3``), and are stored as targets ``energy`` (eV), ``forces``
-    (eV/Angstrom) and ``stress`` (eV/Angstrom^3) when every structure has them. Periodic
-    ``Atoms`` keep their cell and pbc. Ready for ``atomlens.training.train_model(config,
-    data=...)``. ``targets=False`` packs the geometry only (positions still converted from
-    ``length_unit``).
+    Values come from each structure's calculator results (e.g. a ``SinglePointCalculator``,
+    as ASE's extxyz and db readers leave them), else from ``atoms.info[energy_key]``,
+    ``atoms.arrays[forces_key]``, ``atoms.info[stress_key]``. Units are never guessed: the
+    structures state them (``energy_unit`` / ``length_unit`` in every ``info``) or the
+    caller declares them (``energy_unit="eV"``, ``"kcal/mol"``, ...; forces in
+    energy/length, positions in Angstrom unless ``length_unit``); they are stored as
+    targets ``energy`` (eV), ``forces`` (eV/Angstrom), ``stress`` (eV/Angstrom^3) when
+    every structure has them. Ready for ``atomlens.training.train_model(config, data=...)``.
+    ``targets=False`` packs the geometry only. Periodic ``Atoms`` keep their cell and pbc.
     """
     from .sources.ase_files import pack_frames
 
@@ -551,4 +551,4 @@ def dataset_from_atoms(atoms_list, source: str = "<atoms>", energy_unit: str = "
         raise DataError(f"{source}: the dataset is empty")
     keys = (energy_key, forces_key, stress_key) if targets else (None, None, None)
     return pack_frames(list(atoms_list), source, *keys, energy_unit=energy_unit,
-                       length_unit=length_unit, force_unit=force_unit)
+                       length_unit=length_unit)

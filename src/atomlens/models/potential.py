@@ -173,11 +173,11 @@ class AtomisticModel(nn.Module):
 
         ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3),
         "stress": (n_structures, 3, 3)}`` in the model's units, named in ``result.units``
-        (eV, eV/Angstrom, eV/Angstrom^3 for energy models); the atomic contributions sum to
-        the target (extensive models). Periodic ``Atoms`` keep their cell. No autograd
-        graph. Elements absent from the training data are refused (a warning with
-        ``allow_unknown_elements``); non-finite outputs are an error (see
-        :mod:`atomlens.models.guards`).
+        (eV, eV/Angstrom, eV/Angstrom^3 for energy models; a dipole model gives ``dipole``
+        and ``charges`` in e); the atomic contributions sum to the target (extensive
+        models). No autograd graph. Periodic ``Atoms`` keep their cell. Elements absent
+        from the training data are refused (a warning with ``allow_unknown_elements``);
+        non-finite outputs are an error (see :mod:`atomlens.models.guards`).
         """
         from .guards import check_elements, check_finite
 
@@ -185,15 +185,13 @@ class AtomisticModel(nn.Module):
         check_elements(self, batch.numbers.cpu().numpy(), allow_unknown_elements)
         with torch.set_grad_enabled(forces or stress):
             out = self(batch, forces=forces, stress=stress)
-        unit = self.config.unit
-        units = {self.target: unit, "atomic": unit, "forces": f"{unit}/Angstrom",
-                 "stress": f"{unit}/Angstrom^3", "dipole": unit, "charges": "e"}
-        if self.dipole is not None:
-            units["atomic"] = "e"  # a dipole model's atomic parts are partial charges
-        out = Prediction({k: v.detach().cpu().double().numpy() for k, v in out.items()},
-                         {k: units[k] for k in out})
+        out = {k: v.detach().cpu().double().numpy() for k, v in out.items()}
         check_finite(out)
-        return out
+        unit = self.config.unit
+        charges = "e" if self.dipole is not None else unit
+        units = {self.target: unit, "atomic": charges, "charges": "e", "dipole": unit,
+                 "forces": f"{unit}/Angstrom", "stress": f"{unit}/Angstrom^3"}
+        return Prediction(out, {k: units.get(k, "") for k in out})
 
     def batch_from_atoms(self, atoms) -> Batch:
         """A validated batch of ASE ``Atoms`` (cells and pbc kept) on this model's device."""

@@ -1,8 +1,9 @@
 """Training: configuration and presets, the Lightning task, orchestration and evaluation.
 
-``train_model(config)`` trains one model (the function ``atomlens.training.train.train``);
-``atomlens.training.train`` is the module, so that ``import atomlens.training.train`` and
-its helpers (``load_dataset``, ``fit_statistics``) stay reachable.
+``train_model(config)`` trains one model (the function ``atomlens.training.train.train``).
+``atomlens.training.train`` is the module, and calling it trains too (``train(config)``, as
+before), so that ``import atomlens.training.train`` and its helpers (``load_dataset``,
+``fit_statistics``) stay reachable beside the call.
 """
 
 from . import train

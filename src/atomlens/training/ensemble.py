@@ -19,9 +19,11 @@ from .config import TrainConfig
 MANIFEST = "ensemble.json"
 
 
-def train_ensemble(config: TrainConfig, n_models: int, data: PackedDataset | None = None
-                   ) -> list[dict]:
-    """Train ``n_models`` members under ``config.out``; returns their test metrics."""
+def train_ensemble(config: TrainConfig, n_models: int, data: PackedDataset | None = None,
+                   overwrite: bool = False) -> list[dict]:
+    """Train ``n_models`` members under ``config.out``; returns their test metrics.
+
+    ``overwrite`` replaces members' folders that hold earlier runs."""
     from .train import load_dataset, train
 
     if n_models < 1:
@@ -32,7 +34,7 @@ def train_ensemble(config: TrainConfig, n_models: int, data: PackedDataset | Non
     metrics, members = [], []
     for k in range(n_models):
         member = config.updated(seed=config.seed + k, out=str(out / f"model_{k}"))
-        metrics.append(train(member, data=data, split=split))
+        metrics.append(train(member, data=data, split=split, overwrite=overwrite))
         members.append(f"model_{k}")
     (out / MANIFEST).write_text(json.dumps(
         {"members": members, "seeds": [config.seed + k for k in range(n_models)],

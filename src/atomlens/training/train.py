@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+import types
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -309,3 +311,19 @@ def _loggers(out: Path) -> list:
 def _plain(d: dict) -> dict:
     return {k: (float(v) if isinstance(v, (np.floating, float)) and math.isfinite(v) else v)
             for k, v in d.items()}
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`train`.
+
+    ``atomlens.training`` exports the function ``train`` under the module's own name, so
+    ``atomlens.training.train`` must be both: ``from atomlens.training import train;
+    train(config)`` runs a training, and ``import atomlens.training.train`` (or
+    ``atomlens.training.train.load_dataset``) reaches this module's helpers.
+    """
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

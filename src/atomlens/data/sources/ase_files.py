@@ -38,11 +38,11 @@ def _value(atoms, key: str, per_atom: bool):
 UNIT_KEYS = ("energy_unit", "length_unit", "force_unit")
 
 
-def _stated_units(path: Path, frames) -> dict[str, str]:
-    """The units the file states: in every frame's ``info`` (xyz/extxyz) or in the metadata
-    of an ASE database."""
+def _stated_units(frames, source: str, path: Path | None = None) -> dict[str, str]:
+    """The units the frames state in every ``info`` (xyz/extxyz), or the metadata of the ASE
+    database ``path``."""
     stated = {}
-    if path.suffix.lower() == ".db":
+    if path is not None and path.suffix.lower() == ".db":
         from ase.db import connect
 
         stated.update({k: str(v) for k, v in connect(str(path)).metadata.items()
@@ -50,7 +50,7 @@ def _stated_units(path: Path, frames) -> dict[str, str]:
     for key in UNIT_KEYS:
         values = {str(a.info[key]) for a in frames if key in a.info}
         if len(values) > 1 or (values and not all(key in a.info for a in frames)):
-            raise DataError(f"{path}: the frames disagree on {key} ({sorted(values)})")
+            raise DataError(f"{source}: the frames disagree on {key} ({sorted(values)})")
         if values:
             stated[key] = values.pop()
     return stated
@@ -99,42 +99,42 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
         frames = [frames]
     if not frames:
         raise DataError(f"{path}: no structures in the file")
-    stated = _stated_units(path, frames)
-    has_energy = any(_value(a, energy_key, False) is not None for a in frames)
+    return pack_frames(frames, str(path), energy_key, forces_key, stress_key, energy_unit,
+                       length_unit, _stated_units(frames, str(path), path),
+                       meta={"source_file": path.name})
+
+
+def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energy",
+                forces_key: str | None = "forces", stress_key: str | None = "stress",
+                energy_unit: str | None = None, length_unit: str | None = None,
+                stated: dict[str, str] | None = None, meta: dict | None = None
+                ) -> PackedDataset:
+    """ASE ``Atoms`` -> :class:`PackedDataset`, values converted to eV and Angstrom.
+
+    Energies, forces and stress come from each frame's calculator results (a
+    ``SinglePointCalculator``), else from ``info`` / ``arrays`` under the keys given (None
+    skips a target). Units: those the frames state (``stated``, or ``energy_unit`` /
+    ``length_unit`` in every frame's ``info``), else the declared ``energy_unit`` and
+    ``length_unit`` (positions default to Angstrom); energies without a unit are refused.
+    Forces are in energy unit / length unit, stress in energy unit / length unit^3. A
+    target is kept when every frame has it; when only some frames have it the data are
+    refused (:class:`DataError` naming the frame).
+    """
+    stated = stated if stated is not None else _stated_units(frames, source)
+    has_energy = energy_key is not None and any(
+        _value(a, energy_key, False) is not None for a in frames)
     try:
         energy_unit = units.resolve_unit("energy", stated.get("energy_unit"), energy_unit,
                                          None if has_energy else "eV")
         length_unit = units.resolve_unit("length", stated.get("length_unit"), length_unit,
                                          "Angstrom")
         if energy_unit is None:
-            raise ValueError("the file has energies but does not state their unit; declare "
-                             "it (energy_unit=..., --energy-unit eV/kcal/mol/hartree/...) "
-                             "or store energy_unit in the file")
+            raise ValueError("there are energies, but the data does not state their unit; "
+                             "declare it (energy_unit=..., --energy-unit "
+                             "eV/kcal/mol/hartree/...) or store energy_unit in the file")
+        e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
         units.check_force_unit(stated.get("force_unit", f"{energy_unit}/{length_unit}"),
                                energy_unit, length_unit)
-    except ValueError as err:
-        raise DataError(f"{path}: {err}") from err
-    return pack_frames(frames, str(path), energy_key, forces_key, stress_key, energy_unit,
-                       length_unit, meta={"source_file": path.name})
-
-
-def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energy",
-                forces_key: str | None = "forces", stress_key: str | None = "stress",
-                energy_unit: str = "eV", length_unit: str = "Angstrom",
-                force_unit: str | None = None, meta: dict | None = None) -> PackedDataset:
-    """ASE ``Atoms`` -> :class:`PackedDataset`: energies, forces and stress converted to eV,
-    eV/Angstrom and eV/Angstrom^3; cells and pbc of periodic frames kept.
-
-    Values come from each frame's calculator results (``SinglePointCalculator``), else from
-    ``info[energy_key]`` / ``arrays[forces_key]`` / ``info[stress_key]``; a key of None skips
-    that target. Units are declared: ``energy_unit``, ``length_unit`` and ``force_unit``
-    (default ``energy_unit/length_unit``; stress is ``energy_unit/length_unit^3``). A target
-    is kept when every frame has it; when only some frames have it the data are refused
-    (:class:`DataError` naming the frame).
-    """
-    try:
-        e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
-        f_factor = units.force_factor(force_unit) if force_unit else e_factor / r_factor
     except ValueError as err:
         raise DataError(f"{source}: {err}") from err
     structures = [(a.numbers, a.positions * r_factor) for a in frames]
@@ -142,7 +142,7 @@ def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energ
     targets, target_units = {}, {}
     for key, name, per_atom, factor, unit in (
             (energy_key, "energy", False, e_factor, "eV"),
-            (forces_key, "forces", True, f_factor, "eV/Angstrom"),
+            (forces_key, "forces", True, e_factor / r_factor, "eV/Angstrom"),
             (stress_key, "stress", False, e_factor / r_factor**3, "eV/Angstrom^3")):
         if key is None:
             continue
@@ -165,13 +165,11 @@ def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energ
         values = [a.info[key] for a in frames]
         if all(isinstance(v, (int, float, str, np.integer, np.floating)) for v in values):
             extras[key] = values
-    source_units = {"energy": energy_unit, "positions": length_unit}
-    if force_unit:
-        source_units["forces"] = force_unit
     return PackedDataset.from_structures(
         structures, targets, target_units, extras,
-        meta={**(meta or {}), "source_units": source_units}, source=source,
-        per_atom=[k for k in targets if k == "forces"],
+        meta={**(meta or {}),
+              "source_units": {"energy": energy_unit, "positions": length_unit}},
+        source=source, per_atom=[k for k in targets if k == "forces"],
         cells=[a.cell.array * r_factor for a in frames] if periodic else None,
         pbc=[a.pbc for a in frames] if periodic else None)
 
