@@ -165,9 +165,9 @@ def test_predict_in_chunks_equals_one_call():
     model = random_model("schnet", seed=1)
     frames = _systems() + _systems()[:3]
     whole = model.predict(frames, forces=True)
-    chunked = predict_in_chunks(model, frames, forces=True, chunk=3)
+    chunked = predict_in_chunks(model.predict, frames, chunk=3, forces=True)
     assert set(chunked) == set(whole)
     for key in whole:
         np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="--chunk"):
-        predict_in_chunks(model, frames, chunk=0)
+        predict_in_chunks(model.predict, frames, chunk=0)

@@ -171,7 +171,8 @@ def test_energies_and_forces_equal_the_equations(case):
         assert np.abs(expected_forces).max() > 0.1
         np.testing.assert_allclose(out["forces"], expected_forces, rtol=0, atol=2e-6)
         # the general path: every directed pair on its own (probe maps use it)
-        batch = replace(model.batch_from_atoms(atoms), symmetric_pairs=False)
+        batch = model.batch_from_atoms(atoms)
+        batch = replace(batch, pairs=replace(batch.pairs, symmetric=False))
         general = model(batch)["energy"].detach().numpy()
         assert general[0] == pytest.approx(expected, rel=0, abs=tolerance)
 

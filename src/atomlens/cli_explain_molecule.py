@@ -34,6 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--fit-data", help="structures to fit the patterns on (patternattribution)")
     parser.add_argument("--n-top", type=int, default=15, help="rows per kind in the terms table")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the CPUs "
+                                                    "available to the process)")
     parser.set_defaults(func=run)
     return parser
 

@@ -74,10 +74,8 @@ class MDLog:
     max_force_std: list[float] = field(default_factory=list)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        names = LOG_COLUMNS + (SPREAD_COLUMNS if self.energy_std else ())
         out = {name: np.asarray(getattr(self, attr)) for name, attr in zip(
-            names, ("time_fs", "epot", "ekin", "etot", "temperature", "energy_std",
-                    "max_force_std"))}
+            LOG_COLUMNS, ("time_fs", "epot", "ekin", "etot", "temperature"))}
         if self.volume:
             out["volume_A3"] = np.asarray(self.volume)
         if self.energy_std:
@@ -240,20 +238,16 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     if logfile is not None:
         handle = stack.enter_context(open(outputs[Path(logfile)], "w", newline=""))  # noqa: SIM115
         writer = csv.writer(handle)
-        writer.writerow(LOG_COLUMNS + (SPREAD_COLUMNS if spread else ())
-                        + (("volume_A3",) if periodic else ()))
+        writer.writerow(LOG_COLUMNS + (("volume_A3",) if periodic else ())
+                        + (SPREAD_COLUMNS if spread else ()))
 
     def record() -> None:
         epot = atoms.get_potential_energy()  # cached from the step's force call
         ekin = atoms.get_kinetic_energy()
         row = (dyn.nsteps * timestep_fs, epot, ekin, epot + ekin,
                kinetic_temperature(atoms, n_dof))
-        columns = [log.time_fs, log.epot, log.ekin, log.etot, log.temperature]
-        if spread:  # cached with the step's forces
-            row += (atoms.calc.get_property("energy_std", atoms),
-                    atoms.calc.get_property("max_force_std", atoms))
-            columns += [log.energy_std, log.max_force_std]
-        for values, value in zip(columns, row):
+        for values, value in zip((log.time_fs, log.epot, log.ekin, log.etot, log.temperature),
+                                 row):
             values.append(float(value))
         if periodic:
             log.volume.append(float(atoms.get_volume()))
