@@ -193,3 +193,18 @@ def test_default_hyperparameters_are_the_papers():
     np.testing.assert_allclose(schnet.rbf.centres.numpy(), np.linspace(0, 5, 20), atol=1e-6)
     assert schnet.rbf.gamma == pytest.approx(0.5 / (5 / 19) ** 2)
     assert schnet.interactions[0].filter_network[0].weight.shape == (128, 20)
+
+
+def test_building_blocks():
+    """The cosine cutoff, the default Gaussian width, centres laid out exactly in float64,
+    and the error for an unknown activation."""
+    from atomlens.nn import CosineCutoff, GaussianRBF, activation
+
+    cutoff = CosineCutoff(5.0)(torch.tensor([0.0, 2.5, 5.0, 6.0], dtype=torch.float64))
+    np.testing.assert_allclose(cutoff.numpy(), [1.0, 0.5, 0.0, 0.0], atol=1e-15)
+    rbf = GaussianRBF(5, stop=3.0, start=1.0)
+    assert rbf.gamma == pytest.approx(0.5 / 0.5**2)  # one spacing (0.5 Angstrom) wide
+    centres = GaussianRBF(12, stop=3.5, start=0.5).double().centres.numpy()
+    np.testing.assert_allclose(centres, np.linspace(0.5, 3.5, 12), rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match=r"unknown activation 'relu6'; known: \['silu', 'ssp'"):
+        activation("relu6")
