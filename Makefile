@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/atomlens demo
+	$(BIN)/atomlens demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -32,6 +32,10 @@ import os
 import statistics
 import time
 
+from atomlens.runtime import configure, prepare_environment
+
+prepare_environment()  # before torch loads: libgomp reads its wait policy once
+
 import torch
 
 from atomlens.explain import METHODS, explain, fit_patterns, perturbation_curve
@@ -60,7 +64,7 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true", help="no timings")
     parser.add_argument("--degradation-grid", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure(threads=args.threads)
     emit("setup", args.threads, "threads", torch=torch.__version__, load=os.getloadavg()[0])
 
     data = load_digits_data()

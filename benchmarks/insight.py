@@ -14,6 +14,10 @@ import json
 import platform
 import time
 
+from atomlens.runtime import configure, prepare_environment
+
+prepare_environment()  # before torch loads: libgomp reads its wait policy once
+
 import numpy as np
 import torch
 from ase.build import molecule
@@ -30,7 +34,7 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure(threads=args.threads)
     if args.model:
         from atomlens.models.io import load_model
 

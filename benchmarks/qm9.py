@@ -10,7 +10,16 @@ atomlens data pipeline, and for the model alone)::
     python benchmarks/qm9.py --throughput            # atomlens only
     python benchmarks/qm9.py --throughput --peers    # side by side with SchNetPack 2.1.1
 
-Each result is one JSON line on stdout; progress goes to stderr. ``--peers`` runs
+Time to accuracy, side by side (atomlens, then SchNetPack with its own training loop, on the
+same split, test subset, atom references, threads and budget)::
+
+    python benchmarks/qm9.py --peers --n-train 10000 --minutes 30
+
+Throughput beside N busy processes (loaded / idle per library in the same run)::
+
+    python benchmarks/qm9.py --throughput --peers --background 2
+
+Each result is one JSON line on stdout; progress goes to stderr. ``--throughput --peers`` runs
 ``benchmarks/peers/schnetpack_qm9.py`` in SchNetPack's own venv (see ``peers/spk_env.py``) as a
 worker process and interleaves its repeats with atomlens's, so that both see the same load on
 a shared machine; the ratio atomlens / SchNetPack is taken per repeat and its median reported.
@@ -36,6 +45,10 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from atomlens.runtime import configure, prepare_environment
+
+prepare_environment()  # before torch loads: libgomp reads its wait policy once
 
 import numpy as np
 import torch
@@ -85,11 +98,12 @@ def accuracy(args) -> dict:
     config = preset(PRESETS[args.model]).updated(
         target=args.target, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
         max_minutes=args.minutes, seed=args.seed, threads=args.threads, progress=False,
+        test_subset=args.test_subset,
         device="cpu",
         out=args.out or f"runs/bench-qm9-{args.model}-{args.target}-{args.n_train}")
     data = load_qm9()
     start = time.perf_counter()
-    metrics = train(config, data=data)
+    metrics = train(config, data=data, overwrite=True)  # a benchmark re-runs
     wall = time.perf_counter() - start
     mae, rmse = metrics[f"{args.target}_mae"], metrics[f"{args.target}_rmse"]
     record = {"benchmark": "qm9", "model": args.model, "preset": PRESETS[args.model],
@@ -102,7 +116,16 @@ def accuracy(args) -> dict:
                       test_mae_kcal_mol=round(mae / units.KCAL_MOL_EV, 4))
     else:
         record.update(test_mae=mae, test_rmse=rmse, unit=metrics.get("unit"))
-    record.update(out=str(config.out), **machine())
+    record.update(out=str(config.out), n_test_evaluated=metrics["n_test_evaluated"],
+                  **machine())
+    if args.peers:  # SchNetPack on the same molecules, split, threads and budget
+        from time_to_accuracy import schnetpack_run
+
+        peer = schnetpack_run(Path(config.out), data, args.minutes, args.threads, config)
+        record["schnetpack"] = peer
+        if metrics.get("unit") == "eV":
+            record["schnetpack_test_mae_meV"] = round(peer["energy_mae_eV"] * 1e3, 2)
+        record["mae_ratio_atomlens_schnetpack"] = round(mae / peer["energy_mae_eV"], 3)
     emit(record)
     return record
 
@@ -233,6 +256,10 @@ def start_schnetpack(data: PackedDataset, indices: np.ndarray, args) -> PeerWork
     np.savez(npz, numbers=np.asarray(molecules.numbers), positions=np.asarray(molecules.positions),
              offsets=molecules.offsets, U0=np.asarray(molecules.targets["U0"]))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.peer_wait_policy == "default":  # as SchNetPack's users run it (libgomp spins)
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     if args.peer_malloc:  # the allocator settings atomlens makes for itself (atomlens.runtime)
         from atomlens.runtime import allocator_environment
 
@@ -246,7 +273,13 @@ def start_schnetpack(data: PackedDataset, indices: np.ndarray, args) -> PeerWork
 
 
 def throughput(args) -> list[dict]:
-    """Interleaved repeats of every (setting, mode, pipeline) for atomlens and the peers."""
+    """Interleaved repeats of every (setting, mode, pipeline) for atomlens and the peers.
+
+    With ``--background N`` every repeat runs twice, alone and beside N busy processes
+    (:mod:`busy`), and each record gives the loaded / idle fraction per library.
+    """
+    from busy import background_load
+
     data = load_qm9()
     rng = np.random.default_rng(args.seed)
     indices = np.sort(rng.choice(len(data), size=args.n_molecules, replace=False))
@@ -255,19 +288,23 @@ def throughput(args) -> list[dict]:
         benches.append(start_schnetpack(data, indices, args))
     settings = args.settings.split(",")
     cases = [(s, m, p) for s in settings for m in ("train", "infer") for p in ("e2e", "model")]
-    times: dict[tuple, dict[str, list[float]]] = {c: {b.library: [] for b in benches} for c in cases}
+    backgrounds = [0, args.background] if args.background else [0]
+    times = {(c, n): {b.library: [] for b in benches} for c in cases for n in backgrounds}
     loads: list[float] = []
     try:
         for r in range(args.repeats):
-            for case in cases:
-                # alternate who goes first, so a drift in load favours neither
-                for bench in benches if r % 2 == 0 else benches[::-1]:
-                    result = bench.measure(*case, seconds=args.seconds,
-                                           min_batches=args.min_batches, clock=args.clock)
-                    times[case][bench.library].append(result["mol_per_s"])
-                    log(f"repeat {r} {bench.library:10s} {' '.join(case):20s} "
-                        f"{result['mol_per_s']:8.1f} mol/s  load {os.getloadavg()[0]:.2f}")
-                loads.append(os.getloadavg()[0])
+            for n_busy in backgrounds:
+                with background_load(n_busy, args.background_seconds):
+                    for case in cases:
+                        # alternate who goes first, so a drift in load favours neither
+                        for bench in benches if r % 2 == 0 else benches[::-1]:
+                            result = bench.measure(*case, seconds=args.seconds,
+                                                   min_batches=args.min_batches, clock=args.clock)
+                            times[case, n_busy][bench.library].append(result["mol_per_s"])
+                            log(f"repeat {r} busy {n_busy} {bench.library:10s} "
+                                f"{' '.join(case):20s} {result['mol_per_s']:8.1f} mol/s  "
+                                f"load {os.getloadavg()[0]:.2f}")
+                        loads.append(os.getloadavg()[0])
     finally:
         for bench in benches:
             if isinstance(bench, PeerWorker):
@@ -275,17 +312,24 @@ def throughput(args) -> list[dict]:
     env = machine()
     env["load_1min"] = {"min": round(min(loads), 2), "max": round(max(loads), 2)}
     env["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    env["wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     records = []
-    for (setting, mode, pipeline), per_library in times.items():
+    for ((setting, mode, pipeline), n_busy), per_library in times.items():
         record = {"benchmark": "qm9-throughput", "setting": setting,
                   "hyperparameters": SETTINGS[setting], "mode": mode, "pipeline": pipeline,
                   "batch_size": args.batch_size, "n_molecules": args.n_molecules,
                   "clock": args.clock, "repeats": args.repeats,
-                  "min_batches": args.min_batches,
-                  "min_seconds": args.seconds}
+                  "min_batches": args.min_batches, "min_seconds": args.seconds,
+                  "background_processes": n_busy}
         for library, values in per_library.items():
             record[f"{library}_mol_per_s"] = round(statistics.median(values), 1)
             record[f"{library}_range"] = [round(min(values), 1), round(max(values), 1)]
+            if n_busy:  # per repeat: loaded / idle of the same repeat, then the median
+                idle = times[(setting, mode, pipeline), 0][library]
+                fractions = [b / a for a, b in zip(idle, values)]
+                record[f"{library}_fraction_of_idle"] = round(statistics.median(fractions), 3)
+        record["fair_share"] = round(args.threads / max(args.threads + n_busy, 1), 3) \
+            if n_busy else 1.0
         if args.peers:
             ours, theirs = per_library["atomlens"], per_library["schnetpack"]
             ratios = [a / b for a, b in zip(ours, theirs)]
@@ -295,6 +339,7 @@ def throughput(args) -> list[dict]:
         if args.peers:
             record["schnetpack"] = benches[1].info
             record["peer_malloc_tuned"] = args.peer_malloc
+            record["peer_wait_policy"] = args.peer_wait_policy
         emit(record)
         records.append(record)
     return records
@@ -361,7 +406,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--throughput", action="store_true", help="measure molecules per second")
-    parser.add_argument("--peers", action="store_true", help="also SchNetPack, interleaved")
+    parser.add_argument("--peers", action="store_true",
+                        help="also SchNetPack: interleaved (--throughput), else trained side by "
+                             "side on the same split and budget (time to accuracy)")
+    parser.add_argument("--test-subset", type=int, default=10000,
+                        help="accuracy: test molecules evaluated (a random subset)")
     parser.add_argument("--settings", default="128/6,64/3", help=f"of {sorted(SETTINGS)}")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--n-molecules", type=int, default=5000,
@@ -377,6 +426,14 @@ def main(argv=None) -> int:
                         help="SchNetPack's neighbour-list transform")
     parser.add_argument("--peer-malloc", action="store_true",
                         help="run SchNetPack with atomlens's glibc malloc settings too")
+    parser.add_argument("--peer-wait-policy", choices=["default", "passive"], default="default",
+                        help="SchNetPack's OpenMP wait policy (default: libgomp's own, as its "
+                             "users run it)")
+    parser.add_argument("--background", type=int, default=0, metavar="N",
+                        help="throughput: also measure beside N busy processes (pure-Python "
+                             "spin loops), and report loaded / idle per library")
+    parser.add_argument("--background-seconds", type=float, default=3600.0,
+                        help="the busy processes stop after this long at most")
     parser.add_argument("--peer-dir", default=None, help="where the SchNetPack db is written")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler table of training steps at the first setting")
@@ -386,10 +443,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1 and not args.profile:
         parser.error("--clock cpu counts one thread's CPU time: use it with --threads 1")
-    torch.set_num_threads(args.threads)
+    configure(threads=args.threads)
     if args.profile:
         profile(args)
-    elif args.throughput or args.peers:
+    elif args.throughput:
         throughput(args)
     else:
         accuracy(args)

@@ -12,9 +12,14 @@ import importlib.util
 import sys
 import types
 
+from atomlens.runtime import prepare_environment, tune_allocator
+
+prepare_environment()  # passive OpenMP waiting, set before torch loads (as the CLI does)
+
 import torch
 
 torch.set_num_threads(2)
+tune_allocator()  # the test process, like the CLI, keeps freed memory (atomlens.runtime)
 
 
 def _import_zennit() -> None:

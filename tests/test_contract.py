@@ -5,7 +5,7 @@ from typing import ClassVar
 from contract import RepresentationContract
 from helpers import SMALL_MODELS
 
-from atomlens.models.base import representation_names
+from atomlens.registry import representation_names
 
 
 def test_every_registered_representation_has_a_contract_class_and_a_small_model():

@@ -79,7 +79,8 @@ def test_dipole_rotates_with_the_molecule_and_ignores_the_origin(data, model):
 def test_train_mu_predicts_charges(tmp_path, data, capsys):
     from atomlens.cli import main
     from atomlens.models import load_model
-    from atomlens.training import TrainConfig, train
+    from atomlens.training import TrainConfig
+    from atomlens.training import train_model as train
 
     config = TrainConfig.from_dict({
         "target": "mu", "n_train": 20, "n_val": 10, "n_test": 10, "batch_size": 10,

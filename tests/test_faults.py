@@ -85,6 +85,17 @@ def test_kill_between_the_renames_is_recovered_on_the_next_start(saved):
     assert sorted(p.name for p in path.parent.iterdir()) == sorted(["model", live.name])
 
 
+def test_temporary_files_of_dead_writers_are_removed(tmp_path):
+    from atomlens.data.splits import load_split, save_split
+
+    debris = tmp_path / f".split.npz.tmp-{fileio._host()}-{_dead_pid()}-0a1b.npz"
+    debris.write_bytes(b"half written")
+    save_split(tmp_path / "split.npz", {"train": np.arange(3), "val": np.arange(3, 4),
+                                        "test": np.arange(4, 6)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split.npz"]
+    assert load_split(tmp_path / "split.npz")["test"].tolist() == [4, 5]
+
+
 def test_saved_folders_follow_the_umask(tmp_path):
     previous = os.umask(0o022)
     try:
@@ -117,7 +128,7 @@ def _tiny(out, **kw):
 
 @pytest.fixture(scope="module")
 def finished_run(qm9, tmp_path_factory):
-    from atomlens.training import train
+    from atomlens.training import train_model as train
 
     out = tmp_path_factory.mktemp("guard") / "run"
     train(_tiny(out), data=qm9)
@@ -125,7 +136,7 @@ def finished_run(qm9, tmp_path_factory):
 
 
 def test_a_second_run_on_a_used_folder_is_refused(qm9, finished_run):
-    from atomlens.training import train
+    from atomlens.training import train_model as train
     from atomlens.training.run_folder import RunFolderError
 
     elements = load_model(finished_run).metadata["elements"]  # recorded for class 6
@@ -139,8 +150,26 @@ def test_a_second_run_on_a_used_folder_is_refused(qm9, finished_run):
     assert (finished_run / "train_config.yaml").read_text() == before
 
 
+def test_fingerprint_ignores_budgets_but_not_settings_data_or_split(qm9):
+    from atomlens.training.run_folder import digest, fingerprint
+
+    split = {"train": np.arange(20), "val": np.arange(20, 30), "test": np.arange(30, 40)}
+    base = digest(fingerprint(_tiny("a", n_train=20), qm9, split))
+    same = fingerprint(_tiny("b", n_train=20.0, max_epochs=9, max_minutes=3.0, device="auto"),
+                       qm9, split)
+    assert digest(same) == base
+    other_split = {**split, "train": np.arange(1, 21)}
+    changed = qm9.subset(np.arange(len(qm9)))
+    changed.targets["U0"] = changed.targets["U0"] + 1e-9
+    for different in (fingerprint(_tiny("a", lr=1e-2), qm9, split),
+                      fingerprint(_tiny("a"), qm9, other_split),
+                      fingerprint(_tiny("a"), changed, split)):
+        assert digest(different) != base
+
+
 def test_concurrent_run_and_resume_without_checkpoint(qm9, tmp_path, finished_run):
-    from atomlens.training import run_folder, train
+    from atomlens.training import run_folder
+    from atomlens.training import train_model as train
 
     with run_folder.locked(tmp_path / "busy"), pytest.raises(
             run_folder.RunFolderError, match="another atomlens train is running"):
@@ -152,7 +181,7 @@ def test_concurrent_run_and_resume_without_checkpoint(qm9, tmp_path, finished_ru
 def test_resume_refuses_a_foreign_or_hostile_checkpoint(qm9, tmp_path, finished_run):
     import shutil
 
-    from atomlens.training import train
+    from atomlens.training import train_model as train
     from atomlens.training.run_folder import RunFolderError
 
     out = tmp_path / "copy"
@@ -172,7 +201,7 @@ def test_resume_refuses_a_foreign_or_hostile_checkpoint(qm9, tmp_path, finished_
 def test_overwrite_replaces_the_run(qm9, tmp_path, finished_run):
     import shutil
 
-    from atomlens.training import train
+    from atomlens.training import train_model as train
 
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
@@ -215,6 +244,12 @@ def test_md_blow_up_exits_non_zero_and_keeps_earlier_outputs(stiff_model, ethano
     assert (out.read_bytes(), log.read_bytes()) == before
     assert (out.parent / "md.unstable.traj").is_file()
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+    # an extxyz trajectory states its units, so it reads back as data without guessing
+    from atomlens.data.sources import read_any
+
+    xyz = tmp_path / "md.extxyz"
+    assert main([*common[:3], "--out", str(xyz), "--steps", "2", "--interval", "1"]) == 0
+    assert len(read_any(xyz).targets["energy"]) == 3
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -419,6 +454,16 @@ def test_config_and_weights_that_do_not_fit(chon_model):
         load_model(chon_model)
 
 
+def test_negative_batch_size_and_fifo_are_named(qm9, chon_model, tmp_path, capsys):
+    from atomlens.data.dataset import make_loader
+
+    with pytest.raises(ValueError, match="batch size must be an integer >= 1, not -10"):
+        make_loader(qm9, np.arange(5), -10, 5.0)
+    fifo = tmp_path / "pipe.xyz"
+    os.mkfifo(fifo)
+    assert "not a regular file" in _message(["predict", str(chon_model), str(fifo)], capsys)
+
+
 def test_split_sizes_error_suggests_n_train():
     from atomlens.data import DataError
     from atomlens.data.splits import random_split
@@ -494,7 +539,7 @@ def test_ddp_three_processes_uneven_shares_energy_and_forces(qm9, tmp_path):
     of 10 are shares of 4/3/3, 4/3/3 and 1/0/0 structures (and unequal atom counts; a rank
     with an empty share contributes zero gradients, not NaN)."""
     from atomlens.data import PackedDataset
-    from atomlens.training import train
+    from atomlens.training import train_model as train
 
     rng = np.random.default_rng(0)
     data = PackedDataset(qm9.numbers, qm9.positions, qm9.offsets,

@@ -19,6 +19,7 @@ Both: E = sum_i [scale (V2 act(V1 x_i + c1) + c2) + shift + atomref[Z_i]] (eV), 
 """
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from atomlens.models import build_model
 
 CUTOFF = 4.0
 DTNN_KWARGS = {"n_atom_basis": 6, "n_interactions": 2, "n_factors": 5, "n_rbf": 12,
-               "cutoff": CUTOFF, "rbf_stop": CUTOFF, "rbf_gamma": 4.0, "rbf_start": 0.5}
+               "cutoff": CUTOFF, "rbf_stop": 3.5, "rbf_gamma": 4.0, "rbf_start": 0.5}
 SCHNET_KWARGS = {"n_atom_basis": 6, "n_interactions": 2, "n_filters": 5, "n_rbf": 8,
                  "cutoff": CUTOFF}
 
@@ -169,3 +170,25 @@ def test_energies_and_forces_equal_the_equations(case):
                                  numpy_activation)
         assert np.abs(expected_forces).max() > 0.1
         np.testing.assert_allclose(out["forces"], expected_forces, rtol=0, atol=2e-6)
+        # the general path: every directed pair on its own (probe maps use it)
+        batch = replace(model.batch_from_atoms(atoms), symmetric_pairs=False)
+        general = model(batch)["energy"].detach().numpy()
+        assert general[0] == pytest.approx(expected, rel=0, abs=tolerance)
+
+
+def test_default_hyperparameters_are_the_papers():
+    """DTNN (Nat. Commun. 2017, Methods): B = 30, T = 3, Gaussians every 0.2 Angstrom up to
+    20 Angstrom with sigma = 0.2 (gamma = 1 / (2 sigma^2) = 12.5); SchNet as SchNetPack's QM9
+    recipe: 128 features and filters, 6 interactions, 20 Gaussians on 0-5 Angstrom, one
+    spacing wide, cosine cutoff 5 Angstrom."""
+    from atomlens.models import DTNN, SchNet
+
+    dtnn = DTNN()
+    assert (dtnn.n_atom_basis, dtnn.n_interactions, dtnn.cutoff) == (30, 3, 20.0)
+    np.testing.assert_allclose(dtnn.rbf.centres.numpy(), np.arange(101) * 0.2, atol=1e-5)
+    assert dtnn.rbf.gamma == pytest.approx(12.5)
+    schnet = SchNet()
+    assert (schnet.n_atom_basis, len(schnet.interactions), schnet.cutoff) == (128, 6, 5.0)
+    np.testing.assert_allclose(schnet.rbf.centres.numpy(), np.linspace(0, 5, 20), atol=1e-6)
+    assert schnet.rbf.gamma == pytest.approx(0.5 / (5 / 19) ** 2)
+    assert schnet.interactions[0].filter_network[0].weight.shape == (128, 20)

@@ -97,7 +97,7 @@ def training_throughput(spk, db: Path, hp: dict, batch_size: int, seconds: float
 
 
 def md_speed(spk, frames: dict, hp: dict, steps: int, workdir: Path,
-             clock: str = "wall") -> dict:
+             clock: str = "wall", runs: int = 0) -> dict:
     from ase import Atoms, units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from ase.md.verlet import VelocityVerlet
@@ -129,7 +129,19 @@ def md_speed(spk, frames: dict, hp: dict, steps: int, workdir: Path,
     start = now()
     dyn.run(steps)
     wall = now() - start
-    return {"steps_per_s": steps / wall, "steps": steps, "wall_s": wall}
+    result = {"steps_per_s": steps / wall, "steps": steps, "wall_s": wall}
+    if runs:  # what a user without batched MD does for R trajectories: one after the other
+        start = now()
+        for k in range(runs):
+            atoms = Atoms(numbers=frames["z"], positions=frames["R"][0])
+            atoms.calc = calc
+            MaxwellBoltzmannDistribution(atoms, temperature_K=300,
+                                         rng=np.random.default_rng(k))
+            VelocityVerlet(atoms, 0.5 * units.fs).run(steps)
+        wall = now() - start
+        result["sequential"] = {"runs": runs, "steps": steps, "wall_s": wall,
+                                "molecule_steps_per_s": runs * steps / wall}
+    return result
 
 
 def main(argv=None) -> int:
@@ -143,6 +155,8 @@ def main(argv=None) -> int:
     parser.add_argument("--md-steps", type=int, default=200)
     parser.add_argument("--hyperparameters", default='{"n_atom_basis": 128, "n_interactions": 6, '
                         '"n_filters": 128, "n_rbf": 20, "cutoff": 5.0}')
+    parser.add_argument("--md-runs", type=int, default=0,
+                        help="also time this many sequential MD runs of --md-steps each")
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "md"])
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
@@ -163,8 +177,13 @@ def main(argv=None) -> int:
                 print(json.dumps({"measure": "train", "batch_size": batch_size, **common,
                                   **result}), flush=True)
         if "md" not in args.skip:
-            result = md_speed(spk, frames, hp, args.md_steps, tmp, clock=args.clock)
+            result = md_speed(spk, frames, hp, args.md_steps, tmp, clock=args.clock,
+                              runs=args.md_runs)
+            sequential = result.pop("sequential", None)
             print(json.dumps({"measure": "md", **common, **result}), flush=True)
+            if sequential:
+                print(json.dumps({"measure": "md_sequential", **common, **sequential}),
+                      flush=True)
     return 0
 
 

@@ -5,12 +5,13 @@ trained models (atomic energies, local chemical potentials, rings, isomers); and
 PatternNet / PatternAttribution explanations for PyTorch networks.
 
 Units inside atomlens: eV, Angstrom, eV/Angstrom.
+
+Importing atomlens changes no process-wide setting; :func:`atomlens.runtime.configure` sets
+threads, OpenMP wait policy and allocator (the ``atomlens`` command calls it). The names
+below are imported on first use, so ``import atomlens.runtime`` does not load torch.
 """
 
 from ._version import __version__
-from .runtime import tune_allocator
-
-tune_allocator()  # keep freed memory in the process: see atomlens.runtime
 
 __all__ = [
     "AtomisticModel",

@@ -10,10 +10,12 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
+from .registry import representation_names
 from .units import EV_A3_GPA, KCAL_MOL_EV
 
 #: modules that add subcommands through ``add_parser(subparsers)``
@@ -81,9 +83,7 @@ def _add_train(sub) -> None:
                     "the TrainConfig defaults shown below for a data file.")
     p.add_argument("config", nargs="?", help="YAML/JSON training config (TrainConfig fields)")
     p.add_argument("--preset", help="named preset")
-    # no argparse choices: the registry imports torch, which `atomlens --help` must not pay
-    # for; the names are listed in the help and checked in config_from_args
-    p.add_argument("--model",
+    p.add_argument("--model", choices=representation_names(),
                    help="representation (switches to its default preset for the data)")
     p.add_argument("--data", help="'qm9' or a data file (MD17 .npz, ASE db, extxyz, packed folder)")
     p.add_argument("--target", help="target property (QM9: U0, U, H, G, homo, lumo, gap, zpve, mu, "
@@ -103,12 +103,22 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float, help="initial Adam learning rate")
     p.add_argument("--epochs", type=int, dest="max_epochs", help="maximum number of epochs")
     p.add_argument("--minutes", type=float, dest="max_minutes",
-                   help="wall-clock budget in minutes (none: until --epochs or --patience)")
+                   help="wall-clock budget of the whole command, final evaluation included "
+                        "(none: until --epochs or --patience)")
+    p.add_argument("--test-subset", type=int,
+                   help="final evaluation on at most this many random test structures "
+                        "(default 10000)")
+    p.add_argument("--full-test", action="store_true", default=None,
+                   help="final evaluation on the whole test split")
     p.add_argument("--ema-decay", type=float,
                    help="keep an exponential moving average of the weights (e.g. 0.999)")
     p.add_argument("--patience", type=int, dest="early_stopping_patience",
                    help="stop after this many epochs without a better validation loss")
     p.add_argument("--device", help="auto (a GPU when present), cpu, gpu")
+    p.add_argument("--stress", action="store_true", default=None,
+                   help="train on the stress of periodic cells too (eV/Angstrom^3)")
+    p.add_argument("--stress-weight", type=float,
+                   help="weight of the stress term of the loss (default 100)")
     p.add_argument("--devices", help="number of devices (DDP when > 1)")
     p.add_argument("--num-nodes", type=int, help="number of machines (multi-node DDP)")
     p.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
@@ -174,7 +184,8 @@ def config_from_args(args):
         "data", "target", "forces", "rho", "stress", "stress_weight", "n_train", "n_val", "n_test", "max_structures",
         "batch_size", "lr", "max_epochs", "max_minutes", "ema_decay", "early_stopping_patience",
         "device", "num_nodes", "strategy", "threads", "compile", "seed", "energy_unit",
-        "length_unit", "out", "init_from", "refit_statistics", "freeze_representation")}
+        "length_unit", "out", "init_from", "refit_statistics", "freeze_representation",
+        "test_subset", "full_test")}
     overrides["devices"] = devices
     if args.no_progress:
         overrides["progress"] = False
@@ -197,7 +208,7 @@ def run_train(args) -> int:
             print(f"model_{k}:")
             _print_metrics(metrics, config.target, metrics.get("unit", ""))
         return 0
-    metrics = train(config, resume=args.resume, overwrite=args.overwrite)
+    metrics = train(config, resume=args.resume, overwrite=args.overwrite, started=args.started)
     if metrics:
         print(f"model saved in {Path(config.out) / 'model'}")
         _print_metrics(metrics, config.target, metrics.get("unit", ""))
@@ -267,6 +278,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--out", help="write the structures with the predictions as extxyz")
     p.add_argument("--allow-unknown-elements", action="store_true",
                    help="predict for elements the model was not trained on (a warning)")
+    p.add_argument("--chunk", type=int, default=1000,
+                   help="structures per model call (default 1000)")
     p.set_defaults(func=run_predict)
 
 
@@ -292,6 +305,23 @@ def read_structures(path: str, index: str = ":"):
 PREDICTION_PREFIX = "atomlens_"
 
 
+def predict_in_chunks(predict, frames: list, chunk: int = 1000, **options) -> dict:
+    """``predict(frames, **options)`` over ``chunk`` structures at a time (bounded memory, a
+    progress bar on a terminal); the same arrays as one call on all of them."""
+    from tqdm.auto import tqdm
+
+    if chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, not {chunk}")
+    parts: dict[str, list] = {}
+    with tqdm(total=len(frames), desc="predict", unit="structure", leave=False,
+              disable=None) as bar:
+        for start in range(0, len(frames), chunk):
+            for key, value in predict(frames[start:start + chunk], **options).items():
+                parts.setdefault(key, []).append(value)
+            bar.update(min(chunk, len(frames) - start))
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
 def run_predict(args) -> int:
     from .data.dataset import dataset_from_atoms
     from .ensemble import load_ensemble, predict_ensemble
@@ -307,11 +337,12 @@ def run_predict(args) -> int:
                                 str(Path(args.out).parent))
     dataset_from_atoms(frames, source=args.file, targets=False)  # validate before any output
     if len(models) == 1:
-        out = model.predict(frames, forces=args.forces,
-                            allow_unknown_elements=args.allow_unknown_elements)
+        predict = model.predict
     else:
-        out = predict_ensemble(models, frames, forces=args.forces,
-                               allow_unknown_elements=args.allow_unknown_elements)
+        def predict(atoms, **options):
+            return predict_ensemble(models, atoms, **options)
+    out = predict_in_chunks(predict, frames, args.chunk, forces=args.forces,
+                            allow_unknown_elements=args.allow_unknown_elements)
     target, std = model.target, len(models) > 1
     charges = "charges" in out  # a dipole model: the per-atom values are partial charges (e)
     atomic_name, atomic_unit = ("charges", "e") if charges else (f"atomic_{target}", unit)
@@ -339,6 +370,8 @@ def run_predict(args) -> int:
         # own keys: the file's reference values (info, arrays, calculator) stay as they are
         store = {target: out[target][k]}
         names = {atomic_name: "atomic"} | ({"forces": "forces"} if args.forces else {})
+        if charges:  # the dipole vector (debye) beside its norm
+            atoms.info[PREDICTION_PREFIX + "dipole"] = np.round(out["dipole"][k], 6)
         if std:
             store[f"{target}_std"] = out[f"{target}_std"][k]
             names |= {f"{name}_std": f"{key}_std" for name, key in names.items()}
@@ -405,7 +438,7 @@ def run_demo(args) -> int:
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="atomlens", description="Deep learning for quantum chemistry you can look inside.")
@@ -417,14 +450,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
+    _add_threads(parser)
     return parser
 
 
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` on every command that lacks it (nested subcommands included)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_threads(command)
+            return
+    if not any("--threads" in action.option_strings for action in parser._actions):
+        parser.add_argument("--threads", type=int,
+                            help="torch CPU threads (default: the CPUs available to atomlens)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import configure, prepare_environment
+
+    started = time.monotonic()  # budgets (train --minutes) count from here
+    prepare_environment()  # before torch loads: libgomp reads its wait policy once
     args = build_parser().parse_args(argv)  # before any heavy import: --help stays fast
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        print(f"atomlens {args.command}: error: --threads must be >= 1, not {args.threads}",
+              file=sys.stderr)
+        return 2
     from ._optional import MissingExtra
     from .data.dataset import DataError
 
+    args.started = started
+    configure(threads=getattr(args, "threads", None))
     try:
         return args.func(args)
     except (DataError, OSError, ValueError, MissingExtra) as err:  # OSError: missing,

@@ -1,6 +1,7 @@
 """``atomlens explain``: every explanation method on the digits CNN, with figures and tables.
 
     atomlens explain --out runs/explain [--model digits.safetensors] [--n-images 8] [--epochs 10]
+    atomlens explain molecule MODEL STRUCTURE --out DIR [--method ...]   (see cli_explain_molecule)
 
 Trains (or loads) the digits CNN, fits the patterns in one pass over the training set,
 explains ``--n-images`` test images with every method (``explanations.png``), and
@@ -24,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, help="output folder (required)")
     parser.add_argument(
         "--model",
         type=Path,
@@ -41,6 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--patch", type=int, default=2, help="region size for degradation")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
+    from . import cli_explain_molecule
+
+    cli_explain_molecule.add_parser(parser.add_subparsers(dest="explain_mode", metavar="molecule"))
     return parser
 
 
@@ -64,6 +68,8 @@ def _print_table(title: str, rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the digits study; returns the exit code."""
+    if args.out is None:
+        raise ValueError("the digits study needs --out DIR")
     # imported here: `atomlens --help` must not pay for torch and matplotlib
     import torch
 

@@ -17,7 +17,12 @@ def add_parser(subparsers) -> None:
                                  "ensemble folder (logs the members' spread)")
     p.add_argument("structure", help="start structure: any ASE-readable file (xyz, extxyz, db, "
                                      "traj, ...)")
-    p.add_argument("--index", default="0", help="which frame of the structure file (ASE syntax)")
+    p.add_argument("--index", default="0",
+                   help="which frame(s) of the structure file (ASE syntax; several frames run "
+                        "as a batch of trajectories)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="independent trajectories per structure (different initial "
+                        "velocities), all advanced by one model call per step (molecules)")
     p.add_argument("--ensemble", choices=["nve", "langevin", "npt"], default="nve",
                    help="nve, langevin (NVT) or npt (periodic cells only)")
     p.add_argument("--pressure", type=float, default=1.01325,
@@ -33,21 +38,25 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
     p.add_argument("--out", default="md.traj",
                    help="trajectory: .traj (ASE) or extxyz for other suffixes (default md.traj)")
-    p.add_argument("--log", default=None,
+    p.add_argument("--log",
                    help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K "
-                        "(+ energy_std_eV, max_force_std_eV_A for an ensemble; default: "
-                        "beside --out, with suffix .csv)")
+                        "(+ volume_A3 for cells, energy_std_eV, max_force_std_eV_A for an "
+                        "ensemble); default: beside the trajectory, OUT with the suffix .csv")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing trajectory or log (default: refuse)")
     p.add_argument("--max-temperature", type=float, default=None,
-                   help="stop (exit 1) when the temperature exceeds this, K (default: the "
+                   help="stop (exit 2) when the temperature exceeds this, K (default: the "
                         "larger of 2000 K and 5 x --temperature)")
     p.add_argument("--max-drift", type=float, default=0.1,
-                   help="NVE: stop (exit 1) when the total energy drifts by more than this, "
+                   help="NVE: stop (exit 2) when the total energy drifts by more than this, "
                         "eV/atom (default 0.1); Langevin has no conserved energy")
     p.add_argument("--allow-unknown-elements", action="store_true",
                    help="run with elements the model was not trained on (a warning)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--float64", action="store_true", help="run the model in float64")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default 1: one molecule's tensors are too small "
+                        "to split)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile energy+forces: ~3.5x the steps/s after a compile of a "
                         "few seconds; worth it for runs of more than ~2,000 steps")
@@ -55,28 +64,31 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from .cli import read_structures
     from .md import run_md
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     frames = read_structures(args.structure, args.index)
-    if len(frames) != 1:
-        raise ValueError(f"{args.structure}: --index {args.index!r} selects {len(frames)} "
-                         f"structures; MD needs one")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, not {args.replicas}")
+    if len(frames) * args.replicas > 1:
+        return run_batched(args, frames)
     atoms = frames[0]
     atoms.calc = None
-    if args.log is None:
-        args.log = str(Path(args.out).with_suffix(".csv"))
+    log_path = Path(args.log) if args.log else Path(args.out).with_suffix(".csv")
+    if log_path == Path(args.out):
+        raise ValueError(f"{log_path}: the log and the trajectory would be one file")
+    existing = [str(p) for p in (Path(args.out), log_path) if p.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{', '.join(existing)} exist(s); give --overwrite or another --out")
+    args.log = str(log_path)
     log = run_md(args.model, atoms, ensemble=args.ensemble,
                  temperature_K=args.temperature, timestep_fs=args.timestep, steps=args.steps,
                  friction=args.friction, trajectory=args.out, logfile=args.log,
                  interval=args.interval, seed=args.seed, device=args.device,
                  dtype="float64" if args.float64 else None, compile=args.compile,
                  max_temperature_K=args.max_temperature, max_drift_eV_per_atom=args.max_drift,
-                 allow_unknown_elements=args.allow_unknown_elements, pressure_bar=args.pressure)
+                 allow_unknown_elements=args.allow_unknown_elements, pressure_bar=args.pressure,
+                 threads=args.threads or 1)
     print(f"{args.ensemble.upper()} MD of {atoms.get_chemical_formula()}: {args.steps} steps of "
           f"{args.timestep} fs ({args.steps * args.timestep / 1000:.3g} ps)")
     temperature = np.asarray(log.temperature)
@@ -94,5 +106,40 @@ def run(args) -> int:
     if log.energy_std:
         print(f"  ensemble spread: energy std up to {max(log.energy_std) * 1000:.1f} meV, "
               f"largest atomic force std {max(log.max_force_std):.3f} eV/Angstrom")
-    print(f"  trajectory: {Path(args.out)}  log: {Path(args.log)}")
+    print(f"  trajectory: {Path(args.out)}  log: {log_path}")
+    return 0
+
+
+def numbered(path: str, k: int, n: int) -> Path:
+    """``md.traj`` -> ``md.3.traj`` for trajectory 3 of several (zero-padded to n's width)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{k:0{len(str(n - 1))}d}{path.suffix}")
+
+
+def run_batched(args, frames) -> int:
+    """Several trajectories (frames x replicas) through :class:`atomlens.batched_md.BatchedMD`."""
+    from .batched_md import run_batched_md
+
+    if any(atoms.pbc.any() for atoms in frames) or args.ensemble == "npt":
+        raise ValueError("several trajectories at once (--replicas, several frames) are for "
+                         "molecules in NVE or Langevin; run periodic cells one at a time")
+    if args.log is None:
+        args.log = str(Path(args.out).with_suffix(".csv"))
+    systems = [atoms for atoms in frames for _ in range(args.replicas)]
+    n = len(systems)
+    trajectories = [numbered(args.out, k, n) for k in range(n)]
+    logfiles = [numbered(args.log, k, n) for k in range(n)]
+    logs = run_batched_md(
+        args.model, systems, steps=args.steps, trajectories=trajectories, logfiles=logfiles,
+        interval=args.interval, ensemble=args.ensemble, temperature_K=args.temperature,
+        timestep_fs=args.timestep, friction=args.friction, seed=args.seed, device=args.device,
+        dtype="float64" if args.float64 else None, compile=args.compile)
+    print(f"{args.ensemble.upper()} MD of {n} trajectories ({len(frames)} structures x "
+          f"{args.replicas} replicas): {args.steps} steps of {args.timestep} fs")
+    for k, (atoms, log) in enumerate(zip(systems, logs)):
+        drift = log.drift(len(atoms))
+        print(f"  {k}: {atoms.get_chemical_formula()} mean T = "
+              f"{sum(log.temperature) / len(log.temperature):.1f} K; E_tot drift "
+              f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom -> {trajectories[k]}, "
+              f"{logfiles[k]}")
     return 0

@@ -94,8 +94,8 @@ class EnsembleCalculator(AseCalculator):
     """
 
     implemented_properties: ClassVar[list[str]] = [
-        "energy", "free_energy", "forces", "energies", "energy_std", "forces_std",
-        "energies_std", "max_force_std"]
+        "energy", "free_energy", "forces", "energies", "stress", "energy_std", "forces_std",
+        "energies_std", "stress_std", "max_force_std"]
 
     def __init__(self, models, device: str = "cpu", dtype=None, compile: bool = False,
                  allow_unknown_elements: bool = False, **kwargs):
@@ -118,7 +118,9 @@ class EnsembleCalculator(AseCalculator):
         super().calculate(atoms, properties, system_changes)
         forces = "forces" in properties or "forces_std" in properties or (
             "max_force_std" in properties)
-        wanted = ["energy", "energies"] + (["forces"] if forces else [])
+        stress = "stress" in properties or "stress_std" in properties
+        wanted = (["energy", "energies"] + (["forces"] if forces else [])
+                  + (["stress"] if stress else []))
         for member in self.members:
             member.calculate(self.atoms, wanted, system_changes)
         results = {}

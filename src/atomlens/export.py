@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .data.batch import Pairs
 from .fileio import atomic_file
 from .models.potential import AtomisticModel
@@ -72,6 +72,8 @@ class EnergyAndForces(nn.Module):
     def forward(self, positions: torch.Tensor, numbers: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         pair_i, pair_j = all_ordered_pairs(positions.shape[0], positions.device)
+        pairs = Pairs(pair_i, pair_j, None, symmetric=False)
+
         pairs = Pairs(pair_i, pair_j, None, symmetric=False)
 
         def energy(r: torch.Tensor) -> torch.Tensor:

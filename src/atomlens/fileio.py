@@ -87,7 +87,8 @@ def _hidden(path: Path, kind: str) -> list[Path]:
 
 
 def recover_folder(path: str | os.PathLike) -> list[Path]:
-    """Repair what a killed :func:`atomic_folder` left beside ``path``; returns what changed.
+    """Repair what a killed :func:`atomic_folder` or :func:`atomic_file` left beside
+    ``path``; returns what changed.
 
     * ``path`` missing and an aside copy of a dead writer present: the kill came between
       the two renames, so the aside copy (the last complete version) is renamed back;
@@ -103,9 +104,20 @@ def recover_folder(path: str | os.PathLike) -> list[Path]:
             changed.append(path)
             asides.remove(newest)
     for debris in asides + [p for p in _hidden(path, "tmp") if not _owner_alive(p.name)]:
-        shutil.rmtree(debris, ignore_errors=True)
+        if debris.is_dir() and not debris.is_symlink():
+            shutil.rmtree(debris, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                debris.unlink()
         changed.append(debris)
     return changed
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A hidden name beside ``path`` (same suffix) that :func:`recover_folder` recognises as
+    this process's temporary file, so it is deleted should the process die."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_tag('tmp')}{os.urandom(4).hex()}{path.suffix}")
 
 
 @contextlib.contextmanager
@@ -154,10 +166,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    tmp.unlink()
+    recover_folder(path)
+    tmp = temporary_name(path)
     try:
         yield tmp
         apply_umask(tmp)
@@ -180,6 +190,8 @@ def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
                               f"not accessible)") from None
     if what == "file" and path.is_dir():
         raise IsADirectoryError(f"{path}: is a folder, a file is expected")
+    if what == "file" and not path.is_file():  # a FIFO or device would block or never end
+        raise OSError(f"{path}: not a regular file")
     if what == "folder" and not path.is_dir():
         raise NotADirectoryError(f"{path}: is a file, a folder is expected")
     if not os.access(path, os.R_OK):

@@ -6,18 +6,19 @@
                Martyna-Tobias-Klein integrator (Nose-Hoover chains for T, an MTK barostat
                for the volume), driven by the model's stress
 
-Velocities start from a Maxwell-Boltzmann distribution with zero total momentum (NVE: and
-zero angular momentum), rescaled so that the kinetic temperature over the degrees of freedom
-left is exactly ``temperature_K`` (unless ``initialize_velocities=False`` keeps the atoms'
-own): 3n - 6 for NVE (3n - 5 for a linear molecule), where both momenta stay zero, and 3n - 3
-for Langevin, whose noise moves the rotation but not the fixed centre of mass. (Removing the
-momenta while keeping, on average, the kinetic energy of 3n degrees of freedom, as before 0.3,
-started 3n/(3n - 3) hot: ethanol 12.5 %.) The trajectory goes to an ASE ``.traj`` file or
-to extxyz (any other suffix), with the model's energy and forces on every stored frame; a CSV
-log records time (fs), E_pot, E_kin, E_tot (eV) and the kinetic temperature T (K) over the
-same degrees of freedom, see :func:`kinetic_temperature` and :func:`degrees_of_freedom`.
-With an ensemble (an :class:`~atomlens.ensemble.EnsembleCalculator`, or an ensemble folder)
-the log also records the members' spread: ``energy_std_eV`` and ``max_force_std_eV_A``.
+Velocities start from a Maxwell-Boltzmann distribution with zero total momentum (NVE of a
+molecule: and zero angular momentum), rescaled so that the kinetic temperature over the
+degrees of freedom left is exactly ``temperature_K`` (unless ``initialize_velocities=False``
+keeps the atoms' own): 3n - 6 for NVE of a molecule (3n - 5 for a linear one), where both
+momenta stay zero, and 3n - 3 for Langevin, whose noise moves the rotation but not the fixed
+centre of mass, and for periodic cells. (Removing the momenta while keeping, on average, the
+kinetic energy of 3n degrees of freedom, as before 0.3, started 3n/(3n - 3) hot: ethanol
+12.5 %.) The trajectory goes to an ASE ``.traj`` file or to extxyz (any other suffix), with
+the model's energy and forces on every stored frame; a CSV log records time (fs), E_pot,
+E_kin, E_tot (eV) and the kinetic temperature T (K) over the same degrees of freedom, see
+:func:`kinetic_temperature` and :func:`degrees_of_freedom`, and the volume of a cell. With an
+ensemble (an :class:`~atomlens.ensemble.EnsembleCalculator`, or an ensemble folder) the log
+also records the members' spread: ``energy_std_eV`` and ``max_force_std_eV_A``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import units as ase_units
+from tqdm.auto import tqdm
 
 LOG_COLUMNS = ("time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K")
 ENSEMBLES = ("nve", "langevin", "npt")
@@ -72,8 +74,10 @@ class MDLog:
     max_force_std: list[float] = field(default_factory=list)
 
     def arrays(self) -> dict[str, np.ndarray]:
+        names = LOG_COLUMNS + (SPREAD_COLUMNS if self.energy_std else ())
         out = {name: np.asarray(getattr(self, attr)) for name, attr in zip(
-            LOG_COLUMNS, ("time_fs", "epot", "ekin", "etot", "temperature"))}
+            names, ("time_fs", "epot", "ekin", "etot", "temperature", "energy_std",
+                    "max_force_std"))}
         if self.volume:
             out["volume_A3"] = np.asarray(self.volume)
         if self.energy_std:
@@ -117,6 +121,8 @@ def _trajectory_writer(path: Path, atoms, stack: contextlib.ExitStack):
     from ase.io import write
 
     handle = stack.enter_context(open(path, "w"))  # noqa: SIM115 (the stack closes it)
+    # stated units: the trajectory reads back as data (read_ase) without a declaration
+    atoms.info.update(energy_unit="eV", length_unit="Angstrom")
 
     def append() -> None:
         write(handle, atoms, format="extxyz")
@@ -233,16 +239,20 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     if logfile is not None:
         handle = stack.enter_context(open(outputs[Path(logfile)], "w", newline=""))  # noqa: SIM115
         writer = csv.writer(handle)
-        writer.writerow(LOG_COLUMNS + (("volume_A3",) if periodic else ())
-                        + (SPREAD_COLUMNS if spread else ()))
+        writer.writerow(LOG_COLUMNS + (SPREAD_COLUMNS if spread else ())
+                        + (("volume_A3",) if periodic else ()))
 
     def record() -> None:
         epot = atoms.get_potential_energy()  # cached from the step's force call
         ekin = atoms.get_kinetic_energy()
         row = (dyn.nsteps * timestep_fs, epot, ekin, epot + ekin,
                kinetic_temperature(atoms, n_dof))
-        for values, value in zip((log.time_fs, log.epot, log.ekin, log.etot, log.temperature),
-                                 row):
+        columns = [log.time_fs, log.epot, log.ekin, log.etot, log.temperature]
+        if spread:  # cached with the step's forces
+            row += (atoms.calc.get_property("energy_std", atoms),
+                    atoms.calc.get_property("max_force_std", atoms))
+            columns += [log.energy_std, log.max_force_std]
+        for values, value in zip(columns, row):
             values.append(float(value))
         if periodic:
             log.volume.append(float(atoms.get_volume()))
@@ -257,6 +267,9 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     dyn.attach(_stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K,
                                 max_drift_eV_per_atom), interval=1)
     dyn.attach(record, interval=interval)
+    bar = stack.enter_context(tqdm(total=steps, desc=f"{ensemble.upper()} MD", unit="step",
+                                   leave=False, disable=None))  # a bar on a terminal only
+    dyn.attach(lambda: bar.update(1) if dyn.nsteps else None, interval=1)
     previous_threads = torch.get_num_threads()
     try:
         with stack:
@@ -339,8 +352,11 @@ def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K,
 
 
 def _temporary(path: Path) -> Path:
+    from .fileio import recover_folder, temporary_name
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    recover_folder(path)  # temporary files of killed runs
+    return temporary_name(path)
 
 
 def _publish(outputs: dict[Path, Path], tag: str = "") -> list[Path]:

@@ -1,29 +1,126 @@
-"""Process settings that make PyTorch on the CPU fast for atomistic models.
+"""Process settings that keep PyTorch on the CPU fast, alone or on a busy machine.
 
-glibc's malloc hands blocks of more than a few MB back to the kernel when they are freed and
-maps fresh, zeroed pages the next time: every training step then pays a page fault per 4 KB
-of every large activation (for a QM9 batch, ~30% of the step). :func:`tune_allocator` keeps
-freed memory inside the process instead (``mallopt``: blocks of up to 32 MB come from the
-heap, and the heap is trimmed only above 1 GB free). ``import atomlens`` calls it once; set
-``ATOMLENS_TUNE_MALLOC=0`` to leave the allocator alone. The same effect for any process:
-``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``.
+``import atomlens`` changes nothing in the process. The ``atomlens`` command and the
+benchmarks call :func:`configure` (notebook users may call it too, first thing)::
+
+    import atomlens.runtime
+    atomlens.runtime.configure()          # before importing torch, for the wait policy
+    import atomlens, torch
+
+It does three things:
+
+* **Threads from the CPUs this process may use.** ``torch.get_num_threads()`` counts the
+  machine's cores, but a process pinned to some cores (``taskset``, Slurm, ``docker
+  --cpuset-cpus``) or held to a CPU quota (cgroup ``cpu.max``, ``docker --cpus``, Kubernetes
+  limits) gets fewer; more threads than that only queue for the same cores.
+  :func:`available_cpus` = min(affinity mask, ceil(quota / period)).
+* **Passive waiting.** OpenMP threads (torch's intra-op pool and Inductor's compiled kernels,
+  both libgomp) spin for a while at every barrier by default (``GOMP_SPINCOUNT`` 300,000
+  iterations). Alone on its cores that spinning wins a little; beside other busy processes the
+  spinning threads take the CPU from the thread that holds the work, and 2-thread QM9
+  training beside two busy processes fell to 19% of its idle speed (54% with
+  ``OMP_WAIT_POLICY=PASSIVE``). :func:`prepare_environment` sets ``OMP_WAIT_POLICY=PASSIVE``;
+  libgomp reads it once, when it is loaded with torch, so it must run before ``import
+  torch`` (a value already in the environment is kept).
+* **An allocator that keeps freed memory.** glibc's malloc hands blocks of more than a few
+  MB back to the kernel when they are freed and maps fresh, zeroed pages the next time:
+  every training step then pays a page fault per 4 KB of every large activation (for a QM9
+  batch, ~30% of the step). :func:`tune_allocator` keeps freed memory inside the process
+  (``mallopt``: blocks of up to 32 MB come from the heap, and the heap is trimmed only above
+  1 GB free); ``ATOMLENS_TUNE_MALLOC=0`` leaves the allocator alone. The same effect for any
+  process: ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 32 * 1024**2  # glibc's largest allowed value on 64-bit
 TRIM_THRESHOLD = 1024**3
 TOP_PAD = 64 * 1024**2
 
+#: OpenMP settings made before torch loads (values already in the environment win)
+WAIT_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 _tuned: bool | None = None
 
 
+# ----------------------------------------------------------------------------- CPUs and threads
+def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+    """CPUs granted by the cgroup CPU quota (quota / period), or ``None`` without a quota.
+
+    Reads cgroup v2 ``cpu.max`` ("max 100000" or "200000 100000") and else cgroup v1
+    ``cpu/cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1: none) under ``root``.
+    """
+    root = Path(root)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            period = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota <= 0 or period <= 0 else quota / period
+    return None
+
+
+def available_cpus(affinity: set[int] | None = None, quota: float | None = None,
+                   cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int:
+    """CPUs this process may run on: min(affinity mask, ceil(cgroup quota)), at least 1.
+
+    ``affinity`` and ``quota`` default to the process's own (``os.sched_getaffinity`` and
+    :func:`cgroup_cpu_limit`); give them to ask about another setting.
+    """
+    if affinity is None:
+        try:
+            affinity = os.sched_getaffinity(0)
+        except AttributeError:  # macOS, Windows: no affinity masks
+            affinity = set(range(os.cpu_count() or 1))
+    n = len(affinity) or (os.cpu_count() or 1)
+    if quota is None:
+        quota = cgroup_cpu_limit(cgroup_root)
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota - 1e-9)))
+    return max(1, n)
+
+
+def default_threads() -> int:
+    """Torch threads to use: ``ATOMLENS_THREADS`` if set, else :func:`available_cpus`."""
+    value = os.environ.get("ATOMLENS_THREADS")
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f"ATOMLENS_THREADS={value!r}: expected a positive integer")
+        return threads
+    return available_cpus()
+
+
+# ----------------------------------------------------------------------------- wait policy
+def prepare_environment() -> bool:
+    """Set :data:`WAIT_ENVIRONMENT` for the OpenMP runtime torch will load.
+
+    Returns True if it can take effect (torch not imported yet). Values the user put in the
+    environment are kept.
+    """
+    for key, value in WAIT_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    return "torch" not in sys.modules
+
+
+# ----------------------------------------------------------------------------- allocator
 def tune_allocator(force: bool = False) -> bool:
     """Set glibc malloc to keep freed memory (see the module doc); True if it was set."""
     global _tuned
@@ -48,3 +145,22 @@ def allocator_environment() -> dict[str, str]:
     """The same glibc settings as environment variables, for another process (benchmarks)."""
     return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
             "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), "MALLOC_TOP_PAD_": str(TOP_PAD)}
+
+
+# ----------------------------------------------------------------------------- all of it
+def configure(threads: int | None = None, allocator: bool = True) -> dict:
+    """Wait policy, allocator and thread count for this process (see the module doc).
+
+    Call it before ``import torch`` for the wait policy to apply. ``threads``: torch's
+    intra-op threads (default :func:`default_threads`). Returns what was set.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, not {threads}")
+    passive = prepare_environment()
+    tuned = tune_allocator() if allocator else False
+    import torch
+
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    return {"threads": threads, "wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "wait_policy_applied": passive, "allocator_tuned": tuned}

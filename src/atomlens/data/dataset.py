@@ -469,6 +469,9 @@ class BatchSampler:
         self.indices = np.asarray(indices, dtype=np.int64)
         if len(self.indices) == 0:
             raise DataError("cannot iterate an empty split")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
+                batch_size < 1):
+            raise ValueError(f"the batch size must be an integer >= 1, not {batch_size!r}")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0

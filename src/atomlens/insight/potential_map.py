@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from ase.data import atomic_numbers
+from tqdm.auto import tqdm
 
 from ..data.batch import Pairs
 from ..data.neighbors import molecular_pairs
@@ -69,7 +70,8 @@ def probe_energies(model: AtomisticModel, atoms, points: np.ndarray, probe: str 
     cutoff = model.cutoff
     mol_i, mol_j = molecular_pairs(torch.tensor([n], device=device), positions, cutoff)
     out = []
-    for start in range(0, flat.shape[0], chunk_size):
+    for start in tqdm(range(0, flat.shape[0], chunk_size), desc="potential map", unit="chunk",
+                      leave=False, disable=None):
         probes = flat[start:start + chunk_size]
         m = probes.shape[0]
         # every (probe, atom) pair within the cutoff, probe <- atom only

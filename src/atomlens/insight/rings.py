@@ -23,6 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .._optional import require
 
@@ -232,7 +233,7 @@ def ring_analysis(data, indices: np.ndarray, atomic: np.ndarray, atomref: np.nda
     if "smiles" not in data.extras:
         raise ValueError("the data set has no SMILES (extra 'smiles'); rings need them")
     records, unmatched, start = [], 0, 0
-    for m in np.asarray(indices):
+    for m in tqdm(np.asarray(indices), desc="rings", unit="molecule", leave=False, disable=None):
         a, b = int(data.offsets[m]), int(data.offsets[m + 1])
         numbers = np.asarray(data.numbers[a:b]).astype(np.int64)
         relative = atomic[start:start + b - a] - atomref[numbers]

@@ -32,8 +32,9 @@ and meets this contract:
 * **freeze() -> object | None**: state that depends on the weights only (SchNet: its filter
   tables), computed once by callers that run a frozen model many times; ``None`` if none.
 
-:data:`REPRESENTATIONS` maps a config name to its class; a new model is one file, one
-:func:`register` line, and one test class inheriting ``tests/contract.py``.
+:mod:`atomlens.registry` maps a config name to its class (without importing torch, for the
+command line); a new model is one file, one line there, and one test class inheriting
+``tests/contract.py``.
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ import torch
 from torch import nn
 
 from ..data.batch import Pairs
-
-REPRESENTATIONS: dict[str, type[Representation]] = {}
+from ..registry import REPRESENTATION_CLASSES, representation_names
 
 
 class Representation(nn.Module):
@@ -63,20 +63,14 @@ class Representation(nn.Module):
         return None
 
 
-def register(name: str):
-    """Class decorator: make a :class:`Representation` buildable as ``representation: name``."""
+def representation_class(name: str) -> type[Representation]:
+    """The class registered as ``name`` in :mod:`atomlens.registry` (imported on demand)."""
+    import importlib
 
-    def add(cls: type[Representation]) -> type[Representation]:
-        if not issubclass(cls, Representation):
-            raise TypeError(f"{cls.__name__} is not a Representation")
-        REPRESENTATIONS[name] = cls
-        return cls
-
-    return add
-
-
-def representation_names() -> list[str]:
-    """The registered names, for command-line choices, benchmarks and tests."""
-    from . import dtnn, schnet  # noqa: F401 (registers the built-in models)
-
-    return sorted(REPRESENTATIONS)
+    if name not in REPRESENTATION_CLASSES:
+        raise ValueError(f"unknown representation {name!r}; known: {representation_names()}")
+    module, cls = REPRESENTATION_CLASSES[name].split(":")
+    found = getattr(importlib.import_module(module), cls)
+    if not issubclass(found, Representation):
+        raise TypeError(f"{REPRESENTATION_CLASSES[name]} is not a Representation")
+    return found

@@ -18,7 +18,7 @@ from torch import nn
 from ..data.batch import Pairs
 from ..nn import CosineCutoff, GaussianRBF, scatter_sum
 from ..nn.geometry import pair_distances
-from .base import Representation, register
+from .base import Representation
 
 
 class DTNNInteraction(nn.Module):
@@ -43,7 +43,6 @@ class DTNNInteraction(nn.Module):
         return scatter_sum(v * f_cut[:, None], pairs.i, c.shape[0])
 
 
-@register("dtnn")
 class DTNN(Representation):
     """DTNN representation: atomic numbers and positions -> coefficient vectors (n_atoms, B).
 

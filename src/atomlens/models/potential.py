@@ -6,7 +6,8 @@
     sigma = (1/V) dY/d eps                                   stress of periodic cells
 
 ``scale``, ``shift`` and ``atomref`` are buffers fitted on the training split, so a saved
-model carries them. Forces are the gradient of the one energy model, never a separate head.
+model carries them. With ``output="dipole"`` the y_i are latent charges instead, and
+:class:`~atomlens.models.dipole.DipoleMoment` turns them into a dipole moment. Forces are the gradient of the one energy model, never a separate head.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from torch import nn
 from ..data.batch import Batch, Pairs
 from ..nn import activation, scatter_sum
 from ..nn.geometry import apply_strain, cell_volume
-from . import dtnn, schnet  # noqa: F401 (register the built-in representations)
-from .base import REPRESENTATIONS
+from .base import representation_class
 from .dipole import DipoleMoment
 from .prediction import Prediction
 
@@ -56,19 +56,18 @@ class ModelConfig:
 
 
 class AtomisticModel(nn.Module):
-    """A molecular property model speaking the :class:`~atomlens.data.Batch` structure."""
+    """A property model of molecules and periodic structures speaking the
+    :class:`~atomlens.data.Batch` structure."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.representation not in REPRESENTATIONS:
-            raise ValueError(f"unknown representation {config.representation!r}; "
-                             f"known: {sorted(REPRESENTATIONS)}")
+        representation = representation_class(config.representation)
         if config.aggregation not in ("sum", "mean"):
             raise ValueError(f"aggregation must be 'sum' or 'mean', not {config.aggregation!r}")
         if config.output not in ("scalar", "dipole"):
             raise ValueError(f"output must be 'scalar' or 'dipole', not {config.output!r}")
         kwargs = dict(config.representation_kwargs, max_z=config.max_z)
-        self.representation = REPRESENTATIONS[config.representation](**kwargs)
+        self.representation = representation(**kwargs)
         # the saved config names every setting the model was built with, defaults included
         # (so a later change of a default cannot change a saved model)
         built = {k: v for k, v in vars(self.representation).items() if k in _init_names(
@@ -131,8 +130,8 @@ class AtomisticModel(nn.Module):
         periodic or not). Stress (eV/Angstrom^3, ASE's sign) needs periodic structures; it
         is zero for structures without periodic directions. The low-level, differentiable
         call: tensors in the model's dtype (float32 unless converted) and unit, attached to
-        the autograd graph when gradients are on (as training needs). For numbers to read
-        or store, use :meth:`predict`.
+        the autograd graph when gradients are on (as training needs). For numbers to read or
+        store, use :meth:`predict`.
         """
         if not isinstance(batch, Batch):
             batch = self.batch_from_atoms(batch)

@@ -32,7 +32,7 @@ from ..nn import (
     scatter_sum,
 )
 from ..nn.geometry import pair_distances
-from .base import Representation, register
+from .base import Representation
 
 #: the most grid nodes of a filter table (the tables take nodes x 4 x n_filters numbers
 #: per interaction; 20,000 nodes of 128 filters are 41 MB in float32)
@@ -72,7 +72,6 @@ class SchNetInteraction(nn.Module):
         return self.f2out(scatter_sum(messages, pairs.i, x.shape[0]))
 
 
-@register("schnet")
 class SchNet(Representation):
     """SchNet representation: atomic numbers and positions -> atom features (n_atoms, F).
 

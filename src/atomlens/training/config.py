@@ -47,7 +47,12 @@ class TrainConfig:
     lr_patience: int = 25
     lr_min: float = 1e-6
     max_epochs: int = 1000
+    #: wall-clock budget of the whole run: loading, training and the final evaluation
     max_minutes: float | None = None
+    #: the final evaluation uses at most this many test structures (a random subset; the
+    #: metrics say how many), unless ``full_test``
+    test_subset: int = 10000
+    full_test: bool = False
     early_stopping_patience: int = 100
     ema_decay: float | None = None
     #: validation every n epochs

@@ -1,44 +1,87 @@
-"""Evaluation of a trained model on a split, outside any training framework."""
+"""Evaluation of a trained model on a split, outside any training framework.
+
+Long evaluations show a progress bar with the remaining time (tqdm, on a terminal) and may
+be bounded by a wall-clock ``deadline`` (``time.monotonic()`` seconds): they then stop after
+the batch that crosses it and say how many structures were used.
+"""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..data.dataset import PackedDataset, make_loader
 from ..models.potential import AtomisticModel
 
 
 def predict_dataset(model: AtomisticModel, data: PackedDataset, indices: np.ndarray,
-                    batch_size: int = 100, forces: bool = False, stress: bool = False
-                    ) -> dict[str, np.ndarray]:
+                    batch_size: int = 100, forces: bool = False, progress: bool | None = None,
+                    deadline: float | None = None, description: str = "predict",
+                    stress: bool = False) -> dict[str, np.ndarray]:
     """Predictions for ``indices`` in order: ``{target: (n,), "atomic": (n_atoms,), "forces",
-    "stress"}``."""
+    "stress"}``.
+
+    ``progress``: a progress bar (``None``: only on a terminal). ``deadline``: stop after
+    the batch during which ``time.monotonic()`` passes it; the arrays then hold the first
+    ``n < len(indices)`` structures.
+    """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     parts: dict[str, list] = {}
     loader = make_loader(data, indices, batch_size, model.cutoff, shuffle=False, dtype=dtype)
-    for batch in loader:
-        batch = batch.to(device)
-        with torch.set_grad_enabled(forces or stress):
-            out = model(batch, forces=forces, stress=stress)
-        for key, value in out.items():
-            parts.setdefault(key, []).append(value.detach().cpu().numpy())
+    with tqdm(total=len(indices), desc=description, unit="structure", leave=False,
+              disable=None if progress is None else not progress) as bar:
+        for batch in loader:
+            batch = batch.to(device)
+            with torch.set_grad_enabled(forces or stress):
+                out = model(batch, forces=forces, stress=stress)
+            for key, value in out.items():
+                parts.setdefault(key, []).append(value.detach().cpu().numpy())
+            bar.update(batch.n_structures)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def bounded_subset(indices: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
+    """At most ``limit`` of ``indices``, drawn at random (sorted); all of them if ``limit`` is
+    ``None`` or not smaller. Splits are sorted by index, and QM9's index follows molecule
+    size, so a prefix would be a biased sample."""
+    indices = np.asarray(indices)
+    if limit is None or limit >= len(indices):
+        return indices
+    if limit < 1:
+        raise ValueError(f"a test subset needs at least one structure, not {limit}")
+    return np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
+
+
 def evaluate(model: AtomisticModel, data: PackedDataset, indices: np.ndarray,
-             batch_size: int = 100, forces: bool = False, stress: bool = False
+             batch_size: int = 100, forces: bool = False, progress: bool | None = None,
+             deadline: float | None = None, seed: int = 0, stress: bool = False
              ) -> dict[str, float]:
-    """MAE and RMSE of the target (and forces, stress) on ``indices``, in internal units."""
-    pred = predict_dataset(model, data, indices, batch_size, forces, stress)
+    """MAE and RMSE of the target (and forces, stress) on ``indices``, in internal units.
+
+    ``n_evaluated`` in the result counts the structures used: fewer than ``len(indices)``
+    only if ``deadline`` cut the evaluation short; the structures are then taken in a
+    random order (``seed``), so those used are a random sample of ``indices``.
+    """
+    indices = np.asarray(indices)
+    if deadline is not None:
+        indices = np.random.default_rng(seed).permutation(indices)
+    pred = predict_dataset(model, data, indices, batch_size, forces, progress, deadline,
+                           description="evaluate", stress=stress)
     target = model.target
+    n = len(pred[target])
+    indices = indices[:n]
     ref = np.asarray(data.targets[target])[indices]
     err = pred[target] - ref
     metrics = {f"{target}_mae": float(np.abs(err).mean()),
-               f"{target}_rmse": float(np.sqrt((err**2).mean()))}
+               f"{target}_rmse": float(np.sqrt((err**2).mean())), "n_evaluated": n}
     if forces:
-        atoms = data.atom_index(np.asarray(indices))
+        atoms = data.atom_index(indices)
         ferr = pred["forces"] - np.asarray(data.targets["forces"])[atoms]
         metrics["forces_mae"] = float(np.abs(ferr).mean())
         metrics["forces_rmse"] = float(np.sqrt((ferr**2).mean()))

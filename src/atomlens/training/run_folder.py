@@ -104,11 +104,22 @@ def _digest(*arrays) -> str:
     return h.hexdigest()
 
 
+def _plain(value):
+    """Whole floats as ints (``n_train: 20`` in YAML and ``--n-train 20.0`` are one run)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def fingerprint(config, data, split: dict[str, np.ndarray]) -> dict:
     """What identifies a run: config (minus :data:`RESUMABLE`), data content, split."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}
     targets = [np.asarray(data.targets[k]) for k in sorted(data.targets)]
-    return {"config": json.loads(json.dumps(settings, default=str)),
+    return {"config": _plain(json.loads(json.dumps(settings, default=str))),
             "data": {"n_structures": len(data),
                      "content": _digest(np.asarray(data.numbers), np.asarray(data.positions),
                                         np.asarray(data.offsets), *targets)},

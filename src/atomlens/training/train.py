@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -37,8 +38,9 @@ from ..data.statistics import fit_atomrefs, residual_stats
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
 from . import run_folder
+from .budget import BudgetStop
 from .config import TrainConfig, save_config
-from .evaluate import evaluate, predict_dataset
+from .evaluate import bounded_subset, evaluate, predict_dataset
 from .module import AtomisticTask
 
 
@@ -169,7 +171,8 @@ def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[st
 
 
 def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None = None,
-          overwrite: bool = False, split: dict[str, np.ndarray] | None = None) -> dict:
+          overwrite: bool = False, split: dict[str, np.ndarray] | None = None,
+          started: float | None = None) -> dict:
     """Train a model as ``config`` says; returns the test metrics (internal units).
 
     With ``resume=True`` a run killed half-way goes on from ``checkpoints/last.ckpt``
@@ -178,17 +181,21 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
     ``split`` (train/val/test indices of ``data``) replaces the random split, e.g. one
     split shared by the members of an ensemble. Fine-tuning: ``config.init_from`` starts
     from a saved model's weights and statistics (see :func:`initial_model`).
+    ``config.max_minutes`` bounds everything from ``started`` (``time.monotonic()``; default:
+    now) to the saved model, the final evaluation included (see :mod:`.budget`).
     """
+    started = time.monotonic() if started is None else started
+    deadline = started + 60.0 * config.max_minutes if config.max_minutes else None
     out = Path(config.out)
     if not run_folder.is_primary_process():  # the primary process guards the folder
-        return _train(config, resume, data, split)
+        return _train(config, resume, data, split, deadline)
     with run_folder.locked(out):
         run_folder.prepare(out, resume, overwrite)
-        return _train(config, resume, data, split)
+        return _train(config, resume, data, split, deadline)
 
 
 def _train(config: TrainConfig, resume: bool, data: PackedDataset | None,
-           split: dict[str, np.ndarray] | None = None) -> dict:
+           split: dict[str, np.ndarray] | None, deadline: float | None) -> dict:
     out = Path(config.out)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -241,11 +248,19 @@ def _train(config: TrainConfig, resume: bool, data: PackedDataset | None,
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if config.ema_decay:
         callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)))
-    max_time = ({"minutes": config.max_minutes} if config.max_minutes else None)
+    test = split["test"] if config.full_test else bounded_subset(split["test"], config.test_subset,
+                                                                 config.seed)
+    refit = bool(config.forces and model.config.aggregation == "sum")
+    refit_idx = bounded_subset(split["train"], config.test_subset, config.seed) if refit else None
+    budget = None
+    if deadline is not None:
+        n_after = len(split["val"]) + len(test) + (len(refit_idx) if refit else 0)
+        budget = BudgetStop(deadline, n_after)
+        callbacks.append(budget)
     trainer = pl.Trainer(
         accelerator=config.device, devices=config.devices, num_nodes=config.num_nodes,
         strategy=config.strategy, precision=config.precision, max_epochs=config.max_epochs,
-        max_time=max_time, callbacks=callbacks,
+        callbacks=callbacks,
         logger=_loggers(out),
         inference_mode=False, use_distributed_sampler=False, enable_progress_bar=config.progress,
         enable_model_summary=False, check_val_every_n_epoch=config.check_val_every,
@@ -263,12 +278,15 @@ def _train(config: TrainConfig, resume: bool, data: PackedDataset | None,
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)
     model = task.model.cpu().float().eval()
-    if config.forces and model.config.aggregation == "sum":
-        refit_offset(model, data, split["train"], config.batch_size)
-    metrics = evaluate(model, data, split["test"], batch_size=config.batch_size,
-                       forces=config.forces, stress=config.stress) if len(split["test"]) else {}
+    if refit:
+        refit_offset(model, data, refit_idx, config.batch_size)
+    metrics = evaluate(model, data, test, batch_size=config.batch_size, forces=config.forces,
+                       progress=config.progress, deadline=deadline, seed=config.seed,
+                       stress=config.stress) if len(test) else {}
     metrics.update(epochs=trainer.current_epoch, n_train=len(split["train"]),
-                   n_val=len(split["val"]), n_test=len(split["test"]), unit=unit)
+                   n_val=len(split["val"]), n_test=len(split["test"]),
+                   n_test_evaluated=metrics.pop("n_evaluated", 0), unit=unit,
+                   stopped_by_budget=bool(budget and budget.stopped))
     save_model(model, out / "model",
                extra_files={"split.npz": lambda p: save_split(p, split),
                             "train_config.yaml": lambda p: save_config(config, p)},

@@ -72,7 +72,7 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
 
     Args:
         path: any file ASE can read (format from the extension unless ``format`` is given).
-        energy_key, forces_key: where energies and forces are stored.
+        energy_key, forces_key, stress_key: where energies, forces and stress are stored.
         energy_unit, length_unit: units of the file, for a file that does not state them
             (if it does, they must agree); forces are in ``energy_unit/length_unit``. A file
             with energies and no energy unit from either side is refused.
@@ -161,7 +161,7 @@ def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energ
     # scalar info entries that every frame carries (ids, isomer labels, ...) become extras
     extras: dict = {"frame": np.arange(len(frames))}
     common = set(frames[0].info).intersection(*(a.info for a in frames[1:]))
-    for key in sorted(common - {energy_key, *UNIT_KEYS}):
+    for key in sorted(common - {energy_key, stress_key, *UNIT_KEYS}):
         values = [a.info[key] for a in frames]
         if all(isinstance(v, (int, float, str, np.integer, np.floating)) for v in values):
             extras[key] = values

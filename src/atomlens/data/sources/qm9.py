@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 from ase.data import atomic_numbers
+from tqdm.auto import tqdm
 
 from ... import units
 from ..._optional import require_installed
@@ -260,7 +261,8 @@ def read_qm9_csv(paths: str | os.PathLike | Iterable[str | os.PathLike] | None =
         raise DataError("QM9: no CSV files given")
     parts = []
     remaining = limit
-    for path in paths:
+    # packing all of QM9 takes tens of seconds: show it (on a terminal)
+    for path in tqdm(paths, desc="QM9: parsing CSV files", unit="file", disable=None):
         if remaining is not None and remaining <= 0:
             break
         part = _parse_file(path, remaining)

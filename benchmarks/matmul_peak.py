@@ -1,0 +1,168 @@
+"""How close a SchNet training step comes to this CPU's single-core fp32 matmul peak.
+
+1. Peak: the best GFLOP/s of square fp32 ``torch.mm`` (2 n^3 FLOP) over a few sizes, on one
+   thread, timed by the thread's CPU time (other jobs on a shared machine do not change it).
+2. The step's FLOP: one training step (forward, U0 loss, backward, Adam) of SchNet 128/6
+   (or 64/3) on a batch of QM9 molecules, counted by ``torch.utils.flop_counter`` (matrix
+   products, the work a matmul peak measures; element-wise operations are not counted, so
+   the fraction is of the step's matmul work).
+3. Achieved: step FLOP / CPU seconds per step on one thread; fraction = achieved / peak.
+4. Where the rest goes: torch.profiler's top operators by self CPU time.
+
+Prints one JSON line for the peak, one for the step and one for the profile::
+
+    python benchmarks/matmul_peak.py                       # 128/6, batch 100
+    python benchmarks/matmul_peak.py --setting 64/3 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from atomlens.runtime import configure, prepare_environment
+
+prepare_environment()  # before torch loads: libgomp reads its wait policy once
+
+import numpy as np
+import torch
+
+SETTINGS = {"128/6": {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20,
+                      "cutoff": 5.0},
+            "64/3": {"n_atom_basis": 64, "n_interactions": 3, "n_filters": 64, "n_rbf": 20,
+                     "cutoff": 5.0}}
+
+
+def matmul_peak(sizes=(256, 512, 1024, 2048), seconds: float = 1.0) -> dict:
+    """Best fp32 GFLOP/s of ``torch.mm`` on this thread (CPU time), and per size."""
+    per_size = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up
+        repeats, start = 0, time.thread_time()
+        while repeats < 3 or time.thread_time() - start < seconds:
+            torch.mm(a, b)
+            repeats += 1
+        per_size[n] = 2.0 * n**3 * repeats / (time.thread_time() - start) / 1e9
+    return {"peak_gflops": max(per_size.values()),
+            "gflops_by_size": {str(n): round(v, 2) for n, v in per_size.items()}}
+
+
+def training_setup(setting: str, batch_size: int, seed: int = 0):
+    """A SchNet U0 model, its Adam optimiser and one QM9 batch (or random molecules)."""
+    from atomlens.models.potential import ModelConfig, build_model
+    from atomlens.training.train import fit_statistics
+
+    try:
+        from atomlens.data.sources.qm9 import load_qm9
+
+        data = load_qm9()
+    except Exception as error:  # noqa: BLE001 (no QM9 here: the FLOP count needs molecules only)
+        print(f"QM9 unavailable ({error}); using random QM9-sized molecules", file=sys.stderr)
+        data = random_molecules(batch_size, seed)
+    rng = np.random.default_rng(seed)
+    indices = np.sort(rng.choice(len(data), size=batch_size, replace=False))
+    torch.manual_seed(seed)
+    kwargs = SETTINGS[setting]
+    model = build_model(ModelConfig(representation="schnet", representation_kwargs=kwargs,
+                                    head_hidden=kwargs["n_atom_basis"] // 2,
+                                    target=next(iter(data.targets))))
+    fit_statistics(model, data, indices)
+    batch = data.batch(indices, model.cutoff)
+    return model, torch.optim.Adam(model.parameters(), lr=5e-4), batch
+
+
+def random_molecules(n: int, seed: int):
+    from atomlens.data import PackedDataset
+
+    rng = np.random.default_rng(seed)
+    structures = []
+    for _ in range(n):
+        atoms = 18  # QM9's mean
+        structures.append((rng.choice([1, 1, 6, 7, 8], atoms),
+                           rng.uniform(0, 4.5, (atoms, 3)) + np.arange(atoms)[:, None] * 0.3))
+    return PackedDataset.from_structures(structures, {"U0": rng.normal(size=n)}, {"U0": "eV"})
+
+
+def step(model, optimizer, batch) -> None:
+    target = model.target
+    optimizer.zero_grad(set_to_none=True)
+    loss = (model(batch)[target] - batch.targets[target]).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+
+
+def count_flops(model, optimizer, batch) -> int:
+    """Matmul-class FLOP of one training step (fused kernels off: same products, countable)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from atomlens.nn import kernels
+
+    enabled = kernels.fused_enabled()
+    kernels.set_fused(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step(model, optimizer, batch)
+    finally:
+        kernels.set_fused(enabled)
+    return int(counter.get_total_flops())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="128/6")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--peak-seconds", type=float, default=1.0, help="per matmul size")
+    parser.add_argument("--profile-rows", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    configure(threads=1)  # single core: the peak and the step on the same one thread
+    common = {"threads": 1, "clock": "thread CPU time", "torch": torch.__version__,
+              "load_1min": round(os.getloadavg()[0], 2)}
+
+    peak = matmul_peak(seconds=args.peak_seconds)
+    print(json.dumps({"measure": "matmul_peak", "dtype": "float32", **peak, **common}),
+          flush=True)
+
+    model, optimizer, batch = training_setup(args.setting, args.batch_size, args.seed)
+    model.train()
+    flops = count_flops(model, optimizer, batch)
+    for _ in range(3):  # warm-up: compiled kernels, allocator
+        step(model, optimizer, batch)
+    start = time.thread_time()
+    for _ in range(args.steps):
+        step(model, optimizer, batch)
+    seconds = (time.thread_time() - start) / args.steps
+    achieved = flops / seconds / 1e9
+    print(json.dumps({
+        "measure": "training_step", "setting": args.setting, "batch_size": args.batch_size,
+        "n_atoms": batch.n_atoms, "n_pairs": int(batch.pair_i.shape[0]),
+        "step_mflop": round(flops / 1e6, 1),
+        "mflop_per_molecule": round(flops / 1e6 / batch.n_structures, 2),
+        "cpu_s_per_step": round(seconds, 4),
+        "molecules_per_cpu_s": round(batch.n_structures / seconds, 1),
+        "achieved_gflops": round(achieved, 2),
+        "fraction_of_peak": round(achieved / peak["peak_gflops"], 3), **common}), flush=True)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(max(1, args.steps // 2)):
+            step(model, optimizer, batch)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.profile_rows]
+    print(json.dumps({"measure": "training_step_profile", "setting": args.setting,
+                      "top_operators": [{"op": e.key, "calls": e.count,
+                                         "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+                                         "fraction": round(e.self_cpu_time_total / total, 3)}
+                                        for e in top], **common}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

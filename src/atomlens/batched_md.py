@@ -1,0 +1,323 @@
+"""Many independent MD trajectories at once: one model call per step for all of them.
+
+R trajectories (replicas of one molecule, or different molecules) are packed into one
+:class:`~atomlens.data.Batch`; every step computes the neighbour pairs of all of them once
+and their energies and forces in one model call, so a small molecule's per-call overhead
+is paid once for R trajectories instead of R times. Units as in ASE: positions in Angstrom,
+momenta p in amu Angstrom / t_ASE (ASE's time unit, 10.18 fs: ``ase.units.fs`` = 0.0982
+t_ASE), energies in eV, forces in eV/Angstrom; ``dt`` = ``timestep_fs * ase.units.fs``.
+
+Velocity Verlet (NVE; the same update as ``ase.md.verlet.VelocityVerlet``)::
+
+    p <- p + dt/2 F(x);   x <- x + dt p / m;   p <- p + dt/2 F(x)
+
+Langevin (NVT, BAOAB splitting; Leimkuhler & Matthews, Appl. Math. Res. Express 2013)::
+
+    B: p <- p + dt/2 F      A: x <- x + dt/2 p/m
+    O: p <- c1 p + sqrt(1 - c1^2) sqrt(m k_B T) xi,   c1 = exp(-gamma dt),  xi ~ N(0, 1)
+    A: x <- x + dt/2 p/m    (new F)    B: p <- p + dt/2 F
+
+after O the centre-of-mass momentum of each trajectory is removed (the noise would move
+it; the model's forces sum to zero), so both ensembles have 3n - 3 degrees of freedom per
+trajectory, as :func:`atomlens.md.kinetic_temperature` counts them.
+
+``compile=True`` (or a ``torch.compile`` mode such as ``"reduce-overhead"``, which uses CUDA
+graphs on a GPU) keeps every intra-molecular pair, so all shapes stay fixed from step to
+step; the smooth cutoff gives pairs beyond it exactly zero weight, so the results equal the
+eager path's up to rounding. On the CPU the same code runs, without graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import units as ase_units
+from tqdm.auto import tqdm
+
+from .data.batch import Pairs
+from .data.dataset import DataError, dataset_from_atoms
+from .data.neighbors import molecular_pairs
+from .fileio import atomic_file
+from .md import LOG_COLUMNS, MDLog
+from .models.potential import AtomisticModel
+from .nn import scatter_sum
+from .units import energy_factor
+
+DTYPES = {None: torch.float32, "float32": torch.float32, "float64": torch.float64}
+#: torch.compile backend of ``compile=``; tests trace with "eager" (no code generation)
+COMPILE_BACKEND = "inductor"
+
+
+class BatchedMD:
+    """R independent MD trajectories of ``systems`` (ASE ``Atoms``), integrated together.
+
+    Args:
+        model: an extensive energy :class:`~atomlens.models.AtomisticModel` or a saved
+            model folder (a private copy is made on ``device``/``dtype``).
+        systems: the start structures, one per trajectory (isolated molecules; repeat one
+            ``Atoms`` for replicas). They are not changed.
+        ensemble: ``"nve"`` (velocity Verlet) or ``"langevin"`` (BAOAB at ``temperature_K``).
+        temperature_K: Maxwell-Boltzmann temperature of the initial velocities and the
+            thermostat's temperature (K).
+        timestep_fs: time step (fs). friction: Langevin friction gamma (1/fs).
+        seed: seeds the initial velocities (trajectory after trajectory) and the noise.
+        initialize_velocities: draw velocities (zero momentum and angular momentum per
+            trajectory), else keep each ``Atoms``' own momenta.
+        device, dtype: where and in which precision (``"float64"`` for conservation tests).
+        compile: ``False``, ``True`` or a ``torch.compile`` mode (see the module doc).
+    """
+
+    def __init__(self, model: AtomisticModel | str | os.PathLike, systems: Sequence,
+                 ensemble: str = "nve", temperature_K: float = 300.0, timestep_fs: float = 0.5,
+                 friction: float = 0.01, seed: int | None = 0, initialize_velocities: bool = True,
+                 device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                 compile: bool | str = False):
+        if ensemble not in ("nve", "langevin"):
+            raise ValueError(f"ensemble must be 'nve' or 'langevin', not {ensemble!r}")
+        if timestep_fs <= 0 or friction < 0 or temperature_K < 0:
+            raise ValueError(f"need timestep_fs > 0, friction >= 0 and temperature_K >= 0, not "
+                             f"{timestep_fs}, {friction}, {temperature_K}")
+        systems = list(systems)
+        if not systems:
+            raise ValueError("BatchedMD needs at least one structure")
+        for k, atoms in enumerate(systems):
+            if atoms.pbc.any():
+                raise DataError(f"structure {k}: atomlens models describe isolated molecules; "
+                                f"the atoms are periodic (set atoms.pbc = False)")
+        dataset_from_atoms(systems, source="BatchedMD", targets=False)  # elements, NaN, overlapping atoms
+        self.model = self._private_model(model, device, dtype)
+        self.energy_to_ev = energy_factor(self.model.config.unit)
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.ensemble, self.temperature_K = ensemble, float(temperature_K)
+        self.timestep_fs, self.friction = float(timestep_fs), float(friction)
+        self.dt = self.timestep_fs * ase_units.fs
+        self.symbols = [atoms.get_chemical_symbols() for atoms in systems]
+
+        starts = [atoms.copy() for atoms in systems]
+        rng = np.random.default_rng(seed)
+        if initialize_velocities:
+            from ase.md import velocitydistribution as velocities
+
+            for atoms in starts:
+                if hasattr(velocities, "thermalize_momenta"):  # ASE >= 3.29
+                    velocities.thermalize_momenta(atoms, temperature_K, rng=rng)
+                else:
+                    velocities.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K,
+                                                            rng=rng)
+                velocities.Stationary(atoms)
+                if len(atoms) > 2:
+                    velocities.ZeroRotation(atoms)
+        counts = [len(atoms) for atoms in starts]
+        as_tensor = lambda values, dtype: torch.as_tensor(
+            np.concatenate(values), dtype=dtype, device=self.device)
+        self.numbers = as_tensor([a.numbers for a in starts], torch.int64)
+        self.positions = as_tensor([a.positions for a in starts], self.dtype)
+        self.momenta = as_tensor([a.get_momenta() for a in starts], self.dtype)
+        self.masses = as_tensor([a.get_masses() for a in starts], self.dtype)[:, None]
+        self.n_atoms_per = torch.tensor(counts, dtype=torch.int64, device=self.device)
+        self.n_structures = len(starts)
+        self.structure_index = torch.repeat_interleave(
+            torch.arange(self.n_structures, device=self.device), self.n_atoms_per)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.n_dof = torch.clamp(3 * self.n_atoms_per - 3, min=1).to(self.dtype)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(rng.integers(2**62)))
+        self.nsteps = 0
+
+        with torch.no_grad():  # weight-only state (SchNet's filter tables) once, not per step
+            self.frozen = self.model.freeze()
+        self.compiled = None
+        if compile:
+            function = self._energy_forces_all_pairs()
+            if COMPILE_BACKEND == "inductor":
+                self.compiled = torch.compile(function, dynamic=False,
+                                              mode=None if compile is True else compile)
+            else:
+                self.compiled = torch.compile(function, dynamic=False, backend=COMPILE_BACKEND)
+        with torch.no_grad():  # as in step(): one grad mode, one compiled graph
+            self.energies, self.forces = self.energy_and_forces()
+
+    # ------------------------------------------------------------------ model
+    @staticmethod
+    def _private_model(model, device, dtype) -> AtomisticModel:
+        dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
+        if isinstance(model, (str, os.PathLike)):
+            from .models.io import load_model
+
+            model = load_model(model, device=device, dtype=dtype)
+        else:  # a private copy: the caller's model is never changed
+            model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        if model.config.aggregation != "sum":
+            raise ValueError(f"the model predicts {model.target!r} as a mean over atoms; MD "
+                             f"needs an extensive energy model")
+        return model.eval().requires_grad_(False)
+
+    def _energy(self, positions: torch.Tensor, pair_i: torch.Tensor, pair_j: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of all energies, per-trajectory energies (R,)) in the model's unit."""
+        atomic = self.model.atomic_energies(self.numbers, positions,
+                                            Pairs(pair_i, pair_j, None, True), self.frozen)
+        energies = scatter_sum(atomic, self.structure_index, self.n_structures)
+        return energies.sum(), energies
+
+    def _energy_forces_all_pairs(self):
+        """positions -> (energies, forces) on all intra-molecular pairs (fixed shapes)."""
+        pair_i, pair_j = molecular_pairs(self.n_atoms_per)
+        grad_and_value = torch.func.grad_and_value(
+            lambda positions: self._energy(positions, pair_i, pair_j), has_aux=True)
+
+        def energy_forces(positions):
+            gradient, (_, energies) = grad_and_value(positions)
+            return energies, -gradient
+
+        return energy_forces
+
+    def energy_and_forces(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies (R,) in eV and forces (N, 3) in eV/Angstrom at the current positions.
+
+        One neighbour search (pairs within the cutoff) and one model call for all R.
+        """
+        if self.compiled is not None:
+            energies, forces = self.compiled(self.positions)
+            # CUDA graphs reuse their output memory at the next call: keep copies
+            energies, forces = energies.clone(), forces.clone()
+        else:
+            positions = self.positions.detach().requires_grad_(True)
+            pair_i, pair_j = molecular_pairs(self.n_atoms_per, self.positions, self.model.cutoff)
+            with torch.enable_grad():
+                total, energies = self._energy(positions, pair_i, pair_j)
+                (gradient,) = torch.autograd.grad(total, positions)
+            forces = -gradient
+        return energies.detach() * self.energy_to_ev, forces.detach() * self.energy_to_ev
+
+    # ------------------------------------------------------------------ integrators
+    def _remove_momentum(self) -> None:
+        """Zero each trajectory's total momentum: p_i <- p_i - m_i P / M."""
+        total = scatter_sum(self.momenta, self.structure_index, self.n_structures)
+        mass = scatter_sum(self.masses, self.structure_index, self.n_structures)
+        self.momenta -= self.masses * (total / mass)[self.structure_index]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One time step of every trajectory (one model call)."""
+        half = 0.5 * self.dt
+        if self.ensemble == "nve":
+            self.momenta += half * self.forces
+            self.positions += self.dt * self.momenta / self.masses
+        else:
+            self.momenta += half * self.forces
+            self.positions += half * self.momenta / self.masses
+            c1 = float(np.exp(-self.friction / ase_units.fs * self.dt))
+            kt = ase_units.kB * self.temperature_K
+            noise = torch.randn(self.momenta.shape, generator=self.generator,
+                                device=self.device, dtype=self.dtype)
+            self.momenta.mul_(c1).add_(np.sqrt((1.0 - c1 * c1) * kt) * self.masses.sqrt() * noise)
+            self._remove_momentum()
+            self.positions += half * self.momenta / self.masses
+        self.energies, self.forces = self.energy_and_forces()
+        self.momenta += half * self.forces
+        self.nsteps += 1
+
+    # ------------------------------------------------------------------ observables
+    def kinetic_energies(self) -> torch.Tensor:
+        """E_kin per trajectory (R,), eV: sum_i p_i^2 / (2 m_i)."""
+        per_atom = (self.momenta.pow(2) / (2.0 * self.masses)).sum(-1)
+        return scatter_sum(per_atom, self.structure_index, self.n_structures)
+
+    def temperatures(self) -> torch.Tensor:
+        """Kinetic temperature per trajectory (R,), K: 2 E_kin / ((3n - 3) k_B)."""
+        return 2.0 * self.kinetic_energies() / (self.n_dof * ase_units.kB)
+
+    def atoms(self, k: int):
+        """Trajectory ``k`` now, as ASE ``Atoms`` with momenta, energy and forces."""
+        from ase import Atoms
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        a, b = self.offsets[k], self.offsets[k + 1]
+        atoms = Atoms(self.symbols[k], positions=self.positions[a:b].double().cpu().numpy(),
+                      momenta=self.momenta[a:b].double().cpu().numpy())
+        atoms.calc = SinglePointCalculator(atoms, energy=float(self.energies[k]),
+                                           forces=self.forces[a:b].double().cpu().numpy())
+        return atoms
+
+    # ------------------------------------------------------------------ running
+    def run(self, steps: int, trajectories: Sequence[str | os.PathLike] | None = None,
+            logfiles: Sequence[str | os.PathLike] | None = None, interval: int = 1,
+            progress: bool | None = None) -> list[MDLog]:
+        """Run ``steps`` steps; every ``interval`` steps log and store each trajectory.
+
+        ``trajectories``: one ``.traj`` (ASE) or extxyz (other suffixes) file per trajectory;
+        ``logfiles``: one CSV per trajectory (:data:`atomlens.md.LOG_COLUMNS`). Files are
+        written under temporary names and appear complete when the run ends. Returns one
+        :class:`~atomlens.md.MDLog` per trajectory (step 0 included).
+        """
+        if steps < 0 or interval < 1:
+            raise ValueError(f"need steps >= 0 and interval >= 1, not {steps}, {interval}")
+        for name, paths in (("trajectories", trajectories), ("logfiles", logfiles)):
+            if paths is not None and len(paths) != self.n_structures:
+                raise ValueError(f"{name}: {len(paths)} files for {self.n_structures} "
+                                 f"trajectories")
+        logs = [MDLog() for _ in range(self.n_structures)]
+        with contextlib.ExitStack() as stack:
+            writers = [self._trajectory_writer(Path(p), stack) for p in trajectories or []]
+            tables = []
+            for path in logfiles or []:
+                handle = stack.enter_context(open(stack.enter_context(atomic_file(path)), "w",
+                                                  newline=""))
+                tables.append(csv.writer(handle))
+                tables[-1].writerow(LOG_COLUMNS)
+            bar = stack.enter_context(tqdm(
+                total=steps, desc=f"{self.ensemble.upper()} MD x{self.n_structures}",
+                unit="step", leave=False, disable=None if progress is None else not progress))
+            for n in range(steps + 1):
+                if n:
+                    self.step()
+                    bar.update(1)
+                if n % interval == 0:
+                    self._record(logs, tables, writers)
+        return logs
+
+    def _record(self, logs: list[MDLog], tables: list, writers: list) -> None:
+        time_fs = self.nsteps * self.timestep_fs
+        epot = self.energies.double().cpu().numpy()
+        ekin = self.kinetic_energies().double().cpu().numpy()
+        temperature = self.temperatures().double().cpu().numpy()
+        for k, log in enumerate(logs):
+            row = (time_fs, epot[k], ekin[k], epot[k] + ekin[k], temperature[k])
+            for values, value in zip((log.time_fs, log.epot, log.ekin, log.etot,
+                                      log.temperature), row):
+                values.append(float(value))
+            if tables:
+                tables[k].writerow([f"{v:.10g}" for v in row])
+        for k, write in enumerate(writers):
+            write(self.atoms(k))
+
+    @staticmethod
+    def _trajectory_writer(path: Path, stack: contextlib.ExitStack):
+        """A callable appending ``Atoms`` to ``path`` (``.traj`` or extxyz) via a temp file."""
+        tmp = stack.enter_context(atomic_file(path))
+        if path.suffix == ".traj":
+            from ase.io import Trajectory
+
+            return stack.enter_context(Trajectory(str(tmp), "w")).write
+        from ase.io import write
+
+        handle = stack.enter_context(open(tmp, "w"))  # noqa: SIM115 (the stack closes it)
+        return lambda atoms: write(handle, atoms, format="extxyz")
+
+
+def run_batched_md(model, systems: Sequence, steps: int = 1000,
+                   trajectories: Sequence[str | os.PathLike] | None = None,
+                   logfiles: Sequence[str | os.PathLike] | None = None, interval: int = 1,
+                   progress: bool | None = None, **options) -> list[MDLog]:
+    """Build a :class:`BatchedMD` of ``systems`` (``options`` go to it) and run it."""
+    md = BatchedMD(model, systems, **options)
+    return md.run(steps, trajectories, logfiles, interval, progress)

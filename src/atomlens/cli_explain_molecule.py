@@ -1,0 +1,92 @@
+"""``atomlens explain molecule``: explain one energy prediction of a SchNet or DTNN model.
+
+    atomlens explain molecule MODEL STRUCTURE --out DIR [--method relevant_walks ...]
+        [--index 0] [--patterns FILE | --fit-data FILE]
+
+For each method: ``DIR/<method>.png`` (atoms coloured by relevance, pairs drawn with width
+and colour by R_ij, element symbols), ``DIR/<method>_terms.csv`` / ``.md`` (the largest pair,
+three-body and walk terms in meV) and ``DIR/<method>.json`` (energy, reference, sum rule,
+conservation error, all relevances in eV). PatternAttribution needs patterns: a file saved
+earlier (``--patterns``) or fitted here in one pass over ``--fit-data`` (any ASE-readable
+file of training structures; the fitted patterns are saved to ``DIR/patterns.safetensors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .registry import MOLECULE_METHODS
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``molecule`` on the ``explain`` command's subparsers."""
+    parser = subparsers.add_parser(
+        "molecule", help="explain one molecular energy (atoms, pairs, three-body terms, walks)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="model folder (config.json + model.safetensors)")
+    parser.add_argument("structure", help="structure file (anything ase.io.read reads)")
+    parser.add_argument("--index", default="0", help="which frame of STRUCTURE (default 0)")
+    parser.add_argument("--method", action="append", choices=MOLECULE_METHODS,
+                        help="explanation method (repeat for several; default relevant_walks)")
+    parser.add_argument("--patterns", type=Path, help="patterns (.safetensors) for patternattribution")
+    parser.add_argument("--fit-data", help="structures to fit the patterns on (patternattribution)")
+    parser.add_argument("--n-top", type=int, default=15, help="rows per kind in the terms table")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _patterns(args, model):
+    from .explain.graph import fit_molecule_patterns
+    from .explain.patterns import Patterns
+
+    if args.patterns is not None:
+        if not args.patterns.is_file():
+            raise FileNotFoundError(f"{args.patterns}: no such patterns file")
+        return Patterns.load(args.patterns)
+    if args.fit_data is None:
+        raise ValueError("patternattribution needs --patterns FILE or --fit-data STRUCTURES")
+    from .cli import read_structures
+
+    frames = read_structures(args.fit_data)
+    batches = (model.batch_from_atoms(frames[k : k + 64]) for k in range(0, len(frames), 64))
+    patterns = fit_molecule_patterns(model, batches)
+    patterns.save(args.out / "patterns.safetensors")
+    return patterns
+
+
+def run(args: argparse.Namespace) -> int:
+    """Explain the structure with each method; returns the exit code."""
+    from .cli import read_structures
+    from .explain.molecule_figures import molecule_figure, terms_table, write_terms
+    from .explain.molecules import explain_molecule
+    from .models.io import load_model
+
+    model = load_model(args.model)
+    frames = read_structures(args.structure, args.index)
+    if len(frames) != 1:
+        raise ValueError(f"{args.structure}: --index {args.index} selects {len(frames)} "
+                         "structures; explain one at a time")
+    args.out.mkdir(parents=True, exist_ok=True)
+    methods = args.method or ["relevant_walks"]
+    patterns = _patterns(args, model) if "patternattribution" in methods else None
+    for method in methods:
+        e = explain_molecule(model, frames[0], method, patterns=patterns)
+        molecule_figure(e, args.out / f"{method}.png")
+        write_terms(terms_table(e, args.n_top), args.out / f"{method}_terms")
+        summary = {"method": method, "unit": e.unit, "energy": e.energy, "reference": e.reference,
+                   "reference_kind": e.reference_kind, "explained": e.explained,
+                   "conservation_error": e.conservation_error, "remainder": e.remainder,
+                   "notes": e.notes, "atoms": e.atoms.tolist(), "pairs": e.pairs.tolist(),
+                   "pair_relevance": e.pair_relevance.tolist()}
+        if e.triples is not None:
+            summary["triples"] = e.triples.tolist()
+            summary["triple_relevance"] = e.triple_relevance.tolist()
+        (args.out / f"{method}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"{method:>22}: E = {e.energy:.4f} eV, E - ref = {e.explained:.4f} eV, "
+              f"sum of atom relevances {e.atoms.sum():.4f} eV "
+              f"(conservation error {1000 * e.conservation_error:.3g} meV)")
+    print(f"wrote {args.out}")
+    return 0

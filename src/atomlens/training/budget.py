@@ -1,0 +1,70 @@
+"""A wall-clock budget for the whole ``train`` command, final evaluation included.
+
+Lightning's ``max_time`` bounds ``fit`` alone; what follows it (the final evaluation on the
+test split, the energy-offset refit of force training, saving) used to run unbounded after
+the budget. :class:`BudgetStop` ends training early enough to leave room for it: after every
+training batch it estimates the seconds per training structure t_structure (the median over
+the last 20 batches, so that the first batches' one-off compilation does not count) and stops
+when
+
+    now + reserve >= deadline,   reserve = eval_fraction * t_structure * n_after + margin_s
+
+where ``n_after`` counts the structures still to be predicted after training (validation
+at the stop, the bounded test subset, the refit). The evaluation itself runs with the same
+deadline (:func:`~atomlens.training.evaluate.evaluate`), so the budget holds even when the
+estimate is short.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+
+import lightning.pytorch as pl
+
+#: a prediction costs about this fraction of a training step per structure (forward only,
+#: or forward + one backward for forces, against forward + backward + optimizer step)
+EVAL_FRACTION = 0.5
+#: seconds kept for loading the best checkpoint and saving the model
+MARGIN_S = 5.0
+
+
+class BudgetStop(pl.Callback):
+    """Stop training so that ``n_after`` predictions still fit before ``deadline``.
+
+    ``deadline``: ``time.monotonic()`` seconds. ``n_after``: structures predicted after
+    training (see the module doc).
+    """
+
+    def __init__(self, deadline: float, n_after: int, eval_fraction: float = EVAL_FRACTION,
+                 margin_s: float = MARGIN_S):
+        self.deadline, self.n_after = deadline, n_after
+        self.eval_fraction, self.margin_s = eval_fraction, margin_s
+        #: seconds per structure of the most recent training batches
+        self.recent: deque[float] = deque(maxlen=20)
+        self._batch_start: float | None = None
+        self.stopped = False
+
+    def reserve(self) -> float:
+        """Seconds kept for the work after training (the module doc's formula)."""
+        per_structure = statistics.median(self.recent) if self.recent else 0.0
+        return self.eval_fraction * per_structure * self.n_after + self.margin_s
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_start = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.monotonic()
+        if self._batch_start is not None and batch.n_structures:
+            self.recent.append((now - self._batch_start) / batch.n_structures)
+        # one decision for all ranks (DDP), else they would wait on each other forever
+        if trainer.strategy.reduce_boolean_decision(now + self.reserve() >= self.deadline,
+                                                    all=False):
+            self.stopped = True
+            trainer.should_stop = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if time.monotonic() + self.margin_s >= self.deadline:  # loading ate the budget
+            self.stopped = True
+            trainer.should_stop = True

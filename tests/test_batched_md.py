@@ -1,0 +1,173 @@
+"""Batched MD: many trajectories in one model call per step, equal to ASE's integrators."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from ase.io import read
+from helpers import random_model
+
+from atomlens import batched_md
+from atomlens.batched_md import BatchedMD, run_batched_md
+from atomlens.calculator import Calculator
+from atomlens.md import kinetic_temperature
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _systems():
+    """Different molecules (and two replicas of one), rattled out of symmetry."""
+    systems = [molecule("CH3CH2OH"), molecule("H2O"), molecule("CH3CH2OH"), molecule("C6H6")]
+    for k, atoms in enumerate(systems):
+        atoms.rattle(0.05, seed=k)
+    return systems
+
+
+def test_nve_equals_ase_velocity_verlet_trajectory_by_trajectory():
+    from ase.md.verlet import VelocityVerlet
+
+    model = random_model("schnet", seed=2)
+    systems = _systems()
+    md = BatchedMD(model, systems, timestep_fs=0.5, temperature_K=300, dtype="float64", seed=4)
+    starts = [md.atoms(k) for k in range(len(systems))]  # the batched run's initial velocities
+    md.run(30)
+    for k, atoms in enumerate(starts):
+        momenta = atoms.get_momenta()
+        assert np.abs(momenta.sum(0)).max() < 1e-12  # zero momentum per trajectory
+        atoms.calc = Calculator(model, dtype="float64")
+        VelocityVerlet(atoms, 0.5 * units_fs()).run(30)
+        ours = md.atoms(k)
+        np.testing.assert_allclose(ours.positions, atoms.positions, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(ours.get_momenta(), atoms.get_momenta(), rtol=0, atol=1e-10)
+        assert ours.get_potential_energy() == pytest.approx(atoms.get_potential_energy(),
+                                                            abs=1e-9)
+
+
+def units_fs():
+    from ase import units as ase_units
+
+    return ase_units.fs
+
+
+def test_nve_conserves_energy_per_trajectory():
+    model = random_model("schnet", seed=3)
+    logs = run_batched_md(model, _systems(), steps=200, interval=10, timestep_fs=0.25,
+                          dtype="float64", seed=1)
+    for log, atoms in zip(logs, _systems()):
+        drift = log.drift(len(atoms))
+        assert drift["drift_eV_per_atom"] < 1e-4 and drift["std_eV_per_atom"] < 1e-4, drift
+        assert np.std(log.epot) > 10 * np.std(log.etot)  # the energy moves between E_pot, E_kin
+
+
+def test_langevin_holds_the_temperature():
+    model = random_model("schnet", seed=5)
+    replicas = [molecule("CH3CH2OH") for _ in range(8)]
+    md = BatchedMD(model, replicas, ensemble="langevin", temperature_K=50.0, timestep_fs=0.25,
+                   friction=0.2, seed=7, dtype="float64")
+    logs = md.run(400, interval=5)
+    late = np.array([log.temperature[20:] for log in logs])  # after 20 relaxation times
+    assert md.temperatures().shape == (8,)
+    assert abs(late.mean() - 50.0) < 0.08 * 50.0, late.mean()
+    total = md.momenta.reshape(8, 9, 3).sum(1)
+    assert torch.abs(total).max() < 1e-10  # the noise leaves the total momentum at zero
+
+
+def test_kinetic_temperature_matches_the_serial_definition():
+    model = random_model("schnet", seed=1)
+    md = BatchedMD(model, _systems(), temperature_K=300, dtype="float64")
+    for k in range(md.n_structures):
+        assert float(md.temperatures()[k]) == pytest.approx(kinetic_temperature(md.atoms(k)),
+                                                            rel=1e-12)
+
+
+def test_fixed_shapes_equal_the_eager_path(monkeypatch):
+    """All intra-molecular pairs (benzene's reach past the 5 A cutoff) traced by dynamo."""
+    monkeypatch.setattr(batched_md, "COMPILE_BACKEND", "eager")  # tracing without codegen
+    model = random_model("schnet", seed=2)
+    systems = _systems()
+    eager = BatchedMD(model, systems, dtype="float64", seed=3)
+    fixed = BatchedMD(model, systems, dtype="float64", seed=3, compile=True)
+    eager.run(5)
+    fixed.run(5)
+    torch.testing.assert_close(fixed.positions, eager.positions, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fixed.forces, eager.forces, rtol=0, atol=1e-9)
+
+
+def test_reduce_overhead_mode_runs_on_the_cpu():
+    """The CUDA-graph mode's code path, compiled by Inductor (no graphs on the CPU)."""
+    model = random_model("schnet", seed=2)
+    systems = [molecule("H2O"), molecule("NH3")]
+    eager = BatchedMD(model, systems, dtype="float64", seed=3)
+    compiled = BatchedMD(model, systems, dtype="float64", seed=3, compile="reduce-overhead")
+    eager.run(2)
+    compiled.run(2)
+    torch.testing.assert_close(compiled.forces, eager.forces, rtol=0, atol=1e-9)
+
+
+def test_outputs_one_trajectory_and_log_per_run(tmp_path):
+    model = random_model("schnet", seed=2)
+    systems = _systems()[:2]
+    trajectories = [tmp_path / "a.traj", tmp_path / "b.xyz"]
+    logfiles = [tmp_path / "a.csv", tmp_path / "b.csv"]
+    logs = run_batched_md(model, systems, steps=6, trajectories=trajectories, logfiles=logfiles,
+                          interval=3, ensemble="langevin")
+    for k, (traj, logfile) in enumerate(zip(trajectories, logfiles)):
+        frames = read(traj, index=":")
+        assert len(frames) == 3 and len(frames[0]) == len(systems[k])
+        assert frames[-1].get_potential_energy() == pytest.approx(logs[k].epot[-1], rel=1e-6)
+        rows = list(csv.DictReader(logfile.open()))
+        assert [float(r["time_fs"]) for r in rows] == [0.0, 1.5, 3.0]
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_bad_input_is_named():
+    model = random_model("schnet")
+    with pytest.raises(ValueError, match="ensemble"):
+        BatchedMD(model, _systems(), ensemble="npt")
+    periodic = molecule("H2O")
+    periodic.pbc = True
+    with pytest.raises(Exception, match="structure 0.*periodic"):
+        BatchedMD(model, [periodic])
+    with pytest.raises(ValueError, match="1 files for 4 trajectories"):
+        BatchedMD(model, _systems()).run(1, logfiles=["x.csv"])
+
+
+def test_md_command_with_replicas(tmp_path, capsys):
+    from atomlens.cli import main
+    from atomlens.models import save_model
+
+    save_model(random_model("schnet", seed=4).float(), tmp_path / "model")
+    molecule("CH3CH2OH").write(tmp_path / "ethanol.xyz")
+    code = main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "4",
+                 "--interval", "2", "--replicas", "3", "--ensemble", "langevin",
+                 "--out", str(tmp_path / "md.traj"), "--log", str(tmp_path / "md.csv")])
+    assert code == 0
+    assert "3 trajectories" in capsys.readouterr().out
+    finals = [read(tmp_path / f"md.{k}.traj", index=-1) for k in range(3)]
+    assert all(len((tmp_path / f"md.{k}.csv").read_text().splitlines()) == 4 for k in range(3))
+    # replicas start alike and part: different velocities, different paths
+    assert np.abs(finals[0].positions - finals[1].positions).max() > 1e-4
+    assert main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"),
+                 "--replicas", "0"]) == 2
+
+
+def test_predict_in_chunks_equals_one_call():
+    from atomlens.cli import predict_in_chunks
+
+    model = random_model("schnet", seed=1)
+    frames = _systems() + _systems()[:3]
+    whole = model.predict(frames, forces=True)
+    chunked = predict_in_chunks(model, frames, forces=True, chunk=3)
+    assert set(chunked) == set(whole)
+    for key in whole:
+        np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="--chunk"):
+        predict_in_chunks(model, frames, chunk=0)

@@ -1,0 +1,86 @@
+"""Budgets: --minutes bounds training and final evaluation; bounded test subsets."""
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from helpers import qm9_sample
+from test_training import tiny_config
+
+from atomlens.models import build_model
+from atomlens.training import evaluate, train
+from atomlens.training.budget import BudgetStop
+from atomlens.training.evaluate import bounded_subset, predict_dataset
+from atomlens.training.train import fit_statistics
+
+
+@pytest.fixture(scope="module")
+def data():
+    return qm9_sample()
+
+
+def _fake_trainer():
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+    return SimpleNamespace(should_stop=False, strategy=strategy)
+
+
+def test_reserve_is_eval_fraction_times_observed_cost():
+    stop = BudgetStop(deadline=1e12, n_after=1000, eval_fraction=0.5, margin_s=5.0)
+    assert stop.reserve() == 5.0  # nothing observed yet
+    stop.recent.extend([3.0, 0.02, 0.02])  # a first batch that compiled, then 0.02 s each
+    assert stop.reserve() == pytest.approx(0.5 * 0.02 * 1000 + 5.0)
+
+
+def test_budget_stops_when_the_reserve_no_longer_fits():
+    trainer, batch = _fake_trainer(), SimpleNamespace(n_structures=10)
+    stop = BudgetStop(deadline=time.monotonic() + 100.0, n_after=1000, margin_s=0.0)
+    stop.on_train_batch_start(trainer, None, batch, 0)
+    stop.on_train_batch_end(trainer, None, None, batch, 0)
+    assert not trainer.should_stop  # a fast batch: 1000 predictions fit in 100 s
+    stop.recent.extend([1.0, 1.0])  # 1 s per structure: 500 s reserve
+    stop.on_train_batch_end(trainer, None, None, batch, 1)
+    assert trainer.should_stop and stop.stopped
+
+
+def test_bounded_subset_is_random_sorted_and_bounded():
+    indices = np.arange(100, 200)
+    subset = bounded_subset(indices, 10, seed=1)
+    assert len(subset) == 10 and np.all(np.diff(subset) > 0) and set(subset) <= set(indices)
+    assert subset.max() > 150  # not the first ten (QM9's order follows molecule size)
+    assert bounded_subset(indices, None) is indices and len(bounded_subset(indices, 500)) == 100
+    with pytest.raises(ValueError, match="at least one"):
+        bounded_subset(indices, 0)
+
+
+def test_evaluation_stops_at_its_deadline(data):
+    model = build_model({"representation": "schnet", "head_hidden": 8, "target": "U0",
+                         "representation_kwargs": {"n_atom_basis": 8, "n_interactions": 1,
+                                                   "n_filters": 8, "n_rbf": 5, "cutoff": 5.0}})
+    fit_statistics(model, data, np.arange(20))
+    indices = np.arange(40)
+    past = time.monotonic() - 1.0
+    metrics = evaluate(model, data, indices, batch_size=10, deadline=past, progress=False)
+    assert metrics["n_evaluated"] == 10  # the batch that crossed the deadline, no more
+    full = evaluate(model, data, indices, batch_size=10, progress=False)
+    assert full["n_evaluated"] == 40
+    assert len(predict_dataset(model, data, indices, 10, deadline=past)["U0"]) == 10
+
+
+def test_train_evaluates_a_bounded_test_subset(tmp_path, data):
+    metrics = train(tiny_config(tmp_path, n_test=10, test_subset=7, max_epochs=1), data=data)
+    assert metrics["n_test"] == 10 and metrics["n_test_evaluated"] == 7
+    everything = train(tiny_config(tmp_path, n_test=10, test_subset=7, full_test=True,
+                                   max_epochs=1, out=str(tmp_path / "full")), data=data)
+    assert everything["n_test_evaluated"] == 10
+
+
+def test_minutes_bound_the_whole_run(tmp_path, data):
+    budget_s = 6.0
+    started = time.monotonic()
+    metrics = train(tiny_config(tmp_path, max_epochs=10000, max_minutes=budget_s / 60,
+                                n_test=10), data=data, started=started)
+    elapsed = time.monotonic() - started
+    assert metrics["stopped_by_budget"]
+    assert elapsed < budget_s + 3.0, elapsed  # saving the model after the deadline: ~1 s
+    assert metrics["n_test_evaluated"] >= 1

@@ -1,0 +1,114 @@
+"""Process settings: thread choice from affinity and cgroup quota, wait policy, no import side effects."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from atomlens import runtime
+from atomlens.cli import build_parser
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("OMP_WAIT_POLICY", "ATOMLENS_THREADS")}
+    environment.update(PYTHONPATH=SRC, **env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=environment, timeout=120, check=False)
+
+
+def test_cgroup_v2_quota(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert runtime.cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert runtime.cgroup_cpu_limit(tmp_path) is None
+
+
+def test_cgroup_v1_quota(tmp_path):
+    folder = tmp_path / "cpu"
+    folder.mkdir()
+    (folder / "cpu.cfs_quota_us").write_text("300000\n")
+    (folder / "cpu.cfs_period_us").write_text("100000\n")
+    assert runtime.cgroup_cpu_limit(tmp_path) == 3.0
+    (folder / "cpu.cfs_quota_us").write_text("-1\n")
+    assert runtime.cgroup_cpu_limit(tmp_path) is None
+    assert runtime.cgroup_cpu_limit(tmp_path / "absent") is None
+
+
+def test_available_cpus_is_the_smaller_of_affinity_and_quota(tmp_path):
+    assert runtime.available_cpus(affinity={0, 1, 2, 3}, cgroup_root=tmp_path) == 4
+    assert runtime.available_cpus(affinity={0, 1, 2, 3}, quota=1.5) == 2  # ceil(1.5)
+    assert runtime.available_cpus(affinity={5}, quota=8.0) == 1
+    assert runtime.available_cpus(affinity={0, 1}, quota=0.2) == 1
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    assert runtime.available_cpus(affinity=set(range(16)), cgroup_root=tmp_path) == 2
+
+
+def test_default_threads_honours_the_environment(monkeypatch):
+    monkeypatch.setenv("ATOMLENS_THREADS", "3")
+    assert runtime.default_threads() == 3
+    monkeypatch.setenv("ATOMLENS_THREADS", "zero")
+    with pytest.raises(ValueError, match="ATOMLENS_THREADS='zero'"):
+        runtime.default_threads()
+    monkeypatch.delenv("ATOMLENS_THREADS")
+    assert runtime.default_threads() == runtime.available_cpus()
+
+
+def test_import_changes_no_process_setting():
+    result = _python("""
+        import os, sys
+        import atomlens, atomlens.models, atomlens.cli
+        from atomlens import runtime
+        assert runtime._tuned is None, "import atomlens tuned the allocator"
+        assert "OMP_WAIT_POLICY" not in os.environ, "import atomlens set the wait policy"
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_cli_sets_the_wait_policy_before_torch_loads():
+    # record the environment at the moment torch is first imported
+    result = _python("""
+        import os, sys
+        seen = []
+        class Watch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" and not seen:
+                    seen.append(os.environ.get("OMP_WAIT_POLICY"))
+                return None
+        sys.meta_path.insert(0, Watch())
+        import atomlens.cli
+        assert "torch" not in sys.modules, "importing the CLI loaded torch"
+        code = atomlens.cli.main(["evaluate", "/nonexistent/model", "--threads", "1"])
+        import torch
+        from atomlens import runtime
+        print(seen[0], code, torch.get_num_threads(), runtime._tuned)
+    """)
+    assert result.returncode == 0, result.stderr
+    policy, code, threads, tuned = result.stdout.split()
+    assert policy == "PASSIVE" and code == "2" and threads == "1"
+    assert tuned == str(sys.platform.startswith("linux"))
+
+
+def test_configure_keeps_a_users_wait_policy():
+    result = _python("""
+        from atomlens.runtime import configure
+        settings = configure(threads=1)
+        print(settings["wait_policy"], settings["wait_policy_applied"], settings["threads"])
+    """, OMP_WAIT_POLICY="ACTIVE")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ACTIVE", "True", "1"]
+
+
+@pytest.mark.parametrize("command", [
+    ["train"], ["evaluate", "m"], ["predict", "m", "f.xyz"], ["demo"], ["md", "m", "s.xyz"],
+    ["sample", "--xyz", "s.xyz", "--out", "o.npz"], ["insight", "rings", "m"],
+    ["insight", "potential-map", "m", "s.xyz"], ["explain", "--out", "o"]])
+def test_every_command_takes_threads(command):
+    assert build_parser().parse_args([*command, "--threads", "3"]).threads == 3
