@@ -115,10 +115,6 @@ def _add_train(sub) -> None:
     p.add_argument("--patience", type=int, dest="early_stopping_patience",
                    help="stop after this many epochs without a better validation loss")
     p.add_argument("--device", help="auto (a GPU when present), cpu, gpu")
-    p.add_argument("--stress", action="store_true", default=None,
-                   help="train on the stress of periodic cells too (eV/Angstrom^3)")
-    p.add_argument("--stress-weight", type=float,
-                   help="weight of the stress term of the loss (default 100)")
     p.add_argument("--devices", help="number of devices (DDP when > 1)")
     p.add_argument("--num-nodes", type=int, help="number of machines (multi-node DDP)")
     p.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
