@@ -123,7 +123,8 @@ def md_atoms(frames: dict):
     return atoms
 
 
-def md_speed(frames: dict, steps: int, clock: str = "wall", compile: bool = False) -> dict:
+def md_speed(frames: dict, steps: int, clock: str = "wall", compile: bool | str = False
+             ) -> dict:
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
@@ -240,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     result = md_speed(frames, args.md_steps, clock=args.clock)
     ours["md", None] = result["steps_per_s"]
     print(json.dumps({"measure": "md", **common, **result}), flush=True)
+    # what a user gets without flags: atomlens.Calculator(model) / atomlens md (compile="auto")
+    result = md_speed(frames, args.md_steps, clock=args.clock, compile="auto")
+    ours["md_default", None] = result["steps_per_s"]
+    print(json.dumps({"measure": "md_default", **common, **result}), flush=True)
     if args.compile:
         result = md_speed(frames, args.md_steps, clock=args.clock, compile=True)
         ours["md_compiled", None] = result["steps_per_s"]
@@ -270,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"measure": f"{peer['measure']}_ratio", "batch_size": key[1],
                           "threads": args.threads, "clock": args.clock, "atomlens_over_schnetpack": ratio,
                           "target": target, "met": ratio >= target}), flush=True)
-        if key == ("md", None) and ("md_compiled", None) in ours:
-            ratio = ours["md_compiled", None] / peer[rate]
-            print(json.dumps({"measure": "md_compiled_ratio", "threads": args.threads,
-                              "clock": args.clock, "atomlens_over_schnetpack": ratio,
-                              "target": target, "met": ratio >= target}), flush=True)
+        for name in ("md_default", "md_compiled"):
+            if key == ("md", None) and (name, None) in ours:
+                ratio = ours[name, None] / peer[rate]
+                print(json.dumps({"measure": f"{name}_ratio", "threads": args.threads,
+                                  "clock": args.clock, "atomlens_over_schnetpack": ratio,
+                                  "target": target, "met": ratio >= target}), flush=True)
     return 0
 
 

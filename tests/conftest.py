@@ -9,12 +9,16 @@ other libraries still see torchvision as absent).
 
 import contextlib
 import importlib.util
+import os
 import sys
 import types
 
 from atomlens.runtime import prepare_environment, tune_allocator
 
 prepare_environment()  # passive OpenMP waiting, set before torch loads (as the CLI does)
+# the calculator compiles small molecules by default (a few seconds each); the tests check the
+# compiled path where they ask for it (compile=True) and run everything else eagerly
+os.environ.setdefault("ATOMLENS_COMPILE", "0")
 
 import torch
 

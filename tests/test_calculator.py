@@ -133,3 +133,44 @@ def test_compiled_calculator_matches_eager_including_pairs_beyond_the_cutoff():
         np.testing.assert_allclose(compiled.results["energies"], eager.results["energies"],
                                    atol=1e-9)
     assert next(model.parameters()).requires_grad  # the caller's model is left alone
+
+
+def test_auto_compile_for_small_molecules_with_a_fallback(monkeypatch, caplog):
+    """compile="auto" (the default) compiles a small molecule, says so, and gives the eager
+    results; a compile that fails falls back to the eager model with a warning;
+    ATOMLENS_COMPILE=0 and periodic cells run eagerly."""
+    import logging
+
+    model = random_model("schnet")
+    atoms = molecule("CH3CH2OH")
+    eager = atomlens.Calculator(model, compile=False)
+    atoms.calc = eager
+    reference = (atoms.get_potential_energy(), atoms.get_forces().copy())
+
+    monkeypatch.setenv("ATOMLENS_COMPILE", "1")
+    with caplog.at_level(logging.INFO, logger="atomlens"):
+        atoms.calc = atomlens.Calculator(model)
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    assert atoms.calc._use_compiled
+    assert "compiling energy and forces for C2H6O" in caplog.text
+    assert energy == pytest.approx(reference[0], abs=1e-8)
+    np.testing.assert_allclose(forces, reference[1], atol=1e-7)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    atoms.calc = atomlens.Calculator(model)
+    with pytest.warns(UserWarning, match="compiling failed"):
+        energy = atoms.get_potential_energy()
+    assert not atoms.calc._use_compiled and energy == pytest.approx(reference[0], abs=1e-8)
+    with pytest.raises(RuntimeError, match="no C.. compiler"):  # compile=True: no fallback
+        atoms.calc = atomlens.Calculator(model, compile=True)
+        atoms.get_potential_energy()
+
+    monkeypatch.setenv("ATOMLENS_COMPILE", "0")
+    atoms.calc = atomlens.Calculator(model)
+    atoms.get_potential_energy()
+    assert not atoms.calc._use_compiled
+    with pytest.raises(ValueError, match="compile must be"):
+        atomlens.Calculator(model, compile="sometimes")

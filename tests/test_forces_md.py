@@ -281,7 +281,8 @@ def test_md_command(tmp_path, capsys):
     # --compile runs the same trajectory (same seed) through the compiled calculator
     assert main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "10",
                  "--timestep", "0.5", "--interval", "5", "--ensemble", "nve", "--float64",
-                 "--compile", "--log", str(tmp_path / "compiled.csv")]) == 0
+                 "--compile", "--out", str(tmp_path / "compiled.traj"),
+                 "--log", str(tmp_path / "compiled.csv")]) == 0
     eager, compiled = (np.loadtxt(tmp_path / name, delimiter=",", skiprows=1)
                        for name in ("md.csv", "compiled.csv"))
     np.testing.assert_allclose(compiled, eager, rtol=1e-8, atol=1e-9)

@@ -14,7 +14,9 @@ changed) and the model's frozen state (SchNet's filter tables), and run the mode
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import warnings
 from typing import ClassVar
 
 import numpy as np
@@ -30,6 +32,10 @@ from .models.guards import check_elements, check_finite
 from .models.potential import AtomisticModel
 from .nn.geometry import apply_strain
 from .units import energy_factor
+
+#: ``compile="auto"`` compiles molecules up to this size (the compiled path keeps all pairs)
+AUTO_COMPILE_MAX_ATOMS = 64
+LOGGER = logging.getLogger("atomlens")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
 
@@ -49,9 +55,14 @@ class Calculator(AseCalculator):
             unless this is True (then a warning; see :mod:`atomlens.models.guards`).
         compile: compile energy + forces (``torch.func`` gradient, ``torch.compile``) for
             fast repeated calls on one molecule, e.g. MD: aspirin runs ~3.5x as many steps
-            per second on one CPU thread, after a compile of a few seconds per molecule. All
-            pairs are then kept and the smooth cutoff zeroes those beyond it, so the shapes
-            stay fixed while the atoms move. Molecules only (periodic cells run eagerly).
+            per second on one CPU thread, after a compile of a few seconds per molecule
+            (Inductor caches it on disk, so a second run of the same molecule compiles
+            faster). All pairs are then kept and the smooth cutoff zeroes those beyond it,
+            so the shapes stay fixed while the atoms move. ``"auto"`` (the default) compiles
+            molecules of up to :data:`AUTO_COMPILE_MAX_ATOMS` atoms (all pairs grow as n^2)
+            and says so on the ``atomlens`` logger; periodic cells, larger molecules and
+            ``ATOMLENS_COMPILE=0`` run eagerly, and a compile that fails falls back to the
+            eager path with a warning. ``True`` compiles any molecule, ``False`` never.
         skin: Verlet-list skin (Angstrom): pairs within cutoff + skin are listed, and the
             list is rebuilt only when an atom has moved more than skin / 2.
 
@@ -66,7 +77,7 @@ class Calculator(AseCalculator):
                                                    "stress"]
 
     def __init__(self, model: AtomisticModel | str | os.PathLike, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, compile: bool = False,
+                 dtype: str | torch.dtype | None = None, compile: bool | str = "auto",
                  skin: float = 1.0, allow_unknown_elements: bool = False, **kwargs):
         super().__init__(**kwargs)
         dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
@@ -89,7 +100,10 @@ class Calculator(AseCalculator):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._numbers: np.ndarray | None = None  # the numbers the cached tensors belong to
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
         self.compile = compile
+        self._use_compiled = False  # decided per structure in _prepare
         self.allow_unknown_elements = allow_unknown_elements
         # frozen: gradients w.r.t. positions only, and the weight-only state (SchNet's filter
         # tables) computed once instead of at every call
@@ -111,7 +125,7 @@ class Calculator(AseCalculator):
         if periodic and self.model.cutoff is None:
             raise DataError("the atoms are periodic, but the model has no cutoff: periodic "
                             "cells need a model with a cutoff")
-        if periodic and self.compile:
+        if periodic and self.compile is True:
             raise DataError("compile=True is for molecules; run periodic cells without it")
         # elements, NaN, overlapping atoms (with periodic images), the cell
         dataset_from_atoms([atoms], source="Calculator", targets=False)
@@ -123,10 +137,17 @@ class Calculator(AseCalculator):
         self._numbers = numbers.copy()
         self._pbc = atoms.pbc.copy()
         self._neighbors = VerletList(self.model.cutoff, self.skin)
-        if self.compile:
+        self._use_compiled = self.compile is True or (
+            self.compile == "auto" and not periodic and 2 <= n <= AUTO_COMPILE_MAX_ATOMS
+            and os.environ.get("ATOMLENS_COMPILE", "1") != "0")
+        if self._use_compiled:
             i, j = torch.triu_indices(n, n, offset=1, device=self.device)
             self._upper = (i, j)  # all pairs: fixed shapes for the compiled function
-            self._compiled = torch.compile(self._energy_forces_function(), dynamic=False)
+            self._compiled_once = False
+            try:
+                self._compiled = torch.compile(self._energy_forces_function(), dynamic=False)
+            except Exception as err:  # noqa: BLE001 (any compile failure: fall back)
+                self._compile_failed(err)
 
     def _energy(self, positions: torch.Tensor, pairs: Pairs
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,9 +233,16 @@ class Calculator(AseCalculator):
         stress = "stress" in properties
         if stress and not self.atoms.pbc.all():
             raise DataError("stress needs a cell periodic in all three directions")
-        if self.compile:
-            self._calculate_compiled()
-            return
+        if self._changed_structure(self.atoms):
+            self._prepare(self.atoms)
+        if self._use_compiled:
+            try:
+                self._calculate_compiled()
+                return
+            except DataError:
+                raise
+            except Exception as err:  # noqa: BLE001 (no C++ compiler, Inductor limits)
+                self._compile_failed(err)
         batch = self.batch(self.atoms)
         positions = batch.positions.requires_grad_(forces or stress)
         pairs = batch.pairs
@@ -241,13 +269,23 @@ class Calculator(AseCalculator):
             self.results["stress"] = full_3x3_to_voigt_6_stress(virial / self.atoms.get_volume())
         check_finite(self.results, "Calculator")
 
+    def _compile_failed(self, err: Exception) -> None:
+        """compile=True: raise; "auto": warn and run the eager model from now on."""
+        if self.compile is True:
+            raise err
+        warnings.warn(f"atomlens.Calculator: compiling failed ({type(err).__name__}: {err}); "
+                      f"running the eager model instead", stacklevel=3)
+        self._use_compiled = False
+
     def _calculate_compiled(self) -> None:
-        if self._changed_structure(self.atoms):
-            self._prepare(self.atoms)
         if not np.isfinite(self.atoms.positions).all():
             raise DataError("Calculator: the atoms have non-finite (NaN/inf) positions")
         positions = torch.as_tensor(self.atoms.positions, dtype=self.dtype, device=self.device)
+        if not self._compiled_once:  # no silent multi-second pause
+            LOGGER.info("compiling energy and forces for %s (%d atoms; a one-off of a few "
+                        "seconds)", self.atoms.get_chemical_formula(), len(self.atoms))
         energy, forces, atomic = self._compiled(positions)
+        self._compiled_once = True
         factor = self.energy_to_ev
         energy = float(energy) * factor
         self.results = {"energy": energy, "free_energy": energy,

@@ -477,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args.started = started
     configure(threads=getattr(args, "threads", None))
+    import logging
+
+    if not logging.getLogger("atomlens").handlers:  # the library's notes (e.g. compiling)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("atomlens: %(message)s"))
+        logging.getLogger("atomlens").addHandler(handler)
+        logging.getLogger("atomlens").setLevel(logging.INFO)
     try:
         return args.func(args)
     except (DataError, OSError, ValueError, MissingExtra) as err:  # OSError: missing,

@@ -55,9 +55,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default 1: one molecule's tensors are too small "
                         "to split)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile energy+forces: ~3.5x the steps/s after a compile of a "
-                        "few seconds; worth it for runs of more than ~2,000 steps")
+    compiled = p.add_mutually_exclusive_group()
+    compiled.add_argument("--compile", dest="compile", action="store_const", const=True,
+                          default="auto",
+                          help="torch.compile energy+forces for any molecule (default: "
+                               "molecules of up to 64 atoms, ~3.5x the steps/s after a "
+                               "one-off compile of a few seconds; cells run eagerly)")
+    compiled.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                          help="never compile (the eager model)")
     p.set_defaults(func=run)
 
 
@@ -130,7 +135,7 @@ def run_batched(args, frames) -> int:
         args.model, systems, steps=args.steps, trajectories=trajectories, logfiles=logfiles,
         interval=args.interval, ensemble=args.ensemble, temperature_K=args.temperature,
         timestep_fs=args.timestep, friction=args.friction, seed=args.seed, device=args.device,
-        dtype="float64" if args.float64 else None, compile=args.compile)
+        dtype="float64" if args.float64 else None, compile=args.compile is True)
     print(f"{args.ensemble.upper()} MD of {n} trajectories ({len(frames)} structures x "
           f"{args.replicas} replicas): {args.steps} steps of {args.timestep} fs")
     for k, (atoms, log) in enumerate(zip(systems, logs)):

@@ -97,7 +97,7 @@ class EnsembleCalculator(AseCalculator):
         "energy", "free_energy", "forces", "energies", "stress", "energy_std", "forces_std",
         "energies_std", "stress_std", "max_force_std"]
 
-    def __init__(self, models, device: str = "cpu", dtype=None, compile: bool = False,
+    def __init__(self, models, device: str = "cpu", dtype=None, compile: bool | str = "auto",
                  allow_unknown_elements: bool = False, **kwargs):
         super().__init__(**kwargs)
         from .calculator import Calculator

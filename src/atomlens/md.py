@@ -89,7 +89,7 @@ class MDLog:
                 "std_eV_per_atom": float(etot.std() / n_atoms)}
 
 
-def _calculator(model_or_calc, device, dtype, compile=False, allow_unknown_elements=False):
+def _calculator(model_or_calc, device, dtype, compile="auto", allow_unknown_elements=False):
     from ase.calculators.calculator import BaseCalculator
 
     if isinstance(model_or_calc, BaseCalculator):
@@ -133,7 +133,7 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
            trajectory: str | os.PathLike | None = None, logfile: str | os.PathLike | None = None,
            interval: int = 1, seed: int | None = 0, initialize_velocities: bool = True,
            device: str = "cpu", dtype: str | None = None, threads: int | None = 1,
-           compile: bool = False, pressure_bar: float = 1.01325,
+           compile: bool | str = "auto", pressure_bar: float = 1.01325,
            barostat_time_fs: float | None = None, max_temperature_K: float | None = None,
            max_drift_eV_per_atom: float = 0.1, allow_unknown_elements: bool = False) -> MDLog:
     """Run molecular dynamics of ``atoms`` (changed in place) with an atomlens model.
@@ -160,7 +160,8 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
             tens of atoms runs fastest on one thread (its tensors are too small to split,
             and on a busy machine thread barriers cost more than the model), ``None`` keeps
             the current setting.
-        compile: torch.compile the model's energy and forces (see :class:`Calculator`).
+        compile: torch.compile the model's energy and forces: ``"auto"`` (small molecules),
+            ``True`` or ``False`` (see :class:`Calculator`).
         pressure_bar: NPT target pressure (bar; 1.01325 bar = 1 atm).
         barostat_time_fs: NPT barostat time scale (fs; default 1000 time steps); the
             thermostat's is 100 time steps.
