@@ -42,8 +42,6 @@ def add_parser(subparsers) -> None:
                    help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K "
                         "(+ volume_A3 for cells, energy_std_eV, max_force_std_eV_A for an "
                         "ensemble); default: beside the trajectory, OUT with the suffix .csv")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing trajectory or log (default: refuse)")
     p.add_argument("--max-temperature", type=float, default=None,
                    help="stop (exit 2) when the temperature exceeds this, K (default: the "
                         "larger of 2000 K and 5 x --temperature)")
@@ -82,9 +80,8 @@ def run(args) -> int:
     log_path = Path(args.log) if args.log else Path(args.out).with_suffix(".csv")
     if log_path == Path(args.out):
         raise ValueError(f"{log_path}: the log and the trajectory would be one file")
-    existing = [str(p) for p in (Path(args.out), log_path) if p.exists()]
-    if existing and not args.overwrite:
-        raise ValueError(f"{', '.join(existing)} exist(s); give --overwrite or another --out")
+    # an earlier run's files are replaced only when this run completes (run_md writes to
+    # temporary files and renames them at the end)
     args.log = str(log_path)
     log = run_md(args.model, atoms, ensemble=args.ensemble,
                  temperature_K=args.temperature, timestep_fs=args.timestep, steps=args.steps,
