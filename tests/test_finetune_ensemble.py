@@ -113,6 +113,8 @@ def test_md_logs_the_ensemble_spread(tmp_path):
     assert set(SPREAD_COLUMNS) <= set(table.dtype.names)
     assert log.energy_std[0] == pytest.approx(abs(start[0] - start[1]) / 2, abs=1e-8)
     np.testing.assert_allclose(table["energy_std_eV"], log.energy_std, rtol=1e-8)
+    np.testing.assert_allclose(log.arrays()["max_force_std_eV_A"], table["max_force_std_eV_A"],
+                               rtol=1e-8)
     assert (table["max_force_std_eV_A"] > 0).all()
 
 

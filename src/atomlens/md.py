@@ -78,6 +78,9 @@ class MDLog:
             LOG_COLUMNS, ("time_fs", "epot", "ekin", "etot", "temperature"))}
         if self.volume:
             out["volume_A3"] = np.asarray(self.volume)
+        if self.energy_std:
+            out.update(zip(SPREAD_COLUMNS, (np.asarray(self.energy_std),
+                                            np.asarray(self.max_force_std))))
         return out
 
     def drift(self, n_atoms: int) -> dict[str, float]:
@@ -249,6 +252,10 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
         if periodic:
             log.volume.append(float(atoms.get_volume()))
             row = (*row, log.volume[-1])
+        if spread:  # an ensemble: its spread, cached with the step's forces (header order)
+            log.energy_std.append(float(atoms.calc.get_property("energy_std", atoms)))
+            log.max_force_std.append(float(atoms.calc.get_property("max_force_std", atoms)))
+            row = (*row, log.energy_std[-1], log.max_force_std[-1])
         if writer is not None:
             writer.writerow([f"{v:.10g}" for v in row])
 
