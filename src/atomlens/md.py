@@ -252,7 +252,7 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
         if periodic:
             log.volume.append(float(atoms.get_volume()))
             row = (*row, log.volume[-1])
-        if spread:  # an ensemble: its spread, cached with the step's forces (header order)
+        if spread:  # cached with the step's forces
             log.energy_std.append(float(atoms.calc.get_property("energy_std", atoms)))
             log.max_force_std.append(float(atoms.calc.get_property("max_force_std", atoms)))
             row = (*row, log.energy_std[-1], log.max_force_std[-1])
