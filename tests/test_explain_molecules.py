@@ -275,5 +275,8 @@ def test_cli_writes_figure_and_tables(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
     table = (tmp_path / "out" / "relevant_walks_terms.md").read_text()
     assert "| pair |" in table and "| three-body |" in table and "| walk |" in table
+    # one interactive 3D view holds every method's atom relevances (meV)
+    page = (tmp_path / "out" / "relevance.html").read_text()
+    assert "relevant_walks (meV)" in page and "patternattribution (meV)" in page
     assert main(["explain", "molecule", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"),
                  "--method", "patternattribution", "--out", str(tmp_path / "out")]) == 2

@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .registry import MOLECULE_METHODS
 
 
@@ -74,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     methods = args.method or ["relevant_walks"]
     patterns = _patterns(args, model) if "patternattribution" in methods else None
+    relevances = {}
     for method in methods:
         e = explain_molecule(model, frames[0], method, patterns=patterns)
+        relevances[f"{method} (meV)"] = (1000.0 * np.asarray(e.atoms), "meV")
         molecule_figure(e, args.out / f"{method}.png")
         write_terms(terms_table(e, args.n_top), args.out / f"{method}_terms")
         summary = {"method": method, "unit": e.unit, "energy": e.energy, "reference": e.reference,
@@ -90,5 +94,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{method:>22}: E = {e.energy:.4f} eV, E - ref = {e.explained:.4f} eV, "
               f"sum of atom relevances {e.atoms.sum():.4f} eV "
               f"(conservation error {1000 * e.conservation_error:.3g} meV)")
-    print(f"wrote {args.out}")
+    # the atom relevances of every method in one interactive 3D view, beside the PNGs
+    from .insight.viewer import write_viewer
+
+    write_viewer(args.out / "relevance.html", [frames[0]], [relevances],
+                 title=f"atom relevances, {frames[0].get_chemical_formula()}")
+    print(f"wrote {args.out} (PNG, terms tables, JSON per method; relevance.html: 3D view)")
     return 0
