@@ -19,8 +19,10 @@ def background_load(n: int, seconds: float):
     """``n`` CPU-bound processes beside the caller for at most ``seconds`` (wall clock)."""
     if n < 0 or seconds <= 0:
         raise ValueError(f"background_load: need n >= 0 and seconds > 0, not {n}, {seconds}")
-    processes = [subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=float(seconds))])
-                 for _ in range(n)]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=float(seconds))])
+        for _ in range(n)
+    ]
     try:
         yield processes
     finally:

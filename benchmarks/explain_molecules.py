@@ -120,10 +120,19 @@ def fragments(count: int, rng: np.random.Generator) -> list[Atoms]:
 
 def train(data, energies, train_idx, args):
     torch.manual_seed(args.seed)
-    model = build_model({"representation": "schnet", "head_hidden": 16,
-                         "representation_kwargs": {"n_atom_basis": 32, "n_filters": 32,
-                                                   "n_interactions": 2, "n_rbf": 20,
-                                                   "cutoff": CUTOFF}})
+    model = build_model(
+        {
+            "representation": "schnet",
+            "head_hidden": 16,
+            "representation_kwargs": {
+                "n_atom_basis": 32,
+                "n_filters": 32,
+                "n_interactions": 2,
+                "n_rbf": 20,
+                "cutoff": CUTOFF,
+            },
+        }
+    )
     n_atoms = data.n_atoms_per[train_idx]
     per_atom = energies[train_idx] / n_atoms
     model.set_statistics(shift=float(per_atom.mean()), scale=float(per_atom.std()))
@@ -167,7 +176,9 @@ def pearson_within_types(x, y, types) -> float | None:
 def pair_type(numbers, positions, i: int, j: int) -> str:
     """Element pair and whether it is bonded (closer than the covalent radii + 0.4 Angstrom)."""
     zi, zj = sorted((int(numbers[i]), int(numbers[j])))
-    bonded = np.linalg.norm(positions[i] - positions[j]) < covalent_radii[zi] + covalent_radii[zj] + 0.4
+    bonded = (
+        np.linalg.norm(positions[i] - positions[j]) < covalent_radii[zi] + covalent_radii[zj] + 0.4
+    )
     return f"{zi}-{zj}-{'bond' if bonded else 'far'}"
 
 
@@ -175,8 +186,10 @@ def perturbation_auc(model, atoms, pair_order: np.ndarray, n_points: int = 11) -
     """Area under ``E(k most relevant pairs off) - E(none off)`` over the fraction k / P (eV)."""
     batch = model.batch_from_atoms(atoms)
     half = batch.pair_i.shape[0] // 2
-    index = {(int(i), int(j)): p for p, (i, j) in
-             enumerate(zip(batch.pair_i[:half], batch.pair_j[:half]))}
+    index = {
+        (int(i), int(j)): p
+        for p, (i, j) in enumerate(zip(batch.pair_i[:half], batch.pair_j[:half]))
+    }
     ranks = [index[tuple(pair)] for pair in pair_order]
     fractions = np.linspace(0, 1, n_points)
     curve = []
@@ -198,8 +211,12 @@ def main() -> None:
     parser.add_argument("--n-explain", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rattle", type=float, default=0.05, help="Angstrom, per coordinate")
-    parser.add_argument("--n-fragments", type=int, default=600,
-                        help="isolated atoms, dimers and trimers added to the training set")
+    parser.add_argument(
+        "--n-fragments",
+        type=int,
+        default=600,
+        help="isolated atoms, dimers and trimers added to the training set",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-model", help="save the trained model to this folder")
     parser.add_argument("--model", help="load this model folder instead of training")
@@ -211,8 +228,11 @@ def main() -> None:
     structures = []
     for m in range(n):
         atoms = qm9.atoms(m)
-        structures.append(Atoms(atoms.numbers, atoms.positions + rng.normal(0.0, args.rattle,
-                                                                            atoms.positions.shape)))
+        structures.append(
+            Atoms(
+                atoms.numbers, atoms.positions + rng.normal(0.0, args.rattle, atoms.positions.shape)
+            )
+        )
     extra = fragments(args.n_fragments, rng)
     data = dataset_from_atoms(structures + extra)
     terms = [true_terms(a.numbers, a.positions) for a in structures + extra]
@@ -227,17 +247,35 @@ def main() -> None:
     if args.save_model:
         save_model(model, args.save_model)
     with torch.no_grad():
-        predicted = np.concatenate([model(data.batch(chunk, CUTOFF))["energy"].numpy()
-                                    for chunk in np.array_split(test_idx, 4)])
+        predicted = np.concatenate(
+            [
+                model(data.batch(chunk, CUTOFF))["energy"].numpy()
+                for chunk in np.array_split(test_idx, 4)
+            ]
+        )
     mae = float(np.abs(predicted - energies[test_idx]).mean())
-    print(json.dumps({"benchmark": "explain_molecules", "result": "model",
-                      "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                      "cores": os.cpu_count(), "threads": args.threads,
-                      "load_average": round(os.getloadavg()[0], 1), "n_train": args.n_train,
-                      "epochs": epochs, "train_minutes_loaded_machine": round((time.time() - start) / 60, 1),
-                      "test_mae_meV": round(1000 * mae, 1),
-                      "target_std_meV": round(1000 * float(energies[test_idx].std()), 1)}), flush=True)
-    loader = (data.batch(chunk, CUTOFF) for chunk in np.array_split(train_idx, len(train_idx) // 64))
+    print(
+        json.dumps(
+            {
+                "benchmark": "explain_molecules",
+                "result": "model",
+                "date": time.strftime("%Y-%m-%d"),
+                "torch": torch.__version__,
+                "cores": os.cpu_count(),
+                "threads": args.threads,
+                "load_average": round(os.getloadavg()[0], 1),
+                "n_train": args.n_train,
+                "epochs": epochs,
+                "train_minutes_loaded_machine": round((time.time() - start) / 60, 1),
+                "test_mae_meV": round(1000 * mae, 1),
+                "target_std_meV": round(1000 * float(energies[test_idx].std()), 1),
+            }
+        ),
+        flush=True,
+    )
+    loader = (
+        data.batch(chunk, CUTOFF) for chunk in np.array_split(train_idx, len(train_idx) // 64)
+    )
     patterns = fit_molecule_patterns(model, loader)
     explained = test_idx[: args.n_explain]
     rng = np.random.default_rng(args.seed)
@@ -255,7 +293,9 @@ def main() -> None:
             true_pairs, true_triples = terms[m]
             true = [true_pairs[(i, j)] for i, j in result.pairs.tolist()]
             atoms = structures[m]
-            types += [pair_type(atoms.numbers, atoms.positions, i, j) for i, j in result.pairs.tolist()]
+            types += [
+                pair_type(atoms.numbers, atoms.positions, i, j) for i, j in result.pairs.tolist()
+            ]
             pair_x += result.pair_relevance.tolist()
             pair_y += true
             per_molecule.append(pearson(result.pair_relevance, true))
@@ -266,21 +306,46 @@ def main() -> None:
                     triple_types.append("-".join(str(z) for z in sorted(atoms.numbers[list(key)])))
             errors.append(abs(result.conservation_error))
             orders[method].append(result.pairs[np.argsort(-result.pair_relevance)])
-        print(json.dumps({
-            "benchmark": "explain_molecules", "result": "recovery", "method": method,
-            "n_molecules": len(explained), "pair_pearson": _round(pearson(pair_x, pair_y)),
-            "pair_pearson_per_molecule": _round(float(np.mean([r for r in per_molecule
-                                                               if r is not None]))),
-            "pair_pearson_within_type": _round(pearson_within_types(pair_x, pair_y, types)),
-            "triple_pearson": _round(pearson(triple_x, triple_y)) if triple_x else None,
-            "triple_pearson_within_type": _round(pearson_within_types(triple_x, triple_y, triple_types))
-            if triple_x else None,
-            "conservation_mae_meV": round(1000 * float(np.mean(errors)), 4),
-            "reference": result.reference_kind}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "explain_molecules",
+                    "result": "recovery",
+                    "method": method,
+                    "n_molecules": len(explained),
+                    "pair_pearson": _round(pearson(pair_x, pair_y)),
+                    "pair_pearson_per_molecule": _round(
+                        float(np.mean([r for r in per_molecule if r is not None]))
+                    ),
+                    "pair_pearson_within_type": _round(pearson_within_types(pair_x, pair_y, types)),
+                    "triple_pearson": _round(pearson(triple_x, triple_y)) if triple_x else None,
+                    "triple_pearson_within_type": _round(
+                        pearson_within_types(triple_x, triple_y, triple_types)
+                    )
+                    if triple_x
+                    else None,
+                    "conservation_mae_meV": round(1000 * float(np.mean(errors)), 4),
+                    "reference": result.reference_kind,
+                }
+            ),
+            flush=True,
+        )
     for name, per_molecule in orders.items():
-        aucs = [perturbation_auc(model, structures[m], order) for m, order in zip(explained, per_molecule)]
-        print(json.dumps({"benchmark": "explain_molecules", "result": "perturbation", "order": name,
-                          "auc_eV": round(float(np.mean(aucs)), 4)}), flush=True)
+        aucs = [
+            perturbation_auc(model, structures[m], order)
+            for m, order in zip(explained, per_molecule)
+        ]
+        print(
+            json.dumps(
+                {
+                    "benchmark": "explain_molecules",
+                    "result": "perturbation",
+                    "order": name,
+                    "auc_eV": round(float(np.mean(aucs)), 4),
+                }
+            ),
+            flush=True,
+        )
 
 
 def _within(atoms) -> set:

@@ -54,13 +54,24 @@ def main() -> None:
                 probe_energies(model, atoms, points, "C", chunk_size=chunk)
                 times.append(time.perf_counter() - start)
             best = min(times)
-            print(json.dumps({"benchmark": "potential_map", "representation":
-                              model.config.representation, "cutoff": model.cutoff,
-                              "molecule": atoms.get_chemical_formula(), "n_points": args.points,
-                              "chunk_size": chunk, "dtype": str(dtype).replace("torch.", ""),
-                              "threads": args.threads, "best_s": round(best, 3),
-                              "points_per_s": round(args.points / best),
-                              "cpu": platform.processor() or platform.machine()}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "benchmark": "potential_map",
+                        "representation": model.config.representation,
+                        "cutoff": model.cutoff,
+                        "molecule": atoms.get_chemical_formula(),
+                        "n_points": args.points,
+                        "chunk_size": chunk,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "threads": args.threads,
+                        "best_s": round(best, 3),
+                        "points_per_s": round(args.points / best),
+                        "cpu": platform.processor() or platform.machine(),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

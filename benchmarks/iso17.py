@@ -33,8 +33,12 @@ DATA = ROOT.parent / "shared" / "data"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA,
-                        help="folder holding iso17-xtb/ (default: ../shared/data)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DATA,
+        help="folder holding iso17-xtb/ (default: ../shared/data)",
+    )
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget")
     parser.add_argument("--n-val", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -64,13 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     reference = read_iso17(files["reference"])
     out = args.out or Path(tempfile.mkdtemp(prefix="iso17-"))
     # ISO17 databases state their units (eV): the MD17 preset's kcal/mol default must go
-    config = dataclasses.replace(
-        preset(f"md17-{args.model}"), energy_unit=None, length_unit=None)
+    config = dataclasses.replace(preset(f"md17-{args.model}"), energy_unit=None, length_unit=None)
     config = config.updated(
-        data=str(files["reference"]), n_train=len(reference) - args.n_val, n_val=args.n_val,
-        n_test=0, batch_size=args.batch_size, max_minutes=args.minutes, max_epochs=100000,
-        lr_patience=args.lr_patience, threads=args.threads, seed=args.seed, out=str(out),
-        progress=False)
+        data=str(files["reference"]),
+        n_train=len(reference) - args.n_val,
+        n_val=args.n_val,
+        n_test=0,
+        batch_size=args.batch_size,
+        max_minutes=args.minutes,
+        max_epochs=100000,
+        lr_patience=args.lr_patience,
+        threads=args.threads,
+        seed=args.seed,
+        out=str(out),
+        progress=False,
+    )
     start = time.perf_counter()
     metrics = train(config, data=reference, overwrite=True)  # a benchmark re-runs
     seconds = time.perf_counter() - start
@@ -79,15 +91,29 @@ def main(argv: list[str] | None = None) -> int:
         test = read_iso17(files[name])
         result = evaluate(model, test, np.arange(len(test)), batch_size=100, forces=True)
         energy, forces = result["energy_mae"], result["forces_mae"]
-        print(json.dumps({
-            "benchmark": "iso17", "test_set": name,
-            "reference": "GFN2-xTB (shared/data/iso17-xtb)", "model": args.model,
-            "n_train": metrics["n_train"], "n_val": metrics["n_val"], "n_test": len(test),
-            "epochs": metrics["epochs"], "budget_minutes": args.minutes,
-            "train_seconds": round(seconds, 1), "threads": args.threads, "seed": args.seed,
-            "energy_mae_kcal_mol": energy / KCAL_MOL_EV, "energy_mae_meV": energy * 1000,
-            "forces_mae_kcal_mol_A": forces / KCAL_MOL_EV, "forces_mae_meV_A": forces * 1000}),
-            flush=True)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "iso17",
+                    "test_set": name,
+                    "reference": "GFN2-xTB (shared/data/iso17-xtb)",
+                    "model": args.model,
+                    "n_train": metrics["n_train"],
+                    "n_val": metrics["n_val"],
+                    "n_test": len(test),
+                    "epochs": metrics["epochs"],
+                    "budget_minutes": args.minutes,
+                    "train_seconds": round(seconds, 1),
+                    "threads": args.threads,
+                    "seed": args.seed,
+                    "energy_mae_kcal_mol": energy / KCAL_MOL_EV,
+                    "energy_mae_meV": energy * 1000,
+                    "forces_mae_kcal_mol_A": forces / KCAL_MOL_EV,
+                    "forces_mae_meV_A": forces * 1000,
+                }
+            ),
+            flush=True,
+        )
     return 0
 
 

@@ -30,10 +30,16 @@ prepare_environment()  # before torch loads: libgomp reads its wait policy once
 import numpy as np
 import torch
 
-SETTINGS = {"128/6": {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20,
-                      "cutoff": 5.0},
-            "64/3": {"n_atom_basis": 64, "n_interactions": 3, "n_filters": 64, "n_rbf": 20,
-                     "cutoff": 5.0}}
+SETTINGS = {
+    "128/6": {
+        "n_atom_basis": 128,
+        "n_interactions": 6,
+        "n_filters": 128,
+        "n_rbf": 20,
+        "cutoff": 5.0,
+    },
+    "64/3": {"n_atom_basis": 64, "n_interactions": 3, "n_filters": 64, "n_rbf": 20, "cutoff": 5.0},
+}
 
 
 def matmul_peak(sizes=(256, 512, 1024, 2048), seconds: float = 1.0) -> dict:
@@ -47,8 +53,10 @@ def matmul_peak(sizes=(256, 512, 1024, 2048), seconds: float = 1.0) -> dict:
             torch.mm(a, b)
             repeats += 1
         per_size[n] = 2.0 * n**3 * repeats / (time.thread_time() - start) / 1e9
-    return {"peak_gflops": max(per_size.values()),
-            "gflops_by_size": {str(n): round(v, 2) for n, v in per_size.items()}}
+    return {
+        "peak_gflops": max(per_size.values()),
+        "gflops_by_size": {str(n): round(v, 2) for n, v in per_size.items()},
+    }
 
 
 def training_setup(setting: str, batch_size: int, seed: int = 0):
@@ -67,9 +75,14 @@ def training_setup(setting: str, batch_size: int, seed: int = 0):
     indices = np.sort(rng.choice(len(data), size=batch_size, replace=False))
     torch.manual_seed(seed)
     kwargs = SETTINGS[setting]
-    model = build_model(ModelConfig(representation="schnet", representation_kwargs=kwargs,
-                                    head_hidden=kwargs["n_atom_basis"] // 2,
-                                    target=next(iter(data.targets))))
+    model = build_model(
+        ModelConfig(
+            representation="schnet",
+            representation_kwargs=kwargs,
+            head_hidden=kwargs["n_atom_basis"] // 2,
+            target=next(iter(data.targets)),
+        )
+    )
     fit_statistics(model, data, indices)
     batch = data.batch(indices, model.cutoff)
     return model, torch.optim.Adam(model.parameters(), lr=5e-4), batch
@@ -82,8 +95,12 @@ def random_molecules(n: int, seed: int):
     structures = []
     for _ in range(n):
         atoms = 18  # QM9's mean
-        structures.append((rng.choice([1, 1, 6, 7, 8], atoms),
-                           rng.uniform(0, 4.5, (atoms, 3)) + np.arange(atoms)[:, None] * 0.3))
+        structures.append(
+            (
+                rng.choice([1, 1, 6, 7, 8], atoms),
+                rng.uniform(0, 4.5, (atoms, 3)) + np.arange(atoms)[:, None] * 0.3,
+            )
+        )
     return PackedDataset.from_structures(structures, {"U0": rng.normal(size=n)}, {"U0": "eV"})
 
 
@@ -121,12 +138,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     configure(threads=1)  # single core: the peak and the step on the same one thread
-    common = {"threads": 1, "clock": "thread CPU time", "torch": torch.__version__,
-              "load_1min": round(os.getloadavg()[0], 2)}
+    common = {
+        "threads": 1,
+        "clock": "thread CPU time",
+        "torch": torch.__version__,
+        "load_1min": round(os.getloadavg()[0], 2),
+    }
 
     peak = matmul_peak(seconds=args.peak_seconds)
-    print(json.dumps({"measure": "matmul_peak", "dtype": "float32", **peak, **common}),
-          flush=True)
+    print(json.dumps({"measure": "matmul_peak", "dtype": "float32", **peak, **common}), flush=True)
 
     model, optimizer, batch = training_setup(args.setting, args.batch_size, args.seed)
     model.train()
@@ -138,15 +158,25 @@ def main(argv=None) -> int:
         step(model, optimizer, batch)
     seconds = (time.thread_time() - start) / args.steps
     achieved = flops / seconds / 1e9
-    print(json.dumps({
-        "measure": "training_step", "setting": args.setting, "batch_size": args.batch_size,
-        "n_atoms": batch.n_atoms, "n_pairs": int(batch.pair_i.shape[0]),
-        "step_mflop": round(flops / 1e6, 1),
-        "mflop_per_molecule": round(flops / 1e6 / batch.n_structures, 2),
-        "cpu_s_per_step": round(seconds, 4),
-        "molecules_per_cpu_s": round(batch.n_structures / seconds, 1),
-        "achieved_gflops": round(achieved, 2),
-        "fraction_of_peak": round(achieved / peak["peak_gflops"], 3), **common}), flush=True)
+    print(
+        json.dumps(
+            {
+                "measure": "training_step",
+                "setting": args.setting,
+                "batch_size": args.batch_size,
+                "n_atoms": batch.n_atoms,
+                "n_pairs": int(batch.pair_i.shape[0]),
+                "step_mflop": round(flops / 1e6, 1),
+                "mflop_per_molecule": round(flops / 1e6 / batch.n_structures, 2),
+                "cpu_s_per_step": round(seconds, 4),
+                "molecules_per_cpu_s": round(batch.n_structures / seconds, 1),
+                "achieved_gflops": round(achieved, 2),
+                "fraction_of_peak": round(achieved / peak["peak_gflops"], 3),
+                **common,
+            }
+        ),
+        flush=True,
+    )
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -155,12 +185,26 @@ def main(argv=None) -> int:
             step(model, optimizer, batch)
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
-    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.profile_rows]
-    print(json.dumps({"measure": "training_step_profile", "setting": args.setting,
-                      "top_operators": [{"op": e.key, "calls": e.count,
-                                         "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-                                         "fraction": round(e.self_cpu_time_total / total, 3)}
-                                        for e in top], **common}), flush=True)
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.profile_rows]
+    print(
+        json.dumps(
+            {
+                "measure": "training_step_profile",
+                "setting": args.setting,
+                "top_operators": [
+                    {
+                        "op": e.key,
+                        "calls": e.count,
+                        "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+                        "fraction": round(e.self_cpu_time_total / total, 3),
+                    }
+                    for e in top
+                ],
+                **common,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

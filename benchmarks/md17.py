@@ -44,7 +44,9 @@ def offset_refit_mae(model_dir: Path, data, test_subset: int | None = None, seed
     model = load_model(model_dir)
     split = load_split(model_dir / "split.npz")
     energy = np.asarray(data.targets["energy"])
-    offset = (predict_dataset(model, data, split["train"])["energy"] - energy[split["train"]]).mean()
+    offset = (
+        predict_dataset(model, data, split["train"])["energy"] - energy[split["train"]]
+    ).mean()
     test_idx = bounded_subset(split["test"], test_subset, seed)  # the frames train() evaluated
     test = predict_dataset(model, data, test_idx)["energy"] - offset
     return float(np.abs(test - energy[test_idx]).mean())
@@ -52,22 +54,34 @@ def offset_refit_mae(model_dir: Path, data, test_subset: int | None = None, seed
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA,
-                        help="folder holding md17-xtb/ (default: ../shared/data)")
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help="folder holding md17-xtb/ (default: ../shared/data)"
+    )
     parser.add_argument("--molecules", nargs="+", default=MOLECULES, choices=MOLECULES)
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget per molecule")
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-val", type=int, default=1000)
     parser.add_argument("--model", choices=representation_names(), default="schnet")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lr-patience", type=int, default=5,
-                        help="epochs without improvement before halving the learning rate")
+    parser.add_argument(
+        "--lr-patience",
+        type=int,
+        default=5,
+        help="epochs without improvement before halving the learning rate",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--test-subset", type=int, default=10000,
-                        help="test frames evaluated (a random subset of the test split)")
-    parser.add_argument("--peers", action="store_true",
-                        help="also train SchNetPack (its own loop, its venv) on the same split, "
-                             "threads and budget; report both test MAEs")
+    parser.add_argument(
+        "--test-subset",
+        type=int,
+        default=10000,
+        help="test frames evaluated (a random subset of the test split)",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also train SchNetPack (its own loop, its venv) on the same split, "
+        "threads and budget; report both test MAEs",
+    )
     parser.add_argument("--out", type=Path, help="keep the trained models here")
     args = parser.parse_args(argv)
     from atomlens.runtime import configure
@@ -85,10 +99,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: not found; pass --data", file=sys.stderr)
             return 2
         config = preset(f"md17-{args.model}").updated(
-            data=str(path), n_train=args.n_train, n_val=args.n_val, max_minutes=args.minutes,
-            max_epochs=100000, lr_patience=args.lr_patience, threads=args.threads,
-            seed=args.seed, out=str(out_root / name), progress=False,
-            test_subset=args.test_subset)
+            data=str(path),
+            n_train=args.n_train,
+            n_val=args.n_val,
+            max_minutes=args.minutes,
+            max_epochs=100000,
+            lr_patience=args.lr_patience,
+            threads=args.threads,
+            seed=args.seed,
+            out=str(out_root / name),
+            progress=False,
+            test_subset=args.test_subset,
+        )
         data = load_dataset(config)
         start = time.perf_counter()
         metrics = train(config, data=data, overwrite=True)  # a benchmark re-runs
@@ -96,23 +118,37 @@ def main(argv: list[str] | None = None) -> int:
         energy, forces = metrics["energy_mae"], metrics["forces_mae"]
         refit = offset_refit_mae(Path(config.out) / "model", data, args.test_subset, args.seed)
         record = {
-            "benchmark": "md17", "protocol": "MD17 random split (train/val/rest test)",
-            "reference": "GFN2-xTB (shared/data/md17-xtb)", "molecule": name,
-            "model": args.model, "preset": f"md17-{args.model}", "n_atoms": int(data.n_atoms_per[0]),
-            "n_train": metrics["n_train"], "n_val": metrics["n_val"], "n_test": metrics["n_test"],
-            "epochs": metrics["epochs"], "budget_minutes": args.minutes,
-            "train_seconds": round(seconds, 1), "threads": args.threads, "seed": args.seed,
-            "energy_mae_kcal_mol": energy / KCAL_MOL_EV, "energy_mae_meV": energy * 1000,
-            "forces_mae_kcal_mol_A": forces / KCAL_MOL_EV, "forces_mae_meV_A": forces * 1000,
+            "benchmark": "md17",
+            "protocol": "MD17 random split (train/val/rest test)",
+            "reference": "GFN2-xTB (shared/data/md17-xtb)",
+            "molecule": name,
+            "model": args.model,
+            "preset": f"md17-{args.model}",
+            "n_atoms": int(data.n_atoms_per[0]),
+            "n_train": metrics["n_train"],
+            "n_val": metrics["n_val"],
+            "n_test": metrics["n_test"],
+            "epochs": metrics["epochs"],
+            "budget_minutes": args.minutes,
+            "train_seconds": round(seconds, 1),
+            "threads": args.threads,
+            "seed": args.seed,
+            "energy_mae_kcal_mol": energy / KCAL_MOL_EV,
+            "energy_mae_meV": energy * 1000,
+            "forces_mae_kcal_mol_A": forces / KCAL_MOL_EV,
+            "forces_mae_meV_A": forces * 1000,
             "energy_mae_offset_refit_kcal_mol": refit / KCAL_MOL_EV,
-            "n_test_evaluated": metrics["n_test_evaluated"]}
+            "n_test_evaluated": metrics["n_test_evaluated"],
+        }
         if args.peers:  # SchNetPack on the same frames, split, threads and budget
             from time_to_accuracy import schnetpack_run
 
             peer = schnetpack_run(Path(config.out), data, args.minutes, args.threads, config)
-            record.update(schnetpack=peer,
-                          energy_mae_ratio_atomlens_schnetpack=energy / peer["energy_mae_eV"],
-                          forces_mae_ratio_atomlens_schnetpack=forces / peer["forces_mae_eV_A"])
+            record.update(
+                schnetpack=peer,
+                energy_mae_ratio_atomlens_schnetpack=energy / peer["energy_mae_eV"],
+                forces_mae_ratio_atomlens_schnetpack=forces / peer["forces_mae_eV_A"],
+            )
         print(json.dumps(record), flush=True)
     return 0
 

@@ -39,8 +39,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-HYPERPARAMETERS = {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20,
-                   "cutoff": 5.0}
+HYPERPARAMETERS = {
+    "n_atom_basis": 128,
+    "n_interactions": 6,
+    "n_filters": 128,
+    "n_rbf": 20,
+    "cutoff": 5.0,
+}
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 
 
@@ -51,38 +56,59 @@ def aspirin_frames(data: Path, n: int = 500) -> dict:
     path = data / "md17-xtb" / "aspirin.npz"
     if path.is_file():
         d = np.load(path)
-        return {"z": d["z"], "R": d["R"][:n], "E": d["E"][:n, 0] * KCAL_MOL_EV,
-                "F": d["F"][:n] * KCAL_MOL_EV}
+        return {
+            "z": d["z"],
+            "R": d["R"][:n],
+            "E": d["E"][:n, 0] * KCAL_MOL_EV,
+            "F": d["F"][:n] * KCAL_MOL_EV,
+        }
     from atomlens.data.sampling import molecule_from_smiles  # no data: labels are random
 
     atoms = molecule_from_smiles(ASPIRIN)
     rng = np.random.default_rng(0)
     positions = atoms.positions + rng.normal(scale=0.05, size=(n, len(atoms), 3))
-    return {"z": atoms.numbers, "R": positions, "E": rng.normal(size=n),
-            "F": rng.normal(size=(n, len(atoms), 3))}
+    return {
+        "z": atoms.numbers,
+        "R": positions,
+        "E": rng.normal(size=n),
+        "F": rng.normal(size=(n, len(atoms), 3)),
+    }
 
 
 def build_model():
     from atomlens.models import build_model as build
 
     torch.manual_seed(0)
-    return build({"representation": "schnet", "representation_kwargs": HYPERPARAMETERS,
-                  "head_hidden": 64, "target": "energy"})
+    return build(
+        {
+            "representation": "schnet",
+            "representation_kwargs": HYPERPARAMETERS,
+            "head_hidden": 64,
+            "target": "energy",
+        }
+    )
 
 
 #: wall time, or this thread's CPU time (with one torch thread: immune to a busy machine)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def training_throughput(frames: dict, batch_size: int, seconds: float, rho: float = 0.01,
-                        warmup: int = 3, clock: str = "wall") -> dict:
+def training_throughput(
+    frames: dict,
+    batch_size: int,
+    seconds: float,
+    rho: float = 0.01,
+    warmup: int = 3,
+    clock: str = "wall",
+) -> dict:
     from atomlens.data import PackedDataset, make_loader
 
     n = len(frames["R"])
     data = PackedDataset.from_structures(
         [(frames["z"], r) for r in frames["R"]],
         {"energy": frames["E"] - frames["E"].mean(), "forces": list(frames["F"])},
-        {"energy": "eV", "forces": "eV/Angstrom"})
+        {"energy": "eV", "forces": "eV/Angstrom"},
+    )
     model = build_model().train()
     loader = make_loader(data, np.arange(n), batch_size, model.cutoff, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
@@ -97,8 +123,10 @@ def training_throughput(frames: dict, batch_size: int, seconds: float, rho: floa
         batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
         pred = model(batch, forces=True)
-        loss = (rho * (pred["energy"] - batch.targets["energy"]).pow(2).mean()
-                + (1 - rho) * (pred["forces"] - batch.targets["forces"]).pow(2).sum(-1).mean())
+        loss = (
+            rho * (pred["energy"] - batch.targets["energy"]).pow(2).mean()
+            + (1 - rho) * (pred["forces"] - batch.targets["forces"]).pow(2).sum(-1).mean()
+        )
         loss.backward()
         optimizer.step()
         return batch.n_structures
@@ -123,8 +151,7 @@ def md_atoms(frames: dict):
     return atoms
 
 
-def md_speed(frames: dict, steps: int, clock: str = "wall", compile: bool | str = False
-             ) -> dict:
+def md_speed(frames: dict, steps: int, clock: str = "wall", compile: bool | str = False) -> dict:
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
@@ -141,21 +168,32 @@ def md_speed(frames: dict, steps: int, clock: str = "wall", compile: bool | str 
     return {"steps_per_s": steps / wall, "steps": steps, "wall_s": wall}
 
 
-def batched_md_speed(frames: dict, replicas: int, steps: int, clock: str = "wall",
-                     compile: bool | str = False) -> dict:
+def batched_md_speed(
+    frames: dict, replicas: int, steps: int, clock: str = "wall", compile: bool | str = False
+) -> dict:
     """Molecule-steps/s of ``replicas`` aspirin trajectories in one :class:`BatchedMD`."""
     from atomlens.batched_md import BatchedMD
 
     atoms = md_atoms(frames)
-    md = BatchedMD(build_model().eval(), [atoms] * replicas, timestep_fs=0.5,
-                   temperature_K=300, seed=0, compile=compile)
+    md = BatchedMD(
+        build_model().eval(),
+        [atoms] * replicas,
+        timestep_fs=0.5,
+        temperature_K=300,
+        seed=0,
+        compile=compile,
+    )
     md.run(10, progress=False)  # warm-up (and, with compile, the one-off compilation)
     now = CLOCKS[clock]
     start = now()
     md.run(steps, progress=False)
     wall = now() - start
-    return {"molecule_steps_per_s": replicas * steps / wall, "replicas": replicas,
-            "steps": steps, "wall_s": wall}
+    return {
+        "molecule_steps_per_s": replicas * steps / wall,
+        "replicas": replicas,
+        "steps": steps,
+        "wall_s": wall,
+    }
 
 
 def profile(frames: dict, batch_size: int) -> None:
@@ -173,13 +211,11 @@ def profile(frames: dict, batch_size: int) -> None:
             atoms.positions[0, 0] += 1e-4
             atoms.get_forces()
     print("== MD: 50 force calls of aspirin", file=sys.stderr)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20),
-          file=sys.stderr)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         training_throughput(frames, batch_size, seconds=0.0, warmup=0)
     print(f"== training: 5 steps at batch size {batch_size}", file=sys.stderr)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20),
-          file=sys.stderr)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
 
 
 def run_peer(frames: dict, args) -> list[dict]:
@@ -190,11 +226,26 @@ def run_peer(frames: dict, args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "frames.npz"
         np.savez(path, **frames)
-        command = [str(python), str(Path(__file__).resolve().parent / "peers" / "schnetpack_md.py"),
-                   "--frames", str(path), "--threads", str(args.threads), "--seconds",
-                   str(args.seconds), "--md-steps", str(args.md_steps), "--clock", args.clock, "--batch-sizes",
-                   *map(str, args.batch_sizes), "--hyperparameters", json.dumps(HYPERPARAMETERS),
-                   "--md-runs", str(args.replicas)]
+        command = [
+            str(python),
+            str(Path(__file__).resolve().parent / "peers" / "schnetpack_md.py"),
+            "--frames",
+            str(path),
+            "--threads",
+            str(args.threads),
+            "--seconds",
+            str(args.seconds),
+            "--md-steps",
+            str(args.md_steps),
+            "--clock",
+            args.clock,
+            "--batch-sizes",
+            *map(str, args.batch_sizes),
+            "--hyperparameters",
+            json.dumps(HYPERPARAMETERS),
+            "--md-runs",
+            str(args.replicas),
+        ]
         env = dict(os.environ)
         if args.peer_malloc:  # the allocator settings atomlens makes for itself
             from atomlens.runtime import allocator_environment
@@ -208,36 +259,56 @@ def run_peer(frames: dict, args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA,
-                        help="folder holding md17-xtb/ (default: ../shared/data)")
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help="folder holding md17-xtb/ (default: ../shared/data)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 32])
     parser.add_argument("--seconds", type=float, default=20.0, help="per training measurement")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="cpu: count this thread's CPU time (needs --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="cpu: count this thread's CPU time (needs --threads 1)",
+    )
     parser.add_argument("--md-steps", type=int, default=500)
     parser.add_argument("--no-peer", action="store_true", help="skip SchNetPack")
-    parser.add_argument("--peer-malloc", action="store_true",
-                        help="run SchNetPack with atomlens's glibc malloc settings too")
-    parser.add_argument("--compile", action="store_true",
-                        help="also MD with atomlens.Calculator(compile=True)")
-    parser.add_argument("--replicas", type=int, default=0,
-                        help="also R trajectories at once (batched MD) against R sequential "
-                             "SchNetPack runs; 32 in the issue's target")
+    parser.add_argument(
+        "--peer-malloc",
+        action="store_true",
+        help="run SchNetPack with atomlens's glibc malloc settings too",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also MD with atomlens.Calculator(compile=True)"
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="also R trajectories at once (batched MD) against R sequential "
+        "SchNetPack runs; 32 in the issue's target",
+    )
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables to stderr")
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu counts one thread's CPU time: use it with --threads 1")
     configure(threads=args.threads)
     frames = aspirin_frames(args.data)
-    common = {"library": "atomlens", "threads": args.threads, "clock": args.clock,
-              "n_atoms": len(frames["z"]), **HYPERPARAMETERS}
+    common = {
+        "library": "atomlens",
+        "threads": args.threads,
+        "clock": args.clock,
+        "n_atoms": len(frames["z"]),
+        **HYPERPARAMETERS,
+    }
     ours: dict[tuple, float] = {}
     for batch_size in args.batch_sizes:
         result = training_throughput(frames, batch_size, args.seconds, clock=args.clock)
         ours["train", batch_size] = result["structures_per_s"]
-        print(json.dumps({"measure": "train", "batch_size": batch_size, **common, **result}),
-              flush=True)
+        print(
+            json.dumps({"measure": "train", "batch_size": batch_size, **common, **result}),
+            flush=True,
+        )
     result = md_speed(frames, args.md_steps, clock=args.clock)
     ours["md", None] = result["steps_per_s"]
     print(json.dumps({"measure": "md", **common, **result}), flush=True)
@@ -250,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         ours["md_compiled", None] = result["steps_per_s"]
         print(json.dumps({"measure": "md_compiled", **common, **result}), flush=True)
     if args.replicas:
-        result = batched_md_speed(frames, args.replicas, args.md_steps, clock=args.clock,
-                                  compile=args.compile)
+        result = batched_md_speed(
+            frames, args.replicas, args.md_steps, clock=args.clock, compile=args.compile
+        )
         ours["md_batched", None] = result["molecule_steps_per_s"]
         print(json.dumps({"measure": "md_batched", **common, **result}), flush=True)
     if args.profile:
@@ -263,24 +335,55 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(peer), flush=True)
         if peer["measure"] == "md_sequential":
             ratio = ours["md_batched", None] / peer["molecule_steps_per_s"]
-            print(json.dumps({"measure": "md_batched_ratio", "replicas": peer["runs"],
-                              "threads": args.threads, "clock": args.clock,
-                              "atomlens_over_schnetpack": ratio, "target": 20.0,
-                              "met": ratio >= 20.0}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "measure": "md_batched_ratio",
+                        "replicas": peer["runs"],
+                        "threads": args.threads,
+                        "clock": args.clock,
+                        "atomlens_over_schnetpack": ratio,
+                        "target": 20.0,
+                        "met": ratio >= 20.0,
+                    }
+                ),
+                flush=True,
+            )
             continue
         key = (peer["measure"], peer.get("batch_size"))
         rate = "structures_per_s" if peer["measure"] == "train" else "steps_per_s"
         target = 3.0 if peer["measure"] == "train" else 5.0
         ratio = ours[key] / peer[rate]
-        print(json.dumps({"measure": f"{peer['measure']}_ratio", "batch_size": key[1],
-                          "threads": args.threads, "clock": args.clock, "atomlens_over_schnetpack": ratio,
-                          "target": target, "met": ratio >= target}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "measure": f"{peer['measure']}_ratio",
+                    "batch_size": key[1],
+                    "threads": args.threads,
+                    "clock": args.clock,
+                    "atomlens_over_schnetpack": ratio,
+                    "target": target,
+                    "met": ratio >= target,
+                }
+            ),
+            flush=True,
+        )
         for name in ("md_default", "md_compiled"):
             if key == ("md", None) and (name, None) in ours:
                 ratio = ours[name, None] / peer[rate]
-                print(json.dumps({"measure": f"{name}_ratio", "threads": args.threads,
-                                  "clock": args.clock, "atomlens_over_schnetpack": ratio,
-                                  "target": target, "met": ratio >= target}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "measure": f"{name}_ratio",
+                            "threads": args.threads,
+                            "clock": args.clock,
+                            "atomlens_over_schnetpack": ratio,
+                            "target": target,
+                            "met": ratio >= target,
+                        }
+                    ),
+                    flush=True,
+                )
     return 0
 
 

@@ -48,8 +48,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data" / "periodic"
-HYPERPARAMETERS = {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20,
-                   "cutoff": 5.0}
+HYPERPARAMETERS = {
+    "n_atom_basis": 128,
+    "n_interactions": 6,
+    "n_filters": 128,
+    "n_rbf": 20,
+    "cutoff": 5.0,
+}
 SYSTEMS = {"si64": "si64_gfn1.extxyz", "water64": "water64_gfn1.extxyz"}
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 #: loss weights of energy, forces and stress (atomlens's rho = w_E, 1 - rho = w_F)
@@ -88,14 +93,21 @@ def unlabelled(system: str, n: int = 40, seed: int = 0):
 
     start = read(DATA / STARTS[system])
     rng = np.random.default_rng(seed)
-    frames = [start.positions + rng.normal(scale=0.03, size=start.positions.shape)
-              for _ in range(n)]
+    frames = [
+        start.positions + rng.normal(scale=0.03, size=start.positions.shape) for _ in range(n)
+    ]
     return PackedDataset.from_structures(
         [(start.numbers, r) for r in frames],
-        {"energy": rng.normal(size=n), "forces": [rng.normal(size=(len(start), 3)) for _ in frames],
-         "stress": rng.normal(scale=0.01, size=(n, 3, 3))},
+        {
+            "energy": rng.normal(size=n),
+            "forces": [rng.normal(size=(len(start), 3)) for _ in frames],
+            "stress": rng.normal(scale=0.01, size=(n, 3, 3)),
+        },
         {"energy": "eV", "forces": "eV/Angstrom", "stress": "eV/Angstrom^3"},
-        per_atom=["forces"], cells=[start.cell.array] * n, pbc=[start.pbc] * n)
+        per_atom=["forces"],
+        cells=[start.cell.array] * n,
+        pbc=[start.pbc] * n,
+    )
 
 
 def load(system: str, seed: int = 0, n_test: float = 0.2, labelled: bool = True):
@@ -105,8 +117,10 @@ def load(system: str, seed: int = 0, n_test: float = 0.2, labelled: bool = True)
 
     path = DATA / SYSTEMS[system]
     if path.is_file():
-        data, reference = read_any(path, energy_unit="eV", length_unit="Angstrom"), \
-            "GFN1-xTB (tblite)"
+        data, reference = (
+            read_any(path, energy_unit="eV", length_unit="Angstrom"),
+            "GFN1-xTB (tblite)",
+        )
     elif labelled:
         raise SystemExit(f"{path} is missing: sample it first (see this script's docstring)")
     else:
@@ -119,10 +133,17 @@ def load(system: str, seed: int = 0, n_test: float = 0.2, labelled: bool = True)
 def frames_file(data, train_idx, test_idx, path: Path) -> Path:
     """The frames as plain arrays for the peer (it must not import atomlens)."""
     n = int(data.n_atoms_per[0])
-    np.savez(path, z=np.asarray(data.numbers[:n]), R=np.asarray(data.positions).reshape(-1, n, 3),
-             cell=np.asarray(data.cell), E=np.asarray(data.targets["energy"]),
-             F=np.asarray(data.targets["forces"]).reshape(-1, n, 3),
-             S=np.asarray(data.targets["stress"]), train=train_idx, test=test_idx)
+    np.savez(
+        path,
+        z=np.asarray(data.numbers[:n]),
+        R=np.asarray(data.positions).reshape(-1, n, 3),
+        cell=np.asarray(data.cell),
+        E=np.asarray(data.targets["energy"]),
+        F=np.asarray(data.targets["forces"]).reshape(-1, n, 3),
+        S=np.asarray(data.targets["stress"]),
+        train=train_idx,
+        test=test_idx,
+    )
     return path
 
 
@@ -130,12 +151,19 @@ def build_model():
     from atomlens.models import build_model as build
 
     torch.manual_seed(0)
-    return build({"representation": "schnet", "representation_kwargs": HYPERPARAMETERS,
-                  "head_hidden": 64, "target": "energy"})
+    return build(
+        {
+            "representation": "schnet",
+            "representation_kwargs": HYPERPARAMETERS,
+            "head_hidden": 64,
+            "target": "energy",
+        }
+    )
 
 
-def train(data, indices, batch_size: int, seconds: float, clock: str, lr: float = 5e-4,
-          warmup: int = 2):
+def train(
+    data, indices, batch_size: int, seconds: float, clock: str, lr: float = 5e-4, warmup: int = 2
+):
     """Train with atomlens's model and loss until ``seconds`` of ``clock`` have passed."""
     from atomlens.data import make_loader
     from atomlens.training.train import fit_statistics
@@ -157,9 +185,11 @@ def train(data, indices, batch_size: int, seconds: float, clock: str, lr: float 
         batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
         pred = model(batch, forces=True, stress=True)
-        loss = (w_e * (pred["energy"] - batch.targets["energy"]).pow(2).mean()
-                + w_f * (pred["forces"] - batch.targets["forces"]).pow(2).sum(-1).mean()
-                + w_s * (pred["stress"] - batch.targets["stress"]).pow(2).sum((1, 2)).mean())
+        loss = (
+            w_e * (pred["energy"] - batch.targets["energy"]).pow(2).mean()
+            + w_f * (pred["forces"] - batch.targets["forces"]).pow(2).sum(-1).mean()
+            + w_s * (pred["stress"] - batch.targets["stress"]).pow(2).sum((1, 2)).mean()
+        )
         loss.backward()
         optimizer.step()
         return batch.n_structures
@@ -180,10 +210,11 @@ def test_errors(model, data, indices) -> dict:
     pred = predict_dataset(model, data, indices, batch_size=4, forces=True, stress=True)
     n = data.n_atoms_per[indices]
     atoms = data.atom_index(indices)
-    return {"energy_mae": float(np.abs((pred["energy"] - data.targets["energy"][indices]) / n)
-                                .mean()),
-            "forces_mae": float(np.abs(pred["forces"] - data.targets["forces"][atoms]).mean()),
-            "stress_mae": float(np.abs(pred["stress"] - data.targets["stress"][indices]).mean())}
+    return {
+        "energy_mae": float(np.abs((pred["energy"] - data.targets["energy"][indices]) / n).mean()),
+        "forces_mae": float(np.abs(pred["forces"] - data.targets["forces"][atoms]).mean()),
+        "stress_mae": float(np.abs(pred["stress"] - data.targets["stress"][indices]).mean()),
+    }
 
 
 def md_speed(data, steps: int, clock: str) -> dict:
@@ -202,8 +233,12 @@ def md_speed(data, steps: int, clock: str) -> dict:
     start = now()
     dyn.run(steps)
     seconds = now() - start
-    return {"steps_per_s": steps / seconds, "steps": steps, "seconds": seconds,
-            "neighbour_list_builds": atoms.calc._neighbors.builds}
+    return {
+        "steps_per_s": steps / seconds,
+        "steps": steps,
+        "seconds": seconds,
+        "neighbour_list_builds": atoms.calc._neighbors.builds,
+    }
 
 
 def peer(frames: Path, args, measures: list[str]) -> list[dict]:
@@ -211,12 +246,30 @@ def peer(frames: Path, args, measures: list[str]) -> list[dict]:
     from spk_env import ensure_venv
 
     python = ensure_venv()
-    command = [str(python), str(ROOT / "benchmarks" / "peers" / "schnetpack_periodic.py"),
-               "--frames", str(frames), "--measure", *measures, "--threads", str(args.threads),
-               "--clock", args.clock, "--batch-size", str(args.batch_size),
-               "--seconds", str(args.seconds), "--fit-seconds", str(args.fit_seconds),
-               "--md-steps", str(args.md_steps), "--weights", *map(str, WEIGHTS),
-               "--hyperparameters", json.dumps(HYPERPARAMETERS)]
+    command = [
+        str(python),
+        str(ROOT / "benchmarks" / "peers" / "schnetpack_periodic.py"),
+        "--frames",
+        str(frames),
+        "--measure",
+        *measures,
+        "--threads",
+        str(args.threads),
+        "--clock",
+        args.clock,
+        "--batch-size",
+        str(args.batch_size),
+        "--seconds",
+        str(args.seconds),
+        "--fit-seconds",
+        str(args.fit_seconds),
+        "--md-steps",
+        str(args.md_steps),
+        "--weights",
+        *map(str, WEIGHTS),
+        "--hyperparameters",
+        json.dumps(HYPERPARAMETERS),
+    ]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -224,18 +277,26 @@ def peer(frames: Path, args, measures: list[str]) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--systems", nargs="+", choices=sorted(SYSTEMS), default=sorted(SYSTEMS))
-    parser.add_argument("--measure", nargs="+", choices=["train", "md", "fit"],
-                        default=["train", "md"])
+    parser.add_argument(
+        "--measure", nargs="+", choices=["train", "md", "fit"], default=["train", "md"]
+    )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="cpu: this thread's CPU time (use with --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="cpu: this thread's CPU time (use with --threads 1)",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0, help="throughput window")
     parser.add_argument("--fit-seconds", type=float, default=300.0, help="training budget")
     parser.add_argument("--md-steps", type=int, default=50)
     parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--make-starts", action="store_true",
-                        help="write the start structures for atomlens sample and exit")
+    parser.add_argument(
+        "--make-starts",
+        action="store_true",
+        help="write the start structures for atomlens sample and exit",
+    )
     args = parser.parse_args(argv)
     if args.make_starts:
         make_starts()
@@ -245,44 +306,78 @@ def main(argv=None) -> int:
     configure(threads=args.threads)
     for system in args.systems:
         data, train_idx, test_idx, reference = load(system, labelled="fit" in args.measure)
-        common = {"system": system, "n_atoms": int(data.n_atoms_per[0]), "n_train": len(train_idx),
-                  "n_test": len(test_idx), "threads": args.threads, "clock": args.clock,
-                  "batch_size": args.batch_size, "reference": reference, **HYPERPARAMETERS}
+        common = {
+            "system": system,
+            "n_atoms": int(data.n_atoms_per[0]),
+            "n_train": len(train_idx),
+            "n_test": len(test_idx),
+            "threads": args.threads,
+            "clock": args.clock,
+            "batch_size": args.batch_size,
+            "reference": reference,
+            **HYPERPARAMETERS,
+        }
         ours = {}
         if "train" in args.measure:
-            _, steps, structures, seconds = train(data, train_idx, args.batch_size, args.seconds,
-                                                  args.clock)
+            _, steps, structures, seconds = train(
+                data, train_idx, args.batch_size, args.seconds, args.clock
+            )
             ours["train"] = {"structures_per_s": structures / seconds, "steps": steps}
         if "md" in args.measure:
             ours["md"] = md_speed(data, args.md_steps, args.clock)
         if "fit" in args.measure:
             from atomlens.training.train import refit_offset
 
-            model, steps, structures, _ = train(data, train_idx, args.batch_size,
-                                                args.fit_seconds, args.clock)
+            model, steps, structures, _ = train(
+                data, train_idx, args.batch_size, args.fit_seconds, args.clock
+            )
             refit_offset(model, data, train_idx, args.batch_size)  # as atomlens train does
-            ours["fit"] = {"steps": steps, "epochs": structures / len(train_idx),
-                           "budget_s": args.fit_seconds, **test_errors(model, data, test_idx)}
+            ours["fit"] = {
+                "steps": steps,
+                "epochs": structures / len(train_idx),
+                "budget_s": args.fit_seconds,
+                **test_errors(model, data, test_idx),
+            }
         for measure, result in ours.items():
-            print(json.dumps({"measure": measure, "library": "atomlens", **common, **result}),
-                  flush=True)
+            print(
+                json.dumps({"measure": measure, "library": "atomlens", **common, **result}),
+                flush=True,
+            )
         if args.no_peer:
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            theirs = peer(frames_file(data, train_idx, test_idx, Path(tmp) / "frames.npz"), args,
-                          list(ours))
+            theirs = peer(
+                frames_file(data, train_idx, test_idx, Path(tmp) / "frames.npz"), args, list(ours)
+            )
         for result in theirs:
             print(json.dumps({**result, "system": system}), flush=True)
             measure = result["measure"]
             key = {"train": "structures_per_s", "md": "steps_per_s"}.get(measure)
             if key:
-                print(json.dumps({"measure": f"{measure}_ratio", "system": system,
-                                  "atomlens_over_schnetpack": ours[measure][key] / result[key]}),
-                      flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "measure": f"{measure}_ratio",
+                            "system": system,
+                            "atomlens_over_schnetpack": ours[measure][key] / result[key],
+                        }
+                    ),
+                    flush=True,
+                )
             else:
-                print(json.dumps({"measure": "fit_ratio", "system": system, **{
-                    f"{k}_atomlens_over_schnetpack": ours["fit"][k] / result[k]
-                    for k in ("energy_mae", "forces_mae", "stress_mae")}}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "measure": "fit_ratio",
+                            "system": system,
+                            **{
+                                f"{k}_atomlens_over_schnetpack": ours["fit"][k] / result[k]
+                                for k in ("energy_mae", "forces_mae", "stress_mae")
+                            },
+                        }
+                    ),
+                    flush=True,
+                )
     return 0
 
 

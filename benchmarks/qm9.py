@@ -61,14 +61,21 @@ from atomlens.training.config import preset
 from atomlens.training.train import fit_statistics, train
 
 HERE = Path(__file__).resolve().parent
-PRESETS = {"schnet": "qm9-u0-schnet", "schnet-neurips": "qm9-u0-schnet-neurips",
-           "dtnn": "qm9-u0-dtnn"}
+PRESETS = {
+    "schnet": "qm9-u0-schnet",
+    "schnet-neurips": "qm9-u0-schnet-neurips",
+    "dtnn": "qm9-u0-dtnn",
+}
 #: throughput settings: name -> SchNet hyperparameters (SchNetPack's QM9 defaults, and a small one)
 SETTINGS = {
-    "128/6": {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20,
-              "cutoff": 5.0},
-    "64/3": {"n_atom_basis": 64, "n_interactions": 3, "n_filters": 64, "n_rbf": 20,
-             "cutoff": 5.0},
+    "128/6": {
+        "n_atom_basis": 128,
+        "n_interactions": 6,
+        "n_filters": 128,
+        "n_rbf": 20,
+        "cutoff": 5.0,
+    },
+    "64/3": {"n_atom_basis": 64, "n_interactions": 3, "n_filters": 64, "n_rbf": 20, "cutoff": 5.0},
 }
 
 
@@ -86,38 +93,59 @@ def emit(record: dict) -> None:
 
 def machine() -> dict:
     """Where and when a figure was taken: cores, threads, load (1-minute average)."""
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "load_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_1min": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 # ---------------------------------------------------------------------------------- accuracy
 def accuracy(args) -> dict:
     """Train with the model's QM9 preset for ``args.minutes`` and evaluate on the test split."""
     config = preset(PRESETS[args.model]).updated(
-        target=args.target, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-        max_minutes=args.minutes, seed=args.seed, threads=args.threads, progress=False,
+        target=args.target,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        max_minutes=args.minutes,
+        seed=args.seed,
+        threads=args.threads,
+        progress=False,
         test_subset=args.test_subset,
         device="cpu",
-        out=args.out or f"runs/bench-qm9-{args.model}-{args.target}-{args.n_train}")
+        out=args.out or f"runs/bench-qm9-{args.model}-{args.target}-{args.n_train}",
+    )
     data = load_qm9()
     start = time.perf_counter()
     metrics = train(config, data=data, overwrite=True)  # a benchmark re-runs
     wall = time.perf_counter() - start
     mae, rmse = metrics[f"{args.target}_mae"], metrics[f"{args.target}_rmse"]
-    record = {"benchmark": "qm9", "model": args.model, "preset": PRESETS[args.model],
-              "target": args.target, "n_train": metrics["n_train"], "n_val": metrics["n_val"],
-              "n_test": metrics["n_test"], "epochs": metrics["epochs"],
-              "optimizer_steps": _optimizer_steps(Path(config.out)),
-              "budget_minutes": args.minutes, "wall_s": round(wall, 1)}
+    record = {
+        "benchmark": "qm9",
+        "model": args.model,
+        "preset": PRESETS[args.model],
+        "target": args.target,
+        "n_train": metrics["n_train"],
+        "n_val": metrics["n_val"],
+        "n_test": metrics["n_test"],
+        "epochs": metrics["epochs"],
+        "optimizer_steps": _optimizer_steps(Path(config.out)),
+        "budget_minutes": args.minutes,
+        "wall_s": round(wall, 1),
+    }
     if metrics.get("unit") == "eV":
-        record.update(test_mae_meV=round(mae * 1e3, 2), test_rmse_meV=round(rmse * 1e3, 2),
-                      test_mae_kcal_mol=round(mae / units.KCAL_MOL_EV, 4))
+        record.update(
+            test_mae_meV=round(mae * 1e3, 2),
+            test_rmse_meV=round(rmse * 1e3, 2),
+            test_mae_kcal_mol=round(mae / units.KCAL_MOL_EV, 4),
+        )
     else:
         record.update(test_mae=mae, test_rmse=rmse, unit=metrics.get("unit"))
-    record.update(out=str(config.out), n_test_evaluated=metrics["n_test_evaluated"],
-                  **machine())
+    record.update(out=str(config.out), n_test_evaluated=metrics["n_test_evaluated"], **machine())
     if args.peers:  # SchNetPack on the same molecules, split, threads and budget
         from time_to_accuracy import schnetpack_run
 
@@ -146,8 +174,14 @@ class AtomlensBench:
 
     library = "atomlens"
 
-    def __init__(self, data: PackedDataset, indices: np.ndarray, batch_size: int, seed: int = 0,
-                 warmup: int = 2):
+    def __init__(
+        self,
+        data: PackedDataset,
+        indices: np.ndarray,
+        batch_size: int,
+        seed: int = 0,
+        warmup: int = 2,
+    ):
         self.data, self.indices, self.batch_size, self.seed = data, indices, batch_size, seed
         self.warmup = warmup
         self.setups: dict[str, dict] = {}
@@ -157,13 +191,24 @@ class AtomlensBench:
             return self.setups[setting]
         kwargs = SETTINGS[setting]
         torch.manual_seed(self.seed)
-        model = build_model(ModelConfig(representation="schnet", representation_kwargs=kwargs,
-                                        head_hidden=kwargs["n_atom_basis"] // 2, target="U0"))
+        model = build_model(
+            ModelConfig(
+                representation="schnet",
+                representation_kwargs=kwargs,
+                head_hidden=kwargs["n_atom_basis"] // 2,
+                target="U0",
+            )
+        )
         fit_statistics(model, self.data, self.indices)
-        loader = make_loader(self.data, self.indices, self.batch_size, model.cutoff,
-                             shuffle=True, seed=self.seed)
-        state = {"model": model, "loader": loader, "iterator": iter(loader),
-                 "optimizer": torch.optim.Adam(model.parameters(), lr=5e-4)}
+        loader = make_loader(
+            self.data, self.indices, self.batch_size, model.cutoff, shuffle=True, seed=self.seed
+        )
+        state = {
+            "model": model,
+            "loader": loader,
+            "iterator": iter(loader),
+            "optimizer": torch.optim.Adam(model.parameters(), lr=5e-4),
+        }
         state["fixed"] = [self._next(state) for _ in range(10)]
         self.setups[setting] = state
         for mode in ("train", "infer"):  # warm-up: allocator, first-call overheads
@@ -197,8 +242,15 @@ class AtomlensBench:
             molecules += batch.n_structures
         return molecules
 
-    def measure(self, setting: str, mode: str, pipeline: str, seconds: float,
-                min_batches: int = 3, clock: str = "wall") -> dict:
+    def measure(
+        self,
+        setting: str,
+        mode: str,
+        pipeline: str,
+        seconds: float,
+        min_batches: int = 3,
+        clock: str = "wall",
+    ) -> dict:
         """Run batches for at least ``seconds`` and ``min_batches``; molecules per second.
 
         ``clock="cpu"`` counts this thread's CPU time instead of wall time (with one torch
@@ -219,8 +271,9 @@ class PeerWorker:
 
     def __init__(self, library: str, cmd: list[str], env: dict):
         self.library = library
-        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env=env)
+        self.process = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         self.info = self._read()  # the worker announces itself when ready
 
     def _read(self) -> dict:
@@ -229,11 +282,24 @@ class PeerWorker:
             raise RuntimeError(f"{self.library} worker exited (code {self.process.wait()})")
         return json.loads(line)
 
-    def measure(self, setting: str, mode: str, pipeline: str, seconds: float,
-                min_batches: int = 3, clock: str = "wall") -> dict:
-        command = {"setting": setting, "hyperparameters": SETTINGS[setting], "mode": mode,
-                   "pipeline": pipeline, "seconds": seconds, "min_batches": min_batches,
-                   "clock": clock}
+    def measure(
+        self,
+        setting: str,
+        mode: str,
+        pipeline: str,
+        seconds: float,
+        min_batches: int = 3,
+        clock: str = "wall",
+    ) -> dict:
+        command = {
+            "setting": setting,
+            "hyperparameters": SETTINGS[setting],
+            "mode": mode,
+            "pipeline": pipeline,
+            "seconds": seconds,
+            "min_batches": min_batches,
+            "clock": clock,
+        }
         self.process.stdin.write(json.dumps(command) + "\n")
         self.process.stdin.flush()
         return self._read()
@@ -253,8 +319,13 @@ def start_schnetpack(data: PackedDataset, indices: np.ndarray, args) -> PeerWork
     workdir.mkdir(parents=True, exist_ok=True)
     molecules = data.subset(indices)
     npz = workdir / f"qm9-{len(indices)}-seed{args.seed}.npz"
-    np.savez(npz, numbers=np.asarray(molecules.numbers), positions=np.asarray(molecules.positions),
-             offsets=molecules.offsets, U0=np.asarray(molecules.targets["U0"]))
+    np.savez(
+        npz,
+        numbers=np.asarray(molecules.numbers),
+        positions=np.asarray(molecules.positions),
+        offsets=molecules.offsets,
+        U0=np.asarray(molecules.targets["U0"]),
+    )
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if args.peer_wait_policy == "default":  # as SchNetPack's users run it (libgomp spins)
         env.pop("OMP_WAIT_POLICY", None)
@@ -264,10 +335,25 @@ def start_schnetpack(data: PackedDataset, indices: np.ndarray, args) -> PeerWork
         from atomlens.runtime import allocator_environment
 
         env.update(allocator_environment())
-    cmd = [str(python), str(HERE / "peers" / "schnetpack_qm9.py"), "--molecules", str(npz),
-           "--db", str(npz.with_suffix(".db")), "--batch-size", str(args.batch_size),
-           "--threads", str(args.threads), "--seed", str(args.seed),
-           "--neighbor-list", args.neighbor_list, "--warmup", str(args.warmup), "--serve"]
+    cmd = [
+        str(python),
+        str(HERE / "peers" / "schnetpack_qm9.py"),
+        "--molecules",
+        str(npz),
+        "--db",
+        str(npz.with_suffix(".db")),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--neighbor-list",
+        args.neighbor_list,
+        "--warmup",
+        str(args.warmup),
+        "--serve",
+    ]
     log(f"starting SchNetPack worker: {' '.join(cmd)}")
     return PeerWorker("schnetpack", cmd, env)
 
@@ -298,12 +384,18 @@ def throughput(args) -> list[dict]:
                     for case in cases:
                         # alternate who goes first, so a drift in load favours neither
                         for bench in benches if r % 2 == 0 else benches[::-1]:
-                            result = bench.measure(*case, seconds=args.seconds,
-                                                   min_batches=args.min_batches, clock=args.clock)
+                            result = bench.measure(
+                                *case,
+                                seconds=args.seconds,
+                                min_batches=args.min_batches,
+                                clock=args.clock,
+                            )
                             times[case, n_busy][bench.library].append(result["mol_per_s"])
-                            log(f"repeat {r} busy {n_busy} {bench.library:10s} "
+                            log(
+                                f"repeat {r} busy {n_busy} {bench.library:10s} "
                                 f"{' '.join(case):20s} {result['mol_per_s']:8.1f} mol/s  "
-                                f"load {os.getloadavg()[0]:.2f}")
+                                f"load {os.getloadavg()[0]:.2f}"
+                            )
                         loads.append(os.getloadavg()[0])
     finally:
         for bench in benches:
@@ -311,16 +403,26 @@ def throughput(args) -> list[dict]:
                 bench.close()
     env = machine()
     env["load_1min"] = {"min": round(min(loads), 2), "max": round(max(loads), 2)}
-    env["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    env["uptime"] = subprocess.run(
+        ["uptime"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     env["wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     records = []
     for ((setting, mode, pipeline), n_busy), per_library in times.items():
-        record = {"benchmark": "qm9-throughput", "setting": setting,
-                  "hyperparameters": SETTINGS[setting], "mode": mode, "pipeline": pipeline,
-                  "batch_size": args.batch_size, "n_molecules": args.n_molecules,
-                  "clock": args.clock, "repeats": args.repeats,
-                  "min_batches": args.min_batches, "min_seconds": args.seconds,
-                  "background_processes": n_busy}
+        record = {
+            "benchmark": "qm9-throughput",
+            "setting": setting,
+            "hyperparameters": SETTINGS[setting],
+            "mode": mode,
+            "pipeline": pipeline,
+            "batch_size": args.batch_size,
+            "n_molecules": args.n_molecules,
+            "clock": args.clock,
+            "repeats": args.repeats,
+            "min_batches": args.min_batches,
+            "min_seconds": args.seconds,
+            "background_processes": n_busy,
+        }
         for library, values in per_library.items():
             record[f"{library}_mol_per_s"] = round(statistics.median(values), 1)
             record[f"{library}_range"] = [round(min(values), 1), round(max(values), 1)]
@@ -328,8 +430,9 @@ def throughput(args) -> list[dict]:
                 idle = times[(setting, mode, pipeline), 0][library]
                 fractions = [b / a for a, b in zip(idle, values)]
                 record[f"{library}_fraction_of_idle"] = round(statistics.median(fractions), 3)
-        record["fair_share"] = round(args.threads / max(args.threads + n_busy, 1), 3) \
-            if n_busy else 1.0
+        record["fair_share"] = (
+            round(args.threads / max(args.threads + n_busy, 1), 3) if n_busy else 1.0
+        )
         if args.peers:
             ours, theirs = per_library["atomlens"], per_library["schnetpack"]
             ratios = [a / b for a, b in zip(ours, theirs)]
@@ -354,8 +457,9 @@ def profile(args) -> None:
     a pair dimension; unlike wall time this does not change when other jobs share the cores.
     """
     data = load_qm9()
-    indices = np.sort(np.random.default_rng(args.seed).choice(len(data), args.n_molecules,
-                                                              replace=False))
+    indices = np.sort(
+        np.random.default_rng(args.seed).choice(len(data), args.n_molecules, replace=False)
+    )
     bench = AtomlensBench(data, indices, args.batch_size, args.seed, args.warmup)
     setting = args.settings.split(",")[0]
     state = bench._setup(setting)
@@ -365,8 +469,7 @@ def profile(args) -> None:
 
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             bench._run(state, "train", args.profile_pipeline, args.profile_steps)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total",
-                                        row_limit=args.profile_rows))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
         return
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -377,19 +480,23 @@ def profile(args) -> None:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             start = time.thread_time_ns()
             out = func(*args, **(kwargs or {}))
-            pairs = any(isinstance(a, torch.Tensor) and a.dim() and a.shape[0] > 2 * n_atoms
-                        for a in args)
+            pairs = any(
+                isinstance(a, torch.Tensor) and a.dim() and a.shape[0] > 2 * n_atoms for a in args
+            )
             spent[(func.__name__.split(".")[0], "pairs" if pairs else "atoms")] += (
-                time.thread_time_ns() - start)
+                time.thread_time_ns() - start
+            )
             return out
 
     start = time.thread_time_ns()
     with OpCPUTime():
         bench._run(state, "train", args.profile_pipeline, args.profile_steps)
     total = time.thread_time_ns() - start
-    print(f"{args.profile_steps} training steps ({setting}, {args.profile_pipeline}): "
-          f"{total / 1e9:.2f} CPU-s; outside aten ops {1 - sum(spent.values()) / total:.1%}")
-    for (op, kind), ns in sorted(spent.items(), key=lambda kv: -kv[1])[:args.profile_rows]:
+    print(
+        f"{args.profile_steps} training steps ({setting}, {args.profile_pipeline}): "
+        f"{total / 1e9:.2f} CPU-s; outside aten ops {1 - sum(spent.values()) / total:.1%}"
+    )
+    for (op, kind), ns in sorted(spent.items(), key=lambda kv: -kv[1])[: args.profile_rows]:
         print(f"{op:28s} {kind:6s} {ns / total:6.1%}")
 
 
@@ -399,44 +506,82 @@ def main(argv=None) -> int:
     parser.add_argument("--target", default="U0")
     parser.add_argument("--n-train", type=int, default=10000)
     parser.add_argument("--n-val", type=int, default=1000)
-    parser.add_argument("--n-test", type=int, default=None,
-                        help="test molecules (default: all the rest)")
+    parser.add_argument(
+        "--n-test", type=int, default=None, help="test molecules (default: all the rest)"
+    )
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget (wall clock)")
     parser.add_argument("--out", default=None, help="run folder (default runs/bench-qm9-...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--throughput", action="store_true", help="measure molecules per second")
-    parser.add_argument("--peers", action="store_true",
-                        help="also SchNetPack: interleaved (--throughput), else trained side by "
-                             "side on the same split and budget (time to accuracy)")
-    parser.add_argument("--test-subset", type=int, default=10000,
-                        help="accuracy: test molecules evaluated (a random subset)")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also SchNetPack: interleaved (--throughput), else trained side by "
+        "side on the same split and budget (time to accuracy)",
+    )
+    parser.add_argument(
+        "--test-subset",
+        type=int,
+        default=10000,
+        help="accuracy: test molecules evaluated (a random subset)",
+    )
     parser.add_argument("--settings", default="128/6,64/3", help=f"of {sorted(SETTINGS)}")
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--n-molecules", type=int, default=5000,
-                        help="throughput: random QM9 molecules the batches are drawn from")
+    parser.add_argument(
+        "--n-molecules",
+        type=int,
+        default=5000,
+        help="throughput: random QM9 molecules the batches are drawn from",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0, help="per timed measurement")
     parser.add_argument("--min-batches", type=int, default=3, help="per timed measurement")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="cpu: CPU time of the main thread (needs --threads 1); "
-                             "immune to other jobs on a shared machine")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="cpu: CPU time of the main thread (needs --threads 1); "
+        "immune to other jobs on a shared machine",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per case")
-    parser.add_argument("--neighbor-list", choices=["matscipy", "ase"], default="matscipy",
-                        help="SchNetPack's neighbour-list transform")
-    parser.add_argument("--peer-malloc", action="store_true",
-                        help="run SchNetPack with atomlens's glibc malloc settings too")
-    parser.add_argument("--peer-wait-policy", choices=["default", "passive"], default="default",
-                        help="SchNetPack's OpenMP wait policy (default: libgomp's own, as its "
-                             "users run it)")
-    parser.add_argument("--background", type=int, default=0, metavar="N",
-                        help="throughput: also measure beside N busy processes (pure-Python "
-                             "spin loops), and report loaded / idle per library")
-    parser.add_argument("--background-seconds", type=float, default=3600.0,
-                        help="the busy processes stop after this long at most")
+    parser.add_argument(
+        "--neighbor-list",
+        choices=["matscipy", "ase"],
+        default="matscipy",
+        help="SchNetPack's neighbour-list transform",
+    )
+    parser.add_argument(
+        "--peer-malloc",
+        action="store_true",
+        help="run SchNetPack with atomlens's glibc malloc settings too",
+    )
+    parser.add_argument(
+        "--peer-wait-policy",
+        choices=["default", "passive"],
+        default="default",
+        help="SchNetPack's OpenMP wait policy (default: libgomp's own, as its users run it)",
+    )
+    parser.add_argument(
+        "--background",
+        type=int,
+        default=0,
+        metavar="N",
+        help="throughput: also measure beside N busy processes (pure-Python "
+        "spin loops), and report loaded / idle per library",
+    )
+    parser.add_argument(
+        "--background-seconds",
+        type=float,
+        default=3600.0,
+        help="the busy processes stop after this long at most",
+    )
     parser.add_argument("--peer-dir", default=None, help="where the SchNetPack db is written")
-    parser.add_argument("--profile", action="store_true",
-                        help="torch.profiler table of training steps at the first setting")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler table of training steps at the first setting",
+    )
     parser.add_argument("--profile-steps", type=int, default=20)
     parser.add_argument("--profile-pipeline", choices=["e2e", "model"], default="e2e")
     parser.add_argument("--profile-rows", type=int, default=30)

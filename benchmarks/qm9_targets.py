@@ -31,8 +31,9 @@ from atomlens.training.train import train
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", nargs="+", default=list(QM9_TARGETS),
-                        choices=list(QM9_TARGETS))
+    parser.add_argument(
+        "--targets", nargs="+", default=list(QM9_TARGETS), choices=list(QM9_TARGETS)
+    )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--n-train", type=int, default=10000)
     parser.add_argument("--n-val", type=int, default=1000)
@@ -45,22 +46,41 @@ def main() -> None:
     for target in args.targets:
         out = Path(args.out) / target
         config = preset("qm9-u0-schnet").updated(
-            target=target, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-            max_epochs=args.epochs, seed=args.seed, threads=args.threads, progress=False,
-            device="cpu", out=str(out))
+            target=target,
+            n_train=args.n_train,
+            n_val=args.n_val,
+            n_test=args.n_test,
+            max_epochs=args.epochs,
+            seed=args.seed,
+            threads=args.threads,
+            progress=False,
+            device="cpu",
+            out=str(out),
+        )
         print(f"training {target} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         metrics = train(config, data=data)
         model = load_model(out / "model")
-        record = {"benchmark": "qm9_targets", "target": target, "unit": metrics["unit"],
-                  "test_mae": metrics[f"{target}_mae"], "test_rmse": metrics[f"{target}_rmse"],
-                  "pooling": model.config.aggregation, "output": model.config.output,
-                  "epochs": metrics["epochs"], "n_train": metrics["n_train"],
-                  "n_test": metrics["n_test"], "wall_s": round(time.perf_counter() - start, 1),
-                  "threads": torch.get_num_threads(), "load_1min": round(os.getloadavg()[0], 2)}
+        record = {
+            "benchmark": "qm9_targets",
+            "target": target,
+            "unit": metrics["unit"],
+            "test_mae": metrics[f"{target}_mae"],
+            "test_rmse": metrics[f"{target}_rmse"],
+            "pooling": model.config.aggregation,
+            "output": model.config.output,
+            "epochs": metrics["epochs"],
+            "n_train": metrics["n_train"],
+            "n_test": metrics["n_test"],
+            "wall_s": round(time.perf_counter() - start, 1),
+            "threads": torch.get_num_threads(),
+            "load_1min": round(os.getloadavg()[0], 2),
+        }
         if metrics["unit"] == "eV":
-            record.update(test_mae_meV=record["test_mae"] * 1e3,
-                          test_mae_kcal_mol=record["test_mae"] / units.KCAL_MOL_EV)
+            record.update(
+                test_mae_meV=record["test_mae"] * 1e3,
+                test_mae_kcal_mol=record["test_mae"] / units.KCAL_MOL_EV,
+            )
         print(json.dumps(record), flush=True)
 
 

@@ -25,8 +25,7 @@ from atomlens.training import preset
 def with_spacing(model, spacing):
     """The same weights with ``filter_spacing`` set (``None``: direct filter network)."""
     config = model.config.to_dict()
-    config["representation_kwargs"] = dict(config["representation_kwargs"],
-                                           filter_spacing=spacing)
+    config["representation_kwargs"] = dict(config["representation_kwargs"], filter_spacing=spacing)
     other = build_model(config).double()
     other.load_state_dict(model.state_dict())
     return other.eval()
@@ -56,15 +55,25 @@ def main() -> None:
         return out[m.target].detach().double(), out["forces"].detach().double()
 
     energy, forces = run(direct, torch.float64)
-    cases = {"table_float64": (table, torch.float64), "direct_float32": (direct, torch.float32),
-             "table_float32": (table, torch.float32)}
+    cases = {
+        "table_float64": (table, torch.float64),
+        "direct_float32": (direct, torch.float32),
+        "table_float32": (table, torch.float32),
+    }
     for name, (m, dtype) in cases.items():
         e, f = run(m, dtype)
-        print(json.dumps({"case": name, "model": args.model or "initialised",
-                          "molecules": len(idx),
-                          "max_force_error_meV_A": float((f - forces).abs().max()) * 1e3,
-                          "max_energy_error_meV": float((e - energy).abs().max()) * 1e3}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "case": name,
+                    "model": args.model or "initialised",
+                    "molecules": len(idx),
+                    "max_force_error_meV_A": float((f - forces).abs().max()) * 1e3,
+                    "max_energy_error_meV": float((e - energy).abs().max()) * 1e3,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -21,19 +21,24 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def write_peer_data(data, split: dict, test: np.ndarray, atomref: np.ndarray, target: str,
-                    path: Path, forces: bool) -> None:
+def write_peer_data(
+    data, split: dict, test: np.ndarray, atomref: np.ndarray, target: str, path: Path, forces: bool
+) -> None:
     """The train, val and test molecules (in that order) with the split as new indices."""
     parts = [np.asarray(split["train"]), np.asarray(split["val"]), np.asarray(test)]
     chosen = np.concatenate(parts)
     subset = data.subset(chosen)
     counts = np.cumsum([0] + [len(p) for p in parts])
-    arrays = {"numbers": np.asarray(subset.numbers), "positions": np.asarray(subset.positions),
-              "offsets": subset.offsets, "energy": np.asarray(subset.targets[target]),
-              "train_idx": np.arange(counts[0], counts[1]),
-              "val_idx": np.arange(counts[1], counts[2]),
-              "test_idx": np.arange(counts[2], counts[3]),
-              "atomref": np.asarray(atomref, dtype=np.float64)[:100]}
+    arrays = {
+        "numbers": np.asarray(subset.numbers),
+        "positions": np.asarray(subset.positions),
+        "offsets": subset.offsets,
+        "energy": np.asarray(subset.targets[target]),
+        "train_idx": np.arange(counts[0], counts[1]),
+        "val_idx": np.arange(counts[1], counts[2]),
+        "test_idx": np.arange(counts[2], counts[3]),
+        "atomref": np.asarray(atomref, dtype=np.float64)[:100],
+    }
     if forces:
         arrays["forces"] = np.asarray(subset.targets["forces"])
     np.savez(path, **arrays)
@@ -51,20 +56,44 @@ def schnetpack_run(run_dir: Path, data, minutes: float, threads: int, config) ->
     python = ensure_venv()
     model = load_model(run_dir / "model")
     split = load_split(run_dir / "model" / "split.npz")
-    test = split["test"] if config.full_test else bounded_subset(split["test"],
-                                                                config.test_subset, config.seed)
+    test = (
+        split["test"]
+        if config.full_test
+        else bounded_subset(split["test"], config.test_subset, config.seed)
+    )
     workdir = Path(tempfile.mkdtemp(prefix="atomlens-spk-train-"))
     npz = workdir / "data.npz"
-    write_peer_data(data, split, test, model.atomref.double().numpy(), config.target, npz,
-                    config.forces)
-    hyperparameters = {k: config.model.representation_kwargs[k] for k in (
-        "n_atom_basis", "n_interactions", "n_filters", "n_rbf", "cutoff")}
-    command = [str(python), str(HERE / "peers" / "schnetpack_train.py"), "--data", str(npz),
-               "--minutes", str(minutes), "--threads", str(threads),
-               "--batch-size", str(config.batch_size), "--lr", str(config.lr),
-               "--lr-patience", str(config.lr_patience), "--rho", str(config.rho),
-               "--hyperparameters", json.dumps(hyperparameters), "--seed", str(config.seed),
-               "--workdir", str(workdir)]
+    write_peer_data(
+        data, split, test, model.atomref.double().numpy(), config.target, npz, config.forces
+    )
+    hyperparameters = {
+        k: config.model.representation_kwargs[k]
+        for k in ("n_atom_basis", "n_interactions", "n_filters", "n_rbf", "cutoff")
+    }
+    command = [
+        str(python),
+        str(HERE / "peers" / "schnetpack_train.py"),
+        "--data",
+        str(npz),
+        "--minutes",
+        str(minutes),
+        "--threads",
+        str(threads),
+        "--batch-size",
+        str(config.batch_size),
+        "--lr",
+        str(config.lr),
+        "--lr-patience",
+        str(config.lr_patience),
+        "--rho",
+        str(config.rho),
+        "--hyperparameters",
+        json.dumps(hyperparameters),
+        "--seed",
+        str(config.seed),
+        "--workdir",
+        str(workdir),
+    ]
     if config.forces:
         command.append("--forces")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

@@ -31,6 +31,7 @@ def _import_zennit() -> None:
         return
     if importlib.util.find_spec("torchvision") is not None:
         import zennit
+
         return
     import lightning  # noqa: F401  (settle torchmetrics' optional-import checks first)
 

@@ -92,8 +92,12 @@ def brute_force_pairs(atoms: Atoms, cutoff: float, reach: int = 3) -> Pairs:
                 i_list.append(i)
                 j_list.append(j)
                 shifts.append(shift)
-    return Pairs(torch.tensor(i_list), torch.tensor(j_list),
-                 torch.tensor(np.array(shifts), dtype=torch.float64), symmetric=False)
+    return Pairs(
+        torch.tensor(i_list),
+        torch.tensor(j_list),
+        torch.tensor(np.array(shifts), dtype=torch.float64),
+        symmetric=False,
+    )
 
 
 class RepresentationContract:
@@ -106,9 +110,14 @@ class RepresentationContract:
     @classmethod
     def model(cls):
         torch.manual_seed(0)
-        model = build_model({"representation": cls.representation,
-                             "representation_kwargs": cls.kwargs, "head_hidden": 8,
-                             "target": "energy"}).double()
+        model = build_model(
+            {
+                "representation": cls.representation,
+                "representation_kwargs": cls.kwargs,
+                "head_hidden": 8,
+                "target": "energy",
+            }
+        ).double()
         atomref = np.zeros(101)
         atomref[[1, 8, 14]] = [-13.6, -2042.0, -100.0]
         model.set_statistics(atomref, shift=-0.3, scale=0.7)
@@ -125,8 +134,11 @@ class RepresentationContract:
         moved = atoms.copy()
         moved.rotate(37, (1, 2, 3), center="COM")
         moved.translate((1.0, -2.0, 0.5))
-        rotation = np.linalg.lstsq(atoms.positions - atoms.positions.mean(0),
-                                   moved.positions - moved.positions.mean(0), rcond=None)[0]
+        rotation = np.linalg.lstsq(
+            atoms.positions - atoms.positions.mean(0),
+            moved.positions - moved.positions.mean(0),
+            rcond=None,
+        )[0]
         order = np.random.default_rng(0).permutation(len(atoms))
         moved = moved[order]
         out2 = model.predict(moved, forces=True)
@@ -144,16 +156,18 @@ class RepresentationContract:
         for other in (shifted, wrapped):
             assert self.energy(model, other) == pytest.approx(reference["energy"][0], abs=1e-9)
         rotated = atoms.copy()
-        rotation = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(3),
-                                               dtype=torch.float64))[0].numpy()
+        rotation = torch.linalg.qr(
+            torch.randn(3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        )[0].numpy()
         rotation *= np.sign(np.linalg.det(rotation))
         rotated.set_cell(atoms.cell.array @ rotation.T)
         rotated.positions = atoms.positions @ rotation.T
         out = model.predict(rotated, forces=True, stress=True)
         assert out["energy"][0] == pytest.approx(reference["energy"][0], abs=1e-9)
         np.testing.assert_allclose(out["forces"], reference["forces"] @ rotation.T, atol=1e-9)
-        np.testing.assert_allclose(out["stress"][0], rotation @ reference["stress"][0] @ rotation.T,
-                                   atol=1e-10)
+        np.testing.assert_allclose(
+            out["stress"][0], rotation @ reference["stress"][0] @ rotation.T, atol=1e-10
+        )
         silicon = silicon_primitive()
         sheared = silicon.copy()  # the same lattice from another basis (unimodular change)
         sheared.set_cell(np.array([[1, 1, 0], [0, 1, 0], [0, -1, 1]]) @ silicon.cell.array)
@@ -174,8 +188,9 @@ class RepresentationContract:
             energy = self.energy(model, atoms)
             for repeat in ((2, 1, 1), (2, 2, 1)):
                 n = int(np.prod(repeat))
-                assert self.energy(model, atoms.repeat(repeat)) == pytest.approx(n * energy,
-                                                                                 abs=1e-8 * n)
+                assert self.energy(model, atoms.repeat(repeat)) == pytest.approx(
+                    n * energy, abs=1e-8 * n
+                )
 
     def test_molecule_in_a_large_box_is_the_free_molecule(self, model):
         atoms = ethanol()
@@ -184,14 +199,20 @@ class RepresentationContract:
         boxed.center()
         boxed.pbc = True
         assert self.energy(model, boxed) == pytest.approx(self.energy(model, atoms), abs=1e-10)
-        np.testing.assert_allclose(model.predict(boxed, forces=True)["forces"],
-                                   model.predict(atoms, forces=True)["forces"], atol=1e-10)
+        np.testing.assert_allclose(
+            model.predict(boxed, forces=True)["forces"],
+            model.predict(atoms, forces=True)["forces"],
+            atol=1e-10,
+        )
 
     # -------------------------------------------------------------- derivatives
     @pytest.mark.parametrize("name", ["ethanol", "silicon_primitive", "water_box"])
     def test_forces_are_minus_the_finite_difference_gradient(self, model, name):
-        atoms = {"ethanol": ethanol, "silicon_primitive": silicon_primitive,
-                 "water_box": water_box}[name]()
+        atoms = {
+            "ethanol": ethanol,
+            "silicon_primitive": silicon_primitive,
+            "water_box": water_box,
+        }[name]()
         forces = model.predict(atoms, forces=True)["forces"]
         expected = numerical_forces(lambda a: self.energy(model, a), atoms)
         np.testing.assert_allclose(forces, expected, atol=1e-6 * max(1, np.abs(expected).max()))
@@ -213,8 +234,9 @@ class RepresentationContract:
             alone = model.predict(atoms, forces=True, stress=atoms.pbc.any())
             n = len(atoms)
             assert together["energy"][k] == pytest.approx(alone["energy"][0], abs=1e-9)
-            np.testing.assert_allclose(together["forces"][start:start + n], alone["forces"],
-                                       atol=1e-9)
+            np.testing.assert_allclose(
+                together["forces"][start : start + n], alone["forces"], atol=1e-9
+            )
             if atoms.pbc.any():
                 np.testing.assert_allclose(together["stress"][k], alone["stress"][0], atol=1e-10)
             else:

@@ -21,10 +21,22 @@ def qm9_sample():
 #: a small instance of every registered representation (a new model adds one line here and
 #: one contract class in test_contract.py; tests parametrised over models read this)
 SMALL_MODELS = {
-    "schnet": {"n_atom_basis": 16, "n_interactions": 2, "n_filters": 16, "n_rbf": 10,
-               "cutoff": 5.0},
-    "dtnn": {"n_atom_basis": 16, "n_interactions": 2, "n_factors": 12, "n_rbf": 30,
-             "cutoff": 6.0, "rbf_stop": 6.0, "rbf_gamma": 10.0},
+    "schnet": {
+        "n_atom_basis": 16,
+        "n_interactions": 2,
+        "n_filters": 16,
+        "n_rbf": 10,
+        "cutoff": 5.0,
+    },
+    "dtnn": {
+        "n_atom_basis": 16,
+        "n_interactions": 2,
+        "n_factors": 12,
+        "n_rbf": 30,
+        "cutoff": 6.0,
+        "rbf_stop": 6.0,
+        "rbf_gamma": 10.0,
+    },
 }
 MODELS = sorted(SMALL_MODELS)
 
@@ -32,9 +44,14 @@ MODELS = sorted(SMALL_MODELS)
 def random_model(representation: str = "schnet", seed: int = 0, **kwargs):
     """A small untrained model in float64 with non-trivial statistics."""
     torch.manual_seed(seed)
-    model = build_model({"representation": representation,
-                         "representation_kwargs": SMALL_MODELS[representation],
-                         "head_hidden": 8, **kwargs}).double()
+    model = build_model(
+        {
+            "representation": representation,
+            "representation_kwargs": SMALL_MODELS[representation],
+            "head_hidden": 8,
+            **kwargs,
+        }
+    ).double()
     atomref = np.zeros(101)
     atomref[[1, 6, 7, 8, 9]] = [-13.6, -1029.0, -1485.0, -2042.0, -2713.0]
     model.set_statistics(atomref, shift=-0.3, scale=0.7)
@@ -42,6 +59,7 @@ def random_model(representation: str = "schnet", seed: int = 0, **kwargs):
 
 
 def random_rotation(seed: int = 0) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed),
-                                       dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
     return q * torch.sign(torch.det(q))

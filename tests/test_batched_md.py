@@ -47,8 +47,7 @@ def test_nve_equals_ase_velocity_verlet_trajectory_by_trajectory():
         ours = md.atoms(k)
         np.testing.assert_allclose(ours.positions, atoms.positions, rtol=0, atol=1e-10)
         np.testing.assert_allclose(ours.get_momenta(), atoms.get_momenta(), rtol=0, atol=1e-10)
-        assert ours.get_potential_energy() == pytest.approx(atoms.get_potential_energy(),
-                                                            abs=1e-9)
+        assert ours.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
 
 
 def units_fs():
@@ -59,8 +58,9 @@ def units_fs():
 
 def test_nve_conserves_energy_per_trajectory():
     model = random_model("schnet", seed=3)
-    logs = run_batched_md(model, _systems(), steps=200, interval=10, timestep_fs=0.25,
-                          dtype="float64", seed=1)
+    logs = run_batched_md(
+        model, _systems(), steps=200, interval=10, timestep_fs=0.25, dtype="float64", seed=1
+    )
     for log, atoms in zip(logs, _systems()):
         drift = log.drift(len(atoms))
         assert drift["drift_eV_per_atom"] < 1e-4 and drift["std_eV_per_atom"] < 1e-4, drift
@@ -70,8 +70,16 @@ def test_nve_conserves_energy_per_trajectory():
 def test_langevin_holds_the_temperature():
     model = random_model("schnet", seed=5)
     replicas = [molecule("CH3CH2OH") for _ in range(8)]
-    md = BatchedMD(model, replicas, ensemble="langevin", temperature_K=50.0, timestep_fs=0.25,
-                   friction=0.2, seed=7, dtype="float64")
+    md = BatchedMD(
+        model,
+        replicas,
+        ensemble="langevin",
+        temperature_K=50.0,
+        timestep_fs=0.25,
+        friction=0.2,
+        seed=7,
+        dtype="float64",
+    )
     logs = md.run(400, interval=5)
     late = np.array([log.temperature[20:] for log in logs])  # after 20 relaxation times
     assert md.temperatures().shape == (8,)
@@ -84,8 +92,9 @@ def test_kinetic_temperature_matches_the_serial_definition():
     model = random_model("schnet", seed=1)
     md = BatchedMD(model, _systems(), temperature_K=300, dtype="float64")
     for k in range(md.n_structures):
-        assert float(md.temperatures()[k]) == pytest.approx(kinetic_temperature(md.atoms(k)),
-                                                            rel=1e-12)
+        assert float(md.temperatures()[k]) == pytest.approx(
+            kinetic_temperature(md.atoms(k)), rel=1e-12
+        )
 
 
 def test_fixed_shapes_equal_the_eager_path(monkeypatch):
@@ -117,8 +126,15 @@ def test_outputs_one_trajectory_and_log_per_run(tmp_path):
     systems = _systems()[:2]
     trajectories = [tmp_path / "a.traj", tmp_path / "b.xyz"]
     logfiles = [tmp_path / "a.csv", tmp_path / "b.csv"]
-    logs = run_batched_md(model, systems, steps=6, trajectories=trajectories, logfiles=logfiles,
-                          interval=3, ensemble="langevin")
+    logs = run_batched_md(
+        model,
+        systems,
+        steps=6,
+        trajectories=trajectories,
+        logfiles=logfiles,
+        interval=3,
+        ensemble="langevin",
+    )
     for k, (traj, logfile) in enumerate(zip(trajectories, logfiles)):
         frames = read(traj, index=":")
         assert len(frames) == 3 and len(frames[0]) == len(systems[k])
@@ -146,17 +162,34 @@ def test_md_command_with_replicas(tmp_path, capsys):
 
     save_model(random_model("schnet", seed=4).float(), tmp_path / "model")
     molecule("CH3CH2OH").write(tmp_path / "ethanol.xyz")
-    code = main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "4",
-                 "--interval", "2", "--replicas", "3", "--ensemble", "langevin",
-                 "--out", str(tmp_path / "md.traj"), "--log", str(tmp_path / "md.csv")])
+    code = main(
+        [
+            "md",
+            str(tmp_path / "model"),
+            str(tmp_path / "ethanol.xyz"),
+            "--steps",
+            "4",
+            "--interval",
+            "2",
+            "--replicas",
+            "3",
+            "--ensemble",
+            "langevin",
+            "--out",
+            str(tmp_path / "md.traj"),
+            "--log",
+            str(tmp_path / "md.csv"),
+        ]
+    )
     assert code == 0
     assert "3 trajectories" in capsys.readouterr().out
     finals = [read(tmp_path / f"md.{k}.traj", index=-1) for k in range(3)]
     assert all(len((tmp_path / f"md.{k}.csv").read_text().splitlines()) == 4 for k in range(3))
     # replicas start alike and part: different velocities, different paths
     assert np.abs(finals[0].positions - finals[1].positions).max() > 1e-4
-    assert main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"),
-                 "--replicas", "0"]) == 2
+    assert (
+        main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--replicas", "0"]) == 2
+    )
 
 
 def test_predict_in_chunks_equals_one_call():

@@ -54,9 +54,20 @@ def test_bounded_subset_is_random_sorted_and_bounded():
 
 
 def test_evaluation_stops_at_its_deadline(data):
-    model = build_model({"representation": "schnet", "head_hidden": 8, "target": "U0",
-                         "representation_kwargs": {"n_atom_basis": 8, "n_interactions": 1,
-                                                   "n_filters": 8, "n_rbf": 5, "cutoff": 5.0}})
+    model = build_model(
+        {
+            "representation": "schnet",
+            "head_hidden": 8,
+            "target": "U0",
+            "representation_kwargs": {
+                "n_atom_basis": 8,
+                "n_interactions": 1,
+                "n_filters": 8,
+                "n_rbf": 5,
+                "cutoff": 5.0,
+            },
+        }
+    )
     fit_statistics(model, data, np.arange(20))
     indices = np.arange(40)
     past = time.monotonic() - 1.0
@@ -70,16 +81,28 @@ def test_evaluation_stops_at_its_deadline(data):
 def test_train_evaluates_a_bounded_test_subset(tmp_path, data):
     metrics = train(tiny_config(tmp_path, n_test=10, test_subset=7, max_epochs=1), data=data)
     assert metrics["n_test"] == 10 and metrics["n_test_evaluated"] == 7
-    everything = train(tiny_config(tmp_path, n_test=10, test_subset=7, full_test=True,
-                                   max_epochs=1, out=str(tmp_path / "full")), data=data)
+    everything = train(
+        tiny_config(
+            tmp_path,
+            n_test=10,
+            test_subset=7,
+            full_test=True,
+            max_epochs=1,
+            out=str(tmp_path / "full"),
+        ),
+        data=data,
+    )
     assert everything["n_test_evaluated"] == 10
 
 
 def test_minutes_bound_the_whole_run(tmp_path, data):
     budget_s = 6.0
     started = time.monotonic()
-    metrics = train(tiny_config(tmp_path, max_epochs=10000, max_minutes=budget_s / 60,
-                                n_test=10), data=data, started=started)
+    metrics = train(
+        tiny_config(tmp_path, max_epochs=10000, max_minutes=budget_s / 60, n_test=10),
+        data=data,
+        started=started,
+    )
     elapsed = time.monotonic() - started
     assert metrics["stopped_by_budget"]
     assert elapsed < budget_s + 3.0, elapsed  # saving the model after the deadline: ~1 s

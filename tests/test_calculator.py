@@ -36,10 +36,12 @@ def test_calculator_matches_model(representation):
     ref = _direct(model, atoms)
     assert atoms.get_potential_energy() == pytest.approx(ref["energy"][0], rel=1e-12, abs=1e-10)
     np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(atoms.calc.get_property("energies", atoms), ref["atomic"],
-                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        atoms.calc.get_property("energies", atoms), ref["atomic"], rtol=1e-10, atol=1e-10
+    )
     assert atoms.calc.get_property("energies", atoms).sum() == pytest.approx(
-        atoms.get_potential_energy(), rel=1e-12)
+        atoms.get_potential_energy(), rel=1e-12
+    )
     # model.predict is the other public route and must agree too
     pred = model.predict(atoms, forces=True)
     np.testing.assert_allclose(pred["forces"], atoms.get_forces(), rtol=1e-10, atol=1e-10)
@@ -78,8 +80,9 @@ def test_calculator_follows_changes_of_positions_and_numbers():
     assert e1 != e0 and e1 == pytest.approx(_direct(model, atoms)["energy"][0], rel=1e-12)
     water = molecule("H2O")
     water.calc = calc  # same calculator, new molecule: the cached tensors are rebuilt
-    assert water.get_potential_energy() == pytest.approx(_direct(model, water)["energy"][0],
-                                                         rel=1e-12)
+    assert water.get_potential_energy() == pytest.approx(
+        _direct(model, water)["energy"][0], rel=1e-12
+    )
     assert len(water.get_forces()) == 3
 
 
@@ -130,8 +133,9 @@ def test_compiled_calculator_matches_eager_including_pairs_beyond_the_cutoff():
         compiled.calculate(atoms, ["energy", "forces"])
         assert compiled.results["energy"] == pytest.approx(eager.results["energy"], abs=1e-9)
         np.testing.assert_allclose(compiled.results["forces"], eager.results["forces"], atol=1e-9)
-        np.testing.assert_allclose(compiled.results["energies"], eager.results["energies"],
-                                   atol=1e-9)
+        np.testing.assert_allclose(
+            compiled.results["energies"], eager.results["energies"], atol=1e-9
+        )
     assert next(model.parameters()).requires_grad  # the caller's model is left alone
 
 

@@ -17,12 +17,31 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     packed = qm9_sample().save(root / "packed")
     config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": str(packed), "target": "U0", "n_train": 20, "n_val": 10, "n_test": 10,
-        "batch_size": 10, "max_epochs": 2, "device": "cpu",
-        "model": {"representation": "schnet", "head_hidden": 8,
-                  "representation_kwargs": {"n_atom_basis": 16, "n_interactions": 1,
-                                            "n_filters": 16, "n_rbf": 10, "cutoff": 5.0}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": str(packed),
+                "target": "U0",
+                "n_train": 20,
+                "n_val": 10,
+                "n_test": 10,
+                "batch_size": 10,
+                "max_epochs": 2,
+                "device": "cpu",
+                "model": {
+                    "representation": "schnet",
+                    "head_hidden": 8,
+                    "representation_kwargs": {
+                        "n_atom_basis": 16,
+                        "n_interactions": 1,
+                        "n_filters": 16,
+                        "n_rbf": 10,
+                        "cutoff": 5.0,
+                    },
+                },
+            }
+        )
+    )
     assert main(["train", str(config), "--out", str(root / "run"), "--no-progress"]) == 0
     return root
 
@@ -41,8 +60,9 @@ def test_train_evaluate(trained, capsys):
         assert (first[key] == saved[key]).all()
     assert sorted(len(v) for v in first.values()) == [10, 10, 20]
     # another data set is scored on every frame and labelled so
-    assert main(["evaluate", str(trained / "run"), "--data", str(trained / "packed"),
-                 "--json"]) == 0
+    assert (
+        main(["evaluate", str(trained / "run"), "--data", str(trained / "packed"), "--json"]) == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert doc["split"] == "all" and doc["n"] == 40
     assert main(["evaluate", str(trained / "run"), "--data", str(trained / "packed")]) == 0
@@ -59,7 +79,8 @@ def test_predict_writes_per_atom_contributions(trained, tmp_path, capsys):
     frames = ase.io.read(result, ":")
     for atoms in frames:
         assert atoms.arrays["atomlens_atomic_U0"].sum() == pytest.approx(
-            atoms.info["atomlens_U0"], rel=1e-6)
+            atoms.info["atomlens_U0"], rel=1e-6
+        )
     assert "atomic U0 (eV)" in out  # the per-atom lines have a header with the unit
 
 
@@ -104,12 +125,15 @@ def test_predict_keeps_reference_values(tmp_path, capsys, suffix):
         assert len(str(float(predicted)).split(".")[1]) <= 6  # no float32 noise digits
 
 
-@pytest.mark.parametrize("content, message", [
-    ("3\ncomment\nC 0 0 0\nH 1 0 0\n", "cannot read"),          # truncated
-    ("2\ncomment\nXx 0 0 0\nH 1 0 0\n", "cannot read"),         # unknown element
-    ("2\ncomment\nC 0 0 0\nH 0 0 0\n", "overlapping"),          # two atoms at one place
-    ("2\ncomment\nC nan 0 0\nH 1 0 0\n", "non-finite"),         # NaN coordinates
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("3\ncomment\nC 0 0 0\nH 1 0 0\n", "cannot read"),  # truncated
+        ("2\ncomment\nXx 0 0 0\nH 1 0 0\n", "cannot read"),  # unknown element
+        ("2\ncomment\nC 0 0 0\nH 0 0 0\n", "overlapping"),  # two atoms at one place
+        ("2\ncomment\nC nan 0 0\nH 1 0 0\n", "non-finite"),  # NaN coordinates
+    ],
+)
 def test_predict_bad_input_is_a_clear_error(trained, tmp_path, capsys, content, message):
     bad = tmp_path / "bad.xyz"
     bad.write_text(content)
@@ -121,7 +145,19 @@ def test_predict_bad_input_is_a_clear_error(trained, tmp_path, capsys, content, 
 
 
 def test_unknown_target_and_missing_files(trained, capsys):
-    assert main(["train", "--data", str(trained / "packed"), "--target", "E_foo",
-                 "--out", str(trained / "x")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(trained / "packed"),
+                "--target",
+                "E_foo",
+                "--out",
+                str(trained / "x"),
+            ]
+        )
+        == 2
+    )
     assert "unknown target" in capsys.readouterr().err
     assert main(["predict", str(trained / "nothing"), "x.xyz"]) == 2

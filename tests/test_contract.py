@@ -16,17 +16,36 @@ def test_every_registered_representation_has_a_contract_class_and_a_small_model(
 
 class TestSchNetTabulated(RepresentationContract):
     representation = "schnet"
-    kwargs: ClassVar[dict] = {"n_atom_basis": 12, "n_interactions": 2, "n_filters": 12, "n_rbf": 10,
-              "cutoff": 4.5, "filter_spacing": 0.01}
+    kwargs: ClassVar[dict] = {
+        "n_atom_basis": 12,
+        "n_interactions": 2,
+        "n_filters": 12,
+        "n_rbf": 10,
+        "cutoff": 4.5,
+        "filter_spacing": 0.01,
+    }
 
 
 class TestSchNetDirect(RepresentationContract):
     representation = "schnet"
-    kwargs: ClassVar[dict] = {"n_atom_basis": 12, "n_interactions": 2, "n_filters": 12, "n_rbf": 10,
-              "cutoff": 4.5, "filter_spacing": None}
+    kwargs: ClassVar[dict] = {
+        "n_atom_basis": 12,
+        "n_interactions": 2,
+        "n_filters": 12,
+        "n_rbf": 10,
+        "cutoff": 4.5,
+        "filter_spacing": None,
+    }
 
 
 class TestDTNN(RepresentationContract):
     representation = "dtnn"
-    kwargs: ClassVar[dict] = {"n_atom_basis": 12, "n_interactions": 2, "n_factors": 10, "n_rbf": 25,
-              "cutoff": 5.0, "rbf_stop": 5.0, "rbf_gamma": 10.0}
+    kwargs: ClassVar[dict] = {
+        "n_atom_basis": 12,
+        "n_interactions": 2,
+        "n_factors": 10,
+        "n_rbf": 25,
+        "cutoff": 5.0,
+        "rbf_stop": 5.0,
+        "rbf_gamma": 10.0,
+    }

@@ -18,8 +18,9 @@ def data():
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model("schnet", seed=3, output="dipole", target="mu", unit="Debye",
-                        aggregation="mean").eval()
+    return random_model(
+        "schnet", seed=3, output="dipole", target="mu", unit="Debye", aggregation="mean"
+    ).eval()
 
 
 def _batch(data, model, idx, rotation=None, translation=None):
@@ -52,8 +53,9 @@ def test_charges_sum_to_the_total_charge_and_give_the_dipole(data, model):
     expected = np.stack([np.bincount(index, charges * positions[:, a]) for a in range(3)], 1)
     expected *= 4.80320471
     np.testing.assert_allclose(out["dipole"].detach().numpy(), expected, rtol=1e-6)
-    np.testing.assert_allclose(out["mu"].detach().numpy(), np.linalg.norm(expected, axis=1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        out["mu"].detach().numpy(), np.linalg.norm(expected, axis=1), rtol=1e-6
+    )
     # a charged molecule: the correction spreads the excess evenly over its atoms
     batch.targets["total_charge"] = torch.tensor([1.0, 0, -1, 0, 2, 0], dtype=torch.float64)
     charged = model(batch)["charges"].detach().numpy()
@@ -67,11 +69,15 @@ def test_dipole_rotates_with_the_molecule_and_ignores_the_origin(data, model):
     rotation = Rotation.random(random_state=1).as_matrix()
     reference = model(_batch(data, model, idx))
     rotated = model(_batch(data, model, idx, rotation=rotation))
-    np.testing.assert_allclose(rotated["dipole"].detach().numpy(),
-                               reference["dipole"].detach().numpy() @ rotation.T, atol=1e-9)
+    np.testing.assert_allclose(
+        rotated["dipole"].detach().numpy(),
+        reference["dipole"].detach().numpy() @ rotation.T,
+        atol=1e-9,
+    )
     moved = model(_batch(data, model, idx, translation=[3.0, -7.0, 11.0]))
-    np.testing.assert_allclose(moved["mu"].detach().numpy(), reference["mu"].detach().numpy(),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        moved["mu"].detach().numpy(), reference["mu"].detach().numpy(), rtol=1e-9
+    )
     with pytest.raises(ValueError, match="no forces"):
         model(_batch(data, model, idx), forces=True)
 
@@ -82,12 +88,30 @@ def test_train_mu_predicts_charges(tmp_path, data, capsys):
     from atomlens.training import TrainConfig
     from atomlens.training import train_model as train
 
-    config = TrainConfig.from_dict({
-        "target": "mu", "n_train": 20, "n_val": 10, "n_test": 10, "batch_size": 10,
-        "max_epochs": 1, "progress": False, "out": str(tmp_path / "run"), "device": "cpu",
-        "model": {"representation": "schnet", "head_hidden": 8,
-                  "representation_kwargs": {"n_atom_basis": 16, "n_interactions": 1,
-                                            "n_filters": 16, "n_rbf": 10, "cutoff": 5.0}}})
+    config = TrainConfig.from_dict(
+        {
+            "target": "mu",
+            "n_train": 20,
+            "n_val": 10,
+            "n_test": 10,
+            "batch_size": 10,
+            "max_epochs": 1,
+            "progress": False,
+            "out": str(tmp_path / "run"),
+            "device": "cpu",
+            "model": {
+                "representation": "schnet",
+                "head_hidden": 8,
+                "representation_kwargs": {
+                    "n_atom_basis": 16,
+                    "n_interactions": 1,
+                    "n_filters": 16,
+                    "n_rbf": 10,
+                    "cutoff": 5.0,
+                },
+            },
+        }
+    )
     metrics = train(config, data=data)
     assert np.isfinite(metrics["mu_mae"]) and metrics["unit"] == "Debye"
     model = load_model(tmp_path / "run")
@@ -95,8 +119,10 @@ def test_train_mu_predicts_charges(tmp_path, data, capsys):
     atoms = data.atoms(0)
     path = tmp_path / "m.xyz"
     atoms.write(path)
-    assert main(["predict", str(tmp_path / "run"), str(path), "--out",
-                 str(tmp_path / "out.extxyz")]) == 0
+    assert (
+        main(["predict", str(tmp_path / "run"), str(path), "--out", str(tmp_path / "out.extxyz")])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "dipole" in printed and "charges (e)" in printed
     import ase.io
@@ -118,8 +144,20 @@ def test_insight_prints_charges_beside_atomic_energies(tmp_path, data, model, ca
     save_model(random_model("schnet", seed=1), tmp_path / "energy")
     path = tmp_path / "m.xyz"
     data.atoms(2).write(path)
-    assert main(["insight", "atomic-energies", str(tmp_path / "energy"), str(path),
-                 "--charges", str(tmp_path / "dipole"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "insight",
+                "atomic-energies",
+                str(tmp_path / "energy"),
+                str(path),
+                "--charges",
+                str(tmp_path / "dipole"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     (table,) = json.loads(capsys.readouterr().out)
     charges = [row["charge"] for row in table["atoms"]]
     assert len(charges) == len(data.atoms(2)) and abs(sum(charges)) < 1e-9

@@ -18,10 +18,22 @@ from atomlens.insight.potential_map import potential_map
 from atomlens.models import build_model
 
 REP_KWARGS = {
-    "dtnn": {"n_atom_basis": 12, "n_interactions": 2, "n_factors": 10, "n_rbf": 25,
-             "cutoff": 5.0, "rbf_stop": 5.0, "rbf_gamma": 12.5},
-    "schnet": {"n_atom_basis": 12, "n_interactions": 2, "n_filters": 12, "n_rbf": 10,
-               "cutoff": 5.0},
+    "dtnn": {
+        "n_atom_basis": 12,
+        "n_interactions": 2,
+        "n_factors": 10,
+        "n_rbf": 25,
+        "cutoff": 5.0,
+        "rbf_stop": 5.0,
+        "rbf_gamma": 12.5,
+    },
+    "schnet": {
+        "n_atom_basis": 12,
+        "n_interactions": 2,
+        "n_filters": 12,
+        "n_rbf": 10,
+        "cutoff": 5.0,
+    },
 }
 
 
@@ -29,8 +41,15 @@ def tiny_model(representation: str = "dtnn", seed: int = 0, dtype=torch.float64,
     """An untrained model with non-trivial statistics (so atomref/shift/scale are exercised)."""
     torch.manual_seed(seed)
     kwargs = dict(REP_KWARGS[representation], **overrides)
-    model = build_model({"representation": representation, "representation_kwargs": kwargs,
-                         "head_hidden": 6, "head_activation": "tanh", "target": "U0"})
+    model = build_model(
+        {
+            "representation": representation,
+            "representation_kwargs": kwargs,
+            "head_hidden": 6,
+            "head_activation": "tanh",
+            "target": "U0",
+        }
+    )
     # larger weights than the default init, so interactions matter at the 1e-3 level
     with torch.no_grad():
         for p in model.representation.parameters():
@@ -159,8 +178,9 @@ def test_potential_map_chunking_references_and_far_field():
     model = tiny_model("dtnn")
     atoms = molecule("C6H6")
     pmap = potential_map(model, atoms, probe="O", plane="principal", spacing=0.5, padding=1.0)
-    again = potential_map(model, atoms, probe="O", plane="principal", spacing=0.5, padding=1.0,
-                          chunk_size=7)
+    again = potential_map(
+        model, atoms, probe="O", plane="principal", spacing=0.5, padding=1.0, chunk_size=7
+    )
     np.testing.assert_allclose(pmap.values, again.values, atol=1e-10)
     assert pmap.values.shape == pmap.points.shape[:-1] and pmap.values.ndim == 2
     # benzene lies in the principal plane: every point of the map is in the plane of the atoms
@@ -171,10 +191,12 @@ def test_potential_map_chunking_references_and_far_field():
     atomref = probe_energies(model, atoms, pmap.points, "O", reference="atomref")
     np.testing.assert_allclose(pmap.values - atomref, model.atomref[8].item(), atol=1e-9)
     far = np.array([[40.0, 0.0, 0.0], [0.0, -30.0, 10.0]])  # beyond the 5 Angstrom cutoff
-    np.testing.assert_allclose(probe_energies(model, atoms, far, "O"),
-                               isolated_atom_energy(model, 8), atol=1e-10)
-    np.testing.assert_allclose(probe_energies(model, atoms, far, "O", reference="isolated"), 0.0,
-                               atol=1e-10)
+    np.testing.assert_allclose(
+        probe_energies(model, atoms, far, "O"), isolated_atom_energy(model, 8), atol=1e-10
+    )
+    np.testing.assert_allclose(
+        probe_energies(model, atoms, far, "O", reference="isolated"), 0.0, atol=1e-10
+    )
     with pytest.raises(ValueError):
         probe_energies(model, atoms, far, "O", reference="vacuum")
 
@@ -233,18 +255,27 @@ def rdkit_molecule(smiles: str, seed: int = 0, shuffle: bool = True):
     mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
     assert AllChem.EmbedMolecule(mol, randomSeed=seed) == 0
     AllChem.MMFFOptimizeMolecule(mol)
-    atoms = Atoms(numbers=[a.GetAtomicNum() for a in mol.GetAtoms()],
-                  positions=mol.GetConformer().GetPositions())
+    atoms = Atoms(
+        numbers=[a.GetAtomicNum() for a in mol.GetAtoms()],
+        positions=mol.GetConformer().GetPositions(),
+    )
     if shuffle:
         atoms = atoms[np.random.default_rng(seed).permutation(len(atoms))]
     return atoms
 
 
-RING_CASES = [("c1ccccc1", "benzene", True, 6), ("c1ccncc1", "pyridine", True, 5),
-              ("C1CCCCC1", "cyclohexane", False, 12), ("c1ccoc1", "furan", True, 4),
-              ("c1cc[nH]c1", "pyrrole", True, 5), ("C1=CCCCC1", "cyclohexene", False, 10),
-              ("c1cncnc1", "pyrimidine", True, 4), ("c1cnccn1", "pyrazine", True, 4),
-              ("c1cnc[nH]1", "imidazole", True, 4), ("C1CCOC1", "oxolane", False, 8)]
+RING_CASES = [
+    ("c1ccccc1", "benzene", True, 6),
+    ("c1ccncc1", "pyridine", True, 5),
+    ("C1CCCCC1", "cyclohexane", False, 12),
+    ("c1ccoc1", "furan", True, 4),
+    ("c1cc[nH]c1", "pyrrole", True, 5),
+    ("C1=CCCCC1", "cyclohexene", False, 10),
+    ("c1cncnc1", "pyrimidine", True, 4),
+    ("c1cnccn1", "pyrazine", True, 4),
+    ("c1cnc[nH]1", "imidazole", True, 4),
+    ("C1CCOC1", "oxolane", False, 8),
+]
 
 
 @pytest.mark.parametrize("smiles,name,aromatic,n_h", RING_CASES)
@@ -276,13 +307,14 @@ def ring_dataset(tmp_path=None):
     """Tiny packed data set with SMILES and a U0 target, shuffled atom orders."""
     from atomlens.data.dataset import PackedDataset
 
-    smiles = ["c1ccccc1", "C1CCCCC1", "c1ccncc1", "CCO", "COC", "Cc1ccccc1", "OC1CCCCC1",
-              "C1CCOC1"]
+    smiles = ["c1ccccc1", "C1CCCCC1", "c1ccncc1", "CCO", "COC", "Cc1ccccc1", "OC1CCCCC1", "C1CCOC1"]
     frames = [rdkit_molecule(s, seed=k) for k, s in enumerate(smiles)]
     data = PackedDataset.from_structures(
         [(a.numbers, a.positions) for a in frames],
         targets={"U0": [-100.0 * len(a) + 0.1 * k for k, a in enumerate(frames)]},
-        units={"U0": "eV"}, extras={"smiles": np.array(smiles), "index": np.arange(len(smiles))})
+        units={"U0": "eV"},
+        extras={"smiles": np.array(smiles), "index": np.arange(len(smiles))},
+    )
     if tmp_path is not None:
         data.save(tmp_path / "rings_data")
     return data
@@ -328,7 +360,9 @@ def test_isomer_statistics_on_synthetic_energies():
     np.testing.assert_allclose(good.relative_predicted, [2.1, 0.0, 0.8, 3.3])
     assert good.relative_mae == pytest.approx((0.1 + 0.0 + 0.2 + 0.3) / 4)
     assert good.mae == pytest.approx(5.0 + (0.1 - 0.2 + 0.3) / 4)
-    assert good.centred_mae == pytest.approx(np.mean(np.abs(np.array([0.1, 0.0, -0.2, 0.3]) - 0.05)))
+    assert good.centred_mae == pytest.approx(
+        np.mean(np.abs(np.array([0.1, 0.0, -0.2, 0.3]) - 0.05))
+    )
     bad = analyse_isomers(reference, -reference)
     assert bad.spearman == pytest.approx(-1.0)
     with pytest.raises(ValueError):
@@ -339,8 +373,16 @@ def test_isomer_indices_by_formula_in_any_order():
     from atomlens.insight.isomers import formulas, isomer_indices, parse_formula
 
     data = ring_dataset()
-    assert list(formulas(data)) == ["C6H6", "C6H12", "C5H5N", "C2H6O", "C2H6O", "C7H8",
-                                    "C6H12O", "C4H8O"]
+    assert list(formulas(data)) == [
+        "C6H6",
+        "C6H12",
+        "C5H5N",
+        "C2H6O",
+        "C2H6O",
+        "C7H8",
+        "C6H12O",
+        "C4H8O",
+    ]
     np.testing.assert_array_equal(isomer_indices(data, "OC2H6"), [3, 4])
     assert parse_formula("H2O") == "H2O" and parse_formula("O2H10C7") == "C7H10O2"
     with pytest.raises(ValueError):
@@ -374,25 +416,71 @@ def test_cli_atomic_energies_potential_map_extensivity(tmp_path, saved_model, ca
 
     xyz = tmp_path / "mols.xyz"
     ase.io.write(xyz, [molecule("CH3CH2OH"), molecule("C6H6")])
-    assert run_insight(["atomic-energies", str(saved_model), str(xyz),
-                        "--out", str(tmp_path / "ae.png")]) == 0
+    assert (
+        run_insight(
+            ["atomic-energies", str(saved_model), str(xyz), "--out", str(tmp_path / "ae.png")]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "C2H6O" in printed and "C6H6" in printed and "sum" in printed
     assert (tmp_path / "ae_0.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "ae_1.png").is_file()
 
-    assert run_insight(["potential-map", str(saved_model), str(xyz), "--index", "1",
-                        "--probe", "H", "--spacing", "0.4", "--out", str(tmp_path / "pm.png"),
-                        "--cube", str(tmp_path / "pm.cube"), "--cube-spacing", "0.6",
-                        "--reference", "isolated"]) == 0
+    assert (
+        run_insight(
+            [
+                "potential-map",
+                str(saved_model),
+                str(xyz),
+                "--index",
+                "1",
+                "--probe",
+                "H",
+                "--spacing",
+                "0.4",
+                "--out",
+                str(tmp_path / "pm.png"),
+                "--cube",
+                str(tmp_path / "pm.cube"),
+                "--cube-spacing",
+                "0.6",
+                "--reference",
+                "isolated",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "pm.png").read_bytes()[:4] == b"\x89PNG"
     data, atoms = read_cube_data(str(tmp_path / "pm.cube"))
     assert data.ndim == 3 and len(atoms) == 12 and np.isfinite(data).all()
     # --reference isolated subtracts the lone probe's energy, "none" keeps the full Omega
-    assert run_insight(["potential-map", str(saved_model), str(xyz), "--index", "1",
-                        "--probe", "H", "--spacing", "0.4", "--out", str(tmp_path / "pm0.png"),
-                        "--cube", str(tmp_path / "pm0.cube"), "--cube-spacing", "0.6",
-                        "--reference", "none", "--dtype", "float64"]) == 0
+    assert (
+        run_insight(
+            [
+                "potential-map",
+                str(saved_model),
+                str(xyz),
+                "--index",
+                "1",
+                "--probe",
+                "H",
+                "--spacing",
+                "0.4",
+                "--out",
+                str(tmp_path / "pm0.png"),
+                "--cube",
+                str(tmp_path / "pm0.cube"),
+                "--cube-spacing",
+                "0.6",
+                "--reference",
+                "none",
+                "--dtype",
+                "float64",
+            ]
+        )
+        == 0
+    )
     full, _ = read_cube_data(str(tmp_path / "pm0.cube"))
     from atomlens.models import load_model
 
@@ -401,8 +489,9 @@ def test_cli_atomic_energies_potential_map_extensivity(tmp_path, saved_model, ca
     from atomlens.units import HARTREE_EV
 
     # cube files hold hartree (atomic units, as cube readers assume)
-    np.testing.assert_allclose((full - data) * HARTREE_EV, lone, rtol=0,
-                               atol=1e-5 * (1 + abs(lone)))
+    np.testing.assert_allclose(
+        (full - data) * HARTREE_EV, lone, rtol=0, atol=1e-5 * (1 + abs(lone))
+    )
 
     assert run_insight(["extensivity", str(saved_model), str(xyz)]) == 0
     assert "size-extensive" in capsys.readouterr().out
@@ -412,9 +501,23 @@ def test_cli_atomic_energies_potential_map_extensivity(tmp_path, saved_model, ca
 def test_cli_rings_and_isomers_on_a_tiny_data_set(tmp_path, saved_model, capsys):
     ring_dataset(tmp_path)
     data = str(tmp_path / "rings_data")
-    assert run_insight(["rings", str(saved_model), "--data", data, "--min-count", "1",
-                        "--out", str(tmp_path / "rings.png"),
-                        "--json", str(tmp_path / "rings.json")]) == 0
+    assert (
+        run_insight(
+            [
+                "rings",
+                str(saved_model),
+                "--data",
+                data,
+                "--min-count",
+                "1",
+                "--out",
+                str(tmp_path / "rings.png"),
+                "--json",
+                str(tmp_path / "rings.json"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "benzene" in printed and "cyclohexane" in printed and "oxolane" in printed
     assert (tmp_path / "rings.png").read_bytes()[:4] == b"\x89PNG"
@@ -422,8 +525,22 @@ def test_cli_rings_and_isomers_on_a_tiny_data_set(tmp_path, saved_model, capsys)
 
     doc = json.loads((tmp_path / "rings.json").read_text())
     assert doc["n_molecules"] == 6 and doc["n_unmatched"] == 0  # the molecules with 5-, 6-rings
-    assert run_insight(["isomers", str(saved_model), "--data", data, "--formula", "C2H6O",
-                        "--out", str(tmp_path / "iso.png"), "--json"]) == 0
+    assert (
+        run_insight(
+            [
+                "isomers",
+                str(saved_model),
+                "--data",
+                data,
+                "--formula",
+                "C2H6O",
+                "--out",
+                str(tmp_path / "iso.png"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.splitlines()[0])
     assert line["n_isomers"] == 2 and line["formula"] == "C2H6O"
     assert (tmp_path / "iso.png").is_file()

@@ -225,8 +225,9 @@ def test_agrees_with_zennit(images):
     targets = (output.argmax(1), output.argmin(1))
     assert (output.gather(1, targets[1][:, None]) < 0).any()
     for target, (method, rule, options) in itertools.product(targets, cases):
-        seed = torch.zeros_like(output).scatter(1, target[:, None],
-                                                output.gather(1, target[:, None]))
+        seed = torch.zeros_like(output).scatter(
+            1, target[:, None], output.gather(1, target[:, None])
+        )
         # average pooling is a linear layer: Zennit's Norm rule is our gradient through it
         composite = LayerMapComposite([((nn.Linear, nn.Conv2d), rule), (nn.AvgPool2d, Norm())])
         with Gradient(model, composite) as attributor:

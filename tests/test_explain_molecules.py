@@ -28,8 +28,16 @@ ETHANOL = molecule("CH3CH2OH")
 
 
 def three_block_schnet():
-    return random_model("schnet", representation_kwargs={
-        "n_atom_basis": 8, "n_interactions": 3, "n_filters": 8, "n_rbf": 8, "cutoff": 3.0})
+    return random_model(
+        "schnet",
+        representation_kwargs={
+            "n_atom_basis": 8,
+            "n_interactions": 3,
+            "n_filters": 8,
+            "n_rbf": 8,
+            "cutoff": 3.0,
+        },
+    )
 
 
 @pytest.mark.parametrize("representation", ["schnet", "dtnn"])
@@ -41,8 +49,9 @@ def test_sum_rules(representation):
         assert e.energy == pytest.approx(energy, abs=1e-9)
         # LRP-0 and sign-aware LRP-gamma (with the bias shares) conserve exactly
         assert abs(e.conservation_error) < 1e-9
-        assert e.reference == pytest.approx(float((model.shift + model.atomref[
-            torch.as_tensor(ETHANOL.numbers)]).sum()))
+        assert e.reference == pytest.approx(
+            float((model.shift + model.atomref[torch.as_tensor(ETHANOL.numbers)]).sum())
+        )
         n_body = e.one_body.sum() + e.pair_relevance.sum() + e.triple_relevance.sum()
         assert n_body + e.remainder == pytest.approx(e.atoms.sum(), abs=1e-9)
     # two blocks: walks visit at most three atoms, so 1 + 2 + 3-body terms are complete
@@ -64,9 +73,18 @@ def test_sum_rules(representation):
 
 def _linear_one_block_model():
     """One interaction, no activations (identity): the energy is analytic in the embeddings."""
-    model = random_model("schnet", seed=3, representation_kwargs={
-        "n_atom_basis": 6, "n_interactions": 1, "n_filters": 5, "n_rbf": 7, "cutoff": 4.0,
-        "filter_spacing": None})
+    model = random_model(
+        "schnet",
+        seed=3,
+        representation_kwargs={
+            "n_atom_basis": 6,
+            "n_interactions": 1,
+            "n_filters": 5,
+            "n_rbf": 7,
+            "cutoff": 4.0,
+            "filter_spacing": None,
+        },
+    )
     model.head[1] = nn.Identity()
     model.representation.interactions[0].f2out[1] = nn.Identity()
     return model
@@ -104,12 +122,17 @@ def test_exact_recovery_on_an_analytic_model():
     reference = float((model.shift + model.atomref[torch.as_tensor(atoms.numbers)]).sum())
     energy = float(model.predict(atoms)["energy"][0])
     assert one.sum() + sum(pairs.values()) == pytest.approx(energy - reference, abs=1e-9)
-    expected = np.array([pairs[tuple(p)] for p in
-                         [(i, j) for i in range(len(atoms)) for j in range(i + 1, len(atoms))]])
+    expected = np.array(
+        [
+            pairs[tuple(p)]
+            for p in [(i, j) for i in range(len(atoms)) for j in range(i + 1, len(atoms))]
+        ]
+    )
     walks = explain_molecule(model, atoms, "relevant_walks")
     np.testing.assert_allclose(walks.one_body, one, atol=1e-10)
-    np.testing.assert_allclose([pairs[tuple(p)] for p in walks.pairs.tolist()],
-                               walks.pair_relevance, atol=1e-10)
+    np.testing.assert_allclose(
+        [pairs[tuple(p)] for p in walks.pairs.tolist()], walks.pair_relevance, atol=1e-10
+    )
     assert np.abs(walks.triple_relevance).max() < 1e-10  # one block: no three-body walks
     # the energy is linear in the pair switches: gradient x input, IG and the model's
     # many-body expansion give the pair terms
@@ -123,7 +146,9 @@ def test_permutation_equivariance(method):
     model = random_model("schnet")
     patterns = None
     if method == "patternattribution":
-        patterns = fit_molecule_patterns(model, [model.batch_from_atoms([ETHANOL, molecule("CH4")])])
+        patterns = fit_molecule_patterns(
+            model, [model.batch_from_atoms([ETHANOL, molecule("CH4")])]
+        )
     order = np.random.default_rng(0).permutation(len(ETHANOL))
     permuted = ETHANOL[order]
     a = explain_molecule(model, ETHANOL, method, patterns=patterns, n_steps=8)
@@ -186,7 +211,9 @@ def test_gamma_rule_matches_its_definition():
             b = layer.bias[j]
             b_same = b if (b > 0) == bool(z[r, j] > 0) else 0.0
             denominator = z[r, j] + gamma * ((contributions * same).sum() + b_same)
-            expected[r] += (contributions + gamma * contributions * same) / denominator * relevance_out[r, j]
+            expected[r] += (
+                (contributions + gamma * contributions * same) / denominator * relevance_out[r, j]
+            )
     torch.testing.assert_close(x * g, expected)
 
 
@@ -208,7 +235,7 @@ def test_pairwise_rules_match_their_definitions():
         r = int(receivers[p])
         members = receivers == r
         same = torch.sign(u[members]) == torch.sign(z[r])
-        share = (u[p] + gamma * u[p] * (torch.sign(u[p]) == torch.sign(z[r])))
+        share = u[p] + gamma * u[p] * (torch.sign(u[p]) == torch.sign(z[r]))
         share = share / (z[r] + gamma * (u[members] * same).sum(0)) * relevance[r]
         torch.testing.assert_close(inputs[p] * c[p] * relevance[r] / z[r], share)
 
@@ -266,17 +293,49 @@ def test_cli_writes_figure_and_tables(tmp_path):
     save_model(random_model("schnet").float(), tmp_path / "model")
     ase.io.write(tmp_path / "ethanol.xyz", ETHANOL)
     ase.io.write(tmp_path / "train.xyz", [ETHANOL, molecule("CH4"), molecule("H2O")])
-    code = main(["explain", "molecule", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"),
-                 "--method", "relevant_walks", "--method", "patternattribution",
-                 "--fit-data", str(tmp_path / "train.xyz"), "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "explain",
+            "molecule",
+            str(tmp_path / "model"),
+            str(tmp_path / "ethanol.xyz"),
+            "--method",
+            "relevant_walks",
+            "--method",
+            "patternattribution",
+            "--fit-data",
+            str(tmp_path / "train.xyz"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0
-    for name in ("relevant_walks.png", "relevant_walks_terms.csv", "relevant_walks_terms.md",
-                 "relevant_walks.json", "patternattribution.png", "patterns.safetensors"):
+    for name in (
+        "relevant_walks.png",
+        "relevant_walks_terms.csv",
+        "relevant_walks_terms.md",
+        "relevant_walks.json",
+        "patternattribution.png",
+        "patterns.safetensors",
+    ):
         assert (tmp_path / "out" / name).stat().st_size > 0
     table = (tmp_path / "out" / "relevant_walks_terms.md").read_text()
     assert "| pair |" in table and "| three-body |" in table and "| walk |" in table
     # one interactive 3D view holds every method's atom relevances (meV)
     page = (tmp_path / "out" / "relevance.html").read_text()
     assert "relevant_walks (meV)" in page and "patternattribution (meV)" in page
-    assert main(["explain", "molecule", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"),
-                 "--method", "patternattribution", "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "explain",
+                "molecule",
+                str(tmp_path / "model"),
+                str(tmp_path / "ethanol.xyz"),
+                "--method",
+                "patternattribution",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )

@@ -13,16 +13,35 @@ from atomlens.export import all_ordered_pairs, export_model, read_description
 from atomlens.models import build_model
 from atomlens.nn import ShiftedSoftplus
 
-REPS = {"schnet": {"n_atom_basis": 16, "n_interactions": 2, "n_filters": 16, "n_rbf": 10,
-                   "cutoff": 4.0},
-        "dtnn": {"n_atom_basis": 8, "n_interactions": 2, "n_factors": 8, "n_rbf": 10,
-                 "cutoff": 4.0, "rbf_stop": 4.0}}
+REPS = {
+    "schnet": {
+        "n_atom_basis": 16,
+        "n_interactions": 2,
+        "n_filters": 16,
+        "n_rbf": 10,
+        "cutoff": 4.0,
+    },
+    "dtnn": {
+        "n_atom_basis": 8,
+        "n_interactions": 2,
+        "n_factors": 8,
+        "n_rbf": 10,
+        "cutoff": 4.0,
+        "rbf_stop": 4.0,
+    },
+}
 
 
 def energy_model(rep: str):
     torch.manual_seed(0)
-    model = build_model({"representation": rep, "representation_kwargs": REPS[rep],
-                         "head_hidden": 8, "target": "energy"})
+    model = build_model(
+        {
+            "representation": rep,
+            "representation_kwargs": REPS[rep],
+            "head_hidden": 8,
+            "target": "energy",
+        }
+    )
     atomref = np.zeros(101)
     atomref[[1, 6, 8]] = [-13.6, -1029.0, -2042.0]
     model.set_statistics(atomref, shift=-0.3, scale=0.7)
@@ -55,9 +74,14 @@ def test_exported_program_matches_the_model_without_atomlens(tmp_path, rep):
         "e, f = program(torch.from_numpy(np.load(d + '/positions.npy')),"
         " torch.from_numpy(np.load(d + '/numbers.npy')))\n"
         "np.save(d + '/forces.npy', f.numpy()); np.save(d + '/energy.npy', e.numpy())\n"
-        "assert not any(m.startswith('atomlens') for m in sys.modules)\n")
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path,
-                   env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""})
+        "assert not any(m.startswith('atomlens') for m in sys.modules)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""},
+    )
     energy, forces = np.load(tmp_path / "energy.npy"), np.load(tmp_path / "forces.npy")
     assert float(energy) == pytest.approx(reference_energy, abs=2e-3)  # float32 of ~-3000 eV
     np.testing.assert_allclose(forces, reference_forces, atol=2e-4)

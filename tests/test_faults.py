@@ -90,8 +90,10 @@ def test_temporary_files_of_dead_writers_are_removed(tmp_path):
 
     debris = tmp_path / f".split.npz.tmp-{fileio._host()}-{_dead_pid()}-0a1b.npz"
     debris.write_bytes(b"half written")
-    save_split(tmp_path / "split.npz", {"train": np.arange(3), "val": np.arange(3, 4),
-                                        "test": np.arange(4, 6)})
+    save_split(
+        tmp_path / "split.npz",
+        {"train": np.arange(3), "val": np.arange(3, 4), "test": np.arange(4, 6)},
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["split.npz"]
     assert load_split(tmp_path / "split.npz")["test"].tolist() == [4, 5]
 
@@ -118,11 +120,28 @@ def qm9():
 def _tiny(out, **kw):
     from atomlens.training import TrainConfig
 
-    base = {"target": "U0", "n_train": 20, "n_val": 10, "n_test": 10, "batch_size": 10,
-            "max_epochs": 1, "progress": False, "out": str(out), "device": "cpu",
-            "model": {"representation": "schnet", "head_hidden": 8,
-                      "representation_kwargs": {"n_atom_basis": 8, "n_interactions": 1,
-                                                "n_filters": 8, "n_rbf": 8, "cutoff": 4.0}}}
+    base = {
+        "target": "U0",
+        "n_train": 20,
+        "n_val": 10,
+        "n_test": 10,
+        "batch_size": 10,
+        "max_epochs": 1,
+        "progress": False,
+        "out": str(out),
+        "device": "cpu",
+        "model": {
+            "representation": "schnet",
+            "head_hidden": 8,
+            "representation_kwargs": {
+                "n_atom_basis": 8,
+                "n_interactions": 1,
+                "n_filters": 8,
+                "n_rbf": 8,
+                "cutoff": 4.0,
+            },
+        },
+    }
     return TrainConfig.from_dict({**base, **kw})
 
 
@@ -155,15 +174,18 @@ def test_fingerprint_ignores_budgets_but_not_settings_data_or_split(qm9):
 
     split = {"train": np.arange(20), "val": np.arange(20, 30), "test": np.arange(30, 40)}
     base = digest(fingerprint(_tiny("a", n_train=20), qm9, split))
-    same = fingerprint(_tiny("b", n_train=20.0, max_epochs=9, max_minutes=3.0, device="auto"),
-                       qm9, split)
+    same = fingerprint(
+        _tiny("b", n_train=20.0, max_epochs=9, max_minutes=3.0, device="auto"), qm9, split
+    )
     assert digest(same) == base
     other_split = {**split, "train": np.arange(1, 21)}
     changed = qm9.subset(np.arange(len(qm9)))
     changed.targets["U0"] = changed.targets["U0"] + 1e-9
-    for different in (fingerprint(_tiny("a", lr=1e-2), qm9, split),
-                      fingerprint(_tiny("a"), qm9, other_split),
-                      fingerprint(_tiny("a"), changed, split)):
+    for different in (
+        fingerprint(_tiny("a", lr=1e-2), qm9, split),
+        fingerprint(_tiny("a"), qm9, other_split),
+        fingerprint(_tiny("a"), changed, split),
+    ):
         assert digest(different) != base
 
 
@@ -171,8 +193,10 @@ def test_concurrent_run_and_resume_without_checkpoint(qm9, tmp_path, finished_ru
     from atomlens.training import run_folder
     from atomlens.training import train_model as train
 
-    with run_folder.locked(tmp_path / "busy"), pytest.raises(
-            run_folder.RunFolderError, match="another atomlens train is running"):
+    with (
+        run_folder.locked(tmp_path / "busy"),
+        pytest.raises(run_folder.RunFolderError, match="another atomlens train is running"),
+    ):
         train(_tiny(tmp_path / "busy"), data=qm9)
     with pytest.raises(run_folder.RunFolderError, match="nothing to resume"):
         train(_tiny(tmp_path / "fresh"), resume=True, data=qm9)
@@ -229,8 +253,9 @@ def ethanol(tmp_path):
     return path
 
 
-def test_md_blow_up_exits_non_zero_and_keeps_earlier_outputs(stiff_model, ethanol, tmp_path,
-                                                              capsys):
+def test_md_blow_up_exits_non_zero_and_keeps_earlier_outputs(
+    stiff_model, ethanol, tmp_path, capsys
+):
     from atomlens.cli import main
 
     out = tmp_path / "run" / "md.traj"
@@ -252,26 +277,33 @@ def test_md_blow_up_exits_non_zero_and_keeps_earlier_outputs(stiff_model, ethano
     assert len(read_any(xyz).targets["energy"]) == 3
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--temperature", "-5"], "temperature must be finite and >= 0 K"),
-    (["--timestep", "nan"], "time step must be finite and > 0 fs"),
-    (["--ensemble", "langevin", "--friction", "-1"], "friction must be finite and >= 0"),
-    (["--max-temperature", "1"], "above the limit of 1 K"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--temperature", "-5"], "temperature must be finite and >= 0 K"),
+        (["--timestep", "nan"], "time step must be finite and > 0 fs"),
+        (["--ensemble", "langevin", "--friction", "-1"], "friction must be finite and >= 0"),
+        (["--max-temperature", "1"], "above the limit of 1 K"),
+    ],
+)
 def test_md_bad_settings_are_named(stiff_model, ethanol, tmp_path, capsys, extra, message):
     from atomlens.cli import main
 
     out = tmp_path / "md.traj"
-    assert main(["md", str(stiff_model), str(ethanol), "--steps", "5", "--out", str(out),
-                 *extra]) != 0
+    assert (
+        main(["md", str(stiff_model), str(ethanol), "--steps", "5", "--out", str(out), *extra]) != 0
+    )
     assert message in capsys.readouterr().err
     assert not out.exists() and not out.with_suffix(".csv").exists()
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("1\n\nH 0 0 0\n", "at least two atoms"),
-    ("2\n\nH 0 0 0\nH nan 0 0\n", "non-finite"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("1\n\nH 0 0 0\n", "at least two atoms"),
+        ("2\n\nH 0 0 0\nH nan 0 0\n", "non-finite"),
+    ],
+)
 def test_md_bad_structures_are_named(stiff_model, tmp_path, capsys, content, message):
     from atomlens.cli import main
 
@@ -298,11 +330,13 @@ def test_ase_file_with_energies_and_no_unit_is_refused(tmp_path):
         with pytest.raises(DataError, match="does not state their unit"):
             read_any(path)
         assert read_any(path, energy_unit="kcal/mol").targets["energy"][0] == pytest.approx(
-            -0.0433641, rel=1e-5)
+            -0.0433641, rel=1e-5
+        )
     water.info["energy_unit"] = "hartree"  # stated in the file
     ase.io.write(tmp_path / "stated.extxyz", [water])
     assert read_any(tmp_path / "stated.extxyz").targets["energy"][0] == pytest.approx(
-        -27.211386, rel=1e-7)
+        -27.211386, rel=1e-7
+    )
     water.info["force_unit"] = "eV/Angstrom"  # contradicts hartree / Angstrom
     ase.io.write(tmp_path / "mixed.extxyz", [water])
     with pytest.raises(DataError, match="not energy unit / length unit"):
@@ -314,8 +348,16 @@ def test_npz_force_unit_must_be_energy_per_length(tmp_path):
     from atomlens.data.sources import read_md17
 
     path = tmp_path / "bad.npz"
-    np.savez(path, z=[8, 1, 1], R=[[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]], E=[1.0],
-             F=np.zeros((1, 3, 3)), e_unit="kcal/mol", r_unit="Angstrom", f_unit="eV/Angstrom")
+    np.savez(
+        path,
+        z=[8, 1, 1],
+        R=[[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]],
+        E=[1.0],
+        F=np.zeros((1, 3, 3)),
+        e_unit="kcal/mol",
+        r_unit="Angstrom",
+        f_unit="eV/Angstrom",
+    )
     with pytest.raises(DataError, match="not energy unit / length unit"):
         read_md17(path)
 
@@ -333,13 +375,16 @@ def _corrupt(folder, name, change, keep_checksums=False):
         (folder / "meta.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize(("name", "change", "message"), [
-    ("positions.npy", lambda a: a.__setitem__((5, 1), np.nan), "structure 0 has non-finite"),
-    ("target.U0.npy", lambda a: a.__setitem__(3, np.inf), "target 'U0' has non-finite"),
-    ("numbers.npy", lambda a: a.__setitem__(7, 0), "unknown element"),
-    ("offsets.npy", lambda a: a.__setitem__(4, a[2]), "offsets not increasing"),
-    ("offsets.npy", lambda a: a.__setitem__(-1, a[-1] - 1), "offsets must run from 0"),
-])
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("positions.npy", lambda a: a.__setitem__((5, 1), np.nan), "structure 0 has non-finite"),
+        ("target.U0.npy", lambda a: a.__setitem__(3, np.inf), "target 'U0' has non-finite"),
+        ("numbers.npy", lambda a: a.__setitem__(7, 0), "unknown element"),
+        ("offsets.npy", lambda a: a.__setitem__(4, a[2]), "offsets not increasing"),
+        ("offsets.npy", lambda a: a.__setitem__(-1, a[-1] - 1), "offsets must run from 0"),
+    ],
+)
 def test_corrupted_packed_dataset_is_refused_on_load(qm9, tmp_path, name, change, message):
     from atomlens.data import DataError, PackedDataset
 
@@ -355,8 +400,9 @@ def test_corrupted_packed_dataset_is_refused_on_load(qm9, tmp_path, name, change
 # --------------------------------------------------------------- 6. no silent extrapolation
 @pytest.fixture
 def chon_model(tmp_path):
-    return save_model(random_model("schnet"), tmp_path / "model",
-                      metadata={"elements": [1, 6, 7, 8]})
+    return save_model(
+        random_model("schnet"), tmp_path / "model", metadata={"elements": [1, 6, 7, 8]}
+    )
 
 
 def test_unknown_elements_are_refused_unless_allowed(chon_model, tmp_path, capsys):
@@ -414,30 +460,38 @@ def _message(argv, capsys) -> str:
 
 def test_paths_of_the_wrong_kind_are_named(chon_model, ethanol, tmp_path, capsys):
     assert "is a folder, a file is expected" in _message(
-        ["md", str(chon_model), str(tmp_path), "--out", str(tmp_path / "x.traj")], capsys)
+        ["md", str(chon_model), str(tmp_path), "--out", str(tmp_path / "x.traj")], capsys
+    )
     assert "is a file; a model is a folder" in _message(
-        ["predict", str(ethanol), str(ethanol)], capsys)
-    assert "no such file" in _message(["predict", str(chon_model), str(tmp_path / "no.xyz")],
-                                      capsys)
-    err = _message(["predict", str(chon_model), str(ethanol), "--out",
-                    str(tmp_path / "missing" / "p.extxyz")], capsys)
+        ["predict", str(ethanol), str(ethanol)], capsys
+    )
+    assert "no such file" in _message(
+        ["predict", str(chon_model), str(tmp_path / "no.xyz")], capsys
+    )
+    err = _message(
+        ["predict", str(chon_model), str(ethanol), "--out", str(tmp_path / "missing" / "p.extxyz")],
+        capsys,
+    )
     assert "No such file or directory" in err and "missing" in err
     (tmp_path / "cfg.yaml").write_text("target: U0\n")
     assert "is a file; the output of a run is a folder" in _message(
-        ["train", str(tmp_path / "cfg.yaml"), "--out", str(ethanol)], capsys)
+        ["train", str(tmp_path / "cfg.yaml"), "--out", str(ethanol)], capsys
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes regardless of modes")
 def test_unreadable_and_read_only_paths_are_named(chon_model, ethanol, tmp_path, capsys):
     ethanol.chmod(0)
-    assert "no permission to read it" in _message(["predict", str(chon_model), str(ethanol)],
-                                                  capsys)
+    assert "no permission to read it" in _message(
+        ["predict", str(chon_model), str(ethanol)], capsys
+    )
     ethanol.chmod(0o644)
     locked = tmp_path / "ro"
     locked.mkdir(mode=0o555)
     assert "Permission denied" in _message(
-        ["md", str(chon_model), str(ethanol), "--steps", "1", "--out",
-         str(locked / "md.traj")], capsys)
+        ["md", str(chon_model), str(ethanol), "--steps", "1", "--out", str(locked / "md.traj")],
+        capsys,
+    )
 
 
 def test_config_and_weights_that_do_not_fit(chon_model):
@@ -468,25 +522,33 @@ def test_split_sizes_error_suggests_n_train():
     from atomlens.data import DataError
     from atomlens.data.splits import random_split
 
-    with pytest.raises(DataError, match=r"n_train=2000 \+ n_val=100 = 2100 exceed the "
-                                        r"dataset's 200 structures.*--n-train 100"):
+    with pytest.raises(
+        DataError,
+        match=r"n_train=2000 \+ n_val=100 = 2100 exceed the "
+        r"dataset's 200 structures.*--n-train 100",
+    ):
         random_split(200, 2000, 100)
 
 
 # --------------------------------------------------------------- 9. configs checked when read
-@pytest.mark.parametrize(("text", "message"), [
-    ("", "the config file is empty"),
-    ("batch_size: '32'\n", "batch_size must be an integer, not str '32'"),
-    ("batch_size: -10\n", "batch_size must be >= 1, not -10"),
-    ("rho: 2\n", r"rho must be in \[0, 1\]"),
-    ("max_epochs: 0\n", "max_epochs must be >= 1"),
-    ("lr: .nan\n", "lr must be > 0, not nan"),
-    ("forces: 1\n", "forces must be true or false"),
-    ("model: 3\n", "model must be a mapping"),
-    ("model:\n  head_hidden: 0\n", "model.head_hidden must be >= 1"),
-    ("preset: qm9-u0-schnet\nmodel:\n  representation_kwargs:\n    filter_spacing: 1.0e-9\n",
-     "table nodes"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "the config file is empty"),
+        ("batch_size: '32'\n", "batch_size must be an integer, not str '32'"),
+        ("batch_size: -10\n", "batch_size must be >= 1, not -10"),
+        ("rho: 2\n", r"rho must be in \[0, 1\]"),
+        ("max_epochs: 0\n", "max_epochs must be >= 1"),
+        ("lr: .nan\n", "lr must be > 0, not nan"),
+        ("forces: 1\n", "forces must be true or false"),
+        ("model: 3\n", "model must be a mapping"),
+        ("model:\n  head_hidden: 0\n", "model.head_hidden must be >= 1"),
+        (
+            "preset: qm9-u0-schnet\nmodel:\n  representation_kwargs:\n    filter_spacing: 1.0e-9\n",
+            "table nodes",
+        ),
+    ],
+)
 def test_bad_config_values_are_refused_when_read(tmp_path, text, message):
     from atomlens.training import load_config
 
@@ -504,13 +566,16 @@ def test_nested_settings_merge_over_a_preset(tmp_path):
     from atomlens.training import load_config
 
     path = tmp_path / "c.yaml"
-    path.write_text("preset: qm9-u0-schnet-neurips\nmodel:\n  representation_kwargs:\n"
-                    "    n_rbf: 50\n")
+    path.write_text(
+        "preset: qm9-u0-schnet-neurips\nmodel:\n  representation_kwargs:\n    n_rbf: 50\n"
+    )
     kwargs = load_config(path).model.representation_kwargs
     assert kwargs["n_rbf"] == 50
     assert (kwargs["n_interactions"], kwargs["n_filters"], kwargs["rbf_stop"]) == (3, 64, 30.0)
-    path.write_text("preset: qm9-u0-schnet\nmodel:\n  representation: dtnn\n"
-                    "  representation_kwargs: {n_atom_basis: 8}\n")
+    path.write_text(
+        "preset: qm9-u0-schnet\nmodel:\n  representation: dtnn\n"
+        "  representation_kwargs: {n_atom_basis: 8}\n"
+    )
     assert load_config(path).model.representation_kwargs == {"n_atom_basis": 8}
 
 
@@ -542,12 +607,24 @@ def test_ddp_three_processes_uneven_shares_energy_and_forces(qm9, tmp_path):
     from atomlens.training import train_model as train
 
     rng = np.random.default_rng(0)
-    data = PackedDataset(qm9.numbers, qm9.positions, qm9.offsets,
-                         {"U0": qm9.targets["U0"],
-                          "forces": rng.normal(0.0, 0.5, (len(qm9.numbers), 3))},
-                         {"U0": "eV", "forces": "eV/Angstrom"})
-    common = {"forces": True, "rho": 0.5, "n_train": 21, "n_val": 3, "n_test": 0,
-              "max_epochs": 1, "lr": 1e-3, "seed": 3, "threads": 1}
+    data = PackedDataset(
+        qm9.numbers,
+        qm9.positions,
+        qm9.offsets,
+        {"U0": qm9.targets["U0"], "forces": rng.normal(0.0, 0.5, (len(qm9.numbers), 3))},
+        {"U0": "eV", "forces": "eV/Angstrom"},
+    )
+    common = {
+        "forces": True,
+        "rho": 0.5,
+        "n_train": 21,
+        "n_val": 3,
+        "n_test": 0,
+        "max_epochs": 1,
+        "lr": 1e-3,
+        "seed": 3,
+        "threads": 1,
+    }
     train(_tiny(tmp_path / "single", **common), data=data)
     train(_tiny(tmp_path / "ddp", strategy="ddp_spawn", devices=3, **common), data=data)
     single = load_model(tmp_path / "single").state_dict()

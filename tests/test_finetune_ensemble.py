@@ -32,8 +32,13 @@ def base(tmp_path_factory, data):
 
 def test_fine_tune_frozen_representation_keeps_weights_and_statistics(tmp_path, data, base):
     before = load_model(base)
-    config = tiny_config(tmp_path, max_epochs=2, init_from=str(base), freeze_representation=True,
-                         model={"representation": "dtnn"})  # replaced by the saved model's
+    config = tiny_config(
+        tmp_path,
+        max_epochs=2,
+        init_from=str(base),
+        freeze_representation=True,
+        model={"representation": "dtnn"},
+    )  # replaced by the saved model's
     train_model(config, data=data)
     after = load_model(tmp_path / "run" / "model")
     assert after.config.representation == "schnet"
@@ -47,8 +52,9 @@ def test_fine_tune_frozen_representation_keeps_weights_and_statistics(tmp_path, 
 def test_fine_tune_refits_statistics_on_new_data(tmp_path, data, base):
     new = data.subset(np.arange(40))
     new.targets = {"U0": np.asarray(new.targets["U0"]) + 0.5 * new.n_atoms_per}  # 0.5 eV/atom
-    config = tiny_config(tmp_path, max_epochs=1, init_from=str(base), refit_statistics=True,
-                         lr=1e-9)
+    config = tiny_config(
+        tmp_path, max_epochs=1, init_from=str(base), refit_statistics=True, lr=1e-9
+    )
     train_model(config, data=new)
     tuned = load_model(tmp_path / "run" / "model")
     expected = load_model(base)
@@ -91,10 +97,12 @@ def test_ensemble_calculator_mean_and_spread():
     assert atoms.get_potential_energy() == pytest.approx(energies.mean(), abs=1e-9)
     # two members: the population standard deviation is half their difference
     assert calc.get_property("energy_std") == pytest.approx(
-        abs(energies[0] - energies[1]) / 2, abs=1e-9)
+        abs(energies[0] - energies[1]) / 2, abs=1e-9
+    )
     np.testing.assert_allclose(atoms.get_forces(), forces.mean(0), atol=1e-9)
-    np.testing.assert_allclose(calc.get_property("forces_std"),
-                               np.abs(forces[0] - forces[1]) / 2, atol=1e-9)
+    np.testing.assert_allclose(
+        calc.get_property("forces_std"), np.abs(forces[0] - forces[1]) / 2, atol=1e-9
+    )
     per_atom = np.linalg.norm(np.abs(forces[0] - forces[1]) / 2, axis=1)
     assert calc.get_property("max_force_std") == pytest.approx(per_atom.max(), abs=1e-9)
     out = predict_ensemble(models, [atoms], forces=True)
@@ -107,22 +115,23 @@ def test_md_logs_the_ensemble_spread(tmp_path):
     models = two_energy_models()
     atoms = molecule("CH3OH")
     start = [Calculator(m).get_potential_energy(atoms.copy()) for m in models]
-    log = run_md(models, atoms, steps=4, interval=2, logfile=tmp_path / "md.csv",
-                 dtype="float64")
+    log = run_md(models, atoms, steps=4, interval=2, logfile=tmp_path / "md.csv", dtype="float64")
     table = np.genfromtxt(tmp_path / "md.csv", delimiter=",", names=True)
     assert set(SPREAD_COLUMNS) <= set(table.dtype.names)
     assert log.energy_std[0] == pytest.approx(abs(start[0] - start[1]) / 2, abs=1e-8)
     np.testing.assert_allclose(table["energy_std_eV"], log.energy_std, rtol=1e-8)
-    np.testing.assert_allclose(log.arrays()["max_force_std_eV_A"], table["max_force_std_eV_A"],
-                               rtol=1e-8)
+    np.testing.assert_allclose(
+        log.arrays()["max_force_std_eV_A"], table["max_force_std_eV_A"], rtol=1e-8
+    )
     assert (table["max_force_std_eV_A"] > 0).all()
 
 
 def test_cli_ensemble_train_predict(tmp_path, data, capsys):
     packed = data.save(tmp_path / "packed")
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tmp_path, data=str(packed), max_epochs=1)
-                                     .to_dict()))
+    config.write_text(
+        yaml.safe_dump(tiny_config(tmp_path, data=str(packed), max_epochs=1).to_dict())
+    )
     assert main(["train", str(config), "--ensemble", "2", "--out", str(tmp_path / "ens")]) == 0
     assert (tmp_path / "ens" / "ensemble.json").is_file()
     xyz = tmp_path / "mols.xyz"
@@ -134,9 +143,30 @@ def test_cli_ensemble_train_predict(tmp_path, data, capsys):
         assert atoms.info["atomlens_U0_std"] >= 0
         assert atoms.arrays["atomlens_atomic_U0_std"].shape == (len(atoms),)
     # fine-tuning from the command line, the target taken from the model
-    assert main(["train", "--data", str(packed), "--init-from", str(tmp_path / "ens" / "model_0"),
-                 "--freeze-representation", "--epochs", "1", "--n-train", "20", "--n-val", "10",
-                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "tuned")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(packed),
+                "--init-from",
+                str(tmp_path / "ens" / "model_0"),
+                "--freeze-representation",
+                "--epochs",
+                "1",
+                "--n-train",
+                "20",
+                "--n-val",
+                "10",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "tuned"),
+            ]
+        )
+        == 0
+    )
     assert load_model(tmp_path / "tuned").target == "U0"
 
 

@@ -19,9 +19,18 @@ from atomlens.models import load_model, save_model
 from atomlens.training.config import TrainConfig
 from atomlens.training.train import load_dataset, train
 
-SMALL_SCHNET = {"representation": "schnet", "head_hidden": 16, "target": "energy",
-                "representation_kwargs": {"n_atom_basis": 32, "n_interactions": 2,
-                                          "n_filters": 32, "n_rbf": 20, "cutoff": 5.0}}
+SMALL_SCHNET = {
+    "representation": "schnet",
+    "head_hidden": 16,
+    "target": "energy",
+    "representation_kwargs": {
+        "n_atom_basis": 32,
+        "n_interactions": 2,
+        "n_filters": 32,
+        "n_rbf": 20,
+        "cutoff": 5.0,
+    },
+}
 
 
 def _energy_and_forces(model, atoms):
@@ -81,8 +90,9 @@ def test_forces_rotate_with_the_molecule(representation):
     torch.testing.assert_close(energy_r, energy, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(forces_r, forces @ rotation.T, rtol=1e-9, atol=1e-10)
     # and the total force vanishes (translation invariance)
-    torch.testing.assert_close(forces.sum(0), torch.zeros(3, dtype=torch.float64), atol=1e-10,
-                               rtol=0)
+    torch.testing.assert_close(
+        forces.sum(0), torch.zeros(3, dtype=torch.float64), atol=1e-10, rtol=0
+    )
 
 
 # ------------------------------------------------------------------ energy conservation
@@ -97,20 +107,35 @@ def xtb_ethanol():
     # xTB on one thread: on a busy machine its OpenMP barriers cost ~20x per step otherwise
     with threadpool_limits(1, user_api="openmp"):
         start = relax(molecule("CH3CH2OH"), calc, fmax=0.05)
-        return sample_md(start, calc, temperature=500.0, n_frames=200, every=4,
-                         equilibration_fs=50.0, seed=1)
+        return sample_md(
+            start, calc, temperature=500.0, n_frames=200, every=4, equilibration_fs=50.0, seed=1
+        )
 
 
 @pytest.fixture(scope="module")
 def trained_ethanol(xtb_ethanol, tmp_path_factory):
     """A small SchNet trained on energies and forces for at most 30 s (about 100 epochs)."""
     out = tmp_path_factory.mktemp("ethanol")
-    config = TrainConfig.from_dict({
-        "data": "sampled", "target": "energy", "forces": True, "rho": 0.01, "n_train": 160,
-        "n_val": 40, "n_test": 0, "batch_size": 10, "lr": 2e-3, "lr_patience": 5,
-        "max_epochs": 120, "max_minutes": 0.5, "out": str(out), "progress": False,
-        "threads": 1,  # batches of 10 ethanols are too small to split over threads
-        "model": SMALL_SCHNET})
+    config = TrainConfig.from_dict(
+        {
+            "data": "sampled",
+            "target": "energy",
+            "forces": True,
+            "rho": 0.01,
+            "n_train": 160,
+            "n_val": 40,
+            "n_test": 0,
+            "batch_size": 10,
+            "lr": 2e-3,
+            "lr_patience": 5,
+            "max_epochs": 120,
+            "max_minutes": 0.5,
+            "out": str(out),
+            "progress": False,
+            "threads": 1,  # batches of 10 ethanols are too small to split over threads
+            "model": SMALL_SCHNET,
+        }
+    )
     threads = torch.get_num_threads()
     try:
         train(config, data=xtb_ethanol)
@@ -137,8 +162,16 @@ def test_nve_md_with_a_trained_model_conserves_energy(xtb_ethanol, trained_ethan
     atoms.arrays.pop("forces", None)
     atoms.calc = atomlens.Calculator(model, dtype="float64")
     BFGS(atoms, logfile=None).run(fmax=0.05, steps=200)
-    log = run_md(atoms.calc, atoms, ensemble="nve", temperature_K=300.0, timestep_fs=0.5,
-                 steps=2000, interval=5, seed=0)
+    log = run_md(
+        atoms.calc,
+        atoms,
+        ensemble="nve",
+        temperature_K=300.0,
+        timestep_fs=0.5,
+        steps=2000,
+        interval=5,
+        seed=0,
+    )
     n = len(atoms)
     drift = log.drift(n)
     assert len(log.etot) == 401 and log.time_fs[-1] == pytest.approx(1000.0)
@@ -152,9 +185,19 @@ def test_langevin_md_writes_trajectory_and_log(tmp_path):
     model = random_model("schnet", seed=3)
     atoms = molecule("CH3CH2OH")
     calc = atomlens.Calculator(model)
-    log = run_md(calc, atoms, ensemble="langevin", temperature_K=400.0, timestep_fs=0.5,
-                 steps=20, friction=0.02, trajectory=tmp_path / "md.traj",
-                 logfile=tmp_path / "md.csv", interval=5, seed=4)
+    log = run_md(
+        calc,
+        atoms,
+        ensemble="langevin",
+        temperature_K=400.0,
+        timestep_fs=0.5,
+        steps=20,
+        friction=0.02,
+        trajectory=tmp_path / "md.traj",
+        logfile=tmp_path / "md.csv",
+        interval=5,
+        seed=4,
+    )
     from ase.io import read
 
     frames = read(tmp_path / "md.traj", index=":")
@@ -164,8 +207,9 @@ def test_langevin_md_writes_trajectory_and_log(tmp_path):
     rows = list(csv.DictReader((tmp_path / "md.csv").read_text().splitlines()))
     assert list(rows[0]) == ["time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K"]
     assert float(rows[-1]["time_fs"]) == pytest.approx(10.0)
-    assert float(rows[2]["etot_eV"]) == pytest.approx(float(rows[2]["epot_eV"])
-                                                      + float(rows[2]["ekin_eV"]), rel=1e-8)
+    assert float(rows[2]["etot_eV"]) == pytest.approx(
+        float(rows[2]["epot_eV"]) + float(rows[2]["ekin_eV"]), rel=1e-8
+    )
     with pytest.raises(ValueError, match="ensemble"):
         run_md(calc, atoms, ensemble="nvt", steps=1)
     with pytest.raises(ValueError, match="periodic"):
@@ -193,8 +237,16 @@ def test_md_starts_at_the_requested_temperature_and_langevin_holds_it():
     assert kinetic_temperature(atoms, 21) == pytest.approx(500.0, rel=1e-9)
 
     atoms = molecule("CH3CH2OH")
-    log = run_md(calc, atoms, ensemble="langevin", temperature_K=400.0, steps=1500,
-                 friction=0.05, timestep_fs=0.5, seed=2)
+    log = run_md(
+        calc,
+        atoms,
+        ensemble="langevin",
+        temperature_K=400.0,
+        steps=1500,
+        friction=0.05,
+        timestep_fs=0.5,
+        seed=2,
+    )
     assert log.temperature[0] == pytest.approx(400.0, rel=1e-9)
     assert kinetic_temperature(atoms) == pytest.approx(log.temperature[-1])  # 3n - 3
     mean = np.mean(log.temperature[100:])
@@ -217,25 +269,41 @@ def _teacher_frames(n_frames=40, seed=0):
 
 
 def _md17_config(data, out, **overrides):
-    return TrainConfig.from_dict({
-        "data": str(data), "target": "energy", "forces": True, "n_train": 20, "n_val": 10,
-        "batch_size": 10, "max_epochs": 2, "out": str(out), "progress": False, "threads": 1,
-        "model": SMALL_SCHNET, **overrides})
+    return TrainConfig.from_dict(
+        {
+            "data": str(data),
+            "target": "energy",
+            "forces": True,
+            "n_train": 20,
+            "n_val": 10,
+            "batch_size": 10,
+            "max_epochs": 2,
+            "out": str(out),
+            "progress": False,
+            "threads": 1,
+            "model": SMALL_SCHNET,
+            **overrides,
+        }
+    )
 
 
 def test_md17_file_through_training(tmp_path):
     frames = _teacher_frames()
     kcal = 1.0 / units.KCAL_MOL_EV  # kcal/mol per eV
     path = tmp_path / "water.npz"
-    np.savez(path, z=frames[0][0].numbers, R=np.stack([a.positions for a, _, _ in frames]),
-             E=np.array([[e * kcal] for _, e, _ in frames]),
-             F=np.stack([f * kcal for _, _, f in frames]))  # no unit keys, like MD17 itself
-    config = _md17_config(path, tmp_path / "run", energy_unit="kcal/mol",
-                          length_unit="Angstrom")
+    np.savez(
+        path,
+        z=frames[0][0].numbers,
+        R=np.stack([a.positions for a, _, _ in frames]),
+        E=np.array([[e * kcal] for _, e, _ in frames]),
+        F=np.stack([f * kcal for _, _, f in frames]),
+    )  # no unit keys, like MD17 itself
+    config = _md17_config(path, tmp_path / "run", energy_unit="kcal/mol", length_unit="Angstrom")
     data = load_dataset(config)
     np.testing.assert_allclose(data.targets["energy"], [e for _, e, _ in frames], rtol=1e-12)
-    np.testing.assert_allclose(data.targets["forces"],
-                               np.concatenate([f for _, _, f in frames]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        data.targets["forces"], np.concatenate([f for _, _, f in frames]), rtol=1e-10, atol=1e-12
+    )
     assert data.units["energy"] == "eV" and data.units["forces"] == "eV/Angstrom"
     metrics = train(config)
     assert {"energy_mae", "forces_mae"} <= set(metrics) and metrics["unit"] == "eV"
@@ -253,7 +321,8 @@ def test_iso17_file_through_training(tmp_path):
     dataset = PackedDataset.from_structures(
         [(a.numbers, a.positions) for a, _, _ in frames],
         {"energy": [e for _, e, _ in frames], "forces": [f for _, _, f in frames]},
-        {"energy": "eV", "forces": "eV/Angstrom"})
+        {"energy": "eV", "forces": "eV/Angstrom"},
+    )
     path = write_iso17(tmp_path / "reference.db", dataset)
     config = _md17_config(path, tmp_path / "run")
     data = load_dataset(config)
@@ -268,9 +337,26 @@ def test_md_command(tmp_path, capsys):
     model = random_model("schnet", seed=4).float()
     save_model(model, tmp_path / "model")
     molecule("CH3CH2OH").write(tmp_path / "ethanol.xyz")
-    code = main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "10",
-                 "--timestep", "0.5", "--interval", "5", "--ensemble", "nve", "--float64",
-                 "--out", str(tmp_path / "md.extxyz"), "--log", str(tmp_path / "md.csv")])
+    code = main(
+        [
+            "md",
+            str(tmp_path / "model"),
+            str(tmp_path / "ethanol.xyz"),
+            "--steps",
+            "10",
+            "--timestep",
+            "0.5",
+            "--interval",
+            "5",
+            "--ensemble",
+            "nve",
+            "--float64",
+            "--out",
+            str(tmp_path / "md.extxyz"),
+            "--log",
+            str(tmp_path / "md.csv"),
+        ]
+    )
     assert code == 0
     assert "E_tot drift" in capsys.readouterr().out
     from ase.io import read
@@ -279,18 +365,51 @@ def test_md_command(tmp_path, capsys):
     assert len(frames) == 3 and "forces" in frames[-1].calc.results
     assert len((tmp_path / "md.csv").read_text().splitlines()) == 4
     # --compile runs the same trajectory (same seed) through the compiled calculator
-    assert main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "10",
-                 "--timestep", "0.5", "--interval", "5", "--ensemble", "nve", "--float64",
-                 "--compile", "--out", str(tmp_path / "compiled.traj"),
-                 "--log", str(tmp_path / "compiled.csv")]) == 0
-    eager, compiled = (np.loadtxt(tmp_path / name, delimiter=",", skiprows=1)
-                       for name in ("md.csv", "compiled.csv"))
+    assert (
+        main(
+            [
+                "md",
+                str(tmp_path / "model"),
+                str(tmp_path / "ethanol.xyz"),
+                "--steps",
+                "10",
+                "--timestep",
+                "0.5",
+                "--interval",
+                "5",
+                "--ensemble",
+                "nve",
+                "--float64",
+                "--compile",
+                "--out",
+                str(tmp_path / "compiled.traj"),
+                "--log",
+                str(tmp_path / "compiled.csv"),
+            ]
+        )
+        == 0
+    )
+    eager, compiled = (
+        np.loadtxt(tmp_path / name, delimiter=",", skiprows=1)
+        for name in ("md.csv", "compiled.csv")
+    )
     np.testing.assert_allclose(compiled, eager, rtol=1e-8, atol=1e-9)
     assert main(["md", str(tmp_path / "model"), str(tmp_path / "missing.xyz")]) == 2
     # a thermostatted run reports its temperature, not an energy drift
     run = tmp_path / "runs" / "nvt.traj"
-    args = ["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--steps", "4",
-            "--interval", "2", "--ensemble", "langevin", "--out", str(run)]
+    args = [
+        "md",
+        str(tmp_path / "model"),
+        str(tmp_path / "ethanol.xyz"),
+        "--steps",
+        "4",
+        "--interval",
+        "2",
+        "--ensemble",
+        "langevin",
+        "--out",
+        str(run),
+    ]
     capsys.readouterr()
     assert main(args) == 0
     printed = capsys.readouterr().out

@@ -29,8 +29,9 @@ def test_energy_invariant_to_rotation_translation_permutation(data, rep):
     # permute atoms inside the first molecule
     one = data.subset([0])
     perm = np.random.default_rng(0).permutation(len(one.numbers))
-    permuted = PackedDataset(np.asarray(one.numbers)[perm], np.asarray(one.positions)[perm],
-                             one.offsets, units=one.units)
+    permuted = PackedDataset(
+        np.asarray(one.numbers)[perm], np.asarray(one.positions)[perm], one.offsets, units=one.units
+    )
     e1 = model(one.batch([0], model.cutoff, torch.float64))["energy"]
     e2 = model(permuted.batch([0], model.cutoff, torch.float64))["energy"]
     torch.testing.assert_close(e2, e1, rtol=0, atol=1e-9)

@@ -38,8 +38,11 @@ def copper_frames(n: int, seed: int = 0) -> list:
         atoms.set_cell(atoms.cell.array @ (strain + strain.T) / 2, scale_atoms=True)
         atoms.rattle(0.06, seed=int(rng.integers(1 << 30)))
         atoms.calc = EMT()
-        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
-                   "stress": atoms.get_stress()}
+        results = {
+            "energy": atoms.get_potential_energy(),
+            "forces": atoms.get_forces(),
+            "stress": atoms.get_stress(),
+        }
         atoms.calc = SinglePointCalculator(atoms, **results)
         frames.append(atoms)
     return frames
@@ -50,15 +53,37 @@ def copper(tmp_path_factory):
     """(folder, model) trained by ``atomlens train`` on EMT copper with forces and stress."""
     folder = tmp_path_factory.mktemp("copper")
     write(folder / "cu.extxyz", copper_frames(80), format="extxyz")
-    config = {"data": str(folder / "cu.extxyz"), "target": "energy", "energy_unit": "eV",
-              "length_unit": "Angstrom", "forces": True, "rho": 0.1, "stress": True,
-              "stress_weight": 100.0, "n_train": 64, "n_val": 8, "n_test": 8, "batch_size": 8,
-              "lr": 5e-3, "lr_patience": 5, "max_epochs": 40, "threads": 1, "progress": False,
-              "out": str(folder / "run"),
-              "model": {"representation": "schnet", "head_hidden": 16,
-                        "representation_kwargs": {"n_atom_basis": 24, "n_interactions": 2,
-                                                  "n_filters": 24, "n_rbf": 16,
-                                                  "cutoff": 4.0}}}
+    config = {
+        "data": str(folder / "cu.extxyz"),
+        "target": "energy",
+        "energy_unit": "eV",
+        "length_unit": "Angstrom",
+        "forces": True,
+        "rho": 0.1,
+        "stress": True,
+        "stress_weight": 100.0,
+        "n_train": 64,
+        "n_val": 8,
+        "n_test": 8,
+        "batch_size": 8,
+        "lr": 5e-3,
+        "lr_patience": 5,
+        "max_epochs": 40,
+        "threads": 1,
+        "progress": False,
+        "out": str(folder / "run"),
+        "model": {
+            "representation": "schnet",
+            "head_hidden": 16,
+            "representation_kwargs": {
+                "n_atom_basis": 24,
+                "n_interactions": 2,
+                "n_filters": 24,
+                "n_rbf": 16,
+                "cutoff": 4.0,
+            },
+        },
+    }
     (folder / "cu.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(folder / "cu.yaml")]) == 0
     return folder, atomlens.load_model(folder / "run", dtype=torch.float64)
@@ -124,9 +149,19 @@ def test_nve_conserves_energy_across_verlet_list_rebuilds(copper):
 def test_npt_dynamics_moves_the_volume_and_writes_it(copper, tmp_path):
     folder, _ = copper
     atoms = bulk("Cu", "fcc", a=3.65, cubic=True).repeat((2, 2, 2))
-    log = run_md(folder / "run", atoms, ensemble="npt", temperature_K=300, timestep_fs=2.0,
-                 steps=200, pressure_bar=0.0, barostat_time_fs=200.0, dtype="float64",
-                 logfile=tmp_path / "npt.csv", interval=10)
+    log = run_md(
+        folder / "run",
+        atoms,
+        ensemble="npt",
+        temperature_K=300,
+        timestep_fs=2.0,
+        steps=200,
+        pressure_bar=0.0,
+        barostat_time_fs=200.0,
+        dtype="float64",
+        logfile=tmp_path / "npt.csv",
+        interval=10,
+    )
     assert len(log.volume) == 21
     assert np.ptp(log.volume) > 0.05  # the barostat moved the cell
     assert 0.85 < log.volume[-1] / log.volume[0] < 1.15
@@ -145,9 +180,28 @@ def test_cli_md_npt_and_predict_keep_the_cell(copper, tmp_path):
     folder, model = copper
     start = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
     write(tmp_path / "start.extxyz", start)
-    assert main(["md", str(folder / "run"), str(tmp_path / "start.extxyz"), "--ensemble", "npt",
-                 "--steps", "20", "--timestep", "2", "--temperature", "300",
-                 "--out", str(tmp_path / "npt.traj"), "--log", str(tmp_path / "npt.csv")]) == 0
+    assert (
+        main(
+            [
+                "md",
+                str(folder / "run"),
+                str(tmp_path / "start.extxyz"),
+                "--ensemble",
+                "npt",
+                "--steps",
+                "20",
+                "--timestep",
+                "2",
+                "--temperature",
+                "300",
+                "--out",
+                str(tmp_path / "npt.traj"),
+                "--log",
+                str(tmp_path / "npt.csv"),
+            ]
+        )
+        == 0
+    )
     frames = read(tmp_path / "npt.traj", ":")
     assert frames[-1].pbc.all() and frames[-1].get_volume() > 0
     # predict: the periodic cell is kept, so the energy is the bulk's, not a cluster's

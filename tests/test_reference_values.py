@@ -29,10 +29,23 @@ from ase.build import molecule
 from atomlens.models import build_model
 
 CUTOFF = 4.0
-DTNN_KWARGS = {"n_atom_basis": 6, "n_interactions": 2, "n_factors": 5, "n_rbf": 12,
-               "cutoff": CUTOFF, "rbf_stop": 3.5, "rbf_gamma": 4.0, "rbf_start": 0.5}
-SCHNET_KWARGS = {"n_atom_basis": 6, "n_interactions": 2, "n_filters": 5, "n_rbf": 8,
-                 "cutoff": CUTOFF}
+DTNN_KWARGS = {
+    "n_atom_basis": 6,
+    "n_interactions": 2,
+    "n_factors": 5,
+    "n_rbf": 12,
+    "cutoff": CUTOFF,
+    "rbf_stop": 3.5,
+    "rbf_gamma": 4.0,
+    "rbf_start": 0.5,
+}
+SCHNET_KWARGS = {
+    "n_atom_basis": 6,
+    "n_interactions": 2,
+    "n_filters": 5,
+    "n_rbf": 8,
+    "cutoff": CUTOFF,
+}
 
 
 def _molecules():
@@ -72,7 +85,9 @@ def dtnn_features(w, numbers, positions, kwargs):
     f = cosine_cutoff(d) * neighbour
     for t in range(kwargs["n_interactions"]):
         p = f"representation.interactions.{t}."
-        coefficient = c @ w[p + "coefficient_to_factor.weight"].T + w[p + "coefficient_to_factor.bias"]
+        coefficient = (
+            c @ w[p + "coefficient_to_factor.weight"].T + w[p + "coefficient_to_factor.bias"]
+        )
         distance = e @ w[p + "distance_to_factor.weight"].T + w[p + "distance_to_factor.bias"]
         v = np.tanh((coefficient[None, :, :] * distance) @ w[p + "factor_to_coefficient.weight"].T)
         c = c + (v * f[..., None]).sum(1)  # v[i, j]: message to i from j
@@ -90,7 +105,7 @@ def schnet_features(w, numbers, positions, kwargs):
     for t in range(kwargs["n_interactions"]):
         p = f"representation.interactions.{t}."
         hidden = ssp(e @ w[p + "filter_network.0.weight"].T + w[p + "filter_network.0.bias"])
-        filters = (hidden @ w[p + "filter_network.2.weight"].T + w[p + "filter_network.2.bias"])
+        filters = hidden @ w[p + "filter_network.2.weight"].T + w[p + "filter_network.2.bias"]
         filters = filters * f[..., None]
         y = x @ w[p + "in2f.weight"].T
         conv = (y[None, :, :] * filters).sum(1)
@@ -101,7 +116,8 @@ def schnet_features(w, numbers, positions, kwargs):
 
 def energy(w, representation, numbers, positions, kwargs, activation):
     features = (dtnn_features if representation == "dtnn" else schnet_features)(
-        w, numbers, positions, kwargs)
+        w, numbers, positions, kwargs
+    )
     hidden = activation(features @ w["head.0.weight"].T + w["head.0.bias"])
     head = (hidden @ w["head.2.weight"].T + w["head.2.bias"])[:, 0]
     return float((w["scale"] * head + w["shift"] + w["atomref"][numbers]).sum())
@@ -114,8 +130,10 @@ def forces(w, representation, numbers, positions, kwargs, activation, h=1e-5):
             plus, minus = positions.copy(), positions.copy()
             plus[i, a] += h
             minus[i, a] -= h
-            result[i, a] = -(energy(w, representation, numbers, plus, kwargs, activation)
-                             - energy(w, representation, numbers, minus, kwargs, activation)) / (2 * h)
+            result[i, a] = -(
+                energy(w, representation, numbers, plus, kwargs, activation)
+                - energy(w, representation, numbers, minus, kwargs, activation)
+            ) / (2 * h)
     return result
 
 
@@ -137,9 +155,15 @@ def numpy_weights(model, seed):
 
 
 def build(representation, kwargs, seed, activation="ssp", **extra):
-    model = build_model({"representation": representation, "head_hidden": 4, "max_z": 10,
-                         "head_activation": activation,
-                         "representation_kwargs": dict(kwargs, **extra)}).double()
+    model = build_model(
+        {
+            "representation": representation,
+            "head_hidden": 4,
+            "max_z": 10,
+            "head_activation": activation,
+            "representation_kwargs": dict(kwargs, **extra),
+        }
+    ).double()
     weights = numpy_weights(model, seed)
     state = model.state_dict()
     state.update({k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in weights.items()})
@@ -166,8 +190,9 @@ def test_energies_and_forces_equal_the_equations(case):
         out = model.predict(atoms, forces=True)
         expected = energy(weights, representation, numbers, positions, kwargs, numpy_activation)
         assert out["energy"][0] == pytest.approx(expected, rel=0, abs=tolerance)
-        expected_forces = forces(weights, representation, numbers, positions, kwargs,
-                                 numpy_activation)
+        expected_forces = forces(
+            weights, representation, numbers, positions, kwargs, numpy_activation
+        )
         assert np.abs(expected_forces).max() > 0.1
         np.testing.assert_allclose(out["forces"], expected_forces, rtol=0, atol=2e-6)
         # the general path: every directed pair on its own (probe maps use it)

@@ -15,11 +15,18 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in ("OMP_WAIT_POLICY", "ATOMLENS_THREADS")}
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "ATOMLENS_THREADS")
+    }
     environment.update(PYTHONPATH=SRC, **env)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=environment, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_cgroup_v2_quota(tmp_path):
@@ -97,18 +104,31 @@ def test_cli_sets_the_wait_policy_before_torch_loads():
 
 
 def test_configure_keeps_a_users_wait_policy():
-    result = _python("""
+    result = _python(
+        """
         from atomlens.runtime import configure
         settings = configure(threads=1)
         print(settings["wait_policy"], settings["wait_policy_applied"], settings["threads"])
-    """, OMP_WAIT_POLICY="ACTIVE")
+    """,
+        OMP_WAIT_POLICY="ACTIVE",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ACTIVE", "True", "1"]
 
 
-@pytest.mark.parametrize("command", [
-    ["train"], ["evaluate", "m"], ["predict", "m", "f.xyz"], ["demo"], ["md", "m", "s.xyz"],
-    ["sample", "--xyz", "s.xyz", "--out", "o.npz"], ["insight", "rings", "m"],
-    ["insight", "potential-map", "m", "s.xyz"], ["explain", "--out", "o"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train"],
+        ["evaluate", "m"],
+        ["predict", "m", "f.xyz"],
+        ["demo"],
+        ["md", "m", "s.xyz"],
+        ["sample", "--xyz", "s.xyz", "--out", "o.npz"],
+        ["insight", "rings", "m"],
+        ["insight", "potential-map", "m", "s.xyz"],
+        ["explain", "--out", "o"],
+    ],
+)
 def test_every_command_takes_threads(command):
     assert build_parser().parse_args([*command, "--threads", "3"]).threads == 3

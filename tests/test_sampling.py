@@ -82,8 +82,21 @@ def test_isomer_sets_and_cli(tmp_path):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "water.db"
-    args = parser.parse_args(["sample", "--smiles", "O", "--frames", "3", "--every", "1",
-                              "--equilibration", "0", "--out", str(out)])
+    args = parser.parse_args(
+        [
+            "sample",
+            "--smiles",
+            "O",
+            "--frames",
+            "3",
+            "--every",
+            "1",
+            "--equilibration",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert args.func(args) == 0
     data = read_any(out)  # ISO17 layout
     assert len(data) == 3 and np.isfinite(data.targets["energy"]).all()
@@ -112,9 +125,30 @@ def test_periodic_cell_sampled_with_its_cell_and_stress(tmp_path):
     from atomlens.data.sources import read_any
 
     ase_write(tmp_path / "si.extxyz", bulk("Si", "diamond", a=5.43))
-    assert main(["sample", "--xyz", str(tmp_path / "si.extxyz"), "--frames", "2", "--every",
-                 "1", "--equilibration", "0", "--cells", "2", "--strain", "0.03",
-                 "--temperature", "300", "--out", str(tmp_path / "si_md.extxyz")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--xyz",
+                str(tmp_path / "si.extxyz"),
+                "--frames",
+                "2",
+                "--every",
+                "1",
+                "--equilibration",
+                "0",
+                "--cells",
+                "2",
+                "--strain",
+                "0.03",
+                "--temperature",
+                "300",
+                "--out",
+                str(tmp_path / "si_md.extxyz"),
+            ]
+        )
+        == 0
+    )
     data = read_any(tmp_path / "si_md.extxyz", energy_unit="eV", length_unit="Angstrom")
     assert len(data) == 2 and data.pbc.all()
     assert data.units["stress"] == "eV/Angstrom^3"
@@ -125,10 +159,30 @@ def test_periodic_cell_sampled_with_its_cell_and_stress(tmp_path):
 
     atoms = data.atoms(1)
     atoms.calc = TBLite(method="GFN1-xTB", verbosity=0)
-    np.testing.assert_allclose(data.targets["stress"][1], atoms.get_stress(voigt=False),
-                               atol=1e-6)
+    np.testing.assert_allclose(data.targets["stress"][1], atoms.get_stress(voigt=False), atol=1e-6)
     with pytest.raises(SystemExit):
-        main(["sample", "--xyz", str(tmp_path / "si.extxyz"), "--out", str(tmp_path / "x.npz"),
-              "--cells", "x"])
-    assert main(["sample", "--xyz", str(tmp_path / "si.extxyz"), "--frames", "1",
-                 "--out", str(tmp_path / "si.npz")]) == 2  # cells need extxyz
+        main(
+            [
+                "sample",
+                "--xyz",
+                str(tmp_path / "si.extxyz"),
+                "--out",
+                str(tmp_path / "x.npz"),
+                "--cells",
+                "x",
+            ]
+        )
+    assert (
+        main(
+            [
+                "sample",
+                "--xyz",
+                str(tmp_path / "si.extxyz"),
+                "--frames",
+                "1",
+                "--out",
+                str(tmp_path / "si.npz"),
+            ]
+        )
+        == 2
+    )  # cells need extxyz

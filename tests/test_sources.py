@@ -61,6 +61,7 @@ def test_qm9_atom_count_mismatch(tmp_path):
     def drop_atom(lines):
         lines[3] = lines[3].replace(",[0.8717903737,1.3007924048,0.0006931336]", "")
         return lines
+
     with pytest.raises(DataError, match=r"broken\.csv:4: .*XYZ_Ang"):
         read_qm9_csv(_rewrite(tmp_path, drop_atom))
 
@@ -69,6 +70,7 @@ def test_qm9_unknown_element(tmp_path):
     def alien(lines):
         lines[2] = lines[2].replace("['N','H','H','H']", "['Xx','H','H','H']")
         return lines
+
     with pytest.raises(DataError, match=r"broken\.csv:3: unknown element symbol 'Xx'"):
         read_qm9_csv(_rewrite(tmp_path, alien))
 
@@ -77,6 +79,7 @@ def test_qm9_bad_number_and_missing_file(tmp_path):
     def bad(lines):
         lines[4] = lines[4].replace("-77.308427", "-77.3o8427")
         return lines
+
     with pytest.raises(DataError, match=r"broken\.csv:5: InternalEnergy_0K_au"):
         read_qm9_csv(_rewrite(tmp_path, bad))
     with pytest.raises(DataError, match="nothing.csv"):
@@ -112,8 +115,17 @@ def test_md17_units_converted_and_roundtrip(tmp_path):
 
     z, R, E, F = _water_frames()
     path = tmp_path / "water.npz"
-    np.savez(path, z=z, R=R, E=E[:, None], F=F, e_unit="kcal/mol", r_unit="Ang",
-             f_unit="kcal/mol/Ang", name="water")
+    np.savez(
+        path,
+        z=z,
+        R=R,
+        E=E[:, None],
+        F=F,
+        e_unit="kcal/mol",
+        r_unit="Ang",
+        f_unit="kcal/mol/Ang",
+        name="water",
+    )
     data = read_md17(path)
     assert len(data) == 4 and data.units["energy"] == "eV"
     assert data.targets["energy"][0] == pytest.approx(E[0] / 23.060548, rel=1e-7)
@@ -173,8 +185,13 @@ def _write_iso17_db(path, n_frames=3, drop_forces=False):
     with connect(str(path)) as db:
         for k in range(n_frames):
             data = {} if drop_forces else {"atomic_forces": F[k] / 23.06}
-            db.write(Atoms(numbers=z, positions=R[k]), data=data, total_energy=E[k] / 23.06,
-                     qm9_index=3, frame=k)
+            db.write(
+                Atoms(numbers=z, positions=R[k]),
+                data=data,
+                total_energy=E[k] / 23.06,
+                qm9_index=3,
+                frame=k,
+            )
     return z, R, E / 23.06, F / 23.06
 
 
@@ -215,8 +232,10 @@ def test_extxyz_roundtrip(tmp_path):
 
     z, R, E, F = _water_frames(3)
     data = PackedDataset.from_structures(
-        [(z, r) for r in R], {"energy": E / 23.06, "forces": list(F / 23.06)},
-        {"energy": "eV", "forces": "eV/Angstrom"})
+        [(z, r) for r in R],
+        {"energy": E / 23.06, "forces": list(F / 23.06)},
+        {"energy": "eV", "forces": "eV/Angstrom"},
+    )
     path = write_ase(tmp_path / "water.extxyz", data)
     back = read_ase(path)
     np.testing.assert_allclose(back.targets["energy"], data.targets["energy"], rtol=1e-10)
@@ -236,11 +255,13 @@ def test_extxyz_roundtrip(tmp_path):
         read_any(tmp_path / "plain.extxyz")
     scaled = read_any(tmp_path / "plain.extxyz", energy_unit="kcal/mol", length_unit="nm")
     np.testing.assert_allclose(scaled.positions, 10 * back.positions)
-    np.testing.assert_allclose(scaled.targets["forces"], back.targets["forces"] / 23.060548 / 10,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        scaled.targets["forces"], back.targets["forces"] / 23.060548 / 10, rtol=1e-6
+    )
     write_ase(tmp_path / "water.db", data)
-    np.testing.assert_allclose(read_any(tmp_path / "water.db").targets["energy"],
-                               data.targets["energy"])
+    np.testing.assert_allclose(
+        read_any(tmp_path / "water.db").targets["energy"], data.targets["energy"]
+    )
 
 
 def test_ase_file_errors(tmp_path):

@@ -58,8 +58,9 @@ def _synthetic(n=200, seed=0, noise=0.0):
         structures.append((z, r))
         energies.append(sum(refs[int(a)] for a in z) + noise * rng.normal())
         gaps.append(rng.normal(5.0, 0.5))
-    data = PackedDataset.from_structures(structures, {"energy": energies, "gap": gaps},
-                                         {"energy": "eV", "gap": "eV"})
+    data = PackedDataset.from_structures(
+        structures, {"energy": energies, "gap": gaps}, {"energy": "eV", "gap": "eV"}
+    )
     return data, refs
 
 

@@ -56,12 +56,12 @@ def test_hermite_lookup_is_the_cubic_and_differentiable_twice():
 
 def test_hermite_table_reproduces_a_function_and_its_derivative():
     grid = torch.linspace(0.0, 5.0, 501, dtype=torch.float64)
-    f = torch.stack([torch.sin(3 * grid), torch.exp(-grid**2)], 1)
-    df = torch.stack([3 * torch.cos(3 * grid), -2 * grid * torch.exp(-grid**2)], 1)
+    f = torch.stack([torch.sin(3 * grid), torch.exp(-(grid**2))], 1)
+    df = torch.stack([3 * torch.cos(3 * grid), -2 * grid * torch.exp(-(grid**2))], 1)
     table = hermite_coefficients(f, df * 0.01)
     r = torch.linspace(0.003, 4.99, 997, dtype=torch.float64, requires_grad=True)
     values = hermite_lookup(table, r / 0.01)
-    exact = torch.stack([torch.sin(3 * r), torch.exp(-r**2)], 1)
+    exact = torch.stack([torch.sin(3 * r), torch.exp(-(r**2))], 1)
     assert (values - exact).abs().max() < 1e-8
     (slope,) = torch.autograd.grad(values[:, 0].sum(), r)
     assert (slope - 3 * torch.cos(3 * r)).abs().max() < 1e-5
@@ -88,7 +88,9 @@ def test_tabulated_training_gradients_match_direct(data):
         out = model(batch, forces=True)
         loss = out["energy"].pow(2).sum() + out["forces"].pow(2).sum()  # double backward
         loss.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        grads.append(
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        )
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
@@ -97,8 +99,9 @@ def test_tabulated_forces_are_continuous_across_grid_nodes():
     node = 1.37  # a grid node of the 0.01 Angstrom table
     forces = []
     for d in (node - 1e-9, node + 1e-9):
-        dimer = PackedDataset(np.array([6, 8]), np.array([[0.0, 0, 0], [d, 0, 0]]),
-                              np.array([0, 2]))
+        dimer = PackedDataset(
+            np.array([6, 8]), np.array([[0.0, 0, 0], [d, 0, 0]]), np.array([0, 2])
+        )
         forces.append(model(dimer.batch([0], 5.0, torch.float64), forces=True)["forces"])
     torch.testing.assert_close(forces[0], forces[1], rtol=1e-6, atol=1e-9)
 
@@ -138,7 +141,8 @@ def test_fused_kernels_have_exact_first_and_second_derivatives(always_fused):
         return cfconv_symmetric(features, filters, pair_i, pair_j)
 
     expected = torch.zeros(6, 3, dtype=torch.float64).index_add_(
-        0, pair_i, features[pair_j] * torch.cat([filters, filters]))
+        0, pair_i, features[pair_j] * torch.cat([filters, filters])
+    )
     torch.testing.assert_close(conv(features, filters), expected)
     assert torch.autograd.gradcheck(conv, (features, filters))
     assert torch.autograd.gradgradcheck(conv, (features, filters))
@@ -152,6 +156,8 @@ def test_force_training_step_is_the_same_fused_or_plain(data, always_fused):
         model = sharp_model(0.01).train()
         out = model(batch, forces=True)
         (out["energy"].pow(2).sum() + out["forces"].pow(2).sum()).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        grads.append(
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        )
     always_fused.set_fused(True)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)

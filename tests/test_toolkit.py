@@ -21,8 +21,9 @@ ROOT = Path(__file__).parent.parent
 
 def run_python(code: str) -> str:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src"), "MPLBACKEND": ""}
-    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                          text=True, env=env).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env
+    ).stdout
 
 
 # ---------------------------------------------------------------- install
@@ -58,7 +59,8 @@ def test_import_and_help_do_not_load_torch_or_matplotlib():
         "from atomlens.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "    main(['--help'])\n"
-        "print(sorted(m for m in ('torch', 'matplotlib', 'lightning') if m in sys.modules))\n")
+        "print(sorted(m for m in ('torch', 'matplotlib', 'lightning') if m in sys.modules))\n"
+    )
     assert loaded.strip() == "[]"
 
 
@@ -74,7 +76,8 @@ def test_figures_leave_the_matplotlib_backend_alone(tmp_path):
         f"atomic_energy_plot(m.numbers, m.positions, [0.01, -0.02, 0.0], {str(tmp_path)!r} + '/a.png')\n"
         "x = torch.rand(2, 1, 4, 4)\n"
         f"explanation_grid(x, {{'g': x}}, {str(tmp_path)!r} + '/e.png', ['3', '5'], [3, 1])\n"
-        "print(matplotlib.get_backend())\n")
+        "print(matplotlib.get_backend())\n"
+    )
     assert backend.strip() == "pdf"
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
@@ -97,12 +100,14 @@ def test_dataset_from_atoms_keeps_energies_and_forces_in_declared_units():
     for k in range(3):
         atoms = molecule("H2O")
         atoms.positions[0, 0] += 0.01 * k
-        atoms.calc = SinglePointCalculator(atoms, energy=-10.0 * (k + 1),
-                                           forces=np.full((3, 3), float(k)))
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=-10.0 * (k + 1), forces=np.full((3, 3), float(k))
+        )
         frames.append(atoms)
     data = dataset_from_atoms(frames, energy_unit="kcal/mol")
-    np.testing.assert_allclose(data.targets["energy"], [-10 * KCAL_MOL_EV, -20 * KCAL_MOL_EV,
-                                                        -30 * KCAL_MOL_EV])
+    np.testing.assert_allclose(
+        data.targets["energy"], [-10 * KCAL_MOL_EV, -20 * KCAL_MOL_EV, -30 * KCAL_MOL_EV]
+    )
     np.testing.assert_allclose(data.targets["forces"][3:6], KCAL_MOL_EV)  # kcal/mol/Angstrom
     assert data.units["energy"] == "eV" and data.units["forces"] == "eV/Angstrom"
     # info / arrays keys, and a force unit of its own
@@ -110,8 +115,9 @@ def test_dataset_from_atoms_keeps_energies_and_forces_in_declared_units():
     for k, atoms in enumerate(plain):
         atoms.info["E"] = -1.0 * k
         atoms.arrays["F"] = np.ones((3, 3))
-    data = dataset_from_atoms(plain, energy_unit="hartree", length_unit="bohr",
-                              energy_key="E", forces_key="F")
+    data = dataset_from_atoms(
+        plain, energy_unit="hartree", length_unit="bohr", energy_key="E", forces_key="F"
+    )
     assert data.targets["energy"][1] == pytest.approx(-27.211386245988)
     assert data.targets["forces"][0, 0] == pytest.approx(27.211386245988 / 0.529177210903)
     np.testing.assert_allclose(data.positions[:3], plain[0].positions * 0.529177210903)
@@ -165,8 +171,9 @@ def test_viewer_is_self_contained_html(tmp_path):
 
     atoms = molecule("CH3OH")
     values = np.linspace(-12.5, 30.0, len(atoms))
-    path = write_viewer(tmp_path / "v.html", [atoms], [{"E_i": (values, "meV")}],
-                        title="test </script>")
+    path = write_viewer(
+        tmp_path / "v.html", [atoms], [{"E_i": (values, "meV")}], title="test </script>"
+    )
     text = path.read_text()
     assert '"unit":"meV"' in text and '"symbols":["C","O","H"' in text
     assert "http" not in text.lower().replace("http-equiv", "")  # nothing fetched at view time

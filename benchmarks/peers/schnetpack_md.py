@@ -31,14 +31,20 @@ from spk_env import import_schnetpack  # the script's folder is on sys.path
 def build_model(spk, hp: dict):
     cutoff = hp["cutoff"]
     representation = spk.representation.SchNet(
-        n_atom_basis=hp["n_atom_basis"], n_interactions=hp["n_interactions"],
-        n_filters=hp["n_filters"], radial_basis=spk.nn.GaussianRBF(n_rbf=hp["n_rbf"],
-                                                                   cutoff=cutoff),
-        cutoff_fn=spk.nn.CosineCutoff(cutoff))
+        n_atom_basis=hp["n_atom_basis"],
+        n_interactions=hp["n_interactions"],
+        n_filters=hp["n_filters"],
+        radial_basis=spk.nn.GaussianRBF(n_rbf=hp["n_rbf"], cutoff=cutoff),
+        cutoff_fn=spk.nn.CosineCutoff(cutoff),
+    )
     return spk.model.NeuralNetworkPotential(
-        representation=representation, input_modules=[spk.atomistic.PairwiseDistances()],
-        output_modules=[spk.atomistic.Atomwise(n_in=hp["n_atom_basis"], output_key="energy"),
-                        spk.atomistic.Forces(energy_key="energy", force_key="forces")])
+        representation=representation,
+        input_modules=[spk.atomistic.PairwiseDistances()],
+        output_modules=[
+            spk.atomistic.Atomwise(n_in=hp["n_atom_basis"], output_key="energy"),
+            spk.atomistic.Forces(energy_key="energy", force_key="forces"),
+        ],
+    )
 
 
 def build_db(spk, frames: dict, path: Path):
@@ -47,8 +53,9 @@ def build_db(spk, frames: dict, path: Path):
     energy = frames["E"] - frames["E"].mean()  # keeps the loss sane; speed is unaffected
     atoms_list = [Atoms(numbers=frames["z"], positions=r) for r in frames["R"]]
     properties = [{"energy": np.array([e]), "forces": f} for e, f in zip(energy, frames["F"])]
-    data = spk.data.ASEAtomsData.create(str(path), distance_unit="Ang",
-                                        property_unit_dict={"energy": "eV", "forces": "eV/Ang"})
+    data = spk.data.ASEAtomsData.create(
+        str(path), distance_unit="Ang", property_unit_dict={"energy": "eV", "forces": "eV/Ang"}
+    )
     data.add_systems(properties, atoms_list)
 
 
@@ -56,15 +63,30 @@ def build_db(spk, frames: dict, path: Path):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def training_throughput(spk, db: Path, hp: dict, batch_size: int, seconds: float,
-                        rho: float = 0.01, seed: int = 0, warmup: int = 3,
-                        clock: str = "wall") -> dict:
+def training_throughput(
+    spk,
+    db: Path,
+    hp: dict,
+    batch_size: int,
+    seconds: float,
+    rho: float = 0.01,
+    seed: int = 0,
+    warmup: int = 3,
+    clock: str = "wall",
+) -> dict:
     trn = spk.transform
-    data = spk.data.ASEAtomsData(str(db), load_properties=["energy", "forces"],
-                                 transforms=[trn.ASENeighborList(cutoff=hp["cutoff"]),
-                                             trn.CastTo32()])
-    loader = spk.data.AtomsLoader(data, batch_size=batch_size, shuffle=True, num_workers=0,
-                                  generator=torch.Generator().manual_seed(seed))
+    data = spk.data.ASEAtomsData(
+        str(db),
+        load_properties=["energy", "forces"],
+        transforms=[trn.ASENeighborList(cutoff=hp["cutoff"]), trn.CastTo32()],
+    )
+    loader = spk.data.AtomsLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     torch.manual_seed(seed)
     model = build_model(spk, hp).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
@@ -79,8 +101,10 @@ def training_throughput(spk, db: Path, hp: dict, batch_size: int, seconds: float
         batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
         pred = model(dict(batch))
-        loss = (rho * (pred["energy"] - batch["energy"]).pow(2).mean()
-                + (1 - rho) * (pred["forces"] - batch["forces"]).pow(2).mean())
+        loss = (
+            rho * (pred["energy"] - batch["energy"]).pow(2).mean()
+            + (1 - rho) * (pred["forces"] - batch["forces"]).pow(2).mean()
+        )
         loss.backward()
         optimizer.step()
         return len(batch["_n_atoms"])
@@ -96,8 +120,9 @@ def training_throughput(spk, db: Path, hp: dict, batch_size: int, seconds: float
     return {"structures_per_s": structures / wall, "steps": steps, "wall_s": wall}
 
 
-def md_speed(spk, frames: dict, hp: dict, steps: int, workdir: Path,
-             clock: str = "wall", runs: int = 0) -> dict:
+def md_speed(
+    spk, frames: dict, hp: dict, steps: int, workdir: Path, clock: str = "wall", runs: int = 0
+) -> dict:
     from ase import Atoms, units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from ase.md.verlet import VelocityVerlet
@@ -114,10 +139,16 @@ def md_speed(spk, frames: dict, hp: dict, steps: int, workdir: Path,
 
     torch.load = load_full
     try:
-        calc = SpkCalculator(model_file=str(model_file),
-                             neighbor_list=spk.transform.ASENeighborList(cutoff=hp["cutoff"]),
-                             energy_key="energy", force_key="forces", energy_unit="eV",
-                             position_unit="Ang", device="cpu", dtype=torch.float32)
+        calc = SpkCalculator(
+            model_file=str(model_file),
+            neighbor_list=spk.transform.ASENeighborList(cutoff=hp["cutoff"]),
+            energy_key="energy",
+            force_key="forces",
+            energy_unit="eV",
+            position_unit="Ang",
+            device="cpu",
+            dtype=torch.float32,
+        )
     finally:
         torch.load = original_load
     atoms = Atoms(numbers=frames["z"], positions=frames["R"][0])
@@ -135,12 +166,15 @@ def md_speed(spk, frames: dict, hp: dict, steps: int, workdir: Path,
         for k in range(runs):
             atoms = Atoms(numbers=frames["z"], positions=frames["R"][0])
             atoms.calc = calc
-            MaxwellBoltzmannDistribution(atoms, temperature_K=300,
-                                         rng=np.random.default_rng(k))
+            MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(k))
             VelocityVerlet(atoms, 0.5 * units.fs).run(steps)
         wall = now() - start
-        result["sequential"] = {"runs": runs, "steps": steps, "wall_s": wall,
-                                "molecule_steps_per_s": runs * steps / wall}
+        result["sequential"] = {
+            "runs": runs,
+            "steps": steps,
+            "wall_s": wall,
+            "molecule_steps_per_s": runs * steps / wall,
+        }
     return result
 
 
@@ -150,13 +184,24 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 32])
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="cpu: count this thread's CPU time (needs --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="cpu: count this thread's CPU time (needs --threads 1)",
+    )
     parser.add_argument("--md-steps", type=int, default=200)
-    parser.add_argument("--hyperparameters", default='{"n_atom_basis": 128, "n_interactions": 6, '
-                        '"n_filters": 128, "n_rbf": 20, "cutoff": 5.0}')
-    parser.add_argument("--md-runs", type=int, default=0,
-                        help="also time this many sequential MD runs of --md-steps each")
+    parser.add_argument(
+        "--hyperparameters",
+        default='{"n_atom_basis": 128, "n_interactions": 6, '
+        '"n_filters": 128, "n_rbf": 20, "cutoff": 5.0}',
+    )
+    parser.add_argument(
+        "--md-runs",
+        type=int,
+        default=0,
+        help="also time this many sequential MD runs of --md-steps each",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "md"])
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
@@ -165,25 +210,34 @@ def main(argv=None) -> int:
     spk = import_schnetpack()
     hp = json.loads(args.hyperparameters)
     frames = dict(np.load(args.frames))
-    common = {"library": "schnetpack", "version": spk.__version__ if hasattr(spk, "__version__")
-              else "2.1.1", "threads": args.threads, "clock": args.clock, "n_atoms": len(frames["z"]), **hp}
+    common = {
+        "library": "schnetpack",
+        "version": spk.__version__ if hasattr(spk, "__version__") else "2.1.1",
+        "threads": args.threads,
+        "clock": args.clock,
+        "n_atoms": len(frames["z"]),
+        **hp,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "train" not in args.skip:
             build_db(spk, frames, tmp / "frames.db")
             for batch_size in args.batch_sizes:
-                result = training_throughput(spk, tmp / "frames.db", hp, batch_size, args.seconds,
-                                             clock=args.clock)
-                print(json.dumps({"measure": "train", "batch_size": batch_size, **common,
-                                  **result}), flush=True)
+                result = training_throughput(
+                    spk, tmp / "frames.db", hp, batch_size, args.seconds, clock=args.clock
+                )
+                print(
+                    json.dumps({"measure": "train", "batch_size": batch_size, **common, **result}),
+                    flush=True,
+                )
         if "md" not in args.skip:
-            result = md_speed(spk, frames, hp, args.md_steps, tmp, clock=args.clock,
-                              runs=args.md_runs)
+            result = md_speed(
+                spk, frames, hp, args.md_steps, tmp, clock=args.clock, runs=args.md_runs
+            )
             sequential = result.pop("sequential", None)
             print(json.dumps({"measure": "md", **common, **result}), flush=True)
             if sequential:
-                print(json.dumps({"measure": "md_sequential", **common, **sequential}),
-                      flush=True)
+                print(json.dumps({"measure": "md_sequential", **common, **sequential}), flush=True)
     return 0
 
 

@@ -34,50 +34,82 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 def build_model(spk, hp: dict):
     cutoff = hp["cutoff"]
     representation = spk.representation.SchNet(
-        n_atom_basis=hp["n_atom_basis"], n_interactions=hp["n_interactions"],
-        n_filters=hp["n_filters"], radial_basis=spk.nn.GaussianRBF(n_rbf=hp["n_rbf"],
-                                                                   cutoff=cutoff),
-        cutoff_fn=spk.nn.CosineCutoff(cutoff))
+        n_atom_basis=hp["n_atom_basis"],
+        n_interactions=hp["n_interactions"],
+        n_filters=hp["n_filters"],
+        radial_basis=spk.nn.GaussianRBF(n_rbf=hp["n_rbf"], cutoff=cutoff),
+        cutoff_fn=spk.nn.CosineCutoff(cutoff),
+    )
     return spk.model.NeuralNetworkPotential(
         representation=representation,
         input_modules=[spk.atomistic.Strain(), spk.atomistic.PairwiseDistances()],
-        output_modules=[spk.atomistic.Atomwise(n_in=hp["n_atom_basis"], output_key="energy"),
-                        spk.atomistic.Forces(energy_key="energy", force_key="forces",
-                                             calc_stress=True, stress_key="stress")])
+        output_modules=[
+            spk.atomistic.Atomwise(n_in=hp["n_atom_basis"], output_key="energy"),
+            spk.atomistic.Forces(
+                energy_key="energy", force_key="forces", calc_stress=True, stress_key="stress"
+            ),
+        ],
+    )
 
 
 def build_db(spk, frames: dict, path: Path, shift: float) -> None:
     from ase import Atoms
 
-    atoms_list = [Atoms(numbers=frames["z"], positions=r, cell=c, pbc=True)
-                  for r, c in zip(frames["R"], frames["cell"])]
-    properties = [{"energy": np.array([e - shift]), "forces": f, "stress": s[None]}
-                  for e, f, s in zip(frames["E"], frames["F"], frames["S"])]
+    atoms_list = [
+        Atoms(numbers=frames["z"], positions=r, cell=c, pbc=True)
+        for r, c in zip(frames["R"], frames["cell"])
+    ]
+    properties = [
+        {"energy": np.array([e - shift]), "forces": f, "stress": s[None]}
+        for e, f, s in zip(frames["E"], frames["F"], frames["S"])
+    ]
     data = spk.data.ASEAtomsData.create(
-        str(path), distance_unit="Ang",
-        property_unit_dict={"energy": "eV", "forces": "eV/Ang", "stress": "eV/Ang/Ang/Ang"})
+        str(path),
+        distance_unit="Ang",
+        property_unit_dict={"energy": "eV", "forces": "eV/Ang", "stress": "eV/Ang/Ang/Ang"},
+    )
     data.add_systems(properties, atoms_list)
 
 
 def loader(spk, db: Path, hp: dict, indices, batch_size: int, shuffle: bool, seed: int = 0):
     trn = spk.transform
-    data = spk.data.ASEAtomsData(str(db), load_properties=["energy", "forces", "stress"],
-                                 transforms=[trn.MatScipyNeighborList(cutoff=hp["cutoff"]),
-                                             trn.CastTo32()])
+    data = spk.data.ASEAtomsData(
+        str(db),
+        load_properties=["energy", "forces", "stress"],
+        transforms=[trn.MatScipyNeighborList(cutoff=hp["cutoff"]), trn.CastTo32()],
+    )
     subset = torch.utils.data.Subset(data, [int(k) for k in indices])
-    return spk.data.AtomsLoader(subset, batch_size=batch_size, shuffle=shuffle, num_workers=0,
-                                generator=torch.Generator().manual_seed(seed))
+    return spk.data.AtomsLoader(
+        subset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def loss_of(pred, batch, weights) -> torch.Tensor:
     w_e, w_f, w_s = weights
-    return (w_e * (pred["energy"] - batch["energy"]).pow(2).mean()
-            + w_f * (pred["forces"] - batch["forces"]).pow(2).sum(-1).mean()
-            + w_s * (pred["stress"] - batch["stress"]).pow(2).sum((1, 2)).mean())
+    return (
+        w_e * (pred["energy"] - batch["energy"]).pow(2).mean()
+        + w_f * (pred["forces"] - batch["forces"]).pow(2).sum(-1).mean()
+        + w_s * (pred["stress"] - batch["stress"]).pow(2).sum((1, 2)).mean()
+    )
 
 
-def train(spk, db: Path, hp: dict, indices, batch_size: int, seconds: float, weights,
-          lr: float, clock: str, seed: int = 0, warmup: int = 2):
+def train(
+    spk,
+    db: Path,
+    hp: dict,
+    indices,
+    batch_size: int,
+    seconds: float,
+    weights,
+    lr: float,
+    clock: str,
+    seed: int = 0,
+    warmup: int = 2,
+):
     """Train until ``seconds`` of the clock have passed; returns (model, steps, structures)."""
     torch.manual_seed(seed)
     model = build_model(spk, hp).train()
@@ -135,14 +167,19 @@ def md_speed(spk, frames: dict, hp: dict, steps: int, workdir: Path, clock: str)
 
     torch.load = load_full
     try:
-        calc = SpkCalculator(model_file=str(model_file),
-                             neighbor_list=spk.transform.MatScipyNeighborList(cutoff=hp["cutoff"]),
-                             energy_key="energy", force_key="forces", energy_unit="eV",
-                             position_unit="Ang", device="cpu", dtype=torch.float32)
+        calc = SpkCalculator(
+            model_file=str(model_file),
+            neighbor_list=spk.transform.MatScipyNeighborList(cutoff=hp["cutoff"]),
+            energy_key="energy",
+            force_key="forces",
+            energy_unit="eV",
+            position_unit="Ang",
+            device="cpu",
+            dtype=torch.float32,
+        )
     finally:
         torch.load = original_load
-    atoms = Atoms(numbers=frames["z"], positions=frames["R"][0], cell=frames["cell"][0],
-                  pbc=True)
+    atoms = Atoms(numbers=frames["z"], positions=frames["R"][0], cell=frames["cell"][0], pbc=True)
     atoms.calc = calc
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
     dyn = VelocityVerlet(atoms, 0.5 * units.fs)
@@ -157,8 +194,9 @@ def md_speed(spk, frames: dict, hp: dict, steps: int, workdir: Path, clock: str)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=Path, required=True)
-    parser.add_argument("--measure", nargs="+", default=["train", "md"],
-                        choices=["train", "md", "fit"])
+    parser.add_argument(
+        "--measure", nargs="+", default=["train", "md"], choices=["train", "md", "fit"]
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -166,8 +204,13 @@ def main(argv=None) -> int:
     parser.add_argument("--fit-seconds", type=float, default=300.0, help="training budget")
     parser.add_argument("--md-steps", type=int, default=50)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--weights", type=float, nargs=3, default=[0.01, 0.99, 100.0],
-                        help="loss weights of energy, forces, stress")
+    parser.add_argument(
+        "--weights",
+        type=float,
+        nargs=3,
+        default=[0.01, 0.99, 100.0],
+        help="loss weights of energy, forces, stress",
+    )
     parser.add_argument("--hyperparameters", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -175,30 +218,79 @@ def main(argv=None) -> int:
     hp = json.loads(args.hyperparameters)
     frames = dict(np.load(args.frames))
     n_atoms = len(frames["z"])
-    common = {"library": "schnetpack", "version": "2.1.1", "threads": args.threads,
-              "clock": args.clock, "n_atoms": n_atoms, "batch_size": args.batch_size, **hp}
+    common = {
+        "library": "schnetpack",
+        "version": "2.1.1",
+        "threads": args.threads,
+        "clock": args.clock,
+        "n_atoms": n_atoms,
+        "batch_size": args.batch_size,
+        **hp,
+    }
     shift = float(frames["E"][frames["train"]].mean())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_db(spk, frames, tmp / "frames.db", shift)
         if "train" in args.measure:
             _, steps, structures, seconds = train(
-                spk, tmp / "frames.db", hp, frames["train"], args.batch_size, args.seconds,
-                args.weights, args.lr, args.clock)
-            print(json.dumps({"measure": "train", **common, "steps": steps,
-                              "structures_per_s": structures / seconds}), flush=True)
+                spk,
+                tmp / "frames.db",
+                hp,
+                frames["train"],
+                args.batch_size,
+                args.seconds,
+                args.weights,
+                args.lr,
+                args.clock,
+            )
+            print(
+                json.dumps(
+                    {
+                        "measure": "train",
+                        **common,
+                        "steps": steps,
+                        "structures_per_s": structures / seconds,
+                    }
+                ),
+                flush=True,
+            )
         if "md" in args.measure:
-            print(json.dumps({"measure": "md", **common,
-                              **md_speed(spk, frames, hp, args.md_steps, tmp, args.clock)}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        "measure": "md",
+                        **common,
+                        **md_speed(spk, frames, hp, args.md_steps, tmp, args.clock),
+                    }
+                ),
+                flush=True,
+            )
         if "fit" in args.measure:
             model, steps, structures, seconds = train(
-                spk, tmp / "frames.db", hp, frames["train"], args.batch_size,
-                args.fit_seconds, args.weights, args.lr, args.clock)
+                spk,
+                tmp / "frames.db",
+                hp,
+                frames["train"],
+                args.batch_size,
+                args.fit_seconds,
+                args.weights,
+                args.lr,
+                args.clock,
+            )
             errors = test_errors(spk, model, tmp / "frames.db", hp, frames["test"], n_atoms)
-            print(json.dumps({"measure": "fit", **common, "steps": steps,
-                              "epochs": structures / len(frames["train"]),
-                              "budget_s": args.fit_seconds, **errors}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "measure": "fit",
+                        **common,
+                        "steps": steps,
+                        "epochs": structures / len(frames["train"]),
+                        "budget_s": args.fit_seconds,
+                        **errors,
+                    }
+                ),
+                flush=True,
+            )
     return 0
 
 

@@ -27,10 +27,14 @@ from spk_env import import_schnetpack  # the script's folder is on sys.path
 
 #: the settings of benchmarks/qm9.py, for standalone runs
 SETTINGS = {
-    "128/6": {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20,
-              "cutoff": 5.0},
-    "64/3": {"n_atom_basis": 64, "n_interactions": 3, "n_filters": 64, "n_rbf": 20,
-             "cutoff": 5.0},
+    "128/6": {
+        "n_atom_basis": 128,
+        "n_interactions": 6,
+        "n_filters": 128,
+        "n_rbf": 20,
+        "cutoff": 5.0,
+    },
+    "64/3": {"n_atom_basis": 64, "n_interactions": 3, "n_filters": 64, "n_rbf": 20, "cutoff": 5.0},
 }
 PROPERTY = "energy_U0"
 #: wall time, or the CPU time of the calling thread (all the work when torch has one thread)
@@ -55,8 +59,7 @@ def build_db(molecules: Path, db: Path) -> None:
         property_list.append({PROPERTY: np.array([energy[m]], dtype=np.float64)})
     tmp = db.with_suffix(".partial.db")
     tmp.unlink(missing_ok=True)
-    data = ASEAtomsData.create(str(tmp), distance_unit="Ang",
-                               property_unit_dict={PROPERTY: "eV"})
+    data = ASEAtomsData.create(str(tmp), distance_unit="Ang", property_unit_dict={PROPERTY: "eV"})
     data.add_systems(property_list, atoms_list)
     tmp.replace(db)
 
@@ -64,9 +67,13 @@ def build_db(molecules: Path, db: Path) -> None:
 class SchNetPackBench:
     library = "schnetpack"
 
-    def __init__(self, db: Path, batch_size: int, seed: int, neighbor_list: str,
-                 warmup: int = 2):
-        self.db, self.batch_size, self.seed, self.neighbor_list = db, batch_size, seed, neighbor_list
+    def __init__(self, db: Path, batch_size: int, seed: int, neighbor_list: str, warmup: int = 2):
+        self.db, self.batch_size, self.seed, self.neighbor_list = (
+            db,
+            batch_size,
+            seed,
+            neighbor_list,
+        )
         self.warmup = warmup
         self.setups: dict[str, dict] = {}
 
@@ -78,23 +85,32 @@ class SchNetPackBench:
 
         cutoff = hp["cutoff"]
         nl = {"matscipy": trn.MatScipyNeighborList, "ase": trn.ASENeighborList}[self.neighbor_list]
-        data = spk.data.ASEAtomsData(str(self.db), load_properties=[PROPERTY],
-                                     transforms=[nl(cutoff=cutoff), trn.CastTo32()])
+        data = spk.data.ASEAtomsData(
+            str(self.db), load_properties=[PROPERTY], transforms=[nl(cutoff=cutoff), trn.CastTo32()]
+        )
         generator = torch.Generator().manual_seed(self.seed)
-        loader = spk.data.AtomsLoader(data, batch_size=self.batch_size, shuffle=True,
-                                      num_workers=0, generator=generator)
+        loader = spk.data.AtomsLoader(
+            data, batch_size=self.batch_size, shuffle=True, num_workers=0, generator=generator
+        )
         torch.manual_seed(self.seed)
         representation = spk.representation.SchNet(
-            n_atom_basis=hp["n_atom_basis"], n_interactions=hp["n_interactions"],
+            n_atom_basis=hp["n_atom_basis"],
+            n_interactions=hp["n_interactions"],
             n_filters=hp["n_filters"],
             radial_basis=spk.nn.GaussianRBF(n_rbf=hp["n_rbf"], cutoff=cutoff),
-            cutoff_fn=spk.nn.CosineCutoff(cutoff))
+            cutoff_fn=spk.nn.CosineCutoff(cutoff),
+        )
         model = spk.model.NeuralNetworkPotential(
-            representation=representation, input_modules=[spk.atomistic.PairwiseDistances()],
-            output_modules=[spk.atomistic.Atomwise(n_in=hp["n_atom_basis"],
-                                                   output_key=PROPERTY)])
-        state = {"model": model, "loader": loader, "iterator": iter(loader),
-                 "optimizer": torch.optim.Adam(model.parameters(), lr=5e-4)}
+            representation=representation,
+            input_modules=[spk.atomistic.PairwiseDistances()],
+            output_modules=[spk.atomistic.Atomwise(n_in=hp["n_atom_basis"], output_key=PROPERTY)],
+        )
+        state = {
+            "model": model,
+            "loader": loader,
+            "iterator": iter(loader),
+            "optimizer": torch.optim.Adam(model.parameters(), lr=5e-4),
+        }
         state["fixed"] = [self._next(state) for _ in range(10)]
         self.setups[setting] = state
         for mode in ("train", "infer"):  # warm-up
@@ -129,8 +145,16 @@ class SchNetPackBench:
             molecules += len(batch["_n_atoms"])
         return molecules
 
-    def measure(self, setting: str, hp: dict, mode: str, pipeline: str, seconds: float,
-                min_batches: int = 3, clock: str = "wall") -> dict:
+    def measure(
+        self,
+        setting: str,
+        hp: dict,
+        mode: str,
+        pipeline: str,
+        seconds: float,
+        min_batches: int = 3,
+        clock: str = "wall",
+    ) -> dict:
         state = self._setup(setting, hp)
         now = CLOCKS[clock]
         molecules, batches, start = 0, 0, now()
@@ -161,26 +185,54 @@ def main(argv=None) -> int:
         build_db(args.molecules, args.db)
     schnetpack = import_schnetpack()
     bench = SchNetPackBench(args.db, args.batch_size, args.seed, args.neighbor_list, args.warmup)
-    info = {"library": "schnetpack", "version": schnetpack.__version__,
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "neighbor_list": args.neighbor_list}
+    info = {
+        "library": "schnetpack",
+        "version": schnetpack.__version__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "neighbor_list": args.neighbor_list,
+    }
     if args.serve:
         print(json.dumps(info), flush=True)
         for line in sys.stdin:
             command = json.loads(line)
-            result = bench.measure(command["setting"], command["hyperparameters"],
-                                   command["mode"], command["pipeline"], command["seconds"],
-                                   command.get("min_batches", 3), command.get("clock", "wall"))
+            result = bench.measure(
+                command["setting"],
+                command["hyperparameters"],
+                command["mode"],
+                command["pipeline"],
+                command["seconds"],
+                command.get("min_batches", 3),
+                command.get("clock", "wall"),
+            )
             print(json.dumps(result), flush=True)
         return 0
     for setting in args.settings.split(","):
         for mode in ("train", "infer"):
             for pipeline in ("e2e", "model"):
-                result = bench.measure(setting, SETTINGS[setting], mode, pipeline, args.seconds,
-                                       args.min_batches, args.clock)
-                print(json.dumps({"benchmark": "qm9-throughput", "setting": setting, "mode": mode,
-                                  "pipeline": pipeline, "batch_size": args.batch_size,
-                                  **info, **result}), flush=True)
+                result = bench.measure(
+                    setting,
+                    SETTINGS[setting],
+                    mode,
+                    pipeline,
+                    args.seconds,
+                    args.min_batches,
+                    args.clock,
+                )
+                print(
+                    json.dumps(
+                        {
+                            "benchmark": "qm9-throughput",
+                            "setting": setting,
+                            "mode": mode,
+                            "pipeline": pipeline,
+                            "batch_size": args.batch_size,
+                            **info,
+                            **result,
+                        }
+                    ),
+                    flush=True,
+                )
     return 0
 
 

@@ -21,10 +21,25 @@ VENV = Path(__file__).resolve().parents[1] / ".venv-schnetpack"
 #: it pins ``sympy<=1.12`` while torch 2.13 needs ``sympy>=1.13.3`` (sympy is used by torch's
 #: compiler, not by SchNetPack's SchNet path), and it lists the dev tools black and pre-commit.
 #: So these are installed first and SchNetPack itself with ``--no-deps``.
-DEPENDENCIES = ["numpy>=2.0.0", "ase>=3.21", "h5py", "pyyaml", "hydra-core>=1.1.0",
-                "pytorch-lightning>=2.0.0", "torchmetrics", "hydra-colorlog>=1.1.0", "rich",
-                "fasteners", "dirsync", "torch-ema", "matscipy>=1.1.0", "tensorboard>=2.17.1",
-                "tensorboardX>=2.6.2.2", "tqdm", "protobuf"]
+DEPENDENCIES = [
+    "numpy>=2.0.0",
+    "ase>=3.21",
+    "h5py",
+    "pyyaml",
+    "hydra-core>=1.1.0",
+    "pytorch-lightning>=2.0.0",
+    "torchmetrics",
+    "hydra-colorlog>=1.1.0",
+    "rich",
+    "fasteners",
+    "dirsync",
+    "torch-ema",
+    "matscipy>=1.1.0",
+    "tensorboard>=2.17.1",
+    "tensorboardX>=2.6.2.2",
+    "tqdm",
+    "protobuf",
+]
 
 
 def venv_python(path: Path = VENV) -> Path:
@@ -34,11 +49,14 @@ def venv_python(path: Path = VENV) -> Path:
 def _ready(python: Path) -> bool:
     if not python.exists():
         return False
-    check = ("import importlib.metadata as m; "
-             f"assert m.version('schnetpack') == '{SCHNETPACK_VERSION}'; "
-             f"assert m.version('torch').startswith('{TORCH_VERSION}')")
-    return subprocess.run([str(python), "-c", check], capture_output=True,
-                          check=False).returncode == 0
+    check = (
+        "import importlib.metadata as m; "
+        f"assert m.version('schnetpack') == '{SCHNETPACK_VERSION}'; "
+        f"assert m.version('torch').startswith('{TORCH_VERSION}')"
+    )
+    return (
+        subprocess.run([str(python), "-c", check], capture_output=True, check=False).returncode == 0
+    )
 
 
 def ensure_venv(path: Path = VENV, quiet: bool = True) -> Path:
@@ -52,8 +70,10 @@ def ensure_venv(path: Path = VENV, quiet: bool = True) -> Path:
     subprocess.run([*pip, f"torch=={TORCH_VERSION}", *DEPENDENCIES], check=True)
     subprocess.run([*pip, "--no-deps", f"schnetpack=={SCHNETPACK_VERSION}"], check=True)
     if not _ready(python):
-        raise RuntimeError(f"{path}: schnetpack=={SCHNETPACK_VERSION} with "
-                           f"torch=={TORCH_VERSION} could not be installed")
+        raise RuntimeError(
+            f"{path}: schnetpack=={SCHNETPACK_VERSION} with "
+            f"torch=={TORCH_VERSION} could not be installed"
+        )
     return python
 
 

@@ -25,9 +25,15 @@ __all__ = [
 ]
 
 # imported on first use: `import atomlens` (and `atomlens --help`) must not pay for torch
-_LAZY = {"AtomisticModel": "models", "ModelConfig": "models", "build_model": "models",
-         "load_model": "models", "save_model": "models", "Calculator": "calculator",
-         "EnsembleCalculator": "ensemble"}
+_LAZY = {
+    "AtomisticModel": "models",
+    "ModelConfig": "models",
+    "build_model": "models",
+    "load_model": "models",
+    "save_model": "models",
+    "Calculator": "calculator",
+    "EnsembleCalculator": "ensemble",
+}
 
 
 def __getattr__(name):

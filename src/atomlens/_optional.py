@@ -33,9 +33,11 @@ class MissingExtra(ImportError):
 def _error(module: str, purpose: str) -> MissingExtra:
     top = module.split(".")[0]
     distribution, extra = EXTRAS[top]
-    return MissingExtra(f"{purpose} needs the package {distribution!r}, which is not installed: "
-                        f"pip install \"atomlens[{extra}]\" (or pip install {distribution})",
-                        name=top)
+    return MissingExtra(
+        f"{purpose} needs the package {distribution!r}, which is not installed: "
+        f'pip install "atomlens[{extra}]" (or pip install {distribution})',
+        name=top,
+    )
 
 
 def available(module: str) -> bool:

@@ -74,24 +74,39 @@ class BatchedMD:
         compile: ``False``, ``True`` or a ``torch.compile`` mode (see the module doc).
     """
 
-    def __init__(self, model: AtomisticModel | str | os.PathLike, systems: Sequence,
-                 ensemble: str = "nve", temperature_K: float = 300.0, timestep_fs: float = 0.5,
-                 friction: float = 0.01, seed: int | None = 0, initialize_velocities: bool = True,
-                 device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 compile: bool | str = False):
+    def __init__(
+        self,
+        model: AtomisticModel | str | os.PathLike,
+        systems: Sequence,
+        ensemble: str = "nve",
+        temperature_K: float = 300.0,
+        timestep_fs: float = 0.5,
+        friction: float = 0.01,
+        seed: int | None = 0,
+        initialize_velocities: bool = True,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        compile: bool | str = False,
+    ):
         if ensemble not in ("nve", "langevin"):
             raise ValueError(f"ensemble must be 'nve' or 'langevin', not {ensemble!r}")
         if timestep_fs <= 0 or friction < 0 or temperature_K < 0:
-            raise ValueError(f"need timestep_fs > 0, friction >= 0 and temperature_K >= 0, not "
-                             f"{timestep_fs}, {friction}, {temperature_K}")
+            raise ValueError(
+                f"need timestep_fs > 0, friction >= 0 and temperature_K >= 0, not "
+                f"{timestep_fs}, {friction}, {temperature_K}"
+            )
         systems = list(systems)
         if not systems:
             raise ValueError("BatchedMD needs at least one structure")
         for k, atoms in enumerate(systems):
             if atoms.pbc.any():
-                raise DataError(f"structure {k}: atomlens models describe isolated molecules; "
-                                f"the atoms are periodic (set atoms.pbc = False)")
-        dataset_from_atoms(systems, source="BatchedMD", targets=False)  # elements, NaN, overlapping atoms
+                raise DataError(
+                    f"structure {k}: atomlens models describe isolated molecules; "
+                    f"the atoms are periodic (set atoms.pbc = False)"
+                )
+        dataset_from_atoms(
+            systems, source="BatchedMD", targets=False
+        )  # elements, NaN, overlapping atoms
         self.model = self._private_model(model, device, dtype)
         self.energy_to_ev = energy_factor(self.model.config.unit)
         param = next(self.model.parameters())
@@ -110,14 +125,16 @@ class BatchedMD:
                 if hasattr(velocities, "thermalize_momenta"):  # ASE >= 3.29
                     velocities.thermalize_momenta(atoms, temperature_K, rng=rng)
                 else:
-                    velocities.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K,
-                                                            rng=rng)
+                    velocities.MaxwellBoltzmannDistribution(
+                        atoms, temperature_K=temperature_K, rng=rng
+                    )
                 velocities.Stationary(atoms)
                 if len(atoms) > 2:
                     velocities.ZeroRotation(atoms)
         counts = [len(atoms) for atoms in starts]
         as_tensor = lambda values, dtype: torch.as_tensor(
-            np.concatenate(values), dtype=dtype, device=self.device)
+            np.concatenate(values), dtype=dtype, device=self.device
+        )
         self.numbers = as_tensor([a.numbers for a in starts], torch.int64)
         self.positions = as_tensor([a.positions for a in starts], self.dtype)
         self.momenta = as_tensor([a.get_momenta() for a in starts], self.dtype)
@@ -125,7 +142,8 @@ class BatchedMD:
         self.n_atoms_per = torch.tensor(counts, dtype=torch.int64, device=self.device)
         self.n_structures = len(starts)
         self.structure_index = torch.repeat_interleave(
-            torch.arange(self.n_structures, device=self.device), self.n_atoms_per)
+            torch.arange(self.n_structures, device=self.device), self.n_atoms_per
+        )
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.n_dof = torch.clamp(3 * self.n_atoms_per - 3, min=1).to(self.dtype)
         self.generator = torch.Generator(device=self.device)
@@ -138,8 +156,9 @@ class BatchedMD:
         if compile:
             function = self._energy_forces_all_pairs()
             if COMPILE_BACKEND == "inductor":
-                self.compiled = torch.compile(function, dynamic=False,
-                                              mode=None if compile is True else compile)
+                self.compiled = torch.compile(
+                    function, dynamic=False, mode=None if compile is True else compile
+                )
             else:
                 self.compiled = torch.compile(function, dynamic=False, backend=COMPILE_BACKEND)
         with torch.no_grad():  # as in step(): one grad mode, one compiled graph
@@ -156,15 +175,19 @@ class BatchedMD:
         else:  # a private copy: the caller's model is never changed
             model = copy.deepcopy(model).to(device=device, dtype=dtype)
         if model.config.aggregation != "sum":
-            raise ValueError(f"the model predicts {model.target!r} as a mean over atoms; MD "
-                             f"needs an extensive energy model")
+            raise ValueError(
+                f"the model predicts {model.target!r} as a mean over atoms; MD "
+                f"needs an extensive energy model"
+            )
         return model.eval().requires_grad_(False)
 
-    def _energy(self, positions: torch.Tensor, pair_i: torch.Tensor, pair_j: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _energy(
+        self, positions: torch.Tensor, pair_i: torch.Tensor, pair_j: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of all energies, per-trajectory energies (R,)) in the model's unit."""
-        atomic = self.model.atomic_energies(self.numbers, positions,
-                                            Pairs(pair_i, pair_j, None, True), self.frozen)
+        atomic = self.model.atomic_energies(
+            self.numbers, positions, Pairs(pair_i, pair_j, None, True), self.frozen
+        )
         energies = scatter_sum(atomic, self.structure_index, self.n_structures)
         return energies.sum(), energies
 
@@ -172,7 +195,8 @@ class BatchedMD:
         """positions -> (energies, forces) on all intra-molecular pairs (fixed shapes)."""
         pair_i, pair_j = molecular_pairs(self.n_atoms_per)
         grad_and_value = torch.func.grad_and_value(
-            lambda positions: self._energy(positions, pair_i, pair_j), has_aux=True)
+            lambda positions: self._energy(positions, pair_i, pair_j), has_aux=True
+        )
 
         def energy_forces(positions):
             gradient, (_, energies) = grad_and_value(positions)
@@ -217,8 +241,9 @@ class BatchedMD:
             self.positions += half * self.momenta / self.masses
             c1 = float(np.exp(-self.friction / ase_units.fs * self.dt))
             kt = ase_units.kB * self.temperature_K
-            noise = torch.randn(self.momenta.shape, generator=self.generator,
-                                device=self.device, dtype=self.dtype)
+            noise = torch.randn(
+                self.momenta.shape, generator=self.generator, device=self.device, dtype=self.dtype
+            )
             self.momenta.mul_(c1).add_(np.sqrt((1.0 - c1 * c1) * kt) * self.masses.sqrt() * noise)
             self._remove_momentum()
             self.positions += half * self.momenta / self.masses
@@ -242,16 +267,25 @@ class BatchedMD:
         from ase.calculators.singlepoint import SinglePointCalculator
 
         a, b = self.offsets[k], self.offsets[k + 1]
-        atoms = Atoms(self.symbols[k], positions=self.positions[a:b].double().cpu().numpy(),
-                      momenta=self.momenta[a:b].double().cpu().numpy())
-        atoms.calc = SinglePointCalculator(atoms, energy=float(self.energies[k]),
-                                           forces=self.forces[a:b].double().cpu().numpy())
+        atoms = Atoms(
+            self.symbols[k],
+            positions=self.positions[a:b].double().cpu().numpy(),
+            momenta=self.momenta[a:b].double().cpu().numpy(),
+        )
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=float(self.energies[k]), forces=self.forces[a:b].double().cpu().numpy()
+        )
         return atoms
 
     # ------------------------------------------------------------------ running
-    def run(self, steps: int, trajectories: Sequence[str | os.PathLike] | None = None,
-            logfiles: Sequence[str | os.PathLike] | None = None, interval: int = 1,
-            progress: bool | None = None) -> list[MDLog]:
+    def run(
+        self,
+        steps: int,
+        trajectories: Sequence[str | os.PathLike] | None = None,
+        logfiles: Sequence[str | os.PathLike] | None = None,
+        interval: int = 1,
+        progress: bool | None = None,
+    ) -> list[MDLog]:
         """Run ``steps`` steps; every ``interval`` steps log and store each trajectory.
 
         ``trajectories``: one ``.traj`` (ASE) or extxyz (other suffixes) file per trajectory;
@@ -263,20 +297,26 @@ class BatchedMD:
             raise ValueError(f"need steps >= 0 and interval >= 1, not {steps}, {interval}")
         for name, paths in (("trajectories", trajectories), ("logfiles", logfiles)):
             if paths is not None and len(paths) != self.n_structures:
-                raise ValueError(f"{name}: {len(paths)} files for {self.n_structures} "
-                                 f"trajectories")
+                raise ValueError(f"{name}: {len(paths)} files for {self.n_structures} trajectories")
         logs = [MDLog() for _ in range(self.n_structures)]
         with contextlib.ExitStack() as stack:
             writers = [self._trajectory_writer(Path(p), stack) for p in trajectories or []]
             tables = []
             for path in logfiles or []:
-                handle = stack.enter_context(open(stack.enter_context(atomic_file(path)), "w",
-                                                  newline=""))
+                handle = stack.enter_context(
+                    open(stack.enter_context(atomic_file(path)), "w", newline="")
+                )
                 tables.append(csv.writer(handle))
                 tables[-1].writerow(LOG_COLUMNS)
-            bar = stack.enter_context(tqdm(
-                total=steps, desc=f"{self.ensemble.upper()} MD x{self.n_structures}",
-                unit="step", leave=False, disable=None if progress is None else not progress))
+            bar = stack.enter_context(
+                tqdm(
+                    total=steps,
+                    desc=f"{self.ensemble.upper()} MD x{self.n_structures}",
+                    unit="step",
+                    leave=False,
+                    disable=None if progress is None else not progress,
+                )
+            )
             for n in range(steps + 1):
                 if n:
                     self.step()
@@ -292,8 +332,9 @@ class BatchedMD:
         temperature = self.temperatures().double().cpu().numpy()
         for k, log in enumerate(logs):
             row = (time_fs, epot[k], ekin[k], epot[k] + ekin[k], temperature[k])
-            for values, value in zip((log.time_fs, log.epot, log.ekin, log.etot,
-                                      log.temperature), row):
+            for values, value in zip(
+                (log.time_fs, log.epot, log.ekin, log.etot, log.temperature), row
+            ):
                 values.append(float(value))
             if tables:
                 tables[k].writerow([f"{v:.10g}" for v in row])
@@ -314,10 +355,16 @@ class BatchedMD:
         return lambda atoms: write(handle, atoms, format="extxyz")
 
 
-def run_batched_md(model, systems: Sequence, steps: int = 1000,
-                   trajectories: Sequence[str | os.PathLike] | None = None,
-                   logfiles: Sequence[str | os.PathLike] | None = None, interval: int = 1,
-                   progress: bool | None = None, **options) -> list[MDLog]:
+def run_batched_md(
+    model,
+    systems: Sequence,
+    steps: int = 1000,
+    trajectories: Sequence[str | os.PathLike] | None = None,
+    logfiles: Sequence[str | os.PathLike] | None = None,
+    interval: int = 1,
+    progress: bool | None = None,
+    **options,
+) -> list[MDLog]:
     """Build a :class:`BatchedMD` of ``systems`` (``options`` go to it) and run it."""
     md = BatchedMD(model, systems, **options)
     return md.run(steps, trajectories, logfiles, interval, progress)

@@ -73,12 +73,24 @@ class Calculator(AseCalculator):
     cells).
     """
 
-    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "energies",
-                                                   "stress"]
+    implemented_properties: ClassVar[list[str]] = [
+        "energy",
+        "free_energy",
+        "forces",
+        "energies",
+        "stress",
+    ]
 
-    def __init__(self, model: AtomisticModel | str | os.PathLike, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, compile: bool | str = "auto",
-                 skin: float = 1.0, allow_unknown_elements: bool = False, **kwargs):
+    def __init__(
+        self,
+        model: AtomisticModel | str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        compile: bool | str = "auto",
+        skin: float = 1.0,
+        allow_unknown_elements: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
         if isinstance(model, (str, os.PathLike)):
@@ -89,13 +101,17 @@ class Calculator(AseCalculator):
             model = copy.deepcopy(model).to(device=device, dtype=dtype)
         config = model.config
         if config.aggregation != "sum":
-            raise ValueError(f"the model predicts {config.target!r} as a mean over atoms; an "
-                             f"ASE calculator needs an extensive energy model")
+            raise ValueError(
+                f"the model predicts {config.target!r} as a mean over atoms; an "
+                f"ASE calculator needs an extensive energy model"
+            )
         try:
             self.energy_to_ev = energy_factor(config.unit)
         except ValueError:
-            raise ValueError(f"the model predicts {config.target!r} in {config.unit!r}, not an "
-                             f"energy; the calculator needs an energy model") from None
+            raise ValueError(
+                f"the model predicts {config.target!r} in {config.unit!r}, not an "
+                f"energy; the calculator needs an energy model"
+            ) from None
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -119,12 +135,16 @@ class Calculator(AseCalculator):
         """Validate ``atoms`` and cache the tensors that depend only on their numbers."""
         numbers = atoms.get_atomic_numbers()
         if len(numbers) and numbers.max() > self.model.config.max_z:
-            raise DataError(f"element Z={int(numbers.max())} is beyond the model's "
-                            f"max_z={self.model.config.max_z}")
+            raise DataError(
+                f"element Z={int(numbers.max())} is beyond the model's "
+                f"max_z={self.model.config.max_z}"
+            )
         periodic = bool(atoms.pbc.any())
         if periodic and self.model.cutoff is None:
-            raise DataError("the atoms are periodic, but the model has no cutoff: periodic "
-                            "cells need a model with a cutoff")
+            raise DataError(
+                "the atoms are periodic, but the model has no cutoff: periodic "
+                "cells need a model with a cutoff"
+            )
         if periodic and self.compile is True:
             raise DataError("compile=True is for molecules; run periodic cells without it")
         # elements, NaN, overlapping atoms (with periodic images), the cell
@@ -138,8 +158,11 @@ class Calculator(AseCalculator):
         self._pbc = atoms.pbc.copy()
         self._neighbors = VerletList(self.model.cutoff, self.skin)
         self._use_compiled = self.compile is True or (
-            self.compile == "auto" and not periodic and 2 <= n <= AUTO_COMPILE_MAX_ATOMS
-            and os.environ.get("ATOMLENS_COMPILE", "1") != "0")
+            self.compile == "auto"
+            and not periodic
+            and 2 <= n <= AUTO_COMPILE_MAX_ATOMS
+            and os.environ.get("ATOMLENS_COMPILE", "1") != "0"
+        )
         if self._use_compiled:
             i, j = torch.triu_indices(n, n, offset=1, device=self.device)
             self._upper = (i, j)  # all pairs: fixed shapes for the compiled function
@@ -149,8 +172,7 @@ class Calculator(AseCalculator):
             except Exception as err:  # noqa: BLE001 (any compile failure: fall back)
                 self._compile_failed(err)
 
-    def _energy(self, positions: torch.Tensor, pairs: Pairs
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _energy(self, positions: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
         """(energy, atomic energies) in the model's unit."""
         atomic = self.model.atomic_energies(self._batch_numbers, positions, pairs, self._frozen)
         return atomic.sum(), atomic
@@ -172,8 +194,12 @@ class Calculator(AseCalculator):
 
     def _changed_structure(self, atoms) -> bool:
         numbers = atoms.numbers
-        return (self._numbers is None or len(numbers) != len(self._numbers)
-                or (numbers != self._numbers).any() or (atoms.pbc != self._pbc).any())
+        return (
+            self._numbers is None
+            or len(numbers) != len(self._numbers)
+            or (numbers != self._numbers).any()
+            or (atoms.pbc != self._pbc).any()
+        )
 
     def batch(self, atoms) -> Batch:
         """The one-structure :class:`~atomlens.data.Batch` of ``atoms`` (Verlet-list pairs)."""
@@ -187,17 +213,23 @@ class Calculator(AseCalculator):
             i, j, n_shift = (torch.as_tensor(a, device=self.device) for a in self._neighbors.pairs)
             shifts = None
             if atoms.pbc.any():
-                shifts = n_shift.to(self.dtype) @ torch.as_tensor(cell, dtype=self.dtype,
-                                                                  device=self.device)
+                shifts = n_shift.to(self.dtype) @ torch.as_tensor(
+                    cell, dtype=self.dtype, device=self.device
+                )
             self._pairs = Pairs.symmetric_from_half(i, j, shifts)
         periodic = atoms.pbc.any()
-        return Batch(numbers=self._batch_numbers,
-                     positions=torch.as_tensor(positions, dtype=self.dtype, device=self.device),
-                     structure_index=self._structure_index, n_atoms_per=self._n_atoms_per,
-                     pairs=self._pairs, n_structures=1,
-                     cell=torch.as_tensor(cell, dtype=self.dtype, device=self.device)[None]
-                     if periodic else None,
-                     pbc=torch.as_tensor(atoms.pbc, device=self.device)[None] if periodic else None)
+        return Batch(
+            numbers=self._batch_numbers,
+            positions=torch.as_tensor(positions, dtype=self.dtype, device=self.device),
+            structure_index=self._structure_index,
+            n_atoms_per=self._n_atoms_per,
+            pairs=self._pairs,
+            n_structures=1,
+            cell=torch.as_tensor(cell, dtype=self.dtype, device=self.device)[None]
+            if periodic
+            else None,
+            pbc=torch.as_tensor(atoms.pbc, device=self.device)[None] if periodic else None,
+        )
 
     # ------------------------------------------------------------------ ASE interface
     def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
@@ -251,8 +283,9 @@ class Calculator(AseCalculator):
             if stress:
                 strain = torch.zeros_like(batch.cell).requires_grad_(True)
                 inputs.append(strain)
-                positions, pairs, _ = apply_strain(positions, pairs, batch.cell,
-                                                   batch.structure_index, strain)
+                positions, pairs, _ = apply_strain(
+                    positions, pairs, batch.cell, batch.structure_index, strain
+                )
             total, atomic = self._energy(positions, pairs)
             if forces or stress:
                 gradients = torch.autograd.grad(total, inputs)
@@ -260,8 +293,11 @@ class Calculator(AseCalculator):
         energy = float(total.detach()) * factor
         if not np.isfinite(energy):
             raise DataError("Calculator: the model gave a non-finite energy")
-        self.results = {"energy": energy, "free_energy": energy,
-                        "energies": atomic.detach().cpu().double().numpy() * factor}
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": atomic.detach().cpu().double().numpy() * factor,
+        }
         if forces:
             self.results["forces"] = -gradients[0].cpu().double().numpy() * factor
         if stress:
@@ -273,8 +309,11 @@ class Calculator(AseCalculator):
         """compile=True: raise; "auto": warn and run the eager model from now on."""
         if self.compile is True:
             raise err
-        warnings.warn(f"atomlens.Calculator: compiling failed ({type(err).__name__}: {err}); "
-                      f"running the eager model instead", stacklevel=3)
+        warnings.warn(
+            f"atomlens.Calculator: compiling failed ({type(err).__name__}: {err}); "
+            f"running the eager model instead",
+            stacklevel=3,
+        )
         self._use_compiled = False
 
     def _calculate_compiled(self) -> None:
@@ -282,13 +321,19 @@ class Calculator(AseCalculator):
             raise DataError("Calculator: the atoms have non-finite (NaN/inf) positions")
         positions = torch.as_tensor(self.atoms.positions, dtype=self.dtype, device=self.device)
         if not self._compiled_once:  # no silent multi-second pause
-            LOGGER.info("compiling energy and forces for %s (%d atoms; a one-off of a few "
-                        "seconds)", self.atoms.get_chemical_formula(), len(self.atoms))
+            LOGGER.info(
+                "compiling energy and forces for %s (%d atoms; a one-off of a few seconds)",
+                self.atoms.get_chemical_formula(),
+                len(self.atoms),
+            )
         energy, forces, atomic = self._compiled(positions)
         self._compiled_once = True
         factor = self.energy_to_ev
         energy = float(energy) * factor
-        self.results = {"energy": energy, "free_energy": energy,
-                        "energies": atomic.cpu().double().numpy() * factor,
-                        "forces": forces.cpu().double().numpy() * factor}
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": atomic.cpu().double().numpy() * factor,
+            "forces": forces.cpu().double().numpy() * factor,
+        }
         check_finite(self.results, "Calculator")

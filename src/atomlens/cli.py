@@ -19,8 +19,13 @@ from .registry import representation_names
 from .units import EV_A3_GPA, KCAL_MOL_EV
 
 #: modules that add subcommands through ``add_parser(subparsers)``
-SUBCOMMAND_MODULES = ["atomlens.cli_sample", "atomlens.cli_md", "atomlens.cli_insight",
-                      "atomlens.cli_explain", "atomlens.cli_export"]
+SUBCOMMAND_MODULES = [
+    "atomlens.cli_sample",
+    "atomlens.cli_md",
+    "atomlens.cli_insight",
+    "atomlens.cli_explain",
+    "atomlens.cli_export",
+]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -29,7 +34,9 @@ def describe_error(value_ev: float, unit: str) -> str:
     if unit == "eV":
         return f"{value_ev * 1000:.2f} meV = {value_ev / KCAL_MOL_EV:.3f} kcal/mol"
     if unit == "eV/Angstrom":
-        return f"{value_ev * 1000:.2f} meV/Angstrom = {value_ev / KCAL_MOL_EV:.3f} kcal/mol/Angstrom"
+        return (
+            f"{value_ev * 1000:.2f} meV/Angstrom = {value_ev / KCAL_MOL_EV:.3f} kcal/mol/Angstrom"
+        )
     return f"{value_ev:.4g} {unit}"
 
 
@@ -42,8 +49,10 @@ def _print_metrics(metrics: dict, target: str, unit: str) -> None:
             print(f"{key.upper():>16}: {describe_error(metrics[key], 'eV/Angstrom')}")
     for key in ("stress_mae", "stress_rmse"):
         if key in metrics:
-            print(f"{key.upper():>16}: {metrics[key] * 1000:.3f} meV/Angstrom^3 = "
-                  f"{metrics[key] * EV_A3_GPA:.4f} GPa")
+            print(
+                f"{key.upper():>16}: {metrics[key] * 1000:.3f} meV/Angstrom^3 = "
+                f"{metrics[key] * EV_A3_GPA:.4f} GPa"
+            )
 
 
 # --------------------------------------------------------------------------- train
@@ -76,73 +85,139 @@ class _TrainHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a SchNet or DTNN model (or an ensemble, or fine-tune one)",
+        "train",
+        help="train a SchNet or DTNN model (or an ensemble, or fine-tune one)",
         formatter_class=_TrainHelpFormatter,
         description="Train from a YAML/JSON config, a preset, or both (command-line options "
-                    "override the file). Without a config or preset: qm9-u0-schnet for QM9, "
-                    "the TrainConfig defaults shown below for a data file.")
+        "override the file). Without a config or preset: qm9-u0-schnet for QM9, "
+        "the TrainConfig defaults shown below for a data file.",
+    )
     p.add_argument("config", nargs="?", help="YAML/JSON training config (TrainConfig fields)")
     p.add_argument("--preset", help="named preset")
-    p.add_argument("--model", choices=representation_names(),
-                   help="representation (switches to its default preset for the data)")
+    p.add_argument(
+        "--model",
+        choices=representation_names(),
+        help="representation (switches to its default preset for the data)",
+    )
     p.add_argument("--data", help="'qm9' or a data file (MD17 .npz, ASE db, extxyz, packed folder)")
-    p.add_argument("--target", help="target property (QM9: U0, U, H, G, homo, lumo, gap, zpve, mu, "
-                                    "alpha, r2, cv; MD data: energy)")
+    p.add_argument(
+        "--target",
+        help="target property (QM9: U0, U, H, G, homo, lumo, gap, zpve, mu, "
+        "alpha, r2, cv; MD data: energy)",
+    )
     p.add_argument("--forces", action="store_true", default=None, help="train on forces too")
-    p.add_argument("--rho", type=float,
-                   help="energy weight of the loss rho*dE^2 + (1-rho)*dF^2 (with --forces)")
-    p.add_argument("--stress", action="store_true", default=None,
-                   help="train on the stress of periodic cells too (eV/Angstrom^3)")
+    p.add_argument(
+        "--rho",
+        type=float,
+        help="energy weight of the loss rho*dE^2 + (1-rho)*dF^2 (with --forces)",
+    )
+    p.add_argument(
+        "--stress",
+        action="store_true",
+        default=None,
+        help="train on the stress of periodic cells too (eV/Angstrom^3)",
+    )
     p.add_argument("--stress-weight", type=float, help="weight of the stress term of the loss")
     p.add_argument("--n-train", type=float, help="training structures (count, or fraction < 1)")
     p.add_argument("--n-val", type=float, help="validation structures (count, or fraction < 1)")
     p.add_argument("--n-test", type=float, help="test structures (default: all the rest)")
-    p.add_argument("--max-structures", type=int,
-                   help="use only the first n structures of the data (quick runs)")
+    p.add_argument(
+        "--max-structures",
+        type=int,
+        help="use only the first n structures of the data (quick runs)",
+    )
     p.add_argument("--batch-size", type=int, help="structures per batch")
     p.add_argument("--lr", type=float, help="initial Adam learning rate")
     p.add_argument("--epochs", type=int, dest="max_epochs", help="maximum number of epochs")
-    p.add_argument("--minutes", type=float, dest="max_minutes",
-                   help="wall-clock budget of the whole command, final evaluation included "
-                        "(none: until --epochs or --patience)")
-    p.add_argument("--test-subset", type=int,
-                   help="final evaluation on at most this many random test structures "
-                        "(default 10000)")
-    p.add_argument("--full-test", action="store_true", default=None,
-                   help="final evaluation on the whole test split")
-    p.add_argument("--ema-decay", type=float,
-                   help="keep an exponential moving average of the weights (e.g. 0.999)")
-    p.add_argument("--patience", type=int, dest="early_stopping_patience",
-                   help="stop after this many epochs without a better validation loss")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        dest="max_minutes",
+        help="wall-clock budget of the whole command, final evaluation included "
+        "(none: until --epochs or --patience)",
+    )
+    p.add_argument(
+        "--test-subset",
+        type=int,
+        help="final evaluation on at most this many random test structures (default 10000)",
+    )
+    p.add_argument(
+        "--full-test",
+        action="store_true",
+        default=None,
+        help="final evaluation on the whole test split",
+    )
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        help="keep an exponential moving average of the weights (e.g. 0.999)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        dest="early_stopping_patience",
+        help="stop after this many epochs without a better validation loss",
+    )
     p.add_argument("--device", help="auto (a GPU when present), cpu, gpu")
     p.add_argument("--devices", help="number of devices (DDP when > 1)")
     p.add_argument("--num-nodes", type=int, help="number of machines (multi-node DDP)")
     p.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
     p.add_argument("--threads", type=int, help="torch CPU threads (none: torch's choice)")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the representation (energy training only)")
-    p.add_argument("--seed", type=int, help="seed of the split, the initial weights and the "
-                                            "batch order (ensemble member k: seed + k)")
-    p.add_argument("--energy-unit", help="unit of energies in a data file without unit metadata "
-                                         "(eV, meV, hartree, kcal/mol, kJ/mol)")
-    p.add_argument("--length-unit", help="unit of lengths in a data file without unit metadata "
-                                         "(Angstrom, bohr, nm)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the representation (energy training only)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the split, the initial weights and the "
+        "batch order (ensemble member k: seed + k)",
+    )
+    p.add_argument(
+        "--energy-unit",
+        help="unit of energies in a data file without unit metadata "
+        "(eV, meV, hartree, kcal/mol, kJ/mol)",
+    )
+    p.add_argument(
+        "--length-unit",
+        help="unit of lengths in a data file without unit metadata (Angstrom, bohr, nm)",
+    )
     p.add_argument("--out", help="output folder")
     p.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.ckpt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in a non-empty OUT (else it is refused)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in a non-empty OUT (else it is refused)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--init-from", metavar="MODEL",
-                   help="fine-tune: start from this saved model's weights and statistics "
-                        "(its architecture replaces the config's)")
-    p.add_argument("--refit-statistics", action="store_true", default=None,
-                   help="with --init-from: refit atom references and shift/scale on the new "
-                        "training split (default: keep the model's)")
-    p.add_argument("--freeze-representation", action="store_true", default=None,
-                   help="train the output head only; the representation keeps its weights")
-    p.add_argument("--ensemble", type=int, metavar="K",
-                   help="train K models with seeds seed..seed+K-1 on one split, into "
-                        "OUT/model_0..model_K-1 (+ OUT/ensemble.json)")
+    p.add_argument(
+        "--init-from",
+        metavar="MODEL",
+        help="fine-tune: start from this saved model's weights and statistics "
+        "(its architecture replaces the config's)",
+    )
+    p.add_argument(
+        "--refit-statistics",
+        action="store_true",
+        default=None,
+        help="with --init-from: refit atom references and shift/scale on the new "
+        "training split (default: keep the model's)",
+    )
+    p.add_argument(
+        "--freeze-representation",
+        action="store_true",
+        default=None,
+        help="train the output head only; the representation keeps its weights",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        metavar="K",
+        help="train K models with seeds seed..seed+K-1 on one split, into "
+        "OUT/model_0..model_K-1 (+ OUT/ensemble.json)",
+    )
     p.set_defaults(func=run_train)
 
 
@@ -163,8 +238,10 @@ def config_from_args(args):
         from .models.base import representation_names
 
         if args.model not in representation_names():
-            raise ValueError(f"--model {args.model!r}: unknown representation; known: "
-                             f"{', '.join(representation_names())}")
+            raise ValueError(
+                f"--model {args.model!r}: unknown representation; known: "
+                f"{', '.join(representation_names())}"
+            )
     if args.init_from and not args.target:  # fine-tuning: the saved model's target
         from .models.io import model_folder, read_config
 
@@ -176,12 +253,41 @@ def config_from_args(args):
     devices = args.devices
     if devices is not None and str(devices).isdigit():
         devices = int(devices)
-    overrides = {k: getattr(args, k) for k in (
-        "data", "target", "forces", "rho", "stress", "stress_weight", "n_train", "n_val", "n_test", "max_structures",
-        "batch_size", "lr", "max_epochs", "max_minutes", "ema_decay", "early_stopping_patience",
-        "device", "num_nodes", "strategy", "threads", "compile", "seed", "energy_unit",
-        "length_unit", "out", "init_from", "refit_statistics", "freeze_representation",
-        "test_subset", "full_test")}
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "data",
+            "target",
+            "forces",
+            "rho",
+            "stress",
+            "stress_weight",
+            "n_train",
+            "n_val",
+            "n_test",
+            "max_structures",
+            "batch_size",
+            "lr",
+            "max_epochs",
+            "max_minutes",
+            "ema_decay",
+            "early_stopping_patience",
+            "device",
+            "num_nodes",
+            "strategy",
+            "threads",
+            "compile",
+            "seed",
+            "energy_unit",
+            "length_unit",
+            "out",
+            "init_from",
+            "refit_statistics",
+            "freeze_representation",
+            "test_subset",
+            "full_test",
+        )
+    }
     overrides["devices"] = devices
     if args.no_progress:
         overrides["progress"] = False
@@ -198,8 +304,10 @@ def run_train(args) -> int:
         if args.resume:
             raise ValueError("--resume and --ensemble: resume each member as its own run")
         members = train_ensemble(config, args.ensemble, overwrite=args.overwrite)
-        print(f"ensemble of {len(members)} models saved in {Path(config.out)} "
-              f"(model_0 .. model_{len(members) - 1}, ensemble.json)")
+        print(
+            f"ensemble of {len(members)} models saved in {Path(config.out)} "
+            f"(model_0 .. model_{len(members) - 1}, ensemble.json)"
+        )
         for k, metrics in enumerate(members):
             print(f"model_{k}:")
             _print_metrics(metrics, config.target, metrics.get("unit", ""))
@@ -259,23 +367,30 @@ def run_evaluate(args) -> int:
 # --------------------------------------------------------------------------- predict
 def _add_predict(sub) -> None:
     p = sub.add_parser(
-        "predict", help="predict for structures in any ASE-readable file",
+        "predict",
+        help="predict for structures in any ASE-readable file",
         description="Predict with one model, or with an ensemble (several models, or a folder "
-                    "written by 'atomlens train --ensemble K': mean and spread). Predictions "
-                    "are stored under their own keys (atomlens_<target>, "
-                    "atomlens_atomic_<target>, atomlens_forces, and *_std for ensembles), so "
-                    "reference values in the input file are kept beside them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", nargs="+",
-                   help="model folder(s), training output folder(s) or an ensemble folder")
+        "written by 'atomlens train --ensemble K': mean and spread). Predictions "
+        "are stored under their own keys (atomlens_<target>, "
+        "atomlens_atomic_<target>, atomlens_forces, and *_std for ensembles), so "
+        "reference values in the input file are kept beside them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "model", nargs="+", help="model folder(s), training output folder(s) or an ensemble folder"
+    )
     p.add_argument("file", help="xyz, extxyz, ASE db, traj, ... (anything ase.io.read reads)")
     p.add_argument("--index", default=":", help="which frames (ASE index syntax)")
     p.add_argument("--forces", action="store_true", help="also predict forces (eV/Angstrom)")
     p.add_argument("--out", help="write the structures with the predictions as extxyz")
-    p.add_argument("--allow-unknown-elements", action="store_true",
-                   help="predict for elements the model was not trained on (a warning)")
-    p.add_argument("--chunk", type=int, default=1000,
-                   help="structures per model call (default 1000)")
+    p.add_argument(
+        "--allow-unknown-elements",
+        action="store_true",
+        help="predict for elements the model was not trained on (a warning)",
+    )
+    p.add_argument(
+        "--chunk", type=int, default=1000, help="structures per model call (default 1000)"
+    )
     p.set_defaults(func=run_predict)
 
 
@@ -309,10 +424,11 @@ def predict_in_chunks(predict, frames: list, chunk: int = 1000, **options) -> di
     if chunk < 1:
         raise ValueError(f"--chunk must be >= 1, not {chunk}")
     parts: dict[str, list] = {}
-    with tqdm(total=len(frames), desc="predict", unit="structure", leave=False,
-              disable=None) as bar:
+    with tqdm(
+        total=len(frames), desc="predict", unit="structure", leave=False, disable=None
+    ) as bar:
         for start in range(0, len(frames), chunk):
-            for key, value in predict(frames[start:start + chunk], **options).items():
+            for key, value in predict(frames[start : start + chunk], **options).items():
                 parts.setdefault(key, []).append(value)
             bar.update(min(chunk, len(frames) - start))
     return {key: np.concatenate(values) for key, values in parts.items()}
@@ -329,28 +445,38 @@ def run_predict(args) -> int:
         import errno
         import os
 
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
-                                str(Path(args.out).parent))
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(Path(args.out).parent))
     dataset_from_atoms(frames, source=args.file, targets=False)  # validate before any output
     if len(models) == 1:
         predict = model.predict
     else:
+
         def predict(atoms, **options):
             return predict_ensemble(models, atoms, **options)
-    out = predict_in_chunks(predict, frames, args.chunk, forces=args.forces,
-                            allow_unknown_elements=args.allow_unknown_elements)
+
+    out = predict_in_chunks(
+        predict,
+        frames,
+        args.chunk,
+        forces=args.forces,
+        allow_unknown_elements=args.allow_unknown_elements,
+    )
     target, std = model.target, len(models) > 1
     charges = "charges" in out  # a dipole model: the per-atom values are partial charges (e)
     atomic_name, atomic_unit = ("charges", "e") if charges else (f"atomic_{target}", unit)
-    print(f"{'ensemble of ' + str(len(models)) + ' models' if std else 'model'}: {target} in "
-          f"{unit}" + (" (mean ± standard deviation of the members)" if std else ""))
+    print(
+        f"{'ensemble of ' + str(len(models)) + ' models' if std else 'model'}: {target} in "
+        f"{unit}" + (" (mean ± standard deviation of the members)" if std else "")
+    )
     start = 0
     for k, atoms in enumerate(frames):
         n = len(atoms)
         rows = slice(start, start + n)
         spread = f" ± {out[f'{target}_std'][k]:.6f}" if std else ""
-        print(f"structure {k} ({atoms.get_chemical_formula()}): {target} = "
-              f"{out[target][k]:.6f}{spread} {unit}")
+        print(
+            f"structure {k} ({atoms.get_chemical_formula()}): {target} = "
+            f"{out[target][k]:.6f}{spread} {unit}"
+        )
         if charges:
             print(f"    dipole ({unit}): {np.array2string(out['dipole'][k], precision=6)}")
         label = "charges" if charges else f"atomic {target}"
@@ -386,8 +512,7 @@ def run_predict(args) -> int:
 
         with atomic_file(args.out) as tmp:
             ase.io.write(tmp, frames, format="extxyz")
-        print(f"written {args.out} (predictions under atomlens_* keys, {unit}, "
-              f"{unit}/Angstrom)")
+        print(f"written {args.out} (predictions under atomlens_* keys, {unit}, {unit}/Angstrom)")
     return 0
 
 
@@ -409,8 +534,10 @@ def run_demo(args) -> int:
     from .training.train import load_dataset, train
 
     config = preset("qm9-u0-demo").updated(out=args.out, max_minutes=args.minutes)
-    print("atomlens demo: SchNet on QM9 U0 "
-          f"(n_train={int(config.n_train)}, budget {config.max_minutes} min on the CPU)")
+    print(
+        "atomlens demo: SchNet on QM9 U0 "
+        f"(n_train={int(config.n_train)}, budget {config.max_minutes} min on the CPU)"
+    )
     data = load_dataset(config)
     metrics = train(config, data=data, overwrite=args.overwrite)
     folder = Path(config.out) / "model"
@@ -420,13 +547,21 @@ def run_demo(args) -> int:
     ref = np.asarray(data.targets[model.target])[test]
     # plot energies relative to the fitted per-element references, where the errors show
     atomref = model.atomref.numpy()[np.asarray(data.numbers)[data.atom_index(test)]]
-    baseline = np.add.reduceat(atomref, np.concatenate([[0], np.cumsum(data.n_atoms_per[test])[:-1]]))
-    png = parity_plot(ref - baseline, pred - baseline, Path(config.out) / "parity.png",
-                      title=f"SchNet, QM9 U0 minus fitted atom references, "
-                            f"n_train={int(config.n_train)}", unit="eV")
+    baseline = np.add.reduceat(
+        atomref, np.concatenate([[0], np.cumsum(data.n_atoms_per[test])[:-1]])
+    )
+    png = parity_plot(
+        ref - baseline,
+        pred - baseline,
+        Path(config.out) / "parity.png",
+        title=f"SchNet, QM9 U0 minus fitted atom references, n_train={int(config.n_train)}",
+        unit="eV",
+    )
     mae = metrics[f"{model.target}_mae"]
-    print(f"test MAE (U0, {len(test)} molecules): {mae * 1000:.1f} meV = "
-          f"{mae / KCAL_MOL_EV:.2f} kcal/mol")
+    print(
+        f"test MAE (U0, {len(test)} molecules): {mae * 1000:.1f} meV = "
+        f"{mae / KCAL_MOL_EV:.2f} kcal/mol"
+    )
     print(f"parity plot: {png}")
     print(f"model: {folder}")
     return 0
@@ -437,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
     parser = argparse.ArgumentParser(
-        prog="atomlens", description="Deep learning for quantum chemistry you can look inside.")
+        prog="atomlens", description="Deep learning for quantum chemistry you can look inside."
+    )
     parser.add_argument("--version", action="version", version=f"atomlens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
@@ -458,8 +594,11 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
                 _add_threads(command)
             return
     if not any("--threads" in action.option_strings for action in parser._actions):
-        parser.add_argument("--threads", type=int,
-                            help="torch CPU threads (default: the CPUs available to atomlens)")
+        parser.add_argument(
+            "--threads",
+            type=int,
+            help="torch CPU threads (default: the CPUs available to atomlens)",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,8 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     prepare_environment()  # before torch loads: libgomp reads its wait policy once
     args = build_parser().parse_args(argv)  # before any heavy import: --help stays fast
     if getattr(args, "threads", None) is not None and args.threads < 1:
-        print(f"atomlens {args.command}: error: --threads must be >= 1, not {args.threads}",
-              file=sys.stderr)
+        print(
+            f"atomlens {args.command}: error: --threads must be >= 1, not {args.threads}",
+            file=sys.stderr,
+        )
         return 2
     from ._optional import MissingExtra
     from .data.dataset import DataError

@@ -41,8 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--patch", type=int, default=2, help="region size for degradation")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the CPUs "
-                                                    "available to the process)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: the CPUs available to the process)"
+    )
     parser.set_defaults(func=run)
     from . import cli_explain_molecule
 

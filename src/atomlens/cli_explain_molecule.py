@@ -25,19 +25,29 @@ from .registry import MOLECULE_METHODS
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``molecule`` on the ``explain`` command's subparsers."""
     parser = subparsers.add_parser(
-        "molecule", help="explain one molecular energy (atoms, pairs, three-body terms, walks)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "molecule",
+        help="explain one molecular energy (atoms, pairs, three-body terms, walks)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", help="model folder (config.json + model.safetensors)")
     parser.add_argument("structure", help="structure file (anything ase.io.read reads)")
     parser.add_argument("--index", default="0", help="which frame of STRUCTURE (default 0)")
-    parser.add_argument("--method", action="append", choices=MOLECULE_METHODS,
-                        help="explanation method (repeat for several; default relevant_walks)")
-    parser.add_argument("--patterns", type=Path, help="patterns (.safetensors) for patternattribution")
+    parser.add_argument(
+        "--method",
+        action="append",
+        choices=MOLECULE_METHODS,
+        help="explanation method (repeat for several; default relevant_walks)",
+    )
+    parser.add_argument(
+        "--patterns", type=Path, help="patterns (.safetensors) for patternattribution"
+    )
     parser.add_argument("--fit-data", help="structures to fit the patterns on (patternattribution)")
     parser.add_argument("--n-top", type=int, default=15, help="rows per kind in the terms table")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the CPUs "
-                                                    "available to the process)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: the CPUs available to the process)"
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -71,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     frames = read_structures(args.structure, args.index)
     if len(frames) != 1:
-        raise ValueError(f"{args.structure}: --index {args.index} selects {len(frames)} "
-                         "structures; explain one at a time")
+        raise ValueError(
+            f"{args.structure}: --index {args.index} selects {len(frames)} "
+            "structures; explain one at a time"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     methods = args.method or ["relevant_walks"]
     patterns = _patterns(args, model) if "patternattribution" in methods else None
@@ -82,22 +94,37 @@ def run(args: argparse.Namespace) -> int:
         relevances[f"{method} (meV)"] = (1000.0 * np.asarray(e.atoms), "meV")
         molecule_figure(e, args.out / f"{method}.png")
         write_terms(terms_table(e, args.n_top), args.out / f"{method}_terms")
-        summary = {"method": method, "unit": e.unit, "energy": e.energy, "reference": e.reference,
-                   "reference_kind": e.reference_kind, "explained": e.explained,
-                   "conservation_error": e.conservation_error, "remainder": e.remainder,
-                   "notes": e.notes, "atoms": e.atoms.tolist(), "pairs": e.pairs.tolist(),
-                   "pair_relevance": e.pair_relevance.tolist()}
+        summary = {
+            "method": method,
+            "unit": e.unit,
+            "energy": e.energy,
+            "reference": e.reference,
+            "reference_kind": e.reference_kind,
+            "explained": e.explained,
+            "conservation_error": e.conservation_error,
+            "remainder": e.remainder,
+            "notes": e.notes,
+            "atoms": e.atoms.tolist(),
+            "pairs": e.pairs.tolist(),
+            "pair_relevance": e.pair_relevance.tolist(),
+        }
         if e.triples is not None:
             summary["triples"] = e.triples.tolist()
             summary["triple_relevance"] = e.triple_relevance.tolist()
         (args.out / f"{method}.json").write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"{method:>22}: E = {e.energy:.4f} eV, E - ref = {e.explained:.4f} eV, "
-              f"sum of atom relevances {e.atoms.sum():.4f} eV "
-              f"(conservation error {1000 * e.conservation_error:.3g} meV)")
+        print(
+            f"{method:>22}: E = {e.energy:.4f} eV, E - ref = {e.explained:.4f} eV, "
+            f"sum of atom relevances {e.atoms.sum():.4f} eV "
+            f"(conservation error {1000 * e.conservation_error:.3g} meV)"
+        )
     # the atom relevances of every method in one interactive 3D view, beside the PNGs
     from .insight.viewer import write_viewer
 
-    write_viewer(args.out / "relevance.html", [frames[0]], [relevances],
-                 title=f"atom relevances, {frames[0].get_chemical_formula()}")
+    write_viewer(
+        args.out / "relevance.html",
+        [frames[0]],
+        [relevances],
+        title=f"atom relevances, {frames[0].get_chemical_formula()}",
+    )
     print(f"wrote {args.out} (PNG, terms tables, JSON per method; relevance.html: 3D view)")
     return 0

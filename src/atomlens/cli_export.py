@@ -7,11 +7,13 @@ from pathlib import Path
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="write a model's energy-and-forces program as a torch.export file (.pt2)",
+        "export",
+        help="write a model's energy-and-forces program as a torch.export file (.pt2)",
         description="Trace positions (n, 3) Angstrom + atomic numbers (n,) -> energy (eV), "
-                    "forces (eV/Angstrom) into a torch.export file, loadable with plain "
-                    "PyTorch: torch.export.load(PATH).module()(positions, numbers). "
-                    "Any number of atoms >= 2; the model's dtype (float32 unless --float64).")
+        "forces (eV/Angstrom) into a torch.export file, loadable with plain "
+        "PyTorch: torch.export.load(PATH).module()(positions, numbers). "
+        "Any number of atoms >= 2; the model's dtype (float32 unless --float64).",
+    )
     p.add_argument("model", help="model folder (or the training output folder)")
     p.add_argument("--out", default="model.pt2", help="output file (default model.pt2)")
     p.add_argument("--float64", action="store_true", help="export in float64")
@@ -26,7 +28,9 @@ def run(args) -> int:
 
     model = load_model(args.model, dtype=torch.float64 if args.float64 else None)
     path = export_model(model, args.out)
-    print(f"exported {args.model} -> {path} ({Path(path).stat().st_size / 1e6:.1f} MB); load "
-          f"with torch.export.load({str(path)!r}).module()(positions, numbers) -> "
-          f"(energy eV, forces eV/Angstrom)")
+    print(
+        f"exported {args.model} -> {path} ({Path(path).stat().st_size / 1e6:.1f} MB); load "
+        f"with torch.export.load({str(path)!r}).module()(positions, numbers) -> "
+        f"(energy eV, forces eV/Angstrom)"
+    )
     return 0

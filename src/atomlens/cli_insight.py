@@ -19,20 +19,29 @@ import numpy as np
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("insight", help="atomic energies, chemical potential maps, rings, "
-                                              "isomers, size extensivity (DTNN paper)")
+    p = subparsers.add_parser(
+        "insight",
+        help="atomic energies, chemical potential maps, rings, "
+        "isomers, size extensivity (DTNN paper)",
+    )
     sub = p.add_subparsers(dest="insight_command", required=True)
 
     a = sub.add_parser("atomic-energies", help="per-atom energies of structures")
     a.add_argument("model", help="model folder (or the training output folder)")
     a.add_argument("structures", help="ASE-readable file or qm9:N")
     a.add_argument("--index", default=":", help="which frames of the file (ASE index syntax)")
-    a.add_argument("--out", help="PNG of the molecule coloured by E_i - atomref[Z_i] "
-                                 "(several structures: OUT_<k>.png), and beside it OUT.html: "
-                                 "an interactive 3D view of all structures (offline)")
+    a.add_argument(
+        "--out",
+        help="PNG of the molecule coloured by E_i - atomref[Z_i] "
+        "(several structures: OUT_<k>.png), and beside it OUT.html: "
+        "an interactive 3D view of all structures (offline)",
+    )
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    a.add_argument("--charges", metavar="DIPOLE_MODEL",
-                   help="a dipole model (trained on QM9 mu): its partial charges q_i beside E_i")
+    a.add_argument(
+        "--charges",
+        metavar="DIPOLE_MODEL",
+        help="a dipole model (trained on QM9 mu): its partial charges q_i beside E_i",
+    )
     _add_dtype(a)
     a.set_defaults(func=run_atomic_energies)
 
@@ -41,16 +50,25 @@ def add_parser(subparsers) -> None:
     m.add_argument("structure", help="ASE-readable file (first frame unless --index) or qm9:N")
     m.add_argument("--index", default="0")
     m.add_argument("--probe", default="C", help="probe element (C, H, N, O, ...)")
-    m.add_argument("--plane", default="principal", choices=["principal", "xy", "xz", "yz"],
-                   help="plane of the 2D map through the centroid (principal: molecular plane)")
-    m.add_argument("--height", type=float, default=0.0,
-                   help="shift the plane along its normal (Angstrom)")
+    m.add_argument(
+        "--plane",
+        default="principal",
+        choices=["principal", "xy", "xz", "yz"],
+        help="plane of the 2D map through the centroid (principal: molecular plane)",
+    )
+    m.add_argument(
+        "--height", type=float, default=0.0, help="shift the plane along its normal (Angstrom)"
+    )
     m.add_argument("--spacing", type=float, default=0.1, help="2D grid spacing (Angstrom)")
     m.add_argument("--padding", type=float, default=3.0, help="margin around the atoms (Angstrom)")
-    m.add_argument("--reference", default="isolated", choices=["none", "atomref", "isolated"],
-                   help="zero of the energy: isolated (Omega - Omega of the lone probe atom: "
-                        "the probe's interaction with the molecule, default), atomref "
-                        "(Omega - atomref[A]), none (Omega incl. atomref and shift)")
+    m.add_argument(
+        "--reference",
+        default="isolated",
+        choices=["none", "atomref", "isolated"],
+        help="zero of the energy: isolated (Omega - Omega of the lone probe atom: "
+        "the probe's interaction with the molecule, default), atomref "
+        "(Omega - atomref[A]), none (Omega incl. atomref and shift)",
+    )
     m.add_argument("--out", help="PNG contour plot (default: potential_<probe>.png)")
     m.add_argument("--cube", help="also write a 3D Gaussian cube file (hartree, bohr)")
     m.add_argument("--cube-spacing", type=float, default=0.2, help="3D grid spacing (Angstrom)")
@@ -61,10 +79,16 @@ def add_parser(subparsers) -> None:
     r = sub.add_parser("rings", help="rank ring types by summed atomic energies (QM9 subset)")
     r.add_argument("model")
     _add_data_options(r)
-    r.add_argument("--max-molecules", type=int, default=10000,
-                   help="molecules with rings of --sizes to analyse, drawn at random (0: all)")
+    r.add_argument(
+        "--max-molecules",
+        type=int,
+        default=10000,
+        help="molecules with rings of --sizes to analyse, drawn at random (0: all)",
+    )
     r.add_argument("--sizes", default="5,6", help="ring sizes, comma separated")
-    r.add_argument("--min-count", type=int, default=3, help="ring types seen fewer times are left out")
+    r.add_argument(
+        "--min-count", type=int, default=3, help="ring types seen fewer times are left out"
+    )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="rings.png", help="PNG of the ranking")
     r.add_argument("--json", help="write the ranking and per-ring records to this JSON file")
@@ -84,22 +108,33 @@ def add_parser(subparsers) -> None:
     e.add_argument("model")
     e.add_argument("structure", help="ASE-readable file (first frame unless --index) or qm9:N")
     e.add_argument("--index", default="0")
-    e.add_argument("--separation", type=float,
-                   help="closest distance between the copies (Angstrom; default cutoff + 1)")
+    e.add_argument(
+        "--separation",
+        type=float,
+        help="closest distance between the copies (Angstrom; default cutoff + 1)",
+    )
     _add_dtype(e)
     e.set_defaults(func=run_extensivity)
 
 
 def _add_dtype(p) -> None:
-    p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
-                   help="precision of the model evaluation (float64: atomic energies sum to "
-                        "the total to ~1e-9 eV; float32: about twice as fast)")
+    p.add_argument(
+        "--dtype",
+        default="float64",
+        choices=["float64", "float32"],
+        help="precision of the model evaluation (float64: atomic energies sum to "
+        "the total to ~1e-9 eV; float32: about twice as fast)",
+    )
 
 
 def _add_data_options(p) -> None:
     p.add_argument("--data", default="qm9", help="'qm9' or a packed data set folder")
-    p.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
-                   help="only molecules of this split of the model's training data")
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "train", "val", "test"],
+        help="only molecules of this split of the model's training data",
+    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -151,8 +186,11 @@ def run_atomic_energies(args) -> int:
     charge_model = _load(args.charges, args.dtype)[0] if args.charges else None
     tables = atomic_energies(model, frames, charge_model=charge_model)
     if args.json:
-        print(json.dumps([{"formula": t.formula, "total": t.total, "atoms": t.rows()}
-                          for t in tables]))
+        print(
+            json.dumps(
+                [{"formula": t.formula, "total": t.total, "atoms": t.rows()} for t in tables]
+            )
+        )
     else:
         print("\n\n".join(t.table(unit) for t in tables))
     if args.out:
@@ -162,16 +200,24 @@ def run_atomic_energies(args) -> int:
         out = Path(args.out)
         for k, t in enumerate(tables):
             path = out if len(tables) == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}")
-            atomic_energy_plot(t.numbers, t.positions, t.relative, path, unit=unit,
-                               title=f"{t.formula}: atomic energies E_i - atomref[Z_i]")
+            atomic_energy_plot(
+                t.numbers,
+                t.positions,
+                t.relative,
+                path,
+                unit=unit,
+                title=f"{t.formula}: atomic energies E_i - atomref[Z_i]",
+            )
             print(f"figure: {path}")
         properties = []
         for t in tables:
             relative, small_unit = to_milli(t.relative, unit)
-            properties.append({"E_i - atomref[Z_i]": (relative, small_unit),
-                               "E_i": (t.energies, unit)})
-        view = write_viewer(out.with_suffix(".html"), frames, properties,
-                            title="atomlens atomic energies")
+            properties.append(
+                {"E_i - atomref[Z_i]": (relative, small_unit), "E_i": (t.energies, unit)}
+            )
+        view = write_viewer(
+            out.with_suffix(".html"), frames, properties, title="atomlens atomic energies"
+        )
         print(f"interactive 3D view: {view}")
     return 0
 
@@ -183,21 +229,43 @@ def run_potential_map(args) -> int:
 
     model, _, unit = _load(args.model, args.dtype)
     atoms = _structures(args.structure, args.index)[0]
-    pmap = potential_map(model, atoms, probe=args.probe, plane=args.plane, spacing=args.spacing,
-                         padding=args.padding, height=args.height, reference=args.reference,
-                         chunk_size=args.chunk_size)
+    pmap = potential_map(
+        model,
+        atoms,
+        probe=args.probe,
+        plane=args.plane,
+        spacing=args.spacing,
+        padding=args.padding,
+        height=args.height,
+        reference=args.reference,
+        chunk_size=args.chunk_size,
+    )
     v = pmap.values
-    print(f"Omega_{args.probe} on {v.shape[0]} x {v.shape[1]} points ({args.plane} plane, "
-          f"spacing {args.spacing} Angstrom, reference {args.reference}): "
-          f"min {v.min():.4f}, median {np.median(v):.4f}, max {v.max():.4f} {unit}")
+    print(
+        f"Omega_{args.probe} on {v.shape[0]} x {v.shape[1]} points ({args.plane} plane, "
+        f"spacing {args.spacing} Angstrom, reference {args.reference}): "
+        f"min {v.min():.4f}, median {np.median(v):.4f}, max {v.max():.4f} {unit}"
+    )
     out = Path(args.out or f"potential_{args.probe}.png")
-    potential_map_plot(pmap, out, unit=unit, title=f"{atoms.get_chemical_formula()}: local "
-                       f"chemical potential of a {args.probe} probe ({args.plane} plane)")
+    potential_map_plot(
+        pmap,
+        out,
+        unit=unit,
+        title=f"{atoms.get_chemical_formula()}: local "
+        f"chemical potential of a {args.probe} probe ({args.plane} plane)",
+    )
     print(f"figure: {out}")
     if args.cube:
-        box = potential_map(model, atoms, probe=args.probe, plane=None, spacing=args.cube_spacing,
-                            padding=args.padding, reference=args.reference,
-                            chunk_size=args.chunk_size)
+        box = potential_map(
+            model,
+            atoms,
+            probe=args.probe,
+            plane=None,
+            spacing=args.cube_spacing,
+            padding=args.padding,
+            reference=args.reference,
+            chunk_size=args.chunk_size,
+        )
         write_cube(args.cube, box)
         print(f"cube file: {args.cube} ({'x'.join(map(str, box.values.shape))} points)")
     return 0
@@ -225,15 +293,25 @@ def run_rings(args) -> int:
     analysis = ring_analysis(data, indices, atomic, atomref, sizes, args.min_count)
     print(analysis.table())
     if analysis.ranking:
-        ring_ranking_plot(analysis, args.out, unit=unit,
-                          title=f"{model.config.representation.upper()}: ring energies "
-                                f"({len(indices)} molecules; red: aromatic)")
+        ring_ranking_plot(
+            analysis,
+            args.out,
+            unit=unit,
+            title=f"{model.config.representation.upper()}: ring energies "
+            f"({len(indices)} molecules; red: aromatic)",
+        )
         print(f"figure: {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"ranking": analysis.ranking,
-                                               "records": analysis.records,
-                                               "n_molecules": analysis.n_molecules,
-                                               "n_unmatched": analysis.n_unmatched}))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "ranking": analysis.ranking,
+                    "records": analysis.records,
+                    "n_molecules": analysis.n_molecules,
+                    "n_unmatched": analysis.n_unmatched,
+                }
+            )
+        )
         print(f"written {args.json}")
     return 0
 
@@ -245,18 +323,19 @@ def run_isomers(args) -> int:
     model, folder, unit = _load(args.model, args.dtype)
     data = _dataset(args.data)
     indices = _split_indices(folder, args.split, len(data))
-    analysis = isomer_analysis(model, data, args.formula,
-                               None if args.split == "all" else indices)
+    analysis = isomer_analysis(model, data, args.formula, None if args.split == "all" else indices)
     summary = analysis.summary()
     if args.json:
         print(json.dumps({"split": args.split, "unit": unit, **summary}))
     else:
-        print(f"{summary['n_isomers']} isomers of {summary['formula']} ({args.split}): "
-              f"Spearman {summary['spearman']:.4f}, MAE of relative energies "
-              f"{summary['relative_mae_eV'] * 1000:.1f} meV (w.r.t. the lowest isomer), "
-              f"{summary['centred_mae_eV'] * 1000:.1f} meV (centred), MAE "
-              f"{summary['mae_eV'] * 1000:.1f} meV; lowest isomer (reference) #{summary['lowest_index']}, predicted lowest "
-              f"#{summary['predicted_lowest_index']}")
+        print(
+            f"{summary['n_isomers']} isomers of {summary['formula']} ({args.split}): "
+            f"Spearman {summary['spearman']:.4f}, MAE of relative energies "
+            f"{summary['relative_mae_eV'] * 1000:.1f} meV (w.r.t. the lowest isomer), "
+            f"{summary['centred_mae_eV'] * 1000:.1f} meV (centred), MAE "
+            f"{summary['mae_eV'] * 1000:.1f} meV; lowest isomer (reference) #{summary['lowest_index']}, predicted lowest "
+            f"#{summary['predicted_lowest_index']}"
+        )
     isomer_plot(analysis, args.out, unit=unit)
     print(f"figure: {args.out}")
     return 0
@@ -269,8 +348,10 @@ def run_extensivity(args) -> int:
     atoms = _structures(args.structure, args.index)[0]
     result = extensivity(model, atoms, args.separation)
     ok = result.passed()
-    print(f"{atoms.get_chemical_formula()}: E = {result.single:.6f} {unit}; two copies "
-          f"{result.separation:.2f} Angstrom apart (cutoff {result.cutoff}): "
-          f"E = {result.pair:.6f} {unit}; E(2) - 2 E(1) = {result.difference:.3e} {unit} -> "
-          f"{'size-extensive' if ok else 'NOT size-extensive'}")
+    print(
+        f"{atoms.get_chemical_formula()}: E = {result.single:.6f} {unit}; two copies "
+        f"{result.separation:.2f} Angstrom apart (cutoff {result.cutoff}): "
+        f"E = {result.pair:.6f} {unit}; E(2) - 2 E(1) = {result.difference:.3e} {unit} -> "
+        f"{'size-extensive' if ok else 'NOT size-extensive'}"
+    )
     return 0 if ok else 1

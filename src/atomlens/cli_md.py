@@ -9,60 +9,118 @@ import numpy as np
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "md", help="molecular dynamics with a trained energy model (ASE integrators)",
+        "md",
+        help="molecular dynamics with a trained energy model (ASE integrators)",
         description="Run NVE (velocity Verlet), Langevin (NVT) or, for periodic cells, NPT "
-                    "(isotropic MTK barostat) dynamics with a trained atomlens model; write a "
-                    "trajectory and a CSV energy log.")
-    p.add_argument("model", help="model folder (or the training output folder), or an "
-                                 "ensemble folder (logs the members' spread)")
-    p.add_argument("structure", help="start structure: any ASE-readable file (xyz, extxyz, db, "
-                                     "traj, ...)")
-    p.add_argument("--index", default="0",
-                   help="which frame(s) of the structure file (ASE syntax; several frames run "
-                        "as a batch of trajectories)")
-    p.add_argument("--replicas", type=int, default=1,
-                   help="independent trajectories per structure (different initial "
-                        "velocities), all advanced by one model call per step (molecules)")
-    p.add_argument("--ensemble", choices=["nve", "langevin", "npt"], default="nve",
-                   help="nve, langevin (NVT) or npt (periodic cells only)")
-    p.add_argument("--pressure", type=float, default=1.01325,
-                   help="NPT pressure, bar (default 1.01325 = 1 atm)")
-    p.add_argument("--temperature", type=float, default=300.0,
-                   help="initial Maxwell-Boltzmann and thermostat temperature, K (default 300)")
+        "(isotropic MTK barostat) dynamics with a trained atomlens model; write a "
+        "trajectory and a CSV energy log.",
+    )
+    p.add_argument(
+        "model",
+        help="model folder (or the training output folder), or an "
+        "ensemble folder (logs the members' spread)",
+    )
+    p.add_argument(
+        "structure", help="start structure: any ASE-readable file (xyz, extxyz, db, traj, ...)"
+    )
+    p.add_argument(
+        "--index",
+        default="0",
+        help="which frame(s) of the structure file (ASE syntax; several frames run "
+        "as a batch of trajectories)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="independent trajectories per structure (different initial "
+        "velocities), all advanced by one model call per step (molecules)",
+    )
+    p.add_argument(
+        "--ensemble",
+        choices=["nve", "langevin", "npt"],
+        default="nve",
+        help="nve, langevin (NVT) or npt (periodic cells only)",
+    )
+    p.add_argument(
+        "--pressure",
+        type=float,
+        default=1.01325,
+        help="NPT pressure, bar (default 1.01325 = 1 atm)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=300.0,
+        help="initial Maxwell-Boltzmann and thermostat temperature, K (default 300)",
+    )
     p.add_argument("--steps", type=int, default=1000, help="number of MD steps (default 1000)")
     p.add_argument("--timestep", type=float, default=0.5, help="time step, fs (default 0.5)")
-    p.add_argument("--friction", type=float, default=0.01,
-                   help="Langevin friction, 1/fs (default 0.01)")
-    p.add_argument("--interval", type=int, default=10,
-                   help="write trajectory frames and log rows every n steps (default 10)")
+    p.add_argument(
+        "--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)"
+    )
+    p.add_argument(
+        "--interval",
+        type=int,
+        default=10,
+        help="write trajectory frames and log rows every n steps (default 10)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
-    p.add_argument("--out", default="md.traj",
-                   help="trajectory: .traj (ASE) or extxyz for other suffixes (default md.traj)")
-    p.add_argument("--log",
-                   help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K "
-                        "(+ volume_A3 for cells, energy_std_eV, max_force_std_eV_A for an "
-                        "ensemble); default: beside the trajectory, OUT with the suffix .csv")
-    p.add_argument("--max-temperature", type=float, default=None,
-                   help="stop (exit 2) when the temperature exceeds this, K (default: the "
-                        "larger of 2000 K and 5 x --temperature)")
-    p.add_argument("--max-drift", type=float, default=0.1,
-                   help="NVE: stop (exit 2) when the total energy drifts by more than this, "
-                        "eV/atom (default 0.1); Langevin has no conserved energy")
-    p.add_argument("--allow-unknown-elements", action="store_true",
-                   help="run with elements the model was not trained on (a warning)")
+    p.add_argument(
+        "--out",
+        default="md.traj",
+        help="trajectory: .traj (ASE) or extxyz for other suffixes (default md.traj)",
+    )
+    p.add_argument(
+        "--log",
+        help="CSV log of time_fs, epot_eV, ekin_eV, etot_eV, temperature_K "
+        "(+ volume_A3 for cells, energy_std_eV, max_force_std_eV_A for an "
+        "ensemble); default: beside the trajectory, OUT with the suffix .csv",
+    )
+    p.add_argument(
+        "--max-temperature",
+        type=float,
+        default=None,
+        help="stop (exit 2) when the temperature exceeds this, K (default: the "
+        "larger of 2000 K and 5 x --temperature)",
+    )
+    p.add_argument(
+        "--max-drift",
+        type=float,
+        default=0.1,
+        help="NVE: stop (exit 2) when the total energy drifts by more than this, "
+        "eV/atom (default 0.1); Langevin has no conserved energy",
+    )
+    p.add_argument(
+        "--allow-unknown-elements",
+        action="store_true",
+        help="run with elements the model was not trained on (a warning)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--float64", action="store_true", help="run the model in float64")
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads (default 1: one molecule's tensors are too small "
-                        "to split)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default 1: one molecule's tensors are too small to split)",
+    )
     compiled = p.add_mutually_exclusive_group()
-    compiled.add_argument("--compile", dest="compile", action="store_const", const=True,
-                          default="auto",
-                          help="torch.compile energy+forces for any molecule (default: "
-                               "molecules of up to 64 atoms, ~3.5x the steps/s after a "
-                               "one-off compile of a few seconds; cells run eagerly)")
-    compiled.add_argument("--no-compile", dest="compile", action="store_const", const=False,
-                          help="never compile (the eager model)")
+    compiled.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_const",
+        const=True,
+        default="auto",
+        help="torch.compile energy+forces for any molecule (default: "
+        "molecules of up to 64 atoms, ~3.5x the steps/s after a "
+        "one-off compile of a few seconds; cells run eagerly)",
+    )
+    compiled.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_const",
+        const=False,
+        help="never compile (the eager model)",
+    )
     p.set_defaults(func=run)
 
 
@@ -83,31 +141,54 @@ def run(args) -> int:
     # an earlier run's files are replaced only when this run completes (run_md writes to
     # temporary files and renames them at the end)
     args.log = str(log_path)
-    log = run_md(args.model, atoms, ensemble=args.ensemble,
-                 temperature_K=args.temperature, timestep_fs=args.timestep, steps=args.steps,
-                 friction=args.friction, trajectory=args.out, logfile=args.log,
-                 interval=args.interval, seed=args.seed, device=args.device,
-                 dtype="float64" if args.float64 else None, compile=args.compile,
-                 max_temperature_K=args.max_temperature, max_drift_eV_per_atom=args.max_drift,
-                 allow_unknown_elements=args.allow_unknown_elements, pressure_bar=args.pressure,
-                 threads=args.threads or 1)
-    print(f"{args.ensemble.upper()} MD of {atoms.get_chemical_formula()}: {args.steps} steps of "
-          f"{args.timestep} fs ({args.steps * args.timestep / 1000:.3g} ps)")
+    log = run_md(
+        args.model,
+        atoms,
+        ensemble=args.ensemble,
+        temperature_K=args.temperature,
+        timestep_fs=args.timestep,
+        steps=args.steps,
+        friction=args.friction,
+        trajectory=args.out,
+        logfile=args.log,
+        interval=args.interval,
+        seed=args.seed,
+        device=args.device,
+        dtype="float64" if args.float64 else None,
+        compile=args.compile,
+        max_temperature_K=args.max_temperature,
+        max_drift_eV_per_atom=args.max_drift,
+        allow_unknown_elements=args.allow_unknown_elements,
+        pressure_bar=args.pressure,
+        threads=args.threads or 1,
+    )
+    print(
+        f"{args.ensemble.upper()} MD of {atoms.get_chemical_formula()}: {args.steps} steps of "
+        f"{args.timestep} fs ({args.steps * args.timestep / 1000:.3g} ps)"
+    )
     temperature = np.asarray(log.temperature)
     if args.ensemble == "nve":  # E_tot is conserved only without a thermostat
         drift = log.drift(len(atoms))
-        print(f"  mean T = {temperature.mean():.1f} K; E_tot drift "
-              f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom, std "
-              f"{drift['std_eV_per_atom'] * 1000:.3f} meV/atom")
+        print(
+            f"  mean T = {temperature.mean():.1f} K; E_tot drift "
+            f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom, std "
+            f"{drift['std_eV_per_atom'] * 1000:.3f} meV/atom"
+        )
     else:
-        print(f"  T = {temperature.mean():.1f} +- {temperature.std():.1f} K (thermostat "
-              f"{args.temperature:g} K; E_tot is not conserved under a thermostat)")
+        print(
+            f"  T = {temperature.mean():.1f} +- {temperature.std():.1f} K (thermostat "
+            f"{args.temperature:g} K; E_tot is not conserved under a thermostat)"
+        )
     if log.volume:
-        print(f"  volume {log.volume[0]:.2f} -> {log.volume[-1]:.2f} Angstrom^3 (mean "
-              f"{sum(log.volume) / len(log.volume):.2f})")
+        print(
+            f"  volume {log.volume[0]:.2f} -> {log.volume[-1]:.2f} Angstrom^3 (mean "
+            f"{sum(log.volume) / len(log.volume):.2f})"
+        )
     if log.energy_std:
-        print(f"  ensemble spread: energy std up to {max(log.energy_std) * 1000:.1f} meV, "
-              f"largest atomic force std {max(log.max_force_std):.3f} eV/Angstrom")
+        print(
+            f"  ensemble spread: energy std up to {max(log.energy_std) * 1000:.1f} meV, "
+            f"largest atomic force std {max(log.max_force_std):.3f} eV/Angstrom"
+        )
     print(f"  trajectory: {Path(args.out)}  log: {log_path}")
     return 0
 
@@ -123,8 +204,10 @@ def run_batched(args, frames) -> int:
     from .batched_md import run_batched_md
 
     if any(atoms.pbc.any() for atoms in frames) or args.ensemble == "npt":
-        raise ValueError("several trajectories at once (--replicas, several frames) are for "
-                         "molecules in NVE or Langevin; run periodic cells one at a time")
+        raise ValueError(
+            "several trajectories at once (--replicas, several frames) are for "
+            "molecules in NVE or Langevin; run periodic cells one at a time"
+        )
     if args.log is None:
         args.log = str(Path(args.out).with_suffix(".csv"))
     systems = [atoms for atoms in frames for _ in range(args.replicas)]
@@ -132,16 +215,31 @@ def run_batched(args, frames) -> int:
     trajectories = [numbered(args.out, k, n) for k in range(n)]
     logfiles = [numbered(args.log, k, n) for k in range(n)]
     logs = run_batched_md(
-        args.model, systems, steps=args.steps, trajectories=trajectories, logfiles=logfiles,
-        interval=args.interval, ensemble=args.ensemble, temperature_K=args.temperature,
-        timestep_fs=args.timestep, friction=args.friction, seed=args.seed, device=args.device,
-        dtype="float64" if args.float64 else None, compile=args.compile is True)
-    print(f"{args.ensemble.upper()} MD of {n} trajectories ({len(frames)} structures x "
-          f"{args.replicas} replicas): {args.steps} steps of {args.timestep} fs")
+        args.model,
+        systems,
+        steps=args.steps,
+        trajectories=trajectories,
+        logfiles=logfiles,
+        interval=args.interval,
+        ensemble=args.ensemble,
+        temperature_K=args.temperature,
+        timestep_fs=args.timestep,
+        friction=args.friction,
+        seed=args.seed,
+        device=args.device,
+        dtype="float64" if args.float64 else None,
+        compile=args.compile is True,
+    )
+    print(
+        f"{args.ensemble.upper()} MD of {n} trajectories ({len(frames)} structures x "
+        f"{args.replicas} replicas): {args.steps} steps of {args.timestep} fs"
+    )
     for k, (atoms, log) in enumerate(zip(systems, logs)):
         drift = log.drift(len(atoms))
-        print(f"  {k}: {atoms.get_chemical_formula()} mean T = "
-              f"{sum(log.temperature) / len(log.temperature):.1f} K; E_tot drift "
-              f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom -> {trajectories[k]}, "
-              f"{logfiles[k]}")
+        print(
+            f"  {k}: {atoms.get_chemical_formula()} mean T = "
+            f"{sum(log.temperature) / len(log.temperature):.1f} K; E_tot drift "
+            f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom -> {trajectories[k]}, "
+            f"{logfiles[k]}"
+        )
     return 0

@@ -18,42 +18,75 @@ from pathlib import Path
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``sample`` subcommand on ``subparsers`` (from ``add_subparsers``)."""
     parser = subparsers.add_parser(
-        "sample", help="sample reference data by ab initio MD (GFN2-xTB by default)",
+        "sample",
+        help="sample reference data by ab initio MD (GFN2-xTB by default)",
         description="Langevin MD with an ab initio calculator; energies (eV) and forces "
-                    "(eV/Angstrom) of every stored frame are written as an MD17 .npz "
-                    "(kcal/mol, Angstrom, units recorded), an ISO17-layout ASE .db (eV) or extxyz "
-                    "(eV, Angstrom; the format for periodic cells, with cell and stress). A "
-                    "start structure with a cell is sampled with its cell (GFN1-xTB). "
-                    "With --isomers, --out is a folder that receives ISO17-style "
-                    "reference.db, test_within.db and test_other.db.")
+        "(eV/Angstrom) of every stored frame are written as an MD17 .npz "
+        "(kcal/mol, Angstrom, units recorded), an ISO17-layout ASE .db (eV) or extxyz "
+        "(eV, Angstrom; the format for periodic cells, with cell and stress). A "
+        "start structure with a cell is sampled with its cell (GFN1-xTB). "
+        "With --isomers, --out is a folder that receives ISO17-style "
+        "reference.db, test_within.db and test_other.db.",
+    )
     start = parser.add_mutually_exclusive_group(required=True)
     start.add_argument("--xyz", help="start structure: any file ASE reads (first frame)")
     start.add_argument("--smiles", help="start structure from SMILES (RDKit ETKDG + MMFF)")
-    start.add_argument("--isomers", nargs="+", metavar="SMILES",
-                       help="ISO17-style sets from several isomers")
+    start.add_argument(
+        "--isomers", nargs="+", metavar="SMILES", help="ISO17-style sets from several isomers"
+    )
     parser.add_argument("--temperature", type=float, default=500.0, help="K (default 500)")
-    parser.add_argument("--frames", type=int, default=1000,
-                        help="frames to store (per isomer with --isomers; default 1000)")
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=1000,
+        help="frames to store (per isomer with --isomers; default 1000)",
+    )
     parser.add_argument("--every", type=int, default=5, help="MD steps between frames (5)")
     parser.add_argument("--timestep", type=float, default=0.5, help="time step, fs (0.5)")
-    parser.add_argument("--equilibration", type=float, default=1000.0,
-                        help="discarded equilibration time, fs (1000)")
+    parser.add_argument(
+        "--equilibration",
+        type=float,
+        default=1000.0,
+        help="discarded equilibration time, fs (1000)",
+    )
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
-    parser.add_argument("--method", default=None, choices=["gfn2", "gfn1", "pyscf"],
-                        help="level of theory (default: gfn2, GFN2-xTB via tblite, for "
-                             "molecules; gfn1, GFN1-xTB, for periodic cells; pyscf needs PySCF)")
-    parser.add_argument("--relax", type=float, default=None, metavar="FMAX",
-                        help="relax the start structure first, to FMAX eV/Angstrom")
-    parser.add_argument("--reference-isomers", type=int, default=None,
-                        help="isomers in reference/test_within (default 80%%)")
-    parser.add_argument("--cells", type=int, default=1,
-                        help="periodic start: sample this many randomly strained copies of "
-                             "the cell (default 1: the cell as given)")
-    parser.add_argument("--strain", type=float, default=0.02,
-                        help="standard deviation of the random strain with --cells (0.02)")
+    parser.add_argument(
+        "--method",
+        default=None,
+        choices=["gfn2", "gfn1", "pyscf"],
+        help="level of theory (default: gfn2, GFN2-xTB via tblite, for "
+        "molecules; gfn1, GFN1-xTB, for periodic cells; pyscf needs PySCF)",
+    )
+    parser.add_argument(
+        "--relax",
+        type=float,
+        default=None,
+        metavar="FMAX",
+        help="relax the start structure first, to FMAX eV/Angstrom",
+    )
+    parser.add_argument(
+        "--reference-isomers",
+        type=int,
+        default=None,
+        help="isomers in reference/test_within (default 80%%)",
+    )
+    parser.add_argument(
+        "--cells",
+        type=int,
+        default=1,
+        help="periodic start: sample this many randomly strained copies of "
+        "the cell (default 1: the cell as given)",
+    )
+    parser.add_argument(
+        "--strain",
+        type=float,
+        default=0.02,
+        help="standard deviation of the random strain with --cells (0.02)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument("--out", required=True,
-                        help="out.npz | out.db | out.extxyz | folder (--isomers)")
+    parser.add_argument(
+        "--out", required=True, help="out.npz | out.db | out.extxyz | folder (--isomers)"
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -73,24 +106,34 @@ def run(args: argparse.Namespace) -> int:
     from .data.sources.iso17 import write_iso17
     from .data.sources.md17 import write_md17
 
-    md = {"temperature": args.temperature, "n_frames": args.frames, "every": args.every,
-          "timestep_fs": args.timestep, "equilibration_fs": args.equilibration,
-          "friction": args.friction}
+    md = {
+        "temperature": args.temperature,
+        "n_frames": args.frames,
+        "every": args.every,
+        "timestep_fs": args.timestep,
+        "equilibration_fs": args.equilibration,
+        "friction": args.friction,
+    }
     out = Path(args.out)
     try:
         if args.isomers:
             args.method = args.method or "gfn2"
             if out.suffix:
                 raise DataError(f"--out {out}: with --isomers give a folder for the three sets")
-            sets = sample_isomers(args.isomers, args.reference_isomers, method=args.method,
-                                  relax_fmax=args.relax, seed=args.seed, **md)
+            sets = sample_isomers(
+                args.isomers,
+                args.reference_isomers,
+                method=args.method,
+                relax_fmax=args.relax,
+                seed=args.seed,
+                **md,
+            )
             for name, data in sets.items():
                 write_iso17(out / f"{name}.db", data)
                 print(f"{out / f'{name}.db'}: {len(data)} frames")
             return 0
         if out.suffix not in (".npz", ".db", ".extxyz"):
-            raise DataError(f"--out {out}: use .npz (MD17 layout), .db (ISO17 layout) or "
-                            f".extxyz")
+            raise DataError(f"--out {out}: use .npz (MD17 layout), .db (ISO17 layout) or .extxyz")
         if args.smiles:
             atoms = molecule_from_smiles(args.smiles, seed=args.seed)
         else:
@@ -102,8 +145,10 @@ def run(args: argparse.Namespace) -> int:
                 raise DataError(f"{args.xyz}: cannot read a start structure ({err})") from err
         periodic = bool(atoms.pbc.any())
         if periodic and out.suffix != ".extxyz":
-            raise DataError(f"--out {out}: the start structure is periodic; write its cells "
-                            f"and stress to an .extxyz file")
+            raise DataError(
+                f"--out {out}: the start structure is periodic; write its cells "
+                f"and stress to an .extxyz file"
+            )
         if args.method is None:  # GFN1-xTB gives the stress of periodic cells
             args.method = "gfn1" if periodic else "gfn2"
         calculator = make_calculator(args.method)
@@ -111,22 +156,33 @@ def run(args: argparse.Namespace) -> int:
         if args.relax is not None:
             atoms = relax(atoms, calculator, fmax=args.relax)
         if periodic and args.cells > 1:
-            data = sample_cells(atoms, calculator, n_cells=args.cells, strain=args.strain,
-                                seed=args.seed, **md)
+            data = sample_cells(
+                atoms, calculator, n_cells=args.cells, strain=args.strain, seed=args.seed, **md
+            )
         else:
             data = sample_md(atoms, calculator, seed=args.seed, **md)
         if out.suffix == ".extxyz":
             write_ase(out, data, format="extxyz")
         elif out.suffix == ".npz":
-            write_md17(out, data, name=args.smiles or Path(args.xyz).stem,
-                       theory=args.method, md_T=args.temperature, md_dt_fs=args.timestep,
-                       md_every_steps=args.every, md_equil_fs=args.equilibration,
-                       md_friction_per_fs=args.friction, seed=args.seed)
+            write_md17(
+                out,
+                data,
+                name=args.smiles or Path(args.xyz).stem,
+                theory=args.method,
+                md_T=args.temperature,
+                md_dt_fs=args.timestep,
+                md_every_steps=args.every,
+                md_equil_fs=args.equilibration,
+                md_friction_per_fs=args.friction,
+                seed=args.seed,
+            )
         else:
             write_iso17(out, data)
         energy = data.targets["energy"]
-        print(f"{out}: {len(data)} frames of {int(data.n_atoms_per[0])} atoms, "
-              f"energy {energy.min():.4f} .. {energy.max():.4f} eV")
+        print(
+            f"{out}: {len(data)} frames of {int(data.n_atoms_per[0])} atoms, "
+            f"energy {energy.min():.4f} .. {energy.max():.4f} eV"
+        )
         return 0
     except (DataError, ImportError, ValueError) as err:
         print(f"atomlens sample: error: {err}")

@@ -61,17 +61,19 @@ def mean_and_spread(values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return stacked.mean(0), stacked.std(0)
 
 
-def predict_ensemble(models: list, atoms, forces: bool = False,
-                     allow_unknown_elements: bool = False) -> dict[str, np.ndarray]:
+def predict_ensemble(
+    models: list, atoms, forces: bool = False, allow_unknown_elements: bool = False
+) -> dict[str, np.ndarray]:
     """Mean and spread of the members' predictions for one ``Atoms`` or a list.
 
     Keys: the target (n_structures,) and ``<target>_std``; ``atomic`` (n_atoms,) and
     ``atomic_std``; with ``forces`` also ``forces`` (n_atoms, 3) and ``forces_std``. Units as
     :meth:`~atomlens.models.AtomisticModel.predict` (eV, eV/Angstrom for energy models).
     """
-    predictions = [model.predict(atoms, forces=forces,
-                                 allow_unknown_elements=allow_unknown_elements)
-                   for model in models]
+    predictions = [
+        model.predict(atoms, forces=forces, allow_unknown_elements=allow_unknown_elements)
+        for model in models
+    ]
     target = models[0].target
     out = {}
     for key in [target, "atomic"] + (["forces"] if forces else []):
@@ -94,11 +96,27 @@ class EnsembleCalculator(AseCalculator):
     """
 
     implemented_properties: ClassVar[list[str]] = [
-        "energy", "free_energy", "forces", "energies", "stress", "energy_std", "forces_std",
-        "energies_std", "stress_std", "max_force_std"]
+        "energy",
+        "free_energy",
+        "forces",
+        "energies",
+        "stress",
+        "energy_std",
+        "forces_std",
+        "energies_std",
+        "stress_std",
+        "max_force_std",
+    ]
 
-    def __init__(self, models, device: str = "cpu", dtype=None, compile: bool | str = "auto",
-                 allow_unknown_elements: bool = False, **kwargs):
+    def __init__(
+        self,
+        models,
+        device: str = "cpu",
+        dtype=None,
+        compile: bool | str = "auto",
+        allow_unknown_elements: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         from .calculator import Calculator
 
@@ -110,27 +128,36 @@ class EnsembleCalculator(AseCalculator):
             models += ensemble_members(paths)
         if len(models) < 2:
             raise ValueError(f"an ensemble needs at least two models, got {len(models)}")
-        self.members = [Calculator(m, device=device, dtype=dtype, compile=compile,
-                                   allow_unknown_elements=allow_unknown_elements)
-                        for m in models]
+        self.members = [
+            Calculator(
+                m,
+                device=device,
+                dtype=dtype,
+                compile=compile,
+                allow_unknown_elements=allow_unknown_elements,
+            )
+            for m in models
+        ]
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        forces = "forces" in properties or "forces_std" in properties or (
-            "max_force_std" in properties)
+        forces = (
+            "forces" in properties or "forces_std" in properties or ("max_force_std" in properties)
+        )
         stress = "stress" in properties or "stress_std" in properties
-        wanted = (["energy", "energies"] + (["forces"] if forces else [])
-                  + (["stress"] if stress else []))
+        wanted = (
+            ["energy", "energies"] + (["forces"] if forces else []) + (["stress"] if stress else [])
+        )
         for member in self.members:
             member.calculate(self.atoms, wanted, system_changes)
         results = {}
         for key in wanted:
             results[key], results[f"{key}_std"] = mean_and_spread(
-                [member.results[key] for member in self.members])
+                [member.results[key] for member in self.members]
+            )
         results["energy"] = float(results["energy"])
         results["energy_std"] = float(results["energy_std"])
         results["free_energy"] = results["energy"]
         if forces:
-            results["max_force_std"] = float(
-                np.sqrt((results["forces_std"] ** 2).sum(1)).max())
+            results["max_force_std"] = float(np.sqrt((results["forces_std"] ** 2).sum(1)).max())
         self.results = results

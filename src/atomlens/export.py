@@ -38,8 +38,9 @@ from .units import energy_factor
 DESCRIPTION = "atomlens.json"
 
 
-def all_ordered_pairs(n: int, device: torch.device | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def all_ordered_pairs(
+    n: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every ordered pair (i, j), i != j, of ``n`` atoms: ``n (n - 1)`` pairs, i-major.
 
     Pair k has i = k // (n - 1) and j = r + (r >= i) with r = k mod (n - 1): index arithmetic
@@ -60,17 +61,22 @@ class EnergyAndForces(nn.Module):
     def __init__(self, model: AtomisticModel):
         super().__init__()
         if model.config.aggregation != "sum" or model.dipole is not None:
-            raise ValueError(f"the model predicts {model.target!r} as a mean over atoms; "
-                             f"export needs an extensive energy model")
+            raise ValueError(
+                f"the model predicts {model.target!r} as a mean over atoms; "
+                f"export needs an extensive energy model"
+            )
         try:
             self.energy_to_ev = energy_factor(model.config.unit)
         except ValueError:
-            raise ValueError(f"the model predicts {model.target!r} in {model.config.unit!r}, "
-                             f"not an energy; export needs an energy model") from None
+            raise ValueError(
+                f"the model predicts {model.target!r} in {model.config.unit!r}, "
+                f"not an energy; export needs an energy model"
+            ) from None
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def forward(self, positions: torch.Tensor, numbers: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, numbers: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         pair_i, pair_j = all_ordered_pairs(positions.shape[0], positions.device)
         pairs = Pairs(pair_i, pair_j, None, symmetric=False)
 
@@ -89,8 +95,10 @@ def _example(model: AtomisticModel) -> tuple[torch.Tensor, torch.Tensor]:
 
     atoms = molecule("CH3OH")
     dtype = next(model.parameters()).dtype
-    return (torch.as_tensor(atoms.positions, dtype=dtype),
-            torch.as_tensor(atoms.numbers, dtype=torch.int64))
+    return (
+        torch.as_tensor(atoms.positions, dtype=dtype),
+        torch.as_tensor(atoms.numbers, dtype=torch.int64),
+    )
 
 
 def export_program(model: AtomisticModel) -> torch.export.ExportedProgram:
@@ -106,13 +114,17 @@ def export_program(model: AtomisticModel) -> torch.export.ExportedProgram:
     try:
         # weights enter the graph as constants (they are not inputs of the program)
         graph = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
-            positions, numbers)
+            positions, numbers
+        )
     finally:
         kernels.set_fused(enabled)
     n_atoms = torch.export.Dim("n_atoms", min=2)
-    return torch.export.export(_Graph(graph), (positions, numbers), strict=False,
-                               dynamic_shapes={"positions": {0: n_atoms},
-                                               "numbers": {0: n_atoms}})
+    return torch.export.export(
+        _Graph(graph),
+        (positions, numbers),
+        strict=False,
+        dynamic_shapes={"positions": {0: n_atoms}, "numbers": {0: n_atoms}},
+    )
 
 
 class _Graph(nn.Module):
@@ -135,17 +147,23 @@ def export_model(model: AtomisticModel, path: str | os.PathLike) -> Path:
     program = export_program(model)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     description = {
-        "atomlens_version": __version__, "torch_version": torch.__version__,
-        "inputs": {"positions": f"(n_atoms, 3) {dtype}, Angstrom",
-                   "numbers": "(n_atoms,) int64, atomic numbers; n_atoms >= 2"},
+        "atomlens_version": __version__,
+        "torch_version": torch.__version__,
+        "inputs": {
+            "positions": f"(n_atoms, 3) {dtype}, Angstrom",
+            "numbers": "(n_atoms,) int64, atomic numbers; n_atoms >= 2",
+        },
         "outputs": {"energy": f"() {dtype}, eV", "forces": f"(n_atoms, 3) {dtype}, eV/Angstrom"},
-        "cutoff_angstrom": model.cutoff, "max_z": model.config.max_z,
-        "model": model.config.to_dict(), "metadata": getattr(model, "metadata", {}),
+        "cutoff_angstrom": model.cutoff,
+        "max_z": model.config.max_z,
+        "model": model.config.to_dict(),
+        "metadata": getattr(model, "metadata", {}),
     }
     path = Path(path)
     with atomic_file(path) as tmp:
-        torch.export.save(program, str(tmp),
-                          extra_files={DESCRIPTION: json.dumps(description, indent=1)})
+        torch.export.save(
+            program, str(tmp), extra_files={DESCRIPTION: json.dumps(description, indent=1)}
+        )
     return path
 
 

@@ -186,8 +186,9 @@ def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such {what}") from None
     except PermissionError:
-        raise PermissionError(f"{path}: no permission to reach it (a folder on its path is "
-                              f"not accessible)") from None
+        raise PermissionError(
+            f"{path}: no permission to reach it (a folder on its path is not accessible)"
+        ) from None
     if what == "file" and path.is_dir():
         raise IsADirectoryError(f"{path}: is a folder, a file is expected")
     if what == "file" and not path.is_file():  # a FIFO or device would block or never end

@@ -74,20 +74,25 @@ class MDLog:
     max_force_std: list[float] = field(default_factory=list)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {name: np.asarray(getattr(self, attr)) for name, attr in zip(
-            LOG_COLUMNS, ("time_fs", "epot", "ekin", "etot", "temperature"))}
+        out = {
+            name: np.asarray(getattr(self, attr))
+            for name, attr in zip(LOG_COLUMNS, ("time_fs", "epot", "ekin", "etot", "temperature"))
+        }
         if self.volume:
             out["volume_A3"] = np.asarray(self.volume)
         if self.energy_std:
-            out.update(zip(SPREAD_COLUMNS, (np.asarray(self.energy_std),
-                                            np.asarray(self.max_force_std))))
+            out.update(
+                zip(SPREAD_COLUMNS, (np.asarray(self.energy_std), np.asarray(self.max_force_std)))
+            )
         return out
 
     def drift(self, n_atoms: int) -> dict[str, float]:
         """Energy conservation: |E_tot(end) - E_tot(0)| and std(E_tot), in eV per atom."""
         etot = np.asarray(self.etot)
-        return {"drift_eV_per_atom": float(abs(etot[-1] - etot[0]) / n_atoms),
-                "std_eV_per_atom": float(etot.std() / n_atoms)}
+        return {
+            "drift_eV_per_atom": float(abs(etot[-1] - etot[0]) / n_atoms),
+            "std_eV_per_atom": float(etot.std() / n_atoms),
+        }
 
 
 def _calculator(model_or_calc, device, dtype, compile="auto", allow_unknown_elements=False):
@@ -99,12 +104,22 @@ def _calculator(model_or_calc, device, dtype, compile="auto", allow_unknown_elem
     from .ensemble import MANIFEST, EnsembleCalculator
 
     if isinstance(model_or_calc, (list, tuple)) or (
-            isinstance(model_or_calc, (str, os.PathLike))
-            and (Path(model_or_calc) / MANIFEST).is_file()):
-        return EnsembleCalculator(model_or_calc, device=device, dtype=dtype, compile=compile,
-                                  allow_unknown_elements=allow_unknown_elements)
-    return Calculator(model_or_calc, device=device, dtype=dtype, compile=compile,
-                      allow_unknown_elements=allow_unknown_elements)
+        isinstance(model_or_calc, (str, os.PathLike)) and (Path(model_or_calc) / MANIFEST).is_file()
+    ):
+        return EnsembleCalculator(
+            model_or_calc,
+            device=device,
+            dtype=dtype,
+            compile=compile,
+            allow_unknown_elements=allow_unknown_elements,
+        )
+    return Calculator(
+        model_or_calc,
+        device=device,
+        dtype=dtype,
+        compile=compile,
+        allow_unknown_elements=allow_unknown_elements,
+    )
 
 
 def _trajectory_writer(path: Path, atoms, stack: contextlib.ExitStack):
@@ -129,14 +144,29 @@ def _trajectory_writer(path: Path, atoms, stack: contextlib.ExitStack):
     return append
 
 
-def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 300.0,
-           timestep_fs: float = 0.5, steps: int = 1000, friction: float = 0.01,
-           trajectory: str | os.PathLike | None = None, logfile: str | os.PathLike | None = None,
-           interval: int = 1, seed: int | None = 0, initialize_velocities: bool = True,
-           device: str = "cpu", dtype: str | None = None, threads: int | None = 1,
-           compile: bool | str = "auto", pressure_bar: float = 1.01325,
-           barostat_time_fs: float | None = None, max_temperature_K: float | None = None,
-           max_drift_eV_per_atom: float = 0.1, allow_unknown_elements: bool = False) -> MDLog:
+def run_md(
+    model_or_calc,
+    atoms,
+    ensemble: str = "nve",
+    temperature_K: float = 300.0,
+    timestep_fs: float = 0.5,
+    steps: int = 1000,
+    friction: float = 0.01,
+    trajectory: str | os.PathLike | None = None,
+    logfile: str | os.PathLike | None = None,
+    interval: int = 1,
+    seed: int | None = 0,
+    initialize_velocities: bool = True,
+    device: str = "cpu",
+    dtype: str | None = None,
+    threads: int | None = 1,
+    compile: bool | str = "auto",
+    pressure_bar: float = 1.01325,
+    barostat_time_fs: float | None = None,
+    max_temperature_K: float | None = None,
+    max_drift_eV_per_atom: float = 0.1,
+    allow_unknown_elements: bool = False,
+) -> MDLog:
     """Run molecular dynamics of ``atoms`` (changed in place) with an atomlens model.
 
     Args:
@@ -195,8 +225,9 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     # NVE conserves a zero angular momentum; Langevin's noise does not (only the centre of
     # mass is fixed), so its rotations are degrees of freedom the thermostat fills
     # no angular momentum to remove in a periodic cell
-    rotation_removed = (ensemble == "nve" and initialize_velocities and len(atoms) > 2
-                        and not atoms.pbc.any())
+    rotation_removed = (
+        ensemble == "nve" and initialize_velocities and len(atoms) > 2 and not atoms.pbc.any()
+    )
     n_dof = degrees_of_freedom(atoms, rotation_removed)
     if initialize_velocities:
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
@@ -216,16 +247,27 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
         if constraints:
             raise ValueError("NPT (ASE's MTK integrator) does not support constraints")
         pdamp = (barostat_time_fs or 1000 * timestep_fs) * ase_units.fs
-        dyn = IsotropicMTKNPT(atoms, dt, temperature_K=temperature_K,
-                              pressure_au=pressure_bar * ase_units.bar, tdamp=100 * dt,
-                              pdamp=pdamp)
+        dyn = IsotropicMTKNPT(
+            atoms,
+            dt,
+            temperature_K=temperature_K,
+            pressure_au=pressure_bar * ase_units.bar,
+            tdamp=100 * dt,
+            pdamp=pdamp,
+        )
     else:
         # the thermostat's noise would move the centre of mass: fix it by a constraint
         # (ASE's fixcm=True option is deprecated as not sampling NVT exactly)
         if not any(isinstance(c, FixCom) for c in constraints):
             atoms.set_constraint(constraints + [FixCom()])
-        dyn = Langevin(atoms, dt, temperature_K=temperature_K,
-                       friction=friction / ase_units.fs, fixcm=False, rng=rng)
+        dyn = Langevin(
+            atoms,
+            dt,
+            temperature_K=temperature_K,
+            friction=friction / ase_units.fs,
+            fixcm=False,
+            rng=rng,
+        )
 
     log = MDLog()
     periodic = bool(atoms.pbc.all())
@@ -238,16 +280,15 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
     if logfile is not None:
         handle = stack.enter_context(open(outputs[Path(logfile)], "w", newline=""))  # noqa: SIM115
         writer = csv.writer(handle)
-        writer.writerow(LOG_COLUMNS + (("volume_A3",) if periodic else ())
-                        + (SPREAD_COLUMNS if spread else ()))
+        writer.writerow(
+            LOG_COLUMNS + (("volume_A3",) if periodic else ()) + (SPREAD_COLUMNS if spread else ())
+        )
 
     def record() -> None:
         epot = atoms.get_potential_energy()  # cached from the step's force call
         ekin = atoms.get_kinetic_energy()
-        row = (dyn.nsteps * timestep_fs, epot, ekin, epot + ekin,
-               kinetic_temperature(atoms, n_dof))
-        for values, value in zip((log.time_fs, log.epot, log.ekin, log.etot, log.temperature),
-                                 row):
+        row = (dyn.nsteps * timestep_fs, epot, ekin, epot + ekin, kinetic_temperature(atoms, n_dof))
+        for values, value in zip((log.time_fs, log.epot, log.ekin, log.etot, log.temperature), row):
             values.append(float(value))
         if periodic:
             log.volume.append(float(atoms.get_volume()))
@@ -259,18 +300,24 @@ def run_md(model_or_calc, atoms, ensemble: str = "nve", temperature_K: float = 3
         if writer is not None:
             writer.writerow([f"{v:.10g}" for v in row])
 
-    dyn.attach(_stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K,
-                                max_drift_eV_per_atom), interval=1)
+    dyn.attach(
+        _stability_check(
+            dyn, atoms, ensemble, timestep_fs, max_temperature_K, max_drift_eV_per_atom
+        ),
+        interval=1,
+    )
     dyn.attach(record, interval=interval)
-    bar = stack.enter_context(tqdm(total=steps, desc=f"{ensemble.upper()} MD", unit="step",
-                                   leave=False, disable=None))  # a bar on a terminal only
+    bar = stack.enter_context(
+        tqdm(total=steps, desc=f"{ensemble.upper()} MD", unit="step", leave=False, disable=None)
+    )  # a bar on a terminal only
     dyn.attach(lambda: bar.update(1) if dyn.nsteps else None, interval=1)
     previous_threads = torch.get_num_threads()
     try:
         with stack:
             if trajectory is not None:
-                dyn.attach(_trajectory_writer(outputs[Path(trajectory)], atoms, stack),
-                           interval=interval)
+                dyn.attach(
+                    _trajectory_writer(outputs[Path(trajectory)], atoms, stack), interval=interval
+                )
             try:
                 if threads:
                     torch.set_num_threads(threads)
@@ -304,14 +351,20 @@ def _check_settings(atoms, ensemble, temperature_K, timestep_fs, steps, friction
     if ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be one of {ENSEMBLES}, not {ensemble!r}")
     if ensemble == "npt" and not atoms.pbc.all():
-        raise ValueError("NPT needs a cell periodic in all three directions; the atoms have "
-                         f"pbc={atoms.pbc.tolist()}")
+        raise ValueError(
+            "NPT needs a cell periodic in all three directions; the atoms have "
+            f"pbc={atoms.pbc.tolist()}"
+        )
     if len(atoms) < 2:
-        raise ValueError(f"MD needs at least two atoms; the structure has {len(atoms)} "
-                         f"(a single atom has no interactions to follow)")
-    checks = ((temperature_K, "temperature", "K", lambda v: v >= 0, ">= 0"),
-              (timestep_fs, "time step", "fs", lambda v: v > 0, "> 0"),
-              (friction, "friction", "1/fs", lambda v: v >= 0, ">= 0"))
+        raise ValueError(
+            f"MD needs at least two atoms; the structure has {len(atoms)} "
+            f"(a single atom has no interactions to follow)"
+        )
+    checks = (
+        (temperature_K, "temperature", "K", lambda v: v >= 0, ">= 0"),
+        (timestep_fs, "time step", "fs", lambda v: v > 0, "> 0"),
+        (friction, "friction", "1/fs", lambda v: v >= 0, ">= 0"),
+    )
     for value, name, unit, ok, rule in checks:
         if not (np.isfinite(value) and ok(value)):
             raise ValueError(f"the {name} must be finite and {rule} {unit}, not {value}")
@@ -319,8 +372,7 @@ def _check_settings(atoms, ensemble, temperature_K, timestep_fs, steps, friction
         raise ValueError(f"steps must be >= 0 and interval >= 1 (got {steps}, {interval})")
 
 
-def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K,
-                     max_drift_eV_per_atom):
+def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K, max_drift_eV_per_atom):
     """An observer that stops a run whose temperature or (NVE) energy drift leaves range.
 
     Langevin dynamics has no conserved energy (the thermostat exchanges heat), so only the
@@ -333,15 +385,21 @@ def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K,
         temperature = kinetic_temperature(atoms)
         etot = atoms.get_potential_energy() + atoms.get_kinetic_energy()
         start.setdefault("etot", etot)
-        hint = (f"at step {dyn.nsteps} ({dyn.nsteps * timestep_fs:g} fs); shorten the time "
-                f"step ({timestep_fs:g} fs now) or check that the model knows this molecule")
+        hint = (
+            f"at step {dyn.nsteps} ({dyn.nsteps * timestep_fs:g} fs); shorten the time "
+            f"step ({timestep_fs:g} fs now) or check that the model knows this molecule"
+        )
         if not temperature <= max_temperature_K:
-            raise MDUnstableError(f"the temperature reached {temperature:.4g} K, above the "
-                                  f"limit of {max_temperature_K:g} K, {hint}")
+            raise MDUnstableError(
+                f"the temperature reached {temperature:.4g} K, above the "
+                f"limit of {max_temperature_K:g} K, {hint}"
+            )
         drift = abs(etot - start["etot"]) / len(atoms)
         if ensemble == "nve" and not drift <= max_drift_eV_per_atom:
-            raise MDUnstableError(f"the total energy drifted by {drift:.4g} eV/atom, above the "
-                                  f"limit of {max_drift_eV_per_atom:g} eV/atom, {hint}")
+            raise MDUnstableError(
+                f"the total energy drifted by {drift:.4g} eV/atom, above the "
+                f"limit of {max_drift_eV_per_atom:g} eV/atom, {hint}"
+            )
 
     return check
 

@@ -20,5 +20,12 @@ def representation_names() -> list[str]:
 
 
 #: the methods of :func:`atomlens.explain.explain_molecule`
-MOLECULE_METHODS = ("gradient_x_input", "integrated_gradients", "lrp_epsilon", "lrp_gamma",
-                    "relevant_walks", "patternattribution", "many_body_expansion")
+MOLECULE_METHODS = (
+    "gradient_x_input",
+    "integrated_gradients",
+    "lrp_epsilon",
+    "lrp_gamma",
+    "relevant_walks",
+    "patternattribution",
+    "many_body_expansion",
+)

@@ -74,8 +74,11 @@ def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None
     return None
 
 
-def available_cpus(affinity: set[int] | None = None, quota: float | None = None,
-                   cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int:
+def available_cpus(
+    affinity: set[int] | None = None,
+    quota: float | None = None,
+    cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
+) -> int:
     """CPUs this process may run on: min(affinity mask, ceil(cgroup quota)), at least 1.
 
     ``affinity`` and ``quota`` default to the process's own (``os.sched_getaffinity`` and
@@ -135,16 +138,21 @@ def tune_allocator(force: bool = False) -> bool:
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                  and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-                  and mallopt(_M_TOP_PAD, TOP_PAD))
+    _tuned = bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        and mallopt(_M_TOP_PAD, TOP_PAD)
+    )
     return _tuned
 
 
 def allocator_environment() -> dict[str, str]:
     """The same glibc settings as environment variables, for another process (benchmarks)."""
-    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
-            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), "MALLOC_TOP_PAD_": str(TOP_PAD)}
+    return {
+        "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+        "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
+        "MALLOC_TOP_PAD_": str(TOP_PAD),
+    }
 
 
 # ----------------------------------------------------------------------------- all of it
@@ -162,5 +170,9 @@ def configure(threads: int | None = None, allocator: bool = True) -> dict:
 
     threads = threads or default_threads()
     torch.set_num_threads(threads)
-    return {"threads": threads, "wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "wait_policy_applied": passive, "allocator_tuned": tuned}
+    return {
+        "threads": threads,
+        "wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "wait_policy_applied": passive,
+        "allocator_tuned": tuned,
+    }

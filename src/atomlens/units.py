@@ -16,8 +16,14 @@ EV_A3_GPA = 160.21766208  # 1 eV/Angstrom^3 in GPa (stress)
 E_ANGSTROM_DEBYE = 1.0 / (DEBYE_EAU * BOHR_ANGSTROM)
 
 #: energy units -> factor to eV
-ENERGY = {"eV": 1.0, "meV": 1e-3, "hartree": HARTREE_EV, "Ha": HARTREE_EV,
-          "kcal/mol": KCAL_MOL_EV, "kJ/mol": KJ_MOL_EV}
+ENERGY = {
+    "eV": 1.0,
+    "meV": 1e-3,
+    "hartree": HARTREE_EV,
+    "Ha": HARTREE_EV,
+    "kcal/mol": KCAL_MOL_EV,
+    "kJ/mol": KJ_MOL_EV,
+}
 #: length units -> factor to Angstrom
 LENGTH = {"Angstrom": 1.0, "Ang": 1.0, "A": 1.0, "bohr": BOHR_ANGSTROM, "nm": 10.0}
 
@@ -51,8 +57,9 @@ def convert_energy(value, from_unit: str, to_unit: str = "eV"):
     return value * (energy_factor(from_unit) / energy_factor(to_unit))
 
 
-def resolve_unit(kind: str, stored: str | None, given: str | None,
-                 default: str | None = None) -> str | None:
+def resolve_unit(
+    kind: str, stored: str | None, given: str | None, default: str | None = None
+) -> str | None:
     """The unit of a file's ``kind`` (``"energy"`` or ``"length"``) values: the one the file
     states (``stored``) or the one the caller declares (``given``); if both are there they
     must agree; if neither is, ``default`` (never a guess: ``None`` unless a format defines
@@ -62,8 +69,7 @@ def resolve_unit(kind: str, stored: str | None, given: str | None,
         if unit is not None:
             factor(unit)
     if stored is not None and given is not None and factor(stored) != factor(given):
-        raise ValueError(f"the file says its {kind} unit is {stored!r} but {given!r} was "
-                         f"declared")
+        raise ValueError(f"the file says its {kind} unit is {stored!r} but {given!r} was declared")
     return stored or given or default
 
 
@@ -73,7 +79,9 @@ def check_force_unit(force_unit: str, energy_unit: str, length_unit: str) -> flo
     factor = force_factor(force_unit)
     expected = energy_factor(energy_unit) / length_factor(length_unit)
     if abs(factor / expected - 1.0) > 1e-9:
-        raise ValueError(f"force unit {force_unit!r} is not energy unit / length unit "
-                         f"({energy_unit}/{length_unit}); the forces would not be the gradient "
-                         f"of the energies")
+        raise ValueError(
+            f"force unit {force_unit!r} is not energy unit / length unit "
+            f"({energy_unit}/{length_unit}); the forces would not be the gradient "
+            f"of the energies"
+        )
     return factor

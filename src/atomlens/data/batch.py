@@ -82,12 +82,17 @@ class Pairs:
         return self.i.shape[0] // 2 if self.symmetric else self.i.shape[0]
 
     def to(self, device=None, dtype=None) -> Pairs:
-        return replace(self, i=_move(self.i, device, None), j=_move(self.j, device, None),
-                       shifts=_move(self.shifts, device, dtype))
+        return replace(
+            self,
+            i=_move(self.i, device, None),
+            j=_move(self.j, device, None),
+            shifts=_move(self.shifts, device, dtype),
+        )
 
     @staticmethod
-    def symmetric_from_half(i: torch.Tensor, j: torch.Tensor,
-                            shifts: torch.Tensor | None = None) -> Pairs:
+    def symmetric_from_half(
+        i: torch.Tensor, j: torch.Tensor, shifts: torch.Tensor | None = None
+    ) -> Pairs:
         """Each unordered pair once (i, j, shift) -> the symmetric layout with (j, i, -shift)."""
         both = None if shifts is None else torch.cat([shifts, -shifts])
         return Pairs(torch.cat([i, j]), torch.cat([j, i]), both, True)

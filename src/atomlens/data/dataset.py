@@ -65,8 +65,11 @@ class PackedDataset:
         self.extras = dict(extras or {})
         self.meta = dict(meta or {})
         if per_atom is None:  # format 1 and callers that do not say: forces-like arrays
-            per_atom = [k for k, v in self.targets.items() if _looks_per_atom(v, len(self),
-                                                                              numbers.shape[0])]
+            per_atom = [
+                k
+                for k, v in self.targets.items()
+                if _looks_per_atom(v, len(self), numbers.shape[0])
+            ]
         self.per_atom = set(per_atom)
         if (cell is None) != (pbc is None):
             raise DataError("give both cell and pbc, or neither")
@@ -102,21 +105,28 @@ class PackedDataset:
             [np.asarray(r, dtype=np.float64).reshape(-1, 3) for _, r in structures]
         )
         if per_atom is None:
-            per_atom = [name for name, values in (targets or {}).items()
-                        if np.ndim(values[0]) == 2 and np.shape(values[0])[0] == counts[0]]
+            per_atom = [
+                name
+                for name, values in (targets or {}).items()
+                if np.ndim(values[0]) == 2 and np.shape(values[0])[0] == counts[0]
+            ]
         per_atom = set(per_atom)
         packed_targets = {}
         for name, values in (targets or {}).items():
             if name in per_atom:
                 rows = [np.asarray(v, np.float64) for v in values]
                 if any(r.shape[0] != c for r, c in zip(rows, counts)):
-                    raise DataError(f"{source}: per-atom target {name!r} does not have one "
-                                    f"row per atom")
+                    raise DataError(
+                        f"{source}: per-atom target {name!r} does not have one row per atom"
+                    )
                 packed_targets[name] = np.concatenate(rows)
             else:
                 packed = np.asarray(values, dtype=np.float64)
-                packed_targets[name] = packed.reshape((len(counts),) + packed.shape[1:]) \
-                    if packed.size != len(counts) else packed.reshape(len(counts))
+                packed_targets[name] = (
+                    packed.reshape((len(counts),) + packed.shape[1:])
+                    if packed.size != len(counts)
+                    else packed.reshape(len(counts))
+                )
         packed_extras = {k: np.asarray(v) for k, v in (extras or {}).items()}
         cell_array = pbc_array = None
         if cells is not None or pbc is not None:
@@ -126,8 +136,18 @@ class PackedDataset:
             pbc_array = np.asarray(pbc, dtype=bool).reshape(len(counts), 3)
             if not pbc_array.any():  # no periodic direction anywhere: a set of molecules
                 cell_array = pbc_array = None
-        ds = cls(numbers, positions, offsets, packed_targets, units, packed_extras, meta,
-                 per_atom, cell_array, pbc_array)
+        ds = cls(
+            numbers,
+            positions,
+            offsets,
+            packed_targets,
+            units,
+            packed_extras,
+            meta,
+            per_atom,
+            cell_array,
+            pbc_array,
+        )
         ds.validate(source)
         return ds
 
@@ -145,12 +165,16 @@ class PackedDataset:
             raise DataError(f"{source}: the dataset is empty")
         offsets = np.asarray(self.offsets)
         if self.numbers.ndim != 1 or self.positions.shape != (self.numbers.shape[0], 3):
-            raise DataError(f"{source}: numbers {self.numbers.shape} and positions "
-                            f"{self.positions.shape} do not fit (n_atoms,) and (n_atoms, 3)")
+            raise DataError(
+                f"{source}: numbers {self.numbers.shape} and positions "
+                f"{self.positions.shape} do not fit (n_atoms,) and (n_atoms, 3)"
+            )
         if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != self.numbers.shape[0]:
-            raise DataError(f"{source}: offsets must run from 0 to the number of atoms "
-                            f"({self.numbers.shape[0]}); they run from {offsets[0]} to "
-                            f"{offsets[-1]}")
+            raise DataError(
+                f"{source}: offsets must run from 0 to the number of atoms "
+                f"({self.numbers.shape[0]}); they run from {offsets[0]} to "
+                f"{offsets[-1]}"
+            )
         counts = np.diff(offsets)
         if (counts <= 0).any():
             m = int(np.argmax(counts <= 0))
@@ -170,16 +194,19 @@ class PackedDataset:
             rows = self.numbers.shape[0] if name in self.per_atom else n
             if values.shape[0] != rows:
                 kind = "atoms" if name in self.per_atom else "structures"
-                raise DataError(f"{source}: target {name!r} has {values.shape[0]} rows, "
-                                f"expected {rows} ({kind})")
+                raise DataError(
+                    f"{source}: target {name!r} has {values.shape[0]} rows, "
+                    f"expected {rows} ({kind})"
+                )
             if not np.isfinite(values).all():
                 raise DataError(f"{source}: target {name!r} has non-finite values")
             if name not in self.units:
                 raise DataError(f"{source}: target {name!r} has no unit recorded")
         for name, values in self.extras.items():
             if values.shape[:1] != (n,):
-                raise DataError(f"{source}: extra {name!r} has shape {values.shape} for {n} "
-                                f"structures")
+                raise DataError(
+                    f"{source}: extra {name!r} has shape {values.shape} for {n} structures"
+                )
         if self.cell is not None:
             self._validate_cells(source)
 
@@ -190,7 +217,8 @@ class PackedDataset:
             if len(i):
                 raise DataError(
                     f"{source}: structure {m} has two atoms (or an atom and a periodic image) "
-                    f"closer than {MIN_DISTANCE} Angstrom (atoms {int(i[0])} and {int(j[0])})")
+                    f"closer than {MIN_DISTANCE} Angstrom (atoms {int(i[0])} and {int(j[0])})"
+                )
         # closest pair per chunk of structures, vectorised
         n, counts, pos = len(self), self.n_atoms_per, np.asarray(self.positions)
         chunk = 4096
@@ -204,7 +232,8 @@ class PackedDataset:
                 m = int(np.searchsorted(self.offsets, a, side="right") - 1)
                 raise DataError(
                     f"{source}: structure {m} has two atoms closer than {MIN_DISTANCE} Angstrom "
-                    f"(overlapping atoms)")
+                    f"(overlapping atoms)"
+                )
 
     def _validate_cells(self, source: str) -> None:
         n = len(self)
@@ -217,8 +246,10 @@ class PackedDataset:
         bad = periodic & (volumes < 1e-6)
         if bad.any():
             m = int(np.argmax(bad))
-            raise DataError(f"{source}: structure {m} is periodic but its cell has no volume "
-                            f"(three independent lattice vectors are needed)")
+            raise DataError(
+                f"{source}: structure {m} is periodic but its cell has no volume "
+                f"(three independent lattice vectors are needed)"
+            )
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -239,8 +270,9 @@ class PackedDataset:
         key = (float(cutoff), int(m))
         if key not in self._pair_cache:
             a, b = int(self.offsets[m]), int(self.offsets[m + 1])
-            self._pair_cache[key] = periodic_pairs(np.asarray(self.positions[a:b]),
-                                                   self.cell[m], self.pbc[m], cutoff)
+            self._pair_cache[key] = periodic_pairs(
+                np.asarray(self.positions[a:b]), self.cell[m], self.pbc[m], cutoff
+            )
         return self._pair_cache[key]
 
     @property
@@ -275,8 +307,12 @@ class PackedDataset:
         shift = np.repeat(starts - (np.cumsum(counts) - counts), counts)
         return shift + np.arange(int(counts.sum()))
 
-    def batch(self, idx: Sequence[int] | np.ndarray, cutoff: float | None = None,
-              dtype: torch.dtype = torch.float32) -> Batch:
+    def batch(
+        self,
+        idx: Sequence[int] | np.ndarray,
+        cutoff: float | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Batch:
         """Gather the structures ``idx`` into one :class:`Batch` (pairs within ``cutoff``)."""
         idx = np.asarray(idx, dtype=np.int64)
         atom = self.atom_index(idx)
@@ -302,9 +338,15 @@ class PackedDataset:
             pbc=pbc,
         )
 
-    def _batch_pairs(self, idx: np.ndarray, counts: torch.Tensor, positions: torch.Tensor,
-                     cutoff: float | None, cell: torch.Tensor | None,
-                     pbc: torch.Tensor | None) -> Pairs:
+    def _batch_pairs(
+        self,
+        idx: np.ndarray,
+        counts: torch.Tensor,
+        positions: torch.Tensor,
+        cutoff: float | None,
+        cell: torch.Tensor | None,
+        pbc: torch.Tensor | None,
+    ) -> Pairs:
         """Symmetric-layout pairs of a batch: molecules by index arithmetic, periodic
         structures from their cached neighbour lists."""
         if pbc is None or not bool(pbc.any()):
@@ -330,8 +372,11 @@ class PackedDataset:
         i, j = torch.cat(parts_i), torch.cat(parts_j)
         n_shift = np.concatenate(parts_s)
         pair_structure = np.concatenate([np.zeros(half, dtype=np.int64)] + structures)
-        shifts = torch.einsum("px,pxy->py", torch.from_numpy(n_shift).to(cell.dtype),
-                              cell[torch.from_numpy(pair_structure)])
+        shifts = torch.einsum(
+            "px,pxy->py",
+            torch.from_numpy(n_shift).to(cell.dtype),
+            cell[torch.from_numpy(pair_structure)],
+        )
         return Pairs.symmetric_from_half(i, j, shifts)
 
     def atoms(self, m: int):
@@ -339,7 +384,9 @@ class PackedDataset:
         from ase import Atoms
 
         a, b = int(self.offsets[m]), int(self.offsets[m + 1])
-        atoms = Atoms(numbers=np.asarray(self.numbers[a:b]), positions=np.asarray(self.positions[a:b]))
+        atoms = Atoms(
+            numbers=np.asarray(self.numbers[a:b]), positions=np.asarray(self.positions[a:b])
+        )
         if self.cell is not None:
             atoms.cell, atoms.pbc = np.asarray(self.cell[m]), np.asarray(self.pbc[m])
         for name, values in self.targets.items():
@@ -358,14 +405,22 @@ class PackedDataset:
         idx = np.asarray(idx, dtype=np.int64)
         atom = self.atom_index(idx)
         counts = self.offsets[idx + 1] - self.offsets[idx]
-        targets = {k: np.asarray(v[atom] if self.is_per_atom(k) else v[idx])
-                   for k, v in self.targets.items()}
+        targets = {
+            k: np.asarray(v[atom] if self.is_per_atom(k) else v[idx])
+            for k, v in self.targets.items()
+        }
         return PackedDataset(
-            np.asarray(self.numbers[atom]), np.asarray(self.positions[atom]),
-            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), targets, dict(self.units),
-            {k: np.asarray(v[idx]) for k, v in self.extras.items()}, dict(self.meta),
-            self.per_atom, None if self.cell is None else np.asarray(self.cell[idx]),
-            None if self.pbc is None else np.asarray(self.pbc[idx]))
+            np.asarray(self.numbers[atom]),
+            np.asarray(self.positions[atom]),
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            targets,
+            dict(self.units),
+            {k: np.asarray(v[idx]) for k, v in self.extras.items()},
+            dict(self.meta),
+            self.per_atom,
+            None if self.cell is None else np.asarray(self.cell[idx]),
+            None if self.pbc is None else np.asarray(self.pbc[idx]),
+        )
 
     @staticmethod
     def concatenate(parts: Iterable[PackedDataset]) -> PackedDataset:
@@ -375,18 +430,27 @@ class PackedDataset:
         counts = np.concatenate([p.n_atoms_per for p in parts])
         cell = pbc = None
         if any(p.cell is not None for p in parts):  # molecules beside cells: zero cell, no pbc
-            cell = np.concatenate([np.zeros((len(p), 3, 3)) if p.cell is None
-                                   else np.asarray(p.cell) for p in parts])
-            pbc = np.concatenate([np.zeros((len(p), 3), bool) if p.pbc is None
-                                  else np.asarray(p.pbc) for p in parts])
+            cell = np.concatenate(
+                [np.zeros((len(p), 3, 3)) if p.cell is None else np.asarray(p.cell) for p in parts]
+            )
+            pbc = np.concatenate(
+                [np.zeros((len(p), 3), bool) if p.pbc is None else np.asarray(p.pbc) for p in parts]
+            )
         return PackedDataset(
             np.concatenate([np.asarray(p.numbers) for p in parts]),
             np.concatenate([np.asarray(p.positions) for p in parts]),
             np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            {k: np.concatenate([np.asarray(p.targets[k]) for p in parts]) for k in parts[0].targets},
+            {
+                k: np.concatenate([np.asarray(p.targets[k]) for p in parts])
+                for k in parts[0].targets
+            },
             dict(parts[0].units),
             {k: np.concatenate([np.asarray(p.extras[k]) for p in parts]) for k in parts[0].extras},
-            dict(parts[0].meta), parts[0].per_atom, cell, pbc)
+            dict(parts[0].meta),
+            parts[0].per_atom,
+            cell,
+            pbc,
+        )
 
     # ------------------------------------------------------------------ disk
     def save(self, path: str | os.PathLike) -> Path:
@@ -406,12 +470,18 @@ class PackedDataset:
             if self.cell is not None:
                 np.save(tmp / "cell.npy", np.asarray(self.cell, dtype=np.float64))
                 np.save(tmp / "pbc.npy", np.asarray(self.pbc, dtype=bool))
-            meta = {"format_version": FORMAT_VERSION, "n_structures": len(self),
-                    "n_atoms": int(self.numbers.shape[0]), "units": self.units,
-                    "targets": sorted(self.targets), "per_atom": sorted(self.per_atom),
-                    "extras": sorted(self.extras), "periodic": self.cell is not None,
-                    "meta": self.meta,
-                    "checksums": {p.name: file_checksum(p) for p in sorted(tmp.glob("*.npy"))}}
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "n_structures": len(self),
+                "n_atoms": int(self.numbers.shape[0]),
+                "units": self.units,
+                "targets": sorted(self.targets),
+                "per_atom": sorted(self.per_atom),
+                "extras": sorted(self.extras),
+                "periodic": self.cell is not None,
+                "meta": self.meta,
+                "checksums": {p.name: file_checksum(p) for p in sorted(tmp.glob("*.npy"))},
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         return path
 
@@ -430,23 +500,42 @@ class PackedDataset:
             def read(name):
                 return np.load(path / name, mmap_mode=mode, allow_pickle=False)
 
-            numbers, positions, offsets = read("numbers.npy"), read("positions.npy"), read("offsets.npy")
+            numbers, positions, offsets = (
+                read("numbers.npy"),
+                read("positions.npy"),
+                read("offsets.npy"),
+            )
             targets = {k: read(f"target.{k}.npy") for k in meta["targets"]}
             extras = {k: read(f"extra.{k}.npy") for k in meta["extras"]}
             cell = pbc = None
             if meta.get("periodic"):
                 cell, pbc = np.asarray(read("cell.npy")), np.asarray(read("pbc.npy"))
-            changed = [name for name, value in meta.get("checksums", {}).items()
-                       if file_checksum(path / name) != value]
+            changed = [
+                name
+                for name, value in meta.get("checksums", {}).items()
+                if file_checksum(path / name) != value
+            ]
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise DataError(f"{path}: packed dataset is damaged or truncated ({err})") from err
         if changed:
-            raise DataError(f"{path}: packed dataset is damaged: {', '.join(changed)} changed "
-                            f"since it was written (checksum in meta.json differs); rebuild it")
+            raise DataError(
+                f"{path}: packed dataset is damaged: {', '.join(changed)} changed "
+                f"since it was written (checksum in meta.json differs); rebuild it"
+            )
         if len(offsets) != meta["n_structures"] + 1 or numbers.shape[0] != meta["n_atoms"]:
             raise DataError(f"{path}: packed dataset is truncated (sizes disagree with meta.json)")
-        dataset = cls(numbers, positions, np.asarray(offsets), targets, meta["units"], extras,
-                      meta.get("meta", {}), meta.get("per_atom"), cell, pbc)
+        dataset = cls(
+            numbers,
+            positions,
+            np.asarray(offsets),
+            targets,
+            meta["units"],
+            extras,
+            meta.get("meta", {}),
+            meta.get("per_atom"),
+            cell,
+            pbc,
+        )
         dataset.check_arrays(str(path))
         return dataset
 
@@ -464,13 +553,24 @@ class BatchSampler:
     data-parallel training sees exactly the global batches of single-process training.
     """
 
-    def __init__(self, indices: np.ndarray, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
+    def __init__(
+        self,
+        indices: np.ndarray,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ):
         self.indices = np.asarray(indices, dtype=np.int64)
         if len(self.indices) == 0:
             raise DataError("cannot iterate an empty split")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
-                batch_size < 1):
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, (int, np.integer))
+            or (batch_size < 1)
+        ):
             raise ValueError(f"the batch size must be an integer >= 1, not {batch_size!r}")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
@@ -489,7 +589,7 @@ class BatchSampler:
             order = order[np.random.default_rng(self.seed + self.epoch).permutation(len(order))]
         self.epoch += 1
         for b in range(len(self)):
-            glob = order[b * self.batch_size:(b + 1) * self.batch_size]
+            glob = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield np.array_split(glob, self.world_size)[self.rank]
 
 
@@ -506,14 +606,28 @@ class BatchDataset(torch.utils.data.Dataset):
         return self.data.batch(idx, self.cutoff, self.dtype)
 
 
-def make_loader(data: PackedDataset, indices: np.ndarray, batch_size: int, cutoff: float | None,
-                shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0, dtype=torch.float32) -> torch.utils.data.DataLoader:
+def make_loader(
+    data: PackedDataset,
+    indices: np.ndarray,
+    batch_size: int,
+    cutoff: float | None,
+    shuffle: bool = False,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    dtype=torch.float32,
+) -> torch.utils.data.DataLoader:
     """A DataLoader of :class:`Batch` objects over ``indices`` of ``data``."""
     sampler = BatchSampler(indices, batch_size, shuffle, seed, rank, world_size)
     return torch.utils.data.DataLoader(
-        BatchDataset(data, cutoff, dtype), sampler=sampler, batch_size=None,
-        num_workers=num_workers, collate_fn=_identity, persistent_workers=num_workers > 0)
+        BatchDataset(data, cutoff, dtype),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        persistent_workers=num_workers > 0,
+    )
 
 
 def _identity(batch: Batch) -> Batch:
@@ -526,10 +640,16 @@ def _looks_per_atom(values: np.ndarray, n_structures: int, n_atoms: int) -> bool
     return values.shape[0] == n_atoms and (values.ndim > 1 or n_structures != n_atoms)
 
 
-def dataset_from_atoms(atoms_list, source: str = "<atoms>", energy_unit: str | None = None,
-                       length_unit: str | None = None, energy_key: str = "energy",
-                       forces_key: str = "forces", stress_key: str = "stress",
-                       targets: bool = True) -> PackedDataset:
+def dataset_from_atoms(
+    atoms_list,
+    source: str = "<atoms>",
+    energy_unit: str | None = None,
+    length_unit: str | None = None,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    stress_key: str = "stress",
+    targets: bool = True,
+) -> PackedDataset:
     """Pack ASE ``Atoms`` (validated: elements, NaN, overlaps, cells) with their energies,
     forces and stress.
 
@@ -550,5 +670,6 @@ def dataset_from_atoms(atoms_list, source: str = "<atoms>", energy_unit: str | N
     if len(atoms_list) == 0:
         raise DataError(f"{source}: the dataset is empty")
     keys = (energy_key, forces_key, stress_key) if targets else (None, None, None)
-    return pack_frames(list(atoms_list), source, *keys, energy_unit=energy_unit,
-                       length_unit=length_unit)
+    return pack_frames(
+        list(atoms_list), source, *keys, energy_unit=energy_unit, length_unit=length_unit
+    )

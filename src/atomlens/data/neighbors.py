@@ -52,8 +52,9 @@ def molecular_pairs(
     return torch.cat([pair_i, pair_j]), torch.cat([pair_j, pair_i])
 
 
-def periodic_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def periodic_pairs(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each unordered pair within ``cutoff`` of one periodic structure, once: ``(i, j, n)``.
 
     ``n`` (n_pairs, 3) int are the cell shifts of j's image, so that
@@ -72,10 +73,12 @@ def periodic_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     pbc = np.asarray(pbc, dtype=bool)
     cell = np.asarray(cell, dtype=np.float64)
     if abs(np.linalg.det(cell)) < 1e-6:
-        raise ValueError(f"a periodic structure needs three independent cell vectors, not "
-                         f"{cell.tolist()}")
+        raise ValueError(
+            f"a periodic structure needs three independent cell vectors, not {cell.tolist()}"
+        )
     i, j, shifts = NeighborList(cutoff=float(cutoff), full_list=False).compute(
-        np.asarray(positions, dtype=np.float64), cell, pbc.tolist(), "ijS")
+        np.asarray(positions, dtype=np.float64), cell, pbc.tolist(), "ijS"
+    )
     return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64)
 
 
@@ -99,10 +102,15 @@ class VerletList:
         """Rebuild the list if needed; True when it was rebuilt."""
         positions = np.asarray(positions, dtype=np.float64)
         cell, pbc = np.asarray(cell, dtype=np.float64), np.asarray(pbc, dtype=bool)
-        if (self._reference is not None and self._reference.shape == positions.shape
-                and np.array_equal(cell, self._cell) and np.array_equal(pbc, self._pbc)):
-            moved = np.einsum("ax,ax->a", positions - self._reference,
-                              positions - self._reference).max(initial=0.0)
+        if (
+            self._reference is not None
+            and self._reference.shape == positions.shape
+            and np.array_equal(cell, self._cell)
+            and np.array_equal(pbc, self._pbc)
+        ):
+            moved = np.einsum(
+                "ax,ax->a", positions - self._reference, positions - self._reference
+            ).max(initial=0.0)
             if moved <= (0.5 * self.skin) ** 2:
                 return False
         reach = None if self.cutoff is None else self.cutoff + self.skin

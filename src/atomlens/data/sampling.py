@@ -37,9 +37,15 @@ def _thread_limit(threads: int | None):
     return threadpool_limits(limits=threads)
 
 
-def make_calculator(method: str = "gfn2", charge: int = 0, multiplicity: int = 1,
-                    electronic_temperature: float = 300.0, accuracy: float = 1.0,
-                    xc: str = "PBE", basis: str = "def2-SVP"):
+def make_calculator(
+    method: str = "gfn2",
+    charge: int = 0,
+    multiplicity: int = 1,
+    electronic_temperature: float = 300.0,
+    accuracy: float = 1.0,
+    xc: str = "PBE",
+    basis: str = "def2-SVP",
+):
     """An ASE calculator for ``method``.
 
     Args:
@@ -56,13 +62,20 @@ def make_calculator(method: str = "gfn2", charge: int = 0, multiplicity: int = 1
         from tblite.ase import TBLite
 
         name = "GFN2-xTB" if method.startswith("gfn2") else "GFN1-xTB"
-        return TBLite(method=name, charge=charge, multiplicity=multiplicity,
-                      electronic_temperature=electronic_temperature, accuracy=accuracy,
-                      max_iterations=250, verbosity=0)
+        return TBLite(
+            method=name,
+            charge=charge,
+            multiplicity=multiplicity,
+            electronic_temperature=electronic_temperature,
+            accuracy=accuracy,
+            max_iterations=250,
+            verbosity=0,
+        )
     if method == "pyscf":
         if importlib.util.find_spec("pyscf") is None:
-            raise ImportError("method='pyscf' needs PySCF, which is not installed: "
-                              "pip install pyscf")
+            raise ImportError(
+                "method='pyscf' needs PySCF, which is not installed: pip install pyscf"
+            )
         return PySCFCalculator(xc=xc, basis=basis, charge=charge, spin=multiplicity - 1)
     raise ValueError(f"unknown method {method!r}; choose 'gfn2', 'gfn1' or 'pyscf'")
 
@@ -75,8 +88,9 @@ class PySCFCalculator(Calculator):
 
     implemented_properties: ClassVar[list[str]] = ["energy", "forces"]
 
-    def __init__(self, xc: str = "PBE", basis: str = "def2-SVP", charge: int = 0,
-                 spin: int = 0, **kwargs):
+    def __init__(
+        self, xc: str = "PBE", basis: str = "def2-SVP", charge: int = 0, spin: int = 0, **kwargs
+    ):
         super().__init__(**kwargs)
         self.xc, self.basis, self.charge, self.spin = xc, basis, charge, spin
 
@@ -84,10 +98,14 @@ class PySCFCalculator(Calculator):
         from pyscf import dft, gto
 
         super().calculate(atoms, properties, system_changes)
-        mol = gto.M(atom=list(zip(self.atoms.get_chemical_symbols(),
-                                  self.atoms.positions.tolist())),
-                    unit="Angstrom", basis=self.basis, charge=self.charge, spin=self.spin,
-                    verbose=0)
+        mol = gto.M(
+            atom=list(zip(self.atoms.get_chemical_symbols(), self.atoms.positions.tolist())),
+            unit="Angstrom",
+            basis=self.basis,
+            charge=self.charge,
+            spin=self.spin,
+            verbose=0,
+        )
         mf = (dft.RKS if self.spin == 0 else dft.UKS)(mol)
         mf.xc = self.xc
         energy = mf.kernel()  # hartree
@@ -132,10 +150,19 @@ def relax(atoms, calculator, fmax: float = 0.005, steps: int = 1000):
     return atoms
 
 
-def sample_md(atoms, calculator, temperature: float = 500.0, n_frames: int = 100,
-              every: int = 5, timestep_fs: float = 0.5, equilibration_fs: float = 0.0,
-              friction: float = 0.01, seed: int = 0, fix_com: bool = True,
-              threads: int | None = 1) -> PackedDataset:
+def sample_md(
+    atoms,
+    calculator,
+    temperature: float = 500.0,
+    n_frames: int = 100,
+    every: int = 5,
+    timestep_fs: float = 0.5,
+    equilibration_fs: float = 0.0,
+    friction: float = 0.01,
+    seed: int = 0,
+    fix_com: bool = True,
+    threads: int | None = 1,
+) -> PackedDataset:
     """Langevin molecular dynamics; one frame every ``every`` steps after equilibration.
 
     Args:
@@ -170,11 +197,15 @@ def sample_md(atoms, calculator, temperature: float = 500.0, n_frames: int = 100
     atoms.calc = calculator
     periodic = bool(atoms.pbc.any())
     if periodic and not atoms.pbc.all():
-        raise DataError("sampling supports molecules and cells periodic in all three "
-                        f"directions, not pbc={atoms.pbc.tolist()}")
+        raise DataError(
+            "sampling supports molecules and cells periodic in all three "
+            f"directions, not pbc={atoms.pbc.tolist()}"
+        )
     if periodic and "stress" not in getattr(calculator, "implemented_properties", ()):
-        raise DataError(f"{type(calculator).__name__} gives no stress for periodic cells; "
-                        "use method='gfn1' (GFN1-xTB)")
+        raise DataError(
+            f"{type(calculator).__name__} gives no stress for periodic cells; "
+            "use method='gfn1' (GFN1-xTB)"
+        )
     if fix_com:
         atoms.set_constraint(FixCom())
     rng = np.random.default_rng(seed)
@@ -185,12 +216,19 @@ def sample_md(atoms, calculator, temperature: float = 500.0, n_frames: int = 100
     velocities.Stationary(atoms)
     if not periodic:  # no angular momentum in a periodic cell
         velocities.ZeroRotation(atoms)
-    dynamics = Langevin(atoms, timestep_fs * ase_units.fs, temperature_K=temperature,
-                        friction=friction / ase_units.fs, fixcm=False, rng=rng)
+    dynamics = Langevin(
+        atoms,
+        timestep_fs * ase_units.fs,
+        temperature_K=temperature,
+        friction=friction / ase_units.fs,
+        fixcm=False,
+        rng=rng,
+    )
     equilibration_steps = round(equilibration_fs / timestep_fs)
     structures, energies, forces, stresses = [], [], [], []
-    bar = tqdm(total=equilibration_steps + n_frames * every, desc="sample MD", unit="step",
-               disable=None)
+    bar = tqdm(
+        total=equilibration_steps + n_frames * every, desc="sample MD", unit="step", disable=None
+    )
     dynamics.attach(lambda: bar.update(1) if dynamics.nsteps else None, interval=1)
     with _thread_limit(threads), bar:
         if equilibration_steps:
@@ -203,11 +241,17 @@ def sample_md(atoms, calculator, temperature: float = 500.0, n_frames: int = 100
             forces.append(atoms.get_forces(apply_constraint=False).copy())
             if periodic:
                 stresses.append(atoms.get_stress(voigt=False).copy())
-    meta = {"temperature_K": temperature, "timestep_fs": timestep_fs, "every_steps": every,
-            "equilibration_fs": equilibration_fs, "friction_per_fs": friction, "seed": seed,
-            "thermostat": "Langevin (ase.md.langevin)" + (", centre of mass fixed (FixCom)"
-                                                          if fix_com else ""),
-            "calculator": type(calculator).__name__}
+    meta = {
+        "temperature_K": temperature,
+        "timestep_fs": timestep_fs,
+        "every_steps": every,
+        "equilibration_fs": equilibration_fs,
+        "friction_per_fs": friction,
+        "seed": seed,
+        "thermostat": "Langevin (ase.md.langevin)"
+        + (", centre of mass fixed (FixCom)" if fix_com else ""),
+        "calculator": type(calculator).__name__,
+    }
     extras = {"frame": np.arange(n_frames)}
     if "smiles" in atoms.info:
         extras["smiles"] = [atoms.info["smiles"]] * n_frames
@@ -216,13 +260,21 @@ def sample_md(atoms, calculator, temperature: float = 500.0, n_frames: int = 100
     if periodic:
         targets["stress"], target_units["stress"] = stresses, "eV/Angstrom^3"
     return PackedDataset.from_structures(
-        structures, targets, target_units, extras, meta, source="sample_md",
-        per_atom=["forces"], cells=[atoms.cell.array] * n_frames if periodic else None,
-        pbc=[atoms.pbc] * n_frames if periodic else None)
+        structures,
+        targets,
+        target_units,
+        extras,
+        meta,
+        source="sample_md",
+        per_atom=["forces"],
+        cells=[atoms.cell.array] * n_frames if periodic else None,
+        pbc=[atoms.pbc] * n_frames if periodic else None,
+    )
 
 
-def sample_cells(atoms, calculator, n_cells: int = 4, strain: float = 0.02, seed: int = 0,
-                 **md) -> PackedDataset:
+def sample_cells(
+    atoms, calculator, n_cells: int = 4, strain: float = 0.02, seed: int = 0, **md
+) -> PackedDataset:
     """MD of ``n_cells`` randomly strained copies of a periodic cell, concatenated.
 
     Copy ``k`` has its cell (and atoms) deformed by ``1 + eps``, eps a random symmetric
@@ -242,16 +294,23 @@ def sample_cells(atoms, calculator, n_cells: int = 4, strain: float = 0.02, seed
         if k:
             eps = rng.normal(scale=strain, size=(3, 3))
             copy.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
-        frames = sample_md(copy, calculator, n_frames=max(1, n_frames // n_cells),
-                           seed=seed + k, **md)
+        frames = sample_md(
+            copy, calculator, n_frames=max(1, n_frames // n_cells), seed=seed + k, **md
+        )
         frames.extras["cell_index"] = np.full(len(frames), k)
         parts.append(frames)
     return PackedDataset.concatenate(parts)
 
 
-def sample_isomers(smiles_list: Sequence[str], n_reference_isomers: int | None = None,
-                   train_fraction: float = 0.8, method: str = "gfn2", relax_fmax: float | None
-                   = None, seed: int = 0, **md) -> dict[str, PackedDataset]:
+def sample_isomers(
+    smiles_list: Sequence[str],
+    n_reference_isomers: int | None = None,
+    train_fraction: float = 0.8,
+    method: str = "gfn2",
+    relax_fmax: float | None = None,
+    seed: int = 0,
+    **md,
+) -> dict[str, PackedDataset]:
     """ISO17-style sets: MD of each isomer, split into known and unseen conformations/isomers.
 
     The first ``n_reference_isomers`` isomers (default: 80% of them, at least one) are
@@ -279,8 +338,9 @@ def sample_isomers(smiles_list: Sequence[str], n_reference_isomers: int | None =
         if k < n_reference_isomers:
             cut = round(train_fraction * len(frames))
             if not 0 < cut < len(frames):
-                raise ValueError(f"train_fraction={train_fraction} leaves an empty part of "
-                                 f"{len(frames)} frames")
+                raise ValueError(
+                    f"train_fraction={train_fraction} leaves an empty part of {len(frames)} frames"
+                )
             sets["reference"].append(frames.subset(np.arange(cut)))
             sets["test_within"].append(frames.subset(np.arange(cut, len(frames))))
         else:

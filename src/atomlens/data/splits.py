@@ -34,8 +34,9 @@ def _count(size: float | None, n: int, name: str) -> int | None:
     return count
 
 
-def random_split(n: int, n_train: float, n_val: float,
-                 n_test: float | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def random_split(
+    n: int, n_train: float, n_val: float, n_test: float | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Disjoint random ``train``/``val``/``test`` indices of a dataset of ``n`` structures.
 
     Sizes are counts, or fractions of ``n`` when given as floats in (0, 1).
@@ -52,14 +53,16 @@ def random_split(n: int, n_train: float, n_val: float,
         parts = f"n_train={train} + n_val={val}" + (f" + n_test={test}" if given else "")
         room = n - val - (test or 0)
         hint = f"--n-train {room}, or " if room > 0 else ""
-        raise DataError(f"split sizes {parts} = {train + val + (test or 0)} exceed the "
-                        f"dataset's {n} structures; choose smaller sizes (e.g. {hint}"
-                        f"fractions such as --n-train 0.8 --n-val 0.1)")
+        raise DataError(
+            f"split sizes {parts} = {train + val + (test or 0)} exceed the "
+            f"dataset's {n} structures; choose smaller sizes (e.g. {hint}"
+            f"fractions such as --n-train 0.8 --n-val 0.1)"
+        )
     if test is None:
         test = n - train - val
     order = np.random.default_rng(seed).permutation(n)
     cuts = np.cumsum([train, val, test])
-    parts = np.split(order[:cuts[-1]], cuts[:-1])
+    parts = np.split(order[: cuts[-1]], cuts[:-1])
     return {name: np.sort(part).astype(np.int64) for name, part in zip(SPLIT_NAMES, parts)}
 
 

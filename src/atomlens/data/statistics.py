@@ -75,9 +75,13 @@ def fit_atomrefs(dataset: PackedDataset, indices, target: str, max_z: int = 100)
     return atomrefs
 
 
-def residual_stats(dataset: PackedDataset, indices, target: str,
-                   atomrefs: np.ndarray | None = None,
-                   per_atom: bool = True) -> tuple[float, float]:
+def residual_stats(
+    dataset: PackedDataset,
+    indices,
+    target: str,
+    atomrefs: np.ndarray | None = None,
+    per_atom: bool = True,
+) -> tuple[float, float]:
     r"""Mean and standard deviation of the target after subtracting atom references.
 
     With ``per_atom=True`` (extensive targets) the residual
@@ -92,8 +96,10 @@ def residual_stats(dataset: PackedDataset, indices, target: str,
         atomrefs = np.asarray(atomrefs, dtype=np.float64)
         rows, z = _structure_rows(dataset, indices)
         if len(z) and z.max() >= len(atomrefs):
-            raise DataError(f"element Z={int(z.max())} has no atom reference "
-                            f"(atomrefs cover Z < {len(atomrefs)})")
+            raise DataError(
+                f"element Z={int(z.max())} has no atom reference "
+                f"(atomrefs cover Z < {len(atomrefs)})"
+            )
         y = y - np.bincount(rows, weights=atomrefs[z], minlength=len(indices))
     if per_atom:
         y = y / (dataset.offsets[indices + 1] - dataset.offsets[indices])

@@ -50,10 +50,12 @@ def explanation_grid(
         ax.set_yticks([])
     fig.tight_layout(rect=(0, 1.2 / height, 1, 1))
     bar_axes = fig.add_axes((0.25, 0.6 / height, 0.5, 0.15 / height))
-    bar = fig.colorbar(ScalarMappable(Normalize(-1.0, 1.0), "bwr"), cax=bar_axes,
-                       orientation="horizontal")
-    bar.set_label("relevance / max |relevance| of each map (red: for, blue: against the class)",
-                  fontsize=7)
+    bar = fig.colorbar(
+        ScalarMappable(Normalize(-1.0, 1.0), "bwr"), cax=bar_axes, orientation="horizontal"
+    )
+    bar.set_label(
+        "relevance / max |relevance| of each map (red: for, blue: against the class)", fontsize=7
+    )
     bar.ax.tick_params(labelsize=6)
     path = Path(path)
     fig.savefig(path, dpi=120)

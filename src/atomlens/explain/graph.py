@@ -75,11 +75,15 @@ class Gamma(Rule):
 
     def backward(self, module, x, z, grad):
         if not isinstance(module, nn.Linear):
-            raise NotImplementedError(f"Gamma is defined for nn.Linear, not {type(module).__name__}")
+            raise NotImplementedError(
+                f"Gamma is defined for nn.Linear, not {type(module).__name__}"
+            )
         w_pos, w_neg = module.weight.clamp(min=0), module.weight.clamp(max=0)
         c = grad * z / stabilize(self.z_gamma(module, x), self.epsilon)
         c_pos, c_neg = c * (z > 0), c * (z <= 0)
-        boosted = (x > 0) * (c_pos @ w_pos + c_neg @ w_neg) + (x < 0) * (c_pos @ w_neg + c_neg @ w_pos)
+        boosted = (x > 0) * (c_pos @ w_pos + c_neg @ w_neg) + (x < 0) * (
+            c_pos @ w_neg + c_neg @ w_pos
+        )
         return c @ module.weight + self.gamma * boosted
 
 
@@ -173,8 +177,9 @@ def pattern_attribution_rules(patterns: Patterns, pattern_type: str = "a+-") -> 
             raise KeyError(f"no pattern fitted for {name!r}")
         return weights * patterns[name]["a"].to(weights)
 
-    return MoleculeRules("patternattribution", linear, pairwise, times_input=False,
-                         seed_with_output=True)
+    return MoleculeRules(
+        "patternattribution", linear, pairwise, times_input=False, seed_with_output=True
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,16 +201,19 @@ def record_interactions(model: nn.Module, batch) -> tuple[list[tuple[nn.Module, 
     """Run ``model(batch)`` and return the arguments of every interaction call, in order,
     and the representation's output features ``(n_atoms, F)``."""
     if not batch.symmetric_pairs:
-        raise ValueError("molecular explanations need pairs in symmetric layout "
-                         "(batch.pairs.symmetric=True)")
+        raise ValueError(
+            "molecular explanations need pairs in symmetric layout (batch.pairs.symmetric=True)"
+        )
     if batch.pairs.shifts is not None:
-        raise ValueError("molecular explanations are for molecules; the batch has periodic "
-                         "cells")
+        raise ValueError("molecular explanations are for molecules; the batch has periodic cells")
     calls, features = [], []
-    handles = [block.register_forward_pre_hook(lambda m, args: calls.append((m, args)))
-               for block in model.representation.interactions]
-    handles.append(model.representation.register_forward_hook(
-        lambda m, args, out: features.append(out)))
+    handles = [
+        block.register_forward_pre_hook(lambda m, args: calls.append((m, args)))
+        for block in model.representation.interactions
+    ]
+    handles.append(
+        model.representation.register_forward_hook(lambda m, args, out: features.append(out))
+    )
     try:
         model(batch)
     finally:
@@ -247,7 +255,9 @@ class RelevanceGraph:
         """LRP's atom relevances ``(n,)``: every walk counted at the atom where it starts."""
         g, relevance = self.head, self.head_bias.clone()
         for t in reversed(range(len(self.transfers))):
-            relevance += (self.node_bias[t] * g).sum(1) + torch.einsum("baf,bf->a", self.pair_bias[t], g)
+            relevance += (self.node_bias[t] * g).sum(1) + torch.einsum(
+                "baf,bf->a", self.pair_bias[t], g
+            )
             g = g + torch.einsum("baef,bf->ae", self.transfers[t], g)
         return relevance + (self.inputs * g).sum(1)
 
@@ -280,13 +290,17 @@ class RelevanceGraph:
         walks = torch.arange(n)[:, None]
         c = self.inputs.clone()
         constant = torch.ones(n, dtype=torch.bool)
-        senders, receivers = torch.nonzero(self.neighbours.T | torch.eye(n, dtype=torch.bool), as_tuple=True)
+        senders, receivers = torch.nonzero(
+            self.neighbours.T | torch.eye(n, dtype=torch.bool), as_tuple=True
+        )
         for t in range(len(self.transfers)):
             last = walks[:, -1]
             degree = torch.bincount(senders, minlength=n)[last]
             parent = torch.repeat_interleave(torch.arange(walks.shape[0]), degree)
             # the successors of each walk's last atom, in the order of the (sender-sorted) edges
-            offsets = torch.cumsum(torch.bincount(senders, minlength=n), 0) - torch.bincount(senders, minlength=n)
+            offsets = torch.cumsum(torch.bincount(senders, minlength=n), 0) - torch.bincount(
+                senders, minlength=n
+            )
             local = torch.arange(parent.shape[0]) - (torch.cumsum(degree, 0) - degree)[parent]
             nxt = receivers[offsets[last[parent]] + local]
             a = last[parent]
@@ -295,8 +309,9 @@ class RelevanceGraph:
             chunk = max(1, int(2e7 / self.head.shape[1] ** 2))  # gathered (chunk, F, F) matrices
             for k in range(0, parent.shape[0], chunk):
                 part = slice(k, k + chunk)
-                moved[part] = torch.einsum("pef,pe->pf", self.transfers[t][nxt[part], a[part]],
-                                           c[parent[part]])
+                moved[part] = torch.einsum(
+                    "pef,pe->pf", self.transfers[t][nxt[part], a[part]], c[parent[part]]
+                )
             c_new = torch.where(stay[:, None], c[parent], moved)
             source = torch.where(stay[:, None], self.node_bias[t][nxt], self.pair_bias[t][nxt, a])
             c = c_new + constant[parent, None] * source
@@ -314,7 +329,9 @@ def connected_sets(neighbours: Tensor, order: int) -> Tensor:
         return torch.arange(n)[:, None]
     if order == 2:
         return torch.nonzero(torch.triu(neighbours, 1))
-    triples = torch.tensor(list(itertools.combinations(range(n), 3)), dtype=torch.long).reshape(-1, 3)
+    triples = torch.tensor(list(itertools.combinations(range(n), 3)), dtype=torch.long).reshape(
+        -1, 3
+    )
     i, j, k = triples.T
     return triples[(neighbours[i, j].int() + neighbours[i, k].int() + neighbours[j, k].int()) >= 2]
 
@@ -340,8 +357,13 @@ def n_body_terms(graph: RelevanceGraph, max_order: int = 3) -> dict[int, tuple[T
     pair_lookup = pair_lookup + pair_lookup.T
     triples = connected_sets(graph.neighbours, 3)
     i, j, k = triples.T
-    three = (graph.subset_sums(triples) - one[triples].sum(1)
-             - pair_lookup[i, j] - pair_lookup[i, k] - pair_lookup[j, k])
+    three = (
+        graph.subset_sums(triples)
+        - one[triples].sum(1)
+        - pair_lookup[i, j]
+        - pair_lookup[i, k]
+        - pair_lookup[j, k]
+    )
     result[3] = (triples, three)
     return result
 
@@ -396,8 +418,9 @@ def _dtnn_block(rules, names, block, c, rbf, f_cut, pair_i, pair_j, n):
     distance_factor = block.distance_to_factor(rbf).repeat(2, 1)  # a weight: depends on d only
     product = factors[pair_j] * distance_factor
     pairs = torch.arange(product.shape[0])
-    coefficients = rules.pairwise(names[id(block)] + ".product", distance_factor, factors[pair_j],
-                                  pairs, product.shape[0])
+    coefficients = rules.pairwise(
+        names[id(block)] + ".product", distance_factor, factors[pair_j], pairs, product.shape[0]
+    )
     q, b_fc, beta_fc = _linear_backward(rules, names, to_coefficient, product)
     gate = ratio_gate(nn.Tanh(), q) * f_cut.repeat(2)[:, None]
     per_pair = coefficients[:, :, None] * b_fc.transpose(1, 2) * gate[:, None, :]  # (P, Fa, B)
@@ -420,7 +443,8 @@ def relevance_graph(model: nn.Module, batch, rules: MoleculeRules) -> RelevanceG
             x = args[0]
             build = _schnet_block if interaction_type(block) == "schnet" else _dtnn_block
             per_pair, sender, sender_beta, node_bias, extra = build(
-                rules, names, block, *args[:-1], pair_i, pair_j, n)
+                rules, names, block, *args[:-1], pair_i, pair_j, n
+            )
             if inputs is None:
                 inputs = x if rules.times_input else torch.ones_like(x)
             transfer = x.new_zeros(n, n, x.shape[1], x.shape[1])
@@ -441,8 +465,9 @@ def relevance_graph(model: nn.Module, batch, rules: MoleculeRules) -> RelevanceG
         neighbours = torch.zeros(n, n, dtype=torch.bool)
         neighbours[batch.pair_i, batch.pair_j] = True
         explained = float((model.scale * out).sum())
-    return RelevanceGraph(inputs, head, head_bias, transfers, node_biases, pair_biases,
-                          neighbours, explained)
+    return RelevanceGraph(
+        inputs, head, head_bias, transfers, node_biases, pair_biases, neighbours, explained
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -183,11 +183,16 @@ def _replicated(batch, copies: int):
     shift = (torch.arange(copies) * n)[:, None]
     first_i = (batch.pair_i[:half] + shift).reshape(-1)
     first_j = (batch.pair_j[:half] + shift).reshape(-1)
-    return replace(batch, numbers=batch.numbers.repeat(copies),
-                   positions=batch.positions.repeat(copies, 1),
-                   structure_index=torch.arange(copies).repeat_interleave(n),
-                   n_atoms_per=batch.n_atoms_per.repeat(copies), n_structures=copies,
-                   pairs=Pairs.symmetric_from_half(first_i, first_j), targets={})
+    return replace(
+        batch,
+        numbers=batch.numbers.repeat(copies),
+        positions=batch.positions.repeat(copies, 1),
+        structure_index=torch.arange(copies).repeat_interleave(n),
+        n_atoms_per=batch.n_atoms_per.repeat(copies),
+        n_structures=copies,
+        pairs=Pairs.symmetric_from_half(first_i, first_j),
+        targets={},
+    )
 
 
 def _many_body_expansion(model, batch, max_order: int):
@@ -197,10 +202,14 @@ def _many_body_expansion(model, batch, max_order: int):
     neighbours = torch.zeros(batch.n_atoms, batch.n_atoms, dtype=torch.bool)
     neighbours[batch.pair_i, batch.pair_j] = True
     sets = [connected_sets(neighbours, k) for k in range(2, max_order + 1)]
-    inside = [torch.zeros(len(s), batch.n_atoms, dtype=torch.bool).scatter_(1, s, True) for s in sets]
+    inside = [
+        torch.zeros(len(s), batch.n_atoms, dtype=torch.bool).scatter_(1, s, True) for s in sets
+    ]
     # structure 0: every pair off; 1: every pair on; then one per pair / triple
-    masks = torch.cat([torch.zeros(1, half), torch.ones(1, half)]
-                      + [(u[:, a] & u[:, b]).to(torch.float64) for u in inside]).to(batch.positions)
+    masks = torch.cat(
+        [torch.zeros(1, half), torch.ones(1, half)]
+        + [(u[:, a] & u[:, b]).to(torch.float64) for u in inside]
+    ).to(batch.positions)
     with torch.no_grad():
         out = _switched(model, _replicated(batch, masks.shape[0]), masks.reshape(-1))
     energies, atomic = out[model.target], out["atomic"].reshape(masks.shape[0], -1)
@@ -239,8 +248,9 @@ def _top_walks(walks: Tensor, relevance: Tensor, n_top: int) -> tuple[np.ndarray
     return walks[order].numpy(), relevance[order].numpy()
 
 
-def explain_graph(graph: RelevanceGraph, max_walks: int, max_triple_atoms: int, n_top_walks: int,
-                  walks: bool) -> dict:
+def explain_graph(
+    graph: RelevanceGraph, max_walks: int, max_triple_atoms: int, n_top_walks: int, walks: bool
+) -> dict:
     """Atom, n-body and (with ``walks``) walk relevances of a :class:`RelevanceGraph`."""
     out = {"atoms": graph.node_relevance().numpy(), "notes": []}
     order = 3 if graph.n_atoms <= max_triple_atoms else 2
@@ -258,8 +268,10 @@ def explain_graph(graph: RelevanceGraph, max_walks: int, max_triple_atoms: int, 
         out["walks"], out["walk_relevance"] = _top_walks(all_walks, relevance, n_top_walks)
     else:
         if walks:
-            out["notes"].append(f"{n_walks} walks > max_walks={max_walks}: n-body terms from "
-                                "restricted sums (same values), no walk list")
+            out["notes"].append(
+                f"{n_walks} walks > max_walks={max_walks}: n-body terms from "
+                "restricted sums (same values), no walk list"
+            )
         terms = n_body_terms(graph, order)
     one = np.zeros(graph.n_atoms)
     one[terms[1][0][:, 0].numpy()] = terms[1][1].numpy()
@@ -301,33 +313,54 @@ def explain_molecule(
     with torch.no_grad():
         energy = float(model(batch)[model.target].sum())
     numbers = batch.numbers.numpy()
-    common = {"method": method, "numbers": numbers, "positions": batch.positions.numpy(),
-              "energy": energy}
+    common = {
+        "method": method,
+        "numbers": numbers,
+        "positions": batch.positions.numpy(),
+        "energy": energy,
+    }
     if method in SWITCH_METHODS:
-        pairs, relevance, atom_relevance, isolated = _explain_switches(model, batch, method, n_steps)
+        pairs, relevance, atom_relevance, isolated = _explain_switches(
+            model, batch, method, n_steps
+        )
         return MoleculeExplanation(
-            **common, reference=isolated,
+            **common,
+            reference=isolated,
             reference_kind="sum of the model's isolated-atom energies (all pairs switched off)",
-            atoms=atom_relevance.numpy(), pairs=pairs.numpy(), pair_relevance=relevance.numpy())
+            atoms=atom_relevance.numpy(),
+            pairs=pairs.numpy(),
+            pair_relevance=relevance.numpy(),
+        )
     if method == "many_body_expansion":
         order = 3 if batch.n_atoms <= max_triple_atoms else 2
         terms, atom_relevance, isolated = _many_body_expansion(model, batch, order)
         listed = sum(float(terms[k][1].sum()) for k in terms)
         return MoleculeExplanation(
-            **common, reference=isolated,
+            **common,
+            reference=isolated,
             reference_kind="sum of the model's isolated-atom energies (all pairs switched off)",
-            atoms=atom_relevance.numpy(), one_body=terms[1][1].numpy(),
-            pairs=terms[2][0].numpy(), pair_relevance=terms[2][1].numpy(),
+            atoms=atom_relevance.numpy(),
+            one_body=terms[1][1].numpy(),
+            pairs=terms[2][0].numpy(),
+            pair_relevance=terms[2][1].numpy(),
             triples=terms[3][0].numpy() if order == 3 else None,
             triple_relevance=terms[3][1].numpy() if order == 3 else None,
-            remainder=energy - listed)
+            remainder=energy - listed,
+        )
     graph = relevance_graph(model, batch, _lrp_rules(method, options, patterns))
-    parts = explain_graph(graph, max_walks, max_triple_atoms, n_top_walks,
-                          walks=method == "relevant_walks")
+    parts = explain_graph(
+        graph, max_walks, max_triple_atoms, n_top_walks, walks=method == "relevant_walks"
+    )
     reference = float((model.shift + model.atomref[batch.numbers]).sum())
-    return MoleculeExplanation(**common, reference=reference,
-                               reference_kind="sum of shift + atomref[Z_i]", **parts)
+    return MoleculeExplanation(
+        **common, reference=reference, reference_kind="sum of shift + atomref[Z_i]", **parts
+    )
 
 
-__all__ = ["MOLECULE_METHODS", "MoleculeExplanation", "explain_molecule", "fit_molecule_patterns",
-           "switched_energy"]
+__all__ = [
+    "MOLECULE_METHODS",
+    "MoleculeExplanation",
+    "explain_molecule",
+    "fit_molecule_patterns",
+    "switched_energy",
+]

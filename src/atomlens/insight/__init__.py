@@ -5,5 +5,13 @@ from .atomic import AtomicEnergies, atomic_energies
 from .extensivity import ExtensivityResult, extensivity
 from .potential_map import PotentialMap, isolated_atom_energy, potential_map, probe_energies
 
-__all__ = ["AtomicEnergies", "ExtensivityResult", "PotentialMap", "atomic_energies",
-           "extensivity", "isolated_atom_energy", "potential_map", "probe_energies"]
+__all__ = [
+    "AtomicEnergies",
+    "ExtensivityResult",
+    "PotentialMap",
+    "atomic_energies",
+    "extensivity",
+    "isolated_atom_energy",
+    "potential_map",
+    "probe_energies",
+]

@@ -38,8 +38,10 @@ class AtomicEnergies:
         return self.energies - self.references
 
     def rows(self) -> list[dict]:
-        rows = [{"index": k, "symbol": s, "energy": float(e), "relative": float(r)}
-                for k, (s, e, r) in enumerate(zip(self.symbols, self.energies, self.relative))]
+        rows = [
+            {"index": k, "symbol": s, "energy": float(e), "relative": float(r)}
+            for k, (s, e, r) in enumerate(zip(self.symbols, self.energies, self.relative))
+        ]
         if self.charges is not None:
             for row, charge in zip(rows, self.charges):
                 row["charge"] = float(charge)
@@ -52,45 +54,58 @@ class AtomicEnergies:
         charged = self.charges is not None
         lines = [title, header + (f" {'q_i (e)':>10}" if charged else "")]
         for row in self.rows():
-            lines.append(f"{row['index']:>5} {row['symbol']:>3} {row['energy']:>16.6f} "
-                         f"{row['relative']:>15.6f}"
-                         + (f" {row['charge']:>10.4f}" if charged else ""))
-        lines.append(f"{'sum':>9} {float(self.energies.sum()):>16.6f} "
-                     f"{float(self.relative.sum()):>15.6f}"
-                     + (f" {float(self.charges.sum()):>10.4f}" if charged else ""))
+            lines.append(
+                f"{row['index']:>5} {row['symbol']:>3} {row['energy']:>16.6f} "
+                f"{row['relative']:>15.6f}" + (f" {row['charge']:>10.4f}" if charged else "")
+            )
+        lines.append(
+            f"{'sum':>9} {float(self.energies.sum()):>16.6f} "
+            f"{float(self.relative.sum()):>15.6f}"
+            + (f" {float(self.charges.sum()):>10.4f}" if charged else "")
+        )
         return "\n".join(lines)
 
 
-def atomic_energies(model: AtomisticModel, atoms_or_list, batch_size: int = 100,
-                    charge_model: AtomisticModel | None = None
-                    ) -> AtomicEnergies | list[AtomicEnergies]:
+def atomic_energies(
+    model: AtomisticModel,
+    atoms_or_list,
+    batch_size: int = 100,
+    charge_model: AtomisticModel | None = None,
+) -> AtomicEnergies | list[AtomicEnergies]:
     """Atomic energies E_i of one ASE ``Atoms`` (returns one table) or of a list (a list).
 
     The E_i sum to the model's total energy exactly (same forward pass). ``charge_model``,
     a dipole model, adds its partial charges q_i (e), which sum to the total charge.
     """
     if charge_model is not None and charge_model.config.output != "dipole":
-        raise ValueError(f"the charge model predicts {charge_model.target!r}, not partial "
-                         "charges: give a model trained on a dipole target (QM9 mu)")
+        raise ValueError(
+            f"the charge model predicts {charge_model.target!r}, not partial "
+            "charges: give a model trained on a dipole target (QM9 mu)"
+        )
     single = not isinstance(atoms_or_list, (list, tuple))
     frames = [atoms_or_list] if single else list(atoms_or_list)
     atomref = model.atomref.detach().cpu().numpy().astype(np.float64)
     results = []
     for start in range(0, len(frames), batch_size):
-        chunk = frames[start:start + batch_size]
+        chunk = frames[start : start + batch_size]
         out = model.predict(chunk)
         charges = None if charge_model is None else charge_model.predict(chunk)["charges"]
         offset = 0
         for k, atoms in enumerate(chunk):
             n = len(atoms)
             numbers = atoms.get_atomic_numbers()
-            results.append(AtomicEnergies(
-                symbols=atoms.get_chemical_symbols(), numbers=numbers,
-                positions=atoms.get_positions(),
-                energies=out["atomic"][offset:offset + n].astype(np.float64),
-                references=atomref[numbers], total=float(out[model.target][k]),
-                formula=atoms.get_chemical_formula(),
-                charges=None if charges is None else charges[offset:offset + n]))
+            results.append(
+                AtomicEnergies(
+                    symbols=atoms.get_chemical_symbols(),
+                    numbers=numbers,
+                    positions=atoms.get_positions(),
+                    energies=out["atomic"][offset : offset + n].astype(np.float64),
+                    references=atomref[numbers],
+                    total=float(out[model.target][k]),
+                    formula=atoms.get_chemical_formula(),
+                    charges=None if charges is None else charges[offset : offset + n],
+                )
+            )
             offset += n
     return results[0] if single else results
 

@@ -31,11 +31,18 @@ def write_cube(path: str | Path, potential: PotentialMap, comment: str | None = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if comment is None:
-        comment = (f"Omega_{potential.probe}(r) in hartree (1 Eh = {HARTREE_EV} eV), "
-                   f"reference={potential.reference}, lengths in bohr")
+        comment = (
+            f"Omega_{potential.probe}(r) in hartree (1 Eh = {HARTREE_EV} eV), "
+            f"reference={potential.reference}, lengths in bohr"
+        )
     with open(path, "w") as fh:
-        ase_write_cube(fh, atoms, data=potential.values / HARTREE_EV, origin=potential.origin,
-                       comment=f"{TITLE}; {comment}")
+        ase_write_cube(
+            fh,
+            atoms,
+            data=potential.values / HARTREE_EV,
+            origin=potential.origin,
+            comment=f"{TITLE}; {comment}",
+        )
     return path
 
 
@@ -53,5 +60,9 @@ def read_cube(path: str | Path) -> dict:
     with open(path) as fh:
         if "hartree" in fh.readline():
             data = data * HARTREE_EV
-    return {"data": data, "atoms": atoms, "origin": np.asarray(doc["origin"]),
-            "spacing": np.asarray(atoms.cell) / np.asarray(data.shape)[:, None]}
+    return {
+        "data": data,
+        "atoms": atoms,
+        "origin": np.asarray(doc["origin"]),
+        "spacing": np.asarray(atoms.cell) / np.asarray(data.shape)[:, None],
+    }

@@ -42,8 +42,7 @@ def two_copies(atoms, separation: float):
     return atoms + copy
 
 
-def extensivity(model: AtomisticModel, atoms, separation: float | None = None
-                ) -> ExtensivityResult:
+def extensivity(model: AtomisticModel, atoms, separation: float | None = None) -> ExtensivityResult:
     """E(A), E(A + A') for two copies ``separation`` Angstrom apart (default: cutoff + 1)."""
     if separation is None:
         if model.cutoff is None:
@@ -54,5 +53,4 @@ def extensivity(model: AtomisticModel, atoms, separation: float | None = None
     energies = out[model.target].astype(np.float64)
     n = len(atoms)
     d = np.linalg.norm(dimer.positions[:n, None] - dimer.positions[None, n:], axis=-1)
-    return ExtensivityResult(float(energies[0]), float(energies[1]), float(d.min()),
-                             model.cutoff)
+    return ExtensivityResult(float(energies[0]), float(energies[1]), float(d.min()), model.cutoff)

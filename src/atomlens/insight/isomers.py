@@ -22,7 +22,8 @@ from ase.data import chemical_symbols
 def hill_formula(counts: dict[str, int]) -> str:
     """C and H first, then the other elements alphabetically (C7H10O2)."""
     order = (["C", "H"] if "C" in counts else []) + sorted(
-        e for e in counts if e not in (("C", "H") if "C" in counts else ()))
+        e for e in counts if e not in (("C", "H") if "C" in counts else ())
+    )
     return "".join(f"{e}{counts[e] if counts[e] > 1 else ''}" for e in order if counts.get(e))
 
 
@@ -83,15 +84,24 @@ class IsomerAnalysis:
         return self.predicted - self.predicted[self.lowest]
 
     def summary(self) -> dict:
-        return {"formula": self.formula, "n_isomers": len(self.indices),
-                "spearman": self.spearman, "relative_mae_eV": self.relative_mae,
-                "mae_eV": self.mae, "centred_mae_eV": self.centred_mae,
-                "lowest_index": int(self.indices[self.lowest]),
-                "predicted_lowest_index": int(self.indices[int(np.argmin(self.predicted))])}
+        return {
+            "formula": self.formula,
+            "n_isomers": len(self.indices),
+            "spearman": self.spearman,
+            "relative_mae_eV": self.relative_mae,
+            "mae_eV": self.mae,
+            "centred_mae_eV": self.centred_mae,
+            "lowest_index": int(self.indices[self.lowest]),
+            "predicted_lowest_index": int(self.indices[int(np.argmin(self.predicted))]),
+        }
 
 
-def analyse_isomers(reference: np.ndarray, predicted: np.ndarray, indices: np.ndarray | None = None,
-                    formula: str = "") -> IsomerAnalysis:
+def analyse_isomers(
+    reference: np.ndarray,
+    predicted: np.ndarray,
+    indices: np.ndarray | None = None,
+    formula: str = "",
+) -> IsomerAnalysis:
     """Rank correlation and relative-energy errors of predicted against reference energies."""
     from scipy.stats import spearmanr
 
@@ -100,21 +110,31 @@ def analyse_isomers(reference: np.ndarray, predicted: np.ndarray, indices: np.nd
     if reference.shape != predicted.shape or reference.ndim != 1:
         raise ValueError("reference and predicted must be 1D arrays of equal length")
     if len(reference) < 2:
-        raise ValueError(f"{len(reference)} isomer(s) of {formula or 'this formula'}: "
-                         "a ranking needs at least two")
+        raise ValueError(
+            f"{len(reference)} isomer(s) of {formula or 'this formula'}: "
+            "a ranking needs at least two"
+        )
     lowest = int(np.argmin(reference))
     rel_ref = reference - reference[lowest]
     rel_pred = predicted - predicted[lowest]
     rho = float(spearmanr(reference, predicted).statistic)
     indices = np.arange(len(reference)) if indices is None else np.asarray(indices)
     err = predicted - reference
-    return IsomerAnalysis(formula, indices, reference, predicted, rho,
-                          float(np.abs(rel_pred - rel_ref).mean()), float(np.abs(err).mean()),
-                          float(np.abs(err - err.mean()).mean()))
+    return IsomerAnalysis(
+        formula,
+        indices,
+        reference,
+        predicted,
+        rho,
+        float(np.abs(rel_pred - rel_ref).mean()),
+        float(np.abs(err).mean()),
+        float(np.abs(err - err.mean()).mean()),
+    )
 
 
-def isomer_analysis(model, data, formula: str = "C7H10O2", indices: np.ndarray | None = None,
-                    batch_size: int = 100) -> IsomerAnalysis:
+def isomer_analysis(
+    model, data, formula: str = "C7H10O2", indices: np.ndarray | None = None, batch_size: int = 100
+) -> IsomerAnalysis:
     """Predict all isomers of ``formula`` in ``data`` (optionally only those in ``indices``)."""
     from ..training.evaluate import predict_dataset
 

@@ -12,15 +12,19 @@ from pathlib import Path
 import numpy as np
 
 
-def parity_plot(reference: np.ndarray, predicted: np.ndarray, path: str | Path,
-                title: str = "", unit: str = "") -> Path:
+def parity_plot(
+    reference: np.ndarray, predicted: np.ndarray, path: str | Path, title: str = "", unit: str = ""
+) -> Path:
     """Predicted against reference values, with the MAE in the legend; returns the PNG path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mae = float(np.abs(predicted - reference).mean())
     fig, ax = _subplots(figsize=(4.5, 4.5), dpi=120)
     ax.scatter(reference, predicted, s=3, alpha=0.5, label=f"MAE {mae:.4g} {unit}")
-    lo, hi = float(min(reference.min(), predicted.min())), float(max(reference.max(), predicted.max()))
+    lo, hi = (
+        float(min(reference.min(), predicted.min())),
+        float(max(reference.max(), predicted.max())),
+    )
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_xlabel(f"reference ({unit})")
     ax.set_ylabel(f"predicted ({unit})")
@@ -39,8 +43,9 @@ def _subplots(figsize: tuple[float, float], dpi: int, **kwargs):
     return fig, fig.subplots(**kwargs)
 
 
-def _draw_molecule(ax, numbers, positions, coords2d, depth, colors=None, cmap=None, norm=None,
-                   labels=None):
+def _draw_molecule(
+    ax, numbers, positions, coords2d, depth, colors=None, cmap=None, norm=None, labels=None
+):
     """Atoms (circles sized by element, back to front) and covalent bonds, projected to 2D.
 
     ``labels`` (strings) are written inside the atoms under their element symbols; circles
@@ -61,14 +66,27 @@ def _draw_molecule(ax, numbers, positions, coords2d, depth, colors=None, cmap=No
         diameter = 900**0.5 * covalent_radii[numbers[k]]
         if labels is not None:
             diameter = max(diameter, 30.0)
-        ax.scatter(*coords2d[k], s=diameter**2, color=face, edgecolors="k", linewidths=0.8,
-                   zorder=2 + k / (10 * len(numbers)))
+        ax.scatter(
+            *coords2d[k],
+            s=diameter**2,
+            color=face,
+            edgecolors="k",
+            linewidths=0.8,
+            zorder=2 + k / (10 * len(numbers)),
+        )
         if labels is not None:
             r, g, b = np.asarray(face[:3], dtype=float)
             text = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
-            ax.annotate(f"{chemical_symbols[numbers[k]]}\n{labels[k]}", coords2d[k], ha="center",
-                        va="center", fontsize=6, color=text, linespacing=0.95,
-                        zorder=2.5 + k / (10 * len(numbers)))
+            ax.annotate(
+                f"{chemical_symbols[numbers[k]]}\n{labels[k]}",
+                coords2d[k],
+                ha="center",
+                va="center",
+                fontsize=6,
+                color=text,
+                linespacing=0.95,
+                zorder=2.5 + k / (10 * len(numbers)),
+            )
 
 
 def principal_projection(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,8 +118,15 @@ def to_milli(values, unit: str) -> tuple[np.ndarray, str]:
     return (values * 1000.0, "meV") if unit == "eV" else (values, unit)
 
 
-def atomic_energy_plot(numbers, positions, values, path: str | Path, title: str = "",
-                       unit: str = "eV", label: str = "E_i - atomref[Z_i]") -> Path:
+def atomic_energy_plot(
+    numbers,
+    positions,
+    values,
+    path: str | Path,
+    title: str = "",
+    unit: str = "eV",
+    label: str = "E_i - atomref[Z_i]",
+) -> Path:
     """The molecule projected on its principal plane, atoms coloured by ``values``.
 
     ``values`` in ``unit`` (eV energies are shown in meV); each atom carries its element
@@ -118,21 +143,34 @@ def atomic_energy_plot(numbers, positions, values, path: str | Path, title: str 
     norm = centred_norm(values)
     digits = 0 if unit == "meV" or np.abs(values).max() >= 10 else 2
     fig, ax = _subplots(figsize=(5.5, 4.5), dpi=120)
-    _draw_molecule(ax, numbers, positions, coords, depth, values, cmap, norm,
-                   [f"{v:.{digits}f}" for v in values])
+    _draw_molecule(
+        ax,
+        numbers,
+        positions,
+        coords,
+        depth,
+        values,
+        cmap,
+        norm,
+        [f"{v:.{digits}f}" for v in values],
+    )
     ax.set_aspect("equal")
     ax.margins(0.15)
     ax.axis("off")
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=f"{label} ({unit})",
-                 shrink=0.8)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=f"{label} ({unit})", shrink=0.8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     return path
 
 
-def potential_map_plot(potential, path: str | Path, title: str = "", unit: str = "eV",
-                       clip: tuple[float, float] = (2.0, 98.0)) -> Path:
+def potential_map_plot(
+    potential,
+    path: str | Path,
+    title: str = "",
+    unit: str = "eV",
+    clip: tuple[float, float] = (2.0, 98.0),
+) -> Path:
     """Contour plot of a 2D :class:`~atomlens.insight.potential_map.PotentialMap`, atoms drawn.
 
     eV values are shown in meV on a diverging map centred on zero (use a referenced map,
@@ -167,14 +205,23 @@ def potential_map_plot(potential, path: str | Path, title: str = "", unit: str =
     if atoms is not None:
         arel = atoms.get_positions() - potential.origin
         w = np.cross(u, v)
-        _draw_molecule(ax, atoms.get_atomic_numbers(), atoms.get_positions(),
-                       np.column_stack([arel @ u, arel @ v]), arel @ w)
+        _draw_molecule(
+            ax,
+            atoms.get_atomic_numbers(),
+            atoms.get_positions(),
+            np.column_stack([arel @ u, arel @ v]),
+            arel @ w,
+        )
     ax.set_aspect("equal")
     ax.set_xlabel("Angstrom")
     ax.set_ylabel("Angstrom")
-    bar = fig.colorbar(cs, ax=ax, ticks=MaxNLocator(8),
-                       label=f"Omega_{potential.probe}(r) ({unit}; reference: "
-                             f"{potential.reference}; clipped to percentiles {clip[0]:g}-{clip[1]:g})")
+    bar = fig.colorbar(
+        cs,
+        ax=ax,
+        ticks=MaxNLocator(8),
+        label=f"Omega_{potential.probe}(r) ({unit}; reference: "
+        f"{potential.reference}; clipped to percentiles {clip[0]:g}-{clip[1]:g})",
+    )
     # an offset text ("-1.036e3") would sit on the title and hide the scale
     formatter = ScalarFormatter(useOffset=False)
     formatter.set_scientific(False)
@@ -185,8 +232,9 @@ def potential_map_plot(potential, path: str | Path, title: str = "", unit: str =
     return path
 
 
-def ring_ranking_plot(analysis, path: str | Path, title: str = "", max_types: int = 60,
-                      unit: str = "eV") -> Path:
+def ring_ranking_plot(
+    analysis, path: str | Path, title: str = "", max_types: int = 60, unit: str = "eV"
+) -> Path:
     """Mean ring energy per ring atom by ring type (most stable on top), with spreads."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,13 +242,22 @@ def ring_ranking_plot(analysis, path: str | Path, title: str = "", max_types: in
     fig, ax = _subplots(figsize=(7, 0.2 * len(ranking) + 1.5), dpi=110)
     y = np.arange(len(ranking))[::-1]
     colors = ["tab:red" if r["aromatic"] else "tab:blue" for r in ranking]
-    ax.barh(y, [r["per_atom"] for r in ranking], xerr=[r["per_atom_sd"] for r in ranking],
-            color=colors, alpha=0.8, error_kw={"lw": 0.8})
+    ax.barh(
+        y,
+        [r["per_atom"] for r in ranking],
+        xerr=[r["per_atom_sd"] for r in ranking],
+        color=colors,
+        alpha=0.8,
+        error_kw={"lw": 0.8},
+    )
     ax.set_yticks(y, [f"{r['name']} (n={r['count']})" for r in ranking], fontsize=6)
     ax.axvline(0.0, color="k", lw=0.6)
-    ax.set_xlabel(f"mean ring energy per ring atom, sum(E_i - atomref[Z_i]) / size ({unit})\n"
-                  "bars: mean over the rings of a type; error bars: one standard deviation "
-                  "over those rings", fontsize=8)
+    ax.set_xlabel(
+        f"mean ring energy per ring atom, sum(E_i - atomref[Z_i]) / size ({unit})\n"
+        "bars: mean over the rings of a type; error bars: one standard deviation "
+        "over those rings",
+        fontsize=8,
+    )
     ax.set_title(title or "ring types by stability (red: aromatic)", fontsize=9)
     lo = min(r["per_atom"] - r["per_atom_sd"] for r in ranking)
     hi = max(r["per_atom"] + r["per_atom_sd"] for r in ranking)
@@ -217,10 +274,15 @@ def isomer_plot(analysis, path: str | Path, title: str = "", unit: str = "eV") -
     path.parent.mkdir(parents=True, exist_ok=True)
     ref, pred = analysis.relative_reference, analysis.relative_predicted
     fig, ax = _subplots(figsize=(4.8, 4.5), dpi=120)
-    ax.scatter(ref, pred, s=3, alpha=0.4,
-               label=f"{len(ref)} isomers\nSpearman {analysis.spearman:.3f}\n"
-                     f"MAE(rel.) {analysis.relative_mae * 1000:.0f} meV\n"
-                     f"MAE(centred) {analysis.centred_mae * 1000:.0f} meV")
+    ax.scatter(
+        ref,
+        pred,
+        s=3,
+        alpha=0.4,
+        label=f"{len(ref)} isomers\nSpearman {analysis.spearman:.3f}\n"
+        f"MAE(rel.) {analysis.relative_mae * 1000:.0f} meV\n"
+        f"MAE(centred) {analysis.centred_mae * 1000:.0f} meV",
+    )
     lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_xlabel(f"reference E - E_min ({unit})")

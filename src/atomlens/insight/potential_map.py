@@ -51,8 +51,14 @@ def _probe_number(probe: str | int) -> int:
 
 
 @torch.no_grad()
-def probe_energies(model: AtomisticModel, atoms, points: np.ndarray, probe: str | int = "C",
-                   reference: str = "none", chunk_size: int = 2048) -> np.ndarray:
+def probe_energies(
+    model: AtomisticModel,
+    atoms,
+    points: np.ndarray,
+    probe: str | int = "C",
+    reference: str = "none",
+    chunk_size: int = 2048,
+) -> np.ndarray:
     """Omega_A(r) (eV) at ``points`` (..., 3) Angstrom for the molecule ``atoms``.
 
     Returns an array of the shape of ``points`` without its last axis.
@@ -70,21 +76,28 @@ def probe_energies(model: AtomisticModel, atoms, points: np.ndarray, probe: str 
     cutoff = model.cutoff
     mol_i, mol_j = molecular_pairs(torch.tensor([n], device=device), positions, cutoff)
     out = []
-    for start in tqdm(range(0, flat.shape[0], chunk_size), desc="potential map", unit="chunk",
-                      leave=False, disable=None):
-        probes = flat[start:start + chunk_size]
+    for start in tqdm(
+        range(0, flat.shape[0], chunk_size),
+        desc="potential map",
+        unit="chunk",
+        leave=False,
+        disable=None,
+    ):
+        probes = flat[start : start + chunk_size]
         m = probes.shape[0]
         # every (probe, atom) pair within the cutoff, probe <- atom only
-        p_idx, a_idx = torch.meshgrid(torch.arange(m, device=device),
-                                      torch.arange(n, device=device), indexing="ij")
+        p_idx, a_idx = torch.meshgrid(
+            torch.arange(m, device=device), torch.arange(n, device=device), indexing="ij"
+        )
         p_idx, a_idx = p_idx.reshape(-1), a_idx.reshape(-1)
         if cutoff is not None:
             near = (probes[p_idx] - positions[a_idx]).pow(2).sum(-1) < cutoff * cutoff
             p_idx, a_idx = p_idx[near], a_idx[near]
         all_numbers = torch.cat([numbers, numbers.new_full((m,), z_probe)])
         all_positions = torch.cat([positions, probes])
-        pairs = Pairs(torch.cat([mol_i, p_idx + n]), torch.cat([mol_j, a_idx]), None,
-                      symmetric=False)
+        pairs = Pairs(
+            torch.cat([mol_i, p_idx + n]), torch.cat([mol_j, a_idx]), None, symmetric=False
+        )
         out.append(model.atomic_energies(all_numbers, all_positions, pairs)[n:])
     omega = torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
     if reference == "atomref":
@@ -155,12 +168,15 @@ def _check_grid_size(extent, spacing: float) -> None:
         raise ValueError(f"the grid spacing must be a positive number of Angstrom, not {spacing}")
     n = float(np.prod([np.floor(e / spacing) + 1 for e in extent]))
     if n > MAX_GRID_POINTS:
-        raise ValueError(f"a grid spacing of {spacing:g} Angstrom gives {n:.3g} grid points, "
-                         f"more than {MAX_GRID_POINTS:,}; choose a larger spacing")
+        raise ValueError(
+            f"a grid spacing of {spacing:g} Angstrom gives {n:.3g} grid points, "
+            f"more than {MAX_GRID_POINTS:,}; choose a larger spacing"
+        )
 
 
-def plane_grid(atoms, plane: str = "principal", spacing: float = 0.1, padding: float = 3.0,
-               height: float = 0.0):
+def plane_grid(
+    atoms, plane: str = "principal", spacing: float = 0.1, padding: float = 3.0, height: float = 0.0
+):
     """Grid points on a plane through the atoms' centroid (shifted ``height`` along its normal).
 
     Returns ``points (n1, n2, 3)``, ``origin (3,)`` and the step vectors ``(2, 3)``.
@@ -186,10 +202,18 @@ def box_grid(atoms, spacing: float = 0.2, padding: float = 3.0):
     return points, points[0, 0, 0].copy(), np.eye(3) * spacing
 
 
-def potential_map(model: AtomisticModel, atoms, probe: str = "C", plane: str | None = "principal",
-                  grid: np.ndarray | None = None, spacing: float = 0.1, padding: float = 3.0,
-                  height: float = 0.0, reference: str = "none", chunk_size: int = 2048
-                  ) -> PotentialMap:
+def potential_map(
+    model: AtomisticModel,
+    atoms,
+    probe: str = "C",
+    plane: str | None = "principal",
+    grid: np.ndarray | None = None,
+    spacing: float = 0.1,
+    padding: float = 3.0,
+    height: float = 0.0,
+    reference: str = "none",
+    chunk_size: int = 2048,
+) -> PotentialMap:
     """Omega_A on a plane (``plane`` = xy, xz, yz or principal), a 3D box (``plane=None``) or
     on given ``grid`` points (..., 3)."""
     if grid is not None:

@@ -32,22 +32,37 @@ BOND_SCALE = 1.2
 
 # aromatic rings: (size, sorted heteroatoms) -> name; "adjacent" variants resolved below
 _AROMATIC = {
-    (6, ()): "benzene", (6, ("N",)): "pyridine", (6, ("N", "N", "N")): "triazine",
-    (5, ("O",)): "furan", (5, ("N",)): "pyrrole", (5, ("N", "N", "N")): "triazole",
-    (5, ("N", "N", "N", "N")): "tetrazole", (5, ("N", "N", "O")): "oxadiazole",
+    (6, ()): "benzene",
+    (6, ("N",)): "pyridine",
+    (6, ("N", "N", "N")): "triazine",
+    (5, ("O",)): "furan",
+    (5, ("N",)): "pyrrole",
+    (5, ("N", "N", "N")): "triazole",
+    (5, ("N", "N", "N", "N")): "tetrazole",
+    (5, ("N", "N", "O")): "oxadiazole",
 }
 _SATURATED = {
-    (3, ()): "cyclopropane", (3, ("O",)): "oxirane", (3, ("N",)): "aziridine",
-    (4, ()): "cyclobutane", (4, ("O",)): "oxetane", (4, ("N",)): "azetidine",
-    (5, ()): "cyclopentane", (5, ("O",)): "oxolane", (5, ("N",)): "pyrrolidine",
-    (6, ()): "cyclohexane", (6, ("O",)): "oxane", (6, ("N",)): "piperidine",
-    (6, ("O", "O")): "dioxane", (7, ()): "cycloheptane",
+    (3, ()): "cyclopropane",
+    (3, ("O",)): "oxirane",
+    (3, ("N",)): "aziridine",
+    (4, ()): "cyclobutane",
+    (4, ("O",)): "oxetane",
+    (4, ("N",)): "azetidine",
+    (5, ()): "cyclopentane",
+    (5, ("O",)): "oxolane",
+    (5, ("N",)): "pyrrolidine",
+    (6, ()): "cyclohexane",
+    (6, ("O",)): "oxane",
+    (6, ("N",)): "piperidine",
+    (6, ("O", "O")): "dioxane",
+    (7, ()): "cycloheptane",
 }
 _UNSATURATED_CARBON = {3: "cyclopropene", 4: "cyclobutene", 5: "cyclopentene", 6: "cyclohexene"}
 
 
-def bond_graph(numbers: np.ndarray, positions: np.ndarray, scale: float = BOND_SCALE
-               ) -> list[tuple[int, int]]:
+def bond_graph(
+    numbers: np.ndarray, positions: np.ndarray, scale: float = BOND_SCALE
+) -> list[tuple[int, int]]:
     """Bonds (i < j) from covalent radii: d_ij < scale * (r_i + r_j)."""
     from ase.data import covalent_radii
 
@@ -66,6 +81,7 @@ def match_smiles(smiles: str, numbers: np.ndarray, positions: np.ndarray):
     graph does not match the SMILES."""
     import networkx as nx
     from networkx.algorithms.isomorphism import GraphMatcher
+
     require("rdkit.Chem", "the ring analysis")
     from rdkit import Chem, RDLogger
 
@@ -108,8 +124,13 @@ def classify_ring(mol, ring: tuple[int, ...]) -> tuple[str, bool]:
         adjacent = len(positions) == 2 and (positions[1] - positions[0]) in (1, size - 1)
         if (size, hetero) == (6, ("N", "N")):
             apart = positions[1] - positions[0]
-            return {1: "pyridazine", 5: "pyridazine", 2: "pyrimidine", 4: "pyrimidine",
-                    3: "pyrazine"}[apart], True
+            return {
+                1: "pyridazine",
+                5: "pyridazine",
+                2: "pyrimidine",
+                4: "pyrimidine",
+                3: "pyrazine",
+            }[apart], True
         if (size, hetero) == (5, ("N", "N")):
             return ("pyrazole" if adjacent else "imidazole"), True
         if (size, hetero) == (5, ("N", "O")):
@@ -145,8 +166,12 @@ class Ring:
         return len(self.atoms)
 
 
-def find_rings(smiles: str, numbers: np.ndarray, positions: np.ndarray,
-               sizes: tuple[int, ...] = (3, 4, 5, 6, 7)) -> list[Ring] | None:
+def find_rings(
+    smiles: str,
+    numbers: np.ndarray,
+    positions: np.ndarray,
+    sizes: tuple[int, ...] = (3, 4, 5, 6, 7),
+) -> list[Ring] | None:
     """Rings (smallest set of smallest rings) of one molecule, or ``None`` if its geometry
     does not match its SMILES."""
     mol, mapping = match_smiles(smiles, numbers, positions)
@@ -158,9 +183,14 @@ def find_rings(smiles: str, numbers: np.ndarray, positions: np.ndarray,
         if len(ring) not in sizes:
             continue
         name, aromatic = classify_ring(mol, ring)
-        hydrogens = sorted({to_geometry[n.GetIdx()] for k in ring
-                            for n in mol.GetAtomWithIdx(k).GetNeighbors()
-                            if n.GetAtomicNum() == 1})
+        hydrogens = sorted(
+            {
+                to_geometry[n.GetIdx()]
+                for k in ring
+                for n in mol.GetAtomWithIdx(k).GetNeighbors()
+                if n.GetAtomicNum() == 1
+            }
+        )
         rings.append(Ring(name, aromatic, [to_geometry[k] for k in ring], hydrogens))
     return rings
 
@@ -192,15 +222,21 @@ class RingAnalysis:
     n_unmatched: int
 
     def table(self) -> str:
-        header = (f"{'ring type':<34} {'n':>6} {'E_ring/atom':>12} {'sd':>7} "
-                  f"{'E_ring':>9} {'E_ring+H':>9} {'arom':>5}   (eV, element references removed)")
+        header = (
+            f"{'ring type':<34} {'n':>6} {'E_ring/atom':>12} {'sd':>7} "
+            f"{'E_ring':>9} {'E_ring+H':>9} {'arom':>5}   (eV, element references removed)"
+        )
         lines = [header]
         for r in self.ranking:
-            lines.append(f"{r['name']:<34} {r['count']:>6} {r['per_atom']:>12.4f} "
-                         f"{r['per_atom_sd']:>7.4f} {r['ring']:>9.3f} {r['ring_h']:>9.3f} "
-                         f"{'yes' if r['aromatic'] else 'no':>5}")
-        lines.append(f"{self.n_molecules} molecules, {self.n_unmatched} skipped "
-                     "(geometry bonds do not match the SMILES)")
+            lines.append(
+                f"{r['name']:<34} {r['count']:>6} {r['per_atom']:>12.4f} "
+                f"{r['per_atom_sd']:>7.4f} {r['ring']:>9.3f} {r['ring_h']:>9.3f} "
+                f"{'yes' if r['aromatic'] else 'no':>5}"
+            )
+        lines.append(
+            f"{self.n_molecules} molecules, {self.n_unmatched} skipped "
+            "(geometry bonds do not match the SMILES)"
+        )
         return "\n".join(lines)
 
 
@@ -214,16 +250,29 @@ def rank_ring_types(records: list[dict], min_count: int = 1) -> list[dict]:
         if len(recs) < min_count:
             continue
         per_atom = np.array([r["ring"] / r["size"] for r in recs])
-        ranking.append({"name": name, "count": len(recs), "aromatic": recs[0]["aromatic"],
-                        "size": recs[0]["size"], "per_atom": float(per_atom.mean()),
-                        "per_atom_sd": float(per_atom.std()),
-                        "ring": float(np.mean([r["ring"] for r in recs])),
-                        "ring_h": float(np.mean([r["ring_h"] for r in recs]))})
+        ranking.append(
+            {
+                "name": name,
+                "count": len(recs),
+                "aromatic": recs[0]["aromatic"],
+                "size": recs[0]["size"],
+                "per_atom": float(per_atom.mean()),
+                "per_atom_sd": float(per_atom.std()),
+                "ring": float(np.mean([r["ring"] for r in recs])),
+                "ring_h": float(np.mean([r["ring_h"] for r in recs])),
+            }
+        )
     return sorted(ranking, key=lambda r: r["per_atom"])
 
 
-def ring_analysis(data, indices: np.ndarray, atomic: np.ndarray, atomref: np.ndarray,
-                  sizes: tuple[int, ...] = (5, 6), min_count: int = 1) -> RingAnalysis:
+def ring_analysis(
+    data,
+    indices: np.ndarray,
+    atomic: np.ndarray,
+    atomref: np.ndarray,
+    sizes: tuple[int, ...] = (5, 6),
+    min_count: int = 1,
+) -> RingAnalysis:
     """Rings of the molecules ``indices`` of a packed data set with a ``smiles`` extra.
 
     ``atomic`` holds the atomic energies of those molecules' atoms, concatenated in order (as
@@ -236,19 +285,27 @@ def ring_analysis(data, indices: np.ndarray, atomic: np.ndarray, atomref: np.nda
     for m in tqdm(np.asarray(indices), desc="rings", unit="molecule", leave=False, disable=None):
         a, b = int(data.offsets[m]), int(data.offsets[m + 1])
         numbers = np.asarray(data.numbers[a:b]).astype(np.int64)
-        relative = atomic[start:start + b - a] - atomref[numbers]
+        relative = atomic[start : start + b - a] - atomref[numbers]
         start += b - a
-        rings = find_rings(str(data.extras["smiles"][m]), numbers,
-                           np.asarray(data.positions[a:b]), sizes)
+        rings = find_rings(
+            str(data.extras["smiles"][m]), numbers, np.asarray(data.positions[a:b]), sizes
+        )
         if rings is None:
             unmatched += 1
             continue
         for ring in rings:
             e_ring = float(relative[ring.atoms].sum())
-            records.append({"molecule": int(m), "name": ring.name, "aromatic": ring.aromatic,
-                            "size": ring.size, "ring": e_ring,
-                            "ring_h": e_ring + float(relative[ring.hydrogens].sum()),
-                            "n_h": len(ring.hydrogens)})
+            records.append(
+                {
+                    "molecule": int(m),
+                    "name": ring.name,
+                    "aromatic": ring.aromatic,
+                    "size": ring.size,
+                    "ring": e_ring,
+                    "ring_h": e_ring + float(relative[ring.hydrogens].sum()),
+                    "n_h": len(ring.hydrogens),
+                }
+            )
     if start != len(atomic):
         raise ValueError("atomic energies do not match the atoms of the chosen molecules")
     return RingAnalysis(records, rank_ring_types(records, min_count), len(indices), unmatched)

@@ -22,8 +22,9 @@ import numpy as np
 from ..fileio import atomic_file
 
 
-def viewer_data(frames, properties: list[dict[str, tuple[np.ndarray, str]]],
-                titles: list[str] | None = None) -> list[dict]:
+def viewer_data(
+    frames, properties: list[dict[str, tuple[np.ndarray, str]]], titles: list[str] | None = None
+) -> list[dict]:
     """The JSON-ready structures: symbols, positions (Angstrom), radii, bonds, properties.
 
     ``properties[k]`` maps a name to ``(values (n_atoms,), unit)`` for structure ``k``.
@@ -40,26 +41,39 @@ def viewer_data(frames, properties: list[dict[str, tuple[np.ndarray, str]]],
         for name, (values, unit) in properties[k].items():
             values = np.asarray(values, dtype=np.float64).reshape(-1)
             if values.shape[0] != len(numbers):
-                raise ValueError(f"property {name!r} of structure {k} has {values.shape[0]} "
-                                 f"values for {len(numbers)} atoms")
+                raise ValueError(
+                    f"property {name!r} of structure {k} has {values.shape[0]} "
+                    f"values for {len(numbers)} atoms"
+                )
             # decimals shown: meV are integers in practice, anything else gets 4
-            props[name] = {"values": [round(float(v), 6) for v in values], "unit": unit,
-                           "digits": 0 if unit == "meV" else 4}
-        data.append({
-            "title": titles[k] if titles else atoms.get_chemical_formula(),
-            "symbols": [chemical_symbols[z] for z in numbers],
-            "positions": np.round(atoms.positions - atoms.positions.mean(0), 4).tolist(),
-            "radii": [round(float(covalent_radii[z]), 3) for z in numbers],
-            "colors": ["#" + "".join(f"{int(255 * c):02x}" for c in jmol_colors[z])
-                       for z in numbers],
-            "bonds": [[int(i), int(j)] for i, j in bond_graph(numbers, atoms.positions)],
-            "properties": props,
-        })
+            props[name] = {
+                "values": [round(float(v), 6) for v in values],
+                "unit": unit,
+                "digits": 0 if unit == "meV" else 4,
+            }
+        data.append(
+            {
+                "title": titles[k] if titles else atoms.get_chemical_formula(),
+                "symbols": [chemical_symbols[z] for z in numbers],
+                "positions": np.round(atoms.positions - atoms.positions.mean(0), 4).tolist(),
+                "radii": [round(float(covalent_radii[z]), 3) for z in numbers],
+                "colors": [
+                    "#" + "".join(f"{int(255 * c):02x}" for c in jmol_colors[z]) for z in numbers
+                ],
+                "bonds": [[int(i), int(j)] for i, j in bond_graph(numbers, atoms.positions)],
+                "properties": props,
+            }
+        )
     return data
 
 
-def write_viewer(path: str | Path, frames, properties: list[dict[str, tuple[np.ndarray, str]]],
-                 title: str = "atomlens", titles: list[str] | None = None) -> Path:
+def write_viewer(
+    path: str | Path,
+    frames,
+    properties: list[dict[str, tuple[np.ndarray, str]]],
+    title: str = "atomlens",
+    titles: list[str] | None = None,
+) -> Path:
     """Write the HTML view of ``frames`` with per-atom ``properties`` (see :func:`viewer_data`)."""
     if not isinstance(frames, (list, tuple)):
         frames = [frames]

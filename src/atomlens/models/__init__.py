@@ -6,11 +6,11 @@ from .potential import AtomisticModel, ModelConfig, build_model
 from .schnet import SchNet
 
 __all__ = [
-           "DTNN",
-           "AtomisticModel",
-           "ModelConfig",
-           "SchNet",
-           "build_model",
-           "load_model",
-           "save_model",
+    "DTNN",
+    "AtomisticModel",
+    "ModelConfig",
+    "SchNet",
+    "build_model",
+    "load_model",
+    "save_model",
 ]

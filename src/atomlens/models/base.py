@@ -54,8 +54,9 @@ class Representation(nn.Module):
     n_atom_basis: int
     cutoff: float | None
 
-    def forward(self, numbers: torch.Tensor, positions: torch.Tensor, pairs: Pairs,
-                frozen: Any = None) -> torch.Tensor:
+    def forward(
+        self, numbers: torch.Tensor, positions: torch.Tensor, pairs: Pairs, frozen: Any = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def freeze(self) -> Any:

@@ -40,5 +40,9 @@ class DipoleMoment(nn.Module):
         excess = (total.to(latent.dtype) - scatter_sum(latent, index, n)) / batch.n_atoms_per
         charges = latent + excess[index]
         dipole = scatter_sum(charges[:, None] * batch.positions, index, n) * E_ANGSTROM_DEBYE
-        return {target: torch.linalg.vector_norm(dipole, dim=1), DIPOLE: dipole,
-                CHARGES: charges, "atomic": charges}
+        return {
+            target: torch.linalg.vector_norm(dipole, dim=1),
+            DIPOLE: dipole,
+            CHARGES: charges,
+            "atomic": charges,
+        }

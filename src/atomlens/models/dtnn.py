@@ -35,7 +35,9 @@ class DTNNInteraction(nn.Module):
         coefficient_factor = torch.index_select(self.coefficient_to_factor(c), 0, pairs.j)
         if pairs.symmetric:  # one distance factor per unordered pair serves both directions
             n_factors = distance_factor.shape[1]
-            product = (coefficient_factor.view(2, -1, n_factors) * distance_factor).view(-1, n_factors)
+            product = (coefficient_factor.view(2, -1, n_factors) * distance_factor).view(
+                -1, n_factors
+            )
             f_cut = f_cut.repeat(2)
         else:
             product = coefficient_factor * distance_factor
@@ -60,15 +62,25 @@ class DTNN(Representation):
         shared_interactions: one set of interaction weights for all passes.
     """
 
-    def __init__(self, n_atom_basis: int = 30, n_interactions: int = 3, n_factors: int = 60,
-                 n_rbf: int = 101, cutoff: float | None = 20.0, rbf_stop: float | None = 20.0,
-                 rbf_gamma: float | None = 12.5, shared_interactions: bool = False,
-                 max_z: int = 100, rbf_start: float = 0.0):
+    def __init__(
+        self,
+        n_atom_basis: int = 30,
+        n_interactions: int = 3,
+        n_factors: int = 60,
+        n_rbf: int = 101,
+        cutoff: float | None = 20.0,
+        rbf_stop: float | None = 20.0,
+        rbf_gamma: float | None = 12.5,
+        shared_interactions: bool = False,
+        max_z: int = 100,
+        rbf_start: float = 0.0,
+    ):
         super().__init__()
         self.n_atom_basis, self.cutoff = n_atom_basis, cutoff
         self.embedding = nn.Embedding(max_z + 1, n_atom_basis, padding_idx=0)
-        self.rbf = GaussianRBF(n_rbf, rbf_stop if rbf_stop is not None else cutoff,
-                               start=rbf_start, gamma=rbf_gamma)
+        self.rbf = GaussianRBF(
+            n_rbf, rbf_stop if rbf_stop is not None else cutoff, start=rbf_start, gamma=rbf_gamma
+        )
         self.cutoff_fn = CosineCutoff(cutoff) if cutoff is not None else None
         n_distinct = 1 if shared_interactions else n_interactions
         blocks = [DTNNInteraction(n_atom_basis, n_factors, n_rbf) for _ in range(n_distinct)]

@@ -24,8 +24,9 @@ def training_elements(model) -> list[int] | None:
 
 
 def _symbols(numbers) -> str:
-    return ", ".join(chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
-                     for z in numbers)
+    return ", ".join(
+        chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}" for z in numbers
+    )
 
 
 def check_elements(model, numbers, allow_unknown: bool = False, source: str = "input") -> None:
@@ -36,19 +37,24 @@ def check_elements(model, numbers, allow_unknown: bool = False, source: str = "i
     unknown = sorted(set(np.unique(np.asarray(numbers)).tolist()) - set(known))
     if not unknown:
         return
-    message = (f"{source}: element(s) {_symbols(unknown)} never seen in training (the model "
-               f"knows {_symbols(known)}); predictions for them are meaningless extrapolation")
+    message = (
+        f"{source}: element(s) {_symbols(unknown)} never seen in training (the model "
+        f"knows {_symbols(known)}); predictions for them are meaningless extrapolation"
+    )
     if allow_unknown:
         warnings.warn(message, stacklevel=3)
         return
-    raise DataError(f"{message}. Pass --allow-unknown-elements (allow_unknown_elements=True) "
-                    f"to predict anyway")
+    raise DataError(
+        f"{message}. Pass --allow-unknown-elements (allow_unknown_elements=True) to predict anyway"
+    )
 
 
 def check_finite(outputs: dict, source: str = "the model") -> None:
     """Raise ValueError when any output array holds NaN or inf."""
     bad = [name for name, value in outputs.items() if not np.isfinite(np.asarray(value)).all()]
     if bad:
-        raise ValueError(f"{source}: non-finite (NaN/inf) {', '.join(bad)} predicted; the model "
-                         f"weights are broken or the structure is far outside the training "
-                         f"data")
+        raise ValueError(
+            f"{source}: non-finite (NaN/inf) {', '.join(bad)} predicted; the model "
+            f"weights are broken or the structure is far outside the training "
+            f"data"
+        )

@@ -23,16 +23,23 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
 
-def save_model(model: AtomisticModel, path: str | os.PathLike, extra_files: dict | None = None,
-               metadata: dict | None = None) -> Path:
+def save_model(
+    model: AtomisticModel,
+    path: str | os.PathLike,
+    extra_files: dict | None = None,
+    metadata: dict | None = None,
+) -> Path:
     """Write ``model`` to folder ``path`` atomically (no half-written model ever appears).
 
     ``extra_files`` maps file names to callables ``write(path)`` run inside the new folder.
     """
     path = Path(path)
     with atomic_folder(path) as tmp:
-        doc = {"atomlens_version": __version__, "model": model.config.to_dict(),
-               "metadata": metadata or {}}
+        doc = {
+            "atomlens_version": __version__,
+            "model": model.config.to_dict(),
+            "metadata": metadata or {},
+        }
         (tmp / CONFIG).write_text(json.dumps(doc, indent=1))
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"atomlens_version": __version__})
@@ -59,8 +66,9 @@ def read_config(path: str | os.PathLike) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model folder")
     if not path.is_dir():
-        raise NotADirectoryError(f"{path}: is a file; a model is a folder holding {CONFIG} "
-                                 f"and {WEIGHTS}")
+        raise NotADirectoryError(
+            f"{path}: is a file; a model is a folder holding {CONFIG} and {WEIGHTS}"
+        )
     if not (path / CONFIG).is_file():
         raise FileNotFoundError(f"{path}: not an atomlens model folder (no {CONFIG})")
     try:
@@ -69,8 +77,9 @@ def read_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path / CONFIG}: damaged model config ({err})") from err
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> AtomisticModel:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> AtomisticModel:
     """Rebuild a saved model from its config and safetensors weights, in eval mode.
 
     ``path`` is the model folder or the training output folder that holds it.
@@ -80,8 +89,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         model = build_model(doc["model"])
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path / CONFIG}: cannot rebuild the model from this config "
-                         f"({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"{path / CONFIG}: cannot rebuild the model from this config "
+            f"({type(err).__name__}: {err})"
+        ) from err
     try:
         state = load_file(str(path / WEIGHTS))
     except Exception as err:  # safetensors raises several types for damaged files
@@ -92,12 +103,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # missing, unexpected or wrongly shaped tensors
-        raise ValueError(f"{path}: the weights do not fit the architecture in {CONFIG} "
-                         f"(config and weights from different models?): {err}") from err
+        raise ValueError(
+            f"{path}: the weights do not fit the architecture in {CONFIG} "
+            f"(config and weights from different models?): {err}"
+        ) from err
     bad = [name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
-        raise ValueError(f"{path / WEIGHTS}: non-finite (NaN/inf) weights in {bad[:5]}; the "
-                         f"model is broken (a diverged training?)")
+        raise ValueError(
+            f"{path / WEIGHTS}: non-finite (NaN/inf) weights in {bad[:5]}; the "
+            f"model is broken (a diverged training?)"
+        )
     model.metadata = doc.get("metadata", {})
     if dtype is not None:
         model.to(dtype)

@@ -70,18 +70,27 @@ class AtomisticModel(nn.Module):
         self.representation = representation(**kwargs)
         # the saved config names every setting the model was built with, defaults included
         # (so a later change of a default cannot change a saved model)
-        built = {k: v for k, v in vars(self.representation).items() if k in _init_names(
-            type(self.representation))}
-        missing = {k: v for k, v in built.items() if k not in config.representation_kwargs
-                   and k != "max_z" and _json_value(v)}
+        built = {
+            k: v
+            for k, v in vars(self.representation).items()
+            if k in _init_names(type(self.representation))
+        }
+        missing = {
+            k: v
+            for k, v in built.items()
+            if k not in config.representation_kwargs and k != "max_z" and _json_value(v)
+        }
         if missing:
-            config = replace(config, representation_kwargs={**config.representation_kwargs,
-                                                            **missing})
+            config = replace(
+                config, representation_kwargs={**config.representation_kwargs, **missing}
+            )
         self.config = config
         n_features = self.representation.n_atom_basis
         self.head = nn.Sequential(
-            nn.Linear(n_features, config.head_hidden), activation(config.head_activation),
-            nn.Linear(config.head_hidden, 1))
+            nn.Linear(n_features, config.head_hidden),
+            activation(config.head_activation),
+            nn.Linear(config.head_hidden, 1),
+        )
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("shift", torch.zeros(()))
         self.register_buffer("atomref", torch.zeros(config.max_z + 1))
@@ -98,7 +107,9 @@ class AtomisticModel(nn.Module):
     def set_statistics(self, atomref=None, shift: float = 0.0, scale: float = 1.0) -> None:
         """Store the per-element references and residual shift/scale fitted on training data."""
         if atomref is not None:
-            self.atomref.copy_(torch.as_tensor(atomref, dtype=self.atomref.dtype)[: len(self.atomref)])
+            self.atomref.copy_(
+                torch.as_tensor(atomref, dtype=self.atomref.dtype)[: len(self.atomref)]
+            )
         self.shift.fill_(float(shift))
         self.scale.fill_(float(scale))
 
@@ -106,8 +117,9 @@ class AtomisticModel(nn.Module):
         """The head: y_i = scale * head(x_i) + shift + atomref[Z_i], shape (n_atoms,)."""
         return self.head(features).squeeze(-1) * self.scale + self.shift + self.atomref[numbers]
 
-    def atomic_energies(self, numbers: torch.Tensor, positions: torch.Tensor, pairs: Pairs,
-                        frozen: Any = None) -> torch.Tensor:
+    def atomic_energies(
+        self, numbers: torch.Tensor, positions: torch.Tensor, pairs: Pairs, frozen: Any = None
+    ) -> torch.Tensor:
         """Per-atom contributions y_i ``(n_atoms,)`` (eV for energy models) of any atoms.
 
         The one entry point for everything that needs the model's per-atom output without a
@@ -121,8 +133,9 @@ class AtomisticModel(nn.Module):
         """Weight-only state of the representation (SchNet's filter tables), or ``None``."""
         return self.representation.freeze()
 
-    def forward(self, batch: Batch, forces: bool = False, stress: bool = False,
-                frozen: Any = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: Batch, forces: bool = False, stress: bool = False, frozen: Any = None
+    ) -> dict[str, torch.Tensor]:
         """Predict ``{target: (n_structures,), "atomic": (n_atoms,)}``, plus
         ``"forces"`` ``(n_atoms, 3)`` and ``"stress"`` ``(n_structures, 3, 3)`` if asked.
 
@@ -144,8 +157,9 @@ class AtomisticModel(nn.Module):
                 raise ValueError("stress needs structures with a cell (periodic structures)")
             strain = torch.zeros_like(batch.cell).requires_grad_(True)
             inputs.append(strain)
-            positions, pairs, _ = apply_strain(positions, pairs, batch.cell,
-                                               batch.structure_index, strain)
+            positions, pairs, _ = apply_strain(
+                positions, pairs, batch.cell, batch.structure_index, strain
+            )
         atomic = self.atomic_energies(batch.numbers, positions, pairs, frozen)
         if self.dipole is not None:
             if forces or stress:
@@ -166,9 +180,13 @@ class AtomisticModel(nn.Module):
                 out["stress"] = grads[-1] / safe[:, None, None] * periodic[:, None, None]
         return out
 
-
-    def predict(self, atoms, forces: bool = False, stress: bool = False,
-                allow_unknown_elements: bool = False) -> Prediction:
+    def predict(
+        self,
+        atoms,
+        forces: bool = False,
+        stress: bool = False,
+        allow_unknown_elements: bool = False,
+    ) -> Prediction:
         """Predict for one ASE ``Atoms`` or a list of them: plain float64 numpy arrays.
 
         ``{target: (n_structures,), "atomic": (n_atoms,), "forces": (n_atoms, 3),
@@ -189,8 +207,14 @@ class AtomisticModel(nn.Module):
         check_finite(out)
         unit = self.config.unit
         charges = "e" if self.dipole is not None else unit
-        units = {self.target: unit, "atomic": charges, "charges": "e", "dipole": unit,
-                 "forces": f"{unit}/Angstrom", "stress": f"{unit}/Angstrom^3"}
+        units = {
+            self.target: unit,
+            "atomic": charges,
+            "charges": "e",
+            "dipole": unit,
+            "forces": f"{unit}/Angstrom",
+            "stress": f"{unit}/Angstrom^3",
+        }
         return Prediction(out, {k: units.get(k, "") for k in out})
 
     def batch_from_atoms(self, atoms) -> Batch:

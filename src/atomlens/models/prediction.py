@@ -18,6 +18,7 @@ class Prediction(dict):
         self.units = dict(units)
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{k}: {v.shape} {self.units.get(k, '')}".rstrip()
-                          for k, v in self.items())
+        parts = ", ".join(
+            f"{k}: {v.shape} {self.units.get(k, '')}".rstrip() for k, v in self.items()
+        )
         return f"Prediction({parts})"

@@ -46,13 +46,17 @@ class SchNetInteraction(nn.Module):
         super().__init__()
         self.in2f = nn.Linear(n_atom_basis, n_filters, bias=False)
         self.filter_network = nn.Sequential(
-            nn.Linear(n_rbf, n_filters), ShiftedSoftplus(), nn.Linear(n_filters, n_filters))
+            nn.Linear(n_rbf, n_filters), ShiftedSoftplus(), nn.Linear(n_filters, n_filters)
+        )
         self.f2out = nn.Sequential(
-            nn.Linear(n_filters, n_atom_basis), ShiftedSoftplus(),
-            nn.Linear(n_atom_basis, n_atom_basis))
+            nn.Linear(n_filters, n_atom_basis),
+            ShiftedSoftplus(),
+            nn.Linear(n_atom_basis, n_atom_basis),
+        )
 
-    def filter_table(self, rbf: GaussianRBF, cutoff_fn: CosineCutoff, grid: torch.Tensor
-                     ) -> torch.Tensor:
+    def filter_table(
+        self, rbf: GaussianRBF, cutoff_fn: CosineCutoff, grid: torch.Tensor
+    ) -> torch.Tensor:
         """Hermite coefficients of W(r) = filter_network(e(r)) f_cut(r) on ``grid``."""
         first, _, second = self.filter_network
         e, de = rbf.value_and_derivative(grid)
@@ -88,26 +92,43 @@ class SchNet(Representation):
             0.004 meV/Angstrom in float64, below float32 rounding (0.06 meV/Angstrom).
     """
 
-    def __init__(self, n_atom_basis: int = 128, n_interactions: int = 6, n_filters: int = 128,
-                 n_rbf: int = 20, cutoff: float | None = 5.0, rbf_stop: float | None = None,
-                 rbf_gamma: float | None = None, max_z: int = 100,
-                 filter_spacing: float | None = 0.01):
+    def __init__(
+        self,
+        n_atom_basis: int = 128,
+        n_interactions: int = 6,
+        n_filters: int = 128,
+        n_rbf: int = 20,
+        cutoff: float | None = 5.0,
+        rbf_stop: float | None = None,
+        rbf_gamma: float | None = None,
+        max_z: int = 100,
+        filter_spacing: float | None = 0.01,
+    ):
         super().__init__()
         self.n_atom_basis, self.cutoff = n_atom_basis, cutoff
         self.embedding = nn.Embedding(max_z + 1, n_atom_basis, padding_idx=0)
-        self.rbf = GaussianRBF(n_rbf, rbf_stop if rbf_stop is not None else (cutoff or 30.0),
-                               gamma=rbf_gamma)
+        self.rbf = GaussianRBF(
+            n_rbf, rbf_stop if rbf_stop is not None else (cutoff or 30.0), gamma=rbf_gamma
+        )
         self.cutoff_fn = CosineCutoff(cutoff) if cutoff is not None else None
         self.interactions = nn.ModuleList(
-            SchNetInteraction(n_atom_basis, n_filters, n_rbf) for _ in range(n_interactions))
-        if filter_spacing is not None and not (math.isfinite(filter_spacing) and filter_spacing > 0):
+            SchNetInteraction(n_atom_basis, n_filters, n_rbf) for _ in range(n_interactions)
+        )
+        if filter_spacing is not None and not (
+            math.isfinite(filter_spacing) and filter_spacing > 0
+        ):
             raise ValueError(f"filter_spacing must be positive, not {filter_spacing}")
-        if cutoff is not None and filter_spacing is not None and (
-                cutoff / filter_spacing > MAX_TABLE_NODES):
-            raise ValueError(f"filter_spacing={filter_spacing:g} Angstrom gives "
-                             f"{cutoff / filter_spacing:.3g} table nodes per filter (the limit "
-                             f"is {MAX_TABLE_NODES:,}, {cutoff / MAX_TABLE_NODES:.2g} Angstrom "
-                             f"at cutoff {cutoff:g}); 0.01 Angstrom is already exact to float32")
+        if (
+            cutoff is not None
+            and filter_spacing is not None
+            and (cutoff / filter_spacing > MAX_TABLE_NODES)
+        ):
+            raise ValueError(
+                f"filter_spacing={filter_spacing:g} Angstrom gives "
+                f"{cutoff / filter_spacing:.3g} table nodes per filter (the limit "
+                f"is {MAX_TABLE_NODES:,}, {cutoff / MAX_TABLE_NODES:.2g} Angstrom "
+                f"at cutoff {cutoff:g}); 0.01 Angstrom is already exact to float32"
+            )
         self.filter_spacing = filter_spacing if cutoff is not None else None
 
     def freeze(self) -> list[torch.Tensor] | None:
@@ -125,8 +146,9 @@ class SchNet(Representation):
         grid = torch.linspace(0.0, self.cutoff, n + 1, dtype=p.dtype, device=p.device)
         return [block.filter_table(self.rbf, self.cutoff_fn, grid) for block in self.interactions]
 
-    def forward(self, numbers, positions, pairs: Pairs,
-                frozen: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, numbers, positions, pairs: Pairs, frozen: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Atom features ``(n_atoms, n_atom_basis)``; ``frozen``: tables from :meth:`freeze`."""
         x = self.embedding(numbers)
         d = pair_distances(positions, pairs)

@@ -12,9 +12,18 @@ from .hermite import hermite_coefficients, hermite_lookup
 
 LN2 = math.log(2.0)
 
-__all__ = ["LN2", "CosineCutoff", "GaussianRBF", "ShiftedSoftplus", "activation",
-           "cfconv_symmetric", "hermite_coefficients", "hermite_lookup", "scatter_sum",
-           "shifted_softplus"]
+__all__ = [
+    "LN2",
+    "CosineCutoff",
+    "GaussianRBF",
+    "ShiftedSoftplus",
+    "activation",
+    "cfconv_symmetric",
+    "hermite_coefficients",
+    "hermite_lookup",
+    "scatter_sum",
+    "shifted_softplus",
+]
 
 
 def shifted_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +68,13 @@ class GaussianRBF(nn.Module):
         dtype = self.centres.dtype
         super()._apply(fn, recurse)
         if self.centres.dtype != dtype and self.centres.is_floating_point():
-            self.centres = torch.linspace(self.start, self.stop, len(self.centres),
-                                          dtype=self.centres.dtype, device=self.centres.device)
+            self.centres = torch.linspace(
+                self.start,
+                self.stop,
+                len(self.centres),
+                dtype=self.centres.dtype,
+                device=self.centres.device,
+            )
         return self
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:

@@ -70,8 +70,9 @@ class _PairProduct(torch.autograd.Function):
         return grad_u, grad_v, None, None
 
 
-def cfconv_symmetric(x: torch.Tensor, filters: torch.Tensor, pair_i: torch.Tensor,
-                     pair_j: torch.Tensor) -> torch.Tensor:
+def cfconv_symmetric(
+    x: torch.Tensor, filters: torch.Tensor, pair_i: torch.Tensor, pair_j: torch.Tensor
+) -> torch.Tensor:
     """``y_i = sum_j x_j * W_ij`` over symmetric-layout pairs; ``filters`` has one row per
     unordered pair (the first half of ``pair_i``/``pair_j``). Returns ``(n_atoms, F)``."""
     half = pair_i.shape[0] // 2

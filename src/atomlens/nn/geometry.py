@@ -39,9 +39,13 @@ def pair_distances(positions: torch.Tensor, pairs: Pairs) -> torch.Tensor:
     return pair_vectors(positions, pairs).norm(dim=-1)
 
 
-def apply_strain(positions: torch.Tensor, pairs: Pairs, cell: torch.Tensor,
-                 structure_index: torch.Tensor, strain: torch.Tensor
-                 ) -> tuple[torch.Tensor, Pairs, torch.Tensor]:
+def apply_strain(
+    positions: torch.Tensor,
+    pairs: Pairs,
+    cell: torch.Tensor,
+    structure_index: torch.Tensor,
+    strain: torch.Tensor,
+) -> tuple[torch.Tensor, Pairs, torch.Tensor]:
     """Deform positions, periodic shifts and cells by ``1 + eps`` per structure.
 
     ``strain`` is ``(n_structures, 3, 3)`` (symmetrised here); at ``strain = 0`` nothing moves,

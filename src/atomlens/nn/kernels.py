@@ -40,8 +40,7 @@ class FusedKernel:
     thread (on CPU), however many torch uses elsewhere.
     """
 
-    def __init__(self, function: Callable, eager: Callable | None = None,
-                 scatters: bool = False):
+    def __init__(self, function: Callable, eager: Callable | None = None, scatters: bool = False):
         self.function = function
         self.eager = eager or function
         # scattered additions from several threads collide (atomic adds on the same rows):
@@ -57,6 +56,9 @@ class FusedKernel:
                 return self.compiled(*args)
             except Exception as error:  # noqa: BLE001 (no C++ compiler, unsupported platform, ...)
                 _state["enabled"] = False
-                warnings.warn(f"atomlens: fused kernels unavailable ({type(error).__name__}: "
-                              f"{str(error)[:200]}); using plain PyTorch", stacklevel=2)
+                warnings.warn(
+                    f"atomlens: fused kernels unavailable ({type(error).__name__}: "
+                    f"{str(error)[:200]}); using plain PyTorch",
+                    stacklevel=2,
+                )
         return self.eager(*args)

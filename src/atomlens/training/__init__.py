@@ -13,13 +13,13 @@ from .evaluate import evaluate, predict_dataset
 from .train import train as train_model
 
 __all__ = [
-           "PRESETS",
-           "TrainConfig",
-           "evaluate",
-           "load_config",
-           "predict_dataset",
-           "preset",
-           "train",
-           "train_ensemble",
-           "train_model",
+    "PRESETS",
+    "TrainConfig",
+    "evaluate",
+    "load_config",
+    "predict_dataset",
+    "preset",
+    "train",
+    "train_ensemble",
+    "train_model",
 ]

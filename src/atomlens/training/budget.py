@@ -37,8 +37,13 @@ class BudgetStop(pl.Callback):
     training (see the module doc).
     """
 
-    def __init__(self, deadline: float, n_after: int, eval_fraction: float = EVAL_FRACTION,
-                 margin_s: float = MARGIN_S):
+    def __init__(
+        self,
+        deadline: float,
+        n_after: int,
+        eval_fraction: float = EVAL_FRACTION,
+        margin_s: float = MARGIN_S,
+    ):
         self.deadline, self.n_after = deadline, n_after
         self.eval_fraction, self.margin_s = eval_fraction, margin_s
         #: seconds per structure of the most recent training batches
@@ -59,8 +64,9 @@ class BudgetStop(pl.Callback):
         if self._batch_start is not None and batch.n_structures:
             self.recent.append((now - self._batch_start) / batch.n_structures)
         # one decision for all ranks (DDP), else they would wait on each other forever
-        if trainer.strategy.reduce_boolean_decision(now + self.reserve() >= self.deadline,
-                                                    all=False):
+        if trainer.strategy.reduce_boolean_decision(
+            now + self.reserve() >= self.deadline, all=False
+        ):
             self.stopped = True
             trainer.should_stop = True
 

@@ -91,9 +91,13 @@ class TrainConfig:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         model = d.pop("model", {})
         if not isinstance(model, (dict, ModelConfig)):
-            raise ValueError(f"training config: model must be a mapping of model settings, "  # noqa: TRY004
-                             f"not {type(model).__name__} {model!r}")
-        return cls(**d, model=model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model))
+            raise ValueError(  # noqa: TRY004 (a config error, reported as such)
+                f"training config: model must be a mapping of model settings, "
+                f"not {type(model).__name__} {model!r}"
+            )
+        return cls(
+            **d, model=model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,46 +116,132 @@ class TrainConfig:
         return TrainConfig.from_dict(d)
 
 
-SCHNETPACK_SCHNET = {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20,
-                     "cutoff": 5.0}
-NEURIPS_SCHNET = {"n_atom_basis": 64, "n_interactions": 3, "n_filters": 64, "n_rbf": 300,
-                  "cutoff": None, "rbf_stop": 30.0, "rbf_gamma": 10.0}
-PAPER_DTNN = {"n_atom_basis": 30, "n_interactions": 3, "n_factors": 60, "n_rbf": 101,
-              "cutoff": 20.0, "rbf_stop": 20.0, "rbf_gamma": 12.5}
+SCHNETPACK_SCHNET = {
+    "n_atom_basis": 128,
+    "n_interactions": 6,
+    "n_filters": 128,
+    "n_rbf": 20,
+    "cutoff": 5.0,
+}
+NEURIPS_SCHNET = {
+    "n_atom_basis": 64,
+    "n_interactions": 3,
+    "n_filters": 64,
+    "n_rbf": 300,
+    "cutoff": None,
+    "rbf_stop": 30.0,
+    "rbf_gamma": 10.0,
+}
+PAPER_DTNN = {
+    "n_atom_basis": 30,
+    "n_interactions": 3,
+    "n_factors": 60,
+    "n_rbf": 101,
+    "cutoff": 20.0,
+    "rbf_stop": 20.0,
+    "rbf_gamma": 12.5,
+}
 
 PRESETS: dict[str, dict] = {
     # SchNetPack-style SchNet on QM9 U0 (128 features, 6 interactions, 5 Angstrom cutoff);
     # the head as SchNetPack 2.1.1's Atomwise: 128 -> 64 -> 1 with SiLU
-    "qm9-u0-schnet": {"data": "qm9", "target": "U0", "batch_size": 100, "lr": 5e-4,
-                      "model": {"representation": "schnet", "representation_kwargs": SCHNETPACK_SCHNET,
-                                "head_hidden": 64, "head_activation": "silu", "target": "U0"}},
+    "qm9-u0-schnet": {
+        "data": "qm9",
+        "target": "U0",
+        "batch_size": 100,
+        "lr": 5e-4,
+        "model": {
+            "representation": "schnet",
+            "representation_kwargs": SCHNETPACK_SCHNET,
+            "head_hidden": 64,
+            "head_activation": "silu",
+            "target": "U0",
+        },
+    },
     # the NeurIPS 2017 setting: 64 features, 3 interactions, 300 Gaussians on 0-30 A, no cutoff
-    "qm9-u0-schnet-neurips": {"data": "qm9", "target": "U0", "batch_size": 32, "lr": 1e-3,
-                              "model": {"representation": "schnet",
-                                        "representation_kwargs": NEURIPS_SCHNET,
-                                        "head_hidden": 32, "target": "U0"}},
+    "qm9-u0-schnet-neurips": {
+        "data": "qm9",
+        "target": "U0",
+        "batch_size": 32,
+        "lr": 1e-3,
+        "model": {
+            "representation": "schnet",
+            "representation_kwargs": NEURIPS_SCHNET,
+            "head_hidden": 32,
+            "target": "U0",
+        },
+    },
     # DTNN as in the paper: B = 30, T = 3, Gaussians every 0.2 A up to 20 A
-    "qm9-u0-dtnn": {"data": "qm9", "target": "U0", "batch_size": 100, "lr": 1e-3,
-                    "model": {"representation": "dtnn", "representation_kwargs": PAPER_DTNN,
-                              "head_hidden": 15, "head_activation": "tanh", "target": "U0"}},
+    "qm9-u0-dtnn": {
+        "data": "qm9",
+        "target": "U0",
+        "batch_size": 100,
+        "lr": 1e-3,
+        "model": {
+            "representation": "dtnn",
+            "representation_kwargs": PAPER_DTNN,
+            "head_hidden": 15,
+            "head_activation": "tanh",
+            "target": "U0",
+        },
+    },
     # a quick CPU demo: small SchNet, a few minutes on 2 cores
-    "qm9-u0-demo": {"data": "qm9", "target": "U0", "n_train": 10000, "n_val": 1000, "n_test": 5000,
-                    "batch_size": 50, "lr": 2e-3, "lr_patience": 3, "max_minutes": 6.0,
-                    "early_stopping_patience": 10,
-                    "model": {"representation": "schnet",
-                              "representation_kwargs": {"n_atom_basis": 64, "n_interactions": 3,
-                                                        "n_filters": 64, "n_rbf": 20,
-                                                        "cutoff": 5.0},
-                              "head_hidden": 32, "target": "U0"}},
+    "qm9-u0-demo": {
+        "data": "qm9",
+        "target": "U0",
+        "n_train": 10000,
+        "n_val": 1000,
+        "n_test": 5000,
+        "batch_size": 50,
+        "lr": 2e-3,
+        "lr_patience": 3,
+        "max_minutes": 6.0,
+        "early_stopping_patience": 10,
+        "model": {
+            "representation": "schnet",
+            "representation_kwargs": {
+                "n_atom_basis": 64,
+                "n_interactions": 3,
+                "n_filters": 64,
+                "n_rbf": 20,
+                "cutoff": 5.0,
+            },
+            "head_hidden": 32,
+            "target": "U0",
+        },
+    },
     # MD17 protocol: energies + forces, SchNetPack's 0.01 / 0.99 weighting
-    "md17-schnet": {"target": "energy", "forces": True, "rho": 0.01, "n_train": 1000,
-                    "n_val": 1000, "batch_size": 10, "lr": 5e-4,
-                    "model": {"representation": "schnet", "representation_kwargs": SCHNETPACK_SCHNET,
-                              "head_hidden": 64, "target": "energy"}},
-    "md17-dtnn": {"target": "energy", "forces": True, "rho": 0.01, "n_train": 1000,
-                  "n_val": 1000, "batch_size": 10, "lr": 1e-3,
-                  "model": {"representation": "dtnn", "representation_kwargs": PAPER_DTNN,
-                            "head_hidden": 15, "head_activation": "tanh", "target": "energy"}},
+    "md17-schnet": {
+        "target": "energy",
+        "forces": True,
+        "rho": 0.01,
+        "n_train": 1000,
+        "n_val": 1000,
+        "batch_size": 10,
+        "lr": 5e-4,
+        "model": {
+            "representation": "schnet",
+            "representation_kwargs": SCHNETPACK_SCHNET,
+            "head_hidden": 64,
+            "target": "energy",
+        },
+    },
+    "md17-dtnn": {
+        "target": "energy",
+        "forces": True,
+        "rho": 0.01,
+        "n_train": 1000,
+        "n_val": 1000,
+        "batch_size": 10,
+        "lr": 1e-3,
+        "model": {
+            "representation": "dtnn",
+            "representation_kwargs": PAPER_DTNN,
+            "head_hidden": 15,
+            "head_activation": "tanh",
+            "target": "energy",
+        },
+    },
 }
 
 
@@ -170,8 +260,10 @@ def load_config(path: str | Path) -> TrainConfig:
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid YAML/JSON ({err})") from err
     if doc is None or doc == {}:
-        raise ValueError(f"{path}: the config file is empty; give the training settings (or "
-                         f"'preset: NAME' to start from a preset)")
+        raise ValueError(
+            f"{path}: the config file is empty; give the training settings (or "
+            f"'preset: NAME' to start from a preset)"
+        )
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: a training config must be a mapping of keys to values")  # noqa: TRY004
     try:
@@ -190,8 +282,13 @@ def merge_settings(base: dict, overrides: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
         old = merged.get(key)
-        switched = (key == "model" and isinstance(value, dict) and "representation" in value
-                    and isinstance(old, dict) and value["representation"] != old.get("representation"))
+        switched = (
+            key == "model"
+            and isinstance(value, dict)
+            and "representation" in value
+            and isinstance(old, dict)
+            and value["representation"] != old.get("representation")
+        )
         if isinstance(value, dict) and isinstance(old, dict):
             if switched:
                 old = {k: v for k, v in old.items() if k != "representation_kwargs"}

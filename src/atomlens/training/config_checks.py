@@ -12,8 +12,14 @@ import types
 import typing
 from dataclasses import fields
 
-_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-          dict: "a mapping", type(None): "null"}
+_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    dict: "a mapping",
+    type(None): "null",
+}
 
 
 def _matches(value, kind) -> bool:
@@ -43,8 +49,9 @@ def check_types(obj, where: str) -> None:
         value, kinds = getattr(obj, f.name), _kinds(hints[f.name])
         if not any(_matches(value, kind) for kind in kinds):
             expected = " or ".join(_NAMES.get(k, getattr(k, "__name__", str(k))) for k in kinds)
-            raise ValueError(f"{where}{f.name} must be {expected}, not {type(value).__name__} "
-                             f"{value!r}")
+            raise ValueError(
+                f"{where}{f.name} must be {expected}, not {type(value).__name__} {value!r}"
+            )
 
 
 def check_ranges(obj, rules: dict, where: str) -> None:
@@ -103,10 +110,14 @@ MODEL_RULES = {
 
 #: representation_kwargs: counts and lengths (Angstrom), None allowed where the class allows
 KWARG_RULES = {
-    **{name: (at_least_one, "an integer >= 1") for name in (
-        "n_atom_basis", "n_interactions", "n_filters", "n_rbf", "n_factors")},
-    **{name: (positive, "a positive number") for name in (
-        "cutoff", "rbf_stop", "rbf_gamma", "filter_spacing")},
+    **{
+        name: (at_least_one, "an integer >= 1")
+        for name in ("n_atom_basis", "n_interactions", "n_filters", "n_rbf", "n_factors")
+    },
+    **{
+        name: (positive, "a positive number")
+        for name in ("cutoff", "rbf_stop", "rbf_gamma", "filter_spacing")
+    },
 }
 
 
@@ -121,8 +132,11 @@ def check_train_config(config) -> None:
             continue  # unknown names are refused by the representation class itself
         test, description = KWARG_RULES[name]
         integer = description.startswith("an integer")
-        wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else
-                                                               (int, float))
+        wrong_type = isinstance(value, bool) or not isinstance(
+            value, int if integer else (int, float)
+        )
         if wrong_type or not math.isfinite(value) or not test(value):
-            raise ValueError(f"training config: model.representation_kwargs.{name} must be "
-                             f"{description}, not {value!r}")
+            raise ValueError(
+                f"training config: model.representation_kwargs.{name} must be "
+                f"{description}, not {value!r}"
+            )

@@ -19,8 +19,9 @@ from .config import TrainConfig
 MANIFEST = "ensemble.json"
 
 
-def train_ensemble(config: TrainConfig, n_models: int, data: PackedDataset | None = None,
-                   overwrite: bool = False) -> list[dict]:
+def train_ensemble(
+    config: TrainConfig, n_models: int, data: PackedDataset | None = None, overwrite: bool = False
+) -> list[dict]:
     """Train ``n_models`` members under ``config.out``; returns their test metrics.
 
     ``overwrite`` replaces members' folders that hold earlier runs."""
@@ -36,7 +37,15 @@ def train_ensemble(config: TrainConfig, n_models: int, data: PackedDataset | Non
         member = config.updated(seed=config.seed + k, out=str(out / f"model_{k}"))
         metrics.append(train(member, data=data, split=split, overwrite=overwrite))
         members.append(f"model_{k}")
-    (out / MANIFEST).write_text(json.dumps(
-        {"members": members, "seeds": [config.seed + k for k in range(n_models)],
-         "metrics": metrics}, indent=1, default=float))
+    (out / MANIFEST).write_text(
+        json.dumps(
+            {
+                "members": members,
+                "seeds": [config.seed + k for k in range(n_models)],
+                "metrics": metrics,
+            },
+            indent=1,
+            default=float,
+        )
+    )
     return metrics

@@ -17,10 +17,17 @@ from ..data.dataset import PackedDataset, make_loader
 from ..models.potential import AtomisticModel
 
 
-def predict_dataset(model: AtomisticModel, data: PackedDataset, indices: np.ndarray,
-                    batch_size: int = 100, forces: bool = False, progress: bool | None = None,
-                    deadline: float | None = None, description: str = "predict",
-                    stress: bool = False) -> dict[str, np.ndarray]:
+def predict_dataset(
+    model: AtomisticModel,
+    data: PackedDataset,
+    indices: np.ndarray,
+    batch_size: int = 100,
+    forces: bool = False,
+    progress: bool | None = None,
+    deadline: float | None = None,
+    description: str = "predict",
+    stress: bool = False,
+) -> dict[str, np.ndarray]:
     """Predictions for ``indices`` in order: ``{target: (n,), "atomic": (n_atoms,), "forces",
     "stress"}``.
 
@@ -32,8 +39,13 @@ def predict_dataset(model: AtomisticModel, data: PackedDataset, indices: np.ndar
     dtype = next(model.parameters()).dtype
     parts: dict[str, list] = {}
     loader = make_loader(data, indices, batch_size, model.cutoff, shuffle=False, dtype=dtype)
-    with tqdm(total=len(indices), desc=description, unit="structure", leave=False,
-              disable=None if progress is None else not progress) as bar:
+    with tqdm(
+        total=len(indices),
+        desc=description,
+        unit="structure",
+        leave=False,
+        disable=None if progress is None else not progress,
+    ) as bar:
         for batch in loader:
             batch = batch.to(device)
             with torch.set_grad_enabled(forces or stress):
@@ -58,10 +70,17 @@ def bounded_subset(indices: np.ndarray, limit: int | None, seed: int = 0) -> np.
     return np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
 
 
-def evaluate(model: AtomisticModel, data: PackedDataset, indices: np.ndarray,
-             batch_size: int = 100, forces: bool = False, progress: bool | None = None,
-             deadline: float | None = None, seed: int = 0, stress: bool = False
-             ) -> dict[str, float]:
+def evaluate(
+    model: AtomisticModel,
+    data: PackedDataset,
+    indices: np.ndarray,
+    batch_size: int = 100,
+    forces: bool = False,
+    progress: bool | None = None,
+    deadline: float | None = None,
+    seed: int = 0,
+    stress: bool = False,
+) -> dict[str, float]:
     """MAE and RMSE of the target (and forces, stress) on ``indices``, in internal units.
 
     ``n_evaluated`` in the result counts the structures used: fewer than ``len(indices)``
@@ -71,15 +90,27 @@ def evaluate(model: AtomisticModel, data: PackedDataset, indices: np.ndarray,
     indices = np.asarray(indices)
     if deadline is not None:
         indices = np.random.default_rng(seed).permutation(indices)
-    pred = predict_dataset(model, data, indices, batch_size, forces, progress, deadline,
-                           description="evaluate", stress=stress)
+    pred = predict_dataset(
+        model,
+        data,
+        indices,
+        batch_size,
+        forces,
+        progress,
+        deadline,
+        description="evaluate",
+        stress=stress,
+    )
     target = model.target
     n = len(pred[target])
     indices = indices[:n]
     ref = np.asarray(data.targets[target])[indices]
     err = pred[target] - ref
-    metrics = {f"{target}_mae": float(np.abs(err).mean()),
-               f"{target}_rmse": float(np.sqrt((err**2).mean())), "n_evaluated": n}
+    metrics = {
+        f"{target}_mae": float(np.abs(err).mean()),
+        f"{target}_rmse": float(np.sqrt((err**2).mean())),
+        "n_evaluated": n,
+    }
     if forces:
         atoms = data.atom_index(indices)
         ferr = pred["forces"] - np.asarray(data.targets["forces"])[atoms]

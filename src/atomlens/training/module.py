@@ -23,27 +23,44 @@ from ..models.potential import AtomisticModel
 
 
 class AtomisticTask(pl.LightningModule):
-    def __init__(self, model: AtomisticModel, forces: bool = False, rho: float = 0.01,
-                 lr: float = 5e-4, lr_factor: float = 0.5, lr_patience: int = 25,
-                 lr_min: float = 1e-6, stress: bool = False, stress_weight: float = 100.0):
+    def __init__(
+        self,
+        model: AtomisticModel,
+        forces: bool = False,
+        rho: float = 0.01,
+        lr: float = 5e-4,
+        lr_factor: float = 0.5,
+        lr_patience: int = 25,
+        lr_min: float = 1e-6,
+        stress: bool = False,
+        stress_weight: float = 100.0,
+    ):
         super().__init__()
         self.model = model
         self.forces, self.rho = forces, rho
         self.stress, self.stress_weight = stress, stress_weight
         self.lr, self.lr_factor, self.lr_patience, self.lr_min = lr, lr_factor, lr_patience, lr_min
         self.target = model.target
-        names = self.names = ([self.target] + (["forces"] if forces else [])
-                              + (["stress"] if stress else []))
-        self.metrics = torch.nn.ModuleDict({
-            f"{stage}_{name}_{kind}": (MeanAbsoluteError() if kind == "mae"
-                                       else MeanSquaredError(squared=False))
-            for stage in ("val", "test") for name in names for kind in ("mae", "rmse")})
+        names = self.names = (
+            [self.target] + (["forces"] if forces else []) + (["stress"] if stress else [])
+        )
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{stage}_{name}_{kind}": (
+                    MeanAbsoluteError() if kind == "mae" else MeanSquaredError(squared=False)
+                )
+                for stage in ("val", "test")
+                for name in names
+                for kind in ("mae", "rmse")
+            }
+        )
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.model(batch, forces=self.forces, stress=self.stress)
 
-    def loss(self, batch: Batch, pred: dict[str, torch.Tensor],
-             counts: tuple[float, float] | None = None) -> torch.Tensor:
+    def loss(
+        self, batch: Batch, pred: dict[str, torch.Tensor], counts: tuple[float, float] | None = None
+    ) -> torch.Tensor:
         """The loss of the module docstring; ``counts`` = (structures, atoms) of the whole
         global batch when ``batch`` is one rank's share of it (default: ``batch`` itself),
         so that sum_ranks loss_r = the global batch's loss whatever the shares."""
@@ -62,8 +79,9 @@ class AtomisticTask(pl.LightningModule):
         """(structures, atoms) of the global batch, summed over the data-parallel ranks."""
         if self._trainer is None or self.trainer.world_size == 1:
             return None
-        local = torch.tensor([batch.n_structures, batch.numbers.shape[0]], dtype=torch.float64,
-                             device=self.device)
+        local = torch.tensor(
+            [batch.n_structures, batch.numbers.shape[0]], dtype=torch.float64, device=self.device
+        )
         total = self.trainer.strategy.reduce(local, reduce_op="sum")
         return float(total[0]), float(total[1])
 
@@ -83,14 +101,22 @@ class AtomisticTask(pl.LightningModule):
     def _evaluate(self, batch: Batch, stage: str) -> None:
         with torch.enable_grad():  # forces need the graph even in validation
             pred = self(batch)
-        self.log(f"{stage}_loss", self.loss(batch, pred).detach(), batch_size=batch.n_structures,
-                 sync_dist=True)
+        self.log(
+            f"{stage}_loss",
+            self.loss(batch, pred).detach(),
+            batch_size=batch.n_structures,
+            sync_dist=True,
+        )
         for name in self.names:
             for kind in ("mae", "rmse"):
                 metric = self.metrics[f"{stage}_{name}_{kind}"]
                 metric(pred[name].detach(), batch.targets[name])
-                self.log(f"{stage}_{name}_{kind}", metric, batch_size=batch.n_structures,
-                         prog_bar=(stage == "val" and kind == "mae"))
+                self.log(
+                    f"{stage}_{name}_{kind}",
+                    metric,
+                    batch_size=batch.n_structures,
+                    prog_bar=(stage == "val" and kind == "mae"),
+                )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -103,7 +129,15 @@ class AtomisticTask(pl.LightningModule):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(trainable, lr=self.lr)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=self.lr_factor, patience=self.lr_patience, min_lr=self.lr_min)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch",
-                                 "frequency": 1, "strict": False}}
+            optimizer, factor=self.lr_factor, patience=self.lr_patience, min_lr=self.lr_min
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "monitor": "val_loss",
+                "interval": "epoch",
+                "frequency": 1,
+                "strict": False,
+            },
+        }

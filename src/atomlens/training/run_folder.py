@@ -33,9 +33,24 @@ FINGERPRINT = "fingerprint.json"
 #: new run writes its own (the model is replaced atomically at the end)
 RUN_FILES = ("checkpoints", "split.npz", FINGERPRINT, "train_config.yaml", "metrics.json")
 #: configuration fields a resumed run may change: budgets, display, hardware, paths
-RESUMABLE = frozenset({"data", "out", "max_epochs", "max_minutes", "early_stopping_patience",
-                       "check_val_every", "progress", "threads", "device", "devices",
-                       "num_nodes", "strategy", "num_workers", "compile"})
+RESUMABLE = frozenset(
+    {
+        "data",
+        "out",
+        "max_epochs",
+        "max_minutes",
+        "early_stopping_patience",
+        "check_val_every",
+        "progress",
+        "threads",
+        "device",
+        "devices",
+        "num_nodes",
+        "strategy",
+        "num_workers",
+        "compile",
+    }
+)
 CHECKPOINT_KEY = "atomlens_fingerprint"
 
 
@@ -46,8 +61,10 @@ class RunFolderError(ValueError):
 def is_primary_process() -> bool:
     """False in the extra processes a distributed launcher (Lightning, torchrun, SLURM)
     starts; only the primary process guards and prepares the folder."""
-    return all(os.environ.get(name, "0") in ("", "0")
-               for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
+    return all(
+        os.environ.get(name, "0") in ("", "0")
+        for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
+    )
 
 
 @contextlib.contextmanager
@@ -61,8 +78,10 @@ def locked(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunFolderError(f"{out}: another atomlens train is running in this folder; "
-                                 f"wait for it to end or choose another --out") from None
+            raise RunFolderError(
+                f"{out}: another atomlens train is running in this folder; "
+                f"wait for it to end or choose another --out"
+            ) from None
         yield
     finally:
         handle.close()  # closing releases the lock
@@ -75,18 +94,22 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> None:
     last = out / "checkpoints" / "last.ckpt"
     if resume:
         if not last.is_file():
-            raise RunFolderError(f"{out}: nothing to resume ({last} does not exist); start a "
-                                 f"new run without --resume (add --overwrite if the folder "
-                                 f"holds files)")
+            raise RunFolderError(
+                f"{out}: nothing to resume ({last} does not exist); start a "
+                f"new run without --resume (add --overwrite if the folder "
+                f"holds files)"
+            )
         return
     entries = sorted(p.name for p in out.iterdir() if p.name != LOCK)
     if not entries:
         return
     if not overwrite:
-        raise RunFolderError(f"{out}: the folder is not empty ({', '.join(entries[:5])}"
-                             f"{', ...' if len(entries) > 5 else ''}); pass --resume to go on "
-                             f"with the run there, --overwrite to replace it, or choose "
-                             f"another --out")
+        raise RunFolderError(
+            f"{out}: the folder is not empty ({', '.join(entries[:5])}"
+            f"{', ...' if len(entries) > 5 else ''}); pass --resume to go on "
+            f"with the run there, --overwrite to replace it, or choose "
+            f"another --out"
+        )
     for name in RUN_FILES:
         target = out / name
         if target.is_dir():
@@ -119,12 +142,19 @@ def fingerprint(config, data, split: dict[str, np.ndarray]) -> dict:
     """What identifies a run: config (minus :data:`RESUMABLE`), data content, split."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}
     targets = [np.asarray(data.targets[k]) for k in sorted(data.targets)]
-    return {"config": _plain(json.loads(json.dumps(settings, default=str))),
-            "data": {"n_structures": len(data),
-                     "content": _digest(np.asarray(data.numbers), np.asarray(data.positions),
-                                        np.asarray(data.offsets), *targets)},
-            "split": {name: _digest(np.asarray(split[name], dtype=np.int64))
-                      for name in sorted(split)}}
+    return {
+        "config": _plain(json.loads(json.dumps(settings, default=str))),
+        "data": {
+            "n_structures": len(data),
+            "content": _digest(
+                np.asarray(data.numbers),
+                np.asarray(data.positions),
+                np.asarray(data.offsets),
+                *targets,
+            ),
+        },
+        "split": {name: _digest(np.asarray(split[name], dtype=np.int64)) for name in sorted(split)},
+    }
 
 
 def digest(print_: dict) -> str:
@@ -137,8 +167,11 @@ def _differences(old: dict, new: dict) -> list[str]:
     for key in sorted(set(old["config"]) | set(new["config"])):
         a, b = old["config"].get(key), new["config"].get(key)
         if key == "model" and isinstance(a, dict) and isinstance(b, dict):
-            out += [f"model.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                    if a.get(k) != b.get(k)]
+            out += [
+                f"model.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
         elif a != b:
             out.append(f"{key}: {a!r} -> {b!r}")
     if old["data"] != new["data"]:
@@ -159,24 +192,30 @@ def check_resume(out: Path, print_: dict) -> None:
     the run described by ``print_``; a checkpoint that is not plain tensors is refused too."""
     stored_file = out / FINGERPRINT
     if not stored_file.is_file():
-        raise RunFolderError(f"{out}: the run there has no {FINGERPRINT} (made by an older "
-                             f"atomlens or not by atomlens), so resuming cannot be checked; "
-                             f"start afresh with --overwrite")
+        raise RunFolderError(
+            f"{out}: the run there has no {FINGERPRINT} (made by an older "
+            f"atomlens or not by atomlens), so resuming cannot be checked; "
+            f"start afresh with --overwrite"
+        )
     try:
         stored = json.loads(stored_file.read_text())
     except (OSError, ValueError) as err:
         raise RunFolderError(f"{stored_file}: damaged ({err})") from err
     changed = _differences(stored, print_)
     if changed:
-        raise RunFolderError(f"{out}: --resume with a different run than the one there: "
-                             f"{'; '.join(changed)}. Resume with the original settings "
-                             f"(only budgets such as max_epochs may change), or start afresh "
-                             f"with --overwrite or another --out")
+        raise RunFolderError(
+            f"{out}: --resume with a different run than the one there: "
+            f"{'; '.join(changed)}. Resume with the original settings "
+            f"(only budgets such as max_epochs may change), or start afresh "
+            f"with --overwrite or another --out"
+        )
     last = out / "checkpoints" / "last.ckpt"
     checkpoint = load_checkpoint(last)
     if checkpoint.get(CHECKPOINT_KEY) != digest(print_):
-        raise RunFolderError(f"{last}: this checkpoint was not written by the run in {out} "
-                             f"(its fingerprint differs); refusing to resume from it")
+        raise RunFolderError(
+            f"{last}: this checkpoint was not written by the run in {out} "
+            f"(its fingerprint differs); refusing to resume from it"
+        )
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -184,10 +223,12 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (UnpicklingError for objects, others if damaged)
-        raise RunFolderError(f"{path}: not a checkpoint atomlens can read safely: it is "
-                             f"damaged, or holds objects other than tensors and plain values "
-                             f"(which would run code when loaded); refusing it "
-                             f"({type(err).__name__})") from None
+        raise RunFolderError(
+            f"{path}: not a checkpoint atomlens can read safely: it is "
+            f"damaged, or holds objects other than tensors and plain values "
+            f"(which would run code when loaded); refusing it "
+            f"({type(err).__name__})"
+        ) from None
 
 
 class FingerprintCallback(Callback):

@@ -51,8 +51,10 @@ def load_dataset(config: TrainConfig) -> PackedDataset:
 
     data = open_dataset(config.data, config.energy_unit, config.length_unit)
     if config.target not in data.targets:
-        raise DataError(f"{config.data}: unknown target {config.target!r}; "
-                        f"this data set has {sorted(data.targets)}")
+        raise DataError(
+            f"{config.data}: unknown target {config.target!r}; "
+            f"this data set has {sorted(data.targets)}"
+        )
     if config.forces and "forces" not in data.targets:
         raise DataError(f"{config.data}: forces requested but the data set has no forces")
     if config.stress and "stress" not in data.targets:
@@ -74,8 +76,11 @@ def adapt_to_data(config: TrainConfig, data: PackedDataset) -> TrainConfig:
     unit = data.units.get(config.target, "")
     # a target in debye is a dipole moment norm: predicted from latent charges (dipole.py)
     output = "dipole" if unit == "Debye" else "scalar"
-    overrides = {"model.target": config.target, "model.aggregation": aggregation,
-                 "model.output": output}
+    overrides = {
+        "model.target": config.target,
+        "model.aggregation": aggregation,
+        "model.output": output,
+    }
     if unit:
         overrides["model.unit"] = unit
     return config.updated(**overrides)
@@ -106,17 +111,22 @@ def initial_model(config: TrainConfig, data: PackedDataset) -> AtomisticModel:
     """
     model = load_model(config.init_from).float().train()
     if model.target != config.target:
-        raise ValueError(f"{config.init_from}: the model predicts {model.target!r}, the "
-                         f"training target is {config.target!r}")
+        raise ValueError(
+            f"{config.init_from}: the model predicts {model.target!r}, the "
+            f"training target is {config.target!r}"
+        )
     unit = data.units.get(config.target, model.config.unit)
     if unit != model.config.unit:
-        raise ValueError(f"{config.init_from}: the model predicts {model.config.unit}, "
-                         f"the data {config.target!r} is in {unit}")
+        raise ValueError(
+            f"{config.init_from}: the model predicts {model.config.unit}, "
+            f"the data {config.target!r} is in {unit}"
+        )
     return model
 
 
-def refit_offset(model: AtomisticModel, data: PackedDataset, train_idx: np.ndarray,
-                 batch_size: int = 100) -> float:
+def refit_offset(
+    model: AtomisticModel, data: PackedDataset, train_idx: np.ndarray, batch_size: int = 100
+) -> float:
     """Least-squares per-atom offset of an extensive model on the training split.
 
     Forces do not see the zero of the energy, and with a small energy weight (rho = 0.01) the
@@ -135,8 +145,15 @@ def refit_offset(model: AtomisticModel, data: PackedDataset, train_idx: np.ndarr
 class PackedDataModule(pl.LightningDataModule):
     """Loaders over one packed data set; each DDP rank takes its share of every global batch."""
 
-    def __init__(self, data: PackedDataset, split: dict[str, np.ndarray], cutoff: float | None,
-                 batch_size: int, seed: int = 0, num_workers: int = 0):
+    def __init__(
+        self,
+        data: PackedDataset,
+        split: dict[str, np.ndarray],
+        cutoff: float | None,
+        batch_size: int,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
         super().__init__()
         self.data, self.split, self.cutoff = data, split, cutoff
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
@@ -144,9 +161,17 @@ class PackedDataModule(pl.LightningDataModule):
     def _loader(self, name: str, shuffle: bool):
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
-        return make_loader(self.data, self.split[name], self.batch_size, self.cutoff,
-                           shuffle=shuffle, seed=self.seed, rank=rank, world_size=world,
-                           num_workers=self.num_workers)
+        return make_loader(
+            self.data,
+            self.split[name],
+            self.batch_size,
+            self.cutoff,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+        )
 
     def train_dataloader(self):
         return self._loader("train", True)
@@ -170,9 +195,14 @@ def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[st
     return split
 
 
-def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None = None,
-          overwrite: bool = False, split: dict[str, np.ndarray] | None = None,
-          started: float | None = None) -> dict:
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    data: PackedDataset | None = None,
+    overwrite: bool = False,
+    split: dict[str, np.ndarray] | None = None,
+    started: float | None = None,
+) -> dict:
     """Train a model as ``config`` says; returns the test metrics (internal units).
 
     With ``resume=True`` a run killed half-way goes on from ``checkpoints/last.ckpt``
@@ -194,8 +224,13 @@ def train(config: TrainConfig, resume: bool = False, data: PackedDataset | None 
         return _train(config, resume, data, split, deadline)
 
 
-def _train(config: TrainConfig, resume: bool, data: PackedDataset | None,
-           split: dict[str, np.ndarray] | None, deadline: float | None) -> dict:
+def _train(
+    config: TrainConfig,
+    resume: bool,
+    data: PackedDataset | None,
+    split: dict[str, np.ndarray] | None,
+    deadline: float | None,
+) -> dict:
     out = Path(config.out)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -228,28 +263,54 @@ def _train(config: TrainConfig, resume: bool, data: PackedDataset | None,
         model.representation.requires_grad_(False)
     if config.compile:
         if config.forces:
-            raise ValueError("compile: torch.compile does not support the double backward of "
-                             "force training; train with compile: false")
+            raise ValueError(
+                "compile: torch.compile does not support the double backward of "
+                "force training; train with compile: false"
+            )
         model.representation.compile(dynamic=True)  # in place: state-dict keys unchanged
-    task = AtomisticTask(model, forces=config.forces, rho=config.rho, lr=config.lr,
-                         lr_factor=config.lr_factor, lr_patience=config.lr_patience,
-                         lr_min=config.lr_min, stress=config.stress,
-                         stress_weight=config.stress_weight)
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_loss",
-                                 save_top_k=1, enable_version_counter=False)
+    task = AtomisticTask(
+        model,
+        forces=config.forces,
+        rho=config.rho,
+        lr=config.lr,
+        lr_factor=config.lr_factor,
+        lr_patience=config.lr_patience,
+        lr_min=config.lr_min,
+        stress=config.stress,
+        stress_weight=config.stress_weight,
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="best",
+        monitor="val_loss",
+        save_top_k=1,
+        enable_version_counter=False,
+    )
     # the latest state after every epoch, whether or not it is the best: what a resume needs
-    latest = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None,
-                             save_top_k=1, save_on_train_epoch_end=True,
-                             enable_version_counter=False)
-    callbacks = [checkpoint, latest, EarlyStopping("val_loss", patience=config.early_stopping_patience),
-                 LearningRateMonitor("epoch"),
-                 run_folder.FingerprintCallback(run_folder.digest(fingerprint))]
+    latest = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    callbacks = [
+        checkpoint,
+        latest,
+        EarlyStopping("val_loss", patience=config.early_stopping_patience),
+        LearningRateMonitor("epoch"),
+        run_folder.FingerprintCallback(run_folder.digest(fingerprint)),
+    ]
     if config.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if config.ema_decay:
         callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)))
-    test = split["test"] if config.full_test else bounded_subset(split["test"], config.test_subset,
-                                                                 config.seed)
+    test = (
+        split["test"]
+        if config.full_test
+        else bounded_subset(split["test"], config.test_subset, config.seed)
+    )
     refit = bool(config.forces and model.config.aggregation == "sum")
     refit_idx = bounded_subset(split["train"], config.test_subset, config.seed) if refit else None
     budget = None
@@ -258,17 +319,28 @@ def _train(config: TrainConfig, resume: bool, data: PackedDataset | None,
         budget = BudgetStop(deadline, n_after)
         callbacks.append(budget)
     trainer = pl.Trainer(
-        accelerator=config.device, devices=config.devices, num_nodes=config.num_nodes,
-        strategy=config.strategy, precision=config.precision, max_epochs=config.max_epochs,
+        accelerator=config.device,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        precision=config.precision,
+        max_epochs=config.max_epochs,
         callbacks=callbacks,
         logger=_loggers(out),
-        inference_mode=False, use_distributed_sampler=False, enable_progress_bar=config.progress,
-        enable_model_summary=False, check_val_every_n_epoch=config.check_val_every,
-        log_every_n_steps=10, default_root_dir=out, deterministic=False)
+        inference_mode=False,
+        use_distributed_sampler=False,
+        enable_progress_bar=config.progress,
+        enable_model_summary=False,
+        check_val_every_n_epoch=config.check_val_every,
+        log_every_n_steps=10,
+        default_root_dir=out,
+        deterministic=False,
+    )
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if resume and last.exists() else None
-    datamodule = PackedDataModule(data, split, model.cutoff, config.batch_size, config.seed,
-                                  config.num_workers)
+    datamodule = PackedDataModule(
+        data, split, model.cutoff, config.batch_size, config.seed, config.num_workers
+    )
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     if trainer.global_rank != 0:
@@ -280,20 +352,46 @@ def _train(config: TrainConfig, resume: bool, data: PackedDataset | None,
     model = task.model.cpu().float().eval()
     if refit:
         refit_offset(model, data, refit_idx, config.batch_size)
-    metrics = evaluate(model, data, test, batch_size=config.batch_size, forces=config.forces,
-                       progress=config.progress, deadline=deadline, seed=config.seed,
-                       stress=config.stress) if len(test) else {}
-    metrics.update(epochs=trainer.current_epoch, n_train=len(split["train"]),
-                   n_val=len(split["val"]), n_test=len(split["test"]),
-                   n_test_evaluated=metrics.pop("n_evaluated", 0), unit=unit,
-                   stopped_by_budget=bool(budget and budget.stopped))
-    save_model(model, out / "model",
-               extra_files={"split.npz": lambda p: save_split(p, split),
-                            "train_config.yaml": lambda p: save_config(config, p)},
-               metadata={"units": dict(data.units), "metrics": _plain(metrics),
-                         "data": config.data,
-                         "elements": np.unique(np.asarray(data.numbers)[
-                             data.atom_index(split["train"])]).tolist()})
+    metrics = (
+        evaluate(
+            model,
+            data,
+            test,
+            batch_size=config.batch_size,
+            forces=config.forces,
+            progress=config.progress,
+            deadline=deadline,
+            seed=config.seed,
+            stress=config.stress,
+        )
+        if len(test)
+        else {}
+    )
+    metrics.update(
+        epochs=trainer.current_epoch,
+        n_train=len(split["train"]),
+        n_val=len(split["val"]),
+        n_test=len(split["test"]),
+        n_test_evaluated=metrics.pop("n_evaluated", 0),
+        unit=unit,
+        stopped_by_budget=bool(budget and budget.stopped),
+    )
+    save_model(
+        model,
+        out / "model",
+        extra_files={
+            "split.npz": lambda p: save_split(p, split),
+            "train_config.yaml": lambda p: save_config(config, p),
+        },
+        metadata={
+            "units": dict(data.units),
+            "metrics": _plain(metrics),
+            "data": config.data,
+            "elements": np.unique(
+                np.asarray(data.numbers)[data.atom_index(split["train"])]
+            ).tolist(),
+        },
+    )
     (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=1))
     return metrics
 
@@ -309,8 +407,10 @@ def _loggers(out: Path) -> list:
 
 
 def _plain(d: dict) -> dict:
-    return {k: (float(v) if isinstance(v, (np.floating, float)) and math.isfinite(v) else v)
-            for k, v in d.items()}
+    return {
+        k: (float(v) if isinstance(v, (np.floating, float)) and math.isfinite(v) else v)
+        for k, v in d.items()
+    }
 
 
 class _CallableModule(types.ModuleType):

@@ -15,14 +15,30 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "QM9_TARGETS": "qm9", "load_qm9": "qm9", "read_qm9_csv": "qm9",
-    "read_md17": "md17", "write_md17": "md17",
-    "read_iso17": "iso17", "write_iso17": "iso17",
-    "read_ase": "ase_files", "write_ase": "ase_files", "read_any": "ase_files",
+    "QM9_TARGETS": "qm9",
+    "load_qm9": "qm9",
+    "read_qm9_csv": "qm9",
+    "read_md17": "md17",
+    "write_md17": "md17",
+    "read_iso17": "iso17",
+    "write_iso17": "iso17",
+    "read_ase": "ase_files",
+    "write_ase": "ase_files",
+    "read_any": "ase_files",
 }
 
-__all__ = ["QM9_TARGETS", "load_qm9", "read_any", "read_ase", "read_iso17",
-           "read_md17", "read_qm9_csv", "write_ase", "write_iso17", "write_md17"]
+__all__ = [
+    "QM9_TARGETS",
+    "load_qm9",
+    "read_any",
+    "read_ase",
+    "read_iso17",
+    "read_md17",
+    "read_qm9_csv",
+    "write_ase",
+    "write_iso17",
+    "write_md17",
+]
 
 
 def __getattr__(name: str):

@@ -45,8 +45,7 @@ def _stated_units(frames, source: str, path: Path | None = None) -> dict[str, st
     if path is not None and path.suffix.lower() == ".db":
         from ase.db import connect
 
-        stated.update({k: str(v) for k, v in connect(str(path)).metadata.items()
-                       if k in UNIT_KEYS})
+        stated.update({k: str(v) for k, v in connect(str(path)).metadata.items() if k in UNIT_KEYS})
     for key in UNIT_KEYS:
         values = {str(a.info[key]) for a in frames if key in a.info}
         if len(values) > 1 or (values and not all(key in a.info for a in frames)):
@@ -64,10 +63,16 @@ def _stress_matrix(value) -> np.ndarray:
     return voigt_6_to_full_3x3_stress(value) if value.shape == (6,) else value.reshape(3, 3)
 
 
-def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: str = "forces",
-             energy_unit: str | None = None, length_unit: str | None = None,
-             index: str | int = ":", format: str | None = None,
-             stress_key: str = "stress") -> PackedDataset:
+def read_ase(
+    path: str | os.PathLike,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    energy_unit: str | None = None,
+    length_unit: str | None = None,
+    index: str | int = ":",
+    format: str | None = None,
+    stress_key: str = "stress",
+) -> PackedDataset:
     """Read frames with :func:`ase.io.read` into a :class:`PackedDataset`.
 
     Args:
@@ -93,22 +98,38 @@ def read_ase(path: str | os.PathLike, energy_key: str = "energy", forces_key: st
     try:
         frames = read(str(path), index=index, format=format)
     except Exception as err:  # each ASE format raises its own errors for bad input
-        raise DataError(f"{path}: ASE could not read the file, malformed or truncated "
-                        f"({type(err).__name__}: {err})") from err
+        raise DataError(
+            f"{path}: ASE could not read the file, malformed or truncated "
+            f"({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(frames, list):
         frames = [frames]
     if not frames:
         raise DataError(f"{path}: no structures in the file")
-    return pack_frames(frames, str(path), energy_key, forces_key, stress_key, energy_unit,
-                       length_unit, _stated_units(frames, str(path), path),
-                       meta={"source_file": path.name})
+    return pack_frames(
+        frames,
+        str(path),
+        energy_key,
+        forces_key,
+        stress_key,
+        energy_unit,
+        length_unit,
+        _stated_units(frames, str(path), path),
+        meta={"source_file": path.name},
+    )
 
 
-def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energy",
-                forces_key: str | None = "forces", stress_key: str | None = "stress",
-                energy_unit: str | None = None, length_unit: str | None = None,
-                stated: dict[str, str] | None = None, meta: dict | None = None
-                ) -> PackedDataset:
+def pack_frames(
+    frames,
+    source: str = "<atoms>",
+    energy_key: str | None = "energy",
+    forces_key: str | None = "forces",
+    stress_key: str | None = "stress",
+    energy_unit: str | None = None,
+    length_unit: str | None = None,
+    stated: dict[str, str] | None = None,
+    meta: dict | None = None,
+) -> PackedDataset:
     """ASE ``Atoms`` -> :class:`PackedDataset`, values converted to eV and Angstrom.
 
     Energies, forces and stress come from each frame's calculator results (a
@@ -122,28 +143,35 @@ def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energ
     """
     stated = stated if stated is not None else _stated_units(frames, source)
     has_energy = energy_key is not None and any(
-        _value(a, energy_key, False) is not None for a in frames)
+        _value(a, energy_key, False) is not None for a in frames
+    )
     try:
-        energy_unit = units.resolve_unit("energy", stated.get("energy_unit"), energy_unit,
-                                         None if has_energy else "eV")
-        length_unit = units.resolve_unit("length", stated.get("length_unit"), length_unit,
-                                         "Angstrom")
+        energy_unit = units.resolve_unit(
+            "energy", stated.get("energy_unit"), energy_unit, None if has_energy else "eV"
+        )
+        length_unit = units.resolve_unit(
+            "length", stated.get("length_unit"), length_unit, "Angstrom"
+        )
         if energy_unit is None:
-            raise ValueError("there are energies, but the data does not state their unit; "
-                             "declare it (energy_unit=..., --energy-unit "
-                             "eV/kcal/mol/hartree/...) or store energy_unit in the file")
+            raise ValueError(
+                "there are energies, but the data does not state their unit; "
+                "declare it (energy_unit=..., --energy-unit "
+                "eV/kcal/mol/hartree/...) or store energy_unit in the file"
+            )
         e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
-        units.check_force_unit(stated.get("force_unit", f"{energy_unit}/{length_unit}"),
-                               energy_unit, length_unit)
+        units.check_force_unit(
+            stated.get("force_unit", f"{energy_unit}/{length_unit}"), energy_unit, length_unit
+        )
     except ValueError as err:
         raise DataError(f"{source}: {err}") from err
     structures = [(a.numbers, a.positions * r_factor) for a in frames]
     periodic = any(a.pbc.any() for a in frames)
     targets, target_units = {}, {}
     for key, name, per_atom, factor, unit in (
-            (energy_key, "energy", False, e_factor, "eV"),
-            (forces_key, "forces", True, e_factor / r_factor, "eV/Angstrom"),
-            (stress_key, "stress", False, e_factor / r_factor**3, "eV/Angstrom^3")):
+        (energy_key, "energy", False, e_factor, "eV"),
+        (forces_key, "forces", True, e_factor / r_factor, "eV/Angstrom"),
+        (stress_key, "stress", False, e_factor / r_factor**3, "eV/Angstrom^3"),
+    ):
         if key is None:
             continue
         values = [_value(a, key, per_atom) for a in frames]
@@ -166,16 +194,25 @@ def pack_frames(frames, source: str = "<atoms>", energy_key: str | None = "energ
         if all(isinstance(v, (int, float, str, np.integer, np.floating)) for v in values):
             extras[key] = values
     return PackedDataset.from_structures(
-        structures, targets, target_units, extras,
-        meta={**(meta or {}),
-              "source_units": {"energy": energy_unit, "positions": length_unit}},
-        source=source, per_atom=[k for k in targets if k == "forces"],
+        structures,
+        targets,
+        target_units,
+        extras,
+        meta={**(meta or {}), "source_units": {"energy": energy_unit, "positions": length_unit}},
+        source=source,
+        per_atom=[k for k in targets if k == "forces"],
         cells=[a.cell.array * r_factor for a in frames] if periodic else None,
-        pbc=[a.pbc for a in frames] if periodic else None)
+        pbc=[a.pbc for a in frames] if periodic else None,
+    )
 
 
-def write_ase(path: str | os.PathLike, dataset: PackedDataset, energy_key: str = "energy",
-              forces_key: str = "forces", format: str | None = None) -> Path:
+def write_ase(
+    path: str | os.PathLike,
+    dataset: PackedDataset,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    format: str | None = None,
+) -> Path:
     """Write ``dataset`` with :func:`ase.io.write` (eV, Angstrom), atomically.
 
     Energy and forces go into a :class:`~ase.calculators.singlepoint.SinglePointCalculator`
@@ -236,7 +273,9 @@ def read_any(path: str | os.PathLike, **kwargs) -> PackedDataset:
             for key, value in kwargs.items():
                 factor = units.energy_factor if key == "energy_unit" else units.length_factor
                 if key not in declared or factor(value) != 1.0:
-                    raise DataError(f"{path}: ISO17-layout databases are in eV and Angstrom; "
-                                    f"option {key}={value!r} does not apply")
+                    raise DataError(
+                        f"{path}: ISO17-layout databases are in eV and Angstrom; "
+                        f"option {key}={value!r} does not apply"
+                    )
             return read_iso17(path)
     return read_ase(path, **kwargs)

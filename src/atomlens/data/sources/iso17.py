@@ -59,8 +59,10 @@ def read_iso17(path: str | os.PathLike) -> PackedDataset:
             for row in db.select():
                 kvp = row.key_value_pairs
                 if ENERGY_KEY not in kvp:
-                    raise DataError(f"{path}: row {row.id} has no {ENERGY_KEY!r} key-value pair "
-                                    f"(not the ISO17 layout; try read_ase)")
+                    raise DataError(
+                        f"{path}: row {row.id} has no {ENERGY_KEY!r} key-value pair "
+                        f"(not the ISO17 layout; try read_ase)"
+                    )
                 data = row.data
                 if FORCES_KEY not in data:
                     raise DataError(f"{path}: row {row.id} has no data[{FORCES_KEY!r}]")
@@ -72,24 +74,36 @@ def read_iso17(path: str | os.PathLike) -> PackedDataset:
     except DataError:
         raise
     except Exception as err:  # sqlite3.DatabaseError, ValueError, ...
-        raise DataError(f"{path}: not a readable ASE database, damaged or truncated "
-                        f"({type(err).__name__}: {err})") from err
+        raise DataError(
+            f"{path}: not a readable ASE database, damaged or truncated "
+            f"({type(err).__name__}: {err})"
+        ) from err
     if not structures:
         raise DataError(f"{path}: the database is empty")
     for (z, _), f, row_id in zip(structures, forces, ids):
         if f.shape != (len(z), 3):
-            raise DataError(f"{path}: row {row_id} has forces of shape {f.shape} for {len(z)} atoms")
+            raise DataError(
+                f"{path}: row {row_id} has forces of shape {f.shape} for {len(z)} atoms"
+            )
     common = set(pairs[0]).difference({ENERGY_KEY}).intersection(*pairs[1:])
     extras = {k: [p[k] for p in pairs] for k in sorted(common)}
     extras["row_id"] = ids
     return PackedDataset.from_structures(
-        structures, {"energy": energies, "forces": forces},
-        {"energy": "eV", "forces": "eV/Angstrom"}, extras,
-        meta={"source_file": path.name, "layout": "ISO17"}, source=str(path))
+        structures,
+        {"energy": energies, "forces": forces},
+        {"energy": "eV", "forces": "eV/Angstrom"},
+        extras,
+        meta={"source_file": path.name, "layout": "ISO17"},
+        source=str(path),
+    )
 
 
-def write_iso17(path: str | os.PathLike, dataset: PackedDataset, energy_key: str = "energy",
-                forces_key: str = "forces") -> Path:
+def write_iso17(
+    path: str | os.PathLike,
+    dataset: PackedDataset,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+) -> Path:
     """Write ``dataset`` as an ISO17-layout ASE database (eV, eV/Angstrom), atomically.
 
     Per-structure extras of number or string type (``qm9_index``, ``frame``, ``smiles``,
@@ -107,9 +121,10 @@ def write_iso17(path: str | os.PathLike, dataset: PackedDataset, energy_key: str
     with atomic_file(path) as tmp, connect(str(tmp), type="db", append=False) as db:
         for m in range(len(dataset)):
             a, b = int(dataset.offsets[m]), int(dataset.offsets[m + 1])
-            atoms = Atoms(numbers=np.asarray(dataset.numbers[a:b]),
-                          positions=np.asarray(dataset.positions[a:b]))
+            atoms = Atoms(
+                numbers=np.asarray(dataset.numbers[a:b]),
+                positions=np.asarray(dataset.positions[a:b]),
+            )
             pairs = {k: v[m].item() for k, v in extras.items()}
-            db.write(atoms, data={FORCES_KEY: forces[a:b]}, total_energy=float(energy[m]),
-                     **pairs)
+            db.write(atoms, data={FORCES_KEY: forces[a:b]}, total_energy=float(energy[m]), **pairs)
     return path

@@ -28,8 +28,12 @@ def _scalar(value: np.ndarray):
     return value.item() if value.ndim == 0 else value.tolist()
 
 
-def read_md17(path: str | os.PathLike, energy_unit: str | None = None,
-              length_unit: str | None = None, assume_md17_units: bool = False) -> PackedDataset:
+def read_md17(
+    path: str | os.PathLike,
+    energy_unit: str | None = None,
+    length_unit: str | None = None,
+    assume_md17_units: bool = False,
+) -> PackedDataset:
     """Read an MD17/sGDML ``.npz`` into a :class:`PackedDataset` in eV and Angstrom.
 
     Args:
@@ -52,19 +56,24 @@ def read_md17(path: str | os.PathLike, energy_unit: str | None = None,
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as err:  # BadZipFile, EOFError, ValueError (pickled objects), ...
-        raise DataError(f"{path}: not a readable MD17 .npz file, damaged or truncated "
-                        f"({type(err).__name__}: {err})") from err
+        raise DataError(
+            f"{path}: not a readable MD17 .npz file, damaged or truncated "
+            f"({type(err).__name__}: {err})"
+        ) from err
     z = arrays.get("z", arrays.get("Z"))
-    missing = [k for k, v in (("z", z), ("R", arrays.get("R")), ("E", arrays.get("E")))
-               if v is None]
+    missing = [
+        k for k, v in (("z", z), ("R", arrays.get("R")), ("E", arrays.get("E"))) if v is None
+    ]
     if missing:
         raise DataError(f"{path}: MD17 file lacks the keys {missing} (has {sorted(arrays)})")
     z = np.asarray(z).astype(np.int64).ravel()
     positions, energy = np.asarray(arrays["R"], np.float64), np.asarray(arrays["E"], np.float64)
     n_frames, n_atoms = positions.shape[0], len(z)
     if positions.shape != (n_frames, n_atoms, 3):
-        raise DataError(f"{path}: R has shape {positions.shape}, expected ({n_frames}, "
-                        f"{n_atoms}, 3) for {n_atoms} atoms")
+        raise DataError(
+            f"{path}: R has shape {positions.shape}, expected ({n_frames}, "
+            f"{n_atoms}, 3) for {n_atoms} atoms"
+        )
     if energy.size != n_frames:
         raise DataError(f"{path}: E has {energy.size} values for {n_frames} frames")
     forces = arrays.get("F")
@@ -74,14 +83,17 @@ def read_md17(path: str | os.PathLike, energy_unit: str | None = None,
     def unit(key: str, given: str | None, kind: str) -> str:
         stored = str(arrays[key]) if key in arrays else None
         try:
-            chosen = units.resolve_unit(kind, stored, given,
-                                        MD17_UNITS[kind] if assume_md17_units else None)
+            chosen = units.resolve_unit(
+                kind, stored, given, MD17_UNITS[kind] if assume_md17_units else None
+            )
         except ValueError as err:
             raise DataError(f"{path}: {key}: {err}") from err
         if chosen is None:
-            raise DataError(f"{path}: the file does not state its {kind} unit ({key}); pass "
-                            f"{kind}_unit=... (MD17 files use {MD17_UNITS[kind]!r}) or "
-                            f"assume_md17_units=True")
+            raise DataError(
+                f"{path}: the file does not state its {kind} unit ({key}); pass "
+                f"{kind}_unit=... (MD17 files use {MD17_UNITS[kind]!r}) or "
+                f"assume_md17_units=True"
+            )
         return chosen
 
     e_unit, r_unit = unit("e_unit", energy_unit, "energy"), unit("r_unit", length_unit, "length")
@@ -99,14 +111,19 @@ def read_md17(path: str | os.PathLike, energy_unit: str | None = None,
         target_units["forces"] = "eV/Angstrom"
     skip = {"z", "Z", "R", "E", "F", "e_unit", "r_unit", "f_unit"}
     meta = {k: _scalar(v) for k, v in arrays.items() if k not in skip and np.asarray(v).size < 64}
-    meta.update(source_file=path.name, source_units={"energy": e_unit, "positions": r_unit,
-                                                      "forces": f_unit})
+    meta.update(
+        source_file=path.name,
+        source_units={"energy": e_unit, "positions": r_unit, "forces": f_unit},
+    )
     dataset = PackedDataset(
         numbers=np.tile(z.astype(np.int16), n_frames),
         positions=positions.reshape(-1, 3) * r_factor,
         offsets=np.arange(n_frames + 1, dtype=np.int64) * n_atoms,
-        targets=targets, units=target_units,
-        extras={"frame": np.arange(n_frames, dtype=np.int64)}, meta=meta)
+        targets=targets,
+        units=target_units,
+        extras={"frame": np.arange(n_frames, dtype=np.int64)},
+        meta=meta,
+    )
     dataset.validate(str(path))
     return dataset
 
@@ -120,9 +137,15 @@ def sgdml_md5(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def write_md17(path: str | os.PathLike, dataset: PackedDataset, energy_key: str = "energy",
-               forces_key: str = "forces", energy_unit: str = "kcal/mol",
-               length_unit: str = "Ang", **metadata) -> Path:
+def write_md17(
+    path: str | os.PathLike,
+    dataset: PackedDataset,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    energy_unit: str = "kcal/mol",
+    length_unit: str = "Ang",
+    **metadata,
+) -> Path:
     """Write ``dataset`` (all structures the same molecule, same atom order) as an MD17 ``.npz``.
 
     Energies and forces are converted from eV to ``energy_unit`` and
@@ -133,21 +156,31 @@ def write_md17(path: str | os.PathLike, dataset: PackedDataset, energy_key: str 
     counts = dataset.n_atoms_per
     n_frames, n_atoms = len(dataset), int(counts[0])
     numbers = np.asarray(dataset.numbers).reshape(-1)
-    if (counts != n_atoms).any() or (
-            numbers.reshape(n_frames, n_atoms) != numbers[:n_atoms]).any():
-        raise DataError(f"{path}: MD17 files hold one molecule; the structures differ in "
-                        f"composition or atom order")
+    if (counts != n_atoms).any() or (numbers.reshape(n_frames, n_atoms) != numbers[:n_atoms]).any():
+        raise DataError(
+            f"{path}: MD17 files hold one molecule; the structures differ in "
+            f"composition or atom order"
+        )
     e_back = 1.0 / units.energy_factor(energy_unit)
     r_back = 1.0 / units.length_factor(length_unit)
-    arrays = {"z": numbers[:n_atoms].astype(np.int64),
-              "R": np.asarray(dataset.positions, np.float64).reshape(n_frames, n_atoms, 3) * r_back}
+    arrays = {
+        "z": numbers[:n_atoms].astype(np.int64),
+        "R": np.asarray(dataset.positions, np.float64).reshape(n_frames, n_atoms, 3) * r_back,
+    }
     if energy_key in dataset.targets:
         arrays["E"] = np.asarray(dataset.targets[energy_key], np.float64).reshape(-1, 1) * e_back
     if forces_key in dataset.targets:
-        arrays["F"] = (np.asarray(dataset.targets[forces_key], np.float64)
-                       .reshape(n_frames, n_atoms, 3) * (e_back / r_back))
-    arrays.update({"r_unit": np.str_(length_unit), "e_unit": np.str_(energy_unit),
-                   "f_unit": np.str_(f"{energy_unit}/{length_unit}"), "type": np.str_("d")})
+        arrays["F"] = np.asarray(dataset.targets[forces_key], np.float64).reshape(
+            n_frames, n_atoms, 3
+        ) * (e_back / r_back)
+    arrays.update(
+        {
+            "r_unit": np.str_(length_unit),
+            "e_unit": np.str_(energy_unit),
+            "f_unit": np.str_(f"{energy_unit}/{length_unit}"),
+            "type": np.str_("d"),
+        }
+    )
     for key, value in metadata.items():
         arrays[key] = np.str_(value) if isinstance(value, str) else np.asarray(value)
     arrays["md5"] = np.str_(sgdml_md5(arrays))

@@ -20,8 +20,9 @@ import numpy as np
 from ..dataset import DataError, PackedDataset
 
 
-def open_dataset(spec: str, energy_unit: str | None = None,
-                 length_unit: str | None = None) -> PackedDataset:
+def open_dataset(
+    spec: str, energy_unit: str | None = None, length_unit: str | None = None
+) -> PackedDataset:
     """The dataset named by ``spec`` (see the module doc); units for files that need them."""
     spec = str(spec)
     if spec == "qm9" or spec.startswith("qm9:"):

@@ -64,24 +64,47 @@ PARSER_VERSION = 1
 
 #: target name -> unit (internal), pooling, CSV column and the factor from the CSV's unit
 QM9_TARGETS: dict[str, dict] = {
-    "U0": {"unit": "eV", "extensive": True, "column": "InternalEnergy_0K_au",
-           "factor": units.HARTREE_EV},
-    "U": {"unit": "eV", "extensive": True, "column": "InternalEnergy_298K_au",
-          "factor": units.HARTREE_EV},
-    "H": {"unit": "eV", "extensive": True, "column": "Enthalphy_298K_au",
-          "factor": units.HARTREE_EV},
-    "G": {"unit": "eV", "extensive": True, "column": "GibbsFreeEnergy_298K_au",
-          "factor": units.HARTREE_EV},
+    "U0": {
+        "unit": "eV",
+        "extensive": True,
+        "column": "InternalEnergy_0K_au",
+        "factor": units.HARTREE_EV,
+    },
+    "U": {
+        "unit": "eV",
+        "extensive": True,
+        "column": "InternalEnergy_298K_au",
+        "factor": units.HARTREE_EV,
+    },
+    "H": {
+        "unit": "eV",
+        "extensive": True,
+        "column": "Enthalphy_298K_au",
+        "factor": units.HARTREE_EV,
+    },
+    "G": {
+        "unit": "eV",
+        "extensive": True,
+        "column": "GibbsFreeEnergy_298K_au",
+        "factor": units.HARTREE_EV,
+    },
     "zpve": {"unit": "eV", "extensive": True, "column": "ZPVE_au", "factor": units.HARTREE_EV},
-    "cv": {"unit": "cal/mol/K", "extensive": True, "column": "Heatcapacity_Cv_cal_mol_K",
-           "factor": 1.0},
-    "alpha": {"unit": "bohr^3", "extensive": True, "column": "Polarizability_bohr3",
-              "factor": 1.0},
+    "cv": {
+        "unit": "cal/mol/K",
+        "extensive": True,
+        "column": "Heatcapacity_Cv_cal_mol_K",
+        "factor": 1.0,
+    },
+    "alpha": {"unit": "bohr^3", "extensive": True, "column": "Polarizability_bohr3", "factor": 1.0},
     "r2": {"unit": "bohr^2", "extensive": True, "column": "R2_bohr2", "factor": 1.0},
     "homo": {"unit": "eV", "extensive": False, "column": "HOMO_au", "factor": units.HARTREE_EV},
     "lumo": {"unit": "eV", "extensive": False, "column": "LUMO_au", "factor": units.HARTREE_EV},
-    "gap": {"unit": "eV", "extensive": False, "column": "HOMO_LUMO_gap_au",
-            "factor": units.HARTREE_EV},
+    "gap": {
+        "unit": "eV",
+        "extensive": False,
+        "column": "HOMO_LUMO_gap_au",
+        "factor": units.HARTREE_EV,
+    },
     "mu": {"unit": "Debye", "extensive": False, "column": "Dipole_debye", "factor": 1.0},
 }
 
@@ -141,7 +164,8 @@ def _read_columns(path: Path, wanted: Sequence[str], limit: int | None):
                         continue
                     raise DataError(
                         f"{path}:{reader.line_num}: row has {len(row)} fields, expected "
-                        f"{n_fields} (truncated or malformed row)")
+                        f"{n_fields} (truncated or malformed row)"
+                    )
                 for column, k in zip(columns, where):
                     column.append(row[k])
                 lines.append(reader.line_num)
@@ -169,16 +193,19 @@ def _row_atoms(elements: str, xyz: str, n_atoms: int, path: Path, line: int):
         if s not in atomic_numbers:
             raise DataError(f"{path}:{line}: unknown element symbol {s!r}")
     if len(symbols) != n_atoms:
-        raise DataError(f"{path}:{line}: N_atoms is {n_atoms} but Elements lists "
-                        f"{len(symbols)} atoms")
+        raise DataError(
+            f"{path}:{line}: N_atoms is {n_atoms} but Elements lists {len(symbols)} atoms"
+        )
     text = xyz.translate(_REMOVE_BRACKETS)
     try:
         coords = [float(v) for v in text.split(",")] if text.strip() else []
     except ValueError:
         raise DataError(f"{path}:{line}: malformed XYZ_Ang coordinates {xyz[:60]!r}") from None
     if len(coords) != 3 * n_atoms:
-        raise DataError(f"{path}:{line}: N_atoms is {n_atoms} but XYZ_Ang has "
-                        f"{len(coords)} numbers (expected {3 * n_atoms})")
+        raise DataError(
+            f"{path}:{line}: N_atoms is {n_atoms} but XYZ_Ang has "
+            f"{len(coords)} numbers (expected {3 * n_atoms})"
+        )
 
 
 def _parse_file(path: Path, limit: int | None) -> dict:
@@ -194,8 +221,9 @@ def _parse_file(path: Path, limit: int | None) -> dict:
         for k, line in enumerate(lines):
             for name in ("N_atoms", "Index"):
                 if not col[name][k].strip().isdigit():
-                    raise DataError(f"{path}:{line}: {name} is not an integer: "
-                                    f"{col[name][k]!r}") from None
+                    raise DataError(
+                        f"{path}:{line}: {name} is not an integer: {col[name][k]!r}"
+                    ) from None
         raise
     if (counts <= 0).any():
         k = int(np.argmax(counts <= 0))
@@ -231,12 +259,21 @@ def _parse_file(path: Path, limit: int | None) -> dict:
     targets = {}
     for name, spec in QM9_TARGETS.items():
         targets[name] = _to_float(col[spec["column"]], spec["column"], path, lines) * spec["factor"]
-    return {"numbers": numbers, "positions": flat.reshape(n_total, 3), "counts": counts,
-            "index": index, "smiles": col["SMILES"], "targets": targets}
+    return {
+        "numbers": numbers,
+        "positions": flat.reshape(n_total, 3),
+        "counts": counts,
+        "index": index,
+        "smiles": col["SMILES"],
+        "targets": targets,
+    }
 
 
-def read_qm9_csv(paths: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
-                 limit: int | None = None, validate: bool = True) -> PackedDataset:
+def read_qm9_csv(
+    paths: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+    limit: int | None = None,
+    validate: bool = True,
+) -> PackedDataset:
     """Read qm9pack CSV files into a :class:`PackedDataset`.
 
     Args:
@@ -276,16 +313,20 @@ def read_qm9_csv(paths: str | os.PathLike | Iterable[str | os.PathLike] | None =
         offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         targets={k: np.concatenate([p["targets"][k] for p in parts]) for k in QM9_TARGETS},
         units={k: spec["unit"] for k, spec in QM9_TARGETS.items()},
-        extras={"smiles": np.concatenate([np.asarray(p["smiles"], dtype=str) for p in parts]),
-                "index": np.concatenate([p["index"] for p in parts])},
-        meta={"source": "QM9 (qm9pack " + _qm9pack_version() + ")",
-              "level_of_theory": "B3LYP/6-31G(2df,p)",
-              "files": [p.name for p in paths[:len(parts)]],
-              "extensive": {k: spec["extensive"] for k, spec in QM9_TARGETS.items()},
-              "parser_version": PARSER_VERSION},
+        extras={
+            "smiles": np.concatenate([np.asarray(p["smiles"], dtype=str) for p in parts]),
+            "index": np.concatenate([p["index"] for p in parts]),
+        },
+        meta={
+            "source": "QM9 (qm9pack " + _qm9pack_version() + ")",
+            "level_of_theory": "B3LYP/6-31G(2df,p)",
+            "files": [p.name for p in paths[: len(parts)]],
+            "extensive": {k: spec["extensive"] for k, spec in QM9_TARGETS.items()},
+            "parser_version": PARSER_VERSION,
+        },
     )
     if validate:
-        dataset.validate(", ".join(str(p) for p in paths[:len(parts)]))
+        dataset.validate(", ".join(str(p) for p in paths[: len(parts)]))
     return dataset
 
 
@@ -315,16 +356,18 @@ def load_qm9(cache_dir: str | os.PathLike | None = None, rebuild: bool = False) 
     try:
         return PackedDataset.load(folder, mmap=True)
     except DataError as err:
-        raise DataError(f"{err}\n(the QM9 cache is rebuilt by: python -m "
-                        f"atomlens.data.sources.qm9 --rebuild)") from err
+        raise DataError(
+            f"{err}\n(the QM9 cache is rebuilt by: python -m atomlens.data.sources.qm9 --rebuild)"
+        ) from err
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Build (or rebuild with ``--rebuild``) the QM9 cache and print a summary."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m atomlens.data.sources.qm9",
-                                     description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m atomlens.data.sources.qm9", description=main.__doc__
+    )
     parser.add_argument("--cache-dir", default=None, help="cache folder (default: %(default)s)")
     parser.add_argument("--rebuild", action="store_true", help="parse the CSVs again")
     args = parser.parse_args(argv)
@@ -332,14 +375,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = load_qm9(args.cache_dir, rebuild=args.rebuild)
     seconds = time.perf_counter() - start
     counts = dataset.n_atoms_per
-    print(f"QM9: {len(dataset)} molecules, {int(counts.sum())} atoms "
-          f"({counts.min()}-{counts.max()} per molecule), elements "
-          f"{[int(z) for z in dataset.elements]}; loaded in {seconds:.1f} s")
+    print(
+        f"QM9: {len(dataset)} molecules, {int(counts.sum())} atoms "
+        f"({counts.min()}-{counts.max()} per molecule), elements "
+        f"{[int(z) for z in dataset.elements]}; loaded in {seconds:.1f} s"
+    )
     print(f"cache: {Path(args.cache_dir) if args.cache_dir else default_cache_dir()}")
     for name, spec in QM9_TARGETS.items():
         v = np.asarray(dataset.targets[name])
-        print(f"  {name:6s} [{spec['unit']:9s}] mean {v.mean():12.4f}  std {v.std():10.4f}  "
-              f"{'sum' if spec['extensive'] else 'mean'} pooling")
+        print(
+            f"  {name:6s} [{spec['unit']:9s}] mean {v.mean():12.4f}  std {v.std():10.4f}  "
+            f"{'sum' if spec['extensive'] else 'mean'} pooling"
+        )
     if len(dataset) != QM9_SIZE:
         print(f"warning: expected {QM9_SIZE} molecules", file=sys.stderr)
         return 1
