@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from atomlens.runtime import configure, prepare_environment
@@ -36,16 +35,10 @@ prepare_environment()  # before torch loads: libgomp reads its wait policy once
 
 import numpy as np
 import torch
+from common import CLOCKS, HYPERPARAMETERS, build_model, endless, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-HYPERPARAMETERS = {
-    "n_atom_basis": 128,
-    "n_interactions": 6,
-    "n_filters": 128,
-    "n_rbf": 20,
-    "cutoff": 5.0,
-}
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 
 
@@ -75,24 +68,6 @@ def aspirin_frames(data: Path, n: int = 500) -> dict:
     }
 
 
-def build_model():
-    from atomlens.models import build_model as build
-
-    torch.manual_seed(0)
-    return build(
-        {
-            "representation": "schnet",
-            "representation_kwargs": HYPERPARAMETERS,
-            "head_hidden": 64,
-            "target": "energy",
-        }
-    )
-
-
-#: wall time, or this thread's CPU time (with one torch thread: immune to a busy machine)
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-
-
 def training_throughput(
     frames: dict,
     batch_size: int,
@@ -113,11 +88,7 @@ def training_throughput(
     loader = make_loader(data, np.arange(n), batch_size, model.cutoff, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
 
-    def batches():
-        while True:
-            yield from loader
-
-    stream = batches()
+    stream = endless(loader)
 
     def step() -> int:
         batch = next(stream)
@@ -131,14 +102,7 @@ def training_throughput(
         optimizer.step()
         return batch.n_structures
 
-    for _ in range(warmup):
-        step()
-    now = CLOCKS[clock]
-    structures, steps, start = 0, 0, now()
-    while steps < 5 or now() - start < seconds:
-        structures += step()
-        steps += 1
-    wall = now() - start
+    structures, steps, wall = timed(step, seconds, clock, warmup)
     return {"structures_per_s": structures / wall, "steps": steps, "wall_s": wall}
 
 

@@ -36,7 +36,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from atomlens.runtime import configure, prepare_environment
@@ -45,18 +44,11 @@ prepare_environment()  # before torch loads: libgomp reads its wait policy once
 
 import numpy as np
 import torch
+from common import CLOCKS, HYPERPARAMETERS, build_model, endless, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data" / "periodic"
-HYPERPARAMETERS = {
-    "n_atom_basis": 128,
-    "n_interactions": 6,
-    "n_filters": 128,
-    "n_rbf": 20,
-    "cutoff": 5.0,
-}
 SYSTEMS = {"si64": "si64_gfn1.extxyz", "water64": "water64_gfn1.extxyz"}
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 #: loss weights of energy, forces and stress (atomlens's rho = w_E, 1 - rho = w_F)
 WEIGHTS = (0.01, 0.99, 100.0)
 
@@ -147,20 +139,6 @@ def frames_file(data, train_idx, test_idx, path: Path) -> Path:
     return path
 
 
-def build_model():
-    from atomlens.models import build_model as build
-
-    torch.manual_seed(0)
-    return build(
-        {
-            "representation": "schnet",
-            "representation_kwargs": HYPERPARAMETERS,
-            "head_hidden": 64,
-            "target": "energy",
-        }
-    )
-
-
 def train(
     data, indices, batch_size: int, seconds: float, clock: str, lr: float = 5e-4, warmup: int = 2
 ):
@@ -175,11 +153,7 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     w_e, w_f, w_s = WEIGHTS
 
-    def batches():
-        while True:
-            yield from loader
-
-    stream = batches()
+    stream = endless(loader)
 
     def step() -> int:
         batch = next(stream)
@@ -194,14 +168,8 @@ def train(
         optimizer.step()
         return batch.n_structures
 
-    for _ in range(warmup):
-        step()
-    now = CLOCKS[clock]
-    structures, steps, start = 0, 0, now()
-    while steps < 5 or now() - start < seconds:
-        structures += step()
-        steps += 1
-    return model.eval(), steps, structures, now() - start
+    structures, steps, elapsed = timed(step, seconds, clock, warmup)
+    return model.eval(), steps, structures, elapsed
 
 
 def test_errors(model, data, indices) -> dict:

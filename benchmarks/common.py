@@ -1,0 +1,58 @@
+"""Pieces the atomlens-side speed benchmarks share: clocks, the timed step loop, the model.
+
+(The SchNetPack peers run in their own venv and never import atomlens or this file.)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+#: wall time, or this thread's CPU time (with one torch thread: immune to a busy machine)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+#: SchNetPack's QM9 SchNet: the hyperparameters both libraries use in the comparisons
+HYPERPARAMETERS = {
+    "n_atom_basis": 128,
+    "n_interactions": 6,
+    "n_filters": 128,
+    "n_rbf": 20,
+    "cutoff": 5.0,
+}
+
+
+def endless(loader: Iterable) -> Iterator:
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def timed(
+    step: Callable[[], int], seconds: float, clock: str, warmup: int
+) -> tuple[int, int, float]:
+    """Run ``step`` (returns structures done) ``warmup`` times, then for at least 5 steps and
+    ``seconds`` of ``clock``; returns (structures, steps, seconds) of the timed part."""
+    for _ in range(warmup):
+        step()
+    now = CLOCKS[clock]
+    structures, steps, start = 0, 0, now()
+    while steps < 5 or now() - start < seconds:
+        structures += step()
+        steps += 1
+    return structures, steps, now() - start
+
+
+def build_model():
+    """The compared SchNet (head 128 -> 64 -> 1), seeded."""
+    import torch
+
+    from atomlens.models import build_model as build
+
+    torch.manual_seed(0)
+    return build(
+        {
+            "representation": "schnet",
+            "representation_kwargs": HYPERPARAMETERS,
+            "head_hidden": 64,
+            "target": "energy",
+        }
+    )
