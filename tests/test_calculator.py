@@ -178,3 +178,42 @@ def test_auto_compile_for_small_molecules_with_a_fallback(monkeypatch, caplog):
     assert not atoms.calc._use_compiled
     with pytest.raises(ValueError, match="compile must be"):
         atomlens.Calculator(model, compile="sometimes")
+
+
+def test_compiled_periodic_cell_matches_eager_through_rebuilds_and_cell_changes(
+    caplog, monkeypatch
+):
+    """compile=True on a cell smaller than twice the cutoff: the padded Verlet list gives the
+    eager energy, forces and stress, when the list is rebuilt, when the cell changes (NPT,
+    no recompile) and when the list outgrows its capacity (one recompile, logged)."""
+    import logging
+
+    from ase.build import bulk
+
+    monkeypatch.setattr("atomlens.calculator.PAIR_CAPACITY_STEP", 8)  # small, to outgrow it
+    monkeypatch.setattr("atomlens.calculator.PAIR_CAPACITY_HEADROOM", 1.0)
+    model = random_model("schnet")
+    atoms = bulk("Si", "diamond", a=5.43)  # 2 atoms, 3.8 Angstrom cell vectors
+    eager = atomlens.Calculator(model, dtype="float64", compile=False)
+    compiled = atomlens.Calculator(model, dtype="float64", compile=True, skin=0.5)
+    rng = np.random.default_rng(0)
+    properties = ["energy", "forces", "stress"]
+    capacities = []
+    with caplog.at_level(logging.INFO, logger="atomlens"):
+        for step in range(4):
+            atoms.positions += rng.normal(scale=0.3, size=(len(atoms), 3))  # > skin / 2
+            if step == 2:  # a cell change: a rebuilt list with the same capacity
+                atoms.set_cell(atoms.cell.array * 1.01, scale_atoms=True)
+            if step == 3:  # a denser cell: more pairs than the capacity
+                atoms.set_cell(atoms.cell.array * 0.8, scale_atoms=True)
+            changes = compiled.check_state(atoms)
+            compiled.calculate(atoms, properties, changes)
+            capacities.append(compiled._capacity)
+            eager.calculate(atoms, properties, changes)
+            for key in ("energy", "forces", "energies", "stress"):
+                np.testing.assert_allclose(
+                    compiled.results[key], eager.results[key], rtol=0, atol=1e-9, err_msg=key
+                )
+    assert compiled._use_compiled and compiled._neighbors.builds == 4
+    assert capacities[1] == capacities[2] < capacities[3]
+    assert caplog.text.count("compiling energy, forces and stress for Si2") == 2

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import warnings
+from functools import partial
 from typing import ClassVar
 
 import numpy as np
@@ -35,6 +37,13 @@ from .units import energy_factor
 
 #: ``compile="auto"`` compiles molecules up to this size (the compiled path keeps all pairs)
 AUTO_COMPILE_MAX_ATOMS = 64
+#: compiled periodic path: the Verlet list is padded to a capacity of this many pairs, with
+#: this much headroom, so that its shape (and the compiled code) survives list rebuilds
+PAIR_CAPACITY_STEP = 256
+PAIR_CAPACITY_HEADROOM = 1.25
+#: padding pairs (atom 0 with itself) sit this many cutoffs away, where the smooth cutoff
+#: (and a filter table's last node) gives them exactly zero weight and zero gradient
+PADDING_DISTANCE = 10.0
 LOGGER = logging.getLogger("atomlens")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
@@ -54,15 +63,17 @@ class Calculator(AseCalculator):
         allow_unknown_elements: elements absent from the model's training data are refused
             unless this is True (then a warning; see :mod:`atomlens.models.guards`).
         compile: compile energy + forces (``torch.func`` gradient, ``torch.compile``) for
-            fast repeated calls on one molecule, e.g. MD: aspirin runs ~3.5x as many steps
-            per second on one CPU thread, after a compile of a few seconds per molecule
-            (Inductor caches it on disk, so a second run of the same molecule compiles
-            faster). All pairs are then kept and the smooth cutoff zeroes those beyond it,
-            so the shapes stay fixed while the atoms move. ``"auto"`` (the default) compiles
-            molecules of up to :data:`AUTO_COMPILE_MAX_ATOMS` atoms (all pairs grow as n^2)
-            and says so on the ``atomlens`` logger; periodic cells, larger molecules and
+            fast repeated calls on one structure, e.g. MD: aspirin runs ~3.5x as many steps
+            per second on one CPU thread, after a one-off compile (Inductor caches it on
+            disk, so a second run of the same structure compiles faster). Molecules keep all
+            pairs and the smooth cutoff zeroes those beyond it, so the shapes stay fixed while
+            the atoms move; periodic cells keep their Verlet list padded to a fixed capacity
+            (energy, forces and the virial in one compiled function; a list that outgrows the
+            capacity recompiles once, with room to spare). ``"auto"`` (the default) compiles
+            periodic cells and molecules of up to :data:`AUTO_COMPILE_MAX_ATOMS` atoms (all
+            pairs grow as n^2) and says so on the ``atomlens`` logger; larger molecules and
             ``ATOMLENS_COMPILE=0`` run eagerly, and a compile that fails falls back to the
-            eager path with a warning. ``True`` compiles any molecule, ``False`` never.
+            eager path with a warning. ``True`` compiles any structure, ``False`` never.
         skin: Verlet-list skin (Angstrom): pairs within cutoff + skin are listed, and the
             list is rebuilt only when an atom has moved more than skin / 2.
 
@@ -145,8 +156,6 @@ class Calculator(AseCalculator):
                 "the atoms are periodic, but the model has no cutoff: periodic "
                 "cells need a model with a cutoff"
             )
-        if periodic and self.compile is True:
-            raise DataError("compile=True is for molecules; run periodic cells without it")
         # elements, NaN, overlapping atoms (with periodic images), the cell
         dataset_from_atoms([atoms], source="Calculator", targets=False)
         check_elements(self.model, numbers, self.allow_unknown_elements, "Calculator")
@@ -159,16 +168,22 @@ class Calculator(AseCalculator):
         self._neighbors = VerletList(self.model.cutoff, self.skin)
         self._use_compiled = self.compile is True or (
             self.compile == "auto"
-            and not periodic
-            and 2 <= n <= AUTO_COMPILE_MAX_ATOMS
+            and (periodic or 2 <= n <= AUTO_COMPILE_MAX_ATOMS)
             and os.environ.get("ATOMLENS_COMPILE", "1") != "0"
         )
+        self._periodic = periodic
         if self._use_compiled:
-            i, j = torch.triu_indices(n, n, offset=1, device=self.device)
-            self._upper = (i, j)  # all pairs: fixed shapes for the compiled function
             self._compiled_once = False
+            self._padded = None  # periodic: the padded pair tensors of the current list
+            self._capacity = 0
             try:
-                self._compiled = torch.compile(self._energy_forces_function(), dynamic=False)
+                if periodic:
+                    function = self._periodic_function()
+                else:
+                    i, j = torch.triu_indices(n, n, offset=1, device=self.device)
+                    self._upper = (i, j)  # all pairs: fixed shapes for the compiled function
+                    function = self._energy_forces_function()
+                self._compiled = torch.compile(function, dynamic=False)
             except Exception as err:  # noqa: BLE001 (any compile failure: fall back)
                 self._compile_failed(err)
 
@@ -191,6 +206,57 @@ class Calculator(AseCalculator):
             return total, -gradient, atomic
 
         return energy_forces
+
+    def _periodic_function(self):
+        """(positions, cell, i, j, n_shift) -> (energy, forces, virial, atomic energies).
+
+        The pairs are one half of a padded Verlet list with integer cell shifts ``n_shift``
+        (as floats); shifts = n_shift . cell are computed inside, so a changing cell (NPT)
+        needs no recompile. The virial dE/d eps comes from the same backward pass.
+        """
+        structure_index = self._structure_index
+
+        def energy(positions, strain, cell, i, j, n_shift):
+            pairs = Pairs.symmetric_from_half(i, j, n_shift @ cell)
+            positions, pairs, _ = apply_strain(
+                positions, pairs, cell[None], structure_index, strain[None]
+            )
+            return self._energy(positions, pairs)
+
+        grad_and_value = torch.func.grad_and_value(energy, argnums=(0, 1), has_aux=True)
+
+        def energy_forces_virial(positions, cell, i, j, n_shift):
+            strain = torch.zeros_like(cell)
+            (d_positions, d_strain), (total, atomic) = grad_and_value(
+                positions, strain, cell, i, j, n_shift
+            )
+            return total, -d_positions, d_strain, atomic
+
+        return energy_forces_virial
+
+    def _padded_pairs(self, cell: np.ndarray, pbc: np.ndarray):
+        """The Verlet list's half pairs padded to ``self._capacity`` (grown when outgrown)."""
+        if not (self._neighbors.update(self.atoms.positions, cell, pbc) or self._padded is None):
+            return self._padded
+        i, j, n_shift = self._neighbors.pairs
+        if len(i) > self._capacity:
+            if self._capacity:  # shapes change: one more compile
+                self._compiled_once = False
+            step = PAIR_CAPACITY_STEP
+            self._capacity = step * math.ceil(PAIR_CAPACITY_HEADROOM * max(len(i), 1) / step)
+        pad = self._capacity - len(i)
+        # padding: atom 0 and its image far along the longest periodic cell vector
+        lengths = np.where(pbc, np.linalg.norm(cell, axis=1), 0.0)
+        axis = int(np.argmax(lengths))
+        far = np.zeros((pad, 3))
+        far[:, axis] = math.ceil(PADDING_DISTANCE * self.model.cutoff / lengths[axis])
+        as_tensor = partial(torch.as_tensor, device=self.device)
+        self._padded = (
+            as_tensor(np.concatenate([i, np.zeros(pad, np.int64)])),
+            as_tensor(np.concatenate([j, np.zeros(pad, np.int64)])),
+            as_tensor(np.concatenate([n_shift, far]), dtype=self.dtype),
+        )
+        return self._padded
 
     def _changed_structure(self, atoms) -> bool:
         numbers = atoms.numbers
@@ -269,7 +335,7 @@ class Calculator(AseCalculator):
             self._prepare(self.atoms)
         if self._use_compiled:
             try:
-                self._calculate_compiled()
+                self._calculate_compiled(stress)
                 return
             except DataError:
                 raise
@@ -316,17 +382,27 @@ class Calculator(AseCalculator):
         )
         self._use_compiled = False
 
-    def _calculate_compiled(self) -> None:
-        if not np.isfinite(self.atoms.positions).all():
+    def _calculate_compiled(self, stress: bool) -> None:
+        atoms = self.atoms
+        if not np.isfinite(atoms.positions).all():
             raise DataError("Calculator: the atoms have non-finite (NaN/inf) positions")
-        positions = torch.as_tensor(self.atoms.positions, dtype=self.dtype, device=self.device)
-        if not self._compiled_once:  # no silent multi-second pause
+        positions = torch.as_tensor(atoms.positions, dtype=self.dtype, device=self.device)
+        if self._periodic:
+            cell = atoms.cell.array
+            padded = self._padded_pairs(cell, atoms.pbc)
+        if not self._compiled_once:  # no silent pause of many seconds
             LOGGER.info(
-                "compiling energy and forces for %s (%d atoms; a one-off of a few seconds)",
-                self.atoms.get_chemical_formula(),
-                len(self.atoms),
+                "compiling energy%s for %s (%d atoms%s; a one-off, cached on disk)",
+                ", forces and stress" if self._periodic else " and forces",
+                atoms.get_chemical_formula(),
+                len(atoms),
+                f", room for {self._capacity} pairs" if self._periodic else "",
             )
-        energy, forces, atomic = self._compiled(positions)
+        if self._periodic:
+            cell_tensor = torch.as_tensor(cell, dtype=self.dtype, device=self.device)
+            energy, forces, virial, atomic = self._compiled(positions, cell_tensor, *padded)
+        else:
+            energy, forces, atomic = self._compiled(positions)
         self._compiled_once = True
         factor = self.energy_to_ev
         energy = float(energy) * factor
@@ -336,4 +412,7 @@ class Calculator(AseCalculator):
             "energies": atomic.cpu().double().numpy() * factor,
             "forces": forces.cpu().double().numpy() * factor,
         }
+        if stress:
+            virial = virial.cpu().double().numpy() * factor
+            self.results["stress"] = full_3x3_to_voigt_6_stress(virial / atoms.get_volume())
         check_finite(self.results, "Calculator")

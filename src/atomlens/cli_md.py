@@ -110,9 +110,9 @@ def add_parser(subparsers) -> None:
         action="store_const",
         const=True,
         default="auto",
-        help="torch.compile energy+forces for any molecule (default: "
-        "molecules of up to 64 atoms, ~3.5x the steps/s after a "
-        "one-off compile of a few seconds; cells run eagerly)",
+        help="torch.compile energy+forces for any structure (default: "
+        "periodic cells and molecules of up to 64 atoms, ~3.5x the steps/s "
+        "for aspirin after a one-off compile, cached on disk)",
     )
     compiled.add_argument(
         "--no-compile",
