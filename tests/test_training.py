@@ -137,7 +137,7 @@ def test_unknown_target_is_a_clear_error(tmp_path, data):
 def test_refit_offset_recovers_a_constant_per_atom_shift(data):
     from helpers import random_model
 
-    from atomlens.training.evaluate import predict_dataset
+    from atomlens.models.inference import predict_dataset
     from atomlens.training.train import refit_offset
 
     model = random_model("schnet")

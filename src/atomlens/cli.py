@@ -528,9 +528,9 @@ def _add_demo(sub) -> None:
 def run_demo(args) -> int:
     from .data.splits import load_split
     from .insight.plots import parity_plot
+    from .models.inference import predict_dataset
     from .models.io import load_model
     from .training.config import preset
-    from .training.evaluate import predict_dataset
     from .training.train import load_dataset, train
 
     config = preset("qm9-u0-demo").updated(out=args.out, max_minutes=args.minutes)

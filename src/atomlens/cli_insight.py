@@ -274,7 +274,7 @@ def run_potential_map(args) -> int:
 def run_rings(args) -> int:
     from .insight.plots import ring_ranking_plot
     from .insight.rings import has_rings, ring_analysis
-    from .training.evaluate import predict_dataset
+    from .models.inference import predict_dataset
 
     model, folder, unit = _load(args.model, args.dtype)
     data = _dataset(args.data)

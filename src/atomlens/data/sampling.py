@@ -23,8 +23,8 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from tqdm.auto import tqdm
 
-from .. import units
 from .._optional import require
+from ..units import BOHR_ANGSTROM, HARTREE_EV
 from .dataset import DataError, PackedDataset
 
 
@@ -112,8 +112,8 @@ class PySCFCalculator(Calculator):
         if not mf.converged:
             raise RuntimeError("PySCF SCF did not converge")
         gradient = mf.nuc_grad_method().kernel()  # hartree/bohr
-        self.results["energy"] = energy * units.HARTREE_EV
-        self.results["forces"] = -gradient * units.HARTREE_EV / units.BOHR_ANGSTROM
+        self.results["energy"] = energy * HARTREE_EV
+        self.results["forces"] = -gradient * HARTREE_EV / BOHR_ANGSTROM
 
 
 def molecule_from_smiles(smiles: str, seed: int = 0):

@@ -276,7 +276,7 @@ def ring_analysis(
     """Rings of the molecules ``indices`` of a packed data set with a ``smiles`` extra.
 
     ``atomic`` holds the atomic energies of those molecules' atoms, concatenated in order (as
-    :func:`~atomlens.training.evaluate.predict_dataset` returns them); ``atomref`` the model's
+    :func:`~atomlens.models.inference.predict_dataset` returns them); ``atomref`` the model's
     element references indexed by Z.
     """
     if "smiles" not in data.extras:
