@@ -162,8 +162,8 @@ def test_no_module_imports_back_up_to_the_package_root():
 
 
 def test_predict_dataset_lives_in_the_models_layer():
-    import atomlens.models.inference as inference
     import atomlens.training
+    from atomlens.models import inference
 
     assert atomlens.training.predict_dataset is inference.predict_dataset  # still reachable
 

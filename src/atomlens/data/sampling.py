@@ -23,7 +23,7 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from tqdm.auto import tqdm
 
-from .._optional import require
+from .._optional import MissingExtra, require
 from ..units import BOHR_ANGSTROM, HARTREE_EV
 from .dataset import DataError, PackedDataset
 
@@ -73,8 +73,9 @@ def make_calculator(
         )
     if method == "pyscf":
         if importlib.util.find_spec("pyscf") is None:
-            raise ImportError(
-                "method='pyscf' needs PySCF, which is not installed: pip install pyscf"
+            raise MissingExtra(  # no extra of its own: a large package for one method
+                "method='pyscf' needs PySCF, which is not installed: pip install pyscf",
+                name="pyscf",
             )
         return PySCFCalculator(xc=xc, basis=basis, charge=charge, spin=multiplicity - 1)
     raise ValueError(f"unknown method {method!r}; choose 'gfn2', 'gfn1' or 'pyscf'")

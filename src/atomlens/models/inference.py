@@ -66,3 +66,23 @@ def predict_dataset(
             if deadline is not None and time.monotonic() >= deadline:
                 break
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def predict_in_chunks(predict, frames: list, chunk: int = 1000, **options) -> dict:
+    """``predict(frames, **options)`` over ``chunk`` structures at a time (bounded memory, a
+    progress bar on a terminal); the same arrays as one call on all of them.
+
+    ``predict`` is :meth:`AtomisticModel.predict` or any function with its signature that
+    returns ``{name: array}`` with structures or atoms along the first axis.
+    """
+    if chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, not {chunk}")
+    parts: dict[str, list] = {}
+    with tqdm(
+        total=len(frames), desc="predict", unit="structure", leave=False, disable=None
+    ) as bar:
+        for start in range(0, len(frames), chunk):
+            for key, value in predict(frames[start : start + chunk], **options).items():
+                parts.setdefault(key, []).append(value)
+            bar.update(min(chunk, len(frames) - start))
+    return {key: np.concatenate(values) for key, values in parts.items()}

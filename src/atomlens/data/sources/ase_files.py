@@ -119,6 +119,22 @@ def read_ase(
     )
 
 
+def read_structures(path: str | os.PathLike, index: str | int = ":") -> list:
+    """The ASE ``Atoms`` of ``path`` (``index``: ASE syntax, ``":"`` all frames), as a list;
+    a clear :class:`DataError` naming the path for missing, empty or malformed files."""
+    import ase.io
+
+    check_readable(path)
+    try:
+        frames = ase.io.read(path, index=index)
+    except Exception as err:  # ASE raises many types for bad files
+        raise DataError(f"{path}: cannot read structures ({type(err).__name__}: {err})") from err
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise DataError(f"{path}: the file holds no structures")
+    return frames
+
+
 def pack_frames(
     frames,
     source: str = "<atoms>",
