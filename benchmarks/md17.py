@@ -39,7 +39,8 @@ def offset_refit_mae(model_dir: Path, data, test_subset: int | None = None, seed
 
     from atomlens.data.splits import load_split
     from atomlens.models import load_model
-    from atomlens.training.evaluate import bounded_subset, predict_dataset
+    from atomlens.models.inference import predict_dataset
+    from atomlens.training.evaluate import bounded_subset
 
     model = load_model(model_dir)
     split = load_split(model_dir / "split.npz")

@@ -173,7 +173,7 @@ def train(
 
 
 def test_errors(model, data, indices) -> dict:
-    from atomlens.training.evaluate import predict_dataset
+    from atomlens.models.inference import predict_dataset
 
     pred = predict_dataset(model, data, indices, batch_size=4, forces=True, stress=True)
     n = data.n_atoms_per[indices]

@@ -193,7 +193,7 @@ def test_md_command_with_replicas(tmp_path, capsys):
 
 
 def test_predict_in_chunks_equals_one_call():
-    from atomlens.cli import predict_in_chunks
+    from atomlens.models.inference import predict_in_chunks
 
     model = random_model("schnet", seed=1)
     frames = _systems() + _systems()[:3]

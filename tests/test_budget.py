@@ -9,9 +9,10 @@ from helpers import qm9_sample
 from test_training import tiny_config
 
 from atomlens.models import build_model
+from atomlens.models.inference import predict_dataset
 from atomlens.training import evaluate, train
 from atomlens.training.budget import BudgetStop
-from atomlens.training.evaluate import bounded_subset, predict_dataset
+from atomlens.training.evaluate import bounded_subset
 from atomlens.training.train import fit_statistics
 
 

@@ -320,6 +320,33 @@ def ring_dataset(tmp_path=None):
     return data
 
 
+def test_ring_study_predicts_the_molecules_with_rings_and_ranks_them():
+    from atomlens.insight.rings import ring_analysis, ring_study
+
+    data = ring_dataset()
+    model = tiny_model("dtnn")
+    study = ring_study(model, data, sizes=(5, 6), max_molecules=None, min_count=1)
+    with_rings = np.array([0, 1, 2, 5, 6, 7])  # CCO and COC have none
+    assert study.n_molecules == len(with_rings) and study.n_unmatched == 0
+    # the same analysis from atomic energies predicted one molecule at a time
+    atomic = np.concatenate([model.predict(data.atoms(int(m)))["atomic"] for m in with_rings])
+    atomref = model.atomref.detach().numpy().astype(np.float64)
+    expected = ring_analysis(data, with_rings, atomic, atomref, (5, 6), 1)
+    assert [r["name"] for r in study.records] == [r["name"] for r in expected.records]
+    np.testing.assert_allclose(
+        [r["ring_h"] for r in study.records], [r["ring_h"] for r in expected.records], atol=1e-9
+    )
+    assert ring_study(model, data, max_molecules=2, min_count=1).n_molecules == 2
+    subset = ring_study(model, data, indices=np.array([0, 3, 4]), min_count=1)
+    assert subset.n_molecules == 1 and {r["molecule"] for r in subset.records} == {0}
+    with pytest.raises(ValueError, match="ring of size 3"):
+        ring_study(model, data, sizes=(3,))
+    no_smiles = data.subset(np.arange(len(data)))
+    no_smiles.extras.pop("smiles")
+    with pytest.raises(ValueError, match="mine.db: the data set has no SMILES"):
+        ring_study(model, no_smiles, source="mine.db")
+
+
 def test_ring_analysis_sums_relative_atomic_energies_and_ranks_types():
     from atomlens.insight.rings import ring_analysis
 
@@ -393,7 +420,7 @@ def test_isomer_indices_by_formula_in_any_order():
 def run_insight(argv: list[str]) -> int:
     import argparse
 
-    from atomlens import cli_insight
+    from atomlens.cli import insight as cli_insight
 
     parser = argparse.ArgumentParser(prog="atomlens")
     cli_insight.add_parser(parser.add_subparsers(dest="command", required=True))

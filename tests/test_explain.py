@@ -4,7 +4,6 @@ heads and the CLI."""
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import sys
@@ -379,23 +378,21 @@ def test_perturbation_curve(images):
     assert torch.isclose(result.curve[0], start)
 
 
-def test_cli_smoke(tmp_path, monkeypatch):
-    from atomlens import cli_explain
-    from atomlens.explain import digits
-    from atomlens.explain.digits import Digits, load_digits_data
+def test_digits_study_and_its_command(tmp_path, monkeypatch, capsys):
+    from atomlens.cli import main
+    from atomlens.explain import METHODS, digits
+    from atomlens.explain.digits import Digits, digits_study, load_digits_data
 
-    def small_digits(**kwargs) -> Digits:  # keep the smoke test small
+    def small_digits(**kwargs) -> Digits:  # keep the test small
         data = load_digits_data(**kwargs)
         return Digits(data.x_train[:200], data.y_train[:200], data.x_test[:40], data.y_test[:40])
 
-    monkeypatch.setattr(digits, "load_digits_data", small_digits)  # cli_explain imports it late
-    parser = argparse.ArgumentParser()
-    cli_explain.add_parser(parser.add_subparsers())
-    args = parser.parse_args(
-        ["explain", "--out", str(tmp_path), "--epochs", "1", "--n-images", "2"]
-        + ["--n-perturbation", "16", "--n-quality", "100"]
-    )
-    assert args.func(args) == 0
+    monkeypatch.setattr(digits, "load_digits_data", small_digits)
+    study = digits_study(tmp_path, epochs=1, n_images=2, n_perturbation=16, n_quality=100)
+    assert 0.0 <= study.accuracy <= 1.0
+    assert [row["method"] for row in study.perturbation] == ["random", *METHODS]
+    assert all(math.isfinite(row["auc"]) for row in study.perturbation)
+    assert study.quality and all("layer" in row for row in study.quality)
     for name in (
         "explanations.png",
         "patterns.safetensors",
@@ -406,12 +403,14 @@ def test_cli_smoke(tmp_path, monkeypatch):
         "perturbation.csv",
     ):
         assert (tmp_path / name).stat().st_size > 0, name
+    assert study.files["model"] == tmp_path / "digits_cnn.safetensors"
+    # the command: the saved CNN is loaded (not trained again) and the tables printed
     model_path = tmp_path / "digits_cnn.safetensors"
-    args = parser.parse_args(
-        ["explain", "--out", str(tmp_path / "again"), "--model", str(model_path)]
-        + ["--n-images", "1", "--n-perturbation", "4", "--n-quality", "20"]
-    )
-    assert args.func(args) == 0
+    argv = ["explain", "--out", str(tmp_path / "again"), "--model", str(model_path)]
+    assert main([*argv, "--n-images", "1", "--n-perturbation", "4", "--n-quality", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "signal quality" in printed and "random" in printed
+    assert not (tmp_path / "again" / "digits_cnn.safetensors").exists()
 
 
 def test_conv1d_model():

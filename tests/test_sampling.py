@@ -77,7 +77,7 @@ def test_isomer_sets_and_cli(tmp_path):
     assert list(sets["test_within"].extras["frame"]) == [4]
     assert set(sets["test_other"].extras["isomer"]) == {1}
 
-    from atomlens.cli_sample import add_parser
+    from atomlens.cli.sample import add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
@@ -101,7 +101,8 @@ def test_isomer_sets_and_cli(tmp_path):
     data = read_any(out)  # ISO17 layout
     assert len(data) == 3 and np.isfinite(data.targets["energy"]).all()
     args = parser.parse_args(["sample", "--smiles", "O", "--frames", "3", "--out", "x.txt"])
-    assert args.func(args) == 2
+    with pytest.raises(DataError, match="x.txt"):  # main() prints it (tests/test_cli_errors.py)
+        args.func(args)
 
 
 def test_sampling_errors():

@@ -138,6 +138,36 @@ def test_training_module_and_function_are_both_reachable():
     assert atomlens.training.train is module and callable(module)  # train(config) still runs
 
 
+def test_no_module_imports_back_up_to_the_package_root():
+    """``atomlens/__init__.py`` is a face for users: nothing inside the package imports from
+    it (``from atomlens import X``, ``from .. import X`` reaching the root), so the root can
+    re-export anything without an import circle."""
+    import ast
+
+    src = ROOT / "src"
+    offenders = []
+    for path in sorted((src / "atomlens").rglob("*.py")):
+        package = path.relative_to(src).with_suffix("").parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:  # relative: the package it climbs to
+                base = package[: len(package) - node.level + 1]
+                target = ".".join(base + ((node.module,) if node.module else ()))
+            else:
+                target = node.module or ""
+            if target == "atomlens":
+                offenders.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_predict_dataset_lives_in_the_models_layer():
+    import atomlens.training
+    from atomlens.models import inference
+
+    assert atomlens.training.predict_dataset is inference.predict_dataset  # still reachable
+
+
 # ---------------------------------------------------------------- help text
 def test_train_help_shows_defaults_presets_and_every_option(capsys):
     with pytest.raises(SystemExit):

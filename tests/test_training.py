@@ -137,7 +137,7 @@ def test_unknown_target_is_a_clear_error(tmp_path, data):
 def test_refit_offset_recovers_a_constant_per_atom_shift(data):
     from helpers import random_model
 
-    from atomlens.training.evaluate import predict_dataset
+    from atomlens.models.inference import predict_dataset
     from atomlens.training.train import refit_offset
 
     model = random_model("schnet")
@@ -151,6 +151,26 @@ def test_refit_offset_recovers_a_constant_per_atom_shift(data):
     np.testing.assert_allclose(
         predict_dataset(model, sub, idx)["energy"], sub.targets["energy"], atol=1e-8
     )
+
+
+def test_relative_to_atomrefs_removes_each_structures_element_references(data):
+    """The demo's parity plot: y - sum_i atomref[Z_i], per structure, for both sides."""
+    from helpers import random_model
+
+    from atomlens.models.inference import predict_dataset
+    from atomlens.training.evaluate import relative_to_atomrefs
+
+    model = random_model("schnet")
+    idx = np.array([3, 0, 7, 5])  # any order: the results follow it
+    sub = data.subset(np.arange(12))
+    sub.targets = {"energy": np.linspace(-50.0, -40.0, 12)}
+    sub.units["energy"] = "eV"
+    reference, predicted = relative_to_atomrefs(model, sub, idx)
+    atomref = model.atomref.numpy()
+    baseline = np.array([atomref[sub.atoms(int(m)).numbers].sum() for m in idx])
+    np.testing.assert_allclose(reference, sub.targets["energy"][idx] - baseline, atol=1e-9)
+    full = predict_dataset(model, sub, idx)["energy"]
+    np.testing.assert_allclose(predicted, full - baseline, atol=1e-9)
 
 
 QM9_EXTENSIVE = {"U0", "U", "H", "G", "zpve", "cv", "alpha", "r2"}

@@ -23,8 +23,8 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from tqdm.auto import tqdm
 
-from .. import units
-from .._optional import require
+from .._optional import MissingExtra, require
+from ..units import BOHR_ANGSTROM, HARTREE_EV
 from .dataset import DataError, PackedDataset
 
 
@@ -73,8 +73,9 @@ def make_calculator(
         )
     if method == "pyscf":
         if importlib.util.find_spec("pyscf") is None:
-            raise ImportError(
-                "method='pyscf' needs PySCF, which is not installed: pip install pyscf"
+            raise MissingExtra(  # no extra of its own: a large package for one method
+                "method='pyscf' needs PySCF, which is not installed: pip install pyscf",
+                name="pyscf",
             )
         return PySCFCalculator(xc=xc, basis=basis, charge=charge, spin=multiplicity - 1)
     raise ValueError(f"unknown method {method!r}; choose 'gfn2', 'gfn1' or 'pyscf'")
@@ -112,8 +113,8 @@ class PySCFCalculator(Calculator):
         if not mf.converged:
             raise RuntimeError("PySCF SCF did not converge")
         gradient = mf.nuc_grad_method().kernel()  # hartree/bohr
-        self.results["energy"] = energy * units.HARTREE_EV
-        self.results["forces"] = -gradient * units.HARTREE_EV / units.BOHR_ANGSTROM
+        self.results["energy"] = energy * HARTREE_EV
+        self.results["forces"] = -gradient * HARTREE_EV / BOHR_ANGSTROM
 
 
 def molecule_from_smiles(smiles: str, seed: int = 0):

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..models.potential import AtomisticModel
 
@@ -108,8 +107,3 @@ def atomic_energies(
             )
             offset += n
     return results[0] if single else results
-
-
-def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, p.dtype

@@ -136,7 +136,7 @@ def isomer_analysis(
     model, data, formula: str = "C7H10O2", indices: np.ndarray | None = None, batch_size: int = 100
 ) -> IsomerAnalysis:
     """Predict all isomers of ``formula`` in ``data`` (optionally only those in ``indices``)."""
-    from ..training.evaluate import predict_dataset
+    from ..models.inference import predict_dataset
 
     formula = parse_formula(formula)
     found = isomer_indices(data, formula)

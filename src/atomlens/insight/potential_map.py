@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from ..data.batch import Pairs
 from ..data.neighbors import molecular_pairs
+from ..models.inference import model_device_dtype
 from ..models.potential import AtomisticModel
-from .atomic import model_device_dtype
 
 REFERENCES = ("none", "atomref", "isolated")
 PLANES = ("xy", "xz", "yz", "principal")

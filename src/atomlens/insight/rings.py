@@ -239,6 +239,15 @@ class RingAnalysis:
         )
         return "\n".join(lines)
 
+    def as_dict(self) -> dict:
+        """The ranking, the per-ring records and the counts, as JSON-ready values."""
+        return {
+            "ranking": self.ranking,
+            "records": self.records,
+            "n_molecules": self.n_molecules,
+            "n_unmatched": self.n_unmatched,
+        }
+
 
 def rank_ring_types(records: list[dict], min_count: int = 1) -> list[dict]:
     """Mean ring energies per ring type, most stable (lowest energy per ring atom) first."""
@@ -276,7 +285,7 @@ def ring_analysis(
     """Rings of the molecules ``indices`` of a packed data set with a ``smiles`` extra.
 
     ``atomic`` holds the atomic energies of those molecules' atoms, concatenated in order (as
-    :func:`~atomlens.training.evaluate.predict_dataset` returns them); ``atomref`` the model's
+    :func:`~atomlens.models.inference.predict_dataset` returns them); ``atomref`` the model's
     element references indexed by Z.
     """
     if "smiles" not in data.extras:
@@ -309,3 +318,42 @@ def ring_analysis(
     if start != len(atomic):
         raise ValueError("atomic energies do not match the atoms of the chosen molecules")
     return RingAnalysis(records, rank_ring_types(records, min_count), len(indices), unmatched)
+
+
+def ring_study(
+    model,
+    data,
+    indices: np.ndarray | None = None,
+    sizes: tuple[int, ...] = (5, 6),
+    max_molecules: int | None = 10000,
+    min_count: int = 3,
+    seed: int = 0,
+    batch_size: int = 100,
+    source: str = "<memory>",
+) -> RingAnalysis:
+    """The DTNN paper's ring study with a trained energy model, from data to ranking.
+
+    Of the molecules ``indices`` of ``data`` (default: all; the data needs a ``smiles``
+    extra), those whose SMILES has a ring of one of ``sizes`` are kept; at most
+    ``max_molecules`` of them (drawn at random with ``seed``; ``None`` or 0: all) get their
+    atomic energies predicted by ``model`` (in float64 for the sums), and their rings are
+    ranked by :func:`ring_analysis` (types seen fewer than ``min_count`` times left out).
+    ``source`` names the data in error messages.
+    """
+    from ..models.inference import predict_dataset
+
+    if "smiles" not in data.extras:
+        raise ValueError(f"{source}: the data set has no SMILES; rings need them")
+    sizes = tuple(int(size) for size in sizes)
+    indices = np.arange(len(data)) if indices is None else np.asarray(indices)
+    indices = indices[has_rings(np.asarray(data.extras["smiles"])[indices], sizes)]
+    if max_molecules and len(indices) > max_molecules:
+        rng = np.random.default_rng(seed)
+        indices = np.sort(rng.choice(indices, max_molecules, replace=False))
+    if len(indices) == 0:
+        raise ValueError(
+            f"no molecule with a ring of size {','.join(map(str, sizes))} in the chosen data"
+        )
+    atomic = predict_dataset(model, data, indices, batch_size)["atomic"].astype(np.float64)
+    atomref = model.atomref.detach().cpu().numpy().astype(np.float64)
+    return ring_analysis(data, indices, atomic, atomref, sizes, min_count)

@@ -1,4 +1,5 @@
-"""Models: SchNet and DTNN representations, the atomistic model around them, save/load."""
+"""Models: SchNet and DTNN representations, the atomistic model around them, save/load;
+inference over packed datasets in :mod:`.inference`."""
 
 from .dtnn import DTNN
 from .io import load_model, save_model

@@ -6,10 +6,11 @@ before), so that ``import atomlens.training.train`` and its helpers (``load_data
 ``fit_statistics``) stay reachable beside the call.
 """
 
+from ..models.inference import predict_dataset  # its home is the models layer
 from . import train
 from .config import PRESETS, TrainConfig, load_config, preset
 from .ensemble import train_ensemble
-from .evaluate import evaluate, predict_dataset
+from .evaluate import evaluate
 from .train import train as train_model
 
 __all__ = [

@@ -35,12 +35,13 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from ..data.dataset import DataError, PackedDataset, make_loader
 from ..data.splits import load_split, random_split, save_split
 from ..data.statistics import fit_atomrefs, residual_stats
+from ..models.inference import predict_dataset
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
 from . import run_folder
 from .budget import BudgetStop
 from .config import TrainConfig, save_config
-from .evaluate import bounded_subset, evaluate, predict_dataset
+from .evaluate import bounded_subset, evaluate
 from .module import AtomisticTask
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ... import units
 from ...fileio import atomic_file, check_readable
+from ...units import check_force_unit, energy_factor, length_factor, resolve_unit
 from ..dataset import DataError, PackedDataset
 
 
@@ -119,6 +119,22 @@ def read_ase(
     )
 
 
+def read_structures(path: str | os.PathLike, index: str | int = ":") -> list:
+    """The ASE ``Atoms`` of ``path`` (``index``: ASE syntax, ``":"`` all frames), as a list;
+    a clear :class:`DataError` naming the path for missing, empty or malformed files."""
+    import ase.io
+
+    check_readable(path)
+    try:
+        frames = ase.io.read(path, index=index)
+    except Exception as err:  # ASE raises many types for bad files
+        raise DataError(f"{path}: cannot read structures ({type(err).__name__}: {err})") from err
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise DataError(f"{path}: the file holds no structures")
+    return frames
+
+
 def pack_frames(
     frames,
     source: str = "<atoms>",
@@ -146,20 +162,18 @@ def pack_frames(
         _value(a, energy_key, False) is not None for a in frames
     )
     try:
-        energy_unit = units.resolve_unit(
+        energy_unit = resolve_unit(
             "energy", stated.get("energy_unit"), energy_unit, None if has_energy else "eV"
         )
-        length_unit = units.resolve_unit(
-            "length", stated.get("length_unit"), length_unit, "Angstrom"
-        )
+        length_unit = resolve_unit("length", stated.get("length_unit"), length_unit, "Angstrom")
         if energy_unit is None:
             raise ValueError(
                 "there are energies, but the data does not state their unit; "
                 "declare it (energy_unit=..., --energy-unit "
                 "eV/kcal/mol/hartree/...) or store energy_unit in the file"
             )
-        e_factor, r_factor = units.energy_factor(energy_unit), units.length_factor(length_unit)
-        units.check_force_unit(
+        e_factor, r_factor = energy_factor(energy_unit), length_factor(length_unit)
+        check_force_unit(
             stated.get("force_unit", f"{energy_unit}/{length_unit}"), energy_unit, length_unit
         )
     except ValueError as err:
@@ -271,7 +285,7 @@ def read_any(path: str | os.PathLike, **kwargs) -> PackedDataset:
             # the ISO17 layout is eV and Angstrom by definition; other options do not apply
             declared = {"energy_unit": "eV", "length_unit": "Angstrom"}
             for key, value in kwargs.items():
-                factor = units.energy_factor if key == "energy_unit" else units.length_factor
+                factor = energy_factor if key == "energy_unit" else length_factor
                 if key not in declared or factor(value) != 1.0:
                     raise DataError(
                         f"{path}: ISO17-layout databases are in eV and Angstrom; "

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ... import units
 from ...fileio import atomic_file
+from ...units import check_force_unit, energy_factor, length_factor, resolve_unit
 from ..dataset import DataError, PackedDataset
 
 #: MD17's units, for ``assume_md17_units=True``
@@ -83,7 +83,7 @@ def read_md17(
     def unit(key: str, given: str | None, kind: str) -> str:
         stored = str(arrays[key]) if key in arrays else None
         try:
-            chosen = units.resolve_unit(
+            chosen = resolve_unit(
                 kind, stored, given, MD17_UNITS[kind] if assume_md17_units else None
             )
         except ValueError as err:
@@ -99,8 +99,8 @@ def read_md17(
     e_unit, r_unit = unit("e_unit", energy_unit, "energy"), unit("r_unit", length_unit, "length")
     f_unit = str(arrays["f_unit"]) if "f_unit" in arrays else f"{e_unit}/{r_unit}"
     try:
-        e_factor, r_factor = units.energy_factor(e_unit), units.length_factor(r_unit)
-        f_factor = units.check_force_unit(f_unit, e_unit, r_unit)
+        e_factor, r_factor = energy_factor(e_unit), length_factor(r_unit)
+        f_factor = check_force_unit(f_unit, e_unit, r_unit)
     except ValueError as err:
         raise DataError(f"{path}: {err}") from err
 
@@ -161,8 +161,8 @@ def write_md17(
             f"{path}: MD17 files hold one molecule; the structures differ in "
             f"composition or atom order"
         )
-    e_back = 1.0 / units.energy_factor(energy_unit)
-    r_back = 1.0 / units.length_factor(length_unit)
+    e_back = 1.0 / energy_factor(energy_unit)
+    r_back = 1.0 / length_factor(length_unit)
     arrays = {
         "z": numbers[:n_atoms].astype(np.int64),
         "R": np.asarray(dataset.positions, np.float64).reshape(n_frames, n_atoms, 3) * r_back,

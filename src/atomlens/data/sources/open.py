@@ -9,6 +9,9 @@ a folder           a packed atomlens dataset (``meta.json`` + ``.npy`` files)
 a file             by kind: MD17 ``.npz``, ISO17-layout or ASE ``.db``, anything
                    ASE reads (extxyz, xyz, traj, ...); see :func:`read_any`
 =================  =========================================================
+
+:func:`open_structures` resolves a structure spec (the ASE ``Atoms`` of a file, or
+``qm9:N``) the same way.
 """
 
 from __future__ import annotations
@@ -45,3 +48,14 @@ def open_dataset(
 
     units = {k: v for k, v in (("energy_unit", energy_unit), ("length_unit", length_unit)) if v}
     return read_any(spec, **units)
+
+
+def open_structures(spec: str, index: str | int = ":") -> list:
+    """ASE ``Atoms`` of a structure spec: the frames ``index`` (ASE syntax) of any file ASE
+    reads, or the QM9 molecule ``qm9:N`` (N = QM9 index; ``index`` is then ignored)."""
+    spec = str(spec)
+    if spec.startswith("qm9:"):
+        return [open_dataset(spec).atoms(0)]
+    from .ase_files import read_structures
+
+    return read_structures(spec, index)

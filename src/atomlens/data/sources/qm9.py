@@ -53,8 +53,8 @@ import numpy as np
 from ase.data import atomic_numbers
 from tqdm.auto import tqdm
 
-from ... import units
 from ..._optional import require_installed
+from ...units import HARTREE_EV
 from ..dataset import DataError, PackedDataset
 
 #: number of molecules in the qm9pack CSVs (QM9 minus the 3,054 that fail its consistency check)
@@ -68,27 +68,27 @@ QM9_TARGETS: dict[str, dict] = {
         "unit": "eV",
         "extensive": True,
         "column": "InternalEnergy_0K_au",
-        "factor": units.HARTREE_EV,
+        "factor": HARTREE_EV,
     },
     "U": {
         "unit": "eV",
         "extensive": True,
         "column": "InternalEnergy_298K_au",
-        "factor": units.HARTREE_EV,
+        "factor": HARTREE_EV,
     },
     "H": {
         "unit": "eV",
         "extensive": True,
         "column": "Enthalphy_298K_au",
-        "factor": units.HARTREE_EV,
+        "factor": HARTREE_EV,
     },
     "G": {
         "unit": "eV",
         "extensive": True,
         "column": "GibbsFreeEnergy_298K_au",
-        "factor": units.HARTREE_EV,
+        "factor": HARTREE_EV,
     },
-    "zpve": {"unit": "eV", "extensive": True, "column": "ZPVE_au", "factor": units.HARTREE_EV},
+    "zpve": {"unit": "eV", "extensive": True, "column": "ZPVE_au", "factor": HARTREE_EV},
     "cv": {
         "unit": "cal/mol/K",
         "extensive": True,
@@ -97,13 +97,13 @@ QM9_TARGETS: dict[str, dict] = {
     },
     "alpha": {"unit": "bohr^3", "extensive": True, "column": "Polarizability_bohr3", "factor": 1.0},
     "r2": {"unit": "bohr^2", "extensive": True, "column": "R2_bohr2", "factor": 1.0},
-    "homo": {"unit": "eV", "extensive": False, "column": "HOMO_au", "factor": units.HARTREE_EV},
-    "lumo": {"unit": "eV", "extensive": False, "column": "LUMO_au", "factor": units.HARTREE_EV},
+    "homo": {"unit": "eV", "extensive": False, "column": "HOMO_au", "factor": HARTREE_EV},
+    "lumo": {"unit": "eV", "extensive": False, "column": "LUMO_au", "factor": HARTREE_EV},
     "gap": {
         "unit": "eV",
         "extensive": False,
         "column": "HOMO_LUMO_gap_au",
-        "factor": units.HARTREE_EV,
+        "factor": HARTREE_EV,
     },
     "mu": {"unit": "Debye", "extensive": False, "column": "Dipole_debye", "factor": 1.0},
 }

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .registry import MOLECULE_METHODS
+from ..registry import MOLECULE_METHODS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,16 +45,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--fit-data", help="structures to fit the patterns on (patternattribution)")
     parser.add_argument("--n-top", type=int, default=15, help="rows per kind in the terms table")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: the CPUs available to the process)"
-    )
     parser.set_defaults(func=run)
     return parser
 
 
 def _patterns(args, model):
-    from .explain.graph import fit_molecule_patterns
-    from .explain.patterns import Patterns
+    from ..explain.graph import fit_molecule_patterns
+    from ..explain.patterns import Patterns
 
     if args.patterns is not None:
         if not args.patterns.is_file():
@@ -62,7 +59,7 @@ def _patterns(args, model):
         return Patterns.load(args.patterns)
     if args.fit_data is None:
         raise ValueError("patternattribution needs --patterns FILE or --fit-data STRUCTURES")
-    from .cli import read_structures
+    from ..data.sources.ase_files import read_structures
 
     frames = read_structures(args.fit_data)
     batches = (model.batch_from_atoms(frames[k : k + 64]) for k in range(0, len(frames), 64))
@@ -73,10 +70,10 @@ def _patterns(args, model):
 
 def run(args: argparse.Namespace) -> int:
     """Explain the structure with each method; returns the exit code."""
-    from .cli import read_structures
-    from .explain.molecule_figures import molecule_figure, terms_table, write_terms
-    from .explain.molecules import explain_molecule
-    from .models.io import load_model
+    from ..data.sources.ase_files import read_structures
+    from ..explain.molecule_figures import molecule_figure, terms_table, write_terms
+    from ..explain.molecules import explain_molecule
+    from ..models.io import load_model
 
     model = load_model(args.model)
     frames = read_structures(args.structure, args.index)
@@ -118,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             f"(conservation error {1000 * e.conservation_error:.3g} meV)"
         )
     # the atom relevances of every method in one interactive 3D view, beside the PNGs
-    from .insight.viewer import write_viewer
+    from ..insight.viewer import write_viewer
 
     write_viewer(
         args.out / "relevance.html",

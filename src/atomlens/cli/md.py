@@ -1,4 +1,5 @@
-"""``atomlens md``: molecular dynamics with a trained model (a thin layer over :mod:`atomlens.md`)."""
+"""``atomlens md``: molecular dynamics with a trained model (a thin layer over :mod:`atomlens.md`
+and :mod:`atomlens.batched_md`)."""
 
 from __future__ import annotations
 
@@ -125,8 +126,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .cli import read_structures
-    from .md import run_md
+    from ..data.sources.ase_files import read_structures
+    from ..md import run_md
 
     frames = read_structures(args.structure, args.index)
     if args.replicas < 1:
@@ -201,7 +202,7 @@ def numbered(path: str, k: int, n: int) -> Path:
 
 def run_batched(args, frames) -> int:
     """Several trajectories (frames x replicas) through :class:`atomlens.batched_md.BatchedMD`."""
-    from .batched_md import run_batched_md
+    from ..batched_md import run_batched_md
 
     if any(atoms.pbc.any() for atoms in frames) or args.ensemble == "npt":
         raise ValueError(

@@ -93,8 +93,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sampling described by ``args``; returns the exit status."""
-    from .data.dataset import DataError
-    from .data.sampling import (
+    from ..data.dataset import DataError
+    from ..data.sampling import (
         make_calculator,
         molecule_from_smiles,
         relax,
@@ -102,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
         sample_isomers,
         sample_md,
     )
-    from .data.sources.ase_files import write_ase
-    from .data.sources.iso17 import write_iso17
-    from .data.sources.md17 import write_md17
+    from ..data.sources.ase_files import read_structures, write_ase
+    from ..data.sources.iso17 import write_iso17
+    from ..data.sources.md17 import write_md17
 
     md = {
         "temperature": args.temperature,
@@ -115,75 +115,66 @@ def run(args: argparse.Namespace) -> int:
         "friction": args.friction,
     }
     out = Path(args.out)
-    try:
-        if args.isomers:
-            args.method = args.method or "gfn2"
-            if out.suffix:
-                raise DataError(f"--out {out}: with --isomers give a folder for the three sets")
-            sets = sample_isomers(
-                args.isomers,
-                args.reference_isomers,
-                method=args.method,
-                relax_fmax=args.relax,
-                seed=args.seed,
-                **md,
-            )
-            for name, data in sets.items():
-                write_iso17(out / f"{name}.db", data)
-                print(f"{out / f'{name}.db'}: {len(data)} frames")
-            return 0
-        if out.suffix not in (".npz", ".db", ".extxyz"):
-            raise DataError(f"--out {out}: use .npz (MD17 layout), .db (ISO17 layout) or .extxyz")
-        if args.smiles:
-            atoms = molecule_from_smiles(args.smiles, seed=args.seed)
-        else:
-            from ase.io import read
-
-            try:
-                atoms = read(args.xyz, index=0)
-            except Exception as err:
-                raise DataError(f"{args.xyz}: cannot read a start structure ({err})") from err
-        periodic = bool(atoms.pbc.any())
-        if periodic and out.suffix != ".extxyz":
-            raise DataError(
-                f"--out {out}: the start structure is periodic; write its cells "
-                f"and stress to an .extxyz file"
-            )
-        if args.method is None:  # GFN1-xTB gives the stress of periodic cells
-            args.method = "gfn1" if periodic else "gfn2"
-        calculator = make_calculator(args.method)
-        atoms.calc = None
-        if args.relax is not None:
-            atoms = relax(atoms, calculator, fmax=args.relax)
-        if periodic and args.cells > 1:
-            data = sample_cells(
-                atoms, calculator, n_cells=args.cells, strain=args.strain, seed=args.seed, **md
-            )
-        else:
-            data = sample_md(atoms, calculator, seed=args.seed, **md)
-        if out.suffix == ".extxyz":
-            write_ase(out, data, format="extxyz")
-        elif out.suffix == ".npz":
-            write_md17(
-                out,
-                data,
-                name=args.smiles or Path(args.xyz).stem,
-                theory=args.method,
-                md_T=args.temperature,
-                md_dt_fs=args.timestep,
-                md_every_steps=args.every,
-                md_equil_fs=args.equilibration,
-                md_friction_per_fs=args.friction,
-                seed=args.seed,
-            )
-        else:
-            write_iso17(out, data)
-        energy = data.targets["energy"]
-        print(
-            f"{out}: {len(data)} frames of {int(data.n_atoms_per[0])} atoms, "
-            f"energy {energy.min():.4f} .. {energy.max():.4f} eV"
+    if args.isomers:
+        args.method = args.method or "gfn2"
+        if out.suffix:
+            raise DataError(f"--out {out}: with --isomers give a folder for the three sets")
+        sets = sample_isomers(
+            args.isomers,
+            args.reference_isomers,
+            method=args.method,
+            relax_fmax=args.relax,
+            seed=args.seed,
+            **md,
         )
+        for name, data in sets.items():
+            write_iso17(out / f"{name}.db", data)
+            print(f"{out / f'{name}.db'}: {len(data)} frames")
         return 0
-    except (DataError, ImportError, ValueError) as err:
-        print(f"atomlens sample: error: {err}")
-        return 2
+    if out.suffix not in (".npz", ".db", ".extxyz"):
+        raise DataError(f"--out {out}: use .npz (MD17 layout), .db (ISO17 layout) or .extxyz")
+    if args.smiles:
+        atoms = molecule_from_smiles(args.smiles, seed=args.seed)
+    else:
+        atoms = read_structures(args.xyz, 0)[0]
+    periodic = bool(atoms.pbc.any())
+    if periodic and out.suffix != ".extxyz":
+        raise DataError(
+            f"--out {out}: the start structure is periodic; write its cells "
+            f"and stress to an .extxyz file"
+        )
+    if args.method is None:  # GFN1-xTB gives the stress of periodic cells
+        args.method = "gfn1" if periodic else "gfn2"
+    calculator = make_calculator(args.method)
+    atoms.calc = None
+    if args.relax is not None:
+        atoms = relax(atoms, calculator, fmax=args.relax)
+    if periodic and args.cells > 1:
+        data = sample_cells(
+            atoms, calculator, n_cells=args.cells, strain=args.strain, seed=args.seed, **md
+        )
+    else:
+        data = sample_md(atoms, calculator, seed=args.seed, **md)
+    if out.suffix == ".extxyz":
+        write_ase(out, data, format="extxyz")
+    elif out.suffix == ".npz":
+        write_md17(
+            out,
+            data,
+            name=args.smiles or Path(args.xyz).stem,
+            theory=args.method,
+            md_T=args.temperature,
+            md_dt_fs=args.timestep,
+            md_every_steps=args.every,
+            md_equil_fs=args.equilibration,
+            md_friction_per_fs=args.friction,
+            seed=args.seed,
+        )
+    else:
+        write_iso17(out, data)
+    energy = data.targets["energy"]
+    print(
+        f"{out}: {len(data)} frames of {int(data.n_atoms_per[0])} atoms, "
+        f"energy {energy.min():.4f} .. {energy.max():.4f} eV"
+    )
+    return 0

@@ -141,34 +141,17 @@ def _add_data_options(p) -> None:
 def _load(model_path: str, dtype: str = "float64"):
     import torch
 
-    from .models.io import load_model, model_folder, read_config
+    from ..models.io import load_model, model_folder, read_config
 
     folder = model_folder(model_path)
     model = load_model(folder, dtype=getattr(torch, dtype))
     return model, folder, read_config(folder)["model"].get("unit", "eV")
 
 
-def _structures(spec: str, index: str = ":") -> list:
-    """Frames of an ASE-readable file, or the QM9 molecule ``qm9:N`` (N = QM9 index)."""
-    if spec.startswith("qm9:"):
-        from .data.sources.open import open_dataset
-
-        return [open_dataset(spec).atoms(0)]
-    from .cli import read_structures
-
-    return read_structures(spec, index)
-
-
-def _dataset(spec: str):
-    from .data.sources.open import open_dataset
-
-    return open_dataset(spec)
-
-
 def _split_indices(folder: Path, split: str, n: int) -> np.ndarray:
     if split == "all":
         return np.arange(n)
-    from .data.splits import load_split
+    from ..data.splits import load_split
 
     path = folder / "split.npz"
     if not path.is_file():
@@ -178,11 +161,12 @@ def _split_indices(folder: Path, split: str, n: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- commands
 def run_atomic_energies(args) -> int:
-    from .insight.atomic import atomic_energies
-    from .insight.plots import atomic_energy_plot
+    from ..data.sources.open import open_structures
+    from ..insight.atomic import atomic_energies
+    from ..insight.plots import atomic_energy_plot
 
     model, _, unit = _load(args.model, args.dtype)
-    frames = _structures(args.structures, args.index)
+    frames = open_structures(args.structures, args.index)
     charge_model = _load(args.charges, args.dtype)[0] if args.charges else None
     tables = atomic_energies(model, frames, charge_model=charge_model)
     if args.json:
@@ -194,8 +178,8 @@ def run_atomic_energies(args) -> int:
     else:
         print("\n\n".join(t.table(unit) for t in tables))
     if args.out:
-        from .insight.plots import to_milli
-        from .insight.viewer import write_viewer
+        from ..insight.plots import to_milli
+        from ..insight.viewer import write_viewer
 
         out = Path(args.out)
         for k, t in enumerate(tables):
@@ -223,12 +207,13 @@ def run_atomic_energies(args) -> int:
 
 
 def run_potential_map(args) -> int:
-    from .insight.cube import write_cube
-    from .insight.plots import potential_map_plot
-    from .insight.potential_map import potential_map
+    from ..data.sources.open import open_structures
+    from ..insight.cube import write_cube
+    from ..insight.plots import potential_map_plot
+    from ..insight.potential_map import potential_map
 
     model, _, unit = _load(args.model, args.dtype)
-    atoms = _structures(args.structure, args.index)[0]
+    atoms = open_structures(args.structure, args.index)[0]
     pmap = potential_map(
         model,
         atoms,
@@ -272,25 +257,22 @@ def run_potential_map(args) -> int:
 
 
 def run_rings(args) -> int:
-    from .insight.plots import ring_ranking_plot
-    from .insight.rings import has_rings, ring_analysis
-    from .training.evaluate import predict_dataset
+    from ..data.sources.open import open_dataset
+    from ..insight.plots import ring_ranking_plot
+    from ..insight.rings import ring_study
 
     model, folder, unit = _load(args.model, args.dtype)
-    data = _dataset(args.data)
-    indices = _split_indices(folder, args.split, len(data))
-    if "smiles" not in data.extras:
-        raise ValueError(f"{args.data}: the data set has no SMILES; rings need them")
-    sizes = tuple(int(s) for s in args.sizes.split(","))
-    indices = indices[has_rings(np.asarray(data.extras["smiles"])[indices], sizes)]
-    if args.max_molecules and len(indices) > args.max_molecules:
-        rng = np.random.default_rng(args.seed)
-        indices = np.sort(rng.choice(indices, args.max_molecules, replace=False))
-    if len(indices) == 0:
-        raise ValueError(f"no molecule with a ring of size {args.sizes} in the chosen data")
-    atomic = predict_dataset(model, data, indices)["atomic"].astype(np.float64)
-    atomref = model.atomref.detach().cpu().numpy().astype(np.float64)
-    analysis = ring_analysis(data, indices, atomic, atomref, sizes, args.min_count)
+    data = open_dataset(args.data)
+    analysis = ring_study(
+        model,
+        data,
+        _split_indices(folder, args.split, len(data)),
+        sizes=tuple(int(s) for s in args.sizes.split(",")),
+        max_molecules=args.max_molecules,
+        min_count=args.min_count,
+        seed=args.seed,
+        source=args.data,
+    )
     print(analysis.table())
     if analysis.ranking:
         ring_ranking_plot(
@@ -298,30 +280,22 @@ def run_rings(args) -> int:
             args.out,
             unit=unit,
             title=f"{model.config.representation.upper()}: ring energies "
-            f"({len(indices)} molecules; red: aromatic)",
+            f"({analysis.n_molecules} molecules; red: aromatic)",
         )
         print(f"figure: {args.out}")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "ranking": analysis.ranking,
-                    "records": analysis.records,
-                    "n_molecules": analysis.n_molecules,
-                    "n_unmatched": analysis.n_unmatched,
-                }
-            )
-        )
+        Path(args.json).write_text(json.dumps(analysis.as_dict()))
         print(f"written {args.json}")
     return 0
 
 
 def run_isomers(args) -> int:
-    from .insight.isomers import isomer_analysis
-    from .insight.plots import isomer_plot
+    from ..data.sources.open import open_dataset
+    from ..insight.isomers import isomer_analysis
+    from ..insight.plots import isomer_plot
 
     model, folder, unit = _load(args.model, args.dtype)
-    data = _dataset(args.data)
+    data = open_dataset(args.data)
     indices = _split_indices(folder, args.split, len(data))
     analysis = isomer_analysis(model, data, args.formula, None if args.split == "all" else indices)
     summary = analysis.summary()
@@ -342,10 +316,11 @@ def run_isomers(args) -> int:
 
 
 def run_extensivity(args) -> int:
-    from .insight.extensivity import extensivity
+    from ..data.sources.open import open_structures
+    from ..insight.extensivity import extensivity
 
     model, _, unit = _load(args.model, args.dtype)
-    atoms = _structures(args.structure, args.index)[0]
+    atoms = open_structures(args.structure, args.index)[0]
     result = extensivity(model, atoms, args.separation)
     ok = result.passed()
     print(

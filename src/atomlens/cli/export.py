@@ -23,8 +23,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from .export import export_model
-    from .models.io import load_model
+    from ..export import export_model
+    from ..models.io import load_model
 
     model = load_model(args.model, dtype=torch.float64 if args.float64 else None)
     path = export_model(model, args.out)

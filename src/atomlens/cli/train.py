@@ -1,31 +1,22 @@
-"""The ``atomlens`` command: a thin layer over the library.
-
-Subcommands: train, evaluate, predict, demo (here), and those registered by the capability
-modules: sample (data.sampling), md (molecular dynamics), insight, explain.
-"""
+"""``atomlens train``, ``evaluate`` and ``predict``: parse, call the library, print."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .registry import representation_names
-from .units import EV_A3_GPA, KCAL_MOL_EV
+from ..registry import representation_names
+from ..units import EV_A3_GPA, KCAL_MOL_EV
 
-#: modules that add subcommands through ``add_parser(subparsers)``
-SUBCOMMAND_MODULES = [
-    "atomlens.cli_sample",
-    "atomlens.cli_md",
-    "atomlens.cli_insight",
-    "atomlens.cli_explain",
-    "atomlens.cli_export",
-]
+
+def add_parser(subparsers) -> None:
+    """Register ``train``, ``evaluate`` and ``predict``."""
+    _add_train(subparsers)
+    _add_evaluate(subparsers)
+    _add_predict(subparsers)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -66,13 +57,13 @@ class _TrainHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """
 
     def _get_help_string(self, action):
-        from .training.config import PRESETS, TrainConfig
+        from ..training.config import PRESETS, TrainConfig
 
         text = action.help or ""
         if action.dest == "preset":
             return f"{text}; one of: {', '.join(sorted(PRESETS))}"
         if action.dest == "model":
-            from .models.base import representation_names
+            from ..models.base import representation_names
 
             return f"{text}; one of: {', '.join(representation_names())}"
         field = TrainConfig.__dataclass_fields__.get(action.dest)
@@ -222,12 +213,12 @@ def _add_train(sub) -> None:
 
 
 def config_from_args(args):
-    from .training.config import TrainConfig, load_config, preset
+    from ..training.config import TrainConfig, load_config, preset
 
     if args.config:
         config = load_config(args.config)
         if args.preset:
-            raise SystemExit("give a config file or --preset, not both")
+            raise ValueError("give a config file or --preset, not both")
     elif args.preset:
         config = preset(args.preset)
     elif args.model == "dtnn":
@@ -235,7 +226,7 @@ def config_from_args(args):
     else:
         config = preset("qm9-u0-schnet") if (args.data in (None, "qm9")) else TrainConfig()
     if args.model:
-        from .models.base import representation_names
+        from ..models.base import representation_names
 
         if args.model not in representation_names():
             raise ValueError(
@@ -243,7 +234,7 @@ def config_from_args(args):
                 f"{', '.join(representation_names())}"
             )
     if args.init_from and not args.target:  # fine-tuning: the saved model's target
-        from .models.io import model_folder, read_config
+        from ..models.io import model_folder, read_config
 
         config = config.updated(target=read_config(model_folder(args.init_from))["model"]["target"])
     if args.model and args.model != config.model.representation:
@@ -295,11 +286,11 @@ def config_from_args(args):
 
 
 def run_train(args) -> int:
-    from .training.train import train
+    from ..training.train import train
 
     config = config_from_args(args)
     if args.ensemble:
-        from .training.ensemble import train_ensemble
+        from ..training.ensemble import train_ensemble
 
         if args.resume:
             raise ValueError("--resume and --ensemble: resume each member as its own run")
@@ -331,11 +322,11 @@ def _add_evaluate(sub) -> None:
 
 
 def run_evaluate(args) -> int:
-    from .data.splits import load_split
-    from .models.io import load_model, model_folder, read_config
-    from .training.config import TrainConfig, load_config
-    from .training.evaluate import evaluate
-    from .training.train import load_dataset
+    from ..data.splits import load_split
+    from ..models.io import load_model, model_folder, read_config
+    from ..training.config import TrainConfig, load_config
+    from ..training.evaluate import evaluate
+    from ..training.train import load_dataset
 
     folder = model_folder(args.model)
     model = load_model(folder)
@@ -394,49 +385,15 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=run_predict)
 
 
-def read_structures(path: str, index: str = ":"):
-    """ASE-readable structures, with a clear error for missing, empty or malformed files."""
-    import ase.io
-
-    from .data.dataset import DataError
-    from .fileio import check_readable
-
-    check_readable(path)
-    try:
-        frames = ase.io.read(path, index=index)
-    except Exception as err:  # ASE raises many types for bad files
-        raise DataError(f"{path}: cannot read structures ({type(err).__name__}: {err})") from err
-    frames = frames if isinstance(frames, list) else [frames]
-    if not frames:
-        raise DataError(f"{path}: the file holds no structures")
-    return frames
-
-
 #: prefix of every value ``atomlens predict`` stores in a structure (info / arrays keys)
 PREDICTION_PREFIX = "atomlens_"
 
 
-def predict_in_chunks(predict, frames: list, chunk: int = 1000, **options) -> dict:
-    """``predict(frames, **options)`` over ``chunk`` structures at a time (bounded memory, a
-    progress bar on a terminal); the same arrays as one call on all of them."""
-    from tqdm.auto import tqdm
-
-    if chunk < 1:
-        raise ValueError(f"--chunk must be >= 1, not {chunk}")
-    parts: dict[str, list] = {}
-    with tqdm(
-        total=len(frames), desc="predict", unit="structure", leave=False, disable=None
-    ) as bar:
-        for start in range(0, len(frames), chunk):
-            for key, value in predict(frames[start : start + chunk], **options).items():
-                parts.setdefault(key, []).append(value)
-            bar.update(min(chunk, len(frames) - start))
-    return {key: np.concatenate(values) for key, values in parts.items()}
-
-
 def run_predict(args) -> int:
-    from .data.dataset import dataset_from_atoms
-    from .ensemble import load_ensemble, predict_ensemble
+    from ..data.dataset import dataset_from_atoms
+    from ..data.sources.ase_files import read_structures
+    from ..ensemble import load_ensemble, predict_ensemble
+    from ..models.inference import predict_in_chunks
 
     models = load_ensemble(args.model)
     model, unit = models[0], models[0].config.unit
@@ -508,130 +465,9 @@ def run_predict(args) -> int:
     if args.out:
         import ase.io
 
-        from .fileio import atomic_file
+        from ..fileio import atomic_file
 
         with atomic_file(args.out) as tmp:
             ase.io.write(tmp, frames, format="extxyz")
         print(f"written {args.out} (predictions under atomlens_* keys, {unit}, {unit}/Angstrom)")
     return 0
-
-
-# --------------------------------------------------------------------------- demo
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="train a SchNet on QM9 U0 for a few minutes (CPU)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--minutes", type=float, help="training budget (default: the preset's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT")
-    p.set_defaults(func=run_demo)
-
-
-def run_demo(args) -> int:
-    from .data.splits import load_split
-    from .insight.plots import parity_plot
-    from .models.io import load_model
-    from .training.config import preset
-    from .training.evaluate import predict_dataset
-    from .training.train import load_dataset, train
-
-    config = preset("qm9-u0-demo").updated(out=args.out, max_minutes=args.minutes)
-    print(
-        "atomlens demo: SchNet on QM9 U0 "
-        f"(n_train={int(config.n_train)}, budget {config.max_minutes} min on the CPU)"
-    )
-    data = load_dataset(config)
-    metrics = train(config, data=data, overwrite=args.overwrite)
-    folder = Path(config.out) / "model"
-    model = load_model(folder)
-    test = load_split(folder / "split.npz")["test"]
-    pred = predict_dataset(model, data, test)[model.target]
-    ref = np.asarray(data.targets[model.target])[test]
-    # plot energies relative to the fitted per-element references, where the errors show
-    atomref = model.atomref.numpy()[np.asarray(data.numbers)[data.atom_index(test)]]
-    baseline = np.add.reduceat(
-        atomref, np.concatenate([[0], np.cumsum(data.n_atoms_per[test])[:-1]])
-    )
-    png = parity_plot(
-        ref - baseline,
-        pred - baseline,
-        Path(config.out) / "parity.png",
-        title=f"SchNet, QM9 U0 minus fitted atom references, n_train={int(config.n_train)}",
-        unit="eV",
-    )
-    mae = metrics[f"{model.target}_mae"]
-    print(
-        f"test MAE (U0, {len(test)} molecules): {mae * 1000:.1f} meV = "
-        f"{mae / KCAL_MOL_EV:.2f} kcal/mol"
-    )
-    print(f"parity plot: {png}")
-    print(f"model: {folder}")
-    return 0
-
-
-# --------------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="atomlens", description="Deep learning for quantum chemistry you can look inside."
-    )
-    parser.add_argument("--version", action="version", version=f"atomlens {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_demo(sub)
-    _add_train(sub)
-    _add_evaluate(sub)
-    _add_predict(sub)
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).add_parser(sub)
-    _add_threads(parser)
-    return parser
-
-
-def _add_threads(parser: argparse.ArgumentParser) -> None:
-    """``--threads`` on every command that lacks it (nested subcommands included)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for command in action.choices.values():
-                _add_threads(command)
-            return
-    if not any("--threads" in action.option_strings for action in parser._actions):
-        parser.add_argument(
-            "--threads",
-            type=int,
-            help="torch CPU threads (default: the CPUs available to atomlens)",
-        )
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .runtime import configure, prepare_environment
-
-    started = time.monotonic()  # budgets (train --minutes) count from here
-    prepare_environment()  # before torch loads: libgomp reads its wait policy once
-    args = build_parser().parse_args(argv)  # before any heavy import: --help stays fast
-    if getattr(args, "threads", None) is not None and args.threads < 1:
-        print(
-            f"atomlens {args.command}: error: --threads must be >= 1, not {args.threads}",
-            file=sys.stderr,
-        )
-        return 2
-    from ._optional import MissingExtra
-    from .data.dataset import DataError
-
-    args.started = started
-    configure(threads=getattr(args, "threads", None))
-    import logging
-
-    if not logging.getLogger("atomlens").handlers:  # the library's notes (e.g. compiling)
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("atomlens: %(message)s"))
-        logging.getLogger("atomlens").addHandler(handler)
-        logging.getLogger("atomlens").setLevel(logging.INFO)
-    try:
-        return args.func(args)
-    except (DataError, OSError, ValueError, MissingExtra) as err:  # OSError: missing,
-        # unreadable, read-only files; MissingExtra: an optional package not installed
-        print(f"atomlens {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The command line's one error policy (``atomlens.cli.main``): an expected user error is one
+line ``atomlens <command>: error: <message>`` on stderr with exit status 2 and no traceback;
+anything else propagates with its traceback."""
+
+import ase.build
+import ase.io
+import pytest
+from helpers import random_model
+
+from atomlens import _optional
+from atomlens.cli import main
+from atomlens.models.io import save_model
+
+
+def one_line_error(capsys, command: str) -> str:
+    """The message of the single error line of ``command`` on stderr (and nothing else)."""
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    prefix = f"atomlens {command}: error: "
+    assert lines[0].startswith(prefix), lines[0]
+    return lines[0][len(prefix) :]
+
+
+@pytest.fixture
+def chon_model(tmp_path):
+    return save_model(
+        random_model("schnet"), tmp_path / "model", metadata={"elements": [1, 6, 7, 8]}
+    )
+
+
+def test_bad_value(capsys):
+    assert main(["explain", "--threads", "0"]) == 2
+    assert one_line_error(capsys, "explain") == "--threads must be >= 1, not 0"
+    assert main(["explain"]) == 2  # a value the command needs
+    assert "--out" in one_line_error(capsys, "explain")
+
+
+def test_bad_input_file(tmp_path, capsys):
+    bad = tmp_path / "bad.xyz"
+    bad.write_text("3\ncomment\nC 0 0 0\n")  # truncated
+    assert main(["md", str(tmp_path / "model"), str(bad)]) == 2
+    message = one_line_error(capsys, "md")
+    assert str(bad) in message and "cannot read" in message
+
+
+def test_unknown_element(chon_model, tmp_path, capsys):
+    path = tmp_path / "silane.xyz"
+    ase.io.write(path, ase.build.molecule("SiH4"))
+    assert main(["predict", str(chon_model), str(path)]) == 2
+    message = one_line_error(capsys, "predict")
+    assert "Si never seen" in message and "--allow-unknown-elements" in message
+
+
+def test_missing_file(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "no_model"), "--out", str(tmp_path / "m.pt2")]) == 2
+    assert "no_model" in one_line_error(capsys, "export")
+
+
+def test_missing_extra(monkeypatch, tmp_path, capsys):
+    real = _optional.available
+    monkeypatch.setattr(_optional, "available", lambda m: not m.startswith("sklearn") and real(m))
+    assert main(["explain", "--out", str(tmp_path / "explain")]) == 2
+    assert 'pip install "atomlens[explain]"' in one_line_error(capsys, "explain")
+
+
+def test_run_folder_conflict(tmp_path, capsys):
+    argv = ["train", "--out", str(tmp_path / "run"), "--resume", "--overwrite"]
+    assert main(argv) == 2
+    assert "give one" in one_line_error(capsys, "train")
+
+
+def test_sample_errors_follow_the_policy(tmp_path, capsys):
+    """``sample`` had its own copy of the policy (on stdout); now it raises like the others."""
+    assert main(["sample", "--smiles", "O", "--frames", "3", "--out", str(tmp_path / "x.txt")]) == 2
+    assert ".npz" in one_line_error(capsys, "sample")
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("switch", ["flag", "environment"])
+def test_debug_shows_the_traceback_of_expected_errors(switch, monkeypatch, capsys):
+    argv = ["explain"]
+    if switch == "flag":
+        argv = ["--debug", *argv]
+    else:
+        monkeypatch.setenv("ATOMLENS_DEBUG", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError" in err
+    assert err.rstrip().splitlines()[-1].startswith("atomlens explain: error: ")
+
+
+def test_an_unexpected_error_raises_with_its_traceback(monkeypatch):
+    import atomlens.cli.export
+
+    def broken(args):
+        raise KeyError("a bug, not the user's input")
+
+    monkeypatch.setattr(atomlens.cli.export, "run", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["export", "model"])
