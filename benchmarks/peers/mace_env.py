@@ -1,0 +1,66 @@
+"""A separate virtual environment with MACE (PyPI ``mace-torch``), for the peer comparisons.
+
+MACE is never a dependency of atomlens: ``benchmarks/md17.py --mace`` runs it in its own venv
+(``benchmarks/.venv-mace``, ignored by git) through a subprocess, like SchNetPack
+(``spk_env.py``), so its pins cannot disturb the project's environment. Both use the same
+torch release: ``torch==2.13.0`` is installed first, on its own, so that pip takes the CPU
+wheel from local disk and never resolves a plain ``torch`` (a multi-GB CUDA build).
+
+mace-torch 0.3.16's requirements (``torch>=1.12``, ``e3nn==0.4.4``, ``numpy``, ``ase``,
+``matscipy``, ``torch-ema``, ``torchmetrics``, ...) are all met by the package mirror and none
+conflicts with torch 2.13, so mace-torch is then installed with its own dependencies, pinned
+to the version this comparison was written against; no ``--no-deps`` workaround is needed.
+
+    python benchmarks/peers/mace_env.py      # create it (idempotent) and print its python
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+MACE_VERSION = "0.3.16"
+TORCH_VERSION = "2.13.0"
+VENV = Path(__file__).resolve().parents[1] / ".venv-mace"
+
+
+def venv_python(path: Path = VENV) -> Path:
+    return path / "bin" / "python"
+
+
+def _ready(python: Path) -> bool:
+    if not python.exists():
+        return False
+    check = (
+        "import importlib.metadata as m; "
+        f"assert m.version('mace-torch') == '{MACE_VERSION}'; "
+        f"assert m.version('torch').startswith('{TORCH_VERSION}'); "
+        "import mace.modules, mace.tools"
+    )
+    return (
+        subprocess.run([str(python), "-c", check], capture_output=True, check=False).returncode == 0
+    )
+
+
+def ensure_venv(path: Path = VENV, quiet: bool = True) -> Path:
+    """Create the MACE venv if it is missing or incomplete; return its python."""
+    python = venv_python(path)
+    if _ready(python):
+        return python
+    if not python.exists():
+        venv.EnvBuilder(with_pip=True, clear=True).create(path)
+    pip = [str(python), "-m", "pip", "install", *(["-q"] if quiet else [])]
+    # torch alone first: with it installed, mace-torch's ``torch>=1.12`` is already met
+    subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
+    subprocess.run([*pip, f"torch=={TORCH_VERSION}", f"mace-torch=={MACE_VERSION}"], check=True)
+    if not _ready(python):
+        raise RuntimeError(
+            f"{path}: mace-torch=={MACE_VERSION} with torch=={TORCH_VERSION} could not be installed"
+        )
+    return python
+
+
+if __name__ == "__main__":
+    print(ensure_venv(quiet="-v" not in sys.argv))
