@@ -131,6 +131,7 @@ def mace_arguments(args) -> argparse.Namespace:
         "forces_weight": args.forces_weight,
         "ema_decay": args.ema_decay,
         "default_dtype": args.dtype,
+        "eval_interval": args.eval_interval,
         "seed": args.seed,
         "device": "cpu",
         "loss": "weighted",
@@ -160,6 +161,13 @@ def main(argv=None) -> int:
     parser.add_argument("--num-radial-basis", dest="num_radial_basis", type=int, default=8)
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=5)
     parser.add_argument("--valid-batch-size", dest="valid_batch_size", type=int, default=50)
+    parser.add_argument(
+        "--eval-interval",
+        dest="eval_interval",
+        type=int,
+        default=1,
+        help="validate every N epochs (MACE's default: 1)",
+    )
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--energy-weight", dest="energy_weight", type=float, default=1.0)
     parser.add_argument("--forces-weight", dest="forces_weight", type=float, default=1000.0)
@@ -264,6 +272,7 @@ def main(argv=None) -> int:
         pass
     trained_s = time.perf_counter() - started
     if budgeted.steps:
+        # the checkpoint this run wrote (mace itself sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)
         best_epoch = checkpoints.load_latest(
             state=tools.CheckpointState(model, optimizer, lr_scheduler), swa=False, device=device
         )
@@ -309,6 +318,8 @@ def main(argv=None) -> int:
             "energy_weight": args.energy_weight,
             "forces_weight": args.forces_weight,
             "batch_size": args.batch_size,
+            "valid_batch_size": args.valid_batch_size,
+            "eval_interval": args.eval_interval,
             "lr": args.lr,
             "amsgrad": True,
             "weight_decay": mace_args.weight_decay,
