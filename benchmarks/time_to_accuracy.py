@@ -11,6 +11,7 @@ MACE model (energy + forces) in MACE's venv (``peers/mace_train.py``); used by
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -66,8 +67,23 @@ def _peer_data(run_dir: Path, data, config, prefix: str) -> tuple[Path, np.ndarr
     return npz, test
 
 
-def _run_peer(name: str, command: list[str], threads: int) -> dict:
-    """Run a peer's training script; its last JSON line on stdout is the result."""
+def _run_peer(
+    name: str, env_module: str, script: str, run_dir: Path, data, minutes, threads, config, options
+) -> dict:
+    """Write the run's npz, ensure the peer's venv, run its training script there.
+
+    The script's last JSON line on stdout is the result; ``options`` are its own flags.
+    """
+    sys.path.insert(0, str(HERE / "peers"))
+    python = importlib.import_module(env_module).ensure_venv()
+    npz, test = _peer_data(run_dir, data, config, f"atomlens-{name.lower()}-train-")
+    command = [
+        str(python),
+        str(HERE / "peers" / script),
+        *("--data", str(npz), "--minutes", str(minutes), "--threads", str(threads)),
+        *("--seed", str(config.seed), "--workdir", str(npz.parent)),
+        *options,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.pop("OMP_WAIT_POLICY", None)  # the peer as its users run it
     print(f"{name}: {' '.join(command)}", file=sys.stderr, flush=True)
@@ -77,47 +93,32 @@ def _run_peer(name: str, command: list[str], threads: int) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise RuntimeError(f"{name} training printed no result:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return {**json.loads(lines[-1]), "n_test_evaluated": len(test)}
 
 
 def schnetpack_run(run_dir: Path, data, minutes: float, threads: int, config) -> dict:
     """Train SchNetPack like the atomlens run in ``run_dir`` (its split and test subset)."""
-    sys.path.insert(0, str(HERE / "peers"))
-    from spk_env import ensure_venv
-
-    python = ensure_venv()
-    npz, test = _peer_data(run_dir, data, config, "atomlens-spk-train-")
     hyperparameters = {
         k: config.model.representation_kwargs[k]
         for k in ("n_atom_basis", "n_interactions", "n_filters", "n_rbf", "cutoff")
     }
-    command = [
-        str(python),
-        str(HERE / "peers" / "schnetpack_train.py"),
-        "--data",
-        str(npz),
-        "--minutes",
-        str(minutes),
-        "--threads",
-        str(threads),
-        "--batch-size",
-        str(config.batch_size),
-        "--lr",
-        str(config.lr),
-        "--lr-patience",
-        str(config.lr_patience),
-        "--rho",
-        str(config.rho),
-        "--hyperparameters",
-        json.dumps(hyperparameters),
-        "--seed",
-        str(config.seed),
-        "--workdir",
-        str(npz.parent),
+    options = [
+        *("--batch-size", str(config.batch_size), "--lr", str(config.lr)),
+        *("--lr-patience", str(config.lr_patience), "--rho", str(config.rho)),
+        *("--hyperparameters", json.dumps(hyperparameters)),
+        *(["--forces"] if config.forces else []),
     ]
-    if config.forces:
-        command.append("--forces")
-    return {**_run_peer("SchNetPack", command, threads), "n_test_evaluated": len(test)}
+    return _run_peer(
+        "SchNetPack",
+        "spk_env",
+        "schnetpack_train.py",
+        run_dir,
+        data,
+        minutes,
+        threads,
+        config,
+        options,
+    )
 
 
 def mace_run(
@@ -131,24 +132,6 @@ def mace_run(
     """
     if not config.forces:
         raise ValueError("mace_run: MACE is compared on energy+force training only")
-    sys.path.insert(0, str(HERE / "peers"))
-    from mace_env import ensure_venv
-
-    python = ensure_venv()
-    npz, test = _peer_data(run_dir, data, config, "atomlens-mace-train-")
-    command = [
-        str(python),
-        str(HERE / "peers" / "mace_train.py"),
-        "--data",
-        str(npz),
-        "--minutes",
-        str(minutes),
-        "--threads",
-        str(threads),
-        "--seed",
-        str(config.seed),
-        "--workdir",
-        str(npz.parent),
-        *(extra or []),
-    ]
-    return {**_run_peer("MACE", command, threads), "n_test_evaluated": len(test)}
+    return _run_peer(
+        "MACE", "mace_env", "mace_train.py", run_dir, data, minutes, threads, config, extra or []
+    )

@@ -16,10 +16,10 @@ to the version this comparison was written against; no ``--no-deps`` workaround 
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import venv
 from pathlib import Path
+
+import peer_venv  # this folder is on sys.path (the script's, or time_to_accuracy's)
 
 MACE_VERSION = "0.3.16"
 TORCH_VERSION = "2.13.0"
@@ -27,39 +27,21 @@ VENV = Path(__file__).resolve().parents[1] / ".venv-mace"
 
 
 def venv_python(path: Path = VENV) -> Path:
-    return path / "bin" / "python"
-
-
-def _ready(python: Path) -> bool:
-    if not python.exists():
-        return False
-    check = (
-        "import importlib.metadata as m; "
-        f"assert m.version('mace-torch') == '{MACE_VERSION}'; "
-        f"assert m.version('torch').startswith('{TORCH_VERSION}'); "
-        "import mace.modules, mace.tools"
-    )
-    return (
-        subprocess.run([str(python), "-c", check], capture_output=True, check=False).returncode == 0
-    )
+    return peer_venv.venv_python(path)
 
 
 def ensure_venv(path: Path = VENV, quiet: bool = True) -> Path:
     """Create the MACE venv if it is missing or incomplete; return its python."""
-    python = venv_python(path)
-    if _ready(python):
-        return python
-    if not python.exists():
-        venv.EnvBuilder(with_pip=True, clear=True).create(path)
-    pip = [str(python), "-m", "pip", "install", *(["-q"] if quiet else [])]
-    # torch alone first: with it installed, mace-torch's ``torch>=1.12`` is already met
-    subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
-    subprocess.run([*pip, f"torch=={TORCH_VERSION}", f"mace-torch=={MACE_VERSION}"], check=True)
-    if not _ready(python):
-        raise RuntimeError(
-            f"{path}: mace-torch=={MACE_VERSION} with torch=={TORCH_VERSION} could not be installed"
-        )
-    return python
+    return peer_venv.ensure(
+        path,
+        # torch alone first: with it installed, mace-torch's ``torch>=1.12`` is already met
+        installs=[
+            [f"torch=={TORCH_VERSION}"],
+            [f"torch=={TORCH_VERSION}", f"mace-torch=={MACE_VERSION}"],
+        ],
+        versions={"mace-torch": MACE_VERSION, "torch": TORCH_VERSION},
+        quiet=quiet,
+    )
 
 
 if __name__ == "__main__":
