@@ -26,10 +26,6 @@ TORCH_VERSION = "2.13.0"
 VENV = Path(__file__).resolve().parents[1] / ".venv-mace"
 
 
-def venv_python(path: Path = VENV) -> Path:
-    return peer_venv.venv_python(path)
-
-
 def ensure_venv(path: Path = VENV, quiet: bool = True) -> Path:
     """Create the MACE venv if it is missing or incomplete; return its python."""
     return peer_venv.ensure(
