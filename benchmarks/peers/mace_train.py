@@ -29,9 +29,10 @@ Defaults (the "small" model and the MD17 recipe; see docs/benchmarks.md):
 ``--num_channels 64 --max_L 1`` (hidden irreps ``64x0e + 64x1o``: the README's recommended
 ``128x0e + 128x1o`` at half the channels), correlation 3, 2 interactions, r_max 5 Angstrom,
 8 Bessel functions, 5 polynomial-cutoff terms, spherical harmonics to l = 3 (MACE's
-defaults); energy weight 1 and force weight 1000, batch 5, learning rate 0.01 (the MACE
-paper's rMD17 settings, Batatia et al. 2022, appendix A.5.1); EMA decay 0.99, AMSGrad (its
-README's example); float32 (its README: about 2x faster to train than the float64 default).
+defaults); energy weight 1 and force weight 1000, batch 5 (the MACE paper's rMD17 settings,
+Batatia et al. 2022, appendix A.5.1), learning rate 0.01 (MACE's default); EMA decay 0.99,
+AMSGrad (its README's example); float32 (its README: about 2x faster to train than the
+float64 default).
 
 Prints one JSON line: test energy MAE (eV per structure), force MAE (eV/Angstrom per
 component), epochs, optimizer steps, parameters and hyperparameters.
@@ -333,6 +334,11 @@ def main(argv=None) -> int:
         "energy_mae_eV": float(metrics["mae_e"]),
         "forces_mae_eV_A": float(metrics["mae_f"]),
     }
+    if not budgeted.steps:
+        record["note"] = (
+            "budget spent before the first training step (setup and the first validation); "
+            "the test MAEs are the untrained model's"
+        )
     print(json.dumps(record), flush=True)
     return 0
 
