@@ -69,3 +69,19 @@ def test_peer_venv_ready_checks_versions(tmp_path):
     assert peer_venv.ready(python, {"numpy": numpy_version})
     assert not peer_venv.ready(python, {"numpy": numpy_version + ".1"})
     assert not peer_venv.ready(tmp_path / "bin" / "python", {"numpy": numpy_version})
+
+
+def test_stage_two_starts_for_the_last_fraction_of_the_training_time(monkeypatch):
+    clock = Clock(0.0)
+    monkeypatch.setattr(mace_train.time, "perf_counter", clock)
+    started = []
+    budgeted = mace_train.BudgetedLoader(
+        list(range(10)), end=100.0, stage_two=started.append, stage_two_fraction=0.2
+    )
+    budgeted.train_started = 0.0
+    for _ in range(9):
+        for _batch in budgeted:
+            clock.now += 1.0  # 10 s epochs from 0 s; stage two from 80 s
+    # the epoch ending at 70 s is the first after which the next one reaches 80 s
+    assert started == [7] and budgeted.stage_two_epoch == 7
+    assert budgeted.epochs == 9

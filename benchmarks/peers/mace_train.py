@@ -22,8 +22,12 @@ batches are served until ``minutes`` minus the time of one validation pass (meas
 the validation ``train`` runs before the first epoch) have passed since the start, so the
 last, partial epoch's validation and checkpoint still fit the budget; the epoch after that
 stops ``train`` (``BudgetSpent``). The best checkpoint is then evaluated on the test split
-with ``mace.tools.evaluate``. Stage two (SWA) is off: it starts at a fixed epoch, which a
-wall-clock budget does not know in advance.
+with ``mace.tools.evaluate`` (stage two's best checkpoint if it has one, as
+``mace_run_train`` does). Stage two (``--swa``, which MACE's README uses: energy weight 1000,
+force weight 100, learning rate 1e-3 for about the last 20% of the epochs, "usually helps
+lower the energy errors") starts at a fixed epoch in MACE; here it starts at the first epoch
+boundary from which the next epoch would reach into the last ``--stage-two`` fraction (0.2)
+of the training time.
 
 Defaults (the "small" model and the MD17 recipe; see docs/benchmarks.md):
 ``--num_channels 64 --max_L 1`` (hidden irreps ``64x0e + 64x1o``: the README's recommended
@@ -63,12 +67,19 @@ class BudgetedLoader:
     kept free for the validation pass and checkpoint after the last, partial epoch; it is
     measured as the time from ``train_started`` (set just before ``mace.tools.train``) to
     the first epoch, which ``mace.tools.train`` spends validating the untrained model.
+
+    ``stage_two(epoch)``, if given, is called once, after the first epoch at whose end the
+    next epoch would reach into the last ``stage_two_fraction`` of the training time; it
+    makes MACE's stage two start at that epoch (MACE starts it at a fixed epoch, about the
+    last 20% of the epochs, which a wall-clock budget does not know in advance).
     """
 
-    def __init__(self, loader, end: float):
+    def __init__(self, loader, end: float, stage_two=None, stage_two_fraction: float = 0.2):
         self.loader, self.end = loader, end
+        self.stage_two, self.stage_two_fraction = stage_two, stage_two_fraction
         self.train_started: float | None = None
         self.reserve: float | None = None
+        self.stage_two_epoch: int | None = None
         self.steps = 0
         self.epochs = 0
 
@@ -79,6 +90,7 @@ class BudgetedLoader:
         now = time.perf_counter()
         if self.reserve is None:
             self.reserve = now - (self.train_started or now)
+            self.first_epoch_started = now
         deadline = self.end - self.reserve
         if now >= deadline:
             raise BudgetSpent
@@ -88,6 +100,15 @@ class BudgetedLoader:
                 return
             self.steps += 1
             yield batch
+        self._maybe_stage_two(now, time.perf_counter(), deadline)
+
+    def _maybe_stage_two(self, epoch_started: float, now: float, deadline: float) -> None:
+        if self.stage_two is None or self.stage_two_epoch is not None:
+            return
+        switch = deadline - self.stage_two_fraction * (deadline - self.first_epoch_started)
+        if now + (now - epoch_started) >= switch:  # the next epoch ends past the switch
+            self.stage_two_epoch = self.epochs  # the index of the next epoch (from 0)
+            self.stage_two(self.stage_two_epoch)
 
 
 def configurations(data_module, arrays: dict, indices: np.ndarray) -> list:
@@ -144,6 +165,7 @@ def mace_arguments(args) -> argparse.Namespace:
     mace_args.hidden_irreps = " + ".join(
         f"{args.num_channels}x{ell}{'e' if ell % 2 == 0 else 'o'}" for ell in range(args.max_L + 1)
     )
+    mace_args.max_num_epochs = 10**9  # the wall-clock budget ends training
     mace_args.compute_energy, mace_args.compute_forces = True, True
     mace_args.compute_dipole, mace_args.compute_polarizability = False, False
     return mace_args
@@ -173,6 +195,14 @@ def main(argv=None) -> int:
     parser.add_argument("--energy-weight", dest="energy_weight", type=float, default=1.0)
     parser.add_argument("--forces-weight", dest="forces_weight", type=float, default=1000.0)
     parser.add_argument("--ema-decay", dest="ema_decay", type=float, default=0.99)
+    parser.add_argument(
+        "--stage-two",
+        dest="stage_two",
+        type=float,
+        default=0.2,
+        help="fraction of the training time at its end in MACE's stage two (--swa: energy "
+        "weight 1000, force weight 100, lr 1e-3); 0: off",
+    )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -190,6 +220,7 @@ def main(argv=None) -> int:
         get_loss_fn,
         get_optimizer,
         get_params_options,
+        get_swa,
     )
     from torch_ema import ExponentialMovingAverage
 
@@ -246,7 +277,21 @@ def main(argv=None) -> int:
     checkpoints = tools.CheckpointHandler(directory=str(workdir / "checkpoints"), tag="mace")
     logger = tools.MetricsLogger(directory=str(workdir / "results"), tag="mace_train")
 
-    budgeted = BudgetedLoader(train_loader, end=started + args.minutes * 60.0)
+    swa = None
+    if args.stage_two > 0:  # MACE's --swa, its start epoch set when the time comes
+        mace_args.start_swa = mace_args.max_num_epochs - 1
+        swa, _ = get_swa(mace_args, model, optimizer, [False])
+
+    def stage_two(epoch: int) -> None:
+        swa.start = epoch
+        checkpoints.io.swa_start = epoch  # stage-two checkpoints are named apart
+
+    budgeted = BudgetedLoader(
+        train_loader,
+        end=started + args.minutes * 60.0,
+        stage_two=stage_two if swa is not None else None,
+        stage_two_fraction=args.stage_two,
+    )
     budgeted.train_started = time.perf_counter()
     try:
         tools.train(
@@ -257,7 +302,7 @@ def main(argv=None) -> int:
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             start_epoch=0,
-            max_num_epochs=10**9,
+            max_num_epochs=mace_args.max_num_epochs,
             patience=mace_args.patience,
             checkpoint_handler=checkpoints,
             logger=logger,
@@ -265,18 +310,26 @@ def main(argv=None) -> int:
             output_args=output_args,
             device=device,
             log_errors=mace_args.error_table,
-            swa=None,
+            swa=swa,
             ema=ema,
             max_grad_norm=mace_args.clip_grad,
         )
     except BudgetSpent:
         pass
     trained_s = time.perf_counter() - started
+    best_epoch, stage_two_used = None, False
     if budgeted.steps:
-        # the checkpoint this run wrote (mace itself sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)
-        best_epoch = checkpoints.load_latest(
-            state=tools.CheckpointState(model, optimizer, lr_scheduler), swa=False, device=device
-        )
+        # the best checkpoint of stage two if it has one, else of stage one, as
+        # mace_run_train evaluates (mace itself sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)
+        state = tools.CheckpointState(model, optimizer, lr_scheduler)
+        if budgeted.stage_two_epoch is not None:
+            try:
+                best_epoch = checkpoints.load_latest(state=state, swa=True, device=device)
+                stage_two_used = True
+            except (UnboundLocalError, ValueError):  # mace's error when there is none
+                best_epoch = None
+        if best_epoch is None:
+            best_epoch = checkpoints.load_latest(state=state, swa=False, device=device)
     else:  # the budget ended during setup or the first validation: the untrained model
         best_epoch = None
     # the test set is built after the budget, as it is not part of training
@@ -296,6 +349,8 @@ def main(argv=None) -> int:
         "epochs": budgeted.epochs,
         "optimizer_steps": budgeted.steps,
         "best_epoch": best_epoch,
+        "stage_two_from_epoch": budgeted.stage_two_epoch,
+        "evaluated_stage_two": stage_two_used,
         "train_wall_s": round(trained_s, 1),
         "first_validation_s": round(budgeted.reserve or 0.0, 1),
         "total_wall_s": round(time.perf_counter() - started, 1),
@@ -327,6 +382,12 @@ def main(argv=None) -> int:
             "scheduler": f"ReduceLROnPlateau(factor={mace_args.lr_factor}, "
             f"patience={mace_args.scheduler_patience})",
             "ema_decay": args.ema_decay,
+            "stage_two": {
+                "fraction_of_training_time": args.stage_two,
+                "energy_weight": mace_args.swa_energy_weight,
+                "forces_weight": mace_args.swa_forces_weight,
+                "lr": mace_args.swa_lr,
+            },
             "clip_grad": mace_args.clip_grad,
             "dtype": args.dtype,
             "E0s": {str(z): e for z, e in e0s.items()},
