@@ -8,6 +8,7 @@ and force MAE (kcal/mol/Angstrom, meV/Angstrom).
 
     python benchmarks/md17.py --molecules ethanol aspirin --minutes 8
     python benchmarks/md17.py --molecules aspirin --minutes 30 --peers   # and SchNetPack
+    python benchmarks/md17.py --molecules aspirin --minutes 30 --peers --mace   # and MACE
 
 The data are GFN2-xTB, not the PBE+vdW-TS of the original MD17: figures are not comparable
 with published MD17 errors, only in kind.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -82,6 +84,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also train SchNetPack (its own loop, its venv) on the same split, "
         "threads and budget; report both test MAEs",
+    )
+    parser.add_argument(
+        "--mace",
+        action="store_true",
+        help="also train a small MACE model (its own loop, its venv) on the same frames, "
+        "split, threads and budget; report both test MAEs",
+    )
+    parser.add_argument(
+        "--mace-args",
+        default="",
+        help="extra options for peers/mace_train.py, e.g. --mace-args='--num-channels 32' "
+        "(default: its small-model defaults)",
     )
     parser.add_argument("--out", type=Path, help="keep the trained models here")
     args = parser.parse_args(argv)
@@ -149,6 +163,22 @@ def main(argv: list[str] | None = None) -> int:
                 schnetpack=peer,
                 energy_mae_ratio_atomlens_schnetpack=energy / peer["energy_mae_eV"],
                 forces_mae_ratio_atomlens_schnetpack=forces / peer["forces_mae_eV_A"],
+            )
+        if args.mace:  # a small MACE on the same frames, split, threads and budget
+            from time_to_accuracy import mace_run
+
+            peer = mace_run(
+                Path(config.out),
+                data,
+                args.minutes,
+                args.threads,
+                config,
+                extra=shlex.split(args.mace_args),
+            )
+            record.update(
+                mace=peer,
+                energy_mae_ratio_atomlens_mace=energy / peer["energy_mae_eV"],
+                forces_mae_ratio_atomlens_mace=forces / peer["forces_mae_eV_A"],
             )
         print(json.dumps(record), flush=True)
     return 0

@@ -1,14 +1,17 @@
-"""Time to accuracy, side by side: SchNetPack trained on atomlens's data, split and budget.
+"""Time to accuracy, side by side: peers trained on atomlens's data, split and budget.
 
 ``schnetpack_run`` writes the molecules of one atomlens run (its split, its bounded test
 subset and its fitted atom references) to an npz, trains SchNetPack on them with its own
 training loop in its venv (``peers/schnetpack_train.py``) for the same number of minutes on
 the same number of threads, and returns SchNetPack's JSON result (test MAEs in eV, eV/A).
-Used by ``qm9.py --peers`` and ``md17.py --peers``.
+Used by ``qm9.py --peers`` and ``md17.py --peers``. ``mace_run`` does the same for a small
+MACE model (energy + forces) in MACE's venv (``peers/mace_train.py``); used by
+``md17.py --mace``.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -44,16 +47,12 @@ def write_peer_data(
     np.savez(path, **arrays)
 
 
-def schnetpack_run(run_dir: Path, data, minutes: float, threads: int, config) -> dict:
-    """Train SchNetPack like the atomlens run in ``run_dir`` (its split and test subset)."""
-    sys.path.insert(0, str(HERE / "peers"))
-    from spk_env import ensure_venv
-
+def _peer_data(run_dir: Path, data, config, prefix: str) -> tuple[Path, np.ndarray]:
+    """The npz of the atomlens run in ``run_dir`` (its split, test subset, atom refs)."""
     from atomlens.data.splits import load_split
     from atomlens.models import load_model
     from atomlens.training.evaluate import bounded_subset
 
-    python = ensure_venv()
     model = load_model(run_dir / "model")
     split = load_split(run_dir / "model" / "split.npz")
     test = (
@@ -61,46 +60,78 @@ def schnetpack_run(run_dir: Path, data, minutes: float, threads: int, config) ->
         if config.full_test
         else bounded_subset(split["test"], config.test_subset, config.seed)
     )
-    workdir = Path(tempfile.mkdtemp(prefix="atomlens-spk-train-"))
-    npz = workdir / "data.npz"
+    npz = Path(tempfile.mkdtemp(prefix=prefix)) / "data.npz"
     write_peer_data(
         data, split, test, model.atomref.double().numpy(), config.target, npz, config.forces
     )
+    return npz, test
+
+
+def _run_peer(
+    name: str, env_module: str, script: str, run_dir: Path, data, minutes, threads, config, options
+) -> dict:
+    """Write the run's npz, ensure the peer's venv, run its training script there.
+
+    The script's last JSON line on stdout is the result; ``options`` are its own flags.
+    """
+    sys.path.insert(0, str(HERE / "peers"))
+    python = importlib.import_module(env_module).ensure_venv()
+    npz, test = _peer_data(run_dir, data, config, f"atomlens-{name.lower()}-train-")
+    command = [
+        str(python),
+        str(HERE / "peers" / script),
+        *("--data", str(npz), "--minutes", str(minutes), "--threads", str(threads)),
+        *("--seed", str(config.seed), "--workdir", str(npz.parent)),
+        *options,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.pop("OMP_WAIT_POLICY", None)  # the peer as its users run it
+    print(f"{name}: {' '.join(command)}", file=sys.stderr, flush=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} training failed:\n{done.stderr[-3000:]}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{name} training printed no result:\n{done.stderr[-3000:]}")
+    return {**json.loads(lines[-1]), "n_test_evaluated": len(test)}
+
+
+def schnetpack_run(run_dir: Path, data, minutes: float, threads: int, config) -> dict:
+    """Train SchNetPack like the atomlens run in ``run_dir`` (its split and test subset)."""
     hyperparameters = {
         k: config.model.representation_kwargs[k]
         for k in ("n_atom_basis", "n_interactions", "n_filters", "n_rbf", "cutoff")
     }
-    command = [
-        str(python),
-        str(HERE / "peers" / "schnetpack_train.py"),
-        "--data",
-        str(npz),
-        "--minutes",
-        str(minutes),
-        "--threads",
-        str(threads),
-        "--batch-size",
-        str(config.batch_size),
-        "--lr",
-        str(config.lr),
-        "--lr-patience",
-        str(config.lr_patience),
-        "--rho",
-        str(config.rho),
-        "--hyperparameters",
-        json.dumps(hyperparameters),
-        "--seed",
-        str(config.seed),
-        "--workdir",
-        str(workdir),
+    options = [
+        *("--batch-size", str(config.batch_size), "--lr", str(config.lr)),
+        *("--lr-patience", str(config.lr_patience), "--rho", str(config.rho)),
+        *("--hyperparameters", json.dumps(hyperparameters)),
+        *(["--forces"] if config.forces else []),
     ]
-    if config.forces:
-        command.append("--forces")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env.pop("OMP_WAIT_POLICY", None)  # SchNetPack as its users run it
-    print(f"SchNetPack: {' '.join(command)}", file=sys.stderr, flush=True)
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"SchNetPack training failed:\n{done.stderr[-3000:]}")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    return {**json.loads(lines[-1]), "n_test_evaluated": len(test)}
+    return _run_peer(
+        "SchNetPack",
+        "spk_env",
+        "schnetpack_train.py",
+        run_dir,
+        data,
+        minutes,
+        threads,
+        config,
+        options,
+    )
+
+
+def mace_run(
+    run_dir: Path, data, minutes: float, threads: int, config, extra: list[str] | None = None
+) -> dict:
+    """Train a small MACE model (energy + forces) like the atomlens run in ``run_dir``.
+
+    Same frames, split, test subset, threads and wall-clock budget; MACE's own recipe and
+    hyperparameters (``peers/mace_train.py``; ``extra`` is passed on to it, e.g.
+    ``["--num-channels", "32"]``).
+    """
+    if not config.forces:
+        raise ValueError("mace_run: MACE is compared on energy+force training only")
+    return _run_peer(
+        "MACE", "mace_env", "mace_train.py", run_dir, data, minutes, threads, config, extra or []
+    )

@@ -9,10 +9,10 @@ cannot disturb the project's environment. Both use the same torch release.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import venv
 from pathlib import Path
+
+import peer_venv  # this folder is on sys.path (the script's, or time_to_accuracy's)
 
 SCHNETPACK_VERSION = "2.1.1"
 TORCH_VERSION = "2.13.0"
@@ -43,38 +43,20 @@ DEPENDENCIES = [
 
 
 def venv_python(path: Path = VENV) -> Path:
-    return path / "bin" / "python"
-
-
-def _ready(python: Path) -> bool:
-    if not python.exists():
-        return False
-    check = (
-        "import importlib.metadata as m; "
-        f"assert m.version('schnetpack') == '{SCHNETPACK_VERSION}'; "
-        f"assert m.version('torch').startswith('{TORCH_VERSION}')"
-    )
-    return (
-        subprocess.run([str(python), "-c", check], capture_output=True, check=False).returncode == 0
-    )
+    return peer_venv.venv_python(path)
 
 
 def ensure_venv(path: Path = VENV, quiet: bool = True) -> Path:
     """Create the SchNetPack venv if it is missing or incomplete; return its python."""
-    python = venv_python(path)
-    if _ready(python):
-        return python
-    if not python.exists():
-        venv.EnvBuilder(with_pip=True, clear=True).create(path)
-    pip = [str(python), "-m", "pip", "install", *(["-q"] if quiet else [])]
-    subprocess.run([*pip, f"torch=={TORCH_VERSION}", *DEPENDENCIES], check=True)
-    subprocess.run([*pip, "--no-deps", f"schnetpack=={SCHNETPACK_VERSION}"], check=True)
-    if not _ready(python):
-        raise RuntimeError(
-            f"{path}: schnetpack=={SCHNETPACK_VERSION} with "
-            f"torch=={TORCH_VERSION} could not be installed"
-        )
-    return python
+    return peer_venv.ensure(
+        path,
+        installs=[
+            [f"torch=={TORCH_VERSION}", *DEPENDENCIES],
+            ["--no-deps", f"schnetpack=={SCHNETPACK_VERSION}"],
+        ],
+        versions={"schnetpack": SCHNETPACK_VERSION, "torch": TORCH_VERSION},
+        quiet=quiet,
+    )
 
 
 def import_schnetpack():
