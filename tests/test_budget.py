@@ -29,7 +29,9 @@ def _fake_trainer():
 def test_reserve_is_eval_fraction_times_observed_cost():
     stop = BudgetStop(deadline=1e12, n_after=1000, eval_fraction=0.5, margin_s=5.0)
     assert stop.reserve() == 5.0  # nothing observed yet
-    stop.recent.extend([3.0, 0.02, 0.02])  # a first batch that compiled, then 0.02 s each
+    stop.recent.extend([3.0, 0.02, 0.02, 0.02])  # a first batch that compiled, then 0.02 s
+    assert stop.reserve() == 5.0  # too few batches for an estimate
+    stop.recent.append(0.02)
     assert stop.reserve() == pytest.approx(0.5 * 0.02 * 1000 + 5.0)
 
 
@@ -39,9 +41,28 @@ def test_budget_stops_when_the_reserve_no_longer_fits():
     stop.on_train_batch_start(trainer, None, batch, 0)
     stop.on_train_batch_end(trainer, None, None, batch, 0)
     assert not trainer.should_stop  # a fast batch: 1000 predictions fit in 100 s
-    stop.recent.extend([1.0, 1.0])  # 1 s per structure: 500 s reserve
+    stop.recent.extend([1.0] * 4)  # 1 s per structure: 500 s reserve
     stop.on_train_batch_end(trainer, None, None, batch, 1)
     assert trainer.should_stop and stop.stopped
+
+
+def test_a_slow_first_batch_does_not_end_training():
+    """The first batch's one-off cost (compiling kernels) is not the cost of the rest: one
+    slow batch with a large evaluation ahead must not stop a run that has most of its budget
+    (it stopped 8-minute aspirin force training after 16 s)."""
+    trainer, batch = _fake_trainer(), SimpleNamespace(n_structures=10)
+    stop = BudgetStop(deadline=time.monotonic() + 480.0, n_after=5000, margin_s=5.0)
+    stop.recent.append(0.5)  # 5 s for the first 10 structures: a 1250 s reserve if believed
+    stop.on_train_batch_start(trainer, None, batch, 1)
+    stop.on_train_batch_end(trainer, None, None, batch, 1)
+    assert not trainer.should_stop
+    stop.recent.extend([0.005] * 5)  # then 0.05 s per batch: the median sees that
+    stop.on_train_batch_end(trainer, None, None, batch, 2)
+    assert not trainer.should_stop
+    late = BudgetStop(deadline=time.monotonic() + 1.0, n_after=5000, margin_s=5.0)
+    late.on_train_batch_start(trainer, None, batch, 0)
+    late.on_train_batch_end(trainer, None, None, batch, 0)  # the deadline is within the margin
+    assert trainer.should_stop and late.stopped
 
 
 def test_bounded_subset_is_random_sorted_and_bounded():

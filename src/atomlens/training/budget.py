@@ -10,7 +10,11 @@ when
     now + reserve >= deadline,   reserve = eval_fraction * t_structure * n_after + margin_s
 
 where ``n_after`` counts the structures still to be predicted after training (validation
-at the stop, the bounded test subset, the refit). The evaluation itself runs with the same
+at the stop, the bounded test subset, the refit). The estimate is used only once
+:data:`MIN_OBSERVED` batches have been timed: the first batch of a run carries one-off costs
+(kernel compilation: several seconds), and a median of one batch made a force-training run
+stop after its first step (aspirin, 8 minutes: 16 s of training). Before that, training stops
+only when the deadline itself is within the margin. The evaluation itself runs with the same
 deadline (:func:`~atomlens.training.evaluate.evaluate`), so the budget holds even when the
 estimate is short.
 """
@@ -28,6 +32,8 @@ import lightning.pytorch as pl
 EVAL_FRACTION = 0.5
 #: seconds kept for loading the best checkpoint and saving the model
 MARGIN_S = 5.0
+#: timed batches needed before the reserve estimate may stop training
+MIN_OBSERVED = 5
 
 
 class BudgetStop(pl.Callback):
@@ -52,8 +58,11 @@ class BudgetStop(pl.Callback):
         self.stopped = False
 
     def reserve(self) -> float:
-        """Seconds kept for the work after training (the module doc's formula)."""
-        per_structure = statistics.median(self.recent) if self.recent else 0.0
+        """Seconds kept for the work after training (the module doc's formula); only the
+        margin until :data:`MIN_OBSERVED` batches have been timed."""
+        if len(self.recent) < MIN_OBSERVED:
+            return self.margin_s
+        per_structure = statistics.median(self.recent)
         return self.eval_fraction * per_structure * self.n_after + self.margin_s
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
