@@ -139,28 +139,30 @@ def train(
     return model, steps, structures, now() - start
 
 
-def training_offset(spk, model, db: Path, hp: dict, indices, n_atoms: int) -> float:
-    """The per-atom energy offset that minimises the training error (eV/atom), as atomlens
-    refits it after training (``atomlens.training.train.refit_offset``; every structure of a
-    system has the same number of atoms, so it is the mean per-atom training error)."""
-    model.eval()
-    errors = []
-    for batch in loader(spk, db, hp, indices, 4, False):
-        pred = model(dict(batch))
-        errors.append(((pred["energy"] - batch["energy"]) / n_atoms).detach())
-    return float(torch.cat(errors).mean())
-
-
-def test_errors(spk, model, db: Path, hp: dict, indices, n_atoms: int, offset: float) -> dict:
+def errors_of(spk, model, db: Path, hp: dict, indices, n_atoms: int) -> dict:
+    """Signed errors over ``indices``: energy per atom (eV/atom), force and stress components."""
     errors = {"energy": [], "forces": [], "stress": []}
     model.eval()
     for batch in loader(spk, db, hp, indices, 4, False):
         pred = model(dict(batch))
-        per_atom = (pred["energy"] - batch["energy"]) / n_atoms - offset
-        errors["energy"].append(per_atom.detach().abs())
-        errors["forces"].append((pred["forces"] - batch["forces"]).detach().abs().flatten())
-        errors["stress"].append((pred["stress"] - batch["stress"]).detach().abs().flatten())
-    return {f"{k}_mae": float(torch.cat(v).mean()) for k, v in errors.items()}
+        errors["energy"].append(((pred["energy"] - batch["energy"]) / n_atoms).detach())
+        errors["forces"].append((pred["forces"] - batch["forces"]).detach().flatten())
+        errors["stress"].append((pred["stress"] - batch["stress"]).detach().flatten())
+    return {key: torch.cat(values) for key, values in errors.items()}
+
+
+def training_offset(spk, model, db: Path, hp: dict, indices, n_atoms: int) -> float:
+    """The per-atom energy offset that minimises the training error (eV/atom), as atomlens
+    refits it after training (``atomlens.training.train.refit_offset``; every structure of a
+    system has the same number of atoms, so it is the mean per-atom training error)."""
+    return float(errors_of(spk, model, db, hp, indices, n_atoms)["energy"].mean())
+
+
+def test_errors(spk, model, db: Path, hp: dict, indices, n_atoms: int, offset: float) -> dict:
+    """Test MAEs, the energy per atom after subtracting the refitted ``offset``."""
+    errors = errors_of(spk, model, db, hp, indices, n_atoms)
+    errors["energy"] = errors["energy"] - offset
+    return {f"{key}_mae": float(values.abs().mean()) for key, values in errors.items()}
 
 
 def md_speed(spk, frames: dict, hp: dict, steps: int, workdir: Path, clock: str) -> dict:
