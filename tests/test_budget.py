@@ -1,5 +1,6 @@
 """Budgets: --minutes bounds training and final evaluation; bounded test subsets."""
 
+import csv
 import time
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ from test_training import tiny_config
 from atomlens.models import build_model
 from atomlens.models.inference import predict_dataset
 from atomlens.training import evaluate, train
-from atomlens.training.budget import BudgetStop
+from atomlens.training.budget import BudgetStop, CosineToEnd
 from atomlens.training.evaluate import bounded_subset
 from atomlens.training.train import fit_statistics
 
@@ -129,3 +130,42 @@ def test_minutes_bound_the_whole_run(tmp_path, data):
     assert metrics["stopped_by_budget"]
     assert elapsed < budget_s + 3.0, elapsed  # saving the model after the deadline: ~1 s
     assert metrics["n_test_evaluated"] >= 1
+
+
+def test_cosine_rate_runs_from_lr_to_lr_min():
+    schedule = CosineToEnd(lr=1e-3, lr_min=1e-5)
+    assert schedule.rate(0.0) == pytest.approx(1e-3)
+    assert schedule.rate(1.0) == pytest.approx(1e-5)
+    assert schedule.rate(0.5) == pytest.approx(0.5 * (1e-3 + 1e-5))
+    assert schedule.rate(0.25) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (2 + 2**0.5) / 4)
+
+
+def test_cosine_progress_is_the_larger_of_steps_and_budget_time():
+    trainer = SimpleNamespace(estimated_stepping_batches=100, global_step=10)
+    now = time.monotonic()
+    budget = BudgetStop(deadline=now + 100.0, n_after=0, margin_s=0.0)
+    schedule = CosineToEnd(1e-3, 0.0, budget)
+    schedule._start = now - 100.0  # half of the training time (200 s) used
+    assert schedule.progress(trainer) == pytest.approx(0.5, abs=0.01)
+    trainer.global_step = 80
+    assert schedule.progress(trainer) == pytest.approx(0.8)
+    budget.deadline = now - 1.0  # past the end: clamped
+    assert schedule.progress(trainer) == 1.0
+    assert CosineToEnd(1e-3, 0.0).progress(trainer) == pytest.approx(0.8)  # no budget
+
+
+def test_cosine_schedule_drives_the_optimizer(tmp_path, data):
+    """Over a fixed number of epochs (3 epochs of 2 batches) the rate follows the cosine over
+    the optimizer steps; the plateau schedule would keep it at lr (too few epochs for a
+    plateau). The monitor logs at each epoch's start the rate of the batch before it."""
+    config = tiny_config(tmp_path, lr=3e-3, lr_min=1e-5, lr_schedule="cosine", max_epochs=3)
+    train(config, data=data)
+    rows = [
+        row
+        for log in (tmp_path / "run" / "logs").glob("version_*/metrics.csv")
+        for row in csv.DictReader(log.open())
+        if row.get("lr-Adam")
+    ]
+    rates = [float(row["lr-Adam"]) for row in rows]
+    schedule = CosineToEnd(3e-3, 1e-5)
+    assert rates == pytest.approx([3e-3, schedule.rate(1 / 6), schedule.rate(3 / 6)])

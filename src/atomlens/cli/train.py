@@ -119,6 +119,12 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--batch-size", type=int, help="structures per batch")
     p.add_argument("--lr", type=float, help="initial Adam learning rate")
+    p.add_argument(
+        "--lr-schedule",
+        choices=["plateau", "cosine"],
+        help="plateau: halve the rate when validation stalls; cosine: decay it to lr_min "
+        "over the budget (--minutes, else --epochs)",
+    )
     p.add_argument("--epochs", type=int, dest="max_epochs", help="maximum number of epochs")
     p.add_argument(
         "--minutes",
@@ -259,6 +265,7 @@ def config_from_args(args):
             "max_structures",
             "batch_size",
             "lr",
+            "lr_schedule",
             "max_epochs",
             "max_minutes",
             "ema_decay",

@@ -21,6 +21,7 @@ estimate is short.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import deque
@@ -83,3 +84,47 @@ class BudgetStop(pl.Callback):
         if time.monotonic() + self.margin_s >= self.deadline:  # loading ate the budget
             self.stopped = True
             trainer.should_stop = True
+
+
+class CosineToEnd(pl.Callback):
+    """Cosine decay of the learning rate from ``lr`` to ``lr_min`` over the whole run.
+
+    The run's progress p in [0, 1] is the larger of the fraction of its optimizer steps
+    done (``max_epochs`` worth) and, with a budget, the fraction of its training time
+    used: the time from the start of training to the moment :class:`BudgetStop` will end
+    it (``deadline - reserve``, re-estimated every batch). Before every training batch
+
+        lr(p) = lr_min + (lr - lr_min) (1 + cos(pi p)) / 2
+
+    so the rate is highest at the start and reaches ``lr_min`` where training ends, as the
+    work on budgeted training recommends (a schedule tied to the budget, not to a
+    validation plateau that a short run never reaches). A resumed run restarts the
+    schedule over its new budget.
+    """
+
+    def __init__(self, lr: float, lr_min: float, budget: BudgetStop | None = None):
+        self.lr, self.lr_min, self.budget = lr, lr_min, budget
+        self._start: float | None = None
+
+    def progress(self, trainer) -> float:
+        done = []
+        total = trainer.estimated_stepping_batches
+        if total and math.isfinite(total):
+            done.append(trainer.global_step / total)
+        if self.budget is not None and self._start is not None:
+            end = self.budget.deadline - self.budget.reserve()
+            span = max(end - self._start, 1e-9)
+            done.append((time.monotonic() - self._start) / span)
+        return min(max(done, default=0.0), 1.0)
+
+    def rate(self, progress: float) -> float:
+        return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.monotonic()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        lr = self.rate(self.progress(trainer))
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr

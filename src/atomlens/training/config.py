@@ -46,6 +46,10 @@ class TrainConfig:
     lr_factor: float = 0.5
     lr_patience: int = 25
     lr_min: float = 1e-6
+    #: "plateau": multiply the rate by lr_factor after lr_patience epochs without a better
+    #: validation loss; "cosine": decay it from lr to lr_min over the run's budget (its
+    #: minutes, else max_epochs), see training.budget.CosineToEnd
+    lr_schedule: str = "plateau"
     max_epochs: int = 1000
     #: wall-clock budget of the whole run: loading, training and the final evaluation
     max_minutes: float | None = None

@@ -88,6 +88,7 @@ TRAIN_RULES = {
     "lr_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
     "lr_patience": (non_negative, ">= 0"),
     "lr_min": (non_negative, ">= 0"),
+    "lr_schedule": (lambda v: v in ("plateau", "cosine"), "'plateau' or 'cosine'"),
     "max_epochs": (at_least_one, ">= 1"),
     "max_minutes": (positive, "> 0"),
     "early_stopping_patience": (non_negative, ">= 0"),

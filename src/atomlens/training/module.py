@@ -34,12 +34,14 @@ class AtomisticTask(pl.LightningModule):
         lr_min: float = 1e-6,
         stress: bool = False,
         stress_weight: float = 100.0,
+        lr_schedule: str = "plateau",
     ):
         super().__init__()
         self.model = model
         self.forces, self.rho = forces, rho
         self.stress, self.stress_weight = stress, stress_weight
         self.lr, self.lr_factor, self.lr_patience, self.lr_min = lr, lr_factor, lr_patience, lr_min
+        self.lr_schedule = lr_schedule
         self.target = model.target
         names = self.names = (
             [self.target] + (["forces"] if forces else []) + (["stress"] if stress else [])
@@ -128,6 +130,8 @@ class AtomisticTask(pl.LightningModule):
         # frozen parameters (fine-tuning the head only) stay out of the optimiser
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(trainable, lr=self.lr)
+        if self.lr_schedule == "cosine":  # set every batch by the budget.CosineToEnd callback
+            return optimizer
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=self.lr_factor, patience=self.lr_patience, min_lr=self.lr_min
         )

@@ -39,7 +39,7 @@ from ..models.inference import predict_dataset
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
 from . import run_folder
-from .budget import BudgetStop
+from .budget import BudgetStop, CosineToEnd
 from .config import TrainConfig, save_config
 from .evaluate import bounded_subset, evaluate
 from .module import AtomisticTask
@@ -279,6 +279,7 @@ def _train(
         lr_min=config.lr_min,
         stress=config.stress,
         stress_weight=config.stress_weight,
+        lr_schedule=config.lr_schedule,
     )
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints",
@@ -319,6 +320,8 @@ def _train(
         n_after = len(split["val"]) + len(test) + (len(refit_idx) if refit else 0)
         budget = BudgetStop(deadline, n_after)
         callbacks.append(budget)
+    if config.lr_schedule == "cosine":
+        callbacks.append(CosineToEnd(config.lr, config.lr_min, budget))
     trainer = pl.Trainer(
         accelerator=config.device,
         devices=config.devices,
