@@ -23,6 +23,7 @@ from atomlens.explain import (
     explain_atomwise,
     fit_patterns,
     perturbation_curve,
+    quality_table,
     signal_quality,
 )
 
@@ -280,6 +281,38 @@ def test_patterns_save_load(tmp_path):
         assert patterns[name]["a_plus"].shape == dict(model.named_modules())[name].weight.shape
         for key in patterns[name]:
             assert torch.equal(loaded[name][key], patterns[name][key])
+
+
+def test_patterns_file_is_checked_and_layer_names_may_hold_slashes(tmp_path):
+    from safetensors.torch import save_file
+
+    patterns = Patterns({"enc/0": {"a": torch.ones(2, 3)}, "": {"a_plus": torch.zeros(1, 2)}})
+    patterns.save(tmp_path / "p.safetensors")
+    loaded = Patterns.load(tmp_path / "p.safetensors")
+    assert loaded.keys() == {"enc/0", ""} and torch.equal(loaded["enc/0"]["a"], torch.ones(2, 3))
+    save_file({"0.weight": torch.ones(2, 2)}, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(ValueError, match="not an atomlens patterns file"):
+        Patterns.load(tmp_path / "weights.safetensors")
+    save_file({"x/a": torch.ones(2)}, str(tmp_path / "other.safetensors"), {"format": "other/1"})
+    with pytest.raises(ValueError, match="'other/1'"):
+        Patterns.load(tmp_path / "other.safetensors")
+
+
+def test_quality_table_is_signal_quality_per_layer_and_estimator():
+    """Every Linear/Conv layer, every estimator, with the given patterns and settings passed
+    through (patterns fitted on other data than the table's, a row limit)."""
+    model = small_cnn()
+    data = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    patterns = fit_patterns(model, torch.rand(40, 1, 8, 8) * 2)
+    table = quality_table(model, data, patterns, max_rows=50)
+    assert [row["layer"] for row in table] == ["0", "3", "7", "9"]
+    for row in table:
+        for estimator in ("w", "a", "a+-"):
+            expected = signal_quality(model, row["layer"], estimator, data, patterns, max_rows=50)
+            assert row[estimator] == expected.mean, (row["layer"], estimator)
+        assert math.isnan(row["x"])
+    assert table[0]["a"] != signal_quality(model, "0", "a", data).mean  # patterns matter
+    assert table[0]["w"] != signal_quality(model, "0", "w", data).mean  # max_rows matters
 
 
 def bn_model() -> nn.Sequential:

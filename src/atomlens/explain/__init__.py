@@ -19,7 +19,7 @@ from .molecular import explain_atomwise
 from .molecules import MOLECULE_METHODS, MoleculeExplanation, explain_molecule
 from .patterns import Patterns, PatternStatistics, fit_patterns
 from .perturbation import PerturbationResult, perturbation_curve
-from .quality import ESTIMATORS, signal_quality
+from .quality import ESTIMATORS, quality_table, signal_quality
 from .rules import Composite, Rule
 
 __all__ = [
@@ -42,5 +42,6 @@ __all__ = [
     "fit_patterns",
     "merged_batchnorm",
     "perturbation_curve",
+    "quality_table",
     "signal_quality",
 ]

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .canonizers import canonized
@@ -129,8 +130,15 @@ class LayerStatistics:
         }
 
 
+#: the ``format`` entry of a patterns file's safetensors metadata
+PATTERNS_FORMAT = "atomlens.patterns/1"
+
+
 class Patterns(dict):
-    """Layer name -> ``{"a", "a_plus", "a_minus"}``, each of the layer weight's shape."""
+    """Layer name -> ``{"a", "a_plus", "a_minus"}``, each of the layer weight's shape.
+
+    Saved as safetensors, one tensor per ``"<layer>/<key>"``, with ``format`` metadata that
+    :meth:`load` checks (a model's weights or another file are refused, not misread)."""
 
     def save(self, path: str | Path) -> None:
         tensors = {
@@ -138,14 +146,21 @@ class Patterns(dict):
             for layer, patterns in self.items()
             for key, pattern in patterns.items()
         }
-        save_file(tensors, str(path), metadata={"format": "atomlens.patterns/1"})
+        save_file(tensors, str(path), metadata={"format": PATTERNS_FORMAT})
 
     @classmethod
     def load(cls, path: str | Path) -> Patterns:
         patterns = cls()
-        for name, tensor in load_file(str(path)).items():
-            layer, key = name.rsplit("/", 1)
-            patterns.setdefault(layer, {})[key] = tensor
+        with safe_open(str(path), framework="pt") as handle:
+            found = (handle.metadata() or {}).get("format")
+            if found != PATTERNS_FORMAT:
+                raise ValueError(
+                    f"{path}: not an atomlens patterns file (safetensors format {found!r}, "
+                    f"expected {PATTERNS_FORMAT!r}); fit patterns with fit_patterns()"
+                )
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                layer, key = name.rsplit("/", 1)  # layer names may hold "/" themselves
+                patterns.setdefault(layer, {})[key] = handle.get_tensor(name)
         return patterns
 
 
