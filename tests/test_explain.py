@@ -315,6 +315,45 @@ def test_quality_table_is_signal_quality_per_layer_and_estimator():
     assert table[0]["w"] != signal_quality(model, "0", "w", data).mean  # max_rows matters
 
 
+def test_max_correlation_is_the_multiple_correlation_with_intercept():
+    """max_v corr(y, v^T d) = the multiple correlation R of y on d (least squares with an
+    intercept), written here in numpy; y and d with non-zero and unequal means."""
+    import numpy as np
+
+    from atomlens.explain.quality import _max_correlation
+
+    generator = np.random.default_rng(0)
+    y = generator.normal(5.0, 2.0, 500)
+    d = np.stack([0.3 * y + generator.normal(7.0, 1.0, 500), generator.normal(-3.0, 4.0, 500)], 1)
+    design = np.column_stack([d, np.ones(len(y))])
+    fit = design @ np.linalg.lstsq(design, y, rcond=None)[0]
+    expected = np.corrcoef(y, fit)[0, 1]
+    ours = _max_correlation(torch.from_numpy(y), torch.from_numpy(d))
+    assert ours == pytest.approx(expected, rel=1e-9) and 0.3 < ours < 0.95
+    assert _max_correlation(torch.from_numpy(y), torch.zeros(500, 2, dtype=torch.float64)) == 0.0
+
+
+def test_signal_quality_of_a_one_input_layer():
+    """With one input, S_w(x) = x: the distractor is zero and holds no information about y,
+    so rho(S_w) = 1 (the no-variance branch)."""
+    model = nn.Linear(1, 2)
+    x = torch.randn(100, 1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(signal_quality(model, "", "w", x).per_neuron, torch.ones(2).double())
+
+
+def test_signal_quality_takes_a_module_or_its_name_and_refuses_others():
+    model = small_cnn()
+    data = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    by_module = signal_quality(model, model[3], "w", data)
+    assert by_module.layer == "3"
+    assert torch.equal(by_module.per_neuron, signal_quality(model, "3", "w", data).per_neuron)
+    assert signal_quality(model, "3", "x", data).per_neuron.dtype == torch.float64
+    with pytest.raises(ValueError, match="unknown estimator 'v'"):
+        signal_quality(model, "3", "v", data)
+    with pytest.raises(TypeError, match="'1' is not a Linear/Conv layer"):
+        signal_quality(model, "1", "w", data)
+
+
 def bn_model() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(
