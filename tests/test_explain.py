@@ -354,6 +354,67 @@ def test_signal_quality_takes_a_module_or_its_name_and_refuses_others():
         signal_quality(model, "1", "w", data)
 
 
+@pytest.mark.parametrize("alpha, beta", [(1.0, 0.0), (2.0, 1.0)])
+def test_alpha_beta_closed_form_with_mixed_signs(alpha, beta):
+    """R_i = sum_j (alpha (x_i w_ij)^+ / z_j^+ - beta (x_i w_ij)^- / z_j^-) R_j with
+    z_j^+- = sum_i (x_i w_ij)^+- + b_j^+-, written in numpy; inputs of both signs and a bias of
+    both signs, so that every part of the rule counts."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    target = 1
+    relevance = explain(model, x, "lrp_alphabeta", target, alpha=alpha, beta=beta)
+    xs, w = x.double().numpy(), model.weight.detach().double().numpy()
+    b = model.bias.detach().double().numpy()
+    contributions = xs[:, None, :] * w[None, :, :]  # (sample, j, i)
+    positive, negative = contributions.clip(min=0), contributions.clip(max=0)
+    z_pos = positive.sum(2) + b.clip(min=0)
+    z_neg = negative.sum(2) + b.clip(max=0)
+    r_out = np.zeros((4, 3))
+    r_out[:, target] = xs @ w[target] + b[target]
+    expected = (alpha * positive / z_pos[:, :, None] - beta * negative / z_neg[:, :, None]) * r_out[
+        :, :, None
+    ]
+    np.testing.assert_allclose(relevance.double().numpy(), expected.sum(1), rtol=1e-4, atol=1e-6)
+
+
+def test_alpha_beta_parameters():
+    from atomlens.explain.rules import AlphaBeta
+
+    rule = AlphaBeta()
+    assert (rule.alpha, rule.beta) == (1.0, 0.0)  # LRP-alpha1-beta0 by default
+    for alpha, beta in ((3.0, 1.0), (0.5, -0.5)):
+        with pytest.raises(ValueError, match="alpha - beta must be 1 with beta >= 0"):
+            AlphaBeta(alpha, beta)
+
+
+def test_relu_pattern_type_always_uses_a_plus():
+    """pattern_type="relu" (iNNvestigate's choice) back-projects with a_+ for every output,
+    also those with z <= 0, where "a+-" would take a_-."""
+    from atomlens.explain.rules import Pattern
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    x = correlated_data(2000, 5, seed=3)
+    patterns = fit_patterns(model, x)
+    inputs = x[:16]
+    with torch.no_grad():
+        output = model(inputs)
+    negative = output[:, 0] <= 0
+    assert negative.any() and (~negative).any()
+    for attribution, method in ((True, "patternattribution"), (False, "patternnet")):
+        ours = explain(model, inputs, method, 0, patterns, pattern_type="relu")
+        pattern = patterns[""]["a_plus"][0] * (model.weight[0] if attribution else 1)
+        expected = (pattern * output[:, :1]).detach()
+        assert torch.allclose(ours, expected, atol=1e-5), method
+        two = explain(model, inputs, method, 0, patterns, pattern_type="a+-")
+        assert not torch.allclose(two[negative], ours[negative], atol=1e-3)
+    with pytest.raises(ValueError, match="unknown pattern_type 'b'"):
+        Pattern(patterns[""], True, "b")
+
+
 def bn_model() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(
