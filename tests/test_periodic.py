@@ -210,3 +210,29 @@ def test_cli_md_npt_and_predict_keep_the_cell(copper, tmp_path):
     cluster = start.copy()
     cluster.pbc = False
     assert abs(model.predict(cluster)["energy"][0] - bulk_energy) > 0.1
+
+
+def test_apply_strain_deforms_positions_shifts_and_cell_alike():
+    """r -> r (1 + eps), shifts and cell rows likewise, eps the symmetric part of the strain;
+    the pair layout is kept."""
+    from atomlens.data.batch import Pairs
+    from atomlens.nn.geometry import apply_strain
+
+    generator = torch.Generator().manual_seed(0)
+    strain = 0.1 * torch.randn(2, 3, 3, generator=generator, dtype=torch.float64)
+    eps = 0.5 * (strain + strain.transpose(1, 2))
+    positions = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    structure = torch.tensor([0, 0, 1, 1, 1])
+    cell = torch.randn(2, 3, 3, generator=generator, dtype=torch.float64)
+    shifts = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    pairs = Pairs(torch.tensor([0, 1, 2, 4]), torch.tensor([1, 0, 3, 2]), shifts, False)
+    new_positions, new_pairs, new_cell = apply_strain(positions, pairs, cell, structure, strain)
+    one = torch.eye(3, dtype=torch.float64)
+    for a in range(5):
+        expected = positions[a] @ (one + eps[structure[a]])
+        assert torch.allclose(new_positions[a], expected)
+    for p in range(4):
+        expected = shifts[p] @ (one + eps[structure[pairs.i[p]]])
+        assert torch.allclose(new_pairs.shifts[p], expected)
+    assert torch.allclose(new_cell, cell @ (one + eps))
+    assert new_pairs.symmetric is False and torch.equal(new_pairs.j, pairs.j)

@@ -98,3 +98,24 @@ def test_statistics_errors():
         fit_atomrefs(data, [], "energy")
     with pytest.raises(DataError, match="not in the dataset"):
         fit_atomrefs(data, np.arange(5), "U0")
+
+
+def test_set_statistics_stores_references_and_defaults_to_no_shift_or_scale():
+    """y_i = scale * head(x_i) + shift + atomref[Z_i]: set_statistics(atomref) alone leaves
+    shift 0 and scale 1, so the head's output only gains the references."""
+    import torch
+    from test_training import TINY_MODEL
+
+    from atomlens.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig.from_dict(TINY_MODEL))
+    features = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    numbers = torch.tensor([1, 6, 8])
+    bare = model.atomic_contributions(features, numbers).detach()
+    model.set_statistics(atomref=np.arange(len(model.atomref), dtype=np.float64), shift=2.0)
+    model.set_statistics(atomref=np.arange(len(model.atomref), dtype=np.float64))
+    shifted = model.atomic_contributions(features, numbers).detach()
+    assert torch.allclose(shifted - bare, numbers.to(shifted.dtype))
+    model.set_statistics(shift=0.5, scale=3.0)
+    scaled = model.atomic_contributions(features, numbers).detach()
+    assert torch.allclose(scaled, 3.0 * bare + 0.5 + numbers.to(bare.dtype))
