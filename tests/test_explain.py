@@ -415,6 +415,57 @@ def test_relu_pattern_type_always_uses_a_plus():
         Pattern(patterns[""], True, "b")
 
 
+def test_strided_and_grouped_convolutions_conserve_relevance():
+    """LRP through a convolution with stride 2 and 2 groups (the backward pass re-runs the
+    layer with its stride, padding, dilation and groups): with a tiny epsilon and no biases
+    the relevance sums to the output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1, groups=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 3, bias=False),
+    ).eval()
+    x = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        output = model(x).max(1).values
+    for method in ("lrp_epsilon", "lrp_alphabeta"):  # the layer through autograd, and re-run
+        relevance = explain(model, x, method, epsilon=1e-9)
+        assert torch.allclose(relevance.sum((1, 2, 3)), output, rtol=1e-4, atol=1e-6), method
+    with pytest.raises(NotImplementedError, match="grouped convolutions"):
+        fit_patterns(model, x)
+
+
+def test_only_zero_padding_is_explained():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.Flatten())
+    with pytest.raises(NotImplementedError, match="only zero padding"):
+        explain(model.eval(), torch.rand(1, 1, 4, 4), "lrp_alphabeta", target=0)
+
+
+def test_fit_patterns_inputs_layers_and_shapes():
+    """Patterns from (x, label) batches equal those from the bare tensor; ``layers`` limits
+    the layers fitted; a Linear on (batch, atoms, features) inputs is fitted per row."""
+    from atomlens.explain.rules import Epsilon
+
+    model = small_cnn()
+    x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    labels = torch.zeros(32, dtype=torch.long)
+    whole = fit_patterns(model, x)
+    from_pairs = fit_patterns(model, [(x[:16], labels[:16]), [x[16:], labels[16:]]])
+    for name in whole:
+        for key in whole[name]:
+            assert torch.allclose(from_pairs[name][key], whole[name][key], atol=1e-5)
+    assert list(fit_patterns(model, x, layers=["3"])) == ["3"]
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 2)
+    rows = correlated_data(600, 4, seed=7)
+    three_d = fit_patterns(linear, rows.reshape(100, 6, 4))[""]
+    flat = fit_patterns(linear, rows)[""]
+    for key in flat:
+        assert torch.allclose(three_d[key], flat[key], atol=1e-5)
+    assert Epsilon().epsilon == 1e-6
+
+
 def bn_model() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(
