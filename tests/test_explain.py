@@ -333,6 +333,45 @@ def test_max_correlation_is_the_multiple_correlation_with_intercept():
     assert _max_correlation(torch.from_numpy(y), torch.zeros(500, 2, dtype=torch.float64)) == 0.0
 
 
+def test_signal_quality_of_each_estimator_in_numpy():
+    """rho(S) = 1 - R(y, d), d = x - S(x), S_w = w y / w^T w, S_a = a y, S_a+- = a_+ y where
+    the pre-activation is positive and a_- y elsewhere, R the multiple correlation; computed
+    here in numpy for a Linear layer with a bias (both regimes populated)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x = correlated_data(3000, 4, seed=8, offset=0.5)
+    patterns = fit_patterns(model, x)
+    xs = x.double().numpy()
+    w = model.weight.detach().double().numpy()
+    z = xs @ w.T + model.bias.detach().double().numpy()
+    y = xs @ w.T
+    found = {}
+    for estimator in ("w", "a", "a+-"):
+        quality = signal_quality(model, "", estimator, x, patterns)
+        assert quality.estimator == estimator and quality.layer == ""
+        for k in range(2):
+            if estimator == "w":
+                direction = np.broadcast_to(w[k] / (w[k] @ w[k]), xs.shape)
+            elif estimator == "a":
+                direction = np.broadcast_to(patterns[""]["a"][k].double().numpy(), xs.shape)
+            else:
+                plus = patterns[""]["a_plus"][k].double().numpy()
+                minus = patterns[""]["a_minus"][k].double().numpy()
+                direction = np.where((z[:, k] > 0)[:, None], plus, minus)
+            direction = direction / (direction @ w[k])[:, None]  # w^T a = 1
+            d = xs - y[:, k : k + 1] * direction
+            design = np.column_stack([d, np.ones(len(d))])
+            fit = design @ np.linalg.lstsq(design, y[:, k], rcond=None)[0]
+            correlation = np.corrcoef(y[:, k], fit)[0, 1]
+            # compared as 1 - rho: S_a and S_a+- both leave R ~ 1e-7 here (both zero the
+            # covariance of d and y), but not the same 1e-7
+            assert 1.0 - float(quality.per_neuron[k]) == pytest.approx(correlation, rel=1e-3)
+        found[estimator] = quality.mean
+    assert abs(found["w"] - found["a"]) > 0.5, found
+
+
 def test_signal_quality_of_a_one_input_layer():
     """With one input, S_w(x) = x: the distractor is zero and holds no information about y,
     so rho(S_w) = 1 (the no-variance branch)."""
