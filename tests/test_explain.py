@@ -115,6 +115,45 @@ def test_patternattribution_closed_form_one_layer():
     assert torch.allclose(relevance, (model.weight[target] * chosen * output[:, None]).detach())
 
 
+def test_convolution_patterns_equal_patterns_of_explicit_patches():
+    """A convolution's pattern is the linear pattern of its patches: every output position is
+    a sample x = the input patch (built here with explicit loops over a padded copy),
+    y = the filter's response there. a = cov[x, y] / (w^T cov[x, y]), in numpy."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    x = torch.randn(20, 2, 7, 7, generator=torch.Generator().manual_seed(9)) + 0.5
+    patterns = fit_patterns(conv, x)[""]
+    padded = np.pad(x.double().numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    rows = np.array(
+        [
+            padded[n, :, i : i + 3, j : j + 3].ravel()
+            for n in range(20)
+            for i in range(0, 7, 2)
+            for j in range(0, 7, 2)
+        ]
+    )
+    w = conv.weight.detach().double().numpy().reshape(3, -1)
+    y = rows @ w.T + conv.bias.detach().double().numpy()
+    centred = rows - rows.mean(0)
+    covariance = (y - y.mean(0)).T @ centred / len(rows)
+    expected = covariance / (covariance * w).sum(1, keepdims=True)
+    ours = patterns["a"].double().numpy().reshape(3, -1)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-6)
+    # the same for a 1-D convolution (stride 1, dilation 2)
+    conv1 = nn.Conv1d(2, 3, 3, padding=2, dilation=2)
+    x1 = torch.randn(30, 2, 9, generator=torch.Generator().manual_seed(10)) + 0.5
+    padded1 = np.pad(x1.double().numpy(), ((0, 0), (0, 0), (2, 2)))
+    rows1 = np.array([padded1[n, :, i : i + 5 : 2].ravel() for n in range(30) for i in range(9)])
+    w1 = conv1.weight.detach().double().numpy().reshape(3, -1)
+    y1 = rows1 @ w1.T
+    covariance1 = (y1 - y1.mean(0)).T @ (rows1 - rows1.mean(0)) / len(rows1)
+    expected1 = covariance1 / (covariance1 * w1).sum(1, keepdims=True)
+    ours1 = fit_patterns(conv1, x1)[""]["a"].double().numpy().reshape(3, -1)
+    np.testing.assert_allclose(ours1, expected1, rtol=1e-4, atol=1e-6)
+
+
 def test_two_component_patterns_closed_form():
     """a_+ = (E_+[x y] - E_+[x] E[y]) / (w^T E_+[x y] - w^T E_+[x] E[y]) with E[y] over ALL
     samples (Kindermans et al. 2018), written here in numpy from the equation."""
