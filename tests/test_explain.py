@@ -9,6 +9,7 @@ import math
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -119,8 +120,6 @@ def test_convolution_patterns_equal_patterns_of_explicit_patches():
     """A convolution's pattern is the linear pattern of its patches: every output position is
     a sample x = the input patch (built here with explicit loops over a padded copy),
     y = the filter's response there. a = cov[x, y] / (w^T cov[x, y]), in numpy."""
-    import numpy as np
-
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
     x = torch.randn(20, 2, 7, 7, generator=torch.Generator().manual_seed(9)) + 0.5
@@ -157,8 +156,6 @@ def test_convolution_patterns_equal_patterns_of_explicit_patches():
 def test_two_component_patterns_closed_form():
     """a_+ = (E_+[x y] - E_+[x] E[y]) / (w^T E_+[x y] - w^T E_+[x] E[y]) with E[y] over ALL
     samples (Kindermans et al. 2018), written here in numpy from the equation."""
-    import numpy as np
-
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     x = correlated_data(3000, 4, seed=1, offset=1.5)  # E_+[y] far from E[y]: forms differ
@@ -354,19 +351,22 @@ def test_quality_table_is_signal_quality_per_layer_and_estimator():
     assert table[0]["w"] != signal_quality(model, "0", "w", data).mean  # max_rows matters
 
 
+def multiple_correlation(y: np.ndarray, d: np.ndarray) -> float:
+    """R of y on the columns of d: corr(y, its least-squares fit with an intercept)."""
+    design = np.column_stack([d, np.ones(len(y))])
+    fit = design @ np.linalg.lstsq(design, y, rcond=None)[0]
+    return float(np.corrcoef(y, fit)[0, 1])
+
+
 def test_max_correlation_is_the_multiple_correlation_with_intercept():
     """max_v corr(y, v^T d) = the multiple correlation R of y on d (least squares with an
     intercept), written here in numpy; y and d with non-zero and unequal means."""
-    import numpy as np
-
     from atomlens.explain.quality import _max_correlation
 
     generator = np.random.default_rng(0)
     y = generator.normal(5.0, 2.0, 500)
     d = np.stack([0.3 * y + generator.normal(7.0, 1.0, 500), generator.normal(-3.0, 4.0, 500)], 1)
-    design = np.column_stack([d, np.ones(len(y))])
-    fit = design @ np.linalg.lstsq(design, y, rcond=None)[0]
-    expected = np.corrcoef(y, fit)[0, 1]
+    expected = multiple_correlation(y, d)
     ours = _max_correlation(torch.from_numpy(y), torch.from_numpy(d))
     assert ours == pytest.approx(expected, rel=1e-9) and 0.3 < ours < 0.95
     assert _max_correlation(torch.from_numpy(y), torch.zeros(500, 2, dtype=torch.float64)) == 0.0
@@ -376,8 +376,6 @@ def test_signal_quality_of_each_estimator_in_numpy():
     """rho(S) = 1 - R(y, d), d = x - S(x), S_w = w y / w^T w, S_a = a y, S_a+- = a_+ y where
     the pre-activation is positive and a_- y elsewhere, R the multiple correlation; computed
     here in numpy for a Linear layer with a bias (both regimes populated)."""
-    import numpy as np
-
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     x = correlated_data(3000, 4, seed=8, offset=0.5)
@@ -401,9 +399,7 @@ def test_signal_quality_of_each_estimator_in_numpy():
                 direction = np.where((z[:, k] > 0)[:, None], plus, minus)
             direction = direction / (direction @ w[k])[:, None]  # w^T a = 1
             d = xs - y[:, k : k + 1] * direction
-            design = np.column_stack([d, np.ones(len(d))])
-            fit = design @ np.linalg.lstsq(design, y[:, k], rcond=None)[0]
-            correlation = np.corrcoef(y[:, k], fit)[0, 1]
+            correlation = multiple_correlation(y[:, k], d)
             # compared as 1 - rho: S_a and S_a+- both leave R ~ 1e-7 here (both zero the
             # covariance of d and y), but not the same 1e-7
             assert 1.0 - float(quality.per_neuron[k]) == pytest.approx(correlation, rel=1e-3)
@@ -437,8 +433,6 @@ def test_alpha_beta_closed_form_with_mixed_signs(alpha, beta):
     """R_i = sum_j (alpha (x_i w_ij)^+ / z_j^+ - beta (x_i w_ij)^- / z_j^-) R_j with
     z_j^+- = sum_i (x_i w_ij)^+- + b_j^+-, written in numpy; inputs of both signs and a bias of
     both signs, so that every part of the rule counts."""
-    import numpy as np
-
     torch.manual_seed(0)
     model = nn.Linear(5, 3)
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
