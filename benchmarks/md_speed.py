@@ -286,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"measure": "md_compiled", **common, **result}), flush=True)
     if args.replicas:
         result = batched_md_speed(
-            frames, args.replicas, args.md_steps, clock=args.clock, compile=args.compile
+            frames,
+            args.replicas,
+            args.md_steps,
+            clock=args.clock,
+            compile=True if args.compile else "auto",
         )
         ours["md_batched", None] = result["molecule_steps_per_s"]
         print(json.dumps({"measure": "md_batched", **common, **result}), flush=True)

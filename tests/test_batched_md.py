@@ -110,6 +110,44 @@ def test_fixed_shapes_equal_the_eager_path(monkeypatch):
     torch.testing.assert_close(fixed.forces, eager.forces, rtol=0, atol=1e-9)
 
 
+def test_auto_compile_by_default_with_a_fallback(monkeypatch, caplog):
+    """compile="auto" (the default) compiles molecules of up to 64 atoms and says so,
+    runs a larger one (or ATOMLENS_COMPILE=0) eagerly, and falls back to the eager path with
+    a warning when compiling fails; compile=True then raises."""
+    import logging
+
+    monkeypatch.setattr(batched_md, "COMPILE_BACKEND", "eager")  # tracing without codegen
+    monkeypatch.setenv("ATOMLENS_COMPILE", "1")
+    model = random_model("schnet", seed=2)
+    systems = _systems()
+    eager = BatchedMD(model, systems, dtype="float64", seed=3, compile=False)
+    with caplog.at_level(logging.INFO, logger="atomlens"):
+        auto = BatchedMD(model, systems, dtype="float64", seed=3)
+    assert auto.compiled is not None
+    assert "compiling energy and forces for 4 trajectories (33 atoms" in caplog.text
+    torch.testing.assert_close(auto.forces, eager.forces, rtol=0, atol=1e-9)
+
+    large = molecule("C60")  # 60 atoms: compiled; 65: eager
+    assert BatchedMD(model, [large], seed=3).compiled is not None
+    larger = large + molecule("CH4")
+    larger.positions[60:] += 20.0
+    assert BatchedMD(model, [larger], seed=3).compiled is None
+    monkeypatch.setenv("ATOMLENS_COMPILE", "0")
+    assert BatchedMD(model, systems, seed=3).compiled is None
+    monkeypatch.setenv("ATOMLENS_COMPILE", "1")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="compiling failed"):
+        fallback = BatchedMD(model, systems, dtype="float64", seed=3)
+    assert fallback.compiled is None
+    torch.testing.assert_close(fallback.forces, eager.forces, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no C.. compiler"):
+        BatchedMD(model, systems, dtype="float64", seed=3, compile=True)
+
+
 def test_reduce_overhead_mode_runs_on_the_cpu():
     """The CUDA-graph mode's code path, compiled by Inductor (no graphs on the CPU)."""
     model = random_model("schnet", seed=2)

@@ -139,6 +139,31 @@ def test_compiled_calculator_matches_eager_including_pairs_beyond_the_cutoff():
     assert next(model.parameters()).requires_grad  # the caller's model is left alone
 
 
+def test_compiled_calculators_in_one_process_each_run_their_own_code():
+    """The compiled code checks no guards at call time, and Dynamo files compiled code under
+    the function's code object, which every calculator shares: two calculators with other
+    models (DTNN, SchNet) on other molecules, used in turns through ASE, must each give
+    their own eager results."""
+    import ase.build
+
+    cases = []
+    for representation, name, seed in (("schnet", "CH3CH2OH", 0), ("dtnn", "C6H6", 1)):
+        model = random_model(representation, seed=seed)
+        atoms = ase.build.molecule(name)
+        atoms.calc = atomlens.Calculator(model, dtype="float64", compile=True)
+        eager = atomlens.Calculator(model, dtype="float64", compile=False)
+        cases.append((atoms, eager))
+    for step in range(3):  # ASE's get_property path, positions changed in place between calls
+        for atoms, eager in cases:
+            atoms.positions += np.random.default_rng(step).normal(0, 0.05, (len(atoms), 3))
+            forces = atoms.get_forces()
+            eager.calculate(atoms, ["energy", "forces"])
+            assert atoms.calc._use_compiled and atoms.calc._compiled_once
+            np.testing.assert_allclose(forces, eager.results["forces"], rtol=0, atol=1e-9)
+            assert atoms.get_potential_energy() == pytest.approx(eager.results["energy"], abs=1e-9)
+            np.testing.assert_array_equal(atoms.calc.atoms.positions, atoms.positions)
+
+
 def test_auto_compile_for_small_molecules_with_a_fallback(monkeypatch, caplog):
     """compile="auto" (the default) compiles a small molecule, says so, and gives the eager
     results; a compile that fails falls back to the eager model with a warning;

@@ -24,7 +24,11 @@ trajectory, as :func:`atomlens.md.kinetic_temperature` counts them.
 ``compile=True`` (or a ``torch.compile`` mode such as ``"reduce-overhead"``, which uses CUDA
 graphs on a GPU) keeps every intra-molecular pair, so all shapes stay fixed from step to
 step; the smooth cutoff gives pairs beyond it exactly zero weight, so the results equal the
-eager path's up to rounding. On the CPU the same code runs, without graphs.
+eager path's up to rounding. On the CPU the same code runs, without graphs. ``"auto"`` (the
+default) compiles when every molecule has at most
+:data:`~atomlens.calculator.AUTO_COMPILE_MAX_ATOMS` atoms (all pairs grow as n^2) and
+``ATOMLENS_COMPILE`` is not ``0``, says so on the ``atomlens`` logger, and falls back to the
+eager path with a warning if compiling fails.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,6 +47,7 @@ import torch
 from ase import units as ase_units
 from tqdm.auto import tqdm
 
+from .calculator import AUTO_COMPILE_MAX_ATOMS
 from .data.batch import Pairs
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
@@ -48,11 +55,13 @@ from .fileio import atomic_file
 from .md import LOG_COLUMNS, MDLog
 from .models.potential import AtomisticModel
 from .nn import scatter_sum
+from .nn.kernels import compile_fixed_shapes
 from .units import energy_factor
 
 DTYPES = {None: torch.float32, "float32": torch.float32, "float64": torch.float64}
 #: torch.compile backend of ``compile=``; tests trace with "eager" (no code generation)
 COMPILE_BACKEND = "inductor"
+LOGGER = logging.getLogger("atomlens")
 
 
 class BatchedMD:
@@ -71,7 +80,7 @@ class BatchedMD:
         initialize_velocities: draw velocities (zero momentum and angular momentum per
             trajectory), else keep each ``Atoms``' own momenta.
         device, dtype: where and in which precision (``"float64"`` for conservation tests).
-        compile: ``False``, ``True`` or a ``torch.compile`` mode (see the module doc).
+        compile: ``"auto"``, ``False``, ``True`` or a ``torch.compile`` mode (module doc).
     """
 
     def __init__(
@@ -86,7 +95,7 @@ class BatchedMD:
         initialize_velocities: bool = True,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
-        compile: bool | str = False,
+        compile: bool | str = "auto",
     ):
         if ensemble not in ("nve", "langevin"):
             raise ValueError(f"ensemble must be 'nve' or 'langevin', not {ensemble!r}")
@@ -153,16 +162,37 @@ class BatchedMD:
         with torch.no_grad():  # weight-only state (SchNet's filter tables) once, not per step
             self.frozen = self.model.freeze()
         self.compiled = None
+        auto = compile == "auto"
+        if auto:
+            compile = (
+                max(counts) <= AUTO_COMPILE_MAX_ATOMS
+                and os.environ.get("ATOMLENS_COMPILE", "1") != "0"
+            )
         if compile:
+            LOGGER.info(
+                "compiling energy and forces for %d trajectories (%d atoms; a one-off, "
+                "cached on disk)",
+                self.n_structures,
+                len(self.numbers),
+            )
             function = self._energy_forces_all_pairs()
-            if COMPILE_BACKEND == "inductor":
-                self.compiled = torch.compile(
-                    function, dynamic=False, mode=None if compile is True else compile
+            mode = None if compile is True else compile
+            try:
+                self.compiled = compile_fixed_shapes(function, self.device, mode, COMPILE_BACKEND)
+                with torch.no_grad():  # as in step(): one grad mode, one compiled graph
+                    self.energies, self.forces = self.energy_and_forces()
+            except Exception as err:
+                if not auto:
+                    raise
+                warnings.warn(
+                    f"atomlens.BatchedMD: compiling failed ({type(err).__name__}: {err}); "
+                    f"running the eager model instead",
+                    stacklevel=2,
                 )
-            else:
-                self.compiled = torch.compile(function, dynamic=False, backend=COMPILE_BACKEND)
-        with torch.no_grad():  # as in step(): one grad mode, one compiled graph
-            self.energies, self.forces = self.energy_and_forces()
+                self.compiled = None
+        if self.compiled is None:
+            with torch.no_grad():
+                self.energies, self.forces = self.energy_and_forces()
 
     # ------------------------------------------------------------------ model
     @staticmethod

@@ -33,6 +33,7 @@ from .data.neighbors import VerletList
 from .models.guards import check_elements, check_finite
 from .models.potential import AtomisticModel
 from .nn.geometry import apply_strain
+from .nn.kernels import compile_fixed_shapes
 from .units import energy_factor
 
 #: ``compile="auto"`` compiles molecules up to this size (the compiled path keeps all pairs)
@@ -143,6 +144,7 @@ class Calculator(AseCalculator):
         self.skin = float(skin)
         self._neighbors = VerletList(self.model.cutoff, self.skin)
         self._pairs: Pairs | None = None
+        self._last_atoms = None  # the copy of the atoms that calculate() updates in place
 
     # ------------------------------------------------------------------ set-up per structure
     def _prepare(self, atoms) -> None:
@@ -186,7 +188,7 @@ class Calculator(AseCalculator):
                     i, j = torch.triu_indices(n, n, offset=1, device=self.device)
                     self._upper = (i, j)  # all pairs: fixed shapes for the compiled function
                     function = self._energy_forces_function()
-                self._compiled = torch.compile(function, dynamic=False)
+                self._compiled = compile_fixed_shapes(function, self.device)
             except Exception as err:  # noqa: BLE001 (any compile failure: fall back)
                 self._compile_failed(err)
 
@@ -243,8 +245,9 @@ class Calculator(AseCalculator):
             return self._padded
         i, j, n_shift = self._neighbors.pairs
         if len(i) > self._capacity:
-            if self._capacity:  # shapes change: one more compile
-                self._compiled_once = False
+            if self._capacity:  # shapes change: one more compile (the compiled code has no
+                self._compiled_once = False  # shape guards: a new function, compiled afresh)
+                self._compiled = compile_fixed_shapes(self._periodic_function(), self.device)
             step = PAIR_CAPACITY_STEP
             self._capacity = step * math.ceil(PAIR_CAPACITY_HEADROOM * max(len(i), 1) / step)
         pad = self._capacity - len(i)
@@ -324,10 +327,17 @@ class Calculator(AseCalculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         if atoms is not None:  # ASE copies the atoms at every call; an MD step moves only atoms
-            if self.atoms is not None and set(system_changes) <= {"positions"}:
-                self.atoms.positions[:] = atoms.positions
+            # (ASE's get_property resets self.atoms to None before it calls this: keep our own)
+            last = self._last_atoms
+            if (
+                last is not None
+                and set(system_changes) <= {"positions"}
+                and np.array_equal(last.numbers, atoms.numbers)
+            ):
+                last.positions[:] = atoms.positions
+                self.atoms = last
             else:
-                self.atoms = atoms.copy()
+                self.atoms = self._last_atoms = atoms.copy()
         if "numbers" in system_changes or "pbc" in system_changes:
             self._numbers = None
         forces = "forces" in properties

@@ -112,8 +112,8 @@ def add_parser(subparsers) -> None:
         const=True,
         default="auto",
         help="torch.compile energy+forces for any structure (default: "
-        "periodic cells and molecules of up to 64 atoms, ~3.5x the steps/s "
-        "for aspirin after a one-off compile, cached on disk)",
+        "periodic cells and molecules of up to 64 atoms, with --replicas too; "
+        "several times the steps/s after a one-off compile, cached on disk)",
     )
     compiled.add_argument(
         "--no-compile",
@@ -229,7 +229,7 @@ def run_batched(args, frames) -> int:
         seed=args.seed,
         device=args.device,
         dtype="float64" if args.float64 else None,
-        compile=args.compile is True,
+        compile=args.compile,
     )
     print(
         f"{args.ensemble.upper()} MD of {n} trajectories ({len(frames)} structures x "
