@@ -339,3 +339,217 @@ def test_cli_writes_figure_and_tables(tmp_path):
         )
         == 2
     )
+
+
+FIT_MOLECULES = [ETHANOL, molecule("CH4"), molecule("H2O"), molecule("CH3OH")]
+
+
+def _ordered_pairs(atoms, cutoff):
+    """(receiver b, sender a, distance) of every ordered pair within the cutoff."""
+    positions = atoms.positions
+    return [
+        (b, a, float(np.linalg.norm(positions[b] - positions[a])))
+        for b in range(len(atoms))
+        for a in range(len(atoms))
+        if a != b and np.linalg.norm(positions[b] - positions[a]) < cutoff
+    ]
+
+
+@torch.no_grad()
+def _schnet_filter(model, d):
+    rep, block = model.representation, model.representation.interactions[0]
+    e = torch.exp(-rep.rbf.gamma * (d - rep.rbf.centres) ** 2)
+    return block.filter_network(e) * 0.5 * (math.cos(math.pi * d / rep.cutoff) + 1)
+
+
+@torch.no_grad()
+def _cfconv_pattern(model):
+    """Per-filter a_f = cov(x_f, u_f) / var(u_f) over every ordered pair of the fit molecules,
+    x = in2f(x0_sender), u = W(r) * x, written from the definition (numpy moments)."""
+    rep, block = model.representation, model.representation.interactions[0]
+    xs, us = [], []
+    for atoms in FIT_MOLECULES:
+        y = block.in2f(rep.embedding.weight[torch.as_tensor(atoms.numbers)])
+        for _, a, d in _ordered_pairs(atoms, rep.cutoff):
+            xs.append(y[a].numpy())
+            us.append((_schnet_filter(model, d) * y[a]).numpy())
+    x, u = np.array(xs), np.array(us)
+    xc, uc = x - x.mean(0), u - u.mean(0)
+    return (xc * uc).sum(0) / (uc * uc).sum(0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("pattern_type", ["a", "a+-"])
+def test_molecular_patternattribution_equals_its_closed_form(pattern_type):
+    """One linear SchNet block: PatternAttribution seeds each atom's head with its output y_b,
+    back-projects through every layer with W * A (A: a_+ where the layer's output is > 0, a_-
+    elsewhere, for "a+-"), through cfconv with W(r_ab) * a_cf, and R_a sums the arriving
+    signal over features (inputs are not multiplied in). Written here from that definition."""
+    model = _linear_one_block_model()
+    patterns = fit_molecule_patterns(model, [model.batch_from_atoms(FIT_MOLECULES)])
+    np.testing.assert_allclose(
+        patterns["representation.interactions.0.cfconv"]["a"].numpy(),
+        _cfconv_pattern(model),
+        rtol=1e-9,
+    )
+    rep, block = model.representation, model.representation.interactions[0]
+
+    def back(name, module, x, g):
+        """g_x = (W * A)^T g_z for one row x of layer ``name``."""
+        z = module(x)
+        if pattern_type == "a":
+            a = patterns[name]["a"]
+        else:
+            positive = (z > 0)[:, None]
+            a = torch.where(positive, patterns[name]["a_plus"], patterns[name]["a_minus"])
+        return (module.weight * a).T @ g
+
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=1)
+    n = len(atoms)
+    x0 = rep.embedding.weight[torch.as_tensor(atoms.numbers)]
+    y_in = block.in2f(x0)
+    pairs = _ordered_pairs(atoms, rep.cutoff)
+    m = x0.new_zeros(n, y_in.shape[1])
+    for b, a, d in pairs:
+        m[b] += _schnet_filter(model, d) * y_in[a]
+    h = block.f2out[0](m)
+    x1 = x0 + block.f2out[2](h)
+    head_hidden = model.head[0](x1)
+    y = model.head[2](head_hidden)[:, 0]
+    g_x1 = []
+    for b in range(n):
+        seed = model.scale * y[b : b + 1]
+        g_hidden = back("head.2", model.head[2], head_hidden[b], seed)
+        g_x1.append(back("head.0", model.head[0], x1[b], g_hidden))
+    prefix = "representation.interactions.0."
+    g_m = [
+        back(
+            prefix + "f2out.0",
+            block.f2out[0],
+            m[b],
+            back(prefix + "f2out.2", block.f2out[2], h[b], g_x1[b]),
+        )
+        for b in range(n)
+    ]
+    a_cf = patterns[prefix + "cfconv"]["a"]
+    relevance = torch.stack([g.sum() for g in g_x1])  # residual path
+    for b, a, d in pairs:
+        g_y = _schnet_filter(model, d) * a_cf * g_m[b]
+        relevance[a] += back(prefix + "in2f", block.in2f, x0[a], g_y).sum()
+
+    e = explain_molecule(
+        model, atoms, "patternattribution", patterns=patterns, pattern_type=pattern_type
+    )
+    np.testing.assert_allclose(e.atoms, relevance.numpy(), rtol=1e-9, atol=1e-12)
+    assert e.explained == pytest.approx(float(model.scale * y.sum()), abs=1e-12)
+    # every walk starts at an atom: the walk relevances sum to the atoms'
+    assert e.pair_relevance.sum() + e.one_body.sum() + e.remainder == pytest.approx(
+        e.atoms.sum(), abs=1e-9
+    )
+
+
+@torch.no_grad()
+def test_molecule_patterns_cover_the_relevance_path_in_the_models_dtype():
+    """Exactly the relevance layers and one product pattern per block; the DTNN factor
+    product's per-factor pattern from its definition; float32 models get float32 patterns."""
+    from atomlens.explain.graph import relevance_layers
+
+    model = random_model("dtnn")
+    captured = []
+    hooks = [
+        block.register_forward_pre_hook(lambda m, args: captured.append((m, args)))
+        for block in model.representation.interactions
+    ]
+    batch = model.batch_from_atoms(FIT_MOLECULES)
+    patterns = fit_molecule_patterns(model, [batch])
+    for hook in hooks:
+        hook.remove()
+    names = [f"representation.interactions.{t}.product" for t in range(2)]
+    assert set(patterns) == set(relevance_layers(model)) | set(names)
+    for name, (block, (c, rbf, _, pairs)) in zip(names, captured):
+        x = block.coefficient_to_factor(c)[pairs.j].numpy()
+        u = block.distance_to_factor(rbf).repeat(2, 1).numpy() * x
+        xc, uc = x - x.mean(0), u - u.mean(0)
+        np.testing.assert_allclose(
+            patterns[name]["a"].numpy(), (xc * uc).sum(0) / (uc * uc).sum(0), rtol=1e-9
+        )
+    single = random_model("schnet").float()
+    patterns = fit_molecule_patterns(single, [single.batch_from_atoms(FIT_MOLECULES)])
+    assert {p.dtype for layer in patterns.values() for p in layer.values()} == {torch.float32}
+
+
+def test_product_pattern_thresholds_are_relative():
+    """Features whose u barely varies (relative to the most varying one) get pattern 0, at any
+    overall scale; constant features too."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 3, generator=generator, dtype=torch.float64)
+    for scale in (1e3, 1e-9):
+        u = x * torch.tensor([1.0, 1e-8, 0.0], dtype=torch.float64) * scale
+        statistics = _ProductStatistics(3)
+        statistics.update(x, u)
+        pattern = statistics.pattern()
+        assert pattern[0] == pytest.approx(1 / scale, rel=1e-9)
+        assert pattern[1] == 0 and pattern[2] == 0
+
+
+def test_gamma_rules_wire_gamma_into_every_layer():
+    """lrp_gamma(g) gives the linear layers Gamma(g) too (not only the filters): equal to a
+    rule set built by hand; and DTNN's W^fc bias (a per-pair source) keeps LRP-0 exact."""
+    from atomlens.explain.graph import MoleculeRules
+
+    model = three_block_schnet()
+    batch = model.batch_from_atoms(ETHANOL)
+    rules = lrp_gamma_rules(0.3, 1e-6)
+    by_hand = MoleculeRules(
+        "by hand", lambda name, m: Gamma(0.3, 1e-6), lrp_gamma_rules(0.3, 1e-6).pairwise
+    )
+    torch.testing.assert_close(
+        relevance_graph(model, batch, rules).node_relevance(),
+        relevance_graph(model, batch, by_hand).node_relevance(),
+    )
+    assert rules.name == "lrp_gamma(0.3)" and lrp_epsilon_rules(0.5).name == "lrp_epsilon(0.5)"
+    dtnn = random_model("dtnn")
+    for block in dtnn.representation.interactions:
+        layer = block.factor_to_coefficient
+        layer.bias = nn.Parameter(torch.randn(layer.out_features, dtype=torch.float64))
+    e = explain_molecule(dtnn, ETHANOL, "relevant_walks")
+    assert abs(e.conservation_error) < 1e-9
+
+
+def test_walks_in_small_chunks_and_with_an_isolated_last_atom(monkeypatch):
+    """Chunked gathers give the same walks and subset sums; an atom without neighbours (the
+    last one) has only its own residual walk."""
+    from atomlens.explain import graph as graph_module
+
+    model = three_block_schnet()
+    atoms = ETHANOL + Atoms("H", positions=[[30.0, 0.0, 0.0]])
+    batch = model.batch_from_atoms(atoms)
+    graph = relevance_graph(model, batch, lrp_epsilon_rules())
+    walks, relevance = graph.walks()
+    sets = n_body_terms(graph, 3)
+    monkeypatch.setattr(graph_module, "CHUNK_ENTRIES", 1.0)
+    chunked_walks, chunked = graph.walks()
+    torch.testing.assert_close(chunked_walks, walks)
+    torch.testing.assert_close(chunked, relevance, rtol=0, atol=1e-12)
+    for order, (subsets, values) in n_body_terms(graph, 3).items():
+        torch.testing.assert_close(subsets, sets[order][0])
+        torch.testing.assert_close(values, sets[order][1], rtol=0, atol=1e-12)
+    last = len(atoms) - 1
+    assert (walks[:, 0] == last).sum() == 1 and bool((walks[walks[:, 0] == last] == last).all())
+    assert float(relevance.sum()) == pytest.approx(float(graph.node_relevance().sum()), abs=1e-10)
+
+
+def test_patternattribution_names_the_missing_pattern():
+    from atomlens.explain.graph import pattern_attribution_rules
+
+    model = random_model("schnet")
+    patterns = fit_molecule_patterns(model, [model.batch_from_atoms(FIT_MOLECULES)])
+    rules = pattern_attribution_rules(patterns)
+    assert rules.name == "patternattribution"
+    layer = dict(patterns)
+    del layer["head.0"]
+    with pytest.raises(KeyError, match="no pattern fitted for layer 'head.0'"):
+        pattern_attribution_rules(layer).linear("head.0", model.head[0])
+    with pytest.raises(KeyError, match="no pattern fitted for 'x.cfconv'"):
+        rules.pairwise("x.cfconv", None, None, None, 0)

@@ -47,6 +47,9 @@ from torch import Tensor, nn
 from .patterns import LayerStatistics, Patterns, PatternStatistics
 from .rules import Epsilon, Pattern, Ratio, Rule, stabilize
 
+#: gathered transfer-matrix entries per chunk of walks or atom sets (160 MB in float64)
+CHUNK_ENTRIES = 2e7
+
 
 class Gamma(Rule):
     """LRP-gamma for ``nn.Linear``, sign-aware: contributions of the output's sign are boosted,
@@ -264,8 +267,7 @@ class RelevanceGraph:
     def subset_sums(self, subsets: Tensor) -> Tensor:
         """``Z(U)`` (S,): relevance of all walks inside each atom set (rows of ``subsets``)."""
         out = [self.head_bias.new_zeros(0)]
-        # chunks of ~2e7 gathered transfer entries (160 MB in float64)
-        chunk = max(1, int(2e7 / (subsets.shape[1] ** 2 * self.head.shape[1] ** 2)))
+        chunk = max(1, int(CHUNK_ENTRIES / (subsets.shape[1] ** 2 * self.head.shape[1] ** 2)))
         for start in range(0, subsets.shape[0], chunk):
             sub = subsets[start : start + chunk]
             c = self.inputs[sub]
@@ -306,7 +308,7 @@ class RelevanceGraph:
             a = last[parent]
             stay = nxt == a
             moved = torch.empty_like(c[parent])
-            chunk = max(1, int(2e7 / self.head.shape[1] ** 2))  # gathered (chunk, F, F) matrices
+            chunk = max(1, int(CHUNK_ENTRIES / self.head.shape[1] ** 2))  # (chunk, F, F) gathered
             for k in range(0, parent.shape[0], chunk):
                 part = slice(k, k + chunk)
                 moved[part] = torch.einsum(
