@@ -634,6 +634,58 @@ def test_perturbation_curve(images):
     assert torch.isclose(result.curve[0], start)
 
 
+def test_perturbation_curve_equals_its_definition(images):
+    """A linear two-class model on 2 x 2 patches: regions ordered by summed relevance (most
+    relevant first, per image), replaced one after the other by the fill, the target output
+    averaged over images, the area under it by the trapezoid rule; written out in numpy."""
+    generator = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    model.train()  # the curve runs in eval mode and gives the mode back
+    x = images.numpy()[:, 0]
+    relevance = torch.randn(images.shape, generator=generator)
+    weights = model[1].weight.detach().numpy().reshape(2, 8, 8)
+    bias = model[1].bias.detach().numpy()
+    uniform = torch.rand(images.shape, generator=torch.Generator().manual_seed(0)).numpy()
+    fills = {
+        "mean": np.broadcast_to(x.mean(0), x.shape),
+        "zero": np.zeros_like(x),
+        "noise": x.min() + (x.max() - x.min()) * uniform[:, 0],  # the default seed, 0
+    }
+    for replacement, fill in fills.items():
+        for target in (1, None):
+            result = perturbation_curve(
+                model, images, relevance, target=target, patch=2, replacement=replacement
+            )
+            assert model.training
+            outputs = np.einsum("nhw,khw->nk", x, weights) + bias
+            targets = outputs.argmax(1) if target is None else np.full(len(x), target)
+            region_sums = relevance.numpy()[:, 0].reshape(6, 4, 2, 4, 2).sum((2, 4))
+            current, curve = x.copy(), []
+            orders = [np.argsort(-r.ravel(), kind="stable") for r in region_sums]
+            for k in range(17):
+                if k:
+                    for i, order in enumerate(orders):
+                        row, col = divmod(order[k - 1], 4)
+                        rows, cols = slice(2 * row, 2 * row + 2), slice(2 * col, 2 * col + 2)
+                        current[i, rows, cols] = fill[i, rows, cols]
+                out = np.einsum("nhw,khw->nk", current, weights) + bias
+                curve.append(out[np.arange(len(x)), targets].mean())
+            np.testing.assert_allclose(result.curve.numpy(), curve, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(result.fractions.numpy(), np.arange(17) / 16, atol=1e-7)
+            assert result.auc == pytest.approx(np.trapezoid(curve, np.arange(17) / 16), rel=1e-5)
+    noise = perturbation_curve(model, images, relevance, replacement="noise", seed=4).curve
+    torch.testing.assert_close(
+        noise, perturbation_curve(model, images, relevance, replacement="noise", seed=4).curve
+    )
+    assert not torch.equal(
+        noise, perturbation_curve(model, images, relevance, replacement="noise", seed=5).curve
+    )
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        perturbation_curve(model, images, relevance, patch=3)
+    with pytest.raises(ValueError, match="unknown replacement"):
+        perturbation_curve(model, images, relevance, replacement="blur")
+
+
 def test_digits_study_and_its_command(tmp_path, monkeypatch, capsys):
     from atomlens.cli import main
     from atomlens.explain import METHODS, digits
