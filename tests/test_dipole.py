@@ -165,3 +165,11 @@ def test_insight_prints_charges_beside_atomic_energies(tmp_path, data, model, ca
     np.testing.assert_allclose(charges, expected, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="not partial charges"):
         atomic_energies(model, data.atoms(2), charge_model=random_model("schnet"))
+
+
+def test_a_dipole_model_refuses_forces_and_stress(data, model):
+    batch = _batch(data, model, [0, 1])
+    with pytest.raises(ValueError, match="^a dipole model predicts no forces or stress$"):
+        model(batch, forces=True)
+    with pytest.raises(ValueError, match=r"^stress needs structures with a cell \(periodic"):
+        model(batch, stress=True)  # molecules: no cell

@@ -236,3 +236,20 @@ def test_apply_strain_deforms_positions_shifts_and_cell_alike():
         assert torch.allclose(new_pairs.shifts[p], expected)
     assert torch.allclose(new_cell, cell @ (one + eps))
     assert new_pairs.symmetric is False and torch.equal(new_pairs.j, pairs.j)
+
+
+def test_stress_of_a_batch_without_pbc_flags_follows_its_cell():
+    """A Batch built by hand with cells but no pbc flags: a structure with a cell volume is
+    periodic, and its stress is the one computed with the flags."""
+    import dataclasses
+
+    from helpers import random_model
+
+    model = random_model("schnet")
+    crystal = bulk("C", "diamond", a=3.57).repeat(2)
+    crystal.rattle(0.05, seed=0)
+    batch = model.batch_from_atoms([crystal])
+    reference = model(batch, stress=True)["stress"]
+    assert float(reference.abs().max()) > 1e-4
+    bare = dataclasses.replace(batch, pbc=None)
+    torch.testing.assert_close(model(bare, stress=True)["stress"], reference)
