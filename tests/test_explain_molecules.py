@@ -535,6 +535,12 @@ def test_walks_in_small_chunks_and_with_an_isolated_last_atom(monkeypatch):
     for order, (subsets, values) in n_body_terms(graph, 3).items():
         torch.testing.assert_close(subsets, sets[order][0])
         torch.testing.assert_close(values, sets[order][1], rtol=0, atol=1e-12)
+    pairs_only = n_body_terms(graph, 2)  # molecules beyond max_triple_atoms: no triples
+    assert sorted(pairs_only) == [1, 2]
+    for order in (1, 2):
+        torch.testing.assert_close(pairs_only[order][1], sets[order][1], rtol=0, atol=1e-12)
+    # LRP-0 conserves: the graph's own record of what it explains is the relevances' sum
+    assert graph.explained == pytest.approx(float(graph.node_relevance().sum()), abs=1e-9)
     last = len(atoms) - 1
     assert (walks[:, 0] == last).sum() == 1 and bool((walks[walks[:, 0] == last] == last).all())
     assert float(relevance.sum()) == pytest.approx(float(graph.node_relevance().sum()), abs=1e-10)
