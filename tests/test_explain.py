@@ -589,10 +589,13 @@ def test_hooks_are_removed_and_errors(images):
         relevance = explain(model, images, method, patterns=patterns, n_steps=4, n_samples=2)
         assert relevance.shape == images.shape and torch.isfinite(relevance).all(), method
     assert all(not m._forward_hooks for m in model.modules())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown method 'no_such_method'; choose one of"):
         Explainer(model, "no_such_method")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"pattern methods need patterns=fit_patterns\(model"):
         explain(model, images, "patternnet")
+    partial = {name: layer for name, layer in patterns.items() if name != "0"}
+    with pytest.raises(KeyError, match="no pattern fitted for layer '0'"):
+        explain(model, images, "patternnet", patterns=partial)
     gradient = explain(model, images, "gradient", target=1)
     assert torch.allclose(explain(model, images, "smoothgrad", 1, noise_level=0.0), gradient)
 
@@ -740,3 +743,32 @@ def test_conv1d_model():
         output = model(x).max(1).values
     relevance = explain(model, x, "lrp_epsilon", epsilon=1e-9)
     assert torch.allclose(relevance.sum((1, 2)), output, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_is_folded_by_default():
+    """Explainers fold BatchNorm into the preceding linear layer unless canonize=False: LRP
+    of the folded network is LRP of one linear map diag(s) W, and differs from passing the
+    gradient through a separate BatchNorm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        norm = model[1]
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.2, 3.0)
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    x = torch.randn(8, 5)
+    default = explain(model, x, "lrp_epsilon", target=1)
+    folded = explain(model, x, "lrp_epsilon", target=1, canonize=True)
+    plain = explain(model, x, "lrp_epsilon", target=1, canonize=False)
+    torch.testing.assert_close(default, folded)
+    assert not torch.allclose(plain, folded, atol=1e-3)
+    with torch.no_grad():  # the folded network, built by hand
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        first = nn.Linear(5, 4)
+        first.weight.copy_(model[0].weight * scale[:, None])
+        first.bias.copy_((model[0].bias - norm.running_mean) * scale + norm.bias)
+    by_hand = nn.Sequential(first, nn.ReLU(), model[3])
+    torch.testing.assert_close(folded, explain(by_hand, x, "lrp_epsilon", target=1))
+    assert len(model) == 4 and isinstance(model[1], nn.BatchNorm1d)  # the model is unchanged
