@@ -771,4 +771,34 @@ def test_batchnorm_is_folded_by_default():
         first.bias.copy_((model[0].bias - norm.running_mean) * scale + norm.bias)
     by_hand = nn.Sequential(first, nn.ReLU(), model[3])
     torch.testing.assert_close(folded, explain(by_hand, x, "lrp_epsilon", target=1))
+    torch.testing.assert_close(  # nothing to fold: the same either way, target included
+        explain(by_hand, x, "lrp_epsilon", target=1, canonize=False), folded
+    )
     assert len(model) == 4 and isinstance(model[1], nn.BatchNorm1d)  # the model is unchanged
+
+
+def test_integrated_gradients_and_smoothgrad_take_their_options(images):
+    """The explainer passes baseline/n_steps and n_samples/noise_level/seed through, with the
+    documented defaults (0, 50; 16, 0.1, 0), to the attributors over the plain gradient."""
+    from atomlens.explain.attributors import integrated_gradients, smoothgrad
+
+    model = small_cnn()
+    target = torch.full((len(images),), 1)
+
+    def gradient(x):
+        return explain(model, x, "gradient", target=target)
+
+    ig = integrated_gradients(gradient, images, 0.0, 50)
+    torch.testing.assert_close(explain(model, images, "integrated_gradients", target=target), ig)
+    torch.testing.assert_close(
+        explain(model, images, "integrated_gradients", target=target, baseline=0.3, n_steps=7),
+        integrated_gradients(gradient, images, 0.3, 7),
+    )
+    torch.testing.assert_close(
+        explain(model, images, "smoothgrad", target=target),
+        smoothgrad(gradient, images, 16, 0.1, 0),
+    )
+    torch.testing.assert_close(
+        explain(model, images, "smoothgrad", target=target, n_samples=5, noise_level=0.3, seed=2),
+        smoothgrad(gradient, images, 5, 0.3, 2),
+    )

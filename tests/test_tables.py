@@ -161,3 +161,28 @@ def test_force_training_step_is_the_same_fused_or_plain(data, always_fused):
         )
     always_fused.set_fused(True)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_fused_kernel_falls_back_once_when_compiling_fails(monkeypatch):
+    """No C++ compiler (or any compile error): one warning naming the error, the plain
+    function's result, fused kernels off for the process (no second attempt or warning)."""
+    import warnings
+
+    from atomlens.nn import kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(kernels, "MIN_FUSED_SIZE", 0)
+    monkeypatch.setitem(kernels._state, "enabled", True)
+    kernel = kernels.FusedKernel(lambda x: 2 * x, eager=lambda x: x + x)
+    x = torch.arange(4.0)
+    with pytest.warns(UserWarning, match=r"fused kernels unavailable \(RuntimeError: no C\+\+ "):
+        torch.testing.assert_close(kernel(x, size=4), 2 * x)
+    assert not kernels.fused_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(kernel(x, size=4), 2 * x)
+    kernels.set_fused(True)
+    assert kernels.fused_enabled()

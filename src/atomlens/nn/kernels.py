@@ -91,9 +91,9 @@ class FusedKernel:
 
     def __call__(self, *args, size: int):
         if _state["enabled"] and size >= MIN_FUSED_SIZE and not torch.compiler.is_compiling():
-            if self.compiled is None:
-                self.compiled = torch.compile(self.function, dynamic=True, options=self.options)
             try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.function, dynamic=True, options=self.options)
                 return self.compiled(*args)
             except Exception as error:  # noqa: BLE001 (no C++ compiler, unsupported platform, ...)
                 _state["enabled"] = False
