@@ -64,9 +64,11 @@ class Calculator(AseCalculator):
         allow_unknown_elements: elements absent from the model's training data are refused
             unless this is True (then a warning; see :mod:`atomlens.models.guards`).
         compile: compile energy + forces (``torch.func`` gradient, ``torch.compile``) for
-            fast repeated calls on one structure, e.g. MD: aspirin runs ~3.5x as many steps
+            fast repeated calls on one structure, e.g. MD: aspirin runs ~4.5x as many steps
             per second on one CPU thread, after a one-off compile (Inductor caches it on
-            disk, so a second run of the same structure compiles faster). Molecules keep all
+            disk, so a second run of the same structure compiles faster). The compiled code
+            has a C++ wrapper and checks no guards at call time
+            (:func:`~atomlens.nn.kernels.compile_fixed_shapes`). Molecules keep all
             pairs and the smooth cutoff zeroes those beyond it, so the shapes stay fixed while
             the atoms move; periodic cells keep their Verlet list padded to a fixed capacity
             (energy, forces and the virial in one compiled function; a list that outgrows the
