@@ -623,7 +623,17 @@ def test_explain_atomwise(activation):
     patterns = fit_patterns(head, torch.randn(500, 6))
     pa = explain_atomwise(head, features, "patternattribution", patterns=patterns)
     assert pa.shape == (5,) and torch.isfinite(pa).all()
-    with pytest.raises(ValueError):
+    torch.testing.assert_close(  # relevance of each atom: its features' relevances summed
+        pa, explain(head, features, "patternattribution", target=0, patterns=patterns).sum(1)
+    )
+    # without patterns, they are fitted on the features themselves
+    torch.testing.assert_close(
+        explain_atomwise(head, features, "patternattribution"),
+        explain_atomwise(
+            head, features, "patternattribution", patterns=fit_patterns(head, features)
+        ),
+    )
+    with pytest.raises(ValueError, match="method must be one of"):
         explain_atomwise(head, features, "guided_backprop")
 
 

@@ -559,3 +559,42 @@ def test_patternattribution_names_the_missing_pattern():
         pattern_attribution_rules(layer).linear("head.0", model.head[0])
     with pytest.raises(KeyError, match="no pattern fitted for 'x.cfconv'"):
         rules.pairwise("x.cfconv", None, None, None, 0)
+
+
+def test_gradient_x_input_is_the_switch_gradient_and_the_pair_matrix_holds_the_pairs():
+    """gradient_x_input: R_p = 1 * dE/ds_p at all switches on (s = 1), on a nonlinear model
+    where it differs from IG; the pair matrix is symmetric with the pair terms off the
+    diagonal."""
+    model = three_block_schnet()
+    batch = model.batch_from_atoms(ETHANOL)
+    half = batch.pair_i.shape[0] // 2
+    switches = torch.ones(half, dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(switched_energy(model, batch, switches), switches)
+    e = explain_molecule(model, ETHANOL, "gradient_x_input")
+    np.testing.assert_allclose(e.pairs, torch.stack([batch.pair_i[:half], batch.pair_j[:half]], 1))
+    np.testing.assert_allclose(e.pair_relevance, gradient.numpy(), rtol=1e-9, atol=1e-12)
+    ig = explain_molecule(model, ETHANOL, "integrated_gradients", n_steps=8)
+    assert np.abs(ig.pair_relevance - e.pair_relevance).max() > 1e-4
+    matrix = e.pair_matrix()
+    np.testing.assert_array_equal(matrix, matrix.T)
+    np.testing.assert_array_equal(matrix[e.pairs[:, 0], e.pairs[:, 1]], e.pair_relevance)
+    assert np.count_nonzero(matrix) == 2 * np.count_nonzero(e.pair_relevance)
+
+
+def test_many_body_expansion_of_a_chain_with_a_pair_beyond_the_cutoff():
+    """Three atoms in a row, the outer two beyond the cutoff: the expansion to three bodies is
+    complete (no remainder) and its three-body term is the inclusion-exclusion of the model's
+    energies of the sub-molecules, with E(outer pair) = E(atom) + E(atom)."""
+    model = random_model("schnet")  # 5 Angstrom cutoff
+    chain = Atoms("HCH", positions=[[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [6.0, 0.0, 0.0]])
+    e = explain_molecule(model, chain, "many_body_expansion")
+
+    def energy(indices):
+        return float(model.predict(chain[list(indices)])["energy"][0])
+
+    one = [energy([i]) for i in range(3)]
+    pair = {p: energy(p) - one[p[0]] - one[p[1]] for p in [(0, 1), (1, 2), (0, 2)]}
+    assert abs(pair[(0, 2)]) < 1e-12
+    three = energy([0, 1, 2]) - sum(pair.values()) - sum(one)
+    assert e.triple_relevance.tolist() == pytest.approx([three], abs=1e-9)
+    assert abs(e.remainder) < 1e-9
