@@ -814,3 +814,44 @@ def test_integrated_gradients_and_smoothgrad_take_their_options(images):
         explain(model, images, "smoothgrad", target=target, n_samples=5, noise_level=0.3, seed=2),
         smoothgrad(gradient, images, 5, 0.3, 2),
     )
+
+
+def test_attributors_against_closed_forms():
+    """IG of f(x) = sum x^2 / 2 from a baseline b is (x - b)(x + b) / 2 exactly (the
+    quadrature is exact for polynomials); SmoothGrad of the same f averages x + sigma * noise
+    with sigma = level * (max - min) per sample and the seeded noise, in this order."""
+    from atomlens.explain.attributors import integrated_gradients, smoothgrad
+
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    baseline = torch.linspace(-1.0, 1.0, 4, dtype=torch.float64)
+
+    def identity(z):
+        return z.clone()  # the gradient of sum z^2 / 2
+
+    torch.testing.assert_close(
+        integrated_gradients(identity, x, baseline, 3), (x - baseline) * (x + baseline) / 2
+    )
+    torch.testing.assert_close(integrated_gradients(identity, x), x * x / 2)  # baseline 0
+    for options, (n, level, seed) in (({}, (16, 0.1, 0)), ((5, 0.3, 2), (5, 0.3, 2))):
+        result = smoothgrad(identity, x, *options) if options else smoothgrad(identity, x)
+        generator = torch.Generator().manual_seed(seed)
+        sigma = level * (x.max(1, keepdim=True).values - x.min(1, keepdim=True).values)
+        expected = sum(x + sigma * torch.randn(x.shape, generator=generator) for _ in range(n)) / n
+        torch.testing.assert_close(result, expected.to(x))
+
+
+def test_batchnorm_without_affine_parameters_folds_exactly():
+    from atomlens.explain import canonized
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3, affine=False))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(6, 4)
+    expected = model(x)
+    with canonized(model):
+        torch.testing.assert_close(model(x), expected)
+        assert model[0].bias is not None and model[0].bias.dtype == x.dtype
+    torch.testing.assert_close(model(x), expected)
