@@ -598,3 +598,35 @@ def test_many_body_expansion_of_a_chain_with_a_pair_beyond_the_cutoff():
     three = energy([0, 1, 2]) - sum(pair.values()) - sum(one)
     assert e.triple_relevance.tolist() == pytest.approx([three], abs=1e-9)
     assert abs(e.remainder) < 1e-9
+
+
+def test_explain_molecule_options_limits_and_the_callers_model():
+    """epsilon and gamma reach the rules (default 0.01 and 0.25); beyond max_triple_atoms the
+    three-body terms are skipped with a note; the listed walks are the most relevant by
+    magnitude, in order; the caller's float32 model is left as it was."""
+    model = three_block_schnet()
+    batch = model.batch_from_atoms(ETHANOL)
+    for method, rules, option in (
+        ("lrp_epsilon", lrp_epsilon_rules, "epsilon"),
+        ("lrp_gamma", lrp_gamma_rules, "gamma"),
+    ):
+        default = 0.01 if option == "epsilon" else 0.25
+        for value in (None, 0.2):
+            options = {} if value is None else {option: value}
+            e = explain_molecule(model, ETHANOL, method, **options)
+            graph = relevance_graph(model, batch, rules(default if value is None else value))
+            np.testing.assert_allclose(e.atoms, graph.node_relevance().numpy(), atol=1e-12)
+    full = explain_molecule(model, ETHANOL, "relevant_walks", n_top_walks=5)
+    assert full.triples is not None and not full.notes
+    magnitudes = np.abs(full.walk_relevance)
+    assert len(magnitudes) == 5 and np.all(np.diff(magnitudes) <= 0)
+    graph = relevance_graph(model, batch, lrp_epsilon_rules())
+    assert magnitudes[0] == pytest.approx(float(graph.walks()[1].abs().max()), abs=1e-12)
+    for limit in (len(ETHANOL) - 1, len(ETHANOL)):
+        for method in ("relevant_walks", "many_body_expansion"):
+            e = explain_molecule(model, ETHANOL, method, max_triple_atoms=limit)
+            skipped = limit < len(ETHANOL)
+            assert (e.triples is None) == skipped and (e.triple_relevance is None) == skipped
+    single = random_model("schnet").float()
+    explain_molecule(single, ETHANOL, "relevant_walks")
+    assert next(single.parameters()).dtype == torch.float32
