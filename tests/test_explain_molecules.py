@@ -91,6 +91,20 @@ def _linear_one_block_model():
 
 
 @torch.no_grad()
+def _schnet_filter(model, d):
+    """W(r) of the first block from the paper's equations: Gaussians, filter network, cutoff."""
+    rep, block = model.representation, model.representation.interactions[0]
+    e = torch.exp(-rep.rbf.gamma * (d - rep.rbf.centres) ** 2)
+    return block.filter_network(e) * 0.5 * (math.cos(math.pi * d / rep.cutoff) + 1)
+
+
+def _signal_direction(x, u):
+    """Per-feature a = cov(x, u) / var(u) (least-squares signal direction), from the moments."""
+    xc, uc = x - x.mean(0), u - u.mean(0)
+    return (xc * uc).sum(0) / (uc * uc).sum(0)
+
+
+@torch.no_grad()
 def _analytic_terms(model, atoms):
     """Independent evaluation: E = c_i + sum_{i<j} P_ij with the block and head as matrices."""
     rep, block = model.representation, model.representation.interactions[0]
@@ -109,8 +123,7 @@ def _analytic_terms(model, atoms):
             d = float((positions[i] - positions[j]).norm())
             if d >= rep.cutoff:
                 continue
-            e = torch.exp(-rep.rbf.gamma * (d - rep.rbf.centres) ** 2)
-            w = block.filter_network(e) * 0.5 * (math.cos(math.pi * d / rep.cutoff) + 1)
+            w = _schnet_filter(model, d)
             pairs[(i, j)] = float(u @ a @ (w * (b_in @ x0[j]) + w * (b_in @ x0[i])))
     return one.detach().numpy(), pairs
 
@@ -248,8 +261,7 @@ def test_per_filter_pattern_is_the_signal_direction():
     statistics = _ProductStatistics(3)
     statistics.update(x[:700], u[:700])
     statistics.update(x[700:], u[700:])  # streaming: same as one pass
-    xc, uc = x - x.mean(0), u - u.mean(0)
-    torch.testing.assert_close(statistics.pattern(), (xc * uc).sum(0) / (uc * uc).sum(0))
+    torch.testing.assert_close(statistics.pattern(), _signal_direction(x, u))
     constant = _ProductStatistics(3)
     constant.update(x, 2.5 * x)
     torch.testing.assert_close(constant.pattern(), torch.full((3,), 0.4, dtype=torch.float64))
@@ -356,13 +368,6 @@ def _ordered_pairs(atoms, cutoff):
 
 
 @torch.no_grad()
-def _schnet_filter(model, d):
-    rep, block = model.representation, model.representation.interactions[0]
-    e = torch.exp(-rep.rbf.gamma * (d - rep.rbf.centres) ** 2)
-    return block.filter_network(e) * 0.5 * (math.cos(math.pi * d / rep.cutoff) + 1)
-
-
-@torch.no_grad()
 def _cfconv_pattern(model):
     """Per-filter a_f = cov(x_f, u_f) / var(u_f) over every ordered pair of the fit molecules,
     x = in2f(x0_sender), u = W(r) * x, written from the definition (numpy moments)."""
@@ -373,9 +378,7 @@ def _cfconv_pattern(model):
         for _, a, d in _ordered_pairs(atoms, rep.cutoff):
             xs.append(y[a].numpy())
             us.append((_schnet_filter(model, d) * y[a]).numpy())
-    x, u = np.array(xs), np.array(us)
-    xc, uc = x - x.mean(0), u - u.mean(0)
-    return (xc * uc).sum(0) / (uc * uc).sum(0)
+    return _signal_direction(np.array(xs), np.array(us))
 
 
 @torch.no_grad()
@@ -470,10 +473,7 @@ def test_molecule_patterns_cover_the_relevance_path_in_the_models_dtype():
     for name, (block, (c, rbf, _, pairs)) in zip(names, captured):
         x = block.coefficient_to_factor(c)[pairs.j].numpy()
         u = block.distance_to_factor(rbf).repeat(2, 1).numpy() * x
-        xc, uc = x - x.mean(0), u - u.mean(0)
-        np.testing.assert_allclose(
-            patterns[name]["a"].numpy(), (xc * uc).sum(0) / (uc * uc).sum(0), rtol=1e-9
-        )
+        np.testing.assert_allclose(patterns[name]["a"].numpy(), _signal_direction(x, u), rtol=1e-9)
     single = random_model("schnet").float()
     patterns = fit_molecule_patterns(single, [single.batch_from_atoms(FIT_MOLECULES)])
     assert {p.dtype for layer in patterns.values() for p in layer.values()} == {torch.float32}

@@ -26,7 +26,7 @@ graphs on a GPU) keeps every intra-molecular pair, so all shapes stay fixed from
 step; the smooth cutoff gives pairs beyond it exactly zero weight, so the results equal the
 eager path's up to rounding. On the CPU the same code runs, without graphs. ``"auto"`` (the
 default) compiles when every molecule has at most
-:data:`~atomlens.calculator.AUTO_COMPILE_MAX_ATOMS` atoms (all pairs grow as n^2) and
+:data:`~atomlens.nn.kernels.AUTO_COMPILE_MAX_ATOMS` atoms (all pairs grow as n^2) and
 ``ATOMLENS_COMPILE`` is not ``0``, says so on the ``atomlens`` logger, and falls back to the
 eager path with a warning if compiling fails.
 """
@@ -47,7 +47,6 @@ import torch
 from ase import units as ase_units
 from tqdm.auto import tqdm
 
-from .calculator import AUTO_COMPILE_MAX_ATOMS
 from .data.batch import Pairs
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
@@ -55,7 +54,7 @@ from .fileio import atomic_file
 from .md import LOG_COLUMNS, MDLog
 from .models.potential import AtomisticModel
 from .nn import scatter_sum
-from .nn.kernels import compile_fixed_shapes
+from .nn.kernels import AUTO_COMPILE_MAX_ATOMS, auto_compile_enabled, compile_fixed_shapes
 from .units import energy_factor
 
 DTYPES = {None: torch.float32, "float32": torch.float32, "float64": torch.float64}
@@ -164,10 +163,7 @@ class BatchedMD:
         self.compiled = None
         auto = compile == "auto"
         if auto:
-            compile = (
-                max(counts) <= AUTO_COMPILE_MAX_ATOMS
-                and os.environ.get("ATOMLENS_COMPILE", "1") != "0"
-            )
+            compile = max(counts) <= AUTO_COMPILE_MAX_ATOMS and auto_compile_enabled()
         if compile:
             LOGGER.info(
                 "compiling energy and forces for %d trajectories (%d atoms; a one-off, "

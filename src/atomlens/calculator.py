@@ -33,11 +33,9 @@ from .data.neighbors import VerletList
 from .models.guards import check_elements, check_finite
 from .models.potential import AtomisticModel
 from .nn.geometry import apply_strain
-from .nn.kernels import compile_fixed_shapes
+from .nn.kernels import AUTO_COMPILE_MAX_ATOMS, auto_compile_enabled, compile_fixed_shapes
 from .units import energy_factor
 
-#: ``compile="auto"`` compiles molecules up to this size (the compiled path keeps all pairs)
-AUTO_COMPILE_MAX_ATOMS = 64
 #: compiled periodic path: the Verlet list is padded to a capacity of this many pairs, with
 #: this much headroom, so that its shape (and the compiled code) survives list rebuilds
 PAIR_CAPACITY_STEP = 128
@@ -73,7 +71,7 @@ class Calculator(AseCalculator):
             the atoms move; periodic cells keep their Verlet list padded to a fixed capacity
             (energy, forces and the virial in one compiled function; a list that outgrows the
             capacity recompiles once, with room to spare). ``"auto"`` (the default) compiles
-            periodic cells and molecules of up to :data:`AUTO_COMPILE_MAX_ATOMS` atoms (all
+            periodic cells and molecules of up to :data:`~atomlens.nn.kernels.AUTO_COMPILE_MAX_ATOMS` atoms (all
             pairs grow as n^2) and says so on the ``atomlens`` logger; larger molecules and
             ``ATOMLENS_COMPILE=0`` run eagerly, and a compile that fails falls back to the
             eager path with a warning. ``True`` compiles any structure, ``False`` never.
@@ -176,7 +174,7 @@ class Calculator(AseCalculator):
         self._use_compiled = self.compile is True or (
             self.compile == "auto"
             and (periodic or 2 <= n <= AUTO_COMPILE_MAX_ATOMS)
-            and os.environ.get("ATOMLENS_COMPILE", "1") != "0"
+            and auto_compile_enabled()
         )
         self._periodic = periodic
         if self._use_compiled:

@@ -23,6 +23,9 @@ import torch
 
 #: elements (pairs x features) from which a call is worth a compiled kernel
 MIN_FUSED_SIZE = 1 << 17
+#: ``compile="auto"`` (calculator, batched MD) compiles molecules up to this size: the compiled
+#: paths keep all pairs, whose number grows as n^2
+AUTO_COMPILE_MAX_ATOMS = 64
 
 _state = {"enabled": os.environ.get("ATOMLENS_FUSED", "1") != "0"}
 
@@ -34,6 +37,11 @@ def fused_enabled() -> bool:
 def set_fused(enabled: bool) -> None:
     """Switch the compiled kernels on or off for this process."""
     _state["enabled"] = bool(enabled)
+
+
+def auto_compile_enabled() -> bool:
+    """``compile="auto"`` may compile: ``ATOMLENS_COMPILE`` is not ``0`` (read at each call)."""
+    return os.environ.get("ATOMLENS_COMPILE", "1") != "0"
 
 
 def compile_fixed_shapes(
@@ -52,12 +60,17 @@ def compile_fixed_shapes(
     Inductor options.
     """
     options: dict = {}
-    isolate = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+    kwargs: dict = {}
     skip_guards = getattr(torch.compiler, "skip_all_guards_unsafe", None)
-    if isolate and skip_guards is not None:  # else (older torch) the guards stay
+    if (
+        skip_guards is not None
+        and "isolate_recompiles" in inspect.signature(torch.compile).parameters
+    ):
         # Dynamo keeps compiled code per code object, shared by every closure of it (two
-        # calculators, two molecules): each compile keeps its own, so none runs another's
+        # calculators, two molecules): each compile keeps its own, so none runs another's.
+        # Older torch: the guards stay.
         options["guard_filter_fn"] = skip_guards
+        kwargs["isolate_recompiles"] = True
     if backend == "inductor":
         from torch._inductor import list_mode_options
 
@@ -67,7 +80,6 @@ def compile_fixed_shapes(
             options["cpp_wrapper"] = True
     elif mode is not None:
         raise ValueError(f"a compile mode ({mode!r}) needs the inductor backend, not {backend!r}")
-    kwargs = {"isolate_recompiles": True} if "guard_filter_fn" in options else {}
     return torch.compile(
         function, dynamic=False, backend=backend, options=options or None, **kwargs
     )
