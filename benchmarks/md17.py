@@ -72,6 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         default=5,
         help="epochs without improvement before halving the learning rate",
     )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=["plateau", "cosine"],
+        default=None,
+        help="learning-rate schedule (default: the preset's); cosine decays over the budget",
+    )
+    parser.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    parser.add_argument(
+        "--check-val-every", type=int, default=None, help="validate every n epochs (default 1)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--test-subset",
@@ -120,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             max_minutes=args.minutes,
             max_epochs=100000,
             lr_patience=args.lr_patience,
+            lr_schedule=args.lr_schedule,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            check_val_every=args.check_val_every,
             threads=args.threads,
             seed=args.seed,
             out=str(out_root / name),
@@ -148,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             "train_seconds": round(seconds, 1),
             "threads": args.threads,
             "seed": args.seed,
+            "lr": config.lr,
+            "lr_schedule": config.lr_schedule,
+            "batch_size": config.batch_size,
+            "check_val_every": config.check_val_every,
             "energy_mae_kcal_mol": energy / KCAL_MOL_EV,
             "energy_mae_meV": energy * 1000,
             "forces_mae_kcal_mol_A": forces / KCAL_MOL_EV,

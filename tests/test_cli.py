@@ -161,3 +161,14 @@ def test_unknown_target_and_missing_files(trained, capsys):
     )
     assert "unknown target" in capsys.readouterr().err
     assert main(["predict", str(trained / "nothing"), "x.xyz"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("forces", "forces"), ("0.5", 0.5), (None, "auto")]
+)
+def test_train_output_scale_option_reaches_the_config(value, expected):
+    from atomlens.cli import build_parser
+    from atomlens.cli.train import config_from_args
+
+    argv = ["train", "--preset", "md17-schnet"] + (["--output-scale", value] if value else [])
+    assert config_from_args(build_parser().parse_args(argv)).output_scale == expected

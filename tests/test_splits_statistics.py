@@ -119,3 +119,59 @@ def test_set_statistics_stores_references_and_defaults_to_no_shift_or_scale():
     model.set_statistics(shift=0.5, scale=3.0)
     scaled = model.atomic_contributions(features, numbers).detach()
     assert torch.allclose(scaled, 3.0 * bare + 0.5 + numbers.to(bare.dtype))
+
+
+def _with_forces(n=12, seed=3):
+    """Random molecules with random per-atom forces (eV/Angstrom) and energies."""
+    rng = np.random.default_rng(seed)
+    structures, energies, forces = [], [], []
+    for _ in range(n):
+        k = int(rng.integers(2, 6))
+        z = rng.choice([1, 6, 8], size=k)
+        structures.append((z, np.arange(k)[:, None] * np.array([1.2, 0.0, 0.0])))
+        energies.append(float(rng.normal(-100.0 * k, 0.3)))
+        forces.append(rng.normal(0.0, 0.7, (k, 3)) + 0.2)
+    return PackedDataset.from_structures(
+        structures,
+        {"energy": energies, "forces": forces},
+        {"energy": "eV", "forces": "eV/Angstrom"},
+    )
+
+
+def test_force_rms_over_the_atoms_and_directions_of_the_chosen_structures():
+    from atomlens.data.statistics import force_rms
+
+    data = _with_forces()
+    idx = np.array([7, 2, 5])
+    atoms = np.concatenate([np.arange(data.offsets[m], data.offsets[m + 1]) for m in idx])
+    chosen = np.asarray(data.targets["forces"])[atoms]
+    assert force_rms(data, idx) == pytest.approx(np.sqrt((chosen**2).mean()), rel=1e-12)
+    assert force_rms(data, idx) != pytest.approx(
+        np.sqrt((np.asarray(data.targets["forces"]) ** 2).mean()), rel=1e-6
+    )  # only the chosen structures count
+    with pytest.raises(DataError, match="per-atom 'forces'"):
+        force_rms(_synthetic(n=4)[0], np.arange(4))
+
+
+@pytest.mark.parametrize("forces", [False, True])
+def test_fit_statistics_output_scale(forces):
+    """sigma: the residual std per atom ("std"), the RMS force ("forces"), "auto" picks the
+    latter when training on forces, a number is taken as it is; shift and references stay."""
+    from test_training import TINY_MODEL
+
+    from atomlens.data.statistics import force_rms
+    from atomlens.models import ModelConfig, build_model
+    from atomlens.training.train import fit_statistics
+
+    data, idx = _with_forces(), np.arange(10)
+    atomrefs = fit_atomrefs(data, idx, "energy", max_z=100)
+    mean, std = residual_stats(data, idx, "energy", atomrefs)
+    rms = force_rms(data, idx)
+    assert rms != pytest.approx(std, rel=0.1)
+    expected = {"std": std, "forces": rms, "auto": rms if forces else std, 2.5: 2.5}
+    for choice, sigma in expected.items():
+        model = build_model(ModelConfig.from_dict(TINY_MODEL))
+        fit_statistics(model, data, idx, choice, forces=forces)
+        assert float(model.scale) == pytest.approx(sigma, rel=1e-6), choice
+        assert float(model.shift) == pytest.approx(mean, rel=1e-6, abs=1e-9)
+        np.testing.assert_allclose(model.atomref.numpy(), atomrefs, rtol=1e-6, atol=1e-6)

@@ -282,3 +282,23 @@ def test_ema_weights_are_what_is_saved(tmp_path, data):
         else:
             raw = head(checkpoint["current_model_state"], "model.")
             assert (saved - raw).norm() > 0.05 * raw.norm()
+
+
+def test_evaluation_batches_are_larger_up_to_100_structures_and_a_bounded_atom_count():
+    """Validation keeps no graph across batches: up to 100 structures of at most
+    EVAL_BATCH_ATOMS atoms per batch, never fewer than the training batch size."""
+    from atomlens.data import PackedDataset
+    from atomlens.training.train import EVAL_BATCH_ATOMS, PackedDataModule
+
+    def module(n_atoms, batch_size):
+        structures = [(np.ones(n_atoms, int), np.arange(3 * n_atoms).reshape(-1, 3))] * 4
+        data = PackedDataset.from_structures(structures, {"energy": [0.0] * 4}, {"energy": "eV"})
+        split = {"train": np.arange(2), "val": np.arange(2, 4)}
+        return PackedDataModule(data, split, 5.0, batch_size)
+
+    assert module(21, 10).eval_batch_size() == 100
+    assert module(EVAL_BATCH_ATOMS // 40, 10).eval_batch_size() == 40
+    assert module(EVAL_BATCH_ATOMS // 4, 10).eval_batch_size() == 10  # the training size
+    assert module(21, 300).eval_batch_size() == 300
+    batch = next(iter(module(21, 1)._loader("val", False)))
+    assert batch.n_structures == 2  # the whole validation split in one batch

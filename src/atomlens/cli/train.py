@@ -20,6 +20,14 @@ def add_parser(subparsers) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+def _output_scale(text: str) -> str | float:
+    """``--output-scale``: a name (checked with the config) or a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def describe_error(value_ev: float, unit: str) -> str:
     """An error in the target's unit, with meV and kcal/mol for energies."""
     if unit == "eV":
@@ -101,6 +109,12 @@ def _add_train(sub) -> None:
         "--rho",
         type=float,
         help="energy weight of the loss rho*dE^2 + (1-rho)*dF^2 (with --forces)",
+    )
+    p.add_argument(
+        "--output-scale",
+        type=_output_scale,
+        help="sigma of the atom-wise output: auto (default: the RMS force with --forces, "
+        "else the energy's standard deviation per atom), std, forces, or a number",
     )
     p.add_argument(
         "--stress",
@@ -257,6 +271,7 @@ def config_from_args(args):
             "target",
             "forces",
             "rho",
+            "output_scale",
             "stress",
             "stress_weight",
             "n_train",

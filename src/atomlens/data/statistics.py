@@ -9,6 +9,12 @@ per-atom shift :math:`\mu` and scale :math:`\sigma` of the residual from
 :func:`residual_stats`. For an intensive target (HOMO, gap, dipole) no references are used
 and :math:`\mu, \sigma` are the plain mean and standard deviation of the target.
 
+A model trained on forces learns mostly from them, :math:`F = -\sigma \, \partial \hat{e} /
+\partial R`, so there :math:`\sigma` is better set by the forces: the RMS force component
+times 1 Angstrom (:func:`force_rms`, as MACE scales its potentials). On one molecule's MD
+trajectory the residual standard deviation per atom is ~100 times smaller than that (aspirin:
+0.012 eV against 1.17 eV/Angstrom), which makes the network's unit outputs tiny forces.
+
 Everything is vectorised over the packed arrays; the data are never iterated in Python.
 """
 
@@ -73,6 +79,17 @@ def fit_atomrefs(dataset: PackedDataset, indices, target: str, max_z: int = 100)
     atomrefs = np.zeros(max_z + 1)
     atomrefs[present] = solution
     return atomrefs
+
+
+def force_rms(dataset: PackedDataset, indices, target: str = "forces") -> float:
+    r"""Root mean square of the force components of the structures ``indices``:
+    :math:`\sqrt{\langle F_{i\alpha}^2 \rangle}` over their atoms and the three directions
+    (eV/Angstrom)."""
+    indices = _check_indices(dataset, indices)
+    if target not in dataset.targets or not dataset.is_per_atom(target):
+        raise DataError(f"the dataset has no per-atom {target!r} (has {sorted(dataset.targets)})")
+    forces = np.asarray(dataset.targets[target], dtype=np.float64)[dataset.atom_index(indices)]
+    return float(np.sqrt(np.mean(forces**2)))
 
 
 def residual_stats(

@@ -65,6 +65,10 @@ def check_ranges(obj, rules: dict, where: str) -> None:
             raise ValueError(f"{where}{name} must be {description}, not {value!r}")
 
 
+#: how ``TrainConfig.output_scale`` names the fitted scales (see training.train.fit_statistics)
+OUTPUT_SCALES = ("auto", "std", "forces")
+
+
 def positive(value) -> bool:
     return value > 0
 
@@ -89,6 +93,10 @@ TRAIN_RULES = {
     "lr_patience": (non_negative, ">= 0"),
     "lr_min": (non_negative, ">= 0"),
     "lr_schedule": (lambda v: v in ("plateau", "cosine"), "'plateau' or 'cosine'"),
+    "output_scale": (
+        lambda v: v in OUTPUT_SCALES if isinstance(v, str) else v > 0,
+        "'auto', 'std', 'forces' or a positive number (the target's unit)",
+    ),
     "max_epochs": (at_least_one, ">= 1"),
     "max_minutes": (positive, "> 0"),
     "early_stopping_patience": (non_negative, ">= 0"),

@@ -34,7 +34,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..data.dataset import DataError, PackedDataset, make_loader
 from ..data.splits import load_split, random_split, save_split
-from ..data.statistics import fit_atomrefs, residual_stats
+from ..data.statistics import fit_atomrefs, force_rms, residual_stats
 from ..models.inference import predict_dataset
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
@@ -87,9 +87,21 @@ def adapt_to_data(config: TrainConfig, data: PackedDataset) -> TrainConfig:
     return config.updated(**overrides)
 
 
-def fit_statistics(model: AtomisticModel, data: PackedDataset, train_idx: np.ndarray) -> None:
+def fit_statistics(
+    model: AtomisticModel,
+    data: PackedDataset,
+    train_idx: np.ndarray,
+    output_scale: str | float = "std",
+    forces: bool = False,
+) -> None:
     """Atom references (extensive targets) and residual shift/scale from the training split
-    (none for a dipole model, whose head predicts charges in e)."""
+    (none for a dipole model, whose head predicts charges in e).
+
+    ``output_scale`` (:attr:`TrainConfig.output_scale`): ``"std"`` the residual standard
+    deviation (per atom for extensive targets), ``"forces"`` the RMS force component times
+    1 Angstrom (:func:`~atomlens.data.statistics.force_rms`), ``"auto"`` the latter if
+    ``forces`` (training on forces) else the former, or a number (the target's unit).
+    """
     target = model.target
     if model.config.output == "dipole":  # latent charges in e: no shift, scale or references
         model.set_statistics(None, shift=0.0, scale=1.0)
@@ -101,7 +113,18 @@ def fit_statistics(model: AtomisticModel, data: PackedDataset, train_idx: np.nda
         atomref = None
         values = np.asarray(data.targets[target])[train_idx]
         mean, std = float(values.mean()), float(values.std())
-    model.set_statistics(atomref, shift=mean, scale=std if std > 0 else 1.0)
+    if output_scale == "auto":
+        output_scale = "forces" if forces else "std"
+    if output_scale == "std":
+        scale = std if std > 0 else 1.0
+    elif output_scale == "forces":
+        if model.config.aggregation != "sum":
+            raise ValueError("output_scale 'forces' needs an extensive (summed) energy model")
+        scale = force_rms(data, train_idx)  # eV/Angstrom x 1 Angstrom
+        scale = scale if scale > 0 else 1.0
+    else:
+        scale = float(output_scale)
+    model.set_statistics(atomref, shift=mean, scale=scale)
 
 
 def initial_model(config: TrainConfig, data: PackedDataset) -> AtomisticModel:
@@ -143,6 +166,10 @@ def refit_offset(
     return delta
 
 
+#: evaluation batches hold at most this many atoms unless the training batches are larger
+EVAL_BATCH_ATOMS = 4000
+
+
 class PackedDataModule(pl.LightningDataModule):
     """Loaders over one packed data set; each DDP rank takes its share of every global batch."""
 
@@ -159,13 +186,21 @@ class PackedDataModule(pl.LightningDataModule):
         self.data, self.split, self.cutoff = data, split, cutoff
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
 
+    def eval_batch_size(self) -> int:
+        """Validation and test batches: the training batch size, or larger (up to 100
+        structures and EVAL_BATCH_ATOMS atoms), as evaluation keeps no graph across batches
+        and small batches spend their time in per-call overhead."""
+        counts = np.diff(self.data.offsets)
+        largest = int(counts.max()) if len(counts) else 1
+        return max(self.batch_size, min(100, EVAL_BATCH_ATOMS // max(largest, 1)))
+
     def _loader(self, name: str, shuffle: bool):
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
         return make_loader(
             self.data,
             self.split[name],
-            self.batch_size,
+            self.batch_size if name == "train" else self.eval_batch_size(),
             self.cutoff,
             shuffle=shuffle,
             seed=self.seed,
@@ -256,9 +291,9 @@ def _train(
 
     if not config.init_from:
         model = build_model(config.model)
-        fit_statistics(model, data, split["train"])
+        fit_statistics(model, data, split["train"], config.output_scale, config.forces)
     elif config.refit_statistics:
-        fit_statistics(model, data, split["train"])
+        fit_statistics(model, data, split["train"], config.output_scale, config.forces)
     if config.freeze_representation:
         # fine-tuning the head only: the representation's weights get no gradient
         model.representation.requires_grad_(False)
@@ -355,13 +390,13 @@ def _train(
         task.load_state_dict(state)
     model = task.model.cpu().float().eval()
     if refit:
-        refit_offset(model, data, refit_idx, config.batch_size)
+        refit_offset(model, data, refit_idx, datamodule.eval_batch_size())
     metrics = (
         evaluate(
             model,
             data,
             test,
-            batch_size=config.batch_size,
+            batch_size=datamodule.eval_batch_size(),
             forces=config.forces,
             progress=config.progress,
             deadline=deadline,
