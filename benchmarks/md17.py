@@ -97,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         "threads and budget; report both test MAEs",
     )
     parser.add_argument(
+        "--peer-lr",
+        type=float,
+        default=None,
+        help="SchNetPack's learning rate (default: atomlens's, same hyperparameters); e.g. "
+        "5e-4, its own default, to compare with atomlens's recipe",
+    )
+    parser.add_argument(
         "--mace",
         action="store_true",
         help="also train a small MACE model (its own loop, its venv) on the same frames, "
@@ -177,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.peers:  # SchNetPack on the same frames, split, threads and budget
             from time_to_accuracy import schnetpack_run
 
-            peer = schnetpack_run(Path(config.out), data, args.minutes, args.threads, config)
+            peer_config = config.updated(lr=args.peer_lr)  # None: the same learning rate
+            peer = schnetpack_run(Path(config.out), data, args.minutes, args.threads, peer_config)
             record.update(
-                schnetpack=peer,
+                schnetpack={**peer, "lr": peer_config.lr, "lr_schedule": "plateau"},
                 energy_mae_ratio_atomlens_schnetpack=energy / peer["energy_mae_eV"],
                 forces_mae_ratio_atomlens_schnetpack=forces / peer["forces_mae_eV_A"],
             )
