@@ -55,6 +55,13 @@ def offset_refit_mae(model_dir: Path, data, test_subset: int | None = None, seed
     return float(np.abs(test - energy[test_idx]).mean())
 
 
+def _scale(text: str | None) -> str | float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -79,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         help="learning-rate schedule (default: the preset's); cosine decays over the budget",
     )
     parser.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    parser.add_argument(
+        "--output-scale",
+        default=None,
+        help="auto (the preset's: the RMS force), std (the energy's spread per atom) or a number",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument(
         "--check-val-every", type=int, default=None, help="validate every n epochs (default 1)"
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             lr_patience=args.lr_patience,
             lr_schedule=args.lr_schedule,
             lr=args.lr,
+            output_scale=_scale(args.output_scale),
             batch_size=args.batch_size,
             check_val_every=args.check_val_every,
             threads=args.threads,
@@ -171,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "seed": args.seed,
             "lr": config.lr,
+            "output_scale": config.output_scale,
             "lr_schedule": config.lr_schedule,
             "batch_size": config.batch_size,
             "check_val_every": config.check_val_every,

@@ -34,7 +34,7 @@ _cfconv = FusedKernel(_cfconv_plain, scatters=True)
 _pair_product = FusedKernel(_pair_product_plain)
 
 
-class _CFConv(torch.autograd.Function):
+class _CFConv(kernels.Function):
     @staticmethod
     def forward(x, w, a, b):
         return _cfconv(x, w, a, b, size=w.numel())
@@ -52,7 +52,7 @@ class _CFConv(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-class _PairProduct(torch.autograd.Function):
+class _PairProduct(kernels.Function):
     @staticmethod
     def forward(u, v, a, b):
         return _pair_product(u, v, a, b, size=u.shape[1] * a.shape[0])

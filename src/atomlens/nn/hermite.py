@@ -85,7 +85,7 @@ _dot = FusedKernel(_dot_plain)
 _scatter = FusedKernel(_scatter_plain, scatters=True)
 
 
-class _Lookup(torch.autograd.Function):
+class _Lookup(kernels.Function):
     """y[p] = sum_s w_s(t_p) table[4 k_p + s], the ``order``-th t-derivative of the cubic."""
 
     @staticmethod
@@ -109,7 +109,7 @@ class _Lookup(torch.autograd.Function):
         return grad_table, grad_x, None
 
 
-class _Dot(torch.autograd.Function):
+class _Dot(kernels.Function):
     """d[p] = sum_f g[p, f] lookup(table, x, order)[p, f]."""
 
     @staticmethod
@@ -135,7 +135,7 @@ class _Dot(torch.autograd.Function):
         return grad_grad, grad_table, grad_x, None
 
 
-class _Scatter(torch.autograd.Function):
+class _Scatter(kernels.Function):
     """The transpose of :class:`_Lookup` w.r.t. the table: out[4 k_p + s] += w_s(t_p) g[p]."""
 
     @staticmethod
