@@ -112,6 +112,8 @@ def accuracy(args) -> dict:
         n_val=args.n_val,
         n_test=args.n_test,
         max_minutes=args.minutes,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
         seed=args.seed,
         threads=args.threads,
         progress=False,
@@ -136,6 +138,8 @@ def accuracy(args) -> dict:
         "optimizer_steps": _optimizer_steps(Path(config.out)),
         "budget_minutes": args.minutes,
         "wall_s": round(wall, 1),
+        "lr": config.lr,
+        "lr_schedule": config.lr_schedule,
     }
     if metrics.get("unit") == "eV":
         record.update(
@@ -510,6 +514,13 @@ def main(argv=None) -> int:
         "--n-test", type=int, default=None, help="test molecules (default: all the rest)"
     )
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget (wall clock)")
+    parser.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    parser.add_argument(
+        "--lr-schedule",
+        choices=["plateau", "cosine"],
+        default=None,
+        help="default: the preset's (plateau); cosine decays to the end of the budget",
+    )
     parser.add_argument("--out", default=None, help="run folder (default runs/bench-qm9-...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
