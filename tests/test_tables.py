@@ -147,7 +147,7 @@ def test_fused_kernels_have_exact_first_and_second_derivatives(always_fused):
     assert torch.autograd.gradcheck(conv, (features, filters))
     assert torch.autograd.gradgradcheck(conv, (features, filters))
     # under a torch.func transform the Functions take autograd.Function's full apply
-    loss = lambda features: conv(features, filters.detach()).pow(2).sum()  # noqa: E731
+    loss = lambda features: conv(features, filters.detach()).pow(2).sum()
     (by_autograd,) = torch.autograd.grad(loss(features), features)
     torch.testing.assert_close(torch.func.grad(loss)(features.detach()), by_autograd)
 
