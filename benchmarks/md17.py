@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from atomlens.cli.train import output_scale_from_text
 from atomlens.registry import representation_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,13 +56,6 @@ def offset_refit_mae(model_dir: Path, data, test_subset: int | None = None, seed
     return float(np.abs(test - energy[test_idx]).mean())
 
 
-def _scale(text: str | None) -> str | float | None:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -88,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="default: the preset's")
     parser.add_argument(
         "--output-scale",
+        type=output_scale_from_text,
         default=None,
         help="auto (the preset's: the RMS force), std (the energy's spread per atom) or a number",
     )
@@ -152,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             lr_patience=args.lr_patience,
             lr_schedule=args.lr_schedule,
             lr=args.lr,
-            output_scale=_scale(args.output_scale),
+            output_scale=args.output_scale,
             batch_size=args.batch_size,
             check_val_every=args.check_val_every,
             threads=args.threads,

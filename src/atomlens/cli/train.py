@@ -20,8 +20,9 @@ def add_parser(subparsers) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-def _output_scale(text: str) -> str | float:
-    """``--output-scale``: a name (checked with the config) or a number."""
+def output_scale_from_text(text: str) -> str | float:
+    """``TrainConfig.output_scale`` from a command line (also ``benchmarks/md17.py``): a
+    number, or a name (checked with the config)."""
     try:
         return float(text)
     except ValueError:
@@ -112,7 +113,7 @@ def _add_train(sub) -> None:
     )
     p.add_argument(
         "--output-scale",
-        type=_output_scale,
+        type=output_scale_from_text,
         help="sigma of the atom-wise output: auto (default: the RMS force with --forces, "
         "else the energy's standard deviation per atom), std, forces, or a number",
     )

@@ -291,8 +291,7 @@ def _train(
 
     if not config.init_from:
         model = build_model(config.model)
-        fit_statistics(model, data, split["train"], config.output_scale, config.forces)
-    elif config.refit_statistics:
+    if not config.init_from or config.refit_statistics:
         fit_statistics(model, data, split["train"], config.output_scale, config.forces)
     if config.freeze_representation:
         # fine-tuning the head only: the representation's weights get no gradient
