@@ -36,6 +36,28 @@ def test_reserve_is_eval_fraction_times_observed_cost():
     assert stop.reserve() == pytest.approx(0.5 * 0.02 * 1000 + 5.0)
 
 
+def test_reserve_uses_the_measured_validation_cost_once_timed(monkeypatch):
+    """Validation batches measure what a prediction costs; the sanity check's do not count
+    (they carry one-off costs). The measured cost replaces the eval_fraction guess."""
+    from atomlens.training import budget as budget_module
+
+    clock = iter([0.0, 10.0, 20.0, 20.4, 30.0, 30.2])  # batch start/end pairs
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: next(clock))
+    stop = BudgetStop(deadline=1e12, n_after=1000, eval_fraction=0.5, margin_s=5.0)
+    stop.recent.extend([0.02] * 5)
+    batch = SimpleNamespace(n_structures=100)
+    sanity = SimpleNamespace(sanity_checking=True)
+    stop.on_validation_batch_start(sanity, None, batch, 0)
+    stop.on_validation_batch_end(sanity, None, None, batch, 0)  # 10 s: not counted
+    assert stop.reserve() == pytest.approx(0.5 * 0.02 * 1000 + 5.0)
+    running = SimpleNamespace(sanity_checking=False)
+    for i in range(2):  # 0.4 s, then 0.2 s for 100 structures
+        stop.on_validation_batch_start(running, None, batch, i)
+        stop.on_validation_batch_end(running, None, None, batch, i)
+    per_structure = budget_module.EVAL_SAFETY * 0.003  # the median of 4 and 2 ms
+    assert stop.reserve() == pytest.approx(per_structure * 1000 + 5.0)
+
+
 def test_budget_stops_when_the_reserve_no_longer_fits():
     trainer, batch = _fake_trainer(), SimpleNamespace(n_structures=10)
     stop = BudgetStop(deadline=time.monotonic() + 100.0, n_after=1000, margin_s=0.0)
