@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check-val-every", type=int, default=None, help="validate every n epochs (default 1)"
     )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="exponential moving average of the weights (e.g. 0.99; default: the preset's, none)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--test-subset",
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             output_scale=args.output_scale,
             batch_size=args.batch_size,
             check_val_every=args.check_val_every,
+            ema_decay=args.ema_decay,
             threads=args.threads,
             seed=args.seed,
             out=str(out_root / name),
@@ -183,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             "lr_schedule": config.lr_schedule,
             "batch_size": config.batch_size,
             "check_val_every": config.check_val_every,
+            "ema_decay": config.ema_decay,
             "energy_mae_kcal_mol": energy / KCAL_MOL_EV,
             "energy_mae_meV": energy * 1000,
             "forces_mae_kcal_mol_A": forces / KCAL_MOL_EV,

@@ -114,6 +114,7 @@ def accuracy(args) -> dict:
         max_minutes=args.minutes,
         lr=args.lr,
         lr_schedule=args.lr_schedule,
+        batch_size=args.train_batch_size,
         seed=args.seed,
         threads=args.threads,
         progress=False,
@@ -140,6 +141,7 @@ def accuracy(args) -> dict:
         "wall_s": round(wall, 1),
         "lr": config.lr,
         "lr_schedule": config.lr_schedule,
+        "batch_size": config.batch_size,
     }
     if metrics.get("unit") == "eV":
         record.update(
@@ -153,8 +155,9 @@ def accuracy(args) -> dict:
     if args.peers:  # SchNetPack on the same molecules, split, threads and budget
         from time_to_accuracy import schnetpack_run
 
-        peer = schnetpack_run(Path(config.out), data, args.minutes, args.threads, config)
-        record["schnetpack"] = peer
+        peer_config = config.updated(lr=args.peer_lr)  # None: the same learning rate
+        peer = schnetpack_run(Path(config.out), data, args.minutes, args.threads, peer_config)
+        record["schnetpack"] = {**peer, "lr": peer_config.lr, "lr_schedule": "plateau"}
         if metrics.get("unit") == "eV":
             record["schnetpack_test_mae_meV"] = round(peer["energy_mae_eV"] * 1e3, 2)
         record["mae_ratio_atomlens_schnetpack"] = round(mae / peer["energy_mae_eV"], 3)
@@ -521,6 +524,9 @@ def main(argv=None) -> int:
         default=None,
         help="default: the preset's (plateau); cosine decays to the end of the budget",
     )
+    parser.add_argument(
+        "--train-batch-size", type=int, default=None, help="accuracy: default the preset's"
+    )
     parser.add_argument("--out", default=None, help="run folder (default runs/bench-qm9-...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -530,6 +536,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="also SchNetPack: interleaved (--throughput), else trained side by "
         "side on the same split and budget (time to accuracy)",
+    )
+    parser.add_argument(
+        "--peer-lr",
+        type=float,
+        default=None,
+        help="accuracy: SchNetPack's learning rate (default: atomlens's, same "
+        "hyperparameters); e.g. 5e-4, its own QM9 default",
     )
     parser.add_argument(
         "--test-subset",
