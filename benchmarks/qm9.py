@@ -115,6 +115,8 @@ def accuracy(args) -> dict:
         lr=args.lr,
         lr_schedule=args.lr_schedule,
         batch_size=args.train_batch_size,
+        devices=args.processes,
+        strategy="ddp_spawn" if args.processes > 1 else None,
         seed=args.seed,
         threads=args.threads,
         progress=False,
@@ -142,6 +144,7 @@ def accuracy(args) -> dict:
         "lr": config.lr,
         "lr_schedule": config.lr_schedule,
         "batch_size": config.batch_size,
+        "processes": args.processes,
     }
     if metrics.get("unit") == "eV":
         record.update(
@@ -529,7 +532,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default=None, help="run folder (default runs/bench-qm9-...)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="accuracy: data-parallel training processes on the CPU (DDP, gloo; each takes its "
+        "share of every batch with --threads threads); SchNetPack keeps one process",
+    )
     parser.add_argument("--throughput", action="store_true", help="measure molecules per second")
     parser.add_argument(
         "--peers",

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from helpers import qm9_sample
 from test_training import tiny_config
 
@@ -176,6 +177,31 @@ def test_cosine_progress_is_the_larger_of_steps_and_budget_time():
     assert CosineToEnd(1e-3, 0.0).progress(trainer) == pytest.approx(0.8)  # no budget
 
 
+def test_cosine_rate_is_rank_zeros_under_data_parallel_training():
+    """Each DDP rank times its own progress; all must step with rank 0's rate."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sent = []
+
+    def broadcast(value, src=0):
+        sent.append((value, src))
+        return 0.123  # rank 0's value
+
+    trainer = SimpleNamespace(
+        estimated_stepping_batches=100,
+        global_step=50,
+        world_size=2,
+        optimizers=[optimizer],
+        strategy=SimpleNamespace(broadcast=broadcast),
+    )
+    schedule = CosineToEnd(1e-3, 0.0)
+    schedule.on_train_batch_start(trainer, None, None, 0)
+    assert sent == [(pytest.approx(5e-4), 0)]
+    assert optimizer.param_groups[0]["lr"] == 0.123
+    trainer.world_size = 1
+    schedule.on_train_batch_start(trainer, None, None, 1)
+    assert len(sent) == 1 and optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
 def test_cosine_schedule_drives_the_optimizer(tmp_path, data):
     """Over a fixed number of epochs (3 epochs of 2 batches) the rate follows the cosine over
     the optimizer steps; the plateau schedule would keep it at lr (too few epochs for a
@@ -191,3 +217,25 @@ def test_cosine_schedule_drives_the_optimizer(tmp_path, data):
     rates = [float(row["lr-Adam"]) for row in rows]
     schedule = CosineToEnd(3e-3, 1e-5)
     assert rates == pytest.approx([3e-3, schedule.rate(1 / 6), schedule.rate(3 / 6)])
+
+
+def test_threads_callback_sets_every_process_threads():
+    """Spawned data-parallel processes would get cores // processes threads from Lightning;
+    the callback gives each the configured count at setup."""
+    from atomlens.training.train import _Threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _Threads(2).setup(None, None, "fit")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_checkpoint_epochs(tmp_path):
+    from atomlens.training.train import _checkpoint_epochs
+
+    torch.save({"epoch": 4, "global_step": 50}, tmp_path / "last.ckpt")
+    assert _checkpoint_epochs(tmp_path / "last.ckpt") == 5  # epochs 0..4 done
+    assert _checkpoint_epochs(tmp_path / "missing.ckpt") == 0

@@ -629,7 +629,8 @@ def test_ddp_three_processes_uneven_shares_energy_and_forces(qm9, tmp_path):
         "threads": 1,
     }
     train(_tiny(tmp_path / "single", **common), data=data)
-    train(_tiny(tmp_path / "ddp", strategy="ddp_spawn", devices=3, **common), data=data)
+    metrics = train(_tiny(tmp_path / "ddp", strategy="ddp_spawn", devices=3, **common), data=data)
+    assert metrics["epochs"] == 1  # counted in the spawned processes, read from last.ckpt
     single = load_model(tmp_path / "single").state_dict()
     ddp = load_model(tmp_path / "ddp").state_dict()
     for key, value in single.items():

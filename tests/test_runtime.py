@@ -95,12 +95,15 @@ def test_cli_sets_the_wait_policy_before_torch_loads():
         code = atomlens.cli.main(["evaluate", "/nonexistent/model", "--threads", "1"])
         import torch
         from atomlens import runtime
-        print(seen[0], code, torch.get_num_threads(), runtime._tuned)
+        print(seen[0], code, torch.get_num_threads(), runtime._tuned,
+              os.environ.get("MALLOC_MMAP_THRESHOLD_"))
     """)
     assert result.returncode == 0, result.stderr
-    policy, code, threads, tuned = result.stdout.split()
+    policy, code, threads, tuned, inherited = result.stdout.split()
     assert policy == "PASSIVE" and code == "2" and threads == "1"
     assert tuned == str(sys.platform.startswith("linux"))
+    # the processes it starts (ddp_spawn) inherit the allocator settings
+    assert inherited == (str(runtime.MMAP_THRESHOLD) if tuned == "True" else "None")
 
 
 def test_configure_keeps_a_users_wait_policy():

@@ -28,7 +28,9 @@ It does three things:
   batch, ~30% of the step). :func:`tune_allocator` keeps freed memory inside the process
   (``mallopt``: blocks of up to 32 MB come from the heap, and the heap is trimmed only above
   1 GB free); ``ATOMLENS_TUNE_MALLOC=0`` leaves the allocator alone. The same effect for any
-  process: ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``.
+  process: ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``;
+  :func:`configure` puts these in the environment too, so that the processes it starts
+  (data-parallel training with ``ddp_spawn``, which starts fresh interpreters) get them.
 """
 
 from __future__ import annotations
@@ -166,6 +168,9 @@ def configure(threads: int | None = None, allocator: bool = True) -> dict:
         raise ValueError(f"threads must be >= 1, not {threads}")
     passive = prepare_environment()
     tuned = tune_allocator() if allocator else False
+    if tuned:  # the same settings for the processes this one starts
+        for key, value in allocator_environment().items():
+            os.environ.setdefault(key, value)
     import torch
 
     threads = threads or default_threads()

@@ -41,6 +41,10 @@ EVAL_FRACTION = 0.5
 EVAL_SAFETY = 1.25
 #: seconds kept for loading the best checkpoint and saving the model
 MARGIN_S = 5.0
+#: more seconds kept when training ran in spawned data-parallel processes (``ddp_spawn``):
+#: ending them and handing their weights back took ~6 s on 2 CPU processes, before the
+#: evaluation in the main process (which has not run the model yet) starts
+SPAWN_MARGIN_S = 20.0
 #: timed batches needed before the reserve estimate may stop training
 MIN_OBSERVED = 5
 
@@ -124,7 +128,7 @@ class CosineToEnd(pl.Callback):
     so the rate is highest at the start and reaches ``lr_min`` where training ends, as the
     work on budgeted training recommends (a schedule tied to the budget, not to a
     validation plateau that a short run never reaches). A resumed run restarts the
-    schedule over its new budget.
+    schedule over its new budget. With data-parallel training rank 0's rate is used by all.
     """
 
     def __init__(self, lr: float, lr_min: float, budget: BudgetStop | None = None):
@@ -150,6 +154,10 @@ class CosineToEnd(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         lr = self.rate(self.progress(trainer))
+        if getattr(trainer, "world_size", 1) > 1:
+            # data-parallel ranks read their own clocks: without one shared rate their
+            # optimizer steps, and so their weights, would drift apart
+            lr = trainer.strategy.broadcast(lr, src=0)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -39,7 +39,7 @@ from ..models.inference import predict_dataset
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
 from . import run_folder
-from .budget import BudgetStop, CosineToEnd
+from .budget import MARGIN_S, SPAWN_MARGIN_S, BudgetStop, CosineToEnd
 from .config import TrainConfig, save_config
 from .evaluate import bounded_subset, evaluate
 from .module import AtomisticTask
@@ -338,6 +338,8 @@ def _train(
         LearningRateMonitor("epoch"),
         run_folder.FingerprintCallback(run_folder.digest(fingerprint)),
     ]
+    if config.threads:
+        callbacks.append(_Threads(config.threads))
     if config.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if config.ema_decay:
@@ -352,7 +354,8 @@ def _train(
     budget = None
     if deadline is not None:
         n_after = len(split["val"]) + len(test) + (len(refit_idx) if refit else 0)
-        budget = BudgetStop(deadline, n_after)
+        spawned = "spawn" in str(config.strategy)
+        budget = BudgetStop(deadline, n_after, margin_s=MARGIN_S + spawned * SPAWN_MARGIN_S)
         callbacks.append(budget)
     if config.lr_schedule == "cosine":
         callbacks.append(CosineToEnd(config.lr, config.lr_min, budget))
@@ -406,7 +409,9 @@ def _train(
         else {}
     )
     metrics.update(
-        epochs=trainer.current_epoch,
+        # spawned processes (ddp_spawn) do not hand their epoch count back: the last
+        # checkpoint, saved at the end of every epoch, has it
+        epochs=trainer.current_epoch or _checkpoint_epochs(out / "checkpoints" / "last.ckpt"),
         n_train=len(split["train"]),
         n_val=len(split["val"]),
         n_test=len(split["test"]),
@@ -432,6 +437,24 @@ def _train(
     )
     (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=1))
     return metrics
+
+
+def _checkpoint_epochs(path: Path) -> int:
+    """Epochs trained when the Lightning checkpoint ``path`` was saved (0 without one)."""
+    if not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True).get("epoch", -1)) + 1
+
+
+class _Threads(pl.Callback):
+    """``config.threads`` torch threads in every training process: Lightning gives the
+    processes that ``ddp_spawn`` starts cores // processes threads unless told."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        torch.set_num_threads(self.threads)
 
 
 def _loggers(out: Path) -> list:
