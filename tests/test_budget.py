@@ -219,18 +219,24 @@ def test_cosine_schedule_drives_the_optimizer(tmp_path, data):
     assert rates == pytest.approx([3e-3, schedule.rate(1 / 6), schedule.rate(3 / 6)])
 
 
-def test_threads_callback_sets_every_process_threads():
+def test_process_settings_callback_sets_threads_and_flushes_subnormals():
     """Spawned data-parallel processes would get cores // processes threads from Lightning;
-    the callback gives each the configured count at setup."""
-    from atomlens.training.train import _Threads
+    the callback gives each the configured count at setup, and flushes subnormals."""
+    from atomlens.training.train import _ProcessSettings
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        _Threads(2).setup(None, None, "fit")
+        supported = torch.set_flush_denormal(False)  # x86 with SSE3: FTZ/DAZ
+        tiny = torch.tensor([1e-39], dtype=torch.float32)
+        assert (tiny * 1.0).item() != 0.0
+        _ProcessSettings(2).setup(None, None, "fit")
         assert torch.get_num_threads() == 2
+        if supported:
+            assert (tiny * 1.0).item() == 0.0
     finally:
         torch.set_num_threads(before)
+        torch.set_flush_denormal(False)
 
 
 def test_checkpoint_epochs(tmp_path):

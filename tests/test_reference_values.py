@@ -233,3 +233,24 @@ def test_building_blocks():
     np.testing.assert_allclose(centres, np.linspace(0.5, 3.5, 12), rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match=r"unknown activation 'relu6'; known: \['silu', 'ssp'"):
         activation("relu6")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gaussians_have_no_subnormal_values(dtype):
+    """Gaussians far from their centre are 0, never subnormal (slow on CPUs); the rest are
+    exp(-gamma (d - mu)^2) exactly, and the derivative is -2 gamma (d - mu) e."""
+    from atomlens.nn import GaussianRBF
+
+    torch.set_flush_denormal(False)  # a training run earlier in this process turned it on
+    rbf = GaussianRBF(20, stop=5.0).to(dtype)
+    d = torch.linspace(0.0, 40.0 if dtype == torch.float64 else 5.0, 4001, dtype=dtype)
+    e, de = rbf.value_and_derivative(d)
+    tiny = torch.finfo(dtype).tiny
+    assert not ((e > 0) & (e < tiny)).any() and not ((de != 0) & (de.abs() < tiny)).any()
+    exact = torch.exp(-rbf.gamma * (d[:, None] - rbf.centres) ** 2)
+    assert ((exact > 0) & (exact < tiny)).any()  # the grid crosses the subnormal range
+    kept = exact >= tiny
+    torch.testing.assert_close(e[kept], exact[kept], rtol=0, atol=0)
+    assert (e[~kept] == 0).all()
+    torch.testing.assert_close(rbf(d), e, rtol=0, atol=0)
+    torch.testing.assert_close(de, -2.0 * rbf.gamma * (d[:, None] - rbf.centres) * e)

@@ -37,10 +37,22 @@ class GaussianRBF(nn.Module):
         return self
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-self.gamma * (d[:, None] - self.centres) ** 2)
+        return _flush_subnormal(torch.exp(-self.gamma * (d[:, None] - self.centres) ** 2))
 
     def value_and_derivative(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(e(d), de/dd)``, both ``(len(d), n_rbf)``."""
         diff = d[:, None] - self.centres
-        e = torch.exp(-self.gamma * diff**2)
+        e = _flush_subnormal(torch.exp(-self.gamma * diff**2))
         return e, -2.0 * self.gamma * diff * e
+
+
+def _flush_subnormal(e: torch.Tensor) -> torch.Tensor:
+    """``e`` with its subnormal entries (below ``finfo.tiny``: 1.2e-38 in float32) set to 0.
+
+    A Gaussian 3.5-3.8 widths from its centre is subnormal in float32, and the CPU computes
+    on subnormal numbers in microcode, 50-100x slower: the weight gradient of the first
+    filter layer on SchNet's 501-node filter grid (128 x 501 x 20) took 2 ms instead of
+    0.03, 19 ms of a 130-190 ms QM9 training step. The change to the values is below
+    1.2e-38 (float32) or 2.2e-308 (float64).
+    """
+    return e.masked_fill(e < torch.finfo(e.dtype).tiny, 0.0)
