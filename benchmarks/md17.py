@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             peer_config = config.updated(lr=args.peer_lr)  # None: the same learning rate
             peer = schnetpack_run(Path(config.out), data, args.minutes, args.threads, peer_config)
             record.update(
-                schnetpack={**peer, "lr": peer_config.lr, "lr_schedule": "plateau"},
+                schnetpack=peer,
                 energy_mae_ratio_atomlens_schnetpack=energy / peer["energy_mae_eV"],
                 forces_mae_ratio_atomlens_schnetpack=forces / peer["forces_mae_eV_A"],
             )

@@ -160,7 +160,7 @@ def accuracy(args) -> dict:
 
         peer_config = config.updated(lr=args.peer_lr)  # None: the same learning rate
         peer = schnetpack_run(Path(config.out), data, args.minutes, args.threads, peer_config)
-        record["schnetpack"] = {**peer, "lr": peer_config.lr, "lr_schedule": "plateau"}
+        record["schnetpack"] = peer
         if metrics.get("unit") == "eV":
             record["schnetpack_test_mae_meV"] = round(peer["energy_mae_eV"] * 1e3, 2)
         record["mae_ratio_atomlens_schnetpack"] = round(mae / peer["energy_mae_eV"], 3)

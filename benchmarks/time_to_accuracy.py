@@ -108,7 +108,7 @@ def schnetpack_run(run_dir: Path, data, minutes: float, threads: int, config) ->
         *("--hyperparameters", json.dumps(hyperparameters)),
         *(["--forces"] if config.forces else []),
     ]
-    return _run_peer(
+    result = _run_peer(
         "SchNetPack",
         "spk_env",
         "schnetpack_train.py",
@@ -119,6 +119,8 @@ def schnetpack_run(run_dir: Path, data, minutes: float, threads: int, config) ->
         config,
         options,
     )
+    # its own loop halves the rate on validation plateaus (schnetpack_train.py)
+    return {**result, "lr": config.lr, "lr_schedule": "plateau"}
 
 
 def mace_run(

@@ -13,13 +13,13 @@ where ``n_after`` counts the structures still to be predicted after training (va
 at the stop, the bounded test subset, the refit) and t_predict the seconds per predicted
 structure. Once validation batches have been timed, t_predict is measured: their median
 seconds per structure times :data:`EVAL_SAFETY` (validation, test and refit predict alike,
-in batches of the same size). Before that it is guessed as ``eval_fraction * t_structure``.
-The guess was 3-5x too high for force training (aspirin: 14 ms per training structure,
-1.6 ms per predicted one), which kept about 30 s of an 8-minute budget idle. The estimate is used only once
-:data:`MIN_OBSERVED` batches have been timed: the first batch of a run carries one-off costs
-(kernel compilation: several seconds), and a median of one batch made a force-training run
-stop after its first step (aspirin, 8 minutes: 16 s of training). Before that, training stops
-only when the deadline itself is within the margin. The evaluation itself runs with the same
+in batches of the same size). Before that it is guessed as ``eval_fraction * t_structure``,
+which was 3-5x too high for force training (aspirin: 10 ms per training structure, 1.1 ms
+per predicted one) and kept about 30 s of an 8-minute budget idle. The guess is used only
+once :data:`MIN_OBSERVED` batches have been timed: the first batch of a run carries one-off
+costs (kernel compilation: several seconds), and a median of one batch made a
+force-training run stop after its first step (aspirin, 8 minutes: 16 s of training). Before
+that, training stops only when the deadline itself is within the margin. The evaluation itself runs with the same
 deadline (:func:`~atomlens.training.evaluate.evaluate`), so the budget holds even when the
 estimate is short.
 """
@@ -84,7 +84,9 @@ class BudgetStop(pl.Callback):
             return self.margin_s
         return per_prediction * self.n_after + self.margin_s
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+    def on_validation_batch_start(
+        self, trainer, pl_module, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         self._eval_start = time.monotonic()
 
     def on_validation_batch_end(
@@ -154,7 +156,7 @@ class CosineToEnd(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         lr = self.rate(self.progress(trainer))
-        if getattr(trainer, "world_size", 1) > 1:
+        if trainer.world_size > 1:
             # data-parallel ranks read their own clocks: without one shared rate their
             # optimizer steps, and so their weights, would drift apart
             lr = trainer.strategy.broadcast(lr, src=0)

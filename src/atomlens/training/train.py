@@ -338,8 +338,8 @@ def _train(
         EarlyStopping("val_loss", patience=config.early_stopping_patience),
         LearningRateMonitor("epoch"),
         run_folder.FingerprintCallback(run_folder.digest(fingerprint)),
+        _ProcessSettings(config.threads),
     ]
-    callbacks.append(_ProcessSettings(config.threads))
     if config.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if config.ema_decay:
