@@ -115,6 +115,8 @@ def accuracy(args) -> dict:
         lr=args.lr,
         lr_schedule=args.lr_schedule,
         batch_size=args.train_batch_size,
+        ema_decay=args.ema_decay,
+        loss=args.loss,
         devices=args.processes,
         strategy="ddp_spawn" if args.processes > 1 else None,
         seed=args.seed,
@@ -144,6 +146,8 @@ def accuracy(args) -> dict:
         "lr": config.lr,
         "lr_schedule": config.lr_schedule,
         "batch_size": config.batch_size,
+        "ema_decay": config.ema_decay,
+        "loss": config.loss,
         "processes": args.processes,
     }
     if metrics.get("unit") == "eV":
@@ -529,6 +533,15 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--train-batch-size", type=int, default=None, help="accuracy: default the preset's"
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="accuracy: exponential moving average of the weights (e.g. 0.999; default none)",
+    )
+    parser.add_argument(
+        "--loss", choices=["mse", "mae"], default=None, help="accuracy: default the preset's (mse)"
     )
     parser.add_argument("--out", default=None, help="run folder (default runs/bench-qm9-...)")
     parser.add_argument("--seed", type=int, default=0)

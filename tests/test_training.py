@@ -261,6 +261,17 @@ def test_energy_force_loss_weighting():
     assert float(
         AtomisticTask(random_model("schnet"), forces=False).loss(batch, pred)
     ) == pytest.approx(energy)
+    # loss="mae": the same sums with absolute errors, |F|_1 per atom
+    energy_abs = np.abs((pred["energy"] - targets["energy"]).numpy()).mean()
+    force_abs = np.abs((pred["forces"] - targets["forces"]).numpy()).sum(1).mean()
+    for rho in (0.01, 0.3):
+        task = AtomisticTask(random_model("schnet"), forces=True, rho=rho, loss="mae")
+        expected = rho * energy_abs + (1 - rho) * force_abs
+        assert float(task.loss(batch, pred)) == pytest.approx(expected)
+    task = AtomisticTask(random_model("schnet"), loss="mae")
+    assert float(task.loss(batch, pred)) == pytest.approx(energy_abs)
+    with pytest.raises(ValueError, match="'mse' or 'mae'"):
+        AtomisticTask(random_model("schnet"), loss="huber")
 
 
 def test_ema_weights_are_what_is_saved(tmp_path, data):

@@ -140,6 +140,11 @@ def _add_train(sub) -> None:
         help="plateau: halve the rate when validation stalls; cosine: decay it to lr_min "
         "over the budget (--minutes, else --epochs)",
     )
+    p.add_argument(
+        "--loss",
+        choices=["mse", "mae"],
+        help="squared (default) or absolute errors in the loss",
+    )
     p.add_argument("--epochs", type=int, dest="max_epochs", help="maximum number of epochs")
     p.add_argument(
         "--minutes",
@@ -282,6 +287,7 @@ def config_from_args(args):
             "batch_size",
             "lr",
             "lr_schedule",
+            "loss",
             "max_epochs",
             "max_minutes",
             "ema_decay",

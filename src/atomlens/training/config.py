@@ -39,6 +39,10 @@ class TrainConfig:
     #: 0.1 eV/Angstrom force error)
     stress: bool = False
     stress_weight: float = 100.0
+    #: "mse": the squared errors above; "mae": the same sums of absolute errors (per
+    #: component for forces and stress), which weigh outliers less and fit the MAE that
+    #: QM9 results are quoted in
+    loss: str = "mse"
     #: split sizes (ints, or fractions of the data set); test = the rest unless given
     n_train: float = 10000
     n_val: float = 1000

@@ -4,6 +4,9 @@
     loss = <(Y - Y^)^2>_structures                                               (without)
          + w_sigma * <||sigma - sigma^||_F^2>_structures       (with stress, periodic cells)
 
+With ``loss="mae"`` every square is an absolute value (per component: ||.||_1 for forces
+and stress).
+
 The averages are over the global batch: with data-parallel training each rank sums its
 share and divides by the global counts, so unequal shares give the same gradient as one
 process.
@@ -35,6 +38,7 @@ class AtomisticTask(pl.LightningModule):
         stress: bool = False,
         stress_weight: float = 100.0,
         lr_schedule: str = "plateau",
+        loss: str = "mse",
     ):
         super().__init__()
         self.model = model
@@ -42,6 +46,9 @@ class AtomisticTask(pl.LightningModule):
         self.stress, self.stress_weight = stress, stress_weight
         self.lr, self.lr_factor, self.lr_patience, self.lr_min = lr, lr_factor, lr_patience, lr_min
         self.lr_schedule = lr_schedule
+        if loss not in ("mse", "mae"):
+            raise ValueError(f"loss must be 'mse' or 'mae', not {loss!r}")
+        self.error = torch.square if loss == "mse" else torch.abs
         self.target = model.target
         names = self.names = (
             [self.target] + (["forces"] if forces else []) + (["stress"] if stress else [])
@@ -67,13 +74,14 @@ class AtomisticTask(pl.LightningModule):
         global batch when ``batch`` is one rank's share of it (default: ``batch`` itself),
         so that sum_ranks loss_r = the global batch's loss whatever the shares."""
         n_structures, n_atoms = counts or (batch.n_structures, batch.numbers.shape[0])
-        energy_error = (pred[self.target] - batch.targets[self.target]).pow(2).sum() / n_structures
+        error = self.error
+        energy_error = error(pred[self.target] - batch.targets[self.target]).sum() / n_structures
         loss = energy_error
         if self.forces:
-            force_error = (pred["forces"] - batch.targets["forces"]).pow(2).sum() / n_atoms
+            force_error = error(pred["forces"] - batch.targets["forces"]).sum() / n_atoms
             loss = self.rho * energy_error + (1.0 - self.rho) * force_error
         if self.stress:
-            stress_error = (pred["stress"] - batch.targets["stress"]).pow(2).sum() / n_structures
+            stress_error = error(pred["stress"] - batch.targets["stress"]).sum() / n_structures
             loss = loss + self.stress_weight * stress_error
         return loss
 

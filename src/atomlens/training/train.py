@@ -315,6 +315,7 @@ def _train(
         stress=config.stress,
         stress_weight=config.stress_weight,
         lr_schedule=config.lr_schedule,
+        loss=config.loss,
     )
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints",
