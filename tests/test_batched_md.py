@@ -110,6 +110,46 @@ def test_fixed_shapes_equal_the_eager_path(monkeypatch):
     torch.testing.assert_close(fixed.forces, eager.forces, rtol=0, atol=1e-9)
 
 
+def test_compiled_verlet_list_equals_the_eager_path(monkeypatch, caplog):
+    """The compiled path's padded Verlet list: fewer pairs than all intra-molecular ones (C60
+    spans 7 A, the cutoff is 5 A), rebuilt when atoms move skin / 2, grown (and compiled
+    again) when outgrown, and the same trajectories as the eager path throughout."""
+    monkeypatch.setattr(batched_md, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(batched_md, "PAIR_CAPACITY_HEADROOM", 1.0)  # outgrown at once
+    monkeypatch.setattr(batched_md, "PAIR_CAPACITY_STEP", 1)
+    model = random_model("schnet", seed=2)
+    systems = [molecule("C60"), molecule("CH3CH2OH")]
+    for k, atoms in enumerate(systems):
+        atoms.rattle(0.05, seed=k)
+    options = {
+        "dtype": "float64",
+        "seed": 3,
+        "temperature_K": 3000.0,
+        "timestep_fs": 1.0,
+        "skin": 0.05,
+    }
+    eager = BatchedMD(model, systems, compile=False, **options)
+    with caplog.at_level("INFO", logger="atomlens"):
+        fixed = BatchedMD(model, systems, compile=True, **options)
+        eager.run(40)
+        fixed.run(40)
+    torch.testing.assert_close(fixed.positions, eager.positions, rtol=0, atol=1e-9)
+    torch.testing.assert_close(fixed.forces, eager.forces, rtol=0, atol=1e-8)
+    torch.testing.assert_close(fixed.energies, eager.energies, rtol=0, atol=1e-9)
+    n_all = 60 * 59 // 2 + 9 * 8 // 2
+    i, _, shifts = fixed._padded
+    assert len(i) == fixed._capacity < n_all  # C60's far pairs are not listed
+    assert fixed.pair_builds > 3  # atoms moved skin / 2 several times
+    listed = int((shifts == 0).all(1).sum())  # the others are padding, 50 A away
+    assert torch.all(shifts[listed:, 0] == batched_md.PADDING_DISTANCE * model.cutoff)
+    assert "compiling again" in caplog.text  # the list outgrew its first capacity
+
+
+def test_bad_skin_is_refused():
+    with pytest.raises(ValueError, match="skin >= 0"):
+        BatchedMD(random_model("schnet"), [molecule("H2O")], skin=float("nan"))
+
+
 def test_auto_compile_by_default_with_a_fallback(monkeypatch, caplog):
     """compile="auto" (the default) compiles molecules of up to 64 atoms and says so,
     runs a larger one (or ATOMLENS_COMPILE=0) eagerly, and falls back to the eager path with
