@@ -63,7 +63,14 @@ def test_default_threads_honours_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="ATOMLENS_THREADS='zero'"):
         runtime.default_threads()
     monkeypatch.delenv("ATOMLENS_THREADS")
-    assert runtime.default_threads() == runtime.available_cpus()
+    cpus = runtime.available_cpus()
+    assert runtime.default_threads() == (1 if cpus <= 2 else cpus)
+
+
+def test_default_threads_one_on_small_machines():
+    """Up to 2 available CPUs one thread (faster there than two passive threads), else all."""
+    assert runtime.ONE_THREAD_UP_TO_CPUS == 2
+    assert [runtime.default_threads(cpus=n) for n in (1, 2, 3, 4, 16)] == [1, 1, 3, 4, 16]
 
 
 def test_import_changes_no_process_setting():

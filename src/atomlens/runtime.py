@@ -13,7 +13,9 @@ It does four things:
   machine's cores, but a process pinned to some cores (``taskset``, Slurm, ``docker
   --cpuset-cpus``) or held to a CPU quota (cgroup ``cpu.max``, ``docker --cpus``, Kubernetes
   limits) gets fewer; more threads than that only queue for the same cores.
-  :func:`available_cpus` = min(affinity mask, ceil(quota / period)).
+  :func:`available_cpus` = min(affinity mask, ceil(quota / period)); with at most
+  :data:`ONE_THREAD_UP_TO_CPUS` (2) of them one thread, which was faster than two passive
+  threads on 2 CPUs, idle and busy alike (:func:`default_threads`).
 * **Passive waiting.** OpenMP threads (torch's intra-op pool and Inductor's compiled kernels,
   both libgomp) spin for a while at every barrier by default (``GOMP_SPINCOUNT`` 300,000
   iterations). Alone on its cores that spinning wins a little; beside other busy processes the
@@ -101,8 +103,18 @@ def available_cpus(
     return max(1, n)
 
 
-def default_threads() -> int:
-    """Torch threads to use: ``ATOMLENS_THREADS`` if set, else :func:`available_cpus`."""
+#: with this many available CPUs or fewer, one torch thread by default. Measured on 2 CPUs
+#: (docs/runtime.md): with passive waiting, the second thread's wake-up at each of a training
+#: step's ~1,000 small operators costs more than it saves, alone (QM9 128/6 training 446-459
+#: molecules/s against 589-629 for one thread; the demo's 2 epochs 38.7-42.9 s against
+#: 25.7-30.9 s) and beside 2 busy processes (237 against 368)
+ONE_THREAD_UP_TO_CPUS = 2
+
+
+def default_threads(cpus: int | None = None) -> int:
+    """Torch threads to use: ``ATOMLENS_THREADS`` if set, else 1 on machines of up to
+    :data:`ONE_THREAD_UP_TO_CPUS` available CPUs, else :func:`available_cpus` (``cpus``:
+    ask about that many instead)."""
     value = os.environ.get("ATOMLENS_THREADS")
     if value:
         try:
@@ -112,7 +124,8 @@ def default_threads() -> int:
         if threads < 1:
             raise ValueError(f"ATOMLENS_THREADS={value!r}: expected a positive integer")
         return threads
-    return available_cpus()
+    cpus = available_cpus() if cpus is None else cpus
+    return 1 if cpus <= ONE_THREAD_UP_TO_CPUS else cpus
 
 
 # ----------------------------------------------------------------------------- wait policy
