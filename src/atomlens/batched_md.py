@@ -30,8 +30,7 @@ The smooth cutoff gives listed pairs beyond it, and the padding, exactly zero we
 results equal the eager path's up to rounding. (32 aspirins at 5 Angstrom: 73% of the
 intra-molecular pairs lie within the cutoff, 78% within cutoff + 0.3 Angstrom.) A model
 without a cutoff keeps every intra-molecular pair. On the CPU the same code runs, without
-graphs. ``"auto"`` (the
-default) compiles when every molecule has at most
+graphs. ``"auto"`` (the default) compiles when every molecule has at most
 :data:`~atomlens.nn.kernels.AUTO_COMPILE_MAX_ATOMS` atoms (all pairs grow as n^2) and
 ``ATOMLENS_COMPILE`` is not ``0``, says so on the ``atomlens`` logger, and falls back to the
 eager path with a warning if compiling fails.

@@ -23,5 +23,5 @@ def add_threads_everywhere(parser: argparse.ArgumentParser, top: bool = True) ->
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch CPU threads (default: the CPUs available to atomlens; 1 when they are 2 or fewer)",
+        help="torch CPU threads (default: the CPUs available to atomlens, 1 if 2 or fewer)",
     )
