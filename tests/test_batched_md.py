@@ -141,8 +141,57 @@ def test_compiled_verlet_list_equals_the_eager_path(monkeypatch, caplog):
     assert len(i) == fixed._capacity < n_all  # C60's far pairs are not listed
     assert fixed.pair_builds > 3  # atoms moved skin / 2 several times
     listed = int((shifts == 0).all(1).sum())  # the others are padding, 50 A away
+    assert 0 < listed < len(i)  # listed pairs, and padding after them
     assert torch.all(shifts[listed:, 0] == batched_md.PADDING_DISTANCE * model.cutoff)
+    assert torch.all(shifts[:listed] == 0)
+    a, b = i[:listed], fixed._padded[1][:listed]
+    d = (fixed.positions[a] - fixed.positions[b]).norm(dim=1)
+    beyond = (d > model.cutoff) & (d < model.cutoff + fixed.skin)
+    assert beyond.any()  # pairs in the skin are listed and weigh exactly nothing
     assert "compiling again" in caplog.text  # the list outgrew its first capacity
+
+
+def test_compiled_all_pairs_without_a_cutoff(monkeypatch):
+    """A model without a cutoff keeps every intra-molecular pair on the compiled path."""
+    from helpers import SMALL_MODELS
+
+    monkeypatch.setattr(batched_md, "COMPILE_BACKEND", "eager")
+    kwargs = {**SMALL_MODELS["schnet"], "cutoff": None}
+    model = random_model("schnet", seed=2, representation_kwargs=kwargs)
+    systems = _systems()
+    eager = BatchedMD(model, systems, dtype="float64", seed=3, compile=False)
+    fixed = BatchedMD(model, systems, dtype="float64", seed=3, compile=True)
+    assert fixed.compiled is not None and fixed._padded is None  # no Verlet list
+    eager.run(5)
+    fixed.run(5)
+    torch.testing.assert_close(fixed.positions, eager.positions, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fixed.forces, eager.forces, rtol=0, atol=1e-9)
+
+
+def test_a_failed_later_compile_falls_back_to_eager(monkeypatch):
+    """compile="auto": a compile that fails mid-run (the pair list outgrew its capacity)
+    warns and goes on eagerly from there; compile=True raises."""
+    monkeypatch.setattr(batched_md, "COMPILE_BACKEND", "eager")
+    monkeypatch.setenv("ATOMLENS_COMPILE", "1")
+    model = random_model("schnet", seed=2)
+    systems = [molecule("C60")]
+    eager = BatchedMD(model, systems, dtype="float64", seed=3, compile=False)
+    auto = BatchedMD(model, systems, dtype="float64", seed=3)
+    assert auto.compiled is not None
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    auto.compiled = broken
+    with pytest.warns(UserWarning, match="running the eager model from step 0"):
+        auto.run(3)
+    assert auto.compiled is None
+    eager.run(3)
+    torch.testing.assert_close(auto.positions, eager.positions, rtol=0, atol=1e-10)
+    strict = BatchedMD(model, systems, dtype="float64", seed=3, compile=True)
+    strict.compiled = broken
+    with pytest.raises(RuntimeError, match="no C.. compiler"):
+        strict.run(1)
 
 
 def test_bad_skin_is_refused():

@@ -179,7 +179,7 @@ class BatchedMD:
         with torch.no_grad():  # weight-only state (SchNet's filter tables) once, not per step
             self.frozen = self.model.freeze()
         self.compiled = None
-        auto = compile == "auto"
+        auto = self._auto = compile == "auto"
         if auto:
             compile = max(counts) <= AUTO_COMPILE_MAX_ATOMS and auto_compile_enabled()
         if compile:
@@ -290,7 +290,10 @@ class BatchedMD:
                 )
                 self.compiled = self._compile()
             step = PAIR_CAPACITY_STEP
-            self._capacity = step * math.ceil(PAIR_CAPACITY_HEADROOM * max(half, 1) / step)
+            self._capacity = min(  # never more than every intra-molecular pair
+                step * math.ceil(PAIR_CAPACITY_HEADROOM * max(half, 1) / step),
+                int((self.n_atoms_per * (self.n_atoms_per - 1) // 2).sum()),
+            )
         pad = self._capacity - half
         padding = pair_i.new_zeros(pad)
         shifts = self.positions.new_zeros(self._capacity, 3)
@@ -310,8 +313,21 @@ class BatchedMD:
         One neighbour search (pairs within the cutoff) and one model call for all R.
         """
         if self.compiled is not None:
-            pairs = self._padded_pairs() if self._listed else ()
-            energies, forces = self.compiled(self.positions, *pairs)
+            try:
+                pairs = self._padded_pairs() if self._listed else ()
+                energies, forces = self.compiled(self.positions, *pairs)
+            except Exception as err:
+                # compiling failed (also a later compile: the pair list outgrew its
+                # capacity): with compile="auto" go on eagerly
+                if not self._auto:
+                    raise
+                warnings.warn(
+                    f"atomlens.BatchedMD: compiling failed ({type(err).__name__}: {err}); "
+                    f"running the eager model from step {self.nsteps} on",
+                    stacklevel=2,
+                )
+                self.compiled = None
+                return self.energy_and_forces()
             # CUDA graphs reuse their output memory at the next call: keep copies
             energies, forces = energies.clone(), forces.clone()
         else:

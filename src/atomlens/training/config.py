@@ -41,7 +41,8 @@ class TrainConfig:
     stress_weight: float = 100.0
     #: "mse": the squared errors above; "mae": the same sums of absolute errors (per
     #: component for forces and stress), which weigh outliers less and fit the MAE that
-    #: QM9 results are quoted in
+    #: QM9 results are quoted in (rho and stress_weight were chosen for squared errors:
+    #: with "mae" the same values weigh energy, forces and stress differently)
     loss: str = "mse"
     #: split sizes (ints, or fractions of the data set); test = the rest unless given
     n_train: float = 10000
