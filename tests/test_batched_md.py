@@ -9,7 +9,7 @@ from ase.build import molecule
 from ase.io import read
 from helpers import random_model
 
-from atomlens import batched_md
+from atomlens import batched_md, calculator
 from atomlens.batched_md import BatchedMD, run_batched_md
 from atomlens.calculator import Calculator
 from atomlens.md import kinetic_temperature
@@ -116,7 +116,7 @@ def test_compiled_verlet_list_equals_the_eager_path(monkeypatch, caplog):
     again) when outgrown, and the same trajectories as the eager path throughout."""
     monkeypatch.setattr(batched_md, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(batched_md, "PAIR_CAPACITY_HEADROOM", 1.0)  # outgrown at once
-    monkeypatch.setattr(batched_md, "PAIR_CAPACITY_STEP", 1)
+    monkeypatch.setattr(calculator, "PAIR_CAPACITY_STEP", 1)
     model = random_model("schnet", seed=2)
     systems = [molecule("C60"), molecule("CH3CH2OH")]
     for k, atoms in enumerate(systems):

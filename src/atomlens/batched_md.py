@@ -42,7 +42,6 @@ import contextlib
 import copy
 import csv
 import logging
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ import torch
 from ase import units as ase_units
 from tqdm.auto import tqdm
 
-from .calculator import PADDING_DISTANCE, PAIR_CAPACITY_STEP
+from .calculator import PADDING_DISTANCE, pair_capacity
 from .data.batch import Pairs
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
@@ -69,8 +68,8 @@ DTYPES = {None: torch.float32, "float32": torch.float32, "float64": torch.float6
 COMPILE_BACKEND = "inductor"
 LOGGER = logging.getLogger("atomlens")
 #: compiled path: the Verlet list's capacity is its first length times this, in steps of
-#: ``PAIR_CAPACITY_STEP`` pairs (the pair count of many trajectories together varies little;
-#: outgrowing the capacity costs one more compilation)
+#: :data:`~atomlens.calculator.PAIR_CAPACITY_STEP` pairs (the pair count of many
+#: trajectories together varies little; outgrowing the capacity costs one more compilation)
 PAIR_CAPACITY_HEADROOM = 1.05
 
 
@@ -289,11 +288,8 @@ class BatchedMD:
                     self._capacity,
                 )
                 self.compiled = self._compile()
-            step = PAIR_CAPACITY_STEP
-            self._capacity = min(  # never more than every intra-molecular pair
-                step * math.ceil(PAIR_CAPACITY_HEADROOM * max(half, 1) / step),
-                int((self.n_atoms_per * (self.n_atoms_per - 1) // 2).sum()),
-            )
+            every_pair = int((self.n_atoms_per * (self.n_atoms_per - 1) // 2).sum())
+            self._capacity = pair_capacity(half, PAIR_CAPACITY_HEADROOM, limit=every_pair)
         pad = self._capacity - half
         padding = pair_i.new_zeros(pad)
         shifts = self.positions.new_zeros(self._capacity, 3)
@@ -313,8 +309,8 @@ class BatchedMD:
         One neighbour search (pairs within the cutoff) and one model call for all R.
         """
         if self.compiled is not None:
+            pairs = self._padded_pairs() if self._listed else ()
             try:
-                pairs = self._padded_pairs() if self._listed else ()
                 energies, forces = self.compiled(self.positions, *pairs)
             except Exception as err:
                 # compiling failed (also a later compile: the pair list outgrew its

@@ -45,6 +45,15 @@ PAIR_CAPACITY_HEADROOM = 1.15
 PADDING_DISTANCE = 10.0
 LOGGER = logging.getLogger("atomlens")
 
+
+def pair_capacity(n_pairs: int, headroom: float, limit: int | None = None) -> int:
+    """Room for ``n_pairs`` pairs and ``headroom`` more, in steps of ``PAIR_CAPACITY_STEP``,
+    at most ``limit``: the padded length of a compiled path's Verlet list."""
+    step = PAIR_CAPACITY_STEP
+    capacity = step * math.ceil(headroom * max(n_pairs, 1) / step)
+    return capacity if limit is None else min(capacity, limit)
+
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
 
 
@@ -248,8 +257,7 @@ class Calculator(AseCalculator):
             if self._capacity:  # shapes change: one more compile (the compiled code has no
                 self._compiled_once = False  # shape guards: a new function, compiled afresh)
                 self._compiled = compile_fixed_shapes(self._periodic_function(), self.device)
-            step = PAIR_CAPACITY_STEP
-            self._capacity = step * math.ceil(PAIR_CAPACITY_HEADROOM * max(len(i), 1) / step)
+            self._capacity = pair_capacity(len(i), PAIR_CAPACITY_HEADROOM)
         pad = self._capacity - len(i)
         # padding: atom 0 and its image far along the longest periodic cell vector
         lengths = np.where(pbc, np.linalg.norm(cell, axis=1), 0.0)
