@@ -117,6 +117,7 @@ def accuracy(args) -> dict:
         batch_size=args.train_batch_size,
         ema_decay=args.ema_decay,
         loss=args.loss,
+        weight_decay=args.weight_decay,
         devices=args.processes,
         strategy="ddp_spawn" if args.processes > 1 else None,
         seed=args.seed,
@@ -148,6 +149,7 @@ def accuracy(args) -> dict:
         "batch_size": config.batch_size,
         "ema_decay": config.ema_decay,
         "loss": config.loss,
+        "weight_decay": config.weight_decay,
         "processes": args.processes,
     }
     if metrics.get("unit") == "eV":
@@ -542,6 +544,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--loss", choices=["mse", "mae"], default=None, help="accuracy: default the preset's (mse)"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="accuracy: decoupled weight decay (AdamW; default the preset's, none)",
     )
     parser.add_argument("--out", default=None, help="run folder (default runs/bench-qm9-...)")
     parser.add_argument("--seed", type=int, default=0)

@@ -271,6 +271,18 @@ def test_outputs_one_trajectory_and_log_per_run(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_blown_up_trajectory_is_named(compile):
+    """Non-finite positions stop the run with the trajectory's number, eagerly and on the
+    compiled path (whose kernels do not bounds-check rows: NaN never reaches them)."""
+    model = random_model("schnet", seed=2)
+    md = BatchedMD(model, [molecule("H2O"), molecule("NH3")], dtype="float64", compile=compile)
+    md.run(2)
+    md.positions[4, 0] = float("nan")  # an atom of the second trajectory (NH3)
+    with pytest.raises(FloatingPointError, match=r"trajectories \[1\] are not finite at step 2"):
+        md.run(1)
+
+
 def test_bad_input_is_named():
     model = random_model("schnet")
     with pytest.raises(ValueError, match="ensemble"):

@@ -544,6 +544,7 @@ def test_split_sizes_error_suggests_n_train():
         ("max_epochs: 0\n", "max_epochs must be >= 1"),
         ("lr: .nan\n", "lr must be > 0, not nan"),
         ("loss: l1\n", "loss must be 'mse' or 'mae', not 'l1'"),
+        ("weight_decay: -0.1\n", "weight_decay must be >= 0, not -0.1"),
         ("forces: 1\n", "forces must be true or false"),
         ("model: 3\n", "model must be a mapping"),
         ("model:\n  head_hidden: 0\n", "model.head_hidden must be >= 1"),

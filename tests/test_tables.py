@@ -54,6 +54,16 @@ def test_hermite_lookup_is_the_cubic_and_differentiable_twice():
     assert grad[1] == 0
 
 
+def test_hermite_lookup_of_nan_is_nan_from_a_valid_row(always_fused):
+    """A NaN distance reads a valid row (compiled kernels do not bounds-check) and gives NaN;
+    the other pairs are unaffected."""
+    table = torch.randn(5, 4, 3, dtype=torch.float64)
+    x = torch.tensor([float("nan"), 1.5, 2.5], dtype=torch.float64)
+    values = hermite_lookup(table, x)
+    assert torch.isnan(values[0]).all()
+    torch.testing.assert_close(values[1:], reference_cubic(table, x[1:]))
+
+
 def test_hermite_table_reproduces_a_function_and_its_derivative():
     grid = torch.linspace(0.0, 5.0, 501, dtype=torch.float64)
     f = torch.stack([torch.sin(3 * grid), torch.exp(-(grid**2))], 1)

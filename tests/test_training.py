@@ -274,6 +274,30 @@ def test_energy_force_loss_weighting():
         AtomisticTask(random_model("schnet"), loss="huber")
 
 
+def test_weight_decay_is_decoupled():
+    """weight_decay > 0: one step is AdamW's, w <- w (1 - lr wd) - lr m^/(sqrt(v^) + eps), with
+    the decay outside Adam's normalisation; 0 keeps plain Adam."""
+    from helpers import random_model
+
+    lr, wd = 1e-2, 0.3
+    for decay in (wd, 0.0):
+        task = AtomisticTask(random_model("schnet"), lr=lr, weight_decay=decay)
+        optimizer = task.configure_optimizers()
+        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        params = [p for p in task.model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        for p, w, g in zip(params, before, grads):
+            # first Adam step: m^ = g, v^ = g^2, so the Adam part is lr g / (|g| + eps)
+            expected = w * (1 - lr * decay) - lr * g / (g.abs() + 1e-8)
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="weight_decay"):
+        AtomisticTask(random_model("schnet"), weight_decay=-1.0)
+
+
 def test_ema_weights_are_what_is_saved(tmp_path, data):
     """With EMA the saved model holds the averaged weights (the checkpoint's state), far from
     the raw weights of the last step (kept beside them in the checkpoint); without EMA the

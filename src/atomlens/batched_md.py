@@ -42,6 +42,7 @@ import contextlib
 import copy
 import csv
 import logging
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -274,8 +275,10 @@ class BatchedMD:
         Rebuilt when an atom has moved more than skin / 2 since the last build; padding
         pairs are atom 0 with itself shifted ``PADDING_DISTANCE`` cutoffs away."""
         if self._padded is not None:
-            moved = (self.positions - self._reference).pow(2).sum(-1).max()
-            if float(moved) <= (0.5 * self.skin) ** 2:
+            moved = float((self.positions - self._reference).pow(2).sum(-1).max())
+            if not math.isfinite(moved):  # NaN or inf positions: checked at no extra sync
+                self._raise_not_finite()
+            if moved <= (0.5 * self.skin) ** 2:
                 return self._padded
         reach = self.model.cutoff + self.skin
         pair_i, pair_j = molecular_pairs(self.n_atoms_per, self.positions, reach)
@@ -303,6 +306,15 @@ class BatchedMD:
         self.pair_builds += 1
         return self._padded
 
+    def _raise_not_finite(self):
+        bad = ~torch.isfinite(self.positions).all(-1)
+        trajectories = sorted(set(self.structure_index[bad].tolist()))
+        raise FloatingPointError(
+            f"BatchedMD: the positions of trajectories {trajectories} are not finite at step "
+            f"{self.nsteps} (the dynamics blew up: try a shorter timestep, or check that the "
+            f"structures lie in the model's training range)"
+        )
+
     def energy_and_forces(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Energies (R,) in eV and forces (N, 3) in eV/Angstrom at the current positions.
 
@@ -327,6 +339,8 @@ class BatchedMD:
             # CUDA graphs reuse their output memory at the next call: keep copies
             energies, forces = energies.clone(), forces.clone()
         else:
+            if not bool(torch.isfinite(self.positions).all()):
+                self._raise_not_finite()
             positions = self.positions.detach().requires_grad_(True)
             pair_i, pair_j = molecular_pairs(self.n_atoms_per, self.positions, self.model.cutoff)
             with torch.enable_grad():

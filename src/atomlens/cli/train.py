@@ -145,6 +145,11 @@ def _add_train(sub) -> None:
         choices=["mse", "mae"],
         help="squared (default) or absolute errors in the loss",
     )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        help="decoupled weight decay (AdamW): each step shrinks the weights by lr * this",
+    )
     p.add_argument("--epochs", type=int, dest="max_epochs", help="maximum number of epochs")
     p.add_argument(
         "--minutes",
@@ -288,6 +293,7 @@ def config_from_args(args):
             "lr",
             "lr_schedule",
             "loss",
+            "weight_decay",
             "max_epochs",
             "max_minutes",
             "ema_decay",

@@ -30,7 +30,8 @@ def hermite_coefficients(values: torch.Tensor, slopes: torch.Tensor) -> torch.Te
 
 def _weights(x: torch.Tensor, n: int, order: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the flattened table and the weights d^order/dt^order [1, t, t^2, t^3]."""
-    k = x.floor().clamp(max=n - 1)
+    # NaN distances read row 0 (and give NaN through t): compiled kernels do not check rows
+    k = torch.nan_to_num(x.floor(), nan=0.0).clamp(0, n - 1)
     t = x - k
     one = torch.ones_like(t)
     if order == 0:

@@ -27,6 +27,14 @@ MIN_FUSED_SIZE = 1 << 17
 #: paths keep all pairs, whose number grows as n^2
 AUTO_COMPILE_MAX_ATOMS = 64
 
+#: Inductor options of every atomlens compile: no bounds check on gathered and scattered rows.
+#: The generated C++ checked every indirect index (pair atoms, filter-table rows) inside the
+#: innermost loop, once per 16 features, with the row's arithmetic repeated beside it: 32
+#: aspirins' MD step took 25.7 ms with the checks and 21.2 ms without (one thread, CPU
+#: time). The indices are in range by construction: pair lists come from atomlens's own
+#: neighbour searches, table rows are clamped and NaN-safe (:func:`atomlens.nn.hermite`).
+UNCHECKED_INDEXING = {"assert_indirect_indexing": False}
+
 _state = {"enabled": os.environ.get("ATOMLENS_FUSED", "1") != "0"}
 
 
@@ -74,6 +82,7 @@ def compile_fixed_shapes(
     if backend == "inductor":
         from torch._inductor import list_mode_options
 
+        options.update(UNCHECKED_INDEXING)
         if mode is not None:
             options.update(list_mode_options(mode))
         if torch.device(device).type == "cpu":
@@ -98,7 +107,7 @@ class FusedKernel:
         self.eager = eager or function
         # scattered additions from several threads collide (atomic adds on the same rows):
         # with 2 threads on this project's CPU a parallel scatter ran 4-7x slower than serial
-        self.options = {"cpp.threads": 1} if scatters else None
+        self.options = dict(UNCHECKED_INDEXING, **({"cpp.threads": 1} if scatters else {}))
         self.compiled: Callable | None = None
 
     def __call__(self, *args, size: int):

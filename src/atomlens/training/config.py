@@ -60,6 +60,9 @@ class TrainConfig:
     #: validation loss; "cosine": decay it from lr to lr_min over the run's budget (its
     #: minutes, else max_epochs), see training.budget.CosineToEnd
     lr_schedule: str = "plateau"
+    #: decoupled weight decay (AdamW, Loshchilov & Hutter): every step shrinks the weights by
+    #: lr * weight_decay; 0 keeps plain Adam
+    weight_decay: float = 0.0
     max_epochs: int = 1000
     #: wall-clock budget of the whole run: loading, training and the final evaluation
     max_minutes: float | None = None

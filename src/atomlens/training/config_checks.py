@@ -94,6 +94,7 @@ TRAIN_RULES = {
     "lr_min": (non_negative, ">= 0"),
     "lr_schedule": (lambda v: v in ("plateau", "cosine"), "'plateau' or 'cosine'"),
     "loss": (lambda v: v in ("mse", "mae"), "'mse' or 'mae'"),
+    "weight_decay": (non_negative, ">= 0"),
     "output_scale": (
         lambda v: v in OUTPUT_SCALES if isinstance(v, str) else v > 0,
         "'auto', 'std', 'forces' or a positive number (the target's unit)",

@@ -39,6 +39,7 @@ class AtomisticTask(pl.LightningModule):
         stress_weight: float = 100.0,
         lr_schedule: str = "plateau",
         loss: str = "mse",
+        weight_decay: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -46,6 +47,9 @@ class AtomisticTask(pl.LightningModule):
         self.stress, self.stress_weight = stress, stress_weight
         self.lr, self.lr_factor, self.lr_patience, self.lr_min = lr, lr_factor, lr_patience, lr_min
         self.lr_schedule = lr_schedule
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, not {weight_decay}")
+        self.weight_decay = weight_decay
         if loss not in ("mse", "mae"):
             raise ValueError(f"loss must be 'mse' or 'mae', not {loss!r}")
         self.error = torch.square if loss == "mse" else torch.abs
@@ -137,7 +141,10 @@ class AtomisticTask(pl.LightningModule):
     def configure_optimizers(self):
         # frozen parameters (fine-tuning the head only) stay out of the optimiser
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trainable, lr=self.lr)
+        if self.weight_decay > 0:  # decoupled: not Adam's L2 term, which Adam rescales
+            optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(trainable, lr=self.lr)
         if self.lr_schedule == "cosine":  # set every batch by the budget.CosineToEnd callback
             return optimizer
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -316,6 +316,7 @@ def _train(
         stress_weight=config.stress_weight,
         lr_schedule=config.lr_schedule,
         loss=config.loss,
+        weight_decay=config.weight_decay,
     )
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints",
