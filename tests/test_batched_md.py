@@ -283,6 +283,18 @@ def test_a_blown_up_trajectory_is_named(compile):
         md.run(1)
 
 
+def test_elements_beyond_the_model_are_refused():
+    """Z > max_z would be an unchecked gather in the compiled step: refused up front."""
+    from ase import Atoms
+
+    from atomlens.data.dataset import DataError
+
+    model = random_model("schnet")
+    heavy = Atoms(numbers=[model.config.max_z + 1, 1], positions=[[0, 0, 0], [1.6, 0, 0]])
+    with pytest.raises(DataError, match="beyond the model's max_z"):
+        BatchedMD(model, [molecule("H2O"), heavy])
+
+
 def test_bad_input_is_named():
     model = random_model("schnet")
     with pytest.raises(ValueError, match="ensemble"):

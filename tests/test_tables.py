@@ -62,6 +62,22 @@ def test_hermite_lookup_of_nan_is_nan_from_a_valid_row(always_fused):
     values = hermite_lookup(table, x)
     assert torch.isnan(values[0]).all()
     torch.testing.assert_close(values[1:], reference_cubic(table, x[1:]))
+    # rows stay inside the table in low precision too (bfloat16 rounds 499 up to 500)
+    from atomlens.nn.hermite import _weights
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        grid = torch.tensor([0.0, 250.3, 499.5, 500.0, 1e4, float("nan")], dtype=dtype)
+        rows, _ = _weights(grid, 500, 0)
+        assert 0 <= int(rows.min()) and int(rows.max()) < 4 * 500, dtype
+
+
+def test_fused_cfconv_refuses_pair_indices_out_of_range(always_fused):
+    """The compiled kernels do not bounds-check rows: the public wrapper does, once."""
+    from atomlens.nn import cfconv_symmetric
+
+    x, filters = torch.randn(4, 3), torch.randn(2, 3)
+    with pytest.raises(IndexError, match="cfconv pair indices out of range: 0..4 for 4 rows"):
+        cfconv_symmetric(x, filters, torch.tensor([0, 1, 4, 2]), torch.tensor([4, 2, 0, 1]))
 
 
 def test_hermite_table_reproduces_a_function_and_its_derivative():

@@ -59,6 +59,7 @@ from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
 from .fileio import atomic_file
 from .md import LOG_COLUMNS, MDLog
+from .models.guards import check_elements
 from .models.potential import AtomisticModel
 from .nn import scatter_sum
 from .nn.kernels import AUTO_COMPILE_MAX_ATOMS, auto_compile_enabled, compile_fixed_shapes
@@ -92,6 +93,8 @@ class BatchedMD:
         device, dtype: where and in which precision (``"float64"`` for conservation tests).
         compile: ``"auto"``, ``False``, ``True`` or a ``torch.compile`` mode (module doc).
         skin: Verlet-list skin of the compiled path (Angstrom; as ``atomlens.Calculator``).
+        allow_unknown_elements: warn instead of refusing elements absent from the model's
+            training data (as ``atomlens.Calculator``).
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class BatchedMD:
         dtype: str | torch.dtype | None = None,
         compile: bool | str = "auto",
         skin: float = 0.3,
+        allow_unknown_elements: bool = False,
     ):
         if ensemble not in ("nve", "langevin"):
             raise ValueError(f"ensemble must be 'nve' or 'langevin', not {ensemble!r}")
@@ -129,6 +133,13 @@ class BatchedMD:
             systems, source="BatchedMD", targets=False
         )  # elements, NaN, overlapping atoms
         self.model = self._private_model(model, device, dtype)
+        numbers = np.concatenate([atoms.numbers for atoms in systems])
+        if numbers.max() > self.model.config.max_z:  # the compiled gathers do not check
+            raise DataError(
+                f"element Z={int(numbers.max())} is beyond the model's "
+                f"max_z={self.model.config.max_z}"
+            )
+        check_elements(self.model, numbers, allow_unknown_elements, "BatchedMD")
         self.energy_to_ev = energy_factor(self.model.config.unit)
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -321,6 +332,8 @@ class BatchedMD:
         One neighbour search (pairs within the cutoff) and one model call for all R.
         """
         if self.compiled is not None:
+            if not self._listed and not bool(torch.isfinite(self.positions).all()):
+                self._raise_not_finite()  # (the listed path checks in _padded_pairs)
             pairs = self._padded_pairs() if self._listed else ()
             try:
                 energies, forces = self.compiled(self.positions, *pairs)

@@ -230,6 +230,7 @@ def run_batched(args, frames) -> int:
         device=args.device,
         dtype="float64" if args.float64 else None,
         compile=args.compile,
+        allow_unknown_elements=args.allow_unknown_elements,
     )
     print(
         f"{args.ensemble.upper()} MD of {n} trajectories ({len(frames)} structures x "

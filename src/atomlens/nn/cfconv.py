@@ -78,6 +78,7 @@ def cfconv_symmetric(
     half = pair_i.shape[0] // 2
     a, b = pair_i[:half], pair_j[:half]
     if not torch.compiler.is_compiling() and filters.numel() >= kernels.MIN_FUSED_SIZE:
+        kernels.check_rows(pair_i, x.shape[0], "cfconv pair indices")
         return _CFConv.apply(x, filters, a, b)
     # small (one molecule), or inside torch.compile, which fuses the plain formula itself
     return _cfconv_plain(x, filters, a, b)

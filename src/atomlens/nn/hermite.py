@@ -30,8 +30,9 @@ def hermite_coefficients(values: torch.Tensor, slopes: torch.Tensor) -> torch.Te
 
 def _weights(x: torch.Tensor, n: int, order: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the flattened table and the weights d^order/dt^order [1, t, t^2, t^3]."""
-    # NaN distances read row 0 (and give NaN through t): compiled kernels do not check rows
-    k = torch.nan_to_num(x.floor(), nan=0.0).clamp(0, n - 1)
+    # the compiled kernels do not check rows: clamp in integers (bf16 rounds n - 1 up to n
+    # for n = 500), and NaN distances read row 0 (and give NaN through t)
+    k = torch.nan_to_num(x.floor(), nan=0.0).long().clamp(0, n - 1)
     t = x - k
     one = torch.ones_like(t)
     if order == 0:
@@ -42,7 +43,7 @@ def _weights(x: torch.Tensor, n: int, order: int) -> tuple[torch.Tensor, torch.T
         w = [0 * one, 0 * one, 2 * one, 6 * t]
     else:
         w = [0 * one, 0 * one, 0 * one, (6 if order == 3 else 0) * one]
-    rows = k.long()[:, None] * 4 + torch.arange(4, device=x.device)
+    rows = k[:, None] * 4 + torch.arange(4, device=x.device)
     return rows, torch.stack(w, 1)
 
 

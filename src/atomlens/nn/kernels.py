@@ -38,6 +38,20 @@ UNCHECKED_INDEXING = {"assert_indirect_indexing": False}
 _state = {"enabled": os.environ.get("ATOMLENS_FUSED", "1") != "0"}
 
 
+def check_rows(index: torch.Tensor, n_rows: int, what: str) -> None:
+    """Raise IndexError unless every entry of ``index`` is a row of an ``n_rows``-row array:
+    the compiled kernels read and write rows without checking (:data:`UNCHECKED_INDEXING`).
+    One min/max pass over the index, outside the kernel (asynchronous on a GPU)."""
+    if index.numel() == 0:
+        return
+    low, high = torch.aminmax(index)
+    if index.device.type == "cpu":
+        if int(low) < 0 or int(high) >= n_rows:
+            raise IndexError(f"{what} out of range: {int(low)}..{int(high)} for {n_rows} rows")
+    else:
+        torch._assert_async((low >= 0) & (high < n_rows), f"{what} out of range")
+
+
 def fused_enabled() -> bool:
     return _state["enabled"]
 
