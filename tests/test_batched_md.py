@@ -293,6 +293,11 @@ def test_elements_beyond_the_model_are_refused():
     heavy = Atoms(numbers=[model.config.max_z + 1, 1], positions=[[0, 0, 0], [1.6, 0, 0]])
     with pytest.raises(DataError, match="beyond the model's max_z"):
         BatchedMD(model, [molecule("H2O"), heavy])
+    model.metadata = {"elements": [1, 6, 8]}  # as a trained model records them
+    with pytest.raises(DataError, match=r"BatchedMD: element\(s\) N never seen in training"):
+        BatchedMD(model, [molecule("H2O"), molecule("NH3")], compile=False)
+    with pytest.warns(UserWarning, match="never seen in training"):
+        BatchedMD(model, [molecule("NH3")], compile=False, allow_unknown_elements=True)
 
 
 def test_bad_input_is_named():
