@@ -58,7 +58,7 @@ from .data.batch import Pairs
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
 from .fileio import atomic_file
-from .md import LOG_COLUMNS, MDLog
+from .md import LOG_COLUMNS, MDLog, MDUnstableError
 from .models.guards import check_elements
 from .models.potential import AtomisticModel
 from .nn import scatter_sum
@@ -320,7 +320,7 @@ class BatchedMD:
     def _raise_not_finite(self):
         bad = ~torch.isfinite(self.positions).all(-1)
         trajectories = sorted(set(self.structure_index[bad].tolist()))
-        raise FloatingPointError(
+        raise MDUnstableError(
             f"BatchedMD: the positions of trajectories {trajectories} are not finite at step "
             f"{self.nsteps} (the dynamics blew up: try a shorter timestep, or check that the "
             f"structures lie in the model's training range)"
