@@ -17,6 +17,7 @@ through a subprocess. Prints one JSON object per measurement and one per ratio.
     python benchmarks/md_speed.py --threads 2            # atomlens and SchNetPack
     python benchmarks/md_speed.py --no-peer --profile    # atomlens only, with a profile
     python benchmarks/md_speed.py --replicas 32 --batch-sizes 10   # many trajectories at once
+    python benchmarks/md_speed.py --rounds 2 ...   # both libraries twice, in alternating order
 """
 
 from __future__ import annotations
@@ -253,7 +254,16 @@ def main(argv: list[str] | None = None) -> int:
         "SchNetPack runs; 32 in the issue's target",
     )
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables to stderr")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat both libraries' legs, alternating which goes first; with more than one, "
+        "also the median of each ratio over the rounds",
+    )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu counts one thread's CPU time: use it with --threads 1")
     configure(threads=args.threads)
@@ -265,6 +275,35 @@ def main(argv: list[str] | None = None) -> int:
         "n_atoms": len(frames["z"]),
         **HYPERPARAMETERS,
     }
+    ratios: dict[str, list[float]] = {}
+    for round_ in range(args.rounds):
+        # alternate the order (atomlens first, then SchNetPack first, ...) so that a drift
+        # of the machine's speed within a round does not favour one library
+        peer_first = round_ % 2 == 1 and not args.no_peer
+        peers = run_peer(frames, args) if peer_first else None
+        ours = measure_atomlens(frames, args, {**common, "round": round_})
+        if args.no_peer:
+            continue
+        if peers is None:
+            peers = run_peer(frames, args)
+        for peer in peers:
+            peer["malloc_tuned"] = args.peer_malloc
+            print(json.dumps({**peer, "round": round_}), flush=True)
+        for name, ratio, target, extra in compare(ours, peers):
+            ratios.setdefault(name, []).append(ratio)
+            line = {"measure": name, **extra, "threads": args.threads, "clock": args.clock}
+            line.update(round=round_, atomlens_over_schnetpack=ratio, target=target)
+            print(json.dumps({**line, "met": ratio >= target}), flush=True)
+    if args.rounds > 1:
+        for name, values in ratios.items():
+            median = float(np.median(values))
+            summary = {"measure": f"{name}_median", "rounds": args.rounds, "ratios": values}
+            print(json.dumps({**summary, "atomlens_over_schnetpack": median}), flush=True)
+    return 0
+
+
+def measure_atomlens(frames: dict, args, common: dict) -> dict[tuple, float]:
+    """atomlens's legs (one JSON line each); returns their rates by (measure, batch size)."""
     ours: dict[tuple, float] = {}
     for batch_size in args.batch_sizes:
         result = training_throughput(frames, batch_size, args.seconds, clock=args.clock)
@@ -296,63 +335,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"measure": "md_batched", **common, **result}), flush=True)
     if args.profile:
         profile(frames, args.batch_sizes[0])
-    if args.no_peer:
-        return 0
-    for peer in run_peer(frames, args):
-        peer["malloc_tuned"] = args.peer_malloc
-        print(json.dumps(peer), flush=True)
+    return ours
+
+
+def compare(ours: dict[tuple, float], peers: list[dict]):
+    """(name, atomlens / SchNetPack, target, extra fields) for every leg both libraries ran."""
+    for peer in peers:
         if peer["measure"] == "md_sequential":
             ratio = ours["md_batched", None] / peer["molecule_steps_per_s"]
-            print(
-                json.dumps(
-                    {
-                        "measure": "md_batched_ratio",
-                        "replicas": peer["runs"],
-                        "threads": args.threads,
-                        "clock": args.clock,
-                        "atomlens_over_schnetpack": ratio,
-                        "target": 20.0,
-                        "met": ratio >= 20.0,
-                    }
-                ),
-                flush=True,
-            )
+            yield "md_batched_ratio", ratio, 20.0, {"replicas": peer["runs"]}
             continue
         key = (peer["measure"], peer.get("batch_size"))
         rate = "structures_per_s" if peer["measure"] == "train" else "steps_per_s"
         target = 3.0 if peer["measure"] == "train" else 5.0
-        ratio = ours[key] / peer[rate]
-        print(
-            json.dumps(
-                {
-                    "measure": f"{peer['measure']}_ratio",
-                    "batch_size": key[1],
-                    "threads": args.threads,
-                    "clock": args.clock,
-                    "atomlens_over_schnetpack": ratio,
-                    "target": target,
-                    "met": ratio >= target,
-                }
-            ),
-            flush=True,
-        )
+        yield f"{peer['measure']}_ratio", ours[key] / peer[rate], target, {"batch_size": key[1]}
         for name in ("md_default", "md_compiled"):
             if key == ("md", None) and (name, None) in ours:
-                ratio = ours[name, None] / peer[rate]
-                print(
-                    json.dumps(
-                        {
-                            "measure": f"{name}_ratio",
-                            "threads": args.threads,
-                            "clock": args.clock,
-                            "atomlens_over_schnetpack": ratio,
-                            "target": target,
-                            "met": ratio >= target,
-                        }
-                    ),
-                    flush=True,
-                )
-    return 0
+                yield f"{name}_ratio", ours[name, None] / peer[rate], target, {}
 
 
 if __name__ == "__main__":
