@@ -272,15 +272,25 @@ def test_outputs_one_trajectory_and_log_per_run(tmp_path):
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_a_blown_up_trajectory_is_named(compile):
+def test_a_blown_up_trajectory_is_named(tmp_path, compile):
     """Non-finite positions stop the run with the trajectory's number, eagerly and on the
-    compiled path (whose kernels do not bounds-check rows: NaN never reaches them)."""
+    compiled path (whose kernels do not bounds-check rows: NaN never reaches them); what
+    was written is kept as NAME.unstable.SUFFIX, as single-trajectory MD does."""
     model = random_model("schnet", seed=2)
     md = BatchedMD(model, [molecule("H2O"), molecule("NH3")], dtype="float64", compile=compile)
     md.run(2)
     md.positions[4, 0] = float("nan")  # an atom of the second trajectory (NH3)
     with pytest.raises(MDUnstableError, match=r"trajectories \[1\] are not finite at step 2"):
         md.run(1)
+    md.positions[4, 0] = 0.3
+    md.run(1)  # finite again: runs on
+    outputs = [tmp_path / "a.traj", tmp_path / "b.xyz", tmp_path / "a.csv", tmp_path / "b.csv"]
+    md.positions[4, 0] = float("inf")
+    with pytest.raises(MDUnstableError, match=r"the run up to the stop is in .*a\.unstable\.traj"):
+        md.run(3, trajectories=outputs[:2], logfiles=outputs[2:])
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ["a.unstable.csv", "a.unstable.traj", "b.unstable.csv", "b.unstable.xyz"]
+    assert len(read(tmp_path / "a.unstable.traj", index=":")) == 1  # the step-0 frame
 
 
 def test_elements_beyond_the_model_are_refused():

@@ -57,8 +57,7 @@ from .calculator import PADDING_DISTANCE, pair_capacity
 from .data.batch import Pairs
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
-from .fileio import atomic_file
-from .md import LOG_COLUMNS, MDLog, MDUnstableError
+from .md import LOG_COLUMNS, MDLog, MDUnstableError, _publish, _temporary
 from .models.guards import check_elements
 from .models.potential import AtomisticModel
 from .nn import scatter_sum
@@ -439,30 +438,46 @@ class BatchedMD:
             if paths is not None and len(paths) != self.n_structures:
                 raise ValueError(f"{name}: {len(paths)} files for {self.n_structures} trajectories")
         logs = [MDLog() for _ in range(self.n_structures)]
-        with contextlib.ExitStack() as stack:
-            writers = [self._trajectory_writer(Path(p), stack) for p in trajectories or []]
-            tables = []
-            for path in logfiles or []:
-                handle = stack.enter_context(
-                    open(stack.enter_context(atomic_file(path)), "w", newline="")
+        # temporary files beside their names, renamed at the end (or at a Ctrl-C); a run
+        # stopped as unstable keeps them as NAME.unstable.SUFFIX, as single-trajectory MD
+        outputs = {Path(p): _temporary(Path(p)) for p in [*(trajectories or []), *(logfiles or [])]}
+        try:
+            with contextlib.ExitStack() as stack:
+                writers = [
+                    self._trajectory_writer(outputs[Path(p)], stack) for p in trajectories or []
+                ]
+                tables = []
+                for path in logfiles or []:
+                    handle = stack.enter_context(open(outputs[Path(path)], "w", newline=""))
+                    tables.append(csv.writer(handle))
+                    tables[-1].writerow(LOG_COLUMNS)
+                bar = stack.enter_context(
+                    tqdm(
+                        total=steps,
+                        desc=f"{self.ensemble.upper()} MD x{self.n_structures}",
+                        unit="step",
+                        leave=False,
+                        disable=None if progress is None else not progress,
+                    )
                 )
-                tables.append(csv.writer(handle))
-                tables[-1].writerow(LOG_COLUMNS)
-            bar = stack.enter_context(
-                tqdm(
-                    total=steps,
-                    desc=f"{self.ensemble.upper()} MD x{self.n_structures}",
-                    unit="step",
-                    leave=False,
-                    disable=None if progress is None else not progress,
-                )
-            )
-            for n in range(steps + 1):
-                if n:
-                    self.step()
-                    bar.update(1)
-                if n % interval == 0:
-                    self._record(logs, tables, writers)
+                for n in range(steps + 1):
+                    if n:
+                        self.step()
+                        bar.update(1)
+                    if n % interval == 0:
+                        self._record(logs, tables, writers)
+        except KeyboardInterrupt:  # a clean stop: what was computed is kept
+            _publish(outputs)
+            raise
+        except MDUnstableError as err:
+            kept = _publish(outputs, tag=".unstable")
+            where = f"; the run up to the stop is in {', '.join(map(str, kept))}" if kept else ""
+            raise MDUnstableError(f"{err}{where}") from None
+        except BaseException:
+            for tmp in outputs.values():
+                tmp.unlink(missing_ok=True)
+            raise
+        _publish(outputs)
         return logs
 
     def _record(self, logs: list[MDLog], tables: list, writers: list) -> None:
@@ -483,15 +498,14 @@ class BatchedMD:
 
     @staticmethod
     def _trajectory_writer(path: Path, stack: contextlib.ExitStack):
-        """A callable appending ``Atoms`` to ``path`` (``.traj`` or extxyz) via a temp file."""
-        tmp = stack.enter_context(atomic_file(path))
+        """A callable appending ``Atoms`` to ``path`` (``.traj``, else extxyz)."""
         if path.suffix == ".traj":
             from ase.io import Trajectory
 
-            return stack.enter_context(Trajectory(str(tmp), "w")).write
+            return stack.enter_context(Trajectory(str(path), "w")).write
         from ase.io import write
 
-        handle = stack.enter_context(open(tmp, "w"))  # noqa: SIM115 (the stack closes it)
+        handle = stack.enter_context(open(path, "w"))  # noqa: SIM115 (the stack closes it)
         return lambda atoms: write(handle, atoms, format="extxyz")
 
 
