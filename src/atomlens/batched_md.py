@@ -57,7 +57,7 @@ from .calculator import PADDING_DISTANCE, pair_capacity
 from .data.batch import Pairs
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
-from .md import LOG_COLUMNS, MDLog, MDUnstableError, _publish, _temporary
+from .md import LOG_COLUMNS, MDLog, MDUnstableError, _temporary, published
 from .models.guards import check_elements
 from .models.potential import AtomisticModel
 from .nn import scatter_sum
@@ -441,43 +441,28 @@ class BatchedMD:
         # temporary files beside their names, renamed at the end (or at a Ctrl-C); a run
         # stopped as unstable keeps them as NAME.unstable.SUFFIX, as single-trajectory MD
         outputs = {Path(p): _temporary(Path(p)) for p in [*(trajectories or []), *(logfiles or [])]}
-        try:
-            with contextlib.ExitStack() as stack:
-                writers = [
-                    self._trajectory_writer(outputs[Path(p)], stack) for p in trajectories or []
-                ]
-                tables = []
-                for path in logfiles or []:
-                    handle = stack.enter_context(open(outputs[Path(path)], "w", newline=""))
-                    tables.append(csv.writer(handle))
-                    tables[-1].writerow(LOG_COLUMNS)
-                bar = stack.enter_context(
-                    tqdm(
-                        total=steps,
-                        desc=f"{self.ensemble.upper()} MD x{self.n_structures}",
-                        unit="step",
-                        leave=False,
-                        disable=None if progress is None else not progress,
-                    )
+        with published(outputs), contextlib.ExitStack() as stack:
+            writers = [self._trajectory_writer(outputs[Path(p)], stack) for p in trajectories or []]
+            tables = []
+            for path in logfiles or []:
+                handle = stack.enter_context(open(outputs[Path(path)], "w", newline=""))
+                tables.append(csv.writer(handle))
+                tables[-1].writerow(LOG_COLUMNS)
+            bar = stack.enter_context(
+                tqdm(
+                    total=steps,
+                    desc=f"{self.ensemble.upper()} MD x{self.n_structures}",
+                    unit="step",
+                    leave=False,
+                    disable=None if progress is None else not progress,
                 )
-                for n in range(steps + 1):
-                    if n:
-                        self.step()
-                        bar.update(1)
-                    if n % interval == 0:
-                        self._record(logs, tables, writers)
-        except KeyboardInterrupt:  # a clean stop: what was computed is kept
-            _publish(outputs)
-            raise
-        except MDUnstableError as err:
-            kept = _publish(outputs, tag=".unstable")
-            where = f"; the run up to the stop is in {', '.join(map(str, kept))}" if kept else ""
-            raise MDUnstableError(f"{err}{where}") from None
-        except BaseException:
-            for tmp in outputs.values():
-                tmp.unlink(missing_ok=True)
-            raise
-        _publish(outputs)
+            )
+            for n in range(steps + 1):
+                if n:
+                    self.step()
+                    bar.update(1)
+                if n % interval == 0:
+                    self._record(logs, tables, writers)
         return logs
 
     def _record(self, logs: list[MDLog], tables: list, writers: list) -> None:

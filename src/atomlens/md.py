@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -312,32 +313,19 @@ def run_md(
     )  # a bar on a terminal only
     dyn.attach(lambda: bar.update(1) if dyn.nsteps else None, interval=1)
     previous_threads = torch.get_num_threads()
-    try:
-        with stack:
-            if trajectory is not None:
-                dyn.attach(
-                    _trajectory_writer(outputs[Path(trajectory)], atoms, stack), interval=interval
-                )
-            try:
-                if threads:
-                    torch.set_num_threads(threads)
-                dyn.run(steps)
-            finally:
-                torch.set_num_threads(previous_threads)
-                if ensemble == "langevin":
-                    atoms.set_constraint(constraints)
-    except KeyboardInterrupt:  # a clean stop: what was computed is kept
-        _publish(outputs)
-        raise
-    except MDUnstableError as err:
-        kept = _publish(outputs, tag=".unstable")
-        where = f"; the run up to the stop is in {', '.join(map(str, kept))}" if kept else ""
-        raise MDUnstableError(f"{err}{where}") from None
-    except BaseException:
-        for tmp in outputs.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    _publish(outputs)
+    with published(outputs), stack:
+        if trajectory is not None:
+            dyn.attach(
+                _trajectory_writer(outputs[Path(trajectory)], atoms, stack), interval=interval
+            )
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            dyn.run(steps)
+        finally:
+            torch.set_num_threads(previous_threads)
+            if ensemble == "langevin":
+                atoms.set_constraint(constraints)
     return log
 
 
@@ -410,6 +398,27 @@ def _temporary(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(path)  # temporary files of killed runs
     return temporary_name(path)
+
+
+@contextlib.contextmanager
+def published(outputs: dict[Path, Path]) -> Iterator[None]:
+    """Rename the temporary ``outputs`` ({name: temporary file}) to their names when the
+    block ends, or at a Ctrl-C; keep them as ``NAME.unstable.SUFFIX`` (and say so) when it
+    stops with :class:`MDUnstableError`; delete them on any other error."""
+    try:
+        yield
+    except KeyboardInterrupt:  # a clean stop: what was computed is kept
+        _publish(outputs)
+        raise
+    except MDUnstableError as err:
+        kept = _publish(outputs, tag=".unstable")
+        where = f"; the run up to the stop is in {', '.join(map(str, kept))}" if kept else ""
+        raise MDUnstableError(f"{err}{where}") from None
+    except BaseException:
+        for tmp in outputs.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    _publish(outputs)
 
 
 def _publish(outputs: dict[Path, Path], tag: str = "") -> list[Path]:
