@@ -133,11 +133,6 @@ class BatchedMD:
         )  # elements, NaN, overlapping atoms
         self.model = self._private_model(model, device, dtype)
         numbers = np.concatenate([atoms.numbers for atoms in systems])
-        if numbers.max() > self.model.config.max_z:  # the compiled gathers do not check
-            raise DataError(
-                f"element Z={int(numbers.max())} is beyond the model's "
-                f"max_z={self.model.config.max_z}"
-            )
         check_elements(self.model, numbers, allow_unknown_elements, "BatchedMD")
         self.energy_to_ev = energy_factor(self.model.config.unit)
         param = next(self.model.parameters())
@@ -330,9 +325,10 @@ class BatchedMD:
 
         One neighbour search (pairs within the cutoff) and one model call for all R.
         """
+        listed = self.compiled is not None and self._listed
+        if not listed and not bool(torch.isfinite(self.positions).all()):
+            self._raise_not_finite()  # (the listed path checks in _padded_pairs, no extra sync)
         if self.compiled is not None:
-            if not self._listed and not bool(torch.isfinite(self.positions).all()):
-                self._raise_not_finite()  # (the listed path checks in _padded_pairs)
             pairs = self._padded_pairs() if self._listed else ()
             try:
                 energies, forces = self.compiled(self.positions, *pairs)
@@ -351,8 +347,6 @@ class BatchedMD:
             # CUDA graphs reuse their output memory at the next call: keep copies
             energies, forces = energies.clone(), forces.clone()
         else:
-            if not bool(torch.isfinite(self.positions).all()):
-                self._raise_not_finite()
             positions = self.positions.detach().requires_grad_(True)
             pair_i, pair_j = molecular_pairs(self.n_atoms_per, self.positions, self.model.cutoff)
             with torch.enable_grad():

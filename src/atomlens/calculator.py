@@ -159,11 +159,6 @@ class Calculator(AseCalculator):
     def _prepare(self, atoms) -> None:
         """Validate ``atoms`` and cache the tensors that depend only on their numbers."""
         numbers = atoms.get_atomic_numbers()
-        if len(numbers) and numbers.max() > self.model.config.max_z:
-            raise DataError(
-                f"element Z={int(numbers.max())} is beyond the model's "
-                f"max_z={self.model.config.max_z}"
-            )
         periodic = bool(atoms.pbc.any())
         if periodic and self.model.cutoff is None:
             raise DataError(

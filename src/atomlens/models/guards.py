@@ -30,7 +30,15 @@ def _symbols(numbers) -> str:
 
 
 def check_elements(model, numbers, allow_unknown: bool = False, source: str = "input") -> None:
-    """Refuse (or, with ``allow_unknown``, warn about) elements absent from the training data."""
+    """Refuse elements beyond the model's embedding (``max_z``; the compiled kernels gather
+    rows without bounds checks), and refuse (or, with ``allow_unknown``, warn about) elements
+    absent from the training data."""
+    numbers = np.asarray(numbers)
+    max_z = model.config.max_z
+    if len(numbers) and numbers.max() > max_z:
+        raise DataError(
+            f"{source}: element Z={int(numbers.max())} is beyond the model's max_z={max_z}"
+        )
     known = training_elements(model)
     if known is None:
         return
