@@ -229,8 +229,10 @@ def test_overwrite_replaces_the_run(qm9, tmp_path, finished_run):
 
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
+    (out / "logs" / "version_7").mkdir(parents=True)  # an old run's log folder
     train(_tiny(out, seed=5), data=qm9, overwrite=True)
     assert "seed: 5" in (out / "train_config.yaml").read_text()
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["version_0"]  # the new run's
 
 
 # --------------------------------------------------------------- 3. md: validate first, no loss

@@ -142,3 +142,82 @@ def test_configure_keeps_a_users_wait_policy():
 )
 def test_every_command_takes_threads(command):
     assert build_parser().parse_args([*command, "--threads", "3"]).threads == 3
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has ended (no such process, or a zombie nobody reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_spawned_process_ends_with_its_parent(tmp_path):
+    """A process started by multiprocessing (as ddp_spawn starts training processes) that
+    called end_with_parent ends when its parent is killed; one that did not lives on (the
+    orphans this guards against). The main process itself is left alone."""
+    import signal
+    import time
+
+    assert runtime.end_with_parent() is False  # not a multiprocessing child: nothing set
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import multiprocessing, os, sys, time
+            from atomlens import runtime
+
+            def child(guard, path):
+                set_ = runtime.end_with_parent() if guard else False
+                open(path, "w").write(f"{{os.getpid()}} {{set_}}")
+                time.sleep(120)
+
+            if __name__ == "__main__":
+                ctx = multiprocessing.get_context("spawn")
+                for guard, name in ((True, "guarded"), (False, "unguarded")):
+                    ctx.Process(target=child, args=(guard, r"{tmp_path}/" + name)).start()
+                time.sleep(120)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    parent = subprocess.Popen([sys.executable, str(script)], env=env)
+    files = [tmp_path / "guarded", tmp_path / "unguarded"]
+    try:
+        deadline = time.monotonic() + 60
+        while not all(f.exists() and f.read_text() for f in files):
+            assert time.monotonic() < deadline, "the children did not start"
+            time.sleep(0.1)
+        (guarded, was_set), (unguarded, _) = (f.read_text().split() for f in files)
+        guarded, unguarded = int(guarded), int(unguarded)
+        assert was_set == "True"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while not _gone(guarded):
+            assert time.monotonic() < deadline, "the guarded child outlived its parent"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert not _gone(unguarded)  # the orphan the guard prevents
+    finally:
+        parent.kill()
+        for f in files:
+            if f.exists() and f.read_text():
+                try:
+                    os.kill(int(f.read_text().split()[0]), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def test_spawned_training_processes_end_with_the_parent(monkeypatch):
+    """The training callback asks for it in spawned processes only."""
+    from atomlens.training import train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "end_with_parent", lambda: calls.append(1))
+    train_module._ProcessSettings(None, spawned=False).setup(None, None, "fit")
+    assert calls == []
+    train_module._ProcessSettings(None, spawned=True).setup(None, None, "fit")
+    assert calls == [1]

@@ -43,6 +43,7 @@ import ctypes
 import ctypes.util
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -186,6 +187,33 @@ def flush_subnormals() -> bool:
     import torch
 
     return bool(torch.set_flush_denormal(True))
+
+
+# ----------------------------------------------------------------------------- child processes
+_PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Have the kernel send ``sig`` to this process when the process that started it ends.
+
+    For the processes ``ddp_spawn`` starts: when their parent is killed (``kill``, a batch
+    scheduler's SIGTERM, an out-of-memory kill) they would otherwise train on, orphaned, or
+    wait forever in a collective, holding the cores. Only in a process that
+    :mod:`multiprocessing` started (a command run from a shell must outlive the shell under
+    ``nohup``), and only on Linux (``prctl``); returns whether it was set. A parent that is
+    already gone (a race with the call) ends this process now.
+    """
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent.pid:
+        os.kill(os.getpid(), sig)
+    return True
 
 
 # ----------------------------------------------------------------------------- all of it

@@ -29,9 +29,18 @@ from ..fileio import atomic_file
 
 LOCK = ".atomlens-train.lock"
 FINGERPRINT = "fingerprint.json"
-#: what a new run (``overwrite``) replaces; the model and logs of the old run stay until the
-#: new run writes its own (the model is replaced atomically at the end)
-RUN_FILES = ("checkpoints", "split.npz", FINGERPRINT, "train_config.yaml", "metrics.json")
+#: what a new run (``overwrite``) replaces; the old run's model stays until the new run
+#: saves its own (replaced atomically at the end); its logs go (the loggers number their
+#: folders, so the old run's curves would otherwise sit beside the new run's as version_0)
+RUN_FILES = (
+    "checkpoints",
+    "split.npz",
+    FINGERPRINT,
+    "train_config.yaml",
+    "metrics.json",
+    "logs",
+    "tb",
+)
 #: configuration fields a resumed run may change: budgets, display, hardware, paths
 RESUMABLE = frozenset(
     {

@@ -38,7 +38,7 @@ from ..data.statistics import fit_atomrefs, force_rms, residual_stats
 from ..models.inference import predict_dataset
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
-from ..runtime import flush_subnormals
+from ..runtime import end_with_parent, flush_subnormals
 from . import run_folder
 from .budget import MARGIN_S, SPAWN_MARGIN_S, BudgetStop, CosineToEnd
 from .config import TrainConfig, save_config
@@ -340,7 +340,7 @@ def _train(
         EarlyStopping("val_loss", patience=config.early_stopping_patience),
         LearningRateMonitor("epoch"),
         run_folder.FingerprintCallback(run_folder.digest(fingerprint)),
-        _ProcessSettings(config.threads),
+        _ProcessSettings(config.threads, spawned="spawn" in str(config.strategy)),
     ]
     if config.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
@@ -451,16 +451,22 @@ def _checkpoint_epochs(path: Path) -> int:
 class _ProcessSettings(pl.Callback):
     """Settings for every training process, also those that ``ddp_spawn`` starts:
     ``threads`` torch threads if given (Lightning gives spawned processes cores // processes
-    unless told), and subnormal floats flushed to zero
-    (:func:`atomlens.runtime.flush_subnormals`: 10-15% of a QM9 training step otherwise)."""
+    unless told), subnormal floats flushed to zero
+    (:func:`atomlens.runtime.flush_subnormals`: 10-15% of a QM9 training step otherwise), and
+    with ``spawned`` (a ``*spawn*`` strategy) each process ends when the one that started it
+    ends (:func:`atomlens.runtime.end_with_parent`), so that killing ``atomlens train`` leaves
+    no orphaned training processes on the cores."""
 
-    def __init__(self, threads: int | None):
+    def __init__(self, threads: int | None, spawned: bool = False):
         self.threads = threads
+        self.spawned = spawned
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
         flush_subnormals()
+        if self.spawned:
+            end_with_parent()
 
 
 def _loggers(out: Path) -> list:
