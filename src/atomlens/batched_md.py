@@ -57,7 +57,7 @@ from .calculator import PADDING_DISTANCE, pair_capacity
 from .data.batch import Pairs
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
-from .md import LOG_COLUMNS, MDLog, MDUnstableError, _temporary, published
+from .md import LOG_COLUMNS, MDLog, MDUnstableError, published, temporary_outputs
 from .models.guards import check_elements
 from .models.potential import AtomisticModel
 from .nn import scatter_sum
@@ -434,7 +434,7 @@ class BatchedMD:
         logs = [MDLog() for _ in range(self.n_structures)]
         # temporary files beside their names, renamed at the end (or at a Ctrl-C); a run
         # stopped as unstable keeps them as NAME.unstable.SUFFIX, as single-trajectory MD
-        outputs = {Path(p): _temporary(Path(p)) for p in [*(trajectories or []), *(logfiles or [])]}
+        outputs = temporary_outputs([*(trajectories or []), *(logfiles or [])])
         with published(outputs), contextlib.ExitStack() as stack:
             writers = [self._trajectory_writer(outputs[Path(p)], stack) for p in trajectories or []]
             tables = []

@@ -275,7 +275,7 @@ def run_md(
     spread = "energy_std" in getattr(atoms.calc, "implemented_properties", ())
     # outputs are written to temporary files beside their names and renamed at the end, so
     # a failed run never truncates the results of an earlier one
-    outputs = {Path(p): _temporary(Path(p)) for p in (trajectory, logfile) if p is not None}
+    outputs = temporary_outputs((trajectory, logfile))
     stack = contextlib.ExitStack()
     writer = None
     if logfile is not None:
@@ -392,12 +392,18 @@ def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K, max_d
     return check
 
 
-def _temporary(path: Path) -> Path:
+def temporary_outputs(paths) -> dict[Path, Path]:
+    """{name: temporary file beside it} for the output ``paths`` (``None`` entries skipped),
+    to write into and hand to :func:`published`; temporary files of killed runs are
+    removed first."""
     from .fileio import recover_folder, temporary_name
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_folder(path)  # temporary files of killed runs
-    return temporary_name(path)
+    outputs = {}
+    for path in map(Path, filter(None, paths)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recover_folder(path)
+        outputs[path] = temporary_name(path)
+    return outputs
 
 
 @contextlib.contextmanager
