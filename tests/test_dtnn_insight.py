@@ -14,6 +14,7 @@ from atomlens.data.batch import Batch, Pairs
 from atomlens.data.dataset import dataset_from_atoms
 from atomlens.data.neighbors import molecular_pairs
 from atomlens.insight import atomic_energies, extensivity, isolated_atom_energy, probe_energies
+from atomlens.insight.extensivity import two_copies
 from atomlens.insight.potential_map import potential_map
 from atomlens.models import build_model
 
@@ -109,9 +110,13 @@ def test_dtnn_molecule_alone_equals_molecule_in_batch():
 @pytest.mark.parametrize("rep", ["dtnn", "schnet"])
 def test_atomic_energies_sum_to_total(rep):
     model = tiny_model(rep)
-    frames = [molecule("C6H6"), molecule("CH3CH2OH")]
+    frames = [molecule("C6H6"), molecule("CH3CH2OH"), molecule("H2O"), molecule("CH4")]
     tables = atomic_energies(model, frames)
     totals = model.predict(frames)["U0"]
+    assert [t.formula for t in tables] == ["C6H6", "C2H6O", "H2O", "CH4"]
+    in_chunks = atomic_energies(model, frames, batch_size=3)  # a second chunk of one
+    for table, chunked in zip(tables, in_chunks):
+        np.testing.assert_allclose(chunked.energies, table.energies, atol=1e-12)
     for table, total in zip(tables, totals):
         assert table.energies.sum() == pytest.approx(total, abs=1e-9)
         assert table.total == pytest.approx(total, abs=1e-12)
@@ -122,6 +127,32 @@ def test_atomic_energies_sum_to_total(rep):
     carbons = one.energies[one.numbers == 6]
     assert np.ptp(carbons) < 1e-5  # (ASE's coordinates are symmetric to ~1e-6 Angstrom)
     assert "sum" in one.table()
+
+
+def test_atomic_energy_table_rows_and_sums():
+    from atomlens.insight.atomic import AtomicEnergies
+
+    table = AtomicEnergies(
+        symbols=["O", "H", "H"],
+        numbers=np.array([8, 1, 1]),
+        positions=np.zeros((3, 3)),
+        energies=np.array([-2041.0, -13.0, -14.0]),
+        references=np.array([-2040.0, -13.5, -13.5]),
+        total=-2068.0,
+        formula="H2O",
+    )
+    lines = table.table().splitlines()
+    assert lines[0] == "H2O: E = -2068.000000 eV, sum of 3 atoms"
+    assert lines[1].split() == ["atom", "el", "E_i", "(eV)", "E_i", "-", "atomref"]
+    assert lines[2].split() == ["0", "O", "-2041.000000", "-1.000000"]
+    assert lines[-1].split() == ["sum", "-2068.000000", "-1.000000"]
+    assert "(kcal/mol)" in table.table(unit="kcal/mol").splitlines()[1]
+    table.charges = np.array([-0.8, 0.4, 0.4])
+    lines = table.table().splitlines()
+    assert lines[1].split()[-2:] == ["q_i", "(e)"]
+    assert lines[3].split() == ["1", "H", "-13.000000", "0.500000", "0.4000"]
+    assert lines[-1].split() == ["sum", "-2068.000000", "-1.000000", "0.0000"]
+    assert [row["charge"] for row in table.rows()] == [-0.8, 0.4, 0.4]
 
 
 # --------------------------------------------------------------------------- potential map
@@ -234,10 +265,15 @@ def test_size_extensivity_beyond_cutoff_and_not_within(rep):
     model = tiny_model(rep)
     atoms = molecule("CH3CH2OH")
     far = extensivity(model, atoms)
-    assert far.separation >= model.cutoff
+    assert far.cutoff == model.cutoff
+    # default: one Angstrom beyond the cutoff, between the copies' closest atoms
+    assert model.cutoff + 1.0 <= far.separation < model.cutoff + 1.5
     assert far.passed() and abs(far.difference) < 1e-9
     near = extensivity(model, atoms, separation=2.0)
-    assert 2.0 <= near.separation < 3.0
+    dimer = two_copies(atoms, 2.0)
+    n = len(atoms)
+    closest = min(np.linalg.norm(a - b) for a in dimer.positions[:n] for b in dimer.positions[n:])
+    assert near.separation == pytest.approx(closest) and 2.0 <= closest < 3.0
     assert not near.passed() and abs(near.difference) > 1e-4
     no_cutoff = tiny_model("schnet", cutoff=None, rbf_stop=8.0)
     with pytest.raises(ValueError):
@@ -337,6 +373,18 @@ def test_ring_study_predicts_the_molecules_with_rings_and_ranks_them():
         [r["ring_h"] for r in study.records], [r["ring_h"] for r in expected.records], atol=1e-9
     )
     assert ring_study(model, data, max_molecules=2, min_count=1).n_molecules == 2
+    # a random draw of distinct molecules, the same for the same seed
+    drawn = [ring_study(model, data, max_molecules=4, min_count=1, seed=s) for s in (5, 5)]
+    chosen = [sorted({r["molecule"] for r in d.records}) for d in drawn]
+    assert len(chosen[0]) == 4 and chosen[0] == chosen[1]
+    assert set(chosen[0]) <= set(with_rings.tolist())
+    # a geometry that does not match its SMILES is counted and left out
+    mismatched = data.subset(np.arange(len(data)))
+    mismatched.extras["smiles"] = np.array(mismatched.extras["smiles"], dtype=object)
+    mismatched.extras["smiles"][0] = "C=C1C=CC=C1"  # fulvene: C6H6 as benzene, other bonds
+    other = ring_study(model, mismatched, sizes=(5, 6), max_molecules=None, min_count=1)
+    assert other.n_unmatched == 1 and other.n_molecules == len(with_rings)
+    assert 0 not in {r["molecule"] for r in other.records}
     subset = ring_study(model, data, indices=np.array([0, 3, 4]), min_count=1)
     assert subset.n_molecules == 1 and {r["molecule"] for r in subset.records} == {0}
     with pytest.raises(ValueError, match="ring of size 3"):
@@ -379,13 +427,16 @@ def test_ring_analysis_sums_relative_atomic_energies_and_ranks_types():
 def test_isomer_statistics_on_synthetic_energies():
     from atomlens.insight.isomers import analyse_isomers
 
-    reference = np.array([2.0, 0.0, 1.0, 3.0])
+    reference = np.array([2.0, 0.0, 1.0, 3.0]) - 400.0  # relative energies need the offset
     good = analyse_isomers(reference, reference + 5.0 + np.array([0.1, 0.0, -0.2, 0.3]))
     assert good.spearman == pytest.approx(1.0)
     assert good.lowest == 1
     np.testing.assert_allclose(good.relative_reference, [2.0, 0.0, 1.0, 3.0])
     np.testing.assert_allclose(good.relative_predicted, [2.1, 0.0, 0.8, 3.3])
     assert good.relative_mae == pytest.approx((0.1 + 0.0 + 0.2 + 0.3) / 4)
+    np.testing.assert_array_equal(good.indices, np.arange(4))
+    named = analyse_isomers(reference, reference, indices=[7, 3, 9, 4], formula="C2H6O")
+    assert named.summary()["lowest_index"] == 3 and named.summary()["formula"] == "C2H6O"
     assert good.mae == pytest.approx(5.0 + (0.1 - 0.2 + 0.3) / 4)
     assert good.centred_mae == pytest.approx(
         np.mean(np.abs(np.array([0.1, 0.0, -0.2, 0.3]) - 0.05))
@@ -583,3 +634,69 @@ def test_has_rings_filters_smiles_by_ring_size():
     smiles = np.array(["CCO", "C1CC1", "c1ccccc1", "C1CCOC1", "not a smiles 1"])
     np.testing.assert_array_equal(has_rings(smiles, (5, 6)), [False, False, True, True, False])
     np.testing.assert_array_equal(has_rings(smiles, (3,)), [False, True, False, False, False])
+
+
+CLASSIFIED = [
+    ("c1ccnnc1", "pyridazine", True),
+    ("n1ccccn1", "pyridazine", True),
+    ("c1cncnc1", "pyrimidine", True),
+    ("n1cccnc1", "pyrimidine", True),
+    ("n1ccncc1", "pyrazine", True),
+    ("c1cn[nH]c1", "pyrazole", True),
+    ("[nH]1nccc1", "pyrazole", True),
+    ("n1cc[nH]c1", "imidazole", True),
+    ("c1cnoc1", "isoxazole", True),
+    ("o1nccc1", "isoxazole", True),
+    ("c1cocn1", "oxazole", True),
+    ("c1ncncn1", "triazine", True),
+    ("c1cscn1", "aromatic 5-ring C3NS", True),
+    ("c1ccsc1", "aromatic 5-ring C4S", True),
+    ("C1=CC=CCC1", "cyclohexadiene", False),
+    ("C1=CCC=CC1", "cyclohexadiene", False),
+    ("C1=CCCC1", "cyclopentene", False),
+    ("C1=CC1", "cyclopropene", False),
+    ("C1=COCCC1", "6-ring C5O (1 double bond)", False),
+    ("C1=CC=CC1", "5-ring C5 (2 double bonds)", False),
+    ("C1=CC=CC=CC1", "7-ring C7 (3 double bonds)", False),
+    ("C1CNCCN1", "6-ring C4N2 (saturated)", False),
+    ("C1CCCCCCC1", "8-ring C8 (saturated)", False),
+    ("C1COCCO1", "dioxane", False),
+]
+
+
+@pytest.mark.parametrize("smiles,name,aromatic", CLASSIFIED)
+def test_classify_ring_names_hetero_rings_by_their_atoms_and_bonds(smiles, name, aromatic):
+    """Every branch of the ring names: N/N and N/O rings by how far apart the heteroatoms
+    sit (in either direction round the ring), rings outside the table by their formula and
+    double bonds, in any SMILES atom order."""
+    from atomlens.insight.rings import classify_ring
+
+    Chem = pytest.importorskip("rdkit.Chem")
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    (ring,) = mol.GetRingInfo().AtomRings()
+    assert classify_ring(mol, ring) == (name, aromatic)
+    reversed_ring = ring[:1] + tuple(reversed(ring[1:]))  # the other way round
+    assert classify_ring(mol, reversed_ring) == (name, aromatic)
+
+
+def test_two_copies_shift_along_x_only():
+    atoms = molecule("CH3CH2OH")
+    dimer = two_copies(atoms, 3.0)
+    n = len(atoms)
+    width = np.ptp(atoms.positions[:, 0])
+    np.testing.assert_allclose(dimer.positions[:n], atoms.positions)
+    np.testing.assert_allclose(dimer.positions[n:] - atoms.positions, [[width + 3.0, 0, 0]] * n)
+
+
+def test_extensivity_tolerance_is_relative_to_the_energy_above_one():
+    """|E(A + A') - 2 E(A)| <= tolerance * max(1, |E(A + A')|), the bound included."""
+    from atomlens.insight.extensivity import ExtensivityResult
+
+    small = ExtensivityResult(single=0.25, pair=0.5 + 2**-10, separation=6.0, cutoff=5.0)
+    assert small.difference == 2**-10
+    assert small.passed(tolerance=2**-10)  # on the bound
+    assert not small.passed(tolerance=2**-11)
+    assert not ExtensivityResult(0.25, 0.5 + 2**-9, 6.0, 5.0).passed(tolerance=2**-10)
+    large = ExtensivityResult(single=-50.0, pair=-100.0 + 2**-4, separation=6.0, cutoff=5.0)
+    assert large.passed(tolerance=1e-3)  # 0.0625 <= 1e-3 * 99.94
+    assert not large.passed(tolerance=1e-4)

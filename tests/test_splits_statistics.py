@@ -98,6 +98,17 @@ def test_statistics_errors():
         fit_atomrefs(data, [], "energy")
     with pytest.raises(DataError, match="not in the dataset"):
         fit_atomrefs(data, np.arange(5), "U0")
+    for out_of_range in ([0, 5], [-1, 2], [5]):  # each end of the range on its own
+        with pytest.raises(DataError, match="out of range for a dataset of 5"):
+            fit_atomrefs(data, out_of_range, "energy")
+    fit_atomrefs(data, [0, 4], "energy")  # both ends inside
+    with_forces = _with_forces(n=3)
+    with pytest.raises(DataError, match="per atom; statistics need a per-structure"):
+        fit_atomrefs(with_forces, [0, 1], "forces")
+    # references must cover every element of the chosen structures: Z = 8 needs 9 entries
+    with pytest.raises(DataError, match="Z=8 has no atom reference"):
+        residual_stats(data, np.arange(5), "energy", np.zeros(8))
+    residual_stats(data, np.arange(5), "energy", np.zeros(9))
 
 
 def test_set_statistics_stores_references_and_defaults_to_no_shift_or_scale():
@@ -151,6 +162,8 @@ def test_force_rms_over_the_atoms_and_directions_of_the_chosen_structures():
     )  # only the chosen structures count
     with pytest.raises(DataError, match="per-atom 'forces'"):
         force_rms(_synthetic(n=4)[0], np.arange(4))
+    with pytest.raises(DataError, match="per-atom 'energy'"):  # there, but per structure
+        force_rms(data, idx, target="energy")
 
 
 @pytest.mark.parametrize("forces", [False, True])

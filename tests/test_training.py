@@ -270,6 +270,61 @@ def test_energy_force_loss_weighting():
         assert float(task.loss(batch, pred)) == pytest.approx(expected)
     task = AtomisticTask(random_model("schnet"), loss="mae")
     assert float(task.loss(batch, pred)) == pytest.approx(energy_abs)
+    # stress: + w mean_m |sigma_m - sigma^_m|^2 summed over the 3 x 3 components (eV/A^3)
+    targets["stress"] = torch.from_numpy(rng.normal(size=(2, 3, 3)))
+    pred["stress"] = torch.from_numpy(rng.normal(size=(2, 3, 3)))
+    stress = ((pred["stress"] - targets["stress"]).numpy() ** 2).sum((1, 2)).mean()
+    for weight in (100.0, 7.0):
+        task = AtomisticTask(
+            random_model("schnet"), forces=True, rho=0.3, stress=True, stress_weight=weight
+        )
+        expected = 0.3 * energy + 0.7 * force + weight * stress
+        assert float(task.loss(batch, pred)) == pytest.approx(expected)
+    # a rank's share of a global batch of 5 structures and 20 atoms (data-parallel training)
+    task = AtomisticTask(random_model("schnet"), forces=True, rho=0.3)
+    share = float(task.loss(batch, pred, counts=(5.0, 20.0)))
+    assert share == pytest.approx(0.3 * energy * 2 / 5 + 0.7 * force * n_atoms / 20)
+
+
+def test_validation_metrics_are_mae_and_rmse():
+    """val_<target>_mae is the mean absolute error and _rmse the root mean square error."""
+    from helpers import random_model
+
+    task = AtomisticTask(random_model("schnet"), forces=True)
+    error = torch.tensor([0.5, -1.5, 2.0, 0.0], dtype=torch.float64)
+    for stage in ("val", "test"):
+        for name in ("energy", "forces"):
+            mae = task.metrics[f"{stage}_{name}_mae"]
+            rmse = task.metrics[f"{stage}_{name}_rmse"]
+            mae.update(error, torch.zeros_like(error))
+            rmse.update(error, torch.zeros_like(error))
+            assert float(mae.compute()) == pytest.approx(1.0)
+            assert float(rmse.compute()) == pytest.approx(np.sqrt(6.5 / 4))
+
+
+def test_learning_rate_schedules():
+    """plateau: x lr_factor after lr_patience epochs without a lower val_loss, down to lr_min;
+    cosine: a bare optimiser (the budget's callback sets the rate every batch)."""
+    from helpers import random_model
+
+    task = AtomisticTask(random_model("schnet"), lr=1e-3, lr_factor=0.5, lr_patience=2)
+    config = task.configure_optimizers()
+    scheduler = config["lr_scheduler"]["scheduler"]
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert config["lr_scheduler"]["monitor"] == "val_loss"
+    assert config["lr_scheduler"]["interval"] == "epoch"
+    assert config["lr_scheduler"]["frequency"] == 1
+    optimizer = config["optimizer"]
+    for val_loss in (1.0, 1.0, 1.0, 1.0):  # no improvement after the first epoch
+        scheduler.step(val_loss)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    task = AtomisticTask(random_model("schnet"), lr=1e-3, lr_min=4e-4, lr_factor=0.1)
+    config = task.configure_optimizers()
+    for _ in range(60):
+        config["lr_scheduler"]["scheduler"].step(1.0)
+    assert config["optimizer"].param_groups[0]["lr"] == pytest.approx(4e-4)
+    cosine = AtomisticTask(random_model("schnet"), lr=1e-3, lr_schedule="cosine")
+    assert isinstance(cosine.configure_optimizers(), torch.optim.Adam)
     with pytest.raises(ValueError, match="'mse' or 'mae'"):
         AtomisticTask(random_model("schnet"), loss="huber")
 
