@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 import types
@@ -453,9 +454,9 @@ class _ProcessSettings(pl.Callback):
     ``threads`` torch threads if given (Lightning gives spawned processes cores // processes
     unless told), subnormal floats flushed to zero
     (:func:`atomlens.runtime.flush_subnormals`: 10-15% of a QM9 training step otherwise), and
-    with ``spawned`` (a ``*spawn*`` strategy) each process ends when the one that started it
-    ends (:func:`atomlens.runtime.end_with_parent`), so that killing ``atomlens train`` leaves
-    no orphaned training processes on the cores."""
+    with ``spawned`` (a ``*spawn*`` strategy) each process is killed when the one that started
+    it ends (:func:`atomlens.runtime.end_with_parent`), so that killing ``atomlens train``
+    leaves no orphaned training processes on the cores."""
 
     def __init__(self, threads: int | None, spawned: bool = False):
         self.threads = threads
@@ -466,7 +467,11 @@ class _ProcessSettings(pl.Callback):
             torch.set_num_threads(self.threads)
         flush_subnormals()
         if self.spawned:
-            end_with_parent()
+            # SIGKILL, not SIGTERM: Lightning answers SIGTERM in these processes with a
+            # collective, graceful stop (a broadcast inside the signal handler) that hung when
+            # both ranks got it mid-step; the last epoch's checkpoint (saved atomically) is
+            # what --resume needs, and nobody is left to report to
+            end_with_parent(signal.SIGKILL)
 
 
 def _loggers(out: Path) -> list:
