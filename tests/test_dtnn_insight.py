@@ -382,9 +382,17 @@ def test_ring_study_predicts_the_molecules_with_rings_and_ranks_them():
     mismatched = data.subset(np.arange(len(data)))
     mismatched.extras["smiles"] = np.array(mismatched.extras["smiles"], dtype=object)
     mismatched.extras["smiles"][0] = "C=C1C=CC=C1"  # fulvene: C6H6 as benzene, other bonds
+    mismatched.extras["smiles"][5] = "c1ccncc1"  # pyridine's SMILES for toluene's atoms
     other = ring_study(model, mismatched, sizes=(5, 6), max_molecules=None, min_count=1)
-    assert other.n_unmatched == 1 and other.n_molecules == len(with_rings)
-    assert 0 not in {r["molecule"] for r in other.records}
+    assert other.n_unmatched == 2 and other.n_molecules == len(with_rings)
+    assert {0, 5}.isdisjoint({r["molecule"] for r in other.records})
+    # min_count: only ring types seen at least that often are ranked
+    counts = {}
+    for r in study.records:
+        counts[r["name"]] = counts.get(r["name"], 0) + 1
+    common = ring_study(model, data, sizes=(5, 6), max_molecules=None, min_count=2)
+    assert {t["name"] for t in common.ranking} == {n for n, c in counts.items() if c >= 2}
+    assert {t["name"] for t in study.ranking} == set(counts)
     subset = ring_study(model, data, indices=np.array([0, 3, 4]), min_count=1)
     assert subset.n_molecules == 1 and {r["molecule"] for r in subset.records} == {0}
     with pytest.raises(ValueError, match="ring of size 3"):
@@ -700,3 +708,17 @@ def test_extensivity_tolerance_is_relative_to_the_energy_above_one():
     large = ExtensivityResult(single=-50.0, pair=-100.0 + 2**-4, separation=6.0, cutoff=5.0)
     assert large.passed(tolerance=1e-3)  # 0.0625 <= 1e-3 * 99.94
     assert not large.passed(tolerance=1e-4)
+
+
+def test_match_smiles_needs_the_elements_to_match_not_only_the_bonds():
+    """H-C#N and H-N#C have the same bond graph (a chain of three); only the elements tell
+    them apart."""
+    from atomlens.insight.rings import match_smiles
+
+    pytest.importorskip("rdkit")
+    numbers = np.array([1, 6, 7])  # H, C, N on a line
+    positions = np.array([[0.0, 0.0, 0.0], [1.07, 0.0, 0.0], [2.22, 0.0, 0.0]])
+    mol, mapping = match_smiles("C#N", numbers, positions)
+    assert mapping is not None
+    assert [mol.GetAtomWithIdx(mapping[k]).GetAtomicNum() for k in range(3)] == [1, 6, 7]
+    assert match_smiles("[C-]#[NH+]", numbers, positions)[1] is None  # H on N
