@@ -443,8 +443,19 @@ def test_isomer_statistics_on_synthetic_energies():
     np.testing.assert_allclose(good.relative_predicted, [2.1, 0.0, 0.8, 3.3])
     assert good.relative_mae == pytest.approx((0.1 + 0.0 + 0.2 + 0.3) / 4)
     np.testing.assert_array_equal(good.indices, np.arange(4))
-    named = analyse_isomers(reference, reference, indices=[7, 3, 9, 4], formula="C2H6O")
-    assert named.summary()["lowest_index"] == 3 and named.summary()["formula"] == "C2H6O"
+    named = analyse_isomers(reference, reference[::-1], indices=[7, 3, 9, 4], formula="C2H6O")
+    assert named.summary() == {  # the keys of `atomlens insight isomers --json`
+        "formula": "C2H6O",
+        "n_isomers": 4,
+        # ranks (3, 1, 2, 4) against (4, 2, 1, 3): 1 - 6 * 4 / (4 * 15)
+        "spearman": pytest.approx(0.6),
+        # relative to isomer 1: (2, 0, 1, 3) against (2, 0, -1, 1)
+        "relative_mae_eV": pytest.approx(1.0),
+        "mae_eV": pytest.approx(1.0),  # errors (1, 1, -1, -1)
+        "centred_mae_eV": pytest.approx(1.0),
+        "lowest_index": 3,
+        "predicted_lowest_index": 9,
+    }
     assert good.mae == pytest.approx(5.0 + (0.1 - 0.2 + 0.3) / 4)
     assert good.centred_mae == pytest.approx(
         np.mean(np.abs(np.array([0.1, 0.0, -0.2, 0.3]) - 0.05))
@@ -722,3 +733,47 @@ def test_match_smiles_needs_the_elements_to_match_not_only_the_bonds():
     assert mapping is not None
     assert [mol.GetAtomWithIdx(mapping[k]).GetAtomicNum() for k in range(3)] == [1, 6, 7]
     assert match_smiles("[C-]#[NH+]", numbers, positions)[1] is None  # H on N
+
+
+def test_ring_table_and_json_fields():
+    from atomlens.insight.rings import RingAnalysis
+
+    ranking = [
+        {
+            "name": "benzene",
+            "size": 6,
+            "aromatic": True,
+            "count": 2,
+            "per_atom": -1.5,
+            "per_atom_sd": 0.25,
+            "ring": -9.0,
+            "ring_h": -12.5,
+        },
+        {
+            "name": "oxolane",
+            "size": 5,
+            "aromatic": False,
+            "count": 1,
+            "per_atom": -0.5,
+            "per_atom_sd": 0.0,
+            "ring": -2.5,
+            "ring_h": -6.0,
+        },
+    ]
+    analysis = RingAnalysis(
+        records=[{"molecule": 0}], ranking=ranking, n_molecules=3, n_unmatched=1
+    )
+    lines = analysis.table().splitlines()
+    assert lines[0].split() == [
+        "ring", "type", "n", "E_ring/atom", "sd", "E_ring", "E_ring+H", "arom",
+        "(eV,", "element", "references", "removed)",
+    ]  # fmt: skip
+    assert lines[1].split() == ["benzene", "2", "-1.5000", "0.2500", "-9.000", "-12.500", "yes"]
+    assert lines[2].split() == ["oxolane", "1", "-0.5000", "0.0000", "-2.500", "-6.000", "no"]
+    assert lines[3] == "3 molecules, 1 skipped (geometry bonds do not match the SMILES)"
+    assert analysis.as_dict() == {
+        "ranking": ranking,
+        "records": [{"molecule": 0}],
+        "n_molecules": 3,
+        "n_unmatched": 1,
+    }
