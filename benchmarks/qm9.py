@@ -127,6 +127,12 @@ def accuracy(args) -> dict:
         device="cpu",
         out=args.out or f"runs/bench-qm9-{args.model}-{args.target}-{args.n_train}",
     )
+    if args.representation:  # e.g. cutoff=6.0: the preset's representation with these changed
+        kwargs = dict(config.model.representation_kwargs)
+        for item in args.representation:
+            key, _, value = item.partition("=")
+            kwargs[key] = type(kwargs[key])(value) if key in kwargs else float(value)
+        config = config.updated(**{"model.representation_kwargs": kwargs})
     data = load_qm9()
     start = time.perf_counter()
     metrics = train(config, data=data, overwrite=True)  # a benchmark re-runs
@@ -152,6 +158,8 @@ def accuracy(args) -> dict:
         "weight_decay": config.weight_decay,
         "processes": args.processes,
     }
+    if args.representation:
+        record["representation_kwargs"] = config.model.representation_kwargs
     if metrics.get("unit") == "eV":
         record.update(
             test_mae_meV=round(mae * 1e3, 2),
@@ -550,6 +558,12 @@ def main(argv=None) -> int:
         type=float,
         default=None,
         help="accuracy: decoupled weight decay (AdamW; default the preset's, none)",
+    )
+    parser.add_argument(
+        "--representation",
+        action="append",
+        metavar="KEY=VALUE",
+        help="accuracy: change one of the preset's representation settings (e.g. cutoff=6.0)",
     )
     parser.add_argument("--out", default=None, help="run folder (default runs/bench-qm9-...)")
     parser.add_argument("--seed", type=int, default=0)

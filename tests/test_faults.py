@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,12 +231,106 @@ def test_overwrite_replaces_the_run(qm9, tmp_path, finished_run):
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
     (out / "logs" / "version_7").mkdir(parents=True)  # an old run's log folder
+    (out / "logs" / "notes.txt").write_text("mine")  # a user's file in a folder named logs
+    (out / "tb" / "version_3").mkdir(parents=True)
+    (out / "model.keep").write_text("mine")
     train(_tiny(out, seed=5), data=qm9, overwrite=True)
     assert "seed: 5" in (out / "train_config.yaml").read_text()
-    assert sorted(p.name for p in (out / "logs").iterdir()) == ["version_0"]  # the new run's
+    # the old run's numbered log folders go; the new run's and the user's files stay
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["notes.txt", "version_0"]
+    assert not (out / "tb" / "version_3").exists()
+    assert (out / "model.keep").read_text() == "mine"
+
+
+def test_checkpoints_are_renamed_into_place(qm9, tmp_path, monkeypatch):
+    """Checkpoints are written beside their name and renamed over it (not through $TMPDIR,
+    which may be another file system: there a kill mid-copy truncated last.ckpt)."""
+    from atomlens.training import train as train_module
+
+    written = []
+    save = torch.save
+
+    def recording(obj, path, *a, **kw):
+        if isinstance(path, (str, os.PathLike)):  # Lightning's own save writes to a buffer
+            written.append(Path(path))
+        return save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(train_module.torch, "save", recording)
+    out = tmp_path / "run"
+    train_module.train(_tiny(out, max_epochs=1), data=qm9)
+    saved = [p for p in written if p.suffix == ".ckpt"]
+    assert saved and all(p.parent == out / "checkpoints" for p in saved)
+    assert all(p.name.startswith((".best.ckpt.", ".last.ckpt.")) for p in saved)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from atomlens.training import train as train_module
+
+    path = tmp_path / "last.ckpt"
+    io = train_module._AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 1}, path)
+
+    def broken(obj, f, *a, **kw):
+        Path(f).write_bytes(b"half a checkp")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_module.torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"epoch": 2}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    with pytest.raises(TypeError, match="storage_options"):
+        io.save_checkpoint({"epoch": 3}, path, storage_options={"a": 1})
+
+
+@pytest.mark.parametrize(
+    ("strategy", "spawned"),
+    [
+        ("ddp_spawn", True),
+        ("ddp_fork", True),
+        ("ddp_notebook", True),
+        ("ddp", False),
+        ("auto", False),
+    ],
+)
+def test_multiprocessing_ranks_are_tied_to_the_command(
+    qm9, tmp_path, monkeypatch, strategy, spawned
+):
+    """train() asks its process-settings callback to tie the ranks to the command exactly
+    for the strategies whose ranks multiprocessing starts."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from atomlens.training import train as train_module
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def trainer(**kw):
+        seen.extend(
+            c.spawned for c in kw["callbacks"] if isinstance(c, train_module._ProcessSettings)
+        )
+        raise Stop
+
+    monkeypatch.setattr(train_module.pl, "Trainer", trainer)
+    with pytest.raises(Stop):
+        train_module.train(_tiny(tmp_path / "run", strategy=strategy), data=qm9)
+    assert seen == [spawned]
+    assert train_module._multiprocessing_ranks(DDPStrategy(start_method="spawn"))
+    assert not train_module._multiprocessing_ranks(DDPStrategy())
 
 
 # --------------------------------------------------------------- 3. md: validate first, no loss
+def test_empty_output_path_is_named(tmp_path):
+    from atomlens.md import temporary_outputs
+
+    assert list(temporary_outputs([None, tmp_path / "a.traj"])) == [tmp_path / "a.traj"]
+    with pytest.raises(ValueError, match="output path is empty"):
+        temporary_outputs([tmp_path / "a.traj", ""])
+
+
 @pytest.fixture(scope="module")
 def stiff_model(tmp_path_factory):
     """A random model with strong forces: stable at 0.5 fs, blown up at 100 fs."""

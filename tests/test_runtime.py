@@ -203,12 +203,45 @@ def test_spawned_process_ends_with_its_parent(tmp_path):
         assert not _gone(unguarded)  # the orphan the guard prevents
     finally:
         parent.kill()
+        parent.wait()
         for f in files:
             if f.exists() and f.read_text():
                 try:
                     os.kill(int(f.read_text().split()[0]), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def _pdeathsig_in_child(queue):
+    import ctypes
+    import ctypes.util
+
+    was_set = runtime.end_with_parent()
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    sig = ctypes.c_int(-1)
+    libc.prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+    queue.put((was_set, sig.value))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+@pytest.mark.parametrize(
+    ("method", "expected"), [("spawn", True), ("fork", True), ("forkserver", False)]
+)
+def test_end_with_parent_by_start_method(method, expected):
+    """Spawned and forked children get the signal; a forkserver's child does not (its kernel
+    parent is the server, so the signal would follow the server), and is not killed."""
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    child = ctx.Process(target=_pdeathsig_in_child, args=(queue,))
+    child.start()
+    was_set, sig = queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0
+    assert was_set is expected
+    assert sig == (signal.SIGTERM if expected else 0)
 
 
 def test_spawned_training_processes_end_with_the_parent(monkeypatch):

@@ -399,7 +399,12 @@ def temporary_outputs(paths) -> dict[Path, Path]:
     from .fileio import recover_folder, temporary_name
 
     outputs = {}
-    for path in map(Path, filter(None, paths)):
+    for path in paths:
+        if path is None:
+            continue
+        if not str(path):
+            raise ValueError("an output path is empty: give a file name, or None for no file")
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         recover_folder(path)
         outputs[path] = temporary_name(path)

@@ -199,9 +199,11 @@ def end_with_parent(sig: int = signal.SIGTERM) -> bool:
     For the processes ``ddp_spawn`` starts: when their parent is killed (``kill``, a batch
     scheduler's SIGTERM, an out-of-memory kill) they would otherwise train on, orphaned, or
     wait forever in a collective, holding the cores. Only in a process that
-    :mod:`multiprocessing` started (a command run from a shell must outlive the shell under
-    ``nohup``), and only on Linux (``prctl``); returns whether it was set. A parent that is
-    already gone (a race with the call) ends this process now.
+    :mod:`multiprocessing` started with "spawn" or "fork" (a command run from a shell must
+    outlive the shell under ``nohup``), and only on Linux (``prctl``); returns whether it was
+    set. A parent that is already gone (a race with the call) ends this process now. Under
+    "forkserver" the kernel's parent is the server, not the process that asked for the
+    child, so nothing is set there.
     """
     import multiprocessing
 
@@ -211,8 +213,11 @@ def end_with_parent(sig: int = signal.SIGTERM) -> bool:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return False
-    if os.getppid() != parent.pid:
+    if not parent.is_alive():  # it ended before the prctl: no signal will come
         os.kill(os.getpid(), sig)
+    if os.getppid() != parent.pid:  # a forkserver's child: the signal would follow the server
+        libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0)
+        return False
     return True
 
 

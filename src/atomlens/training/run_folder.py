@@ -30,17 +30,17 @@ from ..fileio import atomic_file
 LOCK = ".atomlens-train.lock"
 FINGERPRINT = "fingerprint.json"
 #: what a new run (``overwrite``) replaces; the old run's model stays until the new run
-#: saves its own (replaced atomically at the end); its logs go (the loggers number their
-#: folders, so the old run's curves would otherwise sit beside the new run's as version_0)
+#: saves its own (replaced atomically at the end)
 RUN_FILES = (
     "checkpoints",
     "split.npz",
     FINGERPRINT,
     "train_config.yaml",
     "metrics.json",
-    "logs",
-    "tb",
 )
+#: the loggers' folders: their ``version_*`` folders go too (the loggers number them, so the
+#: old run's curves would otherwise sit beside the new run's), anything else in them stays
+LOG_FOLDERS = ("logs", "tb")
 #: configuration fields a resumed run may change: budgets, display, hardware, paths
 RESUMABLE = frozenset(
     {
@@ -125,6 +125,15 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
+    for name in LOG_FOLDERS:
+        folder = out / name
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for version in folder.glob("version_*"):
+            if version.is_dir() and not version.is_symlink():
+                shutil.rmtree(version)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if nothing else is in it
 
 
 def _digest(*arrays) -> str:

@@ -31,11 +31,13 @@ from lightning.pytorch.callbacks import (
     WeightAveraging,
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..data.dataset import DataError, PackedDataset, make_loader
 from ..data.splits import load_split, random_split, save_split
 from ..data.statistics import fit_atomrefs, force_rms, residual_stats
+from ..fileio import atomic_file
 from ..models.inference import predict_dataset
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
@@ -341,7 +343,7 @@ def _train(
         EarlyStopping("val_loss", patience=config.early_stopping_patience),
         LearningRateMonitor("epoch"),
         run_folder.FingerprintCallback(run_folder.digest(fingerprint)),
-        _ProcessSettings(config.threads, spawned="spawn" in str(config.strategy)),
+        _ProcessSettings(config.threads, spawned=_multiprocessing_ranks(config.strategy)),
     ]
     if config.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
@@ -379,6 +381,7 @@ def _train(
         log_every_n_steps=10,
         default_root_dir=out,
         deterministic=False,
+        plugins=[_AtomicCheckpointIO()],
     )
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if resume and last.exists() else None
@@ -449,14 +452,43 @@ def _checkpoint_epochs(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True).get("epoch", -1)) + 1
 
 
+def _multiprocessing_ranks(strategy) -> bool:
+    """Whether the strategy starts its training processes with :mod:`multiprocessing`
+    (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``, or a strategy object with such a start
+    method): those are the processes :func:`atomlens.runtime.end_with_parent` can tie to the
+    command. ``ddp`` starts each rank as a new command, and schedulers (``srun``, ``torchrun``)
+    own the processes they start."""
+    if isinstance(strategy, str):
+        return any(word in strategy for word in ("spawn", "fork", "notebook"))
+    return getattr(strategy, "_start_method", None) in ("spawn", "fork")
+
+
+class _AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside their name and renamed over it.
+
+    Lightning's own save writes through fsspec into ``$TMPDIR`` and moves the file: where
+    that is another file system than the run folder (a node-local ``/tmp``, a shared run
+    folder) the move is a copy into ``last.ckpt`` in place, and a kill during the copy leaves
+    a truncated checkpoint that ``--resume`` must refuse. A rename in the same folder is
+    atomic: the old checkpoint stays whole until the new one is complete.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_file(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
 class _ProcessSettings(pl.Callback):
     """Settings for every training process, also those that ``ddp_spawn`` starts:
     ``threads`` torch threads if given (Lightning gives spawned processes cores // processes
     unless told), subnormal floats flushed to zero
     (:func:`atomlens.runtime.flush_subnormals`: 10-15% of a QM9 training step otherwise), and
-    with ``spawned`` (a ``*spawn*`` strategy) each process is killed when the one that started
-    it ends (:func:`atomlens.runtime.end_with_parent`), so that killing ``atomlens train``
-    leaves no orphaned training processes on the cores."""
+    with ``spawned`` (a strategy whose ranks :mod:`multiprocessing` starts, see
+    :func:`_multiprocessing_ranks`) each process is killed when the one that started it ends
+    (:func:`atomlens.runtime.end_with_parent`), so that killing ``atomlens train`` leaves no
+    orphaned training processes on the cores."""
 
     def __init__(self, threads: int | None, spawned: bool = False):
         self.threads = threads
