@@ -126,6 +126,94 @@ def test_md_logs_the_ensemble_spread(tmp_path):
     assert (table["max_force_std_eV_A"] > 0).all()
 
 
+def test_ensemble_members_in_parallel_and_the_committee(tmp_path, data):
+    """Two members trained at once in their own processes: both evaluate the same test
+    structures, and the committee's errors are those of the mean of the members' models."""
+    import json
+
+    from atomlens.models.inference import predict_dataset
+    from atomlens.runtime import available_cpus
+
+    config = tiny_config(tmp_path, max_epochs=1, n_test=10, test_subset=6, seed=3)
+    metrics = train_ensemble(config, 2, data=data, parallel=2)
+    assert len(metrics) == 2 and all(m["n_test_evaluated"] == 6 for m in metrics)
+    out = tmp_path / "run"
+    saved = [np.load(out / f"model_{k}" / "test_predictions.npz") for k in (0, 1)]
+    np.testing.assert_array_equal(saved[0]["indices"], saved[1]["indices"])
+    indices = np.sort(saved[0]["indices"])
+    threads = max(1, available_cpus() // 2)  # cores // parallel
+    for k in (0, 1):
+        member = yaml.safe_load((out / f"model_{k}" / "train_config.yaml").read_text())
+        assert member["threads"] == threads and member["seed"] == 3 + k
+    # float32 models: totals of ~1e4 eV round to ~1e-3 eV, batched in another order here
+    ATOL = 2e-3
+    models = load_ensemble(out)
+    predicted = np.stack([predict_dataset(m, data, indices)["U0"] for m in models])
+    reference = np.asarray(data.targets["U0"])[indices]
+    committee = json.loads((out / "ensemble.json").read_text())["committee"]
+    assert committee["n_evaluated"] == 6 and committee["n_members"] == 2
+    np.testing.assert_allclose(
+        committee["U0_mae"], np.abs(predicted.mean(0) - reference).mean(), atol=ATOL
+    )
+    np.testing.assert_allclose(
+        committee["U0_rmse"], np.sqrt(((predicted.mean(0) - reference) ** 2).mean()), atol=ATOL
+    )
+    np.testing.assert_allclose(
+        committee["member_U0_mae"], np.abs(predicted - reference).mean(1), atol=ATOL
+    )
+    np.testing.assert_allclose(committee["U0_spread_mean"], predicted.std(0).mean(), atol=ATOL)
+    for k in (0, 1):
+        np.testing.assert_allclose(metrics[k]["U0_mae"], committee["member_U0_mae"][k], atol=ATOL)
+
+
+def test_committee_uses_the_structures_every_member_evaluated(tmp_path):
+    from atomlens.training.ensemble import committee_metrics
+
+    ref = np.array([1.0, 2.0, 3.0, 4.0])
+    rows = {  # member: (indices in its evaluation order, predictions)
+        "a": ([3, 0, 2, 1], [4.5, 1.0, 3.0, 2.0]),
+        "b": ([1, 3, 2], [2.0, 3.5, 4.0]),  # cut short by a budget: no structure 0
+    }
+    for name, (idx, pred) in rows.items():
+        (tmp_path / name).mkdir()
+        np.savez(
+            tmp_path / name / "test_predictions.npz",
+            indices=np.array(idx),
+            predicted=np.array(pred),
+            reference=ref[idx],
+            target="U0",
+            unit="eV",
+        )
+    c = committee_metrics([tmp_path / "a", tmp_path / "b"])
+    # structures 1, 2, 3: members (2.0, 3.0, 4.5) and (2.0, 4.0, 3.5); means 2, 3.5, 4
+    assert c["n_evaluated"] == 3 and c["unit"] == "eV"
+    np.testing.assert_allclose(c["U0_mae"], (0 + 0.5 + 0) / 3)
+    np.testing.assert_allclose(c["U0_rmse"], np.sqrt(0.25 / 3))
+    np.testing.assert_allclose(c["member_U0_mae"], [0.5 / 3, 1.5 / 3])
+    np.testing.assert_allclose(c["U0_spread_mean"], (0 + 0.5 + 0.5) / 3)
+    assert committee_metrics([tmp_path / "a", tmp_path / "missing"]) == {}
+
+
+def test_ensemble_budget_is_shared_by_the_rounds(tmp_path, data, monkeypatch):
+    """--minutes bounds the whole ensemble: each round gets its share of the time left."""
+    from atomlens.training import train as train_module
+
+    calls = []
+
+    def fake_train(config, **kw):
+        calls.append((config.max_minutes, kw["started"], kw["test_seed"]))
+        return {}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    start = __import__("time").monotonic()
+    train_ensemble(tiny_config(tmp_path, max_minutes=3.0, seed=4), 3, data=data, started=start)
+    shares = [c[0] for c in calls]
+    np.testing.assert_allclose(shares, [1.0, 1.5, 3.0], rtol=1e-3)  # 3/3, then 3/2, then 3/1
+    assert all(c[1] >= start for c in calls) and {c[2] for c in calls} == {4}
+    with pytest.raises(ValueError, match="parallel"):
+        train_ensemble(tiny_config(tmp_path), 2, data=data, parallel=0)
+
+
 def test_cli_ensemble_train_predict(tmp_path, data, capsys):
     packed = data.save(tmp_path / "packed")
     config = tmp_path / "tiny.yaml"

@@ -238,7 +238,16 @@ def _add_train(sub) -> None:
         type=int,
         metavar="K",
         help="train K models with seeds seed..seed+K-1 on one split, into "
-        "OUT/model_0..model_K-1 (+ OUT/ensemble.json)",
+        "OUT/model_0..model_K-1 (+ OUT/ensemble.json with the committee's test errors); "
+        "--minutes bounds all of them",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="P",
+        help="with --ensemble: train P members at a time, each in its own process with "
+        "cores // P threads (default 1); on a few cores the better use of them",
     )
     p.set_defaults(func=run_train)
 
@@ -325,11 +334,17 @@ def run_train(args) -> int:
 
     config = config_from_args(args)
     if args.ensemble:
-        from ..training.ensemble import train_ensemble
+        from ..training.ensemble import MANIFEST, train_ensemble
 
         if args.resume:
             raise ValueError("--resume and --ensemble: resume each member as its own run")
-        members = train_ensemble(config, args.ensemble, overwrite=args.overwrite)
+        members = train_ensemble(
+            config,
+            args.ensemble,
+            overwrite=args.overwrite,
+            parallel=args.parallel,
+            started=args.started,
+        )
         print(
             f"ensemble of {len(members)} models saved in {Path(config.out)} "
             f"(model_0 .. model_{len(members) - 1}, ensemble.json)"
@@ -337,7 +352,13 @@ def run_train(args) -> int:
         for k, metrics in enumerate(members):
             print(f"model_{k}:")
             _print_metrics(metrics, config.target, metrics.get("unit", ""))
+        committee = json.loads((Path(config.out) / MANIFEST).read_text())["committee"]
+        if committee:
+            print(f"committee (mean of the members, {committee['n_evaluated']} test structures):")
+            _print_metrics(committee, config.target, committee["unit"])
         return 0
+    if args.parallel != 1:
+        raise ValueError("--parallel trains the members of an --ensemble at once")
     metrics = train(config, resume=args.resume, overwrite=args.overwrite, started=args.started)
     if metrics:
         print(f"model saved in {Path(config.out) / 'model'}")

@@ -2,50 +2,150 @@
 
 The output folder holds ``model_0`` ... ``model_{K-1}`` (each a training output folder
 as :func:`~atomlens.training.train.train` writes it, member k trained with seed
-``config.seed + k``) and ``ensemble.json``, which lists the members. The members differ in
-their initial weights and in the order they see the training data; they share the split,
-so their test errors compare and their spread measures the model, not the data.
+``config.seed + k``) and ``ensemble.json``, which lists the members and the committee's
+test errors. The members differ in their initial weights and in the order they see the
+training data; they share the split and the test structures evaluated, so their test
+errors compare and their spread measures the model, not the data.
+
+The committee predicts the members' mean, E = (1/K) sum_k E_k; its spread is the population
+standard deviation sqrt((1/K) sum_k (E_k - E)^2) (:mod:`atomlens.ensemble`). Its test errors
+are computed from the members' saved test predictions (``test_predictions.npz``), on the
+structures that every member evaluated.
+
+Members train ``parallel`` at a time, each in its own process with ``cores // parallel``
+torch threads unless ``config.threads`` says otherwise. On a machine of a few cores that is
+the better use of them: the members need no communication, while two threads of one small
+model wait on each other at each of a step's ~1,000 operators (``docs/runtime.md``).
+``config.max_minutes`` bounds the whole ensemble: each round of members gets an equal share
+of the time left.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import math
+import multiprocessing
+import signal
+import time
 from pathlib import Path
+
+import numpy as np
 
 from ..data.dataset import PackedDataset
 from ..data.splits import random_split
+from ..fileio import atomic_file
 from .config import TrainConfig
 
 MANIFEST = "ensemble.json"
 
 
 def train_ensemble(
-    config: TrainConfig, n_models: int, data: PackedDataset | None = None, overwrite: bool = False
+    config: TrainConfig,
+    n_models: int,
+    data: PackedDataset | None = None,
+    overwrite: bool = False,
+    parallel: int = 1,
+    started: float | None = None,
 ) -> list[dict]:
-    """Train ``n_models`` members under ``config.out``; returns their test metrics.
+    """Train ``n_models`` members under ``config.out``, ``parallel`` at a time; returns their
+    test metrics. The committee's are in ``OUT/ensemble.json`` (see :func:`committee_metrics`).
 
-    ``overwrite`` replaces members' folders that hold earlier runs."""
+    ``overwrite`` replaces members' folders that hold earlier runs. ``config.max_minutes``
+    bounds everything from ``started`` (``time.monotonic()``; default: now)."""
+    from ..runtime import available_cpus
     from .train import load_dataset, train
 
     if n_models < 1:
         raise ValueError(f"an ensemble needs at least one model, not {n_models}")
+    if parallel < 1:
+        raise ValueError(f"parallel must be at least 1, not {parallel}")
+    started = time.monotonic() if started is None else started
+    deadline = started + 60.0 * config.max_minutes if config.max_minutes else None
+    parallel = min(parallel, n_models)
     out = Path(config.out)
     data = data if data is not None else load_dataset(config)
     split = random_split(len(data), config.n_train, config.n_val, config.n_test, seed=config.seed)
-    metrics, members = [], []
-    for k in range(n_models):
-        member = config.updated(seed=config.seed + k, out=str(out / f"model_{k}"))
-        metrics.append(train(member, data=data, split=split, overwrite=overwrite))
-        members.append(f"model_{k}")
-    (out / MANIFEST).write_text(
-        json.dumps(
-            {
-                "members": members,
-                "seeds": [config.seed + k for k in range(n_models)],
-                "metrics": metrics,
-            },
-            indent=1,
-            default=float,
-        )
-    )
+    members = [
+        config.updated(seed=config.seed + k, out=str(out / f"model_{k}")) for k in range(n_models)
+    ]
+    if parallel > 1:  # one process per member: no interleaved progress bars, shared cores
+        threads = config.threads or max(1, available_cpus() // parallel)
+        members = [m.updated(threads=threads, progress=False) for m in members]
+    metrics: list[dict] = []
+    rounds = [members[i : i + parallel] for i in range(0, n_models, parallel)]
+    for r, group in enumerate(rounds):
+        now = time.monotonic()
+        if deadline is not None:  # this round's share of the time left
+            share = (deadline - now) / (len(rounds) - r)
+            group = [m.updated(max_minutes=max(share, 1.0) / 60.0) for m in group]
+        kwargs = {"data": data, "split": split, "overwrite": overwrite, "started": now}
+        kwargs["test_seed"] = config.seed
+        if parallel == 1:
+            metrics.extend(train(m, **kwargs) for m in group)
+            continue
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+            len(group), mp_context=context, initializer=_end_with_parent
+        ) as pool:
+            futures = [pool.submit(train, m, **kwargs) for m in group]
+            metrics.extend(f.result() for f in futures)
+    names = [f"model_{k}" for k in range(n_models)]
+    manifest = {
+        "members": names,
+        "seeds": [config.seed + k for k in range(n_models)],
+        "metrics": metrics,
+        "committee": committee_metrics([out / name for name in names]),
+    }
+    with atomic_file(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, default=float))
     return metrics
+
+
+def committee_metrics(folders) -> dict:
+    """Test errors of the members' mean prediction, from each member's
+    ``test_predictions.npz``, on the structures that all of them evaluated: MAE and RMSE
+    of the committee, the members' own MAEs on the same structures, and the mean spread.
+    Empty when a member has no saved predictions (no test split)."""
+    from .train import PREDICTIONS
+
+    saved = []
+    for folder in map(Path, folders):
+        path = folder / PREDICTIONS
+        if not path.is_file():
+            return {}
+        with np.load(path, allow_pickle=False) as f:
+            saved.append({key: f[key] for key in f.files})
+    common = saved[0]["indices"]
+    for s in saved[1:]:
+        common = np.intersect1d(common, s["indices"])
+    common = np.sort(common)
+    predicted = []
+    for s in saved:
+        order = np.argsort(s["indices"])
+        rows = order[np.searchsorted(s["indices"], common, sorter=order)]
+        predicted.append(np.asarray(s["predicted"], dtype=np.float64)[rows])
+        reference = np.asarray(s["reference"], dtype=np.float64)[rows]
+    predicted = np.stack(predicted)  # (K, n)
+    mean = predicted.mean(axis=0)
+    spread = np.sqrt(((predicted - mean) ** 2).mean(axis=0))
+    err = mean - reference
+    target = str(saved[0]["target"])
+    return {
+        "target": target,
+        "unit": str(saved[0]["unit"]),
+        "n_members": len(saved),
+        "n_evaluated": len(common),
+        f"{target}_mae": float(np.abs(err).mean()) if len(common) else math.nan,
+        f"{target}_rmse": float(np.sqrt((err**2).mean())) if len(common) else math.nan,
+        f"member_{target}_mae": [float(np.abs(p - reference).mean()) for p in predicted],
+        f"{target}_spread_mean": float(spread.mean()) if len(common) else math.nan,
+    }
+
+
+def _end_with_parent() -> None:
+    """Worker start: end with the command (SIGKILL: the member's last checkpoint is whole,
+    and ``--resume`` of that member's folder goes on from it)."""
+    from ..runtime import end_with_parent
+
+    end_with_parent(signal.SIGKILL)

@@ -37,12 +37,15 @@ def evaluate(
     deadline: float | None = None,
     seed: int = 0,
     stress: bool = False,
-) -> dict[str, float]:
+    return_predictions: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, np.ndarray]]:
     """MAE and RMSE of the target (and forces, stress) on ``indices``, in internal units.
 
     ``n_evaluated`` in the result counts the structures used: fewer than ``len(indices)``
     only if ``deadline`` cut the evaluation short; the structures are then taken in a
-    random order (``seed``), so those used are a random sample of ``indices``.
+    random order (``seed``), so those used are a random sample of ``indices``. With
+    ``return_predictions`` also ``{"indices", "predicted", "reference"}`` of the target, in
+    the order evaluated.
     """
     indices = np.asarray(indices)
     if deadline is not None:
@@ -77,6 +80,8 @@ def evaluate(
         serr = pred["stress"] - np.asarray(data.targets["stress"])[indices]
         metrics["stress_mae"] = float(np.abs(serr).mean())
         metrics["stress_rmse"] = float(np.sqrt((serr**2).mean()))
+    if return_predictions:
+        return metrics, {"indices": indices, "predicted": pred[target], "reference": ref}
     return metrics
 
 

@@ -37,6 +37,7 @@ RUN_FILES = (
     FINGERPRINT,
     "train_config.yaml",
     "metrics.json",
+    "test_predictions.npz",
 )
 #: the loggers' folders: their ``version_*`` folders go too (the loggers number them, so the
 #: old run's curves would otherwise sit beside the new run's), anything else in them stays

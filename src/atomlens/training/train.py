@@ -48,6 +48,9 @@ from .config import TrainConfig, save_config
 from .evaluate import bounded_subset, evaluate
 from .module import AtomisticTask
 
+#: the test structures evaluated at the end of a run, with predicted and reference targets
+PREDICTIONS = "test_predictions.npz"
+
 
 def load_dataset(config: TrainConfig) -> PackedDataset:
     """The data set named by ``config.data`` (any spec of :func:`open_dataset`), checked
@@ -242,6 +245,7 @@ def train(
     overwrite: bool = False,
     split: dict[str, np.ndarray] | None = None,
     started: float | None = None,
+    test_seed: int | None = None,
 ) -> dict:
     """Train a model as ``config`` says; returns the test metrics (internal units).
 
@@ -253,15 +257,18 @@ def train(
     from a saved model's weights and statistics (see :func:`initial_model`).
     ``config.max_minutes`` bounds everything from ``started`` (``time.monotonic()``; default:
     now) to the saved model, the final evaluation included (see :mod:`.budget`).
+    The test structures evaluated (``config.test_subset`` of the test split, drawn with
+    ``test_seed``, default ``config.seed``; the members of an ensemble share one) and their
+    predicted and reference targets are saved as ``OUT/test_predictions.npz``.
     """
     started = time.monotonic() if started is None else started
     deadline = started + 60.0 * config.max_minutes if config.max_minutes else None
     out = Path(config.out)
     if not run_folder.is_primary_process():  # the primary process guards the folder
-        return _train(config, resume, data, split, deadline)
+        return _train(config, resume, data, split, deadline, test_seed)
     with run_folder.locked(out):
         run_folder.prepare(out, resume, overwrite)
-        return _train(config, resume, data, split, deadline)
+        return _train(config, resume, data, split, deadline, test_seed)
 
 
 def _train(
@@ -270,6 +277,7 @@ def _train(
     data: PackedDataset | None,
     split: dict[str, np.ndarray] | None,
     deadline: float | None,
+    test_seed: int | None = None,
 ) -> dict:
     out = Path(config.out)
     if config.threads:
@@ -352,7 +360,7 @@ def _train(
     test = (
         split["test"]
         if config.full_test
-        else bounded_subset(split["test"], config.test_subset, config.seed)
+        else bounded_subset(split["test"], config.test_subset, _or(test_seed, config.seed))
     )
     refit = bool(config.forces and model.config.aggregation == "sum")
     refit_idx = bounded_subset(split["train"], config.test_subset, config.seed) if refit else None
@@ -399,8 +407,9 @@ def _train(
     model = task.model.cpu().float().eval()
     if refit:
         refit_offset(model, data, refit_idx, datamodule.eval_batch_size())
-    metrics = (
-        evaluate(
+    metrics, predictions = {}, None
+    if len(test):
+        metrics, predictions = evaluate(
             model,
             data,
             test,
@@ -408,12 +417,10 @@ def _train(
             forces=config.forces,
             progress=config.progress,
             deadline=deadline,
-            seed=config.seed,
+            seed=_or(test_seed, config.seed),
             stress=config.stress,
+            return_predictions=True,
         )
-        if len(test)
-        else {}
-    )
     metrics.update(
         # spawned processes (ddp_spawn) do not hand their epoch count back: the last
         # checkpoint, saved at the end of every epoch, has it
@@ -441,8 +448,15 @@ def _train(
             ).tolist(),
         },
     )
+    if predictions is not None:
+        with atomic_file(out / PREDICTIONS) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, **predictions, target=config.target, unit=unit)
     (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=1))
     return metrics
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _checkpoint_epochs(path: Path) -> int:
