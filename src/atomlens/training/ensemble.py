@@ -53,7 +53,7 @@ def train_ensemble(
 
     ``overwrite`` replaces members' folders that hold earlier runs. ``config.max_minutes``
     bounds everything from ``started`` (``time.monotonic()``; default: now)."""
-    from ..runtime import available_cpus
+    from ..runtime import available_cpus, end_with_parent
     from .train import load_dataset, train
 
     if n_models < 1:
@@ -79,14 +79,24 @@ def train_ensemble(
         if deadline is not None:  # this round's share of the time left
             share = (deadline - now) / (len(rounds) - r)
             group = [m.updated(max_minutes=max(share, 1.0) / 60.0) for m in group]
-        kwargs = {"data": data, "split": split, "overwrite": overwrite, "started": now}
-        kwargs["test_seed"] = config.seed
+        kwargs = {
+            "data": data,
+            "split": split,
+            "overwrite": overwrite,
+            "started": now,
+            "test_seed": config.seed,
+        }
         if parallel == 1:
             metrics.extend(train(m, **kwargs) for m in group)
             continue
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(
-            len(group), mp_context=context, initializer=_end_with_parent
+            len(group),
+            mp_context=context,
+            # the workers end with the command; SIGKILL: a member's last checkpoint is whole,
+            # and --resume of its folder goes on from it
+            initializer=end_with_parent,
+            initargs=(signal.SIGKILL,),
         ) as pool:
             futures = [pool.submit(train, m, **kwargs) for m in group]
             metrics.extend(f.result() for f in futures)
@@ -120,12 +130,13 @@ def committee_metrics(folders) -> dict:
     for s in saved[1:]:
         common = np.intersect1d(common, s["indices"])
     common = np.sort(common)
-    predicted = []
+    predicted, reference = [], None
     for s in saved:
         order = np.argsort(s["indices"])
         rows = order[np.searchsorted(s["indices"], common, sorter=order)]
         predicted.append(np.asarray(s["predicted"], dtype=np.float64)[rows])
-        reference = np.asarray(s["reference"], dtype=np.float64)[rows]
+        if reference is None:  # the same data set's targets in every member
+            reference = np.asarray(s["reference"], dtype=np.float64)[rows]
     predicted = np.stack(predicted)  # (K, n)
     mean = predicted.mean(axis=0)
     spread = np.sqrt(((predicted - mean) ** 2).mean(axis=0))
@@ -141,11 +152,3 @@ def committee_metrics(folders) -> dict:
         f"member_{target}_mae": [float(np.abs(p - reference).mean()) for p in predicted],
         f"{target}_spread_mean": float(spread.mean()) if len(common) else math.nan,
     }
-
-
-def _end_with_parent() -> None:
-    """Worker start: end with the command (SIGKILL: the member's last checkpoint is whole,
-    and ``--resume`` of that member's folder goes on from it)."""
-    from ..runtime import end_with_parent
-
-    end_with_parent(signal.SIGKILL)

@@ -280,6 +280,7 @@ def _train(
     test_seed: int | None = None,
 ) -> dict:
     out = Path(config.out)
+    test_seed = config.seed if test_seed is None else test_seed
     if config.threads:
         torch.set_num_threads(config.threads)
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -360,7 +361,7 @@ def _train(
     test = (
         split["test"]
         if config.full_test
-        else bounded_subset(split["test"], config.test_subset, _or(test_seed, config.seed))
+        else bounded_subset(split["test"], config.test_subset, test_seed)
     )
     refit = bool(config.forces and model.config.aggregation == "sum")
     refit_idx = bounded_subset(split["train"], config.test_subset, config.seed) if refit else None
@@ -417,7 +418,7 @@ def _train(
             forces=config.forces,
             progress=config.progress,
             deadline=deadline,
-            seed=_or(test_seed, config.seed),
+            seed=test_seed,
             stress=config.stress,
             return_predictions=True,
         )
@@ -453,10 +454,6 @@ def _train(
             np.savez(handle, **predictions, target=config.target, unit=unit)
     (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=1))
     return metrics
-
-
-def _or(value, default):
-    return default if value is None else value
 
 
 def _checkpoint_epochs(path: Path) -> int:
