@@ -88,6 +88,70 @@ def test_langevin_holds_the_temperature():
     assert torch.abs(total).max() < 1e-10  # the noise leaves the total momentum at zero
 
 
+def test_langevin_step_is_baoab_written_out():
+    """One Langevin step against BAOAB by hand (numpy, ASE's units), with the same noise."""
+    from ase import units as ase_units
+
+    model = random_model("schnet", seed=6)
+    systems = _systems()
+    temperature, timestep, friction = 400.0, 0.5, 0.05
+    md = BatchedMD(
+        model,
+        systems,
+        ensemble="langevin",
+        temperature_K=temperature,
+        timestep_fs=timestep,
+        friction=friction,
+        seed=3,
+        dtype="float64",
+    )
+    x, p = md.positions.numpy().copy(), md.momenta.numpy().copy()
+    m, force = md.masses.numpy().copy(), md.forces.numpy().copy()
+    generator = torch.Generator().set_state(md.generator.get_state())
+    xi = torch.randn(p.shape, generator=generator, dtype=torch.float64).numpy()
+    md.step()
+
+    dt = timestep * ase_units.fs
+    c1 = np.exp(-friction * timestep)  # gamma in 1/fs times the step in fs
+    p = p + 0.5 * dt * force  # B
+    x = x + 0.5 * dt * p / m  # A
+    p = c1 * p + np.sqrt((1 - c1**2) * m * ase_units.kB * temperature) * xi  # O
+    for a, b in zip(md.offsets[:-1], md.offsets[1:]):  # zero momentum per trajectory
+        p[a:b] -= m[a:b] * p[a:b].sum(0) / m[a:b].sum()
+    x = x + 0.5 * dt * p / m  # A
+    new_force = np.concatenate(
+        [
+            Calculator(model, dtype="float64").get_forces(_with_positions(atoms, x[a:b]))
+            for atoms, a, b in zip(systems, md.offsets[:-1], md.offsets[1:])
+        ]
+    )
+    p = p + 0.5 * dt * new_force  # B
+    np.testing.assert_allclose(md.positions.numpy(), x, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(md.forces.numpy(), new_force, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(md.momenta.numpy(), p, rtol=0, atol=1e-12)
+    assert md.nsteps == 1
+
+
+def _with_positions(atoms, positions):
+    atoms = atoms.copy()
+    atoms.positions = positions
+    return atoms
+
+
+def test_temperatures_and_kinetic_energies_written_out():
+    from ase import units as ase_units
+
+    md = BatchedMD(random_model("schnet", seed=1), _systems(), temperature_K=300, dtype="float64")
+    p, m = md.momenta.numpy(), md.masses.numpy()
+    for k, (a, b) in enumerate(zip(md.offsets[:-1], md.offsets[1:])):
+        ekin = float((p[a:b] ** 2 / (2 * m[a:b])).sum())
+        assert float(md.kinetic_energies()[k]) == pytest.approx(ekin, rel=1e-12)
+        n_dof = 3 * (b - a) - 3
+        assert float(md.temperatures()[k]) == pytest.approx(
+            2 * ekin / (n_dof * ase_units.kB), rel=1e-12
+        )
+
+
 def test_kinetic_temperature_matches_the_serial_definition():
     model = random_model("schnet", seed=1)
     md = BatchedMD(model, _systems(), temperature_K=300, dtype="float64")
