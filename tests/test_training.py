@@ -325,6 +325,7 @@ def test_learning_rate_schedules():
     assert config["optimizer"].param_groups[0]["lr"] == pytest.approx(4e-4)
     cosine = AtomisticTask(random_model("schnet"), lr=1e-3, lr_schedule="cosine")
     assert isinstance(cosine.configure_optimizers(), torch.optim.Adam)
+    assert cosine.configure_optimizers().defaults["fused"]  # one kernel for all parameters
     with pytest.raises(ValueError, match="'mse' or 'mae'"):
         AtomisticTask(random_model("schnet"), loss="huber")
 

@@ -141,10 +141,15 @@ class AtomisticTask(pl.LightningModule):
     def configure_optimizers(self):
         # frozen parameters (fine-tuning the head only) stay out of the optimiser
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # one fused kernel over all parameters instead of ~10 operators per tensor: SchNet
+        # 128/6's 59 tensors took 0.78 instead of 2.4 ms per step (one thread, CPU time)
+        fused = all(p.device.type in ("cpu", "cuda") for p in trainable) or None
         if self.weight_decay > 0:  # decoupled: not Adam's L2 term, which Adam rescales
-            optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+            optimizer = torch.optim.AdamW(
+                trainable, lr=self.lr, weight_decay=self.weight_decay, fused=fused
+            )
         else:
-            optimizer = torch.optim.Adam(trainable, lr=self.lr)
+            optimizer = torch.optim.Adam(trainable, lr=self.lr, fused=fused)
         if self.lr_schedule == "cosine":  # set every batch by the budget.CosineToEnd callback
             return optimizer
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
