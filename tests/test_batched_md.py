@@ -317,22 +317,29 @@ def test_outputs_one_trajectory_and_log_per_run(tmp_path):
     systems = _systems()[:2]
     trajectories = [tmp_path / "a.traj", tmp_path / "b.xyz"]
     logfiles = [tmp_path / "a.csv", tmp_path / "b.csv"]
-    logs = run_batched_md(
-        model,
-        systems,
-        steps=6,
-        trajectories=trajectories,
-        logfiles=logfiles,
-        interval=3,
-        ensemble="langevin",
-    )
+    md = BatchedMD(model, systems, ensemble="langevin")
+    logs = md.run(6, trajectories=trajectories, logfiles=logfiles, interval=3)
+    final = md.forces.numpy()
     for k, (traj, logfile) in enumerate(zip(trajectories, logfiles)):
         frames = read(traj, index=":")
         assert len(frames) == 3 and len(frames[0]) == len(systems[k])
         assert frames[-1].get_potential_energy() == pytest.approx(logs[k].epot[-1], rel=1e-6)
+        a, b = md_offsets(systems)[k : k + 2]
+        np.testing.assert_allclose(frames[-1].get_forces(), final[a:b], rtol=0, atol=1e-5)
         rows = list(csv.DictReader(logfile.open()))
         assert [float(r["time_fs"]) for r in rows] == [0.0, 1.5, 3.0]
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def md_offsets(systems):
+    return np.concatenate([[0], np.cumsum([len(atoms) for atoms in systems])])
+
+
+def test_run_batched_md_passes_its_settings():
+    model = random_model("schnet", seed=2)
+    logs = run_batched_md(model, _systems()[:2], steps=4, interval=2, timestep_fs=0.25)
+    assert [len(log.time_fs) for log in logs] == [3, 3]
+    assert logs[0].time_fs == [0.0, 0.5, 1.0]
 
 
 @pytest.mark.parametrize("compile", [False, True])

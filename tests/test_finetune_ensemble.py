@@ -107,6 +107,9 @@ def test_ensemble_calculator_mean_and_spread():
     assert calc.get_property("max_force_std") == pytest.approx(per_atom.max(), abs=1e-9)
     out = predict_ensemble(models, [atoms], forces=True)
     assert out["energy_std"][0] == pytest.approx(calc.get_property("energy_std"), abs=1e-9)
+    np.testing.assert_allclose(out["forces"], forces.mean(0), atol=1e-6)
+    np.testing.assert_allclose(out["forces_std"], np.abs(forces[0] - forces[1]) / 2, atol=1e-6)
+    assert "forces" not in predict_ensemble(models, atoms)  # energies only by default
     with pytest.raises(ValueError, match="at least two"):
         EnsembleCalculator(models[:1])
 

@@ -167,6 +167,7 @@ def test_npt_dynamics_moves_the_volume_and_writes_it(copper, tmp_path):
     assert 0.85 < log.volume[-1] / log.volume[0] < 1.15
     header = (tmp_path / "npt.csv").read_text().splitlines()[0]
     assert header.endswith("volume_A3")
+    np.testing.assert_array_equal(log.arrays()["volume_A3"], log.volume)
 
 
 def test_npt_refuses_molecules():
