@@ -226,6 +226,8 @@ def test_md_starts_at_the_requested_temperature_and_langevin_holds_it():
     atoms = molecule("CH3CH2OH")
     assert degrees_of_freedom(atoms, rotation_removed=True) == 21
     assert degrees_of_freedom(molecule("CO2"), rotation_removed=True) == 4  # linear: 3n - 5
+    assert degrees_of_freedom(molecule("N2"), rotation_removed=True) == 1  # the bond stretch
+    assert degrees_of_freedom(molecule("N2")) == 3
     log = run_md(calc, atoms, ensemble="nve", temperature_K=500.0, steps=0, seed=1)
     assert log.temperature[0] == pytest.approx(500.0, rel=1e-9)
     momenta = atoms.get_momenta()
