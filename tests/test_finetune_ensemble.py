@@ -11,7 +11,12 @@ from test_training import tiny_config
 
 from atomlens.calculator import Calculator
 from atomlens.cli import main
-from atomlens.ensemble import EnsembleCalculator, load_ensemble, predict_ensemble
+from atomlens.ensemble import (
+    EnsembleCalculator,
+    load_ensemble,
+    mean_and_spread,
+    predict_ensemble,
+)
 from atomlens.md import SPREAD_COLUMNS, run_md
 from atomlens.models import load_model, save_model
 from atomlens.training import train_ensemble, train_model
@@ -112,6 +117,9 @@ def test_ensemble_calculator_mean_and_spread():
     assert "forces" not in predict_ensemble(models, atoms)  # energies only by default
     with pytest.raises(ValueError, match="at least two"):
         EnsembleCalculator(models[:1])
+    mean, spread = mean_and_spread([np.float32([1.0, 2.0]), np.float32([2.0, 5.0])])
+    assert mean.dtype == spread.dtype == np.float64  # float32 members, float64 statistics
+    np.testing.assert_array_equal(spread, [0.5, 1.5])
 
 
 def test_md_logs_the_ensemble_spread(tmp_path):

@@ -216,6 +216,33 @@ def test_langevin_md_writes_trajectory_and_log(tmp_path):
         run_md(calc, atoms, ensemble="npt", steps=1)  # NPT needs a cell
 
 
+def test_degrees_of_freedom_temperature_and_drift_written_out():
+    """3n - 6, or 3n - 5 when the smallest moment of inertia is below 1e-8 of the largest;
+    T = 2 E_kin / (n_dof k_B) with a given n_dof; drift and spread of E_tot per atom."""
+    from ase import Atoms
+    from ase import units as ase_units
+
+    from atomlens.md import MDLog, degrees_of_freedom, kinetic_temperature
+
+    def bent_h3(ratio):  # three H 0.5 A apart, the middle one off the line: I_min/I_max
+        offset = np.sqrt(ratio * 0.75)  # (2/3) m d^2 / (m / 2) = ratio
+        return Atoms("H3", positions=[[-0.5, 0, 0], [0, offset, 0], [0.5, 0, 0]])
+
+    for ratio, n_dof in ((0.7e-8, 4), (1.4e-8, 3)):  # light atoms: I_max = 0.5 amu A^2
+        atoms = bent_h3(ratio)
+        inertia = atoms.get_moments_of_inertia()
+        assert inertia.min() / inertia.max() == pytest.approx(ratio, rel=0.01)
+        assert degrees_of_freedom(atoms, rotation_removed=True) == n_dof
+    atoms = molecule("H2O")
+    atoms.set_momenta(np.random.default_rng(0).normal(size=(3, 3)))
+    expected = 2 * atoms.get_kinetic_energy() / (5 * ase_units.kB)
+    assert kinetic_temperature(atoms, n_dof=5) == pytest.approx(expected, rel=1e-12)
+    log = MDLog(etot=[1.0, 2.0, 4.0, 3.0])
+    drift = log.drift(n_atoms=4)
+    assert drift["drift_eV_per_atom"] == pytest.approx(0.5)  # |3 - 1| / 4
+    assert drift["std_eV_per_atom"] == pytest.approx(np.std([1.0, 2.0, 4.0, 3.0]) / 4)
+
+
 def test_md_starts_at_the_requested_temperature_and_langevin_holds_it():
     """The initial kinetic temperature is T over the degrees of freedom left (NVE: 3n - 6,
     both momenta zero; Langevin: 3n - 3), and Langevin keeps the mean kinetic temperature at T
