@@ -203,6 +203,16 @@ def test_committee_uses_the_structures_every_member_evaluated(tmp_path):
     np.testing.assert_allclose(c["member_U0_mae"], [0.5 / 3, 1.5 / 3])
     np.testing.assert_allclose(c["U0_spread_mean"], (0 + 0.5 + 0.5) / 3)
     assert committee_metrics([tmp_path / "a", tmp_path / "missing"]) == {}
+    np.savez(  # an object array would need pickle to load: refused, never unpickled
+        tmp_path / "b" / "test_predictions.npz",
+        indices=np.array([1, 3, 2]),
+        predicted=np.array([2.0, None, 4.0], dtype=object),
+        reference=ref[[1, 3, 2]],
+        target="U0",
+        unit="eV",
+    )
+    with pytest.raises(ValueError, match="pickle"):
+        committee_metrics([tmp_path / "a", tmp_path / "b"])
 
 
 def test_ensemble_budget_is_shared_by_the_rounds(tmp_path, data, monkeypatch):
