@@ -118,6 +118,17 @@ def test_calculator_needs_an_energy_model():
         atomlens.Calculator(dipole)
 
 
+def test_pair_capacity_rounds_up_with_headroom_to_whole_steps():
+    from atomlens.calculator import PAIR_CAPACITY_STEP as step
+    from atomlens.calculator import pair_capacity
+
+    assert pair_capacity(1000, 1.15) == step * 9  # 1150 pairs -> 9 steps of 128 (1152)
+    assert pair_capacity(1024, 1.0) == 1024  # exactly 8 steps
+    assert pair_capacity(0, 1.15) == step  # room for one pair at least
+    assert pair_capacity(1000, 1.15, limit=1100) == 1100  # never more than all pairs
+    assert pair_capacity(1000, 1.15, limit=5000) == 1152
+
+
 def test_compiled_calculator_matches_eager_including_pairs_beyond_the_cutoff():
     """compile=True keeps all pairs (fixed shapes); the smooth cutoff makes that exact."""
     import ase.build
