@@ -198,6 +198,7 @@ def test_committee_uses_the_structures_every_member_evaluated(tmp_path):
     c = committee_metrics([tmp_path / "a", tmp_path / "b"])
     # structures 1, 2, 3: members (2.0, 3.0, 4.5) and (2.0, 4.0, 3.5); means 2, 3.5, 4
     assert c["n_evaluated"] == 3 and c["unit"] == "eV"
+    assert c["target"] == "U0" and c["n_members"] == 2
     np.testing.assert_allclose(c["U0_mae"], (0 + 0.5 + 0) / 3)
     np.testing.assert_allclose(c["U0_rmse"], np.sqrt(0.25 / 3))
     np.testing.assert_allclose(c["member_U0_mae"], [0.5 / 3, 1.5 / 3])
