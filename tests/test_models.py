@@ -102,6 +102,45 @@ def test_pairs_symmetric_layout_and_cutoff():
     assert pairs == {(0, 1), (1, 0), (1, 2), (2, 1), (3, 4), (4, 3)}
 
 
+def test_verlet_list_rebuilds_only_when_needed():
+    """Pairs within cutoff + skin; rebuilt when an atom moves more than skin / 2, or when the
+    cell, the periodicity or the number of atoms changes; molecules without a cell too."""
+    from ase.build import bulk
+
+    from atomlens.data.neighbors import VerletList, periodic_pairs
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    cell, pbc = atoms.cell.array, np.array([True, True, True])
+    verlet = VerletList(cutoff=3.0, skin=1.0)
+    assert verlet.update(atoms.positions, cell, pbc) and verlet.builds == 1
+    for got, want in zip(verlet.pairs, periodic_pairs(atoms.positions, cell, pbc, 4.0)):
+        np.testing.assert_array_equal(got, want)
+    moved = atoms.positions.copy()
+    moved[3] += [0.49, 0.0, 0.0]  # less than skin / 2
+    assert not verlet.update(moved, cell, pbc) and verlet.builds == 1
+    moved[3] += [0.02, 0.0, 0.0]  # now 0.51
+    assert verlet.update(moved, cell, pbc) and verlet.builds == 2
+    assert not verlet.update(moved, cell, pbc)
+    assert verlet.update(moved, cell * 1.01, pbc)  # a new cell
+    assert verlet.update(moved, cell * 1.01, np.array([True, True, False]))  # new periodicity
+    assert verlet.update(moved[:-1], cell * 1.01, np.array([True, True, False]))  # fewer atoms
+    molecule = VerletList(cutoff=1.5, skin=0.5)
+    positions = np.array([[0.0, 0, 0], [1.9, 0, 0], [4.0, 0, 0]])
+    assert molecule.update(positions, np.zeros((3, 3)), np.zeros(3, bool))
+    i, j, shifts = molecule.pairs
+    assert list(zip(i, j)) == [(0, 1)] and i.dtype == j.dtype == shifts.dtype == np.int64
+    assert shifts.shape == (1, 3) and not shifts.any()
+    everything = VerletList(cutoff=None)  # no cutoff: every pair
+    everything.update(positions, np.zeros((3, 3)), np.zeros(3, bool))
+    assert list(zip(*everything.pairs[:2])) == [(0, 1), (0, 2), (1, 2)]
+    with pytest.raises(ValueError, match="need a model with a cutoff"):
+        periodic_pairs(atoms.positions, cell, pbc, None)
+    with pytest.raises(ValueError, match="three independent cell vectors"):
+        periodic_pairs(atoms.positions, np.diag([5.0, 5.0, 0.0]), pbc, 3.0)
+    with pytest.raises(ValueError, match="positions are needed"):
+        molecular_pairs(torch.tensor([3]), None, cutoff=2.0)
+
+
 def test_model_is_smooth_at_the_cutoff():
     """The cosine cutoff makes the energy continuous when a pair crosses the cutoff."""
     model = random_model("schnet")
