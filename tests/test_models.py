@@ -111,21 +111,21 @@ def test_verlet_list_rebuilds_only_when_needed():
 
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)
     cell, pbc = atoms.cell.array, np.array([True, True, True])
-    verlet = VerletList(cutoff=3.0, skin=1.0)
+    verlet = VerletList(cutoff=3.0, skin=0.8)
     assert verlet.update(atoms.positions, cell, pbc) and verlet.builds == 1
-    for got, want in zip(verlet.pairs, periodic_pairs(atoms.positions, cell, pbc, 4.0)):
+    for got, want in zip(verlet.pairs, periodic_pairs(atoms.positions, cell, pbc, 3.8)):
         np.testing.assert_array_equal(got, want)
     moved = atoms.positions.copy()
-    moved[3] += [0.49, 0.0, 0.0]  # less than skin / 2
+    moved[3] += [0.39, 0.0, 0.0]  # less than skin / 2
     assert not verlet.update(moved, cell, pbc) and verlet.builds == 1
-    moved[3] += [0.02, 0.0, 0.0]  # now 0.51
+    moved[3] += [0.02, 0.0, 0.0]  # now 0.41
     assert verlet.update(moved, cell, pbc) and verlet.builds == 2
     assert not verlet.update(moved, cell, pbc)
     assert verlet.update(moved, cell * 1.01, pbc)  # a new cell
     assert verlet.update(moved, cell * 1.01, np.array([True, True, False]))  # new periodicity
     assert verlet.update(moved[:-1], cell * 1.01, np.array([True, True, False]))  # fewer atoms
     molecule = VerletList(cutoff=1.5, skin=0.5)
-    positions = np.array([[0.0, 0, 0], [1.9, 0, 0], [4.0, 0, 0]])
+    positions = np.array([[1.0, 1, 1], [2.2, 1.9, 1.4], [3.0, 3, 3]])  # 1.55, 2.1, 3.5 A
     assert molecule.update(positions, np.zeros((3, 3)), np.zeros(3, bool))
     i, j, shifts = molecule.pairs
     assert list(zip(i, j)) == [(0, 1)] and i.dtype == j.dtype == shifts.dtype == np.int64
