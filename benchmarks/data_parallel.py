@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 from atomlens.runtime import configure, prepare_environment
 
@@ -31,30 +29,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
-from matmul_peak import SETTINGS
-
 BATCH = 100
 N_BATCHES = 20
 
 
 def _setup(seed: int):
     from atomlens.data.sources.qm9 import load_qm9
-    from atomlens.models.potential import ModelConfig, build_model
+    from atomlens.models.potential import build_model
+    from atomlens.training.config import preset
     from atomlens.training.train import fit_statistics
 
     data = load_qm9()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    model = build_model(
-        ModelConfig(
-            representation="schnet",
-            representation_kwargs=SETTINGS["128/6"],
-            head_hidden=64,
-            head_activation="silu",
-            target="U0",
-        )
-    )
+    model = build_model(preset("qm9-u0-schnet").model)  # the recipe's SchNet 128/6 and head
     indices = np.sort(rng.choice(len(data), size=BATCH * N_BATCHES, replace=False))
     fit_statistics(model, data, indices)
     return model, data, indices

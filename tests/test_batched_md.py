@@ -324,15 +324,11 @@ def test_outputs_one_trajectory_and_log_per_run(tmp_path):
         frames = read(traj, index=":")
         assert len(frames) == 3 and len(frames[0]) == len(systems[k])
         assert frames[-1].get_potential_energy() == pytest.approx(logs[k].epot[-1], rel=1e-6)
-        a, b = md_offsets(systems)[k : k + 2]
+        a, b = md.offsets[k : k + 2]
         np.testing.assert_allclose(frames[-1].get_forces(), final[a:b], rtol=0, atol=1e-5)
         rows = list(csv.DictReader(logfile.open()))
         assert [float(r["time_fs"]) for r in rows] == [0.0, 1.5, 3.0]
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
-
-
-def md_offsets(systems):
-    return np.concatenate([[0], np.cumsum([len(atoms) for atoms in systems])])
 
 
 def test_run_batched_md_passes_its_settings():
