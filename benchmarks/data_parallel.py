@@ -1,17 +1,20 @@
-"""Where two-process data parallelism loses time on the CPU: plain torch.distributed (gloo).
+"""Where two-process data parallelism loses time on the CPU: plain torch.distributed.
 
 Trains SchNet 128/6 on fixed QM9 batches of 100 molecules (absolute-error U0 loss, fused
 Adam), without Lightning: with ``--processes P`` each process takes its contiguous share of
-every batch, all-reduces the flattened gradient (gloo) and steps; ``--share S`` (one process)
+every batch, all-reduces the flattened gradient (``--reduce gloo``: gloo's sockets;
+``--reduce shm``: atomlens's shared-memory block, :mod:`atomlens.training.shared_memory`)
+and steps; ``--share S`` (one process)
 trains on the first of S shares alone, the work of one rank without its partner. Prints one
 JSON line per process: wall and thread-CPU milliseconds per step, the wall time inside the
 all-reduce (its own cost plus the wait for the other rank), and the global batch's molecules
-per second. Compare with the same steps through ``atomlens train --devices 2 --strategy
-ddp_spawn`` (``qm9.py --processes 2``)::
+per second. Compare with the same steps through Lightning, ``atomlens train --devices 2``
+(``qm9.py --processes 2 [--reduce gloo]``)::
 
-    python benchmarks/data_parallel.py --processes 1               # one process, batch 100
-    python benchmarks/data_parallel.py --processes 1 --share 2     # one process, 50 of them
-    python benchmarks/data_parallel.py --processes 2               # two processes, 50 each
+    python benchmarks/data_parallel.py --processes 1                 # one process, batch 100
+    python benchmarks/data_parallel.py --processes 1 --share 2       # one process, 50 of them
+    python benchmarks/data_parallel.py --processes 2 --reduce gloo   # two processes, 50 each
+    python benchmarks/data_parallel.py --processes 2 --reduce shm
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _setup(seed: int):
     return model, data, indices
 
 
-def _run(rank: int, world: int, share: int, steps: int, seed: int, port: int) -> None:
+def _run(rank: int, world: int, share: int, steps: int, seed: int, port: int, reduce: str) -> None:
     configure(threads=1)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -56,6 +59,11 @@ def _run(rank: int, world: int, share: int, steps: int, seed: int, port: int) ->
     model, data, indices = _setup(seed)
     model.train()
     params = list(model.parameters())
+    reducer = None
+    if world > 1 and reduce == "shm":
+        from atomlens.training.shared_memory import connect
+
+        reducer = connect(sum(p.numel() for p in params))
     optimizer = torch.optim.Adam(params, lr=1e-4, fused=True)
     batches = [
         data.batch(np.array_split(indices[b * BATCH : (b + 1) * BATCH], share)[rank], model.cutoff)
@@ -73,7 +81,10 @@ def _run(rank: int, world: int, share: int, steps: int, seed: int, port: int) ->
             start = time.perf_counter()
             grads = [p.grad for p in params]
             flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat)
+            if reducer is not None:
+                reducer.all_reduce_(flat)
+            else:
+                dist.all_reduce(flat)
             for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 grad.copy_(reduced)
             if n >= warmup:
@@ -90,6 +101,7 @@ def _run(rank: int, world: int, share: int, steps: int, seed: int, port: int) ->
                 "molecules_per_step": round(sum(b.n_structures for b in batches) / N_BATCHES, 1),
                 "wall_ms_per_step": round(1e3 * wall / steps, 1),
                 "thread_cpu_ms_per_step": round(1e3 * cpu / steps, 1),
+                "reduce": reduce if world > 1 else None,
                 "allreduce_wall_ms_per_step": round(1e3 * exchange / steps, 2),
                 "global_molecules_per_s": round(BATCH * steps / wall, 1)
                 if share == world
@@ -114,16 +126,22 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=29533)
+    parser.add_argument(
+        "--reduce",
+        choices=("gloo", "shm"),
+        default="gloo",
+        help="gradient all-reduce: gloo's sockets or atomlens's shared-memory block",
+    )
     args = parser.parse_args(argv)
     share = args.share or args.processes
     if args.processes > 1 and share != args.processes:
         parser.error("--share is for one process; P processes take 1/P each")
     if args.processes == 1:
-        _run(0, 1, share, args.steps, args.seed, args.port)
+        _run(0, 1, share, args.steps, args.seed, args.port, args.reduce)
     else:
         torch.multiprocessing.spawn(
             _run,
-            args=(args.processes, share, args.steps, args.seed, args.port),
+            args=(args.processes, share, args.steps, args.seed, args.port, args.reduce),
             nprocs=args.processes,
         )
     return 0

@@ -119,7 +119,9 @@ def accuracy(args) -> dict:
         loss=args.loss,
         weight_decay=args.weight_decay,
         devices=args.processes,
-        strategy="ddp_spawn" if args.processes > 1 else None,
+        strategy=("ddp_spawn_shm" if args.reduce == "shm" else "ddp_spawn")
+        if args.processes > 1
+        else None,
         seed=args.seed,
         threads=args.threads,
         progress=False,
@@ -168,6 +170,7 @@ def accuracy(args) -> dict:
         "loss": config.loss,
         "weight_decay": config.weight_decay,
         "processes": args.processes,
+        "reduce": args.reduce if args.processes > 1 else None,
     }
     if args.representation:
         record["representation_kwargs"] = config.model.representation_kwargs
@@ -608,8 +611,15 @@ def main(argv=None) -> int:
         "--processes",
         type=int,
         default=1,
-        help="accuracy: data-parallel training processes on the CPU (DDP, gloo; each takes its "
+        help="accuracy: data-parallel training processes on the CPU (DDP; each takes its "
         "share of every batch with --threads threads); SchNetPack keeps one process",
+    )
+    parser.add_argument(
+        "--reduce",
+        choices=("shm", "gloo"),
+        default="shm",
+        help="with --processes: reductions through shared memory (strategy ddp_spawn_shm) "
+        "or gloo's sockets (ddp_spawn)",
     )
     parser.add_argument("--throughput", action="store_true", help="measure molecules per second")
     parser.add_argument(

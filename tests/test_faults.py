@@ -700,11 +700,13 @@ def test_grid_sizes_are_bounded():
 # --------------------------------------------------------------- 11. distributed training
 @pytest.mark.ddp
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
-def test_ddp_three_processes_uneven_shares_energy_and_forces(qm9, tmp_path):
-    """DDP (gloo, 3 CPU processes) on energies + forces gives the single-process weights,
-    though no global batch splits evenly over the ranks: 21 training structures in batches
-    of 10 are shares of 4/3/3, 4/3/3 and 1/0/0 structures (and unequal atom counts; a rank
-    with an empty share contributes zero gradients, not NaN)."""
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_spawn_shm"])
+def test_ddp_three_processes_uneven_shares_energy_and_forces(qm9, tmp_path, strategy):
+    """DDP (3 CPU processes; reductions through gloo, or through shared memory) on energies
+    + forces gives the single-process weights, though no global batch splits evenly over
+    the ranks: 21 training structures in batches of 10 are shares of 4/3/3, 4/3/3 and 1/0/0
+    structures (and unequal atom counts; a rank with an empty share contributes zero
+    gradients, not NaN). The cosine schedule broadcasts rank 0's rate every step."""
     from atomlens.data import PackedDataset
     from atomlens.training import train_model as train
 
@@ -724,11 +726,12 @@ def test_ddp_three_processes_uneven_shares_energy_and_forces(qm9, tmp_path):
         "n_test": 0,
         "max_epochs": 1,
         "lr": 1e-3,
+        "lr_schedule": "cosine",
         "seed": 3,
         "threads": 1,
     }
     train(_tiny(tmp_path / "single", **common), data=data)
-    metrics = train(_tiny(tmp_path / "ddp", strategy="ddp_spawn", devices=3, **common), data=data)
+    metrics = train(_tiny(tmp_path / "ddp", strategy=strategy, devices=3, **common), data=data)
     assert metrics["epochs"] == 1  # counted in the spawned processes, read from last.ckpt
     single = load_model(tmp_path / "single").state_dict()
     ddp = load_model(tmp_path / "ddp").state_dict()

@@ -181,9 +181,15 @@ def _add_train(sub) -> None:
         help="stop after this many epochs without a better validation loss",
     )
     p.add_argument("--device", help="auto (a GPU when present), cpu, gpu")
-    p.add_argument("--devices", help="number of devices (DDP when > 1)")
+    p.add_argument(
+        "--devices",
+        help="number of devices (DDP when > 1; on the CPU, one process per device with "
+        "gradients exchanged through shared memory: strategy ddp_spawn_shm)",
+    )
     p.add_argument("--num-nodes", type=int, help="number of machines (multi-node DDP)")
-    p.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
+    p.add_argument(
+        "--strategy", help="Lightning strategy, e.g. ddp, ddp_spawn (gloo), ddp_spawn_shm"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (none: torch's choice)")
     p.add_argument(
         "--compile",

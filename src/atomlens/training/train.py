@@ -42,11 +42,13 @@ from ..models.inference import predict_dataset
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
 from ..runtime import end_with_parent, flush_subnormals
-from . import run_folder
+from . import run_folder, shared_memory
 from .budget import MARGIN_S, SPAWN_MARGIN_S, BudgetStop, CosineToEnd
 from .config import TrainConfig, save_config
 from .evaluate import bounded_subset, evaluate
 from .module import AtomisticTask
+
+shared_memory.register()  # the strategy names ddp_spawn_shm and ddp_shm
 
 #: the test structures evaluated at the end of a run, with predicted and reference targets
 PREDICTIONS = "test_predictions.npz"
@@ -346,13 +348,14 @@ def _train(
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
+    strategy = resolved_strategy(config)
     callbacks = [
         checkpoint,
         latest,
         EarlyStopping("val_loss", patience=config.early_stopping_patience),
         LearningRateMonitor("epoch"),
         run_folder.FingerprintCallback(run_folder.digest(fingerprint)),
-        _ProcessSettings(config.threads, spawned=_multiprocessing_ranks(config.strategy)),
+        _ProcessSettings(config.threads, spawned=_multiprocessing_ranks(strategy)),
     ]
     if config.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
@@ -368,7 +371,7 @@ def _train(
     budget = None
     if deadline is not None:
         n_after = len(split["val"]) + len(test) + (len(refit_idx) if refit else 0)
-        spawned = "spawn" in str(config.strategy)
+        spawned = "spawn" in str(strategy)
         budget = BudgetStop(deadline, n_after, margin_s=MARGIN_S + spawned * SPAWN_MARGIN_S)
         callbacks.append(budget)
     if config.lr_schedule == "cosine":
@@ -377,7 +380,7 @@ def _train(
         accelerator=config.device,
         devices=config.devices,
         num_nodes=config.num_nodes,
-        strategy=config.strategy,
+        strategy=strategy,
         precision=config.precision,
         max_epochs=config.max_epochs,
         callbacks=callbacks,
@@ -461,6 +464,18 @@ def _checkpoint_epochs(path: Path) -> int:
     if not path.exists():
         return 0
     return int(torch.load(path, map_location="cpu", weights_only=True).get("epoch", -1)) + 1
+
+
+def resolved_strategy(config: TrainConfig):
+    """``config.strategy``, except that ``"auto"`` with several CPU processes (``devices``
+    > 1 on ``device="cpu"``, or ``"auto"`` without a GPU) is ``"ddp_spawn_shm"``: DDP whose
+    gradients and per-step numbers go through shared memory instead of gloo's sockets
+    (:mod:`.shared_memory`; 10.0 against 8.1 optimizer steps per second on the 2 cores)."""
+    several = isinstance(config.devices, int) and config.devices > 1 and config.num_nodes == 1
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if config.strategy == "auto" and several and on_cpu:
+        return "ddp_spawn_shm"
+    return config.strategy
 
 
 def _multiprocessing_ranks(strategy) -> bool:
