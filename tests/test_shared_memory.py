@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import sys
@@ -28,6 +29,11 @@ def _tensor(call: int, rank: int) -> torch.Tensor:
     return torch.randn(n, generator=generator, dtype=torch.float64).to(dtype)
 
 
+def _broadcast_from(call: int) -> int | None:
+    """Every fourth call is a broadcast, from rank 0, 1, 2 in turn; the others all-reduces."""
+    return (call // 4) % 3 if call % 4 == 3 else None
+
+
 def _rank(rank: int, world: int, path: str, queue) -> None:
     torch.set_num_threads(1)
     reducer = SharedMemoryReducer(path, rank, world, CAPACITY, timeout_s=60.0)
@@ -37,14 +43,18 @@ def _rank(rank: int, world: int, path: str, queue) -> None:
         if rng.random() < 0.3:  # ranks arrive in any order, one sometimes far behind
             time.sleep(rng.uniform(0.0, 0.02))
         tensor = _tensor(call, rank)
-        assert reducer.all_reduce_(tensor) is tensor  # in place
+        if _broadcast_from(call) is None:
+            assert reducer.all_reduce_(tensor) is tensor  # in place
+        else:
+            assert reducer.broadcast_(tensor, _broadcast_from(call)) is tensor
         results.append(tensor.numpy().copy())
     queue.put((rank, results))
 
 
 def test_ranks_get_the_same_sums_call_after_call(tmp_path):
-    """Three processes all-reduce a sequence of float32 and float64 tensors of changing
-    sizes, arriving out of step: every call gives every rank the sum, the same bits on every
+    """Three processes all-reduce (and now and then broadcast) a sequence of float32 and
+    float64 tensors of changing sizes, arriving out of step: every call gives every rank the
+    sum (or the source's tensor), the same bits on every
     rank (the slots are added in rank order), and no call reads a slot that a rank ahead
     already overwrote with the next call's tensor."""
     world = 3
@@ -62,10 +72,17 @@ def test_ranks_get_the_same_sums_call_after_call(tmp_path):
             process.join(timeout=60)
             assert process.exitcode == 0
     finally:
+        for process in processes:
+            if process.is_alive():  # a failed rank: the others would wait for their timeout
+                process.kill()
         os.unlink(path)
     numpy_dtype = {torch.float32: np.float32, torch.float64: np.float64}
     for call, (n, dtype) in enumerate(CALLS):
-        expected = sum(_tensor(call, rank).double() for rank in range(world))
+        src = _broadcast_from(call)
+        if src is None:
+            expected = sum(_tensor(call, rank).double() for rank in range(world))
+        else:
+            expected = _tensor(call, src).double()
         for rank in range(world):
             assert results[rank][call].dtype == numpy_dtype[dtype]
             assert results[rank][call].shape == (n,)
@@ -86,6 +103,9 @@ def test_one_rank_reduces_to_itself_and_refuses_what_does_not_fit(tmp_path):
         torch.testing.assert_close(reducer.all_reduce_(values.clone()), values, rtol=0, atol=0)
         doubles = torch.linspace(-1, 1, 24, dtype=torch.float64)  # 24 doubles = 48 floats
         torch.testing.assert_close(reducer.all_reduce_(doubles.clone()), doubles, rtol=0, atol=0)
+        torch.testing.assert_close(reducer.broadcast_(values.clone(), 0), values, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="no rank 1 among 1"):
+            reducer.broadcast_(values, 1)
         for bad in (
             torch.zeros(49),  # more than the block holds
             torch.zeros(25, dtype=torch.float64),
@@ -105,9 +125,12 @@ def test_a_rank_that_never_arrives_times_out_with_its_number():
     try:
         reducer = SharedMemoryReducer(path, 0, 2, 16, timeout_s=0.3)
         start = time.monotonic()
-        with pytest.raises(TimeoutError, match=r"rank\(s\) \[1\] did not arrive within"):
+        with pytest.raises(TimeoutError, match=r"rank\(s\) \[1\] did not arrive") as caught:
             reducer.all_reduce_(torch.ones(4))
         assert 0.3 <= time.monotonic() - start < 5.0
+        # Lightning tears down while the exception (and its frames' views of the block)
+        # is alive: closing must not raise on top of it
+        assert caught.value.__traceback__ is not None
         reducer.close()
     finally:
         os.unlink(path)
@@ -150,10 +173,10 @@ def test_connect_maps_one_block_for_the_process_group_and_removes_its_name(tmp_p
     assert not [n for n in after - before if n.startswith("atomlens-reduce")]
 
 
-def test_several_cpu_processes_default_to_shared_memory_reductions():
+def test_several_cpu_processes_default_to_shared_memory_reductions(monkeypatch):
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from atomlens.training import TrainConfig
+    from atomlens.training import TrainConfig, shared_memory
     from atomlens.training.shared_memory import SharedMemoryDDPStrategy
     from atomlens.training.train import resolved_strategy
 
@@ -165,6 +188,8 @@ def test_several_cpu_processes_default_to_shared_memory_reductions():
     assert resolved_strategy(config(devices=2, device="cpu", strategy="ddp")) == "ddp"
     assert resolved_strategy(config(devices=2, device="cpu", num_nodes=2)) == "auto"
     assert resolved_strategy(config(devices=2, device="gpu")) == "auto"
+    monkeypatch.setattr(shared_memory, "SUPPORTED", False)  # e.g. ARM64: no fences from Python
+    assert resolved_strategy(config(devices=2, device="cpu")) == "auto"
     for name, start in (("ddp_spawn_shm", "spawn"), ("ddp_shm", "popen")):
         strategy = StrategyRegistry.get(name)
         assert isinstance(strategy, SharedMemoryDDPStrategy)
@@ -217,6 +242,36 @@ def test_the_gradient_hook_averages_the_ranks_buckets():
     assert results == {0: [2.0, 4.0], 1: [2.0, 4.0]}
 
 
+def test_half_precision_buckets_take_ddps_own_all_reduce(monkeypatch):
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from atomlens.training.shared_memory import block_capacity, gradient_hook
+
+    calls = []
+    monkeypatch.setattr(default_hooks, "allreduce_hook", lambda group, bucket: calls.append(bucket))
+
+    class Bucket:
+        def buffer(self):
+            return torch.ones(4, dtype=torch.bfloat16)
+
+    path = SharedMemoryReducer.create(1, 16)
+    try:
+        reducer = SharedMemoryReducer(path, 0, 1, 16)
+        bucket = Bucket()
+        gradient_hook(reducer, bucket)
+        assert calls == [bucket]
+        reducer.close()
+    finally:
+        os.unlink(path)
+    # the block holds every gradient in the parameters' own precision (float64: twice)
+    single = [torch.nn.Parameter(torch.zeros(100)), torch.nn.Parameter(torch.zeros(3))]
+    double = [torch.nn.Parameter(torch.zeros(100, dtype=torch.float64))]
+    frozen = [torch.nn.Parameter(torch.zeros(1000), requires_grad=False)]
+    assert block_capacity(single + frozen) == 103
+    assert block_capacity(double) == 200
+    assert block_capacity(frozen) == 16
+
+
 def test_the_strategy_reduces_broadcasts_and_votes_through_the_block():
     from lightning.fabric.plugins.environments import LightningEnvironment
 
@@ -241,6 +296,8 @@ def test_the_strategy_reduces_broadcasts_and_votes_through_the_block():
             mine.tolist(),  # reduce leaves its input alone
             strategy.broadcast(0.1 * (rank + 1), src=0),
             strategy.broadcast(7 + rank, src=1),
+            strategy.broadcast(-0.0 if rank == 0 else None, src=0),  # others' objects ignored
+            strategy.broadcast(0.5 if rank == 1 else 3, src=1),
             strategy.reduce_boolean_decision(rank == 0, all=False),
             strategy.reduce_boolean_decision(rank == 0, all=True),
             strategy.reduce_boolean_decision(True, all=True),
@@ -252,8 +309,10 @@ def test_the_strategy_reduces_broadcasts_and_votes_through_the_block():
     results = _in_two_threads(steps)
     assert rank_zero_only.rank == rank  # later tests' Lightning runs are still rank 0
     for rank in (0, 1):
-        summed, mean, mine, rate, number, any_, all_, all_true = results[rank]
+        summed, mean, mine, rate, number, zero, half, any_, all_, all_true = results[rank]
         assert summed == [3.0, 10.0] and mean == [1.5, 5.0]
         assert mine == [rank + 1.0, 10.0 * rank]
         assert rate == 0.1 and number == 8 and isinstance(number, int)
+        assert zero == 0.0 and math.copysign(1.0, zero) == -1.0  # the sign bit too
+        assert half == 0.5 and isinstance(half, float)
         assert any_ is True and all_ is False and all_true is True

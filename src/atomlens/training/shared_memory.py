@@ -4,9 +4,9 @@ PyTorch's CPU backend (gloo) sends every all-reduce through TCP sockets and its 
 threads, which on a machine whose cores all train wait for CPU time. Ranks on one machine
 can instead write their tensors into one shared block and each add up all of them (in
 rank order, so every rank gets the same bits): a copy and a sum, no sockets, no threads.
-On the 2 cores, QM9 training of SchNet 128/6 on two one-thread processes ran 10.0
-optimizer steps per second this way against 8.1 through gloo and 7.0 in one process
-(``docs/benchmarks.md``, "Data parallelism on the 2 cores").
+On the 2 cores, QM9 training of SchNet 128/6 on two one-thread processes ran 8.0-10.0
+optimizer steps per second this way against 7.4-8.1 through gloo and 6.6-7.0 in one
+process, in two sittings (``docs/benchmarks.md``, "Data parallelism on the 2 cores").
 
 :class:`SharedMemoryReducer` sums float32 or float64 tensors up to a fixed size.
 :class:`SharedMemoryDDPStrategy` is Lightning's DDP strategy with the gradient all-reduce
@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import platform
 import socket
+import sys
 import tempfile
 import time
+import warnings
 from datetime import timedelta
 
 import numpy as np
@@ -32,6 +35,11 @@ from lightning.pytorch.strategies import DDPStrategy
 
 #: bytes between two ranks' sequence counters (one cache line each)
 _LINE = 64
+
+#: The protocol needs stores seen in program order by other cores and loads not moved
+#: before an earlier load (x86-64's total store order); ARM64 and others may reorder them
+#: without fences, which Python cannot place. Elsewhere the strategy uses gloo.
+SUPPORTED = sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64")
 
 
 class SharedMemoryReducer:
@@ -44,8 +52,10 @@ class SharedMemoryReducer:
     order, with tensors of the same size. Per call each rank copies its tensor into its
     slot, marks its counter, waits for the others' marks, and sums the slots in rank order.
     Before a rank overwrites its slot in the next call it waits until every rank has read
-    the previous call's slots (a second mark). Each counter has one writer; on x86-64 and
-    ARM64 an aligned 8-byte store is seen whole, and the slot is written before the mark.
+    the previous call's slots (a second mark). Each counter has one writer, an aligned
+    8-byte store seen whole; x86-64 keeps a rank's stores (slot, then mark) and loads (mark,
+    then slots) in program order for the other cores, which this relies on: Linux on
+    x86-64 only (:data:`SUPPORTED`).
     """
 
     def __init__(self, path: str, rank: int, world: int, capacity: int, timeout_s: float = 1800.0):
@@ -74,10 +84,23 @@ class SharedMemoryReducer:
 
     @classmethod
     def create(cls, world: int, capacity: int) -> str:
-        """A zeroed shared file of the right size (in /dev/shm where there is one): its path."""
+        """A zeroed shared file of the right size (in /dev/shm where there is one): its path.
+
+        Its memory is reserved now (``posix_fallocate``): a sparse file on a full tmpfs (a
+        container's 64 MB /dev/shm) would kill the first rank that writes with SIGBUS."""
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
         handle, path = tempfile.mkstemp(prefix="atomlens-reduce-", dir=folder)
-        os.ftruncate(handle, cls.nbytes(world, capacity))
+        size = cls.nbytes(world, capacity)
+        try:
+            os.posix_fallocate(handle, 0, size)
+        except OSError as error:
+            os.close(handle)
+            os.unlink(path)
+            raise OSError(
+                f"no room for a {size / 2**20:.1f} MB shared-memory block in "
+                f"{folder or tempfile.gettempdir()} ({error.strerror}); free or enlarge it "
+                "(docker run --shm-size), or train with --strategy ddp_spawn (gloo)"
+            ) from error
         os.close(handle)
         return path
 
@@ -110,6 +133,16 @@ class SharedMemoryReducer:
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Replace ``tensor`` (float32 or float64, contiguous, CPU) by its sum over the ranks."""
+        return self._exchange(tensor, None)
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Replace ``tensor`` by rank ``src``'s (a collective call like :meth:`all_reduce_`;
+        the same protocol, each rank copying ``src``'s slot: every bit, -0.0 included)."""
+        if not 0 <= src < self.world:
+            raise ValueError(f"no rank {src} among {self.world}")
+        return self._exchange(tensor, src)
+
+    def _exchange(self, tensor: torch.Tensor, src: int | None) -> torch.Tensor:
         if not self.fits(tensor):
             raise ValueError(
                 f"shared-memory all-reduce takes contiguous float32/float64 CPU tensors of up "
@@ -123,20 +156,31 @@ class SharedMemoryReducer:
         slots[self.rank].copy_(tensor.view(-1))
         self._marks[self.rank] = 2 * call - 1
         self._wait(2 * call - 1)  # every rank's slot holds this call's tensor
-        torch.sum(slots, dim=0, out=tensor.view(-1))  # rank order: the same bits everywhere
+        if src is None:
+            torch.sum(slots, dim=0, out=tensor.view(-1))  # rank order: the same bits everywhere
+        else:
+            tensor.view(-1).copy_(slots[src])
         self._marks[self.rank] = 2 * call
         return tensor
 
     def close(self) -> None:
         self._slots = self._marks = None
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:  # a view still alive (an exception's traceback): unmapped when freed
+            pass
 
 
 def connect(capacity: int, group=None, timeout_s: float = 1800.0) -> SharedMemoryReducer:
     """A reducer for the ranks of the initialised process group (collective, via gloo).
 
     The ranks must share one machine's memory (one node): with ranks on several nodes the
-    file would not be shared, so that is refused."""
+    file would not be shared, so that is refused; so is a machine outside :data:`SUPPORTED`."""
+    if not SUPPORTED:
+        raise RuntimeError(
+            f"shared-memory reductions need Linux on x86-64, not {sys.platform} on "
+            f"{platform.machine()}"
+        )
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     box = [
         (SharedMemoryReducer.create(world, capacity), socket.gethostname()) if rank == 0 else None
@@ -162,8 +206,13 @@ def connect(capacity: int, group=None, timeout_s: float = 1800.0) -> SharedMemor
 def gradient_hook(reducer: SharedMemoryReducer, bucket):
     """DDP communication hook: the bucket's gradients averaged over the ranks, as a done
     ``torch.futures.Future`` (no return annotation: DDP checks it, and this module's
-    annotations are strings)."""
+    annotations are strings). Buckets the block does not take (half precision) go through
+    DDP's default all-reduce instead; every rank has the same buckets, so all take one path."""
     tensor = bucket.buffer()
+    if not reducer.fits(tensor):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        return allreduce_hook(None, bucket)
     reducer.all_reduce_(tensor).div_(reducer.world)
     future: torch.futures.Future = torch.futures.Future()
     future.set_result(tensor)
@@ -174,12 +223,16 @@ class SharedMemoryDDPStrategy(DDPStrategy):
     """Lightning's DDP for processes on one machine's CPUs, reducing through shared memory.
 
     The gradient all-reduce (a DDP communication hook, which Lightning itself registers on
-    GPUs only), :meth:`reduce` of small float tensors, :meth:`broadcast` of numbers and
-    :meth:`reduce_boolean_decision` go through one :class:`SharedMemoryReducer`; everything
-    else (setup, barriers, metrics, objects) through the process group (gloo). DDP does not
-    broadcast module buffers every step (atomlens models keep their statistics in buffers,
-    fixed during training; ``broadcast_buffers=True`` restores DDP's default). Registered
-    as the strategy names ``ddp_spawn_shm`` and ``ddp_shm``.
+    GPUs only), :meth:`reduce` of float32/float64 tensors (logged values with
+    ``sync_dist``), :meth:`broadcast` of numbers and :meth:`reduce_boolean_decision` (the
+    budget's stop, checkpoint and early-stopping decisions) go through one
+    :class:`SharedMemoryReducer`; the rest (setup, barriers, torchmetrics' states, Python
+    objects) through the process group (gloo). DDP broadcasts no module buffers, neither at
+    the start nor every step: atomlens models keep their statistics in buffers, computed
+    the same on every rank before the processes start and fixed during training
+    (``broadcast_buffers=True`` restores DDP's default). Outside Linux on x86-64
+    (:data:`SUPPORTED`) it warns and is plain DDP with gloo. Registered as the strategy
+    names ``ddp_spawn_shm`` and ``ddp_shm``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -192,10 +245,15 @@ class SharedMemoryDDPStrategy(DDPStrategy):
             raise RuntimeError(
                 "the shared-memory DDP strategy reduces CPU tensors; use ddp on a GPU"
             )
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        if not SUPPORTED:
+            warnings.warn(
+                "shared-memory reductions need Linux on x86-64: reducing through gloo",
+                stacklevel=2,
+            )
+            super().configure_ddp()
+            return
         timeout = self._timeout.total_seconds() if isinstance(self._timeout, timedelta) else 1800.0
-        # DDP's buckets hold at most every gradient; 64 bytes at least for the small reductions
-        self._reducer = connect(max(trainable, 16), timeout_s=timeout)
+        self._reducer = connect(block_capacity(self.model.parameters()), timeout_s=timeout)
         super().configure_ddp()
         self.model.register_comm_hook(self._reducer, gradient_hook)
 
@@ -215,11 +273,26 @@ class SharedMemoryDDPStrategy(DDPStrategy):
         return result / self.world_size if op in ("mean", "avg") else result
 
     def broadcast(self, obj, src: int = 0):
-        if self._reducer is None or isinstance(obj, bool) or not isinstance(obj, (int, float)):
+        """``src``'s ``obj``. Every rank makes one shared-memory broadcast of ``src``'s
+        [kind, value]: a float (every bit), an int of at most 2^53, or kind 0, anything else,
+        which then goes through gloo on every rank. What the other ranks pass does not
+        matter, as in Lightning's broadcast."""
+        if self._reducer is None:
             return super().broadcast(obj, src)
-        # a sum in which only ``src`` adds its number: every rank gets its exact bits
-        value = torch.tensor([float(obj) if self.global_rank == src else 0.0], dtype=torch.float64)
-        return type(obj)(self._reducer.all_reduce_(value).item())
+        message = torch.zeros(2, dtype=torch.float64)
+        if self.global_rank == src:
+            if isinstance(obj, float):
+                message[0], message[1] = 1.0, obj
+            elif isinstance(obj, int) and not isinstance(obj, bool) and abs(obj) <= 2**53:
+                message[0], message[1] = 2.0, float(obj)
+            else:
+                message[0] = 0.0
+        kind, value = self._reducer.broadcast_(message, src).tolist()
+        if kind == 1.0:
+            return value
+        if kind == 2.0:
+            return int(value)
+        return super().broadcast(obj, src)
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         if self._reducer is None:
@@ -244,6 +317,13 @@ class SharedMemoryDDPStrategy(DDPStrategy):
                 description=f"DDP on one machine's CPUs, reductions in shared memory ('{start_method}')",
                 start_method=start_method,
             )
+
+
+def block_capacity(parameters) -> int:
+    """float32 elements of a block that holds every trainable parameter's gradient (DDP's
+    largest possible bucket) in the parameters' own precision; 16 at least."""
+    nbytes = sum(p.numel() * p.element_size() for p in parameters if p.requires_grad)
+    return max(-(-nbytes // 4), 16)
 
 
 def register() -> None:

@@ -468,12 +468,13 @@ def _checkpoint_epochs(path: Path) -> int:
 
 def resolved_strategy(config: TrainConfig):
     """``config.strategy``, except that ``"auto"`` with several CPU processes (``devices``
-    > 1 on ``device="cpu"``, or ``"auto"`` without a GPU) is ``"ddp_spawn_shm"``: DDP whose
-    gradients and per-step numbers go through shared memory instead of gloo's sockets
-    (:mod:`.shared_memory`; 10.0 against 8.1 optimizer steps per second on the 2 cores)."""
+    > 1 on ``device="cpu"``, or ``"auto"`` without a GPU) on Linux x86-64 is
+    ``"ddp_spawn_shm"``: DDP whose gradients and per-step numbers go through shared memory
+    instead of gloo's sockets (:mod:`.shared_memory`; 1.08-1.23x gloo's optimizer steps per
+    second on the 2 cores)."""
     several = isinstance(config.devices, int) and config.devices > 1 and config.num_nodes == 1
     on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    if config.strategy == "auto" and several and on_cpu:
+    if config.strategy == "auto" and several and on_cpu and shared_memory.SUPPORTED:
         return "ddp_spawn_shm"
     return config.strategy
 
