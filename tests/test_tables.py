@@ -216,3 +216,38 @@ def test_fused_kernel_falls_back_once_when_compiling_fails(monkeypatch):
         torch.testing.assert_close(kernel(x, size=4), 2 * x)
     kernels.set_fused(True)
     assert kernels.fused_enabled()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_cfconv_kernel_is_the_convolution(dtype):
+    """The hand-written one-pass loop (``nn.cpu_kernels``) against the formula, on pairs
+    that share atoms, a pair of an atom with itself and a feature width that is no multiple
+    of the vector width; ``None`` (the Inductor kernel's turn) when it does not apply."""
+    from atomlens.nn import cpu_kernels, kernels
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 13, generator=gen).to(dtype)
+    w = torch.randn(9, 13, generator=gen).to(dtype)
+    a = torch.tensor([0, 0, 1, 2, 3, 3, 5, 6, 4])
+    b = torch.tensor([1, 2, 2, 6, 4, 5, 6, 6, 4])
+    expected = torch.zeros_like(x).index_add_(0, a, x[b] * w).index_add_(0, b, x[a] * w)
+    y = cpu_kernels.cfconv(x, w, a, b)
+    assert y is not None, "the C++ kernel did not compile"
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(y, expected, rtol=tolerance, atol=tolerance)
+    # strided inputs are made contiguous, not read wrongly
+    wide = torch.randn(9, 26, generator=gen).to(dtype)
+    torch.testing.assert_close(
+        cpu_kernels.cfconv(x, wide[:, ::2], a, b),
+        torch.zeros_like(x)
+        .index_add_(0, a, x[b] * wide[:, ::2])
+        .index_add_(0, b, x[a] * wide[:, ::2]),
+        rtol=tolerance,
+        atol=tolerance,
+    )
+    assert cpu_kernels.cfconv(x.half(), w.half(), a, b) is None
+    kernels.set_fused(False)
+    try:
+        assert cpu_kernels.cfconv(x, w, a, b) is None  # ATOMLENS_FUSED=0
+    finally:
+        kernels.set_fused(True)

@@ -10,14 +10,15 @@ symmetric), and d/dW is the pair product ``P_p = u_{a_p} * v_{b_p} + u_{b_p} * v
 whose gradients are cfconvs again. So two autograd Functions, each with the other in its
 backward, give derivatives of every order (forces, and force training's double backward).
 
-Both run as fused kernels (:mod:`atomlens.nn.kernels`) for large batches.
+Both run as fused kernels (:mod:`atomlens.nn.kernels`) for large batches; on the CPU the
+convolution runs as a hand-written one-pass loop (:mod:`atomlens.nn.cpu_kernels`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import cpu_kernels, kernels
 from .kernels import FusedKernel
 
 
@@ -37,7 +38,8 @@ _pair_product = FusedKernel(_pair_product_plain)
 class _CFConv(kernels.Function):
     @staticmethod
     def forward(x, w, a, b):
-        return _cfconv(x, w, a, b, size=w.numel())
+        y = cpu_kernels.cfconv(x, w, a, b)  # one pass over the filters (CPU)
+        return _cfconv(x, w, a, b, size=w.numel()) if y is None else y
 
     @staticmethod
     def setup_context(ctx, inputs, output):

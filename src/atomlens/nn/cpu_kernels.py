@@ -1,0 +1,106 @@
+"""A hand-written CPU kernel for the symmetric continuous-filter convolution.
+
+Over symmetric pairs (``a_p < b_p``, one filter row ``W_p`` per unordered pair) the
+convolution adds ``x[b_p] * W_p`` into row ``a_p`` and ``x[a_p] * W_p`` into row ``b_p``.
+Inductor's fused kernel (:mod:`atomlens.nn.kernels`) makes one pass over the pairs per
+direction, so the ``(P, F)`` filter array is read twice; in a QM9 training step that array
+(15,000 pairs x 128 features, 7 MB) comes from L3 or memory. This loop reads it once and
+updates both rows: on one such call (1,794 atoms, 14,082 pairs, one thread, CPU time),
+0.46 instead of 1.08 ms with warm caches and 0.58 instead of 1.51 ms with cold ones.
+
+It is compiled with ``torch.utils.cpp_extension.load_inline`` on first use (a C++
+compiler and ninja; about 20 s once, cached by torch under ``TORCH_EXTENSIONS_DIR``), and
+runs single-threaded like atomlens's other scatter kernels. Without a compiler (or
+``ATOMLENS_FUSED=0``) :func:`cfconv` returns None and the caller uses the Inductor kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from . import kernels
+
+_LOG = logging.getLogger("atomlens")
+
+#: bump when the source changes: torch caches builds by name
+_NAME = "atomlens_cfconv_v1"
+
+_SOURCE = r"""
+#include <torch/extension.h>
+
+template <typename T>
+static void cfconv_rows(const T* __restrict x, const T* __restrict w, const int64_t* a,
+                        const int64_t* b, T* __restrict y, int64_t pairs, int64_t width) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    const T* wp = w + p * width;
+    const T* xa = x + a[p] * width;
+    const T* xb = x + b[p] * width;
+    T* ya = y + a[p] * width;
+    T* yb = y + b[p] * width;
+#pragma omp simd
+    for (int64_t f = 0; f < width; ++f) {
+      const T filter = wp[f];
+      ya[f] += xb[f] * filter;
+      yb[f] += xa[f] * filter;
+    }
+  }
+}
+
+torch::Tensor cfconv(torch::Tensor x, torch::Tensor w, torch::Tensor a, torch::Tensor b) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "cfconv: shapes");
+  TORCH_CHECK(a.numel() == w.size(0) && b.numel() == w.size(0), "cfconv: one pair per row");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "cfconv: dtypes");
+  TORCH_CHECK(a.scalar_type() == torch::kLong && b.scalar_type() == torch::kLong, "cfconv: int64");
+  auto xc = x.contiguous(), wc = w.contiguous(), ac = a.contiguous(), bc = b.contiguous();
+  auto y = torch::zeros_like(xc);
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "cfconv", [&] {
+    cfconv_rows<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+                          ac.data_ptr<int64_t>(), bc.data_ptr<int64_t>(),
+                          y.data_ptr<scalar_t>(), wc.size(0), wc.size(1));
+  });
+  return y;
+}
+"""
+
+_state: dict = {"module": None, "failed": False}
+
+
+def _module():
+    if _state["module"] is None and not _state["failed"]:
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            _LOG.info("atomlens: compiling the C++ cfconv kernel (once; cached on disk)")
+            _state["module"] = load_inline(
+                _NAME,
+                cpp_sources=_SOURCE,
+                functions=["cfconv"],
+                extra_cflags=["-O3", "-fopenmp-simd"],
+            )
+        except Exception as error:  # noqa: BLE001 (no compiler or ninja, unsupported platform)
+            _state["failed"] = True
+            warnings.warn(
+                f"atomlens: C++ cfconv kernel unavailable ({type(error).__name__}: "
+                f"{str(error)[:200]}); using the compiled PyTorch kernel",
+                stacklevel=3,
+            )
+    return _state["module"]
+
+
+def cfconv(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """The symmetric cfconv of plain float CPU tensors in one pass, or None where this
+    kernel does not apply (other devices or dtypes, torch.func wrappers, no compiler,
+    fused kernels off)."""
+    if (
+        not kernels.fused_enabled()
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or torch._C._functorch.is_functorch_wrapped_tensor(w)
+    ):
+        return None
+    module = _module()
+    return None if module is None else module.cfconv(x, w, a, b)
