@@ -251,3 +251,29 @@ def test_cpp_cfconv_kernel_is_the_convolution(dtype):
         assert cpu_kernels.cfconv(x, w, a, b) is None  # ATOMLENS_FUSED=0
     finally:
         kernels.set_fused(True)
+
+
+def test_the_kernel_build_finds_the_environments_own_ninja(monkeypatch, tmp_path):
+    """With the virtual environment not activated, ``ninja`` (a dependency) sits beside the
+    interpreter but not on PATH: the build gets that folder on PATH, and PATH is restored."""
+    import os
+    import shutil
+
+    from atomlens.nn import cpu_kernels
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "ninja").write_text("#!/bin/sh\n")
+    (folder / "ninja").chmod(0o755)
+    monkeypatch.setattr(cpu_kernels.sys, "executable", str(folder / "python"))
+    monkeypatch.setenv("PATH", "/nowhere")
+    real_which = shutil.which
+    monkeypatch.setattr(
+        cpu_kernels.shutil, "which", lambda cmd, path=None: real_which(cmd, path=path)
+    )
+    with cpu_kernels._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep) == [str(folder), "/nowhere"]
+    assert os.environ["PATH"] == "/nowhere"
+    monkeypatch.setenv("PATH", str(folder))  # already on PATH: nothing to add
+    with cpu_kernels._ninja_on_path():
+        assert os.environ["PATH"] == str(folder)

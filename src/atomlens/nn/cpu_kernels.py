@@ -9,14 +9,19 @@ updates both rows: on one such call (1,794 atoms, 14,082 pairs, one thread, CPU 
 0.46 instead of 1.08 ms with warm caches and 0.58 instead of 1.51 ms with cold ones.
 
 It is compiled with ``torch.utils.cpp_extension.load_inline`` on first use (a C++
-compiler and ninja; about 20 s once, cached by torch under ``TORCH_EXTENSIONS_DIR``), and
+compiler, and ninja, a dependency; about 25 s once, cached by torch under
+``TORCH_EXTENSIONS_DIR``), and
 runs single-threaded like atomlens's other scatter kernels. Without a compiler (or
 ``ATOMLENS_FUSED=0``) :func:`cfconv` returns None and the caller uses the Inductor kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import sys
 import warnings
 
 import torch
@@ -68,18 +73,36 @@ torch::Tensor cfconv(torch::Tensor x, torch::Tensor w, torch::Tensor a, torch::T
 _state: dict = {"module": None, "failed": False}
 
 
+@contextlib.contextmanager
+def _ninja_on_path():
+    """``load_inline`` runs ``ninja`` from PATH. The ``ninja`` dependency installs it beside
+    the interpreter, which PATH lacks when a virtual environment is used without being
+    activated (``.venv/bin/python``): add that folder for the build, then restore PATH."""
+    folder = os.path.dirname(sys.executable)
+    if shutil.which("ninja") or not shutil.which("ninja", path=folder):
+        yield
+        return
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = folder + os.pathsep + saved
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
+
+
 def _module():
     if _state["module"] is None and not _state["failed"]:
         try:
             from torch.utils.cpp_extension import load_inline
 
             _LOG.info("atomlens: compiling the C++ cfconv kernel (once; cached on disk)")
-            _state["module"] = load_inline(
-                _NAME,
-                cpp_sources=_SOURCE,
-                functions=["cfconv"],
-                extra_cflags=["-O3", "-fopenmp-simd"],
-            )
+            with _ninja_on_path():
+                _state["module"] = load_inline(
+                    _NAME,
+                    cpp_sources=_SOURCE,
+                    functions=["cfconv"],
+                    extra_cflags=["-O3", "-fopenmp-simd"],
+                )
         except Exception as error:  # noqa: BLE001 (no compiler or ninja, unsupported platform)
             _state["failed"] = True
             warnings.warn(
