@@ -277,3 +277,26 @@ def test_the_kernel_build_finds_the_environments_own_ninja(monkeypatch, tmp_path
     monkeypatch.setenv("PATH", str(folder))  # already on PATH: nothing to add
     with cpu_kernels._ninja_on_path():
         assert os.environ["PATH"] == str(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_table_scatter_is_the_lookups_transpose(dtype):
+    """The one-pass C++ scatter into the Hermite table against ``_scatter_plain`` for every
+    derivative order, at the grid's ends, beyond it, between nodes and for a NaN distance
+    (row 0, NaN through the weights that depend on t)."""
+    from atomlens.nn import cpu_kernels
+    from atomlens.nn.hermite import _scatter_plain
+
+    gen = torch.Generator().manual_seed(5)
+    grad = torch.randn(40, 13, generator=gen).to(dtype)
+    x = (torch.rand(40, generator=gen) * 10).to(dtype)
+    x[:5] = torch.tensor([0.0, 10.0, float("nan"), 9.9999, 12.5], dtype=dtype)
+    for order in range(5):
+        got = cpu_kernels.table_scatter(grad, x, order, 40)
+        assert got is not None, "the C++ kernels did not compile"
+        expected = _scatter_plain(grad, x, order, 40)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert (
+        cpu_kernels.table_scatter(grad, x.float() if dtype == torch.float64 else x.double(), 0, 40)
+        is None
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import embedding_bag
 
-from . import kernels
+from . import cpu_kernels, kernels
 from .kernels import FusedKernel
 
 
@@ -142,7 +142,8 @@ class _Scatter(kernels.Function):
 
     @staticmethod
     def forward(grad, x, order, n_rows):
-        return _scatter(grad, x, order, n_rows, size=grad.numel())
+        out = cpu_kernels.table_scatter(grad, x, order, n_rows)  # one pass over grad (CPU)
+        return _scatter(grad, x, order, n_rows, size=grad.numel()) if out is None else out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
