@@ -17,8 +17,7 @@ once and adds all four: 1.0-1.8 instead of 2.1-3.3 ms on the same batch's 14,082
 
 Both are compiled with ``torch.utils.cpp_extension.load_inline`` on first use (a C++
 compiler, and ninja, a dependency; about 25 s once, cached by torch under
-``TORCH_EXTENSIONS_DIR``), and
-run single-threaded like atomlens's other scatter kernels. Without a compiler (or
+``TORCH_EXTENSIONS_DIR``), and run single-threaded like atomlens's other scatter kernels. Without a compiler (or
 ``ATOMLENS_FUSED=0``) they return None and the caller uses the Inductor kernels.
 """
 
@@ -146,7 +145,7 @@ def _module():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _LOG.info("atomlens: compiling the C++ cfconv kernel (once; cached on disk)")
+            _LOG.info("atomlens: compiling the C++ pair kernels (once; cached on disk)")
             with _ninja_on_path():
                 _state["module"] = load_inline(
                     _NAME,
@@ -157,26 +156,37 @@ def _module():
         except Exception as error:  # noqa: BLE001 (no compiler or ninja, unsupported platform)
             _state["failed"] = True
             warnings.warn(
-                f"atomlens: C++ cfconv kernel unavailable ({type(error).__name__}: "
-                f"{str(error)[:200]}); using the compiled PyTorch kernel",
+                f"atomlens: C++ pair kernels unavailable ({type(error).__name__}: "
+                f"{str(error)[:200]}); using the compiled PyTorch kernels",
                 stacklevel=3,
             )
     return _state["module"]
+
+
+def _loaded(*floats: torch.Tensor):
+    """The built module if these kernels apply to ``floats``, else None: fused kernels on,
+    plain (not torch.func-wrapped) CPU tensors of one dtype, float32 or float64, and a
+    successful build."""
+    dtype = floats[0].dtype
+    if (
+        not kernels.fused_enabled()
+        or dtype not in (torch.float32, torch.float64)
+        or any(
+            t.dtype != dtype
+            or t.device.type != "cpu"
+            or torch._C._functorch.is_functorch_wrapped_tensor(t)
+            for t in floats
+        )
+    ):
+        return None
+    return _module()
 
 
 def cfconv(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     """The symmetric cfconv of plain float CPU tensors in one pass, or None where this
     kernel does not apply (other devices or dtypes, torch.func wrappers, no compiler,
     fused kernels off)."""
-    if (
-        not kernels.fused_enabled()
-        or x.device.type != "cpu"
-        or x.dtype not in (torch.float32, torch.float64)
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
-        or torch._C._functorch.is_functorch_wrapped_tensor(w)
-    ):
-        return None
-    module = _module()
+    module = _loaded(x, w)
     return None if module is None else module.cfconv(x, w, a, b)
 
 
@@ -184,14 +194,5 @@ def table_scatter(grad: torch.Tensor, x: torch.Tensor, order: int, n_rows: int):
     """The transpose of a Hermite-table lookup w.r.t. the table
     (:func:`atomlens.nn.hermite._scatter_plain`) in one pass over ``grad``: each pair's
     four weighted rows added at once; or None where this kernel does not apply."""
-    if (
-        not kernels.fused_enabled()
-        or grad.device.type != "cpu"
-        or grad.dtype not in (torch.float32, torch.float64)
-        or x.dtype != grad.dtype
-        or torch._C._functorch.is_functorch_wrapped_tensor(grad)
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
-    ):
-        return None
-    module = _module()
+    module = _loaded(grad, x)
     return None if module is None else module.table_scatter(grad, x, int(order), int(n_rows))
