@@ -300,3 +300,156 @@ def test_cpp_table_scatter_is_the_lookups_transpose(dtype):
         cpu_kernels.table_scatter(grad, x.float() if dtype == torch.float64 else x.double(), 0, 40)
         is None
     )
+
+
+def _tabulated_case(dtype, n_intervals=6, width=13):
+    """Pairs sharing atoms (one atom with itself), grid coordinates at both ends, between
+    nodes, beyond the grid on either side and NaN; a width no multiple of the vector width."""
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(7, width, generator=gen).to(dtype)
+    table = torch.randn(n_intervals, 4, width, generator=gen).to(dtype)
+    a = torch.tensor([0, 0, 1, 2, 3, 3, 5, 6, 4, 1, 2])
+    b = torch.tensor([1, 2, 2, 6, 4, 5, 6, 6, 4, 5, 3])
+    grid = (torch.rand(11, generator=gen) * n_intervals).to(dtype)
+    grid[:5] = torch.tensor([0.0, float(n_intervals), 2.0, n_intervals + 1.5, -0.25], dtype=dtype)
+    return h, table, grid, a, b
+
+
+def _lookup_then_cfconv(h, table, grid, a, b):
+    """The same convolution from the public pieces: filters from the table, then cfconv."""
+    from atomlens.nn.cfconv import _cfconv_plain
+    from atomlens.nn.hermite import _lookup_plain
+
+    n = table.shape[0]
+    w = _lookup_plain(table.reshape(4 * n, -1), grid.clamp(0.0, float(n)), 0)
+    return _cfconv_plain(h, w, a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tabulated_cfconv_is_lookup_then_cfconv_with_its_first_derivatives(dtype):
+    """The one-pass C++ convolution with filters read from their Hermite table, and its one-
+    pass backward, against the filters looked up and convolved by the plain formulas: the
+    output and its gradients w.r.t. the features, the table and the grid coordinates, each
+    asked for alone and all together; no grid gradient beyond the grid's ends."""
+    from atomlens.nn import cpu_kernels
+    from atomlens.nn.cfconv import cfconv_tabulated
+
+    h, table, grid, a, b = _tabulated_case(dtype)
+    pair_i, pair_j = torch.cat([a, b]), torch.cat([b, a])
+    assert cpu_kernels.available(h, table, grid), "the C++ kernels did not compile"
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    g = torch.randn(h.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    for wanted in ([0], [1], [2], [0, 1, 2]):
+        inputs = [t.clone().requires_grad_(k in wanted) for k, t in enumerate((h, table, grid))]
+        got = cfconv_tabulated(*inputs, pair_i, pair_j)
+        expected = _lookup_then_cfconv(*inputs, a, b)
+        assert got.grad_fn.name() == "_TabulatedCFConvBackward"
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+        leaves = [inputs[k] for k in wanted]
+        for x, y in zip(
+            torch.autograd.grad(got, leaves, g), torch.autograd.grad(expected, leaves, g)
+        ):
+            torch.testing.assert_close(x, y, rtol=tolerance, atol=tolerance)
+    grid_grad = torch.autograd.grad(
+        cfconv_tabulated(h, table, inputs[2], pair_i, pair_j), inputs[2], g
+    )[0]
+    assert grid_grad[3] == 0 and grid_grad[4] == 0 and grid_grad[1] != 0  # beyond; the end
+
+
+def test_tabulated_cfconv_nan_distance_gives_nan_on_its_atoms_only():
+    """A NaN grid coordinate (a NaN distance) reads row 0 and makes its two atoms' outputs
+    NaN, as the lookup does; the other atoms stay finite."""
+    from atomlens.nn.cfconv import cfconv_tabulated
+
+    h, table, grid, a, b = _tabulated_case(torch.float32)
+    grid[9] = float("nan")  # pair (1, 5)
+    y = cfconv_tabulated(h, table, grid, torch.cat([a, b]), torch.cat([b, a]))
+    assert torch.isnan(y[[1, 5]]).all()
+    assert torch.isfinite(y[[0, 2, 3, 4, 6]]).all()
+
+
+def test_tabulated_cfconv_derivatives_of_every_order():
+    """gradcheck and gradgradcheck (float64): the one-pass backward is exact, and force
+    training's double backward (composed Functions) is too."""
+    from atomlens.nn.cfconv import cfconv_tabulated
+
+    h, table, grid, a, b = _tabulated_case(torch.float64, width=5)
+    grid[:5] = torch.tensor([0.5, 5.5, 2.5, 7.5, -0.25], dtype=torch.float64)  # off the kinks
+    pair_i, pair_j = torch.cat([a, b]), torch.cat([b, a])
+    inputs = tuple(t.requires_grad_(True) for t in (h, table, grid))
+
+    def convolution(h, table, grid):
+        return cfconv_tabulated(h, table, grid, pair_i, pair_j)
+
+    assert convolution(*inputs).grad_fn.name() == "_TabulatedCFConvBackward"
+    assert torch.autograd.gradcheck(convolution, inputs)
+    assert torch.autograd.gradgradcheck(convolution, inputs)
+
+
+def test_tabulated_cfconv_falls_back_to_lookup_and_cfconv():
+    """Where the C++ kernels do not apply (fused kernels off, half precision) the lookup
+    and the convolution run instead, with the same result."""
+    from atomlens.nn import kernels
+    from atomlens.nn.cfconv import cfconv_tabulated
+
+    h, table, grid, a, b = _tabulated_case(torch.float64)
+    pair_i, pair_j = torch.cat([a, b]), torch.cat([b, a])
+    expected = _lookup_then_cfconv(h, table, grid, a, b)
+    kernels.set_fused(False)
+    try:
+        y = cfconv_tabulated(h.requires_grad_(True), table, grid, pair_i, pair_j)
+    finally:
+        kernels.set_fused(True)
+    assert y.grad_fn.name() != "_TabulatedCFConvBackward"
+    torch.testing.assert_close(y, expected)
+    half = cfconv_tabulated(
+        h.detach().bfloat16(), table.bfloat16(), grid.bfloat16(), pair_i, pair_j
+    )
+    torch.testing.assert_close(half.double(), expected, rtol=0.1, atol=0.2)
+
+
+def test_kernel_build_is_named_for_the_processor(monkeypatch, tmp_path):
+    """The build uses the processor's vector units (-march=native) under a name that carries
+    a digest of its instruction-set flags, so a build cached for one processor is never
+    loaded on another; unreadable flags give a generic build."""
+    from atomlens.nn import cpu_kernels
+
+    def target(text):
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        real_open = open
+        monkeypatch.setattr(
+            "builtins.open",
+            lambda f, *a, **k: real_open(path if f == "/proc/cpuinfo" else f, *a, **k),
+        )
+        return cpu_kernels._build_target()
+
+    avx2 = target("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    avx512 = target("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f\n")
+    arm = target("processor\t: 0\nFeatures\t: fp asimd sve\n")
+    generic = target("processor\t: 0\n")
+    assert "-march=native" in avx2[1] and "-march=native" in arm[1]
+    assert len({avx2[0], avx512[0], arm[0], generic[0]}) == 4
+    assert generic == (f"{cpu_kernels._NAME}_generic", ["-O3", "-fopenmp-simd"])
+    assert avx2 == target("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")  # stable
+
+
+def test_compiled_energy_training_calls_the_cpp_convolution_with_the_same_gradients(data):
+    """Energy training with a compiled representation (``compile: true``) runs the tabulated
+    convolution as its operators (first derivatives, the table's included) and gives the
+    eager model's parameter gradients."""
+    from atomlens.nn import cpu_kernels
+
+    batch = data.batch(range(6), 5.0, torch.float64)
+    grads = []
+    for compiled in (False, True):
+        model = random_model("schnet", seed=4).train()
+        if compiled:
+            cpu_kernels.prepare("cpu")
+            model.representation.compile(dynamic=True)
+        with torch.profiler.profile() as profile:
+            model(batch)["energy"].pow(2).sum().backward()
+        called = {event.key for event in profile.key_averages()}
+        assert ("atomlens::tabulated_cfconv_backward" in called) == compiled
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-11)

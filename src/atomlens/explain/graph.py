@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.schnet import filter_values
 from .patterns import LayerStatistics, Patterns, PatternStatistics
 from .rules import Epsilon, Pattern, Ratio, Rule, stabilize
 
@@ -211,7 +212,9 @@ def record_interactions(model: nn.Module, batch) -> tuple[list[tuple[nn.Module, 
         raise ValueError("molecular explanations are for molecules; the batch has periodic cells")
     calls, features = [], []
     handles = [
-        block.register_forward_pre_hook(lambda m, args: calls.append((m, args)))
+        block.register_forward_pre_hook(
+            lambda m, args: calls.append((m, (args[0], filter_values(args[1]), *args[2:])))
+        )
         for block in model.representation.interactions
     ]
     handles.append(
@@ -523,7 +526,7 @@ def fit_molecule_patterns(model: nn.Module, batches: Iterable) -> Patterns:
         pair_j = args[-1].j
         if interaction_type(block) == "schnet":
             key, x = names[id(block)] + ".cfconv", block.in2f(args[0])[pair_j]
-            u = args[1].repeat(2, 1) * x
+            u = filter_values(args[1]).repeat(2, 1) * x
         else:
             key, x = names[id(block)] + ".product", block.coefficient_to_factor(args[0])[pair_j]
             u = block.distance_to_factor(args[1]).repeat(2, 1) * x

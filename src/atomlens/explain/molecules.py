@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batch import Pairs
+from ..models.schnet import filter_values
 from ..registry import MOLECULE_METHODS  # torch-free, for the command line
 from .graph import (
     RelevanceGraph,
@@ -130,7 +131,8 @@ def pair_switches(model: nn.Module, mask: Tensor):
     def hook(block, args):
         args = list(args)
         if interaction_type(block) == "schnet":
-            args[1] = args[1] * mask[:, None].to(args[1])
+            filters = filter_values(args[1])
+            args[1] = filters * mask[:, None].to(filters)
         else:
             args[2] = args[2] * mask.to(args[2])
         return tuple(args)

@@ -16,6 +16,7 @@ on ~500 grid points per step instead of on every pair of the batch.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from ..nn import (
     GaussianRBF,
     ShiftedSoftplus,
     cfconv_symmetric,
+    cfconv_tabulated,
     hermite_coefficients,
     hermite_lookup,
     scatter_sum,
@@ -37,6 +39,23 @@ from .base import Representation
 #: the most grid nodes of a filter table (the tables take nodes x 4 x n_filters numbers
 #: per interaction; 20,000 nodes of 128 filters are 41 MB in float32)
 MAX_TABLE_NODES = 20_000
+
+
+class TabulatedFilters(NamedTuple):
+    """The filters ``W(r)`` of the evaluated pairs as their Hermite table and the pairs'
+    distances in node spacings: the convolution reads them without storing a ``(P, F)``
+    array (:func:`~atomlens.nn.cfconv.cfconv_tabulated`); :meth:`values` gives the array."""
+
+    table: torch.Tensor  # (n_intervals, 4, n_filters)
+    grid: torch.Tensor  # (P,)
+
+    def values(self) -> torch.Tensor:
+        return hermite_lookup(self.table, self.grid)
+
+
+def filter_values(filters: torch.Tensor | TabulatedFilters) -> torch.Tensor:
+    """The ``(P, n_filters)`` filter array of an interaction's ``filters`` argument."""
+    return filters.values() if isinstance(filters, TabulatedFilters) else filters
 
 
 class SchNetInteraction(nn.Module):
@@ -67,9 +86,13 @@ class SchNetInteraction(nn.Module):
         spacing = grid[1] - grid[0]
         return hermite_coefficients(w * f[:, None], (dw * f[:, None] + w * df[:, None]) * spacing)
 
-    def forward(self, x, filters, pairs: Pairs) -> torch.Tensor:
-        """``filters``: W(r) of the evaluated pairs (the unordered ones if symmetric)."""
+    def forward(self, x, filters: torch.Tensor | TabulatedFilters, pairs: Pairs) -> torch.Tensor:
+        """``filters``: W(r) of the evaluated pairs (the unordered ones if symmetric), an
+        array or :class:`TabulatedFilters` (hooks that change them: :func:`filter_values`)."""
         y = self.in2f(x)
+        if pairs.symmetric and isinstance(filters, TabulatedFilters):
+            return self.f2out(cfconv_tabulated(y, *filters, pairs.i, pairs.j))
+        filters = filter_values(filters)
         if pairs.symmetric:  # one filter per unordered pair serves both directions
             return self.f2out(cfconv_symmetric(y, filters, pairs.i, pairs.j))
         messages = torch.index_select(y, 0, pairs.j) * filters
@@ -161,7 +184,7 @@ class SchNet(Representation):
             f_cut = self.cutoff_fn(d) if self.cutoff_fn is not None else torch.ones_like(d)
         for k, interaction in enumerate(self.interactions):
             if tabulated:
-                filters = hermite_lookup(tables[k], x_grid)
+                filters = TabulatedFilters(tables[k], x_grid)
             else:
                 filters = interaction.filter_network(rbf) * f_cut[:, None]
             x = x + interaction(x, filters, pairs)

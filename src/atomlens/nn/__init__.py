@@ -4,7 +4,7 @@ bases, cutoffs, scatter sums, pair geometry, Hermite tables, the fused cfconv ke
 from __future__ import annotations
 
 from .activations import LN2, ShiftedSoftplus, activation, shifted_softplus
-from .cfconv import cfconv_symmetric
+from .cfconv import cfconv_symmetric, cfconv_tabulated
 from .cutoff import CosineCutoff
 from .hermite import hermite_coefficients, hermite_lookup
 from .radial import GaussianRBF
@@ -17,6 +17,7 @@ __all__ = [
     "ShiftedSoftplus",
     "activation",
     "cfconv_symmetric",
+    "cfconv_tabulated",
     "hermite_coefficients",
     "hermite_lookup",
     "scatter_sum",

@@ -12,13 +12,20 @@ backward, give derivatives of every order (forces, and force training's double b
 
 Both run as fused kernels (:mod:`atomlens.nn.kernels`) for large batches; on the CPU the
 convolution runs as a hand-written one-pass loop (:mod:`atomlens.nn.cpu_kernels`).
+
+With tabulated filters (``W_p = p_{k_p}(t_p)``, a cubic of the pair's grid interval,
+:mod:`atomlens.nn.hermite`) :func:`cfconv_tabulated` goes further on the CPU: one loop
+evaluates each pair's filter row where it uses it, so the ``(P, F)`` filter array is never
+written or read, and one loop computes every first derivative (w.r.t. the atom features,
+the table and the grid coordinates) from ``u_p = g_{a_p} h_{b_p} + g_{b_p} h_{a_p}``.
+Higher derivatives (force training's double backward) go through the composed Functions.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import cpu_kernels, kernels
+from . import cpu_kernels, hermite, kernels
 from .kernels import FusedKernel
 
 
@@ -84,3 +91,72 @@ def cfconv_symmetric(
         return _CFConv.apply(x, filters, a, b)
     # small (one molecule), or inside torch.compile, which fuses the plain formula itself
     return _cfconv_plain(x, filters, a, b)
+
+
+class _TabulatedCFConv(kernels.Function):
+    """y = cfconv(h, lookup(table, x)): the filters of the pairs computed where they are used."""
+
+    @staticmethod
+    def forward(h, table, x, a, b):
+        return cpu_kernels.tabulated_cfconv(h, table, x, a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, table, x, a, b = ctx.saved_tensors
+        need_h, need_table, need_x = ctx.needs_input_grad[:3]
+        # forces (autograd.grad w.r.t. positions) need no table gradient
+        need_table = need_table and hermite._engine_needs(table)
+        if not torch.is_grad_enabled():  # first derivatives only: one pass
+            grads = cpu_kernels.tabulated_cfconv_backward(
+                grad, h, table, x, a, b, need_h, need_table, need_x
+            )
+            return (*grads, None, None)
+        # create_graph (force training): the composed Functions, differentiable again
+        x = x.clamp(0.0, float(table.shape[0] // 4))  # the kernel's clamp, differentiable
+        w = hermite._Lookup.apply(table, x, 0)
+        grad_h = _CFConv.apply(grad, w, a, b) if need_h else None
+        grad_table = grad_x = None
+        if need_table or need_x:
+            grad_w = _PairProduct.apply(grad, h, a, b)
+            if need_table:
+                grad_table = hermite._Scatter.apply(grad_w, x, 0, table.shape[0])
+            if need_x:
+                grad_x = hermite._Dot.apply(grad_w, table, x, 1)
+        return grad_h, grad_table, grad_x, None, None
+
+
+def cfconv_tabulated(
+    x: torch.Tensor,
+    table: torch.Tensor,
+    grid: torch.Tensor,
+    pair_i: torch.Tensor,
+    pair_j: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`cfconv_symmetric` with the filters ``W = hermite_lookup(table, grid)``.
+
+    ``table``: ``(n_intervals, 4, F)`` (:func:`~atomlens.nn.hermite.hermite_coefficients`);
+    ``grid``: the unordered pairs' distances in node spacings. Plain CPU float tensors run
+    one hand-written loop per direction of the pass (no ``(P, F)`` filter array); anything
+    else the lookup and :func:`cfconv_symmetric`. Returns ``(n_atoms, F)``.
+    """
+    n = table.shape[0]
+    half = pair_i.shape[0] // 2
+    if torch.compiler.is_compiling() and cpu_kernels.compiled_ops_ready(x, table, grid):
+        # MD's compiled step: Inductor calls the operator between its own kernels
+        return cpu_kernels.TabulatedCFConvOp.apply(
+            x, table.reshape(4 * n, -1), grid, pair_i[:half], pair_j[:half]
+        )
+    if (
+        not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and cpu_kernels.available(x, table, grid)
+    ):
+        kernels.check_rows(pair_i, x.shape[0], "cfconv pair indices")
+        return _TabulatedCFConv.apply(
+            x, table.reshape(4 * n, -1), grid, pair_i[:half], pair_j[:half]
+        )
+    return cfconv_symmetric(x, hermite.hermite_lookup(table, grid), pair_i, pair_j)

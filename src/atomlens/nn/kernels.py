@@ -81,6 +81,9 @@ def compile_fixed_shapes(
     the same call. ``mode`` (e.g. ``"reduce-overhead"``: CUDA graphs on a GPU) adds its
     Inductor options.
     """
+    from . import cpu_kernels  # (imports this module)
+
+    cpu_kernels.prepare(device)  # the C++ pair kernels, built before tracing starts
     options: dict = {}
     kwargs: dict = {}
     skip_guards = getattr(torch.compiler, "skip_all_guards_unsafe", None)

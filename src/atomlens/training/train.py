@@ -41,6 +41,7 @@ from ..fileio import atomic_file
 from ..models.inference import predict_dataset
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
+from ..nn import cpu_kernels
 from ..runtime import end_with_parent, flush_subnormals
 from . import run_folder, shared_memory
 from .budget import MARGIN_S, SPAWN_MARGIN_S, BudgetStop, CosineToEnd
@@ -317,6 +318,7 @@ def _train(
                 "compile: torch.compile does not support the double backward of "
                 "force training; train with compile: false"
             )
+        cpu_kernels.prepare("cpu")  # the C++ pair operators, built before tracing starts
         model.representation.compile(dynamic=True)  # in place: state-dict keys unchanged
     task = AtomisticTask(
         model,
