@@ -453,3 +453,36 @@ def test_compiled_energy_training_calls_the_cpp_convolution_with_the_same_gradie
         assert ("atomlens::tabulated_cfconv_backward" in called) == compiled
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-11)
+
+
+def test_force_training_second_pass_of_the_tabulated_cfconv():
+    """Forces' part of force training: the derivatives w.r.t. the features and the grid
+    (create_graph, no table gradient asked for) are one differentiable Function whose
+    backward is one C++ pass; gradcheck checks that pass against finite differences (every
+    input, the table's included), gradgradcheck the third derivatives (composed Functions),
+    and the plain formulas give the same second pass."""
+    from atomlens.nn.cfconv import cfconv_tabulated
+
+    h, table, grid, a, b = _tabulated_case(torch.float64, width=5)
+    grid[:5] = torch.tensor([0.5, 5.5, 2.5, 7.5, -0.25], dtype=torch.float64)  # off the kinks
+    pair_i, pair_j = torch.cat([a, b]), torch.cat([b, a])
+    gen = torch.Generator().manual_seed(8)
+    r = torch.randn(h.shape, dtype=torch.float64, generator=gen)
+
+    def first_derivatives(h, table, grid, convolution=None):
+        y = (convolution or (lambda *t: cfconv_tabulated(*t, pair_i, pair_j)))(h, table, grid)
+        return torch.autograd.grad((y * r).sum(), (h, grid), create_graph=True)
+
+    inputs = tuple(t.requires_grad_(True) for t in (h, table, grid))
+    grad_h, grad_grid = first_derivatives(*inputs)
+    assert grad_h.grad_fn.name() == "_TabulatedCFConvGradBackward"
+    assert torch.autograd.gradcheck(first_derivatives, inputs)
+    assert torch.autograd.gradgradcheck(first_derivatives, inputs)
+    s = torch.randn(h.shape, dtype=torch.float64, generator=gen)
+    q = torch.randn(grid.shape, dtype=torch.float64, generator=gen)
+    plain = first_derivatives(*inputs, lambda *t: _lookup_then_cfconv(*t, a, b))
+    for got, expected in zip(
+        torch.autograd.grad((grad_h * s).sum() + (grad_grid * q).sum(), inputs),
+        torch.autograd.grad((plain[0] * s).sum() + (plain[1] * q).sum(), inputs),
+    ):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -115,18 +115,66 @@ class _TabulatedCFConv(kernels.Function):
                 grad, h, table, x, a, b, need_h, need_table, need_x
             )
             return (*grads, None, None)
-        # create_graph (force training): the composed Functions, differentiable again
-        x = x.clamp(0.0, float(table.shape[0] // 4))  # the kernel's clamp, differentiable
-        w = hermite._Lookup.apply(table, x, 0)
-        grad_h = _CFConv.apply(grad, w, a, b) if need_h else None
-        grad_table = grad_x = None
-        if need_table or need_x:
-            grad_w = _PairProduct.apply(grad, h, a, b)
-            if need_table:
-                grad_table = hermite._Scatter.apply(grad_w, x, 0, table.shape[0])
-            if need_x:
-                grad_x = hermite._Dot.apply(grad_w, table, x, 1)
-        return grad_h, grad_table, grad_x, None, None
+        if not need_table:  # forces with create_graph (force training): one pass each way
+            grad_h, grad_x = _TabulatedCFConvGrad.apply(grad, h, table, x, a, b)
+            return grad_h if need_h else None, None, grad_x if need_x else None, None, None
+        return _composed_backward(grad, h, table, x, a, b, need_h, need_table, need_x)
+
+
+def _composed_backward(grad, h, table, x, a, b, need_h, need_table, need_x):
+    """The first derivatives of the tabulated cfconv from the composed Functions (lookup,
+    cfconv, pair product, table scatter), differentiable to any order."""
+    x = x.clamp(0.0, float(table.shape[0] // 4))  # the kernel's clamp, differentiable
+    w = hermite._Lookup.apply(table, x, 0)
+    grad_h = _CFConv.apply(grad, w, a, b) if need_h else None
+    grad_table = grad_x = None
+    if need_table or need_x:
+        grad_w = _PairProduct.apply(grad, h, a, b)
+        if need_table:
+            grad_table = hermite._Scatter.apply(grad_w, x, 0, table.shape[0])
+        if need_x:
+            grad_x = hermite._Dot.apply(grad_w, table, x, 1)
+    return grad_h, grad_table, grad_x, None, None
+
+
+class _TabulatedCFConvGrad(kernels.Function):
+    """(dL/dh, dL/dx) of the tabulated cfconv given g = dL/dy, as a differentiable function of
+    (g, h, table, x): the forces' part of force training, whose second backward pass runs
+    as one loop too."""
+
+    @staticmethod
+    def forward(grad, h, table, x, a, b):
+        grad_h, _, grad_x = cpu_kernels.tabulated_cfconv_backward(
+            grad, h, table, x, a, b, True, False, True
+        )
+        return grad_h, grad_x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_grad_h, grad_grad_x):
+        grad, h, table, x, a, b = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a third derivative: the composed Functions
+            grads = _composed_backward(grad, h, table, x, a, b, True, False, True)
+            outputs = [(out, g) for out, g in zip((grads[0], grads[2]), (grad_grad_h, grad_grad_x))]
+            inputs = [grad, h, table, x]
+            wanted = [t for t, n in zip(inputs, ctx.needs_input_grad) if n]
+            found = iter(
+                torch.autograd.grad(
+                    [o for o, _ in outputs],
+                    wanted,
+                    [g for _, g in outputs],
+                    create_graph=True,
+                    allow_unused=True,
+                )
+            )
+            return (*(next(found) if n else None for n in ctx.needs_input_grad[:4]), None, None)
+        grads = cpu_kernels.tabulated_cfconv_double_backward(
+            grad_grad_h, grad_grad_x, grad, h, table, x, a, b
+        )
+        return (*(g if n else None for g, n in zip(grads, ctx.needs_input_grad)), None, None)
 
 
 def cfconv_tabulated(

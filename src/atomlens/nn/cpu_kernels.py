@@ -49,7 +49,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v3"
+_NAME = "atomlens_cpu_kernels_v4"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -220,6 +220,54 @@ static void tabulated_backward_rows(const T* __restrict g, const T* __restrict h
   }
 }
 
+// the derivatives of that backward's (dL/dh, dL/dx) (forces) w.r.t. g, h, the table and x,
+// given A = d./d(dL/dh) (N, F) and c = d./d(dL/dx) (P,) (force training's second pass):
+//   dW    = A_a g_b + A_b g_a                   (through dL/dh)
+//   d/dg_b += A_a W + c h_a W',  d/dg_a += A_b W + c h_b W',  d/dh_b += c g_a W',  d/dh_a += c g_b W'
+//   table rows += [1 t t^2 t^3] dW + [0 1 2t 3t^2] c u,   d/dx = dW . W' + c u . W''
+template <typename T>
+static void tabulated_double_backward_rows(
+    const T* __restrict A, const T* __restrict c, const T* __restrict g,
+    const T* __restrict h, const T* __restrict table, const T* x, const int64_t* a,
+    const int64_t* b, T* __restrict grad_g, T* __restrict grad_h, T* __restrict grad_table,
+    T* __restrict grad_x, int64_t pairs, int64_t width, int64_t intervals) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    int64_t k;
+    T t;
+    const bool inside = clamped_interval(x[p], intervals, k, t);
+    const T cp = inside ? c[p] : T(0);  // dL/dx_p is zero outside the grid
+    const T tt = t * t, ttt = tt * t;
+    const T* c0 = table + 4 * k * width;
+    const T* c1 = c0 + width;
+    const T* c2 = c1 + width;
+    const T* c3 = c2 + width;
+    const int64_t ra = a[p] * width, rb = b[p] * width;
+    T* r0 = grad_table + 4 * k * width;
+    T dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t f = 0; f < width; ++f) {
+      const T w = c0[f] + t * (c1[f] + t * (c2[f] + t * c3[f]));
+      const T dw = c1[f] + t * (T(2) * c2[f] + T(3) * t * c3[f]);
+      const T ddw = T(2) * c2[f] + T(6) * t * c3[f];
+      const T Aa = A[ra + f], Ab = A[rb + f];
+      const T ga = g[ra + f], gb = g[rb + f], ha = h[ra + f], hb = h[rb + f];
+      const T u = ga * hb + gb * ha;
+      const T dW = Aa * gb + Ab * ga;
+      const T cu = cp * u, cdw = cp * dw;
+      grad_g[rb + f] += Aa * w + ha * cdw;
+      grad_g[ra + f] += Ab * w + hb * cdw;
+      grad_h[rb + f] += ga * cdw;
+      grad_h[ra + f] += gb * cdw;
+      r0[f] += dW;
+      r0[width + f] += t * dW + cu;
+      r0[2 * width + f] += tt * dW + T(2) * t * cu;
+      r0[3 * width + f] += ttt * dW + T(3) * tt * cu;
+      dot += dW * dw + cu * ddw;
+    }
+    grad_x[p] = inside ? dot : T(0);
+  }
+}
+
 static void check_tabulated(const torch::Tensor& h, const torch::Tensor& table,
                             const torch::Tensor& x, const torch::Tensor& a,
                             const torch::Tensor& b) {
@@ -247,6 +295,34 @@ torch::Tensor tabulated_cfconv(torch::Tensor h, torch::Tensor table, torch::Tens
                              hc.size(1), tc.size(0) / 4);
   });
   return y;
+}
+
+std::vector<torch::Tensor> tabulated_cfconv_double_backward(
+    torch::Tensor grad_grad_h, torch::Tensor grad_grad_x, torch::Tensor grad, torch::Tensor h,
+    torch::Tensor table, torch::Tensor x, torch::Tensor a, torch::Tensor b) {
+  check_tabulated(h, table, x, a, b);
+  TORCH_CHECK(grad.sizes() == h.sizes() && grad_grad_h.sizes() == h.sizes() &&
+                  grad_grad_x.sizes() == x.sizes(),
+              "tabulated cfconv: gradient shapes");
+  TORCH_CHECK(grad.scalar_type() == h.scalar_type() &&
+                  grad_grad_h.scalar_type() == h.scalar_type() &&
+                  grad_grad_x.scalar_type() == h.scalar_type(),
+              "tabulated cfconv: gradient dtypes");
+  auto Ac = grad_grad_h.contiguous(), cc = grad_grad_x.contiguous(), gc = grad.contiguous();
+  auto hc = h.contiguous(), tc = table.contiguous(), xc = x.contiguous();
+  auto ac = a.contiguous(), bc = b.contiguous();
+  auto grad_g = torch::zeros_like(hc), grad_h = torch::zeros_like(hc);
+  auto grad_table = torch::zeros_like(tc);
+  auto grad_x = torch::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "tabulated_cfconv_double_backward", [&] {
+    tabulated_double_backward_rows<scalar_t>(
+        Ac.data_ptr<scalar_t>(), cc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
+        hc.data_ptr<scalar_t>(), tc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
+        ac.data_ptr<int64_t>(), bc.data_ptr<int64_t>(), grad_g.data_ptr<scalar_t>(),
+        grad_h.data_ptr<scalar_t>(), grad_table.data_ptr<scalar_t>(),
+        grad_x.data_ptr<scalar_t>(), xc.size(0), hc.size(1), tc.size(0) / 4);
+  });
+  return {grad_g, grad_h, grad_table, grad_x};
 }
 
 template <typename T, bool NH, bool NT>
@@ -362,6 +438,7 @@ def _module():
                         "table_scatter",
                         "tabulated_cfconv",
                         "tabulated_cfconv_backward",
+                        "tabulated_cfconv_double_backward",
                     ],
                     extra_cflags=cflags,
                 )
@@ -435,6 +512,17 @@ def tabulated_cfconv_backward(
         grad, h, table, x, a, b, bool(need_h), bool(need_table), bool(need_x)
     )
     return grad_h, grad_table, grad_x
+
+
+def tabulated_cfconv_double_backward(grad_grad_h, grad_grad_x, grad, h, table, x, a, b):
+    """The derivatives of :func:`tabulated_cfconv_backward`'s ``(dL/dh, dL/dx)`` w.r.t.
+    ``grad``, ``h``, ``table`` and ``x`` given theirs (``grad_grad_h``, ``grad_grad_x``), in
+    one pass over the pairs: force training's second backward pass."""
+    return tuple(
+        _module().tabulated_cfconv_double_backward(
+            grad_grad_h, grad_grad_x, grad, h, table, x, a, b
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------
