@@ -486,3 +486,37 @@ def test_force_training_second_pass_of_the_tabulated_cfconv():
         torch.autograd.grad((plain[0] * s).sum() + (plain[1] * q).sum(), inputs),
     ):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_build_falls_back_to_a_generic_build_then_to_the_compiled_kernels(monkeypatch):
+    """A compiler that refuses the processor's flags gets the generic build; when that
+    fails too, one warning names both errors and the callers use Inductor's kernels."""
+    import warnings
+
+    from atomlens.nn import cpu_kernels
+
+    built = []
+
+    def build(name, cflags):
+        built.append(name)
+        if "-march=native" in cflags:
+            raise RuntimeError("unknown -march")
+        return "generic module"
+
+    monkeypatch.setattr(cpu_kernels, "_build", build)
+    monkeypatch.setattr(cpu_kernels, "_build_target", lambda: ("native_build", ["-march=native"]))
+    monkeypatch.setattr(cpu_kernels, "_state", {"module": None, "failed": False})
+    assert cpu_kernels._module() == "generic module"
+    assert built == ["native_build", f"{cpu_kernels._NAME}_generic"]
+
+    def broken(name, cflags):
+        raise RuntimeError(f"no compiler for {name}")
+
+    monkeypatch.setattr(cpu_kernels, "_build", broken)
+    monkeypatch.setattr(cpu_kernels, "_state", {"module": None, "failed": False})
+    with pytest.warns(UserWarning, match="no compiler for native_build.*no compiler for"):
+        assert cpu_kernels._module() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels._module() is None  # said once
+    assert not cpu_kernels.available(torch.zeros(2, 2))

@@ -422,31 +422,42 @@ def _build_target() -> tuple[str, list[str]]:
     return f"{_NAME}_{digest}", ["-O3", "-fopenmp-simd", "-march=native"]
 
 
+def _build(name: str, cflags: list[str]):
+    from torch.utils.cpp_extension import load_inline
+
+    with _ninja_on_path():
+        return load_inline(
+            name,
+            cpp_sources=_SOURCE,
+            functions=[
+                "cfconv",
+                "table_scatter",
+                "tabulated_cfconv",
+                "tabulated_cfconv_backward",
+                "tabulated_cfconv_double_backward",
+            ],
+            extra_cflags=cflags,
+        )
+
+
 def _module():
     if _state["module"] is None and not _state["failed"]:
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            _LOG.info("atomlens: compiling the C++ pair kernels (once; cached on disk)")
-            name, cflags = _build_target()
-            with _ninja_on_path():
-                _state["module"] = load_inline(
-                    name,
-                    cpp_sources=_SOURCE,
-                    functions=[
-                        "cfconv",
-                        "table_scatter",
-                        "tabulated_cfconv",
-                        "tabulated_cfconv_backward",
-                        "tabulated_cfconv_double_backward",
-                    ],
-                    extra_cflags=cflags,
-                )
-        except Exception as error:  # noqa: BLE001 (no compiler or ninja, unsupported platform)
+        _LOG.info("atomlens: compiling the C++ pair kernels (once; cached on disk)")
+        targets = [_build_target()]
+        if targets[0][0] != f"{_NAME}_generic":  # a compiler without -march=native: generic
+            targets.append((f"{_NAME}_generic", ["-O3", "-fopenmp-simd"]))
+        errors = []
+        for name, cflags in targets:
+            try:
+                _state["module"] = _build(name, cflags)
+                break
+            except Exception as error:  # noqa: BLE001 (no compiler or ninja, unsupported platform)
+                errors.append(f"{type(error).__name__}: {str(error)[:200]}")
+        else:
             _state["failed"] = True
             warnings.warn(
-                f"atomlens: C++ pair kernels unavailable ({type(error).__name__}: "
-                f"{str(error)[:200]}); using the compiled PyTorch kernels",
+                f"atomlens: C++ pair kernels unavailable ({'; '.join(errors)}); using the "
+                f"compiled PyTorch kernels",
                 stacklevel=3,
             )
     return _state["module"]
