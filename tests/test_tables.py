@@ -469,14 +469,19 @@ def test_force_training_second_pass_of_the_tabulated_cfconv():
     gen = torch.Generator().manual_seed(8)
     r = torch.randn(h.shape, dtype=torch.float64, generator=gen)
 
-    def first_derivatives(h, table, grid, convolution=None):
+    def first_derivatives(h, table, grid, convolution=None, upstream=r):
         y = (convolution or (lambda *t: cfconv_tabulated(*t, pair_i, pair_j)))(h, table, grid)
-        return torch.autograd.grad((y * r).sum(), (h, grid), create_graph=True)
+        return torch.autograd.grad(y, (h, grid), upstream, create_graph=True)
 
     inputs = tuple(t.requires_grad_(True) for t in (h, table, grid))
     grad_h, grad_grid = first_derivatives(*inputs)
     assert grad_h.grad_fn.name() == "_TabulatedCFConvGradBackward"
     assert torch.autograd.gradcheck(first_derivatives, inputs)
+    # w.r.t. the upstream gradient too (the terms in A and c h W' of the second pass)
+    upstream = r.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda g, *t: first_derivatives(*t, upstream=g), (upstream, *inputs)
+    )
     assert torch.autograd.gradgradcheck(first_derivatives, inputs)
     s = torch.randn(h.shape, dtype=torch.float64, generator=gen)
     q = torch.randn(grid.shape, dtype=torch.float64, generator=gen)
@@ -520,3 +525,34 @@ def test_kernel_build_falls_back_to_a_generic_build_then_to_the_compiled_kernels
         warnings.simplefilter("error")
         assert cpu_kernels._module() is None  # said once
     assert not cpu_kernels.available(torch.zeros(2, 2))
+
+
+def test_tabulated_cfconv_graph_building_paths_agree_with_the_one_pass_kernels():
+    """With ``create_graph`` the derivatives come from differentiable Functions (the
+    composed ones when the table's gradient is asked for): the same values as the one-pass
+    kernels, zero w.r.t. grid coordinates beyond the grid included; and a third derivative
+    where only the features require grad."""
+    from atomlens.nn.cfconv import cfconv_tabulated
+
+    h, table, grid, a, b = _tabulated_case(torch.float64)
+    pair_i, pair_j = torch.cat([a, b]), torch.cat([b, a])
+    g = torch.randn(h.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    inputs = tuple(t.requires_grad_(True) for t in (h, table, grid))
+    one_pass = torch.autograd.grad(cfconv_tabulated(*inputs, pair_i, pair_j), inputs, g)
+    graph = torch.autograd.grad(
+        cfconv_tabulated(*inputs, pair_i, pair_j), inputs, g, create_graph=True
+    )
+    assert graph[2][3] == 0 and graph[2][4] == 0  # beyond the grid's ends
+    for x, y in zip(graph, one_pass):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+    def third(convolution):
+        x = h.detach().requires_grad_(True)  # table and grid fixed
+        (gh,) = torch.autograd.grad((convolution(x) * g).sum(), x, create_graph=True)
+        (second,) = torch.autograd.grad((gh * gh).sum() + x.pow(3).sum(), x, create_graph=True)
+        return second
+
+    torch.testing.assert_close(
+        third(lambda x: cfconv_tabulated(x, table.detach(), grid.detach(), pair_i, pair_j)),
+        third(lambda x: _lookup_then_cfconv(x, table.detach(), grid.detach(), a, b)),
+    )

@@ -124,7 +124,9 @@ class _TabulatedCFConv(kernels.Function):
 def _composed_backward(grad, h, table, x, a, b, need_h, need_table, need_x):
     """The first derivatives of the tabulated cfconv from the composed Functions (lookup,
     cfconv, pair product, table scatter), differentiable to any order."""
-    x = x.clamp(0.0, float(table.shape[0] // 4))  # the kernel's clamp, differentiable
+    n = float(table.shape[0] // 4)
+    inside = (x >= 0.0) & (x <= n)  # no gradient w.r.t. x beyond the grid (as the kernel)
+    x = x.clamp(0.0, n)  # the kernel's clamp, differentiable
     w = hermite._Lookup.apply(table, x, 0)
     grad_h = _CFConv.apply(grad, w, a, b) if need_h else None
     grad_table = grad_x = None
@@ -133,7 +135,7 @@ def _composed_backward(grad, h, table, x, a, b, need_h, need_table, need_x):
         if need_table:
             grad_table = hermite._Scatter.apply(grad_w, x, 0, table.shape[0])
         if need_x:
-            grad_x = hermite._Dot.apply(grad_w, table, x, 1)
+            grad_x = hermite._Dot.apply(grad_w, table, x, 1) * inside
     return grad_h, grad_table, grad_x, None, None
 
 
@@ -158,9 +160,13 @@ class _TabulatedCFConvGrad(kernels.Function):
         grad, h, table, x, a, b = ctx.saved_tensors
         if torch.is_grad_enabled():  # a third derivative: the composed Functions
             grads = _composed_backward(grad, h, table, x, a, b, True, False, True)
-            outputs = [(out, g) for out, g in zip((grads[0], grads[2]), (grad_grad_h, grad_grad_x))]
-            inputs = [grad, h, table, x]
-            wanted = [t for t, n in zip(inputs, ctx.needs_input_grad) if n]
+            # an output that does not depend on the wanted inputs contributes nothing
+            outputs = [
+                (out, g)
+                for out, g in zip((grads[0], grads[2]), (grad_grad_h, grad_grad_x))
+                if out.requires_grad
+            ]
+            wanted = [t for t, n in zip((grad, h, table, x), ctx.needs_input_grad) if n]
             found = iter(
                 torch.autograd.grad(
                     [o for o, _ in outputs],
@@ -169,6 +175,8 @@ class _TabulatedCFConvGrad(kernels.Function):
                     create_graph=True,
                     allow_unused=True,
                 )
+                if outputs
+                else [None] * len(wanted)
             )
             return (*(next(found) if n else None for n in ctx.needs_input_grad[:4]), None, None)
         grads = cpu_kernels.tabulated_cfconv_double_backward(
@@ -193,7 +201,11 @@ def cfconv_tabulated(
     """
     n = table.shape[0]
     half = pair_i.shape[0] // 2
-    if torch.compiler.is_compiling() and cpu_kernels.compiled_ops_ready(x, table, grid):
+    if (
+        torch.compiler.is_compiling()
+        and cpu_kernels.compiled_ops_ready(x, table, grid)
+        and pair_i.dtype == torch.int64
+    ):
         # MD's compiled step: Inductor calls the operator between its own kernels
         return cpu_kernels.TabulatedCFConvOp.apply(
             x, table.reshape(4 * n, -1), grid, pair_i[:half], pair_j[:half]
@@ -202,6 +214,7 @@ def cfconv_tabulated(
         not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
         and cpu_kernels.available(x, table, grid)
+        and pair_i.dtype == torch.int64
     ):
         kernels.check_rows(pair_i, x.shape[0], "cfconv pair indices")
         return _TabulatedCFConv.apply(

@@ -570,7 +570,7 @@ def tabulated_cfconv_op(
 
 @tabulated_cfconv_op.register_fake
 def _(h, table, x, a, b):
-    return torch.empty_like(h)
+    return h.new_empty(h.shape)  # contiguous, as the kernel's result
 
 
 @torch.library.custom_op("atomlens::tabulated_cfconv_backward", mutates_args=())
@@ -593,9 +593,9 @@ def tabulated_cfconv_backward_op(
 @tabulated_cfconv_backward_op.register_fake
 def _(grad, h, table, x, a, b, need_h, need_table, need_x):
     return (
-        torch.empty_like(h) if need_h else h.new_empty(0),
-        torch.empty_like(table) if need_table else h.new_empty(0),
-        torch.empty_like(x) if need_x else h.new_empty(0),
+        h.new_empty(h.shape) if need_h else h.new_empty(0),
+        h.new_empty(table.shape) if need_table else h.new_empty(0),
+        h.new_empty(x.shape) if need_x else h.new_empty(0),
     )
 
 
