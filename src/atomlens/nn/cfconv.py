@@ -195,9 +195,11 @@ def cfconv_tabulated(
     """:func:`cfconv_symmetric` with the filters ``W = hermite_lookup(table, grid)``.
 
     ``table``: ``(n_intervals, 4, F)`` (:func:`~atomlens.nn.hermite.hermite_coefficients`);
-    ``grid``: the unordered pairs' distances in node spacings. Plain CPU float tensors run
-    one hand-written loop per direction of the pass (no ``(P, F)`` filter array); anything
-    else the lookup and :func:`cfconv_symmetric`. Returns ``(n_atoms, F)``.
+    ``grid``: the unordered pairs' distances in node spacings, clamped to the table's range
+    as :func:`~atomlens.nn.hermite.hermite_lookup` clamps them. Plain CPU float tensors run
+    one hand-written loop forward and one backward (no ``(P, F)`` filter array; under
+    ``torch.compile`` as operators); anything else the lookup and :func:`cfconv_symmetric`.
+    Returns ``(n_atoms, F)``.
     """
     n = table.shape[0]
     half = pair_i.shape[0] // 2
