@@ -463,23 +463,26 @@ def _module():
     return _state["module"]
 
 
-def _loaded(*floats: torch.Tensor):
-    """The built module if these kernels apply to ``floats``, else None: fused kernels on,
-    plain (not torch.func-wrapped) CPU tensors of one dtype, float32 or float64, and a
-    successful build."""
+def _applies(floats: tuple[torch.Tensor, ...], tracing: bool = False) -> bool:
+    """Fused kernels on, and ``floats`` CPU tensors of one dtype, float32 or float64; outside
+    tracing also plain ones (not torch.func-wrapped: the eager Functions do not serve those)."""
     dtype = floats[0].dtype
-    if (
-        not kernels.fused_enabled()
-        or dtype not in (torch.float32, torch.float64)
-        or any(
-            t.dtype != dtype
-            or t.device.type != "cpu"
-            or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return (
+        kernels.fused_enabled()
+        and dtype in (torch.float32, torch.float64)
+        and all(
+            t.dtype == dtype
+            and t.device.type == "cpu"
+            and (tracing or not torch._C._functorch.is_functorch_wrapped_tensor(t))
             for t in floats
         )
-    ):
-        return None
-    return _module()
+    )
+
+
+def _loaded(*floats: torch.Tensor):
+    """The built module if these kernels apply to ``floats`` (:func:`_applies`) and the build
+    succeeds, else None."""
+    return _module() if _applies(floats) else None
 
 
 def available(*floats: torch.Tensor) -> bool:
@@ -542,16 +545,10 @@ def tabulated_cfconv_double_backward(grad_grad_h, grad_grad_x, grad, h, table, x
 
 
 def compiled_ops_ready(*floats: torch.Tensor) -> bool:
-    """Whether a function being compiled may call the operators on ``floats``: CPU float32 or
-    float64, fused kernels on and the module already built (:func:`prepare`; a build never
+    """Whether a function being compiled may call the operators on ``floats``: the kernels
+    apply (:func:`_applies`) and the module is already built (:func:`prepare`; a build never
     starts while tracing)."""
-    dtype = floats[0].dtype
-    return (
-        _state["module"] is not None
-        and kernels.fused_enabled()
-        and dtype in (torch.float32, torch.float64)
-        and all(t.dtype == dtype and t.device.type == "cpu" for t in floats)
-    )
+    return _state["module"] is not None and _applies(floats, tracing=True)
 
 
 def prepare(device: torch.device | str) -> None:
