@@ -1,7 +1,8 @@
 """How close a SchNet training step comes to this CPU's single-core fp32 matmul peak.
 
-1. Peak: the best GFLOP/s of square fp32 ``torch.mm`` (2 n^3 FLOP) over a few sizes, on one
-   thread, timed by the thread's CPU time (other jobs on a shared machine do not change it).
+1. Peak: the best GFLOP/s of a square fp32 product (2 n^3 FLOP) over a few sizes and two
+   libraries (MKL's ``torch.mm``, oneDNN's inner product), on one thread, timed by the
+   thread's CPU time (other jobs on a shared machine do not change it).
 2. The step's FLOP: one training step (forward, U0 loss, backward, Adam) of SchNet 128/6
    (or 64/3) on a batch of QM9 molecules, counted by ``torch.utils.flop_counter`` (matrix
    products, the work a matmul peak measures; element-wise operations are not counted, so
@@ -43,19 +44,32 @@ SETTINGS = {
 
 
 def matmul_peak(sizes=(256, 512, 1024, 2048), seconds: float = 1.0) -> dict:
-    """Best fp32 GFLOP/s of ``torch.mm`` on this thread (CPU time), and per size."""
-    per_size = {}
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)  # warm-up
-        repeats, start = 0, time.thread_time()
-        while repeats < 3 or time.thread_time() - start < seconds:
-            torch.mm(a, b)
-            repeats += 1
-        per_size[n] = 2.0 * n**3 * repeats / (time.thread_time() - start) / 1e9
+    """Best fp32 GFLOP/s of a square product on this thread (CPU time), per size and library:
+    ``torch.mm`` (MKL's sgemm on x86) and oneDNN's inner product
+    (``torch.ops.mkldnn._linear_pointwise``, which atomlens's layers use for large inputs:
+    :mod:`atomlens.nn.linear`). The peak is the better of the two."""
+    products = {"mkl_mm": torch.mm}
+    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if onednn is not None and torch.backends.mkldnn.is_available():
+        products["onednn"] = lambda a, b: onednn(a, b, None, "none", [], "")  # a @ b.T
+    by_library = {}
+    for name, product in products.items():
+        per_size = {}
+        for n in sizes:
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            product(a, b)  # warm-up
+            repeats, start = 0, time.thread_time()
+            while repeats < 3 or time.thread_time() - start < seconds:
+                product(a, b)
+                repeats += 1
+            per_size[n] = 2.0 * n**3 * repeats / (time.thread_time() - start) / 1e9
+        by_library[name] = per_size
     return {
-        "peak_gflops": max(per_size.values()),
-        "gflops_by_size": {str(n): round(v, 2) for n, v in per_size.items()},
+        "peak_gflops": max(max(v.values()) for v in by_library.values()),
+        "gflops_by_size": {
+            name: {str(n): round(v, 2) for n, v in per_size.items()}
+            for name, per_size in by_library.items()
+        },
     }
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from ..data.batch import Pairs
 from ..nn import CosineCutoff, GaussianRBF, scatter_sum
 from ..nn.geometry import pair_distances
+from ..nn.linear import Linear
 from .base import Representation
 
 
@@ -26,9 +27,9 @@ class DTNNInteraction(nn.Module):
 
     def __init__(self, n_atom_basis: int, n_factors: int, n_rbf: int):
         super().__init__()
-        self.coefficient_to_factor = nn.Linear(n_atom_basis, n_factors)  # W^cf, b^f1
-        self.distance_to_factor = nn.Linear(n_rbf, n_factors)  # W^df, b^f2
-        self.factor_to_coefficient = nn.Linear(n_factors, n_atom_basis, bias=False)  # W^fc
+        self.coefficient_to_factor = Linear(n_atom_basis, n_factors)  # W^cf, b^f1
+        self.distance_to_factor = Linear(n_rbf, n_factors)  # W^df, b^f2
+        self.factor_to_coefficient = Linear(n_factors, n_atom_basis, bias=False)  # W^fc
 
     def forward(self, c, rbf, f_cut, pairs: Pairs) -> torch.Tensor:
         distance_factor = self.distance_to_factor(rbf)

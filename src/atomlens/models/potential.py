@@ -21,6 +21,7 @@ from torch import nn
 from ..data.batch import Batch, Pairs
 from ..nn import activation, scatter_sum
 from ..nn.geometry import apply_strain, cell_volume
+from ..nn.linear import Linear
 from .base import representation_class
 from .dipole import DipoleMoment
 from .prediction import Prediction
@@ -87,9 +88,9 @@ class AtomisticModel(nn.Module):
         self.config = config
         n_features = self.representation.n_atom_basis
         self.head = nn.Sequential(
-            nn.Linear(n_features, config.head_hidden),
+            Linear(n_features, config.head_hidden),
             activation(config.head_activation),
-            nn.Linear(config.head_hidden, 1),
+            Linear(config.head_hidden, 1),
         )
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("shift", torch.zeros(()))

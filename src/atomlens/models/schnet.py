@@ -34,6 +34,7 @@ from ..nn import (
     scatter_sum,
 )
 from ..nn.geometry import pair_distances
+from ..nn.linear import Linear
 from .base import Representation
 
 #: the most grid nodes of a filter table (the tables take nodes x 4 x n_filters numbers
@@ -63,14 +64,14 @@ class SchNetInteraction(nn.Module):
 
     def __init__(self, n_atom_basis: int, n_filters: int, n_rbf: int):
         super().__init__()
-        self.in2f = nn.Linear(n_atom_basis, n_filters, bias=False)
+        self.in2f = Linear(n_atom_basis, n_filters, bias=False)
         self.filter_network = nn.Sequential(
-            nn.Linear(n_rbf, n_filters), ShiftedSoftplus(), nn.Linear(n_filters, n_filters)
+            Linear(n_rbf, n_filters), ShiftedSoftplus(), Linear(n_filters, n_filters)
         )
         self.f2out = nn.Sequential(
-            nn.Linear(n_filters, n_atom_basis),
+            Linear(n_filters, n_atom_basis),
             ShiftedSoftplus(),
-            nn.Linear(n_atom_basis, n_atom_basis),
+            Linear(n_atom_basis, n_atom_basis),
         )
 
     def filter_table(

@@ -1,5 +1,5 @@
 """Building blocks shared by the representations, one file per idea: activations, radial
-bases, cutoffs, scatter sums, pair geometry, Hermite tables, the fused cfconv kernels."""
+bases, cutoffs, scatter sums, pair geometry, Hermite tables, the fused cfconv kernels, dense layers on oneDNN."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from .activations import LN2, ShiftedSoftplus, activation, shifted_softplus
 from .cfconv import cfconv_symmetric, cfconv_tabulated
 from .cutoff import CosineCutoff
 from .hermite import hermite_coefficients, hermite_lookup
+from .linear import Linear, linear
 from .radial import GaussianRBF
 from .scatter import scatter_sum
 
@@ -14,12 +15,14 @@ __all__ = [
     "LN2",
     "CosineCutoff",
     "GaussianRBF",
+    "Linear",
     "ShiftedSoftplus",
     "activation",
     "cfconv_symmetric",
     "cfconv_tabulated",
     "hermite_coefficients",
     "hermite_lookup",
+    "linear",
     "scatter_sum",
     "shifted_softplus",
 ]

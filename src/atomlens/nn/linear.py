@@ -1,0 +1,107 @@
+"""Dense layers whose float32 CPU products run on oneDNN where that is faster.
+
+PyTorch multiplies float32 CPU matrices with MKL's sgemm. On this project's CPU (AMD EPYC,
+Zen 5, AVX-512) that reached 86-94 GFLOP/s on one core, while oneDNN's fp32 inner product
+(shipped in every x86 torch build, ``torch.ops.mkldnn._linear_pointwise``) reached 150-188
+GFLOP/s on the same products: (672 x 128) @ (128 x 128), 32 aspirins' atoms, in 119-131
+instead of 243-251 us; 1,800 rows (a QM9 batch of 100) in 302 instead of 644 us (one
+thread, CPU time, 2026-12-03). Both are exact float32 products (no reduced-precision
+inputs); they round differently, as two BLAS libraries do (2.3e-6 either way against a
+float64 product of those 672 rows).
+
+:class:`Linear` is ``nn.Linear`` (same parameters, state dict and ``isinstance``) whose
+forward, and the backward's product with the weight, use oneDNN for float32 CPU inputs of
+at least :data:`ONEDNN_MIN_ROWS` rows; smaller inputs (one small molecule: oneDNN's fixed
+cost per call is larger), other dtypes and devices use ``F.linear``. The weight gradient
+(``grad.T @ x``, a long inner dimension) stays with MKL, which was faster there (688 against
+1,431 us at 1,800 rows). Derivatives of any order go through the same function, so force
+training's second backward pass uses oneDNN too. ``ATOMLENS_FUSED=0`` (or
+:func:`atomlens.nn.kernels.set_fused`) gives plain ``F.linear`` everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cpu_kernels, kernels
+
+#: rows from which a float32 CPU product goes to oneDNN (measured: 64 rows tie, 128 rows
+#: 32 against 49 us, 256 rows 52 against 95 us for a 128 x 128 weight)
+ONEDNN_MIN_ROWS = 128
+
+_ONEDNN = (
+    getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if torch.backends.mkldnn.is_available()
+    else None
+)
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        _ONEDNN is not None
+        and kernels.fused_enabled()
+        and x.dim() == 2
+        and x.shape[0] >= ONEDNN_MIN_ROWS
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and (
+            cpu_kernels.compiled_ops_ready(x, weight)  # compiling: the operator
+            if torch.compiler.is_compiling()
+            else not (
+                torch._C._functorch.is_functorch_wrapped_tensor(x)
+                or torch._C._functorch.is_functorch_wrapped_tensor(weight)
+            )
+        )
+    )
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where its strides are not a dense layout (oneDNN reads
+    transposed views in place: the weight gradient's ``grad.T`` and ``x.T``)."""
+    return t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, on oneDNN for large float32 CPU inputs (module doc)."""
+    if _onednn_applies(x, weight):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``x @ weight.T + bias`` by oneDNN; the backward calls :func:`linear` again (any order)."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        if torch.compiler.is_compiling():
+            return torch.ops.atomlens.linear(x, weight, bias)
+        return _ONEDNN(_dense(x), _dense(weight), bias, "none", [], "")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = linear(grad, weight.t())  # (N, out) @ (out, in)
+        if ctx.needs_input_grad[1]:
+            grad_weight = linear(grad.t(), x.t())  # (out, N) @ (N, in), transposed views
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose products use :func:`linear` (oneDNN for large float32 CPU inputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

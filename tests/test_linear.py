@@ -1,0 +1,120 @@
+"""Dense layers on oneDNN's float32 products (atomlens.nn.linear): the same function and
+derivatives (to float32 rounding) as ``F.linear``, used only where it applies, and called
+as one operator inside compiled code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ase.build import molecule
+from helpers import random_model
+from torch import nn
+
+from atomlens.batched_md import BatchedMD
+from atomlens.nn import kernels
+from atomlens.nn import linear as onednn
+
+pytestmark = pytest.mark.skipif(onednn._ONEDNN is None, reason="this torch has no oneDNN")
+
+
+def _called(function) -> set[str]:
+    with torch.profiler.profile() as profile:
+        function()
+    return {event.key for event in profile.key_averages()}
+
+
+def _inputs(rows: int, dtype=torch.float32, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 40, generator=generator, dtype=dtype)
+    weight = torch.randn(24, 40, generator=generator, dtype=dtype) / 6
+    bias = torch.randn(24, generator=generator, dtype=dtype)
+    return x, weight, bias
+
+
+def _derivatives(function, x, weight, bias):
+    """Output, first derivatives (x, weight, bias) of a nonlinear loss, and the derivatives
+    w.r.t. weight and bias of a loss on the first derivative w.r.t. x (forces' second pass)."""
+    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    y = function(x, weight, bias)
+    first = torch.autograd.grad(y.tanh().sum(), (x, weight, bias), create_graph=True)
+    second = torch.autograd.grad(first[0].pow(2).sum(), (weight, bias))
+    return (y, *first, *second)
+
+
+def test_onednn_linear_equals_f_linear_with_first_and_second_derivatives():
+    x, weight, bias = _inputs(onednn.ONEDNN_MIN_ROWS + 72)
+    ours = _derivatives(onednn.linear, x, weight, bias)
+    reference = _derivatives(
+        F.linear, *(t.double() for t in (x, weight, bias))
+    )  # float64: the exact function
+    for got, want in zip(ours, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    called = _called(lambda: _derivatives(onednn.linear, x, weight, bias))
+    assert "mkldnn::_linear_pointwise" in called
+    assert "aten::addmm" not in called  # the forward (the weight gradient, 24 rows, is MKL's)
+
+
+def test_the_weight_gradient_reads_transposed_views_in_place_and_needs_no_bias():
+    x, weight, _ = _inputs(300, seed=1)
+    xr, wr = (t.detach().clone().requires_grad_() for t in (x, weight))
+    onednn.linear(xr, wr).pow(2).sum().backward()
+    xf, wf = (t.detach().clone().double().requires_grad_() for t in (x, weight))
+    F.linear(xf, wf).pow(2).sum().backward()
+    torch.testing.assert_close(wr.grad.double(), wf.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(xr.grad.double(), xf.grad, rtol=1e-5, atol=1e-4)
+    strided = torch.randn(600, 40)[::2]  # not a dense layout: copied first
+    torch.testing.assert_close(onednn.linear(strided, weight), F.linear(strided, weight))
+
+
+@pytest.mark.parametrize(
+    "case", ["few rows", "float64", "fused off", "three dimensions", "functorch outside compile"]
+)
+def test_plain_products_where_onednn_does_not_apply(case):
+    x, weight, bias = _inputs(onednn.ONEDNN_MIN_ROWS - 1 if case == "few rows" else 400)
+    if case == "float64":
+        x, weight, bias = x.double(), weight.double(), bias.double()
+    if case == "three dimensions":
+        x = x.reshape(2, -1, 40)
+
+    def run():
+        if case == "functorch outside compile":
+            return torch.func.grad(lambda v: onednn.linear(v, weight, bias).sum())(x)
+        return onednn.linear(x, weight, bias)
+
+    kernels.set_fused(case != "fused off")
+    try:
+        called = _called(run)
+    finally:
+        kernels.set_fused(True)
+    assert "mkldnn::_linear_pointwise" not in called
+
+
+def test_linear_layer_is_an_nn_linear_with_the_same_state():
+    plain = nn.Linear(40, 24)
+    ours = onednn.Linear(40, 24)
+    assert isinstance(ours, nn.Linear)
+    ours.load_state_dict(plain.state_dict())
+    assert list(ours.state_dict()) == ["weight", "bias"]
+    x = torch.randn(onednn.ONEDNN_MIN_ROWS * 2, 40)
+    torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert "mkldnn::_linear_pointwise" in _called(lambda: ours(x))
+
+
+def test_compiled_md_step_calls_the_linear_operator_and_matches_eager_float32():
+    """Sixteen ethanols (144 atoms, the products' rows): the compiled float32
+    energy-and-forces step runs its products as ``atomlens::linear`` and gives the eager
+    step's forces to float32 rounding."""
+    model = random_model("schnet", seed=2)
+    systems = [molecule("CH3CH2OH") for _ in range(16)]  # 144 atoms: oneDNN's rows
+    for k, atoms in enumerate(systems):
+        atoms.rattle(0.05, seed=k)
+    eager = BatchedMD(model, systems, seed=3, compile=False)
+    fixed = BatchedMD(model, systems, seed=3, compile=True)
+    called = _called(fixed.energy_and_forces)
+    assert "atomlens::linear" in called
+    energies, forces = fixed.energy_and_forces()
+    scale = eager.forces.abs().max()
+    torch.testing.assert_close(forces, eager.forces, rtol=0, atol=1e-5 * float(scale))
+    torch.testing.assert_close(energies, eager.energies, rtol=1e-5, atol=1e-5)
