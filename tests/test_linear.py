@@ -118,3 +118,32 @@ def test_compiled_md_step_calls_the_linear_operator_and_matches_eager_float32():
     scale = eager.forces.abs().max()
     torch.testing.assert_close(forces, eager.forces, rtol=0, atol=1e-5 * float(scale))
     torch.testing.assert_close(energies, eager.energies, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_are_padded_to_few_sizes_and_the_products_stay_exact():
+    """oneDNN builds a kernel per shape: a batch's rows (and a weight gradient's long inner
+    dimension) are padded to at most 16 sizes per octave, at most 6.25% more, with zeros
+    that change nothing: values and gradients equal F.linear's, in eager and C++ code."""
+    from atomlens.nn import cpu_kernels
+
+    sizes = [onednn._bucket(n) for n in range(1025, 2049)]  # one octave
+    assert len(set(sizes)) == 16
+    for n in (128, 144, 672, 1000, 1794, 5000):
+        assert n <= onednn._bucket(n) <= n * 1.0625 and onednn._bucket(n) % 16 == 0
+    assert onednn._bucket(672) == 672 and onednn._bucket(1794) == 1856
+
+    x, weight, bias = _inputs(1794, seed=2)
+    ours = _derivatives(onednn.linear, x, weight, bias)  # rows 1794 -> 1856, K of dW too
+    reference = _derivatives(F.linear, *(t.double() for t in (x, weight, bias)))
+    for got, want in zip(ours, reference):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-4)
+    cpu_kernels.prepare("cpu")
+    if cpu_kernels.compiled_ops_ready(x):
+        for rows in (130, 1794):
+            got = torch.ops.atomlens.linear(x[:rows], weight, bias)
+            assert got.shape == (rows, 24) and got.is_contiguous()
+            torch.testing.assert_close(got, F.linear(x[:rows], weight, bias), rtol=1e-5, atol=1e-5)
+        long = torch.randn(24, 1794)  # a weight gradient's shape: K padded as well
+        torch.testing.assert_close(
+            torch.ops.atomlens.linear(long, x.t(), None), long @ x, rtol=1e-5, atol=2e-4
+        )

@@ -7,7 +7,7 @@ from .activations import LN2, ShiftedSoftplus, activation, shifted_softplus
 from .cfconv import cfconv_symmetric, cfconv_tabulated
 from .cutoff import CosineCutoff
 from .hermite import hermite_coefficients, hermite_lookup
-from .linear import Linear, linear
+from .linear import Linear
 from .radial import GaussianRBF
 from .scatter import scatter_sum
 
@@ -22,7 +22,6 @@ __all__ = [
     "cfconv_tabulated",
     "hermite_coefficients",
     "hermite_lookup",
-    "linear",
     "scatter_sum",
     "shifted_softplus",
 ]

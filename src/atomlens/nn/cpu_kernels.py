@@ -400,6 +400,13 @@ static std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> tabulated_cfconv_
 // oneDNN's float32 inner product (atomlens.nn.linear) as the operator atomlens::linear:
 // torch.compile keeps it as one call (Inductor's own lowering of mkldnn::_linear_pointwise
 // needs frozen weights); a boxed call through the dispatcher, no oneDNN headers needed
+static int64_t bucket(int64_t n) {  // atomlens.nn.linear._bucket
+  if (n <= 0) return n;
+  const int64_t bits = 64 - __builtin_clzll(static_cast<unsigned long long>(n));
+  const int64_t step = int64_t(1) << std::max<int64_t>(4, bits - 5);
+  return (n + step - 1) / step * step;
+}
+
 static torch::Tensor linear_kernel(const torch::Tensor& x, const torch::Tensor& weight,
                                    const std::optional<torch::Tensor>& bias) {
   static const auto op =
@@ -407,13 +414,22 @@ static torch::Tensor linear_kernel(const torch::Tensor& x, const torch::Tensor& 
   auto dense = [](const torch::Tensor& t) {  // transposed views are read in place
     return t.is_non_overlapping_and_dense() ? t : t.contiguous();
   };
-  std::vector<c10::IValue> stack{dense(x), dense(weight),
+  // rows (and a long inner dimension) padded with zeros as atomlens.nn.linear pads them
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t rows = bucket(m), inner = k >= 256 ? bucket(k) : k;
+  torch::Tensor xx = x, ww = weight;
+  if (rows != m || inner != k) {
+    xx = torch::constant_pad_nd(x, {0, inner - k, 0, rows - m}, 0);
+    if (inner != k) ww = torch::constant_pad_nd(weight, {0, inner - k}, 0);
+  }
+  std::vector<c10::IValue> stack{dense(xx), dense(ww),
                                  bias.has_value() ? c10::IValue(*bias) : c10::IValue(),
                                  c10::IValue(std::string("none")),
                                  c10::IValue(c10::List<std::optional<c10::Scalar>>()),
                                  c10::IValue(std::string(""))};
   op.callBoxed(stack);
-  return stack[0].toTensor();
+  auto y = stack[0].toTensor();
+  return rows != m ? y.narrow(0, 0, m) : y;
 }
 
 TORCH_LIBRARY_IMPL(atomlens, CPU, m) {
