@@ -147,3 +147,17 @@ def test_rows_are_padded_to_few_sizes_and_the_products_stay_exact():
         torch.testing.assert_close(
             torch.ops.atomlens.linear(long, x.t(), None), long @ x, rtol=1e-5, atol=2e-4
         )
+
+
+def test_force_training_uses_pytorchs_products_and_inference_onednns():
+    """Force training differentiates the forces again, where PyTorch's products and their C++
+    autograd are faster than the oneDNN Function: its forward runs under plain_products.
+    Energies and forces for inference (no second pass) use oneDNN."""
+    model = random_model("schnet", seed=2).float()
+    systems = [molecule("CH3CH2OH") for _ in range(16)]  # 144 atoms
+    model.train()
+    called = _called(lambda: model(systems, forces=True)["forces"].pow(2).sum().backward())
+    assert "mkldnn::_linear_pointwise" not in called
+    model.eval()
+    assert "mkldnn::_linear_pointwise" in _called(lambda: model(systems, forces=True))
+    assert "mkldnn::_linear_pointwise" in _called(lambda: model(systems)["energy"].sum())

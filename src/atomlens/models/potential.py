@@ -12,6 +12,7 @@ model carries them. With ``output="dipole"`` the y_i are latent charges instead,
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 from ..data.batch import Batch, Pairs
 from ..nn import activation, scatter_sum
 from ..nn.geometry import apply_strain, cell_volume
-from ..nn.linear import Linear
+from ..nn.linear import Linear, plain_products
 from .base import representation_class
 from .dipole import DipoleMoment
 from .prediction import Prediction
@@ -161,7 +162,10 @@ class AtomisticModel(nn.Module):
             positions, pairs, _ = apply_strain(
                 positions, pairs, batch.cell, batch.structure_index, strain
             )
-        atomic = self.atomic_energies(batch.numbers, positions, pairs, frozen)
+        # force training differentiates the forces again: PyTorch's products there (nn.linear)
+        second_order = (forces or stress) and self.training and torch.is_grad_enabled()
+        with plain_products() if second_order else contextlib.nullcontext():
+            atomic = self.atomic_energies(batch.numbers, positions, pairs, frozen)
         if self.dipole is not None:
             if forces or stress:
                 raise ValueError("a dipole model predicts no forces or stress")

@@ -21,6 +21,8 @@ training's second backward pass uses oneDNN too. ``ATOMLENS_FUSED=0`` (or
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,9 +42,27 @@ _ONEDNN = (
 )
 
 
+_state = {"plain": 0}
+
+
+@contextlib.contextmanager
+def plain_products():
+    """Inside: every product is ``F.linear``'s. For force training's forward pass, whose
+    backward pass builds a graph that is differentiated again: there PyTorch's products and
+    their C++ autograd beat oneDNN's Function (its Python overhead and copies, per call, in
+    both passes): aspirin E+F training at batch 32 ran 86-96 ms per step with MKL against
+    101-111 ms with oneDNN (one thread, CPU time, alternated)."""
+    _state["plain"] += 1
+    try:
+        yield
+    finally:
+        _state["plain"] -= 1
+
+
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         _ONEDNN is not None
+        and not _state["plain"]
         and kernels.fused_enabled()
         and x.dim() == 2
         and x.shape[0] >= ONEDNN_MIN_ROWS
@@ -120,10 +140,14 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
+        # a backward pass that builds a graph is differentiated again: PyTorch's products
+        # there (as :func:`plain_products`); compiled code has no Python overhead: oneDNN
+        native = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        product = F.linear if native else linear
         if ctx.needs_input_grad[0]:
-            grad_x = linear(grad, weight.t())  # (N, out) @ (out, in)
+            grad_x = product(grad, weight.t())  # (N, out) @ (out, in)
         if ctx.needs_input_grad[1]:
-            grad_weight = linear(grad.t(), x.t())  # (out, N) @ (N, in), transposed views
+            grad_weight = product(grad.t(), x.t())  # (out, N) @ (N, in), transposed views
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias
