@@ -414,15 +414,10 @@ static torch::Tensor linear_kernel(const torch::Tensor& x, const torch::Tensor& 
   auto dense = [](const torch::Tensor& t) {  // transposed views are read in place
     return t.is_non_overlapping_and_dense() ? t : t.contiguous();
   };
-  // rows (and a long inner dimension) padded with zeros as atomlens.nn.linear pads them
-  const int64_t m = x.size(0), k = x.size(1);
-  const int64_t rows = bucket(m), inner = k >= 256 ? bucket(k) : k;
-  torch::Tensor xx = x, ww = weight;
-  if (rows != m || inner != k) {
-    xx = torch::constant_pad_nd(x, {0, inner - k, 0, rows - m}, 0);
-    if (inner != k) ww = torch::constant_pad_nd(weight, {0, inner - k}, 0);
-  }
-  std::vector<c10::IValue> stack{dense(xx), dense(ww),
+  // rows padded with zeros to atomlens.nn.linear's bucket sizes (few kernels for oneDNN)
+  const int64_t m = x.size(0), rows = bucket(m);
+  const torch::Tensor xx = rows != m ? torch::constant_pad_nd(x, {0, 0, 0, rows - m}, 0) : x;
+  std::vector<c10::IValue> stack{dense(xx), dense(weight),
                                  bias.has_value() ? c10::IValue(*bias) : c10::IValue(),
                                  c10::IValue(std::string("none")),
                                  c10::IValue(c10::List<std::optional<c10::Scalar>>()),

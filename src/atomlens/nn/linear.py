@@ -32,8 +32,6 @@ from . import cpu_kernels, kernels
 #: rows from which a float32 CPU product goes to oneDNN (measured: 64 rows tie, 128 rows
 #: 32 against 49 us, 256 rows 52 against 95 us for a 128 x 128 weight)
 ONEDNN_MIN_ROWS = 128
-#: inner dimensions from which a product pads them too (the weight gradient's: a batch's atoms)
-LONG_INNER = 256
 
 _ONEDNN = (
     getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -94,22 +92,36 @@ def _bucket(n: int) -> int:
     return -(-n // step) * step
 
 
+#: per layer and product (weight's storage, shape): the rows of its last oneDNN call
+_last_rows: dict[tuple, int] = {}
+
+
+def _repeated(kind: str, weight: torch.Tensor, n: int) -> bool:
+    """Whether this layer's (weight's) previous product of this kind had ``n`` rows too."""
+    key = (kind, weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
+    repeated = _last_rows.get(key) == n
+    if len(_last_rows) > 4096:  # models come and go: forget them
+        _last_rows.clear()
+    _last_rows[key] = n
+    return repeated
+
+
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """``x @ weight.T + bias`` by oneDNN, with ``x``'s rows (and a long inner dimension)
-    padded with zeros to :func:`_bucket` sizes.
+    """``x @ weight.T + bias`` by oneDNN; rows that change from call to call are padded with
+    zeros to :func:`_bucket` sizes.
 
     oneDNN builds a kernel for every new shape (0.9 ms for 1,600-1,800 rows here, three
-    times the product) and keeps 1,024 of them: QM9 batches, each with its own number of
-    atoms, rebuilt on most calls and trained slower than MKL (973 against 1,218 mol/CPU-s,
-    128/6). Padded, a batch's rows take at most 16 sizes per octave; the copy costs 30-90 us
-    of a 300 us product. The same in C++ for compiled code (:mod:`atomlens.nn.cpu_kernels`).
+    times the product) and keeps 1,024: QM9 batches, each with its own number of atoms,
+    rebuilt on most calls and trained end to end slower than MKL (973 against ~1,220
+    mol/CPU-s, 128/6). A layer whose row count differs from its previous call's is padded:
+    at most 16 sizes per octave, 30-90 us of copying per 300 us product. A layer called
+    with the same rows again (MD, a fixed batch) runs unpadded, without the copy. The C++
+    operator of compiled code always pads (:mod:`atomlens.nn.cpu_kernels`).
     """
-    m, k = x.shape
-    rows, inner = _bucket(m), (_bucket(k) if k >= LONG_INNER else k)
-    if rows != m or inner != k:
-        x = F.pad(x, (0, inner - k, 0, rows - m))
-        if inner != k:
-            weight = F.pad(weight, (0, inner - k))
+    m = x.shape[0]
+    rows = m if _repeated("x", weight, m) else _bucket(m)
+    if rows != m:
+        x = F.pad(x, (0, 0, 0, rows - m))
     y = _ONEDNN(_dense(x), _dense(weight), bias, "none", [], "")
     return y[:m] if rows != m else y
 
@@ -147,7 +159,13 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = product(grad, weight.t())  # (N, out) @ (out, in)
         if ctx.needs_input_grad[1]:
-            grad_weight = product(grad.t(), x.t())  # (out, N) @ (N, in), transposed views
+            # (out, N) @ (N, in): oneDNN reads the transposed views in place, but an inner
+            # dimension N that changes builds a kernel per call, and padding it would copy
+            # both: MKL unless this layer's previous weight gradient had the same N
+            if native or not _repeated("dW", weight, x.shape[0]):
+                grad_weight = F.linear(grad.t(), x.t())
+            else:
+                grad_weight = linear(grad.t(), x.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias
