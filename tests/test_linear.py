@@ -18,6 +18,14 @@ from atomlens.nn import linear as onednn
 pytestmark = pytest.mark.skipif(onednn._ONEDNN is None, reason="this torch has no oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def small_products_on_onednn(monkeypatch, request):
+    """These tests' products are small: let any product of 128 rows or more use oneDNN
+    (except where a test checks the work threshold itself)."""
+    if "little work" not in request.node.name:
+        monkeypatch.setattr(onednn, "ONEDNN_MIN_WORK", 0)
+
+
 def _called(function) -> set[str]:
     with torch.profiler.profile() as profile:
         function()
@@ -69,7 +77,15 @@ def test_the_weight_gradient_reads_transposed_views_in_place_and_needs_no_bias()
 
 
 @pytest.mark.parametrize(
-    "case", ["few rows", "float64", "fused off", "three dimensions", "functorch outside compile"]
+    "case",
+    [
+        "few rows",
+        "little work",
+        "float64",
+        "fused off",
+        "three dimensions",
+        "functorch outside compile",
+    ],
 )
 def test_plain_products_where_onednn_does_not_apply(case):
     x, weight, bias = _inputs(onednn.ONEDNN_MIN_ROWS - 1 if case == "few rows" else 400)

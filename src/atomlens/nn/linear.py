@@ -22,6 +22,7 @@ training's second backward pass uses oneDNN too. ``ATOMLENS_FUSED=0`` (or
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +33,17 @@ from . import cpu_kernels, kernels
 #: rows from which a float32 CPU product goes to oneDNN (measured: 64 rows tie, 128 rows
 #: 32 against 49 us, 256 rows 52 against 95 us for a 128 x 128 weight)
 ONEDNN_MIN_ROWS = 128
+#: and multiply-adds (rows x in x out): below, the Function's overhead per call outweighs the
+#: faster product. QM9 64/3 at batch 50 (~900 x 64 x 64 = 3.7 M) trained end to end at
+#: 2,754-2,873 mol/CPU-s on oneDNN against 3,420-3,659 on MKL; 672 x 128 x 128 (11 M, 32
+#: aspirins) and 1,800 x 128 x 128 (29 M, QM9 128/6) gain
+ONEDNN_MIN_WORK = 1 << 23
 
+#: oneDNN's inner product, or None: no oneDNN in this torch build, or ``ATOMLENS_ONEDNN=0``
+#: (PyTorch's products only; ``ATOMLENS_FUSED=0`` also turns off the other kernels)
 _ONEDNN = (
     getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if torch.backends.mkldnn.is_available()
+    if torch.backends.mkldnn.is_available() and os.environ.get("ATOMLENS_ONEDNN", "1") != "0"
     else None
 )
 
@@ -64,6 +72,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and kernels.fused_enabled()
         and x.dim() == 2
         and x.shape[0] >= ONEDNN_MIN_ROWS
+        and x.shape[0] * x.shape[1] * weight.shape[0] >= ONEDNN_MIN_WORK
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
