@@ -1,5 +1,6 @@
 """Building blocks shared by the representations, one file per idea: activations, radial
-bases, cutoffs, scatter sums, pair geometry, Hermite tables, the fused cfconv kernels, dense layers on oneDNN."""
+bases, cutoffs, scatter sums, pair geometry, Hermite tables, the fused cfconv kernels,
+dense layers on oneDNN."""
 
 from __future__ import annotations
 

@@ -616,7 +616,7 @@ def prepare(device: torch.device | str) -> None:
 
 
 # The operators' schemas are defined here, their CPU kernels in C++ (registered when the
-# module loads, :func:`prepare`): Inductor's C++ wrapper then calls the loops through the
+# module loads, :func:`prepare`): Inductor's C++ wrapper then calls them through the
 # dispatcher directly. A Python operator (``torch.library.custom_op``) cost 13-20 us more
 # per call (the interpreter and its checks): twelve calls per MD step, a seventh of a
 # 21-atom aspirin's compiled energy-and-forces step.
@@ -628,8 +628,6 @@ torch.library.define(
     "(Tensor grad, Tensor h, Tensor table, Tensor x, Tensor a, Tensor b, bool need_h, "
     "bool need_table, bool need_x) -> (Tensor, Tensor, Tensor)",
 )
-
-
 torch.library.define("atomlens::linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 

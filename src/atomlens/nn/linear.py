@@ -1,4 +1,4 @@
-"""Dense layers whose float32 CPU products run on oneDNN where that is faster.
+"""Dense layers whose large float32 CPU products run on oneDNN, where that is faster.
 
 PyTorch multiplies float32 CPU matrices with MKL's sgemm. On this project's CPU (AMD EPYC,
 Zen 5, AVX-512) that reached 86-94 GFLOP/s on one core, while oneDNN's fp32 inner product
@@ -10,13 +10,14 @@ inputs); they round differently, as two BLAS libraries do (2.3e-6 either way aga
 float64 product of those 672 rows).
 
 :class:`Linear` is ``nn.Linear`` (same parameters, state dict and ``isinstance``) whose
-forward, and the backward's product with the weight, use oneDNN for float32 CPU inputs of
-at least :data:`ONEDNN_MIN_ROWS` rows; smaller inputs (one small molecule: oneDNN's fixed
-cost per call is larger), other dtypes and devices use ``F.linear``. The weight gradient
-(``grad.T @ x``, a long inner dimension) stays with MKL, which was faster there (688 against
-1,431 us at 1,800 rows). Derivatives of any order go through the same function, so force
-training's second backward pass uses oneDNN too. ``ATOMLENS_FUSED=0`` (or
-:func:`atomlens.nn.kernels.set_fused`) gives plain ``F.linear`` everywhere.
+products go to oneDNN for float32 CPU inputs of at least :data:`ONEDNN_MIN_ROWS` rows and
+:data:`ONEDNN_MIN_WORK` multiply-adds, forward and in the backward pass (the product with
+the weight; the weight gradient too when its inner dimension, the batch's rows, repeats);
+everything else uses ``F.linear``. Compiled code calls the operator ``atomlens::linear``
+(:mod:`atomlens.nn.cpu_kernels`). Inside :func:`plain_products` (force training's forward
+pass) and in backward passes that build a graph, outside compiled code, the products are
+PyTorch's. ``ATOMLENS_ONEDNN=0`` turns this off; ``ATOMLENS_FUSED=0`` (or
+:func:`atomlens.nn.kernels.set_fused`) all of atomlens's kernels.
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     operator of compiled code always pads (:mod:`atomlens.nn.cpu_kernels`).
     """
     m = x.shape[0]
-    rows = m if _repeated("x", weight, m) else _bucket(m)
+    rows = _bucket(m)  # a layer's repeated row count (or one that is a bucket size): unpadded
+    if rows != m and _repeated("x", weight, m):
+        rows = m
     if rows != m:
         x = F.pad(x, (0, 0, 0, rows - m))
     y = _ONEDNN(_dense(x), _dense(weight), bias, "none", [], "")
