@@ -6,14 +6,16 @@
 2. The step's FLOP: one training step (forward, U0 loss, backward, Adam) of SchNet 128/6
    (or 64/3) on a batch of QM9 molecules, counted by ``torch.utils.flop_counter`` (matrix
    products, the work a matmul peak measures; element-wise operations are not counted, so
-   the fraction is of the step's matmul work).
-3. Achieved: step FLOP / CPU seconds per step on one thread; fraction = achieved / peak.
+   the fraction is of the step's matmul work). As training runs it: ``--batches`` different
+   random batches in turn (each with its own number of atoms and pairs; 1 repeats one batch,
+   which favours every per-shape cache) and Adam's fused kernel (``atomlens.training``'s).
+3. Achieved: the batches' FLOP / CPU seconds on one thread; fraction = achieved / peak.
 4. Where the rest goes: torch.profiler's top operators by self CPU time.
 
 Prints one JSON line for the peak, one for the step and one for the profile::
 
-    python benchmarks/matmul_peak.py                       # 128/6, batch 100
-    python benchmarks/matmul_peak.py --setting 64/3 --steps 20
+    python benchmarks/matmul_peak.py                       # 128/6, 10 batches of 100
+    python benchmarks/matmul_peak.py --setting 64/3 --steps 40
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ def matmul_peak(sizes=(256, 512, 1024, 2048), seconds: float = 1.0) -> dict:
     }
 
 
-def training_setup(setting: str, batch_size: int, seed: int = 0):
-    """A SchNet U0 model, its Adam optimiser and one QM9 batch (or random molecules)."""
+def training_setup(setting: str, batch_size: int, seed: int = 0, n_batches: int = 1):
+    """A SchNet U0 model, its Adam optimiser (fused, as training's) and ``n_batches`` QM9
+    batches (or random molecules)."""
     from atomlens.models.potential import ModelConfig, build_model
     from atomlens.training.train import fit_statistics
 
@@ -84,9 +87,9 @@ def training_setup(setting: str, batch_size: int, seed: int = 0):
         data = load_qm9()
     except Exception as error:  # noqa: BLE001 (no QM9 here: the FLOP count needs molecules only)
         print(f"QM9 unavailable ({error}); using random QM9-sized molecules", file=sys.stderr)
-        data = random_molecules(batch_size, seed)
+        data = random_molecules(batch_size * n_batches, seed)
     rng = np.random.default_rng(seed)
-    indices = np.sort(rng.choice(len(data), size=batch_size, replace=False))
+    chosen = rng.permutation(len(data))[: batch_size * n_batches].reshape(n_batches, batch_size)
     torch.manual_seed(seed)
     kwargs = SETTINGS[setting]
     model = build_model(
@@ -97,9 +100,9 @@ def training_setup(setting: str, batch_size: int, seed: int = 0):
             target=next(iter(data.targets)),
         )
     )
-    fit_statistics(model, data, indices)
-    batch = data.batch(indices, model.cutoff)
-    return model, torch.optim.Adam(model.parameters(), lr=5e-4), batch
+    fit_statistics(model, data, np.sort(chosen.ravel()))
+    batches = [data.batch(np.sort(indices), model.cutoff) for indices in chosen]
+    return model, torch.optim.Adam(model.parameters(), lr=5e-4, fused=True), batches
 
 
 def random_molecules(n: int, seed: int):
@@ -146,7 +149,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="128/6")
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=10,
+        help="different random QM9 batches, stepped in turn (1: one batch, repeated)",
+    )
     parser.add_argument("--peak-seconds", type=float, default=1.0, help="per matmul size")
     parser.add_argument("--profile-rows", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
@@ -162,28 +171,35 @@ def main(argv=None) -> int:
     peak = matmul_peak(seconds=args.peak_seconds)
     print(json.dumps({"measure": "matmul_peak", "dtype": "float32", **peak, **common}), flush=True)
 
-    model, optimizer, batch = training_setup(args.setting, args.batch_size, args.seed)
+    model, optimizer, batches = training_setup(
+        args.setting, args.batch_size, args.seed, args.batches
+    )
     model.train()
-    flops = count_flops(model, optimizer, batch)
-    for _ in range(3):  # warm-up: compiled kernels, allocator
+    flops = [count_flops(model, optimizer, batch) for batch in batches]
+    for batch in batches:  # warm-up: compiled kernels, allocator, oneDNN's kernels
         step(model, optimizer, batch)
+    order = [k % len(batches) for k in range(args.steps)]
     start = time.thread_time()
-    for _ in range(args.steps):
-        step(model, optimizer, batch)
-    seconds = (time.thread_time() - start) / args.steps
-    achieved = flops / seconds / 1e9
+    for k in order:
+        step(model, optimizer, batches[k])
+    seconds = time.thread_time() - start
+    step_flops = sum(flops[k] for k in order)
+    molecules = sum(batches[k].n_structures for k in order)
+    achieved = step_flops / seconds / 1e9
     print(
         json.dumps(
             {
                 "measure": "training_step",
                 "setting": args.setting,
                 "batch_size": args.batch_size,
-                "n_atoms": batch.n_atoms,
-                "n_pairs": int(batch.pair_i.shape[0]),
-                "step_mflop": round(flops / 1e6, 1),
-                "mflop_per_molecule": round(flops / 1e6 / batch.n_structures, 2),
-                "cpu_s_per_step": round(seconds, 4),
-                "molecules_per_cpu_s": round(batch.n_structures / seconds, 1),
+                "batches": len(batches),
+                "optimizer": "Adam (fused)",
+                "n_atoms_mean": round(float(np.mean([b.n_atoms for b in batches])), 1),
+                "n_pairs_mean": round(float(np.mean([b.pair_i.shape[0] for b in batches])), 1),
+                "step_mflop": round(step_flops / len(order) / 1e6, 1),
+                "mflop_per_molecule": round(step_flops / molecules / 1e6, 2),
+                "cpu_s_per_step": round(seconds / len(order), 4),
+                "molecules_per_cpu_s": round(molecules / seconds, 1),
                 "achieved_gflops": round(achieved, 2),
                 "fraction_of_peak": round(achieved / peak["peak_gflops"], 3),
                 **common,
@@ -195,8 +211,8 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(max(1, args.steps // 2)):
-            step(model, optimizer, batch)
+        for k in order[: max(1, args.steps // 2)]:
+            step(model, optimizer, batches[k])
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.profile_rows]
