@@ -5,7 +5,8 @@ atoms), one thread, CPU time, repeats alternated between the cases, medians: the
 gradient ``grad.T @ x`` and the input gradient ``grad @ W`` by MKL (``torch.mm``) and by
 oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``) after padding the rows to
 ``atomlens.nn.linear``'s bucket sizes, with ``F.pad`` or with ``_pad_rows`` (one copy, the
-new rows zeroed), and the padding alone. Prints one JSON line per case::
+new rows zeroed; the "one_copy" products are ``atomlens.nn.linear``'s own backward
+products), and the padding alone. Prints one JSON line per case::
 
     python benchmarks/linear_products.py [--width 128] [--repeats 30]
 """
@@ -51,8 +52,9 @@ def cases(width: int) -> dict:
             "weight_gradient_onednn_f_pad": lambda g, x: product(
                 pad_f(g).t(), pad_f(x).t(), None, "none", [], ""
             ),
-            "weight_gradient_onednn_one_copy": lambda g, x: product(
-                pad_copy(g).t(), pad_copy(x).t(), None, "none", [], ""
+            # atomlens's backward products themselves (nn.linear), one at a time
+            "weight_gradient_onednn_one_copy": lambda g, x: onednn._onednn_backward(
+                g, x, weight, False, True
             ),
             "weight_gradient_onednn_contiguous_inputs": lambda g, x: product(
                 pad_copy(g).t().contiguous(), pad_copy(x).t().contiguous(), None, "none", [], ""
@@ -60,9 +62,9 @@ def cases(width: int) -> dict:
             "input_gradient_onednn_f_pad": lambda g, x: product(
                 pad_f(g), weight.t(), None, "none", [], ""
             )[: len(g)],
-            "input_gradient_onednn_one_copy": lambda g, x: product(
-                pad_copy(g), weight.t(), None, "none", [], ""
-            )[: len(g)],
+            "input_gradient_onednn_one_copy": lambda g, x: onednn._onednn_backward(
+                g, x, weight, True, False
+            ),
         }
     return found
 

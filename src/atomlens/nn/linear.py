@@ -127,6 +127,13 @@ def _repeated(kind: str, weight: torch.Tensor, n: int) -> bool:
     return repeated
 
 
+def _padded_rows(kind: str, weight: torch.Tensor, m: int) -> int:
+    """The rows a product of ``m`` rows runs with: ``m`` when it is a bucket size or this
+    layer's previous product of this kind had ``m`` rows too, else :func:`_bucket` (m)."""
+    rows = _bucket(m)
+    return m if rows != m and _repeated(kind, weight, m) else rows
+
+
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """``x @ weight.T + bias`` by oneDNN; rows that change from call to call are padded with
     zeros to :func:`_bucket` sizes.
@@ -140,9 +147,7 @@ def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     operator of compiled code always pads (:mod:`atomlens.nn.cpu_kernels`).
     """
     m = x.shape[0]
-    rows = _bucket(m)  # a layer's repeated row count (or one that is a bucket size): unpadded
-    if rows != m and _repeated("x", weight, m):
-        rows = m
+    rows = _padded_rows("x", weight, m)
     if rows != m:
         x = _pad_rows(x, rows)
     y = _ONEDNN(_dense(x), _dense(weight), bias, "none", [], "")
@@ -177,13 +182,7 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         # a backward pass that builds a graph is differentiated again: PyTorch's products
         # there (as :func:`plain_products`); compiled code has no Python overhead: oneDNN
-        native = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if native:
-            if ctx.needs_input_grad[0]:
-                grad_x = F.linear(grad, weight.t())  # (N, out) @ (out, in)
-            if ctx.needs_input_grad[1]:
-                grad_weight = F.linear(grad.t(), x.t())  # (out, N) @ (N, in)
-        elif torch.compiler.is_compiling():  # the operator pads rows, not the inner dimension
+        if torch.compiler.is_compiling():  # the operator pads rows, not the inner dimension
             if ctx.needs_input_grad[0]:
                 grad_x = linear(grad, weight.t())
             if ctx.needs_input_grad[1]:  # N changes: MKL, unless N repeated when traced
@@ -191,15 +190,15 @@ class _OneDNNLinear(torch.autograd.Function):
                     grad_weight = linear(grad.t(), x.t())
                 else:
                     grad_weight = F.linear(grad.t(), x.t())
-        elif _onednn_applies(grad, weight.t()):
+        elif not torch.is_grad_enabled() and _onednn_applies(grad, weight.t()):
             grad_x, grad_weight = _onednn_backward(
                 grad, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             )
         else:
             if ctx.needs_input_grad[0]:
-                grad_x = F.linear(grad, weight.t())
+                grad_x = F.linear(grad, weight.t())  # (N, out) @ (out, in)
             if ctx.needs_input_grad[1]:
-                grad_weight = F.linear(grad.t(), x.t())
+                grad_weight = F.linear(grad.t(), x.t())  # (out, N) @ (N, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias
@@ -211,9 +210,7 @@ def _onednn_backward(grad, x, weight, need_x: bool, need_weight: bool):
     padded to :func:`_bucket` sizes as in the forward pass; the weight gradient's inner
     dimension is those rows, so it reuses oneDNN's kernel too (zero rows add nothing)."""
     m = grad.shape[0]
-    rows = _bucket(m)
-    if rows != m and _repeated("grad", weight, m):
-        rows = m
+    rows = _padded_rows("grad", weight, m)
     grad = _pad_rows(grad, rows) if rows != m else _dense(grad)
     grad_x = grad_weight = None
     if need_x:
