@@ -1,5 +1,7 @@
 """Tabulated SchNet filters: the same model as the direct evaluation, to float32 rounding."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -302,6 +304,60 @@ def test_cpp_table_scatter_is_the_lookups_transpose(dtype):
     )
 
 
+def test_cpp_shifted_softplus_and_its_derivatives():
+    """The C++ shifted softplus (its own vectorized exp and log1p) against float64's
+    softplus(x) - ln 2 over -100..100 and at 0, +-tiny, +-88, +-inf and NaN, to float32's
+    rounding of max(1, |ssp|); its derivative grad * sigmoid(x) likewise; through
+    ``shifted_softplus`` the Function is used for large float32 inputs, and a backward pass
+    that builds a graph gives the exact second derivative."""
+    from atomlens.nn import cpu_kernels, kernels, shifted_softplus
+    from atomlens.nn.activations import MIN_KERNEL_SIZE
+
+    special = [0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6, 88.0, -88.0, 200.0, -200.0]
+    x = torch.cat((torch.linspace(-100.0, 100.0, 400_001), torch.tensor(special)))
+    x = torch.cat((x, torch.tensor([float("inf"), -float("inf"), float("nan")])))
+    y = cpu_kernels.shifted_softplus(x)
+    assert y is not None, "the C++ kernels did not compile"
+    x64 = x.double()
+    want = torch.nn.functional.softplus(x64) - math.log(2.0)
+    finite = torch.isfinite(x)
+    scale = want[finite].abs().clamp(min=1.0)
+    assert ((y.double()[finite] - want[finite]).abs() / scale).max() < 1.5e-7
+    assert y[-3] == float("inf") and y[-2] == pytest.approx(-math.log(2.0)) and y[-1].isnan()
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    dy = cpu_kernels.shifted_softplus_backward(grad, x)
+    want_dy = grad.double() * torch.sigmoid(x64)
+    assert (dy.double()[finite] - want_dy[finite]).abs().max() < 1e-6
+    assert dy[-3] == grad[-3] and dy[-2] == 0.0 and dy[-1].isnan()
+    # a strided input is read correctly; float64 is not this kernel's
+    wide = torch.randn(300, 40, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(
+        cpu_kernels.shifted_softplus(wide[:, ::2]),
+        (torch.nn.functional.softplus(wide[:, ::2].double()) - math.log(2.0)).float(),
+    )
+    assert cpu_kernels.shifted_softplus(x64) is None
+
+    # the autograd Function: first derivatives by the C++ loop, second ones differentiable
+    z = (torch.randn(MIN_KERNEL_SIZE // 64 + 1, 64) * 6).requires_grad_(True)
+    out = shifted_softplus(z)
+    assert type(out.grad_fn).__name__ == "_ShiftedSoftplusBackward"
+    g = torch.randn_like(out)
+    (first,) = torch.autograd.grad(out, z, g, create_graph=True)
+    (second,) = torch.autograd.grad(first.sum(), z)
+    s = torch.sigmoid(z.detach().double())
+    torch.testing.assert_close(first.detach().double(), g.double() * s, rtol=0, atol=1e-6)
+    torch.testing.assert_close(second.double(), g.double() * s * (1 - s), rtol=0, atol=1e-6)
+    (plain,) = torch.autograd.grad(shifted_softplus(z), z, g)
+    torch.testing.assert_close(plain.double(), g.double() * s, rtol=0, atol=1e-6)
+    small = torch.randn(4, 8, requires_grad=True)
+    assert type(shifted_softplus(small).grad_fn).__name__ != "_ShiftedSoftplusBackward"
+    kernels.set_fused(False)
+    try:
+        assert type(shifted_softplus(z).grad_fn).__name__ == "SubBackward0"
+    finally:
+        kernels.set_fused(True)
+
+
 def _tabulated_case(dtype, n_intervals=6, width=13):
     """Pairs sharing atoms (one atom with itself), grid coordinates at both ends, between
     nodes, beyond the grid on either side and NaN; a width no multiple of the vector width."""
@@ -430,7 +486,10 @@ def test_kernel_build_is_named_for_the_processor(monkeypatch, tmp_path):
     generic = target("processor\t: 0\n")
     assert "-march=native" in avx2[1] and "-march=native" in arm[1]
     assert len({avx2[0], avx512[0], arm[0], generic[0]}) == 4
-    assert generic == (f"{cpu_kernels._NAME}_generic", ["-O3", "-fopenmp-simd"])
+    assert generic == (
+        f"{cpu_kernels._NAME}_generic",
+        ["-O3", "-fopenmp-simd", "-fno-trapping-math"],
+    )
     assert avx2 == target("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")  # stable
 
 

@@ -23,7 +23,6 @@ from torch import nn
 
 from ..data.batch import Pairs
 from ..nn import (
-    LN2,
     CosineCutoff,
     GaussianRBF,
     ShiftedSoftplus,
@@ -32,6 +31,7 @@ from ..nn import (
     hermite_coefficients,
     hermite_lookup,
     scatter_sum,
+    shifted_softplus,
 )
 from ..nn.geometry import pair_distances
 from ..nn.linear import Linear, linear
@@ -85,7 +85,7 @@ class SchNetInteraction(nn.Module):
         # (twice the rows of the grid, the same weight): half the calls, a fixed shape
         a, da = linear(torch.cat((e, de)), first.weight).split(n)
         a = a + first.bias
-        h, dh = nn.functional.softplus(a) - LN2, torch.sigmoid(a) * da
+        h, dh = shifted_softplus(a), torch.sigmoid(a) * da
         w, dw = linear(torch.cat((h, dh)), second.weight).split(n)
         w = w + second.bias
         f, df = cutoff_fn.value_and_derivative(grid)

@@ -52,10 +52,12 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v5"
+_NAME = "atomlens_cpu_kernels_v7"
 
 _SOURCE = r"""
 #include <torch/extension.h>
+
+#include <cstring>
 
 template <typename T>
 static void cfconv_rows(const T* __restrict x, const T* __restrict w, const int64_t* a,
@@ -378,6 +380,92 @@ std::vector<torch::Tensor> tabulated_cfconv_backward(torch::Tensor grad, torch::
   return {grad_h, grad_table, grad_x};
 }
 
+// the shifted softplus ssp(v) = ln(1 + e^v) - ln 2 = max(v, 0) + log1p(e^-|v|) - ln 2 and its
+// derivative sigmoid(v), float32, in one pass each. exp and log1p are written here as
+// branch-free polynomials so that the compiler vectorizes the loop (PyTorch's softplus and
+// the subtraction of ln 2 were two passes at ~1.2 ns per element on this project's CPU).
+// e^-a, a >= 0: a = k ln2 - r, |r| <= ln2/2 (Cody-Waite: ln2 in two parts), e^r by its
+// Taylor series to r^7 (relative error < 1e-8), 2^-k from the exponent bits; beyond a = 87
+// (e^-87 = 1.6e-38, float32's normal numbers end at 1.2e-38) the result is 0
+static inline float exp_neg(float a) {
+  const bool under = a > 87.0f;
+  a = under ? 87.0f : a;
+  const int32_t k = static_cast<int32_t>(a * 1.44269504088896341f + 0.5f);  // a >= 0: rounds
+  const float kf = static_cast<float>(k);
+  const float r = (kf * 0.693145751953125f - a) + kf * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  // 2^-k, or 0.0f beyond 87: a mask on the bits, not a select on the result (GCC 12 left
+  // the loop scalar with that select: "control flow in loop")
+  const int32_t bits = ((127 - k) << 23) & (under ? 0 : -1);
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return p * scale;
+}
+
+// log(1 + t), 0 <= t <= 1: u = 1 + t = 2^e m with m in [1/sqrt2, sqrt2), log m = 2 atanh(s),
+// s = (m - 1)/(m + 1), |s| < 0.172, by its series to s^9 (error < 1e-9); the rounding of
+// 1 + t is added back as (t - (u - 1))/u
+static inline float log1p_unit(float t) {
+  const float u = 1.0f + t;
+  const float rounding = (t - (u - 1.0f)) / u;
+  const bool upper = u > 1.41421356237309505f;
+  const float f = (upper ? 0.5f * u : u) - 1.0f;
+  const float s = f / (2.0f + f), s2 = s * s;
+  float q = 2.0f / 9.0f;
+  q = q * s2 + 2.0f / 7.0f;
+  q = q * s2 + 2.0f / 5.0f;
+  q = q * s2 + 2.0f / 3.0f;
+  q = q * s2 + 2.0f;
+  return (upper ? 0.693147180559945309f : 0.0f) + s * q + rounding;
+}
+
+static void ssp_rows(const float* __restrict x, float* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float value =
+        (v > 0.0f ? v : 0.0f) + (log1p_unit(exp_neg(std::fabs(v))) - 0.693147180559945309f);
+    y[i] = v != v ? v : value;  // NaN stays NaN
+  }
+}
+
+// grad * sigmoid(v), sigmoid(v) = 1/(1 + e^-v) for v > 0, e^v/(1 + e^v) otherwise
+static void ssp_grad_rows(const float* __restrict grad, const float* __restrict x,
+                          float* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float e = exp_neg(std::fabs(v));
+    const float value = grad[i] * ((v > 0.0f ? 1.0f : e) / (1.0f + e));
+    out[i] = v != v ? v : value;
+  }
+}
+
+torch::Tensor shifted_softplus(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat, "shifted_softplus: float32");
+  auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  ssp_rows(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+  return y;
+}
+
+torch::Tensor shifted_softplus_backward(torch::Tensor grad, torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && grad.scalar_type() == torch::kFloat,
+              "shifted_softplus_backward: float32");
+  TORCH_CHECK(grad.sizes() == x.sizes(), "shifted_softplus_backward: shapes");
+  auto gc = grad.contiguous(), xc = x.contiguous();
+  auto out = torch::empty_like(xc);
+  ssp_grad_rows(gc.data_ptr<float>(), xc.data_ptr<float>(), out.data_ptr<float>(), xc.numel());
+  return out;
+}
+
 // the two loops as the CPU kernels of the operators atomlens::tabulated_cfconv(_backward)
 // (schemas defined from Python): Inductor's C++ wrapper calls them through the dispatcher
 // without entering Python; a gradient not asked for is an empty tensor
@@ -454,6 +542,13 @@ def _ninja_on_path():
         os.environ["PATH"] = saved
 
 
+#: the compiler flags of every build. ``-fno-trapping-math`` (floating-point operations raise
+#: no signals, which they never do here; results are unchanged) lets GCC turn the
+#: shifted softplus's selects into vector blends: without it that loop stayed scalar, 2.1
+#: instead of 0.13 ms for 1,818 x 128 values
+_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
+
+
 def _build_target() -> tuple[str, list[str]]:
     """The build's name and the compiler flags for this processor.
 
@@ -475,9 +570,9 @@ def _build_target() -> tuple[str, list[str]]:
                 flags = line.split(":", 1)[1].strip()
                 break
     if not flags:
-        return f"{_NAME}_generic", ["-O3", "-fopenmp-simd"]
+        return f"{_NAME}_generic", _CFLAGS
     digest = hashlib.sha256(flags.encode()).hexdigest()[:10]
-    return f"{_NAME}_{digest}", ["-O3", "-fopenmp-simd", "-march=native"]
+    return f"{_NAME}_{digest}", [*_CFLAGS, "-march=native"]
 
 
 def _build(name: str, cflags: list[str]):
@@ -493,6 +588,8 @@ def _build(name: str, cflags: list[str]):
                 "tabulated_cfconv",
                 "tabulated_cfconv_backward",
                 "tabulated_cfconv_double_backward",
+                "shifted_softplus",
+                "shifted_softplus_backward",
             ],
             extra_cflags=cflags,
         )
@@ -503,7 +600,7 @@ def _module():
         _LOG.info("atomlens: compiling the C++ pair kernels (once; cached on disk)")
         targets = [_build_target()]
         if targets[0][0] != f"{_NAME}_generic":  # a compiler without -march=native: generic
-            targets.append((f"{_NAME}_generic", ["-O3", "-fopenmp-simd"]))
+            targets.append((f"{_NAME}_generic", _CFLAGS))
         errors = []
         for name, cflags in targets:
             try:
@@ -595,6 +692,20 @@ def tabulated_cfconv_double_backward(grad_grad_h, grad_grad_x, grad, h, table, x
             grad_grad_h, grad_grad_x, grad, h, table, x, a, b
         )
     )
+
+
+def shifted_softplus(x: torch.Tensor):
+    """``softplus(x) - ln 2`` of a plain float32 CPU tensor in one vectorized pass (error
+    below 1.5e-7 of max(1, |result|), as PyTorch's float32), or None where this kernel does
+    not apply (other dtypes or devices, torch.func wrappers, no compiler, fused kernels
+    off)."""
+    module = _loaded(x) if x.dtype == torch.float32 else None
+    return None if module is None else module.shifted_softplus(x)
+
+
+def shifted_softplus_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad * sigmoid(x)`` (the derivative of :func:`shifted_softplus`) in one pass."""
+    return _module().shifted_softplus_backward(grad, x)
 
 
 # ---------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-class _OneDNNLinear(torch.autograd.Function):
+class _OneDNNLinear(kernels.Function):
     """``x @ weight.T + bias`` by oneDNN; the backward calls :func:`linear` again (any order)."""
 
     @staticmethod
