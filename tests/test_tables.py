@@ -349,6 +349,18 @@ def test_cpp_shifted_softplus_and_its_derivatives():
     torch.testing.assert_close(second.double(), g.double() * s * (1 - s), rtol=0, atol=1e-6)
     (plain,) = torch.autograd.grad(shifted_softplus(z), z, g)
     torch.testing.assert_close(plain.double(), g.double() * s, rtol=0, atol=1e-6)
+    import torch.autograd.forward_ad as fwad
+
+    tangent = torch.randn_like(z)
+    with fwad.dual_level():  # forward mode
+        dual = shifted_softplus(fwad.make_dual(z.detach(), tangent))
+        torch.testing.assert_close(
+            fwad.unpack_dual(dual).tangent.double(), tangent.double() * s, rtol=0, atol=1e-6
+        )
+    # torch.func transforms of a function of plain tensors use PyTorch's rules
+    batched = torch.func.vmap(lambda c: c * shifted_softplus(z.detach()).sum())(torch.ones(3))
+    want_sum = (torch.nn.functional.softplus(z.detach().double()) - math.log(2.0)).sum()
+    torch.testing.assert_close(batched.double(), want_sum.expand(3), rtol=1e-6, atol=0)
     small = torch.randn(4, 8, requires_grad=True)
     assert type(shifted_softplus(small).grad_fn).__name__ != "_ShiftedSoftplusBackward"
     kernels.set_fused(False)

@@ -27,6 +27,8 @@ def shifted_softplus(x: torch.Tensor) -> torch.Tensor:
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and not torch.compiler.is_compiling()  # compiled code fuses the formula itself
+        and not torch.jit.is_tracing()  # a trace records PyTorch's operators
+        and not torch._C._are_functorch_transforms_active()  # vmap, jvp: PyTorch's rules
         and cpu_kernels.available(x)
     ):
         return _ShiftedSoftplus.apply(x)
@@ -45,6 +47,12 @@ class _ShiftedSoftplus(kernels.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, tangent):  # forward-mode AD (torch.autograd.forward_ad)
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.softplus_backward(tangent, x, 1.0, 20.0)
 
     @staticmethod
     def backward(ctx, grad):

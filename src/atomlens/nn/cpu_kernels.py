@@ -52,7 +52,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v7"
+_NAME = "atomlens_cpu_kernels_v8"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -388,7 +388,7 @@ std::vector<torch::Tensor> tabulated_cfconv_backward(torch::Tensor grad, torch::
 // Taylor series to r^7 (relative error < 1e-8), 2^-k from the exponent bits; beyond a = 87
 // (e^-87 = 1.6e-38, float32's normal numbers end at 1.2e-38) the result is 0
 static inline float exp_neg(float a) {
-  const bool under = a > 87.0f;
+  const bool under = !(a <= 87.0f);  // NaN too: k stays in range (the caller keeps NaN)
   a = under ? 87.0f : a;
   const int32_t k = static_cast<int32_t>(a * 1.44269504088896341f + 0.5f);  // a >= 0: rounds
   const float kf = static_cast<float>(k);
