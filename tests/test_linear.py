@@ -24,6 +24,7 @@ def small_products_on_onednn(monkeypatch, request):
     (except where a test checks the work threshold itself)."""
     if "little work" not in request.node.name:
         monkeypatch.setattr(onednn, "ONEDNN_MIN_WORK", 0)
+        monkeypatch.setattr(onednn, "ONEDNN_MIN_WORK_COMPILED", 0)
 
 
 def _called(function) -> set[str]:
@@ -122,10 +123,15 @@ def test_linear_layer_is_an_nn_linear_with_the_same_state():
 
 
 def test_compiled_md_step_calls_the_linear_operator_and_matches_eager_float32():
-    """Sixteen ethanols (144 atoms, the products' rows): the compiled float32
-    energy-and-forces step runs its products as ``atomlens::linear`` and gives the eager
-    step's forces to float32 rounding."""
-    model = random_model("schnet", seed=2)
+    """Sixteen ethanols (144 atoms, the products' rows) with 64 features: the compiled
+    float32 energy-and-forces step runs its products as ``atomlens::linear``, its shifted
+    softplus and derivative as the C++ operators, and gives the eager step's forces to
+    float32 rounding."""
+    from atomlens.nn.activations import MIN_KERNEL_SIZE
+
+    wide = {"n_atom_basis": 64, "n_filters": 64, "n_interactions": 2, "n_rbf": 10, "cutoff": 5.0}
+    model = random_model("schnet", seed=2, representation_kwargs=wide)
+    assert 144 * 64 >= MIN_KERNEL_SIZE
     systems = [molecule("CH3CH2OH") for _ in range(16)]  # 144 atoms: oneDNN's rows
     for k, atoms in enumerate(systems):
         atoms.rattle(0.05, seed=k)
@@ -133,10 +139,35 @@ def test_compiled_md_step_calls_the_linear_operator_and_matches_eager_float32():
     fixed = BatchedMD(model, systems, seed=3, compile=True)
     called = _called(fixed.energy_and_forces)
     assert "atomlens::linear" in called
+    assert {"atomlens::shifted_softplus", "atomlens::shifted_softplus_backward"} <= called
     energies, forces = fixed.energy_and_forces()
     scale = eager.forces.abs().max()
     torch.testing.assert_close(forces, eager.forces, rtol=0, atol=1e-5 * float(scale))
     torch.testing.assert_close(energies, eager.energies, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_code_takes_smaller_products_to_onednn_than_eager_code(monkeypatch):
+    """Compiled code calls the operator without the autograd Function's overhead, so its
+    threshold of work is lower: a 256 x 64 x 64 product (2^20 multiply-adds, like 32
+    aspirins' atoms into a head's 64 features) runs on oneDNN there and on MKL eagerly."""
+    from atomlens.nn import cpu_kernels
+
+    cpu_kernels.prepare("cpu")
+    monkeypatch.undo()  # the thresholds as they are
+    x, weight = torch.randn(256, 64), torch.randn(64, 64)
+    if not cpu_kernels.compiled_ops_ready(x, weight):
+        pytest.skip("the C++ kernels did not compile")
+    assert 256 * 64 * 64 >= onednn.ONEDNN_MIN_WORK_COMPILED
+    assert 256 * 64 * 64 < onednn.ONEDNN_MIN_WORK
+    assert "mkldnn::_linear_pointwise" not in _called(lambda: onednn.linear(x, weight))
+    compiled = torch.compile(lambda v: onednn.linear(v, weight), backend="eager", dynamic=False)
+    called = _called(lambda: compiled(x))
+    assert "atomlens::linear" in called
+    torch.testing.assert_close(compiled(x), x @ weight.t(), rtol=1e-5, atol=1e-4)
+    narrow = weight[:4]  # 256 x 64 x 4: below the compiled threshold too
+    assert 256 * 64 * 4 < onednn.ONEDNN_MIN_WORK_COMPILED
+    small = torch.compile(lambda v: onednn.linear(v, narrow), backend="eager", dynamic=False)
+    assert "atomlens::linear" not in _called(lambda: small(x))
 
 
 def test_rows_are_padded_to_few_sizes_and_the_products_stay_exact():

@@ -370,6 +370,39 @@ def test_cpp_shifted_softplus_and_its_derivatives():
         kernels.set_fused(True)
 
 
+def test_compiled_code_calls_the_shifted_softplus_operator_with_its_derivatives():
+    """Inside ``torch.compile`` (MD's compiled step differentiates with ``torch.func``) a
+    large float32 shifted softplus is the operator ``atomlens::shifted_softplus``, its
+    derivative (a backward pass that builds no graph) ``atomlens::shifted_softplus_backward``;
+    both equal float64's formula to float32 rounding. Small inputs and float64 keep the
+    formula."""
+    from atomlens.nn import cpu_kernels, shifted_softplus
+    from atomlens.nn.activations import MIN_KERNEL_SIZE
+
+    cpu_kernels.prepare("cpu")
+    if not cpu_kernels.compiled_ops_ready(torch.ones(1)):
+        pytest.skip("the C++ kernels did not compile")
+    # (applied to an intermediate, as in a model: torch 2.13's Dynamo drops an autograd
+    # Function's derivative when its input is torch.func.grad's own argument)
+    grad_and_value = torch.func.grad_and_value(lambda v: (shifted_softplus(3.0 * v) * v).sum())
+    compiled = torch.compile(grad_and_value, backend="aot_eager", fullgraph=True, dynamic=False)
+    z = torch.randn(MIN_KERNEL_SIZE // 64 + 1, 64, generator=torch.Generator().manual_seed(5))
+    with torch.profiler.profile() as profile, torch.no_grad():  # as MD's step
+        gradient, value = compiled(z)
+    called = {event.key for event in profile.key_averages()}
+    assert {"atomlens::shifted_softplus", "atomlens::shifted_softplus_backward"} <= called
+    z64 = z.double()
+    ssp = torch.nn.functional.softplus(3.0 * z64) - math.log(2.0)
+    want = ssp + 3.0 * z64 * torch.sigmoid(3.0 * z64)  # d/dz (ssp(3z) z)
+    torch.testing.assert_close(gradient.double(), want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(value.double(), (ssp * z64).sum(), rtol=1e-6, atol=0)
+    for small in (z[:4], z64):
+        torch._dynamo.reset()
+        with torch.profiler.profile() as profile:
+            compiled(small)
+        assert "atomlens::shifted_softplus" not in {e.key for e in profile.key_averages()}
+
+
 def _tabulated_case(dtype, n_intervals=6, width=13):
     """Pairs sharing atoms (one atom with itself), grid coordinates at both ends, between
     nodes, beyond the grid on either side and NaN; a width no multiple of the vector width."""

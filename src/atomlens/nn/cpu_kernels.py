@@ -52,7 +52,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v8"
+_NAME = "atomlens_cpu_kernels_v9"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -515,7 +515,20 @@ static torch::Tensor linear_kernel(const torch::Tensor& x, const torch::Tensor& 
   return rows != m ? y.narrow(0, 0, m) : y;
 }
 
+// the shifted softplus and its derivative as operators (float32: other dtypes never reach
+// them, see atomlens.nn.activations)
+static torch::Tensor shifted_softplus_kernel(const torch::Tensor& x) {
+  return shifted_softplus(x);
+}
+
+static torch::Tensor shifted_softplus_backward_kernel(const torch::Tensor& grad,
+                                                      const torch::Tensor& x) {
+  return shifted_softplus_backward(grad, x);
+}
+
 TORCH_LIBRARY_IMPL(atomlens, CPU, m) {
+  m.impl("shifted_softplus", &shifted_softplus_kernel);
+  m.impl("shifted_softplus_backward", &shifted_softplus_backward_kernel);
   m.impl("tabulated_cfconv", &tabulated_cfconv_kernel);
   m.impl("tabulated_cfconv_backward", &tabulated_cfconv_backward_kernel);
   m.impl("linear", &linear_kernel);
@@ -740,6 +753,18 @@ torch.library.define(
     "bool need_table, bool need_x) -> (Tensor, Tensor, Tensor)",
 )
 torch.library.define("atomlens::linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+torch.library.define("atomlens::shifted_softplus", "(Tensor x) -> Tensor")
+torch.library.define("atomlens::shifted_softplus_backward", "(Tensor grad, Tensor x) -> Tensor")
+
+
+@torch.library.register_fake("atomlens::shifted_softplus")
+def _(x):
+    return x.new_empty(x.shape)  # contiguous, as the kernel's result
+
+
+@torch.library.register_fake("atomlens::shifted_softplus_backward")
+def _(grad, x):
+    return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("atomlens::linear")
@@ -779,3 +804,24 @@ class TabulatedCFConvOp(torch.autograd.Function):
         need = ctx.needs_input_grad[:3]
         grads = torch.ops.atomlens.tabulated_cfconv_backward(grad, h, table, x, a, b, *need)
         return (*(g if n else None for g, n in zip(grads, need)), None, None)
+
+
+class ShiftedSoftplusOp(torch.autograd.Function):
+    """The shifted softplus operator with its derivative, under ``torch.func`` transforms
+    too; a backward pass that builds a graph uses PyTorch's differentiable
+    ``softplus_backward``."""
+
+    @staticmethod
+    def forward(x):
+        return torch.ops.atomlens.shifted_softplus(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return torch.ops.aten.softplus_backward(grad, x, 1.0, 20.0)
+        return torch.ops.atomlens.shifted_softplus_backward(grad, x)

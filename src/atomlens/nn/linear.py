@@ -39,6 +39,10 @@ ONEDNN_MIN_ROWS = 128
 #: 2,754-2,873 mol/CPU-s on oneDNN against 3,420-3,659 on MKL; 672 x 128 x 128 (11 M, 32
 #: aspirins) and 1,800 x 128 x 128 (29 M, QM9 128/6) gain
 ONEDNN_MIN_WORK = 1 << 23
+#: the same inside compiled code, which calls the operator without the Function's overhead:
+#: 672 x 128 x 64 (32 aspirins' atoms into the head's 64 features, 5.5 M) took 57 us on
+#: oneDNN against 109 on MKL, 672 x 64 x 1 14 against 5 us (one thread, CPU time)
+ONEDNN_MIN_WORK_COMPILED = 1 << 20
 
 #: oneDNN's inner product, or None: no oneDNN in this torch build, or ``ATOMLENS_ONEDNN=0``
 #: (PyTorch's products only; ``ATOMLENS_FUSED=0`` also turns off the other kernels)
@@ -67,20 +71,22 @@ def plain_products():
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    compiling = torch.compiler.is_compiling()
     return (
         _ONEDNN is not None
         and not _state["plain"]
         and kernels.fused_enabled()
         and x.dim() == 2
         and x.shape[0] >= ONEDNN_MIN_ROWS
-        and x.shape[0] * x.shape[1] * weight.shape[0] >= ONEDNN_MIN_WORK
+        and x.shape[0] * x.shape[1] * weight.shape[0]
+        >= (ONEDNN_MIN_WORK_COMPILED if compiling else ONEDNN_MIN_WORK)
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
         and (
             cpu_kernels.compiled_ops_ready(x, weight)  # compiling: the operator
-            if torch.compiler.is_compiling()
+            if compiling
             else not (
                 torch._C._functorch.is_functorch_wrapped_tensor(x)
                 or torch._C._functorch.is_functorch_wrapped_tensor(weight)
