@@ -344,8 +344,8 @@ class BatchedMD:
                 )
                 self.compiled = None
                 return self.energy_and_forces()
-            # CUDA graphs reuse their output memory at the next call: keep copies
-            energies, forces = energies.clone(), forces.clone()
+            if self.device.type == "cuda":  # CUDA graphs reuse their outputs' memory: copies
+                energies, forces = energies.clone(), forces.clone()
         else:
             positions = self.positions.detach().requires_grad_(True)
             pair_i, pair_j = molecular_pairs(self.n_atoms_per, self.positions, self.model.cutoff)
@@ -353,6 +353,8 @@ class BatchedMD:
                 total, energies = self._energy(positions, Pairs(pair_i, pair_j, None, True))
                 (gradient,) = torch.autograd.grad(total, positions)
             forces = -gradient
+        if self.energy_to_ev == 1.0:  # an eV model: no copies
+            return energies.detach(), forces.detach()
         return energies.detach() * self.energy_to_ev, forces.detach() * self.energy_to_ev
 
     # ------------------------------------------------------------------ integrators
@@ -367,11 +369,11 @@ class BatchedMD:
         """One time step of every trajectory (one model call)."""
         half = 0.5 * self.dt
         if self.ensemble == "nve":
-            self.momenta += half * self.forces
-            self.positions += self.dt * self.momenta / self.masses
+            self.momenta.add_(self.forces, alpha=half)
+            self.positions.addcdiv_(self.momenta, self.masses, value=self.dt)
         else:
-            self.momenta += half * self.forces
-            self.positions += half * self.momenta / self.masses
+            self.momenta.add_(self.forces, alpha=half)
+            self.positions.addcdiv_(self.momenta, self.masses, value=half)
             c1 = float(np.exp(-self.friction / ase_units.fs * self.dt))
             kt = ase_units.kB * self.temperature_K
             noise = torch.randn(
@@ -379,9 +381,9 @@ class BatchedMD:
             )
             self.momenta.mul_(c1).add_(np.sqrt((1.0 - c1 * c1) * kt) * self.masses.sqrt() * noise)
             self._remove_momentum()
-            self.positions += half * self.momenta / self.masses
+            self.positions.addcdiv_(self.momenta, self.masses, value=half)
         self.energies, self.forces = self.energy_and_forces()
-        self.momenta += half * self.forces
+        self.momenta.add_(self.forces, alpha=half)
         self.nsteps += 1
 
     # ------------------------------------------------------------------ observables
@@ -390,9 +392,11 @@ class BatchedMD:
         per_atom = (self.momenta.pow(2) / (2.0 * self.masses)).sum(-1)
         return scatter_sum(per_atom, self.structure_index, self.n_structures)
 
-    def temperatures(self) -> torch.Tensor:
-        """Kinetic temperature per trajectory (R,), K: 2 E_kin / ((3n - 3) k_B)."""
-        return 2.0 * self.kinetic_energies() / (self.n_dof * ase_units.kB)
+    def temperatures(self, kinetic: torch.Tensor | None = None) -> torch.Tensor:
+        """Kinetic temperature per trajectory (R,), K: 2 E_kin / ((3n - 3) k_B); ``kinetic``:
+        the :meth:`kinetic_energies` if already computed."""
+        kinetic = self.kinetic_energies() if kinetic is None else kinetic
+        return 2.0 * kinetic / (self.n_dof * ase_units.kB)
 
     def atoms(self, k: int):
         """Trajectory ``k`` now, as ASE ``Atoms`` with momenta, energy and forces."""
@@ -461,9 +465,10 @@ class BatchedMD:
 
     def _record(self, logs: list[MDLog], tables: list, writers: list) -> None:
         time_fs = self.nsteps * self.timestep_fs
+        kinetic = self.kinetic_energies()
         epot = self.energies.double().cpu().numpy()
-        ekin = self.kinetic_energies().double().cpu().numpy()
-        temperature = self.temperatures().double().cpu().numpy()
+        ekin = kinetic.double().cpu().numpy()
+        temperature = self.temperatures(kinetic).double().cpu().numpy()
         for k, log in enumerate(logs):
             row = (time_fs, epot[k], ekin[k], epot[k] + ekin[k], temperature[k])
             for values, value in zip(
