@@ -23,8 +23,10 @@ gradients w.r.t. the atom features, the table and the pairs' grid coordinates (f
 the same rows. On a QM9 128/6 training step (one thread, CPU time) the step went from 0.083
 to 0.067 s; on 32 aspirins' MD step (eager) the pair work from ~9.5 to 3.6 ms.
 ``torch.compile`` (MD's compiled step, compiled training) calls the same two loops as the
-operators ``atomlens::tabulated_cfconv`` and ``atomlens::tabulated_cfconv_backward``, and
-oneDNN's float32 inner product (:mod:`atomlens.nn.linear`) as ``atomlens::linear``: their
+operators ``atomlens::tabulated_cfconv`` and ``atomlens::tabulated_cfconv_backward``, the
+shifted softplus and its derivative as ``atomlens::shifted_softplus`` and
+``atomlens::shifted_softplus_backward`` (:mod:`atomlens.nn.activations`), and oneDNN's
+float32 inner product (:mod:`atomlens.nn.linear`) as ``atomlens::linear``: their
 schemas are defined in Python, their CPU kernels registered from C++ when the module loads,
 so Inductor's C++ wrapper calls them without entering the interpreter.
 

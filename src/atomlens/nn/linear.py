@@ -11,7 +11,8 @@ float64 product of those 672 rows).
 
 :class:`Linear` is ``nn.Linear`` (same parameters, state dict and ``isinstance``) whose
 products go to oneDNN for float32 CPU inputs of at least :data:`ONEDNN_MIN_ROWS` rows and
-:data:`ONEDNN_MIN_WORK` multiply-adds, forward and in the backward pass (the product with
+:data:`ONEDNN_MIN_WORK` multiply-adds (in compiled code :data:`ONEDNN_MIN_WORK_COMPILED`),
+forward and in the backward pass (the product with
 the weight and the weight gradient, whose inner dimension is the batch's rows, padded like
 the forward's); everything else uses ``F.linear``. Compiled code calls the operator ``atomlens::linear``
 (:mod:`atomlens.nn.cpu_kernels`). Inside :func:`plain_products` (force training's forward
