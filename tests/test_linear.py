@@ -170,6 +170,55 @@ def test_compiled_code_takes_smaller_products_to_onednn_than_eager_code(monkeypa
     assert "atomlens::linear" not in _called(lambda: small(x))
 
 
+def test_training_batches_reach_the_layers_padded_once_with_equal_results(monkeypatch):
+    """A SchNet in training mode carries a batch's atom features in bucket-sized arrays:
+    every dense layer gets the bucket's rows (no padding per layer), and predictions and
+    every parameter's gradient equal the per-layer padding's (float32, exactly: oneDNN
+    computes the padded rows either way). Eval mode, float64 and PyTorch's products
+    (``plain_products``, force training) keep the batch's own rows."""
+    import numpy as np
+
+    from atomlens.data import PackedDataset
+    from atomlens.models import schnet
+
+    model = random_model("schnet", seed=4).float().train()
+    structures = []
+    for k in range(20):  # 180 atoms: bucket 192
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.05, seed=k)
+        structures.append((atoms.numbers, atoms.positions))
+    data = PackedDataset.from_structures(
+        structures, {model.target: np.zeros(20)}, {model.target: "eV"}
+    )
+    batch = data.batch(np.arange(20), model.cutoff)
+    assert batch.n_atoms == 180 and onednn._bucket(180) == 192
+    layer = model.representation.interactions[0].in2f
+    seen = []
+    layer.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+
+    def run(pad: bool):
+        monkeypatch.setattr(schnet, "PAD_TRAINING_BATCHES", pad)
+        model.zero_grad()
+        energy = model(batch)[model.target]
+        (energy * torch.arange(1.0, 21.0)).sum().backward()
+        return energy.detach(), [p.grad.clone() for p in model.parameters()]
+
+    padded, unpadded = run(True), run(False)
+    assert seen == [192, 180]
+    torch.testing.assert_close(padded[0], unpadded[0], rtol=0, atol=0)
+    for got, want in zip(padded[1], unpadded[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    seen.clear()
+    model.eval()
+    model(batch)
+    model.train()
+    with onednn.plain_products():
+        model(batch)
+    model.double()
+    model(data.batch(np.arange(20), model.cutoff, dtype=torch.float64))
+    assert seen == [180, 180, 180]
+
+
 def test_rows_are_padded_to_few_sizes_and_the_products_stay_exact():
     """oneDNN builds a kernel per shape: a batch's rows (and a weight gradient's long inner
     dimension) are padded to at most 16 sizes per octave, at most 6.25% more, with zeros

@@ -34,8 +34,11 @@ from ..nn import (
     shifted_softplus,
 )
 from ..nn.geometry import pair_distances
-from ..nn.linear import Linear, linear
+from ..nn.linear import Linear, batch_rows, linear, pad_rows
 from .base import Representation
+
+#: training batches carry their atom features in bucket-sized arrays (SchNet.forward)
+PAD_TRAINING_BATCHES = True
 
 #: the most grid nodes of a filter table (the tables take nodes x 4 x n_filters numbers
 #: per interaction; 20,000 nodes of 128 filters are 41 MB in float32)
@@ -180,6 +183,11 @@ class SchNet(Representation):
     ) -> torch.Tensor:
         """Atom features ``(n_atoms, n_atom_basis)``; ``frozen``: tables from :meth:`freeze`."""
         x = self.embedding(numbers)
+        n_atoms = x.shape[0]
+        if self.training and PAD_TRAINING_BATCHES:
+            # one padding to the dense layers' bucket size instead of one per layer
+            # (atomlens.nn.linear.batch_rows); no pair reads the extra rows
+            x = pad_rows(x, batch_rows(x))
         d = pair_distances(positions, pairs)
         tabulated = self.filter_spacing is not None or frozen is not None
         if tabulated:
@@ -194,4 +202,4 @@ class SchNet(Representation):
             else:
                 filters = interaction.filter_network(rbf) * f_cut[:, None]
             x = x + interaction(x, filters, pairs)
-        return x
+        return x[:n_atoms]

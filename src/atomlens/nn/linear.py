@@ -96,6 +96,38 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def batch_rows(x: torch.Tensor) -> int:
+    """The rows to carry a batch's atom features ``x`` (atoms x features) in through a
+    network of :class:`Linear` layers: the bucket size (:func:`_bucket`) of its atoms where
+    their products run on oneDNN, else as many rows as it has.
+
+    A QM9 batch's atom count changes from step to step, so every product padded its input
+    (and its output gradient) to the bucket size: about 60 copies of ~1,800 x 128 per
+    training step. A representation that pads its features once (:func:`pad_rows`, the
+    extra rows zero and never read by the pair operations) and slices them off at its end
+    gives the layers bucket-sized inputs, which they use as they are."""
+    n, width = x.shape[0], x.shape[-1]
+    if not (
+        _ONEDNN is not None
+        and not _state["plain"]
+        and kernels.fused_enabled()
+        and x.dim() == 2
+        and n >= ONEDNN_MIN_ROWS
+        and n * width * width >= ONEDNN_MIN_WORK
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    ):
+        return n
+    return _bucket(n)
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows`` (differentiable; ``x`` if it has them)."""
+    return x if rows == x.shape[0] else F.pad(x, (0, 0, 0, rows - x.shape[0]))
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy where its strides are not a dense layout. Transposed
     views (the weight gradient's ``grad.T`` and ``x.T``) go to oneDNN as they are: the
