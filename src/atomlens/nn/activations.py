@@ -31,7 +31,6 @@ def shifted_softplus(x: torch.Tensor) -> torch.Tensor:
         return nn.functional.softplus(x) - LN2
     if (
         large
-        and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()  # a trace records PyTorch's operators
         and not torch._C._are_functorch_transforms_active()  # vmap, jvp: PyTorch's rules
         and cpu_kernels.available(x)

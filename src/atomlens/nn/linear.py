@@ -71,7 +71,9 @@ def plain_products():
         _state["plain"] -= 1
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _onednn_takes(x: torch.Tensor, out_features: int) -> bool:
+    """Whether a product of ``x`` (rows x in) into ``out_features`` runs on oneDNN, as far
+    as ``x`` decides (:func:`_onednn_applies` adds the weight's checks)."""
     compiling = torch.compiler.is_compiling()
     return (
         _ONEDNN is not None
@@ -79,19 +81,27 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and kernels.fused_enabled()
         and x.dim() == 2
         and x.shape[0] >= ONEDNN_MIN_ROWS
-        and x.shape[0] * x.shape[1] * weight.shape[0]
+        and x.shape[0] * x.shape[1] * out_features
         >= (ONEDNN_MIN_WORK_COMPILED if compiling else ONEDNN_MIN_WORK)
         and x.dtype == torch.float32
-        and weight.dtype == torch.float32
         and x.device.type == "cpu"
+        and (
+            cpu_kernels.compiled_ops_ready(x)  # compiling: the operator
+            if compiling
+            else not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        )
+    )
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        _onednn_takes(x, weight.shape[0])
+        and weight.dtype == torch.float32
         and weight.device.type == "cpu"
         and (
-            cpu_kernels.compiled_ops_ready(x, weight)  # compiling: the operator
-            if compiling
-            else not (
-                torch._C._functorch.is_functorch_wrapped_tensor(x)
-                or torch._C._functorch.is_functorch_wrapped_tensor(weight)
-            )
+            cpu_kernels.compiled_ops_ready(x, weight)
+            if torch.compiler.is_compiling()
+            else not torch._C._functorch.is_functorch_wrapped_tensor(weight)
         )
     )
 
@@ -99,33 +109,22 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def batch_rows(x: torch.Tensor) -> int:
     """The rows to carry a batch's atom features ``x`` (atoms x features) in through a
     network of :class:`Linear` layers: the bucket size (:func:`_bucket`) of its atoms where
-    their products run on oneDNN, else as many rows as it has.
+    their products run on oneDNN outside compiled code, else as many rows as it has.
 
     A QM9 batch's atom count changes from step to step, so every product padded its input
     (and its output gradient) to the bucket size: about 60 copies of ~1,800 x 128 per
     training step. A representation that pads its features once (:func:`pad_rows`, the
     extra rows zero and never read by the pair operations) and slices them off at its end
     gives the layers bucket-sized inputs, which they use as they are."""
-    n, width = x.shape[0], x.shape[-1]
-    if not (
-        _ONEDNN is not None
-        and not _state["plain"]
-        and kernels.fused_enabled()
-        and x.dim() == 2
-        and n >= ONEDNN_MIN_ROWS
-        and n * width * width >= ONEDNN_MIN_WORK
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-    ):
+    n = x.shape[0]
+    if torch.compiler.is_compiling() or not _onednn_takes(x, x.shape[-1]):
         return n
     return _bucket(n)
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """``x`` with zero rows appended up to ``rows`` (differentiable; ``x`` if it has them)."""
-    return x if rows == x.shape[0] else F.pad(x, (0, 0, 0, rows - x.shape[0]))
+    return x if rows == x.shape[0] else _pad_rows(x, rows)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
