@@ -255,8 +255,14 @@ def test_force_training_uses_pytorchs_products_and_inference_onednns():
     model = random_model("schnet", seed=2).float()
     systems = [molecule("CH3CH2OH") for _ in range(16)]  # 144 atoms
     model.train()
-    called = _called(lambda: model(systems, forces=True)["forces"].pow(2).sum().backward())
-    assert "mkldnn::_linear_pointwise" not in called
+    with torch.profiler.profile(record_shapes=True) as profile:
+        model(systems, forces=True)["forces"].pow(2).sum().backward()
+    n_grid = round(model.representation.cutoff / model.representation.filter_spacing) + 1
+    for event in profile.key_averages(group_by_input_shape=True):
+        if event.key == "mkldnn::_linear_pointwise":
+            # only the filter tables' products (their grid's 2 x n_grid rows, or the
+            # weight gradients' inner dimension), which are differentiated once
+            assert 2 * n_grid in {n for shape in event.input_shapes for n in shape}, event
     model.eval()
     assert "mkldnn::_linear_pointwise" in _called(lambda: model(systems, forces=True))
     assert "mkldnn::_linear_pointwise" in _called(lambda: model(systems)["energy"].sum())

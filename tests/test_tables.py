@@ -660,3 +660,115 @@ def test_tabulated_cfconv_graph_building_paths_agree_with_the_one_pass_kernels()
         third(lambda x: cfconv_tabulated(x, table.detach(), grid.detach(), pair_i, pair_j)),
         third(lambda x: _lookup_then_cfconv(x, table.detach(), grid.detach(), a, b)),
     )
+
+
+def _stacked_filter_weights(model):
+    nets = [block.filter_network for block in model.representation.interactions]
+    return [
+        torch.stack([net[layer].weight if kind == "w" else net[layer].bias for net in nets])
+        .detach()
+        .requires_grad_(True)
+        for layer, kind in ((0, "w"), (0, "b"), (2, "w"), (2, "b"))
+    ]
+
+
+def _grid_terms(rep, dtype):
+    n = math.ceil(rep.cutoff / rep.filter_spacing - 1e-9)
+    grid = torch.linspace(0.0, rep.cutoff, n + 1, dtype=dtype)
+    e, de = rep.rbf.value_and_derivative(grid)
+    fc, dfc = rep.cutoff_fn.value_and_derivative(grid)
+    return grid, torch.cat((e, de)), fc, dfc, grid[1] - grid[0]
+
+
+def _block_table(block, rbf, cutoff_fn, grid):
+    """One block's table by the formulas, written out (the reference)."""
+    first, _, second = block.filter_network
+    n = grid.shape[0]
+    e, de = rbf.value_and_derivative(grid)
+    a = torch.cat((e, de)) @ first.weight.T
+    a_v, a_d = a[:n] + first.bias, a[n:]
+    h = torch.nn.functional.softplus(a_v) - math.log(2.0)
+    dh = torch.sigmoid(a_v) * a_d
+    w = torch.cat((h, dh)) @ second.weight.T
+    w_v, w_d = w[:n] + second.bias, w[n:]
+    f, df = cutoff_fn.value_and_derivative(grid)
+    v, s = w_v * f[:, None], (w_d * f[:, None] + w_v * df[:, None]) * (grid[1] - grid[0])
+    v0, v1, s0, s1 = v[:-1], v[1:], s[:-1], s[1:]
+    return torch.stack([v0, s0, 3 * (v1 - v0) - 2 * s0 - s1, 2 * (v0 - v1) + s0 + s1], 1)
+
+
+def test_filter_tables_of_all_blocks_are_each_blocks_table_with_their_gradients():
+    """The batched formulas (``plain_filter_tables``) and the C++ loops with oneDNN's products
+    (float32) give every block's Hermite table and the weights' gradients as the block's
+    own ``filter_table`` does, in float64 and float32; SchNet.filter_tables is them."""
+    from atomlens.nn import cpu_kernels
+    from atomlens.nn.filter_tables import _FilterTables, filter_tables, plain_filter_tables
+
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        model = sharp_model(0.01).to(dtype)
+        rep = model.representation
+        grid, e_de, fc, dfc, spacing = _grid_terms(rep, dtype)
+        weights = _stacked_filter_weights(model)
+        expected = [_block_table(block, rep.rbf, rep.cutoff_fn, grid) for block in rep.interactions]
+        gen = torch.Generator().manual_seed(3)
+        probes = [torch.randn(t.shape, generator=gen, dtype=dtype) for t in expected]
+        params = [p for block in rep.interactions for p in block.filter_network.parameters()]
+        want = torch.autograd.grad(sum((t * g).sum() for t, g in zip(expected, probes)), params)
+        want = [torch.stack(want[k::4]) for k in range(4)]  # w1, b1, w2, b2 of every block
+        scale = max(float(t.abs().max()) for t in expected)
+        paths = {"plain": plain_filter_tables}
+        if dtype == torch.float32:
+            assert cpu_kernels.available(e_de), "the C++ kernels did not compile"
+            paths["fused"] = lambda *a: _FilterTables.apply(*a[:3], float(a[3]), *a[4:])
+        for name, fn in paths.items():
+            tables = fn(e_de, fc, dfc, spacing, *weights)
+            assert tables.shape == (len(expected), *expected[0].shape), name
+            for got, exp in zip(tables, expected):
+                assert (got - exp).abs().max() <= tol * scale, name
+            got = torch.autograd.grad((tables * torch.stack(probes)).sum(), weights)
+            for g, w in zip(got, want):
+                assert (g - w).abs().max() <= tol * 10 * max(float(w.abs().max()), 1.0), name
+        with torch.no_grad():
+            for got, exp, block in zip(rep.filter_tables(), expected, rep.interactions):
+                assert (got - exp).abs().max() <= tol * scale
+                one = block.filter_table(rep.rbf, rep.cutoff_fn, grid)
+                assert (one - exp).abs().max() <= tol * scale
+        if dtype == torch.float32:  # the dispatcher picks the Function for float32 CPU
+            out = filter_tables(e_de, fc, dfc, spacing, *weights)
+            assert type(out.grad_fn).__name__ == "_FilterTablesBackward"
+
+
+def test_filter_tables_second_derivatives_and_frozen_weights():
+    """Through the C++ path a backward pass that builds a graph gives the batched formulas'
+    second derivatives (gradient of a gradient norm); weights that do not require grad get
+    none and the others' gradients do not change."""
+    from atomlens.nn.filter_tables import filter_tables, plain_filter_tables
+
+    model = sharp_model(0.01)
+    _, e_de, fc, dfc, spacing = _grid_terms(model.representation, torch.float32)
+    weights = _stacked_filter_weights(model)
+    probe = torch.randn(
+        filter_tables(e_de, fc, dfc, spacing, *weights).shape,
+        generator=torch.Generator().manual_seed(4),
+    )
+    results = []
+    for fn in (filter_tables, plain_filter_tables):
+        first = torch.autograd.grad(
+            (fn(e_de, fc, dfc, spacing, *weights) * probe).sum(), weights, create_graph=True
+        )
+        second = torch.autograd.grad(
+            sum(g.pow(2).sum() for g in first), weights, allow_unused=True
+        )  # b2's first derivative does not depend on the weights
+        results.append([torch.zeros_like(w) if g is None else g for g, w in zip(second, weights)])
+    assert float(results[1][0].abs().max()) > 0
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    frozen = [weights[0].detach(), weights[1], weights[2].detach(), weights[3]]
+    tables = filter_tables(e_de, fc, dfc, spacing, *frozen)
+    got = torch.autograd.grad((tables * probe).sum(), [frozen[1], frozen[3]])
+    want = torch.autograd.grad(
+        (plain_filter_tables(e_de, fc, dfc, spacing, *weights) * probe).sum(),
+        [weights[1], weights[3]],
+    )
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * float(w.abs().max()))

@@ -28,13 +28,12 @@ from ..nn import (
     ShiftedSoftplus,
     cfconv_symmetric,
     cfconv_tabulated,
-    hermite_coefficients,
     hermite_lookup,
     scatter_sum,
-    shifted_softplus,
 )
+from ..nn.filter_tables import filter_tables
 from ..nn.geometry import pair_distances
-from ..nn.linear import Linear, batch_rows, linear, pad_rows
+from ..nn.linear import Linear, batch_rows, pad_rows
 from .base import Representation
 
 #: training batches carry their atom features in bucket-sized arrays (SchNet.forward)
@@ -80,20 +79,14 @@ class SchNetInteraction(nn.Module):
     def filter_table(
         self, rbf: GaussianRBF, cutoff_fn: CosineCutoff, grid: torch.Tensor
     ) -> torch.Tensor:
-        """Hermite coefficients of W(r) = filter_network(e(r)) f_cut(r) on ``grid``."""
+        """Hermite coefficients of W(r) = filter_network(e(r)) f_cut(r) on ``grid``, this
+        block's alone (:meth:`SchNet.filter_tables` makes all blocks' at once)."""
         first, _, second = self.filter_network
-        n = grid.shape[0]
         e, de = rbf.value_and_derivative(grid)
-        # values and their r-derivatives through each layer as one product of 2n rows
-        # (twice the rows of the grid, the same weight): half the calls, a fixed shape
-        a, da = linear(torch.cat((e, de)), first.weight).split(n)
-        a = a + first.bias
-        h, dh = shifted_softplus(a), torch.sigmoid(a) * da
-        w, dw = linear(torch.cat((h, dh)), second.weight).split(n)
-        w = w + second.bias
-        f, df = cutoff_fn.value_and_derivative(grid)
+        fc, dfc = cutoff_fn.value_and_derivative(grid)
+        weights = (first.weight, first.bias, second.weight, second.bias)
         spacing = grid[1] - grid[0]
-        return hermite_coefficients(w * f[:, None], (dw * f[:, None] + w * df[:, None]) * spacing)
+        return filter_tables(torch.cat((e, de)), fc, dfc, spacing, *(w[None] for w in weights))[0]
 
     def forward(self, x, filters: torch.Tensor | TabulatedFilters, pairs: Pairs) -> torch.Tensor:
         """``filters``: W(r) of the evaluated pairs (the unordered ones if symmetric), an
@@ -176,7 +169,24 @@ class SchNet(Representation):
         n = math.ceil(self.cutoff / self.filter_spacing - 1e-9)
         p = self.embedding.weight
         grid = torch.linspace(0.0, self.cutoff, n + 1, dtype=p.dtype, device=p.device)
-        return [block.filter_table(self.rbf, self.cutoff_fn, grid) for block in self.interactions]
+        if not self.interactions:
+            return []
+        # all blocks at once (atomlens.nn.filter_tables); SchNetInteraction.filter_table is
+        # the same for one block
+        e, de = self.rbf.value_and_derivative(grid)
+        fc, dfc = self.cutoff_fn.value_and_derivative(grid)
+        nets = [block.filter_network for block in self.interactions]
+        tables = filter_tables(
+            torch.cat((e, de)),
+            fc,
+            dfc,
+            grid[1] - grid[0],
+            torch.stack([net[0].weight for net in nets]),
+            torch.stack([net[0].bias for net in nets]),
+            torch.stack([net[2].weight for net in nets]),
+            torch.stack([net[2].bias for net in nets]),
+        )
+        return list(tables.unbind(0))
 
     def forward(
         self, numbers, positions, pairs: Pairs, frozen: list[torch.Tensor] | None = None

@@ -54,7 +54,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v9"
+_NAME = "atomlens_cpu_kernels_v10"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -468,6 +468,184 @@ torch::Tensor shifted_softplus_backward(torch::Tensor grad, torch::Tensor x) {
   return out;
 }
 
+// SchNet's filter tables (atomlens.nn.filter_tables): the filter networks of all T
+// interaction blocks on one grid of m nodes, as values and r-derivatives (2m rows), between
+// the products, which oneDNN computes. One pass each instead of ~15 PyTorch operators per
+// block (and twice as many in the backward pass) on (m, F) arrays.
+//
+// hidden layer: a (2m, T F) first-layer products of [e(r); de/dr] (no bias), b1 (T F):
+//   h = ssp(a + b1), dh = sigmoid(a + b1) * da, written block by block as (T, 2m, F)
+torch::Tensor filter_hidden(torch::Tensor a, torch::Tensor b1, int64_t blocks) {
+  TORCH_CHECK(a.scalar_type() == torch::kFloat && b1.scalar_type() == torch::kFloat,
+              "filter_hidden: float32");
+  TORCH_CHECK(a.dim() == 2 && a.size(0) % 2 == 0 && blocks > 0 && a.size(1) % blocks == 0 &&
+                  b1.numel() == a.size(1),
+              "filter_hidden: shapes");
+  auto ac = a.contiguous(), bc = b1.contiguous();
+  const int64_t rows = ac.size(0), m = rows / 2, width = ac.size(1), f_out = width / blocks;
+  auto h = torch::empty({blocks, rows, f_out}, ac.options());
+  const float* pa = ac.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  float* ph = h.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t k = 0; k < blocks; ++k) {
+      const float* av = pa + r * width + k * f_out;
+      const float* ad = pa + (m + r) * width + k * f_out;
+      const float* bk = pb + k * f_out;
+      float* hv = ph + (k * rows + r) * f_out;
+      float* hd = ph + (k * rows + m + r) * f_out;
+#pragma omp simd
+      for (int64_t f = 0; f < f_out; ++f) {
+        const float v = av[f] + bk[f];
+        const float e = exp_neg(std::fabs(v));
+        const float sig = (v > 0.0f ? 1.0f : e) / (1.0f + e);
+        const float value = (v > 0.0f ? v : 0.0f) + (log1p_unit(e) - 0.693147180559945309f);
+        hv[f] = v != v ? v : value;  // NaN stays NaN
+        hd[f] = v != v ? v : sig * ad[f];
+      }
+    }
+  }
+  return h;
+}
+
+// its transpose: grad, T blocks' (2m, F) gradients of (h, dh) -> the gradient of a, (2m, T F)
+torch::Tensor filter_hidden_backward(std::vector<torch::Tensor> grad, torch::Tensor a,
+                                     torch::Tensor b1) {
+  TORCH_CHECK(a.scalar_type() == torch::kFloat && b1.scalar_type() == torch::kFloat,
+              "filter_hidden_backward: float32");
+  auto ac = a.contiguous(), bc = b1.contiguous();
+  const int64_t blocks = static_cast<int64_t>(grad.size()), rows = ac.size(0), m = rows / 2,
+                width = ac.size(1);
+  TORCH_CHECK(blocks > 0 && width % blocks == 0 && bc.numel() == width,
+              "filter_hidden_backward: shapes");
+  const int64_t f_out = width / blocks;
+  std::vector<torch::Tensor> gc;
+  for (auto& g : grad) {
+    TORCH_CHECK(g.scalar_type() == torch::kFloat && g.dim() == 2 && g.size(0) == rows &&
+                    g.size(1) == f_out,
+                "filter_hidden_backward: gradient shapes");
+    gc.push_back(g.contiguous());
+  }
+  auto out = torch::empty_like(ac);
+  const float* pa = ac.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t k = 0; k < blocks; ++k) {
+      const float* av = pa + r * width + k * f_out;
+      const float* ad = pa + (m + r) * width + k * f_out;
+      const float* bk = pb + k * f_out;
+      const float* gv = gc[k].data_ptr<float>() + r * f_out;
+      const float* gd = gc[k].data_ptr<float>() + (m + r) * f_out;
+      float* ov = po + r * width + k * f_out;
+      float* od = po + (m + r) * width + k * f_out;
+#pragma omp simd
+      for (int64_t f = 0; f < f_out; ++f) {
+        const float v = av[f] + bk[f];
+        const float e = exp_neg(std::fabs(v));
+        const float sig = (v > 0.0f ? 1.0f : e) / (1.0f + e);
+        // d ssp/dv = sigmoid; d(sigmoid * da)/dv = sigmoid (1 - sigmoid) da
+        const float value = gv[f] * sig + gd[f] * ad[f] * (sig * (1.0f - sig));
+        ov[f] = v != v ? v : value;
+        od[f] = v != v ? v : gd[f] * sig;
+      }
+    }
+  }
+  return out;
+}
+
+// cubic Hermite coefficients: w, T blocks' (2m, F) second-layer products of [h; dh] (no
+// bias), b2 (T, F), cutoff f and df/dr on the nodes (m), node spacing s:
+//   v_i = (w_i + b2) f_i,   s_i = (dw_i f_i + (w_i + b2) df_i) s      (values, slopes)
+//   table[k, i] = [v_i, s_i, 3 (v_i+1 - v_i) - 2 s_i - s_i+1, 2 (v_i - v_i+1) + s_i + s_i+1]
+torch::Tensor filter_table_coefficients(std::vector<torch::Tensor> w, torch::Tensor b2,
+                                        torch::Tensor fc, torch::Tensor dfc, double spacing) {
+  TORCH_CHECK(!w.empty() && b2.scalar_type() == torch::kFloat &&
+                  fc.scalar_type() == torch::kFloat && dfc.scalar_type() == torch::kFloat,
+              "filter_table_coefficients: float32");
+  auto bc = b2.contiguous(), fcc = fc.contiguous(), dfcc = dfc.contiguous();
+  const int64_t blocks = static_cast<int64_t>(w.size()), rows = w[0].size(0), m = rows / 2,
+                width = w[0].size(1), n = m - 1;
+  std::vector<torch::Tensor> wc;
+  for (auto& t : w) {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat && t.dim() == 2 && t.size(0) == rows &&
+                    t.size(1) == width,
+                "filter_table_coefficients: product shapes");
+    wc.push_back(t.contiguous());
+  }
+  TORCH_CHECK(rows % 2 == 0 && m >= 2 && bc.numel() == blocks * width && fcc.numel() == m &&
+                  dfcc.numel() == m,
+              "filter_table_coefficients: shapes");
+  auto table = torch::empty({blocks, n, 4, width}, bc.options());
+  const float* pb = bc.data_ptr<float>();
+  const float* pf = fcc.data_ptr<float>();
+  const float* pdf = dfcc.data_ptr<float>();
+  const float sp = static_cast<float>(spacing);
+  float* pt = table.data_ptr<float>();
+  for (int64_t k = 0; k < blocks; ++k) {
+    const float* bk = pb + k * width;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* w0 = wc[k].data_ptr<float>() + i * width;
+      const float* w1 = w0 + width;
+      const float* d0 = wc[k].data_ptr<float>() + (m + i) * width;
+      const float* d1 = d0 + width;
+      const float f0 = pf[i], f1 = pf[i + 1], df0 = pdf[i], df1 = pdf[i + 1];
+      float* t = pt + ((k * n + i) * 4) * width;
+#pragma omp simd
+      for (int64_t f = 0; f < width; ++f) {
+        const float u0 = w0[f] + bk[f], u1 = w1[f] + bk[f];
+        const float v0 = u0 * f0, v1 = u1 * f1;
+        const float s0 = (d0[f] * f0 + u0 * df0) * sp, s1 = (d1[f] * f1 + u1 * df1) * sp;
+        t[f] = v0;
+        t[width + f] = s0;
+        t[2 * width + f] = 3.0f * (v1 - v0) - 2.0f * s0 - s1;
+        t[3 * width + f] = 2.0f * (v0 - v1) + s0 + s1;
+      }
+    }
+  }
+  return table;
+}
+
+// its transpose: grad (T, m - 1, 4, F) of the table -> the gradient of w, (T, 2m, F)
+torch::Tensor filter_table_coefficients_backward(torch::Tensor grad, torch::Tensor fc,
+                                                 torch::Tensor dfc, double spacing) {
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat && fc.scalar_type() == torch::kFloat &&
+                  dfc.scalar_type() == torch::kFloat,
+              "filter_table_coefficients_backward: float32");
+  auto gc = grad.contiguous(), fcc = fc.contiguous(), dfcc = dfc.contiguous();
+  TORCH_CHECK(gc.dim() == 4 && gc.size(2) == 4, "filter_table_coefficients_backward: shapes");
+  const int64_t blocks = gc.size(0), n = gc.size(1), m = n + 1, width = gc.size(3), rows = 2 * m;
+  TORCH_CHECK(fcc.numel() == m && dfcc.numel() == m, "filter_table_coefficients_backward: nodes");
+  auto out = torch::empty({blocks, rows, width}, gc.options());
+  const float* pg = gc.data_ptr<float>();
+  const float* pf = fcc.data_ptr<float>();
+  const float* pdf = dfcc.data_ptr<float>();
+  const float sp = static_cast<float>(spacing);
+  float* po = out.data_ptr<float>();
+  const std::vector<float> zeros(4 * width, 0.0f);  // the missing interval of the end nodes
+  for (int64_t k = 0; k < blocks; ++k) {
+    for (int64_t i = 0; i < m; ++i) {
+      // node i is the left end of interval i (i < n) and the right end of interval i - 1
+      const float* gl = i < n ? pg + ((k * n + i) * 4) * width : zeros.data();
+      const float* gr = i > 0 ? pg + ((k * n + i - 1) * 4) * width : zeros.data();
+      const float fi = pf[i], dfi = pdf[i];
+      float* ow = po + (k * rows + i) * width;
+      float* od = po + (k * rows + m + i) * width;
+#pragma omp simd
+      for (int64_t f = 0; f < width; ++f) {
+        const float gv = (gl[f] - 3.0f * gl[2 * width + f] + 2.0f * gl[3 * width + f]) +
+                         (3.0f * gr[2 * width + f] - 2.0f * gr[3 * width + f]);
+        const float gs = ((gl[width + f] - 2.0f * gl[2 * width + f] + gl[3 * width + f]) +
+                          (gr[3 * width + f] - gr[2 * width + f])) *
+                         sp;
+        ow[f] = gv * fi + gs * dfi;
+        od[f] = gs * fi;
+      }
+    }
+  }
+  return out;
+}
+
 // the two loops as the CPU kernels of the operators atomlens::tabulated_cfconv(_backward)
 // (schemas defined from Python): Inductor's C++ wrapper calls them through the dispatcher
 // without entering Python; a gradient not asked for is an empty tensor
@@ -605,6 +783,10 @@ def _build(name: str, cflags: list[str]):
                 "tabulated_cfconv_double_backward",
                 "shifted_softplus",
                 "shifted_softplus_backward",
+                "filter_hidden",
+                "filter_hidden_backward",
+                "filter_table_coefficients",
+                "filter_table_coefficients_backward",
             ],
             extra_cflags=cflags,
         )
@@ -721,6 +903,32 @@ def shifted_softplus(x: torch.Tensor):
 def shifted_softplus_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``grad * sigmoid(x)`` (the derivative of :func:`shifted_softplus`) in one pass."""
     return _module().shifted_softplus_backward(grad, x)
+
+
+def filter_hidden(a: torch.Tensor, b1: torch.Tensor, blocks: int) -> torch.Tensor:
+    """SchNet's filter networks' hidden layer on the table grid, all ``blocks`` at once:
+    ``a`` ``(2m, T F)`` first-layer products of values and r-derivatives, ``b1`` ``(T F)``
+    -> ``(T, 2m, F)``: ``ssp(a + b1)`` and ``sigmoid(a + b1) da``
+    (:mod:`atomlens.nn.filter_tables`). The module must be built (:func:`available`)."""
+    return _module().filter_hidden(a, b1, int(blocks))
+
+
+def filter_hidden_backward(grad: list[torch.Tensor], a: torch.Tensor, b1: torch.Tensor):
+    """The gradient w.r.t. ``a`` of :func:`filter_hidden`, ``(2m, T F)``, given its output's
+    as one ``(2m, F)`` tensor per block."""
+    return _module().filter_hidden_backward(grad, a, b1)
+
+
+def filter_table_coefficients(w, b2, fc, dfc, spacing: float) -> torch.Tensor:
+    """Hermite tables ``(T, m - 1, 4, F)`` from the second-layer products ``w`` (one ``(2m,
+    F)`` tensor per block: values and r-derivatives, no bias), ``b2`` ``(T, F)`` and the
+    cutoff's values and derivatives ``fc``, ``dfc`` ``(m,)`` on nodes ``spacing`` apart."""
+    return _module().filter_table_coefficients(w, b2, fc, dfc, float(spacing))
+
+
+def filter_table_coefficients_backward(grad, fc, dfc, spacing: float) -> torch.Tensor:
+    """The gradient w.r.t. ``w`` of :func:`filter_table_coefficients`, ``(T, 2m, F)``."""
+    return _module().filter_table_coefficients_backward(grad, fc, dfc, float(spacing))
 
 
 # ---------------------------------------------------------------------------------------

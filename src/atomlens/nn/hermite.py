@@ -19,13 +19,16 @@ from .kernels import FusedKernel
 
 
 def hermite_coefficients(values: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
-    """Table ``(n_nodes - 1, 4, F)`` from values and slopes ``(n_nodes, F)`` at the nodes.
+    """Table ``(n_nodes - 1, 4, F)`` from values and slopes ``(n_nodes, F)`` at the nodes
+    (leading dimensions, such as one per function family, carried through: ``(..., n_nodes,
+    F)`` -> ``(..., n_nodes - 1, 4, F)``).
 
     ``slopes`` are the derivatives already multiplied by the node spacing. Value and first
     derivative are continuous across nodes (C1), so forces from a tabulated energy are too.
     """
-    v0, v1, m0, m1 = values[:-1], values[1:], slopes[:-1], slopes[1:]
-    return torch.stack([v0, m0, 3.0 * (v1 - v0) - 2.0 * m0 - m1, 2.0 * (v0 - v1) + m0 + m1], 1)
+    v0, v1 = values[..., :-1, :], values[..., 1:, :]
+    m0, m1 = slopes[..., :-1, :], slopes[..., 1:, :]
+    return torch.stack([v0, m0, 3.0 * (v1 - v0) - 2.0 * m0 - m1, 2.0 * (v0 - v1) + m0 + m1], -2)
 
 
 def _weights(x: torch.Tensor, n: int, order: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -199,6 +199,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def fixed_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` without autograd, for shapes that repeat on every call (a filter
+    table's grid): on oneDNN, unpadded, for float32 CPU products of at least
+    :data:`ONEDNN_MIN_WORK` multiply-adds (few rows too: oneDNN keeps the shape's kernel),
+    else ``F.linear``. Transposed views are read as they are (:func:`_dense`)."""
+    if (
+        _ONEDNN is not None
+        and not _state["plain"]
+        and kernels.fused_enabled()
+        and x.dim() == 2
+        and x.shape[0] * x.shape[1] * weight.shape[0] >= ONEDNN_MIN_WORK
+        and x.dtype == weight.dtype == torch.float32
+        and x.device.type == weight.device.type == "cpu"
+    ):
+        return _ONEDNN(_dense(x), _dense(weight), None, "none", [], "")
+    return F.linear(x, weight)
+
+
 class _OneDNNLinear(kernels.Function):
     """``x @ weight.T + bias`` by oneDNN; the backward calls :func:`linear` again (any order)."""
 
