@@ -186,7 +186,7 @@ class SchNet(Representation):
             torch.stack([net[2].weight for net in nets]),
             torch.stack([net[2].bias for net in nets]),
         )
-        return list(tables.unbind(0))
+        return tables
 
     def forward(
         self, numbers, positions, pairs: Pairs, frozen: list[torch.Tensor] | None = None

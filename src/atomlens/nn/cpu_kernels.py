@@ -558,8 +558,9 @@ torch::Tensor filter_hidden_backward(std::vector<torch::Tensor> grad, torch::Ten
 // bias), b2 (T, F), cutoff f and df/dr on the nodes (m), node spacing s:
 //   v_i = (w_i + b2) f_i,   s_i = (dw_i f_i + (w_i + b2) df_i) s      (values, slopes)
 //   table[k, i] = [v_i, s_i, 3 (v_i+1 - v_i) - 2 s_i - s_i+1, 2 (v_i - v_i+1) + s_i + s_i+1]
-torch::Tensor filter_table_coefficients(std::vector<torch::Tensor> w, torch::Tensor b2,
-                                        torch::Tensor fc, torch::Tensor dfc, double spacing) {
+std::vector<torch::Tensor> filter_table_coefficients(std::vector<torch::Tensor> w,
+                                                     torch::Tensor b2, torch::Tensor fc,
+                                                     torch::Tensor dfc, double spacing) {
   TORCH_CHECK(!w.empty() && b2.scalar_type() == torch::kFloat &&
                   fc.scalar_type() == torch::kFloat && dfc.scalar_type() == torch::kFloat,
               "filter_table_coefficients: float32");
@@ -576,21 +577,22 @@ torch::Tensor filter_table_coefficients(std::vector<torch::Tensor> w, torch::Ten
   TORCH_CHECK(rows % 2 == 0 && m >= 2 && bc.numel() == blocks * width && fcc.numel() == m &&
                   dfcc.numel() == m,
               "filter_table_coefficients: shapes");
-  auto table = torch::empty({blocks, n, 4, width}, bc.options());
+  std::vector<torch::Tensor> tables;
+  for (int64_t k = 0; k < blocks; ++k) tables.push_back(torch::empty({n, 4, width}, bc.options()));
   const float* pb = bc.data_ptr<float>();
   const float* pf = fcc.data_ptr<float>();
   const float* pdf = dfcc.data_ptr<float>();
   const float sp = static_cast<float>(spacing);
-  float* pt = table.data_ptr<float>();
   for (int64_t k = 0; k < blocks; ++k) {
     const float* bk = pb + k * width;
+    float* pt = tables[k].data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
       const float* w0 = wc[k].data_ptr<float>() + i * width;
       const float* w1 = w0 + width;
       const float* d0 = wc[k].data_ptr<float>() + (m + i) * width;
       const float* d1 = d0 + width;
       const float f0 = pf[i], f1 = pf[i + 1], df0 = pdf[i], df1 = pdf[i + 1];
-      float* t = pt + ((k * n + i) * 4) * width;
+      float* t = pt + i * 4 * width;
 #pragma omp simd
       for (int64_t f = 0; f < width; ++f) {
         const float u0 = w0[f] + bk[f], u1 = w1[f] + bk[f];
@@ -603,21 +605,28 @@ torch::Tensor filter_table_coefficients(std::vector<torch::Tensor> w, torch::Ten
       }
     }
   }
-  return table;
+  return tables;
 }
 
-// its transpose: grad (T, m - 1, 4, F) of the table -> the gradient of w, (T, 2m, F)
-torch::Tensor filter_table_coefficients_backward(torch::Tensor grad, torch::Tensor fc,
-                                                 torch::Tensor dfc, double spacing) {
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat && fc.scalar_type() == torch::kFloat &&
+// its transpose: the T tables' gradients (m - 1, 4, F) -> the gradient of w, (T, 2m, F)
+torch::Tensor filter_table_coefficients_backward(std::vector<torch::Tensor> grad,
+                                                 torch::Tensor fc, torch::Tensor dfc,
+                                                 double spacing) {
+  TORCH_CHECK(!grad.empty() && fc.scalar_type() == torch::kFloat &&
                   dfc.scalar_type() == torch::kFloat,
               "filter_table_coefficients_backward: float32");
-  auto gc = grad.contiguous(), fcc = fc.contiguous(), dfcc = dfc.contiguous();
-  TORCH_CHECK(gc.dim() == 4 && gc.size(2) == 4, "filter_table_coefficients_backward: shapes");
-  const int64_t blocks = gc.size(0), n = gc.size(1), m = n + 1, width = gc.size(3), rows = 2 * m;
+  auto fcc = fc.contiguous(), dfcc = dfc.contiguous();
+  const int64_t blocks = static_cast<int64_t>(grad.size()), n = grad[0].size(0), m = n + 1,
+                width = grad[0].size(2), rows = 2 * m;
+  std::vector<torch::Tensor> gc;
+  for (auto& g : grad) {
+    TORCH_CHECK(g.scalar_type() == torch::kFloat && g.dim() == 3 && g.size(0) == n &&
+                    g.size(1) == 4 && g.size(2) == width,
+                "filter_table_coefficients_backward: gradient shapes");
+    gc.push_back(g.contiguous());
+  }
   TORCH_CHECK(fcc.numel() == m && dfcc.numel() == m, "filter_table_coefficients_backward: nodes");
-  auto out = torch::empty({blocks, rows, width}, gc.options());
-  const float* pg = gc.data_ptr<float>();
+  auto out = torch::empty({blocks, rows, width}, fcc.options());
   const float* pf = fcc.data_ptr<float>();
   const float* pdf = dfcc.data_ptr<float>();
   const float sp = static_cast<float>(spacing);
@@ -626,8 +635,9 @@ torch::Tensor filter_table_coefficients_backward(torch::Tensor grad, torch::Tens
   for (int64_t k = 0; k < blocks; ++k) {
     for (int64_t i = 0; i < m; ++i) {
       // node i is the left end of interval i (i < n) and the right end of interval i - 1
-      const float* gl = i < n ? pg + ((k * n + i) * 4) * width : zeros.data();
-      const float* gr = i > 0 ? pg + ((k * n + i - 1) * 4) * width : zeros.data();
+      const float* pg = gc[k].data_ptr<float>();
+      const float* gl = i < n ? pg + i * 4 * width : zeros.data();
+      const float* gr = i > 0 ? pg + (i - 1) * 4 * width : zeros.data();
       const float fi = pf[i], dfi = pdf[i];
       float* ow = po + (k * rows + i) * width;
       float* od = po + (k * rows + m + i) * width;
@@ -919,15 +929,16 @@ def filter_hidden_backward(grad: list[torch.Tensor], a: torch.Tensor, b1: torch.
     return _module().filter_hidden_backward(grad, a, b1)
 
 
-def filter_table_coefficients(w, b2, fc, dfc, spacing: float) -> torch.Tensor:
-    """Hermite tables ``(T, m - 1, 4, F)`` from the second-layer products ``w`` (one ``(2m,
+def filter_table_coefficients(w, b2, fc, dfc, spacing: float) -> list[torch.Tensor]:
+    """The T blocks' Hermite tables ``(m - 1, 4, F)`` from the second-layer products ``w`` (one ``(2m,
     F)`` tensor per block: values and r-derivatives, no bias), ``b2`` ``(T, F)`` and the
     cutoff's values and derivatives ``fc``, ``dfc`` ``(m,)`` on nodes ``spacing`` apart."""
     return _module().filter_table_coefficients(w, b2, fc, dfc, float(spacing))
 
 
 def filter_table_coefficients_backward(grad, fc, dfc, spacing: float) -> torch.Tensor:
-    """The gradient w.r.t. ``w`` of :func:`filter_table_coefficients`, ``(T, 2m, F)``."""
+    """The gradient w.r.t. ``w`` of :func:`filter_table_coefficients`, ``(T, 2m, F)``, given
+    the tables' (a list)."""
     return _module().filter_table_coefficients_backward(grad, fc, dfc, float(spacing))
 
 

@@ -35,8 +35,8 @@ from .hermite import hermite_coefficients
 from .linear import fixed_product
 
 
-def plain_filter_tables(e_de, fc, dfc, spacing, w1, b1, w2, b2) -> torch.Tensor:
-    """The tables ``(T, m - 1, 4, F)`` by PyTorch's operators (differentiable any number of
+def plain_filter_tables(e_de, fc, dfc, spacing, w1, b1, w2, b2) -> list[torch.Tensor]:
+    """The T tables ``(m - 1, 4, F)`` by PyTorch's operators (differentiable any number of
     times). ``e_de``: ``(2m, R)`` radial basis values and r-derivatives on the nodes;
     ``fc``, ``dfc``: ``(m,)`` the cutoff and its derivative; ``spacing``: the node spacing;
     ``w1`` ``(T, F, R)``, ``b1`` ``(T, F)``, ``w2`` ``(T, F, F)``, ``b2`` ``(T, F)``: the
@@ -49,11 +49,11 @@ def plain_filter_tables(e_de, fc, dfc, spacing, w1, b1, w2, b2) -> torch.Tensor:
     u = w[:, :m] + b2[:, None, :]
     values = u * fc[:, None]
     slopes = (w[:, m:] * fc[:, None] + u * dfc[:, None]) * spacing
-    return hermite_coefficients(values, slopes)
+    return list(hermite_coefficients(values, slopes).unbind(0))
 
 
-def filter_tables(e_de, fc, dfc, spacing, w1, b1, w2, b2) -> torch.Tensor:
-    """The blocks' Hermite tables ``(T, m - 1, 4, F)`` (arguments: :func:`plain_filter_tables`),
+def filter_tables(e_de, fc, dfc, spacing, w1, b1, w2, b2) -> list[torch.Tensor]:
+    """The blocks' Hermite tables, ``(m - 1, 4, F)`` each (arguments: :func:`plain_filter_tables`),
     by the C++ loops and oneDNN's products where they apply (module doc)."""
     tensors = (e_de, fc, dfc, w1, b1, w2, b2)
     if (
@@ -64,7 +64,7 @@ def filter_tables(e_de, fc, dfc, spacing, w1, b1, w2, b2) -> torch.Tensor:
         and not any(t.requires_grad for t in (e_de, fc, dfc))  # the grid's are constants
         and cpu_kernels.available(*tensors)
     ):
-        return _FilterTables.apply(e_de, fc, dfc, float(spacing), w1, b1, w2, b2)
+        return list(_FilterTables.apply(e_de, fc, dfc, float(spacing), w1, b1, w2, b2))
     return plain_filter_tables(e_de, fc, dfc, spacing, w1, b1, w2, b2)
 
 
@@ -82,17 +82,19 @@ class _FilterTables(kernels.Function):
         ctx.spacing = spacing
         # with the layers' inputs (2 x 2m x T F floats, 6 MB for 128/6), as PyTorch keeps them
         ctx.save_for_backward(e_de, fc, dfc, w1, b1, w2, b2, a, h)
-        return cpu_kernels.filter_table_coefficients(w, b2, fc, dfc, spacing)
+        # one tensor per block: the backward pass gets their gradients without a copy into
+        # one array (6 MB for 128/6)
+        return tuple(cpu_kernels.filter_table_coefficients(w, b2, fc, dfc, spacing))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grad):
         e_de, fc, dfc, w1, b1, w2, _, a, h = ctx.saved_tensors
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # a graph for a second derivative: PyTorch's operators
             return _differentiable_backward(ctx, grad)
         n_blocks, width, n_rbf = w1.shape
         m = e_de.shape[0] // 2
-        grad_w = cpu_kernels.filter_table_coefficients_backward(grad, fc, dfc, ctx.spacing)
+        grad_w = cpu_kernels.filter_table_coefficients_backward(list(grad), fc, dfc, ctx.spacing)
         grad_b2 = grad_w[:, :m].sum(1) if need[7] else None
         grad_w2 = (
             torch.stack([fixed_product(grad_w[k].t(), h[k].t()) for k in range(n_blocks)])
