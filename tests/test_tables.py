@@ -744,9 +744,12 @@ def test_filter_tables_second_derivatives_and_frozen_weights():
     none and the others' gradients do not change."""
     from atomlens.nn.filter_tables import filter_tables, plain_filter_tables
 
-    model = sharp_model(0.01)
+    model = sharp_model(0.01).float()
     _, e_de, fc, dfc, spacing = _grid_terms(model.representation, torch.float32)
     weights = _stacked_filter_weights(model)
+    assert e_de.dtype == weights[0].dtype == torch.float32
+    out = filter_tables(e_de, fc, dfc, spacing, *weights)
+    assert type(out[0].grad_fn).__name__ == "_FilterTablesBackward", "not the C++ path"
     gen = torch.Generator().manual_seed(4)
     probe = [
         torch.randn(t.shape, generator=gen) for t in filter_tables(e_de, fc, dfc, spacing, *weights)
@@ -775,3 +778,79 @@ def test_filter_tables_second_derivatives_and_frozen_weights():
     )
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_filter_tables_function_at_the_end_nodes_on_both_products(onednn, monkeypatch):
+    """The C++ Function against the batched formulas with a cutoff whose value and
+    derivative are random at every node (the end nodes too, where the real cutoff vanishes),
+    every subset of weights requiring grad, and the products on oneDNN (threshold 0: the
+    strided per-block views of the real 128/6 case) or PyTorch's."""
+    from atomlens.nn import cpu_kernels
+    from atomlens.nn import linear as onednn_linear
+    from atomlens.nn.filter_tables import _FilterTables, plain_filter_tables
+
+    if onednn:
+        monkeypatch.setattr(onednn_linear, "ONEDNN_MIN_WORK", 0)
+    gen = torch.Generator().manual_seed(5)
+    n_blocks, width, n_rbf, m = 3, 16, 5, 9
+    e_de = torch.randn(2 * m, n_rbf, generator=gen)
+    fc, dfc = torch.randn(m, generator=gen), torch.randn(m, generator=gen)
+    weights = [
+        torch.randn(shape, generator=gen)
+        for shape in (
+            (n_blocks, width, n_rbf),
+            (n_blocks, width),
+            (n_blocks, width, width),
+            (n_blocks, width),
+        )
+    ]
+    assert cpu_kernels.available(e_de), "the C++ kernels did not compile"
+    probes = [torch.randn(m - 1, 4, width, generator=gen) for _ in range(n_blocks)]
+    for mask in range(1, 16):
+        leaves = [w.clone().requires_grad_(bool(mask >> k & 1)) for k, w in enumerate(weights)]
+        wanted = [w for w in leaves if w.requires_grad]
+        got = _FilterTables.apply(e_de, fc, dfc, 0.25, *leaves)
+        want = plain_filter_tables(e_de, fc, dfc, 0.25, *leaves)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
+        grads = torch.autograd.grad(sum((g * p).sum() for g, p in zip(got, probes)), wanted)
+        expected = torch.autograd.grad(sum((w * p).sum() for w, p in zip(want, probes)), wanted)
+        for g, w in zip(grads, expected):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+
+
+def test_filter_tables_carry_forward_mode_tangents_and_batched_gradients():
+    """Weights with forward-mode tangents take the PyTorch formulas (the C++ Function has no
+    forward-mode rule): the tables' tangent is the directional derivative. Batched output
+    gradients (``is_grads_batched``) go through the Function's backward as PyTorch's
+    formulas: each row is the gradient of that row."""
+    from torch.autograd import forward_ad
+
+    from atomlens.nn.filter_tables import filter_tables
+
+    model = sharp_model(0.01).float()
+    _, e_de, fc, dfc, spacing = _grid_terms(model.representation, torch.float32)
+    weights = [w.detach() for w in _stacked_filter_weights(model)]
+    direction = torch.randn(weights[2].shape, generator=torch.Generator().manual_seed(6))
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(weights[2], direction)
+        tables = filter_tables(e_de, fc, dfc, spacing, weights[0], weights[1], dual, weights[3])
+        tangents = [forward_ad.unpack_dual(t).tangent for t in tables]
+    eps = 1e-2  # the tables are linear in the second layer's weights: exact differences
+    shifted = weights[2] + eps * direction
+    plus = filter_tables(e_de, fc, dfc, spacing, weights[0], weights[1], shifted, weights[3])
+    base = filter_tables(e_de, fc, dfc, spacing, *weights)
+    for t, p, b in zip(tangents, plus, base):
+        torch.testing.assert_close(t, (p - b) / eps, rtol=1e-3, atol=1e-3 * float(t.abs().max()))
+    leaves = [w.requires_grad_(True) for w in weights]
+    tables = filter_tables(e_de, fc, dfc, spacing, *leaves)
+    assert type(tables[0].grad_fn).__name__ == "_FilterTablesBackward"
+    gen = torch.Generator().manual_seed(7)
+    rows = [torch.randn(2, *t.shape, generator=gen) for t in tables]
+    batched = torch.autograd.grad(tables, leaves, rows, is_grads_batched=True)
+    for r in range(2):
+        tables = filter_tables(e_de, fc, dfc, spacing, *leaves)
+        single = torch.autograd.grad(tables, leaves, [g[r] for g in rows])
+        for b, s1 in zip(batched, single):
+            torch.testing.assert_close(b[r], s1, rtol=1e-4, atol=1e-5 * float(s1.abs().max()))

@@ -61,7 +61,9 @@ class _ShiftedSoftplus(kernels.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # PyTorch's own derivative of softplus, differentiable
+        if torch.is_grad_enabled() or not torch._C._has_storage(grad):
+            # PyTorch's own derivative of softplus: differentiable, and for batched
+            # gradients (``is_grads_batched``) too
             return torch.ops.aten.softplus_backward(grad, x, 1.0, 20.0)
         return cpu_kernels.shifted_softplus_backward(grad, x)
 

@@ -54,7 +54,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v10"
+_NAME = "atomlens_cpu_kernels_v11"
 
 _SOURCE = r"""
 #include <torch/extension.h>

@@ -28,6 +28,7 @@ batched PyTorch operators.
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from . import cpu_kernels, kernels
 from .activations import shifted_softplus
@@ -58,14 +59,24 @@ def filter_tables(e_de, fc, dfc, spacing, w1, b1, w2, b2) -> list[torch.Tensor]:
     tensors = (e_de, fc, dfc, w1, b1, w2, b2)
     if (
         e_de.dtype == torch.float32
+        and w1.shape[0] > 0
+        and e_de.shape[0] >= 4  # two nodes, one interval
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and not torch._C._are_functorch_transforms_active()
+        and not _dual(tensors)  # forward-mode AD: PyTorch's operators carry the tangents
         and not any(t.requires_grad for t in (e_de, fc, dfc))  # the grid's are constants
         and cpu_kernels.available(*tensors)
     ):
         return list(_FilterTables.apply(e_de, fc, dfc, float(spacing), w1, b1, w2, b2))
     return plain_filter_tables(e_de, fc, dfc, spacing, w1, b1, w2, b2)
+
+
+def _dual(tensors) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode tangent."""
+    return forward_ad._current_level >= 0 and any(
+        forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    )
 
 
 class _FilterTables(kernels.Function):
@@ -90,7 +101,12 @@ class _FilterTables(kernels.Function):
     def backward(ctx, *grad):
         e_de, fc, dfc, w1, b1, w2, _, a, h = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # a graph for a second derivative: PyTorch's operators
+        if (
+            torch.is_grad_enabled()
+            or torch._C._are_functorch_transforms_active()
+            or not all(torch._C._has_storage(g) for g in grad)
+        ):  # a graph for a second derivative, or batched gradients (``is_grads_batched``,
+            # vmap over the vjp): PyTorch's operators
             return _differentiable_backward(ctx, grad)
         n_blocks, width, n_rbf = w1.shape
         m = e_de.shape[0] // 2
