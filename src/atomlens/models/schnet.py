@@ -61,6 +61,21 @@ def filter_values(filters: torch.Tensor | TabulatedFilters) -> torch.Tensor:
     return filters.values() if isinstance(filters, TabulatedFilters) else filters
 
 
+def tabulate_filters(
+    rbf: GaussianRBF, cutoff_fn: CosineCutoff, grid: torch.Tensor, nets: list[nn.Sequential]
+) -> list[torch.Tensor]:
+    """Hermite tables of W(r) = net(e(r)) f_cut(r) on ``grid``, one per filter network
+    ``(Linear, ShiftedSoftplus, Linear)``, all at once (:mod:`atomlens.nn.filter_tables`)."""
+    e, de = rbf.value_and_derivative(grid)
+    fc, dfc = cutoff_fn.value_and_derivative(grid)
+    stacked = [
+        torch.stack([getattr(net[layer], name) for net in nets])
+        for layer in (0, 2)
+        for name in ("weight", "bias")
+    ]
+    return filter_tables(torch.cat((e, de)), fc, dfc, grid[1] - grid[0], *stacked)
+
+
 class SchNetInteraction(nn.Module):
     """One interaction block: atom-wise -> cfconv -> atom-wise -> ssp -> atom-wise."""
 
@@ -81,12 +96,7 @@ class SchNetInteraction(nn.Module):
     ) -> torch.Tensor:
         """Hermite coefficients of W(r) = filter_network(e(r)) f_cut(r) on ``grid``, this
         block's alone (:meth:`SchNet.filter_tables` makes all blocks' at once)."""
-        first, _, second = self.filter_network
-        e, de = rbf.value_and_derivative(grid)
-        fc, dfc = cutoff_fn.value_and_derivative(grid)
-        weights = (first.weight, first.bias, second.weight, second.bias)
-        spacing = grid[1] - grid[0]
-        return filter_tables(torch.cat((e, de)), fc, dfc, spacing, *(w[None] for w in weights))[0]
+        return tabulate_filters(rbf, cutoff_fn, grid, [self.filter_network])[0]
 
     def forward(self, x, filters: torch.Tensor | TabulatedFilters, pairs: Pairs) -> torch.Tensor:
         """``filters``: W(r) of the evaluated pairs (the unordered ones if symmetric), an
@@ -169,24 +179,8 @@ class SchNet(Representation):
         n = math.ceil(self.cutoff / self.filter_spacing - 1e-9)
         p = self.embedding.weight
         grid = torch.linspace(0.0, self.cutoff, n + 1, dtype=p.dtype, device=p.device)
-        if not self.interactions:
-            return []
-        # all blocks at once (atomlens.nn.filter_tables); SchNetInteraction.filter_table is
-        # the same for one block
-        e, de = self.rbf.value_and_derivative(grid)
-        fc, dfc = self.cutoff_fn.value_and_derivative(grid)
         nets = [block.filter_network for block in self.interactions]
-        tables = filter_tables(
-            torch.cat((e, de)),
-            fc,
-            dfc,
-            grid[1] - grid[0],
-            torch.stack([net[0].weight for net in nets]),
-            torch.stack([net[0].bias for net in nets]),
-            torch.stack([net[2].weight for net in nets]),
-            torch.stack([net[2].bias for net in nets]),
-        )
-        return tables
+        return tabulate_filters(self.rbf, self.cutoff_fn, grid, nets) if nets else []
 
     def forward(
         self, numbers, positions, pairs: Pairs, frozen: list[torch.Tensor] | None = None

@@ -54,7 +54,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v11"
+_NAME = "atomlens_cpu_kernels_v12"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -428,24 +428,30 @@ static inline float log1p_unit(float t) {
   return (upper ? 0.693147180559945309f : 0.0f) + s * q + rounding;
 }
 
+// ssp(v) and sigmoid(v) from e = e^-|v|: sigmoid(v) = 1/(1 + e^-v) for v > 0, e^v/(1 + e^v)
+// otherwise (the shifted softplus's loops and the filter tables' use these two only)
+static inline float ssp_from(float v, float e) {
+  return (v > 0.0f ? v : 0.0f) + (log1p_unit(e) - 0.693147180559945309f);
+}
+
+static inline float sigmoid_from(float v, float e) { return (v > 0.0f ? 1.0f : e) / (1.0f + e); }
+
 static void ssp_rows(const float* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
-    const float value =
-        (v > 0.0f ? v : 0.0f) + (log1p_unit(exp_neg(std::fabs(v))) - 0.693147180559945309f);
+    const float value = ssp_from(v, exp_neg(std::fabs(v)));
     y[i] = v != v ? v : value;  // NaN stays NaN
   }
 }
 
-// grad * sigmoid(v), sigmoid(v) = 1/(1 + e^-v) for v > 0, e^v/(1 + e^v) otherwise
+// grad * sigmoid(v)
 static void ssp_grad_rows(const float* __restrict grad, const float* __restrict x,
                           float* __restrict out, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
-    const float e = exp_neg(std::fabs(v));
-    const float value = grad[i] * ((v > 0.0f ? 1.0f : e) / (1.0f + e));
+    const float value = grad[i] * sigmoid_from(v, exp_neg(std::fabs(v)));
     out[i] = v != v ? v : value;
   }
 }
@@ -498,10 +504,9 @@ torch::Tensor filter_hidden(torch::Tensor a, torch::Tensor b1, int64_t blocks) {
       for (int64_t f = 0; f < f_out; ++f) {
         const float v = av[f] + bk[f];
         const float e = exp_neg(std::fabs(v));
-        const float sig = (v > 0.0f ? 1.0f : e) / (1.0f + e);
-        const float value = (v > 0.0f ? v : 0.0f) + (log1p_unit(e) - 0.693147180559945309f);
+        const float value = ssp_from(v, e);
         hv[f] = v != v ? v : value;  // NaN stays NaN
-        hd[f] = v != v ? v : sig * ad[f];
+        hd[f] = v != v ? v : sigmoid_from(v, e) * ad[f];
       }
     }
   }
@@ -542,8 +547,7 @@ torch::Tensor filter_hidden_backward(std::vector<torch::Tensor> grad, torch::Ten
 #pragma omp simd
       for (int64_t f = 0; f < f_out; ++f) {
         const float v = av[f] + bk[f];
-        const float e = exp_neg(std::fabs(v));
-        const float sig = (v > 0.0f ? 1.0f : e) / (1.0f + e);
+        const float sig = sigmoid_from(v, exp_neg(std::fabs(v)));
         // d ssp/dv = sigmoid; d(sigmoid * da)/dv = sigmoid (1 - sigmoid) da
         const float value = gv[f] * sig + gd[f] * ad[f] * (sig * (1.0f - sig));
         ov[f] = v != v ? v : value;

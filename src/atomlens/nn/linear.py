@@ -71,7 +71,7 @@ def plain_products():
         _state["plain"] -= 1
 
 
-def _onednn_takes(x: torch.Tensor, out_features: int) -> bool:
+def _onednn_takes(x: torch.Tensor, out_features: int, min_rows: int = ONEDNN_MIN_ROWS) -> bool:
     """Whether a product of ``x`` (rows x in) into ``out_features`` runs on oneDNN, as far
     as ``x`` decides (:func:`_onednn_applies` adds the weight's checks)."""
     compiling = torch.compiler.is_compiling()
@@ -80,7 +80,7 @@ def _onednn_takes(x: torch.Tensor, out_features: int) -> bool:
         and not _state["plain"]
         and kernels.fused_enabled()
         and x.dim() == 2
-        and x.shape[0] >= ONEDNN_MIN_ROWS
+        and x.shape[0] >= min_rows
         and x.shape[0] * x.shape[1] * out_features
         >= (ONEDNN_MIN_WORK_COMPILED if compiling else ONEDNN_MIN_WORK)
         and x.dtype == torch.float32
@@ -93,9 +93,9 @@ def _onednn_takes(x: torch.Tensor, out_features: int) -> bool:
     )
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, min_rows: int = ONEDNN_MIN_ROWS) -> bool:
     return (
-        _onednn_takes(x, weight.shape[0])
+        _onednn_takes(x, weight.shape[0], min_rows)
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"
         and (
@@ -201,18 +201,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def fixed_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` without autograd, for shapes that repeat on every call (a filter
-    table's grid): on oneDNN, unpadded, for float32 CPU products of at least
-    :data:`ONEDNN_MIN_WORK` multiply-adds (few rows too: oneDNN keeps the shape's kernel),
-    else ``F.linear``. Transposed views are read as they are (:func:`_dense`)."""
-    if (
-        _ONEDNN is not None
-        and not _state["plain"]
-        and kernels.fused_enabled()
-        and x.dim() == 2
-        and x.shape[0] * x.shape[1] * weight.shape[0] >= ONEDNN_MIN_WORK
-        and x.dtype == weight.dtype == torch.float32
-        and x.device.type == weight.device.type == "cpu"
-    ):
+    table's grid): on oneDNN, unpadded, where :func:`linear` would use it, whatever the
+    row count (oneDNN keeps the shape's kernel), else ``F.linear``. Transposed views are
+    read as they are (:func:`_dense`)."""
+    if _onednn_applies(x, weight, min_rows=1):
         return _ONEDNN(_dense(x), _dense(weight), None, "none", [], "")
     return F.linear(x, weight)
 
