@@ -12,7 +12,7 @@ from helpers import random_model
 from torch import nn
 
 from atomlens.batched_md import BatchedMD
-from atomlens.nn import kernels
+from atomlens.nn import cpu_kernels, kernels
 from atomlens.nn import linear as onednn
 
 pytestmark = pytest.mark.skipif(onednn._ONEDNN is None, reason="this torch has no oneDNN")
@@ -68,10 +68,27 @@ def test_onednn_linear_equals_f_linear_with_first_and_second_derivatives():
     assert "aten::addmm" not in called  # the forward
 
 
-def test_the_weight_gradient_reads_transposed_views_in_place_and_needs_no_bias():
+@pytest.mark.parametrize("shape", [(1792, 128), (1002, 20), (200, 40), (33, 17), (16, 16), (1, 5)])
+def test_the_tiled_transpose_is_exact_in_its_tiles_and_at_their_edges(shape):
+    x = torch.randn(*shape)
+    got = cpu_kernels.transpose(x)
+    if got is None:
+        pytest.skip("no C++ kernels here")
+    assert got.shape == shape[::-1] and got.is_contiguous()
+    assert torch.equal(got, x.t().contiguous())
+    assert torch.equal(cpu_kernels.transpose(x.t()), x)  # a transposed view: read as it is
+    assert cpu_kernels.transpose(x.double()) is None  # float32 only
+
+
+def test_the_weight_gradient_transposes_with_the_tiled_kernel_and_needs_no_bias(monkeypatch):
     x, weight, _ = _inputs(300, seed=1)
     xr, wr = (t.detach().clone().requires_grad_() for t in (x, weight))
+    transposed = []
+    kernel = cpu_kernels.transpose
+    monkeypatch.setattr(cpu_kernels, "transpose", lambda t: transposed.append(t.shape) or kernel(t))
     onednn.linear(xr, wr).pow(2).sum().backward()
+    if cpu_kernels.available(x):  # grad (rows padded or not), the weight gradient's input
+        assert [tuple(s) for s in transposed] in ([(300, 24)], [(onednn._bucket(300), 24)])
     xf, wf = (t.detach().clone().double().requires_grad_() for t in (x, weight))
     F.linear(xf, wf).pow(2).sum().backward()
     torch.testing.assert_close(wr.grad.double(), wf.grad, rtol=1e-5, atol=1e-4)

@@ -426,16 +426,19 @@ def _lookup_then_cfconv(h, table, grid, a, b):
     return _cfconv_plain(h, w, a, b)
 
 
+@pytest.mark.parametrize("width", [13, 77, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tabulated_cfconv_is_lookup_then_cfconv_with_its_first_derivatives(dtype):
+def test_tabulated_cfconv_is_lookup_then_cfconv_with_its_first_derivatives(dtype, width):
     """The one-pass C++ convolution with filters read from their Hermite table, and its one-
     pass backward, against the filters looked up and convolved by the plain formulas: the
     output and its gradients w.r.t. the features, the table and the grid coordinates, each
-    asked for alone and all together; no grid gradient beyond the grid's ends."""
+    asked for alone and all together; no grid gradient beyond the grid's ends. Widths below
+    one chunk of features, chunks and a rest, whole chunks (the runs of pairs of one atom
+    keep its rows in registers a chunk at a time)."""
     from atomlens.nn import cpu_kernels
     from atomlens.nn.cfconv import cfconv_tabulated
 
-    h, table, grid, a, b = _tabulated_case(dtype)
+    h, table, grid, a, b = _tabulated_case(dtype, width=width)
     pair_i, pair_j = torch.cat([a, b]), torch.cat([b, a])
     assert cpu_kernels.available(h, table, grid), "the C++ kernels did not compile"
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
@@ -457,12 +460,13 @@ def test_tabulated_cfconv_is_lookup_then_cfconv_with_its_first_derivatives(dtype
     assert grid_grad[3] == 0 and grid_grad[4] == 0 and grid_grad[1] != 0  # beyond; the end
 
 
-def test_tabulated_cfconv_nan_distance_gives_nan_on_its_atoms_only():
+@pytest.mark.parametrize("width", [13, 77])
+def test_tabulated_cfconv_nan_distance_gives_nan_on_its_atoms_only(width):
     """A NaN grid coordinate (a NaN distance) reads row 0 and makes its two atoms' outputs
     NaN, as the lookup does; the other atoms stay finite."""
     from atomlens.nn.cfconv import cfconv_tabulated
 
-    h, table, grid, a, b = _tabulated_case(torch.float32)
+    h, table, grid, a, b = _tabulated_case(torch.float32, width=width)
     grid[9] = float("nan")  # pair (1, 5)
     y = cfconv_tabulated(h, table, grid, torch.cat([a, b]), torch.cat([b, a]))
     assert torch.isnan(y[[1, 5]]).all()

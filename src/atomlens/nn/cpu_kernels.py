@@ -54,12 +54,15 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v12"
+_NAME = "atomlens_cpu_kernels_v14"
 
 _SOURCE = r"""
 #include <torch/extension.h>
 
 #include <cstring>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 template <typename T>
 static void cfconv_rows(const T* __restrict x, const T* __restrict w, const int64_t* a,
@@ -155,75 +158,210 @@ torch::Tensor table_scatter(torch::Tensor grad, torch::Tensor x, int64_t order, 
   return out;
 }
 
+// 64 bytes of floats or doubles as one value (GCC/Clang vector extensions: AVX-512 registers
+// where the build has them, else pairs or quadruples of narrower ones)
+typedef float vfloat __attribute__((vector_size(64), aligned(4), may_alias));
+typedef double vdouble __attribute__((vector_size(64), aligned(8), may_alias));
+template <typename T> struct vec_of;
+template <> struct vec_of<float> { typedef vfloat type; };
+template <> struct vec_of<double> { typedef vdouble type; };
+template <typename T>
+static inline typename vec_of<T>::type vload(const T* p) {
+  return *reinterpret_cast<const typename vec_of<T>::type*>(p);
+}
+template <typename T>
+static inline void vstore(T* p, typename vec_of<T>::type v) {
+  *reinterpret_cast<typename vec_of<T>::type*>(p) = v;
+}
+// W = c0 + t (c1 + t (c2 + t c3)) of one vector of features, c0 at c, rows width apart
+template <typename T>
+static inline typename vec_of<T>::type hermite_filter(const T* c, int64_t width,
+                                                      typename vec_of<T>::type t) {
+  return vload(c) + t * (vload(c + width) + t * (vload(c + 2 * width) + t * vload(c + 3 * width)));
+}
+// vectors per chunk of features: an atom's rows stay in registers one chunk at a time
+constexpr int CHUNK = 4;
+
+// The pairs come sorted by their first atom a (the neighbour list's order; unsorted pairs
+// give runs of one, with the same result): a run of pairs with one atom a shares its rows
+// (h_a, and g_a and dL/dh_a backward), which are then read once per run and kept in
+// registers, a chunk of CHUNK vectors of features at a time, instead of read and written per
+// pair. QM9 pairs come in runs of ~8: forward 0.23 against 0.27 ms, backward 0.55 against
+// 0.59 ms (one block of a 128/6 batch, one thread, CPU time). Atom a's output row is read
+// after its run's pairs have updated their b rows: a pair of an atom with its own periodic
+// image (a == b) adds both halves.
+
 // cfconv with the filters read from their Hermite table: W_p = c0 + t (c1 + t (c2 + t c3))
 // of interval k_p, computed where it is used and never stored
 template <typename T>
 static void tabulated_rows(const T* __restrict h, const T* __restrict table, const T* x,
                            const int64_t* a, const int64_t* b, T* __restrict y,
                            int64_t pairs, int64_t width, int64_t intervals) {
-  for (int64_t p = 0; p < pairs; ++p) {
-    int64_t k;
-    T t;
-    clamped_interval(x[p], intervals, k, t);
-    const T* c0 = table + 4 * k * width;
-    const T* c1 = c0 + width;
-    const T* c2 = c1 + width;
-    const T* c3 = c2 + width;
-    const T* ha = h + a[p] * width;
-    const T* hb = h + b[p] * width;
-    T* ya = y + a[p] * width;
-    T* yb = y + b[p] * width;
+  typedef typename vec_of<T>::type V;
+  constexpr int64_t L = 64 / sizeof(T), C = CHUNK * L;
+  const int64_t full = width / C * C;  // features in whole chunks; the rest pair by pair
+  for (int64_t p0 = 0, p1; p0 < pairs; p0 = p1) {
+    for (p1 = p0 + 1; p1 < pairs && a[p1] == a[p0]; ++p1) {}
+    const T* ha = h + a[p0] * width;
+    T* ya = y + a[p0] * width;
+    for (int64_t f0 = 0; f0 < full; f0 += C) {
+      V hav[CHUNK], sum[CHUNK];
+      _Pragma("GCC unroll 4") for (int j = 0; j < CHUNK; ++j) {
+        hav[j] = vload(ha + f0 + j * L);
+        sum[j] = V{};
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        int64_t k;
+        T t;
+        clamped_interval(x[p], intervals, k, t);
+        const V tv = V{} + t;
+        const T* c = table + 4 * k * width + f0;
+        const T* hb = h + b[p] * width + f0;
+        T* yb = y + b[p] * width + f0;
+        _Pragma("GCC unroll 4") for (int j = 0; j < CHUNK; ++j) {
+          const int64_t o = j * L;
+          const V filter = hermite_filter(c + o, width, tv);
+          sum[j] += vload(hb + o) * filter;
+          vstore(yb + o, vload(yb + o) + hav[j] * filter);
+        }
+      }
+      _Pragma("GCC unroll 4") for (int j = 0; j < CHUNK; ++j)
+          vstore(ya + f0 + j * L, vload(ya + f0 + j * L) + sum[j]);
+    }
+    for (int64_t p = p0; full < width && p < p1; ++p) {
+      int64_t k;
+      T t;
+      clamped_interval(x[p], intervals, k, t);
+      const T* c0 = table + 4 * k * width;
+      const T* c1 = c0 + width;
+      const T* c2 = c1 + width;
+      const T* c3 = c2 + width;
+      const T* hb = h + b[p] * width;
+      T* yb = y + b[p] * width;
 #pragma omp simd
-    for (int64_t f = 0; f < width; ++f) {
-      const T filter = c0[f] + t * (c1[f] + t * (c2[f] + t * c3[f]));
-      ya[f] += hb[f] * filter;
-      yb[f] += ha[f] * filter;
+      for (int64_t f = full; f < width; ++f) {
+        const T filter = c0[f] + t * (c1[f] + t * (c2[f] + t * c3[f]));
+        ya[f] += hb[f] * filter;
+        yb[f] += ha[f] * filter;
+      }
     }
   }
 }
 
 // its gradients in one pass over the pairs: u_p = g_a h_b + g_b h_a is dL/dW_p;
 // dL/dh_a += g_b W_p, dL/dh_b += g_a W_p; dL/dx_p = u_p . dW/dt; table rows += [1 t t^2 t^3] u_p
+// pair p's part for features [f0, f1): its part of dL/dx_p is returned (inlined: called
+// through a function GCC kept, forces' backward took 6% longer)
+template <typename T, bool NEED_H, bool NEED_TABLE, bool NEED_X>
+__attribute__((always_inline)) static inline T tabulated_backward_pair(
+    const T* __restrict g, const T* __restrict h, const T* __restrict table, const int64_t* a,
+    const int64_t* b, T* __restrict grad_h, T* __restrict grad_table, int64_t p, int64_t k, T t,
+    int64_t f0, int64_t f1, int64_t width) {
+  const T tt = t * t, ttt = tt * t;
+  const T* c0 = table + 4 * k * width;
+  const T* c1 = c0 + width;
+  const T* c2 = c1 + width;
+  const T* c3 = c2 + width;
+  const T* ga = g + a[p] * width;
+  const T* gb = g + b[p] * width;
+  const T* ha = h + a[p] * width;
+  const T* hb = h + b[p] * width;
+  T* gha = grad_h + (NEED_H ? a[p] * width : 0);
+  T* ghb = grad_h + (NEED_H ? b[p] * width : 0);
+  T* r0 = grad_table + (NEED_TABLE ? 4 * k * width : 0);
+  T dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t f = f0; f < f1; ++f) {
+    const T u = ga[f] * hb[f] + gb[f] * ha[f];
+    if (NEED_H) {
+      const T filter = c0[f] + t * (c1[f] + t * (c2[f] + t * c3[f]));
+      gha[f] += gb[f] * filter;
+      ghb[f] += ga[f] * filter;
+    }
+    if (NEED_X) dot += u * (c1[f] + t * (T(2) * c2[f] + T(3) * t * c3[f]));
+    if (NEED_TABLE) {
+      r0[f] += u;
+      r0[width + f] += t * u;
+      r0[2 * width + f] += tt * u;
+      r0[3 * width + f] += ttt * u;
+    }
+  }
+  return dot;
+}
+
+// all pairs. Forces (NEED_X) go pair by pair: the runs' chunked loop, with a dot product
+// per pair and chunk, took 0.47 against 0.41 ms there
 template <typename T, bool NEED_H, bool NEED_TABLE, bool NEED_X>
 static void tabulated_backward_rows(const T* __restrict g, const T* __restrict h,
                                     const T* __restrict table, const T* x, const int64_t* a,
                                     const int64_t* b, T* __restrict grad_h,
                                     T* __restrict grad_table, T* __restrict grad_x,
                                     int64_t pairs, int64_t width, int64_t intervals) {
-  for (int64_t p = 0; p < pairs; ++p) {
-    int64_t k;
-    T t;
-    const bool inside = clamped_interval(x[p], intervals, k, t);
-    const T tt = t * t, ttt = tt * t;
-    const T* c0 = table + 4 * k * width;
-    const T* c1 = c0 + width;
-    const T* c2 = c1 + width;
-    const T* c3 = c2 + width;
-    const T* ga = g + a[p] * width;
-    const T* gb = g + b[p] * width;
-    const T* ha = h + a[p] * width;
-    const T* hb = h + b[p] * width;
-    T* gha = grad_h + (NEED_H ? a[p] * width : 0);
-    T* ghb = grad_h + (NEED_H ? b[p] * width : 0);
-    T* r0 = grad_table + (NEED_TABLE ? 4 * k * width : 0);
-    T dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t f = 0; f < width; ++f) {
-      const T u = ga[f] * hb[f] + gb[f] * ha[f];
-      if (NEED_H) {
-        const T filter = c0[f] + t * (c1[f] + t * (c2[f] + t * c3[f]));
-        gha[f] += gb[f] * filter;
-        ghb[f] += ga[f] * filter;
-      }
-      if (NEED_X) dot += u * (c1[f] + t * (T(2) * c2[f] + T(3) * t * c3[f]));
-      if (NEED_TABLE) {
-        r0[f] += u;
-        r0[width + f] += t * u;
-        r0[2 * width + f] += tt * u;
-        r0[3 * width + f] += ttt * u;
-      }
+  if (NEED_X) {
+    for (int64_t p = 0; p < pairs; ++p) {
+      int64_t k;
+      T t;
+      const bool inside = clamped_interval(x[p], intervals, k, t);
+      const T dot = tabulated_backward_pair<T, NEED_H, NEED_TABLE, NEED_X>(
+          g, h, table, a, b, grad_h, grad_table, p, k, t, 0, width, width);
+      grad_x[p] = inside ? dot : T(0);  // no gradient off the grid
     }
-    if (NEED_X) grad_x[p] = inside ? dot : T(0);
+    return;
+  }
+  typedef typename vec_of<T>::type V;
+  constexpr int64_t L = 64 / sizeof(T), C = CHUNK * L;
+  const int64_t full = width / C * C;  // features in whole chunks
+  for (int64_t p0 = 0, p1; p0 < pairs; p0 = p1) {
+    for (p1 = p0 + 1; p1 < pairs && a[p1] == a[p0]; ++p1) {}
+    const T* ga = g + a[p0] * width;
+    const T* ha = h + a[p0] * width;
+    T* gha = grad_h + (NEED_H ? a[p0] * width : 0);
+    for (int64_t f0 = 0; f0 < full; f0 += C) {
+      V gav[CHUNK], hav[CHUNK], sum[CHUNK];
+      _Pragma("GCC unroll 4") for (int j = 0; j < CHUNK; ++j) {
+        gav[j] = vload(ga + f0 + j * L);
+        hav[j] = vload(ha + f0 + j * L);
+        sum[j] = V{};
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        int64_t k;
+        T t;
+        clamped_interval(x[p], intervals, k, t);
+        const V tv = V{} + t, tt = tv * tv, ttt = tt * tv;
+        const T* c = table + 4 * k * width + f0;
+        const T* gb = g + b[p] * width + f0;
+        const T* hb = h + b[p] * width + f0;
+        T* ghb = grad_h + (NEED_H ? b[p] * width + f0 : 0);
+        T* r = grad_table + (NEED_TABLE ? 4 * k * width + f0 : 0);
+        _Pragma("GCC unroll 4") for (int j = 0; j < CHUNK; ++j) {
+          const int64_t o = j * L;
+          const V gbv = vload(gb + o);
+          if (NEED_H) {
+            const V filter = hermite_filter(c + o, width, tv);
+            sum[j] += gbv * filter;
+            vstore(ghb + o, vload(ghb + o) + gav[j] * filter);
+          }
+          if (NEED_TABLE) {
+            const V u = gav[j] * vload(hb + o) + gbv * hav[j];
+            vstore(r + o, vload(r + o) + u);
+            vstore(r + width + o, vload(r + width + o) + tv * u);
+            vstore(r + 2 * width + o, vload(r + 2 * width + o) + tt * u);
+            vstore(r + 3 * width + o, vload(r + 3 * width + o) + ttt * u);
+          }
+        }
+      }
+      if (NEED_H)
+        _Pragma("GCC unroll 4") for (int j = 0; j < CHUNK; ++j)
+            vstore(gha + f0 + j * L, vload(gha + f0 + j * L) + sum[j]);
+    }
+    for (int64_t p = p0; p < p1 && full < width; ++p) {  // the features past the chunks
+      int64_t k;
+      T t;
+      clamped_interval(x[p], intervals, k, t);
+      tabulated_backward_pair<T, NEED_H, NEED_TABLE, false>(g, h, table, a, b, grad_h,
+                                                            grad_table, p, k, t, full, width,
+                                                            width);
+    }
   }
 }
 
@@ -454,6 +592,68 @@ static void ssp_grad_rows(const float* __restrict grad, const float* __restrict 
     const float value = grad[i] * sigmoid_from(v, exp_neg(std::fabs(v)));
     out[i] = v != v ? v : value;
   }
+}
+
+// out (cols x rows) = in^T for a row-major float32 (rows x cols) matrix: the input oneDNN's
+// inner product needs for a weight gradient (grad^T, features x rows), which it otherwise
+// copies with PyTorch's transpose. 16 x 16 tiles in registers where the processor has
+// AVX-512 (unpack within 128-bit lanes, then a 4 x 4 transpose of the lanes), walked down
+// column strips: each output row is then written in order. 1,792 x 128: 21 against 90 us
+#ifdef __AVX512F__
+static inline void transpose_tile16(const float* in, int64_t ld_in, float* out, int64_t ld_out) {
+  __m512 r[16], t[16];
+  for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(in + k * ld_in);
+  for (int k = 0; k < 8; ++k) {  // lane l of t[2k], t[2k+1]: rows 2k, 2k+1 interleaved
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // lane l of r[4k + c]: rows 4k..4k+3 of column 4l + c
+    const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * k + 2]), d = _mm512_castps_pd(t[4 * k + 3]);
+    r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {  // the lanes: column 4l + c gathers lane l of r[c + 4k]
+    const __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44);
+    const __m512 u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512 u3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+    _mm512_storeu_ps(out + c * ld_out, _mm512_shuffle_f32x4(u0, u2, 0x88));
+    _mm512_storeu_ps(out + (4 + c) * ld_out, _mm512_shuffle_f32x4(u0, u2, 0xDD));
+    _mm512_storeu_ps(out + (8 + c) * ld_out, _mm512_shuffle_f32x4(u1, u3, 0x88));
+    _mm512_storeu_ps(out + (12 + c) * ld_out, _mm512_shuffle_f32x4(u1, u3, 0xDD));
+  }
+}
+#endif
+
+static void transpose_matrix(const float* __restrict in, float* __restrict out, int64_t rows,
+                             int64_t cols) {
+  int64_t full_rows = 0, full_cols = 0;  // the part done in 16 x 16 register tiles
+#ifdef __AVX512F__
+  full_rows = rows / 16 * 16;
+  full_cols = cols / 16 * 16;
+  for (int64_t j = 0; j < full_cols; j += 16)
+    for (int64_t i = 0; i < full_rows; i += 16)
+      transpose_tile16(in + i * cols + j, cols, out + j * rows + i, rows);
+#endif
+  const int64_t B = 16;  // the rest in 16 x 16 blocks of plain loops
+  for (int64_t j0 = 0; j0 < cols; j0 += B)
+    for (int64_t i0 = 0; i0 < rows; i0 += B) {
+      if (i0 + B <= full_rows && j0 + B <= full_cols) continue;
+      const int64_t i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) out[j * rows + i] = in[i * cols + j];
+    }
+}
+
+torch::Tensor transpose(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "transpose: 2-D float32");
+  auto xc = x.contiguous();
+  auto out = torch::empty({xc.size(1), xc.size(0)}, xc.options());
+  transpose_matrix(xc.data_ptr<float>(), out.data_ptr<float>(), xc.size(0), xc.size(1));
+  return out;
 }
 
 torch::Tensor shifted_softplus(torch::Tensor x) {
@@ -801,6 +1001,7 @@ def _build(name: str, cflags: list[str]):
                 "filter_hidden_backward",
                 "filter_table_coefficients",
                 "filter_table_coefficients_backward",
+                "transpose",
             ],
             extra_cflags=cflags,
         )
@@ -944,6 +1145,14 @@ def filter_table_coefficients_backward(grad, fc, dfc, spacing: float) -> torch.T
     """The gradient w.r.t. ``w`` of :func:`filter_table_coefficients`, ``(T, 2m, F)``, given
     the tables' (a list)."""
     return _module().filter_table_coefficients_backward(grad, fc, dfc, float(spacing))
+
+
+def transpose(x: torch.Tensor):
+    """``x.T`` as a new row-major array, for a row-major float32 CPU matrix ``x`` (in 16 x
+    16 register tiles with AVX-512: about 4x faster than PyTorch's copy); or None where this
+    kernel does not apply."""
+    module = _loaded(x) if x.dtype == torch.float32 and x.dim() == 2 else None
+    return None if module is None else module.transpose(x)
 
 
 # ---------------------------------------------------------------------------------------
