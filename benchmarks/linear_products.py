@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from atomlens.nn import cpu_kernels
 from atomlens.nn import linear as onednn
 
 
@@ -47,6 +48,8 @@ def cases(width: int) -> dict:
         "pad_rows_one_copy": lambda g, x: pad_copy(g),
         "transposed_contiguous_copy": lambda g, x: g.t().contiguous(),
     }
+    if cpu_kernels.transpose(weight) is not None:  # the C++ tiled transpose (nn.linear)
+        found["transposed_tiled_copy"] = lambda g, x: cpu_kernels.transpose(g)
     if product is not None:
         found |= {
             "weight_gradient_onednn_f_pad": lambda g, x: product(

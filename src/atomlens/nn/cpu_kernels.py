@@ -158,10 +158,16 @@ torch::Tensor table_scatter(torch::Tensor grad, torch::Tensor x, int64_t order, 
   return out;
 }
 
-// 64 bytes of floats or doubles as one value (GCC/Clang vector extensions: AVX-512 registers
-// where the build has them, else pairs or quadruples of narrower ones)
-typedef float vfloat __attribute__((vector_size(64), aligned(4), may_alias));
-typedef double vdouble __attribute__((vector_size(64), aligned(8), may_alias));
+// one vector register of floats or doubles as one value (GCC/Clang vector extensions): 64
+// bytes where the build has AVX-512 (32 registers), else 32 (AVX2's 16 registers hold a
+// chunk's rows; a plain x86-64 build splits them in two)
+#ifdef __AVX512F__
+#define ATOMLENS_VECTOR_BYTES 64
+#else
+#define ATOMLENS_VECTOR_BYTES 32
+#endif
+typedef float vfloat __attribute__((vector_size(ATOMLENS_VECTOR_BYTES), aligned(4), may_alias));
+typedef double vdouble __attribute__((vector_size(ATOMLENS_VECTOR_BYTES), aligned(8), may_alias));
 template <typename T> struct vec_of;
 template <> struct vec_of<float> { typedef vfloat type; };
 template <> struct vec_of<double> { typedef vdouble type; };
@@ -186,8 +192,8 @@ constexpr int CHUNK = 4;
 // give runs of one, with the same result): a run of pairs with one atom a shares its rows
 // (h_a, and g_a and dL/dh_a backward), which are then read once per run and kept in
 // registers, a chunk of CHUNK vectors of features at a time, instead of read and written per
-// pair. QM9 pairs come in runs of ~8: forward 0.23 against 0.27 ms, backward 0.55 against
-// 0.59 ms (one block of a 128/6 batch, one thread, CPU time). Atom a's output row is read
+// pair. QM9 pairs come in runs of ~8: forward 0.239 against 0.279 ms, backward 0.569 against
+// 0.629 ms (one block of a 128/6 batch, one thread, CPU time, alternated). Atom a's output row is read
 // after its run's pairs have updated their b rows: a pair of an atom with its own periodic
 // image (a == b) adds both halves.
 
@@ -198,7 +204,7 @@ static void tabulated_rows(const T* __restrict h, const T* __restrict table, con
                            const int64_t* a, const int64_t* b, T* __restrict y,
                            int64_t pairs, int64_t width, int64_t intervals) {
   typedef typename vec_of<T>::type V;
-  constexpr int64_t L = 64 / sizeof(T), C = CHUNK * L;
+  constexpr int64_t L = ATOMLENS_VECTOR_BYTES / sizeof(T), C = CHUNK * L;
   const int64_t full = width / C * C;  // features in whole chunks; the rest pair by pair
   for (int64_t p0 = 0, p1; p0 < pairs; p0 = p1) {
     for (p1 = p0 + 1; p1 < pairs && a[p1] == a[p0]; ++p1) {}
@@ -309,7 +315,7 @@ static void tabulated_backward_rows(const T* __restrict g, const T* __restrict h
     return;
   }
   typedef typename vec_of<T>::type V;
-  constexpr int64_t L = 64 / sizeof(T), C = CHUNK * L;
+  constexpr int64_t L = ATOMLENS_VECTOR_BYTES / sizeof(T), C = CHUNK * L;
   const int64_t full = width / C * C;  // features in whole chunks
   for (int64_t p0 = 0, p1; p0 < pairs; p0 = p1) {
     for (p1 = p0 + 1; p1 < pairs && a[p1] == a[p0]; ++p1) {}
@@ -893,7 +899,8 @@ static torch::Tensor linear_kernel(const torch::Tensor& x, const torch::Tensor& 
                                    const std::optional<torch::Tensor>& bias) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  auto dense = [](const torch::Tensor& t) {  // transposed views are read in place
+  auto dense = [](const torch::Tensor& t) {  // a transposed weight is read in place; the
+    // operator itself copies a transposed input (PyTorch's copy)
     return t.is_non_overlapping_and_dense() ? t : t.contiguous();
   };
   // rows padded with zeros to atomlens.nn.linear's bucket sizes (few kernels for oneDNN)
@@ -952,8 +959,9 @@ def _ninja_on_path():
 #: the compiler flags of every build. ``-fno-trapping-math`` (floating-point operations raise
 #: no signals, which they never do here; results are unchanged) lets GCC turn the
 #: shifted softplus's selects into vector blends: without it that loop stayed scalar, 2.1
-#: instead of 0.13 ms for 1,818 x 128 values
-_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
+#: instead of 0.13 ms for 1,818 x 128 values. ``-Wno-psabi``: no notes on how GCC passes
+#: 64-byte vectors between functions (the kernels never pass them across a library boundary)
+_CFLAGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-Wno-psabi"]
 
 
 def _build_target() -> tuple[str, list[str]]:
@@ -1148,11 +1156,16 @@ def filter_table_coefficients_backward(grad, fc, dfc, spacing: float) -> torch.T
 
 
 def transpose(x: torch.Tensor):
-    """``x.T`` as a new row-major array, for a row-major float32 CPU matrix ``x`` (in 16 x
-    16 register tiles with AVX-512: about 4x faster than PyTorch's copy); or None where this
-    kernel does not apply."""
+    """``x.T`` as a new row-major array, for a float32 CPU matrix ``x`` (in 16 x 16 register
+    tiles with AVX-512: on one thread about 4x faster than PyTorch's copy); or None where
+    this kernel does not apply. No autograd: for backward passes' products. A transposed
+    view (``x.T`` row-major) is copied as it is."""
     module = _loaded(x) if x.dtype == torch.float32 and x.dim() == 2 else None
-    return None if module is None else module.transpose(x)
+    if module is None:
+        return None
+    if not x.is_contiguous() and x.t().is_contiguous():
+        return x.t().clone()
+    return module.transpose(x)
 
 
 # ---------------------------------------------------------------------------------------
