@@ -159,12 +159,16 @@ torch::Tensor table_scatter(torch::Tensor grad, torch::Tensor x, int64_t order, 
 }
 
 // one vector register of floats or doubles as one value (GCC/Clang vector extensions): 64
-// bytes where the build has AVX-512 (32 registers), else 32 (AVX2's 16 registers hold a
-// chunk's rows; a plain x86-64 build splits them in two)
+// bytes where the build has AVX-512 (32 registers), else 32. Only AVX-512 builds take the
+// pairs in runs (RUNS): with AVX2's 16 registers the chunked loops ran slower than the pair
+// by pair ones (QM9 block, a build without AVX-512 on this CPU: backward 0.85 against 0.71
+// ms, forward 0.37 against 0.34)
 #ifdef __AVX512F__
 #define ATOMLENS_VECTOR_BYTES 64
+constexpr bool RUNS = true;
 #else
 #define ATOMLENS_VECTOR_BYTES 32
+constexpr bool RUNS = false;
 #endif
 typedef float vfloat __attribute__((vector_size(ATOMLENS_VECTOR_BYTES), aligned(4), may_alias));
 typedef double vdouble __attribute__((vector_size(ATOMLENS_VECTOR_BYTES), aligned(8), may_alias));
@@ -193,16 +197,46 @@ constexpr int CHUNK = 4;
 // (h_a, and g_a and dL/dh_a backward), which are then read once per run and kept in
 // registers, a chunk of CHUNK vectors of features at a time, instead of read and written per
 // pair. QM9 pairs come in runs of ~8: forward 0.239 against 0.279 ms, backward 0.569 against
-// 0.629 ms (one block of a 128/6 batch, one thread, CPU time, alternated). Atom a's output row is read
-// after its run's pairs have updated their b rows: a pair of an atom with its own periodic
-// image (a == b) adds both halves.
+// 0.629 ms (one block of a 128/6 batch, one thread, CPU time, alternated). Atom a's output
+// row is read after its run's pairs have updated their b rows: a pair of an atom with its
+// own periodic image (a == b) adds both halves.
 
 // cfconv with the filters read from their Hermite table: W_p = c0 + t (c1 + t (c2 + t c3))
 // of interval k_p, computed where it is used and never stored
+// pair p's part for features [f0, f1)
+template <typename T>
+__attribute__((always_inline)) static inline void tabulated_pair(
+    const T* __restrict h, const T* __restrict table, const T* x, const int64_t* a,
+    const int64_t* b, T* __restrict y, int64_t p, int64_t f0, int64_t f1, int64_t width,
+    int64_t intervals) {
+  int64_t k;
+  T t;
+  clamped_interval(x[p], intervals, k, t);
+  const T* c0 = table + 4 * k * width;
+  const T* c1 = c0 + width;
+  const T* c2 = c1 + width;
+  const T* c3 = c2 + width;
+  const T* ha = h + a[p] * width;
+  const T* hb = h + b[p] * width;
+  T* ya = y + a[p] * width;
+  T* yb = y + b[p] * width;
+#pragma omp simd
+  for (int64_t f = f0; f < f1; ++f) {
+    const T filter = c0[f] + t * (c1[f] + t * (c2[f] + t * c3[f]));
+    ya[f] += hb[f] * filter;
+    yb[f] += ha[f] * filter;
+  }
+}
+
 template <typename T>
 static void tabulated_rows(const T* __restrict h, const T* __restrict table, const T* x,
                            const int64_t* a, const int64_t* b, T* __restrict y,
                            int64_t pairs, int64_t width, int64_t intervals) {
+  if (!RUNS) {
+    for (int64_t p = 0; p < pairs; ++p)
+      tabulated_pair<T>(h, table, x, a, b, y, p, 0, width, width, intervals);
+    return;
+  }
   typedef typename vec_of<T>::type V;
   constexpr int64_t L = ATOMLENS_VECTOR_BYTES / sizeof(T), C = CHUNK * L;
   const int64_t full = width / C * C;  // features in whole chunks; the rest pair by pair
@@ -234,23 +268,8 @@ static void tabulated_rows(const T* __restrict h, const T* __restrict table, con
       _Pragma("GCC unroll 4") for (int j = 0; j < CHUNK; ++j)
           vstore(ya + f0 + j * L, vload(ya + f0 + j * L) + sum[j]);
     }
-    for (int64_t p = p0; full < width && p < p1; ++p) {
-      int64_t k;
-      T t;
-      clamped_interval(x[p], intervals, k, t);
-      const T* c0 = table + 4 * k * width;
-      const T* c1 = c0 + width;
-      const T* c2 = c1 + width;
-      const T* c3 = c2 + width;
-      const T* hb = h + b[p] * width;
-      T* yb = y + b[p] * width;
-#pragma omp simd
-      for (int64_t f = full; f < width; ++f) {
-        const T filter = c0[f] + t * (c1[f] + t * (c2[f] + t * c3[f]));
-        ya[f] += hb[f] * filter;
-        yb[f] += ha[f] * filter;
-      }
-    }
+    for (int64_t p = p0; full < width && p < p1; ++p)
+      tabulated_pair<T>(h, table, x, a, b, y, p, full, width, width, intervals);
   }
 }
 
@@ -295,22 +314,22 @@ __attribute__((always_inline)) static inline T tabulated_backward_pair(
   return dot;
 }
 
-// all pairs. Forces (NEED_X) go pair by pair: the runs' chunked loop, with a dot product
-// per pair and chunk, took 0.47 against 0.41 ms there
+// all pairs. Forces (NEED_X) go pair by pair, as builds without AVX-512 do: the runs'
+// chunked loop, with a dot product per pair and chunk, took 0.47 against 0.41 ms there
 template <typename T, bool NEED_H, bool NEED_TABLE, bool NEED_X>
 static void tabulated_backward_rows(const T* __restrict g, const T* __restrict h,
                                     const T* __restrict table, const T* x, const int64_t* a,
                                     const int64_t* b, T* __restrict grad_h,
                                     T* __restrict grad_table, T* __restrict grad_x,
                                     int64_t pairs, int64_t width, int64_t intervals) {
-  if (NEED_X) {
+  if (NEED_X || !RUNS) {
     for (int64_t p = 0; p < pairs; ++p) {
       int64_t k;
       T t;
       const bool inside = clamped_interval(x[p], intervals, k, t);
       const T dot = tabulated_backward_pair<T, NEED_H, NEED_TABLE, NEED_X>(
           g, h, table, a, b, grad_h, grad_table, p, k, t, 0, width, width);
-      grad_x[p] = inside ? dot : T(0);  // no gradient off the grid
+      if (NEED_X) grad_x[p] = inside ? dot : T(0);  // no gradient off the grid
     }
     return;
   }
