@@ -82,6 +82,21 @@ def test_the_tiled_transpose_is_exact_in_its_tiles_and_at_their_edges(shape):
     assert cpu_kernels.transpose(x.double()) is None  # float32 only
 
 
+def test_the_weight_gradient_without_the_tiled_transpose_copies_with_pytorch(monkeypatch):
+    """No C++ kernels (no compiler): the transposed input is made row-major by PyTorch and
+    the gradients are the same."""
+    x, weight, bias = _inputs(300, seed=2)
+    grads = []
+    for available in (True, False):
+        if not available:
+            monkeypatch.setattr(cpu_kernels, "transpose", lambda t: None)
+        xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+        onednn.linear(xr, wr, br).pow(2).sum().backward()
+        grads.append((xr.grad, wr.grad, br.grad))
+    for with_kernel, without in zip(*grads):
+        torch.testing.assert_close(with_kernel, without, rtol=1e-6, atol=1e-5)
+
+
 def test_the_weight_gradient_transposes_with_the_tiled_kernel_and_needs_no_bias(monkeypatch):
     x, weight, _ = _inputs(300, seed=1)
     xr, wr = (t.detach().clone().requires_grad_() for t in (x, weight))
