@@ -49,26 +49,37 @@ SETTINGS = {
 }
 
 
-def matmul_peak(sizes=(256, 512, 1024, 2048), seconds: float = 1.0) -> dict:
-    """Best fp32 GFLOP/s of a square product on this thread (CPU time), per size and library:
-    ``torch.mm`` (MKL's sgemm on x86) and oneDNN's inner product
-    (``torch.ops.mkldnn._linear_pointwise``, which atomlens's layers use for large inputs:
-    :mod:`atomlens.nn.linear`). The peak is the better of the two."""
-    products = {"mkl_mm": torch.mm}
+def products() -> dict:
+    """The square products timed for the peak: ``torch.mm`` (MKL's sgemm on x86) and oneDNN's
+    inner product (``torch.ops.mkldnn._linear_pointwise``, which atomlens's layers use for
+    large inputs: :mod:`atomlens.nn.linear`)."""
+    found = {"mkl_mm": torch.mm}
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if onednn is not None and torch.backends.mkldnn.is_available():
-        products["onednn"] = lambda a, b: onednn(a, b, None, "none", [], "")  # a @ b.T
+        found["onednn"] = lambda a, b: onednn(a, b, None, "none", [], "")  # a @ b.T
+    return found
+
+
+def product_gflops(product, a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
+    """GFLOP/s of ``product`` on the square ``a``, ``b`` over ``seconds`` of this thread's CPU
+    time (at least 3 repeats)."""
+    repeats, start = 0, time.thread_time()
+    while repeats < 3 or time.thread_time() - start < seconds:
+        product(a, b)
+        repeats += 1
+    return 2.0 * a.shape[0] ** 3 * repeats / (time.thread_time() - start) / 1e9
+
+
+def matmul_peak(sizes=(256, 512, 1024, 2048), seconds: float = 1.0) -> dict:
+    """Best fp32 GFLOP/s of a square product on this thread (CPU time), per size and library
+    (:func:`products`). The peak is the best of them."""
     by_library = {}
-    for name, product in products.items():
+    for name, product in products().items():
         per_size = {}
         for n in sizes:
             a, b = torch.randn(n, n), torch.randn(n, n)
             product(a, b)  # warm-up
-            repeats, start = 0, time.thread_time()
-            while repeats < 3 or time.thread_time() - start < seconds:
-                product(a, b)
-                repeats += 1
-            per_size[n] = 2.0 * n**3 * repeats / (time.thread_time() - start) / 1e9
+            per_size[n] = product_gflops(product, a, b, seconds)
         by_library[name] = per_size
     best = max(
         ((name, n) for name, per_size in by_library.items() for n in per_size),
@@ -77,7 +88,6 @@ def matmul_peak(sizes=(256, 512, 1024, 2048), seconds: float = 1.0) -> dict:
     return {
         "peak_gflops": by_library[best[0]][best[1]],
         "best": best,
-        "products": products,
         "gflops_by_size": {
             name: {str(n): round(v, 2) for n, v in per_size.items()}
             for name, per_size in by_library.items()
@@ -188,8 +198,7 @@ def main(argv=None) -> int:
     }
 
     peak = matmul_peak(seconds=args.peak_seconds)
-    shown = {k: v for k, v in peak.items() if k != "products"}
-    print(json.dumps({"measure": "matmul_peak", "dtype": "float32", **shown, **common}), flush=True)
+    print(json.dumps({"measure": "matmul_peak", "dtype": "float32", **peak, **common}), flush=True)
 
     model, optimizer, batches = training_setup(
         args.setting, args.batch_size, args.seed, args.batches
@@ -207,17 +216,13 @@ def main(argv=None) -> int:
     # within minutes, and it moves the memory-bound half of a step more than a product; each
     # round's fraction compares the two at one time, and the median round is quoted
     library, size = peak["best"]
-    product = peak["products"][library]
+    product = products()[library]
     a, b = torch.randn(size, size), torch.randn(size, size)
     order = [k % len(batches) for k in range(args.steps)]
     rounds = [order[r :: args.rounds] for r in range(args.rounds)]
     fractions, seconds = [], 0.0
     for ks in rounds:
-        repeats, start = 0, time.thread_time()
-        while repeats < 3 or time.thread_time() - start < args.peak_seconds / 2:
-            product(a, b)
-            repeats += 1
-        round_peak = 2.0 * size**3 * repeats / (time.thread_time() - start) / 1e9
+        round_peak = product_gflops(product, a, b, args.peak_seconds / 2)
         start = time.thread_time()
         for k in ks:
             step(model, optimizer, batches[k])

@@ -201,9 +201,14 @@ constexpr int CHUNK = 4;
 // row is read after its run's pairs have updated their b rows: a pair of an atom with its
 // own periodic image (a == b) adds both halves.
 
-// cfconv with the filters read from their Hermite table: W_p = c0 + t (c1 + t (c2 + t c3))
-// of interval k_p, computed where it is used and never stored
-// pair p's part for features [f0, f1)
+// the end of the run of pairs from p0 that share their first atom
+static inline int64_t run_end(const int64_t* a, int64_t p0, int64_t pairs) {
+  int64_t p1 = p0 + 1;
+  while (p1 < pairs && a[p1] == a[p0]) ++p1;
+  return p1;
+}
+
+// pair p's part of the tabulated cfconv for features [f0, f1)
 template <typename T>
 __attribute__((always_inline)) static inline void tabulated_pair(
     const T* __restrict h, const T* __restrict table, const T* x, const int64_t* a,
@@ -228,6 +233,8 @@ __attribute__((always_inline)) static inline void tabulated_pair(
   }
 }
 
+// cfconv with the filters read from their Hermite table: W_p = c0 + t (c1 + t (c2 + t c3))
+// of interval k_p, computed where it is used and never stored
 template <typename T>
 static void tabulated_rows(const T* __restrict h, const T* __restrict table, const T* x,
                            const int64_t* a, const int64_t* b, T* __restrict y,
@@ -241,7 +248,7 @@ static void tabulated_rows(const T* __restrict h, const T* __restrict table, con
   constexpr int64_t L = ATOMLENS_VECTOR_BYTES / sizeof(T), C = CHUNK * L;
   const int64_t full = width / C * C;  // features in whole chunks; the rest pair by pair
   for (int64_t p0 = 0, p1; p0 < pairs; p0 = p1) {
-    for (p1 = p0 + 1; p1 < pairs && a[p1] == a[p0]; ++p1) {}
+    p1 = run_end(a, p0, pairs);
     const T* ha = h + a[p0] * width;
     T* ya = y + a[p0] * width;
     for (int64_t f0 = 0; f0 < full; f0 += C) {
@@ -337,7 +344,7 @@ static void tabulated_backward_rows(const T* __restrict g, const T* __restrict h
   constexpr int64_t L = ATOMLENS_VECTOR_BYTES / sizeof(T), C = CHUNK * L;
   const int64_t full = width / C * C;  // features in whole chunks
   for (int64_t p0 = 0, p1; p0 < pairs; p0 = p1) {
-    for (p1 = p0 + 1; p1 < pairs && a[p1] == a[p0]; ++p1) {}
+    p1 = run_end(a, p0, pairs);
     const T* ga = g + a[p0] * width;
     const T* ha = h + a[p0] * width;
     T* gha = grad_h + (NEED_H ? a[p0] * width : 0);
