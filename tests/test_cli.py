@@ -172,3 +172,24 @@ def test_train_output_scale_option_reaches_the_config(value, expected):
 
     argv = ["train", "--preset", "md17-schnet"] + (["--output-scale", value] if value else [])
     assert config_from_args(build_parser().parse_args(argv)).output_scale == expected
+
+
+def test_commands_keep_a_dependencys_internal_deprecations_quiet():
+    """Lightning constructs torch's deprecated ``LeafSpec`` on every run; the commands do not
+    pass that FutureWarning on to the user (other warnings still show)."""
+    import warnings
+
+    from torch.utils._pytree import LeafSpec
+
+    from atomlens.cli import _quiet_dependencies
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LeafSpec()
+        _quiet_dependencies()
+        LeafSpec()
+        warnings.warn("a user's own deprecation", FutureWarning, stacklevel=1)
+    assert [str(w.message)[:28] for w in caught] == [
+        "`isinstance(treespec, LeafSp",
+        "a user's own deprecation",
+    ]

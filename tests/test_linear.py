@@ -302,6 +302,22 @@ def test_force_training_uses_pytorchs_products_and_inference_onednns():
     assert "mkldnn::_linear_pointwise" in _called(lambda: model(systems)["energy"].sum())
 
 
+def test_filter_tables_of_the_default_grid_run_every_product_on_onednn(monkeypatch):
+    """The tables' products have fixed shapes (the grid's 2 x 251 rows at 0.02 Angstrom):
+    oneDNN keeps their kernels, so they run there below the eager layers' threshold too
+    (502 x 128 x 128 is under ONEDNN_MIN_WORK); none falls back to PyTorch's products."""
+    from atomlens.models.schnet import SchNet
+
+    monkeypatch.undo()  # the thresholds as they are
+    torch.manual_seed(0)
+    rep = SchNet(n_atom_basis=128, n_filters=128, n_interactions=2, cutoff=5.0)
+    assert rep.filter_spacing == 0.02
+    assert 502 * 128 * 128 < onednn.ONEDNN_MIN_WORK
+    called = _called(lambda: sum(t.sum() for t in rep.filter_tables()).backward())
+    assert "mkldnn::_linear_pointwise" in called
+    assert not called & {"aten::mm", "aten::addmm", "aten::matmul", "aten::bmm"}
+
+
 def test_backward_of_changing_row_counts_runs_on_onednn_and_stays_exact():
     """Training batches change their rows every step: the backward pass pads the output
     gradient (and, for the weight gradient, whose inner dimension is those rows, the input)

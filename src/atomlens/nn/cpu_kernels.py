@@ -46,6 +46,7 @@ import os
 import shutil
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -1041,10 +1042,21 @@ def _build(name: str, cflags: list[str]):
         )
 
 
+def _built(name: str) -> bool:
+    """Whether torch's extension cache already holds the library ``name`` (loaded, not built)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    except Exception:  # noqa: BLE001 (a private helper of torch's: say it rather than guess)
+        return False
+
+
 def _module():
     if _state["module"] is None and not _state["failed"]:
-        _LOG.info("atomlens: compiling the C++ pair kernels (once; cached on disk)")
         targets = [_build_target()]
+        if not _built(targets[0][0]):
+            _LOG.info("compiling the C++ pair kernels (once; cached on disk)")
         if targets[0][0] != f"{_NAME}_generic":  # a compiler without -march=native: generic
             targets.append((f"{_NAME}_generic", _CFLAGS))
         errors = []

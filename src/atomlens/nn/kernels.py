@@ -156,6 +156,8 @@ class Function(torch.autograd.Function):
 
     @classmethod
     def apply(cls, *args):
+        if torch.compiler.is_compiling():  # Dynamo traces Function.apply itself, not this
+            return torch.autograd.Function.apply.__func__(cls, *args)
         if torch._C._are_functorch_transforms_active():
             return super().apply(*args)
         args = torch._functorch.utils.unwrap_dead_wrappers(args)  # as Function.apply does
