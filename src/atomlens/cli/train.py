@@ -195,7 +195,9 @@ def _add_train(sub) -> None:
         "--compile",
         action="store_true",
         default=None,
-        help="torch.compile the representation (energy training only)",
+        help="torch.compile the representation (energy training only). On the CPU the "
+        "eager path with atomlens's kernels is faster: a QM9 128/6 step took 47-52 ms "
+        "compiled against 41-43 eager (one thread, 2026-12-04); measure first",
     )
     p.add_argument(
         "--seed",

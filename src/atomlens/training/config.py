@@ -82,7 +82,8 @@ class TrainConfig:
     precision: str = "32-true"
     threads: int | None = None
     #: torch.compile the whole representation (energy training only: force training needs
-    #: double backward). The pair operations are fused kernels already, so measure first.
+    #: double backward). The pair operations are fused kernels already, so measure first: on
+    #: the CPU a QM9 128/6 step took 47-52 ms compiled against 41-43 eager (2026-12-04).
     compile: bool = False
     num_workers: int = 0
     out: str = "runs/model"
