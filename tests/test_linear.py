@@ -72,6 +72,8 @@ def test_onednn_linear_equals_f_linear_with_first_and_second_derivatives():
     "shape", [(1792, 128), (1002, 20), (48, 20), (20, 48), (200, 40), (33, 17), (16, 16), (1, 5)]
 )
 def test_the_tiled_transpose_is_exact_in_its_tiles_and_at_their_edges(shape):
+    """The transpose, and with it the column sums (a bias gradient), over whole 16 x 16 tiles
+    and the rows and columns past them."""
     x = torch.randn(*shape)
     got = cpu_kernels.transpose(x)
     if got is None:
@@ -80,6 +82,13 @@ def test_the_tiled_transpose_is_exact_in_its_tiles_and_at_their_edges(shape):
     assert torch.equal(got, x.t().contiguous())
     assert torch.equal(cpu_kernels.transpose(x.t()), x)  # a transposed view: copied
     assert cpu_kernels.transpose(x.double()) is None  # float32 only
+    x[:, -1] += 1000.0  # the last column's sum stands out
+    both, sums = cpu_kernels.transpose_and_sums(x)
+    assert torch.equal(both, x.t().contiguous())
+    torch.testing.assert_close(sums, x.double().sum(0).float(), rtol=1e-5, atol=1e-4)
+    if not x.t().is_contiguous():
+        assert cpu_kernels.transpose_and_sums(x.t()) is None  # row-major input only
+    assert cpu_kernels.transpose_and_sums(x.double()) is None
 
 
 def test_the_weight_gradient_without_the_tiled_transpose_copies_with_pytorch(monkeypatch):
@@ -90,6 +99,7 @@ def test_the_weight_gradient_without_the_tiled_transpose_copies_with_pytorch(mon
     for available in (True, False):
         if not available:
             monkeypatch.setattr(cpu_kernels, "transpose", lambda t: None)
+            monkeypatch.setattr(cpu_kernels, "transpose_and_sums", lambda t: None)
         xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
         onednn.linear(xr, wr, br).pow(2).sum().backward()
         grads.append((xr.grad, wr.grad, br.grad))
@@ -112,6 +122,31 @@ def test_the_weight_gradient_transposes_with_the_tiled_kernel_and_needs_no_bias(
     torch.testing.assert_close(xr.grad.double(), xf.grad, rtol=1e-5, atol=1e-4)
     strided = torch.randn(600, 40)[::2]  # not a dense layout: copied first
     torch.testing.assert_close(onednn.linear(strided, weight), F.linear(strided, weight))
+
+
+def test_the_bias_gradient_comes_from_the_weight_gradients_transpose(monkeypatch):
+    """With a bias the transpose of ``grad`` also adds up its columns: the bias gradient,
+    without PyTorch's sum; rows padded to the bucket size add zeros."""
+    summed, kernel = [], cpu_kernels.transpose_and_sums
+    monkeypatch.setattr(
+        cpu_kernels, "transpose_and_sums", lambda t: summed.append(t.shape) or kernel(t)
+    )
+    for rows in (300, 317):  # 304, 320 rows when padded
+        x, weight, bias = _inputs(rows, seed=rows)
+        xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+        summed.clear()
+        upstream = torch.randn(rows, 24, generator=torch.Generator().manual_seed(rows))
+        called = _called(
+            lambda xr=xr, wr=wr, br=br, g=upstream: onednn.linear(xr, wr, br).backward(g)
+        )
+        if cpu_kernels.available(x):
+            # padded to the bucket size, or not where this weight's last call had these rows
+            assert [tuple(s) for s in summed] in ([(rows, 24)], [(onednn._bucket(rows), 24)])
+            assert "aten::sum" not in called
+        xf, wf, bf = (t.detach().clone().double().requires_grad_() for t in (x, weight, bias))
+        F.linear(xf, wf, bf).backward(upstream.double())
+        for got, want in ((br.grad, bf.grad), (wr.grad, wf.grad), (xr.grad, xf.grad)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(

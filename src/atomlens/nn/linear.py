@@ -268,36 +268,45 @@ class _OneDNNLinear(kernels.Function):
                 else:
                     grad_weight = F.linear(grad.t(), x.t())
         elif not torch.is_grad_enabled() and _onednn_applies(grad, weight.t()):
-            grad_x, grad_weight = _onednn_backward(
-                grad, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            need_bias = ctx.has_bias and ctx.needs_input_grad[2]
+            grad_x, grad_weight, grad_bias = _onednn_backward(
+                grad, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_bias
             )
         else:
             if ctx.needs_input_grad[0]:
                 grad_x = F.linear(grad, weight.t())  # (N, out) @ (out, in)
             if ctx.needs_input_grad[1]:
                 grad_weight = F.linear(grad.t(), x.t())  # (out, N) @ (N, in)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and ctx.needs_input_grad[2] and grad_bias is None:
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias
 
 
-def _onednn_backward(grad, x, weight, need_x: bool, need_weight: bool):
+def _onednn_backward(grad, x, weight, need_x: bool, need_weight: bool, need_bias: bool = False):
     """Both products of the backward pass by oneDNN, outside compiled code and without a
     graph: ``grad @ weight`` and ``grad.T @ x``. Rows that change from call to call are
     padded to :func:`_bucket` sizes as in the forward pass; the weight gradient's inner
-    dimension is those rows, so it reuses oneDNN's kernel too (zero rows add nothing)."""
+    dimension is those rows, so it reuses oneDNN's kernel too (zero rows add nothing).
+    With ``need_bias`` the bias gradient ``grad.sum(0)`` comes from the transpose that
+    makes ``grad.T`` for the weight gradient (:func:`cpu_kernels.transpose_and_sums`),
+    else it is None."""
     m = grad.shape[0]
     rows = _padded_rows("grad", weight, m)
     grad = _pad_rows(grad, rows) if rows != m else _row_major(grad)
-    grad_x = grad_weight = None
+    grad_x = grad_weight = grad_bias = None
     if need_x:
         grad_x = _ONEDNN(grad, _dense(weight.t()), None, "none", [], "")
         grad_x = grad_x[:m] if rows != m else grad_x
     if need_weight:
         if rows != m:
             x = _pad_rows(x, rows)
-        grad_weight = _ONEDNN(_row_major(grad.t()), _dense(x.t()), None, "none", [], "")
-    return grad_x, grad_weight
+        both = cpu_kernels.transpose_and_sums(grad) if need_bias else None
+        if both is not None:
+            grad_t, grad_bias = both
+        else:
+            grad_t = _row_major(grad.t())
+        grad_weight = _ONEDNN(grad_t, _dense(x.t()), None, "none", [], "")
+    return grad_x, grad_weight, grad_bias
 
 
 class Linear(nn.Linear):
