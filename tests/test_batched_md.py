@@ -146,18 +146,60 @@ def test_temperatures_and_kinetic_energies_written_out():
     for k, (a, b) in enumerate(zip(md.offsets[:-1], md.offsets[1:])):
         ekin = float((p[a:b] ** 2 / (2 * m[a:b])).sum())
         assert float(md.kinetic_energies()[k]) == pytest.approx(ekin, rel=1e-12)
-        n_dof = 3 * (b - a) - 3
+        n_dof = 3 * (b - a) - 6  # NVE from drawn velocities: no rotation (none linear here)
         assert float(md.temperatures()[k]) == pytest.approx(
             2 * ekin / (n_dof * ase_units.kB), rel=1e-12
         )
 
 
+@pytest.mark.parametrize("ensemble", ["nve", "langevin"])
+def test_starting_temperature_and_its_degrees_of_freedom_are_the_serial_runs(ensemble):
+    """Each trajectory starts at exactly the asked temperature, counted over the degrees of
+    freedom a single run counts (NVE from drawn velocities: no momentum, no angular
+    momentum, 3n - 6, 3n - 5 for linear CO2; Langevin: 3n - 3), and the batched run's
+    temperatures are run_md's for the same atoms (it had started NVE runs at ~335 K as 3n - 3
+    counts them, 383 K as 3n - 6 does)."""
+    from ase.build import molecule
+
+    from atomlens.md import degrees_of_freedom, run_md
+
+    model = random_model("schnet", seed=1)
+    systems = [*_systems(), molecule("CO2")]
+    md = BatchedMD(
+        model, systems, temperature_K=300, dtype="float64", ensemble=ensemble, friction=0.01
+    )
+    nve = ensemble == "nve"
+    expected = [3 * len(a) - (5 if a.get_chemical_formula() == "CO2" else 6) for a in systems]
+    expected = expected if nve else [3 * len(a) - 3 for a in systems]
+    assert md.n_dof.tolist() == expected
+    torch.testing.assert_close(md.temperatures(), torch.full((5,), 300.0, dtype=torch.float64))
+    for k in range(md.n_structures):
+        atoms = md.atoms(k)
+        if nve:
+            assert np.abs(atoms.get_angular_momentum()).max() < 1e-10
+        assert kinetic_temperature(atoms, degrees_of_freedom(atoms, nve)) == pytest.approx(300)
+    serial = run_md(
+        model,
+        systems[0].copy(),
+        steps=0,
+        temperature_K=300,
+        ensemble=ensemble,
+        seed=0,
+        dtype="float64",
+    )
+    assert serial.temperature[0] == pytest.approx(300)
+
+
 def test_kinetic_temperature_matches_the_serial_definition():
+    from atomlens.md import degrees_of_freedom
+
     model = random_model("schnet", seed=1)
     md = BatchedMD(model, _systems(), temperature_K=300, dtype="float64")
+    md.run(5)
     for k in range(md.n_structures):
+        atoms = md.atoms(k)
         assert float(md.temperatures()[k]) == pytest.approx(
-            kinetic_temperature(md.atoms(k)), rel=1e-12
+            kinetic_temperature(atoms, degrees_of_freedom(atoms, True)), rel=1e-12
         )
 
 

@@ -18,8 +18,11 @@ Langevin (NVT, BAOAB splitting; Leimkuhler & Matthews, Appl. Math. Res. Express 
     A: x <- x + dt/2 p/m    (new F)    B: p <- p + dt/2 F
 
 after O the centre-of-mass momentum of each trajectory is removed (the noise would move
-it; the model's forces sum to zero), so both ensembles have 3n - 3 degrees of freedom per
-trajectory, as :func:`atomlens.md.kinetic_temperature` counts them.
+it; the model's forces sum to zero). Degrees of freedom per trajectory as
+:func:`atomlens.md.run_md` counts them: 3n - 3 for Langevin and for NVE from given
+velocities; NVE from drawn velocities also removes their angular momentum, which it then
+conserves, so 3n - 6 (3n - 5 for a linear molecule). Drawn velocities are scaled to exactly
+``temperature_K`` over those degrees of freedom.
 
 ``compile=True`` (or a ``torch.compile`` mode such as ``"reduce-overhead"``, which uses CUDA
 graphs on a GPU) keeps the shapes fixed from step to step: the pairs are a Verlet list of all
@@ -57,7 +60,15 @@ from .calculator import PADDING_DISTANCE, pair_capacity
 from .data.batch import Pairs
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
-from .md import LOG_COLUMNS, MDLog, MDUnstableError, published, temporary_outputs
+from .md import (
+    LOG_COLUMNS,
+    MDLog,
+    MDUnstableError,
+    degrees_of_freedom,
+    kinetic_temperature,
+    published,
+    temporary_outputs,
+)
 from .models.guards import check_elements
 from .models.potential import AtomisticModel
 from .nn import scatter_sum
@@ -144,19 +155,27 @@ class BatchedMD:
 
         starts = [atoms.copy() for atoms in systems]
         rng = np.random.default_rng(seed)
+        # as atomlens.md.run_md: NVE from drawn velocities conserves their zero angular
+        # momentum, so rotations are no degrees of freedom (3n - 6, 3n - 5 if linear);
+        # Langevin's noise fills them (3n - 3, the centre of mass fixed)
+        rotation_removed = ensemble == "nve" and initialize_velocities
+        n_dof = [degrees_of_freedom(atoms, rotation_removed and len(atoms) > 2) for atoms in starts]
         if initialize_velocities:
             from ase.md import velocitydistribution as velocities
 
-            for atoms in starts:
+            for atoms, dof in zip(starts, n_dof):
                 if hasattr(velocities, "thermalize_momenta"):  # ASE >= 3.29
                     velocities.thermalize_momenta(atoms, temperature_K, rng=rng)
                 else:
                     velocities.MaxwellBoltzmannDistribution(
                         atoms, temperature_K=temperature_K, rng=rng
                     )
-                velocities.Stationary(atoms)
-                if len(atoms) > 2:
-                    velocities.ZeroRotation(atoms)
+                velocities.Stationary(atoms, preserve_temperature=False)
+                if rotation_removed and len(atoms) > 2:
+                    velocities.ZeroRotation(atoms, preserve_temperature=False)
+                drawn = kinetic_temperature(atoms, dof)
+                if drawn > 0:  # exactly temperature_K over the degrees of freedom left
+                    atoms.set_momenta(atoms.get_momenta() * np.sqrt(temperature_K / drawn))
         counts = [len(atoms) for atoms in starts]
         as_tensor = lambda values, dtype: torch.as_tensor(
             np.concatenate(values), dtype=dtype, device=self.device
@@ -171,7 +190,7 @@ class BatchedMD:
             torch.arange(self.n_structures, device=self.device), self.n_atoms_per
         )
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        self.n_dof = torch.clamp(3 * self.n_atoms_per - 3, min=1).to(self.dtype)
+        self.n_dof = torch.tensor(n_dof, dtype=self.dtype, device=self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(rng.integers(2**62)))
         self.nsteps = 0
@@ -393,8 +412,9 @@ class BatchedMD:
         return scatter_sum(per_atom, self.structure_index, self.n_structures)
 
     def temperatures(self, kinetic: torch.Tensor | None = None) -> torch.Tensor:
-        """Kinetic temperature per trajectory (R,), K: 2 E_kin / ((3n - 3) k_B); ``kinetic``:
-        the :meth:`kinetic_energies` if already computed."""
+        """Kinetic temperature per trajectory (R,), K: 2 E_kin / (n_dof k_B), n_dof as the
+        module doc counts them; ``kinetic``: the :meth:`kinetic_energies` if already
+        computed."""
         kinetic = self.kinetic_energies() if kinetic is None else kinetic
         return 2.0 * kinetic / (self.n_dof * ase_units.kB)
 
