@@ -223,6 +223,27 @@ def test_resume_refuses_a_foreign_or_hostile_checkpoint(qm9, tmp_path, finished_
     assert "weights_only=False" not in str(err.value)
 
 
+def test_resume_with_fewer_epochs_than_done_is_a_clear_error(qm9, tmp_path):
+    """A finished 2-epoch run resumed with --epochs 1: one clear error naming what was done
+    (Lightning's own check raised a MisconfigurationException), the run left as it was;
+    --epochs 2 (what was done) evaluates it again without training."""
+    from atomlens.training import train_model as train
+    from atomlens.training.run_folder import RunFolderError, epochs_done, load_checkpoint
+
+    out = tmp_path / "run"
+    train(_tiny(out, max_epochs=2), data=qm9)
+    last = out / "checkpoints" / "last.ckpt"
+    assert epochs_done(load_checkpoint(last)) == 2
+    before = last.read_bytes()
+    with pytest.raises(RunFolderError, match="has trained 2 epochs, more than --epochs 1"):
+        train(_tiny(out, max_epochs=1), resume=True, data=qm9)
+    assert last.read_bytes() == before
+    assert not (out / "logs" / "version_1").exists()  # refused before Lightning started
+    assert epochs_done({"epoch": 4}) == 5 and epochs_done({}) is None
+    train(_tiny(out, max_epochs=2), resume=True, data=qm9)
+    assert epochs_done(load_checkpoint(last)) == 2
+
+
 def test_overwrite_replaces_the_run(qm9, tmp_path, finished_run):
     import shutil
 

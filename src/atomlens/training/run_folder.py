@@ -206,9 +206,10 @@ def record(out: Path, print_: dict) -> None:
         tmp.write_text(json.dumps(print_, indent=1))
 
 
-def check_resume(out: Path, print_: dict) -> None:
+def check_resume(out: Path, print_: dict, max_epochs: int | None = None) -> None:
     """Refuse to resume when the run in ``out`` (fingerprint file and last checkpoint) is not
-    the run described by ``print_``; a checkpoint that is not plain tensors is refused too."""
+    the run described by ``print_``, or has trained more epochs than ``max_epochs``; a
+    checkpoint that is not plain tensors is refused too."""
     stored_file = out / FINGERPRINT
     if not stored_file.is_file():
         raise RunFolderError(
@@ -235,6 +236,22 @@ def check_resume(out: Path, print_: dict) -> None:
             f"{last}: this checkpoint was not written by the run in {out} "
             f"(its fingerprint differs); refusing to resume from it"
         )
+    done = epochs_done(checkpoint)
+    if max_epochs is not None and done is not None and done > max_epochs:
+        raise RunFolderError(
+            f"{out}: the run there has trained {done} epochs, more than --epochs "
+            f"{max_epochs}; resume with --epochs {done} or more to go on (its model so far is "
+            f"in checkpoints/last.ckpt), or start afresh with --overwrite"
+        )
+
+
+def epochs_done(checkpoint: dict) -> int | None:
+    """The epochs a Lightning checkpoint has finished (where its loop state says), or None."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        epoch = checkpoint.get("epoch")
+        return int(epoch) + 1 if isinstance(epoch, int) else None
 
 
 def load_checkpoint(path: Path) -> dict:

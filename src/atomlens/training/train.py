@@ -300,7 +300,7 @@ def _train(
     fingerprint = run_folder.fingerprint(config, data, split)
     if run_folder.is_primary_process():
         if resume:
-            run_folder.check_resume(out, fingerprint)
+            run_folder.check_resume(out, fingerprint, config.max_epochs)
         else:
             run_folder.record(out, fingerprint)
         save_config(config, out / "train_config.yaml")
