@@ -181,12 +181,12 @@ def test_commands_keep_a_dependencys_internal_deprecations_quiet():
 
     from torch.utils._pytree import LeafSpec
 
-    from atomlens.cli import _quiet_dependencies
+    from atomlens.runtime import ignore_dependency_warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         LeafSpec()
-        _quiet_dependencies()
+        ignore_dependency_warnings()
         LeafSpec()
         warnings.warn("a user's own deprecation", FutureWarning, stacklevel=1)
     assert [str(w.message)[:28] for w in caught] == [

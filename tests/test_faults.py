@@ -244,6 +244,28 @@ def test_resume_with_fewer_epochs_than_done_is_a_clear_error(qm9, tmp_path):
     assert epochs_done(load_checkpoint(last)) == 2
 
 
+def test_training_keeps_lightnings_chatter_and_internal_warnings_quiet(qm9, tmp_path, caplog):
+    """Training (the Python API as the command) does not pass on Lightning's tips, its
+    "GPU available" lines, or warnings about its own internals and about settings atomlens
+    chose (a small set's few batches, the run's own checkpoint folder on --resume); the
+    loggers' levels are restored afterwards."""
+    import logging
+    import warnings
+
+    from atomlens.training import train_model as train
+
+    chatty = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = chatty.level
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        train(_tiny(tmp_path / "run", max_epochs=2), data=qm9)
+        train(_tiny(tmp_path / "run", max_epochs=3), resume=True, data=qm9)
+    said = caplog.text + "\n".join(str(w.message) for w in caught)
+    for noise in ("Tip:", "GPU available", "LeafSpec", "logging interval", "is not empty"):
+        assert noise not in said, noise
+    assert chatty.level == level
+
+
 def test_overwrite_replaces_the_run(qm9, tmp_path, finished_run):
     import shutil
 

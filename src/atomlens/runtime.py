@@ -39,12 +39,15 @@ It does four things:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import logging
 import math
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -247,3 +250,43 @@ def configure(threads: int | None = None, allocator: bool = True) -> dict:
         "wait_policy_applied": passive,
         "allocator_tuned": tuned,
     }
+
+
+# ----------------------------------------------------------------------------- dependencies' notes
+#: warnings of dependencies about their own internals or defaults that atomlens sets on
+#: purpose, which a user cannot act on
+DEPENDENCY_WARNINGS = (
+    # Lightning 2.6 constructs torch 2.13's deprecated LeafSpec on every run
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # small training sets: atomlens logs its metrics per epoch anyway
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # every --resume: the run's own checkpoint folder is meant to be there
+    r"Checkpoint directory .* exists and is not empty",
+)
+#: loggers whose INFO lines are a dependency's own chatter (Lightning's "GPU available: ...",
+#: its tips to install litlogger and litmodels, "`Trainer.fit` stopped: ..."); warnings pass
+CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def ignore_dependency_warnings() -> None:
+    """Filter :data:`DEPENDENCY_WARNINGS` for the rest of the process (the commands do)."""
+    for message in DEPENDENCY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+@contextlib.contextmanager
+def quiet_dependencies():
+    """Inside: :data:`DEPENDENCY_WARNINGS` filtered and :data:`CHATTY_LOGGERS` at WARNING;
+    both as they were afterwards. Training runs in it, so that the Python API is as quiet
+    as the command."""
+    loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        ignore_dependency_warnings()
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)

@@ -104,21 +104,9 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
-#: warnings of dependencies about their own internals, which a user cannot act on (Lightning
-#: 2.6 on torch 2.13 warns on every run that it checks for torch's deprecated ``LeafSpec``)
-DEPENDENCY_NOISE = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
-
-
-def _quiet_dependencies() -> None:
-    import warnings
-
-    for message in DEPENDENCY_NOISE:
-        warnings.filterwarnings("ignore", message=message)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``atomlens`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    from ..runtime import configure, prepare_environment
+    from ..runtime import configure, ignore_dependency_warnings, prepare_environment
 
     started = time.monotonic()  # budgets (train --minutes) count from here
     prepare_environment()  # before torch loads: libgomp reads its wait policy once
@@ -130,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--threads must be >= 1, not {threads}")
         configure(threads=threads)
         _log_to_stderr()
-        _quiet_dependencies()
+        ignore_dependency_warnings()
         return args.func(args)
     except USER_ERRORS as err:
         if _debug(args):

@@ -42,7 +42,7 @@ from ..models.inference import predict_dataset
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
 from ..nn import cpu_kernels
-from ..runtime import end_with_parent, flush_subnormals
+from ..runtime import end_with_parent, flush_subnormals, quiet_dependencies
 from . import run_folder, shared_memory
 from .budget import MARGIN_S, SPAWN_MARGIN_S, BudgetStop, CosineToEnd
 from .config import TrainConfig, save_config
@@ -268,8 +268,9 @@ def train(
     deadline = started + 60.0 * config.max_minutes if config.max_minutes else None
     out = Path(config.out)
     if not run_folder.is_primary_process():  # the primary process guards the folder
-        return _train(config, resume, data, split, deadline, test_seed)
-    with run_folder.locked(out):
+        with quiet_dependencies():
+            return _train(config, resume, data, split, deadline, test_seed)
+    with run_folder.locked(out), quiet_dependencies():
         run_folder.prepare(out, resume, overwrite)
         return _train(config, resume, data, split, deadline, test_seed)
 
