@@ -266,6 +266,50 @@ def test_training_keeps_lightnings_chatter_and_internal_warnings_quiet(qm9, tmp_
     assert chatty.level == level
 
 
+def test_ctrl_c_in_training_keeps_the_epochs_and_says_how_to_go_on(
+    qm9, tmp_path, monkeypatch, capsys
+):
+    """A Ctrl-C half-way through training: Lightning's shutdown ends in sys.exit(1), which
+    training turns back into KeyboardInterrupt; the command says "interrupted" and how to go
+    on (exit 130, no traceback); the finished epoch is kept and --resume trains the rest."""
+    from atomlens.cli import main
+    from atomlens.cli import train as train_command
+    from atomlens.training import module
+    from atomlens.training import train_model as train
+    from atomlens.training.run_folder import epochs_done, load_checkpoint
+
+    real, steps = module.AtomisticTask.training_step, []
+
+    def interrupted_step(self, batch, batch_idx):
+        steps.append(batch_idx)
+        if len(steps) == 3:  # the first batch of the second epoch (2 batches per epoch)
+            raise KeyboardInterrupt
+        return real(self, batch, batch_idx)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(module.AtomisticTask, "training_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny(out, max_epochs=3), data=qm9)
+    monkeypatch.setattr(module.AtomisticTask, "training_step", real)
+    assert epochs_done(load_checkpoint(out / "checkpoints" / "last.ckpt")) == 1
+    train(_tiny(out, max_epochs=3), resume=True, data=qm9)
+    assert epochs_done(load_checkpoint(out / "checkpoints" / "last.ckpt")) == 3
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_command, "run_train", ctrl_c)
+    monkeypatch.setattr(train_command, "run_evaluate", ctrl_c)
+    assert main(["train", "--preset", "qm9-u0-demo", "--out", str(tmp_path / "x")]) == 130
+    assert main(["evaluate", str(out)]) == 130
+    err = capsys.readouterr().err.splitlines()
+    train_hint = (
+        "atomlens train: interrupted; every finished epoch is saved: run the same command "
+        "with --resume to go on from the last one"
+    )
+    assert err == [train_hint, "atomlens evaluate: interrupted"]
+
+
 def test_overwrite_replaces_the_run(qm9, tmp_path, finished_run):
     import shutil
 

@@ -104,6 +104,18 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
+#: exit status after a Ctrl-C (128 + SIGINT, as shells report it)
+INTERRUPTED_STATUS = 130
+#: what a command's user can do after a Ctrl-C
+INTERRUPTED_HINTS = {
+    "train": (
+        "; every finished epoch is saved: run the same command with --resume to go on "
+        "from the last one"
+    ),
+    "md": "; the steps done so far are kept in the output files",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``atomlens`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     from ..runtime import configure, ignore_dependency_warnings, prepare_environment
@@ -125,3 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"atomlens {args.command}: error: {err}", file=sys.stderr)
         return USER_ERROR_STATUS
+    except KeyboardInterrupt:
+        if _debug(args):
+            traceback.print_exc()
+        hint = INTERRUPTED_HINTS.get(args.command, "")
+        print(f"atomlens {args.command}: interrupted{hint}", file=sys.stderr)
+        return INTERRUPTED_STATUS

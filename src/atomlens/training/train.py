@@ -403,7 +403,12 @@ def _train(
     datamodule = PackedDataModule(
         data, split, model.cutoff, config.batch_size, config.seed, config.num_workers
     )
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning's sys.exit(1) after a Ctrl-C: the caller says
+            raise KeyboardInterrupt from None  # what the user can do next (--resume)
+        raise
 
     if trainer.global_rank != 0:
         return {}
