@@ -777,3 +777,45 @@ def test_ring_table_and_json_fields():
         "n_molecules": 3,
         "n_unmatched": 1,
     }
+
+
+def test_insight_and_explanations_refuse_elements_the_model_never_saw(tmp_path):
+    """Atomic energies, a potential map's molecule or probe, and a molecule's explanation of
+    an element absent from the training data are refused (the command's flag turns that into
+    a warning); the ring study leaves such molecules out."""
+    from ase.io import write
+    from helpers import qm9_sample, random_model
+
+    from atomlens.cli import main
+    from atomlens.data.dataset import DataError
+    from atomlens.insight.rings import known_elements_only
+    from atomlens.models.io import save_model
+
+    model = random_model("schnet", seed=3)
+    model.metadata = {"elements": [1, 6, 8]}  # trained on C, H, O
+    pyridine, ethanol = molecule("C5H5N"), molecule("CH3CH2OH")
+    with pytest.raises(DataError, match="never seen in training"):
+        atomic_energies(model, pyridine)
+    with pytest.warns(UserWarning, match="never seen in training"):
+        atomic_energies(model, pyridine, allow_unknown_elements=True)
+    assert len(atomic_energies(model, ethanol).energies) == 9
+    with pytest.raises(DataError, match=r"N probe.*never seen"):
+        potential_map(model, ethanol, probe="N", spacing=0.5)
+    with pytest.raises(ValueError, match="not an element symbol"):
+        potential_map(model, ethanol, probe="Xx", spacing=0.5)
+    potential_map(model, ethanol, probe=6, spacing=0.5)  # atomic numbers are probes too
+
+    data = qm9_sample()
+    mask = known_elements_only(data, np.arange(len(data)), [1, 6, 8])
+    for k in range(len(data)):
+        numbers = data.numbers[data.offsets[k] : data.offsets[k + 1]]
+        assert mask[k] == (set(numbers.tolist()) <= {1, 6, 8})
+    assert 0 < mask.sum() < len(data)
+
+    folder = tmp_path / "model"
+    save_model(model.float(), folder, metadata=model.metadata)
+    write(tmp_path / "pyridine.xyz", pyridine)
+    out = tmp_path / "explained"
+    args = ["explain", "molecule", str(folder), str(tmp_path / "pyridine.xyz"), "--out", str(out)]
+    assert main(args) == 2
+    assert not out.exists()

@@ -45,6 +45,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--fit-data", help="structures to fit the patterns on (patternattribution)")
     parser.add_argument("--n-top", type=int, default=15, help="rows per kind in the terms table")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--allow-unknown-elements",
+        action="store_true",
+        help="go on (with a warning) for elements absent from the model's training data",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.sources.ase_files import read_structures
     from ..explain.molecule_figures import molecule_figure, terms_table, write_terms
     from ..explain.molecules import explain_molecule
+    from ..models.guards import check_elements
     from ..models.io import load_model
 
     model = load_model(args.model)
@@ -82,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
             f"{args.structure}: --index {args.index} selects {len(frames)} "
             "structures; explain one at a time"
         )
+    numbers = frames[0].get_atomic_numbers()
+    check_elements(model, numbers, args.allow_unknown_elements, args.structure)
     args.out.mkdir(parents=True, exist_ok=True)
     methods = args.method or ["relevant_walks"]
     patterns = _patterns(args, model) if "patternattribution" in methods else None

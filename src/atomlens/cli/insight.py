@@ -43,6 +43,7 @@ def add_parser(subparsers) -> None:
         help="a dipole model (trained on QM9 mu): its partial charges q_i beside E_i",
     )
     _add_dtype(a)
+    _add_unknown_elements(a)
     a.set_defaults(func=run_atomic_energies)
 
     m = sub.add_parser("potential-map", help="local chemical potential Omega_A(r) of a probe atom")
@@ -74,6 +75,7 @@ def add_parser(subparsers) -> None:
     m.add_argument("--cube-spacing", type=float, default=0.2, help="3D grid spacing (Angstrom)")
     m.add_argument("--chunk-size", type=int, default=2048, help="probe points per forward pass")
     _add_dtype(m)
+    _add_unknown_elements(m)
     m.set_defaults(func=run_potential_map)
 
     r = sub.add_parser("rings", help="rank ring types by summed atomic energies (QM9 subset)")
@@ -127,6 +129,14 @@ def _add_dtype(p) -> None:
     )
 
 
+def _add_unknown_elements(p) -> None:
+    p.add_argument(
+        "--allow-unknown-elements",
+        action="store_true",
+        help="go on (with a warning) for elements absent from the model's training data",
+    )
+
+
 def _add_data_options(p) -> None:
     p.add_argument("--data", default="qm9", help="'qm9' or a packed data set folder")
     p.add_argument(
@@ -168,7 +178,12 @@ def run_atomic_energies(args) -> int:
     model, _, unit = _load(args.model, args.dtype)
     frames = open_structures(args.structures, args.index)
     charge_model = _load(args.charges, args.dtype)[0] if args.charges else None
-    tables = atomic_energies(model, frames, charge_model=charge_model)
+    tables = atomic_energies(
+        model,
+        frames,
+        charge_model=charge_model,
+        allow_unknown_elements=args.allow_unknown_elements,
+    )
     if args.json:
         print(
             json.dumps(
@@ -224,6 +239,7 @@ def run_potential_map(args) -> int:
         height=args.height,
         reference=args.reference,
         chunk_size=args.chunk_size,
+        allow_unknown_elements=args.allow_unknown_elements,
     )
     v = pmap.values
     print(
@@ -250,6 +266,7 @@ def run_potential_map(args) -> int:
             padding=args.padding,
             reference=args.reference,
             chunk_size=args.chunk_size,
+            allow_unknown_elements=args.allow_unknown_elements,
         )
         write_cube(args.cube, box)
         print(f"cube file: {args.cube} ({'x'.join(map(str, box.values.shape))} points)")

@@ -70,11 +70,14 @@ def atomic_energies(
     atoms_or_list,
     batch_size: int = 100,
     charge_model: AtomisticModel | None = None,
+    allow_unknown_elements: bool = False,
 ) -> AtomicEnergies | list[AtomicEnergies]:
     """Atomic energies E_i of one ASE ``Atoms`` (returns one table) or of a list (a list).
 
     The E_i sum to the model's total energy exactly (same forward pass). ``charge_model``,
     a dipole model, adds its partial charges q_i (e), which sum to the total charge.
+    Elements absent from the models' training data are refused (a warning with
+    ``allow_unknown_elements``).
     """
     if charge_model is not None and charge_model.config.output != "dipole":
         raise ValueError(
@@ -87,8 +90,14 @@ def atomic_energies(
     results = []
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
-        out = model.predict(chunk)
-        charges = None if charge_model is None else charge_model.predict(chunk)["charges"]
+        out = model.predict(chunk, allow_unknown_elements=allow_unknown_elements)
+        charges = (
+            None
+            if charge_model is None
+            else charge_model.predict(chunk, allow_unknown_elements=allow_unknown_elements)[
+                "charges"
+            ]
+        )
         offset = 0
         for k, atoms in enumerate(chunk):
             n = len(atoms)

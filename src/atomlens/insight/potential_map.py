@@ -213,9 +213,20 @@ def potential_map(
     height: float = 0.0,
     reference: str = "none",
     chunk_size: int = 2048,
+    allow_unknown_elements: bool = False,
 ) -> PotentialMap:
     """Omega_A on a plane (``plane`` = xy, xz, yz or principal), a 3D box (``plane=None``) or
-    on given ``grid`` points (..., 3)."""
+    on given ``grid`` points (..., 3). A probe or an atom of an element absent from the
+    model's training data is refused (a warning with ``allow_unknown_elements``)."""
+    from ase.data import atomic_numbers
+
+    from ..models.guards import check_elements
+
+    z = int(probe) if isinstance(probe, (int, np.integer)) else atomic_numbers.get(str(probe))
+    if z is None:
+        raise ValueError(f"probe {probe!r} is not an element symbol (C, H, N, O, ...)")
+    numbers = [*atoms.get_atomic_numbers().tolist(), z]
+    check_elements(model, numbers, allow_unknown_elements, f"potential map ({probe} probe)")
     if grid is not None:
         points = np.asarray(grid, dtype=np.float64)
         origin, axes = points.reshape(-1, 3)[0], np.zeros((points.ndim - 1, 3))

@@ -320,6 +320,16 @@ def ring_analysis(
     return RingAnalysis(records, rank_ring_types(records, min_count), len(indices), unmatched)
 
 
+def known_elements_only(data, indices: np.ndarray, known) -> np.ndarray:
+    """Mask over ``indices``: the structures of ``data`` made of ``known`` elements only."""
+    allowed = np.zeros(max(int(data.numbers.max()), max(known)) + 1, dtype=bool)
+    allowed[np.asarray(known, dtype=int)] = True
+    per_atom = allowed[data.numbers]
+    starts = np.asarray(data.offsets)[:-1]
+    all_known = np.logical_and.reduceat(per_atom, starts) if len(per_atom) else per_atom
+    return all_known[np.asarray(indices)]
+
+
 def ring_study(
     model,
     data,
@@ -338,14 +348,20 @@ def ring_study(
     ``max_molecules`` of them (drawn at random with ``seed``; ``None`` or 0: all) get their
     atomic energies predicted by ``model`` (in float64 for the sums), and their rings are
     ranked by :func:`ring_analysis` (types seen fewer than ``min_count`` times left out).
-    ``source`` names the data in error messages.
+    Molecules with an element absent from the model's training data are left out first
+    (their atomic energies would be extrapolation). ``source`` names the data in error
+    messages.
     """
+    from ..models.guards import training_elements
     from ..models.inference import predict_dataset
 
     if "smiles" not in data.extras:
         raise ValueError(f"{source}: the data set has no SMILES; rings need them")
     sizes = tuple(int(size) for size in sizes)
     indices = np.arange(len(data)) if indices is None else np.asarray(indices)
+    known = training_elements(model)
+    if known is not None:
+        indices = indices[known_elements_only(data, indices, known)]
     indices = indices[has_rings(np.asarray(data.extras["smiles"])[indices], sizes)]
     if max_molecules and len(indices) > max_molecules:
         rng = np.random.default_rng(seed)
