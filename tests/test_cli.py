@@ -193,3 +193,13 @@ def test_commands_keep_a_dependencys_internal_deprecations_quiet():
         "`isinstance(treespec, LeafSp",
         "a user's own deprecation",
     ]
+
+
+def test_evaluate_on_another_file_takes_that_files_units(trained, capsys):
+    """``evaluate --data`` takes --energy-unit and --length-unit for that file (the command
+    had none, and its hint asked for them); the flags alone, without --data, are an error."""
+    run, packed = str(trained / "run"), str(trained / "packed")
+    assert main(["evaluate", run, "--data", packed, "--energy-unit", "eV", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 40
+    assert main(["evaluate", run, "--energy-unit", "eV"]) == 2
+    assert "describe a --data file" in capsys.readouterr().err

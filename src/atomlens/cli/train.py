@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -379,8 +380,20 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="MAE and RMSE of a trained model on a split")
     p.add_argument("model", help="model folder (or the training output folder)")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    p.add_argument("--data", help="data set (default: the one the model was trained on)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument(
+        "--data",
+        help="another data set, scored whole (default: the one the model was trained on)",
+    )
+    p.add_argument(
+        "--energy-unit",
+        help="unit of energies in the --data file if it states none "
+        "(eV, meV, hartree, kcal/mol, kJ/mol; not the training file's)",
+    )
+    p.add_argument(
+        "--length-unit",
+        help="unit of lengths in the --data file if it states none (Angstrom, bohr, nm)",
+    )
+    p.add_argument("--batch-size", type=int, default=100, help="structures per model call")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=run_evaluate)
 
@@ -396,9 +409,16 @@ def run_evaluate(args) -> int:
     model = load_model(folder)
     cfg_file = folder / "train_config.yaml"
     config = load_config(cfg_file) if cfg_file.exists() else TrainConfig(target=model.target)
-    if args.data:
-        config = config.updated(data=args.data)
-    config = config.updated(max_structures=None) if args.data else config
+    if args.data:  # its own units (the training file's declaration is not this file's), whole
+        config = dataclasses.replace(
+            config,
+            data=args.data,
+            energy_unit=args.energy_unit,
+            length_unit=args.length_unit,
+            max_structures=None,
+        )
+    elif args.energy_unit or args.length_unit:
+        raise ValueError("--energy-unit and --length-unit describe a --data file")
     data = load_dataset(config)
     # another data set is scored whole: its frames are not the model's split
     split = "all" if args.data else args.split
