@@ -129,7 +129,7 @@ def test_predict_keeps_reference_values(tmp_path, capsys, suffix):
     "content, message",
     [
         ("3\ncomment\nC 0 0 0\nH 1 0 0\n", "cannot read"),  # truncated
-        ("2\ncomment\nXx 0 0 0\nH 1 0 0\n", "cannot read"),  # unknown element
+        ("2\ncomment\nXx 0 0 0\nH 1 0 0\n", "unknown element symbol 'Xx'"),  # unknown element
         ("2\ncomment\nC 0 0 0\nH 0 0 0\n", "overlapping"),  # two atoms at one place
         ("2\ncomment\nC nan 0 0\nH 1 0 0\n", "non-finite"),  # NaN coordinates
     ],
@@ -203,3 +203,27 @@ def test_evaluate_on_another_file_takes_that_files_units(trained, capsys):
     assert json.loads(capsys.readouterr().out)["n"] == 40
     assert main(["evaluate", run, "--energy-unit", "eV"]) == 2
     assert "describe a --data file" in capsys.readouterr().err
+
+
+def test_reader_errors_in_words_and_a_closed_pipe_is_quiet(tmp_path, monkeypatch, capsys):
+    """An unknown element symbol and an index past the last frame are named (ASE says
+    ``KeyError: 'Xx'`` and ``StopIteration``); stdout's reader going away (``| head``) ends
+    the command quietly with 141."""
+    from atomlens.cli import train as train_command
+    from atomlens.data.dataset import DataError
+    from atomlens.data.sources.ase_files import read_structures
+
+    (tmp_path / "xx.xyz").write_text("2\n\nC 0 0 0\nXx 1.2 0 0\n")
+    (tmp_path / "w.xyz").write_text("3\n\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n")
+    with pytest.raises(DataError, match="unknown element symbol 'Xx'"):
+        read_structures(tmp_path / "xx.xyz")
+    with pytest.raises(DataError, match="index 5 selects no frame; the file has 1 frame"):
+        read_structures(tmp_path / "w.xyz", "5")
+    assert len(read_structures(tmp_path / "w.xyz", "0")) == 1
+
+    def closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(train_command, "run_predict", closed_pipe)
+    assert main(["predict", str(tmp_path), str(tmp_path / "w.xyz")]) == 141
+    assert capsys.readouterr().err == ""

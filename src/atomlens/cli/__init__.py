@@ -33,6 +33,7 @@ command modules import the library inside their ``run`` functions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -104,6 +105,8 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
+#: exit status when stdout's reader has gone (128 + SIGPIPE, as shells report it)
+BROKEN_PIPE_STATUS = 141
 #: exit status after a Ctrl-C (128 + SIGINT, as shells report it)
 INTERRUPTED_STATUS = 130
 #: what a command's user can do after a Ctrl-C
@@ -132,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         _log_to_stderr()
         ignore_dependency_warnings()
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`atomlens predict ... | head`): no message
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # no real stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # flush at exit
+        return BROKEN_PIPE_STATUS
     except USER_ERRORS as err:
         if _debug(args):
             traceback.print_exc()

@@ -98,9 +98,8 @@ def read_ase(
     try:
         frames = read(str(path), index=index, format=format)
     except Exception as err:  # each ASE format raises its own errors for bad input
-        raise DataError(
-            f"{path}: ASE could not read the file, malformed or truncated "
-            f"({type(err).__name__}: {err})"
+        raise _read_error(
+            path, index, err, "ASE could not read the file, malformed or truncated"
         ) from err
     if not isinstance(frames, list):
         frames = [frames]
@@ -119,6 +118,28 @@ def read_ase(
     )
 
 
+def _read_error(path, index, err: Exception, what: str) -> DataError:
+    """A :class:`DataError` for ASE's error ``err`` reading ``path``, in words where ASE's
+    own are a bare exception: an element symbol it does not know (``KeyError: 'Xx'``), an
+    index past the last frame (``StopIteration``/``IndexError``)."""
+    from ase.data import atomic_numbers
+
+    if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str):
+        symbol = err.args[0]
+        if symbol not in atomic_numbers and symbol.isalpha() and len(symbol) <= 3:
+            return DataError(f"{path}: unknown element symbol {symbol!r}")
+    if isinstance(err, (StopIteration, IndexError)) and str(index) not in (":", "", "None"):
+        import ase.io
+
+        try:
+            n = len(ase.io.read(str(path), index=":"))
+        except Exception:  # noqa: BLE001 (the file itself is bad: say what we know)
+            n = None
+        frames = f"; the file has {n} frame{'s' if n != 1 else ''}" if n is not None else ""
+        return DataError(f"{path}: index {index} selects no frame{frames}")
+    return DataError(f"{path}: {what} ({type(err).__name__}: {err})")
+
+
 def read_structures(path: str | os.PathLike, index: str | int = ":") -> list:
     """The ASE ``Atoms`` of ``path`` (``index``: ASE syntax, ``":"`` all frames), as a list;
     a clear :class:`DataError` naming the path for missing, empty or malformed files."""
@@ -128,7 +149,7 @@ def read_structures(path: str | os.PathLike, index: str | int = ":") -> list:
     try:
         frames = ase.io.read(path, index=index)
     except Exception as err:  # ASE raises many types for bad files
-        raise DataError(f"{path}: cannot read structures ({type(err).__name__}: {err})") from err
+        raise _read_error(path, index, err, "cannot read structures") from err
     frames = frames if isinstance(frames, list) else [frames]
     if not frames:
         raise DataError(f"{path}: the file holds no structures")
