@@ -465,6 +465,16 @@ def test_md_command_with_replicas(tmp_path, capsys):
     assert (
         main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), "--replicas", "0"]) == 2
     )
+    capsys.readouterr()
+    # an option the ensemble does not read is an error, not silently ignored
+    for extra in (["--friction", "0.02"], ["--ensemble", "langevin", "--pressure", "5"]):
+        assert main(["md", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz"), *extra]) == 2
+    err = capsys.readouterr().err.splitlines()
+    hint = ": drop it or change the ensemble"
+    assert err == [
+        f"atomlens md: error: --friction applies to --ensemble langevin, not nve{hint}",
+        f"atomlens md: error: --pressure applies to --ensemble npt, not langevin{hint}",
+    ]
 
 
 def test_predict_in_chunks_equals_one_call():

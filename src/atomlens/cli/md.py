@@ -46,8 +46,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--pressure",
         type=float,
-        default=1.01325,
-        help="NPT pressure, bar (default 1.01325 = 1 atm)",
+        help="NPT pressure, bar (default 1.01325 = 1 atm; npt only)",
     )
     p.add_argument(
         "--temperature",
@@ -58,7 +57,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=1000, help="number of MD steps (default 1000)")
     p.add_argument("--timestep", type=float, default=0.5, help="time step, fs (default 0.5)")
     p.add_argument(
-        "--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)"
+        "--friction", type=float, help="Langevin friction, 1/fs (default 0.01; langevin only)"
     )
     p.add_argument(
         "--interval",
@@ -125,10 +124,22 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+#: options that only one ensemble reads, with their defaults
+ENSEMBLE_OPTIONS = {"friction": ("langevin", 0.01), "pressure": ("npt", 1.01325)}
+
+
 def run(args) -> int:
     from ..data.sources.ase_files import read_structures
     from ..md import run_md
 
+    for option, (ensemble, default) in ENSEMBLE_OPTIONS.items():
+        if getattr(args, option) is not None and args.ensemble != ensemble:
+            raise ValueError(
+                f"--{option} applies to --ensemble {ensemble}, not {args.ensemble}: "
+                f"drop it or change the ensemble"
+            )
+        if getattr(args, option) is None:
+            setattr(args, option, default)
     frames = read_structures(args.structure, args.index)
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, not {args.replicas}")
