@@ -162,7 +162,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--test-subset",
         type=int,
-        help="final evaluation on at most this many random test structures (default 10000)",
+        help="final evaluation on at most this many random test structures",
     )
     p.add_argument(
         "--full-test",
@@ -463,9 +463,7 @@ def _add_predict(sub) -> None:
         action="store_true",
         help="predict for elements the model was not trained on (a warning)",
     )
-    p.add_argument(
-        "--chunk", type=int, default=1000, help="structures per model call (default 1000)"
-    )
+    p.add_argument("--chunk", type=int, default=1000, help="structures per model call")
     p.set_defaults(func=run_predict)
 
 
