@@ -128,8 +128,9 @@ def test_unknown_target_is_a_clear_error(tmp_path, data):
     from atomlens.training.train import load_dataset
 
     folder = data.save(tmp_path / "packed")
-    with pytest.raises(DataError, match="unknown target 'E0'"):
+    with pytest.raises(DataError, match="unknown target 'E0'.*choose one with --target") as err:
         load_dataset(TrainConfig(data=str(folder), target="E0"))
+    assert "forces" not in str(err.value).split("--target")[1]  # targets only
     with pytest.raises(DataError, match="no forces"):
         load_dataset(TrainConfig(data=str(folder), target="U0", forces=True))
 

@@ -62,9 +62,11 @@ def load_dataset(config: TrainConfig) -> PackedDataset:
 
     data = open_dataset(config.data, config.energy_unit, config.length_unit)
     if config.target not in data.targets:
+        others = [t for t in sorted(data.targets) if t not in ("forces", "stress")]
+        hint = f": choose one with --target ({', '.join(others)})" if others else ""
         raise DataError(
             f"{config.data}: unknown target {config.target!r}; "
-            f"this data set has {sorted(data.targets)}"
+            f"this data set has {sorted(data.targets)}{hint}"
         )
     if config.forces and "forces" not in data.targets:
         raise DataError(f"{config.data}: forces requested but the data set has no forces")
