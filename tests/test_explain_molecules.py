@@ -296,7 +296,7 @@ def test_errors():
         explain_molecule(random_model("schnet", aggregation="mean"), ETHANOL)
 
 
-def test_cli_writes_figure_and_tables(tmp_path):
+def test_cli_writes_figure_and_tables(tmp_path, capsys):
     import ase.io
 
     from atomlens.cli import main
@@ -322,6 +322,7 @@ def test_cli_writes_figure_and_tables(tmp_path):
         ]
     )
     assert code == 0
+    assert "warning" not in capsys.readouterr().err
     for name in (
         "relevant_walks.png",
         "relevant_walks_terms.csv",
@@ -351,6 +352,13 @@ def test_cli_writes_figure_and_tables(tmp_path):
         )
         == 2
     )
+    # patterns fitted on two identical frames (one distinct structure): said so
+    ase.io.write(tmp_path / "same.xyz", [ETHANOL, ETHANOL])
+    capsys.readouterr()
+    args = ["explain", "molecule", str(tmp_path / "model"), str(tmp_path / "ethanol.xyz")]
+    args += ["--method", "patternattribution", "--fit-data", str(tmp_path / "same.xyz")]
+    assert main([*args, "--out", str(tmp_path / "degenerate")]) == 0
+    assert "same.xyz holds 1 distinct structure(s)" in capsys.readouterr().err
 
 
 FIT_MOLECULES = [ETHANOL, molecule("CH4"), molecule("H2O"), molecule("CH3OH")]

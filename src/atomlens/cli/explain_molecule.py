@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +68,26 @@ def _patterns(args, model):
     from ..data.sources.ase_files import read_structures
 
     frames = read_structures(args.fit_data)
+    distinct = {
+        (a.numbers.tobytes(), np.round(a.positions, 6).tobytes()) for a in frames
+    }  # the estimator needs variation: the same structure twice is one
+    if len(distinct) < MIN_FIT_STRUCTURES:
+        print(
+            f"atomlens explain: warning: {args.fit_data} holds {len(distinct)} distinct "
+            f"structure(s); PatternAttribution's patterns fitted on so few are degenerate "
+            f"(relevances far from the energy): fit them on more, different structures",
+            file=sys.stderr,
+        )
     batches = (model.batch_from_atoms(frames[k : k + 64]) for k in range(0, len(frames), 64))
     patterns = fit_molecule_patterns(model, batches)
     patterns.save(args.out / "patterns.safetensors")
     return patterns
+
+
+#: relevances summing to more than this many times E - ref (at least 0.1 eV) are flagged
+DEGENERATE_FACTOR = 100.0
+#: fewer distinct structures than this to fit patterns on are flagged
+MIN_FIT_STRUCTURES = 3
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +139,17 @@ def run(args: argparse.Namespace) -> int:
             f"sum of atom relevances {e.atoms.sum():.4f} eV "
             f"(conservation error {1000 * e.conservation_error:.3g} meV)"
         )
+        if abs(e.conservation_error) > DEGENERATE_FACTOR * max(abs(e.explained), 0.1):
+            print(
+                f"atomlens explain: warning: {method}'s relevances sum to "
+                f"{e.atoms.sum():.4g} eV for E - ref = {e.explained:.4g} eV"
+                + (
+                    ": its patterns look degenerate; fit them on more, different structures"
+                    if method == "patternattribution"
+                    else ""
+                ),
+                file=sys.stderr,
+            )
     # the atom relevances of every method in one interactive 3D view, beside the PNGs
     from ..insight.viewer import write_viewer
 
