@@ -51,8 +51,8 @@ def _flush_subnormal(e: torch.Tensor) -> torch.Tensor:
 
     A Gaussian 3.5-3.8 widths from its centre is subnormal in float32, and the CPU computes
     on subnormal numbers in microcode, 50-100x slower: the weight gradient of the first
-    filter layer on SchNet's 501-node filter grid (128 x 501 x 20) took 2 ms instead of
-    0.03, 19 ms of a 130-190 ms QM9 training step. The change to the values is below
+    filter layer on SchNet's 501-node filter grid (0.01 Angstrom, the default then;
+    128 x 501 x 20) took 2 ms instead of 0.03, 19 ms of a 130-190 ms QM9 training step. The change to the values is below
     1.2e-38 (float32) or 2.2e-308 (float64).
     """
     return e.masked_fill(e < torch.finfo(e.dtype).tiny, 0.0)
