@@ -677,6 +677,36 @@ def test_kernel_build_says_compiling_only_when_it_compiles(monkeypatch, caplog):
         assert said == ([] if cached else ["compiling the C++ pair kernels (once; cached on disk)"])
 
 
+def test_without_a_compiler_one_warning_and_no_compile_attempts_after_it(monkeypatch):
+    """No working C++ compiler: both builds fail alike, and torch.compile's kernels and the
+    calculator's automatic compiling would each fail and warn again (with torch's long
+    message). One warning says it all (the build's error once); the compiled kernels and
+    automatic compiling stay off. With a compiler that works (our build failing for another
+    reason) torch.compile's kernels stay on."""
+    import warnings
+
+    from atomlens.nn import cpu_kernels, kernels
+
+    def broken(name, cflags):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpu_kernels, "_build", broken)
+    monkeypatch.setenv("ATOMLENS_COMPILE", "1")  # the tests' default is off
+    for works in (False, True):
+        monkeypatch.setattr(cpu_kernels, "_compiler_works", lambda works=works: works)
+        monkeypatch.setattr(cpu_kernels, "_state", {"module": None, "failed": False})
+        monkeypatch.setattr(kernels, "_state", {"enabled": True})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert cpu_kernels._module() is None
+            assert cpu_kernels._module() is None  # said once
+        said = [str(w.message) for w in caught]
+        assert len(said) == 1 and said[0].count("no compiler here") == 1
+        assert ("no working C++ compiler" in said[0]) == (not works)
+        assert kernels.fused_enabled() == works
+        assert kernels.auto_compile_enabled() == works
+
+
 def test_tabulated_cfconv_graph_building_paths_agree_with_the_one_pass_kernels():
     """With ``create_graph`` the derivatives come from differentiable Functions (the
     composed ones when the table's gradient is asked for): the same values as the one-pass

@@ -1095,12 +1095,33 @@ def _module():
                 errors.append(f"{type(error).__name__}: {str(error)[:200]}")
         else:
             _state["failed"] = True
-            warnings.warn(
-                f"atomlens: C++ pair kernels unavailable ({'; '.join(errors)}); using the "
-                f"compiled PyTorch kernels",
-                stacklevel=3,
-            )
+            said = "; ".join(dict.fromkeys(errors))  # both builds often fail alike
+            if _compiler_works():
+                warnings.warn(
+                    f"atomlens: C++ pair kernels unavailable ({said}); using the kernels "
+                    f"torch.compile generates",
+                    stacklevel=3,
+                )
+            else:  # torch.compile's kernels need the compiler too: one warning, not three
+                kernels.no_compiler()
+                warnings.warn(
+                    f"atomlens: no working C++ compiler ({said}); running plain PyTorch "
+                    f"without compiled kernels or compiled MD steps, slower. Install g++ or "
+                    f"clang++ (or point CXX at one) for them",
+                    stacklevel=3,
+                )
     return _state["module"]
+
+
+def _compiler_works() -> bool:
+    """Whether torch.compile finds a working C++ compiler (``CXX`` or its default)."""
+    try:
+        from torch._inductor import cpp_builder
+
+        cpp_builder.get_cpp_compiler()
+        return True
+    except Exception:  # noqa: BLE001 (InvalidCxxCompiler, or a torch without the helper)
+        return False
 
 
 def _applies(floats: tuple[torch.Tensor, ...], tracing: bool = False) -> bool:

@@ -62,8 +62,16 @@ def set_fused(enabled: bool) -> None:
 
 
 def auto_compile_enabled() -> bool:
-    """``compile="auto"`` may compile: ``ATOMLENS_COMPILE`` is not ``0`` (read at each call)."""
-    return os.environ.get("ATOMLENS_COMPILE", "1") != "0"
+    """``compile="auto"`` may compile: ``ATOMLENS_COMPILE`` is not ``0`` (read at each call)
+    and no build in this process found the C++ compiler missing (:func:`no_compiler`)."""
+    return os.environ.get("ATOMLENS_COMPILE", "1") != "0" and _state.get("compiler", True)
+
+
+def no_compiler() -> None:
+    """Record that this process has no working C++ compiler: the compiled kernels and the
+    automatic compiling of MD steps stay off (one warning said so, not one per attempt)."""
+    _state["enabled"] = False
+    _state["compiler"] = False
 
 
 def compile_fixed_shapes(
