@@ -310,6 +310,27 @@ def test_ctrl_c_in_training_keeps_the_epochs_and_says_how_to_go_on(
     assert err == [train_hint, "atomlens evaluate: interrupted"]
 
 
+def test_spawned_training_processes_keep_the_chatter_quiet_too(monkeypatch):
+    """A rank that ddp_spawn starts is a fresh interpreter: the process-settings callback
+    installs the warning filters (LeafSpec, DDP's broadcast_buffers advice) and logger
+    levels there, as training's context does in the first process."""
+    import logging
+    import warnings
+
+    from atomlens.training import train as training
+
+    chatty = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    monkeypatch.setattr(chatty, "level", logging.INFO)
+    monkeypatch.setattr(training, "end_with_parent", lambda sig: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        training._ProcessSettings(None, spawned=True).setup(None, None, "fit")
+        warnings.warn("`broadcast_buffers` is deprecated. Use ...", FutureWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else"]
+    assert chatty.level == logging.WARNING
+
+
 def test_overwrite_replaces_the_run(qm9, tmp_path, finished_run):
     import shutil
 

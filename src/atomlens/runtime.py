@@ -262,6 +262,9 @@ DEPENDENCY_WARNINGS = (
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     # every --resume: the run's own checkpoint folder is meant to be there
     r"Checkpoint directory .* exists and is not empty",
+    # data-parallel training: atomlens passes broadcast_buffers=False on purpose (its buffers
+    # are fixed statistics; torch's own advice there is to keep it until init_sync_buffers)
+    r"`broadcast_buffers` is deprecated",
 )
 #: loggers whose INFO lines are a dependency's own chatter (Lightning's "GPU available: ...",
 #: its tips to install litlogger and litmodels, "`Trainer.fit` stopped: ..."); warnings pass
@@ -272,6 +275,12 @@ def ignore_dependency_warnings() -> None:
     """Filter :data:`DEPENDENCY_WARNINGS` for the rest of the process (the commands do)."""
     for message in DEPENDENCY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+
+
+def quiet_loggers() -> None:
+    """:data:`CHATTY_LOGGERS` at WARNING for the rest of the process (spawned ranks)."""
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager

@@ -42,7 +42,13 @@ from ..models.inference import predict_dataset
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
 from ..nn import cpu_kernels
-from ..runtime import end_with_parent, flush_subnormals, quiet_dependencies
+from ..runtime import (
+    end_with_parent,
+    flush_subnormals,
+    ignore_dependency_warnings,
+    quiet_dependencies,
+    quiet_loggers,
+)
 from . import run_folder, shared_memory
 from .budget import MARGIN_S, SPAWN_MARGIN_S, BudgetStop, CosineToEnd
 from .config import TrainConfig, save_config
@@ -520,7 +526,9 @@ class _AtomicCheckpointIO(TorchCheckpointIO):
 class _ProcessSettings(pl.Callback):
     """Settings for every training process, also those that ``ddp_spawn`` starts:
     ``threads`` torch threads if given (Lightning gives spawned processes cores // processes
-    unless told), subnormal floats flushed to zero
+    unless told), dependencies' chatter kept quiet in spawned processes too
+    (:func:`atomlens.runtime.quiet_dependencies` covers the first), subnormal floats flushed
+    to zero
     (:func:`atomlens.runtime.flush_subnormals`: 10-15% of a QM9 training step otherwise), and
     with ``spawned`` (a strategy whose ranks :mod:`multiprocessing` starts, see
     :func:`_multiprocessing_ranks`) each process is killed when the one that started it ends
@@ -536,6 +544,9 @@ class _ProcessSettings(pl.Callback):
             torch.set_num_threads(self.threads)
         flush_subnormals()
         if self.spawned:
+            # a fresh interpreter: the parent's filters and logger levels are not inherited
+            ignore_dependency_warnings()
+            quiet_loggers()
             # SIGKILL, not SIGTERM: Lightning answers SIGTERM in these processes with a
             # collective, graceful stop (a broadcast inside the signal handler) that hung when
             # both ranks got it mid-step; the last epoch's checkpoint (saved atomically) is
