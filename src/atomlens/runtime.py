@@ -292,8 +292,7 @@ def quiet_dependencies():
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
         ignore_dependency_warnings()
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
+        quiet_loggers()
         try:
             yield
         finally:

@@ -47,7 +47,7 @@ def _probe_number(probe: str | int) -> int:
     try:
         return atomic_numbers[probe]
     except KeyError:
-        raise ValueError(f"unknown probe element {probe!r}") from None
+        raise ValueError(f"probe {probe!r} is not an element symbol (C, H, N, O, ...)") from None
 
 
 @torch.no_grad()
@@ -218,14 +218,9 @@ def potential_map(
     """Omega_A on a plane (``plane`` = xy, xz, yz or principal), a 3D box (``plane=None``) or
     on given ``grid`` points (..., 3). A probe or an atom of an element absent from the
     model's training data is refused (a warning with ``allow_unknown_elements``)."""
-    from ase.data import atomic_numbers
-
     from ..models.guards import check_elements
 
-    z = int(probe) if isinstance(probe, (int, np.integer)) else atomic_numbers.get(str(probe))
-    if z is None:
-        raise ValueError(f"probe {probe!r} is not an element symbol (C, H, N, O, ...)")
-    numbers = [*atoms.get_atomic_numbers().tolist(), z]
+    numbers = [*atoms.get_atomic_numbers().tolist(), _probe_number(probe)]
     check_elements(model, numbers, allow_unknown_elements, f"potential map ({probe} probe)")
     if grid is not None:
         points = np.asarray(grid, dtype=np.float64)

@@ -55,7 +55,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v15"
+_NAME = "atomlens_cpu_kernels_v16"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -696,23 +696,15 @@ static void transpose_matrix(const float* __restrict in, float* __restrict out, 
     }
 }
 
-torch::Tensor transpose(torch::Tensor x) {
+// {x^T, the column sums of x if sums else an undefined tensor}
+std::vector<torch::Tensor> transpose(torch::Tensor x, bool sums) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "transpose: 2-D float32");
   auto xc = x.contiguous();
   auto out = torch::empty({xc.size(1), xc.size(0)}, xc.options());
+  auto column_sums = sums ? torch::zeros({xc.size(1)}, xc.options()) : torch::Tensor();
   transpose_matrix(xc.data_ptr<float>(), out.data_ptr<float>(), xc.size(0), xc.size(1),
-                   nullptr);
-  return out;
-}
-
-std::vector<torch::Tensor> transpose_and_sums(torch::Tensor x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "transpose: 2-D float32");
-  auto xc = x.contiguous();
-  auto out = torch::empty({xc.size(1), xc.size(0)}, xc.options());
-  auto sums = torch::zeros({xc.size(1)}, xc.options());
-  transpose_matrix(xc.data_ptr<float>(), out.data_ptr<float>(), xc.size(0), xc.size(1),
-                   sums.data_ptr<float>());
-  return {out, sums};
+                   sums ? column_sums.data_ptr<float>() : nullptr);
+  return {out, column_sums};
 }
 
 torch::Tensor shifted_softplus(torch::Tensor x) {
@@ -1063,7 +1055,6 @@ def _build(name: str, cflags: list[str]):
                 "filter_table_coefficients",
                 "filter_table_coefficients_backward",
                 "transpose",
-                "transpose_and_sums",
             ],
             extra_cflags=cflags,
         )
@@ -1251,7 +1242,7 @@ def transpose(x: torch.Tensor):
         return None
     if not x.is_contiguous() and x.t().is_contiguous():
         return x.t().clone()
-    return module.transpose(x)
+    return module.transpose(x, False)[0]
 
 
 def transpose_and_sums(x: torch.Tensor):
@@ -1261,8 +1252,7 @@ def transpose_and_sums(x: torch.Tensor):
     module = _loaded(x) if x.dtype == torch.float32 and x.dim() == 2 else None
     if module is None or not x.is_contiguous():
         return None
-    out, sums = module.transpose_and_sums(x)
-    return out, sums
+    return tuple(module.transpose(x, True))
 
 
 # ---------------------------------------------------------------------------------------

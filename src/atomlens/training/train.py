@@ -479,7 +479,7 @@ def _checkpoint_epochs(path: Path) -> int:
     """Epochs trained when the Lightning checkpoint ``path`` was saved (0 without one)."""
     if not path.exists():
         return 0
-    return int(torch.load(path, map_location="cpu", weights_only=True).get("epoch", -1)) + 1
+    return run_folder.epochs_done(run_folder.load_checkpoint(path)) or 0
 
 
 def resolved_strategy(config: TrainConfig):
