@@ -216,6 +216,43 @@ def test_committee_uses_the_structures_every_member_evaluated(tmp_path):
         committee_metrics([tmp_path / "a", tmp_path / "b"])
 
 
+def test_committee_force_errors_follow_each_members_order(tmp_path):
+    """Forces are packed per atom in each member's own evaluation order; the committee
+    compares the same atoms of the structures every member evaluated."""
+    from atomlens.training.ensemble import committee_metrics
+
+    counts = np.array([2, 1, 3])  # atoms of structures 0, 1, 2
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(size=(n, 3)) for n in counts]
+    noise = {
+        "a": [rng.normal(size=(n, 3)) for n in counts],
+        "b": [rng.normal(size=(n, 3)) for n in counts],
+    }
+    order = {"a": [2, 0, 1], "b": [1, 2]}  # b was cut short: no structure 0
+    for name, idx in order.items():
+        (tmp_path / name).mkdir()
+        np.savez(
+            tmp_path / name / "test_predictions.npz",
+            indices=np.array(idx),
+            predicted=np.zeros(len(idx)),
+            reference=np.zeros(len(idx)),
+            target="energy",
+            unit="eV",
+            n_atoms=counts[idx],
+            forces_predicted=np.concatenate([ref[m] + noise[name][m] for m in idx]),
+            forces_reference=np.concatenate([ref[m] for m in idx]),
+        )
+    c = committee_metrics([tmp_path / "a", tmp_path / "b"])
+    na = np.concatenate([noise["a"][m] for m in (1, 2)])  # structures 1, 2 in both
+    nb = np.concatenate([noise["b"][m] for m in (1, 2)])
+    err = (na + nb) / 2
+    np.testing.assert_allclose(c["forces_mae"], np.abs(err).mean())
+    np.testing.assert_allclose(c["forces_rmse"], np.sqrt((err**2).mean()))
+    np.testing.assert_allclose(c["member_forces_mae"], [np.abs(na).mean(), np.abs(nb).mean()])
+    spread = np.abs(na - nb) / 2  # two members: the population deviation per component
+    np.testing.assert_allclose(c["forces_spread_mean"], np.linalg.norm(spread, axis=1).mean())
+
+
 def test_ensemble_budget_is_shared_by_the_rounds(tmp_path, data, monkeypatch):
     """--minutes bounds the whole ensemble: each round gets its share of the time left."""
     from atomlens.training import train as train_module

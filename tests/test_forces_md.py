@@ -359,6 +359,18 @@ def test_iso17_file_through_training(tmp_path):
     np.testing.assert_allclose(data.targets["forces"], dataset.targets["forces"], rtol=1e-12)
     metrics = train(config)
     assert np.isfinite(metrics["forces_mae"])
+    # the saved test predictions hold the forces the metric was computed from (for the
+    # committee's force errors of an ensemble), the atoms in the structures' order
+    with np.load(tmp_path / "run" / "test_predictions.npz") as saved:
+        n = saved["n_atoms"]
+        assert n.sum() == len(saved["forces_predicted"]) == len(saved["forces_reference"])
+        atoms = data.atom_index(saved["indices"])
+        np.testing.assert_array_equal(saved["forces_reference"], data.targets["forces"][atoms])
+        np.testing.assert_allclose(
+            np.abs(saved["forces_predicted"] - saved["forces_reference"]).mean(),
+            metrics["forces_mae"],
+            rtol=1e-6,
+        )
 
 
 # ------------------------------------------------------------------ CLI

@@ -115,8 +115,8 @@ def train_ensemble(
 def committee_metrics(folders) -> dict:
     """Test errors of the members' mean prediction, from each member's
     ``test_predictions.npz``, on the structures that all of them evaluated: MAE and RMSE
-    of the committee, the members' own MAEs on the same structures, and the mean spread.
-    Empty when a member has no saved predictions (no test split)."""
+    of the committee, the members' own MAEs on the same structures, and the mean spread;
+    the same for the forces where the members saved them (force training). Empty when a member has no saved predictions (no test split)."""
     from .train import PREDICTIONS
 
     saved = []
@@ -142,7 +142,7 @@ def committee_metrics(folders) -> dict:
     spread = np.sqrt(((predicted - mean) ** 2).mean(axis=0))
     err = mean - reference
     target = str(saved[0]["target"])
-    return {
+    metrics = {
         "target": target,
         "unit": str(saved[0]["unit"]),
         "n_members": len(saved),
@@ -152,3 +152,40 @@ def committee_metrics(folders) -> dict:
         f"member_{target}_mae": [float(np.abs(p - reference).mean()) for p in predicted],
         f"{target}_spread_mean": float(spread.mean()) if len(common) else math.nan,
     }
+    if len(common) and all("forces_predicted" in s for s in saved):
+        metrics.update(_committee_forces(saved, common))
+    return metrics
+
+
+def _committee_forces(saved: list[dict], common: np.ndarray) -> dict:
+    """The committee's force errors on the structures ``common`` (sorted indices), from the
+    members' packed per-atom forces: the mean force's MAE and RMSE over all components,
+    the members' own MAEs, and the mean over atoms of the spread's norm
+    |sigma_a| = sqrt(sum_c sigma_ac^2), the per-atom figure :class:`atomlens.ensemble.
+    EnsembleCalculator` bounds with ``max_force_std``."""
+    predicted, reference = [], None
+    for s in saved:
+        counts = np.asarray(s["n_atoms"], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        order = np.argsort(s["indices"])
+        rows = order[np.searchsorted(s["indices"], common, sorter=order)]
+        atoms = _ranges(starts[rows], counts[rows])
+        predicted.append(np.asarray(s["forces_predicted"], dtype=np.float64)[atoms])
+        if reference is None:
+            reference = np.asarray(s["forces_reference"], dtype=np.float64)[atoms]
+    predicted = np.stack(predicted)  # (K, atoms, 3)
+    mean = predicted.mean(axis=0)
+    spread = np.sqrt(((predicted - mean) ** 2).mean(axis=0))
+    err = mean - reference
+    return {
+        "forces_mae": float(np.abs(err).mean()),
+        "forces_rmse": float(np.sqrt((err**2).mean())),
+        "member_forces_mae": [float(np.abs(p - reference).mean()) for p in predicted],
+        "forces_spread_mean": float(np.sqrt((spread**2).sum(axis=1)).mean()),
+    }
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenated ranges starts[m] .. starts[m] + counts[m] - 1."""
+    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return np.arange(int(counts.sum())) + shift

@@ -45,7 +45,8 @@ def evaluate(
     only if ``deadline`` cut the evaluation short; the structures are then taken in a
     random order (``seed``), so those used are a random sample of ``indices``. With
     ``return_predictions`` also ``{"indices", "predicted", "reference"}`` of the target, in
-    the order evaluated.
+    the order evaluated, and with ``forces`` ``n_atoms`` (per structure) and
+    ``forces_predicted``, ``forces_reference`` (the structures' atoms in that order).
     """
     indices = np.asarray(indices)
     if deadline is not None:
@@ -81,7 +82,14 @@ def evaluate(
         metrics["stress_mae"] = float(np.abs(serr).mean())
         metrics["stress_rmse"] = float(np.sqrt((serr**2).mean()))
     if return_predictions:
-        return metrics, {"indices": indices, "predicted": pred[target], "reference": ref}
+        saved = {"indices": indices, "predicted": pred[target], "reference": ref}
+        if forces:  # packed per atom, in the structures' evaluation order
+            saved.update(
+                n_atoms=np.diff(np.asarray(data.offsets))[indices],
+                forces_predicted=pred["forces"],
+                forces_reference=np.asarray(data.targets["forces"])[atoms],
+            )
+        return metrics, saved
     return metrics
 
 
