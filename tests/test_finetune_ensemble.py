@@ -1,5 +1,7 @@
 """Fine-tuning from a saved model, ensembles (training, calculator, predict, MD spread)."""
 
+import dataclasses
+
 import ase.io
 import numpy as np
 import pytest
@@ -69,9 +71,29 @@ def test_fine_tune_refits_statistics_on_new_data(tmp_path, data, base):
     assert not torch.allclose(tuned.atomref, load_model(base).atomref)
 
 
-def test_fine_tune_refuses_another_target(tmp_path, data, base):
-    with pytest.raises(ValueError, match="predicts 'U0'"):
+def test_fine_tune_on_another_target_of_the_same_kind(tmp_path, data, base):
+    """A U0 model tuned on another extensive energy in eV (an MD17 file's "energy", here
+    QM9's U): it predicts the new name, with statistics refit to it; refused without the
+    refit, and for a quantity of another kind (intensive homo: mean pooling)."""
+    with pytest.raises(ValueError, match="--refit-statistics"):
         train_model(tiny_config(tmp_path, target="U", init_from=str(base)), data=data)
+    with pytest.raises(ValueError, match="sum pooling.*'homo' needs mean pooling"):
+        config = tiny_config(tmp_path, target="homo", init_from=str(base), refit_statistics=True)
+        train_model(config, data=data)
+    config = tiny_config(
+        tmp_path, max_epochs=1, target="U", init_from=str(base), refit_statistics=True
+    )
+    metrics = train_model(config, data=data, overwrite=True)
+    assert "U_mae" in metrics
+    tuned = load_model(tmp_path / "run" / "model")
+    assert tuned.target == "U" and tuned.config.representation == "schnet"
+    train_idx = np.load(tmp_path / "run" / "split.npz")["train"]
+    for target in ("U", "U0"):  # the statistics are U's, not the base model's U0
+        expected = load_model(base)
+        expected.config = dataclasses.replace(expected.config, target=target)
+        fit_statistics(expected, data, train_idx)
+        same = torch.allclose(tuned.atomref, expected.atomref, rtol=1e-6, atol=1e-9)
+        assert same == (target == "U")
 
 
 def test_train_ensemble_shares_the_split_and_differs_in_seed(tmp_path, data):

@@ -12,6 +12,7 @@ The output folder ``config.out`` holds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -148,21 +149,40 @@ def fit_statistics(
 def initial_model(config: TrainConfig, data: PackedDataset) -> AtomisticModel:
     """The saved model ``config.init_from`` to fine-tune, checked against the data.
 
-    Its architecture, weights and fitted statistics (atom references, shift, scale) are
-    kept; ``config.refit_statistics`` refits the statistics on the new training split.
+    ``config`` is adapted to the data (:func:`adapt_to_data`). The model's architecture,
+    weights and fitted statistics (atom references, shift, scale) are kept;
+    ``config.refit_statistics`` refits the statistics on the new training split.
+
+    The data's target may have another name than the model's (a QM9 ``U0`` model tuned on
+    an MD17 file's ``energy``) if it is the same kind of quantity: the same unit, pooling
+    (sum for extensive targets, mean for intensive ones) and output. The model then
+    predicts the new name, and its statistics must be refit (``refit_statistics``): those
+    of another quantity, or another level of theory, do not carry over.
     """
     model = load_model(config.init_from).float().train()
-    if model.target != config.target:
-        raise ValueError(
-            f"{config.init_from}: the model predicts {model.target!r}, the "
-            f"training target is {config.target!r}"
-        )
     unit = data.units.get(config.target, model.config.unit)
     if unit != model.config.unit:
         raise ValueError(
             f"{config.init_from}: the model predicts {model.config.unit}, "
             f"the data {config.target!r} is in {unit}"
         )
+    if model.target != config.target:
+        theirs, ours = model.config, config.model
+        if (theirs.aggregation, theirs.output) != (ours.aggregation, ours.output):
+            raise ValueError(
+                f"{config.init_from}: the model predicts {model.target!r} "
+                f"({theirs.aggregation} pooling, {theirs.output} output), the training "
+                f"target {config.target!r} needs {ours.aggregation} pooling and "
+                f"{ours.output} output: fine-tune a model of the same kind of quantity"
+            )
+        if not config.refit_statistics:
+            raise ValueError(
+                f"{config.init_from}: the model predicts {model.target!r}, the training "
+                f"target is {config.target!r}: its atom references and scale belong to "
+                f"{model.target!r}; fine-tune with --refit-statistics "
+                f"(refit_statistics: true) to fit them to {config.target!r}"
+            )
+        model.config = dataclasses.replace(theirs, target=config.target)
     return model
 
 
