@@ -144,6 +144,33 @@ def test_ensemble_calculator_mean_and_spread():
     np.testing.assert_array_equal(spread, [0.5, 1.5])
 
 
+def test_ensemble_says_compiling_once(monkeypatch, caplog):
+    """Each member compiles its own function, but the user reads one notice, naming the
+    number of models."""
+    import logging
+
+    import atomlens.calculator
+
+    compiled = []
+
+    def fake_compile(function, device):  # the eager function: no minute-long compile here
+        compiled.append(function)
+        return function
+
+    monkeypatch.setattr(atomlens.calculator, "compile_fixed_shapes", fake_compile)
+    atoms = molecule("CH3OH")
+    with caplog.at_level(logging.INFO, logger="atomlens"):
+        atoms.calc = EnsembleCalculator(
+            two_energy_models() + [random_model("schnet", seed=2, target="energy")], compile=True
+        )
+        atoms.get_potential_energy()
+        atoms.positions[0, 0] += 0.01
+        atoms.get_forces()
+    assert len(compiled) == 3 and all(m._use_compiled for m in atoms.calc.members)
+    assert caplog.text.count("compiling energy and forces") == 1
+    assert "compiling energy and forces for CH4O (6 atoms; 3 models;" in caplog.text
+
+
 def test_md_logs_the_ensemble_spread(tmp_path):
     models = two_energy_models()
     atoms = molecule("CH3OH")

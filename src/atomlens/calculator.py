@@ -144,6 +144,8 @@ class Calculator(AseCalculator):
             raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
         self.compile = compile
         self._use_compiled = False  # decided per structure in _prepare
+        #: added to the "compiling ..." notice; None: no notice (an ensemble's later members)
+        self.compile_notice: str | None = ""
         self.allow_unknown_elements = allow_unknown_elements
         # frozen: gradients w.r.t. positions only, and the weight-only state (SchNet's filter
         # tables) computed once instead of at every call
@@ -406,13 +408,14 @@ class Calculator(AseCalculator):
         if self._periodic:
             cell = atoms.cell.array
             padded = self._padded_pairs(cell, atoms.pbc)
-        if not self._compiled_once:  # no silent pause of many seconds
+        if not self._compiled_once and self.compile_notice is not None:  # no silent pause
             LOGGER.info(
-                "compiling energy%s for %s (%d atoms%s; a one-off, cached on disk)",
+                "compiling energy%s for %s (%d atoms%s%s; a one-off, cached on disk)",
                 ", forces and stress" if self._periodic else " and forces",
                 atoms.get_chemical_formula(),
                 len(atoms),
                 f", room for {self._capacity} pairs" if self._periodic else "",
+                self.compile_notice,
             )
         if self._periodic:
             cell_tensor = torch.as_tensor(cell, dtype=self.dtype, device=self.device)

@@ -138,6 +138,10 @@ class EnsembleCalculator(AseCalculator):
             )
             for m in models
         ]
+        # one "compiling ..." notice for the ensemble, not one per member
+        self.members[0].compile_notice = f"; {len(models)} models"
+        for member in self.members[1:]:
+            member.compile_notice = None
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
