@@ -46,11 +46,20 @@ def test_bad_input_file(tmp_path, capsys):
 
 
 def test_unknown_element(chon_model, tmp_path, capsys):
+    """Refused naming the file the user gave (not the Calculator or BatchedMD inside), before
+    anything is written."""
     path = tmp_path / "silane.xyz"
     ase.io.write(path, ase.build.molecule("SiH4"))
     assert main(["predict", str(chon_model), str(path)]) == 2
     message = one_line_error(capsys, "predict")
     assert "Si never seen" in message and "--allow-unknown-elements" in message
+    for replicas in ("1", "2"):  # one trajectory (Calculator), several (BatchedMD)
+        out = tmp_path / f"md{replicas}.traj"
+        argv = ["md", str(chon_model), str(path), "--replicas", replicas, "--out", str(out)]
+        assert main([*argv, "--steps", "2"]) == 2
+        message = one_line_error(capsys, "md")
+        assert message.startswith(f"{path}: element(s) Si never seen"), message
+        assert not list(tmp_path.glob("md*"))
 
 
 def test_missing_file(tmp_path, capsys):
