@@ -116,7 +116,8 @@ def committee_metrics(folders) -> dict:
     """Test errors of the members' mean prediction, from each member's
     ``test_predictions.npz``, on the structures that all of them evaluated: MAE and RMSE
     of the committee, the members' own MAEs on the same structures, and the mean spread;
-    the same for the forces where the members saved them (force training). Empty when a member has no saved predictions (no test split)."""
+    the same for the forces where the members saved them (force training). Empty when a
+    member has no saved predictions (no test split)."""
     from .train import PREDICTIONS
 
     saved = []
@@ -132,8 +133,7 @@ def committee_metrics(folders) -> dict:
     common = np.sort(common)
     predicted, reference = [], None
     for s in saved:
-        order = np.argsort(s["indices"])
-        rows = order[np.searchsorted(s["indices"], common, sorter=order)]
+        rows = _rows_of(s["indices"], common)
         predicted.append(np.asarray(s["predicted"], dtype=np.float64)[rows])
         if reference is None:  # the same data set's targets in every member
             reference = np.asarray(s["reference"], dtype=np.float64)[rows]
@@ -167,8 +167,7 @@ def _committee_forces(saved: list[dict], common: np.ndarray) -> dict:
     for s in saved:
         counts = np.asarray(s["n_atoms"], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        order = np.argsort(s["indices"])
-        rows = order[np.searchsorted(s["indices"], common, sorter=order)]
+        rows = _rows_of(s["indices"], common)
         atoms = _ranges(starts[rows], counts[rows])
         predicted.append(np.asarray(s["forces_predicted"], dtype=np.float64)[atoms])
         if reference is None:
@@ -183,6 +182,12 @@ def _committee_forces(saved: list[dict], common: np.ndarray) -> dict:
         "member_forces_mae": [float(np.abs(p - reference).mean()) for p in predicted],
         "forces_spread_mean": float(np.sqrt((spread**2).sum(axis=1)).mean()),
     }
+
+
+def _rows_of(indices: np.ndarray, common: np.ndarray) -> np.ndarray:
+    """Where each of ``common`` (a subset of ``indices``) sits in ``indices``."""
+    order = np.argsort(indices)
+    return order[np.searchsorted(indices, common, sorter=order)]
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
