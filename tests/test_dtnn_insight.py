@@ -281,6 +281,38 @@ def test_size_extensivity_beyond_cutoff_and_not_within(rep):
     assert not extensivity(no_cutoff, atoms, separation=8.0).passed()
 
 
+def test_extensivity_resolves_couplings_below_the_totals_rounding():
+    """Atom references of QM9's size (~10^3 eV per atom) make totals whose float32 rounding
+    and a relative tolerance would hide copies coupled within the cutoff; in float64 a
+    meV-sized coupling is seen and the copies beyond the cutoff still agree."""
+    model = tiny_model("schnet", dtype=torch.float32)
+    model.atomref.fill_(-1000.0)
+    atoms = molecule("CH3CH2OH")
+    far = extensivity(model, atoms)
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model unchanged
+    assert far.passed() and abs(far.difference) < 1e-7
+    near = extensivity(model, atoms, separation=4.0)
+    assert near.separation < model.cutoff
+    assert 1e-6 < abs(near.difference) < 1e-6 * abs(near.pair)  # hidden by the old test
+    assert not near.passed()
+    with pytest.raises(ValueError, match="positive"):
+        extensivity(model, atoms, separation=-3.0)
+
+
+def test_extensivity_of_a_periodic_cell_is_its_supercell():
+    from ase.build import bulk
+
+    model = tiny_model("schnet")
+    cell = bulk("Si", "diamond", a=5.43, cubic=True)
+    cell.rattle(0.05, seed=1)
+    result = extensivity(model, cell)
+    assert result.separation is None and result.passed()
+    e = model.double().predict([cell, cell.repeat((2, 1, 1))])["U0"]
+    assert result.pair == pytest.approx(e[1], abs=1e-9) and e[1] == pytest.approx(2 * e[0])
+    with pytest.raises(ValueError, match="supercell"):
+        extensivity(model, cell, separation=6.0)
+
+
 # --------------------------------------------------------------------------- rings
 def rdkit_molecule(smiles: str, seed: int = 0, shuffle: bool = True):
     """3D structure of ``smiles`` (RDKit ETKDG + MMFF), atoms shuffled unless told otherwise."""

@@ -340,10 +340,17 @@ def run_extensivity(args) -> int:
     atoms = open_structures(args.structure, args.index)[0]
     result = extensivity(model, atoms, args.separation)
     ok = result.passed()
+    if result.separation is None:
+        pair = "the cell doubled along a (2 x 1 x 1)"
+    else:
+        within = result.cutoff is not None and result.separation < result.cutoff
+        pair = (
+            f"two copies {result.separation:.2f} Angstrom apart (cutoff {result.cutoff}"
+            f"{': within it, the copies interact' if within else ''})"
+        )
     print(
-        f"{atoms.get_chemical_formula()}: E = {result.single:.6f} {unit}; two copies "
-        f"{result.separation:.2f} Angstrom apart (cutoff {result.cutoff}): "
+        f"{atoms.get_chemical_formula()}: E = {result.single:.6f} {unit}; {pair}: "
         f"E = {result.pair:.6f} {unit}; E(2) - 2 E(1) = {result.difference:.3e} {unit} -> "
-        f"{'size-extensive' if ok else 'NOT size-extensive'}"
+        f"{'size-extensive' if ok else 'NOT size-extensive'} (float64)"
     )
     return 0 if ok else 1
