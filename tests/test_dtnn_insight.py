@@ -11,7 +11,7 @@ import torch
 from ase.build import molecule
 
 from atomlens.data.batch import Batch, Pairs
-from atomlens.data.dataset import dataset_from_atoms
+from atomlens.data.dataset import DataError, dataset_from_atoms
 from atomlens.data.neighbors import molecular_pairs
 from atomlens.insight import atomic_energies, extensivity, isolated_atom_energy, probe_energies
 from atomlens.insight.extensivity import two_copies
@@ -257,6 +257,22 @@ def test_cube_file_round_trips_through_ase(tmp_path):
     assert len(ase.io.read(str(path))) == len(atoms)
     with pytest.raises(ValueError):
         write_cube(tmp_path / "flat.cube", potential_map(model, atoms, spacing=0.5))
+
+
+def test_potential_map_refuses_cells_and_broken_structures():
+    from ase.build import bulk
+
+    model = tiny_model("schnet")
+    with pytest.raises(ValueError, match="si.xyz: a periodic cell"):
+        potential_map(model, bulk("Si", "diamond", a=5.43), probe="H", source="si.xyz")
+    water = molecule("H2O")
+    nan = water.copy()
+    nan.positions[0, 0] = np.nan
+    with pytest.raises(DataError, match="w.xyz.*non-finite"):
+        potential_map(model, nan, probe="H", source="w.xyz")
+    stacked = water + water[1:2]  # a second H on top of the first
+    with pytest.raises(DataError, match="w.xyz.*closer than"):
+        potential_map(model, stacked, probe="H", source="w.xyz")
 
 
 # --------------------------------------------------------------------------- extensivity

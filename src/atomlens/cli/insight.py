@@ -240,6 +240,7 @@ def run_potential_map(args) -> int:
         reference=args.reference,
         chunk_size=args.chunk_size,
         allow_unknown_elements=args.allow_unknown_elements,
+        source=args.structure,
     )
     v = pmap.values
     print(

@@ -214,12 +214,22 @@ def potential_map(
     reference: str = "none",
     chunk_size: int = 2048,
     allow_unknown_elements: bool = False,
+    source: str = "potential map",
 ) -> PotentialMap:
     """Omega_A on a plane (``plane`` = xy, xz, yz or principal), a 3D box (``plane=None``) or
     on given ``grid`` points (..., 3). A probe or an atom of an element absent from the
-    model's training data is refused (a warning with ``allow_unknown_elements``)."""
+    model's training data is refused (a warning with ``allow_unknown_elements``), as are
+    periodic cells (the probe would need the cell's images) and structures that no model
+    call accepts (non-finite or overlapping atoms); errors name ``source``."""
+    from ..data.dataset import dataset_from_atoms
     from ..models.guards import check_elements
 
+    if atoms.pbc.any():
+        raise ValueError(
+            f"{source}: a periodic cell; the potential map is for molecules (the probe "
+            f"would see none of the cell's periodic images)"
+        )
+    dataset_from_atoms([atoms], source=source, targets=False)  # finite, no overlapping atoms
     numbers = [*atoms.get_atomic_numbers().tolist(), _probe_number(probe)]
     check_elements(model, numbers, allow_unknown_elements, f"potential map ({probe} probe)")
     if grid is not None:
