@@ -205,6 +205,27 @@ def test_evaluate_on_another_file_takes_that_files_units(trained, capsys):
     assert "describe a --data file" in capsys.readouterr().err
 
 
+def test_evaluate_refuses_elements_the_model_never_saw(trained, tmp_path, capsys):
+    """As predict, md and insight do: a score of untrained elements is extrapolation, given
+    only with --allow-unknown-elements."""
+    from ase.build import molecule
+
+    from atomlens.data.dataset import PackedDataset
+
+    silane = molecule("SiH4")
+    path = PackedDataset.from_structures(
+        [(silane.numbers, silane.positions)], {"U0": [-8000.0]}, {"U0": "eV"}
+    ).save(tmp_path / "silane")
+    run = str(trained / "run")
+    assert main(["evaluate", run, "--data", str(path), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: element(s) Si never seen" in err and "--allow-unknown-elements" in err
+    with pytest.warns(UserWarning, match="Si never seen"):
+        assert main(["evaluate", run, "--data", str(path), "--allow-unknown-elements"]) == 0
+    assert main(["evaluate", run, "--allow-unknown-elements"]) == 2
+    assert "for a --data file" in capsys.readouterr().err
+
+
 def test_reader_errors_in_words_and_a_closed_pipe_is_quiet(tmp_path, monkeypatch, capsys):
     """An unknown element symbol and an index past the last frame are named (ASE says
     ``KeyError: 'Xx'`` and ``StopIteration``); stdout's reader going away (``| head``) ends

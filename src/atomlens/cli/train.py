@@ -394,6 +394,12 @@ def _add_evaluate(sub) -> None:
         help="unit of lengths in the --data file if it states none (Angstrom, bohr, nm)",
     )
     p.add_argument("--batch-size", type=int, default=100, help="structures per model call")
+    p.add_argument(
+        "--allow-unknown-elements",
+        action="store_true",
+        help="score a --data file with elements absent from the training data (its errors "
+        "then measure extrapolation; refused without this)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=run_evaluate)
 
@@ -420,6 +426,12 @@ def run_evaluate(args) -> int:
     elif args.energy_unit or args.length_unit:
         raise ValueError("--energy-unit and --length-unit describe a --data file")
     data = load_dataset(config)
+    if args.data:  # as predict, md and insight do: no silent scores of untrained elements
+        from ..models.guards import check_elements
+
+        check_elements(model, np.unique(data.numbers), args.allow_unknown_elements, args.data)
+    elif args.allow_unknown_elements:
+        raise ValueError("--allow-unknown-elements is for a --data file")
     # another data set is scored whole: its frames are not the model's split
     split = "all" if args.data else args.split
     if split == "all":
