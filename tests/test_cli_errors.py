@@ -67,6 +67,21 @@ def test_missing_file(tmp_path, capsys):
     assert "no_model" in one_line_error(capsys, "export")
 
 
+def test_export_refuses_a_model_trained_on_cells(tmp_path, capsys):
+    """The exported program has no cell input: a model trained on periodic cells (stress)
+    would silently treat a crystal as a cluster. Refused unless --molecules."""
+    from atomlens.training.config import TrainConfig, save_config
+
+    folder = save_model(random_model("schnet", target="energy"), tmp_path / "model")
+    save_config(
+        TrainConfig(target="energy", forces=True, stress=True), folder / "train_config.yaml"
+    )
+    out = tmp_path / "m.pt2"
+    assert main(["export", str(folder), "--out", str(out)]) == 2
+    message = one_line_error(capsys, "export")
+    assert "periodic cells" in message and "--molecules" in message and not out.exists()
+
+
 def test_missing_extra(monkeypatch, tmp_path, capsys):
     real = _optional.available
     monkeypatch.setattr(_optional, "available", lambda m: not m.startswith("sklearn") and real(m))
