@@ -82,6 +82,20 @@ def test_export_refuses_a_model_trained_on_cells(tmp_path, capsys):
     assert "periodic cells" in message and "--molecules" in message and not out.exists()
 
 
+def test_digits_study_checks_its_input_before_training(tmp_path, capsys):
+    """Bad values and a --model path whose folder is missing are found before the CNN trains
+    (it was lost at the save); another file's weights are named, not a state-dict dump."""
+    out = str(tmp_path / "e")
+    assert main(["explain", "--out", out, "--n-images", "0"]) == 2
+    assert one_line_error(capsys, "explain") == "n_images must be >= 1, not 0"
+    missing = tmp_path / "no_dir" / "d.safetensors"
+    assert main(["explain", "--out", out, "--model", str(missing)]) == 2
+    assert "folder does not exist" in one_line_error(capsys, "explain")
+    other = save_model(random_model("schnet"), tmp_path / "model") / "model.safetensors"
+    assert main(["explain", "--out", out, "--model", str(other), "--epochs", "1"]) == 2
+    assert "not the weights of the digits CNN" in one_line_error(capsys, "explain")
+
+
 def test_missing_extra(monkeypatch, tmp_path, capsys):
     real = _optional.available
     monkeypatch.setattr(_optional, "available", lambda m: not m.startswith("sklearn") and real(m))

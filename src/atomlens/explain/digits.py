@@ -100,7 +100,13 @@ def save_model(model: nn.Module, path: str | Path) -> None:
 def load_model(path: str | Path) -> nn.Sequential:
     """A :func:`digits_cnn` with the weights saved by :func:`save_model`, in eval mode."""
     model = digits_cnn()
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except Exception as err:  # noqa: BLE001 (safetensors' header errors, another model's tensors)
+        raise ValueError(
+            f"{path}: not the weights of the digits CNN ({type(err).__name__}); give a "
+            f"file written by 'atomlens explain', or a new path to train and save one there"
+        ) from None
     return model.eval()
 
 
@@ -158,6 +164,16 @@ def digits_study(
     from .perturbation import perturbation_curve
     from .quality import quality_table
 
+    for name, value in (("n_images", n_images), ("epochs", epochs), ("patch", patch)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, not {value}")
+    if n_perturbation < 1 or (n_quality is not None and n_quality < 1):
+        raise ValueError("n_perturbation and n_quality must be >= 1")
+    new = model_path is not None and not Path(model_path).exists()
+    if new and not Path(model_path).parent.is_dir():  # found now, not after the training
+        raise FileNotFoundError(
+            f"{model_path}: its folder does not exist; the trained CNN would be lost"
+        )
     torch.manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
