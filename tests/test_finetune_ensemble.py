@@ -22,6 +22,7 @@ from atomlens.ensemble import (
 from atomlens.md import SPREAD_COLUMNS, run_md
 from atomlens.models import load_model, save_model
 from atomlens.training import train_ensemble, train_model
+from atomlens.training.ensemble import MANIFEST
 from atomlens.training.train import fit_statistics
 
 
@@ -300,6 +301,30 @@ def test_committee_force_errors_follow_each_members_order(tmp_path):
     np.testing.assert_allclose(c["member_forces_mae"], [np.abs(na).mean(), np.abs(nb).mean()])
     spread = np.abs(na - nb) / 2  # two members: the population deviation per component
     np.testing.assert_allclose(c["forces_spread_mean"], np.linalg.norm(spread, axis=1).mean())
+
+
+def test_an_interrupted_ensemble_resumes(tmp_path, data, capsys):
+    """--resume of an ensemble (refused before, and the hint after a Ctrl-C said to use it):
+    a finished member is kept, an interrupted one goes on from its checkpoint, and the
+    manifest is written at the end."""
+    import json
+    import shutil
+
+    config = tiny_config(tmp_path, max_epochs=1, seed=5)
+    train_ensemble(config, 2, data=data)
+    out = tmp_path / "run"
+    # member 1 stopped after its first epoch: its checkpoint written, its model not yet
+    shutil.rmtree(out / "model_1" / "model")
+    (out / "model_1" / "metrics.json").unlink()
+    (out / MANIFEST).unlink()
+    kept = json.loads((out / "model_0" / "metrics.json").read_text())
+    metrics = train_ensemble(config.updated(max_epochs=2), 2, data=data, resume=True)
+    assert metrics[0] == kept  # not trained again
+    assert metrics[1]["epochs"] == 2  # one more epoch after the checkpoint's one
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["committee"]["n_members"] == 2 and manifest["metrics"][1]["epochs"] == 2
+    with pytest.raises(ValueError, match="give one"):
+        train_ensemble(config, 2, data=data, resume=True, overwrite=True)
 
 
 def test_ensemble_budget_is_shared_by_the_rounds(tmp_path, data, monkeypatch):

@@ -216,7 +216,12 @@ def _add_train(sub) -> None:
         help="unit of lengths in a data file without unit metadata (Angstrom, bohr, nm)",
     )
     p.add_argument("--out", help="output folder")
-    p.add_argument("--resume", action="store_true", help="go on from OUT/checkpoints/last.ckpt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from OUT/checkpoints/last.ckpt (an ensemble: each unfinished member "
+        "from its own)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -345,12 +350,11 @@ def run_train(args) -> int:
     if args.ensemble:
         from ..training.ensemble import MANIFEST, train_ensemble
 
-        if args.resume:
-            raise ValueError("--resume and --ensemble: resume each member as its own run")
         members = train_ensemble(
             config,
             args.ensemble,
             overwrite=args.overwrite,
+            resume=args.resume,
             parallel=args.parallel,
             started=args.started,
         )

@@ -47,12 +47,16 @@ def train_ensemble(
     overwrite: bool = False,
     parallel: int = 1,
     started: float | None = None,
+    resume: bool = False,
 ) -> list[dict]:
     """Train ``n_models`` members under ``config.out``, ``parallel`` at a time; returns their
     test metrics. The committee's are in ``OUT/ensemble.json`` (see :func:`committee_metrics`).
 
-    ``overwrite`` replaces members' folders that hold earlier runs. ``config.max_minutes``
-    bounds everything from ``started`` (``time.monotonic()``; default: now)."""
+    ``overwrite`` replaces members' folders that hold earlier runs. ``resume`` goes on with
+    an interrupted ensemble: a finished member (its ``metrics.json`` and model saved) is
+    kept, a started one resumes from its last checkpoint, the others start, and the
+    manifest is written at the end. ``config.max_minutes`` bounds everything from
+    ``started`` (``time.monotonic()``; default: now)."""
     from ..runtime import available_cpus, end_with_parent
     from .train import load_dataset, train
 
@@ -73,21 +77,31 @@ def train_ensemble(
         threads = config.threads or max(1, available_cpus() // parallel)
         members = [m.updated(threads=threads, progress=False) for m in members]
     metrics: list[dict] = []
-    rounds = [members[i : i + parallel] for i in range(0, n_models, parallel)]
+    if resume and overwrite:
+        raise ValueError("resume and overwrite: give one")
+    state = {m.out: _member_state(Path(m.out)) if resume else "new" for m in members}
+    finished = {
+        m.out: json.loads((Path(m.out) / "metrics.json").read_text())
+        for m in members
+        if state[m.out] == "done"
+    }
+    members_left = [m for m in members if state[m.out] != "done"]
+    flags = {  # a member killed before its first checkpoint has nothing to keep: start afresh
+        m.out: {
+            "resume": state[m.out] == "started",
+            "overwrite": overwrite or state[m.out] == "empty",
+        }
+        for m in members_left
+    }
+    rounds = [members_left[i : i + parallel] for i in range(0, len(members_left), parallel)]
     for r, group in enumerate(rounds):
         now = time.monotonic()
         if deadline is not None:  # this round's share of the time left
             share = (deadline - now) / (len(rounds) - r)
             group = [m.updated(max_minutes=max(share, 1.0) / 60.0) for m in group]
-        kwargs = {
-            "data": data,
-            "split": split,
-            "overwrite": overwrite,
-            "started": now,
-            "test_seed": config.seed,
-        }
+        kwargs = {"data": data, "split": split, "started": now, "test_seed": config.seed}
         if parallel == 1:
-            metrics.extend(train(m, **kwargs) for m in group)
+            metrics.extend(train(m, **flags[m.out], **kwargs) for m in group)
             continue
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(
@@ -98,8 +112,10 @@ def train_ensemble(
             initializer=end_with_parent,
             initargs=(signal.SIGKILL,),
         ) as pool:
-            futures = [pool.submit(train, m, **kwargs) for m in group]
+            futures = [pool.submit(train, m, **flags[m.out], **kwargs) for m in group]
             metrics.extend(f.result() for f in futures)
+    trained = dict(zip([m.out for m in members_left], metrics))
+    metrics = [finished.get(m.out) or trained[m.out] for m in members]  # in member order
     names = [f"model_{k}" for k in range(n_models)]
     manifest = {
         "members": names,
@@ -110,6 +126,18 @@ def train_ensemble(
     with atomic_file(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, default=float))
     return metrics
+
+
+def _member_state(folder: Path) -> str:
+    """ "done" (metrics and model saved), "started" (a run and its last checkpoint there),
+    "empty" (a run recorded, killed before its first checkpoint) or "new"."""
+    from . import run_folder
+
+    if (folder / "metrics.json").is_file() and (folder / "model").is_dir():
+        return "done"
+    if (folder / "checkpoints" / "last.ckpt").is_file():
+        return "started"
+    return "empty" if (folder / run_folder.FINGERPRINT).is_file() else "new"
 
 
 def committee_metrics(folders) -> dict:
