@@ -352,6 +352,21 @@ def test_cli_writes_figure_and_tables(tmp_path, capsys):
         )
         == 2
     )
+    # saved patterns belong to the model they were fitted for: another model's, a file that
+    # is not safetensors and patterns without the model's layers are refused in one line
+    other = save_model(random_model("schnet", seed=1).float(), tmp_path / "other")
+    use = ["explain", "molecule", str(other), str(tmp_path / "ethanol.xyz"), "--method"]
+    use += ["patternattribution", "--out", str(tmp_path / "o2"), "--patterns"]
+    capsys.readouterr()
+    assert main([*use, str(tmp_path / "out" / "patterns.safetensors")]) == 2
+    assert "fitted for another model" in capsys.readouterr().err
+    assert main([*use, str(tmp_path / "ethanol.xyz")]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err
+    from atomlens.explain.patterns import Patterns
+
+    Patterns({"elsewhere": {"a": torch.zeros(2, 2)}}).save(tmp_path / "unbound.safetensors")
+    assert main([*use, str(tmp_path / "unbound.safetensors")]) == 2
+    assert "no pattern fitted for layer" in capsys.readouterr().err
     # patterns fitted on two identical frames (one distinct structure): said so
     ase.io.write(tmp_path / "same.xyz", [ETHANOL, ETHANOL])
     capsys.readouterr()

@@ -62,7 +62,7 @@ def _patterns(args, model):
     if args.patterns is not None:
         if not args.patterns.is_file():
             raise FileNotFoundError(f"{args.patterns}: no such patterns file")
-        return Patterns.load(args.patterns)
+        return Patterns.load(args.patterns, model)
     if args.fit_data is None:
         raise ValueError("patternattribution needs --patterns FILE or --fit-data STRUCTURES")
     from ..data.sources.ase_files import read_structures
@@ -80,7 +80,7 @@ def _patterns(args, model):
         )
     batches = (model.batch_from_atoms(frames[k : k + 64]) for k in range(0, len(frames), 64))
     patterns = fit_molecule_patterns(model, batches)
-    patterns.save(args.out / "patterns.safetensors")
+    patterns.save(args.out / "patterns.safetensors", model)
     return patterns
 
 

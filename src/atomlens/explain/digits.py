@@ -190,7 +190,7 @@ def digits_study(
     loader = torch.utils.data.DataLoader(data.x_train, batch_size=256)
     patterns = fit_patterns(model, loader)
     files["patterns"] = out / "patterns.safetensors"
-    patterns.save(files["patterns"])
+    patterns.save(files["patterns"], model)
 
     images = data.x_test[:n_images]
     figure = {name: explain(model, images, name, patterns=patterns) for name in METHODS}

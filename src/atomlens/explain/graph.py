@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.schnet import filter_values
-from .patterns import LayerStatistics, Patterns, PatternStatistics
+from .patterns import LayerStatistics, MissingPattern, Patterns, PatternStatistics
 from .rules import Epsilon, Pattern, Ratio, Rule, stabilize
 
 #: gathered transfer-matrix entries per chunk of walks or atom sets (160 MB in float64)
@@ -173,12 +173,12 @@ def pattern_attribution_rules(patterns: Patterns, pattern_type: str = "a+-") -> 
 
     def linear(name, module):
         if name not in patterns:
-            raise KeyError(f"no pattern fitted for layer {name!r}")
+            raise MissingPattern(f"no pattern fitted for layer {name!r}")
         return Pattern(patterns[name], True, pattern_type)
 
     def pairwise(name, weights, inputs, receivers, n):
         if name not in patterns:
-            raise KeyError(f"no pattern fitted for {name!r}")
+            raise MissingPattern(f"no pattern fitted for {name!r}")
         return weights * patterns[name]["a"].to(weights)
 
     return MoleculeRules(

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .attributors import integrated_gradients, modified_gradient, select_targets, smoothgrad
 from .canonizers import canonized
-from .patterns import Patterns
+from .patterns import MissingPattern, Patterns
 from .rules import (
     LINEAR_TYPES,
     AlphaBeta,
@@ -64,7 +64,7 @@ def _pattern(attribution: bool) -> Callable[[dict], Composite]:
 
         def rule(name: str, module: nn.Module) -> Pattern:
             if name not in patterns:
-                raise KeyError(f"no pattern fitted for layer {name!r}")
+                raise MissingPattern(f"no pattern fitted for layer {name!r}")
             return Pattern(patterns[name], attribution, pattern_type)
 
         return Composite([(LINEAR_TYPES, rule), (is_activation, Ratio())])

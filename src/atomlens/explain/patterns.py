@@ -20,6 +20,7 @@ a single pass over all data at once.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -134,29 +135,65 @@ class LayerStatistics:
 PATTERNS_FORMAT = "atomlens.patterns/1"
 
 
+class MissingPattern(KeyError, ValueError):
+    """A layer the patterns were not fitted for (patterns of another model): a user error
+    (``ValueError``) as well as a lookup's (``KeyError``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names and float32 values): patterns
+    are fitted for these weights, and another model's would explain nothing."""
+    sha = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
 class Patterns(dict):
     """Layer name -> ``{"a", "a_plus", "a_minus"}``, each of the layer weight's shape.
 
     Saved as safetensors, one tensor per ``"<layer>/<key>"``, with ``format`` metadata that
-    :meth:`load` checks (a model's weights or another file are refused, not misread)."""
+    :meth:`load` checks (a model's weights or another file are refused, not misread) and,
+    when saved with the model, that model's :func:`model_digest` (patterns loaded for
+    another model are refused)."""
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, model: nn.Module | None = None) -> None:
         tensors = {
             f"{layer}/{key}": pattern.contiguous()
             for layer, patterns in self.items()
             for key, pattern in patterns.items()
         }
-        save_file(tensors, str(path), metadata={"format": PATTERNS_FORMAT})
+        metadata = {"format": PATTERNS_FORMAT}
+        if model is not None:
+            metadata["model_sha256"] = model_digest(model)
+        save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | Path) -> Patterns:
+    def load(cls, path: str | Path, model: nn.Module | None = None) -> Patterns:
         patterns = cls()
-        with safe_open(str(path), framework="pt") as handle:
-            found = (handle.metadata() or {}).get("format")
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as err:  # noqa: BLE001 (safetensors' own error types)
+            raise ValueError(
+                f"{path}: not a safetensors file ({err}); give patterns saved by atomlens"
+            ) from None
+        with handle:
+            metadata = handle.metadata() or {}
+            found = metadata.get("format")
             if found != PATTERNS_FORMAT:
                 raise ValueError(
                     f"{path}: not an atomlens patterns file (safetensors format {found!r}, "
                     f"expected {PATTERNS_FORMAT!r}); fit patterns with fit_patterns()"
+                )
+            fitted_for = metadata.get("model_sha256")
+            if model is not None and fitted_for is not None and fitted_for != model_digest(model):
+                raise ValueError(
+                    f"{path}: these patterns were fitted for another model (its weights "
+                    f"differ); fit them for this model (explain molecule --fit-data)"
                 )
             for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 layer, key = name.rsplit("/", 1)  # layer names may hold "/" themselves
