@@ -52,7 +52,8 @@ def test_unknown_element(chon_model, tmp_path, capsys):
     ase.io.write(path, ase.build.molecule("SiH4"))
     assert main(["predict", str(chon_model), str(path)]) == 2
     message = one_line_error(capsys, "predict")
-    assert "Si never seen" in message and "--allow-unknown-elements" in message
+    assert message.startswith(f"{path}: element(s) Si never seen"), message
+    assert "--allow-unknown-elements" in message
     for replicas in ("1", "2"):  # one trajectory (Calculator), several (BatchedMD)
         out = tmp_path / f"md{replicas}.traj"
         argv = ["md", str(chon_model), str(path), "--replicas", replicas, "--out", str(out)]
@@ -60,6 +61,21 @@ def test_unknown_element(chon_model, tmp_path, capsys):
         message = one_line_error(capsys, "md")
         assert message.startswith(f"{path}: element(s) Si never seen"), message
         assert not list(tmp_path.glob("md*"))
+
+
+def test_broken_structures_are_named_by_their_file(chon_model, tmp_path, capsys):
+    """insight and explain refuse non-finite coordinates naming the file (they said
+    "<atoms>: structure 0 ...", the placeholder of a Python call)."""
+    path = tmp_path / "nan.xyz"
+    path.write_text("3\n\nO 0 0 0\nH nan 0 0\nH 0 0.96 0\n")
+    for argv in (
+        ["insight", "atomic-energies", str(chon_model), str(path)],
+        ["insight", "extensivity", str(chon_model), str(path)],
+        ["explain", "molecule", str(chon_model), str(path), "--out", str(tmp_path / "x")],
+    ):
+        assert main(argv) == 2
+        message = one_line_error(capsys, argv[0])
+        assert message.startswith(f"{path}: ") and "non-finite" in message, message
 
 
 def test_missing_file(tmp_path, capsys):

@@ -92,6 +92,7 @@ MIN_FIT_STRUCTURES = 3
 
 def run(args: argparse.Namespace) -> int:
     """Explain the structure with each method; returns the exit code."""
+    from ..data.dataset import dataset_from_atoms
     from ..data.sources.ase_files import read_structures
     from ..explain.molecule_figures import molecule_figure, terms_table, write_terms
     from ..explain.molecules import explain_molecule
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.structure}: --index {args.index} selects {len(frames)} "
             "structures; explain one at a time"
         )
+    dataset_from_atoms(frames, source=args.structure, targets=False)  # finite, not overlapping
     numbers = frames[0].get_atomic_numbers()
     check_elements(model, numbers, args.allow_unknown_elements, args.structure)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -502,6 +502,12 @@ def run_predict(args) -> int:
 
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(Path(args.out).parent))
     dataset_from_atoms(frames, source=args.file, targets=False)  # validate before any output
+    if not args.allow_unknown_elements:  # refused naming the file (allowed: predict warns)
+        from ..models.guards import check_elements
+
+        numbers = np.unique(np.concatenate([atoms.numbers for atoms in frames]))
+        for member in models:
+            check_elements(member, numbers, False, args.file)
     if len(models) == 1:
         predict = model.predict
     else:

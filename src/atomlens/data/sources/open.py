@@ -52,10 +52,15 @@ def open_dataset(
 
 def open_structures(spec: str, index: str | int = ":") -> list:
     """ASE ``Atoms`` of a structure spec: the frames ``index`` (ASE syntax) of any file ASE
-    reads, or the QM9 molecule ``qm9:N`` (N = QM9 index; ``index`` is then ignored)."""
+    reads, or the QM9 molecule ``qm9:N`` (N = QM9 index; ``index`` is then ignored).
+    Frames that no model call accepts (non-finite or overlapping atoms) are refused here,
+    naming the file."""
     spec = str(spec)
     if spec.startswith("qm9:"):
         return [open_dataset(spec).atoms(0)]
+    from ..dataset import dataset_from_atoms
     from .ase_files import read_structures
 
-    return read_structures(spec, index)
+    frames = read_structures(spec, index)
+    dataset_from_atoms(frames, source=spec, targets=False)
+    return frames
