@@ -133,6 +133,14 @@ def test_unknown_target_is_a_clear_error(tmp_path, data):
     assert "forces" not in str(err.value).split("--target")[1]  # targets only
     with pytest.raises(DataError, match="no forces"):
         load_dataset(TrainConfig(data=str(folder), target="U0", forces=True))
+    # a saved model's target (evaluate): no --target to choose; a file without any targets
+    with pytest.raises(DataError, match="the model predicts 'E0', which this data set does not"):
+        load_dataset(TrainConfig(data=str(folder), target="E0"), fixed_target=True)
+    bare = data.subset(np.arange(3))
+    bare.targets = {}
+    bare = bare.save(tmp_path / "bare")
+    with pytest.raises(DataError, match="holds no reference values"):
+        load_dataset(TrainConfig(data=str(bare), target="energy"))
 
 
 def test_refit_offset_recovers_a_constant_per_atom_shift(data):

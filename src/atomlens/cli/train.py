@@ -429,7 +429,7 @@ def run_evaluate(args) -> int:
         )
     elif args.energy_unit or args.length_unit:
         raise ValueError("--energy-unit and --length-unit describe a --data file")
-    data = load_dataset(config)
+    data = load_dataset(config, fixed_target=True)
     if args.data:  # as predict, md and insight do: no silent scores of untrained elements
         from ..models.guards import check_elements
 

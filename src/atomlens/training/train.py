@@ -62,18 +62,28 @@ shared_memory.register()  # the strategy names ddp_spawn_shm and ddp_shm
 PREDICTIONS = "test_predictions.npz"
 
 
-def load_dataset(config: TrainConfig) -> PackedDataset:
+def load_dataset(config: TrainConfig, fixed_target: bool = False) -> PackedDataset:
     """The data set named by ``config.data`` (any spec of :func:`open_dataset`), checked
-    for the target and the derivatives the config trains on."""
+    for the target and the derivatives the config trains on. ``fixed_target``: the target
+    is a saved model's (evaluate), not the user's choice, and the error says so."""
     from ..data.sources.open import open_dataset
 
     data = open_dataset(config.data, config.energy_unit, config.length_unit)
     if config.target not in data.targets:
         others = [t for t in sorted(data.targets) if t not in ("forces", "stress")]
-        hint = f": choose one with --target ({', '.join(others)})" if others else ""
+        if not others:
+            raise DataError(
+                f"{config.data}: the file holds no reference values to learn or score "
+                f"(no {config.target!r}, no energies); predict needs none"
+            )
+        if fixed_target:
+            raise DataError(
+                f"{config.data}: the model predicts {config.target!r}, which this data "
+                f"set does not hold (it has {', '.join(others)})"
+            )
         raise DataError(
-            f"{config.data}: unknown target {config.target!r}; "
-            f"this data set has {sorted(data.targets)}{hint}"
+            f"{config.data}: unknown target {config.target!r}; this data set has "
+            f"{sorted(data.targets)}: choose one with --target ({', '.join(others)})"
         )
     if config.forces and "forces" not in data.targets:
         raise DataError(f"{config.data}: forces requested but the data set has no forces")
