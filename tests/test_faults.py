@@ -168,6 +168,11 @@ def test_a_second_run_on_a_used_folder_is_refused(qm9, finished_run):
     with pytest.raises(RunFolderError, match=r"n_train: 20 -> 25"):
         train(_tiny(finished_run, n_train=25, max_epochs=2), resume=True, data=qm9)
     assert (finished_run / "train_config.yaml").read_text() == before
+    # another, smaller data file: the run's split does not fit it (was "split indices out
+    # of range", before the fingerprint could say that the run is another)
+    with pytest.raises(RunFolderError, match=r"different run.*split does not fit.*\(30 str"):
+        train(_tiny(finished_run, max_epochs=2), resume=True, data=qm9.subset(np.arange(30)))
+    assert (finished_run / "train_config.yaml").read_text() == before
 
 
 def test_fingerprint_ignores_budgets_but_not_settings_data_or_split(qm9):

@@ -262,6 +262,14 @@ def test_extxyz_roundtrip(tmp_path):
     np.testing.assert_allclose(
         read_any(tmp_path / "water.db").targets["energy"], data.targets["energy"]
     )
+    # an ASE trajectory holds ASE's units by the format's definition (atomlens md writes
+    # them): read as eV and Angstrom; a contradicting declaration is refused
+    ase.io.write(tmp_path / "md.traj", frames)
+    traj = read_any(tmp_path / "md.traj")
+    np.testing.assert_allclose(traj.targets["energy"], back.targets["energy"], rtol=1e-10)
+    assert traj.units["energy"] == "eV"
+    with pytest.raises(DataError, match="kcal/mol"):
+        read_any(tmp_path / "md.traj", energy_unit="kcal/mol")
 
 
 def test_ase_file_errors(tmp_path):

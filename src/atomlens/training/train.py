@@ -273,7 +273,14 @@ class PackedDataModule(pl.LightningDataModule):
 def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[str, np.ndarray]:
     path = out / "split.npz"
     if resume and path.exists():
-        return load_split(path, n)
+        try:
+            return load_split(path, n)
+        except DataError as err:  # a split of another data set: the run is another run
+            raise run_folder.RunFolderError(
+                f"{out}: --resume with a different run than the one there: its split does "
+                f"not fit {config.data} ({n} structures; {err}). Resume with the original "
+                f"data, or start afresh with --overwrite or another --out"
+            ) from None
     split = random_split(n, config.n_train, config.n_val, config.n_test, seed=config.seed)
     save_split(path, split)
     return split

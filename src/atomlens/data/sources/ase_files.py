@@ -40,8 +40,11 @@ UNIT_KEYS = ("energy_unit", "length_unit", "force_unit")
 
 def _stated_units(frames, source: str, path: Path | None = None) -> dict[str, str]:
     """The units the frames state in every ``info`` (xyz/extxyz), or the metadata of the ASE
-    database ``path``."""
+    database ``path``; an ASE trajectory (``.traj``) holds its calculator results in ASE's
+    units by the format's definition (eV, Angstrom: what ``atomlens md`` writes)."""
     stated = {}
+    if path is not None and path.suffix.lower() == ".traj":
+        stated.update(energy_unit="eV", length_unit="Angstrom")
     if path is not None and path.suffix.lower() == ".db":
         from ase.db import connect
 
