@@ -322,7 +322,12 @@ def test_cli_writes_figure_and_tables(tmp_path, capsys):
         ]
     )
     assert code == 0
-    assert "warning" not in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err
+    # each method's E - ref names its reference (methods differ: shift + atomrefs, or the
+    # energy of the atoms alone), on the console as in the figure and the JSON
+    lines = [line for line in captured.out.splitlines() if "E - ref" in line]
+    assert len(lines) == 2 and all("(ref: " in line for line in lines)
     for name in (
         "relevant_walks.png",
         "relevant_walks_terms.csv",

@@ -137,8 +137,8 @@ def run(args: argparse.Namespace) -> int:
             summary["triple_relevance"] = e.triple_relevance.tolist()
         (args.out / f"{method}.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(
-            f"{method:>22}: E = {e.energy:.4f} eV, E - ref = {e.explained:.4f} eV, "
-            f"sum of atom relevances {e.atoms.sum():.4f} eV "
+            f"{method:>22}: E = {e.energy:.4f} eV, E - ref = {e.explained:.4f} eV "
+            f"(ref: {e.reference_kind}), sum of atom relevances {e.atoms.sum():.4f} eV "
             f"(conservation error {1000 * e.conservation_error:.3g} meV)"
         )
         if abs(e.conservation_error) > DEGENERATE_FACTOR * max(abs(e.explained), 0.1):
