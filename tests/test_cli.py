@@ -81,7 +81,13 @@ def test_predict_writes_per_atom_contributions(trained, tmp_path, capsys):
         assert atoms.arrays["atomlens_atomic_U0"].sum() == pytest.approx(
             atoms.info["atomlens_U0"], rel=1e-6
         )
-    assert "atomic U0 (eV)" in out  # the per-atom lines have a header with the unit
+        assert atoms.info["atomlens_unit"] == "eV"  # the predictions' unit, in the file
+    assert "atomic U0 (eV)" in out
+    before = structures.read_bytes()  # the input is never the output
+    assert main(["predict", str(trained / "run"), str(structures), "--out", str(structures)]) == 2
+    assert (
+        "is the input file" in capsys.readouterr().err and structures.read_bytes() == before
+    )  # the per-atom lines have a header with the unit
 
 
 def energy_model_folder(tmp_path):

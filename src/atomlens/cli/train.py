@@ -496,6 +496,8 @@ def run_predict(args) -> int:
     models = load_ensemble(args.model)
     model, unit = models[0], models[0].config.unit
     frames = read_structures(args.file, args.index)
+    if args.out and Path(args.out).resolve() == Path(args.file).resolve():
+        raise ValueError(f"--out {args.out} is the input file; write the predictions elsewhere")
     if args.out and not Path(args.out).parent.is_dir():  # refused before any work, not created
         import errno
         import os
@@ -561,6 +563,8 @@ def run_predict(args) -> int:
         arrays = {name: out[key][rows] for name, key in names.items()}
         for key, value in store.items():
             atoms.info[PREDICTION_PREFIX + key] = round(float(value), 6)
+        # the predictions' unit, stated in the file (the input's own values keep theirs)
+        atoms.info[PREDICTION_PREFIX + "unit"] = unit
         if charges and not std:
             atoms.info[PREDICTION_PREFIX + "dipole"] = np.round(out["dipole"][k], 6)
         for key, value in arrays.items():
