@@ -130,6 +130,10 @@ def test_sample_errors_follow_the_policy(tmp_path, capsys):
     assert main(["sample", "--smiles", "O", "--frames", "3", "--out", str(tmp_path / "x.txt")]) == 2
     assert ".npz" in one_line_error(capsys, "sample")
     assert capsys.readouterr().out == ""
+    # --cells strains copies of a periodic cell: on a molecule it was ignored without a word
+    out = tmp_path / "w.extxyz"
+    assert main(["sample", "--smiles", "O", "--cells", "3", "--out", str(out)]) == 2
+    assert "periodic cell" in one_line_error(capsys, "sample") and not out.exists()
 
 
 @pytest.mark.parametrize("switch", ["flag", "environment"])

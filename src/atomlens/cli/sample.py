@@ -143,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
             f"--out {out}: the start structure is periodic; write its cells "
             f"and stress to an .extxyz file"
         )
+    if not periodic and args.cells > 1:
+        raise ValueError(
+            f"--cells {args.cells}: strained copies are of a periodic cell; the start "
+            f"structure is a molecule (sample it with MD alone, without --cells)"
+        )
     if args.method is None:  # GFN1-xTB gives the stress of periodic cells
         args.method = "gfn1" if periodic else "gfn2"
     calculator = make_calculator(args.method)
