@@ -152,6 +152,9 @@ def test_periodic_cell_sampled_with_its_cell_and_stress(tmp_path):
     )
     data = read_any(tmp_path / "si_md.extxyz", energy_unit="eV", length_unit="Angstrom")
     assert len(data) == 2 and data.pbc.all()
+    import ase.io
+
+    assert all(a.info["theory"] == "gfn1" for a in ase.io.read(tmp_path / "si_md.extxyz", ":"))
     assert data.units["stress"] == "eV/Angstrom^3"
     volumes = np.abs(np.linalg.det(data.cell))
     assert volumes[0] != pytest.approx(volumes[1])  # the second copy is strained

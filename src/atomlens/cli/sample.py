@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         data = sample_md(atoms, calculator, seed=args.seed, **md)
     if out.suffix == ".extxyz":
-        write_ase(out, data, format="extxyz")
+        write_ase(out, data, format="extxyz", info={"theory": args.method})
     elif out.suffix == ".npz":
         write_md17(
             out,

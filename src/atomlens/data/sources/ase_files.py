@@ -250,12 +250,14 @@ def write_ase(
     energy_key: str = "energy",
     forces_key: str = "forces",
     format: str | None = None,
+    info: dict | None = None,
 ) -> Path:
     """Write ``dataset`` with :func:`ase.io.write` (eV, Angstrom), atomically.
 
     Energy and forces go into a :class:`~ase.calculators.singlepoint.SinglePointCalculator`
     (as ASE's own files keep them); other targets and extras into ``info`` / ``arrays``; the
-    units are stated in every frame's ``info`` (and, for ASE databases, in the metadata).
+    units are stated in every frame's ``info`` (and, for ASE databases, in the metadata),
+    with ``info`` (provenance such as the level of theory) added to every frame.
     """
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
@@ -263,6 +265,7 @@ def write_ase(
     frames = []
     for m in range(len(dataset)):
         atoms = dataset.atoms(m)
+        atoms.info.update(info or {})
         atoms.info.update(energy_unit="eV", length_unit="Angstrom")
         results = {}
         if energy_key in atoms.info:
