@@ -201,6 +201,35 @@ def test_commands_keep_a_dependencys_internal_deprecations_quiet():
     ]
 
 
+def test_train_on_a_file_takes_its_only_target(tmp_path, capsys):
+    """``train --data FILE`` without --target: the file's only target (QM9's U0, the
+    default, failed with "unknown target 'U0'" on every MD17 or extxyz file)."""
+    from ase.build import molecule
+
+    from atomlens.data.dataset import PackedDataset
+    from atomlens.data.sources.ase_files import write_ase
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(12):
+        atoms = molecule("H2O")
+        atoms.rattle(0.05, seed=int(rng.integers(1000)))
+        frames.append(atoms)
+    data = PackedDataset.from_structures(
+        [(a.numbers, a.positions) for a in frames],
+        {"energy": rng.normal(-2000.0, 0.1, len(frames))},
+        {"energy": "eV"},
+    )
+    path = write_ase(tmp_path / "water.extxyz", data)
+    argv = ["train", "--data", str(path), "--n-train", "6", "--n-val", "3", "--n-test", "3"]
+    argv += ["--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert f"target: 'energy', the only one in {path}" in capsys.readouterr().out
+    from atomlens.models.io import load_model
+
+    assert load_model(tmp_path / "run").target == "energy"
+
+
 def test_evaluate_on_another_file_takes_that_files_units(trained, capsys):
     """``evaluate --data`` takes --energy-unit and --length-unit for that file (the command
     had none, and its hint asked for them); the flags alone, without --data, are an error."""

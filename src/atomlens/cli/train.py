@@ -343,10 +343,25 @@ def config_from_args(args):
     return config.updated(**overrides)
 
 
+def _the_files_only_target(config):
+    """A data file given without --target (nor a config or preset that names one): its only
+    target, when the default (QM9's U0) is not in it and the choice is not ambiguous."""
+    from ..data.sources.open import open_dataset
+
+    data = open_dataset(config.data, config.energy_unit, config.length_unit)
+    targets = [t for t in sorted(data.targets) if t not in ("forces", "stress")]
+    if config.target in data.targets or len(targets) != 1:
+        return config  # the default, or several to choose from: load_dataset says which
+    print(f"target: {targets[0]!r}, the only one in {config.data}")
+    return config.updated(target=targets[0])
+
+
 def run_train(args) -> int:
     from ..training.train import train
 
     config = config_from_args(args)
+    if args.data and not (args.target or args.config or args.preset or args.init_from):
+        config = _the_files_only_target(config)
     if args.ensemble:
         from ..training.ensemble import MANIFEST, train_ensemble
 
