@@ -691,6 +691,18 @@ def test_cli_rings_and_isomers_on_a_tiny_data_set(tmp_path, saved_model, capsys)
     assert (tmp_path / "iso.png").is_file()
     with pytest.raises(ValueError):
         run_insight(["isomers", str(saved_model), "--data", data, "--formula", "C9H20"])
+    # a model of another target (an MD17 "energy" model) against QM9-style data: said so
+    import dataclasses
+
+    from atomlens.models.io import save_model
+
+    other = tiny_model("dtnn", dtype=torch.float32)
+    other.config = dataclasses.replace(other.config, target="energy")
+    save_model(other, tmp_path / "energy_model")
+    with pytest.raises(ValueError, match="predicts 'energy', which the data set does not hold"):
+        run_insight(
+            ["isomers", str(tmp_path / "energy_model"), "--data", data, "--formula", "C2H6O"]
+        )
     with pytest.raises(FileNotFoundError):
         run_insight(["rings", str(saved_model), "--data", data, "--split", "test"])
 

@@ -146,7 +146,12 @@ def isomer_analysis(
         raise ValueError(f"no structure with formula {formula} in the data set")
     target = model.target
     if target not in data.targets:
-        raise ValueError(f"the data set has no reference values of {target!r}")
+        held = [t for t in sorted(data.targets) if t not in ("forces", "stress")]
+        raise ValueError(
+            f"the model predicts {target!r}, which the data set does not hold (it has "
+            f"{', '.join(held) or 'no reference values'}): compare isomers with a model "
+            f"trained on one of its targets"
+        )
     predicted = predict_dataset(model, data, found, batch_size)[target]
     reference = np.asarray(data.targets[target])[found]
     return analyse_isomers(reference, predicted, found, formula)
