@@ -144,7 +144,10 @@ def run(args) -> int:
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, not {args.replicas}")
     if not args.allow_unknown_elements:  # allowed: the calculators warn, once
-        refuse_unknown_elements(args.model, frames, args.structure)
+        from ..ensemble import load_ensemble
+        from ..models.guards import refuse_unknown_elements
+
+        refuse_unknown_elements(load_ensemble(args.model), frames, args.structure)
     if len(frames) * args.replicas > 1:
         return run_batched(args, frames)
     atoms = frames[0]
@@ -205,17 +208,6 @@ def run(args) -> int:
         )
     print(f"  trajectory: {Path(args.out)}  log: {log_path}")
     return 0
-
-
-def refuse_unknown_elements(model_path, frames, source: str) -> None:
-    """Refuse elements the model, or any member of an ensemble, never saw, before the run
-    starts and naming the structure file (the calculators would name themselves)."""
-    from ..ensemble import load_ensemble
-    from ..models.guards import check_elements
-
-    numbers = np.unique(np.concatenate([atoms.numbers for atoms in frames]))
-    for model in load_ensemble(model_path):
-        check_elements(model, numbers, False, source)
 
 
 def numbered(path: str, k: int, n: int) -> Path:

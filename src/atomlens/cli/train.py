@@ -345,29 +345,34 @@ def config_from_args(args):
 
 def _the_files_only_target(config):
     """A data file given without --target (nor a config or preset that names one): its only
-    target, when the default (QM9's U0) is not in it and the choice is not ambiguous."""
+    target, when the default (QM9's U0) is not in it and the choice is not ambiguous; with
+    the data set, checked for that config, so that training does not read the file again."""
     from ..data.sources.open import open_dataset
+    from ..training.train import load_dataset
 
     data = open_dataset(config.data, config.energy_unit, config.length_unit)
-    targets = [t for t in sorted(data.targets) if t not in ("forces", "stress")]
-    if config.target in data.targets or len(targets) != 1:
-        return config  # the default, or several to choose from: load_dataset says which
-    print(f"target: {targets[0]!r}, the only one in {config.data}")
-    return config.updated(target=targets[0])
+    targets = data.model_targets
+    if config.target not in data.targets and len(targets) == 1:
+        print(f"target: {targets[0]!r}, the only one in {config.data}")
+        config = config.updated(target=targets[0])
+    # the default, or several to choose from: load_dataset says which
+    return config, load_dataset(config, opened=data)
 
 
 def run_train(args) -> int:
     from ..training.train import train
 
     config = config_from_args(args)
+    data = None  # read by training, unless read here already
     if args.data and not (args.target or args.config or args.preset or args.init_from):
-        config = _the_files_only_target(config)
+        config, data = _the_files_only_target(config)
     if args.ensemble:
         from ..training.ensemble import MANIFEST, train_ensemble
 
         members = train_ensemble(
             config,
             args.ensemble,
+            data=data,
             overwrite=args.overwrite,
             resume=args.resume,
             parallel=args.parallel,
@@ -387,7 +392,9 @@ def run_train(args) -> int:
         return 0
     if args.parallel != 1:
         raise ValueError("--parallel trains the members of an --ensemble at once")
-    metrics = train(config, resume=args.resume, overwrite=args.overwrite, started=args.started)
+    metrics = train(
+        config, resume=args.resume, overwrite=args.overwrite, started=args.started, data=data
+    )
     if metrics:
         print(f"model saved in {Path(config.out) / 'model'}")
         _print_metrics(metrics, config.target, metrics.get("unit", ""))
@@ -448,7 +455,7 @@ def run_evaluate(args) -> int:
     if args.data:  # as predict, md and insight do: no silent scores of untrained elements
         from ..models.guards import check_elements
 
-        check_elements(model, np.unique(data.numbers), args.allow_unknown_elements, args.data)
+        check_elements(model, data.elements, args.allow_unknown_elements, args.data)
     elif args.allow_unknown_elements:
         raise ValueError("--allow-unknown-elements is for a --data file")
     # another data set is scored whole: its frames are not the model's split
@@ -520,11 +527,9 @@ def run_predict(args) -> int:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(Path(args.out).parent))
     dataset_from_atoms(frames, source=args.file, targets=False)  # validate before any output
     if not args.allow_unknown_elements:  # refused naming the file (allowed: predict warns)
-        from ..models.guards import check_elements
+        from ..models.guards import refuse_unknown_elements
 
-        numbers = np.unique(np.concatenate([atoms.numbers for atoms in frames]))
-        for member in models:
-            check_elements(member, numbers, False, args.file)
+        refuse_unknown_elements(models, frames, args.file)
     if len(models) == 1:
         predict = model.predict
     else:

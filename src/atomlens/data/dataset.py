@@ -283,6 +283,12 @@ class PackedDataset:
     def elements(self) -> np.ndarray:
         return np.unique(np.asarray(self.numbers))
 
+    @property
+    def model_targets(self) -> list[str]:
+        """The targets a model can be trained to predict, sorted: all but the derivatives
+        (``forces``, ``stress``), which come from the energy's gradient."""
+        return [t for t in sorted(self.targets) if t not in ("forces", "stress")]
+
     def is_extensive(self, name: str) -> bool:
         """Whether target ``name`` grows with the structure's size, as the data declares it.
 

@@ -146,7 +146,7 @@ def isomer_analysis(
         raise ValueError(f"no structure with formula {formula} in the data set")
     target = model.target
     if target not in data.targets:
-        held = [t for t in sorted(data.targets) if t not in ("forces", "stress")]
+        held = data.model_targets
         raise ValueError(
             f"the model predicts {target!r}, which the data set does not hold (it has "
             f"{', '.join(held) or 'no reference values'}): compare isomers with a model "

@@ -57,6 +57,14 @@ def check_elements(model, numbers, allow_unknown: bool = False, source: str = "i
     )
 
 
+def refuse_unknown_elements(models, frames, source: str) -> None:
+    """Refuse the elements of ``frames`` (ASE ``Atoms``) that any of ``models`` never saw,
+    naming ``source`` (the file the user gave): a command checks its input up front."""
+    numbers = np.unique(np.concatenate([atoms.numbers for atoms in frames]))
+    for model in models:
+        check_elements(model, numbers, False, source)
+
+
 def check_finite(outputs: dict, source: str = "the model") -> None:
     """Raise ValueError when any output array holds NaN or inf."""
     bad = [name for name, value in outputs.items() if not np.isfinite(np.asarray(value)).all()]

@@ -115,7 +115,7 @@ def train_ensemble(
             futures = [pool.submit(train, m, **flags[m.out], **kwargs) for m in group]
             metrics.extend(f.result() for f in futures)
     trained = dict(zip([m.out for m in members_left], metrics))
-    metrics = [finished.get(m.out) or trained[m.out] for m in members]  # in member order
+    metrics = [finished[m.out] if m.out in finished else trained[m.out] for m in members]
     names = [f"model_{k}" for k in range(n_models)]
     manifest = {
         "members": names,

@@ -85,7 +85,7 @@ def evaluate(
         saved = {"indices": indices, "predicted": pred[target], "reference": ref}
         if forces:  # packed per atom, in the structures' evaluation order
             saved.update(
-                n_atoms=np.diff(np.asarray(data.offsets))[indices],
+                n_atoms=data.n_atoms_per[indices],
                 forces_predicted=pred["forces"],
                 forces_reference=np.asarray(data.targets["forces"])[atoms],
             )

@@ -62,15 +62,22 @@ shared_memory.register()  # the strategy names ddp_spawn_shm and ddp_shm
 PREDICTIONS = "test_predictions.npz"
 
 
-def load_dataset(config: TrainConfig, fixed_target: bool = False) -> PackedDataset:
+def load_dataset(
+    config: TrainConfig, fixed_target: bool = False, opened: PackedDataset | None = None
+) -> PackedDataset:
     """The data set named by ``config.data`` (any spec of :func:`open_dataset`), checked
     for the target and the derivatives the config trains on. ``fixed_target``: the target
-    is a saved model's (evaluate), not the user's choice, and the error says so."""
+    is a saved model's (evaluate), not the user's choice, and the error says so.
+    ``opened``: that data set already opened, checked here instead of read again."""
     from ..data.sources.open import open_dataset
 
-    data = open_dataset(config.data, config.energy_unit, config.length_unit)
+    data = (
+        opened
+        if opened is not None
+        else open_dataset(config.data, config.energy_unit, config.length_unit)
+    )
     if config.target not in data.targets:
-        others = [t for t in sorted(data.targets) if t not in ("forces", "stress")]
+        others = data.model_targets
         if not others:
             raise DataError(
                 f"{config.data}: the file holds no reference values to learn or score "
