@@ -20,6 +20,14 @@ HYPERPARAMETERS = {
 }
 
 
+def synchronize(device) -> None:
+    """Wait for the GPU's queued work (timings end when the work has run); no-op on a CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def endless(loader: Iterable) -> Iterator:
     """The loader's batches, epoch after epoch."""
     while True:

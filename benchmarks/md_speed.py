@@ -19,6 +19,11 @@ through a subprocess. Prints one JSON object per measurement and one per ratio.
     python benchmarks/md_speed.py --no-peer --profile    # atomlens only, with a profile
     python benchmarks/md_speed.py --replicas 32 --batch-sizes 10   # many trajectories at once
     python benchmarks/md_speed.py --rounds 2 ...   # both libraries twice, in alternating order
+    python benchmarks/md_speed.py --device cuda --replicas 32 1024   # on a GPU (both libraries)
+
+On a GPU every training step ends with a synchronisation (as a loop that logs its loss does),
+for both libraries; ``--peer-python`` runs SchNetPack with a given interpreter (one that can
+import it) instead of its venv.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ prepare_environment()  # before torch loads: libgomp reads its wait policy once
 
 import numpy as np
 import torch
-from common import CLOCKS, HYPERPARAMETERS, build_model, endless, timed
+from common import CLOCKS, HYPERPARAMETERS, build_model, endless, synchronize, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -77,6 +82,7 @@ def training_throughput(
     rho: float = 0.01,
     warmup: int = 3,
     clock: str = "wall",
+    device: str = "cpu",
 ) -> dict:
     from atomlens.data import PackedDataset, make_loader
 
@@ -86,14 +92,14 @@ def training_throughput(
         {"energy": frames["E"] - frames["E"].mean(), "forces": list(frames["F"])},
         {"energy": "eV", "forces": "eV/Angstrom"},
     )
-    model = build_model().train()
+    model = build_model().train().to(device)
     loader = make_loader(data, np.arange(n), batch_size, model.cutoff, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
 
     stream = endless(loader)
 
     def step() -> int:
-        batch = next(stream)
+        batch = next(stream).to(device)
         optimizer.zero_grad(set_to_none=True)
         pred = model(batch, forces=True)
         loss = (
@@ -102,6 +108,7 @@ def training_throughput(
         )
         loss.backward()
         optimizer.step()
+        synchronize(device)
         return batch.n_structures
 
     structures, steps, wall = timed(step, seconds, clock, warmup)
@@ -117,14 +124,20 @@ def md_atoms(frames: dict):
     return atoms
 
 
-def md_speed(frames: dict, steps: int, clock: str = "wall", compile: bool | str = False) -> dict:
+def md_speed(
+    frames: dict,
+    steps: int,
+    clock: str = "wall",
+    compile: bool | str = False,
+    device: str = "cpu",
+) -> dict:
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
     import atomlens
 
     atoms = md_atoms(frames)
-    atoms.calc = atomlens.Calculator(build_model().eval(), compile=compile)
+    atoms.calc = atomlens.Calculator(build_model().eval(), device=device, compile=compile)
     dyn = VelocityVerlet(atoms, 0.5 * units.fs)
     dyn.run(50)  # warm-up (and, with compile, the one-off compilation)
     now = CLOCKS[clock]
@@ -135,7 +148,12 @@ def md_speed(frames: dict, steps: int, clock: str = "wall", compile: bool | str 
 
 
 def batched_md_speed(
-    frames: dict, replicas: int, steps: int, clock: str = "wall", compile: bool | str = False
+    frames: dict,
+    replicas: int,
+    steps: int,
+    clock: str = "wall",
+    compile: bool | str = False,
+    device: str = "cpu",
 ) -> dict:
     """Molecule-steps/s of ``replicas`` aspirin trajectories in one :class:`BatchedMD`."""
     from atomlens.batched_md import BatchedMD
@@ -148,12 +166,14 @@ def batched_md_speed(
         temperature_K=300,
         seed=0,
         compile=compile,
+        device=device,
     )
     md.run(10, progress=False)  # warm-up (and, with compile, the one-off compilation)
     now = CLOCKS[clock]
     start = now()
     # observables at the first and last step only: the SchNetPack runs attach no logger
     md.run(steps, interval=steps, progress=False)
+    synchronize(device)
     wall = now() - start
     return {
         "molecule_steps_per_s": replicas * steps / wall,
@@ -189,7 +209,7 @@ def run_peer(frames: dict, args) -> list[dict]:
     sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
     from spk_env import ensure_venv
 
-    python = ensure_venv()
+    python = args.peer_python or ensure_venv()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "frames.npz"
         np.savez(path, **frames)
@@ -211,7 +231,9 @@ def run_peer(frames: dict, args) -> list[dict]:
             "--hyperparameters",
             json.dumps(HYPERPARAMETERS),
             "--md-runs",
-            str(args.replicas),
+            str(min(args.replicas, default=0)),
+            "--device",
+            args.device,
         ]
         env = dict(os.environ)
         if args.peer_malloc:  # the allocator settings atomlens makes for itself
@@ -251,9 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replicas",
         type=int,
-        default=0,
-        help="also R trajectories at once (batched MD) against R sequential "
-        "SchNetPack runs; 32 in the issue's target",
+        nargs="+",
+        default=[],
+        help="also R trajectories at once (batched MD; several R: one line each) against "
+        "R sequential SchNetPack runs (the smallest R); 32 in the issue's target",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (both libraries)")
+    parser.add_argument(
+        "--peer-python", default=None, help="python that imports SchNetPack (default: its venv)"
     )
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables to stderr")
     parser.add_argument(
@@ -275,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "clock": args.clock,
         "n_atoms": len(frames["z"]),
+        "device": args.device,
         **HYPERPARAMETERS,
     }
+    if args.device != "cpu":
+        common["device_name"] = torch.cuda.get_device_name(args.device)
     ratios: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
         # alternate the order (atomlens first, then SchNetPack first, ...) so that a drift
@@ -307,33 +337,38 @@ def main(argv: list[str] | None = None) -> int:
 def measure_atomlens(frames: dict, args, common: dict) -> dict[tuple, float]:
     """atomlens's legs (one JSON line each); returns their rates by (measure, batch size)."""
     ours: dict[tuple, float] = {}
+    device = args.device
     for batch_size in args.batch_sizes:
-        result = training_throughput(frames, batch_size, args.seconds, clock=args.clock)
+        result = training_throughput(
+            frames, batch_size, args.seconds, clock=args.clock, device=device
+        )
         ours["train", batch_size] = result["structures_per_s"]
         print(
             json.dumps({"measure": "train", "batch_size": batch_size, **common, **result}),
             flush=True,
         )
-    result = md_speed(frames, args.md_steps, clock=args.clock)
+    result = md_speed(frames, args.md_steps, clock=args.clock, device=device)
     ours["md", None] = result["steps_per_s"]
     print(json.dumps({"measure": "md", **common, **result}), flush=True)
-    # what a user gets without flags: atomlens.Calculator(model) / atomlens md (compile="auto")
-    result = md_speed(frames, args.md_steps, clock=args.clock, compile="auto")
+    # what a user gets without flags: atomlens.Calculator(model) / atomlens md (compile="auto":
+    # on a GPU, a CUDA graph)
+    result = md_speed(frames, args.md_steps, clock=args.clock, compile="auto", device=device)
     ours["md_default", None] = result["steps_per_s"]
     print(json.dumps({"measure": "md_default", **common, **result}), flush=True)
     if args.compile:
-        result = md_speed(frames, args.md_steps, clock=args.clock, compile=True)
+        result = md_speed(frames, args.md_steps, clock=args.clock, compile=True, device=device)
         ours["md_compiled", None] = result["steps_per_s"]
         print(json.dumps({"measure": "md_compiled", **common, **result}), flush=True)
-    if args.replicas:
+    for replicas in args.replicas:
         result = batched_md_speed(
             frames,
-            args.replicas,
+            replicas,
             args.md_steps,
             clock=args.clock,
             compile=True if args.compile else "auto",
+            device=device,
         )
-        ours["md_batched", None] = result["molecule_steps_per_s"]
+        ours["md_batched", replicas] = result["molecule_steps_per_s"]
         print(json.dumps({"measure": "md_batched", **common, **result}), flush=True)
     if args.profile:
         profile(frames, args.batch_sizes[0])
@@ -344,8 +379,10 @@ def compare(ours: dict[tuple, float], peers: list[dict]):
     """(name, atomlens / SchNetPack, target, extra fields) for every leg both libraries ran."""
     for peer in peers:
         if peer["measure"] == "md_sequential":
-            ratio = ours["md_batched", None] / peer["molecule_steps_per_s"]
-            yield "md_batched_ratio", ratio, 20.0, {"replicas": peer["runs"]}
+            for (name, replicas), rate in ours.items():  # R at once / sequential runs
+                if name == "md_batched":
+                    extra = {"replicas": replicas, "peer_runs": peer["runs"]}
+                    yield "md_batched_ratio", rate / peer["molecule_steps_per_s"], 20.0, extra
             continue
         key = (peer["measure"], peer.get("batch_size"))
         rate = "structures_per_s" if peer["measure"] == "train" else "steps_per_s"

@@ -19,6 +19,12 @@ Throughput beside N busy processes (loaded / idle per library in the same run)::
 
     python benchmarks/qm9.py --throughput --peers --background 2
 
+Throughput on a GPU (both libraries; every step ends with a synchronisation; ``--data`` a
+packed QM9 subset where qm9pack is absent, ``--peer-python`` an interpreter that imports
+SchNetPack)::
+
+    python benchmarks/qm9.py --throughput --peers --device cuda --batch-size 100
+
 Each result is one JSON line on stdout; progress goes to stderr. ``--throughput --peers`` runs
 ``benchmarks/peers/schnetpack_qm9.py`` in SchNetPack's own venv (see ``peers/spk_env.py``) as a
 worker process and interleaves its repeats with atomlens's, so that both see the same load on
@@ -229,9 +235,10 @@ class AtomlensBench:
         batch_size: int,
         seed: int = 0,
         warmup: int = 2,
+        device: str = "cpu",
     ):
         self.data, self.indices, self.batch_size, self.seed = data, indices, batch_size, seed
-        self.warmup = warmup
+        self.warmup, self.device = warmup, torch.device(device)
         self.setups: dict[str, dict] = {}
 
     def _setup(self, setting: str) -> dict:
@@ -248,6 +255,7 @@ class AtomlensBench:
             )
         )
         fit_statistics(model, self.data, self.indices)
+        model.to(self.device)
         loader = make_loader(
             self.data, self.indices, self.batch_size, model.cutoff, shuffle=True, seed=self.seed
         )
@@ -257,7 +265,7 @@ class AtomlensBench:
             "iterator": iter(loader),
             "optimizer": torch.optim.Adam(model.parameters(), lr=5e-4),
         }
-        state["fixed"] = [self._next(state) for _ in range(10)]
+        state["fixed"] = [self._next(state).to(self.device) for _ in range(10)]
         self.setups[setting] = state
         for mode in ("train", "infer"):  # warm-up: allocator, first-call overheads
             for pipeline in ("e2e", "model"):
@@ -277,6 +285,7 @@ class AtomlensBench:
         molecules = 0
         for k in range(n_batches):
             batch = self._next(state) if pipeline == "e2e" else fixed[k % len(fixed)]
+            batch = batch.to(self.device)  # (e2e: from the loader's CPU tensors)
             if mode == "train":
                 model.train()
                 optimizer.zero_grad(set_to_none=True)
@@ -287,6 +296,8 @@ class AtomlensBench:
                 model.eval()
                 with torch.inference_mode():
                     model(batch)
+            if self.device.type == "cuda":  # the step has run, not only been queued
+                torch.cuda.synchronize(self.device)
             molecules += batch.n_structures
         return molecules
 
@@ -362,7 +373,7 @@ def start_schnetpack(data: PackedDataset, indices: np.ndarray, args) -> PeerWork
     sys.path.insert(0, str(HERE / "peers"))
     from spk_env import ensure_venv
 
-    python = ensure_venv()
+    python = args.peer_python or ensure_venv()
     workdir = Path(args.peer_dir or tempfile.mkdtemp(prefix="atomlens-qm9-peers-"))
     workdir.mkdir(parents=True, exist_ok=True)
     molecules = data.subset(indices)
@@ -398,6 +409,8 @@ def start_schnetpack(data: PackedDataset, indices: np.ndarray, args) -> PeerWork
         str(args.seed),
         "--neighbor-list",
         args.neighbor_list,
+        "--device",
+        args.device,
         "--warmup",
         str(args.warmup),
         "--serve",
@@ -414,10 +427,10 @@ def throughput(args) -> list[dict]:
     """
     from busy import background_load
 
-    data = load_qm9()
+    data = PackedDataset.load(args.data) if args.data else load_qm9()
     rng = np.random.default_rng(args.seed)
     indices = np.sort(rng.choice(len(data), size=args.n_molecules, replace=False))
-    benches = [AtomlensBench(data, indices, args.batch_size, args.seed, args.warmup)]
+    benches = [AtomlensBench(data, indices, args.batch_size, args.seed, args.warmup, args.device)]
     if args.peers:
         benches.append(start_schnetpack(data, indices, args))
     settings = args.settings.split(",")
@@ -455,6 +468,9 @@ def throughput(args) -> list[dict]:
         ["uptime"], capture_output=True, text=True, check=False
     ).stdout.strip()
     env["wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    env["device"] = args.device
+    if args.device != "cpu":
+        env["device_name"] = torch.cuda.get_device_name(args.device)
     records = []
     for ((setting, mode, pipeline), n_busy), per_library in times.items():
         record = {
@@ -620,6 +636,15 @@ def main(argv=None) -> int:
         default="shm",
         help="with --processes: reductions through shared memory (strategy ddp_spawn_shm) "
         "or gloo's sockets (ddp_spawn)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="throughput: cpu, cuda, ... (both libraries)"
+    )
+    parser.add_argument(
+        "--data", default=None, help="throughput: a packed QM9 folder instead of qm9pack's"
+    )
+    parser.add_argument(
+        "--peer-python", default=None, help="python that imports SchNetPack (default: its venv)"
     )
     parser.add_argument("--throughput", action="store_true", help="measure molecules per second")
     parser.add_argument(

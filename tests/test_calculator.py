@@ -216,6 +216,47 @@ def test_auto_compile_for_small_molecules_with_a_fallback(monkeypatch, caplog):
         atomlens.Calculator(model, compile="sometimes")
 
 
+def test_compile_modes_by_device_and_a_named_mode_on_the_cpu(monkeypatch):
+    """compile=True/"auto" record CUDA graphs on a GPU ("reduce-overhead") and use Inductor's
+    default on a CPU; a named mode is passed on, and its code path (Inductor makes no graphs
+    on a CPU) gives the eager results."""
+    import ase.build
+
+    from atomlens import calculator
+    from atomlens.nn.kernels import compile_mode, default_compile_mode
+
+    assert default_compile_mode("cuda") == default_compile_mode("cuda:1") == "reduce-overhead"
+    assert default_compile_mode("cpu") is None
+    assert compile_mode(True, "cuda") == compile_mode("auto", "cuda") == "reduce-overhead"
+    assert compile_mode(True, "cpu") is None
+    assert compile_mode("max-autotune", "cpu") == "max-autotune"
+    with pytest.raises(ValueError, match="compile must be"):
+        compile_mode("fast", "cpu")
+
+    modes = []
+    compile_fixed_shapes = calculator.compile_fixed_shapes
+
+    def recording(function, device, mode=None, **kwargs):
+        modes.append(mode)
+        return compile_fixed_shapes(function, device, mode, **kwargs)
+
+    monkeypatch.setattr(calculator, "compile_fixed_shapes", recording)
+    model = random_model("schnet")
+    atoms = ase.build.molecule("CH3CH2OH")
+    eager = atomlens.Calculator(model, dtype="float64", compile=False)
+    named = atomlens.Calculator(model, dtype="float64", compile="reduce-overhead")
+    assert named.compile is True
+    for step in range(2):  # new positions into the same compiled function
+        atoms.positions += np.random.default_rng(step).normal(scale=0.05, size=(len(atoms), 3))
+        eager.calculate(atoms, ["energy", "forces"])
+        named.calculate(atoms, ["energy", "forces"])
+        np.testing.assert_allclose(named.results["forces"], eager.results["forces"], atol=1e-9)
+        assert named.results["energy"] == pytest.approx(eager.results["energy"], abs=1e-9)
+    monkeypatch.setenv("ATOMLENS_COMPILE", "1")  # (the tests' default is 0)
+    atomlens.Calculator(model, dtype="float64").calculate(atoms, ["energy"])  # auto, CPU
+    assert set(modes[:-1]) == {"reduce-overhead"} and modes[-1] is None
+
+
 def test_compiled_periodic_cell_matches_eager_through_rebuilds_and_cell_changes(
     caplog, monkeypatch
 ):

@@ -73,6 +73,7 @@ def training_throughput(
     seed: int = 0,
     warmup: int = 3,
     clock: str = "wall",
+    device: str = "cpu",
 ) -> dict:
     trn = spk.transform
     data = spk.data.ASEAtomsData(
@@ -88,7 +89,7 @@ def training_throughput(
         generator=torch.Generator().manual_seed(seed),
     )
     torch.manual_seed(seed)
-    model = build_model(spk, hp).train()
+    model = build_model(spk, hp).train().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
 
     def batches():
@@ -98,7 +99,7 @@ def training_throughput(
     stream = batches()
 
     def step() -> int:
-        batch = next(stream)
+        batch = {k: v.to(device) for k, v in next(stream).items()}
         optimizer.zero_grad(set_to_none=True)
         pred = model(dict(batch))
         loss = (
@@ -107,6 +108,8 @@ def training_throughput(
         )
         loss.backward()
         optimizer.step()
+        if torch.device(device).type == "cuda":  # as atomlens's side: the step has run
+            torch.cuda.synchronize(device)
         return len(batch["_n_atoms"])
 
     for _ in range(warmup):
@@ -121,7 +124,14 @@ def training_throughput(
 
 
 def md_speed(
-    spk, frames: dict, hp: dict, steps: int, workdir: Path, clock: str = "wall", runs: int = 0
+    spk,
+    frames: dict,
+    hp: dict,
+    steps: int,
+    workdir: Path,
+    clock: str = "wall",
+    runs: int = 0,
+    device: str = "cpu",
 ) -> dict:
     from ase import Atoms, units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
@@ -146,7 +156,7 @@ def md_speed(
             force_key="forces",
             energy_unit="eV",
             position_unit="Ang",
-            device="cpu",
+            device=device,
             dtype=torch.float32,
         )
     finally:
@@ -203,6 +213,7 @@ def main(argv=None) -> int:
         help="also time this many sequential MD runs of --md-steps each",
     )
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "md"])
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu counts one thread's CPU time: use it with --threads 1")
@@ -216,6 +227,7 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "clock": args.clock,
         "n_atoms": len(frames["z"]),
+        "device": args.device,
         **hp,
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,7 +236,13 @@ def main(argv=None) -> int:
             build_db(spk, frames, tmp / "frames.db")
             for batch_size in args.batch_sizes:
                 result = training_throughput(
-                    spk, tmp / "frames.db", hp, batch_size, args.seconds, clock=args.clock
+                    spk,
+                    tmp / "frames.db",
+                    hp,
+                    batch_size,
+                    args.seconds,
+                    clock=args.clock,
+                    device=args.device,
                 )
                 print(
                     json.dumps({"measure": "train", "batch_size": batch_size, **common, **result}),
@@ -232,7 +250,14 @@ def main(argv=None) -> int:
                 )
         if "md" not in args.skip:
             result = md_speed(
-                spk, frames, hp, args.md_steps, tmp, clock=args.clock, runs=args.md_runs
+                spk,
+                frames,
+                hp,
+                args.md_steps,
+                tmp,
+                clock=args.clock,
+                runs=args.md_runs,
+                device=args.device,
             )
             sequential = result.pop("sequential", None)
             print(json.dumps({"measure": "md", **common, **result}), flush=True)

@@ -67,7 +67,16 @@ def build_db(molecules: Path, db: Path) -> None:
 class SchNetPackBench:
     library = "schnetpack"
 
-    def __init__(self, db: Path, batch_size: int, seed: int, neighbor_list: str, warmup: int = 2):
+    def __init__(
+        self,
+        db: Path,
+        batch_size: int,
+        seed: int,
+        neighbor_list: str,
+        warmup: int = 2,
+        device: str = "cpu",
+    ):
+        self.device = torch.device(device)
         self.db, self.batch_size, self.seed, self.neighbor_list = (
             db,
             batch_size,
@@ -105,18 +114,22 @@ class SchNetPackBench:
             input_modules=[spk.atomistic.PairwiseDistances()],
             output_modules=[spk.atomistic.Atomwise(n_in=hp["n_atom_basis"], output_key=PROPERTY)],
         )
+        model.to(self.device)
         state = {
             "model": model,
             "loader": loader,
             "iterator": iter(loader),
             "optimizer": torch.optim.Adam(model.parameters(), lr=5e-4),
         }
-        state["fixed"] = [self._next(state) for _ in range(10)]
+        state["fixed"] = [self._on_device(self._next(state)) for _ in range(10)]
         self.setups[setting] = state
         for mode in ("train", "infer"):  # warm-up
             for pipeline in ("e2e", "model"):
                 self._run(state, mode, pipeline, self.warmup)
         return state
+
+    def _on_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     @staticmethod
     def _next(state: dict) -> dict:
@@ -131,7 +144,8 @@ class SchNetPackBench:
         molecules = 0
         for k in range(n_batches):
             batch = self._next(state) if pipeline == "e2e" else fixed[k % len(fixed)]
-            inputs = dict(batch)  # the model writes into its inputs; keep the fixed ones clean
+            batch = self._on_device(batch)  # (a new dict: the model writes into its inputs,
+            inputs = dict(batch)  # and the fixed batches stay clean)
             if mode == "train":
                 model.train()
                 optimizer.zero_grad(set_to_none=True)
@@ -142,6 +156,8 @@ class SchNetPackBench:
                 model.eval()
                 with torch.inference_mode():
                     model(inputs)
+            if self.device.type == "cuda":  # as atomlens's side: the step has run
+                torch.cuda.synchronize(self.device)
             molecules += len(batch["_n_atoms"])
         return molecules
 
@@ -174,6 +190,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--neighbor-list", choices=["matscipy", "ase"], default="matscipy")
     parser.add_argument("--serve", action="store_true", help="take commands on stdin")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--settings", default="128/6,64/3")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--min-batches", type=int, default=3)
@@ -184,13 +201,16 @@ def main(argv=None) -> int:
     if not args.db.exists():
         build_db(args.molecules, args.db)
     schnetpack = import_schnetpack()
-    bench = SchNetPackBench(args.db, args.batch_size, args.seed, args.neighbor_list, args.warmup)
+    bench = SchNetPackBench(
+        args.db, args.batch_size, args.seed, args.neighbor_list, args.warmup, args.device
+    )
     info = {
         "library": "schnetpack",
         "version": schnetpack.__version__,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "neighbor_list": args.neighbor_list,
+        "device": args.device,
     }
     if args.serve:
         print(json.dumps(info), flush=True)

@@ -24,8 +24,8 @@ velocities; NVE from drawn velocities also removes their angular momentum, which
 conserves, so 3n - 6 (3n - 5 for a linear molecule). Drawn velocities are scaled to exactly
 ``temperature_K`` over those degrees of freedom.
 
-``compile=True`` (or a ``torch.compile`` mode such as ``"reduce-overhead"``, which uses CUDA
-graphs on a GPU) keeps the shapes fixed from step to step: the pairs are a Verlet list of all
+``compile=True`` (or a ``torch.compile`` mode; on a GPU ``True`` and ``"auto"`` mean
+``"reduce-overhead"``, which records the step as a CUDA graph and replays it) keeps the shapes fixed from step to step: the pairs are a Verlet list of all
 trajectories (pairs within cutoff + ``skin``, rebuilt when an atom has moved skin / 2),
 padded to a fixed capacity with pairs far beyond the cutoff; when the list outgrows the
 capacity, the capacity grows and the function is compiled once more (said on the logger).
@@ -72,7 +72,12 @@ from .md import (
 from .models.guards import check_elements
 from .models.potential import AtomisticModel
 from .nn import scatter_sum
-from .nn.kernels import AUTO_COMPILE_MAX_ATOMS, auto_compile_enabled, compile_fixed_shapes
+from .nn.kernels import (
+    AUTO_COMPILE_MAX_ATOMS,
+    auto_compile_enabled,
+    compile_fixed_shapes,
+    compile_mode,
+)
 from .units import energy_factor
 
 DTYPES = {None: torch.float32, "float32": torch.float32, "float64": torch.float64}
@@ -130,6 +135,8 @@ class BatchedMD:
                 f"need timestep_fs > 0, friction >= 0, temperature_K >= 0 and skin >= 0, not "
                 f"{timestep_fs}, {friction}, {temperature_K}, {skin}"
             )
+        if compile is not False:
+            compile_mode(compile, "cpu")  # ValueError for an unknown mode, before any work
         systems = list(systems)
         if not systems:
             raise ValueError("BatchedMD needs at least one structure")
@@ -213,7 +220,7 @@ class BatchedMD:
                 self.n_structures,
                 len(self.numbers),
             )
-            self._mode = None if compile is True else compile
+            self._mode = compile_mode(compile, self.device)  # CUDA graphs on a GPU
             try:
                 self.compiled = self._compile()
                 with torch.no_grad():  # as in step(): one grad mode, one compiled graph

@@ -33,7 +33,12 @@ from .data.neighbors import VerletList
 from .models.guards import check_elements, check_finite
 from .models.potential import AtomisticModel
 from .nn.geometry import apply_strain
-from .nn.kernels import AUTO_COMPILE_MAX_ATOMS, auto_compile_enabled, compile_fixed_shapes
+from .nn.kernels import (
+    AUTO_COMPILE_MAX_ATOMS,
+    auto_compile_enabled,
+    compile_fixed_shapes,
+    compile_mode,
+)
 from .units import energy_factor
 
 #: compiled periodic path: the Verlet list is padded to a capacity of this many pairs, with
@@ -84,6 +89,10 @@ class Calculator(AseCalculator):
             pairs grow as n^2) and says so on the ``atomlens`` logger; larger molecules and
             ``ATOMLENS_COMPILE=0`` run eagerly, and a compile that fails falls back to the
             eager path with a warning. ``True`` compiles any structure, ``False`` never.
+            On a GPU, compiling records the step as a CUDA graph (``torch.compile`` mode
+            ``"reduce-overhead"``, :func:`~atomlens.nn.kernels.default_compile_mode`); a
+            mode name (``"default"``, ``"max-autotune"``, ...) compiles any structure with
+            that mode instead.
         skin: Verlet-list skin (Angstrom): pairs within cutoff + skin are listed, and the
             list is rebuilt only when an atom has moved more than skin / 2. Every listed pair
             costs a model evaluation, so the skin is small (0.3, as ASE's neighbour list):
@@ -140,9 +149,10 @@ class Calculator(AseCalculator):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._numbers: np.ndarray | None = None  # the numbers the cached tensors belong to
-        if compile not in (True, False, "auto"):
-            raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
-        self.compile = compile
+        self._mode = None
+        if compile is not False:
+            self._mode = compile_mode(compile, self.device)  # ValueError for a bad one
+        self.compile = True if compile not in (False, "auto") else compile
         self._use_compiled = False  # decided per structure in _prepare
         #: added to the "compiling ..." notice; None: no notice (an ensemble's later members)
         self.compile_notice: str | None = ""
@@ -194,7 +204,7 @@ class Calculator(AseCalculator):
                     i, j = torch.triu_indices(n, n, offset=1, device=self.device)
                     self._upper = (i, j)  # all pairs: fixed shapes for the compiled function
                     function = self._energy_forces_function()
-                self._compiled = compile_fixed_shapes(function, self.device)
+                self._compiled = compile_fixed_shapes(function, self.device, self._mode)
             except Exception as err:  # noqa: BLE001 (any compile failure: fall back)
                 self._compile_failed(err)
 
@@ -253,7 +263,9 @@ class Calculator(AseCalculator):
         if len(i) > self._capacity:
             if self._capacity:  # shapes change: one more compile (the compiled code has no
                 self._compiled_once = False  # shape guards: a new function, compiled afresh)
-                self._compiled = compile_fixed_shapes(self._periodic_function(), self.device)
+                self._compiled = compile_fixed_shapes(
+                    self._periodic_function(), self.device, self._mode
+                )
             self._capacity = pair_capacity(len(i), PAIR_CAPACITY_HEADROOM)
         pad = self._capacity - len(i)
         # padding: atom 0 and its image far along the longest periodic cell vector

@@ -74,6 +74,34 @@ def no_compiler() -> None:
     _state["compiler"] = False
 
 
+#: ``torch.compile`` modes a caller may name instead of ``compile=True``
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def default_compile_mode(device: torch.device | str) -> str | None:
+    """The ``torch.compile`` mode of ``compile=True`` / ``"auto"`` on ``device``.
+
+    On a GPU, ``"reduce-overhead"``: the step is recorded once as a CUDA graph and replayed,
+    since a small molecule's energy and forces are ~100 short kernels whose launches, not
+    their arithmetic, take the time. On a CPU, ``None`` (Inductor's default; there are no
+    graphs to replay).
+    """
+    return "reduce-overhead" if torch.device(device).type == "cuda" else None
+
+
+def compile_mode(compile: bool | str, device: torch.device | str) -> str | None:
+    """The mode for a ``compile=`` argument (``True``/``"auto"``: the device's default;
+    a mode of :data:`COMPILE_MODES`: that one); ValueError for anything else."""
+    if compile is True or compile == "auto":
+        return default_compile_mode(device)
+    if compile in COMPILE_MODES:
+        return compile
+    raise ValueError(
+        f"compile must be True, False, 'auto' or a torch.compile mode {COMPILE_MODES}, "
+        f"not {compile!r}"
+    )
+
+
 def compile_fixed_shapes(
     function: Callable, device: torch.device | str, mode: str | None = None, backend="inductor"
 ) -> Callable:
