@@ -1,0 +1,150 @@
+"""Which of atomlens's SchNet code paths is fastest on a GPU: an A/B of the model step alone.
+
+The CPU paths (Hermite filter tables, Inductor-fused pair kernels, padded training batches)
+were chosen on a CPU. On a GPU a QM9 batch of 100 molecules is small, so the count of
+kernel launches and the Python work around them may matter more than arithmetic. This
+times, on fixed QM9 batches already on the device (no data pipeline), training steps
+(forward, MSE, backward, Adam) and inference for each variant:
+
+    tables/fused    the default: filters from tables, fused pair kernels
+    tables/plain    tables, fused kernels off (atomlens.nn.kernels.set_fused(False))
+    direct/fused    the filter network on every pair (filter_spacing=None), as SchNetPack
+    direct/plain    both off
+
+and prints one JSON line per (variant, mode, batch size), then a profile of one training
+step of the default and of direct/plain (kernel launches and the top operators).
+
+    python benchmarks/gpu_variants.py --data .gpu/qm9-20k --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atomlens.data.dataset import PackedDataset, make_loader
+from atomlens.models import schnet
+from atomlens.models.potential import ModelConfig, build_model
+from atomlens.nn import kernels
+from atomlens.training.train import fit_statistics
+
+SETTING = {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20, "cutoff": 5.0}
+VARIANTS = {
+    "tables/fused": (0.02, True),
+    "tables/plain": (0.02, False),
+    "direct/fused": (None, True),
+    "direct/plain": (None, False),
+}
+
+
+def setup(data, indices, batch_size, spacing, device):
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(
+            representation="schnet",
+            representation_kwargs={**SETTING, "filter_spacing": spacing},
+            head_hidden=64,
+            target="U0",
+        )
+    )
+    fit_statistics(model, data, indices)
+    model.to(device)
+    loader = make_loader(data, indices, batch_size, model.cutoff, shuffle=True)
+    batches = []
+    for batch in loader:
+        batches.append(batch.to(device))
+        if len(batches) == 8:
+            break
+    return model, torch.optim.Adam(model.parameters(), lr=5e-4), batches
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(model, optimizer, batch, mode):
+    if mode == "train":
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = (model(batch)["U0"] - batch.targets["U0"]).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+    else:
+        model.eval()
+        with torch.inference_mode():
+            model(batch)
+
+
+def timed(model, optimizer, batches, mode, seconds, device):
+    for batch in batches[:3]:  # warm-up (and the fused kernels' compile)
+        step(model, optimizer, batch, mode)
+    sync(device)
+    n, k, start = 0, 0, time.perf_counter()
+    while k < 10 or time.perf_counter() - start < seconds:
+        batch = batches[k % len(batches)]
+        step(model, optimizer, batch, mode)
+        sync(device)
+        n += batch.n_structures
+        k += 1
+    return n / (time.perf_counter() - start)
+
+
+def profile(model, optimizer, batch, label):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step(model, optimizer, batch, "train")
+    sync(batch.positions.device)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step(model, optimizer, batch, "train")
+        sync(batch.positions.device)
+    events = prof.key_averages()
+    kernels_ = sum(e.count for e in events if e.device_type.name == "CUDA") / 3
+    syncs = sum(e.count for e in events if "Synchronize" in e.key or "item" in e.key) / 3
+    print(f"== {label}: {kernels_:.0f} CUDA kernels per step, {syncs:.1f} sync-like calls")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    print(events.table(sort_by="self_cuda_time_total", row_limit=10))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="packed QM9 folder")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--n-molecules", type=int, default=10000)
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(8)
+    data = PackedDataset.load(args.data)
+    indices = np.sort(np.random.default_rng(0).choice(len(data), args.n_molecules, replace=False))
+    kept = {}
+    for name, (spacing, fused) in VARIANTS.items():
+        kernels.set_fused(fused)
+        for batch_size in args.batch_sizes:
+            state = setup(data, indices, batch_size, spacing, args.device)
+            for mode in ("train", "infer"):
+                rate = timed(*state, mode, args.seconds, args.device)
+                line = {"variant": name, "mode": mode, "batch_size": batch_size}
+                print(json.dumps({**line, "mol_per_s": round(rate, 1)}), flush=True)
+            if batch_size == args.batch_sizes[0]:
+                kept[name] = state
+    if not args.no_profile:
+        for name in ("tables/fused", "direct/plain"):
+            kernels.set_fused(VARIANTS[name][1])
+            model, optimizer, batches = kept[name]
+            profile(model, optimizer, batches[0], name)
+    print(json.dumps({"pad_training_batches": schnet.PAD_TRAINING_BATCHES}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
