@@ -85,9 +85,15 @@ def test_batched_md_on_the_device_follows_the_cpu(compiling):
     torch.testing.assert_close(device.forces.cpu(), cpu.forces, rtol=0, atol=1e-8)
 
 
+@pytest.mark.parametrize("tables", [(), ("cpu", "cuda")], ids=["per-pair", "tables"])
 @pytest.mark.parametrize("forces", [False, True])
-def test_training_step_gradients_on_the_device(forces):
-    """One loss's parameter gradients (with forces: the double backward) equal the CPU's."""
+def test_training_step_gradients_on_the_device(forces, tables, monkeypatch):
+    """One loss's parameter gradients (with forces: the double backward) equal the CPU's,
+    with the filters evaluated the same way on both (per pair, the GPU's default, or from
+    tables, the CPU's)."""
+    from atomlens.models import schnet
+
+    monkeypatch.setattr(schnet, "TABLES_ON", tables)
     data = qm9_sample()
     grads = []
     for device in ("cpu", DEVICE):

@@ -108,6 +108,29 @@ def test_tabulated_model_matches_direct_evaluation(data):
     assert errors[0.02] / errors[0.01] > 8  # cubic Hermite: error ~ spacing^4
 
 
+def test_tables_by_device_type_and_frozen_models_keep_theirs(data, monkeypatch):
+    """A model that is not frozen evaluates its filters from tables only on the device types
+    of TABLES_ON (the CPU); elsewhere (a GPU) per pair, exactly the direct model. A frozen
+    model's tables are used anywhere. Small calls on a GPU run the plain kernels."""
+    from atomlens.models import schnet
+    from atomlens.nn import kernels
+
+    assert schnet.TABLES_ON == ("cpu",)
+    assert kernels.min_fused_size(torch.device("cpu")) == kernels.MIN_FUSED_SIZE == 1 << 17
+    assert kernels.min_fused_size(torch.device("cuda")) == kernels.MIN_FUSED_SIZE_GPU == 1 << 24
+    batch = data.batch(range(8), 5.0, torch.float64)
+    model = sharp_model(0.02)
+    tabulated = model(batch, forces=True)["forces"]
+    direct = sharp_model(None)(batch, forces=True)["forces"]
+    assert (tabulated - direct).abs().max() > 1e-12  # the table error is seen ...
+    monkeypatch.setattr(schnet, "TABLES_ON", ())  # ... as on a GPU: per pair
+    torch.testing.assert_close(model(batch, forces=True)["forces"], direct, rtol=0, atol=0)
+    r = model.representation
+    frozen = r(batch.numbers, batch.positions, batch.pairs, r.freeze())
+    monkeypatch.setattr(schnet, "TABLES_ON", ("cpu",))
+    torch.testing.assert_close(frozen, r(batch.numbers, batch.positions, batch.pairs))
+
+
 def test_tabulated_training_gradients_match_direct(data):
     batch = data.batch(range(4), 5.0, torch.float64)
     grads = []

@@ -39,6 +39,15 @@ from .base import Representation
 #: training batches carry their atom features in bucket-sized arrays (SchNet.forward)
 PAD_TRAINING_BATCHES = True
 
+#: device types on which a model that is not frozen evaluates its filters from tables (the
+#: tables are rebuilt every training step, from 250 nodes instead of every pair). On a GPU
+#: the filter network runs on every pair instead, as the paper's SchNet does: the same
+#: function up to the tables' error (``filter_spacing``), with fewer launches per step.
+#: H200, QM9 SchNet 128/6 (benchmarks/gpu_variants.py), training molecules/s at batch 100
+#: and 1000: tables 6,749 and 53,935; per-pair filters 8,388 and 71,739 (inference 16,311
+#: and 116,405 against 31,438 and 203,138). Frozen models (MD) keep their tables anywhere.
+TABLES_ON = ("cpu",)
+
 #: the most grid nodes of a filter table (the tables take nodes x 4 x n_filters numbers
 #: per interaction; 20,000 nodes of 128 filters are 41 MB in float32)
 MAX_TABLE_NODES = 20_000
@@ -126,7 +135,8 @@ class SchNet(Representation):
             without a cutoff. At 0.02 Angstrom a trained QM9 model's forces move by at most
             0.034 meV/Angstrom in float64 (0.005 at 0.01), its energies by 0.001 meV; in
             float32 its largest force error is 0.053 meV/Angstrom (0.041 at 0.01), its
-            energies' float32 rounding (``benchmarks/table_error.py``).
+            energies' float32 rounding (``benchmarks/table_error.py``). Tables are used on
+            the CPU and by frozen models (:data:`TABLES_ON`).
     """
 
     def __init__(
@@ -195,7 +205,9 @@ class SchNet(Representation):
             # (atomlens.nn.linear.batch_rows); no pair reads the extra rows
             x = pad_rows(x, batch_rows(x))
         d = pair_distances(positions, pairs)
-        tabulated = self.filter_spacing is not None or frozen is not None
+        tabulated = frozen is not None or (
+            self.filter_spacing is not None and positions.device.type in TABLES_ON
+        )
         if tabulated:
             tables = self.filter_tables() if frozen is None else frozen
             x_grid = d * (tables[0].shape[0] / self.cutoff)  # distance in node spacings

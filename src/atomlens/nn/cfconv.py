@@ -86,7 +86,7 @@ def cfconv_symmetric(
     unordered pair (the first half of ``pair_i``/``pair_j``). Returns ``(n_atoms, F)``."""
     half = pair_i.shape[0] // 2
     a, b = pair_i[:half], pair_j[:half]
-    if not torch.compiler.is_compiling() and filters.numel() >= kernels.MIN_FUSED_SIZE:
+    if not torch.compiler.is_compiling() and filters.numel() >= kernels.min_fused_size(x.device):
         kernels.check_rows(pair_i, x.shape[0], "cfconv pair indices")
         return _CFConv.apply(x, filters, a, b)
     # small (one molecule), or inside torch.compile, which fuses the plain formula itself

@@ -174,6 +174,8 @@ def hermite_lookup(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     n = table.shape[0]
     x = x.clamp(0.0, float(n))
     table = table.reshape(4 * n, -1)
-    if torch.compiler.is_compiling() or x.shape[0] * table.shape[1] < kernels.MIN_FUSED_SIZE:
+    if torch.compiler.is_compiling() or x.shape[0] * table.shape[1] < kernels.min_fused_size(
+        x.device
+    ):
         return _lookup_plain(table, x, 0)  # small, or under torch.compile: plain autograd
     return _Lookup.apply(table, x, 0)
