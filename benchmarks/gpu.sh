@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu.sh [OUT]      # OUT: where results go (default gpu-results/)
 #
+# Data first, here: python benchmarks/gpu_data.py (writes .gpu/); carry .gpu and .whl.
 # Runs from the repository root with the machine's own python3 (torch with CUDA) and
 # atomlens from src/. Packages that machine lacks (ASE, vesin; SchNetPack and its imports)
 # are installed from wheels in .whl/ when that folder is present. Steps, each bounded:
@@ -40,7 +41,8 @@ timeout "${GPU_TEST_SECONDS:-120}" $PY -m pytest -p no:cacheprovider tests/test_
 log "tests exit $?: $(grep -cE '^PASSED' "$OUT/tests.txt") passed; $(grep -E '^(FAILED|ERROR)' "$OUT/tests.txt" | head -5)"
 
 log "2. md_speed.py --device $DEVICE"
-timeout "${GPU_MD_SECONDS:-210}" $PY benchmarks/md_speed.py --device "$DEVICE" --threads "$THREADS" \
+timeout "${GPU_MD_SECONDS:-210}" $PY benchmarks/md_speed.py --data .gpu --device "$DEVICE" \
+  --threads "$THREADS" \
   --batch-sizes 10 32 100 --seconds 3 --md-steps 200 --replicas $REPLICAS \
   --peer-python "${PEER_PY:-$PY}" >"$OUT/md_speed.jsonl" 2>"$OUT/md_speed.err"
 log "md_speed exit $?: $(wc -l <"$OUT/md_speed.jsonl") lines; $(grep -E 'Error|error' "$OUT/md_speed.err" | tail -3)"

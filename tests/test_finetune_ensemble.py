@@ -154,7 +154,9 @@ def test_ensemble_says_compiling_once(monkeypatch, caplog):
 
     compiled = []
 
-    def fake_compile(function, device):  # the eager function: no minute-long compile here
+    def fake_compile(
+        function, device, mode=None
+    ):  # the eager function: no minute-long compile here
         compiled.append(function)
         return function
 
