@@ -193,6 +193,13 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (none: torch's choice)")
     p.add_argument(
+        "--num-workers",
+        type=int,
+        help="processes that build batches (neighbour lists) beside training (default 0: "
+        "the training process; on a GPU machine with idle cores a few workers keep the GPU "
+        "fed)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         default=None,
@@ -325,6 +332,7 @@ def config_from_args(args):
             "num_nodes",
             "strategy",
             "threads",
+            "num_workers",
             "compile",
             "seed",
             "energy_unit",
