@@ -90,6 +90,35 @@ def test_predict_writes_per_atom_contributions(trained, tmp_path, capsys):
     )  # the per-atom lines have a header with the unit
 
 
+def test_device_option_of_evaluate_predict_and_md(trained, tmp_path, capsys, monkeypatch):
+    """``--device`` on evaluate, predict and md: ``auto`` is the CPU where torch sees no GPU
+    (the same results as ``cpu``); a GPU torch does not see, or a device torch does not know,
+    is a clear error before any work, never a silent CPU run."""
+    import torch
+
+    from atomlens.cli._common import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    structures = tmp_path / "mols.xyz"
+    ase.io.write(structures, [ase.build.molecule("CH4"), ase.build.molecule("H2O")])
+    outputs = []
+    for device in ("cpu", "auto"):
+        assert main(["evaluate", str(trained / "run"), "--json", "--device", device]) == 0
+        assert main(["predict", str(trained / "run"), str(structures), "--device", device]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    for device, message in (("cuda", "sees no CUDA GPU"), ("tpu9", "--device 'tpu9'")):
+        for argv in (
+            ["evaluate", str(trained / "run")],
+            ["predict", str(trained / "run"), str(structures)],
+            ["md", str(trained / "run"), str(structures), "--steps", "2"],
+        ):
+            assert main([*argv, "--device", device]) == 2
+            assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.traj"))  # md wrote nothing
+
+
 def energy_model_folder(tmp_path):
     from helpers import random_model
 

@@ -25,3 +25,31 @@ def add_threads_everywhere(parser: argparse.ArgumentParser, top: bool = True) ->
         type=int,
         help="torch CPU threads (default: the CPUs available to atomlens, 1 if 2 or fewer)",
     )
+
+
+def add_device(parser: argparse.ArgumentParser, default: str = "cpu") -> None:
+    """``--device``: where the model runs (:func:`resolve_device`)."""
+    parser.add_argument(
+        "--device",
+        default=default,
+        help="cpu, cuda, cuda:1, ... or auto (a GPU when torch sees one, else the CPU)",
+    )
+
+
+def resolve_device(name: str) -> str:
+    """The torch device of a ``--device`` value: ``auto`` is a GPU when torch sees one,
+    else the CPU; a GPU that torch does not see is an error, never a silent CPU run."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {name}: torch {torch.__version__} sees no CUDA GPU here; "
+            f"use --device cpu (or auto)"
+        )
+    return name

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._common import add_device, resolve_device
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -96,7 +98,7 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="run with elements the model was not trained on (a warning)",
     )
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--float64", action="store_true", help="run the model in float64")
     p.add_argument(
         "--threads",
@@ -170,7 +172,7 @@ def run(args) -> int:
         logfile=args.log,
         interval=args.interval,
         seed=args.seed,
-        device=args.device,
+        device=resolve_device(args.device),
         dtype="float64" if args.float64 else None,
         compile=args.compile,
         max_temperature_K=args.max_temperature,
@@ -243,7 +245,7 @@ def run_batched(args, frames) -> int:
         timestep_fs=args.timestep,
         friction=args.friction,
         seed=args.seed,
-        device=args.device,
+        device=resolve_device(args.device),
         dtype="float64" if args.float64 else None,
         compile=args.compile,
         allow_unknown_elements=args.allow_unknown_elements,

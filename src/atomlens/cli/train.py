@@ -11,6 +11,7 @@ import numpy as np
 
 from ..registry import representation_names
 from ..units import EV_A3_GPA, KCAL_MOL_EV
+from ._common import add_device, resolve_device
 
 
 def add_parser(subparsers) -> None:
@@ -435,6 +436,7 @@ def _add_evaluate(sub) -> None:
         "then measure extrapolation; refused without this)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    add_device(p)
     p.set_defaults(func=run_evaluate)
 
 
@@ -446,7 +448,7 @@ def run_evaluate(args) -> int:
     from ..training.train import load_dataset
 
     folder = model_folder(args.model)
-    model = load_model(folder)
+    model = load_model(folder, device=resolve_device(args.device))
     cfg_file = folder / "train_config.yaml"
     config = load_config(cfg_file) if cfg_file.exists() else TrainConfig(target=model.target)
     if args.data:  # its own units (the training file's declaration is not this file's), whole
@@ -510,6 +512,7 @@ def _add_predict(sub) -> None:
         help="predict for elements the model was not trained on (a warning)",
     )
     p.add_argument("--chunk", type=int, default=1000, help="structures per model call")
+    add_device(p)
     p.set_defaults(func=run_predict)
 
 
@@ -523,7 +526,7 @@ def run_predict(args) -> int:
     from ..ensemble import load_ensemble, predict_ensemble
     from ..models.inference import predict_in_chunks
 
-    models = load_ensemble(args.model)
+    models = load_ensemble(args.model, device=resolve_device(args.device))
     model, unit = models[0], models[0].config.unit
     frames = read_structures(args.file, args.index)
     if args.out and Path(args.out).resolve() == Path(args.file).resolve():
