@@ -36,7 +36,7 @@ cat "$OUT/gpu.txt" | tee -a "$OUT/log.txt"
 
 log "1. tests/test_gpu.py"
 [ "$DEVICE" = cpu ] && export ATOMLENS_TEST_DEVICE=cpu
-timeout "${GPU_TEST_SECONDS:-120}" $PY -m pytest -p no:cacheprovider tests/test_gpu.py \
+timeout "${GPU_TEST_SECONDS:-240}" $PY -m pytest -p no:cacheprovider tests/test_gpu.py \
   -rA --tb=short >"$OUT/tests.txt" 2>&1
 log "tests exit $?: $(grep -cE '^PASSED' "$OUT/tests.txt") passed; $(grep -E '^(FAILED|ERROR)' "$OUT/tests.txt" | head -5)"
 

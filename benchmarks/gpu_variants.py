@@ -1,18 +1,23 @@
 """Which of atomlens's SchNet code paths is fastest on a GPU: an A/B of the model step alone.
 
-The CPU paths (Hermite filter tables, Inductor-fused pair kernels, padded training batches)
-were chosen on a CPU. On a GPU a QM9 batch of 100 molecules is small, so the count of
-kernel launches and the Python work around them may matter more than arithmetic. This
-times, on fixed QM9 batches already on the device (no data pipeline), training steps
-(forward, MSE, backward, Adam) and inference for each variant:
+The CPU paths were chosen on a CPU: Hermite filter tables, Inductor-fused pair kernels and
+padded training batches. On a GPU a QM9 batch of 100 molecules is small, so the number of
+kernel launches and the Python work around them may matter more than the arithmetic. This
+script times each variant on fixed QM9 batches already on the device, with no data pipeline.
+It times training steps (forward, MSE, backward, Adam) and inference:
 
-    tables/fused    the default: filters from tables, fused pair kernels
+    tables/fused    filters from tables (schnet.TABLES_ON includes the device), fused pair
+                    kernels from the CPU's threshold (kernels.MIN_FUSED_SIZE) up
     tables/plain    tables, fused kernels off (atomlens.nn.kernels.set_fused(False))
-    direct/fused    the filter network on every pair (filter_spacing=None), as SchNetPack
+    direct/fused    the filter network on every pair, as SchNetPack does, fused kernels
     direct/plain    both off
+    default         what the library does on that device (session 22: per-pair filters
+                    and plain kernels below kernels.MIN_FUSED_SIZE_GPU on a GPU)
 
-and prints one JSON line per (variant, mode, batch size), then a profile of one training
-step of the default and of direct/plain (kernel launches and the top operators).
+It prints one JSON line per (variant, mode, batch size). It then prints a profile of one
+training step of tables/fused and of direct/plain: the kernel launches and the top operators.
+Session 22 ran it on an H200 with `edc452d`. That code had the CPU's defaults everywhere, so
+its first four variants did then what they do here (docs/benchmarks.md, "Session 22").
 
     python benchmarks/gpu_variants.py --data .gpu/qm9-20k --device cuda
 """
@@ -35,20 +40,36 @@ from atomlens.nn import kernels
 from atomlens.training.train import fit_statistics
 
 SETTING = {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20, "cutoff": 5.0}
+#: name -> (filters from tables, fused kernels); None: the library's defaults
 VARIANTS = {
-    "tables/fused": (0.02, True),
-    "tables/plain": (0.02, False),
-    "direct/fused": (None, True),
-    "direct/plain": (None, False),
+    "tables/fused": (True, True),
+    "tables/plain": (True, False),
+    "direct/fused": (False, True),
+    "direct/plain": (False, False),
+    "default": None,
 }
+DEFAULTS = (schnet.TABLES_ON, kernels.MIN_FUSED_SIZE_GPU)
 
 
-def setup(data, indices, batch_size, spacing, device):
+def use_variant(name: str, device: str) -> None:
+    """Set the process-wide switches for variant ``name`` on ``device``."""
+    schnet.TABLES_ON, kernels.MIN_FUSED_SIZE_GPU = DEFAULTS
+    kernels.set_fused(True)
+    if VARIANTS[name] is None:
+        return
+    tables, fused = VARIANTS[name]
+    kind = torch.device(device).type
+    schnet.TABLES_ON = tuple({*DEFAULTS[0], kind}) if tables else ()
+    kernels.MIN_FUSED_SIZE_GPU = kernels.MIN_FUSED_SIZE  # the CPU's threshold everywhere
+    kernels.set_fused(fused)
+
+
+def setup(data, indices, batch_size, device):
     torch.manual_seed(0)
     model = build_model(
         ModelConfig(
             representation="schnet",
-            representation_kwargs={**SETTING, "filter_spacing": spacing},
+            representation_kwargs={**SETTING, "filter_spacing": 0.02},
             head_hidden=64,
             target="U0",
         )
@@ -127,10 +148,10 @@ def main(argv=None) -> int:
     data = PackedDataset.load(args.data)
     indices = np.sort(np.random.default_rng(0).choice(len(data), args.n_molecules, replace=False))
     kept = {}
-    for name, (spacing, fused) in VARIANTS.items():
-        kernels.set_fused(fused)
+    for name in VARIANTS:
+        use_variant(name, args.device)
         for batch_size in args.batch_sizes:
-            state = setup(data, indices, batch_size, spacing, args.device)
+            state = setup(data, indices, batch_size, args.device)
             for mode in ("train", "infer"):
                 rate = timed(*state, mode, args.seconds, args.device)
                 line = {"variant": name, "mode": mode, "batch_size": batch_size}
@@ -139,9 +160,10 @@ def main(argv=None) -> int:
                 kept[name] = state
     if not args.no_profile:
         for name in ("tables/fused", "direct/plain"):
-            kernels.set_fused(VARIANTS[name][1])
+            use_variant(name, args.device)
             model, optimizer, batches = kept[name]
             profile(model, optimizer, batches[0], name)
+    use_variant("default", args.device)
     print(json.dumps({"pad_training_batches": schnet.PAD_TRAINING_BATCHES}))
     return 0
 

@@ -322,14 +322,20 @@ def main(argv: list[str] | None = None) -> int:
             peer["malloc_tuned"] = args.peer_malloc
             print(json.dumps({**peer, "round": round_}), flush=True)
         for name, ratio, target, extra in compare(ours, peers):
-            ratios.setdefault(name, []).append(ratio)
+            # one median per batch size / replica count, not across them
+            key = (name, extra.get("batch_size"), extra.get("replicas"))
+            ratios.setdefault(key, []).append(ratio)
             line = {"measure": name, **extra, "threads": args.threads, "clock": args.clock}
             line.update(round=round_, atomlens_over_schnetpack=ratio, target=target)
             print(json.dumps({**line, "met": ratio >= target}), flush=True)
     if args.rounds > 1:
-        for name, values in ratios.items():
+        for (name, batch_size, replicas), values in ratios.items():
             median = float(np.median(values))
             summary = {"measure": f"{name}_median", "rounds": args.rounds, "ratios": values}
+            if batch_size is not None:
+                summary["batch_size"] = batch_size
+            if replicas is not None:
+                summary["replicas"] = replicas
             print(json.dumps({**summary, "atomlens_over_schnetpack": median}), flush=True)
     return 0
 

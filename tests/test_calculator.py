@@ -223,7 +223,7 @@ def test_compile_modes_by_device_and_a_named_mode_on_the_cpu(monkeypatch):
     import ase.build
 
     from atomlens import calculator
-    from atomlens.nn.kernels import compile_mode, default_compile_mode
+    from atomlens.nn.kernels import compile_mode, compile_option, default_compile_mode
 
     assert default_compile_mode("cuda") == default_compile_mode("cuda:1") == "reduce-overhead"
     assert default_compile_mode("cpu") is None
@@ -232,6 +232,11 @@ def test_compile_modes_by_device_and_a_named_mode_on_the_cpu(monkeypatch):
     assert compile_mode("max-autotune", "cpu") == "max-autotune"
     with pytest.raises(ValueError, match="compile must be"):
         compile_mode("fast", "cpu")
+    assert compile_option(np.True_) is True and compile_option(0) is False
+    assert compile_option("auto") == "auto"
+    for bad in (None, 2, np.array([1, 0])):
+        with pytest.raises(ValueError, match="compile must be"):
+            compile_option(bad)
 
     modes = []
     compile_fixed_shapes = calculator.compile_fixed_shapes
@@ -246,6 +251,10 @@ def test_compile_modes_by_device_and_a_named_mode_on_the_cpu(monkeypatch):
     eager = atomlens.Calculator(model, dtype="float64", compile=False)
     named = atomlens.Calculator(model, dtype="float64", compile="reduce-overhead")
     assert named.compile is True
+    assert atomlens.Calculator(model, compile=np.True_).compile is True  # a numpy bool
+    assert atomlens.Calculator(model, compile=0).compile is False
+    with pytest.raises(ValueError, match="compile must be"):
+        atomlens.Calculator(model, compile=None)
     for step in range(2):  # new positions into the same compiled function
         atoms.positions += np.random.default_rng(step).normal(scale=0.05, size=(len(atoms), 3))
         eager.calculate(atoms, ["energy", "forces"])

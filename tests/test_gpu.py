@@ -7,6 +7,7 @@ elsewhere. ``ATOMLENS_TEST_DEVICE=cpu`` runs the same checks on the CPU, to test
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -25,7 +26,16 @@ pytestmark = pytest.mark.skipif(DEVICE is None, reason="no GPU (ATOMLENS_TEST_DE
 
 @pytest.fixture
 def compiling(monkeypatch):
-    monkeypatch.setenv("ATOMLENS_COMPILE", "1")  # the tests' default is 0
+    """Compile (the tests' default is ATOMLENS_COMPILE=0); on a GPU, afterwards, no compiled
+    function may have skipped its CUDA graph (Inductor skips them silently, e.g. for a CPU
+    tensor among the inputs)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("ATOMLENS_COMPILE", "1")
+    counters["inductor"].clear()
+    yield
+    if DEVICE.startswith("cuda"):
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
 def _moves(atoms, step: int) -> None:
@@ -142,5 +152,10 @@ def test_training_command_on_the_device(tmp_path, capsys):
     assert main(["train", str(config), "--out", str(run), "--no-progress"]) == 0
     model = load_model(run)
     assert next(model.parameters()).device.type == "cpu"
-    assert main(["evaluate", str(run), "--split", "test"]) == 0
-    assert "U0_MAE" in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--split", "test", "--json"]) == 0
+    on_cpu = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    trained = json.loads((run / "metrics.json").read_text())  # evaluated where it trained
+    assert on_cpu["n"] == trained["n_test_evaluated"] == 10
+    # the GPU evaluates filters per pair, the CPU from tables: equal to the tables' error
+    assert on_cpu["U0_mae"] == pytest.approx(trained["U0_mae"], rel=1e-5)

@@ -126,9 +126,12 @@ def test_tables_by_device_type_and_frozen_models_keep_theirs(data, monkeypatch):
     monkeypatch.setattr(schnet, "TABLES_ON", ())  # ... as on a GPU: per pair
     torch.testing.assert_close(model(batch, forces=True)["forces"], direct, rtol=0, atol=0)
     r = model.representation
-    frozen = r(batch.numbers, batch.positions, batch.pairs, r.freeze())
+    frozen = r(batch.numbers, batch.positions, batch.pairs, r.freeze())  # (TABLES_ON empty)
+    per_pair = r(batch.numbers, batch.positions, batch.pairs)
+    assert (frozen - per_pair).abs().max() > 1e-12  # the frozen model kept its tables ...
     monkeypatch.setattr(schnet, "TABLES_ON", ("cpu",))
-    torch.testing.assert_close(frozen, r(batch.numbers, batch.positions, batch.pairs))
+    tabulated = r(batch.numbers, batch.positions, batch.pairs)  # ... which are these
+    torch.testing.assert_close(frozen, tabulated, rtol=0, atol=0)
 
 
 def test_tabulated_training_gradients_match_direct(data):

@@ -77,6 +77,7 @@ from .nn.kernels import (
     auto_compile_enabled,
     compile_fixed_shapes,
     compile_mode,
+    compile_option,
 )
 from .units import energy_factor
 
@@ -135,6 +136,7 @@ class BatchedMD:
                 f"need timestep_fs > 0, friction >= 0, temperature_K >= 0 and skin >= 0, not "
                 f"{timestep_fs}, {friction}, {temperature_K}, {skin}"
             )
+        compile = compile_option(compile)  # numpy bools, 0 and 1 as bool; else ValueError
         if compile is not False:
             compile_mode(compile, "cpu")  # ValueError for an unknown mode, before any work
         systems = list(systems)

@@ -38,6 +38,7 @@ from .nn.kernels import (
     auto_compile_enabled,
     compile_fixed_shapes,
     compile_mode,
+    compile_option,
 )
 from .units import energy_factor
 
@@ -125,6 +126,9 @@ class Calculator(AseCalculator):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        compile = compile_option(compile)  # ValueError for anything else
+        if compile is not False:
+            compile_mode(compile, "cpu")  # an unknown mode: refused before the model loads
         dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
         if isinstance(model, (str, os.PathLike)):
             from .models.io import load_model

@@ -101,6 +101,22 @@ def default_compile_mode(device: torch.device | str) -> str | None:
     return "reduce-overhead" if torch.device(device).type == "cuda" else None
 
 
+def compile_option(compile) -> bool | str:
+    """A ``compile=`` argument as given, with bool-like values (numpy bools, 0, 1) as bool;
+    ValueError for anything that is neither (None included)."""
+    if isinstance(compile, str):
+        return compile
+    try:
+        if compile in (0, 1):
+            return bool(compile)
+    except (TypeError, ValueError):  # an array, ...
+        pass
+    raise ValueError(
+        f"compile must be True, False, 'auto' or a torch.compile mode {COMPILE_MODES}, "
+        f"not {compile!r}"
+    )
+
+
 def compile_mode(compile: bool | str, device: torch.device | str) -> str | None:
     """The mode for a ``compile=`` argument (``True``/``"auto"``: the device's default;
     a mode of :data:`COMPILE_MODES`: that one); ValueError for anything else."""
