@@ -1,5 +1,7 @@
 """Splits (reproducible, disjoint, saved) and statistics (atom references, scale/shift)."""
 
+import argparse
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,22 @@ def test_random_split_reproducible_and_disjoint():
     assert not np.array_equal(a["train"], c["train"])
     everything = np.concatenate(list(a.values()))
     assert len(np.unique(everything)) == 100
+
+
+def test_split_size_one_point_zero_is_ambiguous_and_the_command_line_keeps_counts():
+    """1.0 was taken as one structure (a user meaning "all of it" trained on one); it is
+    refused. On the command line "1" is a count and "0.8" a fraction."""
+    from atomlens.cli.train import count_or_fraction
+    from atomlens.data import DataError
+
+    with pytest.raises(DataError, match="ambiguous: write 1 for one structure"):
+        random_split(100, 1.0, 10)
+    assert len(random_split(100, 1, 10)["train"]) == 1
+    assert len(random_split(100, 10.0, 10)["train"]) == 10  # 1e1 in YAML: a count
+    assert count_or_fraction("1") == 1 and isinstance(count_or_fraction("1"), int)
+    assert count_or_fraction("0.8") == 0.8 and count_or_fraction("1e4") == 10000.0
+    with pytest.raises(argparse.ArgumentTypeError, match="neither a count nor a fraction"):
+        count_or_fraction("all")
 
 
 def test_random_split_fractions_and_explicit_test():

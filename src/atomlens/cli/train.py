@@ -126,9 +126,17 @@ def _add_train(sub) -> None:
         help="train on the stress of periodic cells too (eV/Angstrom^3)",
     )
     p.add_argument("--stress-weight", type=float, help="weight of the stress term of the loss")
-    p.add_argument("--n-train", type=float, help="training structures (count, or fraction < 1)")
-    p.add_argument("--n-val", type=float, help="validation structures (count, or fraction < 1)")
-    p.add_argument("--n-test", type=float, help="test structures (default: all the rest)")
+    p.add_argument(
+        "--n-train", type=count_or_fraction, help="training structures (count, or fraction < 1)"
+    )
+    p.add_argument(
+        "--n-val", type=count_or_fraction, help="validation structures (count, or fraction < 1)"
+    )
+    p.add_argument(
+        "--n-test",
+        type=count_or_fraction,
+        help="test structures (count, or fraction < 1; default: all the rest)",
+    )
     p.add_argument(
         "--max-structures",
         type=int,
@@ -408,6 +416,21 @@ def run_train(args) -> int:
         print(f"model saved in {Path(config.out) / 'model'}")
         _print_metrics(metrics, config.target, metrics.get("unit", ""))
     return 0
+
+
+def count_or_fraction(text: str) -> int | float:
+    """A split size on the command line: ``1000`` a count, ``0.8`` a fraction (a decimal
+    point or an exponent makes a float; :func:`atomlens.data.splits.random_split` refuses the
+    ambiguous ``1.0``)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither a count nor a fraction"
+            ) from None
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -24,6 +24,11 @@ def _count(size: float | None, n: int, name: str) -> int | None:
         return None
     if isinstance(size, (bool, np.bool_)):
         raise DataError(f"split size {name}={size!r} must be a count or a fraction")
+    if isinstance(size, (float, np.floating)) and float(size) == 1.0:
+        raise DataError(
+            f"split size {name}=1.0 is ambiguous: write 1 for one structure; a fraction of "
+            f"the data set is below 1 (e.g. 0.8)"
+        )
     if isinstance(size, (float, np.floating)) and not float(size).is_integer():
         if not 0.0 < size < 1.0:
             raise DataError(f"split size {name}={size} is a fraction outside (0, 1)")
