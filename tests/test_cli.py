@@ -221,6 +221,29 @@ def test_train_num_workers_option_reaches_the_config():
         config_from_args(build_parser().parse_args([*argv, "--num-workers", "-1"]))
 
 
+def test_insight_isomers_says_how_many_the_model_trained_on(trained, tmp_path, capsys):
+    """``insight isomers`` scores all isomers by default, training molecules included: it
+    says how many of them the model trained on (on its own data set); with one split
+    (--split train|val|test) there is nothing to count."""
+    from atomlens.data.splits import load_split
+    from atomlens.insight.isomers import isomer_indices
+
+    run, packed = trained / "run", str(trained / "packed")
+    found = isomer_indices(qm9_sample(), "C7H11NO")
+    expected = int(np.isin(found, load_split(run / "split.npz")["train"]).sum())
+    argv = ["insight", "isomers", str(run), "--data", packed, "--formula", "C7H11NO"]
+    argv += ["--out", str(tmp_path / "iso.png")]
+    assert main([*argv, "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["n_isomers"] == len(found) == 4 and line["n_in_training_split"] == expected
+    assert main(argv) == 0
+    assert f"{expected} of them in the model's training split" in capsys.readouterr().out
+    assert expected > 0  # (the sample's split puts some in training: the case to show)
+    assert main([*argv, "--json", "--split", "train"]) == 0  # one split: no count
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert "n_in_training_split" not in line and line["n_isomers"] == expected
+
+
 def test_training_with_loader_workers_gives_the_same_model(trained, tmp_path):
     """``--num-workers 2``: batches built in worker processes are the training process's
     batches (same order, same neighbour lists): the same weights after two epochs."""

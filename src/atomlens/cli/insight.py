@@ -317,11 +317,20 @@ def run_isomers(args) -> int:
     indices = _split_indices(folder, args.split, len(data))
     analysis = isomer_analysis(model, data, args.formula, None if args.split == "all" else indices)
     summary = analysis.summary()
+    trained_on = _in_training_split(folder, args, analysis.indices)
+    if trained_on is not None:
+        summary["n_in_training_split"] = trained_on
     if args.json:
         print(json.dumps({"split": args.split, "unit": unit, **summary}))
     else:
+        seen = (
+            f"; {trained_on} of them in the model's training split (--split test: held-out "
+            f"ones only)"
+            if trained_on
+            else ""
+        )
         print(
-            f"{summary['n_isomers']} isomers of {summary['formula']} ({args.split}): "
+            f"{summary['n_isomers']} isomers of {summary['formula']} ({args.split}{seen}): "
             f"Spearman {summary['spearman']:.4f}, MAE of relative energies "
             f"{summary['relative_mae_eV'] * 1000:.1f} meV (w.r.t. the lowest isomer), "
             f"{summary['centred_mae_eV'] * 1000:.1f} meV (centred), MAE "
@@ -331,6 +340,24 @@ def run_isomers(args) -> int:
     isomer_plot(analysis, args.out, unit=unit)
     print(f"figure: {args.out}")
     return 0
+
+
+def _in_training_split(folder: Path, args, indices: np.ndarray) -> int | None:
+    """How many of ``indices`` the model trained on, when scoring its own data set (the
+    default, or --data naming the one of its training config) with --split all."""
+    if args.split != "all" or not (folder / "split.npz").is_file():
+        return None
+    config = folder / "train_config.yaml"
+    trained_data = "qm9"
+    if config.is_file():
+        import yaml
+
+        trained_data = str(yaml.safe_load(config.read_text()).get("data", "qm9"))
+    if str(args.data) != trained_data:
+        return None
+    from ..data.splits import load_split
+
+    return int(np.isin(indices, load_split(folder / "split.npz")["train"]).sum())
 
 
 def run_extensivity(args) -> int:
