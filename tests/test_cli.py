@@ -244,6 +244,27 @@ def test_insight_isomers_says_how_many_the_model_trained_on(trained, tmp_path, c
     assert "n_in_training_split" not in line and line["n_isomers"] == expected
 
 
+def test_md_of_an_ensemble_with_replicas_is_refused_clearly(trained, tmp_path, capsys):
+    """Several trajectories at once run one model: an ensemble folder with --replicas said
+    "not an atomlens model folder (no config.json)"; now it says what to do instead."""
+    import shutil
+
+    ensemble = tmp_path / "ens"
+    for name in ("model_0", "model_1"):
+        shutil.copytree(trained / "run" / "model", ensemble / name)
+    (ensemble / "ensemble.json").write_text(json.dumps({"members": ["model_0", "model_1"]}))
+    structure = tmp_path / "ch4.xyz"
+    ase.io.write(structure, ase.build.molecule("CH4"))
+    out = tmp_path / "md.traj"
+    argv = ["md", str(ensemble), str(structure), "--steps", "2", "--out", str(out)]
+    assert main([*argv, "--replicas", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "an ensemble of 2 models runs one trajectory at a time" in err and "model_0" in err
+    assert not list(tmp_path.glob("md*"))
+    assert main(argv) == 0  # one trajectory: the ensemble's mean, with its spread
+    assert "ensemble spread" in capsys.readouterr().out
+
+
 def test_training_with_loader_workers_gives_the_same_model(trained, tmp_path):
     """``--num-workers 2``: batches built in worker processes are the training process's
     batches (same order, same neighbour lists): the same weights after two epochs."""

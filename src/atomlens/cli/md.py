@@ -227,6 +227,15 @@ def run_batched(args, frames) -> int:
             "several trajectories at once (--replicas, several frames) are for "
             "molecules in NVE or Langevin; run periodic cells one at a time"
         )
+    from ..ensemble import ensemble_members
+
+    members = ensemble_members([args.model])
+    if len(members) > 1:  # BatchedMD runs one model
+        raise ValueError(
+            f"{args.model}: an ensemble of {len(members)} models runs one trajectory at a "
+            f"time (one frame, no --replicas), with the members' spread in the log; for "
+            f"several trajectories at once give one member, e.g. {members[0]}"
+        )
     if args.log is None:
         args.log = str(Path(args.out).with_suffix(".csv"))
     systems = [atoms for atoms in frames for _ in range(args.replicas)]
