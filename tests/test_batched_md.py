@@ -257,6 +257,67 @@ def test_compiled_verlet_list_equals_the_eager_path(monkeypatch, caplog):
     assert "compiling again" in caplog.text  # the list outgrew its first capacity
 
 
+def test_an_ensemble_follows_the_ensemble_calculator_with_its_spread(tmp_path):
+    """An ensemble (two SchNets of different cutoffs and a DTNN, passed as an ensemble folder)
+    integrates the members' mean force: 20 NVE steps equal ASE's VelocityVerlet with
+    atomlens.EnsembleCalculator, trajectory by trajectory, with the same spread."""
+    import json
+
+    from ase.md.verlet import VelocityVerlet
+
+    from atomlens.ensemble import EnsembleCalculator
+    from atomlens.models import save_model
+
+    members = [
+        random_model("schnet", seed=1),
+        random_model("schnet", seed=2, representation_kwargs={"cutoff": 4.0}),
+        random_model("dtnn", seed=3),
+    ]
+    folder = tmp_path / "ens"
+    for k, member in enumerate(members):
+        save_model(member, folder / f"m{k}")
+    (folder / "ensemble.json").write_text(json.dumps({"members": ["m0", "m1", "m2"]}))
+    systems = [molecule("CH3CH2OH"), molecule("C6H6")]
+    md = BatchedMD(folder, systems, dtype="float64", seed=4, compile=False)
+    assert len(md.models) == 3 and md.cutoff == 6.0  # the DTNN's, the largest
+    starts = [md.atoms(k) for k in range(len(systems))]
+    logs = md.run(20, interval=20)
+    for k, atoms in enumerate(starts):
+        atoms.calc = EnsembleCalculator(members, dtype="float64", compile=False)
+        VelocityVerlet(atoms, 0.5 * units_fs()).run(20)
+        ours = md.atoms(k)
+        np.testing.assert_allclose(ours.positions, atoms.positions, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(ours.get_momenta(), atoms.get_momenta(), rtol=0, atol=1e-10)
+        assert ours.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+        results = atoms.calc.results
+        assert logs[k].energy_std[-1] == pytest.approx(results["energy_std"], rel=1e-9)
+        assert logs[k].max_force_std[-1] == pytest.approx(results["max_force_std"], rel=1e-9)
+    single = BatchedMD(members[0], systems, dtype="float64", seed=4, compile=False)
+    assert single.energy_std is None and not single.run(1)[0].energy_std
+
+
+def test_an_ensemble_compiled_equals_its_eager_path(monkeypatch):
+    """The compiled ensemble (every member in one traced function, on the padded Verlet
+    list of the largest cutoff) gives the eager ensemble's trajectories and spread."""
+    monkeypatch.setattr(batched_md, "COMPILE_BACKEND", "eager")
+    members = [
+        random_model("schnet", seed=1),
+        random_model("schnet", seed=2, representation_kwargs={"cutoff": 4.0}),
+    ]
+    systems = [molecule("C60"), molecule("CH3CH2OH")]
+    eager = BatchedMD(members, systems, dtype="float64", seed=3, compile=False)
+    fixed = BatchedMD(members, systems, dtype="float64", seed=3, compile=True)
+    assert fixed.compiled is not None and fixed._listed
+    eager.run(10)
+    fixed.run(10)
+    torch.testing.assert_close(fixed.positions, eager.positions, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fixed.forces, eager.forces, rtol=0, atol=1e-9)
+    torch.testing.assert_close(fixed.energy_std, eager.energy_std, rtol=0, atol=1e-9)
+    torch.testing.assert_close(fixed.max_force_std, eager.max_force_std, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="different things"):
+        BatchedMD([members[0], random_model("schnet", target="U0")], systems)
+
+
 def test_compiled_all_pairs_without_a_cutoff(monkeypatch):
     """A model without a cutoff keeps every intra-molecular pair on the compiled path."""
     from helpers import SMALL_MODELS

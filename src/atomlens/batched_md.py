@@ -62,6 +62,7 @@ from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
 from .md import (
     LOG_COLUMNS,
+    SPREAD_COLUMNS,
     MDLog,
     MDUnstableError,
     degrees_of_freedom,
@@ -96,7 +97,13 @@ class BatchedMD:
 
     Args:
         model: an extensive energy :class:`~atomlens.models.AtomisticModel` or a saved
-            model folder (a private copy is made on ``device``/``dtype``).
+            model folder (a private copy is made on ``device``/``dtype``); or an ensemble:
+            a list of models or folders, or an ensemble folder (``ensemble.json``). An
+            ensemble's mean energy and forces drive the dynamics, and its spread per
+            trajectory is kept (:attr:`energy_std`, :attr:`max_force_std`: the members'
+            energy standard deviation and the largest per-atom force standard deviation)
+            and logged (``energy_std_eV``, ``max_force_std_eV_A``), as
+            :class:`atomlens.ensemble.EnsembleCalculator` does for one trajectory.
         systems: the start structures, one per trajectory (isolated molecules; repeat one
             ``Atoms`` for replicas). They are not changed.
         ensemble: ``"nve"`` (velocity Verlet) or ``"langevin"`` (BAOAB at ``temperature_K``).
@@ -151,10 +158,20 @@ class BatchedMD:
         dataset_from_atoms(
             systems, source="BatchedMD", targets=False
         )  # elements, NaN, overlapping atoms
-        self.model = self._private_model(model, device, dtype)
+        #: the model, or an ensemble's members (energies and forces: their mean)
+        self.models = self._private_models(model, device, dtype)
+        self.model = self.models[0]
         numbers = np.concatenate([atoms.numbers for atoms in systems])
-        check_elements(self.model, numbers, allow_unknown_elements, "BatchedMD")
+        for member in self.models:
+            check_elements(member, numbers, allow_unknown_elements, "BatchedMD")
         self.energy_to_ev = energy_factor(self.model.config.unit)
+        cutoffs = [member.cutoff for member in self.models]
+        #: pairs within this distance reach the models (an ensemble: its largest cutoff;
+        #: each member's smooth cutoff gives pairs beyond its own exactly zero weight)
+        self.cutoff = None if None in cutoffs else max(cutoffs)
+        #: ensembles: the members' spread per trajectory at the last step (eV, eV/Angstrom)
+        self.energy_std: torch.Tensor | None = None
+        self.max_force_std: torch.Tensor | None = None
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.ensemble, self.temperature_K = ensemble, float(temperature_K)
@@ -210,7 +227,7 @@ class BatchedMD:
         self._reference: torch.Tensor | None = None
 
         with torch.no_grad():  # weight-only state (SchNet's filter tables) once, not per step
-            self.frozen = self.model.freeze()
+            self.frozen = [member.freeze() for member in self.models]
         self.compiled = None
         auto = self._auto = compile == "auto"
         if auto:
@@ -241,6 +258,26 @@ class BatchedMD:
                 self.energies, self.forces = self.energy_and_forces()
 
     # ------------------------------------------------------------------ model
+    @classmethod
+    def _private_models(cls, model, device, dtype) -> list[AtomisticModel]:
+        """Private copies of one model, of a list of models or paths, or of the members of
+        an ensemble folder (``ensemble.json``, as ``atomlens train --ensemble`` writes)."""
+        from .ensemble import MANIFEST, ensemble_members
+
+        if isinstance(model, (list, tuple)):
+            items = list(model)
+        elif isinstance(model, (str, os.PathLike)) and (Path(model) / MANIFEST).is_file():
+            items = ensemble_members(model)
+        else:
+            items = [model]
+        if not items:
+            raise ValueError("BatchedMD needs a model (an empty list of models was given)")
+        models = [cls._private_model(item, device, dtype) for item in items]
+        kinds = {(member.target, member.config.unit) for member in models}
+        if len(kinds) > 1:
+            raise ValueError(f"ensemble members predict different things: {sorted(kinds)}")
+        return models
+
     @staticmethod
     def _private_model(model, device, dtype) -> AtomisticModel:
         dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
@@ -257,9 +294,11 @@ class BatchedMD:
             )
         return model.eval().requires_grad_(False)
 
-    def _energy(self, positions: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of all energies, per-trajectory energies (R,)) in the model's unit."""
-        atomic = self.model.atomic_energies(self.numbers, positions, pairs, self.frozen)
+    def _energy(
+        self, positions: torch.Tensor, pairs: Pairs, k: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of all energies, per-trajectory energies (R,)) of member ``k``, in its unit."""
+        atomic = self.models[k].atomic_energies(self.numbers, positions, pairs, self.frozen[k])
         energies = scatter_sum(atomic, self.structure_index, self.n_structures)
         return energies.sum(), energies
 
@@ -271,36 +310,54 @@ class BatchedMD:
     @property
     def _listed(self) -> bool:
         """Whether the compiled path uses the padded Verlet list (the model has a cutoff)."""
-        return self.model.cutoff is not None
+        return self.cutoff is not None
 
     def _energy_forces_all(self):
-        """positions -> (energies, forces) on all intra-molecular pairs."""
+        """positions -> (energies, forces) on all intra-molecular pairs (an ensemble: every
+        member's, stacked)."""
         pair_i, pair_j = molecular_pairs(self.n_atoms_per)
-        grad_and_value = torch.func.grad_and_value(
-            lambda positions: self._energy(positions, Pairs(pair_i, pair_j, None, True)),
-            has_aux=True,
-        )
+        members = [
+            torch.func.grad_and_value(
+                lambda positions, k=k: self._energy(
+                    positions, Pairs(pair_i, pair_j, None, True), k
+                ),
+                has_aux=True,
+            )
+            for k in range(len(self.models))
+        ]
 
         def energy_forces(positions):
-            gradient, (_, energies) = grad_and_value(positions)
-            return energies, -gradient
+            return self._stacked([member(positions) for member in members])
 
         return energy_forces
 
     def _energy_forces_listed(self):
-        """(positions, i, j, shifts) -> (energies, forces) on a padded half pair list."""
-        grad_and_value = torch.func.grad_and_value(
-            lambda positions, i, j, shifts: self._energy(
-                positions, Pairs.symmetric_from_half(i, j, shifts)
-            ),
-            has_aux=True,
-        )
+        """(positions, i, j, shifts) -> (energies, forces) on a padded half pair list (an
+        ensemble: every member's, stacked)."""
+        members = [
+            torch.func.grad_and_value(
+                lambda positions, i, j, shifts, k=k: self._energy(
+                    positions, Pairs.symmetric_from_half(i, j, shifts), k
+                ),
+                has_aux=True,
+            )
+            for k in range(len(self.models))
+        ]
 
         def energy_forces(positions, i, j, shifts):
-            gradient, (_, energies) = grad_and_value(positions, i, j, shifts)
-            return energies, -gradient
+            return self._stacked([member(positions, i, j, shifts) for member in members])
 
         return energy_forces
+
+    @staticmethod
+    def _stacked(results) -> tuple[torch.Tensor, torch.Tensor]:
+        """One member's (energies (R,), forces (N, 3)); several: (K, R) and (K, N, 3)."""
+        if len(results) == 1:
+            gradient, (_, energies) = results[0]
+            return energies, -gradient
+        energies = torch.stack([energies for _, (_, energies) in results])
+        forces = torch.stack([-gradient for gradient, _ in results])
+        return energies, forces
 
     def _padded_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The Verlet list (pairs within cutoff + skin, each once) padded to the capacity.
@@ -313,7 +370,7 @@ class BatchedMD:
                 self._raise_not_finite()
             if moved <= (0.5 * self.skin) ** 2:
                 return self._padded
-        reach = self.model.cutoff + self.skin
+        reach = self.cutoff + self.skin
         pair_i, pair_j = molecular_pairs(self.n_atoms_per, self.positions, reach)
         half = pair_i.shape[0] // 2
         if half > self._capacity:
@@ -329,7 +386,7 @@ class BatchedMD:
         pad = self._capacity - half
         padding = pair_i.new_zeros(pad)
         shifts = self.positions.new_zeros(self._capacity, 3)
-        shifts[half:, 0] = PADDING_DISTANCE * self.model.cutoff
+        shifts[half:, 0] = PADDING_DISTANCE * self.cutoff
         self._padded = (
             torch.cat([pair_i[:half], padding]),
             torch.cat([pair_j[:half], padding]),
@@ -376,14 +433,26 @@ class BatchedMD:
                 energies, forces = energies.clone(), forces.clone()
         else:
             positions = self.positions.detach().requires_grad_(True)
-            pair_i, pair_j = molecular_pairs(self.n_atoms_per, self.positions, self.model.cutoff)
+            pair_i, pair_j = molecular_pairs(self.n_atoms_per, self.positions, self.cutoff)
+            pairs = Pairs(pair_i, pair_j, None, True)
+            results = []
             with torch.enable_grad():
-                total, energies = self._energy(positions, Pairs(pair_i, pair_j, None, True))
-                (gradient,) = torch.autograd.grad(total, positions)
-            forces = -gradient
-        if self.energy_to_ev == 1.0:  # an eV model: no copies
-            return energies.detach(), forces.detach()
-        return energies.detach() * self.energy_to_ev, forces.detach() * self.energy_to_ev
+                for k in range(len(self.models)):
+                    total, member_energies = self._energy(positions, pairs, k)
+                    (gradient,) = torch.autograd.grad(total, positions)
+                    results.append((gradient, (total, member_energies)))
+            energies, forces = self._stacked(results)
+        energies, forces = energies.detach(), forces.detach()
+        if self.energy_to_ev != 1.0:  # (an eV model: no copies)
+            energies, forces = energies * self.energy_to_ev, forces * self.energy_to_ev
+        if len(self.models) > 1:  # the members' mean drives the dynamics; their spread
+            energies, self.energy_std = energies.mean(0), energies.std(0, correction=0)
+            force_std = forces.std(0, correction=0).pow(2).sum(-1).sqrt()  # per atom
+            self.max_force_std = torch.zeros_like(energies).scatter_reduce_(
+                0, self.structure_index, force_std, "amax", include_self=False
+            )
+            forces = forces.mean(0)
+        return energies, forces
 
     # ------------------------------------------------------------------ integrators
     def _remove_momentum(self) -> None:
@@ -474,7 +543,8 @@ class BatchedMD:
             for path in logfiles or []:
                 handle = stack.enter_context(open(outputs[Path(path)], "w", newline=""))
                 tables.append(csv.writer(handle))
-                tables[-1].writerow(LOG_COLUMNS)
+                spread = SPREAD_COLUMNS if len(self.models) > 1 else ()
+                tables[-1].writerow(LOG_COLUMNS + spread)
             bar = stack.enter_context(
                 tqdm(
                     total=steps,
@@ -498,12 +568,20 @@ class BatchedMD:
         epot = self.energies.double().cpu().numpy()
         ekin = kinetic.double().cpu().numpy()
         temperature = self.temperatures(kinetic).double().cpu().numpy()
+        spread = self.energy_std is not None
+        if spread:
+            energy_std = self.energy_std.double().cpu().numpy()
+            max_force_std = self.max_force_std.double().cpu().numpy()
         for k, log in enumerate(logs):
             row = (time_fs, epot[k], ekin[k], epot[k] + ekin[k], temperature[k])
             for values, value in zip(
                 (log.time_fs, log.epot, log.ekin, log.etot, log.temperature), row
             ):
                 values.append(float(value))
+            if spread:
+                log.energy_std.append(float(energy_std[k]))
+                log.max_force_std.append(float(max_force_std[k]))
+                row = (*row, energy_std[k], max_force_std[k])
             if tables:
                 tables[k].writerow([f"{v:.10g}" for v in row])
         for k, write in enumerate(writers):

@@ -227,15 +227,6 @@ def run_batched(args, frames) -> int:
             "several trajectories at once (--replicas, several frames) are for "
             "molecules in NVE or Langevin; run periodic cells one at a time"
         )
-    from ..ensemble import ensemble_members
-
-    members = ensemble_members([args.model])
-    if len(members) > 1:  # BatchedMD runs one model
-        raise ValueError(
-            f"{args.model}: an ensemble of {len(members)} models runs one trajectory at a "
-            f"time (one frame, no --replicas), with the members' spread in the log; for "
-            f"several trajectories at once give one member, e.g. {members[0]}"
-        )
     if args.log is None:
         args.log = str(Path(args.out).with_suffix(".csv"))
     systems = [atoms for atoms in frames for _ in range(args.replicas)]
@@ -271,4 +262,9 @@ def run_batched(args, frames) -> int:
             f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom -> {trajectories[k]}, "
             f"{logfiles[k]}"
         )
+        if log.energy_std:  # an ensemble: the members' spread along the trajectory
+            print(
+                f"     ensemble spread: energy std up to {max(log.energy_std) * 1000:.1f} meV, "
+                f"largest atomic force std {max(log.max_force_std):.3f} eV/Angstrom"
+            )
     return 0
