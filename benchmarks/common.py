@@ -49,13 +49,13 @@ def timed(
     return structures, steps, now() - start
 
 
-def build_model():
+def build_model(seed: int = 0):
     """The compared SchNet (head 128 -> 64 -> 1), seeded."""
     import torch
 
     from atomlens.models import build_model as build
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return build(
         {
             "representation": "schnet",

@@ -154,13 +154,16 @@ def batched_md_speed(
     clock: str = "wall",
     compile: bool | str = False,
     device: str = "cpu",
+    members: int = 1,
 ) -> dict:
-    """Molecule-steps/s of ``replicas`` aspirin trajectories in one :class:`BatchedMD`."""
+    """Molecule-steps/s of ``replicas`` aspirin trajectories in one :class:`BatchedMD`
+    (``members`` > 1: an ensemble of that many differently seeded models)."""
     from atomlens.batched_md import BatchedMD
 
     atoms = md_atoms(frames)
+    models = [build_model(seed).eval() for seed in range(members)]
     md = BatchedMD(
-        build_model().eval(),
+        models[0] if members == 1 else models,
         [atoms] * replicas,
         timestep_fs=0.5,
         temperature_K=300,
@@ -178,6 +181,7 @@ def batched_md_speed(
     return {
         "molecule_steps_per_s": replicas * steps / wall,
         "replicas": replicas,
+        "members": members,
         "steps": steps,
         "wall_s": wall,
     }
@@ -280,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (both libraries)")
     parser.add_argument(
+        "--members",
+        type=int,
+        default=1,
+        help="batched MD of an ensemble of this many models (atomlens; the ratio to "
+        "SchNetPack's single-model runs is then not like for like)",
+    )
+    parser.add_argument(
         "--peer-python", default=None, help="python that imports SchNetPack (default: its venv)"
     )
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables to stderr")
@@ -373,6 +384,7 @@ def measure_atomlens(frames: dict, args, common: dict) -> dict[tuple, float]:
             clock=args.clock,
             compile=True if args.compile else "auto",
             device=device,
+            members=args.members,
         )
         ours["md_batched", replicas] = result["molecule_steps_per_s"]
         print(json.dumps({"measure": "md_batched", **common, **result}), flush=True)
