@@ -264,12 +264,12 @@ class BatchedMD:
         an ensemble folder (``ensemble.json``, as ``atomlens train --ensemble`` writes)."""
         from .ensemble import MANIFEST, ensemble_members
 
-        if isinstance(model, (list, tuple)):
-            items = list(model)
-        elif isinstance(model, (str, os.PathLike)) and (Path(model) / MANIFEST).is_file():
-            items = ensemble_members(model)
-        else:
-            items = [model]
+        items = []
+        for item in model if isinstance(model, (list, tuple)) else [model]:
+            if isinstance(item, (str, os.PathLike)) and (Path(item) / MANIFEST).is_file():
+                items.extend(ensemble_members(item))  # an ensemble folder: its members
+            else:
+                items.append(item)
         if not items:
             raise ValueError("BatchedMD needs a model (an empty list of models was given)")
         models = [cls._private_model(item, device, dtype) for item in items]
