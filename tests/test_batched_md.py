@@ -465,6 +465,45 @@ def test_a_blown_up_trajectory_is_named(tmp_path, compile):
     assert len(read(tmp_path / "a.unstable.traj", index=":")) == 1  # the step-0 frame
 
 
+def test_too_hot_or_drifting_trajectories_stop_the_run_as_single_md_does(tmp_path, capsys):
+    """--max-temperature and (NVE) --max-drift stop several trajectories at once too (they
+    were ignored: a replica reached 381 K under a 320 K limit and the run exited 0), naming
+    them, with the outputs kept as NAME.unstable.SUFFIX; Langevin has no drift check."""
+    from atomlens.cli import main
+    from atomlens.models import save_model
+
+    model = random_model("schnet", seed=2)
+    systems = [molecule("H2O"), molecule("NH3")]
+    md = BatchedMD(model, systems, dtype="float64", seed=3, temperature_K=300)
+    with pytest.raises(MDUnstableError, match=r"trajectories \[0, 1\] exceed the temperature "):
+        md.run(5, max_temperature_K=100.0)
+    md = BatchedMD(model, systems, dtype="float64", seed=3, temperature_K=300)
+    with pytest.raises(MDUnstableError, match=r"drifted beyond the limit of 1e-12 eV/atom"):
+        md.run(5, max_drift_eV_per_atom=1e-12)
+    langevin = BatchedMD(model, systems, ensemble="langevin", dtype="float64", seed=3)
+    langevin.run(5, max_drift_eV_per_atom=1e-12)  # no conserved energy: not checked
+    assert BatchedMD(model, systems, seed=3).run(5)  # the defaults: a stable run goes on
+
+    folder = save_model(random_model("schnet", seed=2).float(), tmp_path / "model")
+    structure = tmp_path / "w.xyz"
+    systems[0].write(structure)
+    argv = ["md", str(folder), str(structure), "--replicas", "2", "--steps", "6"]
+    argv += ["--interval", "2", "--out", str(tmp_path / "md.traj"), "--no-compile"]
+    assert main([*argv, "--max-temperature", "100"]) == 2
+    assert "exceed the temperature limit of 100 K" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("md*")) == [
+        "md.0.unstable.csv",
+        "md.0.unstable.traj",
+        "md.1.unstable.csv",
+        "md.1.unstable.traj",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "x.csv")]) == 2  # logs = trajectories
+    assert "the logs and the trajectories would be the same files" in capsys.readouterr().err
+    assert main([*argv, "--ensemble", "langevin"]) == 0
+    printed = capsys.readouterr().out
+    assert "+-" in printed and "E_tot drift" not in printed  # Langevin: T +- its spread
+
+
 def test_elements_beyond_the_model_are_refused():
     """Z > max_z would be an unchecked gather in the compiled step: refused up front."""
     from ase import Atoms

@@ -520,8 +520,16 @@ class BatchedMD:
         logfiles: Sequence[str | os.PathLike] | None = None,
         interval: int = 1,
         progress: bool | None = None,
+        max_temperature_K: float | None = None,
+        max_drift_eV_per_atom: float = 0.1,
     ) -> list[MDLog]:
         """Run ``steps`` steps; every ``interval`` steps log and store each trajectory.
+
+        At every logged step, as :func:`atomlens.md.run_md` does, a trajectory whose kinetic
+        temperature exceeds ``max_temperature_K`` (default the larger of 2000 K and 5 x
+        ``temperature_K``) or, in NVE, whose total energy has drifted by more than
+        ``max_drift_eV_per_atom`` from its start stops the run with
+        :class:`~atomlens.md.MDUnstableError` naming it.
 
         ``trajectories``: one ``.traj`` (ASE) or extxyz (other suffixes) file per trajectory;
         ``logfiles``: one CSV per trajectory (:data:`atomlens.md.LOG_COLUMNS`). Files are
@@ -534,6 +542,10 @@ class BatchedMD:
             if paths is not None and len(paths) != self.n_structures:
                 raise ValueError(f"{name}: {len(paths)} files for {self.n_structures} trajectories")
         logs = [MDLog() for _ in range(self.n_structures)]
+        if max_temperature_K is None:
+            max_temperature_K = max(2000.0, 5.0 * self.temperature_K)
+        self._limits = (float(max_temperature_K), float(max_drift_eV_per_atom))
+        self._start_etot = None  # per trajectory, at the first logged step of this run
         # temporary files beside their names, renamed at the end (or at a Ctrl-C); a run
         # stopped as unstable keeps them as NAME.unstable.SUFFIX, as single-trajectory MD
         outputs = temporary_outputs([*(trajectories or []), *(logfiles or [])])
@@ -586,6 +598,34 @@ class BatchedMD:
                 tables[k].writerow([f"{v:.10g}" for v in row])
         for k, write in enumerate(writers):
             write(self.atoms(k))
+        self._check_stability(epot + ekin, temperature)
+
+    def _check_stability(self, etot: np.ndarray, temperature: np.ndarray) -> None:
+        """Stop (MDUnstableError) at a trajectory too hot, or (NVE) drifted too far."""
+        max_temperature, max_drift = getattr(self, "_limits", (math.inf, math.inf))
+        if self._start_etot is None:
+            self._start_etot = etot.copy()
+        n_atoms = np.diff(self.offsets)
+        drift = np.abs(etot - self._start_etot) / n_atoms
+        hint = (
+            f"at step {self.nsteps} ({self.nsteps * self.timestep_fs:g} fs); shorten the time "
+            f"step ({self.timestep_fs:g} fs now) or check that the model knows these molecules"
+        )
+        hot = np.flatnonzero(~(temperature <= max_temperature))
+        if hot.size:
+            k = int(hot[0])
+            raise MDUnstableError(
+                f"BatchedMD: trajectories {hot.tolist()} exceed the temperature limit of "
+                f"{max_temperature:g} K (trajectory {k}: {temperature[k]:.4g} K), {hint}"
+            )
+        drifted = np.flatnonzero(~(drift <= max_drift)) if self.ensemble == "nve" else []
+        if len(drifted):
+            k = int(drifted[0])
+            raise MDUnstableError(
+                f"BatchedMD: the total energy of trajectories {list(map(int, drifted))} "
+                f"drifted beyond the limit of {max_drift:g} eV/atom (trajectory {k}: "
+                f"{drift[k]:.4g} eV/atom), {hint}"
+            )
 
     @staticmethod
     def _trajectory_writer(path: Path, stack: contextlib.ExitStack):
@@ -611,5 +651,10 @@ def run_batched_md(
     **options,
 ) -> list[MDLog]:
     """Build a :class:`BatchedMD` of ``systems`` (``options`` go to it) and run it."""
+    limits = {
+        key: options.pop(key)
+        for key in ("max_temperature_K", "max_drift_eV_per_atom")
+        if key in options
+    }
     md = BatchedMD(model, systems, **options)
-    return md.run(steps, trajectories, logfiles, interval, progress)
+    return md.run(steps, trajectories, logfiles, interval, progress, **limits)

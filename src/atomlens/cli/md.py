@@ -233,6 +233,8 @@ def run_batched(args, frames) -> int:
     n = len(systems)
     trajectories = [numbered(args.out, k, n) for k in range(n)]
     logfiles = [numbered(args.log, k, n) for k in range(n)]
+    if set(trajectories) & set(logfiles):
+        raise ValueError(f"{args.log}: the logs and the trajectories would be the same files")
     logs = run_batched_md(
         args.model,
         systems,
@@ -249,17 +251,25 @@ def run_batched(args, frames) -> int:
         dtype="float64" if args.float64 else None,
         compile=args.compile,
         allow_unknown_elements=args.allow_unknown_elements,
+        max_temperature_K=args.max_temperature,
+        max_drift_eV_per_atom=args.max_drift,
     )
     print(
         f"{args.ensemble.upper()} MD of {n} trajectories ({len(frames)} structures x "
         f"{args.replicas} replicas): {args.steps} steps of {args.timestep} fs"
     )
     for k, (atoms, log) in enumerate(zip(systems, logs)):
-        drift = log.drift(len(atoms))
+        temperature = np.asarray(log.temperature)
+        if args.ensemble == "nve":  # E_tot is conserved only without a thermostat
+            drift = log.drift(len(atoms))
+            state = (
+                f"mean T = {temperature.mean():.1f} K; E_tot drift "
+                f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom"
+            )
+        else:
+            state = f"T = {temperature.mean():.1f} +- {temperature.std():.1f} K"
         print(
-            f"  {k}: {atoms.get_chemical_formula()} mean T = "
-            f"{sum(log.temperature) / len(log.temperature):.1f} K; E_tot drift "
-            f"{drift['drift_eV_per_atom'] * 1000:.3f} meV/atom -> {trajectories[k]}, "
+            f"  {k}: {atoms.get_chemical_formula()} {state} -> {trajectories[k]}, "
             f"{logfiles[k]}"
         )
         if log.energy_std:  # an ensemble: the members' spread along the trajectory
