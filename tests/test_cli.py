@@ -118,6 +118,16 @@ def test_device_option_of_evaluate_predict_and_md(trained, tmp_path, capsys, mon
             assert main([*argv, "--device", device]) == 2
             assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.traj"))  # md wrote nothing
+    with pytest.raises(ValueError, match="atomlens runs on cpu, cuda"):
+        resolve_device("mps")  # torch knows it; atomlens does not run there
+    # train: a GPU torch does not see is refused before the run folder is touched (it was a
+    # Lightning traceback after the folder was written, and the retry was then refused)
+    out = tmp_path / "run-gpu"
+    argv = ["train", str(trained / "tiny.yaml"), "--no-progress", "--out", str(out)]
+    assert main([*argv, "--device", "gpu"]) == 2
+    assert "sees no CUDA GPU here" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--device", "gpu", "--ensemble", "2"]) == 2
+    assert "sees no CUDA GPU here" in capsys.readouterr().err and not out.exists()
 
 
 def energy_model_folder(tmp_path):

@@ -47,6 +47,8 @@ def resolve_device(name: str) -> str:
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"--device {name!r}: {err}") from None
+    if device.type not in ("cpu", "cuda"):  # torch knows mps, xla, meta, ...: not atomlens
+        raise ValueError(f"--device {name}: atomlens runs on cpu, cuda[:N] or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"--device {name}: torch {torch.__version__} sees no CUDA GPU here; "

@@ -58,8 +58,9 @@ def train_ensemble(
     manifest is written at the end. ``config.max_minutes`` bounds everything from
     ``started`` (``time.monotonic()``; default: now)."""
     from ..runtime import available_cpus, end_with_parent
-    from .train import load_dataset, train
+    from .train import check_device, load_dataset, train
 
+    check_device(config.device)  # before any member's folder
     if n_models < 1:
         raise ValueError(f"an ensemble needs at least one model, not {n_models}")
     if parallel < 1:

@@ -293,6 +293,16 @@ def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[st
     return split
 
 
+def check_device(device: str) -> None:
+    """A GPU asked for that torch does not see: a clear error before any work (Lightning's
+    came as a traceback after the run folder was written, which then refused a retry)."""
+    if device in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r}: torch {torch.__version__} sees no CUDA GPU here; use "
+            f"--device cpu (or auto: a GPU when there is one)"
+        )
+
+
 def train(
     config: TrainConfig,
     resume: bool = False,
@@ -319,6 +329,7 @@ def train(
     started = time.monotonic() if started is None else started
     deadline = started + 60.0 * config.max_minutes if config.max_minutes else None
     out = Path(config.out)
+    check_device(config.device)  # before the folder is touched
     if not run_folder.is_primary_process():  # the primary process guards the folder
         with quiet_dependencies():
             return _train(config, resume, data, split, deadline, test_seed)
