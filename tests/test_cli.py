@@ -250,6 +250,9 @@ def test_insight_isomers_says_how_many_the_model_trained_on(trained, tmp_path, c
     assert main(argv) == 0
     assert f"{expected} of them in the model's training split" in capsys.readouterr().out
     assert expected > 0  # (the sample's split puts some in training: the case to show)
+    other_spelling = [*argv[:4], packed + "/", *argv[5:], "--json"]  # the same folder
+    assert main(other_spelling) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["n_in_training_split"] == expected
     assert main([*argv, "--json", "--split", "train"]) == 0  # one split: no count
     line = json.loads(capsys.readouterr().out.splitlines()[0])
     assert "n_in_training_split" not in line and line["n_isomers"] == expected
@@ -276,6 +279,23 @@ def test_md_of_an_ensemble_with_replicas(trained, tmp_path, capsys):
         rows = list(csv.DictReader((tmp_path / f"md.{k}.csv").open()))
         assert len(rows) == 5 and float(rows[-1]["energy_std_eV"]) == pytest.approx(0, abs=1e-5)
         assert "max_force_std_eV_A" in rows[0]
+
+
+def test_train_saves_a_relative_data_path_as_absolute(trained, tmp_path, monkeypatch):
+    """``--data packed`` from one folder, ``evaluate`` from another: the saved config names
+    the data absolutely (it said "packed: file not found")."""
+    monkeypatch.chdir(trained)
+    argv = ["train", "--data", "packed", "--target", "U0", "--n-train", "6", "--n-val", "3"]
+    argv += ["--n-test", "3", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "rel")]
+    argv += ["--batch-size", "3"]
+    assert main(argv) == 0
+    refused = tmp_path / "refused"  # a run refused before it wrote anything leaves no folder
+    assert main([*argv[:5], "--n-train", "1.0", "--out", str(refused)]) == 2
+    assert not refused.exists()
+    saved = yaml.safe_load((tmp_path / "rel" / "train_config.yaml").read_text())
+    assert saved["data"] == str((trained / "packed").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(tmp_path / "rel"), "--split", "test"]) == 0
 
 
 def test_training_with_loader_workers_gives_the_same_model(trained, tmp_path):

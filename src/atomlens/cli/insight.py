@@ -318,15 +318,15 @@ def run_isomers(args) -> int:
     analysis = isomer_analysis(model, data, args.formula, None if args.split == "all" else indices)
     summary = analysis.summary()
     trained_on = _in_training_split(folder, args, analysis.indices)
-    if trained_on is not None:
+    if trained_on is not None:  # (0 too: none of them trained on)
         summary["n_in_training_split"] = trained_on
     if args.json:
         print(json.dumps({"split": args.split, "unit": unit, **summary}))
     else:
         seen = (
-            f"; {trained_on} of them in the model's training split (--split test: held-out "
-            f"ones only)"
-            if trained_on
+            f"; {trained_on} of them in the model's training split (--split test: the "
+            f"test split's only)"
+            if trained_on is not None
             else ""
         )
         print(
@@ -353,7 +353,13 @@ def _in_training_split(folder: Path, args, indices: np.ndarray) -> int | None:
         import yaml
 
         trained_data = str(yaml.safe_load(config.read_text()).get("data", "qm9"))
-    if str(args.data) != trained_data:
+
+    def same(a: str, b: str) -> bool:  # "qm9", or the same file or folder however spelled
+        if a == b:
+            return True
+        return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+
+    if not same(str(args.data), trained_data):
         return None
     from ..data.splits import load_split
 

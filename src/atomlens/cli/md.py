@@ -268,10 +268,7 @@ def run_batched(args, frames) -> int:
             )
         else:
             state = f"T = {temperature.mean():.1f} +- {temperature.std():.1f} K"
-        print(
-            f"  {k}: {atoms.get_chemical_formula()} {state} -> {trajectories[k]}, "
-            f"{logfiles[k]}"
-        )
+        print(f"  {k}: {atoms.get_chemical_formula()} {state} -> {trajectories[k]}, {logfiles[k]}")
         if log.energy_std:  # an ensemble: the members' spread along the trajectory
             print(
                 f"     ensemble spread: energy std up to {max(log.energy_std) * 1000:.1f} meV, "

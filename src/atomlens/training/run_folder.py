@@ -82,8 +82,10 @@ def locked(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on run folder ``out`` (created if needed) for the block."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: is a file; the output of a run is a folder")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / LOCK, "a")  # noqa: SIM115 (closed below, after the unlock)
+    failed = False
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -93,7 +95,15 @@ def locked(out: Path) -> Iterator[None]:
                 f"wait for it to end or choose another --out"
             ) from None
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
+        # a run refused before it wrote anything (bad split sizes, ...) leaves no empty
+        # folder behind it: only one this run created, holding nothing but the lock
+        if failed and created and [p.name for p in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink()
+            out.rmdir()
         handle.close()  # closing releases the lock
 
 
