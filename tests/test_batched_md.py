@@ -504,6 +504,27 @@ def test_too_hot_or_drifting_trajectories_stop_the_run_as_single_md_does(tmp_pat
     assert "+-" in printed and "E_tot drift" not in printed  # Langevin: T +- its spread
 
 
+def test_md_of_a_file_of_several_frames_says_it_runs_the_first(tmp_path, capsys):
+    """``--index 0`` is the default: a file of several molecules ran its first alone, without
+    a word; it says so and how to run them all (one frame: nothing said)."""
+    from ase.io import write
+
+    from atomlens.cli import main
+    from atomlens.models import save_model
+
+    folder = save_model(random_model("schnet", seed=4).float(), tmp_path / "model")
+    write(tmp_path / "three.xyz", [molecule("H2O"), molecule("NH3"), molecule("CH4")])
+    molecule("H2O").write(tmp_path / "one.xyz")
+    argv = ["md", str(folder), "--steps", "2", "--no-compile"]
+    assert main([*argv, str(tmp_path / "three.xyz"), "--out", str(tmp_path / "a.traj")]) == 0
+    assert "running its first frame (--index 0, the default)" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "one.xyz"), "--out", str(tmp_path / "b.traj")]) == 0
+    assert "first frame" not in capsys.readouterr().err
+    every = [*argv, str(tmp_path / "three.xyz"), "--index", ":", "--out", str(tmp_path / "c.traj")]
+    assert main(every) == 0
+    assert "3 trajectories" in capsys.readouterr().out
+
+
 def test_elements_beyond_the_model_are_refused():
     """Z > max_z would be an unchecked gather in the compiled step: refused up front."""
     from ase import Atoms

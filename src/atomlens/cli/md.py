@@ -3,6 +3,7 @@ and :mod:`atomlens.batched_md`)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--index",
         default="0",
-        help="which frame(s) of the structure file (ASE syntax; several frames run "
-        "as a batch of trajectories)",
+        help="which frame(s) of the structure file (ASE syntax, default 0: the first; "
+        "':' or a slice runs several frames as a batch of trajectories)",
     )
     p.add_argument(
         "--replicas",
@@ -143,6 +144,12 @@ def run(args) -> int:
         if getattr(args, option) is None:
             setattr(args, option, default)
     frames = read_structures(args.structure, args.index)
+    if args.index == "0" and _has_more_frames(args.structure):
+        print(
+            f"{args.structure}: running its first frame (--index 0, the default); "
+            f"--index : runs every frame, as a batch",
+            file=sys.stderr,
+        )
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, not {args.replicas}")
     if not args.allow_unknown_elements:  # allowed: the calculators warn, once
@@ -210,6 +217,18 @@ def run(args) -> int:
         )
     print(f"  trajectory: {Path(args.out)}  log: {log_path}")
     return 0
+
+
+def _has_more_frames(path: str) -> bool:
+    """Whether a structure file holds a second frame (reads two frames at most)."""
+    import itertools
+
+    import ase.io
+
+    try:
+        return len(list(itertools.islice(ase.io.iread(path, index=":"), 2))) > 1
+    except Exception:  # noqa: BLE001 (a format ASE cannot stream: say nothing)
+        return False
 
 
 def numbered(path: str, k: int, n: int) -> Path:
