@@ -294,6 +294,9 @@ def test_an_ensemble_follows_the_ensemble_calculator_with_its_spread(tmp_path):
         assert logs[k].max_force_std[-1] == pytest.approx(results["max_force_std"], rel=1e-9)
     mixed = BatchedMD([folder, members[0]], systems, dtype="float64", compile=False)
     assert len(mixed.models) == 4  # an ensemble folder in a list: its members
+    for twice in ([folder, folder / "m0"], [members[0], members[0]]):  # a member counted twice
+        with pytest.raises(ValueError, match="given twice"):
+            BatchedMD(twice, systems, compile=False)
     single = BatchedMD(members[0], systems, dtype="float64", seed=4, compile=False)
     assert single.energy_std is None and not single.run(1)[0].energy_std
 

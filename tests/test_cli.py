@@ -281,6 +281,15 @@ def test_md_of_an_ensemble_with_replicas(trained, tmp_path, capsys):
         assert "max_force_std_eV_A" in rows[0]
 
 
+def test_one_model_twice_is_no_ensemble(trained, tmp_path, capsys):
+    """``predict run run``: one model twice counted double and reported a spread of 0."""
+    structures = tmp_path / "mols.xyz"
+    ase.io.write(structures, [ase.build.molecule("CH4")])
+    run = str(trained / "run")
+    assert main(["predict", run, str(trained / "run" / "model"), str(structures)]) == 2
+    assert "the same model is given twice as a member" in capsys.readouterr().err
+
+
 def test_train_saves_a_relative_data_path_as_absolute(trained, tmp_path, monkeypatch):
     """``--data packed`` from one folder, ``evaluate`` from another: the saved config names
     the data absolutely (it said "packed: file not found")."""

@@ -263,6 +263,7 @@ class BatchedMD:
         """Private copies of one model, of a list of models or paths, or of the members of
         an ensemble folder (``ensemble.json``, as ``atomlens train --ensemble`` writes)."""
         from .ensemble import MANIFEST, ensemble_members
+        from .models.io import model_folder
 
         items = []
         for item in model if isinstance(model, (list, tuple)) else [model]:
@@ -272,6 +273,15 @@ class BatchedMD:
                 items.append(item)
         if not items:
             raise ValueError("BatchedMD needs a model (an empty list of models was given)")
+        if len({id(item) for item in items if not isinstance(item, (str, os.PathLike))}) < sum(
+            not isinstance(item, (str, os.PathLike)) for item in items
+        ):
+            raise ValueError("the same model object is given twice as an ensemble member")
+        paths = [
+            model_folder(item).resolve() for item in items if isinstance(item, (str, os.PathLike))
+        ]
+        if len(set(paths)) < len(paths):
+            raise ValueError("the same model folder is given twice as an ensemble member")
         models = [cls._private_model(item, device, dtype) for item in items]
         kinds = {(member.target, member.config.unit) for member in models}
         if len(kinds) > 1:

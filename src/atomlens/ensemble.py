@@ -41,6 +41,11 @@ def ensemble_members(paths) -> list[Path]:
             members.extend(model_folder(path / name) for name in names)
         else:
             members.append(model_folder(path))
+    seen: dict[Path, Path] = {}
+    for member in members:  # one model twice would count double and shrink the spread
+        first = seen.setdefault(member.resolve(), member)
+        if first is not member:
+            raise ValueError(f"{member}: the same model is given twice as a member")
     return members
 
 
