@@ -281,6 +281,13 @@ def test_md_of_an_ensemble_with_replicas(trained, tmp_path, capsys):
         assert "max_force_std_eV_A" in rows[0]
 
 
+def test_training_without_a_test_split_says_so(trained, tmp_path, capsys):
+    argv = ["train", str(trained / "tiny.yaml"), "--no-progress", "--out", str(tmp_path / "r")]
+    assert main([*argv, "--n-train", "0.5", "--n-val", "0.5", "--n-test", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "no test split (n_test = 0), so no test errors" in printed and "--split val" in printed
+
+
 def test_one_model_twice_is_no_ensemble(trained, tmp_path, capsys):
     """``predict run run``: one model twice counted double and reported a spread of 0."""
     structures = tmp_path / "mols.xyz"

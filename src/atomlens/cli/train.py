@@ -419,6 +419,11 @@ def run_train(args) -> int:
     if metrics:
         print(f"model saved in {Path(config.out) / 'model'}")
         _print_metrics(metrics, config.target, metrics.get("unit", ""))
+        if not metrics.get("n_test"):  # all structures went to training and validation
+            print(
+                "no test split (n_test = 0), so no test errors; see the validation errors "
+                f"with: atomlens evaluate {config.out} --split val"
+            )
     return 0
 
 
