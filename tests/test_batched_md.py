@@ -526,6 +526,9 @@ def test_md_of_a_file_of_several_frames_says_it_runs_the_first(tmp_path, capsys)
     every = [*argv, str(tmp_path / "three.xyz"), "--index", ":", "--out", str(tmp_path / "c.traj")]
     assert main(every) == 0
     assert "3 trajectories" in capsys.readouterr().out
+    fewer = [*argv, str(tmp_path / "three.xyz"), "--index", ":2", "--out", str(tmp_path / "c.traj")]
+    assert main(fewer) == 0  # the third trajectory's files of the run before stay: said so
+    assert "2 file(s) of an earlier run with more trajectories" in capsys.readouterr().err
 
 
 def test_elements_beyond_the_model_are_refused():

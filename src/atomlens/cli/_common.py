@@ -32,7 +32,8 @@ def add_device(parser: argparse.ArgumentParser, default: str = "cpu") -> None:
     parser.add_argument(
         "--device",
         default=default,
-        help="cpu, cuda, cuda:1, ... or auto (a GPU when torch sees one, else the CPU)",
+        help=f"cpu, cuda, cuda:1, ... or auto (a GPU when torch sees one, else the CPU); "
+        f"default {default}",
     )
 
 

@@ -219,6 +219,17 @@ def run(args) -> int:
     return 0
 
 
+def _earlier_numbered(path: str, n: int) -> list[Path]:
+    """Files ``stem.K.suffix`` with K >= n: trajectories or logs this run does not write."""
+    path = Path(path)
+    found = []
+    for candidate in path.parent.glob(f"{path.stem}.*{path.suffix}"):
+        middle = candidate.name[len(path.stem) + 1 : len(candidate.name) - len(path.suffix)]
+        if middle.isdigit() and int(middle) >= n:
+            found.append(candidate)
+    return sorted(found)
+
+
 def _has_more_frames(path: str) -> bool:
     """Whether a structure file holds a second frame (reads two frames at most)."""
     import itertools
@@ -254,6 +265,13 @@ def run_batched(args, frames) -> int:
     logfiles = [numbered(args.log, k, n) for k in range(n)]
     if set(trajectories) & set(logfiles):
         raise ValueError(f"{args.log}: the logs and the trajectories would be the same files")
+    stale = _earlier_numbered(args.out, n) + _earlier_numbered(args.log, n)
+    if stale:  # an earlier run with more trajectories: its extra files stay, said so
+        print(
+            f"note: {len(stale)} file(s) of an earlier run with more trajectories stay beside "
+            f"this run's, e.g. {stale[0]}",
+            file=sys.stderr,
+        )
     logs = run_batched_md(
         args.model,
         systems,
