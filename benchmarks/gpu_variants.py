@@ -27,19 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from qm9 import AtomlensBench  # the script's folder is on sys.path
 
-from atomlens.data.dataset import PackedDataset, make_loader
+from atomlens.data.dataset import PackedDataset
 from atomlens.models import schnet
-from atomlens.models.potential import ModelConfig, build_model
 from atomlens.nn import kernels
-from atomlens.training.train import fit_statistics
 
-SETTING = {"n_atom_basis": 128, "n_interactions": 6, "n_filters": 128, "n_rbf": 20, "cutoff": 5.0}
+#: qm9.py's SchNet 128/6 (its default filter tables of 0.02 Angstrom where they are used)
+SETTING = "128/6"
 #: name -> (filters from tables, fused kernels); None: the library's defaults
 VARIANTS = {
     "tables/fused": (True, True),
@@ -64,69 +63,14 @@ def use_variant(name: str, device: str) -> None:
     kernels.set_fused(fused)
 
 
-def setup(data, indices, batch_size, device):
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(
-            representation="schnet",
-            representation_kwargs={**SETTING, "filter_spacing": 0.02},
-            head_hidden=64,
-            target="U0",
-        )
-    )
-    fit_statistics(model, data, indices)
-    model.to(device)
-    loader = make_loader(data, indices, batch_size, model.cutoff, shuffle=True)
-    batches = []
-    for batch in loader:
-        batches.append(batch.to(device))
-        if len(batches) == 8:
-            break
-    return model, torch.optim.Adam(model.parameters(), lr=5e-4), batches
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step(model, optimizer, batch, mode):
-    if mode == "train":
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss = (model(batch)["U0"] - batch.targets["U0"]).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-    else:
-        model.eval()
-        with torch.inference_mode():
-            model(batch)
-
-
-def timed(model, optimizer, batches, mode, seconds, device):
-    for batch in batches[:3]:  # warm-up (and the fused kernels' compile)
-        step(model, optimizer, batch, mode)
-    sync(device)
-    n, k, start = 0, 0, time.perf_counter()
-    while k < 10 or time.perf_counter() - start < seconds:
-        batch = batches[k % len(batches)]
-        step(model, optimizer, batch, mode)
-        sync(device)
-        n += batch.n_structures
-        k += 1
-    return n / (time.perf_counter() - start)
-
-
-def profile(model, optimizer, batch, label):
+def profile(bench: AtomlensBench, label: str) -> None:
+    """Kernel launches and the top operators of 3 training steps on one fixed batch."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    step(model, optimizer, batch, "train")
-    sync(batch.positions.device)
+    state = bench._setup(SETTING)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step(model, optimizer, batch, "train")
-        sync(batch.positions.device)
+        bench._run(state, "train", "model", 3)  # (each step synchronised on a GPU)
     events = prof.key_averages()
     kernels_ = sum(e.count for e in events if e.device_type.name == "CUDA") / 3
     syncs = sum(e.count for e in events if "Synchronize" in e.key or "item" in e.key) / 3
@@ -151,18 +95,18 @@ def main(argv=None) -> int:
     for name in VARIANTS:
         use_variant(name, args.device)
         for batch_size in args.batch_sizes:
-            state = setup(data, indices, batch_size, args.device)
+            # QM9's throughput bench: fixed batches on the device, each step synchronised
+            bench = AtomlensBench(data, indices, batch_size, warmup=3, device=args.device)
             for mode in ("train", "infer"):
-                rate = timed(*state, mode, args.seconds, args.device)
+                result = bench.measure(SETTING, mode, "model", args.seconds, min_batches=10)
                 line = {"variant": name, "mode": mode, "batch_size": batch_size}
-                print(json.dumps({**line, "mol_per_s": round(rate, 1)}), flush=True)
+                print(json.dumps({**line, "mol_per_s": round(result["mol_per_s"], 1)}), flush=True)
             if batch_size == args.batch_sizes[0]:
-                kept[name] = state
+                kept[name] = bench
     if not args.no_profile:
         for name in ("tables/fused", "direct/plain"):
             use_variant(name, args.device)
-            model, optimizer, batches = kept[name]
-            profile(model, optimizer, batches[0], name)
+            profile(kept[name], name)
     use_variant("default", args.device)
     print(json.dumps({"pad_training_batches": schnet.PAD_TRAINING_BATCHES}))
     return 0

@@ -8,7 +8,7 @@ import ase.io
 import numpy as np
 import pytest
 import yaml
-from helpers import qm9_sample
+from helpers import qm9_sample, write_tiny_train_config
 
 from atomlens.cli import main
 
@@ -17,32 +17,7 @@ from atomlens.cli import main
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     packed = qm9_sample().save(root / "packed")
-    config = root / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "data": str(packed),
-                "target": "U0",
-                "n_train": 20,
-                "n_val": 10,
-                "n_test": 10,
-                "batch_size": 10,
-                "max_epochs": 2,
-                "device": "cpu",
-                "model": {
-                    "representation": "schnet",
-                    "head_hidden": 8,
-                    "representation_kwargs": {
-                        "n_atom_basis": 16,
-                        "n_interactions": 1,
-                        "n_filters": 16,
-                        "n_rbf": 10,
-                        "cutoff": 5.0,
-                    },
-                },
-            }
-        )
-    )
+    config = write_tiny_train_config(root / "tiny.yaml", packed)
     assert main(["train", str(config), "--out", str(root / "run"), "--no-progress"]) == 0
     return root
 

@@ -13,9 +13,8 @@ import os
 import numpy as np
 import pytest
 import torch
-import yaml
 from ase.build import bulk, molecule
-from helpers import qm9_sample, random_model
+from helpers import qm9_sample, random_model, write_tiny_train_config
 
 import atomlens
 from atomlens.batched_md import BatchedMD
@@ -127,27 +126,8 @@ def test_training_command_on_the_device(tmp_path, capsys):
     from atomlens.models.io import load_model
 
     packed = qm9_sample().save(tmp_path / "packed")
-    config = tmp_path / "tiny.yaml"
-    kwargs = {"n_atom_basis": 16, "n_interactions": 1, "n_filters": 16, "n_rbf": 10}
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "data": str(packed),
-                "target": "U0",
-                "n_train": 20,
-                "n_val": 10,
-                "n_test": 10,
-                "batch_size": 10,
-                "max_epochs": 2,
-                "device": "gpu" if DEVICE.startswith("cuda") else DEVICE,
-                "model": {
-                    "representation": "schnet",
-                    "head_hidden": 8,
-                    "representation_kwargs": {**kwargs, "cutoff": 5.0},
-                },
-            }
-        )
-    )
+    device = "gpu" if DEVICE.startswith("cuda") else DEVICE
+    config = write_tiny_train_config(tmp_path / "tiny.yaml", packed, device)
     run = tmp_path / "run"
     assert main(["train", str(config), "--out", str(run), "--no-progress"]) == 0
     model = load_model(run)

@@ -143,9 +143,7 @@ class BatchedMD:
                 f"need timestep_fs > 0, friction >= 0, temperature_K >= 0 and skin >= 0, not "
                 f"{timestep_fs}, {friction}, {temperature_K}, {skin}"
             )
-        compile = compile_option(compile)  # numpy bools, 0 and 1 as bool; else ValueError
-        if compile is not False:
-            compile_mode(compile, "cpu")  # ValueError for an unknown mode, before any work
+        compile = compile_option(compile)  # refused before any work
         systems = list(systems)
         if not systems:
             raise ValueError("BatchedMD needs at least one structure")
@@ -262,27 +260,18 @@ class BatchedMD:
     def _private_models(cls, model, device, dtype) -> list[AtomisticModel]:
         """Private copies of one model, of a list of models or paths, or of the members of
         an ensemble folder (``ensemble.json``, as ``atomlens train --ensemble`` writes)."""
-        from .ensemble import MANIFEST, ensemble_members
-        from .models.io import model_folder
+        from .ensemble import ensemble_members
 
-        items = []
-        for item in model if isinstance(model, (list, tuple)) else [model]:
-            if isinstance(item, (str, os.PathLike)) and (Path(item) / MANIFEST).is_file():
-                items.extend(ensemble_members(item))  # an ensemble folder: its members
-            else:
-                items.append(item)
-        if not items:
-            raise ValueError("BatchedMD needs a model (an empty list of models was given)")
-        if len({id(item) for item in items if not isinstance(item, (str, os.PathLike))}) < sum(
-            not isinstance(item, (str, os.PathLike)) for item in items
-        ):
+        items = list(model) if isinstance(model, (list, tuple)) else [model]
+        is_path = [isinstance(item, (str, os.PathLike)) for item in items]
+        # folders: ensemble folders give their members; one model twice is refused there
+        folders = ensemble_members([item for item, path in zip(items, is_path) if path])
+        objects = [item for item, path in zip(items, is_path) if not path]
+        if len({id(item) for item in objects}) < len(objects):
             raise ValueError("the same model object is given twice as an ensemble member")
-        paths = [
-            model_folder(item).resolve() for item in items if isinstance(item, (str, os.PathLike))
-        ]
-        if len(set(paths)) < len(paths):
-            raise ValueError("the same model folder is given twice as an ensemble member")
-        models = [cls._private_model(item, device, dtype) for item in items]
+        if not folders and not objects:
+            raise ValueError("BatchedMD needs a model (an empty list of models was given)")
+        models = [cls._private_model(item, device, dtype) for item in [*folders, *objects]]
         kinds = {(member.target, member.config.unit) for member in models}
         if len(kinds) > 1:
             raise ValueError(f"ensemble members predict different things: {sorted(kinds)}")
@@ -554,8 +543,6 @@ class BatchedMD:
         logs = [MDLog() for _ in range(self.n_structures)]
         if max_temperature_K is None:
             max_temperature_K = max(2000.0, 5.0 * self.temperature_K)
-        self._limits = (float(max_temperature_K), float(max_drift_eV_per_atom))
-        self._start_etot = None  # per trajectory, at the first logged step of this run
         # temporary files beside their names, renamed at the end (or at a Ctrl-C); a run
         # stopped as unstable keeps them as NAME.unstable.SUFFIX, as single-trajectory MD
         outputs = temporary_outputs([*(trajectories or []), *(logfiles or [])])
@@ -576,15 +563,24 @@ class BatchedMD:
                     disable=None if progress is None else not progress,
                 )
             )
+            start = None
             for n in range(steps + 1):
                 if n:
                     self.step()
                     bar.update(1)
                 if n % interval == 0:
-                    self._record(logs, tables, writers)
+                    etot, temperature = self._record(logs, tables, writers)
+                    if n == 0:  # E_tot of each trajectory at this run's start
+                        start = etot
+                    self._check_stability(
+                        etot, temperature, start, max_temperature_K, max_drift_eV_per_atom
+                    )
         return logs
 
-    def _record(self, logs: list[MDLog], tables: list, writers: list) -> None:
+    def _record(
+        self, logs: list[MDLog], tables: list, writers: list
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Log and store every trajectory now; returns their E_tot (eV) and temperatures."""
         time_fs = self.nsteps * self.timestep_fs
         kinetic = self.kinetic_energies()
         epot = self.energies.double().cpu().numpy()
@@ -608,15 +604,19 @@ class BatchedMD:
                 tables[k].writerow([f"{v:.10g}" for v in row])
         for k, write in enumerate(writers):
             write(self.atoms(k))
-        self._check_stability(epot + ekin, temperature)
+        return epot + ekin, temperature
 
-    def _check_stability(self, etot: np.ndarray, temperature: np.ndarray) -> None:
-        """Stop (MDUnstableError) at a trajectory too hot, or (NVE) drifted too far."""
-        max_temperature, max_drift = getattr(self, "_limits", (math.inf, math.inf))
-        if self._start_etot is None:
-            self._start_etot = etot.copy()
-        n_atoms = np.diff(self.offsets)
-        drift = np.abs(etot - self._start_etot) / n_atoms
+    def _check_stability(
+        self,
+        etot: np.ndarray,
+        temperature: np.ndarray,
+        start: np.ndarray,
+        max_temperature: float,
+        max_drift: float,
+    ) -> None:
+        """Stop (MDUnstableError) at a trajectory too hot, or (NVE) drifted from ``start``
+        by more than ``max_drift`` eV/atom."""
+        drift = np.abs(etot - start) / np.diff(self.offsets)
         hint = (
             f"at step {self.nsteps} ({self.nsteps * self.timestep_fs:g} fs); shorten the time "
             f"step ({self.timestep_fs:g} fs now) or check that the model knows these molecules"

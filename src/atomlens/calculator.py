@@ -126,9 +126,7 @@ class Calculator(AseCalculator):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        compile = compile_option(compile)  # ValueError for anything else
-        if compile is not False:
-            compile_mode(compile, "cpu")  # an unknown mode: refused before the model loads
+        compile = compile_option(compile)  # refused before the model loads
         dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
         if isinstance(model, (str, os.PathLike)):
             from .models.io import load_model
@@ -153,9 +151,7 @@ class Calculator(AseCalculator):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._numbers: np.ndarray | None = None  # the numbers the cached tensors belong to
-        self._mode = None
-        if compile is not False:
-            self._mode = compile_mode(compile, self.device)  # ValueError for a bad one
+        self._mode = None if compile is False else compile_mode(compile, self.device)
         self.compile = True if compile not in (False, "auto") else compile
         self._use_compiled = False  # decided per structure in _prepare
         #: added to the "compiling ..." notice; None: no notice (an ensemble's later members)

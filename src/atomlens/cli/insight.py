@@ -347,12 +347,10 @@ def _in_training_split(folder: Path, args, indices: np.ndarray) -> int | None:
     default, or --data naming the one of its training config) with --split all."""
     if args.split != "all" or not (folder / "split.npz").is_file():
         return None
-    config = folder / "train_config.yaml"
-    trained_data = "qm9"
-    if config.is_file():
-        import yaml
+    from ..training.config import load_config
 
-        trained_data = str(yaml.safe_load(config.read_text()).get("data", "qm9"))
+    config = folder / "train_config.yaml"
+    trained_data = str(load_config(config).data) if config.is_file() else "qm9"
 
     def same(a: str, b: str) -> bool:  # "qm9", or the same file or folder however spelled
         if a == b:

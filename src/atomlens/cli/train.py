@@ -355,7 +355,8 @@ def config_from_args(args):
         )
     }
     overrides["devices"] = devices
-    if args.data and not str(args.data).startswith("qm9") and Path(args.data).exists():
+    qm9_spec = args.data == "qm9" or str(args.data).startswith("qm9:")
+    if args.data and not qm9_spec and Path(args.data).exists():
         # the config saved with the model names the data wherever it is read from later
         # (evaluate from another folder said "packed: file not found")
         overrides["data"] = str(Path(args.data).resolve())

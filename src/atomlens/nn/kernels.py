@@ -102,15 +102,18 @@ def default_compile_mode(device: torch.device | str) -> str | None:
 
 
 def compile_option(compile) -> bool | str:
-    """A ``compile=`` argument as given, with bool-like values (numpy bools, 0, 1) as bool;
-    ValueError for anything that is neither (None included)."""
+    """A valid ``compile=`` argument: ``"auto"`` or a mode of :data:`COMPILE_MODES` as
+    given, bool-like values (numpy bools, 0, 1) as bool; ValueError for anything else
+    (None included)."""
     if isinstance(compile, str):
-        return compile
-    try:
-        if compile in (0, 1):
-            return bool(compile)
-    except (TypeError, ValueError):  # an array, ...
-        pass
+        if compile == "auto" or compile in COMPILE_MODES:
+            return compile
+    else:
+        try:
+            if compile in (0, 1):
+                return bool(compile)
+        except (TypeError, ValueError):  # an array, ...
+            pass
     raise ValueError(
         f"compile must be True, False, 'auto' or a torch.compile mode {COMPILE_MODES}, "
         f"not {compile!r}"
@@ -118,16 +121,11 @@ def compile_option(compile) -> bool | str:
 
 
 def compile_mode(compile: bool | str, device: torch.device | str) -> str | None:
-    """The mode for a ``compile=`` argument (``True``/``"auto"``: the device's default;
-    a mode of :data:`COMPILE_MODES`: that one); ValueError for anything else."""
-    if compile is True or compile == "auto":
-        return default_compile_mode(device)
-    if compile in COMPILE_MODES:
-        return compile
-    raise ValueError(
-        f"compile must be True, False, 'auto' or a torch.compile mode {COMPILE_MODES}, "
-        f"not {compile!r}"
-    )
+    """The mode for a ``compile=`` argument other than False (``True``/``"auto"``: the
+    device's default; a mode of :data:`COMPILE_MODES`: that one); ValueError for an
+    invalid one (:func:`compile_option`)."""
+    compile = compile_option(compile)
+    return default_compile_mode(device) if compile in (True, "auto") else compile
 
 
 def compile_fixed_shapes(
