@@ -357,6 +357,7 @@ def test_cli_ensemble_train_predict(tmp_path, data, capsys):
     )
     assert main(["train", str(config), "--ensemble", "2", "--out", str(tmp_path / "ens")]) == 0
     assert (tmp_path / "ens" / "ensemble.json").is_file()
+    _check_ensemble_evaluate(tmp_path / "ens", capsys)
     xyz = tmp_path / "mols.xyz"
     ase.io.write(xyz, [molecule("CH4"), molecule("H2O")])
     result = tmp_path / "pred.extxyz"
@@ -391,6 +392,37 @@ def test_cli_ensemble_train_predict(tmp_path, data, capsys):
         == 0
     )
     assert load_model(tmp_path / "tuned").target == "U0"
+
+
+def _check_ensemble_evaluate(ens, capsys):
+    """``atomlens evaluate`` of an ensemble folder scores the members' mean on their shared
+    test split (the committee in ensemble.json, computed from the members' saved test
+    predictions) and refuses members trained on different splits."""
+    import json
+    import shutil
+
+    capsys.readouterr()
+    assert main(["evaluate", str(ens), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    saved = json.loads((ens / MANIFEST).read_text())["committee"]
+    assert scored["split"] == "test" and scored["n_members"] == 2
+    assert scored["n_evaluated"] == saved["n_evaluated"] == scored["n"] > 0
+    for key in ("U0_mae", "U0_rmse", "U0_spread_mean"):  # float32, batched in another order
+        np.testing.assert_allclose(scored[key], saved[key], atol=2e-3)
+    np.testing.assert_allclose(scored["member_U0_mae"], saved["member_U0_mae"], atol=2e-3)
+    assert main(["evaluate", str(ens)]) == 0
+    text = capsys.readouterr().out
+    assert "committee of 2 models" in text and "MEMBERS MAE" in text and "MEAN SPREAD" in text
+    # one member's split changed: its test structures are not the other's
+    mixed = ens.parent / "mixed"
+    shutil.copytree(ens, mixed)
+    split_file = mixed / "model_1" / "model" / "split.npz"
+    with np.load(split_file) as f:
+        split = {k: f[k].copy() for k in f.files}
+    split["train"][0], split["test"][0] = split["test"][0], split["train"][0]
+    np.savez(split_file, **split)
+    assert main(["evaluate", str(mixed)]) == 2
+    assert "trained on another split" in capsys.readouterr().err
 
 
 def test_ensemble_members_from_paths(tmp_path):

@@ -445,8 +445,15 @@ def count_or_fraction(text: str) -> int | float:
 
 # --------------------------------------------------------------------------- evaluate
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="MAE and RMSE of a trained model on a split")
-    p.add_argument("model", help="model folder (or the training output folder)")
+    p = sub.add_parser(
+        "evaluate",
+        help="MAE and RMSE of a trained model (or an ensemble's committee) on a split",
+    )
+    p.add_argument(
+        "model",
+        help="model folder, training output folder, or an ensemble folder (atomlens train "
+        "--ensemble: the errors of the members' mean, each member's, and their spread)",
+    )
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument(
         "--data",
@@ -474,16 +481,71 @@ def _add_evaluate(sub) -> None:
 
 
 def run_evaluate(args) -> int:
-    from ..data.splits import load_split
+    from ..ensemble import MANIFEST, ensemble_members
     from ..models.io import load_model, model_folder, read_config
-    from ..training.config import TrainConfig, load_config
     from ..training.evaluate import evaluate
+
+    device = resolve_device(args.device)
+    if (Path(args.model) / MANIFEST).is_file():
+        folders = ensemble_members(args.model)
+    else:
+        folders = [model_folder(args.model)]
+    models = [load_model(folder, device=device) for folder in folders]
+    units = {read_config(folder)["model"].get("unit", "") for folder in folders}
+    if len({m.target for m in models}) > 1 or len(units) > 1:
+        raise ValueError(f"{args.model}: the members predict different things")
+    data, indices, split, config = _evaluation_set(args, folders, models)
+    forces = bool(config.forces) and "forces" in data.targets
+    stress = bool(config.stress) and "stress" in data.targets
+    target, unit = models[0].target, units.pop()
+    label = "all frames" if split == "all" else f"{split} split"
+    if len(models) == 1:
+        metrics = evaluate(models[0], data, indices, args.batch_size, forces=forces, stress=stress)
+        if args.json:
+            print(json.dumps({"split": split, "n": len(indices), "unit": unit, **metrics}))
+        else:
+            print(f"{folders[0]}: {target} on {len(indices)} structures ({label})")
+            _print_metrics(metrics, target, unit)
+        return 0
+    from ..training.ensemble import committee_of
+
+    saved = []
+    for model in models:  # the members' predictions, then the errors of their mean
+        _, predictions = evaluate(
+            model, data, indices, args.batch_size, forces=forces, return_predictions=True
+        )
+        saved.append({"target": target, "unit": unit, **predictions})
+    committee = committee_of(saved)
+    if args.json:
+        print(json.dumps({"split": split, "n": len(indices), **committee}))
+        return 0
+    print(
+        f"{args.model}: committee of {len(models)} models, {target} on {len(indices)} "
+        f"structures ({label})"
+    )
+    _print_metrics(committee, target, unit)
+    members = ", ".join(describe_error(mae, unit) for mae in committee[f"member_{target}_mae"])
+    print(f"{'MEMBERS MAE':>16}: {members}")
+    print(f"{'MEAN SPREAD':>16}: {describe_error(committee[f'{target}_spread_mean'], unit)}")
+    if "forces_spread_mean" in committee:
+        print(
+            f"{'FORCES SPREAD':>16}: "
+            f"{describe_error(committee['forces_spread_mean'], 'eV/Angstrom')} (per atom, norm)"
+        )
+    return 0
+
+
+def _evaluation_set(args, folders: list[Path], models: list):
+    """The data, structure indices, split name and training config that ``evaluate``
+    scores: the models' split of their training data, or a --data file whole. An
+    ensemble's members must share the split (``atomlens train --ensemble`` gives them
+    one): another member's test structures could be in a member's training split."""
+    from ..data.splits import load_split
+    from ..training.config import TrainConfig, load_config
     from ..training.train import load_dataset
 
-    folder = model_folder(args.model)
-    model = load_model(folder, device=resolve_device(args.device))
-    cfg_file = folder / "train_config.yaml"
-    config = load_config(cfg_file) if cfg_file.exists() else TrainConfig(target=model.target)
+    cfg_file = folders[0] / "train_config.yaml"
+    config = load_config(cfg_file) if cfg_file.exists() else TrainConfig(target=models[0].target)
     if args.data:  # its own units (the training file's declaration is not this file's), whole
         config = dataclasses.replace(
             config,
@@ -498,26 +560,22 @@ def run_evaluate(args) -> int:
     if args.data:  # as predict, md and insight do: no silent scores of untrained elements
         from ..models.guards import check_elements
 
-        check_elements(model, data.elements, args.allow_unknown_elements, args.data)
+        for model in models:
+            check_elements(model, data.elements, args.allow_unknown_elements, args.data)
     elif args.allow_unknown_elements:
         raise ValueError("--allow-unknown-elements is for a --data file")
     # another data set is scored whole: its frames are not the model's split
     split = "all" if args.data else args.split
     if split == "all":
-        indices = np.arange(len(data))
-    else:
-        indices = load_split(folder / "split.npz")[args.split]
-    forces = bool(config.forces) and "forces" in data.targets
-    stress = bool(config.stress) and "stress" in data.targets
-    metrics = evaluate(model, data, indices, args.batch_size, forces=forces, stress=stress)
-    unit = read_config(folder)["model"].get("unit", "")
-    if args.json:
-        print(json.dumps({"split": split, "n": len(indices), "unit": unit, **metrics}))
-    else:
-        label = "all frames" if split == "all" else f"{split} split"
-        print(f"{folder}: {model.target} on {len(indices)} structures ({label})")
-        _print_metrics(metrics, model.target, unit)
-    return 0
+        return data, np.arange(len(data)), split, config
+    splits = [load_split(folder / "split.npz") for folder in folders]
+    for folder, other in zip(folders[1:], splits[1:]):
+        if any(not np.array_equal(splits[0][k], other[k]) for k in ("train", "val", "test")):
+            raise ValueError(
+                f"{folder}: trained on another split than {folders[0]}; the committee's "
+                f"{split} errors would mix in training structures (score a --data file instead)"
+            )
+    return data, splits[0][split], split, config
 
 
 # --------------------------------------------------------------------------- predict

@@ -156,6 +156,14 @@ def committee_metrics(folders) -> dict:
             return {}
         with np.load(path, allow_pickle=False) as f:
             saved.append({key: f[key] for key in f.files})
+    return committee_of(saved)
+
+
+def committee_of(saved: list[dict]) -> dict:
+    """:func:`committee_metrics` from the members' predictions in memory: one dict per
+    member with ``target``, ``unit``, ``indices``, ``predicted`` and ``reference`` (and for
+    forces ``n_atoms``, ``forces_predicted``, ``forces_reference``), as
+    :func:`~atomlens.training.evaluate.evaluate` returns them with ``return_predictions``."""
     common = saved[0]["indices"]
     for s in saved[1:]:
         common = np.intersect1d(common, s["indices"])
