@@ -254,3 +254,38 @@ def test_stress_of_a_batch_without_pbc_flags_follows_its_cell():
     assert float(reference.abs().max()) > 1e-4
     bare = dataclasses.replace(batch, pbc=None)
     torch.testing.assert_close(model(bare, stress=True)["stress"], reference)
+
+
+def test_an_ensemble_with_stress_reports_the_committees_stress(copper, tmp_path, capsys):
+    """Two members trained on energies, forces and stress: ensemble.json and ``atomlens
+    evaluate`` of the folder give the stress errors of the members' mean, computed here from
+    the members' own stress predictions."""
+    import json
+
+    folder, _ = copper
+    config = yaml.safe_load((folder / "cu.yaml").read_text())
+    config.update(max_epochs=2, out=str(tmp_path / "ens"))
+    (tmp_path / "ens.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "ens.yaml"), "--ensemble", "2"]) == 0
+    committee = json.loads((tmp_path / "ens" / "ensemble.json").read_text())["committee"]
+    members = [atomlens.load_model(tmp_path / "ens" / f"model_{k}") for k in (0, 1)]
+    split = np.load(tmp_path / "ens" / "model_0" / "model" / "split.npz")
+    frames = read(folder / "cu.extxyz", ":")
+    test = [frames[i] for i in np.sort(split["test"])]
+    predicted = np.stack([m.predict(test, stress=True)["stress"] for m in members])
+    reference = np.stack([f.get_stress(voigt=False) for f in test])
+    assert predicted.shape == (2, *reference.shape)
+    atol = 1e-5  # float32 models, batched in another order
+    np.testing.assert_allclose(
+        committee["stress_mae"], np.abs(predicted.mean(0) - reference).mean(), atol=atol
+    )
+    np.testing.assert_allclose(
+        committee["member_stress_mae"], np.abs(predicted - reference).mean((1, 2, 3)), atol=atol
+    )
+    np.testing.assert_allclose(committee["stress_spread_mean"], predicted.std(0).mean(), atol=atol)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "ens"), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(scored["stress_mae"], committee["stress_mae"], atol=atol)
+    assert main(["evaluate", str(tmp_path / "ens")]) == 0
+    assert "STRESS SPREAD" in capsys.readouterr().out

@@ -512,7 +512,13 @@ def run_evaluate(args) -> int:
     saved = []
     for model in models:  # the members' predictions, then the errors of their mean
         _, predictions = evaluate(
-            model, data, indices, args.batch_size, forces=forces, return_predictions=True
+            model,
+            data,
+            indices,
+            args.batch_size,
+            forces=forces,
+            stress=stress,
+            return_predictions=True,
         )
         saved.append({"target": target, "unit": unit, **predictions})
     committee = committee_of(saved)
@@ -531,6 +537,11 @@ def run_evaluate(args) -> int:
         print(
             f"{'FORCES SPREAD':>16}: "
             f"{describe_error(committee['forces_spread_mean'], 'eV/Angstrom')} (per atom, norm)"
+        )
+    if "stress_spread_mean" in committee:
+        print(
+            f"{'STRESS SPREAD':>16}: {committee['stress_spread_mean'] * 1000:.3f} "
+            f"meV/Angstrom^3 (per component)"
         )
     return 0
 

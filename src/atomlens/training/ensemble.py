@@ -145,7 +145,8 @@ def committee_metrics(folders) -> dict:
     """Test errors of the members' mean prediction, from each member's
     ``test_predictions.npz``, on the structures that all of them evaluated: MAE and RMSE
     of the committee, the members' own MAEs on the same structures, and the mean spread;
-    the same for the forces where the members saved them (force training). Empty when a
+    the same for the forces and the stress where the members saved them (force and stress
+    training). Empty when a
     member has no saved predictions (no test split)."""
     from .train import PREDICTIONS
 
@@ -191,7 +192,30 @@ def committee_of(saved: list[dict]) -> dict:
     }
     if len(common) and all("forces_predicted" in s for s in saved):
         metrics.update(_committee_forces(saved, common))
+    if len(common) and all("stress_predicted" in s for s in saved):
+        metrics.update(_committee_per_structure(saved, common, "stress"))
     return metrics
+
+
+def _committee_per_structure(saved: list[dict], common: np.ndarray, key: str) -> dict:
+    """The committee's errors of a per-structure array (the stress) on the structures
+    ``common``: MAE and RMSE of the mean over all components, the members' own MAEs and the
+    mean spread (per component, averaged)."""
+    predicted, reference = [], None
+    for s in saved:
+        rows = _rows_of(s["indices"], common)
+        predicted.append(np.asarray(s[f"{key}_predicted"], dtype=np.float64)[rows])
+        if reference is None:
+            reference = np.asarray(s[f"{key}_reference"], dtype=np.float64)[rows]
+    predicted = np.stack(predicted)  # (K, n, ...)
+    mean = predicted.mean(axis=0)
+    err = mean - reference
+    return {
+        f"{key}_mae": float(np.abs(err).mean()),
+        f"{key}_rmse": float(np.sqrt((err**2).mean())),
+        f"member_{key}_mae": [float(np.abs(p - reference).mean()) for p in predicted],
+        f"{key}_spread_mean": float(predicted.std(axis=0).mean()),
+    }
 
 
 def _committee_forces(saved: list[dict], common: np.ndarray) -> dict:

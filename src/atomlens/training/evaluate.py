@@ -45,8 +45,9 @@ def evaluate(
     only if ``deadline`` cut the evaluation short; the structures are then taken in a
     random order (``seed``), so those used are a random sample of ``indices``. With
     ``return_predictions`` also ``{"indices", "predicted", "reference"}`` of the target, in
-    the order evaluated, and with ``forces`` ``n_atoms`` (per structure) and
-    ``forces_predicted``, ``forces_reference`` (the structures' atoms in that order).
+    the order evaluated, with ``forces`` ``n_atoms`` (per structure) and
+    ``forces_predicted``, ``forces_reference`` (the structures' atoms in that order), and
+    with ``stress`` ``stress_predicted``, ``stress_reference`` (per structure).
     """
     indices = np.asarray(indices)
     if deadline is not None:
@@ -88,6 +89,11 @@ def evaluate(
                 n_atoms=data.n_atoms_per[indices],
                 forces_predicted=pred["forces"],
                 forces_reference=np.asarray(data.targets["forces"])[atoms],
+            )
+        if stress:
+            saved.update(
+                stress_predicted=pred["stress"],
+                stress_reference=np.asarray(data.targets["stress"])[indices],
             )
         return metrics, saved
     return metrics
