@@ -297,6 +297,14 @@ def test_ctrl_c_in_training_keeps_the_epochs_and_says_how_to_go_on(
         train(_tiny(out, max_epochs=3), data=qm9)
     monkeypatch.setattr(module.AtomisticTask, "training_step", real)
     assert epochs_done(load_checkpoint(out / "checkpoints" / "last.ckpt")) == 1
+    # its folder holds no model yet: loading it says so and how to go on
+    from atomlens.models import load_model
+
+    with pytest.raises(FileNotFoundError, match="has not finished.*--resume goes on"):
+        load_model(out)
+    (tmp_path / "ens" / "model_0").mkdir(parents=True)  # an ensemble stopped before its end
+    with pytest.raises(FileNotFoundError, match="ensemble whose training has not finished"):
+        load_model(tmp_path / "ens")
     train(_tiny(out, max_epochs=3), resume=True, data=qm9)
     assert epochs_done(load_checkpoint(out / "checkpoints" / "last.ckpt")) == 3
 

@@ -70,11 +70,30 @@ def read_config(path: str | os.PathLike) -> dict:
             f"{path}: is a file; a model is a folder holding {CONFIG} and {WEIGHTS}"
         )
     if not (path / CONFIG).is_file():
-        raise FileNotFoundError(f"{path}: not an atomlens model folder (no {CONFIG})")
+        raise FileNotFoundError(
+            f"{path}: not an atomlens model folder (no {CONFIG}){_unfinished(path)}"
+        )
     try:
         return json.loads((path / CONFIG).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path / CONFIG}: damaged model config ({err})") from err
+
+
+def _unfinished(path: Path) -> str:
+    """What to do with a training folder that holds no model yet: a run or an ensemble that
+    was stopped before its end (a killed run resumes), or ``""``."""
+    if (path / "checkpoints" / "last.ckpt").is_file():
+        return (
+            "; a training run that has not finished (it has checkpoints/last.ckpt, no model "
+            "yet): the same atomlens train command with --resume goes on from it"
+        )
+    if (path / "model_0").is_dir():
+        return (
+            "; an ensemble whose training has not finished (no ensemble.json): the same "
+            "atomlens train --ensemble command with --resume goes on, or name finished "
+            f"members ({path / 'model_0'}, ...)"
+        )
+    return ""
 
 
 def load_model(
