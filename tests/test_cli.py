@@ -261,6 +261,9 @@ def test_training_without_a_test_split_says_so(trained, tmp_path, capsys):
     assert main([*argv, "--n-train", "0.5", "--n-val", "0.5", "--n-test", "0"]) == 0
     printed = capsys.readouterr().out
     assert "no test split (n_test = 0), so no test errors" in printed and "--split val" in printed
+    assert main(["evaluate", str(tmp_path / "r")]) == 2  # a named error, not a traceback
+    assert "the test split holds no structures" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "r"), "--split", "val"]) == 0
 
 
 def test_one_model_twice_is_no_ensemble(trained, tmp_path, capsys):

@@ -305,6 +305,11 @@ def test_ctrl_c_in_training_keeps_the_epochs_and_says_how_to_go_on(
     (tmp_path / "ens" / "model_0").mkdir(parents=True)  # an ensemble stopped before its end
     with pytest.raises(FileNotFoundError, match="ensemble whose training has not finished"):
         load_model(tmp_path / "ens")
+    member = tmp_path / "ens" / "model_1"  # one of its members, stopped after an epoch
+    (member / "checkpoints").mkdir(parents=True)
+    (member / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"train --ensemble command \(--out .*ens\)"):
+        load_model(member)
     train(_tiny(out, max_epochs=3), resume=True, data=qm9)
     assert epochs_done(load_checkpoint(out / "checkpoints" / "last.ckpt")) == 3
 

@@ -423,6 +423,16 @@ def _check_ensemble_evaluate(ens, capsys):
     np.savez(split_file, **split)
     assert main(["evaluate", str(mixed)]) == 2
     assert "trained on another split" in capsys.readouterr().err
+    # a committee of one is scored as a committee (the same JSON keys whatever K)
+    manifest = json.loads((mixed / MANIFEST).read_text())
+    (mixed / MANIFEST).write_text(json.dumps(dict(manifest, members=["model_0"])))
+    assert main(["evaluate", str(mixed), "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["n_members"] == 1 and single["U0_spread_mean"] == 0.0
+    np.testing.assert_allclose(single["U0_mae"], scored["member_U0_mae"][0], atol=1e-6)
+    # commands that take one model name a member of a finished ensemble
+    with pytest.raises(FileNotFoundError, match="an ensemble: this command takes one model"):
+        load_model(ens)
 
 
 def test_ensemble_members_from_paths(tmp_path):

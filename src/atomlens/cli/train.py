@@ -486,10 +486,8 @@ def run_evaluate(args) -> int:
     from ..training.evaluate import evaluate
 
     device = resolve_device(args.device)
-    if (Path(args.model) / MANIFEST).is_file():
-        folders = ensemble_members(args.model)
-    else:
-        folders = [model_folder(args.model)]
+    is_ensemble = (Path(args.model) / MANIFEST).is_file()
+    folders = ensemble_members(args.model) if is_ensemble else [model_folder(args.model)]
     models = [load_model(folder, device=device) for folder in folders]
     units = {read_config(folder)["model"].get("unit", "") for folder in folders}
     if len({m.target for m in models}) > 1 or len(units) > 1:
@@ -499,7 +497,9 @@ def run_evaluate(args) -> int:
     stress = bool(config.stress) and "stress" in data.targets
     target, unit = models[0].target, units.pop()
     label = "all frames" if split == "all" else f"{split} split"
-    if len(models) == 1:
+    if not len(indices):
+        raise ValueError(f"{args.model}: the {split} split holds no structures")
+    if not is_ensemble:
         metrics = evaluate(models[0], data, indices, args.batch_size, forces=forces, stress=stress)
         if args.json:
             print(json.dumps({"split": split, "n": len(indices), "unit": unit, **metrics}))
@@ -567,6 +567,14 @@ def _evaluation_set(args, folders: list[Path], models: list):
         )
     elif args.energy_unit or args.length_unit:
         raise ValueError("--energy-unit and --length-unit describe a --data file")
+    split = "all" if args.data else args.split
+    splits = [load_split(folder / "split.npz") for folder in folders] if split != "all" else []
+    for folder, other in zip(folders[1:], splits[1:]):  # before the data set is read
+        if any(not np.array_equal(splits[0][k], other[k]) for k in ("train", "val", "test")):
+            raise ValueError(
+                f"{folder}: trained on another split than {folders[0]}; the committee's "
+                f"{split} errors would mix in training structures (score a --data file instead)"
+            )
     data = load_dataset(config, fixed_target=True)
     if args.data:  # as predict, md and insight do: no silent scores of untrained elements
         from ..models.guards import check_elements
@@ -575,17 +583,8 @@ def _evaluation_set(args, folders: list[Path], models: list):
             check_elements(model, data.elements, args.allow_unknown_elements, args.data)
     elif args.allow_unknown_elements:
         raise ValueError("--allow-unknown-elements is for a --data file")
-    # another data set is scored whole: its frames are not the model's split
-    split = "all" if args.data else args.split
-    if split == "all":
+    if split == "all":  # another data set is scored whole: its frames are not the split
         return data, np.arange(len(data)), split, config
-    splits = [load_split(folder / "split.npz") for folder in folders]
-    for folder, other in zip(folders[1:], splits[1:]):
-        if any(not np.array_equal(splits[0][k], other[k]) for k in ("train", "val", "test")):
-            raise ValueError(
-                f"{folder}: trained on another split than {folders[0]}; the committee's "
-                f"{split} errors would mix in training structures (score a --data file instead)"
-            )
     return data, splits[0][split], split, config
 
 

@@ -82,11 +82,18 @@ def read_config(path: str | os.PathLike) -> dict:
 def _unfinished(path: Path) -> str:
     """What to do with a training folder that holds no model yet: a run or an ensemble that
     was stopped before its end (a killed run resumes), or ``""``."""
+    from ..ensemble import MANIFEST
+
     if (path / "checkpoints" / "last.ckpt").is_file():
+        command = "atomlens train"
+        if path.parent != path and (path.parent / "model_0").is_dir():  # an ensemble member
+            command = f"atomlens train --ensemble command (--out {path.parent})"
         return (
             "; a training run that has not finished (it has checkpoints/last.ckpt, no model "
-            "yet): the same atomlens train command with --resume goes on from it"
+            f"yet): the same {command} with --resume goes on from it"
         )
+    if (path / MANIFEST).is_file():
+        return f"; an ensemble: this command takes one model, a member such as {path / 'model_0'}"
     if (path / "model_0").is_dir():
         return (
             "; an ensemble whose training has not finished (no ensemble.json): the same "

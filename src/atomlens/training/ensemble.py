@@ -162,8 +162,9 @@ def committee_metrics(folders) -> dict:
 
 def committee_of(saved: list[dict]) -> dict:
     """:func:`committee_metrics` from the members' predictions in memory: one dict per
-    member with ``target``, ``unit``, ``indices``, ``predicted`` and ``reference`` (and for
-    forces ``n_atoms``, ``forces_predicted``, ``forces_reference``), as
+    member with ``target``, ``unit``, ``indices``, ``predicted`` and ``reference`` (for
+    forces also ``n_atoms``, ``forces_predicted``, ``forces_reference``; for the stress
+    ``stress_predicted``, ``stress_reference``), as
     :func:`~atomlens.training.evaluate.evaluate` returns them with ``return_predictions``."""
     common = saved[0]["indices"]
     for s in saved[1:]:
