@@ -481,21 +481,18 @@ def _add_evaluate(sub) -> None:
 
 
 def run_evaluate(args) -> int:
-    from ..ensemble import MANIFEST, ensemble_members
-    from ..models.io import load_model, model_folder, read_config
+    from ..ensemble import MANIFEST, ensemble_members, load_ensemble
+    from ..models.io import model_folder, read_config
     from ..training.evaluate import evaluate
 
-    device = resolve_device(args.device)
     is_ensemble = (Path(args.model) / MANIFEST).is_file()
     folders = ensemble_members(args.model) if is_ensemble else [model_folder(args.model)]
-    models = [load_model(folder, device=device) for folder in folders]
-    units = {read_config(folder)["model"].get("unit", "") for folder in folders}
-    if len({m.target for m in models}) > 1 or len(units) > 1:
-        raise ValueError(f"{args.model}: the members predict different things")
+    # one target and unit for all members (refused otherwise)
+    models = load_ensemble(folders, device=resolve_device(args.device))
     data, indices, split, config = _evaluation_set(args, folders, models)
     forces = bool(config.forces) and "forces" in data.targets
     stress = bool(config.stress) and "stress" in data.targets
-    target, unit = models[0].target, units.pop()
+    target, unit = models[0].target, read_config(folders[0])["model"].get("unit", "")
     label = "all frames" if split == "all" else f"{split} split"
     if not len(indices):
         raise ValueError(f"{args.model}: the {split} split holds no structures")
