@@ -1,6 +1,7 @@
 """Batched MD: many trajectories in one model call per step, equal to ASE's integrators."""
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -409,15 +410,19 @@ def test_auto_compile_by_default_with_a_fallback(monkeypatch, caplog):
         BatchedMD(model, systems, dtype="float64", seed=3, compile=True)
 
 
-def test_reduce_overhead_mode_runs_on_the_cpu():
-    """The CUDA-graph mode's code path, compiled by Inductor (no graphs on the CPU)."""
+def test_reduce_overhead_mode_runs_on_the_cpu(capfd, caplog):
+    """The CUDA-graph mode's code path, compiled by Inductor without graphs on the CPU: the
+    eager forces, and no torch warning that it skipped them (atomlens says it, at info)."""
     model = random_model("schnet", seed=2)
     systems = [molecule("H2O"), molecule("NH3")]
     eager = BatchedMD(model, systems, dtype="float64", seed=3)
-    compiled = BatchedMD(model, systems, dtype="float64", seed=3, compile="reduce-overhead")
-    eager.run(2)
-    compiled.run(2)
+    with caplog.at_level(logging.INFO, logger="atomlens"):
+        compiled = BatchedMD(model, systems, dtype="float64", seed=3, compile="reduce-overhead")
+        eager.run(2)
+        compiled.run(2)
     torch.testing.assert_close(compiled.forces, eager.forces, rtol=0, atol=1e-9)
+    assert "cudagraphs" not in capfd.readouterr().err
+    assert "no CUDA graphs on the CPU" in caplog.text
 
 
 def test_outputs_one_trajectory_and_log_per_run(tmp_path):

@@ -15,11 +15,14 @@ same shapes (an MD step's energy and forces) so that little runs around the gene
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import warnings
 from collections.abc import Callable
 
 import torch
+
+_LOG = logging.getLogger("atomlens")
 
 #: elements (pairs x features) from which a call is worth a compiled kernel, on a CPU
 MIN_FUSED_SIZE = 1 << 17
@@ -166,6 +169,10 @@ def compile_fixed_shapes(
             options.update(list_mode_options(mode))
         if torch.device(device).type == "cpu":
             options["cpp_wrapper"] = True
+            if options.pop("triton.cudagraphs", False):
+                # CUDA graphs are a GPU's: the mode's other options, without torch's
+                # "skipping cudagraphs" warning on every compile
+                _LOG.info("compile mode %r: no CUDA graphs on the CPU", mode)
     elif mode is not None:
         raise ValueError(f"a compile mode ({mode!r}) needs the inductor backend, not {backend!r}")
     return torch.compile(
