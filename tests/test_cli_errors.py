@@ -158,3 +158,91 @@ def test_an_unexpected_error_raises_with_its_traceback(monkeypatch):
     monkeypatch.setattr(atomlens.cli.export, "run", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["export", "model"])
+
+
+def test_outputs_never_destroy_an_input(chon_model, tmp_path, capsys):
+    """An output that is an input file, a model's own file, a folder, or another output of
+    the same command is refused before any work, and every input is left as it was."""
+    start = tmp_path / "start.xyz"
+    ase.io.write(start, ase.build.molecule("CH4"))
+    numbered = tmp_path / "s.0.xyz"  # trajectory 0 of `--out s.xyz --replicas 2`
+    numbered.write_bytes(start.read_bytes())
+    config = chon_model / "config.json"
+    before = {p: p.read_bytes() for p in [start, numbered, *chon_model.iterdir()] if p.is_file()}
+    (tmp_path / "folder.traj").mkdir()
+    md = ["md", str(chon_model), str(start), "--steps", "2", "--threads", "1", "--no-compile"]
+    pmap = ["insight", "potential-map", str(chon_model), str(start), "--probe", "C"]
+    cases = [
+        (md + ["--out", str(start)], "md", "is the input file"),
+        (md + ["--out", str(tmp_path / "t.traj"), "--log", str(start)], "md", "input file"),
+        (md + ["--out", str(config)], "md", "would overwrite a file of"),
+        (md + ["--out", str(tmp_path / "folder.traj")], "md", "is a folder"),
+        (
+            ["md", str(chon_model), str(numbered), "--replicas", "2", "--steps", "2"]
+            + ["--out", str(tmp_path / "s.xyz")],
+            "md",
+            "is the input file",
+        ),
+        (
+            ["export", str(chon_model), "--out", str(chon_model / "model.safetensors")],
+            "export",
+            "would overwrite a file of",
+        ),
+        (["predict", str(chon_model), str(start), "--out", str(config)], "predict", ".extxyz"),
+        (
+            ["predict", str(chon_model), str(start), "--out", str(chon_model / "a.extxyz")],
+            "predict",
+            None,  # a new file inside the model folder: allowed (it runs)
+        ),
+        (pmap + ["--cube", str(start)], "insight", "is the input file"),
+        (
+            pmap + ["--out", str(tmp_path / "m.png"), "--cube", str(tmp_path / "m.png")],
+            "insight",
+            "name one file",
+        ),
+        (
+            ["explain", "molecule", str(chon_model), str(start), "--out", str(start)],
+            "explain",
+            "is a file; name a folder",
+        ),
+    ]
+    for argv, command, expected in cases:
+        if expected is None:
+            assert main(argv) == 0, argv
+            capsys.readouterr()
+            continue
+        assert main(argv) == 2, argv
+        assert expected in one_line_error(capsys, command), argv
+    for path, content in before.items():
+        assert path.read_bytes() == content, path
+    assert not list(tmp_path.rglob(".*tmp-*"))  # nothing half-written left behind
+
+
+def test_check_outputs_rules(tmp_path):
+    from atomlens.fileio import check_output_folder, check_outputs
+
+    model, data = tmp_path / "model", tmp_path / "data.xyz"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data.write_text("")
+    (tmp_path / "link.xyz").symlink_to(data)
+    check_outputs({"--out": model / "new.traj", "--log": tmp_path / "new.csv"}, [model, data])
+    check_outputs({"--out": None}, [model])
+    for outputs, message in [
+        ({"--out": tmp_path / "link.xyz"}, "is the input file"),  # the same file by a link
+        ({"--out": model / "config.json"}, "would overwrite a file of"),
+        ({"--out": model}, "is a folder"),
+        ({"--out": tmp_path / "a", "--log": tmp_path / "x" / ".." / "a"}, "name one file"),
+    ]:
+        with pytest.raises((ValueError, OSError), match=message):
+            check_outputs(outputs, [model, data])
+    assert check_output_folder(tmp_path / "new") == tmp_path / "new"
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        check_output_folder(data)
+
+
+def test_an_index_that_selects_no_frame_says_so(chon_model, tmp_path, capsys):
+    path = tmp_path / "six.xyz"
+    ase.io.write(path, [ase.build.molecule("CH4")] * 6)
+    assert main(["predict", str(chon_model), str(path), "--index", "5:2"]) == 2
+    assert "--index 5:2 selects none of its 6 frames" in one_line_error(capsys, "predict")

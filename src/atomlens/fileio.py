@@ -198,3 +198,49 @@ def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
     if not os.access(path, os.R_OK):
         raise PermissionError(f"{path}: no permission to read it")
     return path
+
+
+def check_outputs(outputs: dict, inputs=()) -> None:
+    """Refuse, before any work, output files that would destroy what a command reads or
+    that cannot be written: ``outputs`` maps an option (``"--out"``) to its path (None:
+    not written); ``inputs`` are the files and folders the command reads.
+
+    * an output that is an existing folder (it would fail only after the work);
+    * an output that is an input file (the same file by any name or link);
+    * an output that is an existing file inside an input folder (a model's own
+      ``config.json`` or weights): new files beside them are allowed;
+    * two outputs that name one file.
+    """
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{option} {path}: is a folder; name a file to write")
+        target = path.resolve()
+        if target in seen:
+            raise ValueError(f"{option} and {seen[target]} name one file, {path}")
+        seen[target] = option
+        if not path.exists():
+            continue
+        for source in map(Path, inputs):
+            if not source.exists():
+                continue
+            if source.is_dir():
+                if target.is_relative_to(source.resolve()):
+                    raise ValueError(
+                        f"{option} {path}: would overwrite a file of {source}, which this "
+                        f"command reads; write elsewhere"
+                    )
+            elif os.path.samefile(path, source):
+                raise ValueError(f"{option} {path}: is the input file {source}; write elsewhere")
+
+
+def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+    """``path`` as a Path if a command can write its files into it (missing, or a
+    folder); a clear error, before any work, where it is an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {path}: is a file; name a folder for the outputs")
+    return path

@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the digits study (:func:`atomlens.explain.digits.digits_study`) and print its tables."""
     if args.out is None:
         raise ValueError("the digits study needs --out DIR")
+    from ..fileio import check_output_folder
+
+    check_output_folder(args.out)
     # imported here: `atomlens --help` must not pay for torch and matplotlib
     from ..explain.digits import digits_study
     from ..explain.quality import ESTIMATORS

@@ -96,9 +96,11 @@ def run(args: argparse.Namespace) -> int:
     from ..data.sources.ase_files import read_structures
     from ..explain.molecule_figures import molecule_figure, terms_table, write_terms
     from ..explain.molecules import explain_molecule
+    from ..fileio import check_output_folder
     from ..models.guards import check_elements
     from ..models.io import load_model
 
+    check_output_folder(args.out)
     model = load_model(args.model)
     frames = read_structures(args.structure, args.index)
     if len(frames) != 1:

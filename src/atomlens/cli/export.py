@@ -31,10 +31,12 @@ def run(args) -> int:
     import torch
 
     from ..export import export_model
+    from ..fileio import check_outputs
     from ..models.io import load_model, model_folder
     from ..training.config import load_config
 
     folder = model_folder(args.model)
+    check_outputs({"--out": args.out}, [args.model, folder])
     trained = folder / "train_config.yaml"
     if not args.molecules and trained.exists() and load_config(trained).stress:
         raise ValueError(

@@ -143,6 +143,16 @@ def _read_error(path, index, err: Exception, what: str) -> DataError:
     return DataError(f"{path}: {what} ({type(err).__name__}: {err})")
 
 
+def _count_frames(path) -> int:
+    """How many frames ``path`` holds (0 where ASE cannot tell)."""
+    import ase.io
+
+    try:
+        return sum(1 for _ in ase.io.iread(path, index=":"))
+    except Exception:  # noqa: BLE001 (only for a message)
+        return 0
+
+
 def read_structures(path: str | os.PathLike, index: str | int = ":") -> list:
     """The ASE ``Atoms`` of ``path`` (``index``: ASE syntax, ``":"`` all frames), as a list;
     a clear :class:`DataError` naming the path for missing, empty or malformed files."""
@@ -155,6 +165,13 @@ def read_structures(path: str | os.PathLike, index: str | int = ":") -> list:
         raise _read_error(path, index, err, "cannot read structures") from err
     frames = frames if isinstance(frames, list) else [frames]
     if not frames:
+        if str(index) not in (":", "::"):  # a slice past the frames, or an empty one
+            total = _count_frames(path)
+            if total:
+                raise DataError(
+                    f"{path}: --index {index} selects none of its {total} frames (ASE "
+                    f"syntax: 0-based, 'start:stop' excludes stop)"
+                )
         raise DataError(f"{path}: the file holds no structures")
     return frames
 
