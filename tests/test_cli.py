@@ -203,7 +203,7 @@ def test_train_num_workers_option_reaches_the_config():
     assert config_from_args(build_parser().parse_args(argv)).num_workers == 0
     parsed = build_parser().parse_args([*argv, "--num-workers", "3"])
     assert config_from_args(parsed).num_workers == 3
-    with pytest.raises(ValueError, match="num_workers"):
+    with pytest.raises(ValueError, match="--num-workers must be >= 0"):  # the option's name
         config_from_args(build_parser().parse_args([*argv, "--num-workers", "-1"]))
 
 

@@ -501,11 +501,45 @@ def test_md_blow_up_exits_non_zero_and_keeps_earlier_outputs(
 
 
 @pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"temperature_K": -5.0}, "temperature must be finite and >= 0 K"),
+        ({"timestep_fs": float("nan")}, "time step must be finite and > 0 fs"),
+        ({"ensemble": "langevin", "friction": -1.0}, "friction must be finite and >= 0"),
+        ({"max_drift_eV_per_atom": 0.0}, "max_drift_eV_per_atom must be > 0"),
+        ({"max_temperature_K": -1.0}, "max_temperature_K must be > 0"),
+    ],
+)
+def test_run_md_refuses_bad_settings_before_any_step(stiff_model, ethanol, settings, message):
+    """The library's own checks (the command line's are stricter and name its options)."""
+    import ase.io
+
+    from atomlens.md import run_md
+
+    with pytest.raises(ValueError, match=message):
+        run_md(str(stiff_model), ase.io.read(ethanol), steps=2, compile=False, **settings)
+
+
+def test_npt_refuses_zero_kelvin_and_a_non_finite_pressure(stiff_model):
+    import ase.build
+
+    from atomlens.md import run_md
+
+    cell = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+    for settings, message in [
+        ({"temperature_K": 0.0}, "NPT needs a temperature > 0 K"),
+        ({"pressure_bar": float("nan")}, "pressure must be finite"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run_md(str(stiff_model), cell.copy(), ensemble="npt", steps=2, **settings)
+
+
+@pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--temperature", "-5"], "temperature must be finite and >= 0 K"),
-        (["--timestep", "nan"], "time step must be finite and > 0 fs"),
-        (["--ensemble", "langevin", "--friction", "-1"], "friction must be finite and >= 0"),
+        (["--temperature", "-5"], "--temperature must be >= 0, not -5.0"),
+        (["--timestep", "nan"], "--timestep must be a finite number > 0, not nan"),
+        (["--ensemble", "langevin", "--friction", "-1"], "--friction must be >= 0, not -1.0"),
         (["--max-temperature", "1"], "above the limit of 1 K"),
     ],
 )

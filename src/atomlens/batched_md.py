@@ -65,6 +65,7 @@ from .md import (
     SPREAD_COLUMNS,
     MDLog,
     MDUnstableError,
+    check_stop_limits,
     degrees_of_freedom,
     kinetic_temperature,
     published,
@@ -537,6 +538,7 @@ class BatchedMD:
         """
         if steps < 0 or interval < 1:
             raise ValueError(f"need steps >= 0 and interval >= 1, not {steps}, {interval}")
+        check_stop_limits(max_temperature_K, max_drift_eV_per_atom)
         for name, paths in (("trajectories", trajectories), ("logfiles", logfiles)):
             if paths is not None and len(paths) != self.n_structures:
                 raise ValueError(f"{name}: {len(paths)} files for {self.n_structures} trajectories")

@@ -216,7 +216,10 @@ def run_md(
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
 
-    _check_settings(atoms, ensemble, temperature_K, timestep_fs, steps, friction, interval)
+    _check_settings(
+        atoms, ensemble, temperature_K, timestep_fs, steps, friction, interval, pressure_bar
+    )
+    check_stop_limits(max_temperature_K, max_drift_eV_per_atom)
     atoms.calc = _calculator(model_or_calc, device, dtype, compile, allow_unknown_elements)
     # the first force call validates atoms and model before anything is written
     atoms.get_forces()
@@ -334,7 +337,9 @@ class MDUnstableError(ValueError):
     long or the model is used outside its training range."""
 
 
-def _check_settings(atoms, ensemble, temperature_K, timestep_fs, steps, friction, interval):
+def _check_settings(
+    atoms, ensemble, temperature_K, timestep_fs, steps, friction, interval, pressure_bar=1.01325
+):
     """Refuse settings that cannot give meaningful dynamics, naming the value."""
     if ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be one of {ENSEMBLES}, not {ensemble!r}")
@@ -358,6 +363,24 @@ def _check_settings(atoms, ensemble, temperature_K, timestep_fs, steps, friction
             raise ValueError(f"the {name} must be finite and {rule} {unit}, not {value}")
     if steps < 0 or interval < 1:
         raise ValueError(f"steps must be >= 0 and interval >= 1 (got {steps}, {interval})")
+    if not np.isfinite(pressure_bar):
+        raise ValueError(f"the pressure must be finite (bar), not {pressure_bar}")
+    if ensemble == "npt" and not temperature_K > 0:
+        raise ValueError(
+            f"NPT needs a temperature > 0 K (its Nose-Hoover thermostat divides by kT), "
+            f"not {temperature_K}"
+        )
+
+
+def check_stop_limits(max_temperature_K: float | None, max_drift: float) -> None:
+    """Refuse stop limits that are not positive (``None``: the default; ``inf``: no limit):
+    a run would stop at its first step."""
+    for value, name, unit in (
+        (max_temperature_K, "max_temperature_K", "K"),
+        (max_drift, "max_drift_eV_per_atom", "eV/atom"),
+    ):
+        if value is not None and not value > 0:  # NaN too
+            raise ValueError(f"{name} must be > 0 {unit} (inf: no limit), not {value}")
 
 
 def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K, max_drift_eV_per_atom):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def add_threads_everywhere(parser: argparse.ArgumentParser, top: bool = True) -> None:
@@ -56,3 +57,29 @@ def resolve_device(name: str) -> str:
             f"use --device cpu (or auto)"
         )
     return name
+
+
+#: the comparisons a numeric option can be held to (:func:`check_numbers`)
+_COMPARISONS = {">=": float.__ge__, ">": float.__gt__}
+
+
+def check_numbers(args: argparse.Namespace, rules: dict[str, str], infinite: tuple = ()) -> None:
+    """Refuse a numeric option that is NaN, infinite or out of its range, naming it, before
+    any work: ``--padding must be >= 0, not -1.0``.
+
+    ``rules`` maps an option (``"--chunk-size"``) to its range (``">= 1"``, ``"> 0"``) or to
+    ``""`` for any finite number; an option left unset (None) is skipped. The options in
+    ``infinite`` may be ``inf`` (a limit that is off)."""
+    for option, rule in rules.items():
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        finite = math.isfinite(value) or (option in infinite and value == math.inf)
+        if rule:
+            comparison, bound = rule.split()
+            in_range = finite and _COMPARISONS[comparison](float(value), float(bound))
+        else:
+            in_range = finite
+        if not in_range:
+            what = rule if finite else f"a finite number{' ' + rule if rule else ''}"
+            raise ValueError(f"{option} must be {what}, not {value}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..registry import MOLECULE_METHODS
+from ._common import check_numbers
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.io import load_model
 
     check_output_folder(args.out)
+    check_numbers(args, {"--n-top": ">= 1"})
     model = load_model(args.model)
     frames = read_structures(args.structure, args.index)
     if len(frames) != 1:

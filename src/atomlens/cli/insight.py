@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import check_outputs
+from ._common import check_numbers
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -177,6 +180,14 @@ def run_atomic_energies(args) -> int:
 
     model, _, unit = _load(args.model, args.dtype)
     frames = open_structures(args.structures, args.index)
+    if args.out:
+        out = Path(args.out)
+        figures = [out] if len(frames) == 1 else [_numbered(out, k) for k in range(len(frames))]
+        outputs = {f"--out ({path.name})": path for path in figures}
+        check_outputs(
+            outputs | {"--out (.html)": out.with_suffix(".html")},
+            [args.model, args.structures, *([args.charges] if args.charges else [])],
+        )
     charge_model = _load(args.charges, args.dtype)[0] if args.charges else None
     tables = atomic_energies(
         model,
@@ -198,7 +209,7 @@ def run_atomic_energies(args) -> int:
 
         out = Path(args.out)
         for k, t in enumerate(tables):
-            path = out if len(tables) == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}")
+            path = out if len(tables) == 1 else _numbered(out, k)
             atomic_energy_plot(
                 t.numbers,
                 t.positions,
@@ -221,12 +232,32 @@ def run_atomic_energies(args) -> int:
     return 0
 
 
+def _numbered(path: Path, k: int) -> Path:
+    """``atoms.png`` -> ``atoms_3.png``: the figure of structure 3 of several."""
+    return path.with_name(f"{path.stem}_{k}{path.suffix}")
+
+
+#: the range of each numeric option of ``potential-map`` (:func:`check_numbers`)
+POTENTIAL_MAP_RANGES = {
+    "--height": "",
+    "--spacing": "> 0",
+    "--padding": ">= 0",
+    "--cube-spacing": "> 0",
+    "--chunk-size": ">= 1",
+}
+
+
 def run_potential_map(args) -> int:
     from ..data.sources.open import open_structures
     from ..insight.cube import write_cube
     from ..insight.plots import potential_map_plot
     from ..insight.potential_map import potential_map
 
+    check_numbers(args, POTENTIAL_MAP_RANGES)
+    check_outputs(
+        {"--out": args.out or f"potential_{args.probe}.png", "--cube": args.cube},
+        [args.model, args.structure],
+    )
     model, _, unit = _load(args.model, args.dtype)
     atoms = open_structures(args.structure, args.index)[0]
     pmap = potential_map(
@@ -279,13 +310,16 @@ def run_rings(args) -> int:
     from ..insight.plots import ring_ranking_plot
     from ..insight.rings import ring_study
 
+    check_numbers(args, {"--max-molecules": ">= 0", "--min-count": ">= 0", "--seed": ">= 0"})
+    sizes = _ring_sizes(args.sizes)
+    check_outputs({"--out": args.out, "--json": args.json}, [args.model, args.data])
     model, folder, unit = _load(args.model, args.dtype)
     data = open_dataset(args.data)
     analysis = ring_study(
         model,
         data,
         _split_indices(folder, args.split, len(data)),
-        sizes=tuple(int(s) for s in args.sizes.split(",")),
+        sizes=sizes,
         max_molecules=args.max_molecules,
         min_count=args.min_count,
         seed=args.seed,
@@ -307,11 +341,25 @@ def run_rings(args) -> int:
     return 0
 
 
+def _ring_sizes(text: str) -> tuple[int, ...]:
+    """``--sizes 5,6`` -> (5, 6); a ring has at least three atoms."""
+    try:
+        sizes = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--sizes must be ring sizes separated by commas (5,6), not {text!r}"
+        ) from None
+    if min(sizes) < 3:
+        raise ValueError(f"--sizes must be 3 or more (atoms in a ring), not {text}")
+    return sizes
+
+
 def run_isomers(args) -> int:
     from ..data.sources.open import open_dataset
     from ..insight.isomers import isomer_analysis
     from ..insight.plots import isomer_plot
 
+    check_outputs({"--out": args.out}, [args.model, args.data])
     model, folder, unit = _load(args.model, args.dtype)
     data = open_dataset(args.data)
     indices = _split_indices(folder, args.split, len(data))

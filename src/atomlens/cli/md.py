@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import add_device, resolve_device
+from ..fileio import check_outputs
+from ._common import add_device, check_numbers, resolve_device
 
 
 def add_parser(subparsers) -> None:
@@ -85,14 +86,14 @@ def add_parser(subparsers) -> None:
         type=float,
         default=None,
         help="stop (exit 2) when the temperature exceeds this, K (default: the "
-        "larger of 2000 K and 5 x --temperature)",
+        "larger of 2000 K and 5 x --temperature; inf: no limit)",
     )
     p.add_argument(
         "--max-drift",
         type=float,
         default=0.1,
         help="NVE: stop (exit 2) when the total energy drifts by more than this, "
-        "eV/atom (default 0.1); Langevin has no conserved energy",
+        "eV/atom (default 0.1; inf: no limit); Langevin has no conserved energy",
     )
     p.add_argument(
         "--allow-unknown-elements",
@@ -127,6 +128,18 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+#: the range of each numeric option (:func:`check_numbers`; inf turns the stop limits off)
+OPTION_RANGES = {
+    "--temperature": ">= 0",
+    "--pressure": "",
+    "--steps": ">= 0",
+    "--timestep": "> 0",
+    "--friction": ">= 0",
+    "--interval": ">= 1",
+    "--seed": ">= 0",
+    "--max-temperature": "> 0",
+    "--max-drift": "> 0",
+}
 #: options that only one ensemble reads, with their defaults
 ENSEMBLE_OPTIONS = {"friction": ("langevin", 0.01), "pressure": ("npt", 1.01325)}
 
@@ -143,6 +156,12 @@ def run(args) -> int:
             )
         if getattr(args, option) is None:
             setattr(args, option, default)
+    check_numbers(args, OPTION_RANGES, infinite=("--max-temperature", "--max-drift"))
+    if args.ensemble == "npt" and not args.temperature > 0:
+        raise ValueError(
+            f"--temperature must be > 0 with --ensemble npt (its Nose-Hoover thermostat "
+            f"divides by kT), not {args.temperature}"
+        )
     frames = read_structures(args.structure, args.index)
     if args.index == "0" and _has_more_frames(args.structure):
         print(
@@ -164,6 +183,7 @@ def run(args) -> int:
     log_path = Path(args.log) if args.log else Path(args.out).with_suffix(".csv")
     if log_path == Path(args.out):
         raise ValueError(f"{log_path}: the log and the trajectory would be one file")
+    check_outputs({"--out": args.out, "--log": log_path}, [args.model, args.structure])
     # an earlier run's files are replaced only when this run completes (run_md writes to
     # temporary files and renames them at the end)
     args.log = str(log_path)
@@ -265,6 +285,9 @@ def run_batched(args, frames) -> int:
     logfiles = [numbered(args.log, k, n) for k in range(n)]
     if set(trajectories) & set(logfiles):
         raise ValueError(f"{args.log}: the logs and the trajectories would be the same files")
+    outputs = {f"--out ({path.name})": path for path in trajectories}
+    outputs |= {f"--log ({path.name})": path for path in logfiles}
+    check_outputs(outputs, [args.model, args.structure])
     stale = _earlier_numbered(args.out, n) + _earlier_numbered(args.log, n)
     if stale:  # an earlier run with more trajectories: its extra files stay, said so
         print(

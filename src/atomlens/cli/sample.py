@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._common import check_numbers
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``sample`` subcommand on ``subparsers`` (from ``add_subparsers``)."""
@@ -91,10 +93,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+#: the range of each numeric option (:func:`~atomlens.cli._common.check_numbers`)
+OPTION_RANGES = {
+    "--temperature": ">= 0",
+    "--frames": ">= 1",
+    "--every": ">= 1",
+    "--timestep": "> 0",
+    "--equilibration": ">= 0",
+    "--friction": ">= 0",
+    "--relax": "> 0",
+    "--reference-isomers": ">= 1",
+    "--cells": ">= 1",
+    "--strain": ">= 0",
+    "--seed": ">= 0",
+}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the sampling described by ``args``; returns the exit status."""
     from ..data.dataset import DataError
     from ..data.sampling import (
+        check_start_structure,
         make_calculator,
         molecule_from_smiles,
         relax,
@@ -106,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.sources.iso17 import write_iso17
     from ..data.sources.md17 import write_md17
 
+    check_numbers(args, OPTION_RANGES)
     md = {
         "temperature": args.temperature,
         "n_frames": args.frames,
@@ -115,10 +135,21 @@ def run(args: argparse.Namespace) -> int:
         "friction": args.friction,
     }
     out = Path(args.out)
+    from ..fileio import check_output_folder, check_outputs
+
+    if args.isomers:
+        check_output_folder(out)
+    else:
+        check_outputs({"--out": out}, [args.xyz] if args.xyz else [])
     if args.isomers:
         args.method = args.method or "gfn2"
         if out.suffix:
             raise DataError(f"--out {out}: with --isomers give a folder for the three sets")
+        if args.reference_isomers is not None and args.reference_isomers > len(args.isomers):
+            raise ValueError(
+                f"--reference-isomers must be at most the {len(args.isomers)} isomers given, "
+                f"not {args.reference_isomers}"
+            )
         sets = sample_isomers(
             args.isomers,
             args.reference_isomers,
@@ -150,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.method is None:  # GFN1-xTB gives the stress of periodic cells
         args.method = "gfn1" if periodic else "gfn2"
+    check_start_structure(atoms, args.method, args.xyz or f"--smiles {args.smiles}")
     calculator = make_calculator(args.method)
     atoms.calc = None
     if args.relax is not None:

@@ -362,7 +362,40 @@ def config_from_args(args):
         overrides["data"] = str(Path(args.data).resolve())
     if args.no_progress:
         overrides["progress"] = False
-    return config.updated(**overrides)
+    try:
+        config = config.updated(**overrides)
+    except ValueError as err:  # a bad value from the command line: name its option
+        for name, value in overrides.items():
+            prefix = f"training config: {name} "
+            if value is not None and str(err).startswith(prefix):
+                raise ValueError(f"{_option(name)} {str(err)[len(prefix) :]}") from None
+        raise
+    # a weight of a term the loss does not have would be ignored without a word; an error,
+    # not a warning: the option was typed for this run, and the run would not be the one
+    # asked for (checked on the final config: a config file's stress: true counts)
+    for option, given, needed, flag in (
+        ("--stress-weight", args.stress_weight, config.stress, "--stress"),
+        ("--rho", args.rho, config.forces, "--forces"),
+    ):
+        if given is not None and not needed:
+            raise ValueError(
+                f"{option} weighs a term of the loss that this run does not have: give "
+                f"{flag} too (or set it in the config), or leave {option} out"
+            )
+    return config
+
+
+#: TrainConfig fields whose command-line option has another name
+_OPTION_NAMES = {
+    "max_epochs": "--epochs",
+    "max_minutes": "--minutes",
+    "early_stopping_patience": "--patience",
+}
+
+
+def _option(field: str) -> str:
+    """The ``atomlens train`` option that sets the TrainConfig field ``field``."""
+    return _OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
 def _the_files_only_target(config):
@@ -384,11 +417,15 @@ def _the_files_only_target(config):
 def run_train(args) -> int:
     from ..training.train import train
 
+    if args.ensemble is not None and args.ensemble < 1:  # 0 trained one model, silently
+        raise ValueError(f"--ensemble must be at least 1 (models), not {args.ensemble}")
+    if args.parallel < 1:
+        raise ValueError(f"--parallel must be at least 1, not {args.parallel}")
     config = config_from_args(args)
     data = None  # read by training, unless read here already
     if args.data and not (args.target or args.config or args.preset or args.init_from):
         config, data = _the_files_only_target(config)
-    if args.ensemble:
+    if args.ensemble is not None:
         from ..training.ensemble import MANIFEST, train_ensemble
 
         members = train_ensemble(
@@ -454,7 +491,12 @@ def _add_evaluate(sub) -> None:
         help="model folder, training output folder, or an ensemble folder (atomlens train "
         "--ensemble: the errors of the members' mean, each member's, and their spread)",
     )
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test", "all"],
+        help="the structures scored (default: test; with --data: all). A split of a --data "
+        "file only if it holds the very data the run was trained on (its fingerprint)",
+    )
     p.add_argument(
         "--data",
         help="another data set, scored whole (default: the one the model was trained on)",
@@ -564,7 +606,7 @@ def _evaluation_set(args, folders: list[Path], models: list):
         )
     elif args.energy_unit or args.length_unit:
         raise ValueError("--energy-unit and --length-unit describe a --data file")
-    split = "all" if args.data else args.split
+    split = args.split or ("all" if args.data else "test")
     splits = [load_split(folder / "split.npz") for folder in folders] if split != "all" else []
     for folder, other in zip(folders[1:], splits[1:]):  # before the data set is read
         if any(not np.array_equal(splits[0][k], other[k]) for k in ("train", "val", "test")):
@@ -580,9 +622,45 @@ def _evaluation_set(args, folders: list[Path], models: list):
             check_elements(model, data.elements, args.allow_unknown_elements, args.data)
     elif args.allow_unknown_elements:
         raise ValueError("--allow-unknown-elements is for a --data file")
+    if split != "all":
+        _check_split_fits(args, folders, data, split, config.data)
     if split == "all":  # another data set is scored whole: its frames are not the split
         return data, np.arange(len(data)), split, config
     return data, splits[0][split], split, config
+
+
+def _check_split_fits(args, folders: list[Path], data, split: str, name: str) -> None:
+    """Refuse to score a split of ``data`` that is not the data the runs were trained on
+    (their recorded fingerprints): a changed or reordered training file, or another --data
+    file, would be scored on other structures (training ones, perhaps) under the split's
+    name. A run without a fingerprint (older atomlens) is scored on its own data as before;
+    a --data file cannot be checked against it and is refused."""
+    from ..training.run_folder import FINGERPRINT, same_data
+
+    for folder in folders:
+        run = folder.parent if folder.name == "model" else folder  # the fingerprint's folder
+        same = same_data(run, data)
+        if same is None and args.data:
+            raise ValueError(
+                f"--split {split} with --data: {run} records no {FINGERPRINT} (an older "
+                f"run), so whether {args.data} holds its training data cannot be checked; "
+                f"leave out --data to score the run's own data, or --split to score the "
+                f"file whole"
+            )
+        if same is False and args.data:
+            raise ValueError(
+                f"--split {split} with --data: the split indexes the data {run} was trained "
+                f"on, and {args.data} holds other data (its content differs from the "
+                f"run's {FINGERPRINT}); leave out --split (or --split all) to score the "
+                f"file whole, or --data to score the run's own data"
+            )
+        if same is False:
+            raise ValueError(
+                f"{name}: the data has changed since {run} was trained on it (its content "
+                f"differs from the run's {FINGERPRINT}), so the {split} split's indices "
+                f"would pick other structures, training ones perhaps; restore the "
+                f"training data, or score the file whole with --data {name}"
+            )
 
 
 # --------------------------------------------------------------------------- predict
@@ -627,8 +705,15 @@ def run_predict(args) -> int:
     models = load_ensemble(args.model, device=resolve_device(args.device))
     model, unit = models[0], models[0].config.unit
     frames = read_structures(args.file, args.index)
-    if args.out and Path(args.out).resolve() == Path(args.file).resolve():
-        raise ValueError(f"--out {args.out} is the input file; write the predictions elsewhere")
+    if args.out:
+        from ..fileio import check_outputs
+
+        if Path(args.out).suffix.lower() not in (".xyz", ".extxyz"):
+            raise ValueError(
+                f"--out {args.out}: the predictions are written as extxyz; name a .extxyz "
+                f"or .xyz file"
+            )
+        check_outputs({"--out": args.out}, [args.file, *args.model])
     if args.out and not Path(args.out).parent.is_dir():  # refused before any work, not created
         import errno
         import os

@@ -141,6 +141,26 @@ def molecule_from_smiles(smiles: str, seed: int = 0):
     return atoms
 
 
+#: the heaviest element GFN1- and GFN2-xTB are parametrised for (Rn)
+XTB_MAX_Z = 86
+
+
+def check_start_structure(atoms, method: str, source: str) -> None:
+    """Refuse a start structure no calculation should see, naming ``source``: unknown
+    elements, non-finite coordinates, overlapping atoms, bad cells (the checks of
+    :func:`~atomlens.data.dataset.dataset_from_atoms`), and elements beyond xTB's
+    parametrisation; the quantum codes fail on them with obscure errors, or after hours."""
+    from .dataset import dataset_from_atoms
+
+    dataset_from_atoms([atoms], source=source, targets=False)
+    heaviest = int(atoms.numbers.max())
+    if method.lower().startswith("gfn") and heaviest > XTB_MAX_Z:
+        raise DataError(
+            f"{source}: element Z={heaviest} is beyond GFN-xTB's parametrisation "
+            f"(Z <= {XTB_MAX_Z}); use the pyscf method"
+        )
+
+
 def relax(atoms, calculator, fmax: float = 0.005, steps: int = 1000):
     """A copy of ``atoms`` relaxed with BFGS until the largest force is below ``fmax`` (eV/A)."""
     from ase.optimize import BFGS
@@ -192,6 +212,15 @@ def sample_md(
 
     if n_frames < 1 or every < 1:
         raise ValueError("n_frames and every must be at least 1")
+    if not (
+        np.isfinite([temperature, timestep_fs, friction, equilibration_fs]).all()
+        and timestep_fs > 0
+        and min(temperature, friction, equilibration_fs) >= 0
+    ):
+        raise ValueError(
+            f"need finite timestep_fs > 0 and temperature, friction, equilibration_fs >= 0, "
+            f"not {timestep_fs}, {temperature}, {friction}, {equilibration_fs}"
+        )
     from ase.constraints import FixCom
 
     atoms = atoms.copy()

@@ -120,6 +120,8 @@ def molecule_figure(
 
 def terms_table(explanation: MoleculeExplanation, n_top: int = 15) -> list[dict]:
     """The ``n_top`` largest pair, three-body and walk terms by ``|R|``, in meV."""
+    if n_top < 1:  # a negative count would slice off the smallest terms instead
+        raise ValueError(f"n_top must be >= 1, not {n_top}")
     e = explanation
     rows = []
     distances = np.linalg.norm(e.positions[:, None] - e.positions[None], axis=-1)

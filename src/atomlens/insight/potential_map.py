@@ -65,6 +65,8 @@ def probe_energies(
     """
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, not {reference!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 probe points, not {chunk_size}")
     z_probe = _probe_number(probe)
     device, dtype = model_device_dtype(model)
     points = np.asarray(points, dtype=np.float64)
@@ -228,6 +230,10 @@ def potential_map(
         raise ValueError(
             f"{source}: a periodic cell; the potential map is for molecules (the probe "
             f"would see none of the cell's periodic images)"
+        )
+    if not (np.isfinite(padding) and padding >= 0 and np.isfinite(height)):
+        raise ValueError(
+            f"padding must be finite and >= 0 Angstrom and height finite, not {padding}, {height}"
         )
     dataset_from_atoms([atoms], source=source, targets=False)  # finite, no overlapping atoms
     numbers = [*atoms.get_atomic_numbers().tolist(), _probe_number(probe)]

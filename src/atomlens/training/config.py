@@ -7,6 +7,8 @@ of :class:`~atomlens.models.ModelConfig`. Unknown keys are an error, never silen
 from __future__ import annotations
 
 import copy
+import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import yaml
 
 from ..fileio import atomic_file, check_readable
 from ..models.potential import ModelConfig
-from .config_checks import check_train_config
+from .config_checks import KWARG_RULES, check_train_config
 
 
 @dataclass
@@ -291,12 +293,45 @@ def load_config(path: str | Path) -> TrainConfig:
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: a training config must be a mapping of keys to values")  # noqa: TRY004
     try:
+        doc = _yaml_numbers(doc)
         base = doc.pop("preset", None)
         if base is None:
             return TrainConfig.from_dict(doc)
         return TrainConfig.from_dict(merge_settings(preset(base).to_dict(), doc))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: {err}") from err
+
+
+def _yaml_numbers(doc: dict) -> dict:
+    """``doc`` with numbers written as text taken as numbers where a setting is one.
+
+    PyYAML follows YAML 1.1, whose floats need a decimal point: ``lr: 1e-3`` is read as the
+    string '1e-3' (``1.0e-3`` is a float). A string that parses as a finite float becomes
+    that float in the float settings of the config and of ``representation_kwargs``."""
+    hints = typing.get_type_hints(TrainConfig)
+    floats = {name for name, hint in hints.items() if float in (typing.get_args(hint) or (hint,))}
+    doc = {key: _number(value) if key in floats else value for key, value in doc.items()}
+    model = doc.get("model")
+    if isinstance(model, dict) and isinstance(model.get("representation_kwargs"), dict):
+        lengths = {name for name, (_, text) in KWARG_RULES.items() if "integer" not in text}
+        kwargs = {
+            key: _number(value) if key in lengths else value
+            for key, value in model["representation_kwargs"].items()
+        }
+        doc["model"] = {**model, "representation_kwargs": kwargs}
+    return doc
+
+
+def _number(value):
+    """``value``, or the finite float a string spells (else the string, refused later)."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if math.isfinite(number):
+            return number
+    return value
 
 
 def merge_settings(base: dict, overrides: dict) -> dict:

@@ -8,6 +8,7 @@ when the config is read, with its name and value, not as a traceback deep in tra
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 from dataclasses import fields
@@ -69,6 +70,16 @@ def check_ranges(obj, rules: dict, where: str) -> None:
 OUTPUT_SCALES = ("auto", "std", "forces")
 
 
+#: ``TrainConfig.device``: Lightning's accelerators ("gpu" is "cuda")
+DEVICES = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+#: ``TrainConfig.precision``: Lightning's precision names (checked here: Lightning's own
+#: error came after the run folder was written)
+PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+PRECISIONS += ("32", "64", "16", "bf16")  # the older names Lightning still takes
+#: the largest seed NumPy and Lightning take (member k of an ensemble: seed + k)
+MAX_SEED = 2**32 - 1
+
+
 def positive(value) -> bool:
     return value > 0
 
@@ -83,10 +94,15 @@ def non_negative(value) -> bool:
 
 TRAIN_RULES = {
     "rho": (lambda v: 0 <= v <= 1, "in [0, 1] (the energy weight of the loss)"),
+    # a negative weight would reward stress errors
+    "stress_weight": (non_negative, ">= 0 (the weight of the stress term of the loss)"),
     "n_train": (positive, "> 0 (a count, or a fraction of the data set)"),
-    "n_val": (non_negative, ">= 0"),
+    # validation picks the best epoch, stops early and steers the plateau schedule
+    "n_val": (positive, "> 0 (a count, or a fraction of the data set; training validates)"),
     "n_test": (non_negative, ">= 0"),
     "max_structures": (at_least_one, ">= 1"),
+    # NumPy's and Lightning's seeds are unsigned 32-bit integers
+    "seed": (lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
     "batch_size": (at_least_one, ">= 1"),
     "lr": (positive, "> 0"),
     "lr_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
@@ -104,7 +120,12 @@ TRAIN_RULES = {
     "early_stopping_patience": (non_negative, ">= 0"),
     "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
     "check_val_every": (at_least_one, ">= 1"),
-    "devices": (lambda v: isinstance(v, str) or v >= 1, ">= 1 (or 'auto')"),
+    "devices": (
+        lambda v: re.fullmatch(r"auto|\d+(,\d+)*", v) if isinstance(v, str) else v >= 1,
+        ">= 1, 'auto', or GPU indices such as '0,1'",
+    ),
+    "device": (lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "num_nodes": (at_least_one, ">= 1"),
     "threads": (at_least_one, ">= 1"),
     "num_workers": (non_negative, ">= 0"),

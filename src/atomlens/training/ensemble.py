@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from ..data.dataset import PackedDataset
-from ..data.splits import random_split
 from ..fileio import atomic_file
 from .config import TrainConfig
 
@@ -58,9 +57,10 @@ def train_ensemble(
     manifest is written at the end. ``config.max_minutes`` bounds everything from
     ``started`` (``time.monotonic()``; default: now)."""
     from ..runtime import available_cpus, end_with_parent
-    from .train import check_device, load_dataset, train
+    from .train import check_device, check_strategy, load_dataset, new_split, train
 
     check_device(config.device)  # before any member's folder
+    check_strategy(config.strategy)
     if n_models < 1:
         raise ValueError(f"an ensemble needs at least one model, not {n_models}")
     if parallel < 1:
@@ -70,7 +70,7 @@ def train_ensemble(
     parallel = min(parallel, n_models)
     out = Path(config.out)
     data = data if data is not None else load_dataset(config)
-    split = random_split(len(data), config.n_train, config.n_val, config.n_test, seed=config.seed)
+    split = new_split(config, len(data))
     members = [
         config.updated(seed=config.seed + k, out=str(out / f"model_{k}")) for k in range(n_models)
     ]

@@ -3,7 +3,8 @@
 * a lock file (``fcntl.flock``, released by the kernel when the process ends, however it
   ends) keeps a second run out of a folder in use;
 * a new run refuses a folder that holds files, unless told to ``resume`` or to
-  ``overwrite``; ``resume`` needs a checkpoint to go on from;
+  ``overwrite``, or the files are a run's that ended before its first checkpoint
+  (:func:`failed_before_checkpoint`); ``resume`` needs a checkpoint to go on from;
 * a *fingerprint* of the run (its configuration minus the fields a resume may change,
   the identity of the data, the split) is written to ``fingerprint.json`` when a run
   starts and into every checkpoint; a resume recomputes it and refuses a mismatch, so a
@@ -123,7 +124,7 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> None:
     entries = sorted(p.name for p in out.iterdir() if p.name != LOCK)
     if not entries:
         return
-    if not overwrite:
+    if not overwrite and not failed_before_checkpoint(out):
         raise RunFolderError(
             f"{out}: the folder is not empty ({', '.join(entries[:5])}"
             f"{', ...' if len(entries) > 5 else ''}); pass --resume to go on "
@@ -145,6 +146,23 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> None:
                 shutil.rmtree(version)
         with contextlib.suppress(OSError):
             folder.rmdir()  # only if nothing else is in it
+
+
+def failed_before_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a run that ended (failed, or was killed) before it saved its
+    first checkpoint: its fingerprint recorded, but no checkpoint, model or metrics.
+
+    Such a run has nothing to resume or keep, so a new run takes its folder over with the
+    ``overwrite`` clean-up (the run's files only; a user's other files stay). Removing a
+    failed run's files when it fails would not cover a killed run, and would need a list
+    of what each step wrote; this covers both, and the lock keeps a run still in its
+    first epoch from being taken over. (Ensemble members do the same: ``"empty"``.)"""
+    return (
+        (out / FINGERPRINT).is_file()
+        and not any((out / "checkpoints").glob("*.ckpt"))
+        and not (out / "model").exists()
+        and not (out / "metrics.json").exists()
+    )
 
 
 def _digest(*arrays) -> str:
@@ -170,20 +188,47 @@ def _plain(value):
 def fingerprint(config, data, split: dict[str, np.ndarray]) -> dict:
     """What identifies a run: config (minus :data:`RESUMABLE`), data content, split."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}
-    targets = [np.asarray(data.targets[k]) for k in sorted(data.targets)]
     return {
         "config": _plain(json.loads(json.dumps(settings, default=str))),
-        "data": {
-            "n_structures": len(data),
-            "content": _digest(
-                np.asarray(data.numbers),
-                np.asarray(data.positions),
-                np.asarray(data.offsets),
-                *targets,
-            ),
-        },
+        "data": data_identity(data),
         "split": {name: _digest(np.asarray(split[name], dtype=np.int64)) for name in sorted(split)},
     }
+
+
+def data_identity(data) -> dict:
+    """The data part of a fingerprint: the number of structures and a hash of the content
+    (elements, positions, structure boundaries, every target), in the order read."""
+    targets = [np.asarray(data.targets[k]) for k in sorted(data.targets)]
+    return {
+        "n_structures": len(data),
+        "content": _digest(
+            np.asarray(data.numbers),
+            np.asarray(data.positions),
+            np.asarray(data.offsets),
+            *targets,
+        ),
+    }
+
+
+def read_fingerprint(out: Path) -> dict | None:
+    """The fingerprint recorded in run folder ``out``; None without one (older runs)."""
+    stored_file = out / FINGERPRINT
+    if not stored_file.is_file():
+        return None
+    try:
+        return json.loads(stored_file.read_text())
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{stored_file}: damaged ({err})") from err
+
+
+def same_data(out: Path, data) -> bool | None:
+    """Whether ``data`` is the data the run in ``out`` was trained on (its recorded
+    fingerprint's), so that the run's split indices pick the structures they picked then;
+    None when the run recorded no fingerprint (made by an older atomlens)."""
+    stored = read_fingerprint(out)
+    if stored is None:
+        return None
+    return stored.get("data") == data_identity(data)
 
 
 def digest(print_: dict) -> str:
@@ -220,17 +265,13 @@ def check_resume(out: Path, print_: dict, max_epochs: int | None = None) -> None
     """Refuse to resume when the run in ``out`` (fingerprint file and last checkpoint) is not
     the run described by ``print_``, or has trained more epochs than ``max_epochs``; a
     checkpoint that is not plain tensors is refused too."""
-    stored_file = out / FINGERPRINT
-    if not stored_file.is_file():
+    stored = read_fingerprint(out)
+    if stored is None:
         raise RunFolderError(
             f"{out}: the run there has no {FINGERPRINT} (made by an older "
             f"atomlens or not by atomlens), so resuming cannot be checked; "
             f"start afresh with --overwrite"
         )
-    try:
-        stored = json.loads(stored_file.read_text())
-    except (OSError, ValueError) as err:
-        raise RunFolderError(f"{stored_file}: damaged ({err})") from err
     changed = _differences(stored, print_)
     if changed:
         raise RunFolderError(

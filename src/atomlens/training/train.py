@@ -288,8 +288,23 @@ def _make_split(config: TrainConfig, n: int, out: Path, resume: bool) -> dict[st
                 f"not fit {config.data} ({n} structures; {err}). Resume with the original "
                 f"data, or start afresh with --overwrite or another --out"
             ) from None
-    split = random_split(n, config.n_train, config.n_val, config.n_test, seed=config.seed)
+    split = new_split(config, n)
     save_split(path, split)
+    return split
+
+
+def new_split(config: TrainConfig, n: int) -> dict[str, np.ndarray]:
+    """The random split of ``config`` for ``n`` structures; a fraction that leaves the
+    training or validation split empty is refused by its option's name (it failed as
+    "cannot iterate an empty split" once training had started)."""
+    split = random_split(n, config.n_train, config.n_val, config.n_test, seed=config.seed)
+    for name in ("train", "val"):
+        if not len(split[name]):
+            size = getattr(config, f"n_{name}")
+            raise DataError(
+                f"--n-{name} {size} (n_{name}) of {n} structures leaves the {name} split "
+                f"empty; give a count of at least 1 or a larger fraction"
+            )
     return split
 
 
@@ -301,6 +316,16 @@ def check_device(device: str) -> None:
             f"device {device!r}: torch {torch.__version__} sees no CUDA GPU here; use "
             f"--device cpu (or auto: a GPU when there is one)"
         )
+
+
+def check_strategy(strategy) -> None:
+    """An unknown strategy name: a clear error before any work (Lightning's came after the
+    run folder was written)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = ["auto", *StrategyRegistry.available_strategies()]
+    if isinstance(strategy, str) and strategy not in known:
+        raise ValueError(f"strategy {strategy!r}: unknown; known: {', '.join(known)}")
 
 
 def train(
@@ -330,6 +355,7 @@ def train(
     deadline = started + 60.0 * config.max_minutes if config.max_minutes else None
     out = Path(config.out)
     check_device(config.device)  # before the folder is touched
+    check_strategy(config.strategy)
     if not run_folder.is_primary_process():  # the primary process guards the folder
         with quiet_dependencies():
             return _train(config, resume, data, split, deadline, test_seed)
