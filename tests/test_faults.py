@@ -759,9 +759,46 @@ def test_config_and_weights_that_do_not_fit(chon_model):
     (chon_model / "config.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="weights do not fit the architecture"):
         load_model(chon_model)
+    try:
+        load_model(chon_model)
+    except ValueError as err:  # torch's list of every mismatch, cut to three
+        assert "more)" in str(err) and len(str(err).splitlines()) == 1
     doc["model"]["representation_kwargs"]["n_atoms_basis"] = 32  # a misspelt key
     (chon_model / "config.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="cannot rebuild the model"):
+        load_model(chon_model)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"cutoff": -5}, "cutoff must be a positive number"),
+        ({"cutoff": float("nan")}, "cutoff must be a positive number"),
+        ({"n_interactions": 0}, "n_interactions must be an integer >= 1"),
+        ({"n_rbf": 2.5}, "n_rbf must be an integer >= 1"),
+        ({"rbf_gamma": "wide"}, "rbf_gamma must be a positive number"),
+    ],
+)
+def test_hand_edited_hyperparameters_are_named(chon_model, edit, message):
+    """A config.json edited by hand: the model is refused when loaded, naming the value,
+    not at its first prediction with a traceback."""
+    import json
+
+    doc = json.loads((chon_model / "config.json").read_text())
+    doc["model"]["representation_kwargs"].update(edit)
+    (chon_model / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=f"cannot rebuild the model.*{message}"):
+        load_model(chon_model)
+
+
+@pytest.mark.parametrize("elements", ["abc", [1, "C"], [0, 6], [1, 6, 200], True])
+def test_hand_edited_training_elements_are_named(chon_model, elements):
+    import json
+
+    doc = json.loads((chon_model / "config.json").read_text())
+    doc["metadata"]["elements"] = elements
+    (chon_model / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="metadata elements must be a list of atomic numbers"):
         load_model(chon_model)
 
 

@@ -103,6 +103,23 @@ def _unfinished(path: Path) -> str:
     return ""
 
 
+def _check_metadata(metadata, max_z: int, source) -> None:
+    """Refuse a ``metadata`` block the guards could not read: a mapping whose
+    ``elements`` (the training data's atomic numbers), if present, are integers 1..max_z."""
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{source}: metadata must be a mapping, not {type(metadata).__name__}")
+    elements = metadata.get("elements")
+    if elements is None:
+        return
+    if not isinstance(elements, list) or not all(
+        isinstance(z, int) and not isinstance(z, bool) and 1 <= z <= max_z for z in elements
+    ):
+        raise ValueError(
+            f"{source}: metadata elements must be a list of atomic numbers 1..{max_z} (the "
+            f"training data's elements), not {elements!r}"[:300]
+        )
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> AtomisticModel:
@@ -129,9 +146,11 @@ def load_model(
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # missing, unexpected or wrongly shaped tensors
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
         raise ValueError(
             f"{path}: the weights do not fit the architecture in {CONFIG} "
-            f"(config and weights from different models?): {err}"
+            f"(config and weights from different models?): {' '.join(lines[:3])}{more}"
         ) from err
     bad = [name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
@@ -140,6 +159,7 @@ def load_model(
             f"model is broken (a diverged training?)"
         )
     model.metadata = doc.get("metadata", {})
+    _check_metadata(model.metadata, model.config.max_z, path / CONFIG)
     if dtype is not None:
         model.to(dtype)
     return model.to(device).eval()
