@@ -107,7 +107,9 @@ def _check_metadata(metadata, max_z: int, source) -> None:
     """Refuse a ``metadata`` block the guards could not read: a mapping whose
     ``elements`` (the training data's atomic numbers), if present, are integers 1..max_z."""
     if not isinstance(metadata, dict):
-        raise ValueError(f"{source}: metadata must be a mapping, not {type(metadata).__name__}")
+        raise ValueError(  # noqa: TRY004 (a bad file: the CLI reports ValueError in one line)
+            f"{source}: metadata must be a mapping, not {type(metadata).__name__}"
+        )
     elements = metadata.get("elements")
     if elements is None:
         return
