@@ -95,7 +95,7 @@ def add_parser(subparsers) -> None:
         "--min-count", type=int, default=3, help="ring types seen fewer times are left out"
     )
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", default="rings.png", help="PNG of the ranking")
+    r.add_argument("--out", default="rings.png", help="PNG of the ranking (default rings.png)")
     r.add_argument("--json", help="write the ranking and per-ring records to this JSON file")
     _add_dtype(r)
     r.set_defaults(func=run_rings)
@@ -104,7 +104,11 @@ def add_parser(subparsers) -> None:
     i.add_argument("model")
     _add_data_options(i)
     i.add_argument("--formula", default="C7H10O2")
-    i.add_argument("--out", default="isomers.png", help="scatter PNG of relative energies")
+    i.add_argument(
+        "--out",
+        default="isomers.png",
+        help="scatter PNG of relative energies (default isomers.png)",
+    )
     i.add_argument("--json", action="store_true", help="print one JSON line")
     _add_dtype(i)
     i.set_defaults(func=run_isomers)
@@ -381,9 +385,9 @@ def run_isomers(args) -> int:
             f"{summary['n_isomers']} isomers of {summary['formula']} ({args.split}{seen}): "
             f"Spearman {summary['spearman']:.4f}, MAE of relative energies "
             f"{summary['relative_mae_eV'] * 1000:.1f} meV (w.r.t. the lowest isomer), "
-            f"{summary['centred_mae_eV'] * 1000:.1f} meV (centred), MAE "
-            f"{summary['mae_eV'] * 1000:.1f} meV; lowest isomer (reference) #{summary['lowest_index']}, predicted lowest "
-            f"#{summary['predicted_lowest_index']}"
+            f"{summary['centred_mae_eV'] * 1000:.1f} meV (centred), MAE of total energies "
+            f"{summary['mae_eV'] * 1000:.1f} meV; lowest isomer (reference) "
+            f"#{summary['lowest_index']}, predicted lowest #{summary['predicted_lowest_index']}"
         )
     isomer_plot(analysis, args.out, unit=unit)
     print(f"figure: {args.out}")
