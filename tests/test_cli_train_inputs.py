@@ -209,3 +209,34 @@ def test_evaluate_with_data_honours_a_split_only_on_the_runs_data(root, tmp_path
     shutil.copytree(root / "run", old)
     (old / "fingerprint.json").unlink()
     refused(capsys, ["evaluate", str(old), "--data", same, "--split", "test"], "cannot be checked")
+
+
+def test_data_given_from_python_gets_the_file_checks(tmp_path):
+    """train_model(config, data=...) cuts to max_structures and checks the target, as a file
+    named in the config would be (the split indexed all structures, the target unchecked)."""
+    from atomlens.data.splits import load_split
+    from atomlens.training import TrainConfig, train_model
+    from atomlens.training.config import ModelConfig
+
+    model = ModelConfig(
+        representation="schnet",
+        head_hidden=4,
+        representation_kwargs={"n_atom_basis": 8, "n_interactions": 1, "n_filters": 8},
+    )
+    common = {"n_train": 6, "n_val": 3, "max_epochs": 1, "batch_size": 3, "threads": 1}
+    common["progress"] = False
+    config = TrainConfig(
+        target="energy", model=model, max_structures=12, out=str(tmp_path / "a"), **common
+    )
+    train_model(config, data=water(30))
+    split = load_split(tmp_path / "a" / "split.npz")
+    assert max(int(split[name].max()) for name in split if len(split[name])) < 12
+    with pytest.raises(Exception, match="the data given to train..: forces requested"):
+        train_model(config.updated(out=str(tmp_path / "b"), forces=True), data=water(30))
+
+
+def test_lr_min_above_lr_is_refused():
+    from atomlens.training import TrainConfig
+
+    with pytest.raises(ValueError, match=r"lr_min \(0.01\) is above lr \(0.001\)"):
+        TrainConfig(lr=1e-3, lr_min=1e-2)

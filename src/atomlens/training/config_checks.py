@@ -157,6 +157,11 @@ def check_train_config(config) -> None:
     """Types and ranges of a :class:`TrainConfig` and of its model configuration."""
     check_types(config, "training config: ")
     check_ranges(config, TRAIN_RULES, "training config: ")
+    if config.lr_min > config.lr:  # the cosine would raise the rate, the plateau never lower it
+        raise ValueError(
+            f"training config: lr_min ({config.lr_min:g}) is above lr ({config.lr:g}); the "
+            f"learning rate decays from lr down to lr_min"
+        )
     check_types(config.model, "training config: model.")
     check_ranges(config.model, MODEL_RULES, "training config: model.")
     for name, value in config.model.representation_kwargs.items():

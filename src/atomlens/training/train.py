@@ -63,14 +63,19 @@ PREDICTIONS = "test_predictions.npz"
 
 
 def load_dataset(
-    config: TrainConfig, fixed_target: bool = False, opened: PackedDataset | None = None
+    config: TrainConfig,
+    fixed_target: bool = False,
+    opened: PackedDataset | None = None,
+    source: str | None = None,
 ) -> PackedDataset:
     """The data set named by ``config.data`` (any spec of :func:`open_dataset`), checked
     for the target and the derivatives the config trains on. ``fixed_target``: the target
     is a saved model's (evaluate), not the user's choice, and the error says so.
-    ``opened``: that data set already opened, checked here instead of read again."""
+    ``opened``: that data set already opened, checked here instead of read again;
+    ``source``: what the messages call it (default ``config.data``)."""
     from ..data.sources.open import open_dataset
 
+    name = config.data if source is None else source
     data = (
         opened
         if opened is not None
@@ -80,22 +85,22 @@ def load_dataset(
         others = data.model_targets
         if not others:
             raise DataError(
-                f"{config.data}: the file holds no reference values to learn or score "
+                f"{name}: the file holds no reference values to learn or score "
                 f"(no {config.target!r}, no energies); predict needs none"
             )
         if fixed_target:
             raise DataError(
-                f"{config.data}: the model predicts {config.target!r}, which this data "
+                f"{name}: the model predicts {config.target!r}, which this data "
                 f"set does not hold (it has {', '.join(others)})"
             )
         raise DataError(
-            f"{config.data}: unknown target {config.target!r}; this data set has "
+            f"{name}: unknown target {config.target!r}; this data set has "
             f"{sorted(data.targets)}: choose one with --target ({', '.join(others)})"
         )
     if config.forces and "forces" not in data.targets:
-        raise DataError(f"{config.data}: forces requested but the data set has no forces")
+        raise DataError(f"{name}: forces requested but the data set has no forces")
     if config.stress and "stress" not in data.targets:
-        raise DataError(f"{config.data}: stress requested but the data set has no stress")
+        raise DataError(f"{name}: stress requested but the data set has no stress")
     if config.max_structures is not None and config.max_structures < len(data):
         data = data.subset(np.arange(config.max_structures))
     return data
@@ -377,7 +382,11 @@ def _train(
     if config.threads:
         torch.set_num_threads(config.threads)
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    data = data if data is not None else load_dataset(config)
+    # data given from Python gets the checks and the max_structures cut of a file's
+    if data is not None:
+        data = load_dataset(config, opened=data, source="the data given to train()")
+    else:
+        data = load_dataset(config)
     config = adapt_to_data(config, data)
     unit = data.units.get(config.target, "")
     if config.init_from:
