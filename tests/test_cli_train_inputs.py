@@ -240,3 +240,12 @@ def test_lr_min_above_lr_is_refused():
 
     with pytest.raises(ValueError, match=r"lr_min \(0.01\) is above lr \(0.001\)"):
         TrainConfig(lr=1e-3, lr_min=1e-2)
+
+
+def test_insight_split_only_on_the_runs_data(root, tmp_path, capsys):
+    """insight isomers/rings --split picks molecules by the run's split indices: only on
+    the data the run was trained on (its fingerprint), never on another --data file."""
+    isomers = ["insight", "isomers", str(root / "run"), "--formula", "H2O", "--split", "test"]
+    out = ["--out", str(tmp_path / "isomers.png")]
+    refused(capsys, [*isomers, "--data", str(root / "other.extxyz"), *out], "--split test")
+    assert main([*isomers, "--data", str(root / "water.extxyz"), *out]) == 0

@@ -165,14 +165,25 @@ def _load(model_path: str, dtype: str = "float64"):
     return model, folder, read_config(folder)["model"].get("unit", "eV")
 
 
-def _split_indices(folder: Path, split: str, n: int) -> np.ndarray:
+def _split_indices(folder: Path, split: str, data, name: str) -> np.ndarray:
+    """The indices of ``split`` of the model's training data in ``data`` (``name``: its
+    --data), refused where ``data`` is not that data (the run's recorded fingerprint): the
+    indices would pick other molecules."""
     if split == "all":
-        return np.arange(n)
+        return np.arange(len(data))
     from ..data.splits import load_split
+    from ..training.run_folder import FINGERPRINT, same_data
 
     path = folder / "split.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the model folder has no split; use --split all")
+    run = folder.parent if folder.name == "model" else folder  # the fingerprint's folder
+    if same_data(run, data) is False:
+        raise ValueError(
+            f"--split {split}: the split indexes the data {run} was trained on, and --data "
+            f"{name} holds other data (its content differs from the run's {FINGERPRINT}); "
+            f"name the training data with --data, or use --split all"
+        )
     return np.asarray(load_split(path)[split])
 
 
@@ -322,7 +333,7 @@ def run_rings(args) -> int:
     analysis = ring_study(
         model,
         data,
-        _split_indices(folder, args.split, len(data)),
+        _split_indices(folder, args.split, data, args.data),
         sizes=sizes,
         max_molecules=args.max_molecules,
         min_count=args.min_count,
@@ -366,7 +377,7 @@ def run_isomers(args) -> int:
     check_outputs({"--out": args.out}, [args.model, args.data])
     model, folder, unit = _load(args.model, args.dtype)
     data = open_dataset(args.data)
-    indices = _split_indices(folder, args.split, len(data))
+    indices = _split_indices(folder, args.split, data, args.data)
     analysis = isomer_analysis(model, data, args.formula, None if args.split == "all" else indices)
     summary = analysis.summary()
     trained_on = _in_training_split(folder, args, analysis.indices)
