@@ -88,3 +88,23 @@ def write_tiny_train_config(path: Path, data: Path, device: str = "cpu") -> Path
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def perturbed_copy(model_folder: Path, out: Path, seed: int = 1) -> Path:
+    """A saved model's copy with its weights moved slightly (1e-3): another ensemble member
+    (a plain copy is the same model twice, which ensembles refuse)."""
+    import shutil
+    import tempfile
+
+    from atomlens.models.io import WEIGHTS, load_model, save_model
+
+    model = load_model(model_folder)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    shutil.copytree(model_folder, out)  # its other files (split.npz, ...) too
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = save_model(model, Path(tmp) / "model", metadata=model.metadata)
+        shutil.copyfile(saved / WEIGHTS, Path(out) / WEIGHTS)
+    return Path(out)

@@ -293,9 +293,11 @@ def test_an_ensemble_follows_the_ensemble_calculator_with_its_spread(tmp_path):
         results = atoms.calc.results
         assert logs[k].energy_std[-1] == pytest.approx(results["energy_std"], rel=1e-9)
         assert logs[k].max_force_std[-1] == pytest.approx(results["max_force_std"], rel=1e-9)
-    mixed = BatchedMD([folder, members[0]], systems, dtype="float64", compile=False)
+    fourth = random_model("schnet", seed=5)
+    mixed = BatchedMD([folder, fourth], systems, dtype="float64", compile=False)
     assert len(mixed.models) == 4  # an ensemble folder in a list: its members
-    for twice in ([folder, folder / "m0"], [members[0], members[0]]):  # a member counted twice
+    # a member counted twice: by path, as an object, or as a folder and the model saved there
+    for twice in ([folder, folder / "m0"], [members[0], members[0]], [folder, members[0]]):
         with pytest.raises(ValueError, match="given twice"):
             BatchedMD(twice, systems, compile=False)
     single = BatchedMD(members[0], systems, dtype="float64", seed=4, compile=False)
@@ -368,7 +370,7 @@ def test_a_failed_later_compile_falls_back_to_eager(monkeypatch):
 
 
 def test_bad_skin_is_refused():
-    with pytest.raises(ValueError, match="skin >= 0"):
+    with pytest.raises(ValueError, match="skin must be a finite number >= 0"):
         BatchedMD(random_model("schnet"), [molecule("H2O")], skin=float("nan"))
 
 

@@ -238,9 +238,11 @@ def test_md_of_an_ensemble_with_replicas(trained, tmp_path, capsys):
     (no config.json)"): the members' mean drives them, each log has their spread."""
     import shutil
 
+    from helpers import perturbed_copy
+
     ensemble = tmp_path / "ens"
-    for name in ("model_0", "model_1"):
-        shutil.copytree(trained / "run" / "model", ensemble / name)
+    shutil.copytree(trained / "run" / "model", ensemble / "model_0")
+    perturbed_copy(trained / "run" / "model", ensemble / "model_1")  # not the same model
     (ensemble / "ensemble.json").write_text(json.dumps({"members": ["model_0", "model_1"]}))
     structure = tmp_path / "ch4.xyz"
     ase.io.write(structure, ase.build.molecule("CH4"))
@@ -249,10 +251,10 @@ def test_md_of_an_ensemble_with_replicas(trained, tmp_path, capsys):
     argv += ["--out", str(out)]
     assert main([*argv, "--replicas", "2", "--no-compile"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("ensemble spread: energy std up to 0.0 meV") == 2  # equal members
+    assert printed.count("ensemble spread: energy std up to") == 2
     for k in (0, 1):
         rows = list(csv.DictReader((tmp_path / f"md.{k}.csv").open()))
-        assert len(rows) == 5 and float(rows[-1]["energy_std_eV"]) == pytest.approx(0, abs=1e-5)
+        assert len(rows) == 5 and float(rows[-1]["energy_std_eV"]) > 0  # two members differ
         assert "max_force_std_eV_A" in rows[0]
 
 

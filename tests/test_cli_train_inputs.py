@@ -162,10 +162,15 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(
 # ----------------------------------------------------------------- 3, 4: evaluate's split
 @pytest.fixture
 def ensemble(root, tmp_path):
-    """Two members sharing the run's split: copies of the run, with a manifest."""
+    """Two members sharing the run's split: copies of the run (the second's weights moved
+    slightly: a plain copy is the same model twice), with a manifest."""
+    from helpers import perturbed_copy
+
     folder = tmp_path / "ensemble"
     for name in ("model_0", "model_1"):
         shutil.copytree(root / "run", folder / name)
+    shutil.rmtree(folder / "model_1" / "model")
+    perturbed_copy(root / "run" / "model", folder / "model_1" / "model")
     (folder / "ensemble.json").write_text(json.dumps({"members": ["model_0", "model_1"]}))
     return folder
 
@@ -249,3 +254,16 @@ def test_insight_split_only_on_the_runs_data(root, tmp_path, capsys):
     out = ["--out", str(tmp_path / "isomers.png")]
     refused(capsys, [*isomers, "--data", str(root / "other.extxyz"), *out], "--split test")
     assert main([*isomers, "--data", str(root / "water.extxyz"), *out]) == 0
+
+
+def test_a_rate_below_the_default_floor_is_kept():
+    """Fine-tuning at lr 1e-9: the default floor (1e-6) is clamped to the rate, so neither
+    schedule raises it; only a floor set above the rate is an error."""
+    from helpers import random_model
+
+    from atomlens.training import TrainConfig
+    from atomlens.training.module import AtomisticTask
+
+    config = TrainConfig(lr=1e-9, lr_schedule="cosine")  # accepted: lr_min is the default
+    task = AtomisticTask(random_model("schnet"), lr=config.lr, lr_min=config.lr_min)
+    assert task.lr_min == 1e-9

@@ -204,8 +204,8 @@ def test_compiled_md_step_calls_the_linear_operator_and_matches_eager_float32():
     systems = [molecule("CH3CH2OH") for _ in range(16)]  # 144 atoms: oneDNN's rows
     for k, atoms in enumerate(systems):
         atoms.rattle(0.05, seed=k)
-    eager = BatchedMD(model, systems, seed=3, compile=False)
-    fixed = BatchedMD(model, systems, seed=3, compile=True)
+    eager = BatchedMD(model, systems, seed=3, compile=False, dtype="float32")
+    fixed = BatchedMD(model, systems, seed=3, compile=True, dtype="float32")
     called = _called(fixed.energy_and_forces)
     assert "atomlens::linear" in called
     assert {"atomlens::shifted_softplus", "atomlens::shifted_softplus_backward"} <= called

@@ -56,7 +56,7 @@ import torch
 from ase import units as ase_units
 from tqdm.auto import tqdm
 
-from .calculator import PADDING_DISTANCE, pair_capacity
+from .calculator import PADDING_DISTANCE, checked_skin, pair_capacity
 from .data.batch import Pairs
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import molecular_pairs
@@ -72,6 +72,7 @@ from .md import (
     temporary_outputs,
 )
 from .models.guards import check_elements
+from .models.io import parse_dtype
 from .models.potential import AtomisticModel
 from .nn import scatter_sum
 from .nn.kernels import (
@@ -83,7 +84,6 @@ from .nn.kernels import (
 )
 from .units import energy_factor
 
-DTYPES = {None: torch.float32, "float32": torch.float32, "float64": torch.float64}
 #: torch.compile backend of ``compile=``; tests trace with "eager" (no code generation)
 COMPILE_BACKEND = "inductor"
 LOGGER = logging.getLogger("atomlens")
@@ -114,7 +114,9 @@ class BatchedMD:
         seed: seeds the initial velocities (trajectory after trajectory) and the noise.
         initialize_velocities: draw velocities (zero momentum and angular momentum per
             trajectory), else keep each ``Atoms``' own momenta.
-        device, dtype: where and in which precision (``"float64"`` for conservation tests).
+        device, dtype: where and in which precision (``"float64"`` for conservation tests,
+            ``"float32"``; ``None``: the model's own, an ensemble's widest; as
+            ``atomlens.Calculator``).
         compile: ``"auto"``, ``False``, ``True`` or a ``torch.compile`` mode (module doc).
         skin: Verlet-list skin of the compiled path (Angstrom; as ``atomlens.Calculator``).
         allow_unknown_elements: warn instead of refusing elements absent from the model's
@@ -139,12 +141,19 @@ class BatchedMD:
     ):
         if ensemble not in ("nve", "langevin"):
             raise ValueError(f"ensemble must be 'nve' or 'langevin', not {ensemble!r}")
-        if timestep_fs <= 0 or friction < 0 or temperature_K < 0 or not skin >= 0:
+        if not (
+            all(map(math.isfinite, (timestep_fs, friction, temperature_K)))
+            and timestep_fs > 0
+            and friction >= 0
+            and temperature_K >= 0
+        ):
             raise ValueError(
-                f"need timestep_fs > 0, friction >= 0, temperature_K >= 0 and skin >= 0, not "
-                f"{timestep_fs}, {friction}, {temperature_K}, {skin}"
+                f"need finite timestep_fs > 0, friction >= 0 and temperature_K >= 0, not "
+                f"{timestep_fs}, {friction}, {temperature_K}"
             )
+        skin = checked_skin(skin)
         compile = compile_option(compile)  # refused before any work
+        dtype = parse_dtype(dtype)
         systems = list(systems)
         if not systems:
             raise ValueError("BatchedMD needs at least one structure")
@@ -219,7 +228,7 @@ class BatchedMD:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(rng.integers(2**62)))
         self.nsteps = 0
-        self.skin = float(skin)
+        self.skin = skin
         self.pair_builds = 0  # Verlet-list builds of the compiled path
         self._capacity = 0
         self._padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -261,26 +270,24 @@ class BatchedMD:
     def _private_models(cls, model, device, dtype) -> list[AtomisticModel]:
         """Private copies of one model, of a list of models or paths, or of the members of
         an ensemble folder (``ensemble.json``, as ``atomlens train --ensemble`` writes)."""
-        from .ensemble import ensemble_members
+        from .ensemble import check_members, ensemble_members
 
         items = list(model) if isinstance(model, (list, tuple)) else [model]
         is_path = [isinstance(item, (str, os.PathLike)) for item in items]
         # folders: ensemble folders give their members; one model twice is refused there
         folders = ensemble_members([item for item, path in zip(items, is_path) if path])
         objects = [item for item, path in zip(items, is_path) if not path]
-        if len({id(item) for item in objects}) < len(objects):
-            raise ValueError("the same model object is given twice as an ensemble member")
         if not folders and not objects:
             raise ValueError("BatchedMD needs a model (an empty list of models was given)")
         models = [cls._private_model(item, device, dtype) for item in [*folders, *objects]]
-        kinds = {(member.target, member.config.unit) for member in models}
-        if len(kinds) > 1:
-            raise ValueError(f"ensemble members predict different things: {sorted(kinds)}")
+        check_members(models)  # one target and unit; no model twice
+        if dtype is None:  # the model's own precision (an ensemble of several: the widest)
+            widest = max((next(m.parameters()).dtype for m in models), key=lambda t: t.itemsize)
+            models = [member.to(parse_dtype(widest)) for member in models]
         return models
 
     @staticmethod
     def _private_model(model, device, dtype) -> AtomisticModel:
-        dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
         if isinstance(model, (str, os.PathLike)):
             from .models.io import load_model
 

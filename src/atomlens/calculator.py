@@ -60,7 +60,16 @@ def pair_capacity(n_pairs: int, headroom: float, limit: int | None = None) -> in
     return capacity if limit is None else min(capacity, limit)
 
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
+def checked_skin(skin) -> float:
+    """A Verlet-list ``skin`` (Angstrom) as a float; ValueError unless a finite number >= 0
+    (a negative or NaN skin lists too few pairs: wrong energies, no error)."""
+    try:
+        value = float(skin)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(skin, (bool, str)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"skin must be a finite number >= 0 (Angstrom), not {skin!r}")
+    return value
 
 
 class Calculator(AseCalculator):
@@ -71,8 +80,9 @@ class Calculator(AseCalculator):
             (or of the training output folder holding ``model/``).
         device: torch device to run on (``"cpu"``, ``"cuda"``, ...).
         dtype: ``"float64"`` (or ``torch.float64``) for tight finite-difference checks and
-            energy conservation tests; ``None`` keeps the model's own dtype. A model passed
-            in is copied, never changed, when device or dtype differ from its own.
+            energy conservation tests, or ``"float32"``; ``None`` keeps the model's own dtype
+            (names: :func:`~atomlens.models.io.parse_dtype`; half precisions are refused). A
+            model passed in is copied, never changed, when device or dtype differ from its own.
 
         allow_unknown_elements: elements absent from the model's training data are refused
             unless this is True (then a warning; see :mod:`atomlens.models.guards`).
@@ -126,11 +136,12 @@ class Calculator(AseCalculator):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        compile = compile_option(compile)  # refused before the model loads
-        dtype = DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
-        if isinstance(model, (str, os.PathLike)):
-            from .models.io import load_model
+        from .models.io import load_model, parse_dtype
 
+        compile = compile_option(compile)  # refused before the model loads
+        dtype = parse_dtype(dtype)
+        skin = checked_skin(skin)
+        if isinstance(model, (str, os.PathLike)):
             model = load_model(model, device=device, dtype=dtype)
         else:  # a private copy: the caller's model is never changed
             model = copy.deepcopy(model).to(device=device, dtype=dtype)
@@ -149,7 +160,8 @@ class Calculator(AseCalculator):
             ) from None
         self.model = model
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # (a half-precision model passed in with dtype=None is refused too)
+        self.device, self.dtype = param.device, parse_dtype(param.dtype)
         self._numbers: np.ndarray | None = None  # the numbers the cached tensors belong to
         self._mode = None if compile is False else compile_mode(compile, self.device)
         self.compile = True if compile not in (False, "auto") else compile
@@ -162,7 +174,7 @@ class Calculator(AseCalculator):
         self.model.eval().requires_grad_(False)
         with torch.no_grad():
             self._frozen = self.model.freeze()
-        self.skin = float(skin)
+        self.skin = skin
         self._neighbors = VerletList(self.model.cutoff, self.skin)
         self._pairs: Pairs | None = None
         self._last_atoms = None  # the copy of the atoms that calculate() updates in place
@@ -262,10 +274,8 @@ class Calculator(AseCalculator):
         i, j, n_shift = self._neighbors.pairs
         if len(i) > self._capacity:
             if self._capacity:  # shapes change: one more compile (the compiled code has no
-                self._compiled_once = False  # shape guards: a new function, compiled afresh)
-                self._compiled = compile_fixed_shapes(
-                    self._periodic_function(), self.device, self._mode
-                )
+                self._compiled_once = False  # shape guards: a new function, compiled afresh
+                self._compiled = None  # in _calculate_compiled, where a failure falls back)
             self._capacity = pair_capacity(len(i), PAIR_CAPACITY_HEADROOM)
         pad = self._capacity - len(i)
         # padding: atom 0 and its image far along the longest periodic cell vector
@@ -364,8 +374,11 @@ class Calculator(AseCalculator):
         if self._changed_structure(self.atoms):
             self._prepare(self.atoms)
         if self._use_compiled:
+            # the inputs first, outside the fallback: a bad input (NaN positions, a flat
+            # cell) raises as on the eager path and leaves compiling on for later calls
+            inputs = self._compiled_inputs()
             try:
-                self._calculate_compiled(stress)
+                self._calculate_compiled(inputs, stress)
                 return
             except DataError:
                 raise
@@ -412,14 +425,25 @@ class Calculator(AseCalculator):
         )
         self._use_compiled = False
 
-    def _calculate_compiled(self, stress: bool) -> None:
+    def _compiled_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The compiled function's inputs for ``self.atoms``: the positions (and the cell
+        and the padded Verlet list of a periodic cell), validated as the eager path does."""
         atoms = self.atoms
         if not np.isfinite(atoms.positions).all():
             raise DataError("Calculator: the atoms have non-finite (NaN/inf) positions")
         positions = torch.as_tensor(atoms.positions, dtype=self.dtype, device=self.device)
-        if self._periodic:
-            cell = atoms.cell.array
-            padded = self._padded_pairs(cell, atoms.pbc)
+        if not self._periodic:
+            return (positions,)
+        cell = atoms.cell.array
+        padded = self._padded_pairs(cell, atoms.pbc)
+        return (positions, torch.as_tensor(cell, dtype=self.dtype, device=self.device), *padded)
+
+    def _calculate_compiled(self, inputs: tuple[torch.Tensor, ...], stress: bool) -> None:
+        atoms = self.atoms
+        if self._compiled is None:  # the padded list outgrew its capacity: new shapes
+            self._compiled = compile_fixed_shapes(
+                self._periodic_function(), self.device, self._mode
+            )
         if not self._compiled_once and self.compile_notice is not None:  # no silent pause
             LOGGER.info(
                 "compiling energy%s for %s (%d atoms%s%s; a one-off, cached on disk)",
@@ -429,11 +453,8 @@ class Calculator(AseCalculator):
                 f", room for {self._capacity} pairs" if self._periodic else "",
                 self.compile_notice,
             )
-        if self._periodic:
-            cell_tensor = torch.as_tensor(cell, dtype=self.dtype, device=self.device)
-            energy, forces, virial, atomic = self._compiled(positions, cell_tensor, *padded)
-        else:
-            energy, forces, atomic = self._compiled(positions)
+        # (energy, forces, atomic energies); a periodic cell's: (energy, forces, virial, ...)
+        energy, forces, *virial, atomic = self._compiled(*inputs)
         self._compiled_once = True
         factor = self.energy_to_ev
         energy = float(energy) * factor
@@ -444,6 +465,6 @@ class Calculator(AseCalculator):
             "forces": forces.cpu().double().numpy() * factor,
         }
         if stress:
-            virial = virial.cpu().double().numpy() * factor
+            virial = virial[0].cpu().double().numpy() * factor
             self.results["stress"] = full_3x3_to_voigt_6_stress(virial / atoms.get_volume())
         check_finite(self.results, "Calculator")

@@ -49,14 +49,47 @@ def ensemble_members(paths) -> list[Path]:
     return members
 
 
+def check_members(models) -> None:
+    """Refuse an ensemble whose members predict different things (target or unit), or that
+    holds one model twice (the same config and weights, in whatever precision or device):
+    it would count double and shrink the spread."""
+    kinds = {(m.target, m.config.unit) for m in models}
+    if len(kinds) > 1:
+        raise ValueError(f"ensemble members predict different things: {sorted(kinds)}")
+    for b, later in enumerate(models):
+        for a, earlier in enumerate(models[:b]):
+            if _same_model(earlier, later):
+                raise ValueError(
+                    f"ensemble members {a} and {b} are the same model: one model is given "
+                    f"twice as a member"
+                )
+
+
+def _same_model(first, second) -> bool:
+    """Same config, and weights equal to float32 rounding (a float64 model and its float32
+    copy are one model; two trainings differ far more)."""
+    import torch
+
+    if first is second:
+        return True
+    if first.config.to_dict() != second.config.to_dict():
+        return False
+    ours, theirs = first.state_dict(), second.state_dict()
+    as_double = lambda t: t.detach().cpu().double()
+    return ours.keys() == theirs.keys() and all(
+        ours[k].shape == theirs[k].shape
+        and torch.allclose(as_double(ours[k]), as_double(theirs[k]), rtol=1e-6, atol=1e-6)
+        for k in ours
+    )
+
+
 def load_ensemble(paths, device: str = "cpu", dtype=None) -> list:
-    """The :class:`~atomlens.models.AtomisticModel` of every member (see :func:`ensemble_members`)."""
+    """The :class:`~atomlens.models.AtomisticModel` of every member (see :func:`ensemble_members`
+    and :func:`check_members`)."""
     from .models.io import load_model
 
     models = [load_model(p, device=device, dtype=dtype) for p in ensemble_members(paths)]
-    targets = {(m.target, m.config.unit) for m in models}
-    if len(targets) > 1:
-        raise ValueError(f"ensemble members predict different things: {sorted(targets)}")
+    check_members(models)
     return models
 
 
@@ -90,7 +123,8 @@ class EnsembleCalculator(AseCalculator):
     """ASE calculator averaging K atomlens energy models, with their spread as uncertainty.
 
     Args:
-        models: models, or paths of model / training output / ensemble folders.
+        models: models, or paths of model / training output / ensemble folders; they must
+            predict the same thing, and none may be given twice (:func:`check_members`).
         device, dtype, compile, allow_unknown_elements: as for :class:`atomlens.Calculator`,
             for every member.
 
@@ -124,7 +158,9 @@ class EnsembleCalculator(AseCalculator):
     ):
         super().__init__(**kwargs)
         from .calculator import Calculator
+        from .models.io import parse_dtype
 
+        dtype = parse_dtype(dtype)  # refused before any model loads
         if isinstance(models, (str, os.PathLike)) or not isinstance(models, (list, tuple)):
             models = [models]
         paths = [m for m in models if isinstance(m, (str, os.PathLike))]
@@ -143,6 +179,7 @@ class EnsembleCalculator(AseCalculator):
             )
             for m in models
         ]
+        check_members([member.model for member in self.members])
         # one "compiling ..." notice for the ensemble, not one per member
         self.members[0].compile_notice = f"; {len(models)} models"
         for member in self.members[1:]:

@@ -546,6 +546,19 @@ class PackedDataset:
         return dataset
 
 
+def refuse_what_layout_drops(path, dataset: PackedDataset, layout: str, keep) -> None:
+    """:class:`DataError` naming ``path`` when ``layout`` (molecules with energies and forces)
+    would drop part of ``dataset``: cells and pbc, stress or any target but ``keep``."""
+    lost = ["cells and pbc"] if len(dataset.periodic_structures()) else []
+    lost += [repr(name) for name in sorted(dataset.targets) if name not in keep]
+    if lost:
+        raise DataError(
+            f"{path}: {layout} hold molecules with energies and forces only; writing would "
+            f"drop the dataset's {', '.join(lost)}; write it to an .extxyz file instead "
+            f"(write_ase, or atomlens sample --out <name>.extxyz), which keeps them"
+        )
+
+
 def file_checksum(path: str | os.PathLike) -> str:
     """A fast content hash of a file (BLAKE2b, 128 bit, hex), kept in ``meta.json``."""
     with open(path, "rb") as handle:
@@ -666,7 +679,8 @@ def dataset_from_atoms(
     caller declares them (``energy_unit="eV"``, ``"kcal/mol"``, ...; forces in
     energy/length, positions in Angstrom unless ``length_unit``); they are stored as
     targets ``energy`` (eV), ``forces`` (eV/Angstrom), ``stress`` (eV/Angstrom^3) when
-    every structure has them. Ready for ``atomlens.training.train_model(config, data=...)``.
+    every structure has them (one finite number per energy, (n_atoms, 3) forces, 3x3 or
+    Voigt stress; calculator results only when they belong to the atoms). Ready for ``atomlens.training.train_model(config, data=...)``.
     ``targets=False`` packs the geometry only. Periodic ``Atoms`` keep their cell and pbc.
     """
     from .sources.ase_files import pack_frames

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -21,6 +22,38 @@ from .potential import AtomisticModel, build_model
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+#: the precisions a model runs in, by name (numpy's names and the aliases float, double)
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """``dtype`` as ``torch.float32`` or ``torch.float64``; ``None`` (the model's own) stays.
+
+    Accepts those torch dtypes, the names of :data:`DTYPES` and numpy dtypes; refuses any
+    other (ValueError): half precisions round a molecule's energy by eV.
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        parsed = DTYPES.get(dtype)
+    elif isinstance(dtype, torch.dtype):
+        parsed = dtype if dtype in DTYPES.values() else None
+    else:
+        try:
+            parsed = DTYPES.get(np.dtype(dtype).name)
+        except (TypeError, ValueError):  # not a dtype at all
+            parsed = None
+    if parsed is None:
+        raise ValueError(
+            f"dtype must be float32 or float64 (a torch or numpy dtype, or one of the names "
+            f"{', '.join(map(repr, DTYPES))}), or None for the model's own, not {dtype!r}"
+        )
+    return parsed
 
 
 def save_model(
@@ -123,12 +156,16 @@ def _check_metadata(metadata, max_z: int, source) -> None:
 
 
 def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
 ) -> AtomisticModel:
     """Rebuild a saved model from its config and safetensors weights, in eval mode.
 
-    ``path`` is the model folder or the training output folder that holds it.
+    ``path`` is the model folder or the training output folder that holds it; ``dtype``
+    (see :func:`parse_dtype`) converts it, ``None`` keeps the saved precision.
     """
+    dtype = parse_dtype(dtype)
     path = model_folder(path)
     doc = read_config(path)
     try:

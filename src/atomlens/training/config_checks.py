@@ -157,7 +157,10 @@ def check_train_config(config) -> None:
     """Types and ranges of a :class:`TrainConfig` and of its model configuration."""
     check_types(config, "training config: ")
     check_ranges(config, TRAIN_RULES, "training config: ")
-    if config.lr_min > config.lr:  # the cosine would raise the rate, the plateau never lower it
+    default_min = type(config).__dataclass_fields__["lr_min"].default
+    if config.lr_min > config.lr and config.lr_min != default_min:
+        # a floor above the start: the cosine would raise the rate. The default floor
+        # above a small rate (fine-tuning) is that rate (training.module)
         raise ValueError(
             f"training config: lr_min ({config.lr_min:g}) is above lr ({config.lr:g}); the "
             f"learning rate decays from lr down to lr_min"

@@ -45,7 +45,8 @@ class AtomisticTask(pl.LightningModule):
         self.model = model
         self.forces, self.rho = forces, rho
         self.stress, self.stress_weight = stress, stress_weight
-        self.lr, self.lr_factor, self.lr_patience, self.lr_min = lr, lr_factor, lr_patience, lr_min
+        self.lr, self.lr_factor, self.lr_patience = lr, lr_factor, lr_patience
+        self.lr_min = min(lr_min, lr)  # a rate below the default floor (fine-tuning) stays
         self.lr_schedule = lr_schedule
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, not {weight_decay}")

@@ -476,7 +476,7 @@ def _train(
         budget = BudgetStop(deadline, n_after, margin_s=MARGIN_S + spawned * SPAWN_MARGIN_S)
         callbacks.append(budget)
     if config.lr_schedule == "cosine":
-        callbacks.append(CosineToEnd(config.lr, config.lr_min, budget))
+        callbacks.append(CosineToEnd(config.lr, min(config.lr_min, config.lr), budget))
     trainer = pl.Trainer(
         accelerator=config.device,
         devices=config.devices,

@@ -8,15 +8,16 @@ cell.
 Units are never guessed. The file may state them (``energy_unit``, ``length_unit`` and
 optionally ``force_unit`` in every frame's info line of an (ext)xyz file, or in an ASE
 database's metadata; :func:`write_ase` writes them), or the caller declares them; a file
-with energies and neither is refused. Positions are in Angstrom unless stated otherwise
-(ASE's own convention for every format it reads). Forces must be in energy unit / length
-unit, stress in energy unit / length unit^3. Values are converted to eV and Angstrom on
-reading.
+with energies, forces or stress and neither is refused. Positions are in Angstrom unless
+stated otherwise (ASE's own convention for every format it reads). Forces must be in
+energy unit / length unit, stress in energy unit / length unit^3. Values are converted to
+eV and Angstrom on reading.
 """
 
 from __future__ import annotations
 
 import os
+import reprlib
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,26 @@ from ...units import check_force_unit, energy_factor, length_factor, resolve_uni
 from ..dataset import DataError, PackedDataset
 
 
-def _value(atoms, key: str, per_atom: bool):
-    """``key`` from the calculator results, else from ``info`` / ``arrays``; None if absent."""
+def _value(atoms, key: str, per_atom: bool, where: str = "<atoms>"):
+    """``key`` from the calculator results, else from ``info`` / ``arrays``; None if absent.
+
+    Calculator results count only when they belong to these atoms: a calculator shared by
+    several frames, or atoms moved after the calculation, hold the values of other
+    positions, refused (:class:`DataError` naming ``where``) rather than read.
+    """
     calc = atoms.calc
-    if calc is not None and key in getattr(calc, "results", {}):
-        return calc.results[key]
+    results = getattr(calc, "results", None) or {}
+    if key in results:
+        check_state = getattr(calc, "check_state", None)  # ASE's own test of staleness
+        changes = check_state(atoms) if check_state is not None else []
+        if changes:
+            raise DataError(
+                f"{where}: the calculator's {key!r} belongs to other atoms (changed since: "
+                f"{', '.join(changes)}): a calculator shared by several frames, or atoms "
+                f"moved after the calculation; give each frame its own results (e.g. a "
+                f"SinglePointCalculator) or set atoms.calc = None"
+            )
+        return results[key]
     store = atoms.arrays if per_atom else atoms.info
     return store.get(key)
 
@@ -56,6 +72,41 @@ def _stated_units(frames, source: str, path: Path | None = None) -> dict[str, st
         if values:
             stated[key] = values.pop()
     return stated
+
+
+TARGET_SHAPES = {"energy": "one real number", "forces": "(n_atoms, 3)", "stress": "(3, 3) or (6,)"}
+
+
+def _checked(value, name: str, key: str, n_atoms: int, where: str):
+    """One frame's ``key`` as target ``name`` takes it, in the file's units: an energy is one
+    finite real number, forces have shape (n_atoms, 3), a stress (3, 3) or Voigt (6,).
+    Anything else is refused (:class:`DataError` naming ``where`` and ``key``): a value cut
+    to fit, or a bool read as a number, would be a silent loss."""
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged nested lists
+        array = np.asarray(None)
+    if name == "energy":
+        fits = array.size == 1
+    elif name == "forces":
+        fits = array.shape == (n_atoms, 3)
+    else:
+        fits = array.shape in ((3, 3), (6,))
+    if array.dtype.kind not in "iuf" or not fits:  # bool, complex, text are no numbers
+        got = reprlib.repr(value) if name == "energy" else f"shape {array.shape}"
+        expected = TARGET_SHAPES[name].replace("n_atoms", str(n_atoms))
+        if name == "forces":
+            expected += f" (3 components for each of the {n_atoms} atoms)"
+        raise DataError(
+            f"{where}: {key!r} must be {'' if name == 'energy' else 'real numbers of shape '}"
+            f"{expected}, not {got} ({type(value).__name__}, dtype {array.dtype})"
+        )
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        raise DataError(f"{where}: {key!r} has non-finite (NaN/inf) values")
+    if name == "energy":
+        return float(array.item())
+    return _stress_matrix(array) if name == "stress" else array
 
 
 def _stress_matrix(value) -> np.ndarray:
@@ -193,25 +244,38 @@ def pack_frames(
     ``SinglePointCalculator``), else from ``info`` / ``arrays`` under the keys given (None
     skips a target). Units: those the frames state (``stated``, or ``energy_unit`` /
     ``length_unit`` in every frame's ``info``), else the declared ``energy_unit`` and
-    ``length_unit`` (positions default to Angstrom); energies without a unit are refused.
+    ``length_unit`` (positions default to Angstrom); energies, forces or stress without an
+    energy unit are refused.
     Forces are in energy unit / length unit, stress in energy unit / length unit^3. A
     target is kept when every frame has it; when only some frames have it the data are
     refused (:class:`DataError` naming the frame).
     """
     stated = stated if stated is not None else _stated_units(frames, source)
-    has_energy = energy_key is not None and any(
-        _value(a, energy_key, False) is not None for a in frames
-    )
+    # forces and stress are in energy unit / length unit (^3): they need the energy unit too
+    present = [
+        name
+        for key, name, per_atom in (
+            (energy_key, "energies", False),
+            (forces_key, "forces", True),
+            (stress_key, "stress", False),
+        )
+        if key is not None
+        and any(
+            _value(a, key, per_atom, f"{source}: frame {m}") is not None
+            for m, a in enumerate(frames)
+        )
+    ]
     try:
         energy_unit = resolve_unit(
-            "energy", stated.get("energy_unit"), energy_unit, None if has_energy else "eV"
+            "energy", stated.get("energy_unit"), energy_unit, None if present else "eV"
         )
         length_unit = resolve_unit("length", stated.get("length_unit"), length_unit, "Angstrom")
         if energy_unit is None:
             raise ValueError(
-                "there are energies, but the data does not state their unit; "
-                "declare it (energy_unit=..., --energy-unit "
-                "eV/kcal/mol/hartree/...) or store energy_unit in the file"
+                f"there are {' and '.join(present)}, but the data does not state their "
+                f"unit; declare the energy unit (energy_unit=..., --energy-unit "
+                f"eV/kcal/mol/hartree/...; forces are in energy unit / length unit, stress "
+                f"in energy unit / length unit^3) or store energy_unit in the file"
             )
         e_factor, r_factor = energy_factor(energy_unit), length_factor(length_unit)
         check_force_unit(
@@ -229,15 +293,13 @@ def pack_frames(
     ):
         if key is None:
             continue
-        values = [_value(a, key, per_atom) for a in frames]
+        values = [_value(a, key, per_atom, f"{source}: frame {m}") for m, a in enumerate(frames)]
         have = [v is not None for v in values]
         if all(have):
-            if name == "stress":
-                targets[name] = [_stress_matrix(v) * factor for v in values]
-            else:
-                targets[name] = [np.asarray(v, dtype=np.float64) * factor for v in values]
-            if name == "energy":
-                targets[name] = [float(np.ravel(v)[0]) for v in targets[name]]
+            targets[name] = [
+                _checked(v, name, key, len(a), f"{source}: frame {m}") * factor
+                for m, (a, v) in enumerate(zip(frames, values))
+            ]
             target_units[name] = unit
         elif any(have):
             raise DataError(f"{source}: frame {have.index(False)} has no {key!r} while others do")
@@ -321,7 +383,7 @@ def read_any(path: str | os.PathLike, **kwargs) -> PackedDataset:
     if suffix == ".npz":
         from .md17 import read_md17
 
-        return read_md17(path, **kwargs)
+        return read_md17(path, **_options(path, read_md17, kwargs, "MD17 .npz files"))
     if suffix == ".db":
         from .iso17 import is_iso17_db, read_iso17
 
@@ -336,4 +398,20 @@ def read_any(path: str | os.PathLike, **kwargs) -> PackedDataset:
                         f"option {key}={value!r} does not apply"
                     )
             return read_iso17(path)
-    return read_ase(path, **kwargs)
+    return read_ase(path, **_options(path, read_ase, kwargs, "files read by ASE"))
+
+
+def _options(path: Path, reader, kwargs: dict, kind: str) -> dict:
+    """``kwargs`` when ``reader`` takes them all; else a :class:`DataError` naming ``path``
+    and the options ``kind`` accepts (rather than Python's bare TypeError)."""
+    import inspect
+
+    accepted = [name for name in inspect.signature(reader).parameters if name != "path"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise DataError(
+            f"{path}: option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} do"
+            f"{'' if len(unknown) > 1 else 'es'} not apply to {kind}; they accept "
+            f"{', '.join(accepted)}"
+        )
+    return kwargs

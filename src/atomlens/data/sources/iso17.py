@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ...fileio import atomic_file
-from ..dataset import DataError, PackedDataset
+from ..dataset import DataError, PackedDataset, refuse_what_layout_drops
 
 ENERGY_KEY = "total_energy"
 FORCES_KEY = "atomic_forces"
@@ -28,23 +28,41 @@ def _open(path: Path):
 
 
 def is_iso17_db(path: str | os.PathLike) -> bool:
-    """True when the first row of the ASE database has ``total_energy`` (ISO17 layout)."""
+    """True when the rows of the ASE database have ``total_energy`` (ISO17 layout).
+
+    A database where some rows have it and others not is refused (:class:`DataError`
+    naming the first row that differs from row 1): neither reader would read all its
+    energies and forces.
+    """
     try:
         with _open(Path(path)) as db:
-            for row in db.select(limit=1):
-                return ENERGY_KEY in row.key_value_pairs
+            n_rows, n_iso17 = db.count(), db.count(ENERGY_KEY)
+            if 0 < n_iso17 < n_rows:
+                first = next(db.select(limit=1, include_data=False))
+                layout = ENERGY_KEY in first.key_value_pairs
+                for row in db.select(include_data=False):
+                    if (ENERGY_KEY in row.key_value_pairs) != layout:
+                        break
+                lacking, having = (row, first) if layout else (first, row)
+                raise DataError(
+                    f"{path}: row {lacking.id} has no {ENERGY_KEY!r} key-value pair but row "
+                    f"{having.id} has (the ISO17 layout; {n_iso17} of {n_rows} rows have "
+                    f"it): a database mixing layouts cannot be read without losing "
+                    f"energies and forces; give every row the ISO17 keys, or none"
+                )
+            return n_rows > 0 and n_iso17 == n_rows
     except DataError:
         raise
     except Exception as err:
         raise DataError(f"{path}: not a readable ASE database ({err})") from err
-    return False
 
 
 def read_iso17(path: str | os.PathLike) -> PackedDataset:
     """Read an ISO17-layout ASE database into a :class:`PackedDataset`.
 
     Returns:
-        Targets ``energy`` (eV, per structure) and ``forces`` (eV/Angstrom, per atom);
+        Targets ``energy`` (eV, per structure) and ``forces`` (eV/Angstrom, per atom); the
+        cell and pbc of periodic rows (molecules, as in ISO17 itself, have none);
         extras: every other key-value pair that all rows carry (``qm9_index``, ``frame``, ...)
         and ``row_id`` (the database row id).
 
@@ -53,7 +71,7 @@ def read_iso17(path: str | os.PathLike) -> PackedDataset:
             row without ``total_energy`` / ``data['atomic_forces']``.
     """
     path = Path(path)
-    structures, energies, forces, ids, pairs = [], [], [], [], []
+    structures, energies, forces, ids, pairs, cells, pbc = [], [], [], [], [], [], []
     try:
         with _open(path) as db:
             for row in db.select():
@@ -67,6 +85,8 @@ def read_iso17(path: str | os.PathLike) -> PackedDataset:
                 if FORCES_KEY not in data:
                     raise DataError(f"{path}: row {row.id} has no data[{FORCES_KEY!r}]")
                 structures.append((row.numbers, row.positions))
+                cells.append(np.asarray(row.cell, dtype=np.float64))
+                pbc.append(np.asarray(row.pbc, dtype=bool))
                 energies.append(kvp[ENERGY_KEY])
                 forces.append(np.asarray(data[FORCES_KEY], dtype=np.float64))
                 ids.append(row.id)
@@ -95,6 +115,8 @@ def read_iso17(path: str | os.PathLike) -> PackedDataset:
         extras,
         meta={"source_file": path.name, "layout": "ISO17"},
         source=str(path),
+        cells=cells,  # ISO17 rows are molecules; periodic rows keep their cells (ASE db)
+        pbc=pbc,
     )
 
 
@@ -108,11 +130,14 @@ def write_iso17(
 
     Per-structure extras of number or string type (``qm9_index``, ``frame``, ``smiles``,
     ...) are stored as key-value pairs; ``row_id`` is not (the database assigns ids).
+    Periodic structures and targets other than energy and forces (stress, ...) are
+    refused: the layout would drop them.
     """
     from ase import Atoms
     from ase.db import connect
 
     path = Path(path)
+    refuse_what_layout_drops(path, dataset, "ISO17 databases", (energy_key, forces_key))
     if energy_key not in dataset.targets or forces_key not in dataset.targets:
         raise DataError(f"{path}: ISO17 layout needs targets {energy_key!r} and {forces_key!r}")
     energy = np.asarray(dataset.targets[energy_key], np.float64)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ...fileio import atomic_file
 from ...units import check_force_unit, energy_factor, length_factor, resolve_unit
-from ..dataset import DataError, PackedDataset
+from ..dataset import MAX_Z, DataError, PackedDataset, refuse_what_layout_drops
 
 #: MD17's units, for ``assume_md17_units=True``
 MD17_UNITS = {"energy": "kcal/mol", "length": "Angstrom"}
@@ -26,6 +26,22 @@ MD17_UNITS = {"energy": "kcal/mol", "length": "Angstrom"}
 def _scalar(value: np.ndarray):
     value = np.asarray(value)
     return value.item() if value.ndim == 0 else value.tolist()
+
+
+def _atomic_numbers(z, path: Path) -> np.ndarray:
+    """``z`` as int64 atomic numbers; integers 1..118 (integer-valued floats too), else a
+    :class:`DataError` naming ``path``: truncating 7.9 to 7 or wrapping 65537 would change
+    the molecule silently."""
+    z = np.asarray(z).ravel()
+    if z.dtype.kind not in "iuf":  # text, bool, objects
+        raise DataError(f"{path}: z must hold atomic numbers (integers), not dtype {z.dtype}")
+    if not np.isfinite(z).all() or (z != np.round(z)).any():
+        bad = z[~np.isfinite(z) | (z != np.round(z))][0]
+        raise DataError(f"{path}: z must hold atomic numbers (integers), not {bad}")
+    if ((z < 1) | (z > MAX_Z)).any():
+        bad = z[(z < 1) | (z > MAX_Z)][0]
+        raise DataError(f"{path}: z has {bad}, not an element (atomic numbers are 1..{MAX_Z})")
+    return z.astype(np.int64)
 
 
 def read_md17(
@@ -66,7 +82,7 @@ def read_md17(
     ]
     if missing:
         raise DataError(f"{path}: MD17 file lacks the keys {missing} (has {sorted(arrays)})")
-    z = np.asarray(z).astype(np.int64).ravel()
+    z = _atomic_numbers(z, path)
     positions, energy = np.asarray(arrays["R"], np.float64), np.asarray(arrays["E"], np.float64)
     n_frames, n_atoms = positions.shape[0], len(z)
     if positions.shape != (n_frames, n_atoms, 3):
@@ -152,7 +168,10 @@ def write_md17(
     ``energy_unit/length_unit``; the units are stored in ``e_unit``, ``r_unit``, ``f_unit``.
     ``metadata`` (strings or numbers, e.g. ``name``, ``theory``, ``md_T``) is stored too.
     The file is written to a temporary name and renamed, so it is never half-written.
+    Periodic structures and targets other than energy and forces (stress, ...) are
+    refused: the layout would drop them.
     """
+    refuse_what_layout_drops(path, dataset, "MD17 files", (energy_key, forces_key))
     counts = dataset.n_atoms_per
     n_frames, n_atoms = len(dataset), int(counts[0])
     numbers = np.asarray(dataset.numbers).reshape(-1)
