@@ -246,3 +246,19 @@ def test_an_index_that_selects_no_frame_says_so(chon_model, tmp_path, capsys):
     ase.io.write(path, [ase.build.molecule("CH4")] * 6)
     assert main(["predict", str(chon_model), str(path), "--index", "5:2"]) == 2
     assert "--index 5:2 selects none of its 6 frames" in one_line_error(capsys, "predict")
+
+
+def test_sample_never_replaces_a_sampled_set_unless_told(tmp_path, capsys):
+    """A sampled set costs quantum-chemistry hours: an existing --out is refused before any
+    calculation (with --overwrite it is replaced when the new set is complete)."""
+    out = tmp_path / "water.npz"
+    out.write_bytes(b"earlier frames")
+    assert main(["sample", "--smiles", "O", "--frames", "2", "--out", str(out)]) == 2
+    assert "pass --overwrite" in one_line_error(capsys, "sample")
+    folder = tmp_path / "iso"
+    folder.mkdir()
+    (folder / "test_other.db").write_bytes(b"earlier")
+    argv = ["sample", "--isomers", "CCO", "COC", "--frames", "2", "--out", str(folder)]
+    assert main(argv) == 2
+    assert "test_other.db exists" in one_line_error(capsys, "sample")
+    assert out.read_bytes() == b"earlier frames"

@@ -89,6 +89,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", required=True, help="out.npz | out.db | out.extxyz | folder (--isomers)"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (refused without it: a sampled set costs hours)",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -139,8 +144,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.isomers:
         check_output_folder(out)
+        existing = [out / f"{name}.db" for name in ("reference", "test_within", "test_other")]
     else:
         check_outputs({"--out": out}, [args.xyz] if args.xyz else [])
+        existing = [out]
+    existing = [path for path in existing if path.exists()]
+    if existing and not args.overwrite:  # quantum-chemistry frames are never lost silently
+        raise FileExistsError(
+            f"--out {out}: {existing[0]} exists (a sampled set); pass --overwrite to "
+            f"replace it, or name another output"
+        )
     if args.isomers:
         args.method = args.method or "gfn2"
         if out.suffix:
