@@ -197,3 +197,22 @@ def test_a_failing_compile_of_a_grown_pair_list_falls_back(model, monkeypatch):
     assert not atoms.calc._use_compiled and len(calls) == 2
     eager = atomlens.Calculator(model, compile=False)
     assert energy == pytest.approx(eager.get_potential_energy(atoms), abs=1e-8)
+
+
+def test_float32_forces_do_not_depend_on_where_the_molecule_is():
+    """Energies and forces depend on position differences only: a float32 calculator gives
+    the same forces for a molecule at the origin and 1e4 Angstrom away (an unwrapped
+    trajectory); its positions are centred in float64 before the cast (3e-4 of the forces
+    were lost before)."""
+    model = random_model("schnet")
+    near = molecule("CH3CH2OH")
+    near.rattle(0.05, seed=1)
+    far = near.copy()
+    far.positions += 1e4
+    results = []
+    for atoms in (near, far):
+        atoms.calc = atomlens.Calculator(model, dtype="float32", compile=False)
+        results.append((atoms.get_potential_energy(), atoms.get_forces()))
+    (e_near, f_near), (e_far, f_far) = results
+    assert e_far == pytest.approx(e_near, abs=1e-6)
+    np.testing.assert_allclose(f_far, f_near, rtol=0, atol=1e-6 * np.abs(f_near).max() + 1e-9)
