@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the sampling described by ``args``; returns the exit status."""
     from ..data.dataset import DataError
     from ..data.sampling import (
+        ISO17_SETS,
         check_start_structure,
         make_calculator,
         molecule_from_smiles,
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.sources.ase_files import read_structures, write_ase
     from ..data.sources.iso17 import write_iso17
     from ..data.sources.md17 import write_md17
+    from ..fileio import check_output_folder, check_outputs
 
     check_numbers(args, OPTION_RANGES)
     md = {
@@ -140,11 +142,9 @@ def run(args: argparse.Namespace) -> int:
         "friction": args.friction,
     }
     out = Path(args.out)
-    from ..fileio import check_output_folder, check_outputs
-
     if args.isomers:
         check_output_folder(out)
-        existing = [out / f"{name}.db" for name in ("reference", "test_within", "test_other")]
+        existing = [out / f"{name}.db" for name in ISO17_SETS]
     else:
         check_outputs({"--out": out}, [args.xyz] if args.xyz else [])
         existing = [out]

@@ -141,6 +141,8 @@ def molecule_from_smiles(smiles: str, seed: int = 0):
     return atoms
 
 
+#: the three sets of :func:`sample_isomers`, as ISO17's files name them
+ISO17_SETS = ("reference", "test_within", "test_other")
 #: the heaviest element GFN1- and GFN2-xTB are parametrised for (Rn)
 XTB_MAX_Z = 86
 
@@ -357,7 +359,7 @@ def sample_isomers(
         n_reference_isomers = max(1, round(0.8 * n_isomers))
     if not 1 <= n_reference_isomers <= n_isomers:
         raise ValueError(f"n_reference_isomers={n_reference_isomers} must be 1..{n_isomers}")
-    sets: dict[str, list[PackedDataset]] = {"reference": [], "test_within": [], "test_other": []}
+    sets: dict[str, list[PackedDataset]] = {name: [] for name in ISO17_SETS}
     for k, smiles in enumerate(smiles_list):
         calculator = make_calculator(method)
         atoms = molecule_from_smiles(smiles, seed=seed + k)

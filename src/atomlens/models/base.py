@@ -48,26 +48,6 @@ from ..data.batch import Pairs
 from ..registry import REPRESENTATION_CLASSES, representation_names
 
 
-def check_sizes(**sizes) -> None:
-    """Refuse hyperparameters no model can be built from (a hand-edited ``config.json``),
-    naming the parameter: sizes must be integers >= 1 (``max_z`` at most 118); ``cutoff``,
-    ``rbf_stop`` and ``rbf_gamma`` positive and finite, or None."""
-    import math
-
-    for name, value in sizes.items():
-        if name in ("cutoff", "rbf_stop", "rbf_gamma"):
-            if value is None:
-                continue
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not (ok and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number (Angstrom), not {value!r}")
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
-        if name == "max_z" and value > 118:
-            raise ValueError(f"max_z must be at most 118 (the known elements), not {value}")
-
-
 class Representation(nn.Module):
     """Base class of atomlens representations: see the module docstring for the contract."""
 

@@ -19,7 +19,7 @@ from ..data.batch import Pairs
 from ..nn import CosineCutoff, GaussianRBF, scatter_sum
 from ..nn.geometry import pair_distances
 from ..nn.linear import Linear
-from .base import Representation, check_sizes
+from .base import Representation
 
 
 class DTNNInteraction(nn.Module):
@@ -77,16 +77,6 @@ class DTNN(Representation):
         rbf_start: float = 0.0,
     ):
         super().__init__()
-        check_sizes(
-            n_atom_basis=n_atom_basis,
-            n_interactions=n_interactions,
-            n_factors=n_factors,
-            n_rbf=n_rbf,
-            max_z=max_z,
-            cutoff=cutoff,
-            rbf_stop=rbf_stop,
-            rbf_gamma=rbf_gamma,
-        )
         if rbf_stop is None and cutoff is None:
             raise ValueError("DTNN needs rbf_stop (the last Gaussian centre) without a cutoff")
         self.n_atom_basis, self.cutoff = n_atom_basis, cutoff

@@ -242,6 +242,11 @@ def _json_value(value) -> bool:
 
 
 def build_model(config: ModelConfig | dict) -> AtomisticModel:
+    """The model of ``config``, its types and ranges checked first (a hand-edited saved
+    config is refused naming the value, not at its first prediction)."""
+    from ..config_checks import check_model_config
+
     if isinstance(config, dict):
         config = ModelConfig.from_dict(config)
+    check_model_config(config)
     return AtomisticModel(config)

@@ -34,7 +34,7 @@ from ..nn import (
 from ..nn.filter_tables import filter_tables
 from ..nn.geometry import pair_distances
 from ..nn.linear import Linear, batch_rows, pad_rows
-from .base import Representation, check_sizes
+from .base import Representation
 
 #: training batches carry their atom features in bucket-sized arrays (SchNet.forward)
 PAD_TRAINING_BATCHES = True
@@ -152,16 +152,6 @@ class SchNet(Representation):
         filter_spacing: float | None = 0.02,
     ):
         super().__init__()
-        check_sizes(
-            n_atom_basis=n_atom_basis,
-            n_interactions=n_interactions,
-            n_filters=n_filters,
-            n_rbf=n_rbf,
-            max_z=max_z,
-            cutoff=cutoff,
-            rbf_stop=rbf_stop,
-            rbf_gamma=rbf_gamma,
-        )
         self.n_atom_basis, self.cutoff = n_atom_basis, cutoff
         self.embedding = nn.Embedding(max_z + 1, n_atom_basis, padding_idx=0)
         self.rbf = GaussianRBF(

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from ..config_checks import KWARG_RULES, check_train_config
 from ..fileio import atomic_file, check_readable
 from ..models.potential import ModelConfig
-from .config_checks import KWARG_RULES, check_train_config
 
 
 @dataclass

@@ -165,9 +165,16 @@ def check_train_config(config) -> None:
             f"training config: lr_min ({config.lr_min:g}) is above lr ({config.lr:g}); the "
             f"learning rate decays from lr down to lr_min"
         )
-    check_types(config.model, "training config: model.")
-    check_ranges(config.model, MODEL_RULES, "training config: model.")
-    for name, value in config.model.representation_kwargs.items():
+    check_model_config(config.model, "training config: model.")
+
+
+def check_model_config(model, where: str = "model config: ") -> None:
+    """Types and ranges of a :class:`~atomlens.models.ModelConfig` and its representation's
+    sizes and lengths (:data:`KWARG_RULES`): when a model is built (``build_model``: from a
+    training config, or from a saved ``config.json``, perhaps edited by hand)."""
+    check_types(model, where)
+    check_ranges(model, MODEL_RULES, where)
+    for name, value in model.representation_kwargs.items():
         if name not in KWARG_RULES or value is None:
             continue  # unknown names are refused by the representation class itself
         test, description = KWARG_RULES[name]
@@ -177,6 +184,5 @@ def check_train_config(config) -> None:
         )
         if wrong_type or not math.isfinite(value) or not test(value):
             raise ValueError(
-                f"training config: model.representation_kwargs.{name} must be "
-                f"{description}, not {value!r}"
+                f"{where}representation_kwargs.{name} must be {description}, not {value!r}"
             )
