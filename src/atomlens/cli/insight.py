@@ -172,12 +172,12 @@ def _split_indices(folder: Path, split: str, data, name: str) -> np.ndarray:
     if split == "all":
         return np.arange(len(data))
     from ..data.splits import load_split
-    from ..training.run_folder import FINGERPRINT, same_data
+    from ..training.run_folder import FINGERPRINT, run_of, same_data
 
     path = folder / "split.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the model folder has no split; use --split all")
-    run = folder.parent if folder.name == "model" else folder  # the fingerprint's folder
+    run = run_of(folder)  # the fingerprint's folder
     if same_data(run, data) is False:
         raise ValueError(
             f"--split {split}: the split indexes the data {run} was trained on, and --data "

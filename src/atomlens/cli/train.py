@@ -635,10 +635,10 @@ def _check_split_fits(args, folders: list[Path], data, split: str, name: str) ->
     file, would be scored on other structures (training ones, perhaps) under the split's
     name. A run without a fingerprint (older atomlens) is scored on its own data as before;
     a --data file cannot be checked against it and is refused."""
-    from ..training.run_folder import FINGERPRINT, same_data
+    from ..training.run_folder import FINGERPRINT, run_of, same_data
 
     for folder in folders:
-        run = folder.parent if folder.name == "model" else folder  # the fingerprint's folder
+        run = run_of(folder)  # the fingerprint's folder
         same = same_data(run, data)
         if same is None and args.data:
             raise ValueError(

@@ -221,6 +221,11 @@ def read_fingerprint(out: Path) -> dict | None:
         raise RunFolderError(f"{stored_file}: damaged ({err})") from err
 
 
+def run_of(folder: Path) -> Path:
+    """The run folder (the fingerprint's) of a model folder ``RUN/model``, or ``folder``."""
+    return folder.parent if folder.name == "model" else folder
+
+
 def same_data(out: Path, data) -> bool | None:
     """Whether ``data`` is the data the run in ``out`` was trained on (its recorded
     fingerprint's), so that the run's split indices pick the structures they picked then;
