@@ -13,6 +13,8 @@ import os
 import sys
 import types
 
+import pytest
+
 from atomlens.runtime import prepare_environment, tune_allocator
 
 prepare_environment()  # passive OpenMP waiting, set before torch loads (as the CLI does)
@@ -57,3 +59,14 @@ def _import_zennit() -> None:
 
 
 _import_zennit()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (molecules of a few atoms, MD: one thread is fastest
+    and immune to a busy machine); a module takes it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

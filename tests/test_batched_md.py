@@ -15,13 +15,7 @@ from atomlens.batched_md import BatchedMD, run_batched_md
 from atomlens.calculator import Calculator
 from atomlens.md import MDUnstableError, kinetic_temperature
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _systems():

@@ -47,13 +47,7 @@ def _aspirin_like():
     return atoms
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Molecules of a few atoms: one torch thread is fastest (and immune to a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ forces = -grad E

@@ -37,6 +37,15 @@ graphs. ``"auto"`` (the default) compiles when every molecule has at most
 :data:`~atomlens.nn.kernels.AUTO_COMPILE_MAX_ATOMS` atoms (all pairs grow as n^2) and
 ``ATOMLENS_COMPILE`` is not ``0``, says so on the ``atomlens`` logger, and falls back to the
 eager path with a warning if compiling fails.
+
+Precision: the integrator's state (positions, momenta, masses) is float64 whatever the
+model's precision (float32 by default), as ASE's integrators keep it; a float32 state
+rounded every step's displacement (about 1e-3 Angstrom against coordinates of a few
+Angstrom, kept to seven digits) and a coordinate far from the origin to its float32
+spacing. The model sees each trajectory's positions relative to its first atom, in the
+model's precision (energies and forces depend on differences only), and its per-atom
+energies are summed per trajectory in float64: a float32 total of -10,000 eV (QM9's scale)
+is rounded to 1 meV, more than an NVE run's drift.
 """
 
 from __future__ import annotations
@@ -181,7 +190,10 @@ class BatchedMD:
         self.energy_std: torch.Tensor | None = None
         self.max_force_std: torch.Tensor | None = None
         param = next(self.model.parameters())
+        #: the model's device and precision
         self.device, self.dtype = param.device, param.dtype
+        #: the integrator's precision (module doc): float64 (MPS has none: the model's)
+        self.state_dtype = torch.float64 if self.device.type != "mps" else self.dtype
         self.ensemble, self.temperature_K = ensemble, float(temperature_K)
         self.timestep_fs, self.friction = float(timestep_fs), float(friction)
         self.dt = self.timestep_fs * ase_units.fs
@@ -215,16 +227,20 @@ class BatchedMD:
             np.concatenate(values), dtype=dtype, device=self.device
         )
         self.numbers = as_tensor([a.numbers for a in starts], torch.int64)
-        self.positions = as_tensor([a.positions for a in starts], self.dtype)
-        self.momenta = as_tensor([a.get_momenta() for a in starts], self.dtype)
-        self.masses = as_tensor([a.get_masses() for a in starts], self.dtype)[:, None]
+        self.positions = as_tensor([a.positions for a in starts], self.state_dtype)
+        self.momenta = as_tensor([a.get_momenta() for a in starts], self.state_dtype)
+        self.masses = as_tensor([a.get_masses() for a in starts], self.state_dtype)[:, None]
         self.n_atoms_per = torch.tensor(counts, dtype=torch.int64, device=self.device)
         self.n_structures = len(starts)
         self.structure_index = torch.repeat_interleave(
             torch.arange(self.n_structures, device=self.device), self.n_atoms_per
         )
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        self.n_dof = torch.tensor(n_dof, dtype=self.dtype, device=self.device)
+        #: each atom's trajectory's first atom: the origin of the model's positions
+        self._first_atom = torch.as_tensor(self.offsets[:-1], device=self.device)[
+            self.structure_index
+        ]
+        self.n_dof = torch.tensor(n_dof, dtype=self.state_dtype, device=self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(rng.integers(2**62)))
         self.nsteps = 0
@@ -306,8 +322,14 @@ class BatchedMD:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of all energies, per-trajectory energies (R,)) of member ``k``, in its unit."""
         atomic = self.models[k].atomic_energies(self.numbers, positions, pairs, self.frozen[k])
-        energies = scatter_sum(atomic, self.structure_index, self.n_structures)
+        # summed in float64 (module doc); the gradient reaches positions in their dtype
+        energies = scatter_sum(atomic.to(self.state_dtype), self.structure_index, self.n_structures)
         return energies.sum(), energies
+
+    def _model_positions(self) -> torch.Tensor:
+        """The positions as the model sees them: relative to each trajectory's first atom,
+        in the model's dtype (module doc)."""
+        return (self.positions - self.positions[self._first_atom]).to(self.dtype)
 
     def _compile(self):
         """The energy+forces function of fixed shapes, compiled (see the module doc)."""
@@ -392,7 +414,7 @@ class BatchedMD:
             self._capacity = pair_capacity(half, PAIR_CAPACITY_HEADROOM, limit=every_pair)
         pad = self._capacity - half
         padding = pair_i.new_zeros(pad)
-        shifts = self.positions.new_zeros(self._capacity, 3)
+        shifts = torch.zeros(self._capacity, 3, dtype=self.dtype, device=self.device)
         shifts[half:, 0] = PADDING_DISTANCE * self.cutoff
         self._padded = (
             torch.cat([pair_i[:half], padding]),
@@ -423,7 +445,7 @@ class BatchedMD:
         if self.compiled is not None:
             pairs = self._padded_pairs() if self._listed else ()
             try:
-                energies, forces = self.compiled(self.positions, *pairs)
+                energies, forces = self.compiled(self._model_positions(), *pairs)
             except Exception as err:
                 # compiling failed (also a later compile: the pair list outgrew its
                 # capacity): with compile="auto" go on eagerly
@@ -439,7 +461,7 @@ class BatchedMD:
             if self.device.type == "cuda":  # CUDA graphs reuse their outputs' memory: copies
                 energies, forces = energies.clone(), forces.clone()
         else:
-            positions = self.positions.detach().requires_grad_(True)
+            positions = self._model_positions().requires_grad_(True)
             pair_i, pair_j = molecular_pairs(self.n_atoms_per, self.positions, self.cutoff)
             pairs = Pairs(pair_i, pair_j, None, True)
             results = []
@@ -449,7 +471,7 @@ class BatchedMD:
                     (gradient,) = torch.autograd.grad(total, positions)
                     results.append((gradient, (total, member_energies)))
             energies, forces = self._stacked(results)
-        energies, forces = energies.detach(), forces.detach()
+        energies, forces = energies.detach(), forces.detach().to(self.state_dtype)
         if self.energy_to_ev != 1.0:  # (an eV model: no copies)
             energies, forces = energies * self.energy_to_ev, forces * self.energy_to_ev
         if len(self.models) > 1:  # the members' mean drives the dynamics; their spread
@@ -481,7 +503,10 @@ class BatchedMD:
             c1 = float(np.exp(-self.friction / ase_units.fs * self.dt))
             kt = ase_units.kB * self.temperature_K
             noise = torch.randn(
-                self.momenta.shape, generator=self.generator, device=self.device, dtype=self.dtype
+                self.momenta.shape,
+                generator=self.generator,
+                device=self.device,
+                dtype=self.state_dtype,
             )
             self.momenta.mul_(c1).add_(np.sqrt((1.0 - c1 * c1) * kt) * self.masses.sqrt() * noise)
             self._remove_momentum()

@@ -221,9 +221,11 @@ class Calculator(AseCalculator):
                 self._compile_failed(err)
 
     def _energy(self, positions: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(energy, atomic energies) in the model's unit."""
+        """(energy, atomic energies) in the model's unit. The energy is summed in float64
+        (MPS has none): a float32 total of -10,000 eV (QM9's scale) is rounded to 1 meV,
+        more than an NVE run's drift; the gradient reaches the positions in their dtype."""
         atomic = self.model.atomic_energies(self._batch_numbers, positions, pairs, self._frozen)
-        return atomic.sum(), atomic
+        return atomic.sum(dtype=torch.float64 if atomic.device.type != "mps" else None), atomic
 
     def _energy_forces_function(self):
         """positions -> (energy, forces, atomic energies) on all pairs, for torch.compile."""
