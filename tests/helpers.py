@@ -65,6 +65,37 @@ def random_rotation(seed: int = 0) -> torch.Tensor:
     return q * torch.sign(torch.det(q))
 
 
+def tiny_train_config(out: Path, width: int = 8, **overrides):
+    """A :class:`TrainConfig` of seconds: U0 of 20/10/10 molecules, 1 epoch, batch 10, a
+    one-block SchNet ``width`` features wide (cutoff 4 Angstrom at width 8, else 5), no
+    progress bar, on the CPU, written to ``out``; ``overrides`` replace top-level keys."""
+    from atomlens.training import TrainConfig
+
+    base = {
+        "target": "U0",
+        "n_train": 20,
+        "n_val": 10,
+        "n_test": 10,
+        "batch_size": 10,
+        "max_epochs": 1,
+        "progress": False,
+        "out": str(out),
+        "device": "cpu",
+        "model": {
+            "representation": "schnet",
+            "head_hidden": 8,
+            "representation_kwargs": {
+                "n_atom_basis": width,
+                "n_interactions": 1,
+                "n_filters": width,
+                "n_rbf": 8 if width == 8 else 10,
+                "cutoff": 4.0 if width == 8 else 5.0,
+            },
+        },
+    }
+    return TrainConfig.from_dict({**base, **overrides})
+
+
 def write_tiny_train_config(path: Path, data: Path, device: str = "cpu") -> Path:
     """A YAML training config of seconds on the packed ``data`` (the QM9 sample): U0 of
     20/10/10 molecules, 2 epochs, a one-block SchNet of 16 features, on ``device``."""

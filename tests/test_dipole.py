@@ -5,7 +5,7 @@ e*Angstrom -> debye conversion, and ``train --target mu`` with charges in the ou
 import numpy as np
 import pytest
 import torch
-from helpers import qm9_sample, random_model
+from helpers import qm9_sample, random_model, tiny_train_config
 from scipy.spatial.transform import Rotation
 
 from atomlens import units
@@ -85,33 +85,9 @@ def test_dipole_rotates_with_the_molecule_and_ignores_the_origin(data, model):
 def test_train_mu_predicts_charges(tmp_path, data, capsys):
     from atomlens.cli import main
     from atomlens.models import load_model
-    from atomlens.training import TrainConfig
     from atomlens.training import train_model as train
 
-    config = TrainConfig.from_dict(
-        {
-            "target": "mu",
-            "n_train": 20,
-            "n_val": 10,
-            "n_test": 10,
-            "batch_size": 10,
-            "max_epochs": 1,
-            "progress": False,
-            "out": str(tmp_path / "run"),
-            "device": "cpu",
-            "model": {
-                "representation": "schnet",
-                "head_hidden": 8,
-                "representation_kwargs": {
-                    "n_atom_basis": 16,
-                    "n_interactions": 1,
-                    "n_filters": 16,
-                    "n_rbf": 10,
-                    "cutoff": 5.0,
-                },
-            },
-        }
-    )
+    config = tiny_train_config(tmp_path / "run", width=16, target="mu")
     metrics = train(config, data=data)
     assert np.isfinite(metrics["mu_mae"]) and metrics["unit"] == "Debye"
     model = load_model(tmp_path / "run")

@@ -119,31 +119,9 @@ def qm9():
 
 
 def _tiny(out, **kw):
-    from atomlens.training import TrainConfig
+    from helpers import tiny_train_config
 
-    base = {
-        "target": "U0",
-        "n_train": 20,
-        "n_val": 10,
-        "n_test": 10,
-        "batch_size": 10,
-        "max_epochs": 1,
-        "progress": False,
-        "out": str(out),
-        "device": "cpu",
-        "model": {
-            "representation": "schnet",
-            "head_hidden": 8,
-            "representation_kwargs": {
-                "n_atom_basis": 8,
-                "n_interactions": 1,
-                "n_filters": 8,
-                "n_rbf": 8,
-                "cutoff": 4.0,
-            },
-        },
-    }
-    return TrainConfig.from_dict({**base, **kw})
+    return tiny_train_config(out, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import qm9_sample
+from helpers import qm9_sample, tiny_train_config
 
 from atomlens.data.splits import load_split
 from atomlens.models import load_model
@@ -28,21 +28,9 @@ TINY_MODEL = {
 
 
 def tiny_config(tmp_path, **kw) -> TrainConfig:
-    base = {
-        "target": "U0",
-        "n_train": 20,
-        "n_val": 10,
-        "n_test": 10,
-        "batch_size": 10,
-        "lr": 3e-3,
-        "max_epochs": 2,
-        "progress": False,
-        "out": str(tmp_path / "run"),
-        "device": "cpu",
-        "model": TINY_MODEL,
-    }
-    base.update(kw)
-    return TrainConfig.from_dict(base)
+    """helpers.tiny_train_config with a two-block 32-wide SchNet, 2 epochs at 3e-3."""
+    out = kw.pop("out", tmp_path / "run")
+    return tiny_train_config(out, **{"lr": 3e-3, "max_epochs": 2, "model": TINY_MODEL, **kw})
 
 
 @pytest.fixture(scope="module")

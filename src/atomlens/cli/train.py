@@ -406,6 +406,7 @@ def _the_files_only_target(config):
     from ..training.train import load_dataset
 
     data = open_dataset(config.data, config.energy_unit, config.length_unit)
+    data.opened_from = config.data  # training records this name as the run's data
     targets = data.model_targets
     if config.target not in data.targets and len(targets) == 1:
         print(f"target: {targets[0]!r}, the only one in {config.data}")

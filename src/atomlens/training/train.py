@@ -62,6 +62,10 @@ shared_memory.register()  # the strategy names ddp_spawn_shm and ddp_shm
 PREDICTIONS = "test_predictions.npz"
 
 
+#: what a run's config records as its data when train() was given a data set, not a name
+GIVEN_DATA = "the data given to train()"
+
+
 def load_dataset(
     config: TrainConfig,
     fixed_target: bool = False,
@@ -72,10 +76,17 @@ def load_dataset(
     for the target and the derivatives the config trains on. ``fixed_target``: the target
     is a saved model's (evaluate), not the user's choice, and the error says so.
     ``opened``: that data set already opened, checked here instead of read again;
-    ``source``: what the messages call it (default ``config.data``)."""
+    ``source``: what the messages call it (default ``config.data``). The data set returned
+    is marked as read from ``config.data`` (its ``opened_from``) when it was, so that
+    :func:`train` given it records that name as the run's data."""
     from ..data.sources.open import open_dataset
 
     name = config.data if source is None else source
+    if opened is None and config.data == GIVEN_DATA:
+        raise DataError(
+            f"this run was trained on {GIVEN_DATA} in Python, which no file names: "
+            f"give that data again (train(data=...)), or name its file with --data"
+        )
     data = (
         opened
         if opened is not None
@@ -101,8 +112,11 @@ def load_dataset(
         raise DataError(f"{name}: forces requested but the data set has no forces")
     if config.stress and "stress" not in data.targets:
         raise DataError(f"{name}: stress requested but the data set has no stress")
+    named = opened is None or getattr(opened, "opened_from", None) == config.data
     if config.max_structures is not None and config.max_structures < len(data):
         data = data.subset(np.arange(config.max_structures))
+    if named:
+        data.opened_from = config.data
     return data
 
 
@@ -382,9 +396,13 @@ def _train(
     if config.threads:
         torch.set_num_threads(config.threads)
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    # data given from Python gets the checks and the max_structures cut of a file's
+    # data given from Python gets the checks and the max_structures cut of a file's, and
+    # the run's config says so (not config.data's default, which it was not trained on)
     if data is not None:
-        data = load_dataset(config, opened=data, source="the data given to train()")
+        named = getattr(data, "opened_from", None) == config.data  # read from config.data
+        data = load_dataset(config, opened=data, source=None if named else GIVEN_DATA)
+        if not named:
+            config = config.updated(data=GIVEN_DATA)
     else:
         data = load_dataset(config)
     config = adapt_to_data(config, data)
