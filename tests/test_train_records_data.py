@@ -60,3 +60,12 @@ def test_data_named_by_the_config_is_recorded_by_name(tmp_path):
     assert main(argv) == 0
     assert _recorded(tmp_path / "file") == str(xyz)
     assert main(["evaluate", str(tmp_path / "file")]) == 0
+
+
+def test_ensemble_members_in_their_own_processes_record_the_file(tmp_path):
+    from atomlens.training.ensemble import train_ensemble
+
+    packed = qm9_sample().save(tmp_path / "packed")
+    train_ensemble(_config(tmp_path / "ens", data=str(packed)), 2, parallel=2)
+    for k in (0, 1):
+        assert _recorded(tmp_path / "ens" / f"model_{k}") == str(packed)
