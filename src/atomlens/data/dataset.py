@@ -75,6 +75,9 @@ class PackedDataset:
             raise DataError("give both cell and pbc, or neither")
         self.cell, self.pbc = cell, pbc
         self._pair_cache: dict[tuple[float, int], tuple[np.ndarray, ...]] = {}
+        #: the data spec (a training config's ``data``) this set was read from, if training
+        #: read it so: what a run records as its data (``atomlens.training.train``)
+        self.opened_from: str | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
