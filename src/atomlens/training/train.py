@@ -112,7 +112,7 @@ def load_dataset(
         raise DataError(f"{name}: forces requested but the data set has no forces")
     if config.stress and "stress" not in data.targets:
         raise DataError(f"{name}: stress requested but the data set has no stress")
-    named = opened is None or getattr(opened, "opened_from", None) == config.data
+    named = opened is None or opened.opened_from == config.data
     if config.max_structures is not None and config.max_structures < len(data):
         data = data.subset(np.arange(config.max_structures))
     if named:
@@ -399,7 +399,7 @@ def _train(
     # data given from Python gets the checks and the max_structures cut of a file's, and
     # the run's config says so (not config.data's default, which it was not trained on)
     if data is not None:
-        named = getattr(data, "opened_from", None) == config.data  # read from config.data
+        named = data.opened_from == config.data  # read from config.data
         data = load_dataset(config, opened=data, source=None if named else GIVEN_DATA)
         if not named:
             config = config.updated(data=GIVEN_DATA)
@@ -494,7 +494,7 @@ def _train(
         budget = BudgetStop(deadline, n_after, margin_s=MARGIN_S + spawned * SPAWN_MARGIN_S)
         callbacks.append(budget)
     if config.lr_schedule == "cosine":
-        callbacks.append(CosineToEnd(config.lr, min(config.lr_min, config.lr), budget))
+        callbacks.append(CosineToEnd(config.lr, task.lr_min, budget))  # (clamped to lr there)
     trainer = pl.Trainer(
         accelerator=config.device,
         devices=config.devices,
