@@ -487,6 +487,121 @@ def test_tabulated_cfconv_is_lookup_then_cfconv_with_its_first_derivatives(dtype
     assert grid_grad[3] == 0 and grid_grad[4] == 0 and grid_grad[1] != 0  # beyond; the end
 
 
+def test_interval_order_sorts_by_atom_block_then_interval_stably():
+    """The by-interval kernels' order: a permutation of the pairs, by block of
+    2^INTERVAL_BLOCK_SHIFT first atoms, then by grid interval (clamped: below the grid
+    interval 0, its end and beyond the last, NaN 0), the pairs of one key in their order."""
+    from atomlens.nn import cpu_kernels
+
+    gen = torch.Generator().manual_seed(5)
+    n_pairs, n_intervals = 5000, 40
+    a = torch.randint(0, 1100, (n_pairs,), generator=gen)
+    b = torch.randint(0, 1100, (n_pairs,), generator=gen)
+    x = torch.rand(n_pairs, generator=gen) * (n_intervals + 4) - 2
+    x[:3] = torch.tensor([float("nan"), float(n_intervals), -0.5])
+    for dtype in (torch.float32, torch.float64):
+        got = cpu_kernels.interval_order(x.to(dtype), a, b, n_intervals)
+        assert got is not None, "no AVX-512 build: the by-interval path is off"
+        xs, as_, bs = got
+        k = torch.nan_to_num(x, nan=0.0).floor().clamp(0, n_intervals - 1).long()
+        key = (a >> cpu_kernels.INTERVAL_BLOCK_SHIFT) * n_intervals + k
+        order = torch.argsort(key, stable=True)
+        assert torch.equal(as_, a[order]) and torch.equal(bs, b[order])
+        torch.testing.assert_close(xs, x.to(dtype)[order], rtol=0, atol=0, equal_nan=True)
+    assert cpu_kernels.INTERVAL_BLOCK_SHIFT == 8
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert all(t.numel() == 0 for t in cpu_kernels.interval_order(x[:0], empty, empty, 3))
+
+
+@pytest.mark.parametrize("width", [13, 77, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tabulated_cfconv_by_interval_is_lookup_then_cfconv(dtype, width):
+    """The by-interval loops (forward: chunks of 4 vectors of features, backward: 2, then
+    the rest pair by pair) on the pairs in interval order: the plain formulas' output and
+    first derivatives w.r.t. the features and the table, each alone and both; a backward
+    pass that builds a graph (second derivatives) goes through the general path, as exact.
+    Many pairs per interval, several atom blocks, an atom paired with itself."""
+    from atomlens.nn import cpu_kernels
+    from atomlens.nn.cfconv import cfconv_tabulated
+
+    gen = torch.Generator().manual_seed(3)
+    n_atoms, n_pairs, n_intervals = 600, 3000, 7
+    h = torch.randn(n_atoms, width, generator=gen).to(dtype)
+    table = torch.randn(n_intervals, 4, width, generator=gen).to(dtype)
+    a = torch.randint(0, n_atoms, (n_pairs,), generator=gen)
+    b = torch.randint(0, n_atoms, (n_pairs,), generator=gen)
+    b[:4] = a[:4]  # periodic self-images: both halves on one row
+    grid = (torch.rand(n_pairs, generator=gen) * (n_intervals + 1) - 0.5).to(dtype)
+    pair_i, pair_j = torch.cat([a, b]), torch.cat([b, a])
+    by_interval = cpu_kernels.interval_order(grid, a, b, n_intervals)
+    assert by_interval is not None, "no AVX-512 build: the by-interval path is off"
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    g = torch.randn(h.shape, dtype=dtype, generator=gen)
+    for wanted in ([0], [1], [0, 1]):
+        inputs = [t.clone().requires_grad_(k in wanted) for k, t in enumerate((h, table))]
+        got = cfconv_tabulated(*inputs, grid, pair_i, pair_j, by_interval)
+        expected = _lookup_then_cfconv(*inputs, grid, a, b)
+        assert got.grad_fn.name() == "_IntervalCFConvBackward"
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+        leaves = [inputs[k] for k in wanted]
+        for x, y in zip(
+            torch.autograd.grad(got, leaves, g), torch.autograd.grad(expected, leaves, g)
+        ):  # a table row adds up ~400 pairs' terms, in another order: tolerance by scale
+            scale = float(y.abs().max())
+            torch.testing.assert_close(x, y, rtol=tolerance, atol=tolerance * scale)
+    # with a graph (the table's gradient of |dL/dh|^2): the general path, the same numbers
+    second = []
+    for by in (by_interval, None):
+        h1, t1 = h.clone().requires_grad_(True), table.clone().requires_grad_(True)
+        y = cfconv_tabulated(h1, t1, grid, pair_i, pair_j, by)
+        (gh,) = torch.autograd.grad(y, h1, g, create_graph=True)
+        second.append(torch.autograd.grad(gh.pow(2).sum(), t1)[0])
+    torch.testing.assert_close(
+        second[0], second[1], rtol=tolerance, atol=tolerance * float(second[1].abs().max())
+    )
+    # grid coordinates that need a gradient (forces) take the first-atom path
+    moving = grid.clone().requires_grad_(True)
+    y = cfconv_tabulated(h, table, moving, pair_i, pair_j, by_interval)
+    assert y.grad_fn.name() == "_TabulatedCFConvBackward"
+
+
+def test_schnet_trains_on_the_by_interval_path_with_the_same_gradients(data, monkeypatch):
+    """A SchNet step without forces on a batch of at least MIN_INTERVAL_PAIRS pairs runs
+    the by-interval convolution (once-sorted pairs shared by the blocks); its energies and
+    parameter gradients are those of the first-atom path. With forces, and for small
+    batches, the first-atom path."""
+    from atomlens.nn import cfconv
+
+    model = sharp_model(0.02).float().train()
+    batch = data.batch(range(40), 5.0, torch.float32)
+    assert batch.pairs.i.shape[0] // 2 >= cfconv.MIN_INTERVAL_PAIRS
+    seen = []
+    spy = cfconv.interval_pairs
+
+    def spying(*args):
+        seen.append(spy(*args))
+        return seen[-1]
+
+    monkeypatch.setattr("atomlens.models.schnet.interval_pairs", spying)
+    results = []
+    for threshold in (cfconv.MIN_INTERVAL_PAIRS, 10**9):
+        monkeypatch.setattr(cfconv, "MIN_INTERVAL_PAIRS", threshold)
+        model.zero_grad()
+        energy = model(batch)["energy"]
+        energy.pow(2).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((energy.detach(), grads))
+    assert seen[0] is not None and seen[1] is None
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(cfconv, "MIN_INTERVAL_PAIRS", 1)
+    model(batch, forces=True)
+    small = data.batch(range(2), 5.0, torch.float32)
+    monkeypatch.setattr(cfconv, "MIN_INTERVAL_PAIRS", 2048)
+    model(small)
+    assert seen[2] is None and seen[3] is None
+
+
 @pytest.mark.parametrize("width", [13, 77])
 def test_tabulated_cfconv_nan_distance_gives_nan_on_its_atoms_only(width):
     """A NaN grid coordinate (a NaN distance) reads row 0 and makes its two atoms' outputs

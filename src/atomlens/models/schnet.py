@@ -31,6 +31,7 @@ from ..nn import (
     hermite_lookup,
     scatter_sum,
 )
+from ..nn.cfconv import interval_pairs
 from ..nn.filter_tables import filter_tables
 from ..nn.geometry import pair_distances
 from ..nn.linear import Linear, batch_rows, pad_rows
@@ -60,6 +61,9 @@ class TabulatedFilters(NamedTuple):
 
     table: torch.Tensor  # (n_intervals, 4, n_filters)
     grid: torch.Tensor  # (P,)
+    #: the same pairs (grid, first atoms, second atoms) in the order of the convolution's
+    #: by-interval kernels (:func:`~atomlens.nn.cfconv.interval_pairs`), or None
+    by_interval: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def values(self) -> torch.Tensor:
         return hermite_lookup(self.table, self.grid)
@@ -112,7 +116,11 @@ class SchNetInteraction(nn.Module):
         array or :class:`TabulatedFilters` (hooks that change them: :func:`filter_values`)."""
         y = self.in2f(x)
         if pairs.symmetric and isinstance(filters, TabulatedFilters):
-            return self.f2out(cfconv_tabulated(y, *filters, pairs.i, pairs.j))
+            return self.f2out(
+                cfconv_tabulated(
+                    y, filters.table, filters.grid, pairs.i, pairs.j, filters.by_interval
+                )
+            )
         filters = filter_values(filters)
         if pairs.symmetric:  # one filter per unordered pair serves both directions
             return self.f2out(cfconv_symmetric(y, filters, pairs.i, pairs.j))
@@ -211,12 +219,18 @@ class SchNet(Representation):
         if tabulated:
             tables = self.filter_tables() if frozen is None else frozen
             x_grid = d * (tables[0].shape[0] / self.cutoff)  # distance in node spacings
+            # without forces, the pairs once in the order the convolution runs fastest in
+            by_interval = (
+                interval_pairs(x_grid, pairs.i, pairs.j, tables[0].shape[0])
+                if pairs.symmetric
+                else None
+            )
         else:
             rbf = self.rbf(d)
             f_cut = self.cutoff_fn(d) if self.cutoff_fn is not None else torch.ones_like(d)
         for k, interaction in enumerate(self.interactions):
             if tabulated:
-                filters = TabulatedFilters(tables[k], x_grid)
+                filters = TabulatedFilters(tables[k], x_grid, by_interval)
             else:
                 filters = interaction.filter_network(rbf) * f_cut[:, None]
             x = x + interaction(x, filters, pairs)

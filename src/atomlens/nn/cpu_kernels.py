@@ -55,7 +55,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v16"
+_NAME = "atomlens_cpu_kernels_v22"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -460,21 +460,6 @@ static void check_tabulated(const torch::Tensor& h, const torch::Tensor& table,
               "tabulated cfconv: int64");
 }
 
-torch::Tensor tabulated_cfconv(torch::Tensor h, torch::Tensor table, torch::Tensor x,
-                               torch::Tensor a, torch::Tensor b) {
-  check_tabulated(h, table, x, a, b);
-  auto hc = h.contiguous(), tc = table.contiguous(), xc = x.contiguous();
-  auto ac = a.contiguous(), bc = b.contiguous();
-  auto y = torch::zeros_like(hc);
-  AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "tabulated_cfconv", [&] {
-    tabulated_rows<scalar_t>(hc.data_ptr<scalar_t>(), tc.data_ptr<scalar_t>(),
-                             xc.data_ptr<scalar_t>(), ac.data_ptr<int64_t>(),
-                             bc.data_ptr<int64_t>(), y.data_ptr<scalar_t>(), xc.size(0),
-                             hc.size(1), tc.size(0) / 4);
-  });
-  return y;
-}
-
 std::vector<torch::Tensor> tabulated_cfconv_double_backward(
     torch::Tensor grad_grad_h, torch::Tensor grad_grad_x, torch::Tensor grad, torch::Tensor h,
     torch::Tensor table, torch::Tensor x, torch::Tensor a, torch::Tensor b) {
@@ -503,11 +488,234 @@ std::vector<torch::Tensor> tabulated_cfconv_double_backward(
   return {grad_g, grad_h, grad_table, grad_x};
 }
 
+// The same convolution and its first derivatives w.r.t. h and the table (no forces) with
+// the pairs ordered by grid interval instead of by first atom (interval_order): within a
+// block of atoms, the pairs of one interval k come together, so a chunk of interval k's
+// four table rows (and, backward, of their four gradient rows) stays in registers over the
+// run instead of being read (and updated) per pair: per pair and vector of features the
+// backward pass then reads g_a, g_b, h_a, h_b and updates dL/dh_a, dL/dh_b, where the
+// pass in first-atom order also reads four table rows and updates four gradient rows. QM9
+// batch of 100 (13,809 pairs, 128 features), one thread, CPU time: backward 0.308 against
+// 0.459 ms, forward 0.198 against 0.215 ms alone; inside 128/6 training steps (profiled)
+// 0.46 against 0.62-0.70 ms and 0.26-0.28 against 0.27-0.31 ms per block, about 1 ms less
+// per step (the ordering itself: 0.035 ms per step)
+template <typename T>
+static inline int64_t run_interval(const T* x, int64_t p, int64_t intervals) {
+  int64_t k;
+  T t;
+  clamped_interval(x[p], intervals, k, t);
+  return k;
+}
+
+// every pair's interval and offset, computed once (the chunks of features reuse them)
+template <typename T>
+static void pair_intervals(const T* x, int64_t pairs, int64_t intervals,
+                           std::vector<int64_t>& k, std::vector<T>& t) {
+  k.resize(pairs);
+  t.resize(pairs);
+  for (int64_t p = 0; p < pairs; ++p) clamped_interval(x[p], intervals, k[p], t[p]);
+}
+
+// interval k's four coefficient rows for CH vectors of features from f0, in registers
+template <typename T, int CH>
+struct TableChunk {
+  typedef typename vec_of<T>::type V;
+  V c0[CH], c1[CH], c2[CH], c3[CH];
+  TableChunk(const T* row, int64_t width, int64_t f0) {
+    _Pragma("GCC unroll 4") for (int j = 0; j < CH; ++j) {
+      const int64_t o = f0 + j * static_cast<int64_t>(sizeof(V) / sizeof(T));
+      c0[j] = vload(row + o);
+      c1[j] = vload(row + width + o);
+      c2[j] = vload(row + 2 * width + o);
+      c3[j] = vload(row + 3 * width + o);
+    }
+  }
+  V filter(int j, V t) const { return c0[j] + t * (c1[j] + t * (c2[j] + t * c3[j])); }
+};
+
+// the pairs' runs of one interval (interval_order makes them long): calls run(p0, p1, k)
+template <typename T, typename Run>
+static void interval_runs(const T* x, int64_t pairs, int64_t intervals, std::vector<T>& ts,
+                          Run run) {
+  std::vector<int64_t> ks;
+  pair_intervals(x, pairs, intervals, ks, ts);
+  for (int64_t p0 = 0, p1; p0 < pairs; p0 = p1) {
+    for (p1 = p0 + 1; p1 < pairs && ks[p1] == ks[p0];) ++p1;
+    run(p0, p1, ks[p0]);
+  }
+}
+
+// vectors of features per chunk: forward keeps 4 table rows of CH vectors in registers,
+// backward also their 4 gradient rows (32 registers: 4 and 2 measured fastest)
+constexpr int FORWARD_CHUNK = 4, BACKWARD_CHUNK = 2;
+
+template <typename T>
+static void tabulated_rows_by_interval(const T* __restrict h, const T* __restrict table,
+                                       const T* x, const int64_t* a, const int64_t* b,
+                                       T* __restrict y, int64_t pairs, int64_t width,
+                                       int64_t intervals) {
+  typedef typename vec_of<T>::type V;
+  constexpr int64_t L = ATOMLENS_VECTOR_BYTES / sizeof(T), C = FORWARD_CHUNK * L;
+  const int64_t full = width / C * C;
+  std::vector<T> ts;
+  interval_runs(x, pairs, intervals, ts, [&](int64_t p0, int64_t p1, int64_t k) {
+    for (int64_t f0 = 0; f0 < full; f0 += C) {
+      const TableChunk<T, FORWARD_CHUNK> c(table + 4 * k * width, width, f0);
+      for (int64_t p = p0; p < p1; ++p) {
+        const V tv = V{} + ts[p];
+        const T* ha = h + a[p] * width + f0;
+        const T* hb = h + b[p] * width + f0;
+        T* ya = y + a[p] * width + f0;
+        T* yb = y + b[p] * width + f0;
+        _Pragma("GCC unroll 4") for (int j = 0; j < FORWARD_CHUNK; ++j) {
+          const int64_t o = j * L;
+          const V filter = c.filter(j, tv);
+          vstore(ya + o, vload(ya + o) + vload(hb + o) * filter);
+          vstore(yb + o, vload(yb + o) + vload(ha + o) * filter);
+        }
+      }
+    }
+    for (int64_t p = p0; full < width && p < p1; ++p)
+      tabulated_pair<T>(h, table, x, a, b, y, p, full, width, width, intervals);
+  });
+}
+
+template <typename T, bool NEED_H, bool NEED_TABLE>
+static void tabulated_backward_by_interval(const T* __restrict g, const T* __restrict h,
+                                           const T* __restrict table, const T* x,
+                                           const int64_t* a, const int64_t* b,
+                                           T* __restrict grad_h, T* __restrict grad_table,
+                                           int64_t pairs, int64_t width, int64_t intervals) {
+  typedef typename vec_of<T>::type V;
+  constexpr int64_t L = ATOMLENS_VECTOR_BYTES / sizeof(T), C = BACKWARD_CHUNK * L;
+  const int64_t full = width / C * C;
+  std::vector<T> ts;
+  interval_runs(x, pairs, intervals, ts, [&](int64_t p0, int64_t p1, int64_t k) {
+    T* r = grad_table + (NEED_TABLE ? 4 * k * width : 0);
+    for (int64_t f0 = 0; f0 < full; f0 += C) {
+      const TableChunk<T, BACKWARD_CHUNK> c(table + 4 * k * width, width, f0);
+      V r0[BACKWARD_CHUNK], r1[BACKWARD_CHUNK], r2[BACKWARD_CHUNK], r3[BACKWARD_CHUNK];
+      _Pragma("GCC unroll 4") for (int j = 0; j < BACKWARD_CHUNK; ++j) r0[j] = r1[j] = r2[j] =
+          r3[j] = V{};
+      for (int64_t p = p0; p < p1; ++p) {
+        const V tv = V{} + ts[p], tt = tv * tv, ttt = tt * tv;
+        const T* ga = g + a[p] * width + f0;
+        const T* gb = g + b[p] * width + f0;
+        const T* ha = h + a[p] * width + f0;
+        const T* hb = h + b[p] * width + f0;
+        T* gha = grad_h + (NEED_H ? a[p] * width + f0 : 0);
+        T* ghb = grad_h + (NEED_H ? b[p] * width + f0 : 0);
+        _Pragma("GCC unroll 4") for (int j = 0; j < BACKWARD_CHUNK; ++j) {
+          const int64_t o = j * L;
+          const V gav = vload(ga + o), gbv = vload(gb + o);
+          if (NEED_H) {
+            const V filter = c.filter(j, tv);
+            vstore(gha + o, vload(gha + o) + gbv * filter);
+            vstore(ghb + o, vload(ghb + o) + gav * filter);
+          }
+          if (NEED_TABLE) {
+            const V u = gav * vload(hb + o) + gbv * vload(ha + o);
+            r0[j] += u;
+            r1[j] += tv * u;
+            r2[j] += tt * u;
+            r3[j] += ttt * u;
+          }
+        }
+      }
+      if (NEED_TABLE)
+        _Pragma("GCC unroll 4") for (int j = 0; j < BACKWARD_CHUNK; ++j) {
+          const int64_t o = f0 + j * L;
+          vstore(r + o, vload(r + o) + r0[j]);
+          vstore(r + width + o, vload(r + width + o) + r1[j]);
+          vstore(r + 2 * width + o, vload(r + 2 * width + o) + r2[j]);
+          vstore(r + 3 * width + o, vload(r + 3 * width + o) + r3[j]);
+        }
+    }
+    for (int64_t p = p0; p < p1 && full < width; ++p)  // the features past the chunks
+      tabulated_backward_pair<T, NEED_H, NEED_TABLE, false>(g, h, table, a, b, grad_h,
+                                                            grad_table, p, k, ts[p], full,
+                                                            width, width);
+  });
+}
+
+// the pairs (x, a, b) reordered for those kernels: by block of 2^shift atoms (of the first
+// atom a; a block's rows of h, g and dL/dh stay in cache), then by grid interval, each run
+// in its given order (a counting sort: stable, O(pairs + keys))
+std::vector<torch::Tensor> interval_order(torch::Tensor x, torch::Tensor a, torch::Tensor b,
+                                          int64_t intervals, int64_t shift) {
+  TORCH_CHECK(x.dim() == 1 && a.dim() == 1 && a.numel() == x.numel() && b.numel() == x.numel(),
+              "interval order: shapes");
+  TORCH_CHECK(a.scalar_type() == torch::kLong && b.scalar_type() == torch::kLong,
+              "interval order: int64");
+  TORCH_CHECK(intervals >= 1 && shift >= 0 && shift < 62, "interval order: arguments");
+  auto xc = x.contiguous(), ac = a.contiguous(), bc = b.contiguous();
+  const int64_t pairs = xc.size(0);
+  auto xs = torch::empty_like(xc), as = torch::empty_like(ac), bs = torch::empty_like(bc);
+  if (pairs == 0) return {xs, as, bs};
+  const int64_t* ia = ac.data_ptr<int64_t>();
+  const int64_t* ib = bc.data_ptr<int64_t>();
+  int64_t top = 0;
+  for (int64_t p = 0; p < pairs; ++p) {
+    TORCH_CHECK(ia[p] >= 0, "interval order: negative atom index");
+    top = std::max(top, ia[p] >> shift);
+  }
+  std::vector<int64_t> key(pairs), start((top + 1) * intervals + 1, 0);
+  int64_t* oa = as.data_ptr<int64_t>();
+  int64_t* ob = bs.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "interval_order", [&] {
+    const scalar_t* px = xc.data_ptr<scalar_t>();
+    scalar_t* ox = xs.data_ptr<scalar_t>();
+    for (int64_t p = 0; p < pairs; ++p)
+      key[p] = (ia[p] >> shift) * intervals + run_interval(px, p, intervals);
+    for (int64_t p = 0; p < pairs; ++p) ++start[key[p] + 1];
+    for (size_t q = 1; q < start.size(); ++q) start[q] += start[q - 1];
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int64_t q = start[key[p]]++;
+      ox[q] = px[p];
+      oa[q] = ia[p];
+      ob[q] = ib[p];
+    }
+  });
+  return {xs, as, bs};
+}
+
+// the convolution in first-atom order, or (by_interval) in interval order
+static torch::Tensor convolution(torch::Tensor h, torch::Tensor table, torch::Tensor x,
+                                 torch::Tensor a, torch::Tensor b, bool by_interval) {
+  check_tabulated(h, table, x, a, b);
+  auto hc = h.contiguous(), tc = table.contiguous(), xc = x.contiguous();
+  auto ac = a.contiguous(), bc = b.contiguous();
+  auto y = torch::zeros_like(hc);
+  AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "tabulated_cfconv", [&] {
+    auto rows = by_interval ? tabulated_rows_by_interval<scalar_t> : tabulated_rows<scalar_t>;
+    rows(hc.data_ptr<scalar_t>(), tc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
+         ac.data_ptr<int64_t>(), bc.data_ptr<int64_t>(), y.data_ptr<scalar_t>(), xc.size(0),
+         hc.size(1), tc.size(0) / 4);
+  });
+  return y;
+}
+
+torch::Tensor tabulated_cfconv(torch::Tensor h, torch::Tensor table, torch::Tensor x,
+                               torch::Tensor a, torch::Tensor b) {
+  return convolution(h, table, x, a, b, false);
+}
+
+torch::Tensor tabulated_cfconv_by_interval(torch::Tensor h, torch::Tensor table,
+                                           torch::Tensor x, torch::Tensor a, torch::Tensor b) {
+  return convolution(h, table, x, a, b, true);
+}
+
+// whether the by-interval kernels are this build's fast path (AVX-512's 32 registers)
+bool interval_kernels() { return RUNS; }
+
 template <typename T, bool NH, bool NT>
-static void backward_x(bool need_x, const T* g, const T* h, const T* table, const T* x,
-                       const int64_t* a, const int64_t* b, T* gh, T* gt, T* gx, int64_t pairs,
-                       int64_t width, int64_t intervals) {
-  if (need_x)
+static void backward_x(bool need_x, bool by_interval, const T* g, const T* h, const T* table,
+                       const T* x, const int64_t* a, const int64_t* b, T* gh, T* gt, T* gx,
+                       int64_t pairs, int64_t width, int64_t intervals) {
+  if (by_interval)  // no dL/dx there
+    tabulated_backward_by_interval<T, NH, NT>(g, h, table, x, a, b, gh, gt, pairs, width,
+                                              intervals);
+  else if (need_x)
     tabulated_backward_rows<T, NH, NT, true>(g, h, table, x, a, b, gh, gt, gx, pairs, width,
                                              intervals);
   else
@@ -515,11 +723,14 @@ static void backward_x(bool need_x, const T* g, const T* h, const T* table, cons
                                               intervals);
 }
 
-std::vector<torch::Tensor> tabulated_cfconv_backward(torch::Tensor grad, torch::Tensor h,
-                                                     torch::Tensor table, torch::Tensor x,
-                                                     torch::Tensor a, torch::Tensor b,
-                                                     bool need_h, bool need_table,
-                                                     bool need_x) {
+// the first derivatives in one pass over the pairs, in first-atom order or (by_interval,
+// without dL/dx) in interval order
+static std::vector<torch::Tensor> first_derivatives(torch::Tensor grad, torch::Tensor h,
+                                                    torch::Tensor table, torch::Tensor x,
+                                                    torch::Tensor a, torch::Tensor b,
+                                                    bool need_h, bool need_table, bool need_x,
+                                                    bool by_interval) {
+  TORCH_CHECK(!(by_interval && need_x), "tabulated cfconv: no dL/dx in interval order");
   check_tabulated(h, table, x, a, b);
   TORCH_CHECK(grad.sizes() == h.sizes() && grad.scalar_type() == h.scalar_type(),
               "tabulated cfconv: gradient shape");
@@ -537,20 +748,36 @@ std::vector<torch::Tensor> tabulated_cfconv_backward(torch::Tensor grad, torch::
     const int64_t* ia = ac.data_ptr<int64_t>();
     const int64_t* ib = bc.data_ptr<int64_t>();
     const int64_t pairs = xc.size(0), width = hc.size(1), intervals = tc.size(0) / 4;
+    const bool n_x = need_x, by = by_interval;
     if (need_h && need_table)
-      backward_x<T, true, true>(need_x, args[0], args[1], args[2], args[3], ia, ib, gh, gt, gx,
+      backward_x<T, true, true>(n_x, by, args[0], args[1], args[2], args[3], ia, ib, gh, gt, gx,
                                 pairs, width, intervals);
     else if (need_h)
-      backward_x<T, true, false>(need_x, args[0], args[1], args[2], args[3], ia, ib, gh, gt, gx,
+      backward_x<T, true, false>(n_x, by, args[0], args[1], args[2], args[3], ia, ib, gh, gt, gx,
                                  pairs, width, intervals);
     else if (need_table)
-      backward_x<T, false, true>(need_x, args[0], args[1], args[2], args[3], ia, ib, gh, gt, gx,
+      backward_x<T, false, true>(n_x, by, args[0], args[1], args[2], args[3], ia, ib, gh, gt, gx,
                                  pairs, width, intervals);
     else
-      backward_x<T, false, false>(need_x, args[0], args[1], args[2], args[3], ia, ib, gh, gt,
+      backward_x<T, false, false>(n_x, by, args[0], args[1], args[2], args[3], ia, ib, gh, gt,
                                   gx, pairs, width, intervals);
   });
   return {grad_h, grad_table, grad_x};
+}
+
+std::vector<torch::Tensor> tabulated_cfconv_backward(torch::Tensor grad, torch::Tensor h,
+                                                     torch::Tensor table, torch::Tensor x,
+                                                     torch::Tensor a, torch::Tensor b,
+                                                     bool need_h, bool need_table,
+                                                     bool need_x) {
+  return first_derivatives(grad, h, table, x, a, b, need_h, need_table, need_x, false);
+}
+
+std::vector<torch::Tensor> tabulated_cfconv_by_interval_backward(
+    torch::Tensor grad, torch::Tensor h, torch::Tensor table, torch::Tensor x, torch::Tensor a,
+    torch::Tensor b, bool need_h, bool need_table) {
+  auto grads = first_derivatives(grad, h, table, x, a, b, need_h, need_table, false, true);
+  return {grads[0], grads[1]};
 }
 
 // the shifted softplus ssp(v) = ln(1 + e^v) - ln 2 = max(v, 0) + log1p(e^-|v|) - ln 2 and its
@@ -1048,6 +1275,10 @@ def _build(name: str, cflags: list[str]):
                 "tabulated_cfconv",
                 "tabulated_cfconv_backward",
                 "tabulated_cfconv_double_backward",
+                "tabulated_cfconv_by_interval",
+                "tabulated_cfconv_by_interval_backward",
+                "interval_order",
+                "interval_kernels",
                 "shifted_softplus",
                 "shifted_softplus_backward",
                 "filter_hidden",
@@ -1178,6 +1409,41 @@ def tabulated_cfconv_backward(
         grad, h, table, x, a, b, bool(need_h), bool(need_table), bool(need_x)
     )
     return grad_h, grad_table, grad_x
+
+
+#: atoms per block of :func:`interval_order` (2^8 = 256: ~14 QM9 molecules, whose rows of
+#: h, g and dL/dh, 3 x 128 KB at 128 features, stay in L2 while the block's pairs run; blocks
+#: of 8, 16, 32 and 64 molecules gave backward 0.355, 0.336, 0.378 and 0.383 ms on a QM9
+#: batch of 100, one thread, CPU time)
+INTERVAL_BLOCK_SHIFT = 8
+
+
+def interval_order(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, intervals: int):
+    """The pairs ``(x, a, b)`` (grid coordinates, first and second atoms) in the order that
+    :func:`tabulated_cfconv_by_interval` runs fastest in: by block of
+    2^:data:`INTERVAL_BLOCK_SHIFT` first atoms, then by grid interval of ``x`` (clamped to
+    ``[0, intervals]`` as the lookup clamps it; NaN counts as interval 0), each group in its
+    given order. New arrays, no autograd; None where the kernels do not apply or are not
+    this build's fast path (no AVX-512)."""
+    module = _loaded(x)
+    if module is None or not module.interval_kernels():
+        return None
+    return tuple(module.interval_order(x, a, b, int(intervals), INTERVAL_BLOCK_SHIFT))
+
+
+def tabulated_cfconv_by_interval(h, table, x, a, b):
+    """:func:`tabulated_cfconv` for pairs in :func:`interval_order`: the same result (up to
+    the order of float additions) in any order, fastest in that one."""
+    return _module().tabulated_cfconv_by_interval(h, table, x, a, b)
+
+
+def tabulated_cfconv_by_interval_backward(grad, h, table, x, a, b, need_h, need_table):
+    """``(dL/dh, dL/dtable)`` of :func:`tabulated_cfconv_by_interval` (None where not
+    needed); no derivative w.r.t. ``x`` (:func:`tabulated_cfconv_backward` has it)."""
+    grad_h, grad_table = _module().tabulated_cfconv_by_interval_backward(
+        grad, h, table, x, a, b, bool(need_h), bool(need_table)
+    )
+    return grad_h, grad_table
 
 
 def tabulated_cfconv_double_backward(grad_grad_h, grad_grad_x, grad, h, table, x, a, b):
