@@ -331,7 +331,8 @@ def test_cpp_table_scatter_is_the_lookups_transpose(dtype):
 
 
 def test_cpp_shifted_softplus_and_its_derivatives():
-    """The C++ shifted softplus (its own vectorized exp and log1p) against float64's
+    """The C++ shifted softplus (its own vectorized exp and log1p, one vector at a time and
+    one value at a time after the last whole vector) against float64's
     softplus(x) - ln 2 over -100..100 and at 0, +-tiny, +-88, +-inf and NaN, to float32's
     rounding of max(1, |ssp|); its derivative grad * sigmoid(x) likewise; through
     ``shifted_softplus`` the Function is used for large float32 inputs, and a backward pass
@@ -340,10 +341,12 @@ def test_cpp_shifted_softplus_and_its_derivatives():
     from atomlens.nn.activations import MIN_KERNEL_SIZE
 
     special = [0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6, 88.0, -88.0, 200.0, -200.0]
-    x = torch.cat((torch.linspace(-100.0, 100.0, 400_001), torch.tensor(special)))
-    x = torch.cat((x, torch.tensor([float("inf"), -float("inf"), float("nan")])))
+    special = torch.tensor([*special, float("inf"), -float("inf"), float("nan")])
+    # the specials in the first vectors and in the rest after the last whole vector
+    x = torch.cat((special, torch.linspace(-100.0, 100.0, 400_001), special))
     y = cpu_kernels.shifted_softplus(x)
     assert y is not None, "the C++ kernels did not compile"
+    torch.testing.assert_close(y[:13], y[-13:], rtol=0, atol=0, equal_nan=True)
     x64 = x.double()
     want = torch.nn.functional.softplus(x64) - math.log(2.0)
     finite = torch.isfinite(x)

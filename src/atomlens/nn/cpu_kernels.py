@@ -55,7 +55,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v22"
+_NAME = "atomlens_cpu_kernels_v24"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -787,20 +787,24 @@ std::vector<torch::Tensor> tabulated_cfconv_by_interval_backward(
 // e^-a, a >= 0: a = k ln2 - r, |r| <= ln2/2 (Cody-Waite: ln2 in two parts), e^r by its
 // Taylor series to r^7 (relative error < 1e-8), 2^-k from the exponent bits; beyond a = 87
 // (e^-87 = 1.6e-38, float32's normal numbers end at 1.2e-38) the result is 0
-static inline float exp_neg(float a) {
-  const bool under = !(a <= 87.0f);  // NaN too: k stays in range (the caller keeps NaN)
-  a = under ? 87.0f : a;
-  const int32_t k = static_cast<int32_t>(a * 1.44269504088896341f + 0.5f);  // a >= 0: rounds
-  const float kf = static_cast<float>(k);
-  const float r = (kf * 0.693145751953125f - a) + kf * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
+template <typename F>
+static inline F exp_taylor(F r) {  // e^r, |r| <= ln2/2, float or a vector of floats
+  F p = F{} + 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  return p * r + 1.0f;
+}
+
+static inline float exp_neg(float a) {
+  const bool under = !(a <= 87.0f);  // NaN too: k stays in range (the caller keeps NaN)
+  a = under ? 87.0f : a;
+  const int32_t k = static_cast<int32_t>(a * 1.44269504088896341f + 0.5f);  // a >= 0: rounds
+  const float kf = static_cast<float>(k);
+  const float p = exp_taylor((kf * 0.693145751953125f - a) + kf * 1.428606765330187e-06f);
   // 2^-k, or 0.0f beyond 87: a mask on the bits, not a select on the result (GCC 12 left
   // the loop scalar with that select: "control flow in loop")
   const int32_t bits = ((127 - k) << 23) & (under ? 0 : -1);
@@ -834,13 +838,57 @@ static inline float ssp_from(float v, float e) {
 
 static inline float sigmoid_from(float v, float e) { return (v > 0.0f ? 1.0f : e) / (1.0f + e); }
 
+// the shifted softplus's forward loop, written on vector registers (GCC vector extensions;
+// GCC's own vectorizer gives up on this loop's selects for some forms of it): e^-|v| as
+// exp_neg does, then log(1 + e) = e q(e) with q the degree-9 interpolant of log(1 + t)/t at
+// the Chebyshev nodes of [0, 1] (error below 3e-9; no division and no range reduction).
+// 1,856 x 128 values: 0.078 against 0.114 ms with exp_neg and log1p_unit (two divisions)
+// in a loop GCC vectorized (one thread, CPU time)
+typedef int32_t vint __attribute__((vector_size(ATOMLENS_VECTOR_BYTES)));
+
+template <typename F>
+static inline F log1p_poly(F t) {
+  F q = F{} - 3.1760570085e-03f;
+  q = q * t + 1.9542527214e-02f;
+  q = q * t - 5.6373612738e-02f;
+  q = q * t + 1.0543623785e-01f;
+  q = q * t - 1.5269667068e-01f;
+  q = q * t + 1.9663274255e-01f;
+  q = q * t - 2.4951616262e-01f;
+  q = q * t + 3.3329710499e-01f;
+  q = q * t - 4.9999892648e-01f;
+  q = q * t + 9.9999999466e-01f;
+  return t * q;
+}
+
+static inline vfloat exp_neg_vec(vfloat a) {  // exp_neg, lane by lane
+  const vint under = !(a <= 87.0f);
+  a = under ? vfloat{} + 87.0f : a;
+  const vint k = __builtin_convertvector(a * 1.44269504088896341f + 0.5f, vint);
+  const vfloat kf = __builtin_convertvector(k, vfloat);
+  const vfloat p =
+      exp_taylor((kf * 0.693145751953125f - a) + kf * 1.428606765330187e-06f);
+  const vint bits = ((127 - k) << 23) & ~under;
+  return p * reinterpret_cast<const vfloat&>(bits);
+}
+
+static inline float ssp_poly(float v) {  // one value, as the vector loop computes it
+  const float value =
+      (v > 0.0f ? v : 0.0f) + (log1p_poly(exp_neg(std::fabs(v))) - 0.693147180559945309f);
+  return v != v ? v : value;
+}
+
 static void ssp_rows(const float* __restrict x, float* __restrict y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    const float value = ssp_from(v, exp_neg(std::fabs(v)));
-    y[i] = v != v ? v : value;  // NaN stays NaN
+  constexpr int64_t L = ATOMLENS_VECTOR_BYTES / sizeof(float);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const vfloat v = vload(x + i);
+    const vfloat a = v < 0.0f ? -v : v;
+    const vfloat value =
+        (v > 0.0f ? v : vfloat{}) + (log1p_poly(exp_neg_vec(a)) - 0.693147180559945309f);
+    vstore(y + i, v != v ? v : value);  // NaN stays NaN
   }
+  for (; i < n; ++i) y[i] = ssp_poly(x[i]);
 }
 
 // grad * sigmoid(v)
