@@ -571,11 +571,14 @@ def test_tabulated_cfconv_by_interval_is_lookup_then_cfconv(dtype, width):
 def test_schnet_trains_on_the_by_interval_path_with_the_same_gradients(data, monkeypatch):
     """A SchNet step without forces on a batch of at least MIN_INTERVAL_PAIRS pairs runs
     the by-interval convolution (once-sorted pairs shared by the blocks); its energies and
-    parameter gradients are those of the first-atom path. With forces, and for small
-    batches, the first-atom path."""
+    parameter gradients are those of the first-atom path. With forces, for small batches
+    and for fewer than MIN_INTERVAL_WIDTH filters, the first-atom path."""
     from atomlens.nn import cfconv
 
     model = sharp_model(0.02).float().train()
+    assert cfconv.MIN_INTERVAL_WIDTH == 128
+    assert model.representation.interactions[0].in2f.out_features < 128  # the small model
+    monkeypatch.setattr(cfconv, "MIN_INTERVAL_WIDTH", 16)
     batch = data.batch(range(40), 5.0, torch.float32)
     assert batch.pairs.i.shape[0] // 2 >= cfconv.MIN_INTERVAL_PAIRS
     seen = []
@@ -602,7 +605,9 @@ def test_schnet_trains_on_the_by_interval_path_with_the_same_gradients(data, mon
     small = data.batch(range(2), 5.0, torch.float32)
     monkeypatch.setattr(cfconv, "MIN_INTERVAL_PAIRS", 2048)
     model(small)
-    assert seen[2] is None and seen[3] is None
+    monkeypatch.setattr(cfconv, "MIN_INTERVAL_WIDTH", 128)
+    model(batch)
+    assert seen[2] is None and seen[3] is None and seen[4] is None
 
 
 @pytest.mark.parametrize("width", [13, 77])

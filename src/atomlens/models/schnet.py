@@ -221,7 +221,7 @@ class SchNet(Representation):
             x_grid = d * (tables[0].shape[0] / self.cutoff)  # distance in node spacings
             # without forces, the pairs once in the order the convolution runs fastest in
             by_interval = (
-                interval_pairs(x_grid, pairs.i, pairs.j, tables[0].shape[0])
+                interval_pairs(x_grid, pairs.i, pairs.j, *tables[0].shape[::2])
                 if pairs.symmetric
                 else None
             )
