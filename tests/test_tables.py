@@ -568,6 +568,36 @@ def test_tabulated_cfconv_by_interval_is_lookup_then_cfconv(dtype, width):
     assert y.grad_fn.name() == "_TabulatedCFConvBackward"
 
 
+def test_interval_pairs_only_for_plain_eager_calls_without_forces(monkeypatch):
+    """The pairs are reordered for eager calls whose grid needs no gradient, with enough
+    pairs and filters; never while tracing (``torch.jit.trace`` would keep the order of the
+    example as a constant), compiling or under functorch transforms."""
+    from atomlens.nn import cfconv
+
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 500, (3000,), generator=gen)
+    b = torch.randint(0, 500, (3000,), generator=gen)
+    pair_i, pair_j = torch.cat([a, b]), torch.cat([b, a])
+    grid = torch.rand(3000, generator=gen) * 10
+    got = cfconv.interval_pairs(grid, pair_i, pair_j, 10, 128)
+    assert got is not None and len(got) == 3 and got[0].shape == grid.shape
+    assert cfconv.interval_pairs(grid, pair_i, pair_j, 10, 64) is None
+    assert cfconv.interval_pairs(grid.requires_grad_(True), pair_i, pair_j, 10, 128) is None
+    grid = grid.detach()
+    assert cfconv.interval_pairs(grid[:1000], pair_i[:2000], pair_j[:2000], 10, 128) is None
+    assert cfconv.interval_pairs(grid, pair_i.int(), pair_j.int(), 10, 128) is None
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.jit, "is_tracing", lambda: True)
+        assert cfconv.interval_pairs(grid, pair_i, pair_j, 10, 128) is None
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert cfconv.interval_pairs(grid, pair_i, pair_j, 10, 128) is None
+    found = torch.func.vmap(
+        lambda g: torch.tensor(cfconv.interval_pairs(g, pair_i, pair_j, 10, 128) is None)
+    )(grid[None])
+    assert bool(found.all())
+
+
 def test_schnet_trains_on_the_by_interval_path_with_the_same_gradients(data, monkeypatch):
     """A SchNet step without forces on a batch of at least MIN_INTERVAL_PAIRS pairs runs
     the by-interval convolution (once-sorted pairs shared by the blocks); its energies and

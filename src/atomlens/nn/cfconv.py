@@ -250,24 +250,25 @@ def interval_pairs(
     of ``pair_i``/``pair_j``) reordered for :class:`_IntervalCFConv`, once per forward pass
     and shared by every interaction block (``width``: their filters); None where that path
     does not apply: positions that need gradients (forces: the pass in first-atom order also
-    gives dL/dx), compiled code, functorch transforms, batches of fewer than
+    gives dL/dx), compiled or traced code, functorch transforms, batches of fewer than
     :data:`MIN_INTERVAL_PAIRS` pairs, fewer than :data:`MIN_INTERVAL_WIDTH` filters, or no
     AVX-512 (:func:`atomlens.nn.cpu_kernels.interval_order`).
 
     Training without forces (QM9) spends about a sixth of each step in the convolution's
     backward pass, which in this order keeps each interval's table rows and their gradient
     in registers over a run of pairs instead of reading and updating them per pair."""
-    half = pair_i.shape[0] // 2
-    if (
-        half < MIN_INTERVAL_PAIRS
-        or width < MIN_INTERVAL_WIDTH
-        or grid.requires_grad
-        or torch.compiler.is_compiling()
+    if (  # tracing and transforms first: no size is looked at (symbolic there)
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
         or torch._C._are_functorch_transforms_active()
+        or grid.requires_grad
         or pair_i.dtype != torch.int64
+        or width < MIN_INTERVAL_WIDTH
+        or pair_i.shape[0] // 2 < MIN_INTERVAL_PAIRS
         or not cpu_kernels.available(grid)
     ):
         return None
+    half = pair_i.shape[0] // 2
     return cpu_kernels.interval_order(grid, pair_i[:half], pair_j[:half], n_intervals)
 
 
