@@ -209,6 +209,12 @@ def test_iso17_reader_and_writer(tmp_path):
     again = read_any(tmp_path / "copy.db")  # dispatches to the ISO17 reader
     np.testing.assert_allclose(again.targets["forces"], data.targets["forces"])
     assert list(again.extras["frame"]) == [0, 1, 2]
+    # ASE's reader would return the structures without their energies and forces: refused
+    from atomlens.data.sources.ase_files import read_ase
+
+    for kwargs in ({}, {"format": "db"}):
+        with pytest.raises(DataError, match=r"copy\.db: an ISO17-layout database.*read_iso17"):
+            read_ase(tmp_path / "copy.db", **kwargs)
 
 
 def test_iso17_errors(tmp_path):

@@ -149,6 +149,16 @@ def read_ase(
     if not path.exists():
         raise DataError(f"{path}: file not found")
     check_readable(path)
+    if (format or path.suffix.lower().lstrip(".")) == "db":
+        from .iso17 import is_iso17_db
+
+        if is_iso17_db(path):  # ASE's reader sees neither its energies nor its forces
+            raise DataError(
+                f"{path}: an ISO17-layout database (energies in the 'total_energy' key-value "
+                f"pair, forces in data['atomic_forces']), whose energies and forces ASE's "
+                f"reader does not see; read it with atomlens.data.sources.read_iso17 or "
+                f"read_any (as the command line does)"
+            )
     try:
         frames = read(str(path), index=index, format=format)
     except Exception as err:  # each ASE format raises its own errors for bad input
