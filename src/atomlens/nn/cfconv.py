@@ -19,6 +19,9 @@ evaluates each pair's filter row where it uses it, so the ``(P, F)`` filter arra
 written or read, and one loop computes every first derivative (w.r.t. the atom features,
 the table and the grid coordinates) from ``u_p = g_{a_p} h_{b_p} + g_{b_p} h_{a_p}``.
 Higher derivatives (force training's double backward) go through the composed Functions.
+Without forces (QM9 training, inference of energies) the pairs are sorted once per forward
+pass by grid interval (:func:`interval_pairs`), and the loops keep each interval's table rows
+(and backward their gradient) in registers over its run of pairs (:class:`_IntervalCFConv`).
 """
 
 from __future__ import annotations
