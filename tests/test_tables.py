@@ -490,30 +490,50 @@ def test_tabulated_cfconv_is_lookup_then_cfconv_with_its_first_derivatives(dtype
     assert grid_grad[3] == 0 and grid_grad[4] == 0 and grid_grad[1] != 0  # beyond; the end
 
 
+def _interval_kernels_or_skip():
+    from atomlens.nn import cpu_kernels
+
+    probe = torch.zeros(1)
+    if (
+        cpu_kernels.interval_order(
+            probe, torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), 1, 1
+        )
+        is None
+    ):
+        pytest.skip("no AVX-512 build: the by-interval path is off")
+
+
 def test_interval_order_sorts_by_atom_block_then_interval_stably():
     """The by-interval kernels' order: a permutation of the pairs, by block of
     2^INTERVAL_BLOCK_SHIFT first atoms, then by grid interval (clamped: below the grid
     interval 0, its end and beyond the last, NaN 0), the pairs of one key in their order."""
     from atomlens.nn import cpu_kernels
 
+    _interval_kernels_or_skip()
     gen = torch.Generator().manual_seed(5)
-    n_pairs, n_intervals = 5000, 40
-    a = torch.randint(0, 1100, (n_pairs,), generator=gen)
-    b = torch.randint(0, 1100, (n_pairs,), generator=gen)
-    x = torch.rand(n_pairs, generator=gen) * (n_intervals + 4) - 2
-    x[:3] = torch.tensor([float("nan"), float(n_intervals), -0.5])
-    for dtype in (torch.float32, torch.float64):
-        got = cpu_kernels.interval_order(x.to(dtype), a, b, n_intervals)
-        assert got is not None, "no AVX-512 build: the by-interval path is off"
-        xs, as_, bs = got
-        k = torch.nan_to_num(x, nan=0.0).floor().clamp(0, n_intervals - 1).long()
-        key = (a >> cpu_kernels.INTERVAL_BLOCK_SHIFT) * n_intervals + k
-        order = torch.argsort(key, stable=True)
-        assert torch.equal(as_, a[order]) and torch.equal(bs, b[order])
-        torch.testing.assert_close(xs, x.to(dtype)[order], rtol=0, atol=0, equal_nan=True)
+    # a coarse grid (a counting sort) and a fine one beside few pairs (a stable sort)
+    for n_pairs, n_intervals in ((5000, 40), (300, 20000)):
+        a = torch.randint(0, 1100, (n_pairs,), generator=gen)
+        b = torch.randint(0, 1100, (n_pairs,), generator=gen)
+        x = torch.rand(n_pairs, generator=gen) * (n_intervals + 4) - 2
+        x[:3] = torch.tensor([float("nan"), float(n_intervals), -0.5])
+        for dtype in (torch.float32, torch.float64):
+            xs, as_, bs = cpu_kernels.interval_order(x.to(dtype), a, b, n_intervals, 1100)
+            k = torch.nan_to_num(x, nan=0.0).floor().clamp(0, n_intervals - 1).long()
+            key = (a >> cpu_kernels.INTERVAL_BLOCK_SHIFT) * n_intervals + k
+            order = torch.argsort(key, stable=True)
+            assert torch.equal(as_, a[order]) and torch.equal(bs, b[order])
+            torch.testing.assert_close(xs, x.to(dtype)[order], rtol=0, atol=0, equal_nan=True)
     assert cpu_kernels.INTERVAL_BLOCK_SHIFT == 8
     empty = torch.zeros(0, dtype=torch.int64)
-    assert all(t.numel() == 0 for t in cpu_kernels.interval_order(x[:0], empty, empty, 3))
+    assert all(t.numel() == 0 for t in cpu_kernels.interval_order(x[:0], empty, empty, 3, 0))
+    # atoms outside [0, atoms), up to int64's largest, are refused (no key overflows)
+    for bad in (1100, 2**63 - 1, -1):
+        for which in (0, 1):
+            pair = [a.clone(), b.clone()]
+            pair[which][7] = bad
+            with pytest.raises(RuntimeError, match="outside"):
+                cpu_kernels.interval_order(x, *pair, n_intervals, 1100)
 
 
 @pytest.mark.parametrize("width", [13, 77, 128])
@@ -524,9 +544,9 @@ def test_tabulated_cfconv_by_interval_is_lookup_then_cfconv(dtype, width):
     first derivatives w.r.t. the features and the table, each alone and both; a backward
     pass that builds a graph (second derivatives) goes through the general path, as exact.
     Many pairs per interval, several atom blocks, an atom paired with itself."""
-    from atomlens.nn import cpu_kernels
-    from atomlens.nn.cfconv import cfconv_tabulated
+    from atomlens.nn.cfconv import IntervalPairs, cfconv_tabulated
 
+    _interval_kernels_or_skip()
     gen = torch.Generator().manual_seed(3)
     n_atoms, n_pairs, n_intervals = 600, 3000, 7
     h = torch.randn(n_atoms, width, generator=gen).to(dtype)
@@ -536,8 +556,7 @@ def test_tabulated_cfconv_by_interval_is_lookup_then_cfconv(dtype, width):
     b[:4] = a[:4]  # periodic self-images: both halves on one row
     grid = (torch.rand(n_pairs, generator=gen) * (n_intervals + 1) - 0.5).to(dtype)
     pair_i, pair_j = torch.cat([a, b]), torch.cat([b, a])
-    by_interval = cpu_kernels.interval_order(grid, a, b, n_intervals)
-    assert by_interval is not None, "no AVX-512 build: the by-interval path is off"
+    by_interval = IntervalPairs.sort(grid, pair_i, pair_j, n_intervals, n_atoms)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
     g = torch.randn(h.shape, dtype=dtype, generator=gen)
     for wanted in ([0], [1], [0, 1]):
@@ -562,10 +581,23 @@ def test_tabulated_cfconv_by_interval_is_lookup_then_cfconv(dtype, width):
     torch.testing.assert_close(
         second[0], second[1], rtol=tolerance, atol=tolerance * float(second[1].abs().max())
     )
-    # grid coordinates that need a gradient (forces) take the first-atom path
+    # grid coordinates that need a gradient (forces) take the first-atom path, and so do
+    # pairs sorted from other tensors (a hook that replaced the grid, other pairs or rows)
     moving = grid.clone().requires_grad_(True)
     y = cfconv_tabulated(h, table, moving, pair_i, pair_j, by_interval)
     assert y.grad_fn.name() == "_TabulatedCFConvBackward"
+    h1 = h.clone().requires_grad_(True)
+    for args in (
+        (h1, table, grid * 0.5, pair_i, pair_j),
+        (h1, table, grid, pair_i.clone(), pair_j),
+        (h1, table, grid, pair_i, pair_j.clone()),
+        (h1[:599], table, grid, pair_i.clamp(max=598), pair_j.clamp(max=598)),
+    ):
+        y = cfconv_tabulated(*args, by_interval)
+        assert y.grad_fn.name() == "_TabulatedCFConvBackward"
+        torch.testing.assert_close(
+            y, _lookup_then_cfconv(args[0], table, args[2], args[3][:n_pairs], args[4][:n_pairs])
+        )
 
 
 def test_interval_pairs_only_for_plain_eager_calls_without_forces(monkeypatch):
@@ -574,26 +606,29 @@ def test_interval_pairs_only_for_plain_eager_calls_without_forces(monkeypatch):
     example as a constant), compiling or under functorch transforms."""
     from atomlens.nn import cfconv
 
+    _interval_kernels_or_skip()
     gen = torch.Generator().manual_seed(1)
     a = torch.randint(0, 500, (3000,), generator=gen)
     b = torch.randint(0, 500, (3000,), generator=gen)
     pair_i, pair_j = torch.cat([a, b]), torch.cat([b, a])
     grid = torch.rand(3000, generator=gen) * 10
-    got = cfconv.interval_pairs(grid, pair_i, pair_j, 10, 128)
-    assert got is not None and len(got) == 3 and got[0].shape == grid.shape
-    assert cfconv.interval_pairs(grid, pair_i, pair_j, 10, 64) is None
-    assert cfconv.interval_pairs(grid.requires_grad_(True), pair_i, pair_j, 10, 128) is None
+    got = cfconv.interval_pairs(grid, pair_i, pair_j, 10, 128, 500)
+    assert (
+        got is not None and got.grid.shape == grid.shape and got.serves(grid, pair_i, pair_j, 500)
+    )
+    assert cfconv.interval_pairs(grid, pair_i, pair_j, 10, 64, 500) is None
+    assert cfconv.interval_pairs(grid.requires_grad_(True), pair_i, pair_j, 10, 128, 500) is None
     grid = grid.detach()
-    assert cfconv.interval_pairs(grid[:1000], pair_i[:2000], pair_j[:2000], 10, 128) is None
-    assert cfconv.interval_pairs(grid, pair_i.int(), pair_j.int(), 10, 128) is None
+    assert cfconv.interval_pairs(grid[:1000], pair_i[:2000], pair_j[:2000], 10, 128, 500) is None
+    assert cfconv.interval_pairs(grid, pair_i.int(), pair_j.int(), 10, 128, 500) is None
     with monkeypatch.context() as patch:
         patch.setattr(torch.jit, "is_tracing", lambda: True)
-        assert cfconv.interval_pairs(grid, pair_i, pair_j, 10, 128) is None
+        assert cfconv.interval_pairs(grid, pair_i, pair_j, 10, 128, 500) is None
     with monkeypatch.context() as patch:
         patch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert cfconv.interval_pairs(grid, pair_i, pair_j, 10, 128) is None
+        assert cfconv.interval_pairs(grid, pair_i, pair_j, 10, 128, 500) is None
     found = torch.func.vmap(
-        lambda g: torch.tensor(cfconv.interval_pairs(g, pair_i, pair_j, 10, 128) is None)
+        lambda g: torch.tensor(cfconv.interval_pairs(g, pair_i, pair_j, 10, 128, 500) is None)
     )(grid[None])
     assert bool(found.all())
 
@@ -605,6 +640,7 @@ def test_schnet_trains_on_the_by_interval_path_with_the_same_gradients(data, mon
     and for fewer than MIN_INTERVAL_WIDTH filters, the first-atom path."""
     from atomlens.nn import cfconv
 
+    _interval_kernels_or_skip()
     model = sharp_model(0.02).float().train()
     assert cfconv.MIN_INTERVAL_WIDTH == 128
     assert model.representation.interactions[0].in2f.out_features < 128  # the small model

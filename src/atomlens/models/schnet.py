@@ -31,7 +31,7 @@ from ..nn import (
     hermite_lookup,
     scatter_sum,
 )
-from ..nn.cfconv import interval_pairs
+from ..nn.cfconv import IntervalPairs, interval_pairs
 from ..nn.filter_tables import filter_tables
 from ..nn.geometry import pair_distances
 from ..nn.linear import Linear, batch_rows, pad_rows
@@ -61,9 +61,9 @@ class TabulatedFilters(NamedTuple):
 
     table: torch.Tensor  # (n_intervals, 4, n_filters)
     grid: torch.Tensor  # (P,)
-    #: the same pairs (grid, first atoms, second atoms) in the order of the convolution's
-    #: by-interval kernels (:func:`~atomlens.nn.cfconv.interval_pairs`), or None
-    by_interval: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    #: the same pairs in the order of the convolution's by-interval kernels
+    #: (:func:`~atomlens.nn.cfconv.interval_pairs`), or None
+    by_interval: IntervalPairs | None = None
 
     def values(self) -> torch.Tensor:
         return hermite_lookup(self.table, self.grid)
@@ -221,7 +221,7 @@ class SchNet(Representation):
             x_grid = d * (tables[0].shape[0] / self.cutoff)  # distance in node spacings
             # without forces, the pairs once in the order the convolution runs fastest in
             by_interval = (
-                interval_pairs(x_grid, pairs.i, pairs.j, *tables[0].shape[::2])
+                interval_pairs(x_grid, pairs.i, pairs.j, *tables[0].shape[::2], x.shape[0])
                 if pairs.symmetric
                 else None
             )

@@ -26,6 +26,8 @@ pass by grid interval (:func:`interval_pairs`), and the loops keep each interval
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import cpu_kernels, hermite, kernels
@@ -194,7 +196,7 @@ def cfconv_tabulated(
     grid: torch.Tensor,
     pair_i: torch.Tensor,
     pair_j: torch.Tensor,
-    by_interval: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    by_interval: IntervalPairs | None = None,
 ) -> torch.Tensor:
     """:func:`cfconv_symmetric` with the filters ``W = hermite_lookup(table, grid)``.
 
@@ -203,8 +205,9 @@ def cfconv_tabulated(
     as :func:`~atomlens.nn.hermite.hermite_lookup` clamps them. Plain CPU float tensors run
     one hand-written loop forward and one backward (no ``(P, F)`` filter array; under
     ``torch.compile`` as operators); anything else the lookup and :func:`cfconv_symmetric`.
-    ``by_interval``: the same unordered pairs from :func:`interval_pairs` (grid coordinates,
-    first and second atoms), which those loops then take in that order. Returns
+    ``by_interval``: these pairs sorted by :func:`interval_pairs`, which those loops then
+    take in that order (ignored unless sorted from these very ``grid``, ``pair_i`` and
+    ``pair_j`` for ``x``'s rows: a hook that replaced one gets the first-atom order). Returns
     ``(n_atoms, F)``.
     """
     n = table.shape[0]
@@ -225,8 +228,14 @@ def cfconv_tabulated(
         and pair_i.dtype == torch.int64
     ):
         kernels.check_rows(pair_i, x.shape[0], "cfconv pair indices")
-        if by_interval is not None and not grid.requires_grad:
-            return _IntervalCFConv.apply(x, table.reshape(4 * n, -1), *by_interval)
+        if (
+            by_interval is not None
+            and not grid.requires_grad
+            and by_interval.serves(grid, pair_i, pair_j, x.shape[0])
+        ):
+            return _IntervalCFConv.apply(
+                x, table.reshape(4 * n, -1), by_interval.grid, by_interval.a, by_interval.b
+            )
         return _TabulatedCFConv.apply(
             x, table.reshape(4 * n, -1), grid, pair_i[:half], pair_j[:half]
         )
@@ -242,16 +251,42 @@ MIN_INTERVAL_PAIRS = 2048
 MIN_INTERVAL_WIDTH = 128
 
 
+class IntervalPairs(NamedTuple):
+    """The unordered pairs of a symmetric layout sorted for :class:`_IntervalCFConv` (grid
+    coordinates, first and second atoms), with what they were sorted from."""
+
+    grid: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    source: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # grid, pair_i, pair_j
+    n_atoms: int
+
+    @staticmethod
+    def sort(grid, pair_i, pair_j, n_intervals: int, n_atoms: int) -> IntervalPairs | None:
+        """Sort the first half of ``pair_i``/``pair_j`` (atoms in ``[0, n_atoms)``) with
+        their ``grid``; None without the by-interval kernels (no AVX-512)."""
+        half = pair_i.shape[0] // 2
+        found = cpu_kernels.interval_order(grid, pair_i[:half], pair_j[:half], n_intervals, n_atoms)
+        return None if found is None else IntervalPairs(*found, (grid, pair_i, pair_j), n_atoms)
+
+    def serves(self, grid, pair_i, pair_j, n_atoms: int) -> bool:
+        """Whether these were sorted from these very tensors, for ``n_atoms`` rows."""
+        g, i, j = self.source
+        return g is grid and i is pair_i and j is pair_j and n_atoms == self.n_atoms
+
+
 def interval_pairs(
     grid: torch.Tensor,
     pair_i: torch.Tensor,
     pair_j: torch.Tensor,
     n_intervals: int,
     width: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    n_atoms: int,
+) -> IntervalPairs | None:
     """The unordered pairs of a symmetric layout (grid coordinates ``grid``, the first half
-    of ``pair_i``/``pair_j``) reordered for :class:`_IntervalCFConv`, once per forward pass
-    and shared by every interaction block (``width``: their filters); None where that path
+    of ``pair_i``/``pair_j``, atoms in ``[0, n_atoms)``) reordered for
+    :class:`_IntervalCFConv`, once per forward pass and shared by every interaction block
+    (``width``: their filters); None where that path
     does not apply: positions that need gradients (forces: the pass in first-atom order also
     gives dL/dx), compiled or traced code, functorch transforms, batches of fewer than
     :data:`MIN_INTERVAL_PAIRS` pairs, fewer than :data:`MIN_INTERVAL_WIDTH` filters, or no
@@ -271,8 +306,7 @@ def interval_pairs(
         or not cpu_kernels.available(grid)
     ):
         return None
-    half = pair_i.shape[0] // 2
-    return cpu_kernels.interval_order(grid, pair_i[:half], pair_j[:half], n_intervals)
+    return IntervalPairs.sort(grid, pair_i, pair_j, n_intervals, n_atoms)
 
 
 class _IntervalCFConv(_TabulatedCFConv):

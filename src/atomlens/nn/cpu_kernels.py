@@ -55,11 +55,12 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v25"
+_NAME = "atomlens_cpu_kernels_v26"
 
 _SOURCE = r"""
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstring>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -654,14 +655,18 @@ static void tabulated_backward_by_interval(const T* __restrict g, const T* __res
 
 // the pairs (x, a, b) reordered for those kernels: by block of 2^shift atoms (of the first
 // atom a; a block's rows of h, g and dL/dh stay in cache), then by grid interval, each run
-// in its given order (a counting sort: stable, O(pairs + keys))
+// in its given order. Both atoms of every pair must lie in [0, atoms). A counting sort
+// (stable, O(pairs + keys)) where the keys, blocks x intervals, are at most 4 per pair plus
+// 2^16; else (a fine grid beside a few pairs) a stable sort by key
 std::vector<torch::Tensor> interval_order(torch::Tensor x, torch::Tensor a, torch::Tensor b,
-                                          int64_t intervals, int64_t shift) {
+                                          int64_t intervals, int64_t shift, int64_t atoms) {
   TORCH_CHECK(x.dim() == 1 && a.dim() == 1 && a.numel() == x.numel() && b.numel() == x.numel(),
               "interval order: shapes");
   TORCH_CHECK(a.scalar_type() == torch::kLong && b.scalar_type() == torch::kLong,
               "interval order: int64");
-  TORCH_CHECK(intervals >= 1 && shift >= 0 && shift < 62, "interval order: arguments");
+  TORCH_CHECK(intervals >= 1 && intervals < (int64_t(1) << 31) && shift >= 0 && shift < 62 &&
+                  atoms >= 0,
+              "interval order: arguments");
   auto xc = x.contiguous(), ac = a.contiguous(), bc = b.contiguous();
   const int64_t pairs = xc.size(0);
   auto xs = torch::empty_like(xc), as = torch::empty_like(ac), bs = torch::empty_like(bc);
@@ -670,24 +675,38 @@ std::vector<torch::Tensor> interval_order(torch::Tensor x, torch::Tensor a, torc
   const int64_t* ib = bc.data_ptr<int64_t>();
   int64_t top = 0;
   for (int64_t p = 0; p < pairs; ++p) {
-    TORCH_CHECK(ia[p] >= 0, "interval order: negative atom index");
+    TORCH_CHECK(ia[p] >= 0 && ia[p] < atoms && ib[p] >= 0 && ib[p] < atoms,
+                "interval order: pair ", p, " has atom ", ia[p], " or ", ib[p],
+                " outside [0, ", atoms, ")");
     top = std::max(top, ia[p] >> shift);
   }
-  std::vector<int64_t> key(pairs), start((top + 1) * intervals + 1, 0);
+  // atoms < 2^63 and intervals < 2^31: (top + 1) * intervals < 2^(63 - shift + 31) fits
+  const int64_t keys = (top + 1) * intervals;
+  std::vector<int64_t> key(pairs), order(pairs);
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "interval_order", [&] {
+    const scalar_t* px = xc.data_ptr<scalar_t>();
+    for (int64_t p = 0; p < pairs; ++p)
+      key[p] = (ia[p] >> shift) * intervals + run_interval(px, p, intervals);
+  });
+  if (keys <= 4 * pairs + (int64_t(1) << 16)) {
+    std::vector<int64_t> start(keys + 1, 0);
+    for (int64_t p = 0; p < pairs; ++p) ++start[key[p] + 1];
+    for (int64_t q = 1; q <= keys; ++q) start[q] += start[q - 1];
+    for (int64_t p = 0; p < pairs; ++p) order[start[key[p]]++] = p;
+  } else {
+    for (int64_t p = 0; p < pairs; ++p) order[p] = p;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t u, int64_t v) { return key[u] < key[v]; });
+  }
   int64_t* oa = as.data_ptr<int64_t>();
   int64_t* ob = bs.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "interval_order", [&] {
     const scalar_t* px = xc.data_ptr<scalar_t>();
     scalar_t* ox = xs.data_ptr<scalar_t>();
-    for (int64_t p = 0; p < pairs; ++p)
-      key[p] = (ia[p] >> shift) * intervals + run_interval(px, p, intervals);
-    for (int64_t p = 0; p < pairs; ++p) ++start[key[p] + 1];
-    for (size_t q = 1; q < start.size(); ++q) start[q] += start[q - 1];
-    for (int64_t p = 0; p < pairs; ++p) {
-      const int64_t q = start[key[p]]++;
-      ox[q] = px[p];
-      oa[q] = ia[p];
-      ob[q] = ib[p];
+    for (int64_t q = 0; q < pairs; ++q) {
+      ox[q] = px[order[q]];
+      oa[q] = ia[order[q]];
+      ob[q] = ib[order[q]];
     }
   });
   return {xs, as, bs};
@@ -1480,8 +1499,9 @@ def tabulated_cfconv_backward(
 INTERVAL_BLOCK_SHIFT = 8
 
 
-def interval_order(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, intervals: int):
-    """The pairs ``(x, a, b)`` (grid coordinates, first and second atoms) in the order that
+def interval_order(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, intervals: int, atoms: int):
+    """The pairs ``(x, a, b)`` (grid coordinates, first and second atoms, each in
+    ``[0, atoms)``: else a RuntimeError) in the order that
     :func:`tabulated_cfconv_by_interval` runs fastest in: by block of
     2^:data:`INTERVAL_BLOCK_SHIFT` first atoms, then by grid interval of ``x`` (clamped to
     ``[0, intervals]`` as the lookup clamps it; NaN counts as interval 0), each group in its
@@ -1490,7 +1510,7 @@ def interval_order(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, intervals:
     module = _loaded(x)
     if module is None or not module.interval_kernels():
         return None
-    return tuple(module.interval_order(x, a, b, int(intervals), INTERVAL_BLOCK_SHIFT))
+    return tuple(module.interval_order(x, a, b, int(intervals), INTERVAL_BLOCK_SHIFT, int(atoms)))
 
 
 def tabulated_cfconv_by_interval(h, table, x, a, b):
