@@ -55,7 +55,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v26"
+_NAME = "atomlens_cpu_kernels_v27"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -594,16 +594,38 @@ static void tabulated_rows_by_interval(const T* __restrict h, const T* __restric
   });
 }
 
+// reads n values in order, a vector per cache line and nothing else: the caches then hold
+// an array that a pass reads in scattered order, fetched at the memory's streaming speed
+template <typename T>
+static void touch_lines(const T* p, int64_t n) {
+  typedef typename vec_of<T>::type V;
+  constexpr int64_t LINE = 64 / sizeof(T);
+  V sum0{}, sum1{};
+  for (int64_t i = 0; i + 2 * LINE <= n; i += 2 * LINE) {
+    sum0 += vload(p + i);
+    sum1 += vload(p + i + LINE);
+  }
+  sum0 += sum1;
+  asm volatile("" : : "x"(sum0));  // the loads stay
+}
+
 template <typename T, bool NEED_H, bool NEED_TABLE>
 static void tabulated_backward_by_interval(const T* __restrict g, const T* __restrict h,
                                            const T* __restrict table, const T* x,
                                            const int64_t* a, const int64_t* b,
                                            T* __restrict grad_h, T* __restrict grad_table,
-                                           int64_t pairs, int64_t width, int64_t intervals) {
+                                           int64_t pairs, int64_t width, int64_t intervals,
+                                           int64_t rows) {
   typedef typename vec_of<T>::type V;
   constexpr int64_t L = ATOMLENS_VECTOR_BYTES / sizeof(T), C = BACKWARD_CHUNK * L;
   const int64_t full = width / C * C;
   std::vector<T> ts;
+  // h (saved by the forward pass) and the table are rarely still cached when the backward
+  // pass comes; read in order first, they arrive faster than scattered over the runs: 3.03
+  // against 3.27 ms per 128/6 QM9 training step for the six blocks (one thread, CPU time,
+  // alternated, 2026-12-05). The forward pass is better without (its h is fresh)
+  if (NEED_TABLE) touch_lines(h, rows * width);
+  if (NEED_H) touch_lines(table, 4 * intervals * width);
   interval_runs(x, pairs, intervals, full, C, ts,
                 [&](int64_t p0, int64_t p1, int64_t k, int64_t b0, int64_t b1, bool last) {
     T* r = grad_table + (NEED_TABLE ? 4 * k * width : 0);
@@ -744,10 +766,10 @@ bool interval_kernels() { return RUNS; }
 template <typename T, bool NH, bool NT>
 static void backward_x(bool need_x, bool by_interval, const T* g, const T* h, const T* table,
                        const T* x, const int64_t* a, const int64_t* b, T* gh, T* gt, T* gx,
-                       int64_t pairs, int64_t width, int64_t intervals) {
+                       int64_t pairs, int64_t width, int64_t intervals, int64_t rows) {
   if (by_interval)  // no dL/dx there
     tabulated_backward_by_interval<T, NH, NT>(g, h, table, x, a, b, gh, gt, pairs, width,
-                                              intervals);
+                                              intervals, rows);
   else if (need_x)
     tabulated_backward_rows<T, NH, NT, true>(g, h, table, x, a, b, gh, gt, gx, pairs, width,
                                              intervals);
@@ -781,19 +803,20 @@ static std::vector<torch::Tensor> first_derivatives(torch::Tensor grad, torch::T
     const int64_t* ia = ac.data_ptr<int64_t>();
     const int64_t* ib = bc.data_ptr<int64_t>();
     const int64_t pairs = xc.size(0), width = hc.size(1), intervals = tc.size(0) / 4;
+    const int64_t rows = hc.size(0);
     const bool n_x = need_x, by = by_interval;
     if (need_h && need_table)
       backward_x<T, true, true>(n_x, by, args[0], args[1], args[2], args[3], ia, ib, gh, gt, gx,
-                                pairs, width, intervals);
+                                pairs, width, intervals, rows);
     else if (need_h)
       backward_x<T, true, false>(n_x, by, args[0], args[1], args[2], args[3], ia, ib, gh, gt, gx,
-                                 pairs, width, intervals);
+                                 pairs, width, intervals, rows);
     else if (need_table)
       backward_x<T, false, true>(n_x, by, args[0], args[1], args[2], args[3], ia, ib, gh, gt, gx,
-                                 pairs, width, intervals);
+                                 pairs, width, intervals, rows);
     else
       backward_x<T, false, false>(n_x, by, args[0], args[1], args[2], args[3], ia, ib, gh, gt,
-                                  gx, pairs, width, intervals);
+                                  gx, pairs, width, intervals, rows);
   });
   return {grad_h, grad_table, grad_x};
 }
