@@ -227,15 +227,15 @@ def cfconv_tabulated(
         and cpu_kernels.available(x, table, grid)
         and pair_i.dtype == torch.int64
     ):
-        kernels.check_rows(pair_i, x.shape[0], "cfconv pair indices")
         if (
             by_interval is not None
             and not grid.requires_grad
             and by_interval.serves(grid, pair_i, pair_j, x.shape[0])
-        ):
+        ):  # its sort checked every pair's atoms against x's rows (once for all blocks)
             return _IntervalCFConv.apply(
                 x, table.reshape(4 * n, -1), by_interval.grid, by_interval.a, by_interval.b
             )
+        kernels.check_rows(pair_i, x.shape[0], "cfconv pair indices")
         return _TabulatedCFConv.apply(
             x, table.reshape(4 * n, -1), grid, pair_i[:half], pair_j[:half]
         )
