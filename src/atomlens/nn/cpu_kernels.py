@@ -55,7 +55,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v27"
+_NAME = "atomlens_cpu_kernels_v28"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -1267,7 +1267,7 @@ static std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> tabulated_cfconv_
 static int64_t bucket(int64_t n) {  // atomlens.nn.linear._bucket
   if (n <= 0) return n;
   const int64_t bits = 64 - __builtin_clzll(static_cast<unsigned long long>(n));
-  const int64_t step = int64_t(1) << std::max<int64_t>(4, bits - 5);
+  const int64_t step = int64_t(1) << std::max<int64_t>(4, bits - 7);
   return (n + step - 1) / step * step;
 }
 
