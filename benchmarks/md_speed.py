@@ -117,10 +117,11 @@ def training_throughput(
 
 def md_atoms(frames: dict):
     from ase import Atoms
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    from atomlens.md import draw_momenta
 
     atoms = Atoms(numbers=frames["z"], positions=frames["R"][0])
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    draw_momenta(atoms, 300, np.random.default_rng(0))
     return atoms
 
 

@@ -190,14 +190,14 @@ def test_errors(model, data, indices) -> dict:
 
 def md_speed(data, steps: int, clock: str) -> dict:
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from ase.md.verlet import VelocityVerlet
 
     import atomlens
+    from atomlens.md import draw_momenta
 
     atoms = data.atoms(0)
     atoms.calc = atomlens.Calculator(build_model())
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    draw_momenta(atoms, 300, np.random.default_rng(0))
     dyn = VelocityVerlet(atoms, 0.5 * units.fs)
     dyn.run(10)  # warm-up
     now = CLOCKS[clock]

@@ -76,6 +76,7 @@ from .md import (
     MDUnstableError,
     check_stop_limits,
     degrees_of_freedom,
+    draw_momenta,
     kinetic_temperature,
     published,
     temporary_outputs,
@@ -210,12 +211,7 @@ class BatchedMD:
             from ase.md import velocitydistribution as velocities
 
             for atoms, dof in zip(starts, n_dof):
-                if hasattr(velocities, "thermalize_momenta"):  # ASE >= 3.29
-                    velocities.thermalize_momenta(atoms, temperature_K, rng=rng)
-                else:
-                    velocities.MaxwellBoltzmannDistribution(
-                        atoms, temperature_K=temperature_K, rng=rng
-                    )
+                draw_momenta(atoms, temperature_K, rng)
                 velocities.Stationary(atoms, preserve_temperature=False)
                 if rotation_removed and len(atoms) > 2:
                     velocities.ZeroRotation(atoms, preserve_temperature=False)

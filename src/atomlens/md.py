@@ -52,6 +52,18 @@ def degrees_of_freedom(atoms, rotation_removed: bool = False) -> int:
     return max(n_dof, 1)
 
 
+def draw_momenta(atoms, temperature_K: float, rng: np.random.Generator) -> None:
+    """Maxwell-Boltzmann momenta at ``temperature_K`` (K) from ``rng``: ASE's
+    ``thermalize_momenta``, ``MaxwellBoltzmannDistribution`` before ASE 3.29 (which
+    deprecates that name)."""
+    from ase.md import velocitydistribution as velocities
+
+    if hasattr(velocities, "thermalize_momenta"):
+        velocities.thermalize_momenta(atoms, temperature_K, rng=rng)
+    else:
+        velocities.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+
+
 def kinetic_temperature(atoms, n_dof: int | None = None) -> float:
     """T = 2 E_kin / (n_dof k_B) (K); ``n_dof`` by default 3n - 3 (zero total momentum)."""
     n_dof = degrees_of_freedom(atoms) if n_dof is None else n_dof
@@ -213,7 +225,7 @@ def run_md(
     """
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from ase.md.velocitydistribution import Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
 
     _check_settings(
@@ -234,7 +246,7 @@ def run_md(
     )
     n_dof = degrees_of_freedom(atoms, rotation_removed)
     if initialize_velocities:
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+        draw_momenta(atoms, temperature_K, rng)
         Stationary(atoms, preserve_temperature=False)
         if rotation_removed:
             ZeroRotation(atoms, preserve_temperature=False)

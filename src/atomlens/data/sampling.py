@@ -212,6 +212,8 @@ def sample_md(
     from ase.md import velocitydistribution as velocities
     from ase.md.langevin import Langevin
 
+    from ..md import draw_momenta
+
     if n_frames < 1 or every < 1:
         raise ValueError("n_frames and every must be at least 1")
     if not (
@@ -241,10 +243,7 @@ def sample_md(
     if fix_com:
         atoms.set_constraint(FixCom())
     rng = np.random.default_rng(seed)
-    if hasattr(velocities, "thermalize_momenta"):  # ASE >= 3.29
-        velocities.thermalize_momenta(atoms, temperature, rng=rng)
-    else:
-        velocities.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    draw_momenta(atoms, temperature, rng)
     velocities.Stationary(atoms)
     if not periodic:  # no angular momentum in a periodic cell
         velocities.ZeroRotation(atoms)
