@@ -169,8 +169,8 @@ def _bucket(n: int) -> int:
     The padded rows are computed and thrown away: with 16 sizes per octave (up to 6.25%)
     a 128/6 QM9 step's products did 1.26% more work than its batches' atoms need, 0.37%
     with 64, and the step ran 0.25 ms faster of ~27.7 (alternated in one process, one
-    thread, CPU time, 2026-12-05). oneDNN builds each size's kernel once (about 25 sizes for
-    the batches of 100 QM9 molecules of a training run)."""
+    thread, CPU time, 2026-12-05). oneDNN builds each size's kernel once (an epoch's batches of 100 QM9
+    molecules, 1,709-1,906 atoms, made 14 sizes)."""
     step = 1 << max(4, n.bit_length() - 7)
     return -(-n // step) * step
 
