@@ -93,7 +93,9 @@ def test_the_tiled_transpose_is_exact_in_its_tiles_and_at_their_edges(shape):
 
 def test_the_weight_gradient_without_the_tiled_transpose_copies_with_pytorch(monkeypatch):
     """No C++ kernels (no compiler): the transposed input is made row-major by PyTorch and
-    the gradients are the same."""
+    the gradients are the same (the Python Function: without a compiler there is no C++
+    one)."""
+    monkeypatch.setattr(onednn, "CPP_FUNCTION", False)
     x, weight, bias = _inputs(300, seed=2)
     grads = []
     for available in (True, False):
@@ -108,6 +110,7 @@ def test_the_weight_gradient_without_the_tiled_transpose_copies_with_pytorch(mon
 
 
 def test_the_weight_gradient_transposes_with_the_tiled_kernel_and_needs_no_bias(monkeypatch):
+    monkeypatch.setattr(onednn, "CPP_FUNCTION", False)  # the Python Function's hooks
     x, weight, _ = _inputs(300, seed=1)
     xr, wr = (t.detach().clone().requires_grad_() for t in (x, weight))
     transposed = []
@@ -126,7 +129,9 @@ def test_the_weight_gradient_transposes_with_the_tiled_kernel_and_needs_no_bias(
 
 def test_the_bias_gradient_comes_from_the_weight_gradients_transpose(monkeypatch):
     """With a bias the transpose of ``grad`` also adds up its columns: the bias gradient,
-    without PyTorch's sum; rows padded to the bucket size add zeros."""
+    without PyTorch's sum; rows padded to the bucket size add zeros (the Python Function's
+    hooks; the C++ Function's operators: the next test)."""
+    monkeypatch.setattr(onednn, "CPP_FUNCTION", False)
     summed, kernel = [], cpu_kernels.transpose_and_sums
     monkeypatch.setattr(
         cpu_kernels, "transpose_and_sums", lambda t: summed.append(t.shape) or kernel(t)
@@ -147,6 +152,71 @@ def test_the_bias_gradient_comes_from_the_weight_gradients_transpose(monkeypatch
         F.linear(xf, wf, bf).backward(upstream.double())
         for got, want in ((br.grad, bf.grad), (wr.grad, wf.grad), (xr.grad, xf.grad)):
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def _grads(rows: int, with_bias: bool, need_x: bool, seed: int):
+    """Output and gradients for a random upstream gradient through :func:`onednn.linear`
+    (``None`` for what is not asked), and the operators it called."""
+    x, weight, bias = _inputs(rows, seed=seed)
+    x = x.requires_grad_(need_x)
+    weight = weight.requires_grad_()
+    bias = bias.requires_grad_() if with_bias else None
+
+    upstream = torch.randn(rows, 24, generator=torch.Generator().manual_seed(seed + 1))
+
+    def run():
+        y = onednn.linear(x, weight, bias)
+        y.backward(upstream)
+        return y
+
+    out = []
+    called = _called(lambda: out.append(run()))
+    return (out[0].detach(), x.grad, weight.grad, None if bias is None else bias.grad), called
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_cpp_function_equals_the_python_function_exactly(monkeypatch, with_bias):
+    """Eager code's layer is a C++ autograd Function with the Python Function's products,
+    paddings and transposes: the same numbers to the last bit, rows padded (300 -> 304,
+    317 -> 320) or repeated (unpadded, on the second call), with and without the bias,
+    with and without dL/dx; oneDNN's operator and no PyTorch product or sum."""
+    if not cpu_kernels.available(torch.zeros(1)):
+        pytest.skip("no C++ kernels here")
+    for rows, need_x in ((300, True), (317, False), (317, True), (1794, True)):
+        results = {}
+        for cpp in (True, False):
+            monkeypatch.setattr(onednn, "CPP_FUNCTION", cpp)
+            onednn._last_rows.clear()  # the Python Function's memory of rows: a first call
+            results[cpp] = _grads(rows, with_bias, need_x, seed=rows)
+        (ours, called), (python, _) = results[True], results[False]
+        for got, want in zip(ours, python):
+            if want is None:
+                assert got is None
+            else:
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert "mkldnn::_linear_pointwise" in called
+        assert not called & {"aten::mm", "aten::addmm", "aten::matmul", "aten::sum"}
+        assert not any("_OneDNNLinear" in name for name in called)  # not the Python Function
+    reference = _derivatives(F.linear, *(t.double() for t in _inputs(317, seed=3)))
+    monkeypatch.setattr(onednn, "CPP_FUNCTION", True)
+    ours = _derivatives(onednn.linear, *_inputs(317, seed=3))  # second derivatives: matmul
+    for got, want in zip(ours, reference):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_the_cpp_function_takes_batched_gradients():
+    """``is_grads_batched`` (vmap over the backward pass): the C++ Function's backward gets
+    gradients without storage and takes PyTorch's products, per gradient as F.linear's."""
+    x, weight, bias = (t.requires_grad_() for t in _inputs(300, seed=5))
+    node = onednn.linear(x, weight, bias).grad_fn.name()
+    assert cpu_kernels.available(x) == (node == "torch::autograd::CppNode<OneDNNLinearFunction>")
+    upstream = torch.randn(3, 300, 24, generator=torch.Generator().manual_seed(1))
+    y = onednn.linear(x, weight, bias)
+    got = torch.autograd.grad(y, (x, weight, bias), upstream, is_grads_batched=True)
+    want = [torch.autograd.grad(F.linear(x, weight, bias), (x, weight, bias), u) for u in upstream]
+    for k, g in enumerate(got):
+        torch.testing.assert_close(g, torch.stack([w[k] for w in want]), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(

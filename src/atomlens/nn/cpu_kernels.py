@@ -55,13 +55,16 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v29"
+_NAME = "atomlens_cpu_kernels_v30"
 
 _SOURCE = r"""
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -1293,6 +1296,115 @@ static torch::Tensor linear_kernel(const torch::Tensor& x, const torch::Tensor& 
   return rows != m ? y.narrow(0, 0, m) : y;
 }
 
+// atomlens.nn.linear's oneDNN layer as a C++ autograd Function (eager code): the same
+// products, paddings and transposes as its Python Function (_OneDNNLinear, which compiled
+// code and the tests of its hooks keep), without Python's cost per call. Six chained layers
+// of 128 rows cost 44 us each beyond their products through the Python Function, 12 us
+// through PyTorch's C++ F.linear (one thread, CPU time, 2026-12-05)
+static torch::Tensor onednn_call(const torch::Tensor& x, const torch::Tensor& weight,
+                                 const torch::Tensor& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, weight, bias.defined() ? c10::IValue(bias) : c10::IValue(),
+                                 c10::IValue(std::string("none")),
+                                 c10::IValue(c10::List<std::optional<c10::Scalar>>()),
+                                 c10::IValue(std::string(""))};
+  op.callBoxed(stack);
+  return stack[0].toTensor();
+}
+
+// a weight for oneDNN: read as it is if dense (a transposed view too), else a copy
+static torch::Tensor dense_layout(const torch::Tensor& t) {
+  return t.is_contiguous() || t.t().is_contiguous() ? t : t.contiguous();
+}
+
+// an input for oneDNN: row-major (a transposed view by the tiled transpose)
+static torch::Tensor row_major(const torch::Tensor& t) {
+  if (t.is_contiguous()) return t;
+  if (t.scalar_type() == torch::kFloat && t.t().is_contiguous()) return transpose(t.t(), false)[0];
+  return t.contiguous();
+}
+
+static torch::Tensor zero_padded(const torch::Tensor& t, int64_t rows) {
+  auto out = torch::empty({rows, t.size(1)}, t.options());
+  out.narrow(0, 0, t.size(0)).copy_(t);
+  out.narrow(0, t.size(0), rows - t.size(0)).zero_();
+  return out;
+}
+
+// per layer (its weight's storage, shape, strides) and product: the rows of its last call;
+// the rows a call runs with: m where the bucket size is m or this layer's previous call of
+// this kind had m rows too, else bucket(m) (as atomlens.nn.linear._padded_rows)
+static std::mutex g_rows_mutex;
+static std::map<std::tuple<int, const void*, int64_t, int64_t, int64_t, int64_t>, int64_t>
+    g_last_rows;
+
+static int64_t padded_rows(int kind, const torch::Tensor& weight, int64_t m) {
+  const int64_t rows = bucket(m);
+  if (rows == m) return rows;
+  const auto key = std::make_tuple(kind, weight.data_ptr(), weight.size(0), weight.size(1),
+                                   weight.stride(0), weight.stride(1));
+  std::lock_guard<std::mutex> lock(g_rows_mutex);
+  auto found = g_last_rows.find(key);
+  const bool repeated = found != g_last_rows.end() && found->second == m;
+  if (g_last_rows.size() > 4096) g_last_rows.clear();  // models come and go
+  g_last_rows[key] = m;
+  return repeated ? m : rows;
+}
+
+struct OneDNNLinearFunction : public torch::autograd::Function<OneDNNLinearFunction> {
+  // without a bias, `bias` is an empty tensor (every argument the Function tracks must be
+  // a defined tensor) and has_bias false
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor x,
+                               torch::Tensor weight, torch::Tensor bias, bool has_bias) {
+    const int64_t m = x.size(0), rows = padded_rows(0, weight, m);
+    auto y = onednn_call(rows != m ? zero_padded(x, rows) : row_major(x),
+                         dense_layout(weight), has_bias ? bias : torch::Tensor());
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["has_bias"] = has_bias;
+    return rows != m ? y.narrow(0, 0, m) : y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor& x = saved[0];
+    const torch::Tensor& weight = saved[1];
+    const torch::Tensor& grad = grads[0];
+    const bool need_x = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    torch::Tensor grad_x, grad_weight, grad_bias;
+    if (!at::GradMode::is_enabled() && grad.has_storage() && grad.dim() == 2 &&
+        grad.scalar_type() == torch::kFloat) {
+      // both products on oneDNN, rows padded as the forward pass's; the weight gradient's
+      // input grad^T from the tiled transpose, which adds up the bias gradient on the way
+      const int64_t m = grad.size(0), rows = padded_rows(1, weight, m);
+      const auto g = rows != m ? zero_padded(grad, rows) : row_major(grad);
+      if (need_x) {
+        grad_x = onednn_call(g, dense_layout(weight.t()), torch::Tensor());
+        if (rows != m) grad_x = grad_x.narrow(0, 0, m);
+      }
+      if (need_weight) {
+        auto both = transpose(g, need_bias);
+        if (need_bias) grad_bias = both[1];
+        const auto xx = rows != m ? zero_padded(x, rows) : x;
+        grad_weight = onednn_call(both[0], dense_layout(xx.t()), torch::Tensor());
+      }
+    } else {  // a graph for a second derivative, or batched gradients: PyTorch's products
+      if (need_x) grad_x = at::matmul(grad, weight);
+      if (need_weight) grad_weight = at::matmul(grad.t(), x);
+    }
+    if (need_bias && !grad_bias.defined()) grad_bias = grad.sum(0);
+    return {grad_x, grad_weight, grad_bias, torch::Tensor()};
+  }
+};
+
+torch::Tensor onednn_linear(torch::Tensor x, torch::Tensor weight,
+                            std::optional<torch::Tensor> bias) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  return OneDNNLinearFunction::apply(x, weight, has_bias ? *bias : x.new_empty({0}), has_bias);
+}
+
 // the shifted softplus and its derivative as operators (float32: other dtypes never reach
 // them, see atomlens.nn.activations)
 static torch::Tensor shifted_softplus_kernel(const torch::Tensor& x) {
@@ -1383,6 +1495,7 @@ def _build(name: str, cflags: list[str]):
                 "tabulated_cfconv_by_interval",
                 "tabulated_cfconv_by_interval_backward",
                 "interval_order",
+                "onednn_linear",
                 "interval_kernels",
                 "shifted_softplus",
                 "shifted_softplus_backward",

@@ -225,9 +225,25 @@ def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y[:m] if rows != m else y
 
 
+#: eager code's oneDNN layer as the C++ autograd Function of :mod:`atomlens.nn.cpu_kernels`
+#: (``onednn_linear``: the same products, paddings and transposes as :class:`_OneDNNLinear`,
+#: whose Python costs about 30 us per layer and call: 44 against 12 us beyond the products
+#: for 128 rows, one thread, 2026-12-05); False: the Python Function (compiled code and
+#: torch.func transforms always take it)
+CPP_FUNCTION = True
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, on oneDNN for large float32 CPU inputs (module doc)."""
     if _onednn_applies(x, weight):
+        if (
+            CPP_FUNCTION
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+        ):
+            module = cpu_kernels._loaded(x, weight)
+            if module is not None:
+                return module.onednn_linear(x, weight, bias)
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
