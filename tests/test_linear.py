@@ -154,15 +154,14 @@ def test_the_bias_gradient_comes_from_the_weight_gradients_transpose(monkeypatch
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
-def _grads(rows: int, with_bias: bool, need_x: bool, seed: int):
+def _grads(x, weight, bias, with_bias: bool, need_x: bool):
     """Output and gradients for a random upstream gradient through :func:`onednn.linear`
     (``None`` for what is not asked), and the operators it called."""
-    x, weight, bias = _inputs(rows, seed=seed)
-    x = x.requires_grad_(need_x)
-    weight = weight.requires_grad_()
-    bias = bias.requires_grad_() if with_bias else None
-
-    upstream = torch.randn(rows, 24, generator=torch.Generator().manual_seed(seed + 1))
+    rows = x.shape[0]
+    x = x.detach().clone().requires_grad_(need_x)
+    weight = weight.detach().requires_grad_()  # the same storage: the same layer
+    bias = bias.detach().clone().requires_grad_() if with_bias else None
+    upstream = torch.randn(rows, 24, generator=torch.Generator().manual_seed(rows + 1))
 
     def run():
         y = onednn.linear(x, weight, bias)
@@ -174,35 +173,63 @@ def _grads(rows: int, with_bias: bool, need_x: bool, seed: int):
     return (out[0].detach(), x.grad, weight.grad, None if bias is None else bias.grad), called
 
 
+def _forget_rows():
+    """Both Functions' memory of each layer's last row count: the next calls pad."""
+    onednn._last_rows.clear()
+    cpu_kernels._module().forget_rows()
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_the_cpp_function_equals_the_python_function_exactly(monkeypatch, with_bias):
     """Eager code's layer is a C++ autograd Function with the Python Function's products,
     paddings and transposes: the same numbers to the last bit, rows padded (300 -> 304,
-    317 -> 320) or repeated (unpadded, on the second call), with and without the bias,
-    with and without dL/dx; oneDNN's operator and no PyTorch product or sum."""
+    317 -> 320, 1794 -> 1808) and, on a second call with the same rows, unpadded; with and
+    without the bias, with and without dL/dx; oneDNN's operator and no PyTorch product or
+    sum."""
     if not cpu_kernels.available(torch.zeros(1)):
         pytest.skip("no C++ kernels here")
     for rows, need_x in ((300, True), (317, False), (317, True), (1794, True)):
         results = {}
         for cpp in (True, False):
             monkeypatch.setattr(onednn, "CPP_FUNCTION", cpp)
-            onednn._last_rows.clear()  # the Python Function's memory of rows: a first call
-            results[cpp] = _grads(rows, with_bias, need_x, seed=rows)
-        (ours, called), (python, _) = results[True], results[False]
-        for got, want in zip(ours, python):
-            if want is None:
-                assert got is None
-            else:
-                torch.testing.assert_close(got, want, rtol=0, atol=0)
-        assert "mkldnn::_linear_pointwise" in called
-        assert not called & {"aten::mm", "aten::addmm", "aten::matmul", "aten::sum"}
-        assert not any("_OneDNNLinear" in name for name in called)  # not the Python Function
+            _forget_rows()
+            x, weight, bias = _inputs(rows, seed=rows)
+            # the first call pads, the second (the same layer and rows) does not
+            results[cpp] = [_grads(x, weight, bias, with_bias, need_x) for _ in range(2)]
+        for call in range(2):
+            (ours, called), (python, _) = results[True][call], results[False][call]
+            for got, want in zip(ours, python):
+                if want is None:
+                    assert got is None
+                else:
+                    torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert "mkldnn::_linear_pointwise" in called
+            assert not called & {"aten::mm", "aten::addmm", "aten::matmul", "aten::sum"}
+            assert not any("_OneDNNLinear" in name for name in called)  # not the Python one
+            # padded: the rows copied into the bucket's (aten::copy_); repeated: no copy
+            assert ("aten::copy_" in called) == (call == 0)
     reference = _derivatives(F.linear, *(t.double() for t in _inputs(317, seed=3)))
     monkeypatch.setattr(onednn, "CPP_FUNCTION", True)
     ours = _derivatives(onednn.linear, *_inputs(317, seed=3))  # second derivatives: matmul
     for got, want in zip(ours, reference):
         scale = max(1.0, want.abs().max().item())
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_the_cpp_functions_bias_gradient_alone_equals_the_python_functions(monkeypatch):
+    """Asked for the bias gradient alone, the C++ Function still sums the columns as the
+    transpose does (PyTorch's sum would round differently)."""
+    if not cpu_kernels.available(torch.zeros(1)):
+        pytest.skip("no C++ kernels here")
+    x, weight, bias = _inputs(304, seed=7)
+    weight, bias = weight.requires_grad_(), bias.requires_grad_()
+    upstream = torch.randn(304, 24, generator=torch.Generator().manual_seed(8))
+    got = {}
+    for cpp in (True, False):
+        monkeypatch.setattr(onednn, "CPP_FUNCTION", cpp)
+        _forget_rows()
+        (got[cpp],) = torch.autograd.grad(onednn.linear(x, weight, bias), (bias,), upstream)
+    torch.testing.assert_close(got[True], got[False], rtol=0, atol=0)
 
 
 def test_the_cpp_function_takes_batched_gradients():

@@ -55,7 +55,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v30"
+_NAME = "atomlens_cpu_kernels_v31"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -1389,6 +1389,8 @@ struct OneDNNLinearFunction : public torch::autograd::Function<OneDNNLinearFunct
         if (need_bias) grad_bias = both[1];
         const auto xx = rows != m ? zero_padded(x, rows) : x;
         grad_weight = onednn_call(both[0], dense_layout(xx.t()), torch::Tensor());
+      } else if (need_bias) {  // the same sums as with the weight gradient, to the last bit
+        grad_bias = transpose(g, true)[1];
       }
     } else {  // a graph for a second derivative, or batched gradients: PyTorch's products
       if (need_x) grad_x = at::matmul(grad, weight);
@@ -1402,7 +1404,15 @@ struct OneDNNLinearFunction : public torch::autograd::Function<OneDNNLinearFunct
 torch::Tensor onednn_linear(torch::Tensor x, torch::Tensor weight,
                             std::optional<torch::Tensor> bias) {
   const bool has_bias = bias.has_value() && bias->defined();
-  return OneDNNLinearFunction::apply(x, weight, has_bias ? *bias : x.new_empty({0}), has_bias);
+  auto empty = has_bias ? *bias : x.new_empty({0});
+  pybind11::gil_scoped_release no_gil;  // other Python threads run during the products
+  return OneDNNLinearFunction::apply(x, weight, empty, has_bias);
+}
+
+// forget every layer's last row count (the next call of each pads to the bucket size)
+void forget_rows() {
+  std::lock_guard<std::mutex> lock(g_rows_mutex);
+  g_last_rows.clear();
 }
 
 // the shifted softplus and its derivative as operators (float32: other dtypes never reach
@@ -1496,6 +1506,7 @@ def _build(name: str, cflags: list[str]):
                 "tabulated_cfconv_by_interval_backward",
                 "interval_order",
                 "onednn_linear",
+                "forget_rows",
                 "interval_kernels",
                 "shifted_softplus",
                 "shifted_softplus_backward",
