@@ -55,7 +55,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v31"
+_NAME = "atomlens_cpu_kernels_v32"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -1265,9 +1265,6 @@ static std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> tabulated_cfconv_
   return {grads[0], grads[1], grads[2]};
 }
 
-// oneDNN's float32 inner product (atomlens.nn.linear) as the operator atomlens::linear:
-// torch.compile keeps it as one call (Inductor's own lowering of mkldnn::_linear_pointwise
-// needs frozen weights); a boxed call through the dispatcher, no oneDNN headers needed
 static int64_t bucket(int64_t n) {  // atomlens.nn.linear._bucket
   if (n <= 0) return n;
   const int64_t bits = 64 - __builtin_clzll(static_cast<unsigned long long>(n));
@@ -1275,32 +1272,7 @@ static int64_t bucket(int64_t n) {  // atomlens.nn.linear._bucket
   return (n + step - 1) / step * step;
 }
 
-static torch::Tensor linear_kernel(const torch::Tensor& x, const torch::Tensor& weight,
-                                   const std::optional<torch::Tensor>& bias) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  auto dense = [](const torch::Tensor& t) {  // a transposed weight is read in place; the
-    // operator itself copies a transposed input (PyTorch's copy)
-    return t.is_non_overlapping_and_dense() ? t : t.contiguous();
-  };
-  // rows padded with zeros to atomlens.nn.linear's bucket sizes (few kernels for oneDNN)
-  const int64_t m = x.size(0), rows = bucket(m);
-  const torch::Tensor xx = rows != m ? torch::constant_pad_nd(x, {0, 0, 0, rows - m}, 0) : x;
-  std::vector<c10::IValue> stack{dense(xx), dense(weight),
-                                 bias.has_value() ? c10::IValue(*bias) : c10::IValue(),
-                                 c10::IValue(std::string("none")),
-                                 c10::IValue(c10::List<std::optional<c10::Scalar>>()),
-                                 c10::IValue(std::string(""))};
-  op.callBoxed(stack);
-  auto y = stack[0].toTensor();
-  return rows != m ? y.narrow(0, 0, m) : y;
-}
-
-// atomlens.nn.linear's oneDNN layer as a C++ autograd Function (eager code): the same
-// products, paddings and transposes as its Python Function (_OneDNNLinear, which compiled
-// code and the tests of its hooks keep), without Python's cost per call. Six chained layers
-// of 128 rows cost 44 us each beyond their products through the Python Function, 12 us
-// through PyTorch's C++ F.linear (one thread, CPU time, 2026-12-05)
+// oneDNN's float32 inner product through the dispatcher (no oneDNN headers needed)
 static torch::Tensor onednn_call(const torch::Tensor& x, const torch::Tensor& weight,
                                  const torch::Tensor& bias) {
   static const auto op =
@@ -1332,7 +1304,26 @@ static torch::Tensor zero_padded(const torch::Tensor& t, int64_t rows) {
   return out;
 }
 
-// per layer (its weight's storage, shape, strides) and product: the rows of its last call;
+// oneDNN's float32 inner product (atomlens.nn.linear) as the operator atomlens::linear:
+// torch.compile keeps it as one call (Inductor's own lowering of mkldnn::_linear_pointwise
+// needs frozen weights). Rows padded with zeros to atomlens.nn.linear's bucket sizes (few
+// kernels for oneDNN); a transposed weight is read in place, a transposed input copied by
+// the operator itself (PyTorch's copy)
+static torch::Tensor linear_kernel(const torch::Tensor& x, const torch::Tensor& weight,
+                                   const std::optional<torch::Tensor>& bias) {
+  const int64_t m = x.size(0), rows = bucket(m);
+  auto y = onednn_call(dense_layout(rows != m ? zero_padded(x, rows) : x), dense_layout(weight),
+                       bias.has_value() ? *bias : torch::Tensor());
+  return rows != m ? y.narrow(0, 0, m) : y;
+}
+
+// atomlens.nn.linear's oneDNN layer as a C++ autograd Function (eager code): the same
+// products, paddings and transposes as its Python Function (_OneDNNLinear, which compiled
+// code and the tests of its hooks keep), without Python's cost per call. Six chained layers
+// of 128 rows cost 44 us each beyond their products through the Python Function, 12 us
+// through PyTorch's C++ F.linear (one thread, CPU time, 2026-12-05).
+//
+// Per layer (its weight's storage, shape, strides) and product: the rows of its last call;
 // the rows a call runs with: m where the bucket size is m or this layer's previous call of
 // this kind had m rows too, else bucket(m) (as atomlens.nn.linear._padded_rows)
 static std::mutex g_rows_mutex;

@@ -169,8 +169,8 @@ def _bucket(n: int) -> int:
     The padded rows are computed and thrown away: with 16 sizes per octave (up to 6.25%)
     a 128/6 QM9 step's products did 1.26% more work than its batches' atoms need, 0.37%
     with 64, and the step ran 0.25 ms faster of ~27.7 (alternated in one process, one
-    thread, CPU time, 2026-12-05). oneDNN builds each size's kernel once (an epoch's batches of 100 QM9
-    molecules, 1,709-1,906 atoms, made 14 sizes)."""
+    thread, CPU time, 2026-12-05). oneDNN builds each size's kernel once (an epoch's
+    batches of 100 QM9 molecules, 1,709-1,906 atoms, made 14 sizes)."""
     step = 1 << max(4, n.bit_length() - 7)
     return -(-n // step) * step
 
@@ -241,7 +241,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()
         ):
-            module = cpu_kernels._loaded(x, weight)
+            module = cpu_kernels._module()  # _onednn_applies checked what _loaded would
             if module is not None:
                 return module.onednn_linear(x, weight, bias)
         return _OneDNNLinear.apply(x, weight, bias)
