@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the tested torch first: the package itself states a range, so the pin lives here.
 	# TORCH_INDEX=https://download.pytorch.org/whl/cpu fetches the CPU build from PyTorch's
-	# index instead of the package registry's default build
-	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	# index instead of the package registry's default build. --no-cache-dir: where no local
+	# CPU wheel is found, the registry's build is several GB, and a cached copy would double it
+	$(BIN)/python -m pip install -q --no-cache-dir torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e '.[all,test]'
 	# test-only reference for LRP; --no-deps keeps torchvision (incompatible wheel) out
 	$(BIN)/python -m pip install -q --no-deps zennit==0.5.1
