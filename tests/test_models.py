@@ -47,6 +47,56 @@ def test_molecule_alone_equals_molecule_in_batch(data, rep):
         torch.testing.assert_close(alone["energy"][0], together["energy"][m], rtol=0, atol=1e-9)
 
 
+def test_first_block_takes_in2f_of_the_embedding_per_element(data, monkeypatch):
+    """SchNet's first block reads ``in2f(a)[Z_i]``, one product of the embedding table: the
+    atoms' ``in2f(a_Z)`` rows, zeros past them, and the same energies, forces and parameter
+    gradients as the atoms' product, for more atoms than the table has rows. A hook on
+    those modules turns it off (explanations' hooks see the atoms' rows); the forward pass
+    uses what it returns."""
+    from atomlens.models.schnet import SchNet
+
+    model = random_model("schnet").train()
+    rep = model.representation
+    batch = data.batch(range(10), model.cutoff, torch.float64)
+    n = batch.numbers.shape[0]
+    assert n > rep.embedding.num_embeddings  # fewer atoms: the atoms' product
+    one = data.batch([0], model.cutoff, torch.float64)
+    assert rep.embedded_in2f(one.numbers, one.numbers.shape[0]) is None
+    first = rep.embedded_in2f(batch.numbers, n + 3)
+    expected = rep.interactions[0].in2f(rep.embedding(batch.numbers))
+    torch.testing.assert_close(first[:n], expected, rtol=0, atol=1e-12)
+    assert first.shape[0] == n + 3 and not first[n:].any()
+
+    def results():
+        model.zero_grad()
+        out = model(batch, forces=True)
+        (out["energy"].pow(2).sum() + out["forces"].pow(2).sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return out["energy"].detach(), out["forces"].detach(), grads
+
+    shortcut = results()
+    seen = []
+    handle = rep.interactions[0].in2f.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[0])
+    )
+    try:
+        assert rep.embedded_in2f(batch.numbers, n) is None
+        hooked = results()
+    finally:
+        handle.remove()
+    assert seen and all(rows >= n for rows in seen)  # the atoms' rows, padded in training
+    torch.testing.assert_close(hooked[0], shortcut[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(hooked[1], shortcut[1], rtol=0, atol=1e-10)
+    for a, b in zip(hooked[2], shortcut[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(
+        SchNet,
+        "embedded_in2f",
+        lambda self, numbers, rows: torch.zeros_like(first[:1]).expand(rows, -1),
+    )
+    assert not torch.allclose(model(batch)["energy"], shortcut[0])
+
+
 def test_float32_batch_matches_float64_within_tolerance(data):
     model = random_model("schnet")
     e64 = model(data.batch(range(5), model.cutoff, torch.float64))["energy"]

@@ -111,10 +111,18 @@ class SchNetInteraction(nn.Module):
         block's alone (:meth:`SchNet.filter_tables` makes all blocks' at once)."""
         return tabulate_filters(rbf, cutoff_fn, grid, [self.filter_network])[0]
 
-    def forward(self, x, filters: torch.Tensor | TabulatedFilters, pairs: Pairs) -> torch.Tensor:
+    def forward(
+        self,
+        x,
+        filters: torch.Tensor | TabulatedFilters,
+        pairs: Pairs,
+        in2f_x: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``filters``: W(r) of the evaluated pairs (the unordered ones if symmetric), an
-        array or :class:`TabulatedFilters` (hooks that change them: :func:`filter_values`)."""
-        y = self.in2f(x)
+        array or :class:`TabulatedFilters` (hooks that change them: :func:`filter_values`).
+        ``in2f_x``: ``in2f(x)`` where the caller has it (the first block's, per element:
+        :meth:`SchNet.embedded_in2f`)."""
+        y = self.in2f(x) if in2f_x is None else in2f_x
         if pairs.symmetric and isinstance(filters, TabulatedFilters):
             return self.f2out(
                 cfconv_tabulated(
@@ -228,10 +236,50 @@ class SchNet(Representation):
         else:
             rbf = self.rbf(d)
             f_cut = self.cutoff_fn(d) if self.cutoff_fn is not None else torch.ones_like(d)
+        first = self.embedded_in2f(numbers, x.shape[0])
         for k, interaction in enumerate(self.interactions):
             if tabulated:
                 filters = TabulatedFilters(tables[k], x_grid, by_interval)
             else:
                 filters = interaction.filter_network(rbf) * f_cut[:, None]
-            x = x + interaction(x, filters, pairs)
+            if k == 0 and first is not None:
+                x = x + interaction(x, filters, pairs, in2f_x=first)
+            else:
+                x = x + interaction(x, filters, pairs)
         return x[:n_atoms]
+
+    def embedded_in2f(self, numbers: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The first block's ``in2f`` of the embedding, ``in2f(a)[Z_i]``, in ``rows`` rows
+        (zeros past the atoms); None for fewer atoms than the embedding has rows, and where
+        hooks watch those modules (explanations fit and apply their rules to the atom rows
+        there).
+
+        The first block's input is the embedding alone, a function of the element: its
+        filter-generating layer is a product of the embedding table (max_z + 1 rows) instead
+        of the atoms' rows (in training also its two backward products), the same values up
+        to the products' rounding. Training steps of 100 QM9 molecules (1,808 atoms) drop 3
+        of their 77 large products."""
+        if not self.interactions or numbers.shape[0] <= self.embedding.num_embeddings:
+            return None
+        block = self.interactions[0]
+        if _hooked(self.embedding, block, block.in2f):
+            return None
+        per_element = block.in2f(self.embedding.weight)
+        return pad_rows(torch.index_select(per_element, 0, numbers), rows)
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether forward or backward hooks (of these modules, or global ones) are registered."""
+    from torch.nn.modules import module as torch_module
+
+    if (
+        torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    ):
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in modules
+    )
