@@ -4,7 +4,7 @@
    libraries (MKL's ``torch.mm``, oneDNN's inner product), on one thread, timed by the
    thread's CPU time (other jobs on a shared machine do not change it).
 2. The step's FLOP: one training step (forward, U0 loss, backward, Adam) of SchNet 128/6
-   (or 64/3) on a batch of QM9 molecules, counted by ``torch.utils.flop_counter`` (matrix
+   (or 64/3) on a batch of QM9 molecules, counted by ``torch.utils.flop_counter``'s formulas (matrix
    products, the work a matmul peak measures; element-wise operations are not counted, so
    the fraction is of the step's matmul work). As training runs it: ``--batches`` different
    random batches in turn (each with its own number of atoms and pairs; 1 repeats one batch,
@@ -150,19 +150,36 @@ def step(model, optimizer, batch) -> None:
 
 
 def count_flops(model, optimizer, batch) -> int:
-    """Matmul-class FLOP of one training step (fused kernels off: same products, countable)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Matmul-class FLOP of one training step (fused kernels off: same products, countable).
+
+    Counted by torch's FLOP formulas (``torch.utils.flop_counter.flop_registry``) in a
+    dispatch mode of its own: ``FlopCounterMode`` also tracks modules through global module
+    hooks, and a hook changes the step it counts (SchNet's first block takes its product of
+    the embedding table only where no hooks watch it: ``SchNet.embedded_in2f``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
 
     from atomlens.nn import kernels
+
+    class Counter(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **kwargs, out_val=out)
+            return out
 
     enabled = kernels.fused_enabled()
     kernels.set_fused(False)
     try:
-        with FlopCounterMode(display=False) as counter:
+        with Counter() as counter:
             step(model, optimizer, batch)
     finally:
         kernels.set_fused(enabled)
-    return int(counter.get_total_flops())
+    return int(counter.total)
 
 
 def main(argv=None) -> int:

@@ -233,10 +233,13 @@ def test_insight_isomers_says_how_many_the_model_trained_on(trained, tmp_path, c
     assert "n_in_training_split" not in line and line["n_isomers"] == expected
 
 
-def test_md_of_an_ensemble_with_replicas(trained, tmp_path, capsys):
+def test_md_of_an_ensemble_with_replicas(trained, tmp_path, capsys, monkeypatch):
     """Several trajectories of an ensemble at once (this said "not an atomlens model folder
-    (no config.json)"): the members' mean drives them, each log has their spread."""
+    (no config.json)"): the members' mean drives them, each log has their spread. Each
+    member is read once (the element check and the run share them)."""
     import shutil
+
+    from atomlens.models import io
 
     from helpers import perturbed_copy
 
@@ -249,7 +252,11 @@ def test_md_of_an_ensemble_with_replicas(trained, tmp_path, capsys):
     out = tmp_path / "md.traj"
     argv = ["md", str(ensemble), str(structure), "--steps", "4", "--interval", "1"]
     argv += ["--out", str(out)]
+    reads = []
+    real = io.load_model
+    monkeypatch.setattr(io, "load_model", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
     assert main([*argv, "--replicas", "2", "--no-compile"]) == 0
+    assert sorted(p.name for p in reads) == ["model_0", "model_1"]  # each member read once
     printed = capsys.readouterr().out
     assert printed.count("ensemble spread: energy std up to") == 2
     for k in (0, 1):

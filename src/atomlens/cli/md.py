@@ -171,13 +171,16 @@ def run(args) -> int:
         )
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, not {args.replicas}")
+    model = args.model  # a folder, read once: where the elements are checked, that model
     if not args.allow_unknown_elements:  # allowed: the calculators warn, once
-        from ..ensemble import load_ensemble
+        from ..ensemble import MANIFEST, load_ensemble
         from ..models.guards import refuse_unknown_elements
 
-        refuse_unknown_elements(load_ensemble(args.model), frames, args.structure)
+        models = load_ensemble(args.model)
+        refuse_unknown_elements(models, frames, args.structure)
+        model = models if (Path(args.model) / MANIFEST).is_file() else models[0]
     if len(frames) * args.replicas > 1:
-        return run_batched(args, frames)
+        return run_batched(args, frames, model)
     atoms = frames[0]
     atoms.calc = None
     log_path = Path(args.log) if args.log else Path(args.out).with_suffix(".csv")
@@ -188,7 +191,7 @@ def run(args) -> int:
     # temporary files and renames them at the end)
     args.log = str(log_path)
     log = run_md(
-        args.model,
+        model,
         atoms,
         ensemble=args.ensemble,
         temperature_K=args.temperature,
@@ -268,8 +271,9 @@ def numbered(path: str, k: int, n: int) -> Path:
     return path.with_name(f"{path.stem}.{k:0{len(str(n - 1))}d}{path.suffix}")
 
 
-def run_batched(args, frames) -> int:
-    """Several trajectories (frames x replicas) through :class:`atomlens.batched_md.BatchedMD`."""
+def run_batched(args, frames, model) -> int:
+    """Several trajectories (frames x replicas) through :class:`atomlens.batched_md.BatchedMD`
+    (``model``: the folder, or the model or ensemble members read from it)."""
     from ..batched_md import run_batched_md
 
     if any(atoms.pbc.any() for atoms in frames) or args.ensemble == "npt":
@@ -296,7 +300,7 @@ def run_batched(args, frames) -> int:
             file=sys.stderr,
         )
     logs = run_batched_md(
-        args.model,
+        model,
         systems,
         steps=args.steps,
         trajectories=trajectories,
