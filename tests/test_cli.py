@@ -239,9 +239,9 @@ def test_md_of_an_ensemble_with_replicas(trained, tmp_path, capsys, monkeypatch)
     member is read once (the element check and the run share them)."""
     import shutil
 
-    from atomlens.models import io
-
     from helpers import perturbed_copy
+
+    from atomlens.models import io
 
     ensemble = tmp_path / "ens"
     shutil.copytree(trained / "run" / "model", ensemble / "model_0")
