@@ -197,5 +197,6 @@ def test_model_is_smooth_at_the_cutoff():
     energies = []
     for d in (4.999, 5.001):
         data = PackedDataset.from_structures([(np.array([6, 8]), np.array([[0, 0, 0], [d, 0, 0]]))])
-        energies.append(float(model(data.batch([0], model.cutoff, torch.float64))["energy"][0]))
+        batch = data.batch([0], model.cutoff, torch.float64)
+        energies.append(float(model(batch)["energy"][0].detach()))
     assert abs(energies[0] - energies[1]) < 1e-6

@@ -19,14 +19,14 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.filters import FrechetCellFilter
 from ase.io import read, write
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 
 import atomlens
 from atomlens.cli import main
 from atomlens.data.sources import read_any
-from atomlens.md import run_md
+from atomlens.md import draw_momenta, run_md
 
 
 def copper_frames(n: int, seed: int = 0) -> list:
@@ -134,7 +134,7 @@ def test_nve_conserves_energy_across_verlet_list_rebuilds(copper):
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
     calc = atomlens.Calculator(model, skin=0.15)
     atoms.calc = calc
-    MaxwellBoltzmannDistribution(atoms, temperature_K=600, rng=np.random.default_rng(0))
+    draw_momenta(atoms, 600, np.random.default_rng(0))
     Stationary(atoms)
     energies = []
     dyn = VelocityVerlet(atoms, 2.0 * units.fs)
