@@ -89,6 +89,12 @@ def test_first_block_takes_in2f_of_the_embedding_per_element(data, monkeypatch):
     torch.testing.assert_close(hooked[1], shortcut[1], rtol=0, atol=1e-10)
     for a, b in zip(hooked[2], shortcut[2]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the embedding's padding row (Z = 0) gets no gradient, as through nn.Embedding
+    with_padding = torch.cat([batch.numbers, batch.numbers.new_zeros(1)])
+    rep.zero_grad()
+    rep.embedded_in2f(with_padding, n + 1).sum().backward()
+    assert rep.embedding.weight.grad[0].abs().max() == 0
+    assert rep.embedding.weight.grad[batch.numbers].abs().max() > 0
     monkeypatch.setattr(
         SchNet,
         "embedded_in2f",

@@ -264,7 +264,13 @@ class SchNet(Representation):
         block = self.interactions[0]
         if _hooked(self.embedding, block, block.in2f):
             return None
-        per_element = block.in2f(self.embedding.weight)
+        table = self.embedding.weight
+        if self.embedding.padding_idx is not None:  # its row gets no gradient, as in nn.Embedding
+            padding = (
+                torch.arange(table.shape[0], device=table.device) == self.embedding.padding_idx
+            )
+            table = torch.where(padding[:, None], table.detach(), table)
+        per_element = block.in2f(table)
         return pad_rows(torch.index_select(per_element, 0, numbers), rows)
 
 
