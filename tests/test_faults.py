@@ -912,3 +912,23 @@ def test_ddp_three_processes_uneven_shares_energy_and_forces(qm9, tmp_path, stra
     ddp = load_model(tmp_path / "ddp").state_dict()
     for key, value in single.items():
         torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_md_stop_names_a_periodic_cell_a_structure(stiff_model, ethanol):
+    """The unstable-run hint says "this molecule" for a molecule, "this structure" for a cell."""
+    import ase.build
+    import ase.io
+
+    from atomlens.md import MDUnstableError, run_md
+
+    cell = ase.build.bulk("C", "diamond", a=3.57, cubic=True)
+    for atoms, noun in [(ase.io.read(ethanol), "molecule"), (cell, "structure")]:
+        with pytest.raises(MDUnstableError, match=f"check that the model knows this {noun}"):
+            run_md(
+                str(stiff_model),
+                atoms,
+                steps=5,
+                temperature_K=300.0,
+                max_temperature_K=1.0,
+                allow_unknown_elements=True,
+            )

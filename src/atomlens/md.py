@@ -410,7 +410,8 @@ def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K, max_d
         start.setdefault("etot", etot)
         hint = (
             f"at step {dyn.nsteps} ({dyn.nsteps * timestep_fs:g} fs); shorten the time "
-            f"step ({timestep_fs:g} fs now) or check that the model knows this molecule"
+            f"step ({timestep_fs:g} fs now) or check that the model knows this "
+            f"{'structure' if atoms.pbc.any() else 'molecule'}"
         )
         if not temperature <= max_temperature_K:
             raise MDUnstableError(
