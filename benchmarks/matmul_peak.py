@@ -4,9 +4,9 @@
    libraries (MKL's ``torch.mm``, oneDNN's inner product), on one thread, timed by the
    thread's CPU time (other jobs on a shared machine do not change it).
 2. The step's FLOP: one training step (forward, U0 loss, backward, Adam) of SchNet 128/6
-   (or 64/3) on a batch of QM9 molecules, counted by ``torch.utils.flop_counter``'s formulas (matrix
-   products, the work a matmul peak measures; element-wise operations are not counted, so
-   the fraction is of the step's matmul work). As training runs it: ``--batches`` different
+   (or 64/3) on a batch of QM9 molecules, counted by ``torch.utils.flop_counter``'s
+   formulas (matrix products, the work a matmul peak measures; element-wise operations are
+   not counted, so the fraction is of the step's matmul work). As training runs it: ``--batches`` different
    random batches in turn (each with its own number of atoms and pairs; 1 repeats one batch,
    which favours every per-shape cache) and Adam's fused kernel (``atomlens.training``'s).
 3. Achieved: the batches' FLOP / CPU seconds on one thread; fraction = achieved / peak. The

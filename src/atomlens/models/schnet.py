@@ -242,10 +242,7 @@ class SchNet(Representation):
                 filters = TabulatedFilters(tables[k], x_grid, by_interval)
             else:
                 filters = interaction.filter_network(rbf) * f_cut[:, None]
-            if k == 0 and first is not None:
-                x = x + interaction(x, filters, pairs, in2f_x=first)
-            else:
-                x = x + interaction(x, filters, pairs)
+            x = x + interaction(x, filters, pairs, in2f_x=first if k == 0 else None)
         return x[:n_atoms]
 
     def embedded_in2f(self, numbers: torch.Tensor, rows: int) -> torch.Tensor | None:
