@@ -447,12 +447,14 @@ def _tabulated_case(dtype, n_intervals=6, width=13):
 
 
 def _lookup_then_cfconv(h, table, grid, a, b):
-    """The same convolution from the public pieces: filters from the table, then cfconv."""
+    """The same convolution from the public pieces: filters from the table (clamped below
+    the grid, zero beyond its end: the tables end at the cutoff), then cfconv."""
     from atomlens.nn.cfconv import _cfconv_plain
     from atomlens.nn.hermite import _lookup_plain
 
     n = table.shape[0]
     w = _lookup_plain(table.reshape(4 * n, -1), grid.clamp(0.0, float(n)), 0)
+    w = torch.where((grid > n)[:, None], torch.zeros_like(w), w)
     return _cfconv_plain(h, w, a, b)
 
 

@@ -29,8 +29,8 @@ conserves, so 3n - 6 (3n - 5 for a linear molecule). Drawn velocities are scaled
 trajectories (pairs within cutoff + ``skin``, rebuilt when an atom has moved skin / 2),
 padded to a fixed capacity with pairs far beyond the cutoff; when the list outgrows the
 capacity, the capacity grows and the function is compiled once more (said on the logger).
-The smooth cutoff gives listed pairs beyond it, and the padding, exactly zero weight, so the
-results equal the eager path's up to rounding. (32 aspirins at 5 Angstrom: 73% of the
+The smooth cutoff gives listed pairs beyond it, and the padding, exactly zero weight (SchNet's
+tabulated convolution skips them), so the results equal the eager path's up to rounding. (32 aspirins at 5 Angstrom: 73% of the
 intra-molecular pairs lie within the cutoff, 78% within cutoff + 0.3 Angstrom.) A model
 without a cutoff keeps every intra-molecular pair. On the CPU the same code runs, without
 graphs. ``"auto"`` (the default) compiles when every molecule has at most

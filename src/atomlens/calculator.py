@@ -47,7 +47,8 @@ from .units import energy_factor
 PAIR_CAPACITY_STEP = 128
 PAIR_CAPACITY_HEADROOM = 1.15
 #: padding pairs (atom 0 with itself) sit this many cutoffs away, where the smooth cutoff
-#: (and a filter table's last node) gives them exactly zero weight and zero gradient
+#: gives them exactly zero weight and zero gradient (SchNet's tabulated convolution skips
+#: every pair beyond its tables' end, :func:`atomlens.nn.cfconv.filter_lookup`)
 PADDING_DISTANCE = 10.0
 LOGGER = logging.getLogger("atomlens")
 
@@ -92,7 +93,8 @@ class Calculator(AseCalculator):
             disk, so a second run of the same structure compiles faster). The compiled code
             has a C++ wrapper and checks no guards at call time
             (:func:`~atomlens.nn.kernels.compile_fixed_shapes`). Molecules keep all
-            pairs and the smooth cutoff zeroes those beyond it, so the shapes stay fixed while
+            pairs and the smooth cutoff zeroes those beyond it (SchNet's tabulated
+            convolution skips them), so the shapes stay fixed while
             the atoms move; periodic cells keep their Verlet list padded to a fixed capacity
             (energy, forces and the virial in one compiled function; a list that outgrows the
             capacity recompiles once, with room to spare). ``"auto"`` (the default) compiles

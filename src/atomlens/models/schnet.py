@@ -28,10 +28,9 @@ from ..nn import (
     ShiftedSoftplus,
     cfconv_symmetric,
     cfconv_tabulated,
-    hermite_lookup,
     scatter_sum,
 )
-from ..nn.cfconv import IntervalPairs, interval_pairs
+from ..nn.cfconv import IntervalPairs, filter_lookup, interval_pairs
 from ..nn.filter_tables import filter_tables
 from ..nn.geometry import pair_distances
 from ..nn.linear import Linear, batch_rows, pad_rows
@@ -66,7 +65,7 @@ class TabulatedFilters(NamedTuple):
     by_interval: IntervalPairs | None = None
 
     def values(self) -> torch.Tensor:
-        return hermite_lookup(self.table, self.grid)
+        return filter_lookup(self.table, self.grid)
 
 
 def filter_values(filters: torch.Tensor | TabulatedFilters) -> torch.Tensor:

@@ -19,6 +19,8 @@ evaluates each pair's filter row where it uses it, so the ``(P, F)`` filter arra
 written or read, and one loop computes every first derivative (w.r.t. the atom features,
 the table and the grid coordinates) from ``u_p = g_{a_p} h_{b_p} + g_{b_p} h_{a_p}``.
 Higher derivatives (force training's double backward) go through the composed Functions.
+The tables end at the cutoff: a pair beyond the grid's end has a zero filter (as the cutoff
+function makes it) and every path skips or masks it (:func:`filter_lookup`).
 Without forces (QM9 training, inference of energies) the pairs are sorted once per forward
 pass by grid interval (:func:`interval_pairs`), and the loops keep each interval's table rows
 (and backward their gradient) in registers over its run of pairs (:class:`_IntervalCFConv`).
@@ -126,17 +128,32 @@ class _TabulatedCFConv(kernels.Function):
         return _composed_backward(grad, h, table, x, a, b, need_h, need_table, need_x)
 
 
+def filter_lookup(table: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The ``(P, F)`` filters of pairs at grid coordinates ``grid`` from their Hermite table
+    ``(n_intervals, 4, F)``: :func:`~atomlens.nn.hermite.hermite_lookup`, and zero beyond the
+    grid's end. The tables end at the cutoff, beyond which the cutoff function makes every
+    filter zero (the clamped lookup gives the end's value: zero up to the rounding of the
+    coefficients); the C++ loops skip such pairs. Below the grid the lookup clamps."""
+    return hermite.hermite_lookup(table, grid) * _not_beyond(grid, table.shape[0])[:, None]
+
+
+def _not_beyond(x: torch.Tensor, n: int) -> torch.Tensor:
+    """1 for grid coordinates up to the grid's end ``n``, 0 beyond (NaN: 1, stays NaN)."""
+    return (~(x > float(n))).to(x.dtype)
+
+
 def _composed_backward(grad, h, table, x, a, b, need_h, need_table, need_x):
     """The first derivatives of the tabulated cfconv from the composed Functions (lookup,
     cfconv, pair product, table scatter), differentiable to any order."""
     n = float(table.shape[0] // 4)
     inside = (x >= 0.0) & (x <= n)  # no gradient w.r.t. x beyond the grid (as the kernel)
+    kept = _not_beyond(x, int(n))[:, None]  # zero filters beyond the grid's end
     x = x.clamp(0.0, n)  # the kernel's clamp, differentiable
-    w = hermite._Lookup.apply(table, x, 0)
+    w = hermite._Lookup.apply(table, x, 0) * kept
     grad_h = _CFConv.apply(grad, w, a, b) if need_h else None
     grad_table = grad_x = None
     if need_table or need_x:
-        grad_w = _PairProduct.apply(grad, h, a, b)
+        grad_w = _PairProduct.apply(grad, h, a, b) * kept
         if need_table:
             grad_table = hermite._Scatter.apply(grad_w, x, 0, table.shape[0])
         if need_x:
@@ -198,11 +215,12 @@ def cfconv_tabulated(
     pair_j: torch.Tensor,
     by_interval: IntervalPairs | None = None,
 ) -> torch.Tensor:
-    """:func:`cfconv_symmetric` with the filters ``W = hermite_lookup(table, grid)``.
+    """:func:`cfconv_symmetric` with the filters ``W = filter_lookup(table, grid)``.
 
     ``table``: ``(n_intervals, 4, F)`` (:func:`~atomlens.nn.hermite.hermite_coefficients`);
-    ``grid``: the unordered pairs' distances in node spacings, clamped to the table's range
-    as :func:`~atomlens.nn.hermite.hermite_lookup` clamps them. Plain CPU float tensors run
+    ``grid``: the unordered pairs' distances in node spacings, clamped to the table's start
+    as :func:`~atomlens.nn.hermite.hermite_lookup` clamps them; beyond its end the filters are
+    zero (:func:`filter_lookup`: the table ends at the cutoff). Plain CPU float tensors run
     one hand-written loop forward and one backward (no ``(P, F)`` filter array; under
     ``torch.compile`` as operators); anything else the lookup and :func:`cfconv_symmetric`.
     ``by_interval``: these pairs sorted by :func:`interval_pairs`, which those loops then
@@ -239,7 +257,7 @@ def cfconv_tabulated(
         return _TabulatedCFConv.apply(
             x, table.reshape(4 * n, -1), grid, pair_i[:half], pair_j[:half]
         )
-    return cfconv_symmetric(x, hermite.hermite_lookup(table, grid), pair_i, pair_j)
+    return cfconv_symmetric(x, filter_lookup(table, grid), pair_i, pair_j)
 
 
 #: unordered pairs from which :func:`interval_pairs` reorders them: a QM9 batch of 100 has

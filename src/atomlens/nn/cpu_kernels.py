@@ -55,7 +55,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v32"
+_NAME = "atomlens_cpu_kernels_v33"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -123,6 +123,16 @@ static inline bool clamped_interval(T x, int64_t intervals, int64_t& k, T& t) {
   const bool inside = !(x < T(0)) && !(x > T(intervals));  // NaN: inside, and stays NaN
   interval(x < T(0) ? T(0) : (x > T(intervals) ? T(intervals) : x), intervals, k, t);
   return inside;
+}
+
+// whether a pair lies beyond the grid's end, where its filter is zero: SchNet's tables end
+// at the cutoff, beyond which the cutoff function makes every filter zero (the clamped
+// lookup would give the end's value, zero up to the coefficients' rounding). The loops
+// skip such pairs: no output, no gradient. A Verlet list's skin and padding carry them (838
+// of the 5,632 pairs listed for 32 aspirins). NaN is not beyond (it stays NaN)
+template <typename T>
+static inline bool beyond(T x, int64_t intervals) {
+  return x > T(intervals);
 }
 
 template <typename T>
@@ -246,7 +256,8 @@ static void tabulated_rows(const T* __restrict h, const T* __restrict table, con
                            int64_t pairs, int64_t width, int64_t intervals) {
   if (!RUNS) {
     for (int64_t p = 0; p < pairs; ++p)
-      tabulated_pair<T>(h, table, x, a, b, y, p, 0, width, width, intervals);
+      if (!beyond(x[p], intervals))
+        tabulated_pair<T>(h, table, x, a, b, y, p, 0, width, width, intervals);
     return;
   }
   typedef typename vec_of<T>::type V;
@@ -263,6 +274,7 @@ static void tabulated_rows(const T* __restrict h, const T* __restrict table, con
         sum[j] = V{};
       }
       for (int64_t p = p0; p < p1; ++p) {
+        if (beyond(x[p], intervals)) continue;
         int64_t k;
         T t;
         clamped_interval(x[p], intervals, k, t);
@@ -281,7 +293,8 @@ static void tabulated_rows(const T* __restrict h, const T* __restrict table, con
           vstore(ya + f0 + j * L, vload(ya + f0 + j * L) + sum[j]);
     }
     for (int64_t p = p0; full < width && p < p1; ++p)
-      tabulated_pair<T>(h, table, x, a, b, y, p, full, width, width, intervals);
+      if (!beyond(x[p], intervals))
+        tabulated_pair<T>(h, table, x, a, b, y, p, full, width, width, intervals);
   }
 }
 
@@ -326,19 +339,25 @@ __attribute__((always_inline)) static inline T tabulated_backward_pair(
   return dot;
 }
 
-// all pairs. Forces (NEED_X) go pair by pair, as builds without AVX-512 do: the runs'
-// chunked loop, with a dot product per pair and chunk, took 0.47 against 0.41 ms there
+// all pairs. With AVX-512 in runs of one first atom, a chunk of features at a time; forces'
+// dL/dx_p adds up over the chunks in a vector per pair of the run, summed at its end (2
+// vectors per chunk there: 32 aspirins' listed pairs, dL/dh and dL/dx, 216 against 235 us
+// with 4 and 295 us pair by pair, which AVX2 builds keep; one thread, CPU time, alternated)
 template <typename T, bool NEED_H, bool NEED_TABLE, bool NEED_X>
 static void tabulated_backward_rows(const T* __restrict g, const T* __restrict h,
                                     const T* __restrict table, const T* x, const int64_t* a,
                                     const int64_t* b, T* __restrict grad_h,
                                     T* __restrict grad_table, T* __restrict grad_x,
                                     int64_t pairs, int64_t width, int64_t intervals) {
-  if (NEED_X || !RUNS) {
+  if (!RUNS) {
     for (int64_t p = 0; p < pairs; ++p) {
       int64_t k;
       T t;
       const bool inside = clamped_interval(x[p], intervals, k, t);
+      if (beyond(x[p], intervals)) {
+        if (NEED_X) grad_x[p] = T(0);
+        continue;
+      }
       const T dot = tabulated_backward_pair<T, NEED_H, NEED_TABLE, NEED_X>(
           g, h, table, a, b, grad_h, grad_table, p, k, t, 0, width, width);
       if (NEED_X) grad_x[p] = inside ? dot : T(0);  // no gradient off the grid
@@ -346,21 +365,25 @@ static void tabulated_backward_rows(const T* __restrict g, const T* __restrict h
     return;
   }
   typedef typename vec_of<T>::type V;
-  constexpr int64_t L = ATOMLENS_VECTOR_BYTES / sizeof(T), C = CHUNK * L;
+  constexpr int CH = NEED_X ? 2 : CHUNK;
+  constexpr int64_t L = ATOMLENS_VECTOR_BYTES / sizeof(T), C = CH * L;
   const int64_t full = width / C * C;  // features in whole chunks
+  std::vector<V> dots;  // dL/dx of the run's pairs, a vector each
   for (int64_t p0 = 0, p1; p0 < pairs; p0 = p1) {
     p1 = run_end(a, p0, pairs);
+    if (NEED_X) dots.assign(p1 - p0, V{});
     const T* ga = g + a[p0] * width;
     const T* ha = h + a[p0] * width;
     T* gha = grad_h + (NEED_H ? a[p0] * width : 0);
     for (int64_t f0 = 0; f0 < full; f0 += C) {
-      V gav[CHUNK], hav[CHUNK], sum[CHUNK];
-      _Pragma("GCC unroll 4") for (int j = 0; j < CHUNK; ++j) {
+      V gav[CH], hav[CH], sum[CH];
+      _Pragma("GCC unroll 4") for (int j = 0; j < CH; ++j) {
         gav[j] = vload(ga + f0 + j * L);
         hav[j] = vload(ha + f0 + j * L);
         sum[j] = V{};
       }
       for (int64_t p = p0; p < p1; ++p) {
+        if (beyond(x[p], intervals)) continue;
         int64_t k;
         T t;
         clamped_interval(x[p], intervals, k, t);
@@ -370,34 +393,51 @@ static void tabulated_backward_rows(const T* __restrict g, const T* __restrict h
         const T* hb = h + b[p] * width + f0;
         T* ghb = grad_h + (NEED_H ? b[p] * width + f0 : 0);
         T* r = grad_table + (NEED_TABLE ? 4 * k * width + f0 : 0);
-        _Pragma("GCC unroll 4") for (int j = 0; j < CHUNK; ++j) {
+        V dot = NEED_X ? dots[p - p0] : V{};
+        _Pragma("GCC unroll 4") for (int j = 0; j < CH; ++j) {
           const int64_t o = j * L;
           const V gbv = vload(gb + o);
+          const V c3 = vload(c + 3 * width + o), q = vload(c + 2 * width + o) + tv * c3;
           if (NEED_H) {
-            const V filter = hermite_filter(c + o, width, tv);
+            const V filter = vload(c + o) + tv * (vload(c + width + o) + tv * q);
             sum[j] += gbv * filter;
             vstore(ghb + o, vload(ghb + o) + gav[j] * filter);
           }
-          if (NEED_TABLE) {
+          if (NEED_TABLE || NEED_X) {
             const V u = gav[j] * vload(hb + o) + gbv * hav[j];
-            vstore(r + o, vload(r + o) + u);
-            vstore(r + width + o, vload(r + width + o) + tv * u);
-            vstore(r + 2 * width + o, vload(r + 2 * width + o) + tt * u);
-            vstore(r + 3 * width + o, vload(r + 3 * width + o) + ttt * u);
+            if (NEED_X) dot += u * (vload(c + width + o) + tv * (q + q + tv * c3));
+            if (NEED_TABLE) {
+              vstore(r + o, vload(r + o) + u);
+              vstore(r + width + o, vload(r + width + o) + tv * u);
+              vstore(r + 2 * width + o, vload(r + 2 * width + o) + tt * u);
+              vstore(r + 3 * width + o, vload(r + 3 * width + o) + ttt * u);
+            }
           }
         }
+        if (NEED_X) dots[p - p0] = dot;
       }
       if (NEED_H)
-        _Pragma("GCC unroll 4") for (int j = 0; j < CHUNK; ++j)
+        _Pragma("GCC unroll 4") for (int j = 0; j < CH; ++j)
             vstore(gha + f0 + j * L, vload(gha + f0 + j * L) + sum[j]);
     }
-    for (int64_t p = p0; p < p1 && full < width; ++p) {  // the features past the chunks
+    for (int64_t p = p0; (NEED_X || full < width) && p < p1; ++p) {  // past the chunks; dL/dx
       int64_t k;
       T t;
-      clamped_interval(x[p], intervals, k, t);
-      tabulated_backward_pair<T, NEED_H, NEED_TABLE, false>(g, h, table, a, b, grad_h,
-                                                            grad_table, p, k, t, full, width,
-                                                            width);
+      const bool inside = clamped_interval(x[p], intervals, k, t);
+      if (beyond(x[p], intervals)) {
+        if (NEED_X) grad_x[p] = T(0);
+        continue;
+      }
+      const T rest = full < width ? tabulated_backward_pair<T, NEED_H, NEED_TABLE, NEED_X>(
+                                        g, h, table, a, b, grad_h, grad_table, p, k, t, full,
+                                        width, width)
+                                  : T(0);
+      if (NEED_X) {
+        const V& d = dots[p - p0];
+        T dot = rest;
+        _Pragma("GCC unroll 16") for (int64_t l = 0; l < L; ++l) dot += d[l];
+        grad_x[p] = inside ? dot : T(0);  // no gradient off the grid
+      }
     }
   }
 }
@@ -414,6 +454,10 @@ static void tabulated_double_backward_rows(
     const int64_t* b, T* __restrict grad_g, T* __restrict grad_h, T* __restrict grad_table,
     T* __restrict grad_x, int64_t pairs, int64_t width, int64_t intervals) {
   for (int64_t p = 0; p < pairs; ++p) {
+    if (beyond(x[p], intervals)) {
+      grad_x[p] = T(0);
+      continue;
+    }
     int64_t k;
     T t;
     const bool inside = clamped_interval(x[p], intervals, k, t);
@@ -579,6 +623,7 @@ static void tabulated_rows_by_interval(const T* __restrict h, const T* __restric
     for (int64_t f0 = b0; f0 < b1; f0 += C) {
       const TableChunk<T, FORWARD_CHUNK> c(table + 4 * k * width, width, f0);
       for (int64_t p = p0; p < p1; ++p) {
+        if (beyond(x[p], intervals)) continue;
         const V tv = V{} + ts[p];
         const T* ha = h + a[p] * width + f0;
         const T* hb = h + b[p] * width + f0;
@@ -593,7 +638,8 @@ static void tabulated_rows_by_interval(const T* __restrict h, const T* __restric
       }
     }
     for (int64_t p = p0; last && full < width && p < p1; ++p)
-      tabulated_pair<T>(h, table, x, a, b, y, p, full, width, width, intervals);
+      if (!beyond(x[p], intervals))
+        tabulated_pair<T>(h, table, x, a, b, y, p, full, width, width, intervals);
   });
 }
 
@@ -639,6 +685,7 @@ static void tabulated_backward_by_interval(const T* __restrict g, const T* __res
       _Pragma("GCC unroll 4") for (int j = 0; j < BACKWARD_CHUNK; ++j) r0[j] = r1[j] = r2[j] =
           r3[j] = V{};
       for (int64_t p = p0; p < p1; ++p) {
+        if (beyond(x[p], intervals)) continue;
         const V tv = V{} + ts[p], tt = tv * tv, ttt = tt * tv;
         const T* ga = g + a[p] * width + f0;
         const T* gb = g + b[p] * width + f0;
@@ -673,7 +720,8 @@ static void tabulated_backward_by_interval(const T* __restrict g, const T* __res
         }
     }
     for (int64_t p = p0; last && p < p1 && full < width; ++p)  // past the chunks
-      tabulated_backward_pair<T, NEED_H, NEED_TABLE, false>(g, h, table, a, b, grad_h,
+      if (!beyond(x[p], intervals))
+        tabulated_backward_pair<T, NEED_H, NEED_TABLE, false>(g, h, table, a, b, grad_h,
                                                             grad_table, p, k, ts[p], full,
                                                             width, width);
   });
@@ -1613,9 +1661,10 @@ def table_scatter(grad: torch.Tensor, x: torch.Tensor, order: int, n_rows: int):
 def tabulated_cfconv(h: torch.Tensor, table: torch.Tensor, x: torch.Tensor, a, b):
     """``cfconv(h, W)`` with ``W = hermite_lookup(table, x)`` computed per pair where it is
     used, never stored (:func:`atomlens.nn.cfconv.cfconv_tabulated`); or None where this
-    kernel does not apply. ``table`` is ``(4 n_intervals, F)``; ``x`` is clamped to
-    ``[0, n_intervals]`` as :func:`~atomlens.nn.hermite.hermite_lookup` does (no gradient
-    outside)."""
+    kernel does not apply. ``table`` is ``(4 n_intervals, F)``; ``x`` below 0 is clamped to 0
+    as :func:`~atomlens.nn.hermite.hermite_lookup` does (no gradient there); pairs beyond
+    ``n_intervals`` have zero filters (:func:`atomlens.nn.cfconv.filter_lookup`) and are
+    skipped."""
     module = _loaded(h, table, x)
     return None if module is None else module.tabulated_cfconv(h, table, x, a, b)
 
