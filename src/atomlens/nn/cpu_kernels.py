@@ -341,8 +341,8 @@ __attribute__((always_inline)) static inline T tabulated_backward_pair(
 
 // all pairs. With AVX-512 in runs of one first atom, a chunk of features at a time; forces'
 // dL/dx_p adds up over the chunks in a vector per pair of the run, summed at its end (2
-// vectors per chunk there: 32 aspirins' listed pairs, dL/dh and dL/dx, 216 against 235 us
-// with 4 and 295 us pair by pair, which AVX2 builds keep; one thread, CPU time, alternated)
+// vectors per chunk there: 32 aspirins' listed pairs, dL/dh and dL/dx, 216 us against 226
+// with 4, 235 with 8 and 295 pair by pair, which AVX2 builds keep; one thread, CPU time)
 template <typename T, bool NEED_H, bool NEED_TABLE, bool NEED_X>
 static void tabulated_backward_rows(const T* __restrict g, const T* __restrict h,
                                     const T* __restrict table, const T* x, const int64_t* a,
