@@ -435,7 +435,8 @@ def test_compiled_code_calls_the_shifted_softplus_operator_with_its_derivatives(
 def _tabulated_case(dtype, n_intervals=6, width=13):
     """Pairs sharing atoms (atoms with themselves, alone and within a run of pairs of one
     first atom), grid coordinates at both ends, between nodes, beyond the grid on either
-    side and NaN; by default a width no multiple of the vector width."""
+    side (beyond the end also first in a run of two, whose second pair the loops must still
+    take) and NaN; by default a width no multiple of the vector width."""
     gen = torch.Generator().manual_seed(11)
     h = torch.randn(7, width, generator=gen).to(dtype)
     table = torch.randn(n_intervals, 4, width, generator=gen).to(dtype)
@@ -443,6 +444,7 @@ def _tabulated_case(dtype, n_intervals=6, width=13):
     b = torch.tensor([1, 2, 2, 6, 4, 5, 6, 6, 4, 5, 3, 2])
     grid = (torch.rand(12, generator=gen) * n_intervals).to(dtype)
     grid[:5] = torch.tensor([0.0, float(n_intervals), 2.0, n_intervals + 1.5, -0.25], dtype=dtype)
+    grid[10] = n_intervals + 0.25  # the run of atom 2: pairs 10 and 11 (2 with itself)
     return h, table, grid, a, b
 
 
@@ -464,9 +466,9 @@ def test_tabulated_cfconv_is_lookup_then_cfconv_with_its_first_derivatives(dtype
     """The one-pass C++ convolution with filters read from their Hermite table, and its one-
     pass backward, against the filters looked up and convolved by the plain formulas: the
     output and its gradients w.r.t. the features, the table and the grid coordinates, each
-    asked for alone and all together; no grid gradient beyond the grid's ends. Widths below
-    one chunk of features, chunks and a rest, whole chunks (the runs of pairs of one atom
-    keep its rows in registers a chunk at a time)."""
+    asked for alone, in pairs (dL/dh and dL/dx: forces) and all together; no grid gradient
+    beyond the grid's ends. Widths below one chunk of features, chunks and a rest, whole
+    chunks (the runs of pairs of one atom keep its rows in registers a chunk at a time)."""
     from atomlens.nn import cpu_kernels
     from atomlens.nn.cfconv import cfconv_tabulated
 
@@ -475,7 +477,7 @@ def test_tabulated_cfconv_is_lookup_then_cfconv_with_its_first_derivatives(dtype
     assert cpu_kernels.available(h, table, grid), "the C++ kernels did not compile"
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
     g = torch.randn(h.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
-    for wanted in ([0], [1], [2], [0, 1, 2]):
+    for wanted in ([0], [1], [2], [0, 2], [0, 1], [1, 2], [0, 1, 2]):  # [0, 2]: forces
         inputs = [t.clone().requires_grad_(k in wanted) for k, t in enumerate((h, table, grid))]
         got = cfconv_tabulated(*inputs, pair_i, pair_j)
         expected = _lookup_then_cfconv(*inputs, a, b)
@@ -489,7 +491,9 @@ def test_tabulated_cfconv_is_lookup_then_cfconv_with_its_first_derivatives(dtype
     grid_grad = torch.autograd.grad(
         cfconv_tabulated(h, table, inputs[2], pair_i, pair_j), inputs[2], g
     )[0]
-    assert grid_grad[3] == 0 and grid_grad[4] == 0 and grid_grad[1] != 0  # beyond; the end
+    assert (
+        grid_grad[3] == grid_grad[4] == grid_grad[10] == 0 and grid_grad[1] != 0
+    )  # beyond; the end
 
 
 def _interval_kernels_or_skip():
@@ -681,14 +685,21 @@ def test_schnet_trains_on_the_by_interval_path_with_the_same_gradients(data, mon
 @pytest.mark.parametrize("width", [13, 77])
 def test_tabulated_cfconv_nan_distance_gives_nan_on_its_atoms_only(width):
     """A NaN grid coordinate (a NaN distance) reads row 0 and makes its two atoms' outputs
-    NaN, as the lookup does; the other atoms stay finite."""
+    NaN, as the lookup does; the other atoms stay finite. Backward (forces): its own dL/dx
+    and its atoms' dL/dh are NaN, the rest finite (NaN is never skipped as beyond)."""
     from atomlens.nn.cfconv import cfconv_tabulated
 
     h, table, grid, a, b = _tabulated_case(torch.float32, width=width)
     grid[9] = float("nan")  # pair (1, 5)
+    h.requires_grad_(True)
+    grid.requires_grad_(True)
     y = cfconv_tabulated(h, table, grid, torch.cat([a, b]), torch.cat([b, a]))
     assert torch.isnan(y[[1, 5]]).all()
     assert torch.isfinite(y[[0, 2, 3, 4, 6]]).all()
+    grad_h, grad_grid = torch.autograd.grad(y, (h, grid), torch.ones_like(y))
+    assert torch.isnan(grad_grid[9]) and torch.isfinite(grad_grid[torch.arange(12) != 9]).all()
+    assert torch.isnan(grad_h[[1, 5]]).all()
+    assert torch.isfinite(grad_h[[0, 2, 3, 4, 6]]).all()
 
 
 def test_tabulated_cfconv_derivatives_of_every_order():
