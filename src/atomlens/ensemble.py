@@ -23,6 +23,11 @@ from ase.calculators.calculator import all_changes
 MANIFEST = "ensemble.json"  # written by atomlens.training.ensemble
 
 
+def is_ensemble_folder(path) -> bool:
+    """Whether ``path`` is an ensemble folder (it holds ``ensemble.json``)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
 def ensemble_members(paths) -> list[Path]:
     """Model folders named by ``paths``: each a model folder, a training output folder, or
     an ensemble folder (with ``ensemble.json``, as ``atomlens train --ensemble`` writes)."""

@@ -114,10 +114,10 @@ def _calculator(model_or_calc, device, dtype, compile="auto", allow_unknown_elem
     if isinstance(model_or_calc, BaseCalculator):
         return model_or_calc
     from .calculator import Calculator
-    from .ensemble import MANIFEST, EnsembleCalculator
+    from .ensemble import EnsembleCalculator, is_ensemble_folder
 
     if isinstance(model_or_calc, (list, tuple)) or (
-        isinstance(model_or_calc, (str, os.PathLike)) and (Path(model_or_calc) / MANIFEST).is_file()
+        isinstance(model_or_calc, (str, os.PathLike)) and is_ensemble_folder(model_or_calc)
     ):
         return EnsembleCalculator(
             model_or_calc,

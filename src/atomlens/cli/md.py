@@ -173,12 +173,12 @@ def run(args) -> int:
         raise ValueError(f"--replicas must be >= 1, not {args.replicas}")
     model = args.model  # a folder, read once: where the elements are checked, that model
     if not args.allow_unknown_elements:  # allowed: the calculators warn, once
-        from ..ensemble import MANIFEST, load_ensemble
+        from ..ensemble import is_ensemble_folder, load_ensemble
         from ..models.guards import refuse_unknown_elements
 
         models = load_ensemble(args.model)
         refuse_unknown_elements(models, frames, args.structure)
-        model = models if (Path(args.model) / MANIFEST).is_file() else models[0]
+        model = models if is_ensemble_folder(args.model) else models[0]
     if len(frames) * args.replicas > 1:
         return run_batched(args, frames, model)
     atoms = frames[0]

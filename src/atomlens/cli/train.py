@@ -524,11 +524,11 @@ def _add_evaluate(sub) -> None:
 
 
 def run_evaluate(args) -> int:
-    from ..ensemble import MANIFEST, ensemble_members, load_ensemble
+    from ..ensemble import ensemble_members, is_ensemble_folder, load_ensemble
     from ..models.io import model_folder, read_config
     from ..training.evaluate import evaluate
 
-    is_ensemble = (Path(args.model) / MANIFEST).is_file()
+    is_ensemble = is_ensemble_folder(args.model)
     folders = ensemble_members(args.model) if is_ensemble else [model_folder(args.model)]
     # one target and unit for all members (refused otherwise)
     models = load_ensemble(folders, device=resolve_device(args.device))
