@@ -98,9 +98,55 @@ def test_first_block_takes_in2f_of_the_embedding_per_element(data, monkeypatch):
     monkeypatch.setattr(
         SchNet,
         "embedded_in2f",
-        lambda self, numbers, rows: torch.zeros_like(first[:1]).expand(rows, -1),
+        lambda self, numbers, rows, per_element=None: torch.zeros_like(first[:1]).expand(rows, -1),
     )
     assert not torch.allclose(model(batch)["energy"], shortcut[0])
+
+
+def test_frozen_model_folds_the_head_into_the_last_block(data):
+    """``freeze()`` folds the head's first layer into SchNet's last dense layer (hidden =
+    W1 x + (W1 D) s + (W1 d + b1)) and keeps the first block's per-element ``in2f``: the
+    frozen model gives the same energies, atomic energies and forces as the model, in
+    float64 to rounding, without calling the folded layer; hooks on those layers turn the
+    fold off and see their inputs; DTNN, which ends in no linear layer, has no fold."""
+    from atomlens.models.potential import FrozenModel
+    from atomlens.models.schnet import FrozenSchNet
+
+    model = random_model("schnet")
+    model.set_statistics(atomref=np.linspace(-3.0, 1.0, 101), shift=0.7, scale=1.9)
+    rep, head = model.representation, model.head
+    last = rep.last_update()
+    assert last is rep.interactions[-1].f2out[2]
+    frozen = model.freeze()
+    assert isinstance(frozen, FrozenModel) and isinstance(frozen.representation, FrozenSchNet)
+    torch.testing.assert_close(frozen.head_weight, head[0].weight @ last.weight)
+    torch.testing.assert_close(frozen.head_bias, head[0].weight @ last.bias + head[0].bias)
+    torch.testing.assert_close(
+        frozen.representation.first_in2f, rep.interactions[0].in2f(rep.embedding.weight)
+    )
+    for molecules in ([0], range(10)):  # fewer and more atoms than the embedding has rows
+        batch = data.batch(molecules, model.cutoff, torch.float64)
+        plain = model(batch, forces=True)
+        calls = []
+        original = last.forward  # the fold runs without calling it: count its calls
+        last.forward = lambda x, calls=calls, original=original: calls.append(1) or original(x)
+        try:
+            folded = model(batch, forces=True, frozen=frozen)
+        finally:
+            del last.forward
+        assert not calls
+        for key in ("energy", "atomic", "forces"):
+            torch.testing.assert_close(folded[key], plain[key], rtol=1e-12, atol=1e-10)
+    seen = []
+    handle = head[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    try:
+        hooked = model(batch, forces=True, frozen=frozen)
+    finally:
+        handle.remove()
+    assert seen == [(batch.numbers.shape[0], rep.n_atom_basis)]  # the features, unfolded
+    torch.testing.assert_close(hooked["forces"], plain["forces"], rtol=1e-12, atol=1e-10)
+    dtnn = random_model("dtnn").freeze()
+    assert isinstance(dtnn, FrozenModel) and dtnn.head_weight is None
 
 
 def test_float32_batch_matches_float64_within_tolerance(data):

@@ -31,6 +31,10 @@ and meets this contract:
   skin): the model must give them exactly zero weight (a smooth cutoff does).
 * **freeze() -> object | None**: state that depends on the weights only (SchNet: its filter
   tables), computed once by callers that run a frozen model many times; ``None`` if none.
+* **last_update() -> nn.Module | None** (optional): the linear layer L whose output ends
+  the features, ``features = x + L(s)``, where ``forward(..., split_last=True)`` returns
+  ``(x, s)``; a linear head's first layer folds into it for frozen models
+  (:meth:`~atomlens.models.AtomisticModel.freeze`). None (the default): no such layer.
 
 :mod:`atomlens.registry` maps a config name to its class (without importing torch, for the
 command line); a new model is one file, one line there, and one test class inheriting
@@ -62,6 +66,27 @@ class Representation(nn.Module):
     def freeze(self) -> Any:
         """Weight-only state to pass as ``frozen`` while the weights stay fixed (default none)."""
         return None
+
+    def last_update(self) -> nn.Module | None:
+        """The linear layer that ends the features (module doc), or None (default)."""
+        return None
+
+
+def hooked(*modules: nn.Module) -> bool:
+    """Whether forward or backward hooks (of these modules, or global ones) are registered."""
+    from torch.nn.modules import module as torch_module
+
+    if (
+        torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    ):
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in modules
+    )
 
 
 def representation_class(name: str) -> type[Representation]:

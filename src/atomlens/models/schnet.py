@@ -34,7 +34,7 @@ from ..nn.cfconv import IntervalPairs, filter_lookup, interval_pairs
 from ..nn.filter_tables import filter_tables
 from ..nn.geometry import pair_distances
 from ..nn.linear import Linear, batch_rows, pad_rows
-from .base import Representation
+from .base import Representation, hooked
 
 #: training batches carry their atom features in bucket-sized arrays (SchNet.forward)
 PAD_TRAINING_BATCHES = True
@@ -51,6 +51,15 @@ TABLES_ON = ("cpu",)
 #: the most grid nodes of a filter table (the tables take nodes x 4 x n_filters numbers
 #: per interaction; 20,000 nodes of 128 filters are 41 MB in float32)
 MAX_TABLE_NODES = 20_000
+
+
+class FrozenSchNet(NamedTuple):
+    """:meth:`SchNet.freeze`'s weight-only state."""
+
+    #: one Hermite table per block (:meth:`SchNet.filter_tables`), None without tables
+    tables: list[torch.Tensor] | None
+    #: the first block's ``in2f`` of the embedding table, ``(max_z + 1, n_filters)``
+    first_in2f: torch.Tensor | None
 
 
 class TabulatedFilters(NamedTuple):
@@ -116,23 +125,26 @@ class SchNetInteraction(nn.Module):
         filters: torch.Tensor | TabulatedFilters,
         pairs: Pairs,
         in2f_x: torch.Tensor | None = None,
+        last_dense: bool = True,
     ) -> torch.Tensor:
         """``filters``: W(r) of the evaluated pairs (the unordered ones if symmetric), an
         array or :class:`TabulatedFilters` (hooks that change them: :func:`filter_values`).
         ``in2f_x``: ``in2f(x)`` where the caller has it (the first block's, per element:
-        :meth:`SchNet.embedded_in2f`)."""
+        :meth:`SchNet.embedded_in2f`). ``last_dense=False``: the block's update before its
+        last atom-wise layer (``ssp(Dense(cfconv(...)))``, :meth:`SchNet.last_update`)."""
         y = self.in2f(x) if in2f_x is None else in2f_x
         if pairs.symmetric and isinstance(filters, TabulatedFilters):
-            return self.f2out(
-                cfconv_tabulated(
-                    y, filters.table, filters.grid, pairs.i, pairs.j, filters.by_interval
-                )
+            conv = cfconv_tabulated(
+                y, filters.table, filters.grid, pairs.i, pairs.j, filters.by_interval
             )
-        filters = filter_values(filters)
-        if pairs.symmetric:  # one filter per unordered pair serves both directions
-            return self.f2out(cfconv_symmetric(y, filters, pairs.i, pairs.j))
-        messages = torch.index_select(y, 0, pairs.j) * filters
-        return self.f2out(scatter_sum(messages, pairs.i, x.shape[0]))
+        elif pairs.symmetric:  # one filter per unordered pair serves both directions
+            conv = cfconv_symmetric(y, filter_values(filters), pairs.i, pairs.j)
+        else:
+            messages = torch.index_select(y, 0, pairs.j) * filter_values(filters)
+            conv = scatter_sum(messages, pairs.i, x.shape[0])
+        if last_dense:
+            return self.f2out(conv)
+        return self.f2out[1](self.f2out[0](conv))
 
 
 class SchNet(Representation):
@@ -193,9 +205,14 @@ class SchNet(Representation):
             )
         self.filter_spacing = filter_spacing if cutoff is not None else None
 
-    def freeze(self) -> list[torch.Tensor] | None:
-        """The filter tables (tabulated filters), to compute once for a frozen model."""
-        return self.filter_tables() if self.filter_spacing is not None else None
+    def freeze(self) -> FrozenSchNet:
+        """The filter tables (tabulated filters) and the first block's ``in2f`` of the
+        embedding table (:meth:`embedded_in2f`), to compute once for a frozen model."""
+        tables = self.filter_tables() if self.filter_spacing is not None else None
+        first = None
+        if self.interactions:
+            first = self.interactions[0].in2f(self._embedding_table())
+        return FrozenSchNet(tables, first)
 
     def filter_tables(self) -> list[torch.Tensor]:
         """One Hermite table ``(n_intervals, 4, n_filters)`` per interaction block.
@@ -209,10 +226,25 @@ class SchNet(Representation):
         nets = [block.filter_network for block in self.interactions]
         return tabulate_filters(self.rbf, self.cutoff_fn, grid, nets) if nets else []
 
+    def last_update(self) -> nn.Module | None:
+        """The atom-wise layer that ends the last interaction block, whose output the
+        features add up (``x_T = x_{T-1} + last(s)``): a caller with a linear head can fold
+        the head's first layer into it (:meth:`AtomisticModel.freeze`); None without blocks."""
+        return self.interactions[-1].f2out[2] if len(self.interactions) else None
+
     def forward(
-        self, numbers, positions, pairs: Pairs, frozen: list[torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """Atom features ``(n_atoms, n_atom_basis)``; ``frozen``: tables from :meth:`freeze`."""
+        self,
+        numbers,
+        positions,
+        pairs: Pairs,
+        frozen: FrozenSchNet | list[torch.Tensor] | None = None,
+        split_last: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Atom features ``(n_atoms, n_atom_basis)``; ``frozen``: :meth:`freeze`'s state (or
+        its filter tables alone).
+        ``split_last``: ``(x_{T-1}, s)`` instead, the features before the last block and
+        that block's update before :meth:`last_update` (the features are
+        ``x_{T-1} + last_update()(s)``)."""
         x = self.embedding(numbers)
         n_atoms = x.shape[0]
         if self.training and PAD_TRAINING_BATCHES:
@@ -220,6 +252,9 @@ class SchNet(Representation):
             # (atomlens.nn.linear.batch_rows); no pair reads the extra rows
             x = pad_rows(x, batch_rows(x))
         d = pair_distances(positions, pairs)
+        first_in2f = None
+        if isinstance(frozen, FrozenSchNet):
+            frozen, first_in2f = frozen.tables, frozen.first_in2f
         tabulated = frozen is not None or (
             self.filter_spacing is not None and positions.device.type in TABLES_ON
         )
@@ -235,53 +270,51 @@ class SchNet(Representation):
         else:
             rbf = self.rbf(d)
             f_cut = self.cutoff_fn(d) if self.cutoff_fn is not None else torch.ones_like(d)
-        first = self.embedded_in2f(numbers, x.shape[0])
+        first = self.embedded_in2f(numbers, x.shape[0], first_in2f)
         for k, interaction in enumerate(self.interactions):
             if tabulated:
                 filters = TabulatedFilters(tables[k], x_grid, by_interval)
             else:
                 filters = interaction.filter_network(rbf) * f_cut[:, None]
-            x = x + interaction(x, filters, pairs, in2f_x=first if k == 0 else None)
+            in2f_x = first if k == 0 else None
+            if split_last and k == len(self.interactions) - 1:
+                update = interaction(x, filters, pairs, in2f_x=in2f_x, last_dense=False)
+                return x[:n_atoms], update[:n_atoms]
+            x = x + interaction(x, filters, pairs, in2f_x=in2f_x)
         return x[:n_atoms]
 
-    def embedded_in2f(self, numbers: torch.Tensor, rows: int) -> torch.Tensor | None:
+    def embedded_in2f(
+        self, numbers: torch.Tensor, rows: int, per_element: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The first block's ``in2f`` of the embedding, ``in2f(a)[Z_i]``, in ``rows`` rows
         (zeros past the atoms); None for fewer atoms than the embedding has rows, and where
         hooks watch those modules (explanations fit and apply their rules to the atom rows
-        there).
+        there). ``per_element``: ``in2f(a)`` computed once (:meth:`freeze`), used for any
+        number of atoms.
 
         The first block's input is the embedding alone, a function of the element: its
         filter-generating layer is a product of the embedding table (max_z + 1 rows) instead
         of the atoms' rows (in training also its two backward products), the same values up
         to the products' rounding. Training steps of 100 QM9 molecules (1,808 atoms) drop 3
         of their 77 large products."""
-        if not self.interactions or numbers.shape[0] <= self.embedding.num_embeddings:
+        if not self.interactions:
+            return None
+        if per_element is None and numbers.shape[0] <= self.embedding.num_embeddings:
             return None
         block = self.interactions[0]
-        if _hooked(self.embedding, block, block.in2f):
+        if hooked(self.embedding, block, block.in2f):
             return None
+        if per_element is None:
+            per_element = block.in2f(self._embedding_table())
+        return pad_rows(torch.index_select(per_element, 0, numbers), rows)
+
+    def _embedding_table(self) -> torch.Tensor:
+        """The embedding's weight, its padding row detached (it gets no gradient, as in
+        ``nn.Embedding``)."""
         table = self.embedding.weight
-        if self.embedding.padding_idx is not None:  # its row gets no gradient, as in nn.Embedding
+        if self.embedding.padding_idx is not None:
             padding = (
                 torch.arange(table.shape[0], device=table.device) == self.embedding.padding_idx
             )
             table = torch.where(padding[:, None], table.detach(), table)
-        per_element = block.in2f(table)
-        return pad_rows(torch.index_select(per_element, 0, numbers), rows)
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether forward or backward hooks (of these modules, or global ones) are registered."""
-    from torch.nn.modules import module as torch_module
-
-    if (
-        torch_module._global_forward_hooks
-        or torch_module._global_forward_pre_hooks
-        or torch_module._global_backward_hooks
-        or torch_module._global_backward_pre_hooks
-    ):
-        return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for m in modules
-    )
+        return table
