@@ -244,6 +244,8 @@ class BatchedMD:
         self.pair_builds = 0  # Verlet-list builds of the compiled path
         self._capacity = 0
         self._padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: the Verlet list's candidates: every intra-molecular pair once (built once)
+        self._candidates: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reference: torch.Tensor | None = None
 
         with torch.no_grad():  # weight-only state (SchNet's filter tables) once, not per step
@@ -396,8 +398,13 @@ class BatchedMD:
             if moved <= (0.5 * self.skin) ** 2:
                 return self._padded
         reach = self.cutoff + self.skin
-        pair_i, pair_j = molecular_pairs(self.n_atoms_per, self.positions, reach)
-        half = pair_i.shape[0] // 2
+        if self._candidates is None:  # every pair of each molecule, once (a < b)
+            every_i, every_j = molecular_pairs(self.n_atoms_per)
+            self._candidates = (every_i[: len(every_i) // 2], every_j[: len(every_j) // 2])
+        every_i, every_j = self._candidates
+        near = (self.positions[every_i] - self.positions[every_j]).pow(2).sum(-1) < reach * reach
+        pair_i, pair_j = every_i[near], every_j[near]
+        half = pair_i.shape[0]
         if half > self._capacity:
             if self._capacity:  # new shapes: a new function, compiled afresh
                 LOGGER.info(
@@ -412,11 +419,7 @@ class BatchedMD:
         padding = pair_i.new_zeros(pad)
         shifts = torch.zeros(self._capacity, 3, dtype=self.dtype, device=self.device)
         shifts[half:, 0] = PADDING_DISTANCE * self.cutoff
-        self._padded = (
-            torch.cat([pair_i[:half], padding]),
-            torch.cat([pair_j[:half], padding]),
-            shifts,
-        )
+        self._padded = (torch.cat([pair_i, padding]), torch.cat([pair_j, padding]), shifts)
         self._reference = self.positions.clone()
         self.pair_builds += 1
         return self._padded
