@@ -145,6 +145,26 @@ def test_frozen_model_folds_the_head_into_the_last_block(data):
         handle.remove()
     assert seen == [(batch.numbers.shape[0], rep.n_atom_basis)]  # the features, unfolded
     torch.testing.assert_close(hooked["forces"], plain["forces"], rtol=1e-12, atol=1e-10)
+    # hooks on the last block or its layers (which the fold calls in parts, or not at all)
+    # see the block's real update, and one that changes it changes the frozen model alike
+    block = rep.interactions[-1]
+    for module in (block, block.f2out):
+        updates = []
+        handle = module.register_forward_hook(lambda m, args, out, u=updates: u.append(out))
+        try:
+            model(batch, frozen=frozen)
+            model(batch)
+        finally:
+            handle.remove()
+        assert len(updates) == 2
+        torch.testing.assert_close(updates[0], updates[1], rtol=0, atol=0)
+        handle = module.register_forward_hook(lambda m, args, out: torch.zeros_like(out))
+        try:
+            changed = [model(batch, frozen=frozen)["energy"], model(batch)["energy"]]
+        finally:
+            handle.remove()
+        torch.testing.assert_close(changed[0], changed[1], rtol=0, atol=0)
+        assert not torch.allclose(changed[0], plain["energy"])
     dtnn = random_model("dtnn").freeze()
     assert isinstance(dtnn, FrozenModel) and dtnn.head_weight is None
 

@@ -400,7 +400,8 @@ class BatchedMD:
         reach = self.cutoff + self.skin
         if self._candidates is None:  # every pair of each molecule, once (a < b)
             every_i, every_j = molecular_pairs(self.n_atoms_per)
-            self._candidates = (every_i[: len(every_i) // 2], every_j[: len(every_j) // 2])
+            half = len(every_i) // 2  # (copies: the views would keep the whole list)
+            self._candidates = (every_i[:half].clone(), every_j[:half].clone())
         every_i, every_j = self._candidates
         near = (self.positions[every_i] - self.positions[every_j]).pow(2).sum(-1) < reach * reach
         pair_i, pair_j = every_i[near], every_j[near]

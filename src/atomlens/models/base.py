@@ -35,6 +35,8 @@ and meets this contract:
   the features, ``features = x + L(s)``, where ``forward(..., split_last=True)`` returns
   ``(x, s)``; a linear head's first layer folds into it for frozen models
   (:meth:`~atomlens.models.AtomisticModel.freeze`). None (the default): no such layer.
+  ``split_modules()`` names the modules that split call skips or splits (hooks on them turn
+  the fold off; default: all).
 
 :mod:`atomlens.registry` maps a config name to its class (without importing torch, for the
 command line); a new model is one file, one line there, and one test class inheriting
@@ -70,6 +72,11 @@ class Representation(nn.Module):
     def last_update(self) -> nn.Module | None:
         """The linear layer that ends the features (module doc), or None (default)."""
         return None
+
+    def split_modules(self) -> list[nn.Module]:
+        """The modules whose calls ``forward(..., split_last=True)`` skips or splits: hooks
+        on any of them turn a fold off (default: all of this representation's)."""
+        return list(self.modules())
 
 
 def hooked(*modules: nn.Module) -> bool:

@@ -143,10 +143,11 @@ class AtomisticModel(nn.Module):
         is :meth:`freeze`'s state for repeated calls with fixed weights.
         """
         if isinstance(frozen, FrozenModel):
-            last = self.representation.last_update()
+            # hooks on the layers the fold bypasses or splits (the last block's, the head's):
+            # no fold, so they see their values
             if frozen.head_weight is not None and not hooked(
-                self.representation, last, self.head, self.head[0]
-            ):  # (hooks see the layers they watch: no fold)
+                *self.representation.split_modules(), *self.head.modules()
+            ):
                 hidden = self._folded_hidden(numbers, positions, pairs, frozen)
                 return self._scaled(self.head[2](self.head[1](hidden)), numbers)
             frozen = frozen.representation
@@ -166,20 +167,24 @@ class AtomisticModel(nn.Module):
         (forces): one 128 x 128 product fewer each way, of SchNet's 35 per energy and
         forces. The same values up to float32 rounding of ``W1 D``.
         """
+        with torch.no_grad():
+            return self._freeze()
+
+    def _freeze(self) -> FrozenModel:
         state = self.representation.freeze()
         last, first = self.representation.last_update(), self.head[0]
         if (
             last is None
             or self.dipole is not None
+            or len(self.head) != 3  # (Linear, activation, Linear): _folded_hidden's head
             or not isinstance(last, nn.Linear)
             or not isinstance(first, nn.Linear)
         ):
             return FrozenModel(state)
-        with torch.no_grad():
-            weight = first.weight @ last.weight
-            bias = first.bias if first.bias is not None else torch.zeros_like(first.weight[:, 0])
-            if last.bias is not None:
-                bias = bias + first.weight @ last.bias
+        weight = first.weight @ last.weight
+        bias = first.bias if first.bias is not None else torch.zeros_like(first.weight[:, 0])
+        if last.bias is not None:
+            bias = bias + first.weight @ last.bias
         return FrozenModel(state, weight, bias)
 
     def _folded_hidden(

@@ -232,6 +232,11 @@ class SchNet(Representation):
         the head's first layer into it (:meth:`AtomisticModel.freeze`); None without blocks."""
         return self.interactions[-1].f2out[2] if len(self.interactions) else None
 
+    def split_modules(self) -> list[nn.Module]:
+        """This model and its last block's modules (``split_last`` calls that block for its
+        update before the last layer, and the block's layers one by one)."""
+        return [self, *self.interactions[-1].modules()] if len(self.interactions) else [self]
+
     def forward(
         self,
         numbers,
