@@ -19,6 +19,7 @@ through a subprocess. Prints one JSON object per measurement and one per ratio.
     python benchmarks/md_speed.py --no-peer --profile    # atomlens only, with a profile
     python benchmarks/md_speed.py --replicas 32 --batch-sizes 10   # many trajectories at once
     python benchmarks/md_speed.py --rounds 2 ...   # both libraries twice, in alternating order
+    python benchmarks/md_speed.py --replicas 32 --interleave 4 ...   # (c) alone, in 4 slices
     python benchmarks/md_speed.py --device cuda --replicas 32 1024   # on a GPU (both libraries)
 
 On a GPU every training step ends with a synchronisation (as a loop that logs its loss does),
@@ -210,7 +211,11 @@ def profile(frames: dict, batch_size: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
 
 
-def run_peer(frames: dict, args) -> list[dict]:
+def run_peer(
+    frames: dict, args, md_runs: int | None = None, skip_training: bool = False
+) -> list[dict]:
+    """SchNetPack's legs in its venv; ``md_runs``: that many sequential MD runs instead of the
+    smallest ``--replicas``; ``skip_training``: its MD legs only."""
     sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
     from spk_env import ensure_venv
 
@@ -236,9 +241,10 @@ def run_peer(frames: dict, args) -> list[dict]:
             "--hyperparameters",
             json.dumps(HYPERPARAMETERS),
             "--md-runs",
-            str(min(args.replicas, default=0)),
+            str(min(args.replicas, default=0) if md_runs is None else md_runs),
             "--device",
             args.device,
+            *(["--skip", "train"] if skip_training else []),
         ]
         env = dict(os.environ)
         if args.peer_malloc:  # the allocator settings atomlens makes for itself
@@ -296,6 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables to stderr")
     parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        help="only the batched comparison, in this many alternating slices: R trajectories "
+        "for --md-steps / K steps, then R / K sequential SchNetPack runs, K times (both "
+        "libraries measured under the same drift of the machine's speed)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -319,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.device != "cpu":
         common["device_name"] = torch.cuda.get_device_name(args.device)
+    if args.interleave:
+        return interleaved(frames, args, common)
     ratios: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
         # alternate the order (atomlens first, then SchNetPack first, ...) so that a drift
@@ -392,6 +408,54 @@ def measure_atomlens(frames: dict, args, common: dict) -> dict[tuple, float]:
     if args.profile:
         profile(frames, args.batch_sizes[0])
     return ours
+
+
+def interleaved(frames: dict, args, common: dict) -> int:
+    """``--interleave K``: the batched comparison in K alternating slices (module doc (c));
+    one JSON line per slice and library, then both libraries' totals and their ratio."""
+    if len(args.replicas) != 1 or args.replicas[0] % args.interleave:
+        raise SystemExit("--interleave K needs one --replicas R, a multiple of K")
+    if args.md_steps % args.interleave:
+        raise SystemExit("--interleave K needs --md-steps, a multiple of K")
+    replicas, k = args.replicas[0], args.interleave
+    totals = {"atomlens": [0.0, 0.0], "schnetpack": [0.0, 0.0]}  # molecule-steps, seconds
+    for slice_ in range(k):
+        ours = batched_md_speed(
+            frames,
+            replicas,
+            args.md_steps // k,
+            clock=args.clock,
+            compile=True if args.compile else "auto",
+            device=args.device,
+        )
+        print(json.dumps({"measure": "md_batched", **common, **ours, "slice": slice_}), flush=True)
+        totals["atomlens"][0] += ours["replicas"] * ours["steps"]
+        totals["atomlens"][1] += ours["wall_s"]
+        for peer in run_peer(frames, args, md_runs=replicas // k, skip_training=True):
+            if peer["measure"] != "md_sequential":
+                continue
+            print(json.dumps({**peer, "slice": slice_}), flush=True)
+            totals["schnetpack"][0] += peer["runs"] * peer["steps"]
+            totals["schnetpack"][1] += peer["wall_s"]
+    rates = {name: done / seconds for name, (done, seconds) in totals.items()}
+    for name, rate in rates.items():
+        print(
+            json.dumps(
+                {
+                    "measure": "md_batched_total",
+                    "library": name,
+                    "slices": k,
+                    "molecule_steps_per_s": rate,
+                    "clock": args.clock,
+                }
+            ),
+            flush=True,
+        )
+    ratio = rates["atomlens"] / rates["schnetpack"]
+    line = {"measure": "md_batched_interleaved_ratio", "replicas": replicas, "slices": k}
+    line.update(threads=args.threads, clock=args.clock, atomlens_over_schnetpack=ratio)
+    print(json.dumps({**line, "target": 20.0, "met": ratio >= 20.0}), flush=True)
+    return 0
 
 
 def compare(ours: dict[tuple, float], peers: list[dict]):
