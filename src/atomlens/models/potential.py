@@ -154,6 +154,7 @@ class AtomisticModel(nn.Module):
         features = self.representation(numbers, positions, pairs, frozen)
         return self.atomic_contributions(features, numbers)
 
+    @torch.no_grad()
     def freeze(self) -> FrozenModel:
         """Weight-only state for repeated calls with fixed weights (MD, the calculator): the
         representation's (SchNet's filter tables) and the head's first layer folded into the
@@ -167,10 +168,6 @@ class AtomisticModel(nn.Module):
         (forces): one 128 x 128 product fewer each way, of SchNet's 35 per energy and
         forces. The same values up to float32 rounding of ``W1 D``.
         """
-        with torch.no_grad():
-            return self._freeze()
-
-    def _freeze(self) -> FrozenModel:
         state = self.representation.freeze()
         last, first = self.representation.last_update(), self.head[0]
         if (
