@@ -55,7 +55,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v33"
+_NAME = "atomlens_cpu_kernels_v34"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -1466,6 +1466,9 @@ static torch::Tensor shifted_softplus_backward_kernel(const torch::Tensor& grad,
   return shifted_softplus_backward(grad, x);
 }
 
+// a second build loaded beside the first (tests of the AVX2 paths on an AVX-512 machine)
+// leaves the operators to the first: one CPU kernel per operator
+#ifndef ATOMLENS_NO_OPERATORS
 TORCH_LIBRARY_IMPL(atomlens, CPU, m) {
   m.impl("shifted_softplus", &shifted_softplus_kernel);
   m.impl("shifted_softplus_backward", &shifted_softplus_backward_kernel);
@@ -1473,6 +1476,7 @@ TORCH_LIBRARY_IMPL(atomlens, CPU, m) {
   m.impl("tabulated_cfconv_backward", &tabulated_cfconv_backward_kernel);
   m.impl("linear", &linear_kernel);
 }
+#endif
 """
 
 _state: dict = {"module": None, "failed": False}
