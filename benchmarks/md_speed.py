@@ -20,6 +20,7 @@ through a subprocess. Prints one JSON object per measurement and one per ratio.
     python benchmarks/md_speed.py --replicas 32 --batch-sizes 10   # many trajectories at once
     python benchmarks/md_speed.py --rounds 2 ...   # both libraries twice, in alternating order
     python benchmarks/md_speed.py --replicas 32 --interleave 4 ...   # (c) alone, in 4 slices
+    python benchmarks/md_speed.py --replicas 32 --interleave 4 --parts ...  # and the step's parts
     python benchmarks/md_speed.py --device cuda --replicas 32 1024   # on a GPU (both libraries)
 
 On a GPU every training step ends with a synchronisation (as a loop that logs its loss does),
@@ -310,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         "libraries measured under the same drift of the machine's speed)",
     )
     parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="with --interleave: then profile atomlens's batched step and print the time per "
+        "step of its products, convolutions and softplus beside the step time that 20x "
+        "SchNetPack's rate of the same run allows",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -455,7 +463,58 @@ def interleaved(frames: dict, args, common: dict) -> int:
     line = {"measure": "md_batched_interleaved_ratio", "replicas": replicas, "slices": k}
     line.update(threads=args.threads, clock=args.clock, atomlens_over_schnetpack=ratio)
     print(json.dumps({**line, "target": 20.0, "met": ratio >= 20.0}), flush=True)
+    if args.parts:
+        parts = step_parts(frames, replicas, args.md_steps // k, args.compile, args.device)
+        budget = 1e3 * replicas / (20.0 * rates["schnetpack"])  # ms per step for 20x
+        floor = parts["products_ms"] + parts["convolution_ms"] + parts["softplus_ms"]
+        line = {"measure": "md_batched_step_parts", "replicas": replicas, **parts}
+        line.update(step_ms=1e3 * replicas / rates["atomlens"], budget_20x_ms=budget)
+        line.update(products_convolution_softplus_ms=floor, rest_of_budget_ms=budget - floor)
+        print(json.dumps({**line, "threads": args.threads, "clock": args.clock}), flush=True)
     return 0
+
+
+#: torch.profiler's operators of each part of the batched step (self time)
+STEP_PARTS = {
+    "products": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm"),
+    "convolution": ("atomlens::tabulated_cfconv", "atomlens::tabulated_cfconv_backward"),
+    "softplus": ("atomlens::shifted_softplus", "atomlens::shifted_softplus_backward"),
+}
+
+
+def step_parts(frames: dict, replicas: int, steps: int, compile: bool, device: str) -> dict:
+    """ms per step of the batched step's parts (:data:`STEP_PARTS`, the operators' self
+    time in torch.profiler, which counts wall time: an idle machine's one thread), over
+    ``steps`` steps after a warm-up; ``profiled_ms``: all operators' self time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from atomlens.batched_md import BatchedMD
+
+    md = BatchedMD(
+        build_model(0).eval(),
+        [md_atoms(frames)] * replicas,
+        timestep_fs=0.5,
+        temperature_K=300,
+        seed=0,
+        compile=True if compile else "auto",
+        device=device,
+    )
+    md.run(30, progress=False)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        md.run(steps, interval=steps, progress=False)
+    events = prof.key_averages()
+    self_us = {event.key: event.self_cpu_time_total for event in events}
+    parts = {
+        f"{part}_ms": sum(self_us.get(name, 0.0) for name in names) / 1e3 / steps
+        for part, names in STEP_PARTS.items()
+    }
+    calls = sum(event.count for event in events if event.key in STEP_PARTS["products"])
+    return {
+        **parts,
+        "product_calls": calls / steps,
+        "profiled_ms": sum(self_us.values()) / 1e3 / steps,
+    }
 
 
 def compare(ours: dict[tuple, float], peers: list[dict]):
