@@ -641,3 +641,83 @@ def test_compiled_step_calls_the_cpp_convolution_and_equals_plain_pytorch():
     assert {"atomlens::tabulated_cfconv", "atomlens::tabulated_cfconv_backward"} <= called
     torch.testing.assert_close(forces, plain.forces, rtol=0, atol=1e-10)
     torch.testing.assert_close(energies, plain.energies, rtol=1e-12, atol=1e-10)
+
+
+def test_isotopes_reach_the_outputs_as_integrated(tmp_path):
+    """Masses of the start structures (D2O) drive the integrator and reach every output:
+    ``atoms(k)`` and the trajectory frames carry them, so their kinetic energy is the run's
+    (with the elements' default masses a frame paired D momenta with H masses)."""
+    model = random_model("schnet", seed=2)
+    heavy = molecule("H2O")
+    heavy.set_masses([16.0, 2.014, 2.014])
+    md = BatchedMD(model, [heavy, molecule("H2O")], dtype="float64", compile=False)
+    md.run(3, trajectories=[tmp_path / "d2o.traj", tmp_path / "d2o_b.xyz"])
+    np.testing.assert_allclose(md.atoms(0).get_masses(), [16.0, 2.014, 2.014])
+    kinetic = md.kinetic_energies().numpy()
+    for k, path in enumerate((tmp_path / "d2o.traj", tmp_path / "d2o_b.xyz")):
+        frame = read(path, index=-1)
+        assert frame.get_kinetic_energy() == pytest.approx(kinetic[k], rel=1e-6)  # (files)
+        assert md.atoms(k).get_kinetic_energy() == pytest.approx(kinetic[k], rel=1e-12)
+
+
+def test_constraints_other_than_fixcom_are_refused():
+    """Batched MD integrates free atoms: a structure with FixAtoms is refused with what to
+    do instead (it had moved the fixed atoms); FixCom, which its integrators honour, not."""
+    from ase.constraints import FixAtoms, FixCom
+
+    from atomlens.data.dataset import DataError
+
+    model = random_model("schnet", seed=2)
+    held = molecule("CH3CH2OH")
+    held.set_constraint(FixAtoms(indices=[0, 1]))
+    with pytest.raises(DataError, match=r"structure 1 carries constraints \(FixAtoms\).*run_md"):
+        BatchedMD(model, [molecule("H2O"), held], compile=False)
+    centred = molecule("CH3CH2OH")
+    centred.set_constraint(FixCom())
+    BatchedMD(model, [centred], ensemble="langevin", compile=False).run(2)
+
+
+@pytest.mark.parametrize("ensemble", ["nve", "langevin"])
+def test_an_interrupted_step_leaves_the_state_as_before_it(monkeypatch, ensemble):
+    """A Ctrl-C during a step's model call restores the positions, momenta and (Langevin)
+    the noise generator: running on gives the uninterrupted run to the last bit (a half
+    step had stayed: 0.02 Angstrom off after 20 more steps)."""
+    model = random_model("schnet", seed=2)
+    runs = [BatchedMD(model, _systems()[:2], ensemble=ensemble, compile=False) for _ in range(2)]
+    for md in runs:
+        md.run(5)
+    interrupted = runs[1]
+    before = (interrupted.positions.clone(), interrupted.momenta.clone())
+    original = interrupted.energy_and_forces
+
+    def stopped():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(interrupted, "energy_and_forces", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run(3)
+    monkeypatch.setattr(interrupted, "energy_and_forces", original)
+    assert interrupted.nsteps == 5
+    assert torch.equal(interrupted.positions, before[0])
+    assert torch.equal(interrupted.momenta, before[1])
+    for md in runs:
+        md.run(10)
+    assert torch.equal(runs[0].positions, runs[1].positions)
+    assert torch.equal(runs[0].momenta, runs[1].momenta)
+
+
+def test_extxyz_trajectories_state_their_units_and_outputs_are_distinct(tmp_path):
+    """Batched extxyz trajectories say eV and Angstrom, as single MD's do, so they read back
+    as data; one file named for two outputs is refused before anything is written."""
+    from atomlens.data.sources.ase_files import read_ase
+
+    model = random_model("schnet", seed=2)
+    md = BatchedMD(model, _systems()[:2], compile=False)
+    paths = [tmp_path / "a.xyz", tmp_path / "b.xyz"]
+    md.run(2, trajectories=paths)
+    assert len(read_ase(paths[0])) == 3
+    with pytest.raises(ValueError, match=r"one file for two outputs: .*a\.xyz"):
+        md.run(1, trajectories=[paths[0], paths[0]])
+    with pytest.raises(ValueError, match="one file for two outputs"):
+        md.run(1, trajectories=paths, logfiles=[paths[1], tmp_path / "c.csv"])
+    assert md.nsteps == 2

@@ -450,3 +450,67 @@ def test_md_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "E_tot drift" not in printed and "thermostat 300 K" in printed
     assert (tmp_path / "runs" / "nvt.csv").is_file()
+
+
+@pytest.mark.parametrize("ensemble", ["nve", "langevin"])
+def test_md_with_fixed_atoms_keeps_them_and_counts_what_is_left(tmp_path, ensemble):
+    """FixAtoms: the fixed atoms stay where they are in both ensembles (Langevin had added
+    FixCom, which moved them with the centre of mass), the degrees of freedom are 3n minus
+    the fixed atoms' (as ASE's get_temperature: NVE had started at 420 K for 300 K), the
+    run starts at the requested temperature and Langevin holds it (it had held 159 K for
+    300 K); the atoms' constraints are as before the run."""
+    from ase.constraints import FixAtoms
+
+    from atomlens.md import degrees_of_freedom
+
+    model = random_model("schnet", seed=3)
+    atoms = molecule("CH3CH2OH")
+    fixed = [0, 1, 2, 3]
+    atoms.set_constraint(FixAtoms(indices=fixed))
+    start = atoms.positions[fixed].copy()
+    assert degrees_of_freedom(atoms, rotation_removed=True) == 3 * 9 - 12
+    steps = 400 if ensemble == "langevin" else 20
+    log = run_md(
+        model,
+        atoms,
+        ensemble=ensemble,
+        temperature_K=300.0,
+        steps=steps,
+        friction=0.05,
+        seed=5,
+        compile=False,
+        dtype="float64",
+    )
+    np.testing.assert_array_equal(atoms.positions[fixed], start)
+    assert not atoms.get_momenta()[fixed].any()
+    assert [type(c).__name__ for c in atoms.constraints] == ["FixAtoms"]
+    assert log.temperature[0] == pytest.approx(300.0, rel=1e-9)
+    assert log.temperature[-1] == pytest.approx(atoms.get_temperature(), rel=1e-9)
+    if ensemble == "langevin":
+        held = np.mean(log.temperature[100:])
+        assert 230.0 < held < 370.0, held
+
+
+def test_the_frame_that_stops_a_run_is_in_its_files(tmp_path):
+    """The stability check runs after the log and the trajectory: the frame that stopped
+    the run is the last one kept in NAME.unstable.SUFFIX (it was missing)."""
+    from atomlens.md import MDUnstableError
+
+    model = random_model("schnet", seed=3)
+    trajectory, logfile = tmp_path / "md.traj", tmp_path / "md.csv"
+    with pytest.raises(MDUnstableError, match="above the limit of 299 K"):
+        run_md(
+            model,
+            molecule("CH3CH2OH"),
+            temperature_K=300.0,
+            steps=5,
+            trajectory=trajectory,
+            logfile=logfile,
+            max_temperature_K=299.0,
+            compile=False,
+        )
+    from ase.io import read
+
+    assert len(read(tmp_path / "md.unstable.traj", index=":")) == 1
+    rows = list(csv.DictReader((tmp_path / "md.unstable.csv").read_text().splitlines()))
+    assert len(rows) == 1 and float(rows[0]["temperature_K"]) == pytest.approx(300.0)

@@ -173,6 +173,14 @@ class BatchedMD:
                     f"structure {k}: atomlens models describe isolated molecules; "
                     f"the atoms are periodic (set atoms.pbc = False)"
                 )
+            held = [type(c).__name__ for c in atoms.constraints if type(c).__name__ != "FixCom"]
+            if held:  # (FixCom: the integrators keep each trajectory's momentum at zero)
+                raise DataError(
+                    f"structure {k} carries constraints ({', '.join(held)}), which batched MD "
+                    f"does not apply: it would move constrained atoms freely. Run it alone "
+                    f"with atomlens.md.run_md (`atomlens md` without --replicas), which "
+                    f"honours them, or remove them (atoms.set_constraint())"
+                )
         dataset_from_atoms(
             systems, source="BatchedMD", targets=False
         )  # elements, NaN, overlapping atoms
@@ -492,7 +500,21 @@ class BatchedMD:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One time step of every trajectory (one model call)."""
+        """One time step of every trajectory (one model call). Interrupted (a Ctrl-C during
+        the model call, an error), it leaves the state as it was before the step, so that a
+        later :meth:`run` goes on from a whole step."""
+        saved = (self.positions.clone(), self.momenta.clone())
+        noise_state = self.generator.get_state() if self.ensemble == "langevin" else None
+        try:
+            self._step()
+        except BaseException:
+            self.positions.copy_(saved[0])
+            self.momenta.copy_(saved[1])
+            if noise_state is not None:
+                self.generator.set_state(noise_state)
+            raise
+
+    def _step(self) -> None:
         half = 0.5 * self.dt
         if self.ensemble == "nve":
             self.momenta.add_(self.forces, alpha=half)
@@ -537,6 +559,7 @@ class BatchedMD:
         atoms = Atoms(
             self.symbols[k],
             positions=self.positions[a:b].double().cpu().numpy(),
+            masses=self.masses[a:b, 0].double().cpu().numpy(),  # isotopes as integrated
             momenta=self.momenta[a:b].double().cpu().numpy(),
         )
         atoms.calc = SinglePointCalculator(
@@ -574,6 +597,10 @@ class BatchedMD:
         for name, paths in (("trajectories", trajectories), ("logfiles", logfiles)):
             if paths is not None and len(paths) != self.n_structures:
                 raise ValueError(f"{name}: {len(paths)} files for {self.n_structures} trajectories")
+        named = [Path(p).resolve() for p in [*(trajectories or []), *(logfiles or [])]]
+        if len(set(named)) < len(named):
+            twice = sorted({str(p) for p in named if named.count(p) > 1})
+            raise ValueError(f"one file for two outputs: {', '.join(twice)}")
         logs = [MDLog() for _ in range(self.n_structures)]
         if max_temperature_K is None:
             max_temperature_K = max(2000.0, 5.0 * self.temperature_K)
@@ -681,7 +708,13 @@ class BatchedMD:
         from ase.io import write
 
         handle = stack.enter_context(open(path, "w"))  # noqa: SIM115 (the stack closes it)
-        return lambda atoms: write(handle, atoms, format="extxyz")
+
+        def append(atoms) -> None:
+            # stated units: the trajectory reads back as data (read_ase), as run_md's
+            atoms.info.update(energy_unit="eV", length_unit="Angstrom")
+            write(handle, atoms, format="extxyz")
+
+        return append
 
 
 def run_batched_md(

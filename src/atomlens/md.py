@@ -11,7 +11,9 @@ molecule: and zero angular momentum), rescaled so that the kinetic temperature o
 degrees of freedom left is exactly ``temperature_K`` (unless ``initialize_velocities=False``
 keeps the atoms' own): 3n - 6 for NVE of a molecule (3n - 5 for a linear one), where both
 momenta stay zero, and 3n - 3 for Langevin, whose noise moves the rotation but not the fixed
-centre of mass, and for periodic cells. (Removing the momenta while keeping, on average, the
+centre of mass, and for periodic cells. Atoms held by constraints (``FixAtoms``, fixed bonds
+or directions) count 3n minus what the constraints remove, as ASE's ``get_temperature``
+does, and keep the momenta the constraints allow (none removed). (Removing the momenta while keeping, on average, the
 kinetic energy of 3n degrees of freedom, as before 0.3, started 3n/(3n - 3) hot: ethanol
 12.5 %.) The trajectory goes to an ASE ``.traj`` file or to extxyz (any other suffix), with
 the model's energy and forces on every stored frame; a CSV log records time (fs), E_pot,
@@ -41,10 +43,23 @@ ENSEMBLES = ("nve", "langevin", "npt")
 SPREAD_COLUMNS = ("energy_std_eV", "max_force_std_eV_A")
 
 
+def held_by_constraints(atoms) -> bool:
+    """Whether constraints other than ``FixCom`` remove degrees of freedom (``FixAtoms``,
+    fixed bonds or directions): the atoms are then not free to translate and rotate as a
+    whole, so no momentum is removed and the degrees of freedom are the constraints'."""
+    from ase.constraints import FixCom
+
+    return any(c.get_removed_dof(atoms) > 0 for c in atoms.constraints if not isinstance(c, FixCom))
+
+
 def degrees_of_freedom(atoms, rotation_removed: bool = False) -> int:
     """3n - 3 (total momentum zero); with ``rotation_removed`` also the angular momentum:
-    3n - 6, or 3n - 5 for a linear molecule (at least 1)."""
+    3n - 6, or 3n - 5 for a linear molecule (at least 1). Atoms held by constraints
+    (:func:`held_by_constraints`): 3n minus what every constraint removes, as ASE's
+    ``Atoms.get_temperature`` counts them."""
     n = len(atoms)
+    if held_by_constraints(atoms):
+        return max(3 * n - sum(c.get_removed_dof(atoms) for c in atoms.constraints), 1)
     n_dof = 3 * n - 3
     if rotation_removed and n > 1:
         inertia = atoms.get_moments_of_inertia()
@@ -241,13 +256,22 @@ def run_md(
     # NVE conserves a zero angular momentum; Langevin's noise does not (only the centre of
     # mass is fixed), so its rotations are degrees of freedom the thermostat fills
     # no angular momentum to remove in a periodic cell
+    # atoms held by constraints (FixAtoms, ...) have no free translation or rotation to
+    # remove: their momenta come from the constraints alone, and the thermostat adds no
+    # FixCom (it would move the fixed atoms with the centre of mass)
+    held = held_by_constraints(atoms)
     rotation_removed = (
-        ensemble == "nve" and initialize_velocities and len(atoms) > 2 and not atoms.pbc.any()
+        ensemble == "nve"
+        and initialize_velocities
+        and len(atoms) > 2
+        and not atoms.pbc.any()
+        and not held
     )
     n_dof = degrees_of_freedom(atoms, rotation_removed)
     if initialize_velocities:
-        draw_momenta(atoms, temperature_K, rng)
-        Stationary(atoms, preserve_temperature=False)
+        draw_momenta(atoms, temperature_K, rng)  # (set_momenta applies the constraints)
+        if not held:
+            Stationary(atoms, preserve_temperature=False)
         if rotation_removed:
             ZeroRotation(atoms, preserve_temperature=False)
         drawn = kinetic_temperature(atoms, n_dof)
@@ -274,7 +298,7 @@ def run_md(
     else:
         # the thermostat's noise would move the centre of mass: fix it by a constraint
         # (ASE's fixcm=True option is deprecated as not sampling NVT exactly)
-        if not any(isinstance(c, FixCom) for c in constraints):
+        if not held and not any(isinstance(c, FixCom) for c in constraints):
             atoms.set_constraint(constraints + [FixCom()])
         dyn = Langevin(
             atoms,
@@ -316,12 +340,6 @@ def run_md(
         if writer is not None:
             writer.writerow([f"{v:.10g}" for v in row])
 
-    dyn.attach(
-        _stability_check(
-            dyn, atoms, ensemble, timestep_fs, max_temperature_K, max_drift_eV_per_atom
-        ),
-        interval=1,
-    )
     dyn.attach(record, interval=interval)
     bar = stack.enter_context(
         tqdm(total=steps, desc=f"{ensemble.upper()} MD", unit="step", leave=False, disable=None)
@@ -333,6 +351,13 @@ def run_md(
             dyn.attach(
                 _trajectory_writer(outputs[Path(trajectory)], atoms, stack), interval=interval
             )
+        # after the log and the trajectory: the frame that stops a run is in its files
+        dyn.attach(
+            _stability_check(
+                dyn, atoms, ensemble, timestep_fs, max_temperature_K, max_drift_eV_per_atom, n_dof
+            ),
+            interval=1,
+        )
         try:
             if threads:
                 torch.set_num_threads(threads)
@@ -395,7 +420,9 @@ def check_stop_limits(max_temperature_K: float | None, max_drift: float) -> None
             raise ValueError(f"{name} must be > 0 {unit} (inf: no limit), not {value}")
 
 
-def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K, max_drift_eV_per_atom):
+def _stability_check(
+    dyn, atoms, ensemble, timestep_fs, max_temperature_K, max_drift_eV_per_atom, n_dof=None
+):
     """An observer that stops a run whose temperature or (NVE) energy drift leaves range.
 
     Langevin dynamics has no conserved energy (the thermostat exchanges heat), so only the
@@ -405,7 +432,7 @@ def _stability_check(dyn, atoms, ensemble, timestep_fs, max_temperature_K, max_d
     start = {}
 
     def check() -> None:
-        temperature = kinetic_temperature(atoms)
+        temperature = kinetic_temperature(atoms, n_dof)  # as logged
         etot = atoms.get_potential_energy() + atoms.get_kinetic_energy()
         start.setdefault("etot", etot)
         hint = (
