@@ -151,11 +151,11 @@ def test_a_bad_input_is_raised_as_such_and_keeps_compiling_on(model, monkeypatch
     flat = good.copy()
     flat[2] = 0.0
     atoms.set_cell(flat)
-    with pytest.raises(ValueError, match="three independent cell vectors") as raised:
+    with pytest.raises(ValueError, match="cell vectors span no volume") as raised:
         eager.get_potential_energy(atoms)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "compiling failed" warning
-        with pytest.raises(ValueError, match="three independent cell vectors") as ours:
+        with pytest.raises(ValueError, match="cell vectors span no volume") as ours:
             atoms.get_potential_energy()
     assert str(ours.value) == str(raised.value)
     assert atoms.calc._use_compiled

@@ -327,6 +327,13 @@ def test_extensivity_of_a_periodic_cell_is_its_supercell():
     assert result.pair == pytest.approx(e[1], abs=1e-9) and e[1] == pytest.approx(2 * e[0])
     with pytest.raises(ValueError, match="supercell"):
         extensivity(model, cell, separation=6.0)
+    # a slab periodic in b and c (open along a, little vacuum): doubled along b, not a
+    slab = cell.copy()
+    slab.pbc = [False, True, True]
+    slab.cell[0] = [6.0, 0.0, 0.0]
+    result = extensivity(model, slab)
+    e = model.double().predict([slab, slab.repeat((1, 2, 1))])["U0"]
+    assert result.pair == pytest.approx(e[1], abs=1e-9) and result.passed()
 
 
 # --------------------------------------------------------------------------- rings

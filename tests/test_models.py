@@ -257,7 +257,7 @@ def test_verlet_list_rebuilds_only_when_needed():
     assert list(zip(*everything.pairs[:2])) == [(0, 1), (0, 2), (1, 2)]
     with pytest.raises(ValueError, match="need a model with a cutoff"):
         periodic_pairs(atoms.positions, cell, pbc, None)
-    with pytest.raises(ValueError, match="three independent cell vectors"):
+    with pytest.raises(ValueError, match="cell vectors span no volume"):
         periodic_pairs(atoms.positions, np.diag([5.0, 5.0, 0.0]), pbc, 3.0)
     with pytest.raises(ValueError, match="positions are needed"):
         molecular_pairs(torch.tensor([3]), None, cutoff=2.0)

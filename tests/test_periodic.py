@@ -289,3 +289,115 @@ def test_an_ensemble_with_stress_reports_the_committees_stress(copper, tmp_path,
     np.testing.assert_allclose(scored["stress_mae"], committee["stress_mae"], atol=atol)
     assert main(["evaluate", str(tmp_path / "ens")]) == 0
     assert "STRESS SPREAD" in capsys.readouterr().out
+
+
+def _copper_model():
+    from helpers import random_model
+
+    model = random_model("schnet", seed=4)
+    model.atomref[29] = -50.0
+    return model
+
+
+def test_a_cell_that_turns_nan_in_a_run_is_an_error_not_a_crash():
+    """The cell is checked at every neighbour-list build, not only when a structure is first
+    seen: a NaN or inf cell on a later call (a blown-up NPT step) reached vesin, which
+    killed the process (SIGFPE); now DataError. Also the list builder itself."""
+    from atomlens.data.dataset import DataError
+    from atomlens.data.neighbors import periodic_pairs
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.calc = atomlens.Calculator(
+        _copper_model(), compile=False, dtype="float64", allow_unknown_elements=True
+    )
+    atoms.get_forces()
+    for bad in (float("nan"), float("inf")):
+        broken = atoms.cell.array.copy()
+        broken[0, 0] = bad
+        atoms.set_cell(broken)
+        with pytest.raises(DataError, match=r"non-finite \(NaN/inf\)"):
+            atoms.get_forces()
+        with pytest.raises(DataError, match=r"non-finite \(NaN/inf\)"):
+            periodic_pairs(atoms.positions, broken, np.ones(3, bool), 5.0)
+
+
+def test_the_eager_fallback_builds_the_pairs_of_each_new_structure(monkeypatch):
+    """compile="auto" whose compiled function fails at its first call (no C++ compiler,
+    an Inductor error) falls back to eager code, which had kept the previous structure's
+    pairs for the next structure (Si8 after Si2: six atoms without neighbours)."""
+    import warnings
+
+    from atomlens import calculator
+
+    def failing(function, device, mode=None):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(calculator, "compile_fixed_shapes", failing)
+    monkeypatch.setattr(calculator, "auto_compile_enabled", lambda: True)
+    model = _copper_model()
+    calc = atomlens.Calculator(model, dtype="float64", allow_unknown_elements=True)
+    eager = atomlens.Calculator(model, dtype="float64", compile=False, allow_unknown_elements=True)
+    second = bulk("Cu", "fcc", a=3.6, cubic=True)
+    second.rattle(0.05, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for atoms in (bulk("Cu", "fcc", a=3.6), second):
+            ours, reference = atoms.copy(), atoms.copy()
+            ours.calc, reference.calc = calc, eager
+            assert ours.get_potential_energy() == pytest.approx(
+                reference.get_potential_energy(), abs=1e-10
+            )
+            np.testing.assert_allclose(ours.get_forces(), reference.get_forces(), atol=1e-10)
+
+
+def test_slabs_with_a_zero_vector_along_their_open_direction():
+    """ASE's slabs, sheets and tubes leave the cell vector of a direction that is not
+    periodic zero: they are accepted (they were refused as cells without volume) and give
+    the energy of the same slab with vacuum in its cell; a stress of such a cell, per
+    volume, is refused with what to do; periodic vectors that span nothing still are."""
+    from ase.build import fcc111
+
+    from atomlens.data.dataset import DataError, dataset_from_atoms
+
+    model = _copper_model().double()
+    slab = fcc111("Cu", (2, 2, 3))
+    assert not slab.cell.array[2].any() and slab.pbc.tolist() == [True, True, False]
+    vacuum = slab.copy()
+    vacuum.cell[2] = [0.0, 0.0, 30.0]
+    energies = []
+    for atoms in (slab, vacuum):
+        atoms.calc = atomlens.Calculator(model, compile=False, allow_unknown_elements=True)
+        energies.append(atoms.get_potential_energy())
+    assert energies[0] == pytest.approx(energies[1], abs=1e-10)
+    with pytest.raises(DataError, match="its cell has no volume"):
+        model.predict(slab, stress=True, allow_unknown_elements=True)
+    labelled = slab.copy()
+    labelled.calc = SinglePointCalculator(
+        labelled, energy=-1.0, forces=np.zeros((len(slab), 3)), stress=np.zeros(6)
+    )
+    with pytest.raises(DataError, match="has a stress but its cell has no volume"):
+        dataset_from_atoms([labelled], energy_unit="eV", length_unit="Angstrom")
+    flat = slab.copy()
+    flat.cell[1] = 2.0 * flat.cell[0]  # the two periodic vectors in one line
+    with pytest.raises(DataError, match="span no area"):
+        dataset_from_atoms([flat], targets=False)
+
+
+def test_forces_and_stress_come_together_for_periodic_cells(copper):
+    """One model call gives both for a cell periodic in three directions: ASE's NPT asks
+    for them in separate calls, and each had replaced the other (51 model calls for 10
+    steps, now 11)."""
+    calls = []
+    calc = atomlens.Calculator(copper[1], compile=False)
+    original = calc.calculate
+    calc.calculate = lambda *a, **k: calls.append(1) or original(*a, **k)
+    atoms = bulk("Cu", "fcc", a=3.62, cubic=True)
+    atoms.calc = calc
+    forces = atoms.get_forces()
+    stress = atoms.get_stress()
+    assert len(calls) == 1 and forces.shape == (4, 3) and stress.shape == (6,)
+    run_md(calc, atoms, ensemble="npt", temperature_K=300.0, steps=10, seed=0)
+    assert len(calls) <= 1 + 11

@@ -201,6 +201,10 @@ class Calculator(AseCalculator):
         self._numbers = numbers.copy()
         self._pbc = atoms.pbc.copy()
         self._neighbors = VerletList(self.model.cutoff, self.skin)
+        # a new list: the pairs of the last structure are no one's (the eager path after a
+        # compiled one failed had used them for the next structure)
+        self._pairs = None
+        self._padded = None
         self._use_compiled = self.compile is True or (
             self.compile == "auto"
             and (periodic or 2 <= n <= AUTO_COMPILE_MAX_ATOMS)
@@ -209,7 +213,6 @@ class Calculator(AseCalculator):
         self._periodic = periodic
         if self._use_compiled:
             self._compiled_once = False
-            self._padded = None  # periodic: the padded pair tensors of the current list
             self._capacity = 0
             try:
                 if periodic:
@@ -375,6 +378,11 @@ class Calculator(AseCalculator):
         stress = "stress" in properties
         if stress and not self.atoms.pbc.all():
             raise DataError("stress needs a cell periodic in all three directions")
+        if (forces or stress) and self.atoms.pbc.all():
+            # both from one backward pass, kept together: ASE's NPT asks for forces and
+            # stress in separate calls, and each call's results replace the last's (5 model
+            # calls per NPT step, where 1 does)
+            forces = stress = True
         if self._changed_structure(self.atoms):
             self._prepare(self.atoms)
         if self._use_compiled:

@@ -436,7 +436,8 @@ def run_extensivity(args) -> int:
     result = extensivity(model, atoms, args.separation)
     ok = result.passed()
     if result.separation is None:
-        pair = "the cell doubled along a (2 x 1 x 1)"
+        axis = "abc"[int(np.flatnonzero(atoms.pbc)[0])]
+        pair = f"the cell doubled along {axis}, its first periodic axis"
     else:
         within = result.cutoff is not None and result.separation < result.cutoff
         pair = (

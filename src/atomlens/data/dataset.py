@@ -29,7 +29,7 @@ import torch
 
 from ..fileio import atomic_folder, recover_folder
 from .batch import Batch, Pairs
-from .neighbors import molecular_pairs, periodic_pairs
+from .neighbors import MIN_CELL_EXTENT, cell_problem, molecular_pairs, periodic_pairs
 
 FORMAT_VERSION = 2  # 2: cell, pbc and the per-atom declaration; 1 is read too
 MAX_Z = 118
@@ -244,15 +244,18 @@ class PackedDataset:
             raise DataError(f"{source}: cell and pbc must be ({n}, 3, 3) and ({n}, 3)")
         if not np.isfinite(self.cell).all():
             raise DataError(f"{source}: a cell has non-finite (NaN/inf) entries")
-        periodic = self.pbc.any(axis=1)
-        volumes = np.abs(np.linalg.det(self.cell))
-        bad = periodic & (volumes < 1e-6)
-        if bad.any():
-            m = int(np.argmax(bad))
-            raise DataError(
-                f"{source}: structure {m} is periodic but its cell has no volume "
-                f"(three independent lattice vectors are needed)"
-            )
+        for m in np.flatnonzero(self.pbc.any(axis=1)):
+            problem = cell_problem(self.cell[m], self.pbc[m])
+            if problem is not None:
+                raise DataError(f"{source}: structure {m} is periodic but {problem}")
+        if "stress" in self.targets:  # sigma = (1/V) dE/d eps: a slab's cell needs a volume
+            flat = np.abs(np.linalg.det(self.cell)) < MIN_CELL_EXTENT
+            if flat.any():
+                m = int(np.argmax(flat))
+                raise DataError(
+                    f"{source}: structure {m} has a stress but its cell has no volume "
+                    f"(stress is per volume: give the slab's cell its vacuum)"
+                )
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:

@@ -8,6 +8,8 @@ packed datasets cache the result, and MD reuses it across steps (:class:`VerletL
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -52,6 +54,34 @@ def molecular_pairs(
     return torch.cat([pair_i, pair_j]), torch.cat([pair_j, pair_i])
 
 
+#: the smallest volume (Angstrom^3), area (Angstrom^2) or length (Angstrom) that the periodic
+#: cell vectors of a structure (3, 2 or 1 of them) may span
+MIN_CELL_EXTENT = 1e-6
+
+
+def cell_problem(cell: np.ndarray, pbc: np.ndarray) -> str | None:
+    """What makes ``cell`` unusable for a structure periodic along ``pbc``, or None.
+
+    The cell must be finite, and its periodic vectors independent: the volume they span (3
+    periodic directions), their area (2: a slab, a sheet) or length (1: a wire) at least
+    :data:`MIN_CELL_EXTENT`. The vectors of the directions that are not periodic may be
+    anything, zero included (ASE's slabs, sheets and nanotubes leave them zero)."""
+    cell = np.asarray(cell, dtype=np.float64)
+    if not np.isfinite(cell).all():
+        return f"its cell has non-finite (NaN/inf) entries: {cell.tolist()}"
+    rows = cell[np.asarray(pbc, dtype=bool)]
+    if len(rows) == 0:
+        return None
+    extent = math.sqrt(max(float(np.linalg.det(rows @ rows.T)), 0.0))  # the Gram determinant
+    if not extent >= MIN_CELL_EXTENT:
+        kind = {3: "volume", 2: "area", 1: "length"}[len(rows)]
+        return (
+            f"its periodic cell vectors span no {kind} ({extent:.3g}; they must be "
+            f"independent): cell {cell.tolist()}, pbc {np.asarray(pbc).tolist()}"
+        )
+    return None
+
+
 def periodic_pairs(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,14 +100,20 @@ def periodic_pairs(
 
     if cutoff is None:
         raise ValueError("periodic structures need a model with a cutoff")
+    from .dataset import DataError
+
     pbc = np.asarray(pbc, dtype=bool)
     cell = np.asarray(cell, dtype=np.float64)
-    if abs(np.linalg.det(cell)) < 1e-6:
-        raise ValueError(
-            f"a periodic structure needs three independent cell vectors, not {cell.tolist()}"
-        )
+    # checked at every build, not only when a structure is first seen: a cell that goes NaN
+    # in a run (a blown-up NPT step) reached vesin, which killed the process (SIGFPE)
+    problem = cell_problem(cell, pbc)
+    if problem is not None:
+        raise DataError(f"a periodic structure: {problem}")
+    positions = np.asarray(positions, dtype=np.float64)
+    if not np.isfinite(positions).all():
+        raise DataError("a periodic structure has non-finite (NaN/inf) positions")
     i, j, shifts = NeighborList(cutoff=float(cutoff), full_list=False).compute(
-        np.asarray(positions, dtype=np.float64), cell, pbc.tolist(), "ijS"
+        positions, cell, pbc.tolist(), "ijS"
     )
     return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64)
 

@@ -5,7 +5,8 @@
 holds for a sum of atomic energies whose atoms see only neighbours within the cutoff (DTNN
 with its cosine cutoff, SchNet). A model without a cutoff (NeurIPS SchNet) couples the copies at
 any distance, and the check is expected to fail. For a periodic cell the two copies are the
-supercell doubled along its first axis, E(2 x 1 x 1) = 2 E(cell), at any cutoff.
+supercell doubled along its first periodic axis (2 x 1 x 1 for a bulk cell, 1 x 2 x 1 for a
+slab periodic in y and z), E(supercell) = 2 E(cell), at any cutoff.
 
 The energies are computed in float64 (a copy of the model), so that the test resolves
 differences far below the totals' float32 rounding: a QM9 total of ~10^4 eV rounds to
@@ -51,15 +52,20 @@ def two_copies(atoms, separation: float):
 
 def extensivity(model: AtomisticModel, atoms, separation: float | None = None) -> ExtensivityResult:
     """E(A), E(A + A') for two copies ``separation`` Angstrom apart (default: cutoff + 1), or
-    for a periodic cell E(cell) and E(cell doubled along its first axis), in float64."""
+    for a periodic cell E(cell) and E(cell doubled along its first periodic axis), in float64."""
     model = copy.deepcopy(model).double()
     if atoms.pbc.any():
         if separation is not None:
             raise ValueError(
-                "a periodic cell is checked against its supercell (2 x 1 x 1), not two "
+                "a periodic cell is checked against its supercell (doubled along its first "
+                "periodic axis), not two "
                 "copies apart: give no separation"
             )
-        out = model.predict([atoms, atoms.repeat((2, 1, 1))])
+        # doubled along its first periodic axis (a slab periodic in y and z: y; doubling a
+        # direction that is not periodic would put the copy beside it, at the cell's spacing)
+        repeat = [1, 1, 1]
+        repeat[int(np.flatnonzero(atoms.pbc)[0])] = 2
+        out = model.predict([atoms, atoms.repeat(tuple(repeat))])
         energies = out[model.target].astype(np.float64)
         return ExtensivityResult(float(energies[0]), float(energies[1]), None, model.cutoff)
     if separation is None:

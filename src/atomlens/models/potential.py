@@ -265,6 +265,17 @@ class AtomisticModel(nn.Module):
 
         batch = self.batch_from_atoms(atoms)
         check_elements(self, batch.numbers.cpu().numpy(), allow_unknown_elements)
+        if stress and batch.cell is not None:
+            from ..data.dataset import DataError
+            from ..data.neighbors import MIN_CELL_EXTENT
+
+            periodic = batch.pbc.any(dim=1)
+            flat = periodic & ~(cell_volume(batch.cell).abs() >= MIN_CELL_EXTENT)
+            if bool(flat.any()):  # a slab or sheet without its vacuum: stress is per volume
+                raise DataError(
+                    f"stress of structure {int(flat.nonzero()[0])}: its cell has no volume "
+                    f"(stress is per volume: give the slab's cell its vacuum)"
+                )
         with torch.set_grad_enabled(forces or stress):
             out = self(batch, forces=forces, stress=stress)
         out = {k: v.detach().cpu().double().numpy() for k, v in out.items()}
