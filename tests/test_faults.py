@@ -932,3 +932,25 @@ def test_md_stop_names_a_periodic_cell_a_structure(stiff_model, ethanol):
                 max_temperature_K=1.0,
                 allow_unknown_elements=True,
             )
+
+
+def test_figures_are_written_whole_or_not_at_all(tmp_path):
+    """Figures (and the insight and explanation tables) are written to a temporary file and
+    renamed: a failure while drawing keeps the previous figure and leaves no temporary."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().plot([0, 1], [1, 0])
+    path = fileio.save_figure(fig, tmp_path / "plot.png")
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    class Broken(Figure):
+        def savefig(self, target, **kwargs):
+            Path(target).write_bytes(b"half a fig")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        fileio.save_figure(Broken(), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]

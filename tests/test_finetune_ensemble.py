@@ -439,3 +439,24 @@ def test_ensemble_members_from_paths(tmp_path):
     for k, model in enumerate(two_energy_models()):
         save_model(model, tmp_path / f"m{k}")
     assert len(load_ensemble([tmp_path / "m0", tmp_path / "m1"])) == 2
+
+
+def test_a_member_with_cut_metrics_is_not_finished(tmp_path):
+    """An ensemble member whose metrics.json a kill cut (written in place before) counts as
+    started, so --resume runs it again instead of failing to parse it; metrics.json is now
+    written whole or not at all."""
+    from atomlens.training import run_folder
+    from atomlens.training.ensemble import _member_state
+
+    member = tmp_path / "model_1"
+    (member / "model").mkdir(parents=True)
+    (member / "checkpoints").mkdir()
+    (member / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (member / "metrics.json").write_text("")
+    assert _member_state(member) == "started"
+    (member / "metrics.json").write_text('{"test": {}}')
+    assert _member_state(member) == "done"
+    (member / "checkpoints" / "last.ckpt").unlink()
+    (member / "metrics.json").write_text('{"te')
+    (member / run_folder.FINGERPRINT).write_text("{}")
+    assert _member_state(member) == "empty"

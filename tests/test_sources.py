@@ -7,6 +7,7 @@ import pytest
 
 from atomlens import units
 from atomlens.data import DataError, PackedDataset
+from atomlens.data.sources import read_any
 from atomlens.data.sources.qm9 import QM9_TARGETS, load_qm9, read_qm9_csv
 
 ROWS = Path(__file__).parent / "data" / "qm9_rows.csv"
@@ -300,3 +301,118 @@ def test_ase_file_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_ase(tmp_path / "absent.xyz")
     assert len(read_ase(tmp_path / "cut.xyz", index=0)) == 1  # the intact first frame
+
+
+# ------------------------------------------------------------- units and values at the edge
+def test_structures_in_bohr_are_converted_to_angstrom_where_they_are_read(tmp_path):
+    """A file that states length_unit=bohr reaches every structure command in Angstrom:
+    positions, cell, the forces and stress of its frames; MD and potential maps had taken
+    its coordinates as Angstrom (an O-H bond of 1.81 "Angstrom")."""
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    from atomlens.data.sources.ase_files import read_structures
+    from atomlens.units import BOHR_ANGSTROM
+
+    water = molecule("H2O")
+    water.cell = [8.0, 8.0, 8.0]
+    forces = np.arange(9.0).reshape(3, 3)
+    in_bohr = water.copy()
+    in_bohr.positions /= BOHR_ANGSTROM
+    in_bohr.cell = water.cell.array / BOHR_ANGSTROM
+    in_bohr.info.update(length_unit="bohr", energy_unit="eV")
+    in_bohr.calc = SinglePointCalculator(in_bohr, energy=-2.0, forces=forces)
+    write(tmp_path / "bohr.extxyz", in_bohr)
+    (atoms,) = read_structures(tmp_path / "bohr.extxyz")
+    np.testing.assert_allclose(atoms.positions, water.positions, atol=1e-7)
+    np.testing.assert_allclose(atoms.cell.array, water.cell.array, atol=1e-7)
+    assert atoms.info["length_unit"] == "Angstrom"
+    assert atoms.get_potential_energy() == -2.0
+    np.testing.assert_allclose(atoms.get_forces(), forces / BOHR_ANGSTROM)
+    write(tmp_path / "angstrom.extxyz", atoms)  # and reads back as data, as stated
+    data = read_any(tmp_path / "angstrom.extxyz")
+    np.testing.assert_allclose(data.targets["forces"], forces / BOHR_ANGSTROM, rtol=1e-6)
+
+
+def test_units_declared_for_data_that_record_theirs_must_be_theirs(tmp_path):
+    """A packed folder records its units: a declaration that disagrees is refused (it was
+    ignored: --energy-unit bogus --length-unit nm ran and scored)."""
+    from atomlens.data.sources.open import open_dataset
+
+    _write_iso17_db(tmp_path / "iso.db")
+    read_any(tmp_path / "iso.db").save(tmp_path / "packed")
+    assert len(open_dataset(str(tmp_path / "packed"), energy_unit="eV", length_unit="Ang")) == 3
+    with pytest.raises(DataError, match="'nm' was declared.*record their units"):
+        open_dataset(str(tmp_path / "packed"), length_unit="nm")
+    with pytest.raises(DataError, match="'kcal/mol' was declared"):
+        open_dataset(str(tmp_path / "packed"), energy_unit="kcal/mol")
+    with pytest.raises(DataError, match="unknown energy unit 'bogus'"):
+        open_dataset(str(tmp_path / "packed"), energy_unit="bogus")
+
+
+def test_nan_coordinates_with_energies_are_named_as_such(tmp_path):
+    """NaN positions in a frame with an energy: said as non-finite coordinates (NaN != NaN
+    had made ASE's staleness test blame a calculator shared by several frames)."""
+    path = tmp_path / "nan.xyz"
+    path.write_text("2\nProperties=species:S:1:pos:R:3 energy=-1.0\nC nan 0 0\nH 0 0 1\n")
+    with pytest.raises(DataError, match=r"non-finite \(NaN/inf\) coordinates"):
+        read_any(path, energy_unit="eV")
+
+
+def test_qm9_rows_whose_miscounts_cancel_are_refused(tmp_path):
+    """Each row's Elements and XYZ_Ang must match its own N_atoms: a row listing one atom
+    too many beside one listing one too few (the totals agree) had read NH3 as H2NO."""
+
+    def shift(lines):
+        lines[1] = lines[1].replace("'C','H','H','H','H'", "'C','H','H','H','H','N'")
+        lines[2] = lines[2].replace("'N','H','H','H'", "'H','H','H'")
+        return lines
+
+    with pytest.raises(DataError, match=r"broken\.csv:2: N_atoms is 5 but Elements lists 6"):
+        read_qm9_csv(_rewrite(tmp_path, shift))
+
+
+def test_iso17_databases_in_other_units_or_with_text_energies_are_refused(tmp_path):
+    """The ISO17 layout is eV and Angstrom: metadata stating other units are refused (they
+    were read as eV and Angstrom), and so is an energy that is no real number."""
+    from ase import Atoms
+    from ase.db import connect
+
+    from atomlens.data.sources.iso17 import read_iso17
+
+    _write_iso17_db(tmp_path / "kcal.db")
+    connect(str(tmp_path / "kcal.db")).metadata = {"energy_unit": "kcal/mol"}
+    with pytest.raises(DataError, match="metadata state energy_unit='kcal/mol'"):
+        read_iso17(tmp_path / "kcal.db")
+    with connect(str(tmp_path / "text.db")) as db:
+        db.write(
+            Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]),
+            data={"atomic_forces": np.zeros((2, 3))},
+            total_energy="abc",
+        )
+    with pytest.raises(DataError, match="total_energy must be a real number, not 'abc'"):
+        read_iso17(tmp_path / "text.db")
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("E", np.array(["a", "b", "c", "d"]), "E must hold real numbers"),
+        ("E", np.array([True, False, True, False]), "E must hold real numbers, not dtype bool"),
+        ("R", None, "R must hold real numbers, not dtype complex"),
+        ("F", np.full((4, 3, 3), "x"), "F must hold real numbers"),
+        ("R", np.float64(1.0), r"R has shape \(\), expected \(frames, 3, 3\)"),
+    ],
+)
+def test_md17_arrays_that_are_no_real_numbers_are_refused(tmp_path, key, value, match):
+    """Text, bools (read as 1/0), complex values (imaginary part dropped) and a 0-d R are
+    refused by name (an IndexError traceback or a bare conversion error before)."""
+    from atomlens.data.sources.md17 import read_md17
+
+    z, R, E, F = _water_frames()
+    arrays = {"z": z, "R": R, "E": E, "F": F}
+    arrays[key] = R.astype(complex) if value is None else value
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=match):
+        read_md17(tmp_path / "bad.npz", assume_md17_units=True)

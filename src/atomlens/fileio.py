@@ -176,6 +176,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """``fig.savefig(path, **kwargs)`` whole or not at all (:func:`atomic_file`); the format
+    from ``path``'s suffix."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or None, **kwargs)
+    return path
+
+
 def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
     """``path`` as a Path if it is a readable file (``what="file"``) or folder
     (``what="folder"``); else an :class:`OSError` subclass whose message names the path and

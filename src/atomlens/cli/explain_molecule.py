@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.sources.ase_files import read_structures
     from ..explain.molecule_figures import molecule_figure, terms_table, write_terms
     from ..explain.molecules import explain_molecule
-    from ..fileio import check_output_folder
+    from ..fileio import atomic_file, check_output_folder
     from ..models.guards import check_elements
     from ..models.io import load_model
 
@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         if e.triples is not None:
             summary["triples"] = e.triples.tolist()
             summary["triple_relevance"] = e.triple_relevance.tolist()
-        (args.out / f"{method}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        with atomic_file(args.out / f"{method}.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=1) + "\n")
         print(
             f"{method:>22}: E = {e.energy:.4f} eV, E - ref = {e.explained:.4f} eV "
             f"(ref: {e.reference_kind}), sum of atom relevances {e.atoms.sum():.4f} eV "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import check_outputs
+from ..fileio import atomic_file, check_outputs
 from ._common import check_numbers
 
 
@@ -351,7 +351,8 @@ def run_rings(args) -> int:
         )
         print(f"figure: {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps(analysis.as_dict()))
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps(analysis.as_dict()))
         print(f"written {args.json}")
     return 0
 

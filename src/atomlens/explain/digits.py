@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .._optional import require
+from ..fileio import atomic_file
 
 
 def digits_cnn() -> nn.Sequential:
@@ -131,8 +132,9 @@ def write_table(rows: list[dict], stem: Path) -> tuple[Path, Path]:
     """``rows`` (dicts with the same keys) as ``stem.json`` and ``stem.csv``."""
     stem = Path(stem)
     json_path, csv_path = stem.with_suffix(".json"), stem.with_suffix(".csv")
-    json_path.write_text(json.dumps(rows, indent=2) + "\n")
-    with open(csv_path, "w", newline="") as handle:
+    with atomic_file(json_path) as tmp:
+        tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    with atomic_file(csv_path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from torch import Tensor
 
+from ..fileio import save_figure
+
 
 def explanation_grid(
     inputs: Tensor,
@@ -58,5 +60,5 @@ def explanation_grid(
     )
     bar.ax.tick_params(labelsize=6)
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     return path

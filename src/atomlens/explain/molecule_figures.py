@@ -19,6 +19,7 @@ from ase.data import chemical_symbols, covalent_radii
 from matplotlib import patheffects
 from matplotlib.colors import Normalize
 
+from ..fileio import save_figure
 from .molecules import MoleculeExplanation
 
 
@@ -113,7 +114,7 @@ def molecule_figure(
     ax.set_xlabel("principal axis 1 (Angstrom)")
     ax.set_ylabel("principal axis 2 (Angstrom)")
     path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

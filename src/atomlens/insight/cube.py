@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_file
 from ..units import HARTREE_EV
 from .potential_map import PotentialMap
 
@@ -35,7 +36,7 @@ def write_cube(path: str | Path, potential: PotentialMap, comment: str | None = 
             f"Omega_{potential.probe}(r) in hartree (1 Eh = {HARTREE_EV} eV), "
             f"reference={potential.reference}, lengths in bohr"
         )
-    with open(path, "w") as fh:
+    with atomic_file(path) as tmp, open(tmp, "w") as fh:  # whole or absent
         ase_write_cube(
             fh,
             atoms,

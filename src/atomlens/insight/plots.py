@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import save_figure
+
 
 def parity_plot(
     reference: np.ndarray, predicted: np.ndarray, path: str | Path, title: str = "", unit: str = ""
@@ -31,7 +33,7 @@ def parity_plot(
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -160,7 +162,7 @@ def atomic_energy_plot(
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=f"{label} ({unit})", shrink=0.8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -228,7 +230,7 @@ def potential_map_plot(
     bar.ax.yaxis.set_major_formatter(formatter)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -264,7 +266,7 @@ def ring_ranking_plot(
     ax.set_xlim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
     ax.set_ylim(-0.7, len(ranking) - 0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -290,5 +292,5 @@ def isomer_plot(analysis, path: str | Path, title: str = "", unit: str = "eV") -
     ax.set_title(title or f"isomers of {analysis.formula}", fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     return path

@@ -135,7 +135,11 @@ def _member_state(folder: Path) -> str:
     from . import run_folder
 
     if (folder / "metrics.json").is_file() and (folder / "model").is_dir():
-        return "done"
+        try:  # (a file cut by a kill, written in place before 2026-12-05: not finished)
+            json.loads((folder / "metrics.json").read_text())
+            return "done"
+        except (ValueError, UnicodeDecodeError):
+            pass
     if (folder / "checkpoints" / "last.ckpt").is_file():
         return "started"
     return "empty" if (folder / run_folder.FINGERPRINT).is_file() else "new"

@@ -579,7 +579,9 @@ def _train(
     if predictions is not None:
         with atomic_file(out / PREDICTIONS) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, **predictions, target=config.target, unit=unit)
-    (out / "metrics.json").write_text(json.dumps(_plain(metrics), indent=1))
+    # whole or absent (an ensemble counts a member with metrics as finished)
+    with atomic_file(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(_plain(metrics), indent=1))
     return metrics
 
 

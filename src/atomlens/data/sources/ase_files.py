@@ -37,6 +37,8 @@ def _value(atoms, key: str, per_atom: bool, where: str = "<atoms>"):
     calc = atoms.calc
     results = getattr(calc, "results", None) or {}
     if key in results:
+        if not np.isfinite(atoms.positions).all():  # (NaN != NaN: "changed" below)
+            raise DataError(f"{where}: the atoms have non-finite (NaN/inf) coordinates")
         check_state = getattr(calc, "check_state", None)  # ASE's own test of staleness
         changes = check_state(atoms) if check_state is not None else []
         if changes:
@@ -234,6 +236,40 @@ def read_structures(path: str | os.PathLike, index: str | int = ":") -> list:
                     f"syntax: 0-based, 'start:stop' excludes stop)"
                 )
         raise DataError(f"{path}: the file holds no structures")
+    return _in_angstrom(frames, str(path), _stated_units(frames, str(path), Path(path)))
+
+
+def _in_angstrom(frames: list, source: str, stated: dict[str, str]) -> list:
+    """``frames`` whose file states another length unit (``length_unit=bohr``), converted
+    to Angstrom at this edge: positions, cells and the calculator's forces and stress, with
+    ``length_unit`` then Angstrom (the models, MD and every command read Angstrom: such a
+    file's coordinates had gone to them as they were)."""
+    unit = stated.get("length_unit")
+    if unit is None:
+        return frames
+    try:
+        factor = length_factor(unit)
+    except ValueError as err:
+        raise DataError(f"{source}: {err}") from None
+    if factor == 1.0:
+        return frames
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    for atoms in frames:
+        results = dict(getattr(atoms.calc, "results", None) or {})
+        atoms.calc = None
+        atoms.set_cell(atoms.cell.array * factor, scale_atoms=False)
+        atoms.positions *= factor
+        atoms.info["length_unit"] = "Angstrom"
+        if "force_unit" in atoms.info:  # energy per the stated length: now per Angstrom
+            energy, _, _ = str(atoms.info["force_unit"]).rpartition("/")
+            atoms.info["force_unit"] = f"{energy}/Angstrom"
+        if results:  # forces per length, stress per volume, energies as they were
+            if "forces" in results:
+                results["forces"] = np.asarray(results["forces"]) / factor
+            if "stress" in results:
+                results["stress"] = np.asarray(results["stress"]) / factor**3
+            atoms.calc = SinglePointCalculator(atoms, **results)
     return frames
 
 

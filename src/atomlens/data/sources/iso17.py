@@ -70,10 +70,27 @@ def read_iso17(path: str | os.PathLike) -> PackedDataset:
         DataError: naming the file (and row) for a missing file, a damaged database, or a
             row without ``total_energy`` / ``data['atomic_forces']``.
     """
+    from ...units import energy_factor, length_factor
+
     path = Path(path)
     structures, energies, forces, ids, pairs, cells, pbc = [], [], [], [], [], [], []
     try:
         with _open(path) as db:
+            # the layout is eV and Angstrom by definition: metadata that say otherwise (a
+            # database written by another tool) are refused, not read as eV and Angstrom
+            for key, factor in (("energy_unit", energy_factor), ("length_unit", length_factor)):
+                stated = db.metadata.get(key)
+                if stated is not None:
+                    try:
+                        same = factor(str(stated)) == 1.0
+                    except ValueError:
+                        same = False
+                    if not same:
+                        raise DataError(
+                            f"{path}: an ISO17-layout database (eV and Angstrom by the "
+                            f"layout) whose metadata state {key}={stated!r}: convert it to "
+                            f"eV and Angstrom first"
+                        )
             for row in db.select():
                 kvp = row.key_value_pairs
                 if ENERGY_KEY not in kvp:
@@ -87,7 +104,15 @@ def read_iso17(path: str | os.PathLike) -> PackedDataset:
                 structures.append((row.numbers, row.positions))
                 cells.append(np.asarray(row.cell, dtype=np.float64))
                 pbc.append(np.asarray(row.pbc, dtype=bool))
-                energies.append(kvp[ENERGY_KEY])
+                energy = kvp[ENERGY_KEY]
+                if isinstance(energy, (bool, np.bool_)) or not isinstance(
+                    energy, (int, float, np.integer, np.floating)
+                ):
+                    raise DataError(
+                        f"{path}: row {row.id}: {ENERGY_KEY} must be a real number, not "
+                        f"{energy!r} ({type(energy).__name__})"
+                    )
+                energies.append(energy)
                 forces.append(np.asarray(data[FORCES_KEY], dtype=np.float64))
                 ids.append(row.id)
                 pairs.append(kvp)

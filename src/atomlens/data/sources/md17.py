@@ -83,7 +83,17 @@ def read_md17(
     if missing:
         raise DataError(f"{path}: MD17 file lacks the keys {missing} (has {sorted(arrays)})")
     z = _atomic_numbers(z, path)
+    # real numbers only: text, bools (read as 1/0) and complex values (their imaginary
+    # part dropped) are refused by name, as the extxyz reader refuses them
+    for key in ("R", "E", "F"):
+        if key in arrays and np.asarray(arrays[key]).dtype.kind not in "iuf":
+            raise DataError(
+                f"{path}: {key} must hold real numbers, not dtype "
+                f"{np.asarray(arrays[key]).dtype} ({np.asarray(arrays[key]).dtype.kind!r})"
+            )
     positions, energy = np.asarray(arrays["R"], np.float64), np.asarray(arrays["E"], np.float64)
+    if positions.ndim != 3:
+        raise DataError(f"{path}: R has shape {positions.shape}, expected (frames, {len(z)}, 3)")
     n_frames, n_atoms = positions.shape[0], len(z)
     if positions.shape != (n_frames, n_atoms, 3):
         raise DataError(

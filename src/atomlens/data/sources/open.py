@@ -28,6 +28,36 @@ def open_dataset(
 ) -> PackedDataset:
     """The dataset named by ``spec`` (see the module doc); units for files that need them."""
     spec = str(spec)
+    if spec == "qm9" or spec.startswith("qm9:") or Path(spec).is_dir():
+        data = _recorded(spec)
+        _check_declared(data, spec, energy_unit, length_unit)
+        return data
+    from .ase_files import read_any
+
+    units = {k: v for k, v in (("energy_unit", energy_unit), ("length_unit", length_unit)) if v}
+    return read_any(spec, **units)
+
+
+def _check_declared(
+    data: PackedDataset, spec: str, energy_unit: str | None, length_unit: str | None
+) -> None:
+    """Units declared for data that record their own (a packed folder, QM9) must be those:
+    a declaration that disagrees was silently ignored before (``--energy-unit hartree``
+    on a folder in eV)."""
+    from ...units import ENERGY, resolve_unit
+
+    try:
+        if length_unit is not None:
+            resolve_unit("length", data.units.get("positions", "Angstrom"), length_unit)
+        if energy_unit is not None:
+            for unit in sorted({u for u in data.units.values() if u in ENERGY}):
+                resolve_unit("energy", unit, energy_unit)
+    except ValueError as err:
+        raise DataError(f"{spec}: {err} (these data record their units: declare none)") from None
+
+
+def _recorded(spec: str) -> PackedDataset:
+    """QM9, one QM9 molecule, or a packed folder: data that record their units."""
     if spec == "qm9" or spec.startswith("qm9:"):
         from .qm9 import load_qm9
 
@@ -42,12 +72,7 @@ def open_dataset(
         if len(rows) == 0:
             raise DataError(f"{spec}: no QM9 molecule with index {wanted}")
         return data.subset(rows[:1])
-    if Path(spec).is_dir():
-        return PackedDataset.load(spec)
-    from .ase_files import read_any
-
-    units = {k: v for k, v in (("energy_unit", energy_unit), ("length_unit", length_unit)) if v}
-    return read_any(spec, **units)
+    return PackedDataset.load(spec)
 
 
 def open_structures(spec: str, index: str | int = ":") -> list:

@@ -234,6 +234,16 @@ def _parse_file(path: Path, limit: int | None) -> dict:
         for k, line in enumerate(lines):
             _row_atoms(col["Elements"][k], col["XYZ_Ang"][k], int(counts[k]), path, line)
 
+    # each row's own counts: totals alone let miscounts of two rows cancel (NH3 read as H2NO)
+    per_row = np.fromiter(
+        (e.count(",") + 1 for e in col["Elements"]), dtype=np.int64, count=len(lines)
+    )
+    numbers_per_row = np.fromiter(
+        (x.count(",") + 1 for x in col["XYZ_Ang"]), dtype=np.int64, count=len(lines)
+    )
+    if (per_row != counts).any() or (numbers_per_row != 3 * counts).any():
+        locate()  # the careful parse of each row names the first bad one
+
     # element symbols of all molecules at once
     symbols = ",".join(col["Elements"]).translate(_REMOVE_SYMBOL_NOISE).split(",")
     if len(symbols) != n_total:
