@@ -367,9 +367,51 @@ def test_max_correlation_is_the_multiple_correlation_with_intercept():
     y = generator.normal(5.0, 2.0, 500)
     d = np.stack([0.3 * y + generator.normal(7.0, 1.0, 500), generator.normal(-3.0, 4.0, 500)], 1)
     expected = multiple_correlation(y, d)
-    ours = _max_correlation(torch.from_numpy(y), torch.from_numpy(d))
+    ours = _max_correlation(torch.from_numpy(y), torch.from_numpy(d), cross_fit=False)
     assert ours == pytest.approx(expected, rel=1e-9) and 0.3 < ours < 0.95
     assert _max_correlation(torch.from_numpy(y), torch.zeros(500, 2, dtype=torch.float64)) == 0.0
+
+    # cross-fitted: v (with intercept) from the even rows scored on the odd ones and back
+    def scored(fit, other):
+        design = np.column_stack([d[fit], np.ones(len(fit))])
+        coefficients = np.linalg.lstsq(design, y[fit], rcond=None)[0]
+        return float(np.corrcoef(y[other], d[other] @ coefficients[:-1])[0, 1])
+
+    even, odd = np.arange(0, 500, 2), np.arange(1, 500, 2)
+    crossed = 0.5 * (scored(even, odd) + scored(odd, even))
+    ours = _max_correlation(torch.from_numpy(y), torch.from_numpy(d))
+    assert ours == pytest.approx(crossed, rel=1e-9) and ours < expected
+
+
+def test_cross_fitting_removes_the_correlation_least_squares_finds_in_noise():
+    """y unrelated to 60 columns of d over 400 rows: fitted and scored on the same rows,
+    least squares finds R ~ sqrt(60 / 400) (rho capped near 0.6 whatever the estimator);
+    cross-fitted it finds next to nothing."""
+    from atomlens.explain.quality import _max_correlation
+
+    generator = torch.Generator().manual_seed(3)
+    y = torch.randn(400, generator=generator, dtype=torch.float64)
+    d = torch.randn(400, 60, generator=generator, dtype=torch.float64)
+    assert 0.3 < _max_correlation(y, d, cross_fit=False) < 0.5
+    assert _max_correlation(y, d) < 0.1
+
+
+def test_signal_quality_of_a_neuron_that_never_varies_is_nan():
+    """A neuron with zero weights (pruned) has no correlation to measure: NaN for it, for
+    every estimator, and the layer's mean over the others (the division by w^T w = 0 had
+    sent NaN into least squares, which failed for the whole table)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight[1] = 0.0
+    x = correlated_data(2000, 4, seed=2, offset=0.5)
+    patterns = fit_patterns(model, x)
+    for estimator in ("w", "a", "a+-"):
+        quality = signal_quality(model, "", estimator, x, patterns)
+        assert (
+            torch.isnan(quality.per_neuron[1]) and not torch.isnan(quality.per_neuron[[0, 2]]).any()
+        )
+        assert quality.mean == pytest.approx(float(quality.per_neuron[[0, 2]].mean()))
 
 
 def test_signal_quality_of_each_estimator_in_numpy():
@@ -386,7 +428,7 @@ def test_signal_quality_of_each_estimator_in_numpy():
     y = xs @ w.T
     found = {}
     for estimator in ("w", "a", "a+-"):
-        quality = signal_quality(model, "", estimator, x, patterns)
+        quality = signal_quality(model, "", estimator, x, patterns, cross_fit=False)
         assert quality.estimator == estimator and quality.layer == ""
         for k in range(2):
             if estimator == "w":
@@ -714,6 +756,7 @@ def test_digits_study_and_its_command(tmp_path, monkeypatch, capsys):
     assert [row["method"] for row in study.perturbation] == ["random", *METHODS]
     assert all(math.isfinite(row["auc"]) for row in study.perturbation)
     assert study.quality and all("layer" in row for row in study.quality)
+    assert {row["data"] for row in study.quality} == {"train", "test"}
     for name in (
         "explanations.png",
         "patterns.safetensors",

@@ -35,7 +35,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--n-perturbation", type=int, default=300, help="test images in the degradation test"
     )
     parser.add_argument(
-        "--n-quality", type=int, default=None, help="training images for rho(S) (default: all)"
+        "--n-quality",
+        type=int,
+        default=None,
+        help="training images, and as many test images, for rho(S) (default: all)",
     )
     parser.add_argument("--patch", type=int, default=2, help="region size for degradation")
     parser.add_argument("--seed", type=int, default=0)
