@@ -327,6 +327,27 @@ def test_an_interrupted_ensemble_resumes(tmp_path, data, capsys):
     assert manifest["committee"]["n_members"] == 2 and manifest["metrics"][1]["epochs"] == 2
     with pytest.raises(ValueError, match="give one"):
         train_ensemble(config, 2, data=data, resume=True, overwrite=True)
+    # other settings: refused before any training (kept members had not been checked: a
+    # committee of two learning rates and two splits)
+    (out / "model_1" / "metrics.json").unlink()
+    with pytest.raises(ValueError, match=r"model_0: --resume of an ensemble .*lr: 0.003 -> 0.05"):
+        train_ensemble(config.updated(max_epochs=2, lr=0.05), 2, data=data, resume=True)
+    assert not (out / "model_1" / "metrics.json").exists()  # nothing trained
+    # --overwrite removes the manifest first: a kill before the end leaves no mixed
+    # committee named in it (the old manifest had named old and new members together)
+    from atomlens.training import ensemble
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    original = ensemble.committee_metrics
+    ensemble.committee_metrics = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_ensemble(config.updated(lr=0.05), 2, data=data, overwrite=True)
+    finally:
+        ensemble.committee_metrics = original
+    assert not (out / MANIFEST).exists()
 
 
 def test_ensemble_budget_is_shared_by_the_rounds(tmp_path, data, monkeypatch):

@@ -390,3 +390,50 @@ def test_evaluation_batches_are_larger_up_to_100_structures_and_a_bounded_atom_c
     assert module(21, 300).eval_batch_size() == 300
     batch = next(iter(module(21, 1)._loader("val", False)))
     assert batch.n_structures == 2  # the whole validation split in one batch
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model" / "model.safetensors"))
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_one_ends(tmp_path, data):
+    """With the plateau schedule (the default) reducing the rate every epoch, 3 epochs then
+    --resume to 6 end bit-identical to 6 at once: the checkpoint records the validation loss
+    whose step Lightning takes after saving it, and the resume takes it (the resumed rate
+    had lagged one reduction: 0.01 0.01 0.01 0.01 0.01 0.005 against 0.01 0.01 0.01 0.005
+    0.0025). A resume with another --patience trains with it (the checkpoint's had won)."""
+    settings = {"lr": 0.01, "lr_patience": 0, "seed": 3}
+    whole = tiny_config(tmp_path / "whole", max_epochs=6, **settings)
+    train(whole, data=data)
+    parts = tiny_config(tmp_path / "parts", max_epochs=3, **settings)
+    train(parts, data=data)
+    train(parts.updated(max_epochs=6), resume=True, data=data)
+    a, b = _weights(tmp_path / "whole" / "run"), _weights(tmp_path / "parts" / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = tmp_path / "parts" / "run" / "checkpoints" / "last.ckpt"
+    assert "atomlens_plateau_pending" in torch.load(last, weights_only=True)
+    patient = tiny_config(tmp_path / "patient", max_epochs=2)
+    train(patient, data=data)
+    train(patient.updated(max_epochs=3, early_stopping_patience=1), resume=True, data=data)
+    state = torch.load(
+        tmp_path / "patient" / "run" / "checkpoints" / "last.ckpt", weights_only=True
+    )
+    stopping = [v for k, v in state["callbacks"].items() if k.startswith("_EarlyStopping")]
+    assert stopping and stopping[0]["patience"] == 1
+
+
+def test_a_misspelt_model_setting_is_refused_before_the_run_folder(tmp_path):
+    """representation_kwargs names the model class does not take are refused with the
+    closest name, before anything is written (the class had raised a TypeError, exit 1,
+    after the run folder was made)."""
+    from atomlens.training import TrainConfig
+
+    config = tiny_config(tmp_path).to_dict()
+    config["model"]["representation_kwargs"]["n_rbff"] = 8
+    with pytest.raises(
+        ValueError, match=r"n_rbff: not a setting of 'schnet' \(did you mean 'n_rbf'\?\)"
+    ):
+        TrainConfig.from_dict(config)
+    assert not (tmp_path / "run").exists()

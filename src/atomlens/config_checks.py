@@ -168,12 +168,36 @@ def check_train_config(config) -> None:
     check_model_config(config.model, "training config: model.")
 
 
+def _check_kwarg_names(model, where: str) -> None:
+    """The representation's own settings only, named before any run folder is written (a
+    misspelt one had failed inside the model class after the run folder was made)."""
+    import difflib
+    import inspect
+
+    from .models.base import representation_class
+
+    try:
+        cls = representation_class(model.representation)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}representation: {err}") from None
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "max_z"}
+    for name in model.representation_kwargs:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"{where}representation_kwargs.{name}: not a setting of "
+                f"{model.representation!r}{hint}; its settings: {', '.join(sorted(known))}"
+            )
+
+
 def check_model_config(model, where: str = "model config: ") -> None:
     """Types and ranges of a :class:`~atomlens.models.ModelConfig` and its representation's
     sizes and lengths (:data:`KWARG_RULES`): when a model is built (``build_model``: from a
     training config, or from a saved ``config.json``, perhaps edited by hand)."""
     check_types(model, where)
     check_ranges(model, MODEL_RULES, where)
+    _check_kwarg_names(model, where)
     for name, value in model.representation_kwargs.items():
         if name not in KWARG_RULES or value is None:
             continue  # unknown names are refused by the representation class itself

@@ -81,6 +81,24 @@ def train_ensemble(
     if resume and overwrite:
         raise ValueError("resume and overwrite: give one")
     state = {m.out: _member_state(Path(m.out)) if resume else "new" for m in members}
+    if resume:  # every kept or resumed member must be this ensemble's, before any training
+        from . import run_folder
+        from .train import adapt_to_data
+
+        for m in members:
+            if state[m.out] not in ("done", "started"):
+                continue
+            stored = run_folder.read_fingerprint(Path(m.out))
+            new = run_folder.fingerprint(adapt_to_data(m, data), data, split)
+            changed = ["no fingerprint"] if stored is None else run_folder._differences(stored, new)
+            if changed:
+                raise run_folder.RunFolderError(
+                    f"{m.out}: --resume of an ensemble with other settings than its members "
+                    f"were trained with: {'; '.join(changed)}. Resume with the original "
+                    f"settings, or start afresh with --overwrite or another --out"
+                )
+    if overwrite:  # a killed overwrite must not leave the old manifest naming a mix
+        (out / MANIFEST).unlink(missing_ok=True)
     finished = {
         m.out: json.loads((Path(m.out) / "metrics.json").read_text())
         for m in members

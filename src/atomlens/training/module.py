@@ -139,6 +139,31 @@ class AtomisticTask(pl.LightningModule):
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    # Lightning steps the plateau schedule after the epoch's last checkpoint is saved, and a
+    # resume does not replay that step: the checkpoint records the validation loss it is
+    # still due (the learning rate of a resumed run had lagged one reduction behind)
+    PENDING_PLATEAU = "atomlens_plateau_pending"
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainer = self._trainer
+        if self.lr_schedule == "cosine" or trainer is None or trainer.sanity_checking:
+            return
+        metric = trainer.callback_metrics.get("val_loss")
+        if metric is not None and trainer.training:
+            checkpoint[self.PENDING_PLATEAU] = float(metric)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_plateau = checkpoint.get(self.PENDING_PLATEAU)
+
+    def on_train_start(self) -> None:
+        pending = getattr(self, "_pending_plateau", None)
+        self._pending_plateau = None
+        if pending is not None and self.lr_schedule != "cosine":
+            schedulers = self.lr_schedulers()
+            scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(pending)
+
     def configure_optimizers(self):
         # frozen parameters (fine-tuning the head only) stay out of the optimiser
         trainable = [p for p in self.model.parameters() if p.requires_grad]

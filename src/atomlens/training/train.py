@@ -471,7 +471,7 @@ def _train(
     callbacks = [
         checkpoint,
         latest,
-        EarlyStopping("val_loss", patience=config.early_stopping_patience),
+        _EarlyStopping("val_loss", patience=config.early_stopping_patience),
         LearningRateMonitor("epoch"),
         run_folder.FingerprintCallback(run_folder.digest(fingerprint)),
         _ProcessSettings(config.threads, spawned=_multiprocessing_ranks(strategy)),
@@ -583,6 +583,14 @@ def _train(
     with atomic_file(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(_plain(metrics), indent=1))
     return metrics
+
+
+class _EarlyStopping(EarlyStopping):
+    """Lightning's early stopping with the patience of this run's settings, which a resume
+    may change (``RESUMABLE``): the checkpoint's state restored its old patience too."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({**state_dict, "patience": self.patience})
 
 
 def _checkpoint_epochs(path: Path) -> int:
