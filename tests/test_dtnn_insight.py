@@ -257,6 +257,39 @@ def test_cube_file_round_trips_through_ase(tmp_path):
     assert len(ase.io.read(str(path))) == len(atoms)
     with pytest.raises(ValueError):
         write_cube(tmp_path / "flat.cube", potential_map(model, atoms, spacing=0.5))
+    # a model in kcal/mol: the file still holds hartree (it had divided kcal/mol by 27.2)
+    from atomlens.units import energy_factor
+
+    path = write_cube(tmp_path / "kcal.cube", pmap, unit="kcal/mol")
+    data, _ = read_cube_data(str(path))
+    np.testing.assert_allclose(
+        data * HARTREE_EV, pmap.values * energy_factor("kcal/mol"), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_insight_refuses_models_whose_outputs_are_no_atomic_energies():
+    """Atomic energies, probe energies and ring energies read a model's atomic contributions
+    as energies that add up to its energy: an intensive target (a mean over atoms, QM9's
+    HOMO) or another unit (polarisability) is refused (a HOMO model's table had printed a
+    total its rows did not add up to)."""
+    from helpers import qm9_sample
+
+    from atomlens.insight.rings import ring_study
+
+    atoms = molecule("H2O")
+    for overrides, said in (
+        ({"aggregation": "mean", "target": "homo"}, "pooled by a mean"),
+        ({"unit": "bohr^3", "target": "alpha"}, r"in 'bohr\^3'"),
+    ):
+        model = build_model(
+            {"representation": "dtnn", "representation_kwargs": REP_KWARGS["dtnn"], **overrides}
+        ).double()
+        with pytest.raises(ValueError, match=f"atomic energies need an energy model.*{said}"):
+            atomic_energies(model, atoms)
+        with pytest.raises(ValueError, match="probe energies"):
+            potential_map(model, atoms, spacing=0.5)
+        with pytest.raises(ValueError, match="ring energies"):
+            ring_study(model, qm9_sample())
 
 
 def test_potential_map_refuses_cells_and_broken_structures():
@@ -734,7 +767,15 @@ CLASSIFIED = [
     ("c1cnoc1", "isoxazole", True),
     ("o1nccc1", "isoxazole", True),
     ("c1cocn1", "oxazole", True),
-    ("c1ncncn1", "triazine", True),
+    ("c1ncncn1", "1,3,5-triazine", True),
+    ("c1cnnnc1", "1,2,3-triazine", True),
+    ("c1cnncn1", "1,2,4-triazine", True),
+    ("c1nc[nH]n1", "1,2,4-triazole", True),
+    ("c1c[nH]nn1", "1,2,3-triazole", True),
+    ("c1nnco1", "1,3,4-oxadiazole", True),
+    ("c1ncon1", "1,2,4-oxadiazole", True),
+    ("c1cnon1", "1,2,5-oxadiazole", True),
+    ("c1conn1", "1,2,3-oxadiazole", True),
     ("c1cscn1", "aromatic 5-ring C3NS", True),
     ("c1ccsc1", "aromatic 5-ring C4S", True),
     ("C1=CC=CCC1", "cyclohexadiene", False),
@@ -746,7 +787,8 @@ CLASSIFIED = [
     ("C1=CC=CC=CC1", "7-ring C7 (3 double bonds)", False),
     ("C1CNCCN1", "6-ring C4N2 (saturated)", False),
     ("C1CCCCCCC1", "8-ring C8 (saturated)", False),
-    ("C1COCCO1", "dioxane", False),
+    ("C1COCCO1", "1,4-dioxane", False),
+    ("C1COCOC1", "1,3-dioxane", False),
 ]
 
 

@@ -315,7 +315,7 @@ def run_potential_map(args) -> int:
             chunk_size=args.chunk_size,
             allow_unknown_elements=args.allow_unknown_elements,
         )
-        write_cube(args.cube, box)
+        write_cube(args.cube, box, unit=unit)
         print(f"cube file: {args.cube} ({'x'.join(map(str, box.values.shape))} points)")
     return 0
 

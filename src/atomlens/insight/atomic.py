@@ -79,6 +79,9 @@ def atomic_energies(
     Elements absent from the models' training data are refused (a warning with
     ``allow_unknown_elements``).
     """
+    from ..models.guards import require_extensive_energy
+
+    require_extensive_energy(model, "atomic energies")
     if charge_model is not None and charge_model.config.output != "dipole":
         raise ValueError(
             f"the charge model predicts {charge_model.target!r}, not partial "

@@ -20,9 +20,14 @@ from .potential_map import PotentialMap
 TITLE = "atomlens local chemical potential, values in hartree (atomic units)"
 
 
-def write_cube(path: str | Path, potential: PotentialMap, comment: str | None = None) -> Path:
-    """Write a 3D :class:`PotentialMap` (``plane=None``) to a Gaussian cube file."""
+def write_cube(
+    path: str | Path, potential: PotentialMap, comment: str | None = None, unit: str = "eV"
+) -> Path:
+    """Write a 3D :class:`PotentialMap` (``plane=None``) to a Gaussian cube file: values in
+    hartree (converted from ``unit``, the model's energy unit), lengths in bohr."""
     from ase.io.cube import write_cube as ase_write_cube
+
+    from ..units import energy_factor
 
     if potential.values.ndim != 3:
         raise ValueError("a cube file needs a 3D map (potential_map(..., plane=None))")
@@ -40,7 +45,7 @@ def write_cube(path: str | Path, potential: PotentialMap, comment: str | None = 
         ase_write_cube(
             fh,
             atoms,
-            data=potential.values / HARTREE_EV,
+            data=potential.values * (energy_factor(unit) / HARTREE_EV),
             origin=potential.origin,
             comment=f"{TITLE}; {comment}",
         )

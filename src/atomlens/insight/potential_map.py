@@ -224,8 +224,9 @@ def potential_map(
     periodic cells (the probe would need the cell's images) and structures that no model
     call accepts (non-finite or overlapping atoms); errors name ``source``."""
     from ..data.dataset import dataset_from_atoms
-    from ..models.guards import check_elements
+    from ..models.guards import check_elements, require_extensive_energy
 
+    require_extensive_energy(model, "local chemical potentials (probe energies)")
     if atoms.pbc.any():
         raise ValueError(
             f"{source}: a periodic cell; the potential map is for molecules (the probe "

@@ -107,6 +107,31 @@ def match_smiles(smiles: str, numbers: np.ndarray, positions: np.ndarray):
     return mol, dict(matcher.mapping)
 
 
+#: ring types whose heteroatoms can sit in several places: named with their locants
+_BY_LOCANTS = {"triazine", "triazole", "oxadiazole", "dioxane"}
+#: Hantzsch-Widman seniority of ring heteroatoms (O before S before N)
+_SENIORITY = {"O": 0, "S": 1, "Se": 2, "N": 3, "P": 4}
+
+
+def ring_locants(symbols: list[str]) -> str:
+    """The lowest locants of the heteroatoms of a ring whose atoms are ``symbols`` in ring
+    order, numbered from its senior heteroatom (O, then S, then N) in the direction that
+    gives the lowest set, e.g. ``"1,3,5"`` for 1,3,5-triazine, ``"1,2,4"`` for
+    1,2,4-oxadiazole (O at 1)."""
+    size = len(symbols)
+    hetero = [k for k, symbol in enumerate(symbols) if symbol != "C"]
+    senior = min(_SENIORITY.get(symbols[k], 9) for k in hetero)
+    best = None
+    for start in (k for k in hetero if _SENIORITY.get(symbols[k], 9) == senior):
+        for step in (1, -1):
+            order = [symbols[(start + step * k) % size] for k in range(size)]
+            locants = tuple(1 + k for k, symbol in enumerate(order) if symbol != "C")
+            by_seniority = tuple(sorted((_SENIORITY.get(order[k - 1], 9), k) for k in locants))
+            key = (locants, by_seniority)
+            best = key if best is None or key < best else best
+    return ",".join(map(str, best[0]))
+
+
 def classify_ring(mol, ring: tuple[int, ...]) -> tuple[str, bool]:
     """Name and aromaticity of the ring ``ring`` (RDKit atom indices of ``mol``)."""
     from rdkit import Chem
@@ -117,9 +142,13 @@ def classify_ring(mol, ring: tuple[int, ...]) -> tuple[str, bool]:
     bonds = [mol.GetBondBetweenAtoms(ring[k], ring[(k + 1) % size]) for k in range(size)]
     aromatic = all(b.GetIsAromatic() for b in bonds)
     n_double = sum(b.GetBondType() == Chem.BondType.DOUBLE for b in bonds)
+    symbols = [a.GetSymbol() for a in atoms]  # in ring order (RDKit's ring atoms are)
     if aromatic:
         if (size, hetero) in _AROMATIC:
-            return _AROMATIC[(size, hetero)], True
+            name = _AROMATIC[(size, hetero)]
+            if name in _BY_LOCANTS:  # 1,2,3- / 1,2,4- / 1,3,5-triazine are not one type
+                name = f"{ring_locants(symbols)}-{name}"
+            return name, True
         positions = [k for k, a in enumerate(atoms) if a.GetSymbol() != "C"]
         adjacent = len(positions) == 2 and (positions[1] - positions[0]) in (1, size - 1)
         if (size, hetero) == (6, ("N", "N")):
@@ -137,7 +166,10 @@ def classify_ring(mol, ring: tuple[int, ...]) -> tuple[str, bool]:
             return ("isoxazole" if adjacent else "oxazole"), True
         return f"aromatic {size}-ring {_ring_formula(size, hetero)}", True
     if n_double == 0 and (size, hetero) in _SATURATED:
-        return _SATURATED[(size, hetero)], False
+        name = _SATURATED[(size, hetero)]
+        if name in _BY_LOCANTS:  # 1,3- and 1,4-dioxane
+            name = f"{ring_locants(symbols)}-{name}"
+        return name, False
     if not hetero and n_double == 1 and size in _UNSATURATED_CARBON:
         return _UNSATURATED_CARBON[size], False
     if not hetero and n_double == 2 and size == 6:
@@ -352,9 +384,10 @@ def ring_study(
     (their atomic energies would be extrapolation). ``source`` names the data in error
     messages.
     """
-    from ..models.guards import training_elements
+    from ..models.guards import require_extensive_energy, training_elements
     from ..models.inference import predict_dataset
 
+    require_extensive_energy(model, "ring energies")
     if "smiles" not in data.extras:
         raise ValueError(f"{source}: the data set has no SMILES; rings need them")
     sizes = tuple(int(size) for size in sizes)

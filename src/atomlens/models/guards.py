@@ -74,3 +74,21 @@ def check_finite(outputs: dict, source: str = "the model") -> None:
             f"weights are broken or the structure is far outside the training "
             f"data"
         )
+
+
+def require_extensive_energy(model, what: str) -> None:
+    """Refuse a model whose output is no sum of atomic energies: ``what`` (atomic energies,
+    probe energies, ring energies) reads its atomic contributions as energies that add up
+    to the total. An intensive target (pooled by a mean, as QM9's HOMO) has contributions
+    that do not add up to it, and a target in another unit (polarisability, dipole) no
+    energies."""
+    from ..units import ENERGY
+
+    config = model.config
+    if config.output != "scalar" or config.aggregation != "sum" or config.unit not in ENERGY:
+        raise ValueError(
+            f"{what} need an energy model whose energy is a sum of atomic energies; this "
+            f"model predicts {model.target!r} in {config.unit!r}, pooled by a "
+            f"{'sum' if config.aggregation == 'sum' else 'mean'} over atoms"
+            f"{' (a dipole model)' if config.output == 'dipole' else ''}"
+        )
