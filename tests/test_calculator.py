@@ -110,12 +110,18 @@ def test_calculator_refuses_bad_atoms():
 
 
 def test_calculator_needs_an_energy_model():
+    """The calculator, batched MD and export say what the model is instead: a mean over
+    atoms, or a dipole model (which had been called a mean over atoms)."""
+    from atomlens.batched_md import BatchedMD
+    from atomlens.export import EnergyAndForces
+
     intensive = random_model("schnet", aggregation="mean", target="gap")
-    with pytest.raises(ValueError, match="extensive"):
+    with pytest.raises(ValueError, match="sum of atomic energies.*pooled by a mean"):
         atomlens.Calculator(intensive)
-    dipole = random_model("schnet", target="mu", unit="D")
-    with pytest.raises(ValueError, match="energy model"):
-        atomlens.Calculator(dipole)
+    dipole = random_model("schnet", target="mu", unit="D", output="dipole")
+    for build in (atomlens.Calculator, EnergyAndForces, lambda m: BatchedMD(m, [molecule("H2O")])):
+        with pytest.raises(ValueError, match=r"predicts 'mu' in 'D'.*\(a dipole model\)"):
+            build(dipole)
 
 
 def test_pair_capacity_rounds_up_with_headroom_to_whole_steps():

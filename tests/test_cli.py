@@ -64,6 +64,25 @@ def test_predict_writes_per_atom_contributions(trained, tmp_path, capsys):
     assert (
         "is the input file" in capsys.readouterr().err and structures.read_bytes() == before
     )  # the per-atom lines have a header with the unit
+    nowhere = tmp_path / "newdir" / "p.extxyz"  # said in words (a bare "[Errno 2]" before)
+    assert main(["predict", str(trained / "run"), str(structures), "--out", str(nowhere)]) == 2
+    assert f"its folder {nowhere.parent} does not exist" in capsys.readouterr().err
+
+
+def test_a_run_says_how_far_it_got_and_warns_when_it_trained_nothing(capsys):
+    """After training: epochs, the budget's stop and the test structures evaluated; a run
+    whose budget ended before its first epoch warns that its saved model is untrained (it
+    had printed test errors of the initial weights and nothing else)."""
+    from atomlens.cli.train import _print_run
+
+    _print_run({"epochs": 12, "stopped_by_budget": True, "n_test": 500, "n_test_evaluated": 100})
+    said = capsys.readouterr()
+    assert "12 epochs; stopped by the --minutes budget; 100 of 500 test structures" in said.out
+    assert not said.err
+    _print_run({"epochs": 0, "stopped_by_budget": True}, "model_1")
+    assert "model_1 trained no epoch (the budget ended first): it is untrained" in (
+        capsys.readouterr().err
+    )
 
 
 def test_device_option_of_evaluate_predict_and_md(trained, tmp_path, capsys, monkeypatch):

@@ -81,7 +81,7 @@ from .md import (
     published,
     temporary_outputs,
 )
-from .models.guards import check_elements
+from .models.guards import check_elements, require_extensive_energy
 from .models.io import parse_dtype
 from .models.potential import AtomisticModel
 from .nn import scatter_sum
@@ -316,11 +316,7 @@ class BatchedMD:
             model = load_model(model, device=device, dtype=dtype)
         else:  # a private copy: the caller's model is never changed
             model = copy.deepcopy(model).to(device=device, dtype=dtype)
-        if model.config.aggregation != "sum":
-            raise ValueError(
-                f"the model predicts {model.target!r} as a mean over atoms; MD "
-                f"needs an extensive energy model"
-            )
+        require_extensive_energy(model, "MD (energy and forces)")
         return model.eval().requires_grad_(False)
 
     def _energy(

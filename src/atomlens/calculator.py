@@ -30,7 +30,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from .data.batch import Batch, Pairs
 from .data.dataset import DataError, dataset_from_atoms
 from .data.neighbors import VerletList
-from .models.guards import check_elements, check_finite
+from .models.guards import check_elements, check_finite, require_extensive_energy
 from .models.potential import AtomisticModel
 from .nn.geometry import apply_strain
 from .nn.kernels import (
@@ -148,11 +148,7 @@ class Calculator(AseCalculator):
         else:  # a private copy: the caller's model is never changed
             model = copy.deepcopy(model).to(device=device, dtype=dtype)
         config = model.config
-        if config.aggregation != "sum":
-            raise ValueError(
-                f"the model predicts {config.target!r} as a mean over atoms; an "
-                f"ASE calculator needs an extensive energy model"
-            )
+        require_extensive_energy(model, "an ASE calculator's energy and forces")
         try:
             self.energy_to_ev = energy_factor(config.unit)
         except ValueError:

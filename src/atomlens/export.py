@@ -60,11 +60,9 @@ class EnergyAndForces(nn.Module):
 
     def __init__(self, model: AtomisticModel):
         super().__init__()
-        if model.config.aggregation != "sum" or model.dipole is not None:
-            raise ValueError(
-                f"the model predicts {model.target!r} as a mean over atoms; "
-                f"export needs an extensive energy model"
-            )
+        from .models.guards import require_extensive_energy
+
+        require_extensive_energy(model, "export (energy and forces)")
         try:
             self.energy_to_ev = energy_factor(model.config.unit)
         except ValueError:

@@ -146,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
             f"(ref: {e.reference_kind}), sum of atom relevances {e.atoms.sum():.4f} eV "
             f"(conservation error {1000 * e.conservation_error:.3g} meV)"
         )
+        for note in e.notes or ():  # e.g. walks not listed past the limit: said, not only
+            print(f"{'':>24}note: {note}")  # in the JSON
         if abs(e.conservation_error) > DEGENERATE_FACTOR * max(abs(e.explained), 0.1):
             print(
                 f"atomlens explain: warning: {method}'s relevances sum to "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,31 @@ def describe_error(value_ev: float, unit: str) -> str:
             f"{value_ev * 1000:.2f} meV/Angstrom = {value_ev / KCAL_MOL_EV:.3f} kcal/mol/Angstrom"
         )
     return f"{value_ev:.4g} {unit}"
+
+
+def _print_run(metrics: dict, name: str = "the model") -> None:
+    """How far a run got: epochs, the budget's stop, the test structures evaluated; and a
+    warning on stderr when the budget ended before the first epoch (the saved model then
+    has its initial weights: a run whose --minutes went to setting up, e.g. the one-off
+    build of the C++ kernels, had saved it with test errors and nothing else said)."""
+    epochs = metrics.get("epochs")
+    if epochs is None:
+        return
+    parts = [f"{epochs} epoch{'s' * (epochs != 1)}"]
+    if metrics.get("stopped_by_budget"):
+        parts.append("stopped by the --minutes budget")
+    if metrics.get("n_test"):
+        parts.append(
+            f"{metrics.get('n_test_evaluated', 0):,} of {metrics['n_test']:,} test structures "
+            f"evaluated"
+        )
+    print(f"{'':>6}{'; '.join(parts)}")
+    if epochs == 0:
+        print(
+            f"atomlens train: warning: {name} trained no epoch (the budget ended first): "
+            f"it is untrained; give more --minutes",
+            file=sys.stderr,
+        )
 
 
 def _print_metrics(metrics: dict, target: str, unit: str) -> None:
@@ -444,6 +470,7 @@ def run_train(args) -> int:
         )
         for k, metrics in enumerate(members):
             print(f"model_{k}:")
+            _print_run(metrics, f"model_{k}")
             _print_metrics(metrics, config.target, metrics.get("unit", ""))
         committee = json.loads((Path(config.out) / MANIFEST).read_text())["committee"]
         if committee:
@@ -457,6 +484,7 @@ def run_train(args) -> int:
     )
     if metrics:
         print(f"model saved in {Path(config.out) / 'model'}")
+        _print_run(metrics)
         _print_metrics(metrics, config.target, metrics.get("unit", ""))
         if not metrics.get("n_test"):  # all structures went to training and validation
             print(
@@ -716,10 +744,10 @@ def run_predict(args) -> int:
             )
         check_outputs({"--out": args.out}, [args.file, *args.model])
     if args.out and not Path(args.out).parent.is_dir():  # refused before any work, not created
-        import errno
-        import os
-
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(Path(args.out).parent))
+        raise FileNotFoundError(
+            f"--out {args.out}: its folder {Path(args.out).parent} does not exist (create it "
+            f"first; predictions are not written into a folder made from a typo)"
+        )
     dataset_from_atoms(frames, source=args.file, targets=False)  # validate before any output
     if not args.allow_unknown_elements:  # refused naming the file (allowed: predict warns)
         from ..models.guards import refuse_unknown_elements
