@@ -81,12 +81,12 @@ def atomic_energies(
     """
     from ..models.guards import require_extensive_energy
 
-    require_extensive_energy(model, "atomic energies")
     if charge_model is not None and charge_model.config.output != "dipole":
         raise ValueError(
             f"the charge model predicts {charge_model.target!r}, not partial "
             "charges: give a model trained on a dipole target (QM9 mu)"
         )
+    require_extensive_energy(model, "atomic energies")
     single = not isinstance(atoms_or_list, (list, tuple))
     frames = [atoms_or_list] if single else list(atoms_or_list)
     atomref = model.atomref.detach().cpu().numpy().astype(np.float64)
