@@ -96,6 +96,18 @@ def test_export_refuses_a_model_trained_on_cells(tmp_path, capsys):
     assert main(["export", str(folder), "--out", str(out)]) == 2
     message = one_line_error(capsys, "export")
     assert "periodic cells" in message and "--molecules" in message and not out.exists()
+    # trained on cells without stress (or without a training config): the model's metadata
+    # say the data were periodic; that model had been exported without a word
+    from atomlens.export import export_model
+
+    model = random_model("schnet", target="energy")
+    model.metadata = {"periodic": True}
+    quiet = save_model(model, tmp_path / "quiet", metadata={"periodic": True})
+    assert main(["export", str(quiet), "--out", str(out)]) == 2
+    assert "trained on periodic cells" in one_line_error(capsys, "export") and not out.exists()
+    with pytest.raises(ValueError, match="trained on periodic cells"):
+        export_model(model, out)
+    assert export_model(model, out, molecules=True) == out
 
 
 def test_digits_study_checks_its_input_before_training(tmp_path, capsys):

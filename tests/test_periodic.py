@@ -116,6 +116,7 @@ def test_training_on_energies_forces_and_stress(copper):
     reference = np.array([f.get_stress(voigt=False) for f in frames])
     baseline = np.abs(reference - reference.mean(0)).mean()
     assert np.abs(out["stress"] - reference).mean() < 0.5 * baseline
+    assert model.metadata["periodic"] is True  # (export refuses it unless --molecules)
 
 
 def test_cell_relaxation_converges(copper):

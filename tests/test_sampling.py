@@ -190,3 +190,29 @@ def test_periodic_cell_sampled_with_its_cell_and_stress(tmp_path):
         )
         == 2
     )  # cells need extxyz
+
+
+def test_sampled_cells_store_the_frames_asked_for(monkeypatch):
+    """--frames N over --cells C stores N frames in all, the remainder to the first cells
+    (N // C each had stored 2 of 3 frames over 2 cells, 999 of 1,000 over 3); fewer frames
+    than cells is refused."""
+    from ase.build import bulk
+
+    from atomlens.data import sampling
+
+    calls = []
+
+    def fake_md(atoms, calculator, n_frames, seed, **md):
+        calls.append(n_frames)
+        return sampling.PackedDataset.from_structures(
+            [(atoms.numbers, atoms.positions)] * n_frames,
+            cells=[atoms.cell.array] * n_frames,
+            pbc=[atoms.pbc] * n_frames,
+        )
+
+    monkeypatch.setattr(sampling, "sample_md", fake_md)
+    cell = bulk("Si", "diamond", a=5.43)
+    data = sampling.sample_cells(cell, calculator=None, n_cells=3, n_frames=1000)
+    assert calls == [334, 333, 333] and len(data) == 1000
+    with pytest.raises(ValueError, match="2 frames for 3 cells"):
+        sampling.sample_cells(cell, calculator=None, n_cells=3, n_frames=2)

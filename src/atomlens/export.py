@@ -78,8 +78,6 @@ class EnergyAndForces(nn.Module):
         pair_i, pair_j = all_ordered_pairs(positions.shape[0], positions.device)
         pairs = Pairs(pair_i, pair_j, None, symmetric=False)
 
-        pairs = Pairs(pair_i, pair_j, None, symmetric=False)
-
         def energy(r: torch.Tensor) -> torch.Tensor:
             return self.model.atomic_energies(numbers, r, pairs).sum()
 
@@ -136,12 +134,21 @@ class _Graph(nn.Module):
         return self.graph_module(positions, numbers)
 
 
-def export_model(model: AtomisticModel, path: str | os.PathLike) -> Path:
+def export_model(model: AtomisticModel, path: str | os.PathLike, molecules: bool = False) -> Path:
     """Write ``model``'s energy-and-forces program to ``path`` (``.pt2``), atomically.
 
     Load it with ``torch.export.load(path).module()``, no atomlens needed; inputs are
     positions (n, 3) in Angstrom in the model's dtype and atomic numbers (n,) int64.
+    A model trained on periodic cells (its metadata say so) is refused unless
+    ``molecules=True``: the program has no cell input and would treat a crystal as an
+    isolated cluster.
     """
+    if not molecules and (getattr(model, "metadata", None) or {}).get("periodic"):
+        raise ValueError(
+            "the model was trained on periodic cells; the exported program has no cell "
+            "input and would treat a crystal as an isolated cluster. Use atomlens.Calculator "
+            "for cells, or export it for isolated structures (molecules=True, --molecules)"
+        )
     program = export_program(model)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     description = {

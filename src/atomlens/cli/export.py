@@ -46,7 +46,7 @@ def run(args) -> int:
             f"structures"
         )
     model = load_model(folder, dtype=torch.float64 if args.float64 else None)
-    path = export_model(model, args.out)
+    path = export_model(model, args.out, molecules=args.molecules)
     print(
         f"exported {args.model} -> {path} ({Path(path).stat().st_size / 1e6:.1f} MB); load "
         f"with torch.export.load({str(path)!r}).module()(positions, numbers) -> "

@@ -318,6 +318,10 @@ def sample_cells(
     if n_cells < 1:
         raise ValueError("n_cells must be at least 1")
     n_frames = md.pop("n_frames", 100)
+    if n_frames < n_cells:
+        raise ValueError(
+            f"{n_frames} frames for {n_cells} cells: every cell needs at least one frame"
+        )
     rng = np.random.default_rng(seed)
     parts = []
     for k in range(n_cells):
@@ -325,9 +329,10 @@ def sample_cells(
         if k:
             eps = rng.normal(scale=strain, size=(3, 3))
             copy.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
-        frames = sample_md(
-            copy, calculator, n_frames=max(1, n_frames // n_cells), seed=seed + k, **md
-        )
+        # the frames asked for, in all: the remainder to the first cells (n_frames //
+        # n_cells each had stored 999 of 1,000 frames over 3 cells, 2 of 3 over 2)
+        share = n_frames // n_cells + (k < n_frames % n_cells)
+        frames = sample_md(copy, calculator, n_frames=share, seed=seed + k, **md)
         frames.extras["cell_index"] = np.full(len(frames), k)
         parts.append(frames)
     return PackedDataset.concatenate(parts)

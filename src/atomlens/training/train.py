@@ -574,6 +574,9 @@ def _train(
             "elements": np.unique(
                 np.asarray(data.numbers)[data.atom_index(split["train"])]
             ).tolist(),
+            # whether the training data had periodic cells (export refuses such a model,
+            # whose program has no cell input, unless told it is for isolated structures)
+            "periodic": bool(len(data.periodic_structures())),
         },
     )
     if predictions is not None:
