@@ -57,6 +57,7 @@ def test_available_cpus_is_the_smaller_of_affinity_and_quota(tmp_path):
 
 
 def test_default_threads_honours_the_environment(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("ATOMLENS_THREADS", "3")
     assert runtime.default_threads() == 3
     monkeypatch.setenv("ATOMLENS_THREADS", "zero")
@@ -67,10 +68,45 @@ def test_default_threads_honours_the_environment(monkeypatch):
     assert runtime.default_threads() == (1 if cpus <= 2 else cpus)
 
 
-def test_default_threads_one_on_small_machines():
+def test_default_threads_one_on_small_machines(monkeypatch):
     """Up to 2 available CPUs one thread (faster there than two passive threads), else all."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("ATOMLENS_THREADS", raising=False)
     assert runtime.ONE_THREAD_UP_TO_CPUS == 2
     assert [runtime.default_threads(cpus=n) for n in (1, 2, 3, 4, 16)] == [1, 1, 3, 4, 16]
+
+
+def test_default_threads_take_a_schedulers_omp_num_threads(monkeypatch):
+    """OMP_NUM_THREADS (a job scheduler's or MPI launcher's share) is the default after
+    ATOMLENS_THREADS, at most the available CPUs: OMP_NUM_THREADS=1 on a node of 16 CPUs
+    had been overridden with 16 threads."""
+    monkeypatch.delenv("ATOMLENS_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert runtime.default_threads(cpus=16) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # nested levels: the first
+    assert runtime.default_threads(cpus=16) == 4
+    assert runtime.default_threads(cpus=2) == 2  # never more than the CPUs
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # unreadable: the usual default
+    assert runtime.default_threads(cpus=16) == 16
+    monkeypatch.setenv("ATOMLENS_THREADS", "3")
+    assert runtime.default_threads(cpus=16) == 3
+
+
+def test_threads_given_to_a_command_with_subcommands_are_kept():
+    """``explain --threads 3 molecule ...``: the subcommand's own --threads option had
+    overwritten the value with its default (None), in either order it is 3 now."""
+    from atomlens.cli import build_parser
+
+    parser = build_parser()
+    for argv in (
+        ["explain", "--threads", "3", "molecule", "m", "s", "--out", "o"],
+        ["explain", "molecule", "--threads", "3", "m", "s", "--out", "o"],
+    ):
+        assert getattr(parser.parse_args(argv), "threads", None) == 3
+    assert (
+        getattr(parser.parse_args(["explain", "molecule", "m", "s", "--out", "o"]), "threads", None)
+        is None
+    )
 
 
 def test_import_changes_no_process_setting():

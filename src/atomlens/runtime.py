@@ -116,9 +116,11 @@ ONE_THREAD_UP_TO_CPUS = 2
 
 
 def default_threads(cpus: int | None = None) -> int:
-    """Torch threads to use: ``ATOMLENS_THREADS`` if set, else 1 on machines of up to
-    :data:`ONE_THREAD_UP_TO_CPUS` available CPUs, else :func:`available_cpus` (``cpus``:
-    ask about that many instead)."""
+    """Torch threads to use: ``ATOMLENS_THREADS`` if set; else ``OMP_NUM_THREADS`` if set (a
+    job scheduler's or MPI launcher's share; its first level), at most the available CPUs;
+    else 1 on machines of up to :data:`ONE_THREAD_UP_TO_CPUS` available CPUs, else
+    :func:`available_cpus` (``cpus``: ask about that many instead). ``OMP_NUM_THREADS=1``
+    on a node of many CPUs had been overridden with all of them."""
     value = os.environ.get("ATOMLENS_THREADS")
     if value:
         try:
@@ -129,6 +131,9 @@ def default_threads(cpus: int | None = None) -> int:
             raise ValueError(f"ATOMLENS_THREADS={value!r}: expected a positive integer")
         return threads
     cpus = available_cpus() if cpus is None else cpus
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if omp.isdigit() and int(omp) >= 1:  # (an unreadable value is OpenMP's to refuse)
+        return min(int(omp), max(cpus, 1))
     return 1 if cpus <= ONE_THREAD_UP_TO_CPUS else cpus
 
 

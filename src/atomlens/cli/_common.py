@@ -24,7 +24,11 @@ def add_threads_everywhere(parser: argparse.ArgumentParser, top: bool = True) ->
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch CPU threads (default: the CPUs available to atomlens, 1 if 2 or fewer)",
+        # absent unless given: a subcommand's default had overwritten the value given to its
+        # group before it (``explain --threads 3 molecule ...``)
+        default=argparse.SUPPRESS,
+        help="torch CPU threads (default: the CPUs available to atomlens, 1 if 2 or fewer, "
+        "or OMP_NUM_THREADS if set)",
     )
 
 
