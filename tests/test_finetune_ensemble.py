@@ -189,6 +189,23 @@ def test_md_logs_the_ensemble_spread(tmp_path):
     assert (table["max_force_std_eV_A"] > 0).all()
 
 
+def test_md_of_a_committee_of_one_runs_its_model(tmp_path):
+    """An ensemble folder of one member (train --ensemble 1) or a list of one model: MD runs
+    that model alone (the ensemble calculator had refused it with fewer than two models,
+    while batched MD took it)."""
+    import json
+
+    from atomlens.models.io import save_model
+
+    model = two_energy_models()[0]
+    save_model(model, tmp_path / "ens" / "model_0")
+    (tmp_path / "ens" / MANIFEST).write_text(json.dumps({"members": ["model_0"]}))
+    alone = run_md(model, molecule("CH3OH"), steps=2, dtype="float64", compile=False)
+    for source in (tmp_path / "ens", [model]):
+        log = run_md(source, molecule("CH3OH"), steps=2, dtype="float64", compile=False)
+        assert log.etot == pytest.approx(alone.etot, rel=1e-12)
+
+
 def test_ensemble_members_in_parallel_and_the_committee(tmp_path, data):
     """Two members trained at once in their own processes: both evaluate the same test
     structures, and the committee's errors are those of the mean of the members' models."""

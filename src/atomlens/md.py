@@ -129,11 +129,13 @@ def _calculator(model_or_calc, device, dtype, compile="auto", allow_unknown_elem
     if isinstance(model_or_calc, BaseCalculator):
         return model_or_calc
     from .calculator import Calculator
-    from .ensemble import EnsembleCalculator, is_ensemble_folder
+    from .ensemble import EnsembleCalculator, ensemble_members, is_ensemble_folder
 
-    if isinstance(model_or_calc, (list, tuple)) or (
-        isinstance(model_or_calc, (str, os.PathLike)) and is_ensemble_folder(model_or_calc)
-    ):
+    if isinstance(model_or_calc, (str, os.PathLike)) and is_ensemble_folder(model_or_calc):
+        model_or_calc = ensemble_members(model_or_calc)
+    if isinstance(model_or_calc, (list, tuple)) and len(model_or_calc) == 1:
+        model_or_calc = model_or_calc[0]  # a committee of one (train --ensemble 1): itself
+    if isinstance(model_or_calc, (list, tuple)):
         return EnsembleCalculator(
             model_or_calc,
             device=device,
