@@ -437,3 +437,13 @@ def test_a_misspelt_model_setting_is_refused_before_the_run_folder(tmp_path):
     ):
         TrainConfig.from_dict(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_test_subset_below_one_is_refused_with_the_config(tmp_path):
+    """test_subset 0 or less is refused when the config is made, before any run folder (it
+    had failed after the folder was written)."""
+    for value in (0, -5):
+        with pytest.raises(ValueError, match=f"test_subset must be >= 1.*not {value}"):
+            TrainConfig(target="U0", test_subset=value, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    assert TrainConfig(target="U0", test_subset=1).test_subset == 1

@@ -101,6 +101,8 @@ TRAIN_RULES = {
     "n_val": (positive, "> 0 (a count, or a fraction of the data set; training validates)"),
     "n_test": (non_negative, ">= 0"),
     "max_structures": (at_least_one, ">= 1"),
+    # refused with the config, before the run folder (it had failed after writing it)
+    "test_subset": (at_least_one, ">= 1 (test structures evaluated; --full-test for all)"),
     # NumPy's and Lightning's seeds are unsigned 32-bit integers
     "seed": (lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
     "batch_size": (at_least_one, ">= 1"),
