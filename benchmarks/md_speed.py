@@ -150,6 +150,25 @@ def md_speed(
     return {"steps_per_s": steps / wall, "steps": steps, "wall_s": wall}
 
 
+def batched_aspirins(
+    frames: dict, replicas: int, compile: bool | str, device: str, members: int = 1
+):
+    """The benchmark's :class:`BatchedMD`: ``replicas`` aspirins, NVE at 0.5 fs from 300 K
+    velocities, ``members`` differently seeded models (an ensemble beyond one)."""
+    from atomlens.batched_md import BatchedMD
+
+    models = [build_model(seed).eval() for seed in range(members)]
+    return BatchedMD(
+        models[0] if members == 1 else models,
+        [md_atoms(frames)] * replicas,
+        timestep_fs=0.5,
+        temperature_K=300,
+        seed=0,
+        compile=compile,
+        device=device,
+    )
+
+
 def batched_md_speed(
     frames: dict,
     replicas: int,
@@ -161,19 +180,7 @@ def batched_md_speed(
 ) -> dict:
     """Molecule-steps/s of ``replicas`` aspirin trajectories in one :class:`BatchedMD`
     (``members`` > 1: an ensemble of that many differently seeded models)."""
-    from atomlens.batched_md import BatchedMD
-
-    atoms = md_atoms(frames)
-    models = [build_model(seed).eval() for seed in range(members)]
-    md = BatchedMD(
-        models[0] if members == 1 else models,
-        [atoms] * replicas,
-        timestep_fs=0.5,
-        temperature_K=300,
-        seed=0,
-        compile=compile,
-        device=device,
-    )
+    md = batched_aspirins(frames, replicas, compile, device, members)
     md.run(10, progress=False)  # warm-up (and, with compile, the one-off compilation)
     now = CLOCKS[clock]
     start = now()
@@ -489,17 +496,7 @@ def step_parts(frames: dict, replicas: int, steps: int, compile: bool, device: s
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from atomlens.batched_md import BatchedMD
-
-    md = BatchedMD(
-        build_model(0).eval(),
-        [md_atoms(frames)] * replicas,
-        timestep_fs=0.5,
-        temperature_K=300,
-        seed=0,
-        compile=True if compile else "auto",
-        device=device,
-    )
+    md = batched_aspirins(frames, replicas, True if compile else "auto", device)
     md.run(30, progress=False)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         md.run(steps, interval=steps, progress=False)

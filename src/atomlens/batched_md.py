@@ -63,6 +63,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import units as ase_units
+from ase.constraints import FixCom
 from tqdm.auto import tqdm
 
 from .calculator import PADDING_DISTANCE, checked_skin, pair_capacity
@@ -173,7 +174,7 @@ class BatchedMD:
                     f"structure {k}: atomlens models describe isolated molecules; "
                     f"the atoms are periodic (set atoms.pbc = False)"
                 )
-            held = [type(c).__name__ for c in atoms.constraints if type(c).__name__ != "FixCom"]
+            held = [type(c).__name__ for c in atoms.constraints if not isinstance(c, FixCom)]
             if held:  # (FixCom: the integrators keep each trajectory's momentum at zero)
                 raise DataError(
                     f"structure {k} carries constraints ({', '.join(held)}), which batched MD "

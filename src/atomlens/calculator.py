@@ -149,13 +149,7 @@ class Calculator(AseCalculator):
             model = copy.deepcopy(model).to(device=device, dtype=dtype)
         config = model.config
         require_extensive_energy(model, "an ASE calculator's energy and forces")
-        try:
-            self.energy_to_ev = energy_factor(config.unit)
-        except ValueError:
-            raise ValueError(
-                f"the model predicts {config.target!r} in {config.unit!r}, not an "
-                f"energy; the calculator needs an energy model"
-            ) from None
+        self.energy_to_ev = energy_factor(config.unit)  # (an energy unit: checked above)
         self.model = model
         param = next(model.parameters())
         # (a half-precision model passed in with dtype=None is refused too)

@@ -202,7 +202,7 @@ def check_model_config(model, where: str = "model config: ") -> None:
     _check_kwarg_names(model, where)
     for name, value in model.representation_kwargs.items():
         if name not in KWARG_RULES or value is None:
-            continue  # unknown names are refused by the representation class itself
+            continue  # (unknown names: refused by _check_kwarg_names above)
         test, description = KWARG_RULES[name]
         integer = description.startswith("an integer")
         wrong_type = isinstance(value, bool) or not isinstance(

@@ -63,13 +63,7 @@ class EnergyAndForces(nn.Module):
         from .models.guards import require_extensive_energy
 
         require_extensive_energy(model, "export (energy and forces)")
-        try:
-            self.energy_to_ev = energy_factor(model.config.unit)
-        except ValueError:
-            raise ValueError(
-                f"the model predicts {model.target!r} in {model.config.unit!r}, "
-                f"not an energy; export needs an energy model"
-            ) from None
+        self.energy_to_ev = energy_factor(model.config.unit)  # (checked above)
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     def forward(

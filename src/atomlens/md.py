@@ -13,9 +13,9 @@ keeps the atoms' own): 3n - 6 for NVE of a molecule (3n - 5 for a linear one), w
 momenta stay zero, and 3n - 3 for Langevin, whose noise moves the rotation but not the fixed
 centre of mass, and for periodic cells. Atoms held by constraints (``FixAtoms``, fixed bonds
 or directions) count 3n minus what the constraints remove, as ASE's ``get_temperature``
-does, and keep the momenta the constraints allow (none removed). (Removing the momenta while keeping, on average, the
-kinetic energy of 3n degrees of freedom, as before 0.3, started 3n/(3n - 3) hot: ethanol
-12.5 %.) The trajectory goes to an ASE ``.traj`` file or to extxyz (any other suffix), with
+does, and keep the momenta the constraints allow (none removed). (Removing the momenta
+while keeping, on average, the kinetic energy of 3n degrees of freedom, as before 0.3,
+started 3n/(3n - 3) hot: ethanol 12.5 %.) The trajectory goes to an ASE ``.traj`` file or to extxyz (any other suffix), with
 the model's energy and forces on every stored frame; a CSV log records time (fs), E_pot,
 E_kin, E_tot (eV) and the kinetic temperature T (K) over the same degrees of freedom, see
 :func:`kinetic_temperature` and :func:`degrees_of_freedom`, and the volume of a cell. With an

@@ -149,7 +149,7 @@ def classify_ring(mol, ring: tuple[int, ...]) -> tuple[str, bool]:
             if name in _BY_LOCANTS:  # 1,2,3- / 1,2,4- / 1,3,5-triazine are not one type
                 name = f"{ring_locants(symbols)}-{name}"
             return name, True
-        positions = [k for k, a in enumerate(atoms) if a.GetSymbol() != "C"]
+        positions = [k for k, symbol in enumerate(symbols) if symbol != "C"]
         adjacent = len(positions) == 2 and (positions[1] - positions[0]) in (1, size - 1)
         if (size, hetero) == (6, ("N", "N")):
             apart = positions[1] - positions[0]

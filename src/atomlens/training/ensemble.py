@@ -90,7 +90,7 @@ def train_ensemble(
                 continue
             stored = run_folder.read_fingerprint(Path(m.out))
             new = run_folder.fingerprint(adapt_to_data(m, data), data, split)
-            changed = ["no fingerprint"] if stored is None else run_folder._differences(stored, new)
+            changed = ["no fingerprint"] if stored is None else run_folder.differences(stored, new)
             if changed:
                 raise run_folder.RunFolderError(
                     f"{m.out}: --resume of an ensemble with other settings than its members "

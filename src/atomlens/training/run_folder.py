@@ -241,7 +241,7 @@ def digest(print_: dict) -> str:
     return hashlib.blake2b(json.dumps(print_, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+def differences(old: dict, new: dict) -> list[str]:
     out = []
     for key in sorted(set(old["config"]) | set(new["config"])):
         a, b = old["config"].get(key), new["config"].get(key)
@@ -277,7 +277,7 @@ def check_resume(out: Path, print_: dict, max_epochs: int | None = None) -> None
             f"atomlens or not by atomlens), so resuming cannot be checked; "
             f"start afresh with --overwrite"
         )
-    changed = _differences(stored, print_)
+    changed = differences(stored, print_)
     if changed:
         raise RunFolderError(
             f"{out}: --resume with a different run than the one there: "

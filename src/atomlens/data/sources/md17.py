@@ -86,10 +86,10 @@ def read_md17(
     # real numbers only: text, bools (read as 1/0) and complex values (their imaginary
     # part dropped) are refused by name, as the extxyz reader refuses them
     for key in ("R", "E", "F"):
-        if key in arrays and np.asarray(arrays[key]).dtype.kind not in "iuf":
+        dtype = arrays[key].dtype if key in arrays else None
+        if dtype is not None and dtype.kind not in "iuf":
             raise DataError(
-                f"{path}: {key} must hold real numbers, not dtype "
-                f"{np.asarray(arrays[key]).dtype} ({np.asarray(arrays[key]).dtype.kind!r})"
+                f"{path}: {key} must hold real numbers, not dtype {dtype} ({dtype.kind!r})"
             )
     positions, energy = np.asarray(arrays["R"], np.float64), np.asarray(arrays["E"], np.float64)
     if positions.ndim != 3:
