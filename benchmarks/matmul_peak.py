@@ -36,17 +36,7 @@ prepare_environment()  # before torch loads: libgomp reads its wait policy once
 
 import numpy as np
 import torch
-
-SETTINGS = {
-    "128/6": {
-        "n_atom_basis": 128,
-        "n_interactions": 6,
-        "n_filters": 128,
-        "n_rbf": 20,
-        "cutoff": 5.0,
-    },
-    "64/3": {"n_atom_basis": 64, "n_interactions": 3, "n_filters": 64, "n_rbf": 20, "cutoff": 5.0},
-}
+from common import SETTINGS
 
 
 def products() -> dict:

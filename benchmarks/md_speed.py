@@ -12,7 +12,8 @@
 
 Both use SchNetPack-style SchNet hyperparameters: 128 features, 6 interactions, 128 filters,
 20 Gaussians, 5 Angstrom cosine cutoff, an atom-wise head 128 -> 64 -> 1, float32 and the same
-number of torch threads. SchNetPack runs in its own venv (``benchmarks/peers/spk_env.py``)
+number of torch threads; ``--setting 64/3``: the NeurIPS paper's size instead (64 features and
+filters, 3 interactions, head 64 -> 32 -> 1). SchNetPack runs in its own venv (``benchmarks/peers/spk_env.py``)
 through a subprocess. Prints one JSON object per measurement and one per ratio.
 
     python benchmarks/md_speed.py --threads 2            # atomlens and SchNetPack
@@ -21,6 +22,7 @@ through a subprocess. Prints one JSON object per measurement and one per ratio.
     python benchmarks/md_speed.py --rounds 2 ...   # both libraries twice, in alternating order
     python benchmarks/md_speed.py --replicas 32 --interleave 4 ...   # (c) alone, in 4 slices
     python benchmarks/md_speed.py --replicas 32 --interleave 4 --parts ...  # and the step's parts
+    python benchmarks/md_speed.py --setting 64/3 ...   # the NeurIPS paper's SchNet, both libraries
     python benchmarks/md_speed.py --device cuda --replicas 32 1024   # on a GPU (both libraries)
 
 On a GPU every training step ends with a synchronisation (as a loop that logs its loss does),
@@ -44,7 +46,7 @@ prepare_environment()  # before torch loads: libgomp reads its wait policy once
 
 import numpy as np
 import torch
-from common import CLOCKS, HYPERPARAMETERS, build_model, endless, synchronize, timed
+from common import CLOCKS, HYPERPARAMETERS, SETTINGS, build_model, endless, synchronize, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -85,6 +87,7 @@ def training_throughput(
     warmup: int = 3,
     clock: str = "wall",
     device: str = "cpu",
+    hyperparameters: dict = HYPERPARAMETERS,
 ) -> dict:
     from atomlens.data import PackedDataset, make_loader
 
@@ -94,7 +97,7 @@ def training_throughput(
         {"energy": frames["E"] - frames["E"].mean(), "forces": list(frames["F"])},
         {"energy": "eV", "forces": "eV/Angstrom"},
     )
-    model = build_model().train().to(device)
+    model = build_model(0, hyperparameters).train().to(device)
     loader = make_loader(data, np.arange(n), batch_size, model.cutoff, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
 
@@ -133,6 +136,7 @@ def md_speed(
     clock: str = "wall",
     compile: bool | str = False,
     device: str = "cpu",
+    hyperparameters: dict = HYPERPARAMETERS,
 ) -> dict:
     from ase import units
     from ase.md.verlet import VelocityVerlet
@@ -140,7 +144,8 @@ def md_speed(
     import atomlens
 
     atoms = md_atoms(frames)
-    atoms.calc = atomlens.Calculator(build_model().eval(), device=device, compile=compile)
+    model = build_model(0, hyperparameters).eval()
+    atoms.calc = atomlens.Calculator(model, device=device, compile=compile)
     dyn = VelocityVerlet(atoms, 0.5 * units.fs)
     dyn.run(50)  # warm-up (and, with compile, the one-off compilation)
     now = CLOCKS[clock]
@@ -151,13 +156,18 @@ def md_speed(
 
 
 def batched_aspirins(
-    frames: dict, replicas: int, compile: bool | str, device: str, members: int = 1
+    frames: dict,
+    replicas: int,
+    compile: bool | str,
+    device: str,
+    members: int = 1,
+    hyperparameters: dict = HYPERPARAMETERS,
 ):
     """The benchmark's :class:`BatchedMD`: ``replicas`` aspirins, NVE at 0.5 fs from 300 K
     velocities, ``members`` differently seeded models (an ensemble beyond one)."""
     from atomlens.batched_md import BatchedMD
 
-    models = [build_model(seed).eval() for seed in range(members)]
+    models = [build_model(seed, hyperparameters).eval() for seed in range(members)]
     return BatchedMD(
         models[0] if members == 1 else models,
         [md_atoms(frames)] * replicas,
@@ -177,10 +187,11 @@ def batched_md_speed(
     compile: bool | str = False,
     device: str = "cpu",
     members: int = 1,
+    hyperparameters: dict = HYPERPARAMETERS,
 ) -> dict:
     """Molecule-steps/s of ``replicas`` aspirin trajectories in one :class:`BatchedMD`
     (``members`` > 1: an ensemble of that many differently seeded models)."""
-    md = batched_aspirins(frames, replicas, compile, device, members)
+    md = batched_aspirins(frames, replicas, compile, device, members, hyperparameters)
     md.run(10, progress=False)  # warm-up (and, with compile, the one-off compilation)
     now = CLOCKS[clock]
     start = now()
@@ -197,7 +208,7 @@ def batched_md_speed(
     }
 
 
-def profile(frames: dict, batch_size: int) -> None:
+def profile(frames: dict, batch_size: int, hyperparameters: dict = HYPERPARAMETERS) -> None:
     """torch.profiler tables of 50 MD force calls and 5 training steps (to stderr)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -205,7 +216,7 @@ def profile(frames: dict, batch_size: int) -> None:
     import atomlens
 
     atoms = md_atoms(frames)
-    atoms.calc = atomlens.Calculator(build_model().eval())
+    atoms.calc = atomlens.Calculator(build_model(0, hyperparameters).eval())
     atoms.get_forces()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(50):
@@ -214,7 +225,7 @@ def profile(frames: dict, batch_size: int) -> None:
     print("== MD: 50 force calls of aspirin", file=sys.stderr)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        training_throughput(frames, batch_size, seconds=0.0, warmup=0)
+        training_throughput(frames, batch_size, 0.0, warmup=0, hyperparameters=hyperparameters)
     print(f"== training: 5 steps at batch size {batch_size}", file=sys.stderr)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
 
@@ -247,7 +258,7 @@ def run_peer(
             "--batch-sizes",
             *map(str, args.batch_sizes),
             "--hyperparameters",
-            json.dumps(HYPERPARAMETERS),
+            json.dumps(SETTINGS[args.setting]),
             "--md-runs",
             str(min(args.replicas, default=0) if md_runs is None else md_runs),
             "--device",
@@ -271,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         "--data", type=Path, default=DATA, help="folder holding md17-xtb/ (default: ../shared/data)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--setting",
+        choices=sorted(SETTINGS),
+        default="128/6",
+        help="the compared SchNet: SchNetPack's QM9 default (128 features, 6 interactions) "
+        "or the NeurIPS paper's (64, 3)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 32])
     parser.add_argument("--seconds", type=float, default=20.0, help="per training measurement")
     parser.add_argument(
@@ -344,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         "clock": args.clock,
         "n_atoms": len(frames["z"]),
         "device": args.device,
-        **HYPERPARAMETERS,
+        "setting": args.setting,
+        **SETTINGS[args.setting],
     }
     if args.device != "cpu":
         common["device_name"] = torch.cuda.get_device_name(args.device)
@@ -369,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             key = (name, extra.get("batch_size"), extra.get("replicas"))
             ratios.setdefault(key, []).append(ratio)
             line = {"measure": name, **extra, "threads": args.threads, "clock": args.clock}
+            line["setting"] = args.setting
             line.update(round=round_, atomlens_over_schnetpack=ratio, target=target)
             print(json.dumps({**line, "met": ratio >= target}), flush=True)
     if args.rounds > 1:
@@ -386,26 +406,26 @@ def main(argv: list[str] | None = None) -> int:
 def measure_atomlens(frames: dict, args, common: dict) -> dict[tuple, float]:
     """atomlens's legs (one JSON line each); returns their rates by (measure, batch size)."""
     ours: dict[tuple, float] = {}
-    device = args.device
+    device, hyperparameters = args.device, SETTINGS[args.setting]
     for batch_size in args.batch_sizes:
         result = training_throughput(
-            frames, batch_size, args.seconds, clock=args.clock, device=device
+            frames, batch_size, args.seconds, args.clock, device, hyperparameters
         )
         ours["train", batch_size] = result["structures_per_s"]
         print(
             json.dumps({"measure": "train", "batch_size": batch_size, **common, **result}),
             flush=True,
         )
-    result = md_speed(frames, args.md_steps, clock=args.clock, device=device)
+    result = md_speed(frames, args.md_steps, args.clock, False, device, hyperparameters)
     ours["md", None] = result["steps_per_s"]
     print(json.dumps({"measure": "md", **common, **result}), flush=True)
     # what a user gets without flags: atomlens.Calculator(model) / atomlens md (compile="auto":
     # on a GPU, a CUDA graph)
-    result = md_speed(frames, args.md_steps, clock=args.clock, compile="auto", device=device)
+    result = md_speed(frames, args.md_steps, args.clock, "auto", device, hyperparameters)
     ours["md_default", None] = result["steps_per_s"]
     print(json.dumps({"measure": "md_default", **common, **result}), flush=True)
     if args.compile:
-        result = md_speed(frames, args.md_steps, clock=args.clock, compile=True, device=device)
+        result = md_speed(frames, args.md_steps, args.clock, True, device, hyperparameters)
         ours["md_compiled", None] = result["steps_per_s"]
         print(json.dumps({"measure": "md_compiled", **common, **result}), flush=True)
     for replicas in args.replicas:
@@ -417,11 +437,12 @@ def measure_atomlens(frames: dict, args, common: dict) -> dict[tuple, float]:
             compile=True if args.compile else "auto",
             device=device,
             members=args.members,
+            hyperparameters=hyperparameters,
         )
         ours["md_batched", replicas] = result["molecule_steps_per_s"]
         print(json.dumps({"measure": "md_batched", **common, **result}), flush=True)
     if args.profile:
-        profile(frames, args.batch_sizes[0])
+        profile(frames, args.batch_sizes[0], hyperparameters)
     return ours
 
 
@@ -442,6 +463,7 @@ def interleaved(frames: dict, args, common: dict) -> int:
             clock=args.clock,
             compile=True if args.compile else "auto",
             device=args.device,
+            hyperparameters=SETTINGS[args.setting],
         )
         print(json.dumps({"measure": "md_batched", **common, **ours, "slice": slice_}), flush=True)
         totals["atomlens"][0] += ours["replicas"] * ours["steps"]
@@ -468,13 +490,17 @@ def interleaved(frames: dict, args, common: dict) -> int:
         )
     ratio = rates["atomlens"] / rates["schnetpack"]
     line = {"measure": "md_batched_interleaved_ratio", "replicas": replicas, "slices": k}
+    line["setting"] = args.setting
     line.update(threads=args.threads, clock=args.clock, atomlens_over_schnetpack=ratio)
     print(json.dumps({**line, "target": 20.0, "met": ratio >= 20.0}), flush=True)
     if args.parts:
-        parts = step_parts(frames, replicas, args.md_steps // k, args.compile, args.device)
+        parts = step_parts(
+            frames, replicas, args.md_steps // k, args.compile, args.device, SETTINGS[args.setting]
+        )
         budget = 1e3 * replicas / (20.0 * rates["schnetpack"])  # ms per step for 20x
         floor = parts["products_ms"] + parts["convolution_ms"] + parts["softplus_ms"]
         line = {"measure": "md_batched_step_parts", "replicas": replicas, **parts}
+        line["setting"] = args.setting
         line.update(step_ms=1e3 * replicas / rates["atomlens"], budget_20x_ms=budget)
         line.update(products_convolution_softplus_ms=floor, rest_of_budget_ms=budget - floor)
         print(json.dumps({**line, "threads": args.threads, "clock": args.clock}), flush=True)
@@ -489,14 +515,16 @@ STEP_PARTS = {
 }
 
 
-def step_parts(frames: dict, replicas: int, steps: int, compile: bool, device: str) -> dict:
+def step_parts(
+    frames: dict, replicas: int, steps: int, compile: bool, device: str, hyperparameters: dict
+) -> dict:
     """ms per step of the batched step's parts (:data:`STEP_PARTS`, the operators' self
     time in torch.profiler, which counts wall time: an idle machine's one thread), over
     ``steps`` steps after a warm-up; ``profiled_ms``: all operators' self time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    md = batched_aspirins(frames, replicas, True if compile else "auto", device)
+    md = batched_aspirins(frames, replicas, True if compile else "auto", device, 1, hyperparameters)
     md.run(30, progress=False)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         md.run(steps, interval=steps, progress=False)

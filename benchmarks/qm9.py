@@ -58,6 +58,7 @@ prepare_environment()  # before torch loads: libgomp reads its wait policy once
 
 import numpy as np
 import torch
+from common import SETTINGS
 
 from atomlens import units
 from atomlens.data.dataset import PackedDataset, make_loader
@@ -71,17 +72,6 @@ PRESETS = {
     "schnet": "qm9-u0-schnet",
     "schnet-neurips": "qm9-u0-schnet-neurips",
     "dtnn": "qm9-u0-dtnn",
-}
-#: throughput settings: name -> SchNet hyperparameters (SchNetPack's QM9 defaults, and a small one)
-SETTINGS = {
-    "128/6": {
-        "n_atom_basis": 128,
-        "n_interactions": 6,
-        "n_filters": 128,
-        "n_rbf": 20,
-        "cutoff": 5.0,
-    },
-    "64/3": {"n_atom_basis": 64, "n_interactions": 3, "n_filters": 64, "n_rbf": 20, "cutoff": 5.0},
 }
 
 

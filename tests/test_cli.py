@@ -163,6 +163,12 @@ def test_predict_keeps_reference_values(tmp_path, capsys, suffix):
         assert atoms.arrays["atomlens_forces"].shape == (len(atoms), 3)
         assert atoms.arrays["atomlens_atomic_energy"].sum() == pytest.approx(predicted, abs=1e-4)
         assert len(str(float(predicted)).split(".")[1]) <= 6  # no float32 noise digits
+    # the units travel with the frames: a .traj holds eV by definition, and the extxyz
+    # written from it says so, so that atomlens reads its reference energies back
+    from atomlens.data.sources.ase_files import read_structures
+
+    stated = read_structures(result)[0].info
+    assert stated.get("energy_unit") == ("eV" if suffix == "traj" else None)
 
 
 @pytest.mark.parametrize(

@@ -747,6 +747,46 @@ def test_cli_rings_and_isomers_on_a_tiny_data_set(tmp_path, saved_model, capsys)
         run_insight(["rings", str(saved_model), "--data", data, "--split", "test"])
 
 
+def test_cli_insight_json_is_the_whole_standard_output_or_a_file(tmp_path, saved_model, capsys):
+    """``--json`` alone: standard output is the JSON and nothing else (figures are named on
+    standard error); ``--json FILE``: the same JSON written there, the text on standard
+    output. The same for rings, isomers and atomic energies, each with its unit."""
+    import json
+
+    ring_dataset(tmp_path)
+    data = str(tmp_path / "rings_data")
+    rings = ["rings", str(saved_model), "--data", data, "--min-count", "1"]
+    rings += ["--out", str(tmp_path / "rings.png")]
+    assert run_insight([*rings, "--json"]) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert printed["n_molecules"] == 6 and printed["unit"] == "eV"
+    assert "rings.png" in captured.err
+    assert run_insight([*rings, "--json", str(tmp_path / "rings.json")]) == 0
+    assert "benzene" in capsys.readouterr().out
+    assert json.loads((tmp_path / "rings.json").read_text()) == printed
+
+    isomers = ["isomers", str(saved_model), "--data", data, "--formula", "C2H6O"]
+    isomers += ["--out", str(tmp_path / "iso.png")]
+    assert run_insight([*isomers, "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["n_isomers"] == 2 and summary["unit"] == "eV" and "iso.png" in captured.err
+    assert run_insight([*isomers, "--json", str(tmp_path / "iso.json")]) == 0
+    assert "isomers of C2H6O" in capsys.readouterr().out
+    assert json.loads((tmp_path / "iso.json").read_text()) == summary
+
+    xyz = tmp_path / "m.xyz"
+    molecule("CH4").write(xyz)
+    atomic = ["atomic-energies", str(saved_model), str(xyz), "--out", str(tmp_path / "a.png")]
+    assert run_insight([*atomic, "--json"]) == 0
+    captured = capsys.readouterr()
+    (table,) = json.loads(captured.out)
+    assert table["unit"] == "eV" and len(table["atoms"]) == 5 and "a.png" in captured.err
+    with pytest.raises(ValueError, match="name one file"):
+        run_insight([*atomic, "--json", str(tmp_path / "a.png")])
+
+
 def test_has_rings_filters_smiles_by_ring_size():
     from atomlens.insight.rings import has_rings
 

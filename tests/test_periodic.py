@@ -178,6 +178,41 @@ def test_npt_refuses_molecules():
         run_md(object(), molecule("H2O"), ensemble="npt", steps=1)
 
 
+def test_cli_predict_stress_of_the_periodic_structures(copper, tmp_path, capsys):
+    """``predict --stress``: the model's stress (Voigt, eV/Angstrom^3) printed and written
+    under atomlens_stress for periodic structures, none for a molecule beside them; a file
+    of molecules only is refused; an ensemble gives the members' mean and spread."""
+    from ase.build import molecule
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    from atomlens.ensemble import predict_ensemble
+
+    folder, model = copper
+    frames = copper_frames(2, seed=7)
+    water = molecule("H2O")
+    write(tmp_path / "mixed.extxyz", [*frames, water])
+    out = tmp_path / "pred.extxyz"
+    argv = ["predict", str(folder / "run"), str(tmp_path / "mixed.extxyz")]
+    assert main([*argv, "--stress", "--allow-unknown-elements", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("stress (eV/Angstrom^3, xx yy zz yz xz xy)") == 2
+    written = read(out, ":")
+    for atoms in frames:
+        atoms.calc = None
+    expected = model.predict(frames, stress=True)["stress"]
+    for k in range(2):
+        voigt = full_3x3_to_voigt_6_stress(expected[k])
+        np.testing.assert_allclose(written[k].info["atomlens_stress"], voigt, atol=2e-6)
+    assert "atomlens_stress" not in written[2].info  # the molecule: no cell, no stress
+    write(tmp_path / "water.xyz", water)
+    capsys.readouterr()
+    assert main(["predict", str(folder / "run"), str(tmp_path / "water.xyz"), "--stress"]) == 2
+    assert "none of the structures" in capsys.readouterr().err
+    both = predict_ensemble([model, model], frames, stress=True)
+    np.testing.assert_allclose(both["stress"], expected, rtol=1e-6)
+    assert np.abs(both["stress_std"]).max() == 0.0
+
+
 def test_cli_md_npt_and_predict_keep_the_cell(copper, tmp_path):
     folder, model = copper
     start = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))

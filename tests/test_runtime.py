@@ -47,6 +47,31 @@ def test_cgroup_v1_quota(tmp_path):
     assert runtime.cgroup_cpu_limit(tmp_path / "absent") is None
 
 
+def test_cgroup_quota_of_the_own_cgroup_and_its_ancestors(tmp_path):
+    # cgroup v2 on a host: the process sits in /system.slice/job.service; the quota is its
+    # slice's (systemd CPUQuota=50% on the slice), the service's own is "max"
+    service = tmp_path / "system.slice" / "job.service"
+    service.mkdir(parents=True)
+    (service / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "system.slice" / "cpu.max").write_text("50000 100000\n")
+    membership = "0::/system.slice/job.service\n"
+    assert runtime.cgroup_cpu_limit(tmp_path, membership) == 0.5
+    (service / "cpu.max").write_text("25000 100000\n")  # the smaller one holds
+    assert runtime.cgroup_cpu_limit(tmp_path, membership) == 0.25
+    assert runtime.cgroup_cpu_limit(tmp_path, "0::/elsewhere\n") is None
+    assert runtime.available_cpus({0, 1, 2, 3}, cgroup_root=tmp_path) == 4  # not this process's
+    # cgroup v1: the cpu controller's line names the job's folder under its mount
+    job = tmp_path / "v1" / "cpu,cpuacct" / "slurm" / "job_7"
+    job.mkdir(parents=True)
+    (job / "cpu.cfs_quota_us").write_text("-1\n")
+    (job / "cpu.cfs_period_us").write_text("100000\n")
+    (job.parent / "cpu.cfs_quota_us").write_text("300000\n")
+    (job.parent / "cpu.cfs_period_us").write_text("100000\n")
+    membership = "5:memory:/slurm/job_7\n3:cpu,cpuacct:/slurm/job_7\n"
+    assert runtime.cgroup_cpu_limit(tmp_path / "v1", membership) == 3.0
+    assert runtime.cgroup_cpu_limit(tmp_path / "v1", "5:memory:/slurm/job_7\n") is None
+
+
 def test_available_cpus_is_the_smaller_of_affinity_and_quota(tmp_path):
     assert runtime.available_cpus(affinity={0, 1, 2, 3}, cgroup_root=tmp_path) == 4
     assert runtime.available_cpus(affinity={0, 1, 2, 3}, quota=1.5) == 2  # ceil(1.5)

@@ -1,6 +1,7 @@
 """Training: overfitting, resuming a killed run, configs and presets (DDP: test_faults.py)."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -148,6 +149,28 @@ def test_refit_offset_recovers_a_constant_per_atom_shift(data):
     np.testing.assert_allclose(
         predict_dataset(model, sub, idx)["energy"], sub.targets["energy"], atol=1e-8
     )
+
+
+def test_refit_offset_stops_at_its_deadline(data):
+    """Past its deadline the refit fits on the first batch of a random order, alone."""
+    from helpers import random_model
+
+    from atomlens.models.inference import predict_dataset
+    from atomlens.training.train import refit_offset
+
+    model = random_model("schnet")
+    idx = np.arange(12)
+    sub = data.subset(idx)
+    pred = predict_dataset(model, sub, idx)["energy"]
+    rng = np.random.default_rng(3)
+    sub.targets = {"energy": pred + rng.normal(size=12) * sub.n_atoms_per}
+    sub.units["energy"] = "eV"
+    first = np.random.default_rng(5).permutation(idx)[:4]
+    n = sub.n_atoms_per[first].astype(float)
+    err = pred[first] - sub.targets["energy"][first]
+    expected = (err * n).sum() / (n * n).sum()
+    delta = refit_offset(model, sub, idx, batch_size=4, deadline=time.monotonic() - 1, seed=5)
+    assert delta == pytest.approx(expected, rel=1e-6)
 
 
 def test_relative_to_atomrefs_removes_each_structures_element_references(data):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from spk_env import import_schnetpack  # the script's folder is on sys.path
 
-#: the settings of benchmarks/qm9.py, for standalone runs
+#: the settings of benchmarks/common.py (this venv does not import it), for standalone runs
 SETTINGS = {
     "128/6": {
         "n_atom_basis": 128,

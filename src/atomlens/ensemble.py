@@ -105,21 +105,30 @@ def mean_and_spread(values: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict_ensemble(
-    models: list, atoms, forces: bool = False, allow_unknown_elements: bool = False
+    models: list,
+    atoms,
+    forces: bool = False,
+    allow_unknown_elements: bool = False,
+    stress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Mean and spread of the members' predictions for one ``Atoms`` or a list.
 
     Keys: the target (n_structures,) and ``<target>_std``; ``atomic`` (n_atoms,) and
-    ``atomic_std``; with ``forces`` also ``forces`` (n_atoms, 3) and ``forces_std``. Units as
-    :meth:`~atomlens.models.AtomisticModel.predict` (eV, eV/Angstrom for energy models).
+    ``atomic_std``; with ``forces`` also ``forces`` (n_atoms, 3) and ``forces_std``; with
+    ``stress`` also ``stress`` (n_structures, 3, 3) and ``stress_std``. Units as
+    :meth:`~atomlens.models.AtomisticModel.predict` (eV, eV/Angstrom, eV/Angstrom^3 for
+    energy models).
     """
     predictions = [
-        model.predict(atoms, forces=forces, allow_unknown_elements=allow_unknown_elements)
+        model.predict(
+            atoms, forces=forces, stress=stress, allow_unknown_elements=allow_unknown_elements
+        )
         for model in models
     ]
     target = models[0].target
     out = {}
-    for key in [target, "atomic"] + (["forces"] if forces else []):
+    extra = (["forces"] if forces else []) + (["stress"] if stress else [])
+    for key in [target, "atomic", *extra]:
         out[key], out[f"{key}_std"] = mean_and_spread([p[key] for p in predictions])
     return out
 

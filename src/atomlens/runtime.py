@@ -62,26 +62,71 @@ _tuned: bool | None = None
 
 
 # ----------------------------------------------------------------------------- CPUs and threads
-def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
-    """CPUs granted by the cgroup CPU quota (quota / period), or ``None`` without a quota.
-
-    Reads cgroup v2 ``cpu.max`` ("max 100000" or "200000 100000") and else cgroup v1
-    ``cpu/cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1: none) under ``root``.
-    """
-    root = Path(root)
+def _read_quota(folder: Path) -> float | None:
+    """The CPUs one cgroup folder's own quota grants: ``math.inf`` without one, ``None``
+    where the folder holds no quota file (not this hierarchy's, or not mounted)."""
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return math.inf if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    for folder in (root / "cpu", root / "cpu,cpuacct", root):
-        try:
-            quota = int((folder / "cpu.cfs_quota_us").read_text())
-            period = int((folder / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return math.inf if quota <= 0 or period <= 0 else quota / period
+
+
+def _own_cgroups(root: Path, membership: str) -> list[Path]:
+    """The folders under ``root`` of this process's CPU cgroup and its ancestors, innermost
+    first, from ``/proc/self/cgroup``'s text ``membership``: the v2 line ``0::/a/b`` and a v1
+    line whose controllers include ``cpu`` (mounted at ``root/cpu`` or ``root/cpu,cpuacct``)."""
+    folders = []
+    for line in membership.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
             continue
-        return None if quota <= 0 or period <= 0 else quota / period
-    return None
+        _, controllers, path = parts
+        if controllers == "":
+            mounts = [root, root / "unified"]
+        elif "cpu" in controllers.split(","):
+            mounts = [root / "cpu", root / "cpu,cpuacct", root / controllers]
+        else:
+            continue
+        relative = Path(path.strip().lstrip("/"))
+        for mount in mounts:
+            folder = mount / relative
+            while True:
+                folders.append(folder)
+                if folder == mount:
+                    break
+                folder = folder.parent
+    return folders
+
+
+def cgroup_cpu_limit(
+    root: str | os.PathLike = "/sys/fs/cgroup", membership: str | None = None
+) -> float | None:
+    """CPUs granted by the cgroup CPU quota (quota / period), or ``None`` without a quota.
+
+    Reads cgroup v2 ``cpu.max`` ("max 100000" or "200000 100000") and cgroup v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1: none) in ``root`` (a container's
+    own cgroup), in ``root/cpu`` and ``root/cpu,cpuacct``, and in this process's cgroup and
+    each of its ancestors (``membership``: the text of ``/proc/self/cgroup``, read when not
+    given), where a systemd ``CPUQuota=``, a batch job's or a parent slice's quota sits. The
+    smallest quota found is the limit.
+    """
+    root = Path(root)
+    if membership is None:
+        try:
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            membership = ""
+    candidates = [root, root / "cpu", root / "cpu,cpuacct", *_own_cgroups(root, membership)]
+    quotas = [q for q in map(_read_quota, dict.fromkeys(candidates)) if q is not None]
+    limit = min(quotas, default=math.inf)
+    return None if math.isinf(limit) else limit
 
 
 def available_cpus(

@@ -13,6 +13,7 @@ A STRUCTURE is any ASE-readable file, or ``qm9:N`` for the QM9 molecule with ind
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ def add_parser(subparsers) -> None:
         "(several structures: OUT_<k>.png), and beside it OUT.html: "
         "an interactive 3D view of all structures (offline)",
     )
-    a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_json(a, "the tables (one record per structure, with its unit)")
     a.add_argument(
         "--charges",
         metavar="DIPOLE_MODEL",
@@ -96,7 +97,7 @@ def add_parser(subparsers) -> None:
     )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="rings.png", help="PNG of the ranking (default rings.png)")
-    r.add_argument("--json", help="write the ranking and per-ring records to this JSON file")
+    _add_json(r, "the ranking and the per-ring records")
     _add_dtype(r)
     r.set_defaults(func=run_rings)
 
@@ -109,7 +110,7 @@ def add_parser(subparsers) -> None:
         default="isomers.png",
         help="scatter PNG of relative energies (default isomers.png)",
     )
-    i.add_argument("--json", action="store_true", help="print one JSON line")
+    _add_json(i, "the summary (one line)")
     _add_dtype(i)
     i.set_defaults(func=run_isomers)
 
@@ -124,6 +125,45 @@ def add_parser(subparsers) -> None:
     )
     _add_dtype(e)
     e.set_defaults(func=run_extensivity)
+
+
+def _add_json(p, what: str) -> None:
+    """``--json``: ``what`` on standard output instead of the text (the other messages go
+    to standard error, so the output parses); ``--json FILE``: written to FILE as well."""
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help=f"{what} as JSON: alone, on standard output instead of the text (other "
+        "messages then go to standard error); with FILE, written there",
+    )
+
+
+def _json_out(args) -> bool:
+    """Whether standard output carries the command's JSON (``--json`` without a file)."""
+    return args.json == "-"
+
+
+def _say(args, text: str) -> None:
+    """A message: on standard output, or standard error while that carries the JSON."""
+    print(text, file=sys.stderr if _json_out(args) else sys.stdout)
+
+
+def _put_json(args, payload) -> None:
+    """``payload`` as JSON: printed (``--json``) or written whole to ``--json FILE``."""
+    text = json.dumps(payload)
+    if _json_out(args):
+        print(text)
+        return
+    with atomic_file(args.json) as tmp:
+        tmp.write_text(text)
+    _say(args, f"written {args.json}")
+
+
+def _json_file(args) -> str | None:
+    """``--json FILE``'s file, for the output checks (None: none, or standard output)."""
+    return None if args.json in (None, "-") else args.json
 
 
 def _add_dtype(p) -> None:
@@ -199,10 +239,13 @@ def run_atomic_energies(args) -> int:
         out = Path(args.out)
         figures = [out] if len(frames) == 1 else [_numbered(out, k) for k in range(len(frames))]
         outputs = {f"--out ({path.name})": path for path in figures}
-        check_outputs(
-            outputs | {"--out (.html)": out.with_suffix(".html")},
-            [args.model, args.structures, *([args.charges] if args.charges else [])],
-        )
+        outputs |= {"--out (.html)": out.with_suffix(".html")}
+    else:
+        outputs = {}
+    check_outputs(
+        outputs | {"--json": _json_file(args)},
+        [args.model, args.structures, *([args.charges] if args.charges else [])],
+    )
     charge_model = _load(args.charges, args.dtype)[0] if args.charges else None
     tables = atomic_energies(
         model,
@@ -210,14 +253,16 @@ def run_atomic_energies(args) -> int:
         charge_model=charge_model,
         allow_unknown_elements=args.allow_unknown_elements,
     )
-    if args.json:
-        print(
-            json.dumps(
-                [{"formula": t.formula, "total": t.total, "atoms": t.rows()} for t in tables]
-            )
-        )
-    else:
+    if not _json_out(args):
         print("\n\n".join(t.table(unit) for t in tables))
+    if args.json:
+        _put_json(
+            args,
+            [
+                {"formula": t.formula, "total": t.total, "unit": unit, "atoms": t.rows()}
+                for t in tables
+            ],
+        )
     if args.out:
         from ..insight.plots import to_milli
         from ..insight.viewer import write_viewer
@@ -233,7 +278,7 @@ def run_atomic_energies(args) -> int:
                 unit=unit,
                 title=f"{t.formula}: atomic energies E_i - atomref[Z_i]",
             )
-            print(f"figure: {path}")
+            _say(args, f"figure: {path}")
         properties = []
         for t in tables:
             relative, small_unit = to_milli(t.relative, unit)
@@ -243,7 +288,7 @@ def run_atomic_energies(args) -> int:
         view = write_viewer(
             out.with_suffix(".html"), frames, properties, title="atomlens atomic energies"
         )
-        print(f"interactive 3D view: {view}")
+        _say(args, f"interactive 3D view: {view}")
     return 0
 
 
@@ -327,7 +372,7 @@ def run_rings(args) -> int:
 
     check_numbers(args, {"--max-molecules": ">= 0", "--min-count": ">= 0", "--seed": ">= 0"})
     sizes = _ring_sizes(args.sizes)
-    check_outputs({"--out": args.out, "--json": args.json}, [args.model, args.data])
+    check_outputs({"--out": args.out, "--json": _json_file(args)}, [args.model, args.data])
     model, folder, unit = _load(args.model, args.dtype)
     data = open_dataset(args.data)
     analysis = ring_study(
@@ -340,7 +385,8 @@ def run_rings(args) -> int:
         seed=args.seed,
         source=args.data,
     )
-    print(analysis.table())
+    if not _json_out(args):
+        print(analysis.table())
     if analysis.ranking:
         ring_ranking_plot(
             analysis,
@@ -349,11 +395,9 @@ def run_rings(args) -> int:
             title=f"{model.config.representation.upper()}: ring energies "
             f"({analysis.n_molecules} molecules; red: aromatic)",
         )
-        print(f"figure: {args.out}")
+        _say(args, f"figure: {args.out}")
     if args.json:
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps(analysis.as_dict()))
-        print(f"written {args.json}")
+        _put_json(args, {"unit": unit, **analysis.as_dict()})
     return 0
 
 
@@ -375,7 +419,7 @@ def run_isomers(args) -> int:
     from ..insight.isomers import isomer_analysis
     from ..insight.plots import isomer_plot
 
-    check_outputs({"--out": args.out}, [args.model, args.data])
+    check_outputs({"--out": args.out, "--json": _json_file(args)}, [args.model, args.data])
     model, folder, unit = _load(args.model, args.dtype)
     data = open_dataset(args.data)
     indices = _split_indices(folder, args.split, data, args.data)
@@ -385,8 +429,8 @@ def run_isomers(args) -> int:
     if trained_on is not None:  # (0 too: none of them trained on)
         summary["n_in_training_split"] = trained_on
     if args.json:
-        print(json.dumps({"split": args.split, "unit": unit, **summary}))
-    else:
+        _put_json(args, {"split": args.split, "unit": unit, **summary})
+    if not _json_out(args):
         seen = (
             f"; {trained_on} of them in the model's training split (--split test: the "
             f"test split's only)"
@@ -402,7 +446,7 @@ def run_isomers(args) -> int:
             f"#{summary['lowest_index']}, predicted lowest #{summary['predicted_lowest_index']}"
         )
     isomer_plot(analysis, args.out, unit=unit)
-    print(f"figure: {args.out}")
+    _say(args, f"figure: {args.out}")
     return 0
 
 

@@ -700,7 +700,8 @@ def _add_predict(sub) -> None:
         description="Predict with one model, or with an ensemble (several models, or a folder "
         "written by 'atomlens train --ensemble K': mean and spread). Predictions "
         "are stored under their own keys (atomlens_<target>, "
-        "atomlens_atomic_<target>, atomlens_forces, and *_std for ensembles), so "
+        "atomlens_atomic_<target>, atomlens_forces, atomlens_stress, and *_std for "
+        "ensembles), so "
         "reference values in the input file are kept beside them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -710,6 +711,12 @@ def _add_predict(sub) -> None:
     p.add_argument("file", help="xyz, extxyz, ASE db, traj, ... (anything ase.io.read reads)")
     p.add_argument("--index", default=":", help="which frames (ASE index syntax)")
     p.add_argument("--forces", action="store_true", help="also predict forces (eV/Angstrom)")
+    p.add_argument(
+        "--stress",
+        action="store_true",
+        help="also predict the stress of the periodic structures (eV/Angstrom^3, Voigt order "
+        "xx yy zz yz xz xy, as ASE; positive under tension)",
+    )
     p.add_argument("--out", help="write the structures with the predictions as extxyz")
     p.add_argument(
         "--allow-unknown-elements",
@@ -726,6 +733,8 @@ PREDICTION_PREFIX = "atomlens_"
 
 
 def run_predict(args) -> int:
+    from ase.stress import full_3x3_to_voigt_6_stress
+
     from ..data.dataset import dataset_from_atoms
     from ..data.sources.ase_files import read_structures
     from ..ensemble import load_ensemble, predict_ensemble
@@ -749,6 +758,16 @@ def run_predict(args) -> int:
             f"first; predictions are not written into a folder made from a typo)"
         )
     dataset_from_atoms(frames, source=args.file, targets=False)  # validate before any output
+    periodic = [bool(atoms.pbc.any()) for atoms in frames]
+    if args.stress:
+        from ..models.guards import require_extensive_energy
+
+        require_extensive_energy(model, "--stress (the derivative of the energy by strain) and")
+        if not any(periodic):
+            raise ValueError(
+                f"--stress: none of the structures of {args.file} has a periodic cell (stress "
+                f"is per volume of a cell)"
+            )
     if not args.allow_unknown_elements:  # refused naming the file (allowed: predict warns)
         from ..models.guards import refuse_unknown_elements
 
@@ -765,6 +784,7 @@ def run_predict(args) -> int:
         frames,
         args.chunk,
         forces=args.forces,
+        stress=args.stress,
         allow_unknown_elements=args.allow_unknown_elements,
     )
     target, std = model.target, len(models) > 1
@@ -785,6 +805,17 @@ def run_predict(args) -> int:
         )
         if charges:
             print(f"    dipole ({unit}): {np.array2string(out['dipole'][k], precision=6)}")
+        if args.stress and periodic[k]:
+            voigt = full_3x3_to_voigt_6_stress(out["stress"][k])
+            spread = (
+                f" ± {np.array2string(full_3x3_to_voigt_6_stress(out['stress_std'][k]))}"
+                if std
+                else ""
+            )
+            print(
+                f"    stress ({unit}/Angstrom^3, xx yy zz yz xz xy): "
+                f"{np.array2string(voigt, precision=8)}{spread}"
+            )
         label = "charges" if charges else f"atomic {target}"
         header = f"    {'atom':>4} {'el':>2} {f'{label} ({atomic_unit})':>20}"
         if args.forces:
@@ -806,6 +837,9 @@ def run_predict(args) -> int:
         arrays = {name: out[key][rows] for name, key in names.items()}
         for key, value in store.items():
             atoms.info[PREDICTION_PREFIX + key] = round(float(value), 6)
+        if args.stress and periodic[k]:  # Voigt, as ASE's own stress; no rounding (1e-4 scale)
+            for key in ("stress", "stress_std") if std else ("stress",):
+                atoms.info[PREDICTION_PREFIX + key] = full_3x3_to_voigt_6_stress(out[key][k])
         # the predictions' unit, stated in the file (the input's own values keep theirs)
         atoms.info[PREDICTION_PREFIX + "unit"] = unit
         if charges and not std:
@@ -820,5 +854,6 @@ def run_predict(args) -> int:
 
         with atomic_file(args.out) as tmp:
             ase.io.write(tmp, frames, format="extxyz")
-        print(f"written {args.out} (predictions under atomlens_* keys, {unit}, {unit}/Angstrom)")
+        units = f"{unit}, {unit}/Angstrom" + (f", {unit}/Angstrom^3" if args.stress else "")
+        print(f"written {args.out} (predictions under atomlens_* keys, {units})")
     return 0

@@ -223,7 +223,13 @@ def initial_model(config: TrainConfig, data: PackedDataset) -> AtomisticModel:
 
 
 def refit_offset(
-    model: AtomisticModel, data: PackedDataset, train_idx: np.ndarray, batch_size: int = 100
+    model: AtomisticModel,
+    data: PackedDataset,
+    train_idx: np.ndarray,
+    batch_size: int = 100,
+    deadline: float | None = None,
+    seed: int = 0,
+    progress: bool | None = False,
 ) -> float:
     """Least-squares per-atom offset of an extensive model on the training split.
 
@@ -231,8 +237,22 @@ def refit_offset(
     constant converges slowly; after training the shift is corrected by
     delta = sum_m err_m n_m / sum_m n_m^2 (err_m = predicted - reference), which is what
     minimises the training energy error over a per-atom constant. Returns delta (eV/atom).
+    ``deadline`` (``time.monotonic()``): predict until the batch that passes it, the
+    structures taken in a random order (``seed``), and fit on those.
     """
-    pred = predict_dataset(model, data, train_idx, batch_size)[model.target]
+    train_idx = np.asarray(train_idx)
+    if deadline is not None:
+        train_idx = np.random.default_rng(seed).permutation(train_idx)
+    pred = predict_dataset(
+        model,
+        data,
+        train_idx,
+        batch_size,
+        progress=progress,
+        deadline=deadline,
+        description="refit offset",
+    )[model.target]
+    train_idx = train_idx[: len(pred)]
     err = pred - np.asarray(data.targets[model.target])[train_idx]
     n = data.n_atoms_per[train_idx].astype(np.float64)
     delta = float((err * n).sum() / (n * n).sum())
@@ -533,8 +553,21 @@ def _train(
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)
     model = task.model.cpu().float().eval()
-    if refit:
-        refit_offset(model, data, refit_idx, datamodule.eval_batch_size())
+    if refit:  # within the budget: its share of the time left, beside the test set's
+        refit_deadline = None
+        if deadline is not None:
+            now = time.monotonic()
+            share = len(refit_idx) / (len(refit_idx) + len(test))
+            refit_deadline = now + max(0.0, deadline - now) * share
+        refit_offset(
+            model,
+            data,
+            refit_idx,
+            datamodule.eval_batch_size(),
+            refit_deadline,
+            config.seed,
+            config.progress,
+        )
     metrics, predictions = {}, None
     if len(test):
         metrics, predictions = evaluate(

@@ -218,7 +218,11 @@ def _count_frames(path) -> int:
 
 def read_structures(path: str | os.PathLike, index: str | int = ":") -> list:
     """The ASE ``Atoms`` of ``path`` (``index``: ASE syntax, ``":"`` all frames), as a list;
-    a clear :class:`DataError` naming the path for missing, empty or malformed files."""
+    a clear :class:`DataError` naming the path for missing, empty or malformed files.
+
+    Lengths are in Angstrom (a stated other length unit converted), and the units the file
+    states (``energy_unit``, ``length_unit``, ``force_unit``: its frames' info, an ASE
+    database's metadata, a ``.traj``'s eV and Angstrom) are in every frame's ``info``."""
     import ase.io
 
     check_readable(path)
@@ -236,7 +240,11 @@ def read_structures(path: str | os.PathLike, index: str | int = ":") -> list:
                     f"syntax: 0-based, 'start:stop' excludes stop)"
                 )
         raise DataError(f"{path}: the file holds no structures")
-    return _in_angstrom(frames, str(path), _stated_units(frames, str(path), Path(path)))
+    stated = _stated_units(frames, str(path), Path(path))
+    for atoms in frames:  # the units travel with the frames: a file written from them states
+        for key, value in stated.items():  # them (a database's metadata, a .traj's eV)
+            atoms.info.setdefault(key, value)
+    return _in_angstrom(frames, str(path), stated)
 
 
 def _in_angstrom(frames: list, source: str, stated: dict[str, str]) -> list:
