@@ -127,7 +127,7 @@ def perturbed_copy(model_folder: Path, out: Path, seed: int = 1) -> Path:
     import shutil
     import tempfile
 
-    from atomlens.models.io import WEIGHTS, load_model, save_model
+    from atomlens.models.io import CONFIG, WEIGHTS, load_model, save_model
 
     model = load_model(model_folder)
     generator = torch.Generator().manual_seed(seed)
@@ -137,5 +137,6 @@ def perturbed_copy(model_folder: Path, out: Path, seed: int = 1) -> Path:
     shutil.copytree(model_folder, out)  # its other files (split.npz, ...) too
     with tempfile.TemporaryDirectory() as tmp:
         saved = save_model(model, Path(tmp) / "model", metadata=model.metadata)
-        shutil.copyfile(saved / WEIGHTS, Path(out) / WEIGHTS)
+        for name in (WEIGHTS, CONFIG):  # the pair: the config records the weights' checksum
+            shutil.copyfile(saved / name, Path(out) / name)
     return Path(out)

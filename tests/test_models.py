@@ -198,6 +198,37 @@ def test_load_rejects_damaged_files(tmp_path):
         load_model(tmp_path / "nothing")
 
 
+def test_load_checks_the_weights_against_the_saved_checksum(tmp_path, data):
+    """A flipped bit keeps a safetensors file readable: the SHA-256 recorded at the save
+    refuses it, and weights of another save copied in; a folder of a later layout asks for
+    a newer atomlens; a folder saved before the checksum loads as it is."""
+    import json
+
+    model = random_model("schnet")
+    path = save_model(model, tmp_path / "m")
+    weights, config = path / "model.safetensors", path / "config.json"
+    doc = json.loads(config.read_text())
+    assert doc["format"] == 1 and len(doc["weights_sha256"]) == 64
+    original = weights.read_bytes()
+    flipped = bytearray(original)
+    flipped[-5] ^= 0x10  # inside the last tensor's data: still a readable file
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="damaged or replaced since the save"):
+        load_model(path)
+    other = save_model(random_model("schnet", seed=1), tmp_path / "other")
+    weights.write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="damaged or replaced since the save"):
+        load_model(path)
+    weights.write_bytes(original)
+    config.write_text(json.dumps({**doc, "format": 2}))
+    with pytest.raises(ValueError, match="upgrade atomlens"):
+        load_model(path)
+    old = {k: v for k, v in doc.items() if k not in ("format", "weights_sha256")}
+    config.write_text(json.dumps(old))
+    batch = data.batch(range(3), model.cutoff, torch.float64)
+    torch.testing.assert_close(load_model(path)(batch)["energy"], model(batch)["energy"])
+
+
 def test_atomic_contributions_sum_to_total(data):
     model = random_model("schnet")
     out = model(data.batch([3, 5], model.cutoff, torch.float64))

@@ -8,6 +8,7 @@ and final metrics), both written by the trainer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,8 @@ from .potential import AtomisticModel, build_model
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+#: the layout of a model folder; a folder of a later layout (a newer atomlens) is refused
+FORMAT = 1
 #: the precisions a model runs in, by name (numpy's names and the aliases float, double)
 DTYPES = {
     "float32": torch.float32,
@@ -65,20 +68,59 @@ def save_model(
     """Write ``model`` to folder ``path`` atomically (no half-written model ever appears).
 
     ``extra_files`` maps file names to callables ``write(path)`` run inside the new folder.
+    ``config.json`` records the layout (:data:`FORMAT`) and the weights' SHA-256, which
+    :func:`load_model` checks: weights damaged on disk or copied in from another save are
+    refused, not run.
     """
     path = Path(path)
     with atomic_folder(path) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"atomlens_version": __version__})
         doc = {
             "atomlens_version": __version__,
+            "format": FORMAT,
+            "weights_sha256": _sha256(tmp / WEIGHTS),
             "model": model.config.to_dict(),
             "metadata": metadata or {},
         }
         (tmp / CONFIG).write_text(json.dumps(doc, indent=1))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"atomlens_version": __version__})
         for name, write in (extra_files or {}).items():
             write(tmp / name)
     return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_saved_pair(path: Path, doc: dict) -> None:
+    """Refuse a folder of a later layout than :data:`FORMAT`, and weights whose SHA-256
+    differs from the one ``config.json`` recorded at the save (folders saved before the
+    checksum carry none and are read as they are)."""
+    layout = doc.get("format", 1)
+    if not isinstance(layout, int) or isinstance(layout, bool) or layout < 1:
+        raise ValueError(f"{path / CONFIG}: format must be a positive integer, not {layout!r}")
+    if layout > FORMAT:
+        raise ValueError(
+            f"{path}: a model folder of format {layout}, saved by atomlens "
+            f"{doc.get('atomlens_version', '?')}; this atomlens ({__version__}) reads format "
+            f"{FORMAT}: upgrade atomlens to load it"
+        )
+    expected = doc.get("weights_sha256")
+    if expected is None or not (path / WEIGHTS).is_file():
+        return  # (missing weights: load_file names them)
+    actual = _sha256(path / WEIGHTS)
+    if actual != expected:
+        raise ValueError(
+            f"{path / WEIGHTS}: damaged or replaced since the save: its SHA-256 "
+            f"{actual[:16]}... differs from the {expected[:16]}... recorded in {CONFIG} "
+            f"(weights of another save copied in? save the model with save_model to pair "
+            f"its config and weights)"
+        )
 
 
 def model_folder(path: str | os.PathLike) -> Path:
@@ -107,9 +149,14 @@ def read_config(path: str | os.PathLike) -> dict:
             f"{path}: not an atomlens model folder (no {CONFIG}){_unfinished(path)}"
         )
     try:
-        return json.loads((path / CONFIG).read_text())
+        doc = json.loads((path / CONFIG).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path / CONFIG}: damaged model config ({err})") from err
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
+        raise ValueError(  # noqa: TRY004 (a bad file: the CLI reports ValueError in one line)
+            f"{path / CONFIG}: damaged model config (not an object with a 'model' entry)"
+        )
+    return doc
 
 
 def _unfinished(path: Path) -> str:
@@ -168,6 +215,7 @@ def load_model(
     dtype = parse_dtype(dtype)
     path = model_folder(path)
     doc = read_config(path)
+    _check_saved_pair(path, doc)
     try:
         model = build_model(doc["model"])
     except (KeyError, TypeError, ValueError) as err:
