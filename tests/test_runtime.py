@@ -318,3 +318,30 @@ def test_spawned_training_processes_end_with_the_parent(monkeypatch):
     train_module._ProcessSettings(None, spawned=True).setup(None, None, "fit")
     # a kill: Lightning's own SIGTERM handler would try a collective stop with no parent
     assert calls == [signal.SIGKILL]
+
+
+def test_configure_after_torch_warns_of_spinning_threads():
+    """After ``import torch`` the wait policy cannot apply: with more than one thread the
+    user is told (not with one thread, nor with OMP_WAIT_POLICY set before Python started,
+    which then applies)."""
+    code = """
+        import warnings, json
+        import torch
+        from atomlens.runtime import configure
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            one = configure(threads=1)
+            two = configure(threads=2)
+        print(json.dumps([[str(w.message) for w in caught], one["wait_policy_applied"],
+                          two["wait_policy_applied"]]))
+    """
+    import json
+
+    done = _python(code)
+    assert done.returncode == 0, done.stderr
+    messages, one, two = json.loads(done.stdout.splitlines()[-1])
+    assert len(messages) == 1 and "spin on a busy machine" in messages[0]
+    assert one is False and two is False
+    done = _python(code, OMP_WAIT_POLICY="PASSIVE")
+    messages, one, two = json.loads(done.stdout.splitlines()[-1])
+    assert messages == [] and one is True and two is True

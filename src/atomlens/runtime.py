@@ -59,6 +59,8 @@ TOP_PAD = 64 * 1024**2
 WAIT_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 _tuned: bool | None = None
+#: whether the wait policy reached torch's OpenMP runtime (None: not asked yet)
+_wait_applied: bool | None = None
 
 
 # ----------------------------------------------------------------------------- CPUs and threads
@@ -186,12 +188,18 @@ def default_threads(cpus: int | None = None) -> int:
 def prepare_environment() -> bool:
     """Set :data:`WAIT_ENVIRONMENT` for the OpenMP runtime torch will load.
 
-    Returns True if it can take effect (torch not imported yet). Values the user put in the
-    environment are kept.
+    Returns whether the policy applies to torch's OpenMP runtime, which reads the
+    environment once, when torch loads: torch not imported yet at the first call, or the
+    environment holding the policy already then (the user's own). Values the user put in
+    the environment are kept.
     """
+    global _wait_applied
+    if _wait_applied is None or "torch" not in sys.modules:
+        held = all(os.environ.get(key) == value for key, value in WAIT_ENVIRONMENT.items())
+        _wait_applied = "torch" not in sys.modules or held
     for key, value in WAIT_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
-    return "torch" not in sys.modules
+    return _wait_applied
 
 
 # ----------------------------------------------------------------------------- allocator
@@ -278,8 +286,10 @@ def end_with_parent(sig: int = signal.SIGTERM) -> bool:
 def configure(threads: int | None = None, allocator: bool = True) -> dict:
     """Wait policy, allocator and thread count for this process (see the module doc).
 
-    Call it before ``import torch`` for the wait policy to apply. ``threads``: torch's
-    intra-op threads (default :func:`default_threads`). Returns what was set.
+    Call it before ``import torch`` for the wait policy to apply (after it, with more than
+    one thread and no ``OMP_WAIT_POLICY=PASSIVE`` of the user's, a RuntimeWarning says so).
+    ``threads``: torch's intra-op threads (default :func:`default_threads`). Returns what
+    was set.
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, not {threads}")
@@ -291,6 +301,15 @@ def configure(threads: int | None = None, allocator: bool = True) -> dict:
     import torch
 
     threads = threads or default_threads()
+    if threads > 1 and not passive:
+        warnings.warn(
+            f"atomlens.runtime.configure() after torch was imported: its {threads} OpenMP "
+            f"threads keep the active wait policy and spin on a busy machine (many times "
+            f"slower there); call configure() before importing torch, or start Python with "
+            f"OMP_WAIT_POLICY=PASSIVE in the environment",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     torch.set_num_threads(threads)
     flushed = flush_subnormals()
     return {
