@@ -775,6 +775,18 @@ def test_digits_study_and_its_command(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and "signal quality" in printed and "random" in printed
     assert not (tmp_path / "again" / "digits_cnn.safetensors").exists()
+    # the saved CNN records its split's seed: another seed's study would test it on its
+    # own training images, and is refused before any work
+    assert digits.saved_split_seed(model_path) == 0
+    with pytest.raises(ValueError, match="trained on the digits split of seed 0"):
+        digits_study(tmp_path / "other", model_path=model_path, seed=1)
+    assert not (tmp_path / "other").exists()
+    # and the study leaves the caller's torch random state as it was
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    digits_study(tmp_path / "third", model_path=model_path, n_images=1, n_perturbation=4)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_conv1d_model():

@@ -125,7 +125,9 @@ def test_cell_relaxation_converges(copper):
     atoms.rattle(0.05, seed=1)
     atoms.calc = atomlens.Calculator(model)
     optimizer = BFGS(FrechetCellFilter(atoms), logfile=None)
-    assert optimizer.run(fmax=0.01, steps=300)
+    # the filter's cell "forces" are -V sigma / n_atoms: fmax 0.005 eV/Angstrom holds the
+    # stress below 4 * 0.005 / 46 = 4.3e-4 eV/Angstrom^3 (0.07 GPa); fmax 0.01 allowed 0.14
+    assert optimizer.run(fmax=0.005, steps=400)
     assert np.abs(atoms.get_stress()).max() < 0.01 / 160.2 * 10  # below 0.1 GPa
     assert 3.45 < atoms.cell.lengths()[0] < 3.75  # EMT's copper: 3.59 Angstrom
 

@@ -151,6 +151,41 @@ def test_refit_offset_recovers_a_constant_per_atom_shift(data):
     )
 
 
+def test_batch_orders_of_neighbouring_seeds_are_unrelated():
+    """Seed s + 1 (ensemble member k + 1) does not replay seed s's orders an epoch late."""
+    from atomlens.data.dataset import BatchSampler
+
+    def orders(seed: int, epochs: int = 4) -> list[np.ndarray]:
+        sampler = BatchSampler(np.arange(40), 40, shuffle=True, seed=seed)
+        return [next(iter(sampler)) for _ in range(epochs)]
+
+    zero, one = orders(0), orders(1)
+    assert not any(np.array_equal(a, b) for a in zero for b in one)
+    assert all(np.array_equal(a, b) for a, b in zip(zero, orders(0)))  # reproducible
+
+
+def test_training_leaves_the_callers_random_state(tmp_path, data):
+    """Training seeds Python's, NumPy's and torch's generators from its config; the caller's
+    streams go on afterwards as if it had not run, and Lightning's seed variables are gone."""
+    import os
+    import random
+
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    def seed_all():
+        random.seed(5)
+        np.random.seed(5)
+        torch.manual_seed(5)
+
+    seed_all()
+    expected = draws()
+    seed_all()
+    train(tiny_train_config(tmp_path / "run", seed=3), data=data)
+    assert draws() == expected
+    assert "PL_GLOBAL_SEED" not in os.environ
+
+
 def test_refit_offset_stops_at_its_deadline(data):
     """Past its deadline the refit fits on the first batch of a random order, alone."""
     from helpers import random_model

@@ -572,7 +572,7 @@ def file_checksum(path: str | os.PathLike) -> str:
 
 
 class BatchSampler:
-    """Yields index arrays of whole batches; reshuffled each epoch from ``seed + epoch``.
+    """Yields index arrays of whole batches; reshuffled each epoch from the pair ``(seed, epoch)``.
 
     With ``world_size > 1`` each rank gets its contiguous share of every global batch, so
     data-parallel training sees exactly the global batches of single-process training.
@@ -611,7 +611,10 @@ class BatchSampler:
     def __iter__(self) -> Iterator[np.ndarray]:
         order = self.indices
         if self.shuffle:
-            order = order[np.random.default_rng(self.seed + self.epoch).permutation(len(order))]
+            # (seed, epoch) as one entropy pair: with seed + epoch, seed s + 1 replayed seed
+            # s's orders one epoch late (ensemble members seed + k saw each other's batches)
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order = order[rng.permutation(len(order))]
         self.epoch += 1
         for b in range(len(self)):
             glob = order[b * self.batch_size : (b + 1) * self.batch_size]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,9 +69,11 @@ def load_digits_data(test_fraction: float = 0.2, seed: int = 0) -> Digits:
 def train_digits_cnn(
     data: Digits, epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 0
 ) -> nn.Sequential:
-    """Train :func:`digits_cnn` with Adam and cross-entropy; returned in eval mode."""
-    torch.manual_seed(seed)
-    model = digits_cnn()
+    """Train :func:`digits_cnn` with Adam and cross-entropy; returned in eval mode. The
+    caller's global torch random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = digits_cnn()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -92,10 +95,15 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def save_model(model: nn.Module, path: str | Path) -> None:
-    """Weights and BatchNorm statistics as safetensors."""
+def save_model(model: nn.Module, path: str | Path, split_seed: int | None = None) -> None:
+    """Weights and BatchNorm statistics as safetensors; ``split_seed``: the seed of the
+    :func:`load_digits_data` split it was trained on (recorded, so that a later study tests
+    it on that split's test images, not on its own training images)."""
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "atomlens.digits_cnn/1"})
+    metadata = {"format": "atomlens.digits_cnn/1"}
+    if split_seed is not None:
+        metadata["split_seed"] = str(split_seed)
+    save_file(state, str(path), metadata=metadata)
 
 
 def load_model(path: str | Path) -> nn.Sequential:
@@ -109,6 +117,18 @@ def load_model(path: str | Path) -> nn.Sequential:
             f"file written by 'atomlens explain', or a new path to train and save one there"
         ) from None
     return model.eval()
+
+
+def saved_split_seed(path: str | Path) -> int | None:
+    """The split seed :func:`save_model` recorded in ``path`` (None: not recorded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        value = (handle.metadata() or {}).get("split_seed")
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -159,14 +179,10 @@ def digits_study(
     every method (``explanations.png``); measures rho(S) on ``n_quality`` training images
     (the patterns' own) and as many test images (default all; ``quality.json``/``.csv``,
     a ``data`` column) and the degradation of ``n_perturbation`` test
-    images in ``patch`` x ``patch`` regions (``perturbation.json``/``.csv``).
+    images in ``patch`` x ``patch`` regions (``perturbation.json``/``.csv``). A loaded CNN
+    trained on another seed's split is refused (its test images would be training images).
+    The caller's global torch random state is left as it was.
     """
-    from .figures import explanation_grid
-    from .methods import METHODS, explain
-    from .patterns import fit_patterns
-    from .perturbation import perturbation_curve
-    from .quality import quality_table
-
     for name, value in (("n_images", n_images), ("epochs", epochs), ("patch", patch)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, not {value}")
@@ -177,17 +193,54 @@ def digits_study(
         raise FileNotFoundError(
             f"{model_path}: its folder does not exist; the trained CNN would be lost"
         )
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # seeded inside; the caller's state kept
+        torch.manual_seed(seed)
+        return _digits_study(
+            out, model_path, n_images, epochs, n_perturbation, n_quality, patch, seed
+        )
+
+
+def _digits_study(
+    out: str | Path,
+    model_path: str | Path | None,
+    n_images: int,
+    epochs: int,
+    n_perturbation: int,
+    n_quality: int | None,
+    patch: int,
+    seed: int,
+) -> DigitsStudy:
+    from .figures import explanation_grid
+    from .methods import METHODS, explain
+    from .patterns import fit_patterns
+    from .perturbation import perturbation_curve
+    from .quality import quality_table
+
+    loaded = model_path is not None and Path(model_path).exists()
+    if loaded:
+        model = load_model(model_path)
+        trained_on = saved_split_seed(model_path)
+        if trained_on is not None and trained_on != seed:
+            raise ValueError(
+                f"{model_path} was trained on the digits split of seed {trained_on}; with "
+                f"seed {seed} about 80% of this study's test images would be its own "
+                f"training images: run with --seed {trained_on}, or train a new CNN"
+            )
+        if trained_on is None:
+            warnings.warn(
+                f"{model_path} does not record the split it was trained on (saved by an "
+                f"earlier atomlens): its test accuracy and the test rows hold only if it "
+                f"was trained with seed {seed}",
+                stacklevel=2,
+            )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     data = load_digits_data(seed=seed)
-    if model_path is not None and Path(model_path).exists():
-        model = load_model(model_path)
-    else:
+    if not loaded:
         model = train_digits_cnn(data, epochs=epochs, seed=seed)
         files["model"] = Path(model_path or out / "digits_cnn.safetensors")
-        save_model(model, files["model"])
+        save_model(model, files["model"], split_seed=seed)
     test_accuracy = accuracy(model, data.x_test, data.y_test)
 
     loader = torch.utils.data.DataLoader(data.x_train, batch_size=256)

@@ -12,9 +12,11 @@ The output folder ``config.out`` holds
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -396,11 +398,39 @@ def train(
     check_device(config.device)  # before the folder is touched
     check_strategy(config.strategy)
     if not run_folder.is_primary_process():  # the primary process guards the folder
-        with quiet_dependencies():
+        with quiet_dependencies(), kept_random_state():
             return _train(config, resume, data, split, deadline, test_seed)
-    with run_folder.locked(out), quiet_dependencies():
+    with run_folder.locked(out), quiet_dependencies(), kept_random_state():
         run_folder.prepare(out, resume, overwrite)
         return _train(config, resume, data, split, deadline, test_seed)
+
+
+#: the environment variables of Lightning's seed_everything
+LIGHTNING_SEED_VARIABLES = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@contextlib.contextmanager
+def kept_random_state():
+    """Inside, anything may seed the global generators; afterwards the caller's Python,
+    NumPy and torch (CPU, and CUDA devices in use) random states and Lightning's seed
+    variables are as they were. Training seeds them all from ``config.seed``: a script
+    that drew numbers after ``train(...)`` had its stream reset to the training seed."""
+    import random
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    variables = {name: os.environ.get(name) for name in LIGHTNING_SEED_VARIABLES}
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+            for name, value in variables.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def _train(
