@@ -702,6 +702,51 @@ def test_tabulated_cfconv_nan_distance_gives_nan_on_its_atoms_only(width):
     assert torch.isfinite(grad_h[[0, 2, 3, 4, 6]]).all()
 
 
+def test_public_kernel_operators_refuse_atom_indices_out_of_range():
+    """torch.ops.atomlens.tabulated_cfconv(_backward) and cpu_kernels.cfconv are public: an
+    atom index outside the feature rows (6 of 6, or -1) is an error, not a write outside
+    the buffer (heap corruption)."""
+    from atomlens.nn import cpu_kernels
+
+    h, table, grid, a, b = _tabulated_case(torch.float32, width=4)
+    rows = h.shape[0]
+    for bad in (rows, -1):
+        wrong = b.clone()
+        wrong[0] = bad
+        with pytest.raises(RuntimeError, match="atom index outside"):
+            torch.ops.atomlens.tabulated_cfconv(h, table.reshape(-1, h.shape[1]), grid, a, wrong)
+        with pytest.raises(RuntimeError, match="atom index outside"):
+            torch.ops.atomlens.tabulated_cfconv_backward(
+                torch.ones_like(h),
+                h,
+                table.reshape(-1, h.shape[1]),
+                grid,
+                wrong,
+                b,
+                True,
+                True,
+                True,
+            )
+        filters = torch.randn(len(a), 4)
+        with pytest.raises(RuntimeError, match="atom index outside"):
+            cpu_kernels.cfconv(h, filters, a, wrong)
+
+
+def test_compiled_operator_refuses_a_second_derivative():
+    """The operator the compiled MD step calls has first derivatives only: a second one
+    (a loss on forces) is an error, not the zero it had silently been."""
+    from atomlens.nn import cpu_kernels
+
+    h, table, grid, a, b = _tabulated_case(torch.float32, width=4)
+    h.requires_grad_(True)
+    table = table.reshape(-1, h.shape[1]).requires_grad_(True)
+    grid.requires_grad_(True)
+    y = cpu_kernels.TabulatedCFConvOp.apply(h, table, grid, a, b)
+    (grad_grid,) = torch.autograd.grad(y.square().sum(), grid, create_graph=True)
+    with pytest.raises(RuntimeError, match="no derivative of its own"):
+        torch.autograd.grad(grad_grid.square().sum(), table)
+
+
 def test_tabulated_cfconv_derivatives_of_every_order():
     """gradcheck and gradgradcheck (float64): the one-pass backward is exact, and force
     training's double backward (composed Functions) is too."""

@@ -55,7 +55,7 @@ from . import kernels
 _LOG = logging.getLogger("atomlens")
 
 #: bump when the source changes: torch caches builds by name
-_NAME = "atomlens_cpu_kernels_v34"
+_NAME = "atomlens_cpu_kernels_v35"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -87,11 +87,28 @@ static void cfconv_rows(const T* __restrict x, const T* __restrict w, const int6
   }
 }
 
+// every pair's two atoms in [0, rows): an index outside would read and write outside the
+// feature rows. The model's callers check their pairs once per batch (kernels.check_rows);
+// the operators are public, so each call checks too (a few us for 10^4 pairs)
+static void check_atoms(const torch::Tensor& a, const torch::Tensor& b, int64_t rows,
+                        const char* what) {
+  auto ac = a.contiguous(), bc = b.contiguous();
+  const int64_t* ia = ac.data_ptr<int64_t>();
+  const int64_t* ib = bc.data_ptr<int64_t>();
+  const int64_t n = ac.numel();
+  uint64_t worst = 0;  // unsigned: a negative index counts as larger than any row count
+  for (int64_t p = 0; p < n; ++p)
+    worst = std::max(worst, std::max(static_cast<uint64_t>(ia[p]), static_cast<uint64_t>(ib[p])));
+  TORCH_CHECK(n == 0 || worst < static_cast<uint64_t>(rows), what,
+              ": a pair's atom index outside [0, ", rows, ")");
+}
+
 torch::Tensor cfconv(torch::Tensor x, torch::Tensor w, torch::Tensor a, torch::Tensor b) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "cfconv: shapes");
   TORCH_CHECK(a.numel() == w.size(0) && b.numel() == w.size(0), "cfconv: one pair per row");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "cfconv: dtypes");
   TORCH_CHECK(a.scalar_type() == torch::kLong && b.scalar_type() == torch::kLong, "cfconv: int64");
+  check_atoms(a, b, x.size(0), "cfconv");
   auto xc = x.contiguous(), wc = w.contiguous(), ac = a.contiguous(), bc = b.contiguous();
   auto y = torch::zeros_like(xc);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "cfconv", [&] {
@@ -507,6 +524,7 @@ static void check_tabulated(const torch::Tensor& h, const torch::Tensor& table,
               "tabulated cfconv: dtypes");
   TORCH_CHECK(a.scalar_type() == torch::kLong && b.scalar_type() == torch::kLong,
               "tabulated cfconv: int64");
+  check_atoms(a, b, h.size(0), "tabulated cfconv");
 }
 
 std::vector<torch::Tensor> tabulated_cfconv_double_backward(
@@ -1859,6 +1877,23 @@ def _(grad, h, table, x, a, b, need_h, need_table, need_x):
         h.new_empty(table.shape) if need_table else h.new_empty(0),
         h.new_empty(x.shape) if need_x else h.new_empty(0),
     )
+
+
+def _no_second_derivative(ctx, *grads):
+    raise RuntimeError(
+        "atomlens::tabulated_cfconv_backward has no derivative of its own: a second derivative "
+        "through the compiled convolution (a loss on forces under torch.compile) is not "
+        "available; train on forces without compile (atomlens's eager path has it)"
+    )
+
+
+# without an autograd kernel a second derivative through the operator came out as zero with
+# a warning; now it is an error
+torch.library.register_autograd(
+    "atomlens::tabulated_cfconv_backward",
+    _no_second_derivative,
+    setup_context=lambda ctx, inputs, output: None,
+)
 
 
 class TabulatedCFConvOp(torch.autograd.Function):
