@@ -721,3 +721,23 @@ def test_extxyz_trajectories_state_their_units_and_outputs_are_distinct(tmp_path
     with pytest.raises(ValueError, match="one file for two outputs"):
         md.run(1, trajectories=paths, logfiles=[paths[1], tmp_path / "c.csv"])
     assert md.nsteps == 2
+
+
+def test_a_gpu_that_torch_does_not_see_is_a_clear_error(tmp_path, monkeypatch):
+    """device="cuda" where torch sees no GPU: atomlens's one-line ValueError from the
+    calculator, batched MD and load_model (torch's was an AssertionError at the transfer)."""
+    import atomlens
+    from atomlens.models.io import load_model, save_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = random_model("schnet")
+    folder = save_model(model, tmp_path / "m")
+    for make in (
+        lambda: atomlens.Calculator(model, device="cuda"),
+        lambda: BatchedMD(model, [molecule("H2O")], device="cuda:0"),
+        lambda: load_model(folder, device="cuda"),
+    ):
+        with pytest.raises(ValueError, match="sees no CUDA GPU here"):
+            make()
+    with pytest.raises(ValueError, match="atomlens runs on 'cpu' or 'cuda"):
+        atomlens.Calculator(model, device="gpu")

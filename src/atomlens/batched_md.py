@@ -311,6 +311,9 @@ class BatchedMD:
 
     @staticmethod
     def _private_model(model, device, dtype) -> AtomisticModel:
+        from .models.io import check_device
+
+        device = check_device(device)
         if isinstance(model, (str, os.PathLike)):
             from .models.io import load_model
 

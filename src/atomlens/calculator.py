@@ -138,10 +138,11 @@ class Calculator(AseCalculator):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        from .models.io import load_model, parse_dtype
+        from .models.io import check_device, load_model, parse_dtype
 
         compile = compile_option(compile)  # refused before the model loads
         dtype = parse_dtype(dtype)
+        device = check_device(device)
         skin = checked_skin(skin)
         if isinstance(model, (str, os.PathLike)):
             model = load_model(model, device=device, dtype=dtype)

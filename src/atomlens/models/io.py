@@ -59,6 +59,23 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return parsed
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; a CUDA device that torch does not see is a clear
+    error (torch's own was "AssertionError: Torch not compiled with CUDA enabled" at the
+    first transfer), as is a name torch does not know."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device {device!r}: {err} (atomlens runs on 'cpu' or 'cuda[:N]')"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r}: torch {torch.__version__} sees no CUDA GPU here; use device='cpu'"
+        )
+    return parsed
+
+
 def save_model(
     model: AtomisticModel,
     path: str | os.PathLike,
@@ -213,6 +230,7 @@ def load_model(
     (see :func:`parse_dtype`) converts it, ``None`` keeps the saved precision.
     """
     dtype = parse_dtype(dtype)
+    device = check_device(device)
     path = model_folder(path)
     doc = read_config(path)
     _check_saved_pair(path, doc)
