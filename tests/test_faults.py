@@ -292,10 +292,13 @@ def test_ctrl_c_in_training_keeps_the_epochs_and_says_how_to_go_on(
     assert epochs_done(load_checkpoint(out / "checkpoints" / "last.ckpt")) == 3
 
     def ctrl_c(args):
+        if getattr(args, "out", None):
+            args.run_folder = Path(args.out)  # as run_train sets it, before training
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_command, "run_train", ctrl_c)
     monkeypatch.setattr(train_command, "run_evaluate", ctrl_c)
+    assert main(["train", "--preset", "qm9-u0-demo", "--out", str(out)]) == 130
     assert main(["train", "--preset", "qm9-u0-demo", "--out", str(tmp_path / "x")]) == 130
     assert main(["evaluate", str(out)]) == 130
     err = capsys.readouterr().err.splitlines()
@@ -303,7 +306,9 @@ def test_ctrl_c_in_training_keeps_the_epochs_and_says_how_to_go_on(
         "atomlens train: interrupted; every finished epoch is saved: run the same command "
         "with --resume to go on from the last one"
     )
-    assert err == [train_hint, "atomlens evaluate: interrupted"]
+    nothing = "atomlens train: interrupted; no epoch had finished, nothing to resume: run "
+    nothing += "the command again"
+    assert err == [train_hint, nothing, "atomlens evaluate: interrupted"]
 
 
 def test_spawned_training_processes_keep_the_chatter_quiet_too(monkeypatch):

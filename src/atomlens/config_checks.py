@@ -70,8 +70,9 @@ def check_ranges(obj, rules: dict, where: str) -> None:
 OUTPUT_SCALES = ("auto", "std", "forces")
 
 
-#: ``TrainConfig.device``: Lightning's accelerators ("gpu" is "cuda")
-DEVICES = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+#: ``TrainConfig.device``: the accelerators atomlens runs on ("gpu" is "cuda"; Lightning's
+#: others, mps and tpu, failed with a traceback after the run folder was written)
+DEVICES = ("auto", "cpu", "gpu", "cuda")
 #: ``TrainConfig.precision``: Lightning's precision names (checked here: Lightning's own
 #: error came after the run folder was written)
 PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")

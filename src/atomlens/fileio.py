@@ -176,9 +176,26 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_figure_path(option: str, path: str | os.PathLike | None) -> None:
+    """Refuse, before any work, a figure path whose suffix names no format matplotlib
+    writes (``--out x`` had failed after the work, naming a temporary file)."""
+    if path is None:
+        return
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise ValueError(
+            f"{option} {path}: a figure is written as an image; end the name in one of "
+            f"{', '.join('.' + name for name in sorted(formats))}"
+        )
+
+
 def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:
     """``fig.savefig(path, **kwargs)`` whole or not at all (:func:`atomic_file`); the format
-    from ``path``'s suffix."""
+    from ``path``'s suffix (:func:`check_figure_path`)."""
+    check_figure_path("figure", path)
     path = Path(path)
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or None, **kwargs)

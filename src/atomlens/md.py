@@ -388,10 +388,13 @@ def _check_settings(
             f"pbc={atoms.pbc.tolist()}"
         )
     if len(atoms) < 2:
-        raise ValueError(
-            f"MD needs at least two atoms; the structure has {len(atoms)} "
-            f"(a single atom has no interactions to follow)"
+        why = (
+            "a lone atom has no motion of its own once the centre-of-mass momentum is "
+            "removed: repeat the cell (ase's atoms.repeat(2), a 2x2x2 supercell)"
+            if atoms.pbc.any()
+            else "a single atom has no interactions to follow"
         )
+        raise ValueError(f"MD needs at least two atoms; the structure has {len(atoms)} ({why})")
     checks = (
         (temperature_K, "temperature", "K", lambda v: v >= 0, ">= 0"),
         (timestep_fs, "time step", "fs", lambda v: v > 0, "> 0"),

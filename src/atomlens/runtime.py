@@ -282,6 +282,10 @@ def end_with_parent(sig: int = signal.SIGTERM) -> bool:
     return True
 
 
+#: the most torch threads :func:`configure` takes, per CPU of the machine
+MAX_THREADS_PER_CPU = 4
+
+
 # ----------------------------------------------------------------------------- all of it
 def configure(threads: int | None = None, allocator: bool = True) -> dict:
     """Wait policy, allocator and thread count for this process (see the module doc).
@@ -293,6 +297,12 @@ def configure(threads: int | None = None, allocator: bool = True) -> dict:
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, not {threads}")
+    cpus = os.cpu_count() or 1
+    if threads is not None and threads > MAX_THREADS_PER_CPU * cpus:
+        raise ValueError(  # (100,000 threads crashed OpenBLAS and libgomp: a segfault)
+            f"threads {threads}: more than {MAX_THREADS_PER_CPU} per CPU of this machine's "
+            f"{cpus}; threads beyond the CPUs only wait on each other"
+        )
     passive = prepare_environment()
     tuned = tune_allocator() if allocator else False
     if tuned:  # the same settings for the processes this one starts

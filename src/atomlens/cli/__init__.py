@@ -39,6 +39,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from .._optional import MissingExtra
 from ._common import add_threads_everywhere
@@ -119,6 +120,16 @@ INTERRUPTED_HINTS = {
 }
 
 
+def _resumable(out) -> bool:
+    """Whether a training run (or an ensemble's member) in ``out`` saved a checkpoint."""
+    if out is None:
+        return False
+    out = Path(out)
+    return (out / "checkpoints" / "last.ckpt").is_file() or any(
+        out.glob("model_*/checkpoints/last.ckpt")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``atomlens`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     from ..runtime import configure, ignore_dependency_warnings, prepare_environment
@@ -131,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         threads = getattr(args, "threads", None)
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1, not {threads}")
-        configure(threads=threads)
+        try:
+            configure(threads=threads)
+        except ValueError as err:  # the option's name, as for every other option
+            if not str(err).startswith("threads "):
+                raise
+            raise ValueError(f"--{err}") from None
         _log_to_stderr()
         ignore_dependency_warnings()
         return args.func(args)
@@ -148,5 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if _debug(args):
             traceback.print_exc()
         hint = INTERRUPTED_HINTS.get(args.command, "")
+        if args.command == "train" and not _resumable(getattr(args, "run_folder", None)):
+            hint = "; no epoch had finished, nothing to resume: run the command again"
         print(f"atomlens {args.command}: interrupted{hint}", file=sys.stderr)
         return INTERRUPTED_STATUS

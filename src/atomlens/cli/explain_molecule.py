@@ -61,6 +61,11 @@ def _patterns(args, model):
     from ..explain.patterns import Patterns
 
     if args.patterns is not None:
+        if args.fit_data is not None:
+            raise ValueError(
+                "give --patterns FILE (patterns fitted before) or --fit-data STRUCTURES (fit "
+                "them now), not both"
+            )
         if not args.patterns.is_file():
             raise FileNotFoundError(f"{args.patterns}: no such patterns file")
         return Patterns.load(args.patterns, model)

@@ -37,6 +37,10 @@ def run(args) -> int:
 
     folder = model_folder(args.model)
     check_outputs({"--out": args.out}, [args.model, folder])
+    if Path(args.out).suffix.lower() != ".pt2":  # it had replaced a structure file given
+        raise ValueError(
+            f"--out {args.out}: the exported program is a .pt2 archive; name a .pt2 file"
+        )
     trained = folder / "train_config.yaml"
     if not args.molecules and trained.exists() and load_config(trained).stress:
         raise ValueError(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_file, check_outputs
+from ..fileio import atomic_file, check_figure_path, check_outputs
 from ._common import check_numbers
 
 
@@ -124,6 +124,7 @@ def add_parser(subparsers) -> None:
         help="closest distance between the copies (Angstrom; default cutoff + 1)",
     )
     _add_dtype(e)
+    _add_unknown_elements(e)
     e.set_defaults(func=run_extensivity)
 
 
@@ -185,7 +186,17 @@ def _add_unknown_elements(p) -> None:
 
 
 def _add_data_options(p) -> None:
-    p.add_argument("--data", default="qm9", help="'qm9' or a packed data set folder")
+    p.add_argument(
+        "--data",
+        default="qm9",
+        help="'qm9', a packed data set folder, or a file of labelled structures",
+    )
+    p.add_argument(
+        "--energy-unit", help="energy unit of a --data file that does not state it (eV, ...)"
+    )
+    p.add_argument(
+        "--length-unit", help="length unit of a --data file that does not state it (Angstrom)"
+    )
     p.add_argument(
         "--split",
         default="all",
@@ -195,6 +206,20 @@ def _add_data_options(p) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+def _one_structure(spec: str, index: str):
+    """The one structure ``--index`` selects of ``spec`` (a selection of several is refused:
+    the command studies one; it had taken the first without a word)."""
+    from ..data.sources.open import open_structures
+
+    frames = open_structures(spec, index)
+    if len(frames) != 1:
+        raise ValueError(
+            f"--index {index} selects {len(frames)} structures of {spec}; this command "
+            f"studies one: give one index (e.g. --index 0)"
+        )
+    return frames[0]
+
+
 def _load(model_path: str, dtype: str = "float64"):
     import torch
 
@@ -233,6 +258,7 @@ def run_atomic_energies(args) -> int:
     from ..insight.atomic import atomic_energies
     from ..insight.plots import atomic_energy_plot
 
+    check_figure_path("--out", args.out)
     model, _, unit = _load(args.model, args.dtype)
     frames = open_structures(args.structures, args.index)
     if args.out:
@@ -308,18 +334,18 @@ POTENTIAL_MAP_RANGES = {
 
 
 def run_potential_map(args) -> int:
-    from ..data.sources.open import open_structures
     from ..insight.cube import write_cube
     from ..insight.plots import potential_map_plot
     from ..insight.potential_map import potential_map
 
     check_numbers(args, POTENTIAL_MAP_RANGES)
+    check_figure_path("--out", args.out)
     check_outputs(
         {"--out": args.out or f"potential_{args.probe}.png", "--cube": args.cube},
         [args.model, args.structure],
     )
     model, _, unit = _load(args.model, args.dtype)
-    atoms = open_structures(args.structure, args.index)[0]
+    atoms = _one_structure(args.structure, args.index)
     pmap = potential_map(
         model,
         atoms,
@@ -372,9 +398,10 @@ def run_rings(args) -> int:
 
     check_numbers(args, {"--max-molecules": ">= 0", "--min-count": ">= 0", "--seed": ">= 0"})
     sizes = _ring_sizes(args.sizes)
+    check_figure_path("--out", args.out)
     check_outputs({"--out": args.out, "--json": _json_file(args)}, [args.model, args.data])
     model, folder, unit = _load(args.model, args.dtype)
-    data = open_dataset(args.data)
+    data = open_dataset(args.data, args.energy_unit, args.length_unit)
     analysis = ring_study(
         model,
         data,
@@ -396,6 +423,13 @@ def run_rings(args) -> int:
             f"({analysis.n_molecules} molecules; red: aromatic)",
         )
         _say(args, f"figure: {args.out}")
+    else:
+        _say(
+            args,
+            f"no ring type was seen {args.min_count} times or more in the "
+            f"{analysis.n_molecules} molecules analysed (no figure): lower --min-count or "
+            f"raise --max-molecules",
+        )
     if args.json:
         _put_json(args, {"unit": unit, **analysis.as_dict()})
     return 0
@@ -419,9 +453,10 @@ def run_isomers(args) -> int:
     from ..insight.isomers import isomer_analysis
     from ..insight.plots import isomer_plot
 
+    check_figure_path("--out", args.out)
     check_outputs({"--out": args.out, "--json": _json_file(args)}, [args.model, args.data])
     model, folder, unit = _load(args.model, args.dtype)
-    data = open_dataset(args.data)
+    data = open_dataset(args.data, args.energy_unit, args.length_unit)
     indices = _split_indices(folder, args.split, data, args.data)
     analysis = isomer_analysis(model, data, args.formula, None if args.split == "all" else indices)
     summary = analysis.summary()
@@ -473,12 +508,13 @@ def _in_training_split(folder: Path, args, indices: np.ndarray) -> int | None:
 
 
 def run_extensivity(args) -> int:
-    from ..data.sources.open import open_structures
     from ..insight.extensivity import extensivity
+    from ..models.guards import check_elements
 
     model, _, unit = _load(args.model, args.dtype)
-    atoms = open_structures(args.structure, args.index)[0]
-    result = extensivity(model, atoms, args.separation)
+    atoms = _one_structure(args.structure, args.index)
+    check_elements(model, atoms.numbers, args.allow_unknown_elements, str(args.structure))
+    result = extensivity(model, atoms, args.separation, args.allow_unknown_elements)
     ok = result.passed()
     if result.separation is None:
         axis = "abc"[int(np.flatnonzero(atoms.pbc)[0])]

@@ -91,7 +91,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--max-drift",
         type=float,
-        default=0.1,
+        default=None,
         help="NVE: stop (exit 2) when the total energy drifts by more than this, "
         "eV/atom (default 0.1; inf: no limit); Langevin has no conserved energy",
     )
@@ -141,7 +141,11 @@ OPTION_RANGES = {
     "--max-drift": "> 0",
 }
 #: options that only one ensemble reads, with their defaults
-ENSEMBLE_OPTIONS = {"friction": ("langevin", 0.01), "pressure": ("npt", 1.01325)}
+ENSEMBLE_OPTIONS = {
+    "friction": ("langevin", 0.01),
+    "pressure": ("npt", 1.01325),
+    "max_drift": ("nve", 0.1),
+}
 
 
 def run(args) -> int:
@@ -151,8 +155,8 @@ def run(args) -> int:
     for option, (ensemble, default) in ENSEMBLE_OPTIONS.items():
         if getattr(args, option) is not None and args.ensemble != ensemble:
             raise ValueError(
-                f"--{option} applies to --ensemble {ensemble}, not {args.ensemble}: "
-                f"drop it or change the ensemble"
+                f"--{option.replace('_', '-')} applies to --ensemble {ensemble}, not "
+                f"{args.ensemble}: drop it or change the ensemble"
             )
         if getattr(args, option) is None:
             setattr(args, option, default)
@@ -163,6 +167,9 @@ def run(args) -> int:
             f"divides by kT), not {args.temperature}"
         )
     frames = read_structures(args.structure, args.index)
+    from ..data.dataset import dataset_from_atoms
+
+    dataset_from_atoms(frames, source=args.structure, targets=False)  # checked, file named
     if args.index == "0" and _has_more_frames(args.structure):
         print(
             f"{args.structure}: running its first frame (--index 0, the default); "

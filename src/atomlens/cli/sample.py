@@ -12,6 +12,7 @@ A thin layer over :mod:`atomlens.data.sampling` and the writers in
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ._common import check_numbers
@@ -82,7 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--strain",
         type=float,
-        default=0.02,
+        default=None,
         help="standard deviation of the random strain with --cells (0.02)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.dataset import DataError
     from ..data.sampling import (
         ISO17_SETS,
+        SamplingInterrupted,
         check_start_structure,
         make_calculator,
         molecule_from_smiles,
@@ -127,9 +129,8 @@ def run(args: argparse.Namespace) -> int:
         sample_isomers,
         sample_md,
     )
-    from ..data.sources.ase_files import read_structures, write_ase
+    from ..data.sources.ase_files import read_structures
     from ..data.sources.iso17 import write_iso17
-    from ..data.sources.md17 import write_md17
     from ..fileio import check_output_folder, check_outputs
 
     check_numbers(args, OPTION_RANGES)
@@ -177,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if out.suffix not in (".npz", ".db", ".extxyz"):
         raise DataError(f"--out {out}: use .npz (MD17 layout), .db (ISO17 layout) or .extxyz")
-    if args.smiles:
+    if args.smiles is not None:
+        if not args.smiles.strip():
+            raise ValueError("--smiles is empty: give a molecule's SMILES (e.g. CCO)")
         atoms = molecule_from_smiles(args.smiles, seed=args.seed)
     else:
         atoms = read_structures(args.xyz, 0)[0]
@@ -192,6 +195,13 @@ def run(args: argparse.Namespace) -> int:
             f"--cells {args.cells}: strained copies are of a periodic cell; the start "
             f"structure is a molecule (sample it with MD alone, without --cells)"
         )
+    if args.strain is not None and args.cells == 1:  # it would be ignored without a word
+        raise ValueError(
+            f"--strain {args.strain} sets the strain of the copies of --cells N (N > 1); "
+            f"give --cells too, or leave --strain out"
+        )
+    if args.reference_isomers is not None:
+        raise ValueError("--reference-isomers splits the isomers of --isomers; give those too")
     if args.method is None:  # GFN1-xTB gives the stress of periodic cells
         args.method = "gfn1" if periodic else "gfn2"
     check_start_structure(atoms, args.method, args.xyz or f"--smiles {args.smiles}")
@@ -201,10 +211,43 @@ def run(args: argparse.Namespace) -> int:
         atoms = relax(atoms, calculator, fmax=args.relax)
     if periodic and args.cells > 1:
         data = sample_cells(
-            atoms, calculator, n_cells=args.cells, strain=args.strain, seed=args.seed, **md
+            atoms,
+            calculator,
+            n_cells=args.cells,
+            strain=0.02 if args.strain is None else args.strain,
+            seed=args.seed,
+            **md,
         )
     else:
-        data = sample_md(atoms, calculator, seed=args.seed, **md)
+        try:
+            data = sample_md(atoms, calculator, seed=args.seed, **md)
+        except SamplingInterrupted as stop:  # the frames sampled so far cost hours: kept
+            partial, k = out.with_name(f"{out.stem}.partial{out.suffix}"), 1
+            while partial.exists():  # an earlier interrupt's frames stay too
+                partial, k = out.with_name(f"{out.stem}.partial-{k}{out.suffix}"), k + 1
+            _write(partial, stop.partial, args)
+            print(
+                f"atomlens sample: the {len(stop.partial)} frames sampled before the "
+                f"interrupt are in {partial} (a whole data set; sample more into another "
+                f"file and train on both)",
+                file=sys.stderr,
+            )
+            raise KeyboardInterrupt from None
+    _write(out, data, args)
+    energy = data.targets["energy"]
+    print(
+        f"{out}: {len(data)} frames of {int(data.n_atoms_per[0])} atoms, "
+        f"energy {energy.min():.4f} .. {energy.max():.4f} eV"
+    )
+    return 0
+
+
+def _write(out: Path, data, args) -> None:
+    """The sampled ``data`` as ``out``'s format says (extxyz, MD17 npz or ISO17 db)."""
+    from ..data.sources.ase_files import write_ase
+    from ..data.sources.iso17 import write_iso17
+    from ..data.sources.md17 import write_md17
+
     if out.suffix == ".extxyz":
         write_ase(out, data, format="extxyz", info={"theory": args.method})
     elif out.suffix == ".npz":
@@ -222,9 +265,3 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         write_iso17(out, data)
-    energy = data.targets["energy"]
-    print(
-        f"{out}: {len(data)} frames of {int(data.n_atoms_per[0])} atoms, "
-        f"energy {energy.min():.4f} .. {energy.max():.4f} eV"
-    )
-    return 0

@@ -408,6 +408,11 @@ def config_from_args(args):
                 f"{option} weighs a term of the loss that this run does not have: give "
                 f"{flag} too (or set it in the config), or leave {option} out"
             )
+    if args.refit_statistics and not config.init_from:
+        raise ValueError(
+            "--refit-statistics refits the statistics of the model fine-tuned from "
+            "--init-from; without it every run fits its own (leave the option out)"
+        )
     return config
 
 
@@ -449,6 +454,7 @@ def run_train(args) -> int:
     if args.parallel < 1:
         raise ValueError(f"--parallel must be at least 1, not {args.parallel}")
     config = config_from_args(args)
+    args.run_folder = Path(config.out)  # for the Ctrl-C message (what --resume would find)
     data = None  # read by training, unless read here already
     if args.data and not (args.target or args.config or args.preset or args.init_from):
         config, data = _the_files_only_target(config)

@@ -256,22 +256,6 @@ def sample_md(
         rng=rng,
     )
     equilibration_steps = round(equilibration_fs / timestep_fs)
-    structures, energies, forces, stresses = [], [], [], []
-    bar = tqdm(
-        total=equilibration_steps + n_frames * every, desc="sample MD", unit="step", disable=None
-    )
-    dynamics.attach(lambda: bar.update(1) if dynamics.nsteps else None, interval=1)
-    with _thread_limit(threads), bar:
-        if equilibration_steps:
-            dynamics.run(equilibration_steps)
-        for _ in range(n_frames):
-            dynamics.run(every)
-            structures.append((atoms.numbers.copy(), atoms.positions.copy()))
-            energies.append(atoms.get_potential_energy())
-            # raw calculator forces (without FixCom), so that F = -dE/dR holds
-            forces.append(atoms.get_forces(apply_constraint=False).copy())
-            if periodic:
-                stresses.append(atoms.get_stress(voigt=False).copy())
     meta = {
         "temperature_K": temperature,
         "timestep_fs": timestep_fs,
@@ -283,6 +267,50 @@ def sample_md(
         + (", centre of mass fixed (FixCom)" if fix_com else ""),
         "calculator": type(calculator).__name__,
     }
+    structures, energies, forces, stresses = [], [], [], []
+    bar = tqdm(
+        total=equilibration_steps + n_frames * every, desc="sample MD", unit="step", disable=None
+    )
+    dynamics.attach(lambda: bar.update(1) if dynamics.nsteps else None, interval=1)
+    try:
+        with _thread_limit(threads), bar:
+            if equilibration_steps:
+                dynamics.run(equilibration_steps)
+            for _ in range(n_frames):
+                dynamics.run(every)
+                # the frame's values first, then stored together (a Ctrl-C between them
+                # leaves no half frame)
+                frame = (atoms.numbers.copy(), atoms.positions.copy())
+                energy = atoms.get_potential_energy()
+                # raw calculator forces (without FixCom), so that F = -dE/dR holds
+                force = atoms.get_forces(apply_constraint=False).copy()
+                stress = atoms.get_stress(voigt=False).copy() if periodic else None
+                structures.append(frame)
+                energies.append(energy)
+                forces.append(force)
+                if periodic:
+                    stresses.append(stress)
+    except KeyboardInterrupt:
+        if not energies:
+            raise
+        partial = _sampled(atoms, structures, energies, forces, stresses, meta)
+        raise SamplingInterrupted(partial) from None
+    return _sampled(atoms, structures, energies, forces, stresses, meta)
+
+
+class SamplingInterrupted(KeyboardInterrupt):
+    """A Ctrl-C during :func:`sample_md`: ``partial`` holds the frames sampled before it
+    (a :class:`PackedDataset`; their quantum-chemistry values cost hours)."""
+
+    def __init__(self, partial: PackedDataset):
+        super().__init__(f"interrupted after {len(partial)} sampled frames")
+        self.partial = partial
+
+
+def _sampled(atoms, structures, energies, forces, stresses, meta: dict) -> PackedDataset:
+    """The data set of the frames :func:`sample_md` stored (``meta``: its settings)."""
+    periodic = bool(atoms.pbc.any())
+    n_frames = len(energies)
     extras = {"frame": np.arange(n_frames)}
     if "smiles" in atoms.info:
         extras["smiles"] = [atoms.info["smiles"]] * n_frames

@@ -50,9 +50,16 @@ def two_copies(atoms, separation: float):
     return atoms + copy
 
 
-def extensivity(model: AtomisticModel, atoms, separation: float | None = None) -> ExtensivityResult:
+def extensivity(
+    model: AtomisticModel,
+    atoms,
+    separation: float | None = None,
+    allow_unknown_elements: bool = False,
+) -> ExtensivityResult:
     """E(A), E(A + A') for two copies ``separation`` Angstrom apart (default: cutoff + 1), or
-    for a periodic cell E(cell) and E(cell doubled along its first periodic axis), in float64."""
+    for a periodic cell E(cell) and E(cell doubled along its first periodic axis), in float64.
+    Elements absent from the model's training data are refused, unless
+    ``allow_unknown_elements`` (a warning)."""
     model = copy.deepcopy(model).double()
     if atoms.pbc.any():
         if separation is not None:
@@ -65,7 +72,9 @@ def extensivity(model: AtomisticModel, atoms, separation: float | None = None) -
         # direction that is not periodic would put the copy beside it, at the cell's spacing)
         repeat = [1, 1, 1]
         repeat[int(np.flatnonzero(atoms.pbc)[0])] = 2
-        out = model.predict([atoms, atoms.repeat(tuple(repeat))])
+        out = model.predict(
+            [atoms, atoms.repeat(tuple(repeat))], allow_unknown_elements=allow_unknown_elements
+        )
         energies = out[model.target].astype(np.float64)
         return ExtensivityResult(float(energies[0]), float(energies[1]), None, model.cutoff)
     if separation is None:
@@ -75,7 +84,7 @@ def extensivity(model: AtomisticModel, atoms, separation: float | None = None) -
     if not separation > 0:
         raise ValueError(f"the separation must be positive, not {separation} Angstrom")
     dimer = two_copies(atoms, separation)
-    out = model.predict([atoms, dimer])
+    out = model.predict([atoms, dimer], allow_unknown_elements=allow_unknown_elements)
     energies = out[model.target].astype(np.float64)
     n = len(atoms)
     d = np.linalg.norm(dimer.positions[:n, None] - dimer.positions[None, n:], axis=-1)

@@ -76,7 +76,7 @@ class TrainConfig:
     ema_decay: float | None = None
     #: validation every n epochs
     check_val_every: int = 1
-    #: "auto" (GPU when present), "cpu", "gpu"/"cuda", "mps"
+    #: "auto" (GPU when present), "cpu", "gpu"/"cuda"
     device: str = "auto"
     devices: int | str = 1
     num_nodes: int = 1

@@ -400,9 +400,33 @@ def train(
     if not run_folder.is_primary_process():  # the primary process guards the folder
         with quiet_dependencies(), kept_random_state():
             return _train(config, resume, data, split, deadline, test_seed)
+    refuse_model_folder_as_out(out, config.init_from)
     with run_folder.locked(out), quiet_dependencies(), kept_random_state():
         run_folder.prepare(out, resume, overwrite)
         return _train(config, resume, data, split, deadline, test_seed)
+
+
+def refuse_model_folder_as_out(out: Path, init_from: str | None = None) -> None:
+    """Refuse a run folder ``out`` that is, or lies inside, a saved model folder (its run
+    would shadow the model: ``predict RUN`` then found the new run's model inside it), or
+    that holds the model fine-tuned from (``--overwrite`` would delete what it reads)."""
+    from ..models.io import CONFIG, WEIGHTS, model_folder
+
+    resolved = out.resolve()
+    for folder in (resolved, *resolved.parents):
+        if (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file():
+            where = "is" if folder == resolved else f"lies inside {folder}, which is"
+            raise ValueError(
+                f"out {out}: {where} a saved model folder; a training run writes a run "
+                f"folder of its own (its model goes to OUT/model): name a new folder"
+            )
+    if init_from is not None:
+        source = model_folder(init_from).resolve()
+        if source.is_relative_to(resolved):
+            raise ValueError(
+                f"out {out}: holds the model --init-from {init_from} starts from, which the "
+                f"run would replace; name a new folder for the fine-tuned run"
+            )
 
 
 #: the environment variables of Lightning's seed_everything

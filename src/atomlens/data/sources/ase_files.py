@@ -69,8 +69,15 @@ def _stated_units(frames, source: str, path: Path | None = None) -> dict[str, st
         stated.update({k: str(v) for k, v in connect(str(path)).metadata.items() if k in UNIT_KEYS})
     for key in UNIT_KEYS:
         values = {str(a.info[key]) for a in frames if key in a.info}
-        if len(values) > 1 or (values and not all(key in a.info for a in frames)):
+        if len(values) > 1:
             raise DataError(f"{source}: the frames disagree on {key} ({sorted(values)})")
+        missing = [k for k, a in enumerate(frames) if key not in a.info]
+        if values and missing:
+            raise DataError(
+                f"{source}: {len(frames) - len(missing)} frames state {key}="
+                f"{next(iter(values))} and {len(missing)} state none (first: frame "
+                f"{missing[0]}); state it in every frame"
+            )
         if values:
             stated[key] = values.pop()
     return stated
@@ -231,6 +238,13 @@ def read_structures(path: str | os.PathLike, index: str | int = ":") -> list:
     except Exception as err:  # ASE raises many types for bad files
         raise _read_error(path, index, err, "cannot read structures") from err
     frames = frames if isinstance(frames, list) else [frames]
+    if str(index).strip().startswith("-") and str(index).strip()[1:].isdigit():
+        total = _count_frames(path)  # ASE gave frame 0 for -N beyond the first frame
+        if total and int(str(index)) < -total:
+            raise DataError(
+                f"{path}: index {index} selects no frame; the file has {total} frames "
+                f"(-1 is the last, -{total} the first)"
+            )
     if not frames:
         if str(index) not in (":", "::"):  # a slice past the frames, or an empty one
             total = _count_frames(path)
