@@ -409,14 +409,21 @@ def measure_atomlens(frames: dict, args, common: dict) -> dict[tuple, float]:
     device, hyperparameters = args.device, SETTINGS[args.setting]
     for batch_size in args.batch_sizes:
         result = training_throughput(
-            frames, batch_size, args.seconds, args.clock, device, hyperparameters
+            frames,
+            batch_size,
+            args.seconds,
+            clock=args.clock,
+            device=device,
+            hyperparameters=hyperparameters,
         )
         ours["train", batch_size] = result["structures_per_s"]
         print(
             json.dumps({"measure": "train", "batch_size": batch_size, **common, **result}),
             flush=True,
         )
-    result = md_speed(frames, args.md_steps, args.clock, False, device, hyperparameters)
+    result = md_speed(
+        frames, args.md_steps, args.clock, device=device, hyperparameters=hyperparameters
+    )
     ours["md", None] = result["steps_per_s"]
     print(json.dumps({"measure": "md", **common, **result}), flush=True)
     # what a user gets without flags: atomlens.Calculator(model) / atomlens md (compile="auto":
