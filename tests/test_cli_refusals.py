@@ -110,7 +110,7 @@ def test_sample_refusals(tmp_path, capsys):
 class _StopsAfter(Calculator):
     """ASE's EMT, then a Ctrl-C at the ``n``-th call."""
 
-    implemented_properties = ("energy", "forces")
+    implemented_properties = ("energy", "forces", "stress")
 
     def __init__(self, n: int):
         from ase.calculators.emt import EMT
@@ -125,6 +125,8 @@ class _StopsAfter(Calculator):
         atoms = atoms.copy()
         atoms.calc = self.inner
         self.results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
+        if atoms.pbc.any():
+            self.results["stress"] = atoms.get_stress()
 
 
 def test_an_interrupted_sampling_keeps_its_frames(tmp_path, monkeypatch, capsys):
@@ -143,6 +145,62 @@ def test_an_interrupted_sampling_keeps_its_frames(tmp_path, monkeypatch, capsys)
         assert 1 <= len(frames) < 50
         assert all(np.isfinite(f.get_potential_energy()) for f in frames)
     assert not (tmp_path / "s.extxyz").exists()
+
+
+def test_an_interrupted_sampling_of_strained_cells_keeps_the_finished_ones(
+    tmp_path, monkeypatch, capsys
+):
+    """``--cells N``: the cells sampled before the Ctrl-C and the one it stopped are kept."""
+    from atomlens.data import sampling
+
+    monkeypatch.setattr(sampling, "make_calculator", lambda method: _StopsAfter(130))
+    write(tmp_path / "cu.extxyz", ase.build.bulk("Cu", "fcc", a=3.6, cubic=True))
+    argv = ["sample", "--xyz", str(tmp_path / "cu.extxyz"), "--cells", "2", "--frames", "20"]
+    argv += ["--every", "2", "--equilibration", "0", "--method", "gfn1"]
+    argv += ["--out", str(tmp_path / "s.extxyz")]
+    assert main(argv) == 130
+    assert "are in" in capsys.readouterr().err
+    frames = read(tmp_path / "s.partial.extxyz", ":")
+    assert 10 < len(frames) < 20  # the first cell's 10 frames and some of the second's
+    assert all(f.pbc.all() and np.isfinite(f.get_stress()).all() for f in frames)
+
+
+def test_ensemble_refuses_its_init_from_inside_before_touching_the_folder(tmp_path):
+    """An ensemble whose --init-from model lies in its own --out: refused before
+    --overwrite removes the manifest or retrains a member."""
+    from helpers import tiny_train_config
+
+    from atomlens.training.ensemble import MANIFEST, train_ensemble
+
+    ens = tmp_path / "ens"
+    for k in range(2):
+        save_model(random_model("schnet"), ens / f"model_{k}" / "model")
+    (ens / MANIFEST).write_text("{}")
+    config = tiny_train_config(ens, init_from=str(ens / "model_1"))
+    with pytest.raises(ValueError, match="holds the model --init-from"):
+        train_ensemble(config, 2, overwrite=True)
+    assert (ens / MANIFEST).read_text() == "{}"
+    assert sorted(p.name for p in (ens / "model_0").iterdir()) == ["model"]
+
+
+def test_isomer_sampling_refuses_cell_options(tmp_path, capsys):
+    argv = ["sample", "--isomers", "CCO", "COC", "--cells", "2", "--out", str(tmp_path / "i")]
+    assert main(argv) == 2
+    assert "--cells and --strain sample strained copies" in one_line_error(capsys, "sample")
+
+
+def test_devices_torch_does_not_have_are_refused(monkeypatch):
+    import torch
+
+    from atomlens.models.io import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="sees 1 CUDA GPU"):
+        check_device("cuda:7")
+    with pytest.raises(ValueError, match="atomlens runs on 'cpu' or 'cuda"):
+        check_device("mps")
 
 
 def test_structure_selections_and_figure_names(tmp_path, model, capsys):

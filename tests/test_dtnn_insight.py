@@ -697,7 +697,7 @@ def test_cli_rings_and_isomers_on_a_tiny_data_set(tmp_path, saved_model, capsys)
                 "1",
                 "--out",
                 str(tmp_path / "rings.png"),
-                "--json",
+                "--json-file",
                 str(tmp_path / "rings.json"),
             ]
         )
@@ -748,9 +748,10 @@ def test_cli_rings_and_isomers_on_a_tiny_data_set(tmp_path, saved_model, capsys)
 
 
 def test_cli_insight_json_is_the_whole_standard_output_or_a_file(tmp_path, saved_model, capsys):
-    """``--json`` alone: standard output is the JSON and nothing else (figures are named on
-    standard error); ``--json FILE``: the same JSON written there, the text on standard
-    output. The same for rings, isomers and atomic energies, each with its unit."""
+    """``--json``: standard output is the JSON and nothing else (figures are named on
+    standard error); ``--json-file FILE``: the same JSON written there, the text on standard
+    output. The same for rings, isomers and atomic energies, each with its unit; ``--json``
+    stays a flag, so it may stand before the positional arguments."""
     import json
 
     ring_dataset(tmp_path)
@@ -762,7 +763,7 @@ def test_cli_insight_json_is_the_whole_standard_output_or_a_file(tmp_path, saved
     printed = json.loads(captured.out)
     assert printed["n_molecules"] == 6 and printed["unit"] == "eV"
     assert "rings.png" in captured.err
-    assert run_insight([*rings, "--json", str(tmp_path / "rings.json")]) == 0
+    assert run_insight([*rings, "--json-file", str(tmp_path / "rings.json")]) == 0
     assert "benzene" in capsys.readouterr().out
     assert json.loads((tmp_path / "rings.json").read_text()) == printed
 
@@ -772,7 +773,7 @@ def test_cli_insight_json_is_the_whole_standard_output_or_a_file(tmp_path, saved
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["n_isomers"] == 2 and summary["unit"] == "eV" and "iso.png" in captured.err
-    assert run_insight([*isomers, "--json", str(tmp_path / "iso.json")]) == 0
+    assert run_insight([*isomers, "--json-file", str(tmp_path / "iso.json")]) == 0
     assert "isomers of C2H6O" in capsys.readouterr().out
     assert json.loads((tmp_path / "iso.json").read_text()) == summary
 
@@ -783,8 +784,11 @@ def test_cli_insight_json_is_the_whole_standard_output_or_a_file(tmp_path, saved
     captured = capsys.readouterr()
     (table,) = json.loads(captured.out)
     assert table["unit"] == "eV" and len(table["atoms"]) == 5 and "a.png" in captured.err
+    flag_first = ["atomic-energies", "--json", str(saved_model), str(xyz)]
+    assert run_insight(flag_first) == 0
+    assert json.loads(capsys.readouterr().out)[0]["unit"] == "eV"
     with pytest.raises(ValueError, match="name one file"):
-        run_insight([*atomic, "--json", str(tmp_path / "a.png")])
+        run_insight([*atomic, "--json-file", str(tmp_path / "a.png")])
 
 
 def test_has_rings_filters_smiles_by_ring_size():

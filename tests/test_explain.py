@@ -789,6 +789,22 @@ def test_digits_study_and_its_command(tmp_path, monkeypatch, capsys):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_digits_cnn_training_is_seeded_and_leaves_the_callers_state():
+    """Two trainings with one seed give one CNN (dropout's masks too), and the caller's
+    global torch random stream goes on as if they had not run."""
+    from atomlens.explain.digits import Digits, load_digits_data, train_digits_cnn
+
+    data = load_digits_data()
+    small = Digits(data.x_train[:128], data.y_train[:128], data.x_test[:8], data.y_test[:8])
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    first = train_digits_cnn(small, epochs=1, seed=0).state_dict()
+    second = train_digits_cnn(small, epochs=1, seed=0).state_dict()
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_conv1d_model():
     torch.manual_seed(0)
     model = nn.Sequential(

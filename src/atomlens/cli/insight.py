@@ -130,20 +130,18 @@ def add_parser(subparsers) -> None:
 
 def _add_json(p, what: str) -> None:
     """``--json``: ``what`` on standard output instead of the text (the other messages go
-    to standard error, so the output parses); ``--json FILE``: written to FILE as well."""
+    to standard error, so the output parses); ``--json-file FILE``: written to FILE."""
     p.add_argument(
         "--json",
-        nargs="?",
-        const="-",
-        metavar="FILE",
-        help=f"{what} as JSON: alone, on standard output instead of the text (other "
-        "messages then go to standard error); with FILE, written there",
+        action="store_true",
+        help=f"print {what} as JSON instead of the text (other messages then go to standard error)",
     )
+    p.add_argument("--json-file", metavar="FILE", help=f"write {what} as JSON to FILE")
 
 
 def _json_out(args) -> bool:
-    """Whether standard output carries the command's JSON (``--json`` without a file)."""
-    return args.json == "-"
+    """Whether standard output carries the command's JSON (``--json``)."""
+    return bool(args.json)
 
 
 def _say(args, text: str) -> None:
@@ -152,19 +150,19 @@ def _say(args, text: str) -> None:
 
 
 def _put_json(args, payload) -> None:
-    """``payload`` as JSON: printed (``--json``) or written whole to ``--json FILE``."""
+    """``payload`` as JSON: printed (``--json``) and/or written whole to ``--json-file``."""
     text = json.dumps(payload)
     if _json_out(args):
         print(text)
-        return
-    with atomic_file(args.json) as tmp:
-        tmp.write_text(text)
-    _say(args, f"written {args.json}")
+    if args.json_file:
+        with atomic_file(args.json_file) as tmp:
+            tmp.write_text(text)
+        _say(args, f"written {args.json_file}")
 
 
 def _json_file(args) -> str | None:
-    """``--json FILE``'s file, for the output checks (None: none, or standard output)."""
-    return None if args.json in (None, "-") else args.json
+    """``--json-file``'s file, for the output checks (None: none)."""
+    return args.json_file
 
 
 def _add_dtype(p) -> None:
@@ -269,7 +267,7 @@ def run_atomic_energies(args) -> int:
     else:
         outputs = {}
     check_outputs(
-        outputs | {"--json": _json_file(args)},
+        outputs | {"--json-file": _json_file(args)},
         [args.model, args.structures, *([args.charges] if args.charges else [])],
     )
     charge_model = _load(args.charges, args.dtype)[0] if args.charges else None
@@ -281,7 +279,7 @@ def run_atomic_energies(args) -> int:
     )
     if not _json_out(args):
         print("\n\n".join(t.table(unit) for t in tables))
-    if args.json:
+    if args.json or args.json_file:
         _put_json(
             args,
             [
@@ -399,7 +397,7 @@ def run_rings(args) -> int:
     check_numbers(args, {"--max-molecules": ">= 0", "--min-count": ">= 0", "--seed": ">= 0"})
     sizes = _ring_sizes(args.sizes)
     check_figure_path("--out", args.out)
-    check_outputs({"--out": args.out, "--json": _json_file(args)}, [args.model, args.data])
+    check_outputs({"--out": args.out, "--json-file": _json_file(args)}, [args.model, args.data])
     model, folder, unit = _load(args.model, args.dtype)
     data = open_dataset(args.data, args.energy_unit, args.length_unit)
     analysis = ring_study(
@@ -430,7 +428,7 @@ def run_rings(args) -> int:
             f"{analysis.n_molecules} molecules analysed (no figure): lower --min-count or "
             f"raise --max-molecules",
         )
-    if args.json:
+    if args.json or args.json_file:
         _put_json(args, {"unit": unit, **analysis.as_dict()})
     return 0
 
@@ -454,7 +452,7 @@ def run_isomers(args) -> int:
     from ..insight.plots import isomer_plot
 
     check_figure_path("--out", args.out)
-    check_outputs({"--out": args.out, "--json": _json_file(args)}, [args.model, args.data])
+    check_outputs({"--out": args.out, "--json-file": _json_file(args)}, [args.model, args.data])
     model, folder, unit = _load(args.model, args.dtype)
     data = open_dataset(args.data, args.energy_unit, args.length_unit)
     indices = _split_indices(folder, args.split, data, args.data)
@@ -463,7 +461,7 @@ def run_isomers(args) -> int:
     trained_on = _in_training_split(folder, args, analysis.indices)
     if trained_on is not None:  # (0 too: none of them trained on)
         summary["n_in_training_split"] = trained_on
-    if args.json:
+    if args.json or args.json_file:
         _put_json(args, {"split": args.split, "unit": unit, **summary})
     if not _json_out(args):
         seen = (

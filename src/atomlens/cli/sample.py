@@ -157,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.isomers:
         args.method = args.method or "gfn2"
+        if args.cells != 1 or args.strain is not None:  # they would be ignored
+            raise ValueError(
+                "--cells and --strain sample strained copies of a periodic cell; --isomers "
+                "samples molecules: leave them out"
+            )
         if out.suffix:
             raise DataError(f"--out {out}: with --isomers give a folder for the three sets")
         if args.reference_isomers is not None and args.reference_isomers > len(args.isomers):
@@ -209,30 +214,30 @@ def run(args: argparse.Namespace) -> int:
     atoms.calc = None
     if args.relax is not None:
         atoms = relax(atoms, calculator, fmax=args.relax)
-    if periodic and args.cells > 1:
-        data = sample_cells(
-            atoms,
-            calculator,
-            n_cells=args.cells,
-            strain=0.02 if args.strain is None else args.strain,
-            seed=args.seed,
-            **md,
-        )
-    else:
-        try:
-            data = sample_md(atoms, calculator, seed=args.seed, **md)
-        except SamplingInterrupted as stop:  # the frames sampled so far cost hours: kept
-            partial, k = out.with_name(f"{out.stem}.partial{out.suffix}"), 1
-            while partial.exists():  # an earlier interrupt's frames stay too
-                partial, k = out.with_name(f"{out.stem}.partial-{k}{out.suffix}"), k + 1
-            _write(partial, stop.partial, args)
-            print(
-                f"atomlens sample: the {len(stop.partial)} frames sampled before the "
-                f"interrupt are in {partial} (a whole data set; sample more into another "
-                f"file and train on both)",
-                file=sys.stderr,
+    try:
+        if periodic and args.cells > 1:
+            data = sample_cells(
+                atoms,
+                calculator,
+                n_cells=args.cells,
+                strain=0.02 if args.strain is None else args.strain,
+                seed=args.seed,
+                **md,
             )
-            raise KeyboardInterrupt from None
+        else:
+            data = sample_md(atoms, calculator, seed=args.seed, **md)
+    except SamplingInterrupted as stop:  # the frames sampled so far cost hours: kept
+        partial, k = out.with_name(f"{out.stem}.partial{out.suffix}"), 1
+        while partial.exists():  # an earlier interrupt's frames stay too
+            partial, k = out.with_name(f"{out.stem}.partial-{k}{out.suffix}"), k + 1
+        _write(partial, stop.partial, args)
+        print(
+            f"atomlens sample: the {len(stop.partial)} frames sampled before the "
+            f"interrupt are in {partial} (a whole data set; sample more into another "
+            f"file and train on both)",
+            file=sys.stderr,
+        )
+        raise KeyboardInterrupt from None
     _write(out, data, args)
     energy = data.targets["energy"]
     print(

@@ -360,7 +360,15 @@ def sample_cells(
         # the frames asked for, in all: the remainder to the first cells (n_frames //
         # n_cells each had stored 999 of 1,000 frames over 3 cells, 2 of 3 over 2)
         share = n_frames // n_cells + (k < n_frames % n_cells)
-        frames = sample_md(copy, calculator, n_frames=share, seed=seed + k, **md)
+        try:
+            frames = sample_md(copy, calculator, n_frames=share, seed=seed + k, **md)
+        except KeyboardInterrupt as stop:  # the finished cells' frames and this one's so far
+            if isinstance(stop, SamplingInterrupted):
+                stop.partial.extras["cell_index"] = np.full(len(stop.partial), k)
+                parts.append(stop.partial)
+            if not parts:
+                raise
+            raise SamplingInterrupted(PackedDataset.concatenate(parts)) from None
         frames.extras["cell_index"] = np.full(len(frames), k)
         parts.append(frames)
     return PackedDataset.concatenate(parts)

@@ -71,20 +71,21 @@ def train_digits_cnn(
 ) -> nn.Sequential:
     """Train :func:`digits_cnn` with Adam and cross-entropy; returned in eval mode. The
     caller's global torch random state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # initial weights and dropout masks: seeded
         torch.manual_seed(seed)
         model = digits_cnn()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(data.y_train), generator=generator)
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            loss = nn.functional.cross_entropy(model(data.x_train[index]), data.y_train[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            model.train()
+            order = torch.randperm(len(data.y_train), generator=generator)
+            for start in range(0, len(order), batch_size):
+                index = order[start : start + batch_size]
+                logits = model(data.x_train[index])
+                loss = nn.functional.cross_entropy(logits, data.y_train[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
     return model.eval()
 
 

@@ -69,10 +69,19 @@ def check_device(device: str | torch.device) -> torch.device:
         raise ValueError(
             f"device {device!r}: {err} (atomlens runs on 'cpu' or 'cuda[:N]')"
         ) from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: atomlens runs on 'cpu' or 'cuda[:N]'")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {device!r}: torch {torch.__version__} sees no CUDA GPU here; use device='cpu'"
         )
+    if parsed.type == "cuda" and parsed.index is not None:
+        count = torch.cuda.device_count()
+        if parsed.index >= count:
+            raise ValueError(
+                f"device {device!r}: torch sees {count} CUDA GPU(s) here, cuda:0 to "
+                f"cuda:{count - 1}"
+            )
     return parsed
 
 

@@ -57,10 +57,20 @@ def train_ensemble(
     manifest is written at the end. ``config.max_minutes`` bounds everything from
     ``started`` (``time.monotonic()``; default: now)."""
     from ..runtime import available_cpus, end_with_parent
-    from .train import check_device, check_strategy, load_dataset, new_split, train
+    from .train import (
+        check_device,
+        check_strategy,
+        load_dataset,
+        new_split,
+        refuse_model_folder_as_out,
+        train,
+    )
 
     check_device(config.device)  # before any member's folder
     check_strategy(config.strategy)
+    # the ensemble's folder as a whole: a member's refusal came after --overwrite had
+    # removed the manifest and retrained the members before it
+    refuse_model_folder_as_out(Path(config.out), config.init_from)
     if n_models < 1:
         raise ValueError(f"an ensemble needs at least one model, not {n_models}")
     if parallel < 1:

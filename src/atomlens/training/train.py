@@ -443,7 +443,9 @@ def kept_random_state():
 
     python_state, numpy_state = random.getstate(), np.random.get_state()
     variables = {name: os.environ.get(name) for name in LIGHTNING_SEED_VARIABLES}
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    # every CUDA generator where there are GPUs (seed_everything seeds them all, lazily when
+    # CUDA is not initialised yet: restoring only the initialised ones had missed them)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         try:
             yield
