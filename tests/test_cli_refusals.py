@@ -165,6 +165,24 @@ def test_an_interrupted_sampling_of_strained_cells_keeps_the_finished_ones(
     assert all(f.pbc.all() and np.isfinite(f.get_stress()).all() for f in frames)
 
 
+def test_an_interrupted_isomer_sampling_keeps_the_isomers_so_far(tmp_path, monkeypatch, capsys):
+    """``--isomers``: the frames of the isomers sampled before the Ctrl-C, not yet split into
+    the three sets, go to OUT/sampled.partial.db (ISO17 layout)."""
+    from atomlens.data import sampling
+    from atomlens.data.sources.iso17 import read_iso17
+
+    calls = _StopsAfter(100)  # one counter for both isomers' calculators
+    monkeypatch.setattr(sampling, "make_calculator", lambda method: calls)
+    out = tmp_path / "iso"
+    argv = ["sample", "--isomers", "CCO", "COC", "--frames", "8", "--every", "2"]
+    argv += ["--equilibration", "0", "--out", str(out)]
+    assert main(argv) == 130
+    assert "not split into the three sets" in capsys.readouterr().err
+    data = read_iso17(out / "sampled.partial.db")
+    isomers = np.asarray(data.extras["isomer"])
+    assert (isomers == 0).sum() == 8 and 0 < (isomers == 1).sum() < 8
+
+
 def test_ensemble_refuses_its_init_from_inside_before_touching_the_folder(tmp_path):
     """An ensemble whose --init-from model lies in its own --out: refused before
     --overwrite removes the manifest or retrains a member."""

@@ -169,14 +169,26 @@ def run(args: argparse.Namespace) -> int:
                 f"--reference-isomers must be at most the {len(args.isomers)} isomers given, "
                 f"not {args.reference_isomers}"
             )
-        sets = sample_isomers(
-            args.isomers,
-            args.reference_isomers,
-            method=args.method,
-            relax_fmax=args.relax,
-            seed=args.seed,
-            **md,
-        )
+        try:
+            sets = sample_isomers(
+                args.isomers,
+                args.reference_isomers,
+                method=args.method,
+                relax_fmax=args.relax,
+                seed=args.seed,
+                **md,
+            )
+        except SamplingInterrupted as stop:  # the isomers' frames so far, not yet split
+            out.mkdir(parents=True, exist_ok=True)
+            partial = _free_partial_name(out / "sampled.db")
+            write_iso17(partial, stop.partial)
+            print(
+                f"atomlens sample: the {len(stop.partial)} frames sampled before the "
+                f"interrupt (all isomers so far, not split into the three sets) are in "
+                f"{partial}",
+                file=sys.stderr,
+            )
+            raise KeyboardInterrupt from None
         for name, data in sets.items():
             write_iso17(out / f"{name}.db", data)
             print(f"{out / f'{name}.db'}: {len(data)} frames")
@@ -227,9 +239,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             data = sample_md(atoms, calculator, seed=args.seed, **md)
     except SamplingInterrupted as stop:  # the frames sampled so far cost hours: kept
-        partial, k = out.with_name(f"{out.stem}.partial{out.suffix}"), 1
-        while partial.exists():  # an earlier interrupt's frames stay too
-            partial, k = out.with_name(f"{out.stem}.partial-{k}{out.suffix}"), k + 1
+        partial = _free_partial_name(out)
         _write(partial, stop.partial, args)
         print(
             f"atomlens sample: the {len(stop.partial)} frames sampled before the "
@@ -245,6 +255,15 @@ def run(args: argparse.Namespace) -> int:
         f"energy {energy.min():.4f} .. {energy.max():.4f} eV"
     )
     return 0
+
+
+def _free_partial_name(out: Path) -> Path:
+    """``OUT.partial.SUFFIX``, or ``OUT.partial-K.SUFFIX`` where an earlier interrupt's
+    frames are (they stay)."""
+    partial, k = out.with_name(f"{out.stem}.partial{out.suffix}"), 1
+    while partial.exists():
+        partial, k = out.with_name(f"{out.stem}.partial-{k}{out.suffix}"), k + 1
+    return partial
 
 
 def _write(out: Path, data, args) -> None:

@@ -307,6 +307,18 @@ class SamplingInterrupted(KeyboardInterrupt):
         self.partial = partial
 
 
+def _interrupted(stop: KeyboardInterrupt, parts: list, extra: str, k: int):
+    """Raise a Ctrl-C in run ``k`` of several (a cell, an isomer) on as a
+    :class:`SamplingInterrupted` holding the finished runs' ``parts`` and run ``k``'s frames
+    so far (its extra ``extra`` set to ``k``); with none, the Ctrl-C as it came."""
+    if isinstance(stop, SamplingInterrupted):
+        stop.partial.extras[extra] = np.full(len(stop.partial), k)
+        parts.append(stop.partial)
+    if not parts:
+        raise stop
+    raise SamplingInterrupted(PackedDataset.concatenate(parts)) from None
+
+
 def _sampled(atoms, structures, energies, forces, stresses, meta: dict) -> PackedDataset:
     """The data set of the frames :func:`sample_md` stored (``meta``: its settings)."""
     periodic = bool(atoms.pbc.any())
@@ -363,12 +375,7 @@ def sample_cells(
         try:
             frames = sample_md(copy, calculator, n_frames=share, seed=seed + k, **md)
         except KeyboardInterrupt as stop:  # the finished cells' frames and this one's so far
-            if isinstance(stop, SamplingInterrupted):
-                stop.partial.extras["cell_index"] = np.full(len(stop.partial), k)
-                parts.append(stop.partial)
-            if not parts:
-                raise
-            raise SamplingInterrupted(PackedDataset.concatenate(parts)) from None
+            _interrupted(stop, parts, "cell_index", k)
         frames.extras["cell_index"] = np.full(len(frames), k)
         parts.append(frames)
     return PackedDataset.concatenate(parts)
@@ -400,13 +407,18 @@ def sample_isomers(
     if not 1 <= n_reference_isomers <= n_isomers:
         raise ValueError(f"n_reference_isomers={n_reference_isomers} must be 1..{n_isomers}")
     sets: dict[str, list[PackedDataset]] = {name: [] for name in ISO17_SETS}
+    sampled: list[PackedDataset] = []  # every isomer's frames, for an interrupt
     for k, smiles in enumerate(smiles_list):
         calculator = make_calculator(method)
         atoms = molecule_from_smiles(smiles, seed=seed + k)
         if relax_fmax is not None:
             atoms = relax(atoms, calculator, fmax=relax_fmax)
-        frames = sample_md(atoms, calculator, seed=seed + k, **md)
+        try:
+            frames = sample_md(atoms, calculator, seed=seed + k, **md)
+        except KeyboardInterrupt as stop:  # the isomers sampled so far, unsplit
+            _interrupted(stop, sampled, "isomer", k)
         frames.extras["isomer"] = np.full(len(frames), k)
+        sampled.append(frames)
         if k < n_reference_isomers:
             cut = round(train_fraction * len(frames))
             if not 0 < cut < len(frames):
