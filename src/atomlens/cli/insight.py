@@ -139,30 +139,21 @@ def _add_json(p, what: str) -> None:
     p.add_argument("--json-file", metavar="FILE", help=f"write {what} as JSON to FILE")
 
 
-def _json_out(args) -> bool:
-    """Whether standard output carries the command's JSON (``--json``)."""
-    return bool(args.json)
-
-
 def _say(args, text: str) -> None:
     """A message: on standard output, or standard error while that carries the JSON."""
-    print(text, file=sys.stderr if _json_out(args) else sys.stdout)
+    print(text, file=sys.stderr if args.json else sys.stdout)
 
 
 def _put_json(args, payload) -> None:
-    """``payload`` as JSON: printed (``--json``) and/or written whole to ``--json-file``."""
+    """``payload`` as JSON: printed (``--json``) and/or written whole to ``--json-file``
+    (neither: nothing)."""
     text = json.dumps(payload)
-    if _json_out(args):
+    if args.json:
         print(text)
     if args.json_file:
         with atomic_file(args.json_file) as tmp:
             tmp.write_text(text)
         _say(args, f"written {args.json_file}")
-
-
-def _json_file(args) -> str | None:
-    """``--json-file``'s file, for the output checks (None: none)."""
-    return args.json_file
 
 
 def _add_dtype(p) -> None:
@@ -267,7 +258,7 @@ def run_atomic_energies(args) -> int:
     else:
         outputs = {}
     check_outputs(
-        outputs | {"--json-file": _json_file(args)},
+        outputs | {"--json-file": args.json_file},
         [args.model, args.structures, *([args.charges] if args.charges else [])],
     )
     charge_model = _load(args.charges, args.dtype)[0] if args.charges else None
@@ -277,16 +268,12 @@ def run_atomic_energies(args) -> int:
         charge_model=charge_model,
         allow_unknown_elements=args.allow_unknown_elements,
     )
-    if not _json_out(args):
+    if not args.json:
         print("\n\n".join(t.table(unit) for t in tables))
-    if args.json or args.json_file:
-        _put_json(
-            args,
-            [
-                {"formula": t.formula, "total": t.total, "unit": unit, "atoms": t.rows()}
-                for t in tables
-            ],
-        )
+    records = [
+        {"formula": t.formula, "total": t.total, "unit": unit, "atoms": t.rows()} for t in tables
+    ]
+    _put_json(args, records)
     if args.out:
         from ..insight.plots import to_milli
         from ..insight.viewer import write_viewer
@@ -397,7 +384,7 @@ def run_rings(args) -> int:
     check_numbers(args, {"--max-molecules": ">= 0", "--min-count": ">= 0", "--seed": ">= 0"})
     sizes = _ring_sizes(args.sizes)
     check_figure_path("--out", args.out)
-    check_outputs({"--out": args.out, "--json-file": _json_file(args)}, [args.model, args.data])
+    check_outputs({"--out": args.out, "--json-file": args.json_file}, [args.model, args.data])
     model, folder, unit = _load(args.model, args.dtype)
     data = open_dataset(args.data, args.energy_unit, args.length_unit)
     analysis = ring_study(
@@ -410,7 +397,7 @@ def run_rings(args) -> int:
         seed=args.seed,
         source=args.data,
     )
-    if not _json_out(args):
+    if not args.json:
         print(analysis.table())
     if analysis.ranking:
         ring_ranking_plot(
@@ -428,8 +415,7 @@ def run_rings(args) -> int:
             f"{analysis.n_molecules} molecules analysed (no figure): lower --min-count or "
             f"raise --max-molecules",
         )
-    if args.json or args.json_file:
-        _put_json(args, {"unit": unit, **analysis.as_dict()})
+    _put_json(args, {"unit": unit, **analysis.as_dict()})
     return 0
 
 
@@ -452,7 +438,7 @@ def run_isomers(args) -> int:
     from ..insight.plots import isomer_plot
 
     check_figure_path("--out", args.out)
-    check_outputs({"--out": args.out, "--json-file": _json_file(args)}, [args.model, args.data])
+    check_outputs({"--out": args.out, "--json-file": args.json_file}, [args.model, args.data])
     model, folder, unit = _load(args.model, args.dtype)
     data = open_dataset(args.data, args.energy_unit, args.length_unit)
     indices = _split_indices(folder, args.split, data, args.data)
@@ -461,9 +447,8 @@ def run_isomers(args) -> int:
     trained_on = _in_training_split(folder, args, analysis.indices)
     if trained_on is not None:  # (0 too: none of them trained on)
         summary["n_in_training_split"] = trained_on
-    if args.json or args.json_file:
-        _put_json(args, {"split": args.split, "unit": unit, **summary})
-    if not _json_out(args):
+    _put_json(args, {"split": args.split, "unit": unit, **summary})
+    if not args.json:
         seen = (
             f"; {trained_on} of them in the model's training split (--split test: the "
             f"test split's only)"

@@ -149,7 +149,7 @@ ENSEMBLE_OPTIONS = {
 
 
 def run(args) -> int:
-    from ..data.sources.ase_files import read_structures
+    from ..data.sources.open import open_structures
     from ..md import run_md
 
     for option, (ensemble, default) in ENSEMBLE_OPTIONS.items():
@@ -166,10 +166,7 @@ def run(args) -> int:
             f"--temperature must be > 0 with --ensemble npt (its Nose-Hoover thermostat "
             f"divides by kT), not {args.temperature}"
         )
-    frames = read_structures(args.structure, args.index)
-    from ..data.dataset import dataset_from_atoms
-
-    dataset_from_atoms(frames, source=args.structure, targets=False)  # checked, file named
+    frames = open_structures(args.structure, args.index)  # checked, the file named
     if args.index == "0" and _has_more_frames(args.structure):
         print(
             f"{args.structure}: running its first frame (--index 0, the default); "

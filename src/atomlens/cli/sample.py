@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from ._common import check_numbers
 
@@ -180,15 +181,12 @@ def run(args: argparse.Namespace) -> int:
             )
         except SamplingInterrupted as stop:  # the isomers' frames so far, not yet split
             out.mkdir(parents=True, exist_ok=True)
-            partial = _free_partial_name(out / "sampled.db")
-            write_iso17(partial, stop.partial)
-            print(
-                f"atomlens sample: the {len(stop.partial)} frames sampled before the "
-                f"interrupt (all isomers so far, not split into the three sets) are in "
-                f"{partial}",
-                file=sys.stderr,
+            _keep_partial(
+                stop.partial,
+                out / "sampled.db",
+                write_iso17,
+                " (all isomers so far, not split into the three sets)",
             )
-            raise KeyboardInterrupt from None
         for name, data in sets.items():
             write_iso17(out / f"{name}.db", data)
             print(f"{out / f'{name}.db'}: {len(data)} frames")
@@ -239,15 +237,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             data = sample_md(atoms, calculator, seed=args.seed, **md)
     except SamplingInterrupted as stop:  # the frames sampled so far cost hours: kept
-        partial = _free_partial_name(out)
-        _write(partial, stop.partial, args)
-        print(
-            f"atomlens sample: the {len(stop.partial)} frames sampled before the "
-            f"interrupt are in {partial} (a whole data set; sample more into another "
-            f"file and train on both)",
-            file=sys.stderr,
+        _keep_partial(
+            stop.partial,
+            out,
+            lambda path, data: _write(path, data, args),
+            " (a whole data set; sample more into another file and train on both)",
         )
-        raise KeyboardInterrupt from None
     _write(out, data, args)
     energy = data.targets["energy"]
     print(
@@ -257,13 +252,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _free_partial_name(out: Path) -> Path:
-    """``OUT.partial.SUFFIX``, or ``OUT.partial-K.SUFFIX`` where an earlier interrupt's
-    frames are (they stay)."""
+def _keep_partial(data, out: Path, write, note: str) -> NoReturn:
+    """After a Ctrl-C: ``write(path, data)`` the frames sampled so far to
+    ``OUT.partial.SUFFIX`` (``OUT.partial-K.SUFFIX`` where an earlier interrupt's frames
+    are: they stay), say where, and go on with the interrupt."""
     partial, k = out.with_name(f"{out.stem}.partial{out.suffix}"), 1
     while partial.exists():
         partial, k = out.with_name(f"{out.stem}.partial-{k}{out.suffix}"), k + 1
-    return partial
+    write(partial, data)
+    print(
+        f"atomlens sample: the {len(data)} frames sampled before the interrupt are in "
+        f"{partial}{note}",
+        file=sys.stderr,
+    )
+    raise KeyboardInterrupt
 
 
 def _write(out: Path, data, args) -> None:

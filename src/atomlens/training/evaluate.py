@@ -27,6 +27,39 @@ def bounded_subset(indices: np.ndarray, limit: int | None, seed: int = 0) -> np.
     return np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
 
 
+def predict_until(
+    model: AtomisticModel,
+    data: PackedDataset,
+    indices: np.ndarray,
+    batch_size: int,
+    deadline: float | None,
+    seed: int = 0,
+    progress: bool | None = None,
+    description: str = "predict",
+    forces: bool = False,
+    stress: bool = False,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(indices predicted, predictions)`` of ``indices`` (:func:`predict_dataset`), up to
+    the batch that passes ``deadline`` (``time.monotonic()``); with a deadline the
+    structures are taken in a random order (``seed``), so those predicted are a random
+    sample of ``indices``."""
+    indices = np.asarray(indices)
+    if deadline is not None:
+        indices = np.random.default_rng(seed).permutation(indices)
+    pred = predict_dataset(
+        model,
+        data,
+        indices,
+        batch_size,
+        forces,
+        progress,
+        deadline,
+        description=description,
+        stress=stress,
+    )
+    return indices[: len(pred[model.target])], pred
+
+
 def evaluate(
     model: AtomisticModel,
     data: PackedDataset,
@@ -49,23 +82,11 @@ def evaluate(
     ``forces_predicted``, ``forces_reference`` (the structures' atoms in that order), and
     with ``stress`` ``stress_predicted``, ``stress_reference`` (per structure).
     """
-    indices = np.asarray(indices)
-    if deadline is not None:
-        indices = np.random.default_rng(seed).permutation(indices)
-    pred = predict_dataset(
-        model,
-        data,
-        indices,
-        batch_size,
-        forces,
-        progress,
-        deadline,
-        description="evaluate",
-        stress=stress,
+    indices, pred = predict_until(
+        model, data, indices, batch_size, deadline, seed, progress, "evaluate", forces, stress
     )
     target = model.target
-    n = len(pred[target])
-    indices = indices[:n]
+    n = len(indices)
     ref = np.asarray(data.targets[target])[indices]
     err = pred[target] - ref
     metrics = {

@@ -41,7 +41,6 @@ from ..data.dataset import DataError, PackedDataset, make_loader
 from ..data.splits import load_split, random_split, save_split
 from ..data.statistics import fit_atomrefs, force_rms, residual_stats
 from ..fileio import atomic_file
-from ..models.inference import predict_dataset
 from ..models.io import load_model, save_model
 from ..models.potential import AtomisticModel, build_model
 from ..nn import cpu_kernels
@@ -55,7 +54,7 @@ from ..runtime import (
 from . import run_folder, shared_memory
 from .budget import MARGIN_S, SPAWN_MARGIN_S, BudgetStop, CosineToEnd
 from .config import TrainConfig, save_config
-from .evaluate import bounded_subset, evaluate
+from .evaluate import bounded_subset, evaluate, predict_until
 from .module import AtomisticTask
 
 shared_memory.register()  # the strategy names ddp_spawn_shm and ddp_shm
@@ -242,20 +241,10 @@ def refit_offset(
     ``deadline`` (``time.monotonic()``): predict until the batch that passes it, the
     structures taken in a random order (``seed``), and fit on those.
     """
-    train_idx = np.asarray(train_idx)
-    if deadline is not None:
-        train_idx = np.random.default_rng(seed).permutation(train_idx)
-    pred = predict_dataset(
-        model,
-        data,
-        train_idx,
-        batch_size,
-        progress=progress,
-        deadline=deadline,
-        description="refit offset",
-    )[model.target]
-    train_idx = train_idx[: len(pred)]
-    err = pred - np.asarray(data.targets[model.target])[train_idx]
+    train_idx, pred = predict_until(
+        model, data, train_idx, batch_size, deadline, seed, progress, "refit offset"
+    )
+    err = pred[model.target] - np.asarray(data.targets[model.target])[train_idx]
     n = data.n_atoms_per[train_idx].astype(np.float64)
     delta = float((err * n).sum() / (n * n).sum())
     model.shift.sub_(delta)
